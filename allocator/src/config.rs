@@ -1,0 +1,59 @@
+use clap::Parser;
+use dropline::config::{redact_url, ConfigError, KafkaArgs, OpsArgs, Problems, RedisArgs};
+
+/// The allocator: consumes purchase intents and decides them in batches with
+/// one Lua script call per event and batch.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "dropline-allocator", version)]
+pub struct AllocatorConfig {
+    /// Consumer group shared by all allocators.
+    #[arg(
+        long,
+        env = "DROPLINE_ALLOCATOR_GROUP",
+        default_value = "dropline-allocator"
+    )]
+    pub group_id: String,
+    /// Most intents decided in one batch.
+    #[arg(long, env = "DROPLINE_ALLOCATOR_BATCH_MAX", default_value_t = 500)]
+    pub batch_max: usize,
+    /// How long a batch waits to fill after its first intent.
+    #[arg(long, env = "DROPLINE_ALLOCATOR_BATCH_LINGER_MS", default_value_t = 5)]
+    pub batch_linger_ms: u64,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub redis: RedisArgs,
+    #[command(flatten)]
+    pub ops: OpsArgs,
+}
+
+impl AllocatorConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut p = Problems::default();
+        self.kafka.check(&mut p);
+        self.redis.check(&mut p);
+        if self.group_id.is_empty() {
+            p.add("DROPLINE_ALLOCATOR_GROUP must not be empty");
+        }
+        if !(1..=10_000).contains(&self.batch_max) {
+            p.add("DROPLINE_ALLOCATOR_BATCH_MAX must be 1 to 10000");
+        }
+        if self.batch_linger_ms > 1000 {
+            p.add("DROPLINE_ALLOCATOR_BATCH_LINGER_MS must be at most 1000");
+        }
+        p.into_result()
+    }
+
+    pub fn log_effective(&self) {
+        tracing::info!(
+            group_id = %self.group_id,
+            batch_max = self.batch_max,
+            batch_linger_ms = self.batch_linger_ms,
+            kafka_brokers = %self.kafka.brokers,
+            topic_prefix = %self.kafka.topic_prefix,
+            redis_url = %redact_url(&self.redis.url),
+            ops_addr = ?self.ops.addr,
+            "allocator config"
+        );
+    }
+}

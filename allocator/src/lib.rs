@@ -1,0 +1,256 @@
+//! The allocator: turns purchase intents into decisions.
+//!
+//! For each batch consumed from `intents` it decodes the intents (sending
+//! undecodable ones to the dead-letter topic), groups them by event, decides
+//! each group with one atomic Lua call, and publishes the decisions and the
+//! holds' expiry messages. Offsets are stored only once all of that is
+//! acknowledged by the broker. A crash anywhere before that redelivers the
+//! batch, and the script hands redelivered intents their first decision.
+//!
+//! - [`config`]: settings; [`metrics`]: metric names.
+
+pub mod config;
+pub mod metrics;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use dropline::kafka::{self, DeadLetters};
+use dropline::messages::{now_ms, Decision, HoldExpiry, Outcome, PurchaseIntent, Topics};
+use dropline::ops::Readiness;
+use dropline::stock::{Claim, Ledger, LedgerError, Verdict};
+use futures::future::join_all;
+use rdkafka::consumer::Consumer;
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio_util::sync::CancellationToken;
+
+pub use config::AllocatorConfig;
+
+use crate::metrics::{
+    BATCH_DURATION, BATCH_SIZE, DECISIONS, DECISION_LATENCY, LEDGER_ERRORS, LUA_DURATION,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AllocatorError {
+    #[error(transparent)]
+    Config(#[from] dropline::config::ConfigError),
+    #[error("redis pool: {0}")]
+    RedisPool(#[from] deadpool_redis::CreatePoolError),
+    #[error(transparent)]
+    KafkaSetup(#[from] kafka::KafkaSetupError),
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("ops server: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Largest quantity an intent may carry; the ingress enforces the event's
+/// own limit, this guards against anything else on the topic.
+const MAX_QUANTITY: u32 = 100;
+
+struct Allocator {
+    ledger: Ledger,
+    producer: FutureProducer,
+    dead_letters: DeadLetters,
+    topics: Topics,
+}
+
+pub async fn run(
+    config: AllocatorConfig,
+    shutdown: CancellationToken,
+) -> Result<(), AllocatorError> {
+    config.validate()?;
+    config.log_effective();
+    metrics::describe();
+    let ready = Readiness::default();
+    if let Some(addr) = config.ops.addr {
+        dropline::ops::serve(
+            addr,
+            ready.clone(),
+            dropline::telemetry::metrics(),
+            shutdown.clone(),
+        )
+        .await?;
+    }
+    let topics = config.kafka.topics();
+    let producer = kafka::producer(&config.kafka)?;
+    let consumer = kafka::consumer(&config.kafka, &config.group_id)?;
+    consumer.subscribe(&[&topics.intents])?;
+    let allocator = Allocator {
+        ledger: Ledger::new(config.redis.pool()?),
+        dead_letters: DeadLetters::new(producer.clone(), topics.dead_letter.clone(), "allocator"),
+        producer,
+        topics,
+    };
+    ready.set(true);
+    tracing::info!("allocator consuming");
+
+    let linger = Duration::from_millis(config.batch_linger_ms);
+    loop {
+        let batch = kafka::next_batch(&consumer, config.batch_max, linger, &shutdown).await;
+        if batch.is_empty() {
+            break;
+        }
+        let started = Instant::now();
+        ::metrics::histogram!(BATCH_SIZE).record(batch.len() as f64);
+        // Once a batch is received it is finished even if shutdown arrives
+        // meanwhile; only a failing dependency (retried until shutdown) can
+        // leave it undone, and then nothing of it is stored.
+        if allocator.decide(&batch, &shutdown).await.is_none() {
+            break;
+        }
+        kafka::store_after(&consumer, &batch);
+        ::metrics::histogram!(BATCH_DURATION).record(started.elapsed().as_secs_f64());
+    }
+    ready.set(false);
+    kafka::commit_stored(&consumer);
+    tracing::info!("allocator stopped");
+    Ok(())
+}
+
+impl Allocator {
+    /// Makes every message of `batch` durable downstream. `None` when
+    /// shutdown interrupted a retry.
+    async fn decide(&self, batch: &[OwnedMessage], shutdown: &CancellationToken) -> Option<()> {
+        let mut by_event: HashMap<u64, Vec<PurchaseIntent>> = HashMap::new();
+        for message in batch {
+            match decode(message) {
+                Ok(intent) => by_event.entry(intent.event_id).or_default().push(intent),
+                Err(reason) => {
+                    kafka::retry_until("dead-letter", shutdown, || {
+                        self.dead_letters.park(message, &reason)
+                    })
+                    .await?
+                }
+            }
+        }
+        let mut outgoing = Vec::new();
+        for (event_id, intents) in &by_event {
+            let claims: Vec<Claim<'_>> = intents
+                .iter()
+                .map(|i| Claim {
+                    intent_id: i.intent_id,
+                    user_id: &i.user_id,
+                    quantity: i.quantity,
+                })
+                .collect();
+            let verdicts = kafka::retry_until("allocate", shutdown, || async {
+                let started = Instant::now();
+                let result = self.ledger.allocate(*event_id, &claims).await;
+                ::metrics::histogram!(LUA_DURATION).record(started.elapsed().as_secs_f64());
+                if let Err(e) = &result {
+                    ::metrics::counter!(LEDGER_ERRORS, "kind" => ledger_error_kind(e)).increment(1);
+                }
+                result
+            })
+            .await?;
+            let now = now_ms();
+            for (intent, verdict) in intents.iter().zip(verdicts) {
+                let decision = decision(intent, verdict);
+                ::metrics::counter!(DECISIONS, "outcome" => outcome_label(&decision.outcome))
+                    .increment(1);
+                ::metrics::histogram!(DECISION_LATENCY)
+                    .record((now - intent.accepted_at_ms).max(0) as f64 / 1000.0);
+                outgoing.extend(self.messages_for(&decision));
+            }
+        }
+        kafka::retry_until("publish decisions", shutdown, || self.publish(&outgoing)).await
+    }
+
+    /// The decision, and for a hold its expiry message.
+    fn messages_for(&self, d: &Decision) -> Vec<(String, String, Vec<u8>)> {
+        let key = d.event_id.to_string();
+        let mut out = vec![(self.topics.decisions.clone(), key.clone(), to_json(d))];
+        if let Outcome::Held { expires_at_ms, .. } = d.outcome {
+            let expiry = HoldExpiry {
+                order_id: d.intent_id,
+                event_id: d.event_id,
+                expires_at_ms,
+            };
+            out.push((self.topics.hold_expiry.clone(), key, to_json(&expiry)));
+        }
+        out
+    }
+
+    /// Produces all messages and waits for every acknowledgement. On failure
+    /// the whole set is produced again: consumers dedup by id.
+    async fn publish(
+        &self,
+        messages: &[(String, String, Vec<u8>)],
+    ) -> Result<(), rdkafka::error::KafkaError> {
+        let sends = messages.iter().map(|(topic, key, payload)| {
+            self.producer.send(
+                FutureRecord::to(topic).key(key).payload(payload),
+                Duration::from_secs(5),
+            )
+        });
+        for result in join_all(sends).await {
+            result.map_err(|(e, _)| e)?;
+        }
+        Ok(())
+    }
+}
+
+fn decode(message: &OwnedMessage) -> Result<PurchaseIntent, String> {
+    let payload = message.payload().ok_or("empty payload")?;
+    let intent: PurchaseIntent =
+        serde_json::from_slice(payload).map_err(|e| format!("undecodable intent: {e}"))?;
+    if intent.quantity == 0 || intent.quantity > MAX_QUANTITY {
+        return Err(format!(
+            "quantity {} outside 1..={MAX_QUANTITY}",
+            intent.quantity
+        ));
+    }
+    if !dropline::auth::is_valid_user_id(&intent.user_id) {
+        return Err("invalid user id".into());
+    }
+    Ok(intent)
+}
+
+fn decision(intent: &PurchaseIntent, verdict: Verdict) -> Decision {
+    let (decided_at_ms, outcome) = match verdict {
+        Verdict::Held {
+            expires_at_ms,
+            amount_cents,
+            decided_at_ms,
+        } => (
+            decided_at_ms,
+            Outcome::Held {
+                expires_at_ms,
+                amount_cents,
+            },
+        ),
+        Verdict::Rejected {
+            reason,
+            decided_at_ms,
+        } => (decided_at_ms, Outcome::Rejected { reason }),
+    };
+    Decision {
+        intent_id: intent.intent_id,
+        event_id: intent.event_id,
+        user_id: intent.user_id.clone(),
+        quantity: intent.quantity,
+        decided_at_ms,
+        outcome,
+    }
+}
+
+fn outcome_label(outcome: &Outcome) -> &'static str {
+    match outcome {
+        Outcome::Held { .. } => "held",
+        Outcome::Rejected { reason } => reason.as_str(),
+    }
+}
+
+fn ledger_error_kind(e: &LedgerError) -> &'static str {
+    match e {
+        LedgerError::NoLedger(_) => "no_ledger",
+        LedgerError::Pool(_) | LedgerError::Redis(_) => "redis",
+        LedgerError::Corrupt(_) => "corrupt",
+    }
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("messages serialize")
+}

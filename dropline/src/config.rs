@@ -1,0 +1,224 @@
+//! Settings every stage shares. Each is a flag and a `DROPLINE_*` variable,
+//! with a default that works on the local stack; stages flatten these groups
+//! into their own clap config.
+
+use std::fmt;
+use std::net::SocketAddr;
+
+use clap::Args;
+
+#[derive(Debug, Clone, Args)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers.
+    #[arg(
+        long = "kafka-brokers",
+        env = "DROPLINE_KAFKA_BROKERS",
+        default_value = "127.0.0.1:9092"
+    )]
+    pub brokers: String,
+    /// Prefix of every topic name, `<prefix>.intents` and so on.
+    #[arg(long, env = "DROPLINE_TOPIC_PREFIX", default_value = "dropline")]
+    pub topic_prefix: String,
+    /// How long the producer waits to fill a batch.
+    #[arg(
+        long = "kafka-linger-ms",
+        env = "DROPLINE_KAFKA_LINGER_MS",
+        default_value_t = 5
+    )]
+    pub linger_ms: u64,
+    /// How long a produced message may wait for the broker before it fails.
+    #[arg(
+        long = "kafka-message-timeout-ms",
+        env = "DROPLINE_KAFKA_MESSAGE_TIMEOUT_MS",
+        default_value_t = 5000
+    )]
+    pub message_timeout_ms: u64,
+    /// Messages the producer may queue locally; past this, sends fail at once.
+    #[arg(
+        long = "kafka-producer-queue-max-messages",
+        env = "DROPLINE_KAFKA_PRODUCER_QUEUE_MAX_MESSAGES",
+        default_value_t = 100_000
+    )]
+    pub producer_queue_max_messages: u64,
+}
+
+impl KafkaArgs {
+    pub fn topics(&self) -> crate::messages::Topics {
+        crate::messages::Topics::with_prefix(&self.topic_prefix)
+    }
+
+    pub fn check(&self, problems: &mut Problems) {
+        if self.brokers.trim().is_empty() {
+            problems.add("DROPLINE_KAFKA_BROKERS is empty");
+        }
+        let prefix_ok = !self.topic_prefix.is_empty()
+            && self
+                .topic_prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if !prefix_ok {
+            problems.add(
+                "DROPLINE_TOPIC_PREFIX must be non-empty ASCII letters, digits, '.', '_' or '-'",
+            );
+        }
+        if self.message_timeout_ms == 0 {
+            problems.add("DROPLINE_KAFKA_MESSAGE_TIMEOUT_MS must be positive");
+        }
+        if !(1..=10_000_000).contains(&self.producer_queue_max_messages) {
+            problems
+                .add("DROPLINE_KAFKA_PRODUCER_QUEUE_MAX_MESSAGES must be between 1 and 10000000");
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RedisArgs {
+    /// Redis holding the stock ledger.
+    #[arg(
+        long = "redis-url",
+        env = "DROPLINE_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    pub url: String,
+    /// Connections in the pool.
+    #[arg(
+        long = "redis-pool-size",
+        env = "DROPLINE_REDIS_POOL_SIZE",
+        default_value_t = 32
+    )]
+    pub pool_size: usize,
+}
+
+impl RedisArgs {
+    pub fn check(&self, problems: &mut Problems) {
+        if !self.url.starts_with("redis://") && !self.url.starts_with("rediss://") {
+            problems.add("DROPLINE_REDIS_URL must start with redis:// or rediss://");
+        }
+        if self.pool_size == 0 {
+            problems.add("DROPLINE_REDIS_POOL_SIZE must be positive");
+        }
+    }
+
+    pub fn pool(&self) -> Result<deadpool_redis::Pool, deadpool_redis::CreatePoolError> {
+        let mut cfg = deadpool_redis::Config::from_url(&self.url);
+        cfg.pool = Some(deadpool_redis::PoolConfig::new(self.pool_size));
+        cfg.create_pool(Some(deadpool_redis::Runtime::Tokio1))
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MysqlArgs {
+    /// MySQL (or MariaDB) holding events, orders and payments.
+    #[arg(
+        long = "mysql-url",
+        env = "DROPLINE_MYSQL_URL",
+        default_value = "mysql://root@127.0.0.1:3306/dropline"
+    )]
+    pub url: String,
+    /// Connections in the pool.
+    #[arg(
+        long = "mysql-pool-size",
+        env = "DROPLINE_MYSQL_POOL_SIZE",
+        default_value_t = 10
+    )]
+    pub pool_size: u32,
+}
+
+impl MysqlArgs {
+    pub fn check(&self, problems: &mut Problems) {
+        if !self.url.starts_with("mysql://") && !self.url.starts_with("mariadb://") {
+            problems.add("DROPLINE_MYSQL_URL must start with mysql://");
+        }
+        if self.pool_size == 0 {
+            problems.add("DROPLINE_MYSQL_POOL_SIZE must be positive");
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct OpsArgs {
+    /// Where /healthz, /readyz and /metrics listen.
+    #[arg(long = "ops-addr", env = "DROPLINE_OPS_ADDR")]
+    pub addr: Option<SocketAddr>,
+    /// How long a SIGTERM drain may take before in-flight work is abandoned
+    /// (it is redelivered: nothing is committed for it).
+    #[arg(
+        long = "drain-timeout-secs",
+        env = "DROPLINE_DRAIN_TIMEOUT_SECS",
+        default_value_t = 20
+    )]
+    pub drain_timeout_secs: u64,
+}
+
+/// Every problem found in a config, reported together.
+#[derive(Debug, Default)]
+pub struct Problems(Vec<String>);
+
+impl Problems {
+    pub fn add(&mut self, problem: impl Into<String>) {
+        self.0.push(problem.into());
+    }
+
+    pub fn into_result(self) -> Result<(), ConfigError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError(self.0))
+        }
+    }
+}
+
+/// A config that cannot run, with every reason.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError(pub Vec<String>);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid configuration: {}", self.0.join("; "))
+    }
+}
+
+/// Masks the password of a URL before it is logged.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme + 3],
+                    &creds[..colon],
+                    &url[at..]
+                ),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_masked() {
+        assert_eq!(
+            redact_url("mysql://root:secret@db:3306/x"),
+            "mysql://root:***@db:3306/x"
+        );
+        assert_eq!(redact_url("mysql://root@db/x"), "mysql://root@db/x");
+        assert_eq!(redact_url("redis://127.0.0.1"), "redis://127.0.0.1");
+    }
+
+    #[test]
+    fn problems_are_reported_together() {
+        let mut p = Problems::default();
+        p.add("a");
+        p.add("b");
+        assert_eq!(
+            p.into_result().unwrap_err().to_string(),
+            "invalid configuration: a; b"
+        );
+    }
+}

@@ -1,0 +1,45 @@
+//! The MySQL side: the pool and the schema's migrations, kept in this crate
+//! because the ingress (events, lookups) and the settler (orders) share it.
+
+use std::time::Duration;
+
+use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
+use sqlx::ConnectOptions;
+use std::str::FromStr;
+
+use crate::config::MysqlArgs;
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Connects a pool; `create_database` also creates the database first,
+/// which the local stack and tests want and production does not need.
+pub async fn connect(args: &MysqlArgs) -> Result<MySqlPool, sqlx::Error> {
+    let options = MySqlConnectOptions::from_str(&args.url)?
+        .log_statements(tracing::log::LevelFilter::Trace)
+        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(500));
+    MySqlPoolOptions::new()
+        .max_connections(args.pool_size)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options)
+        .await
+}
+
+/// Creates the database named in the URL if it does not exist yet.
+pub async fn create_database(url: &str) -> Result<(), sqlx::Error> {
+    use sqlx::migrate::MigrateDatabase;
+    if !sqlx::MySql::database_exists(url).await? {
+        sqlx::MySql::create_database(url).await?;
+    }
+    Ok(())
+}
+
+/// Brings the schema up to date. sqlx takes a lock, so concurrent starts are
+/// safe.
+pub async fn migrate(pool: &MySqlPool) -> Result<(), sqlx::migrate::MigrateError> {
+    MIGRATOR.run(pool).await
+}
+
+/// Unix milliseconds as a UTC timestamp (the schema's DATETIME(3)).
+pub fn from_ms(ms: i64) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}

@@ -1,0 +1,24 @@
+//! What Dropline's four stages share.
+//!
+//! - [`messages`]: topic names and the messages on them, the contract
+//!   between ingress, allocator, settler and expirer.
+//! - [`stock`]: the Redis stock ledger and the Lua scripts that alone change
+//!   it (allocate, pay, cancel, expire).
+//! - [`db`]: the MySQL pool and the schema's migrations.
+//! - [`kafka`]: producer and consumer setup, batching, offset storage and the
+//!   dead-letter topic.
+//! - [`payments`]: the payment provider's webhook body and HMAC signature.
+//! - [`auth`]: buyers' and admins' bearer tokens.
+//! - [`config`], [`telemetry`], [`ops`], [`shutdown`]: how every stage is
+//!   configured, observed, probed and stopped.
+
+pub mod auth;
+pub mod config;
+pub mod db;
+pub mod kafka;
+pub mod messages;
+pub mod ops;
+pub mod payments;
+pub mod shutdown;
+pub mod stock;
+pub mod telemetry;

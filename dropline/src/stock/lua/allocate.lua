@@ -1,0 +1,78 @@
+-- Decides a batch of purchase intents for one event, atomically.
+--
+-- KEYS[1] stock hash      capacity/available/held/sold and the sale's rules
+-- KEYS[2] users hash      user id -> units the user holds or bought
+-- KEYS[3] decisions hash  intent id -> decision (JSON), the redelivery guard
+-- KEYS[4] holds hash      order id -> hold (JSON)
+-- ARGV    intent_id, user_id, quantity, repeated once per intent
+--
+-- Returns one decision (JSON) per intent, in ARGV order.
+--
+-- Every check happens before any write, inside one script, so no interleaving
+-- can decrement stock that is not there. A redelivered intent finds its
+-- earlier decision and gets it again, unchanged: it never takes stock twice.
+-- The order id is the intent id, so a redelivery cannot mint a second order.
+-- Time is Redis' own clock, the one clock that pay, cancel and expire use too.
+local stock, users, decisions, holds = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+
+if redis.call('EXISTS', stock) == 0 then
+  return redis.error_reply('NOLEDGER the event has no stock ledger in redis')
+end
+
+local f = redis.call('HMGET', stock, 'available', 'limit', 'ttl_ms', 'opens_ms', 'closes_ms', 'price', 'retain_ms')
+local available = tonumber(f[1])
+local limit = tonumber(f[2])
+local ttl_ms = tonumber(f[3])
+local opens_ms = tonumber(f[4])
+local closes_ms = tonumber(f[5])
+local price = tonumber(f[6])
+local retain_ms = f[7]
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+local taken = 0
+local out = {}
+for i = 1, #ARGV, 3 do
+  local id, user, qty = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  local decision = redis.call('HGET', decisions, id)
+  if not decision then
+    local reason = nil
+    if now < opens_ms then
+      reason = 'sale_not_open'
+    elseif now >= closes_ms then
+      reason = 'sale_closed'
+    else
+      local owned = tonumber(redis.call('HGET', users, user) or '0')
+      if owned + qty > limit then
+        reason = 'limit_reached'
+      elseif qty > available then
+        reason = 'sold_out'
+      end
+    end
+    if reason then
+      decision = cjson.encode({o = 'rejected', r = reason, at = now})
+    else
+      local exp = now + ttl_ms
+      available = available - qty
+      taken = taken + qty
+      redis.call('HINCRBY', users, user, qty)
+      redis.call('HSET', holds, id,
+        cjson.encode({u = user, q = qty, a = price * qty, s = 'held', exp = exp}))
+      decision = cjson.encode({o = 'held', exp = exp, a = price * qty, at = now})
+    end
+    redis.call('HSET', decisions, id, decision)
+  end
+  out[#out + 1] = decision
+end
+
+if taken > 0 then
+  redis.call('HINCRBY', stock, 'available', -taken)
+  redis.call('HINCRBY', stock, 'held', taken)
+end
+-- The bookkeeping hashes live as long as the ledger. NX keeps the first
+-- expiry, so this costs nothing after the first call.
+for _, key in ipairs({users, decisions, holds}) do
+  redis.call('PEXPIREAT', key, retain_ms, 'NX')
+end
+return out

@@ -1,0 +1,80 @@
+-- Moves one hold out of 'held': pay, cancel or expire. The single place where
+-- a hold ends, so a hold ends exactly once and stock comes back exactly once.
+--
+-- KEYS[1] stock hash, KEYS[2] users hash, KEYS[3] holds hash
+-- ARGV[1] 'pay' | 'cancel' | 'expire'
+-- ARGV[2] order id
+-- ARGV[3] pay: the payment id; cancel: the user asking; expire: unused
+--
+-- Returns {outcome, hold JSON}:
+--   pay     'paid'      the hold is paid by this payment (also on redelivery)
+--           'refund'    the money must go back: the hold had expired, was
+--                       cancelled, or was paid by another payment
+--   cancel  'cancelled' | 'expired' | 'paid'
+--   expire  'expired' | 'cancelled' | 'paid' (the state it ended in), or
+--           'not_due' while the deadline is still ahead
+--   any     'unknown'   no such hold (or, for cancel, not the user's)
+-- A hold whose deadline passed is expired by whichever call sees it first, so
+-- a payment racing the expirer can never leave a hold both paid and expired.
+local stock, users, holds = KEYS[1], KEYS[2], KEYS[3]
+local op, id, arg = ARGV[1], ARGV[2], ARGV[3]
+
+local raw = redis.call('HGET', holds, id)
+if not raw then
+  return {'unknown', ''}
+end
+local h = cjson.decode(raw)
+if op == 'cancel' and h.u ~= arg then
+  return {'unknown', ''}
+end
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+local function finish(state)
+  h.s = state
+  h['end'] = now
+  if state == 'paid' then
+    redis.call('HINCRBY', stock, 'held', -h.q)
+    redis.call('HINCRBY', stock, 'sold', h.q)
+  else
+    redis.call('HINCRBY', stock, 'held', -h.q)
+    redis.call('HINCRBY', stock, 'available', h.q)
+    redis.call('HINCRBY', users, h.u, -h.q)
+  end
+end
+
+if h.s == 'held' and now >= h.exp then
+  finish('expired')
+end
+
+local outcome
+if op == 'pay' then
+  if h.s == 'held' then
+    finish('paid')
+    h.pay = arg
+    outcome = 'paid'
+  elseif h.s == 'paid' and h.pay == arg then
+    outcome = 'paid'
+  else
+    outcome = 'refund'
+  end
+elseif op == 'cancel' then
+  if h.s == 'held' then
+    finish('cancelled')
+  end
+  outcome = h.s
+elseif op == 'expire' then
+  if h.s == 'held' then
+    return {'not_due', tostring(h.exp - now)}
+  end
+  outcome = h.s
+else
+  return redis.error_reply('BADOP unknown hold operation')
+end
+
+local encoded = cjson.encode(h)
+if encoded ~= raw then
+  redis.call('HSET', holds, id, encoded)
+end
+return {outcome, encoded}

@@ -1,0 +1,459 @@
+//! The stock ledger's scripts against a real Redis (DROPLINE_REDIS_URL,
+//! default 127.0.0.1:6379). Each test uses its own random event id.
+
+use std::time::Duration;
+
+use dropline::messages::{OrderState, RejectReason};
+use dropline::stock::{Claim, EndOutcome, Ledger, PayOutcome, SaleRules, StockLevels, Verdict};
+use uuid::Uuid;
+
+fn ledger() -> Ledger {
+    let url =
+        std::env::var("DROPLINE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let pool = deadpool_redis::Config::from_url(url)
+        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+        .unwrap();
+    Ledger::new(pool)
+}
+
+fn now_ms() -> i64 {
+    dropline::messages::now_ms()
+}
+
+/// A fresh event, on sale now.
+async fn event(ledger: &Ledger, capacity: u32, per_user_limit: u32, hold_ttl_ms: u64) -> u64 {
+    let id = rand_id();
+    let rules = SaleRules {
+        capacity,
+        per_user_limit,
+        hold_ttl_ms,
+        opens_at_ms: now_ms() - 1_000,
+        closes_at_ms: now_ms() + 600_000,
+        price_cents: 2_500,
+        retain_until_ms: now_ms() + 600_000,
+    };
+    assert!(ledger.prewarm(id, &rules).await.unwrap());
+    id
+}
+
+fn rand_id() -> u64 {
+    // Far above any id MySQL hands out locally, and unique per test.
+    (Uuid::new_v4().as_u128() as u64 >> 8) | (1 << 60)
+}
+
+fn claim(user: &str, quantity: u32) -> (Uuid, String, u32) {
+    (Uuid::new_v4(), user.to_owned(), quantity)
+}
+
+async fn decide(ledger: &Ledger, event: u64, claims: &[(Uuid, String, u32)]) -> Vec<Verdict> {
+    let claims: Vec<Claim<'_>> = claims
+        .iter()
+        .map(|(id, u, q)| Claim {
+            intent_id: *id,
+            user_id: u,
+            quantity: *q,
+        })
+        .collect();
+    ledger.allocate(event, &claims).await.unwrap()
+}
+
+async fn levels(ledger: &Ledger, event: u64) -> StockLevels {
+    let l = ledger.levels(event).await.unwrap().unwrap();
+    assert!(
+        l.is_conserved(),
+        "available + held + sold != capacity: {l:?}"
+    );
+    l
+}
+
+fn is_held(v: &Verdict) -> bool {
+    matches!(v, Verdict::Held { .. })
+}
+
+/// Polls `expire` until the hold's deadline has passed by the ledger's clock.
+async fn expire_when_due(ledger: &Ledger, event: u64, order: Uuid) -> EndOutcome {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match ledger.expire(event, order).await.unwrap() {
+            EndOutcome::NotDue { remaining_ms } => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "hold never became due"
+                );
+                tokio::time::sleep(Duration::from_millis(remaining_ms.max(1))).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+#[tokio::test]
+async fn two_buyers_racing_for_the_last_ticket_get_one_hold() {
+    let ledger = ledger();
+    let event = event(&ledger, 1, 1, 60_000).await;
+    let a = claim("alice", 1);
+    let b = claim("bob", 1);
+    let (a, b) = ([a], [b]);
+    let (va, vb) = tokio::join!(decide(&ledger, event, &a), decide(&ledger, event, &b));
+    let held = [&va[0], &vb[0]].iter().filter(|v| is_held(v)).count();
+    assert_eq!(held, 1, "{va:?} {vb:?}");
+    let loser = if is_held(&va[0]) { &vb[0] } else { &va[0] };
+    assert!(matches!(
+        loser,
+        Verdict::Rejected {
+            reason: RejectReason::SoldOut,
+            ..
+        }
+    ));
+    assert_eq!(
+        levels(&ledger, event).await,
+        StockLevels {
+            capacity: 1,
+            available: 0,
+            held: 1,
+            sold: 0
+        }
+    );
+}
+
+#[tokio::test]
+async fn a_flood_in_many_batches_never_oversells() {
+    let ledger = ledger();
+    let event = event(&ledger, 50, 2, 60_000).await;
+    let mut tasks = Vec::new();
+    for batch in 0..20 {
+        let ledger = ledger.clone();
+        tasks.push(tokio::spawn(async move {
+            let claims: Vec<_> = (0..25)
+                .map(|i| claim(&format!("u{batch}-{i}"), 1 + (i % 2)))
+                .collect();
+            let verdicts = decide(&ledger, event, &claims).await;
+            claims
+                .iter()
+                .zip(verdicts)
+                .filter(|(_, v)| is_held(v))
+                .map(|(c, _)| c.2 as u64)
+                .sum::<u64>()
+        }));
+    }
+    let mut units = 0;
+    for t in tasks {
+        units += t.await.unwrap();
+    }
+    assert_eq!(units, 50, "exactly the capacity is held");
+    assert_eq!(levels(&ledger, event).await.held, 50);
+}
+
+#[tokio::test]
+async fn a_redelivered_intent_gets_its_first_decision_and_takes_stock_once() {
+    let ledger = ledger();
+    let event = event(&ledger, 5, 4, 60_000).await;
+    let c = claim("carol", 2);
+    let first = decide(&ledger, event, std::slice::from_ref(&c)).await;
+    // Again alone, and again twice inside one batch.
+    let again = decide(&ledger, event, std::slice::from_ref(&c)).await;
+    let twice = decide(&ledger, event, &[c.clone(), c.clone()]).await;
+    assert!(is_held(&first[0]));
+    assert_eq!(first, again);
+    assert_eq!(twice, vec![first[0].clone(), first[0].clone()]);
+    assert_eq!(
+        levels(&ledger, event).await,
+        StockLevels {
+            capacity: 5,
+            available: 3,
+            held: 2,
+            sold: 0
+        }
+    );
+    assert_eq!(ledger.user_units(event, "carol").await.unwrap(), 2);
+}
+
+#[tokio::test]
+async fn the_per_user_limit_counts_holds_and_purchases() {
+    let ledger = ledger();
+    let event = event(&ledger, 100, 3, 60_000).await;
+    let v = decide(
+        &ledger,
+        event,
+        &[
+            claim("dave", 2),
+            claim("dave", 2),
+            claim("dave", 1),
+            claim("erin", 3),
+        ],
+    )
+    .await;
+    assert!(is_held(&v[0]));
+    assert!(matches!(
+        v[1],
+        Verdict::Rejected {
+            reason: RejectReason::LimitReached,
+            ..
+        }
+    ));
+    assert!(is_held(&v[2]), "2 + 1 is within the limit of 3");
+    assert!(is_held(&v[3]), "another buyer has their own limit");
+    assert_eq!(ledger.user_units(event, "dave").await.unwrap(), 3);
+}
+
+#[tokio::test]
+async fn a_sale_not_yet_open_or_closed_rejects_and_takes_nothing() {
+    let ledger = ledger();
+    let id = rand_id();
+    let future = SaleRules {
+        capacity: 10,
+        per_user_limit: 2,
+        hold_ttl_ms: 60_000,
+        opens_at_ms: now_ms() + 60_000,
+        closes_at_ms: now_ms() + 120_000,
+        price_cents: 100,
+        retain_until_ms: now_ms() + 600_000,
+    };
+    ledger.prewarm(id, &future).await.unwrap();
+    let v = decide(&ledger, id, &[claim("fay", 1)]).await;
+    assert!(matches!(
+        v[0],
+        Verdict::Rejected {
+            reason: RejectReason::SaleNotOpen,
+            ..
+        }
+    ));
+    let closed_id = rand_id();
+    let closed = SaleRules {
+        opens_at_ms: now_ms() - 120_000,
+        closes_at_ms: now_ms() - 60_000,
+        ..future
+    };
+    ledger.prewarm(closed_id, &closed).await.unwrap();
+    let v = decide(&ledger, closed_id, &[claim("fay", 1)]).await;
+    assert!(matches!(
+        v[0],
+        Verdict::Rejected {
+            reason: RejectReason::SaleClosed,
+            ..
+        }
+    ));
+    assert_eq!(levels(&ledger, id).await.available, 10);
+    assert_eq!(levels(&ledger, closed_id).await.available, 10);
+}
+
+#[tokio::test]
+async fn prewarming_twice_never_resets_a_live_ledger() {
+    let ledger = ledger();
+    let event = event(&ledger, 3, 3, 60_000).await;
+    decide(&ledger, event, &[claim("gus", 2)]).await;
+    let rules = SaleRules {
+        capacity: 3,
+        per_user_limit: 3,
+        hold_ttl_ms: 60_000,
+        opens_at_ms: 0,
+        closes_at_ms: now_ms() + 1,
+        price_cents: 1,
+        retain_until_ms: now_ms() + 600_000,
+    };
+    assert!(!ledger.prewarm(event, &rules).await.unwrap());
+    assert_eq!(levels(&ledger, event).await.available, 1);
+}
+
+#[tokio::test]
+async fn an_intent_for_an_event_without_a_ledger_is_not_decided() {
+    let ledger = ledger();
+    let c = claim("hal", 1);
+    let err = ledger
+        .allocate(
+            rand_id(),
+            &[Claim {
+                intent_id: c.0,
+                user_id: &c.1,
+                quantity: 1,
+            }],
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, dropline::stock::LedgerError::NoLedger(_)),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn cancel_returns_the_stock_at_once_and_only_once() {
+    let ledger = ledger();
+    let event = event(&ledger, 2, 2, 60_000).await;
+    let c = claim("ivy", 2);
+    decide(&ledger, event, std::slice::from_ref(&c)).await;
+    assert_eq!(
+        ledger.cancel(event, c.0, "mallory").await.unwrap(),
+        EndOutcome::UnknownOrder,
+        "not her order"
+    );
+    let EndOutcome::Ended(h) = ledger.cancel(event, c.0, "ivy").await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(h.state, OrderState::Cancelled);
+    let EndOutcome::Ended(h) = ledger.cancel(event, c.0, "ivy").await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(h.state, OrderState::Cancelled);
+    assert_eq!(
+        levels(&ledger, event).await,
+        StockLevels {
+            capacity: 2,
+            available: 2,
+            held: 0,
+            sold: 0
+        }
+    );
+    assert_eq!(ledger.user_units(event, "ivy").await.unwrap(), 0);
+    // The stock can be bought again, and a payment for the cancelled hold
+    // is a refund.
+    assert!(is_held(
+        &decide(&ledger, event, &[claim("jon", 2)]).await[0]
+    ));
+    assert!(matches!(
+        ledger.pay(event, c.0, "pay-1").await.unwrap(),
+        PayOutcome::Refund(_)
+    ));
+    assert_eq!(levels(&ledger, event).await.sold, 0);
+}
+
+#[tokio::test]
+async fn a_payment_in_time_sells_and_a_redelivered_one_is_the_same_payment() {
+    let ledger = ledger();
+    let event = event(&ledger, 2, 2, 60_000).await;
+    let c = claim("kim", 1);
+    decide(&ledger, event, std::slice::from_ref(&c)).await;
+    let PayOutcome::Paid(h) = ledger.pay(event, c.0, "pay-1").await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(h.state, OrderState::Paid);
+    assert_eq!(h.amount_cents, 2_500);
+    assert!(matches!(
+        ledger.pay(event, c.0, "pay-1").await.unwrap(),
+        PayOutcome::Paid(_)
+    ));
+    // A second, different payment for the same order must be refunded.
+    assert!(matches!(
+        ledger.pay(event, c.0, "pay-2").await.unwrap(),
+        PayOutcome::Refund(_)
+    ));
+    assert_eq!(
+        levels(&ledger, event).await,
+        StockLevels {
+            capacity: 2,
+            available: 1,
+            held: 0,
+            sold: 1
+        }
+    );
+    // Paid holds are not expired or cancelled.
+    let EndOutcome::Ended(h) = expire_when_due(&ledger, event, c.0).await else {
+        panic!()
+    };
+    assert_eq!(h.state, OrderState::Paid);
+    assert_eq!(
+        ledger.cancel(event, c.0, "kim").await.unwrap(),
+        EndOutcome::Ended(h)
+    );
+}
+
+#[tokio::test]
+async fn a_payment_after_expiry_is_a_refund_and_the_stock_comes_back_once() {
+    let ledger = ledger();
+    let event = event(&ledger, 1, 1, 30).await;
+    let c = claim("lee", 1);
+    decide(&ledger, event, std::slice::from_ref(&c)).await;
+    let EndOutcome::Ended(h) = expire_when_due(&ledger, event, c.0).await else {
+        panic!()
+    };
+    assert_eq!(h.state, OrderState::Expired);
+    let PayOutcome::Refund(h) = ledger.pay(event, c.0, "late").await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(h.state, OrderState::Expired);
+    // Expiring again changes nothing.
+    expire_when_due(&ledger, event, c.0).await;
+    assert_eq!(
+        levels(&ledger, event).await,
+        StockLevels {
+            capacity: 1,
+            available: 1,
+            held: 0,
+            sold: 0
+        }
+    );
+}
+
+#[tokio::test]
+async fn a_payment_racing_the_expiry_ends_the_hold_exactly_once() {
+    let ledger = ledger();
+    for _ in 0..20 {
+        let event = event(&ledger, 1, 1, 5).await;
+        let c = claim("max", 1);
+        decide(&ledger, event, std::slice::from_ref(&c)).await;
+        // Race the payment against the expirer around the deadline.
+        let (paid, expired) = tokio::join!(
+            ledger.pay(event, c.0, "p"),
+            expire_when_due(&ledger, event, c.0)
+        );
+        let paid = paid.unwrap();
+        let EndOutcome::Ended(final_hold) = expired else {
+            panic!()
+        };
+        let l = levels(&ledger, event).await;
+        match paid {
+            PayOutcome::Paid(_) => {
+                assert_eq!(final_hold.state, OrderState::Paid);
+                assert_eq!(
+                    l,
+                    StockLevels {
+                        capacity: 1,
+                        available: 0,
+                        held: 0,
+                        sold: 1
+                    }
+                );
+            }
+            PayOutcome::Refund(_) => {
+                assert_eq!(final_hold.state, OrderState::Expired);
+                assert_eq!(
+                    l,
+                    StockLevels {
+                        capacity: 1,
+                        available: 1,
+                        held: 0,
+                        sold: 0
+                    }
+                );
+            }
+            PayOutcome::UnknownOrder => panic!("the hold exists"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_payment_after_the_deadline_expires_the_hold_itself() {
+    let ledger = ledger();
+    let event = event(&ledger, 1, 1, 20).await;
+    let c = claim("ned", 1);
+    decide(&ledger, event, std::slice::from_ref(&c)).await;
+    // Wait until the ledger's clock is past the deadline without expiring.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let h = ledger.hold(event, c.0).await.unwrap().unwrap();
+        let t: (i64, i64) = deadpool_redis::redis::cmd("TIME")
+            .query_async(&mut ledger.pool().get().await.unwrap())
+            .await
+            .unwrap();
+        if t.0 * 1000 + t.1 / 1000 > h.expires_at_ms {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let PayOutcome::Refund(h) = ledger.pay(event, c.0, "late").await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(h.state, OrderState::Expired);
+    assert_eq!(levels(&ledger, event).await.available, 1);
+}

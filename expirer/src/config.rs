@@ -1,0 +1,63 @@
+use clap::Parser;
+use dropline::config::{redact_url, ConfigError, KafkaArgs, OpsArgs, Problems, RedisArgs};
+
+/// The expirer: releases holds that were not paid by their deadline.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "dropline-expirer", version)]
+pub struct ExpirerConfig {
+    /// Consumer group shared by all expirers.
+    #[arg(
+        long,
+        env = "DROPLINE_EXPIRER_GROUP",
+        default_value = "dropline-expirer"
+    )]
+    pub group_id: String,
+    /// Holds waiting for their deadline, per partition, before the partition
+    /// is paused until some are released.
+    #[arg(
+        long,
+        env = "DROPLINE_EXPIRER_MAX_PENDING_PER_PARTITION",
+        default_value_t = 20_000
+    )]
+    pub max_pending_per_partition: usize,
+    /// How often due holds are looked for.
+    #[arg(long, env = "DROPLINE_EXPIRER_TICK_MS", default_value_t = 250)]
+    pub tick_ms: u64,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub redis: RedisArgs,
+    #[command(flatten)]
+    pub ops: OpsArgs,
+}
+
+impl ExpirerConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut p = Problems::default();
+        self.kafka.check(&mut p);
+        self.redis.check(&mut p);
+        if self.group_id.is_empty() {
+            p.add("DROPLINE_EXPIRER_GROUP must not be empty");
+        }
+        if !(2..=1_000_000).contains(&self.max_pending_per_partition) {
+            p.add("DROPLINE_EXPIRER_MAX_PENDING_PER_PARTITION must be 2 to 1000000");
+        }
+        if !(10..=5_000).contains(&self.tick_ms) {
+            p.add("DROPLINE_EXPIRER_TICK_MS must be 10 to 5000");
+        }
+        p.into_result()
+    }
+
+    pub fn log_effective(&self) {
+        tracing::info!(
+            group_id = %self.group_id,
+            max_pending_per_partition = self.max_pending_per_partition,
+            tick_ms = self.tick_ms,
+            kafka_brokers = %self.kafka.brokers,
+            topic_prefix = %self.kafka.topic_prefix,
+            redis_url = %redact_url(&self.redis.url),
+            ops_addr = ?self.ops.addr,
+            "expirer config"
+        );
+    }
+}

@@ -1,0 +1,246 @@
+//! The expirer: releases holds that were not paid in time.
+//!
+//! The allocator publishes a delayed message for every hold on
+//! `hold-expiry`. The expirer reads them as they come, keeps them in its
+//! [`schedule`] until their deadline, and then asks the ledger to expire the
+//! hold. The hold script ends a hold exactly once, whoever asks first (a
+//! late payment, a cancel, or this), so a redelivered expiry message is
+//! harmless. Whatever final state it finds is published on `order-events`,
+//! which also repairs a cancel or payment whose own publish was lost.
+//!
+//! The consumer never sleeps on a deadline: it keeps polling, pausing a
+//! partition only when too many of its holds wait in memory, so the group
+//! never drops it for missing `max.poll.interval.ms`.
+//!
+//! - [`schedule`]: the per-partition delay queue and its offset rule.
+//! - [`config`]: settings; [`metrics`]: metric names.
+
+pub mod config;
+pub mod metrics;
+pub mod schedule;
+
+use std::time::Duration;
+
+use dropline::kafka::{self, DeadLetters, GroupContext};
+use dropline::messages::{now_ms, HoldExpiry, OrderEvent, Topics};
+use dropline::ops::Readiness;
+use dropline::stock::{EndOutcome, Ledger};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::producer::FutureProducer;
+use rdkafka::TopicPartitionList;
+use tokio_util::sync::CancellationToken;
+
+pub use config::ExpirerConfig;
+
+use crate::metrics::{HOLDS_ENDED, LATENESS, PAUSED, PENDING};
+use crate::schedule::{Due, PartitionKey, Schedule};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExpirerError {
+    #[error(transparent)]
+    Config(#[from] dropline::config::ConfigError),
+    #[error("redis pool: {0}")]
+    RedisPool(#[from] deadpool_redis::CreatePoolError),
+    #[error(transparent)]
+    KafkaSetup(#[from] kafka::KafkaSetupError),
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("ops server: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Holds released concurrently in one tick.
+const RELEASES_PER_TICK: usize = 512;
+
+struct Expirer {
+    ledger: Ledger,
+    producer: FutureProducer,
+    topics: Topics,
+}
+
+/// What became of one due hold.
+enum Released {
+    Done,
+    NotDue(i64),
+    Failed,
+}
+
+pub async fn run(config: ExpirerConfig, shutdown: CancellationToken) -> Result<(), ExpirerError> {
+    config.validate()?;
+    config.log_effective();
+    metrics::describe();
+    let ready = Readiness::default();
+    if let Some(addr) = config.ops.addr {
+        dropline::ops::serve(
+            addr,
+            ready.clone(),
+            dropline::telemetry::metrics(),
+            shutdown.clone(),
+        )
+        .await?;
+    }
+    let topics = config.kafka.topics();
+    let producer = kafka::producer(&config.kafka)?;
+    let dead_letters = DeadLetters::new(producer.clone(), topics.dead_letter.clone(), "expirer");
+    let consumer = kafka::consumer(&config.kafka, &config.group_id)?;
+    consumer.subscribe(&[&topics.hold_expiry])?;
+    let expirer = Expirer {
+        ledger: Ledger::new(config.redis.pool()?),
+        producer,
+        topics,
+    };
+    let mut schedule = Schedule::new(config.max_pending_per_partition);
+    ready.set(true);
+    tracing::info!("expirer consuming");
+
+    let mut tick = tokio::time::interval(Duration::from_millis(config.tick_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            received = consumer.recv() => match received {
+                Ok(m) => {
+                    let m = m.detach();
+                    let hold = match decode(&m) {
+                        Ok(hold) => Some(hold),
+                        Err(reason) => {
+                            let parked = kafka::retry_until("dead-letter", &shutdown, || dead_letters.park(&m, &reason)).await;
+                            if parked.is_none() { break; }
+                            None
+                        }
+                    };
+                    schedule.add((m.topic().to_owned(), m.partition()), m.offset(), hold);
+                    apply_flow(&consumer, &mut schedule);
+                }
+                Err(e) => tracing::warn!(error = %e, "kafka receive failed"),
+            },
+            _ = tick.tick() => {
+                for revoked in consumer.context().take_revoked() {
+                    schedule.forget(&revoked);
+                }
+                expirer.release_due(&mut schedule).await;
+                let committable = schedule.take_committable();
+                kafka::store_offsets(&consumer, committable.iter().map(|((t, p), o)| (t.as_str(), *p, *o)));
+                apply_flow(&consumer, &mut schedule);
+                ::metrics::gauge!(PENDING).set(schedule.waiting() as f64);
+                ::metrics::gauge!(PAUSED).set(schedule.paused() as f64);
+            }
+        }
+    }
+    ready.set(false);
+    // Holds still waiting stay uncommitted: the next owner reads them again.
+    kafka::commit_stored(&consumer);
+    tracing::info!(waiting = schedule.waiting(), "expirer stopped");
+    Ok(())
+}
+
+impl Expirer {
+    async fn release_due(&self, schedule: &mut Schedule) {
+        let due = schedule.due(now_ms(), RELEASES_PER_TICK);
+        if due.is_empty() {
+            return;
+        }
+        let results = futures_join(due.iter().map(|d| self.release(d))).await;
+        for (d, result) in due.iter().zip(results) {
+            match result {
+                Released::Done => schedule.done(&d.partition, d.offset),
+                Released::NotDue(at) => schedule.retry_at(&d.partition, d.offset, at),
+                Released::Failed => {}
+            }
+        }
+    }
+
+    async fn release(&self, due: &Due) -> Released {
+        let HoldExpiry {
+            order_id, event_id, ..
+        } = due.hold;
+        let hold = match self.ledger.expire(event_id, order_id).await {
+            Ok(EndOutcome::Ended(hold)) => hold,
+            Ok(EndOutcome::NotDue { remaining_ms }) => {
+                return Released::NotDue(now_ms() + remaining_ms as i64)
+            }
+            Ok(EndOutcome::UnknownOrder) => {
+                // Only a lost or retired ledger lacks a hold it decided.
+                tracing::warn!(%order_id, event_id, "hold not in the ledger at its deadline");
+                ::metrics::counter!(HOLDS_ENDED, "state" => "unknown").increment(1);
+                return Released::Done;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, %order_id, "expiring a hold failed; retrying next tick");
+                return Released::Failed;
+            }
+        };
+        let event = OrderEvent {
+            order_id,
+            event_id,
+            user_id: hold.user_id.clone(),
+            quantity: hold.quantity,
+            amount_cents: hold.amount_cents,
+            state: hold.state,
+            expires_at_ms: hold.expires_at_ms,
+            at_ms: hold.ended_at_ms.unwrap_or_else(now_ms),
+            payment: None,
+        };
+        let payload = serde_json::to_vec(&event).expect("messages serialize");
+        let sent = kafka::send_acked(
+            &self.producer,
+            &self.topics.order_events,
+            &order_id.to_string(),
+            &payload,
+            None,
+        )
+        .await;
+        if let Err(e) = sent {
+            tracing::warn!(error = %e, %order_id, "publishing an ended hold failed; retrying next tick");
+            return Released::Failed;
+        }
+        ::metrics::counter!(HOLDS_ENDED, "state" => hold.state.as_str()).increment(1);
+        if let Some(ended) = hold
+            .ended_at_ms
+            .filter(|_| hold.state == dropline::messages::OrderState::Expired)
+        {
+            ::metrics::histogram!(LATENESS)
+                .record((ended - hold.expires_at_ms).max(0) as f64 / 1000.0);
+        }
+        Released::Done
+    }
+}
+
+async fn futures_join<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
+    futures::future::join_all(futures).await
+}
+
+fn apply_flow(consumer: &StreamConsumer<GroupContext>, schedule: &mut Schedule) {
+    let (pause, resume) = schedule.flow_changes();
+    for (parts, pausing) in [(pause, true), (resume, false)] {
+        if parts.is_empty() {
+            continue;
+        }
+        let tpl = tpl_of(&parts);
+        let result = if pausing {
+            consumer.pause(&tpl)
+        } else {
+            consumer.resume(&tpl)
+        };
+        match result {
+            Ok(()) => {
+                tracing::info!(partitions = ?parts, paused = pausing, "partition flow changed")
+            }
+            Err(e) => tracing::warn!(error = %e, "pause/resume failed"),
+        }
+    }
+}
+
+fn tpl_of(parts: &[PartitionKey]) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::new();
+    for (topic, partition) in parts {
+        tpl.add_partition(topic, *partition);
+    }
+    tpl
+}
+
+fn decode(m: &OwnedMessage) -> Result<HoldExpiry, String> {
+    let payload = m.payload().ok_or("empty payload")?;
+    serde_json::from_slice(payload).map_err(|e| format!("undecodable hold expiry: {e}"))
+}

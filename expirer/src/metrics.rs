@@ -1,0 +1,26 @@
+//! The expirer's metrics, declared in one place.
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+
+pub const PENDING: &str = "dropline_expirer_pending_holds";
+pub const LATENESS: &str = "dropline_expirer_release_lateness_seconds";
+pub const HOLDS_ENDED: &str = "dropline_expirer_holds_total";
+pub const PAUSED: &str = "dropline_expirer_paused_partitions";
+
+pub fn describe() {
+    describe_gauge!(PENDING, "Holds waiting in memory for their deadline.");
+    describe_histogram!(
+        LATENESS,
+        Unit::Seconds,
+        "Time past the deadline at which a hold was released."
+    );
+    describe_counter!(
+        HOLDS_ENDED,
+        "Holds seen at their deadline, by the state found: expired (released now or by a late payment), \
+         paid, cancelled, unknown (not in the ledger)."
+    );
+    describe_gauge!(
+        PAUSED,
+        "Partitions paused because their pending holds reached the limit."
+    );
+}

@@ -1,0 +1,134 @@
+use std::net::SocketAddr;
+
+use clap::Parser;
+use dropline::config::{
+    redact_url, ConfigError, KafkaArgs, MysqlArgs, OpsArgs, Problems, RedisArgs,
+};
+
+/// The ingress: Dropline's HTTP API for buyers, admins and the payment
+/// provider's webhooks.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "dropline-ingress", version)]
+pub struct IngressConfig {
+    /// Where the public API listens.
+    #[arg(long, env = "DROPLINE_LISTEN_ADDR", default_value = "127.0.0.1:8080")]
+    pub listen_addr: SocketAddr,
+    /// HS256 secret that buyers' and admins' tokens are signed with.
+    #[arg(
+        long,
+        env = "DROPLINE_JWT_SECRET",
+        default_value = "dropline-local-jwt-secret",
+        hide_env_values = true
+    )]
+    pub jwt_secret: String,
+    /// Secret the payment provider signs its webhooks with.
+    #[arg(
+        long,
+        env = "DROPLINE_WEBHOOK_SECRET",
+        default_value = "dropline-local-webhook-secret",
+        hide_env_values = true
+    )]
+    pub webhook_secret: String,
+    /// How far a webhook's signed timestamp may be from now.
+    #[arg(long, env = "DROPLINE_WEBHOOK_TOLERANCE_SECS", default_value_t = 300)]
+    pub webhook_tolerance_secs: i64,
+    /// The payment provider's API.
+    #[arg(
+        long,
+        env = "DROPLINE_PAYMENT_PROVIDER_URL",
+        default_value = "http://127.0.0.1:8090"
+    )]
+    pub payment_provider_url: String,
+    /// Purchases admitted per second by this process, all buyers together.
+    #[arg(long, env = "DROPLINE_ADMIT_PER_SEC", default_value_t = 20_000)]
+    pub admit_per_sec: u32,
+    /// Burst above the admission rate.
+    #[arg(long, env = "DROPLINE_ADMIT_BURST", default_value_t = 5_000)]
+    pub admit_burst: u32,
+    /// Purchases one buyer may make per second.
+    #[arg(long, env = "DROPLINE_USER_PER_SEC", default_value_t = 2)]
+    pub user_per_sec: u32,
+    /// Burst above one buyer's rate.
+    #[arg(long, env = "DROPLINE_USER_BURST", default_value_t = 5)]
+    pub user_burst: u32,
+    /// How long event details are cached in the process.
+    #[arg(long, env = "DROPLINE_EVENT_CACHE_TTL_MS", default_value_t = 5_000)]
+    pub event_cache_ttl_ms: u64,
+    /// Largest request body accepted.
+    #[arg(long, env = "DROPLINE_MAX_BODY_BYTES", default_value_t = 16 * 1024)]
+    pub max_body_bytes: usize,
+    /// How long idempotency records (and intent status) stay in Redis.
+    #[arg(long, env = "DROPLINE_IDEMPOTENCY_TTL_SECS", default_value_t = 86_400)]
+    pub idempotency_ttl_secs: u64,
+    /// Partitions of topics created at start (existing topics are kept).
+    #[arg(long, env = "DROPLINE_TOPIC_PARTITIONS", default_value_t = 6)]
+    pub topic_partitions: i32,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub redis: RedisArgs,
+    #[command(flatten)]
+    pub mysql: MysqlArgs,
+    #[command(flatten)]
+    pub ops: OpsArgs,
+}
+
+impl IngressConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut p = Problems::default();
+        self.kafka.check(&mut p);
+        self.redis.check(&mut p);
+        self.mysql.check(&mut p);
+        if self.jwt_secret.len() < 16 {
+            p.add("DROPLINE_JWT_SECRET must be at least 16 bytes");
+        }
+        if self.webhook_secret.len() < 16 {
+            p.add("DROPLINE_WEBHOOK_SECRET must be at least 16 bytes");
+        }
+        if self.webhook_tolerance_secs <= 0 {
+            p.add("DROPLINE_WEBHOOK_TOLERANCE_SECS must be positive");
+        }
+        if !self.payment_provider_url.starts_with("http://")
+            && !self.payment_provider_url.starts_with("https://")
+        {
+            p.add("DROPLINE_PAYMENT_PROVIDER_URL must be an http(s) URL");
+        }
+        for (name, v) in [
+            ("DROPLINE_ADMIT_PER_SEC", self.admit_per_sec),
+            ("DROPLINE_ADMIT_BURST", self.admit_burst),
+            ("DROPLINE_USER_PER_SEC", self.user_per_sec),
+            ("DROPLINE_USER_BURST", self.user_burst),
+        ] {
+            if v == 0 {
+                p.add(format!("{name} must be positive"));
+            }
+        }
+        if self.max_body_bytes < 256 {
+            p.add("DROPLINE_MAX_BODY_BYTES must be at least 256");
+        }
+        if self.topic_partitions < 1 {
+            p.add("DROPLINE_TOPIC_PARTITIONS must be positive");
+        }
+        p.into_result()
+    }
+
+    /// The effective config for the start-up log, secrets masked.
+    pub fn log_effective(&self) {
+        tracing::info!(
+            listen_addr = %self.listen_addr,
+            ops_addr = ?self.ops.addr,
+            kafka_brokers = %self.kafka.brokers,
+            topic_prefix = %self.kafka.topic_prefix,
+            redis_url = %redact_url(&self.redis.url),
+            mysql_url = %redact_url(&self.mysql.url),
+            payment_provider_url = %self.payment_provider_url,
+            admit_per_sec = self.admit_per_sec,
+            admit_burst = self.admit_burst,
+            user_per_sec = self.user_per_sec,
+            user_burst = self.user_burst,
+            jwt_secret = "***",
+            webhook_secret = "***",
+            "ingress config"
+        );
+    }
+}

@@ -1,0 +1,209 @@
+//! The ingress: Dropline's HTTP front door.
+//!
+//! - [`routes`]: the API. Buyers purchase (`POST /v1/events/{id}/purchases`),
+//!   follow their intent and order, cancel and pay; admins create events;
+//!   the payment provider calls the webhook.
+//! - [`intents`]: idempotency records and the intent index in Redis.
+//! - [`events`]: events in MySQL behind a small cache, and the pre-warm.
+//! - [`orders`]: an order's live state (Redis) or settled state (MySQL).
+//! - [`limits`]: governor admission control, global and per buyer.
+//! - [`problem`]: the error codes and their problem+json answers.
+//! - [`config`], [`metrics`]: settings and metric names.
+
+pub mod config;
+pub mod events;
+mod extract;
+pub mod intents;
+pub mod limits;
+pub mod metrics;
+pub mod orders;
+pub mod problem;
+mod routes;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dropline::auth::TokenKeys;
+use dropline::kafka;
+use dropline::messages::{OrderEvent, Topics};
+use dropline::ops::Readiness;
+use dropline::stock::Ledger;
+use rdkafka::producer::{FutureProducer, Producer};
+use sqlx::MySqlPool;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use config::IngressConfig;
+
+use crate::events::Events;
+use crate::intents::IntentStore;
+use crate::limits::Limits;
+use crate::orders::Orders;
+use crate::problem::{ErrorCode, Problem};
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngressError {
+    #[error(transparent)]
+    Config(#[from] dropline::config::ConfigError),
+    #[error("mysql: {0}")]
+    Mysql(#[from] sqlx::Error),
+    #[error("migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("redis pool: {0}")]
+    RedisPool(#[from] deadpool_redis::CreatePoolError),
+    #[error(transparent)]
+    Kafka(#[from] kafka::KafkaSetupError),
+    #[error("kafka: {0}")]
+    KafkaClient(#[from] rdkafka::error::KafkaError),
+    #[error("http client: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("listening: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Everything a request handler needs.
+pub struct AppState {
+    pub config: IngressConfig,
+    pub tokens: TokenKeys,
+    pub events: Events,
+    pub intents: IntentStore,
+    pub orders: Orders,
+    pub ledger: Ledger,
+    pub db: MySqlPool,
+    pub producer: FutureProducer,
+    pub topics: Topics,
+    pub limits: Arc<Limits>,
+    pub http: reqwest::Client,
+}
+
+impl AppState {
+    /// Puts an order's new state on Kafka and waits for the ack.
+    pub async fn publish_order_event(&self, event: &OrderEvent) -> Result<(), Problem> {
+        let payload = serde_json::to_vec(event).map_err(|_| Problem::new(ErrorCode::Internal))?;
+        kafka::send_acked(
+            &self.producer,
+            &self.topics.order_events,
+            &event.order_id.to_string(),
+            &payload,
+            None,
+        )
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, order_id = %event.order_id, "order event not acknowledged");
+            Problem::new(ErrorCode::BrokerUnavailable).retry_after(1)
+        })
+    }
+}
+
+/// A started ingress.
+pub struct Running {
+    pub api_addr: SocketAddr,
+    pub ops_addr: Option<SocketAddr>,
+    pub task: JoinHandle<()>,
+}
+
+/// Serves until `shutdown`, then drains: readiness goes false, no new
+/// connections are taken, requests in flight finish, the producer flushes.
+pub async fn run(config: IngressConfig, shutdown: CancellationToken) -> Result<(), IngressError> {
+    let running = start(config, shutdown).await?;
+    let _ = running.task.await;
+    Ok(())
+}
+
+pub async fn start(
+    config: IngressConfig,
+    shutdown: CancellationToken,
+) -> Result<Running, IngressError> {
+    config.validate()?;
+    config.log_effective();
+    metrics::describe();
+    let prometheus = dropline::telemetry::metrics();
+    let ready = Readiness::default();
+
+    let db = dropline::db::connect(&config.mysql).await?;
+    dropline::db::migrate(&db).await?;
+    let redis = config.redis.pool()?;
+    let ledger = Ledger::new(redis.clone());
+    let topics = config.kafka.topics();
+    kafka::ensure_topics(&config.kafka, &topics.all(), config.topic_partitions).await?;
+    let producer = kafka::producer(&config.kafka)?;
+
+    let limits = Arc::new(Limits::new(
+        config.admit_per_sec,
+        config.admit_burst,
+        config.user_per_sec,
+        config.user_burst,
+    ));
+    tokio::spawn(limits::prune_periodically(
+        limits.clone(),
+        Duration::from_secs(10),
+        shutdown.clone(),
+    ));
+    let intents = IntentStore::new(redis.clone(), config.idempotency_ttl_secs);
+    let state = Arc::new(AppState {
+        tokens: TokenKeys::new(config.jwt_secret.as_bytes()),
+        events: Events::new(
+            db.clone(),
+            ledger.clone(),
+            Duration::from_millis(config.event_cache_ttl_ms),
+        ),
+        orders: Orders::new(intents.clone(), ledger.clone(), db.clone()),
+        intents,
+        ledger,
+        db,
+        producer: producer.clone(),
+        topics,
+        limits,
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()?,
+        config: config.clone(),
+    });
+
+    let ops_addr = match config.ops.addr {
+        Some(addr) => Some(
+            dropline::ops::serve(addr, ready.clone(), prometheus, shutdown.clone())
+                .await?
+                .0,
+        ),
+        None => None,
+    };
+    let listener = TcpListener::bind(config.listen_addr).await?;
+    let api_addr = listener.local_addr()?;
+    let app = routes::router(state);
+    ready.set(true);
+    tracing::info!(%api_addr, ?ops_addr, "ingress serving");
+
+    let drain = Duration::from_secs(config.ops.drain_timeout_secs);
+    let task = tokio::spawn(async move {
+        let stop = shutdown.clone();
+        let stopping = ready.clone();
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+            stop.cancelled().await;
+            stopping.set(false);
+        });
+        let finished = async {
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "ingress server failed");
+            }
+        };
+        tokio::pin!(finished);
+        tokio::select! {
+            _ = &mut finished => {}
+            _ = async { shutdown.cancelled().await; tokio::time::sleep(drain).await } => {
+                tracing::warn!(drain_secs = drain.as_secs(), "drain timed out; dropping open connections");
+            }
+        }
+        // Order events of requests that finished are acknowledged already;
+        // this only flushes what is still queued.
+        let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(5))).await;
+        tracing::info!("ingress stopped");
+    });
+    Ok(Running {
+        api_addr,
+        ops_addr,
+        task,
+    })
+}

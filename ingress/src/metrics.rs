@@ -1,0 +1,40 @@
+//! The ingress' metrics, declared in one place.
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+
+pub const REQUESTS: &str = "dropline_ingress_requests_total";
+pub const REQUEST_DURATION: &str = "dropline_ingress_request_duration_seconds";
+pub const PURCHASES: &str = "dropline_ingress_purchases_total";
+pub const PRODUCE_DURATION: &str = "dropline_ingress_produce_duration_seconds";
+pub const PRODUCER_QUEUE: &str = "dropline_ingress_producer_queue_messages";
+pub const WEBHOOKS: &str = "dropline_ingress_webhooks_total";
+
+pub fn describe() {
+    describe_counter!(
+        REQUESTS,
+        "HTTP requests answered, by route template, status and error code."
+    );
+    describe_histogram!(
+        REQUEST_DURATION,
+        Unit::Seconds,
+        "Time to answer an HTTP request, by route template."
+    );
+    describe_counter!(
+        PURCHASES,
+        "Purchase requests by outcome: admitted (queued for allocation), replayed, rate_limited, sold_out, \
+         sale_not_open, sale_closed, broker_unavailable, invalid."
+    );
+    describe_histogram!(
+        PRODUCE_DURATION,
+        Unit::Seconds,
+        "Time from producing an intent to the broker's ack."
+    );
+    describe_gauge!(
+        PRODUCER_QUEUE,
+        "Messages waiting in the Kafka producer's local queue."
+    );
+    describe_counter!(
+        WEBHOOKS,
+        "Payment webhooks by result: captured, refund_required, ignored, rejected."
+    );
+}

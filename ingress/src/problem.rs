@@ -1,0 +1,212 @@
+//! Every error the ingress answers with: one stable code, mapped to an HTTP
+//! status and an `application/problem+json` body (RFC 9457). The code is also
+//! the bounded `error_code` label of the request metrics.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    MethodNotAllowed,
+    UnsupportedMediaType,
+    PayloadTooLarge,
+    InvalidBody,
+    InvalidHeader,
+    InvalidQuery,
+    InvalidPath,
+    MissingIdempotencyKey,
+    IdempotencyKeyReused,
+    EventNotFound,
+    OrderNotFound,
+    SaleNotOpen,
+    SaleClosed,
+    SoldOut,
+    OrderNotHeld,
+    OrderExpired,
+    InvalidSignature,
+    StaleSignature,
+    RateLimited,
+    BrokerUnavailable,
+    DependencyUnavailable,
+    PaymentProviderUnavailable,
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        use ErrorCode::*;
+        match self {
+            Unauthorized => "unauthorized",
+            Forbidden => "forbidden",
+            NotFound => "not_found",
+            MethodNotAllowed => "method_not_allowed",
+            UnsupportedMediaType => "unsupported_media_type",
+            PayloadTooLarge => "payload_too_large",
+            InvalidBody => "invalid_body",
+            InvalidHeader => "invalid_header",
+            InvalidQuery => "invalid_query",
+            InvalidPath => "invalid_path",
+            MissingIdempotencyKey => "missing_idempotency_key",
+            IdempotencyKeyReused => "idempotency_key_reused",
+            EventNotFound => "event_not_found",
+            OrderNotFound => "order_not_found",
+            SaleNotOpen => "sale_not_open",
+            SaleClosed => "sale_closed",
+            SoldOut => "sold_out",
+            OrderNotHeld => "order_not_held",
+            OrderExpired => "order_expired",
+            InvalidSignature => "invalid_signature",
+            StaleSignature => "stale_signature",
+            RateLimited => "rate_limited",
+            BrokerUnavailable => "broker_unavailable",
+            DependencyUnavailable => "dependency_unavailable",
+            PaymentProviderUnavailable => "payment_provider_unavailable",
+            Internal => "internal",
+        }
+    }
+
+    pub fn status(self) -> StatusCode {
+        use ErrorCode::*;
+        match self {
+            Unauthorized | InvalidSignature | StaleSignature => StatusCode::UNAUTHORIZED,
+            Forbidden => StatusCode::FORBIDDEN,
+            NotFound | EventNotFound | OrderNotFound => StatusCode::NOT_FOUND,
+            MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            InvalidBody | InvalidHeader | InvalidQuery | InvalidPath | MissingIdempotencyKey => {
+                StatusCode::BAD_REQUEST
+            }
+            IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            SaleNotOpen | SaleClosed | SoldOut | OrderNotHeld | OrderExpired => {
+                StatusCode::CONFLICT
+            }
+            RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            BrokerUnavailable | DependencyUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            PaymentProviderUnavailable => StatusCode::BAD_GATEWAY,
+            Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn title(self) -> &'static str {
+        use ErrorCode::*;
+        match self {
+            Unauthorized => "A valid bearer token is required",
+            Forbidden => "The token does not grant this",
+            NotFound => "No such resource",
+            MethodNotAllowed => "Method not allowed on this resource",
+            UnsupportedMediaType => "The body must be application/json",
+            PayloadTooLarge => "The body is too large",
+            InvalidBody => "The body is not valid",
+            InvalidHeader => "A header is not valid",
+            InvalidQuery => "The query string is not valid",
+            InvalidPath => "The path is not valid",
+            MissingIdempotencyKey => "An Idempotency-Key header is required",
+            IdempotencyKeyReused => "The Idempotency-Key was used for a different request",
+            EventNotFound => "No such event",
+            OrderNotFound => "No such order",
+            SaleNotOpen => "The sale has not opened yet",
+            SaleClosed => "The sale has closed",
+            SoldOut => "The event is sold out",
+            OrderNotHeld => "The order is no longer held",
+            OrderExpired => "The order's hold has expired",
+            InvalidSignature => "The webhook signature is not valid",
+            StaleSignature => "The webhook signature is too old or too new",
+            RateLimited => "Too many requests",
+            BrokerUnavailable => "The request could not be queued; retry later",
+            DependencyUnavailable => "A backing service is unavailable; retry later",
+            PaymentProviderUnavailable => "The payment provider did not answer",
+            Internal => "Internal error",
+        }
+    }
+}
+
+/// An error answer: a code plus what the caller needs to fix it.
+#[derive(Debug)]
+pub struct Problem {
+    pub code: ErrorCode,
+    pub detail: Option<String>,
+    pub errors: Vec<String>,
+    pub retry_after_secs: Option<u64>,
+}
+
+impl Problem {
+    pub fn new(code: ErrorCode) -> Self {
+        Self {
+            code,
+            detail: None,
+            errors: Vec::new(),
+            retry_after_secs: None,
+        }
+    }
+
+    pub fn detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+
+    pub fn errors(mut self, errors: Vec<String>) -> Self {
+        self.errors = errors;
+        self
+    }
+
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after_secs = Some(secs.max(1));
+        self
+    }
+
+    /// For a backing service that failed: logged here, reported as 503.
+    pub fn unavailable(what: &str, error: &dyn std::fmt::Display) -> Self {
+        tracing::warn!(error = %error, what, "dependency failed");
+        Problem::new(ErrorCode::DependencyUnavailable).retry_after(1)
+    }
+}
+
+impl From<ErrorCode> for Problem {
+    fn from(code: ErrorCode) -> Self {
+        Problem::new(code)
+    }
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    #[serde(rename = "type")]
+    kind: String,
+    title: &'a str,
+    status: u16,
+    code: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<&'a str>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    errors: &'a [String],
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let status = self.code.status();
+        let body = Body {
+            kind: format!("urn:dropline:problem:{}", self.code.as_str()),
+            title: self.code.title(),
+            status: status.as_u16(),
+            code: self.code.as_str(),
+            detail: self.detail.as_deref(),
+            errors: &self.errors,
+        };
+        let bytes = serde_json::to_vec(&body).unwrap_or_default();
+        let mut response = (status, bytes).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if let Some(secs) = self.retry_after_secs {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response.extensions_mut().insert(self.code);
+        response
+    }
+}

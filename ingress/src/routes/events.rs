@@ -1,0 +1,170 @@
+//! Events: created and pre-warmed by admins, listed and read by buyers.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use dropline::stock::StockLevels;
+use serde::Serialize;
+
+use super::read_body;
+use crate::events::{Event, NewEvent};
+use crate::extract;
+use crate::problem::{ErrorCode, Problem};
+use crate::AppState;
+
+#[derive(Serialize)]
+struct EventView {
+    #[serde(flatten)]
+    event: Event,
+    /// Live counters from the stock ledger; absent before the pre-warm.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    availability: Option<StockLevels>,
+}
+
+pub async fn create(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Problem> {
+    extract::admin(&app.tokens, &headers)?;
+    let body = read_body(body, app.config.max_body_bytes).await?;
+    let new: NewEvent = extract::json(&headers, &body)?;
+    let problems = new.problems();
+    if !problems.is_empty() {
+        return Err(Problem::new(ErrorCode::InvalidBody)
+            .detail("the event is not valid")
+            .errors(problems));
+    }
+    let event = app
+        .events
+        .create(&new)
+        .await
+        .map_err(|e| Problem::unavailable("mysql", &e))?;
+    // Pre-warm right away; if Redis fails here the event exists and the
+    // admin retries with the idempotent prewarm call.
+    app.events
+        .prewarm(&event)
+        .await
+        .map_err(|e| Problem::unavailable("redis", &e))?;
+    let availability = app.events.levels(event.id).await.ok().flatten();
+    tracing::info!(
+        event_id = event.id,
+        capacity = event.capacity,
+        "event created"
+    );
+    let location = format!("/v1/events/{}", event.id);
+    Ok((
+        StatusCode::CREATED,
+        [("location", location)],
+        Json(EventView {
+            event,
+            availability,
+        }),
+    )
+        .into_response())
+}
+
+pub async fn prewarm(
+    State(app): State<Arc<AppState>>,
+    Path(raw_id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Problem> {
+    extract::admin(&app.tokens, &headers)?;
+    let id = extract::event_id(&raw_id)?;
+    let event = app
+        .events
+        .get(id)
+        .await
+        .map_err(|e| Problem::unavailable("mysql", &e))?;
+    let event = event.ok_or(ErrorCode::EventNotFound)?;
+    let created = app
+        .events
+        .prewarm(&event)
+        .await
+        .map_err(|e| Problem::unavailable("redis", &e))?;
+    let availability = app
+        .events
+        .levels(id)
+        .await
+        .map_err(|e| Problem::unavailable("redis", &e))?;
+    Ok(Json(
+        serde_json::json!({ "event_id": id, "created": created, "availability": availability }),
+    )
+    .into_response())
+}
+
+pub async fn get_one(
+    State(app): State<Arc<AppState>>,
+    Path(raw_id): Path<String>,
+) -> Result<Response, Problem> {
+    let id = extract::event_id(&raw_id)?;
+    let event = app
+        .events
+        .get(id)
+        .await
+        .map_err(|e| Problem::unavailable("mysql", &e))?;
+    let event = Event::clone(&*event.ok_or(ErrorCode::EventNotFound)?);
+    let availability = app
+        .events
+        .levels(id)
+        .await
+        .map_err(|e| Problem::unavailable("redis", &e))?;
+    Ok(Json(EventView {
+        event,
+        availability,
+    })
+    .into_response())
+}
+
+#[derive(Serialize)]
+struct EventPage {
+    events: Vec<Event>,
+    /// Pass as `after` for the next page; absent on the last one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_after: Option<u64>,
+}
+
+/// `GET /v1/events?q=<text>&after=<id>&limit=<1..100>`
+pub async fn list(
+    State(app): State<Arc<AppState>>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, Problem> {
+    let mut q = None;
+    let mut after = 0u64;
+    let mut limit = 20u32;
+    let mut errors = Vec::new();
+    let pairs: Vec<(String, String)> =
+        serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
+            .map_err(|e| Problem::new(ErrorCode::InvalidQuery).detail(e.to_string()))?;
+    for (k, v) in pairs {
+        match k.as_str() {
+            "q" if v.chars().count() <= 200 => q = Some(v).filter(|s| !s.is_empty()),
+            "q" => errors.push("q: at most 200 characters".to_owned()),
+            "after" => match v.parse() {
+                Ok(n) => after = n,
+                Err(_) => errors.push("after: must be an event id".to_owned()),
+            },
+            "limit" => match v.parse() {
+                Ok(n) if (1..=100).contains(&n) => limit = n,
+                _ => errors.push("limit: must be 1 to 100".to_owned()),
+            },
+            other => errors.push(format!("{other}: unknown parameter")),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(Problem::new(ErrorCode::InvalidQuery).errors(errors));
+    }
+    let events = app
+        .events
+        .search(q.as_deref(), after, limit)
+        .await
+        .map_err(|e| Problem::unavailable("mysql", &e))?;
+    let next_after = (events.len() == limit as usize)
+        .then(|| events.last().map(|e| e.id))
+        .flatten();
+    Ok(Json(EventPage { events, next_after }).into_response())
+}

@@ -1,0 +1,141 @@
+//! A buyer's order: read it, cancel it, start paying for it.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use dropline::messages::OrderState;
+use dropline::payments::{CreatePayment, PaymentSession};
+use dropline::stock::EndOutcome;
+use uuid::Uuid;
+
+use crate::extract;
+use crate::orders::{order_event, OrderView};
+use crate::problem::{ErrorCode, Problem};
+use crate::AppState;
+
+/// The order if it exists and belongs to `user`; anyone else gets 404, so
+/// order ids cannot be probed.
+async fn owned(app: &AppState, order_id: Uuid, user: &str) -> Result<OrderView, Problem> {
+    let order = app.orders.view(order_id).await?;
+    order
+        .filter(|o| o.user_id == user)
+        .ok_or_else(|| ErrorCode::OrderNotFound.into())
+}
+
+pub async fn get_one(
+    State(app): State<Arc<AppState>>,
+    Path(raw_id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Problem> {
+    let claims = extract::bearer(&app.tokens, &headers)?;
+    let id = extract::uuid(&raw_id, ErrorCode::OrderNotFound)?;
+    Ok(Json(owned(&app, id, &claims.sub).await?).into_response())
+}
+
+/// `POST /v1/orders/{id}/cancel`: the buyer gives an unpaid hold back; its
+/// stock is available again as soon as this returns.
+pub async fn cancel(
+    State(app): State<Arc<AppState>>,
+    Path(raw_id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Problem> {
+    let claims = extract::bearer(&app.tokens, &headers)?;
+    let id = extract::uuid(&raw_id, ErrorCode::OrderNotFound)?;
+    let event_id = app
+        .orders
+        .event_of(id)
+        .await?
+        .ok_or(ErrorCode::OrderNotFound)?;
+    let outcome = app
+        .ledger
+        .cancel(event_id, id, &claims.sub)
+        .await
+        .map_err(|e| Problem::unavailable("redis", &e))?;
+    let hold = match outcome {
+        EndOutcome::Ended(hold) => hold,
+        EndOutcome::UnknownOrder => return Err(ErrorCode::OrderNotFound.into()),
+        EndOutcome::NotDue { .. } => return Err(ErrorCode::Internal.into()),
+    };
+    // Whatever state the hold is in now, tell the settler (again, if it was
+    // told before: it applies each state once). If this fails, the buyer's
+    // retry and the expirer's pass at the deadline both publish it again.
+    app.publish_order_event(&order_event(id, event_id, &hold, None))
+        .await?;
+    let view = OrderView::from_hold(id, event_id, &hold);
+    match hold.state {
+        OrderState::Cancelled => Ok(Json(view).into_response()),
+        OrderState::Expired => {
+            Err(Problem::new(ErrorCode::OrderExpired).detail("the hold had already expired"))
+        }
+        OrderState::Paid | OrderState::Held => Err(Problem::new(ErrorCode::OrderNotHeld)
+            .detail(format!("the order is {}", hold.state.as_str()))),
+    }
+}
+
+/// `POST /v1/orders/{id}/payments`: opens a payment with the provider. The
+/// provider confirms it later through the signed webhook.
+pub async fn start_payment(
+    State(app): State<Arc<AppState>>,
+    Path(raw_id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Problem> {
+    let claims = extract::bearer(&app.tokens, &headers)?;
+    let id = extract::uuid(&raw_id, ErrorCode::OrderNotFound)?;
+    let order = owned(&app, id, &claims.sub).await?;
+    if order.state != OrderState::Held {
+        return Err(Problem::new(ErrorCode::OrderNotHeld)
+            .detail(format!("the order is {}", order.state.as_str())));
+    }
+    if order.expires_at <= chrono::Utc::now() {
+        return Err(ErrorCode::OrderExpired.into());
+    }
+    let event = app
+        .events
+        .get(order.event_id)
+        .await
+        .map_err(|e| Problem::unavailable("mysql", &e))?;
+    let currency = event
+        .map(|e| e.currency.clone())
+        .ok_or(ErrorCode::Internal)?;
+    let request = CreatePayment {
+        order_id: id,
+        amount_cents: order.amount_cents,
+        currency,
+    };
+    let url = format!(
+        "{}/v1/payments",
+        app.config.payment_provider_url.trim_end_matches('/')
+    );
+    let answer = app
+        .http
+        .post(&url)
+        .header("idempotency-key", id.to_string())
+        .json(&request)
+        .send()
+        .await
+        .and_then(|r| r.error_for_status());
+    let session: PaymentSession = match answer {
+        Ok(r) => r.json().await.map_err(|e| provider_failed(&e))?,
+        Err(e) => return Err(provider_failed(&e)),
+    };
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({
+            "order_id": id,
+            "payment_id": session.payment_id,
+            "checkout_url": session.checkout_url,
+            "amount_cents": session.amount_cents,
+            "currency": session.currency,
+            "pay_before": order.expires_at,
+        })),
+    )
+        .into_response())
+}
+
+fn provider_failed(e: &reqwest::Error) -> Problem {
+    tracing::warn!(error = %e, "payment provider failed");
+    Problem::new(ErrorCode::PaymentProviderUnavailable).retry_after(2)
+}

@@ -1,0 +1,108 @@
+# Shared by Dropline's scripts: bring up the local stack, idempotently.
+# Each ensure_* function reuses a service that already answers, installs what
+# is missing (Debian packages, or cargo for tansu) and starts it otherwise.
+# shellcheck shell=bash
+
+DROPLINE_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+STATE_DIR=${DROPLINE_STATE_DIR:-$DROPLINE_ROOT/.dropline}
+mkdir -p "$STATE_DIR"
+
+REDIS_PORT=${REDIS_PORT:-6379}
+MYSQL_PORT=${MYSQL_PORT:-3306}
+KAFKA_PORT=${KAFKA_PORT:-9092}
+TANSU_VERSION=0.6.0
+export PATH="$HOME/.cargo/bin:$PATH"
+
+log() { printf '\033[1m[dropline]\033[0m %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# wait_for DESCRIPTION SECONDS COMMAND...: polls until the command succeeds.
+wait_for() {
+  local what=$1 secs=$2; shift 2
+  local deadline=$((SECONDS + secs))
+  until "$@" >/dev/null 2>&1; do
+    [ "$SECONDS" -lt "$deadline" ] || die "$what did not come up within ${secs}s"
+    sleep 0.5
+  done
+}
+
+APT_UPDATED=
+apt_install() {
+  command -v apt-get >/dev/null || die "apt-get is not available to install $*"
+  local sudo=; [ "$(id -u)" -eq 0 ] || sudo=sudo
+  if [ -z "$APT_UPDATED" ]; then
+    $sudo apt-get update -qq >&2; APT_UPDATED=1
+  fi
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >&2
+}
+
+ensure_redis() {
+  if command -v redis-cli >/dev/null && redis-cli -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG; then
+    return
+  fi
+  command -v redis-server >/dev/null || { log "installing redis"; apt_install redis-server; }
+  log "starting redis on :$REDIS_PORT"
+  redis-server --daemonize yes --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no \
+    --dir "$STATE_DIR" --logfile "$STATE_DIR/redis.log"
+  wait_for "redis" 30 redis-cli -p "$REDIS_PORT" ping
+}
+
+mysql_tcp() { mariadb -h127.0.0.1 -P"$MYSQL_PORT" -uroot --protocol=TCP "$@"; }
+
+ensure_mariadb() {
+  if command -v mariadb >/dev/null && mysql_tcp -e 'SELECT 1' >/dev/null 2>&1; then
+    return
+  fi
+  if ! command -v mariadbd >/dev/null && [ ! -x /usr/sbin/mariadbd ]; then
+    log "installing mariadb"
+    apt_install mariadb-server mariadb-client
+  fi
+  if ! mariadb -uroot -e 'SELECT 1' >/dev/null 2>&1; then
+    log "starting mariadb on :$MYSQL_PORT"
+    mkdir -p /run/mysqld && chown mysql:mysql /run/mysqld 2>/dev/null || true
+    start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd -- --user=mysql \
+      --port="$MYSQL_PORT" --bind-address=127.0.0.1
+    wait_for "mariadb" 60 mariadb -uroot -e 'SELECT 1'
+  fi
+  # Debian's root logs in through the unix socket only; the local stack
+  # connects over TCP as root with no password, as CI does.
+  if ! mysql_tcp -e 'SELECT 1' >/dev/null 2>&1; then
+    log "allowing root over TCP on the local database"
+    mariadb -uroot -e "ALTER USER 'root'@'localhost' IDENTIFIED VIA unix_socket OR mysql_native_password USING PASSWORD('')"
+  fi
+  wait_for "mariadb over TCP" 30 mysql_tcp -e 'SELECT 1'
+}
+
+tansu_bin() { command -v tansu || echo "$HOME/.cargo/bin/tansu"; }
+
+ensure_tansu() {
+  if port_open "$KAFKA_PORT"; then
+    return
+  fi
+  if ! [ -x "$(tansu_bin)" ]; then
+    log "installing tansu $TANSU_VERSION with cargo (about 15 minutes on 2 cores; once per machine)"
+    cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore,libsql >&2
+  fi
+  # memory:// by default: fast and fresh. DROPLINE_BROKER_STORAGE=sqlite
+  # keeps topics and offsets across a broker restart.
+  local storage="memory://tansu/"
+  if [ "${DROPLINE_BROKER_STORAGE:-memory}" = sqlite ]; then
+    storage="sqlite://$STATE_DIR/tansu.db"
+  fi
+  log "starting tansu on :$KAFKA_PORT ($storage)"
+  nohup "$(tansu_bin)" broker \
+    --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+    --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+    --storage-engine "$storage" >"$STATE_DIR/tansu.log" 2>&1 &
+  echo $! >"$STATE_DIR/tansu.pid"
+  wait_for "tansu" 30 port_open "$KAFKA_PORT"
+}
+
+# The stores and the broker; what both the tests and the demo need.
+ensure_infra() {
+  ensure_redis
+  ensure_mariadb
+  ensure_tansu
+}

@@ -1,0 +1,58 @@
+use clap::Parser;
+use dropline::config::{redact_url, ConfigError, KafkaArgs, MysqlArgs, OpsArgs, Problems};
+
+/// The settler: persists what the other stages decided into MySQL.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "dropline-settler", version)]
+pub struct SettlerConfig {
+    /// Consumer group shared by all settlers.
+    #[arg(
+        long,
+        env = "DROPLINE_SETTLER_GROUP",
+        default_value = "dropline-settler"
+    )]
+    pub group_id: String,
+    /// Most messages written in one transaction.
+    #[arg(long, env = "DROPLINE_SETTLER_BATCH_MAX", default_value_t = 1000)]
+    pub batch_max: usize,
+    /// How long a batch waits to fill after its first message.
+    #[arg(long, env = "DROPLINE_SETTLER_BATCH_LINGER_MS", default_value_t = 20)]
+    pub batch_linger_ms: u64,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub mysql: MysqlArgs,
+    #[command(flatten)]
+    pub ops: OpsArgs,
+}
+
+impl SettlerConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut p = Problems::default();
+        self.kafka.check(&mut p);
+        self.mysql.check(&mut p);
+        if self.group_id.is_empty() {
+            p.add("DROPLINE_SETTLER_GROUP must not be empty");
+        }
+        if !(1..=5_000).contains(&self.batch_max) {
+            p.add("DROPLINE_SETTLER_BATCH_MAX must be 1 to 5000");
+        }
+        if self.batch_linger_ms > 5_000 {
+            p.add("DROPLINE_SETTLER_BATCH_LINGER_MS must be at most 5000");
+        }
+        p.into_result()
+    }
+
+    pub fn log_effective(&self) {
+        tracing::info!(
+            group_id = %self.group_id,
+            batch_max = self.batch_max,
+            batch_linger_ms = self.batch_linger_ms,
+            kafka_brokers = %self.kafka.brokers,
+            topic_prefix = %self.kafka.topic_prefix,
+            mysql_url = %redact_url(&self.mysql.url),
+            ops_addr = ?self.ops.addr,
+            "settler config"
+        );
+    }
+}

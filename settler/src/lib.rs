@@ -1,0 +1,130 @@
+//! The settler: Dropline's writer into MySQL, the record of truth.
+//!
+//! It consumes `decisions` (every intent's one outcome, and each new hold)
+//! and `order-events` (holds paid, cancelled or expired, and payments), and
+//! writes each batch in one transaction of idempotent upserts. Offsets are
+//! stored only after the commit; a crash in between redelivers the batch,
+//! whose second write changes nothing.
+//!
+//! - [`store`]: the upserts and their forward-only rule.
+//! - [`config`]: settings; [`metrics`]: metric names.
+
+pub mod config;
+pub mod metrics;
+pub mod store;
+
+use std::time::{Duration, Instant};
+
+use dropline::kafka::{self, DeadLetters};
+use dropline::messages::{Decision, OrderEvent};
+use dropline::ops::Readiness;
+use rdkafka::consumer::Consumer;
+use rdkafka::message::{Message, OwnedMessage};
+use tokio_util::sync::CancellationToken;
+
+pub use config::SettlerConfig;
+
+use crate::metrics::{BATCH_DURATION, BATCH_SIZE, ROWS, WRITE_ERRORS};
+use crate::store::Batch;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettlerError {
+    #[error(transparent)]
+    Config(#[from] dropline::config::ConfigError),
+    #[error("mysql: {0}")]
+    Mysql(#[from] sqlx::Error),
+    #[error("migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error(transparent)]
+    KafkaSetup(#[from] kafka::KafkaSetupError),
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("ops server: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub async fn run(config: SettlerConfig, shutdown: CancellationToken) -> Result<(), SettlerError> {
+    config.validate()?;
+    config.log_effective();
+    metrics::describe();
+    let ready = Readiness::default();
+    if let Some(addr) = config.ops.addr {
+        dropline::ops::serve(
+            addr,
+            ready.clone(),
+            dropline::telemetry::metrics(),
+            shutdown.clone(),
+        )
+        .await?;
+    }
+    let db = dropline::db::connect(&config.mysql).await?;
+    dropline::db::migrate(&db).await?;
+    let topics = config.kafka.topics();
+    let dead_letters = DeadLetters::new(
+        kafka::producer(&config.kafka)?,
+        topics.dead_letter.clone(),
+        "settler",
+    );
+    let consumer = kafka::consumer(&config.kafka, &config.group_id)?;
+    consumer.subscribe(&[&topics.decisions, &topics.order_events])?;
+    ready.set(true);
+    tracing::info!("settler consuming");
+
+    let linger = Duration::from_millis(config.batch_linger_ms);
+    loop {
+        let messages = kafka::next_batch(&consumer, config.batch_max, linger, &shutdown).await;
+        if messages.is_empty() {
+            break;
+        }
+        let started = Instant::now();
+        let mut batch = Batch::default();
+        let mut parked = true;
+        for m in &messages {
+            let decoded = if m.topic() == topics.decisions {
+                decode::<Decision>(m).map(|d| batch.add_decision(d))
+            } else {
+                decode::<OrderEvent>(m).map(|e| batch.add_order_event(e))
+            };
+            if let Err(reason) = decoded {
+                if kafka::retry_until("dead-letter", &shutdown, || dead_letters.park(m, &reason))
+                    .await
+                    .is_none()
+                {
+                    parked = false;
+                    break;
+                }
+            }
+        }
+        if !parked {
+            break;
+        }
+        if !batch.is_empty() {
+            let written = kafka::retry_until("write batch", &shutdown, || async {
+                let result = batch.write(&db).await;
+                if result.is_err() {
+                    ::metrics::counter!(WRITE_ERRORS).increment(1);
+                }
+                result
+            })
+            .await;
+            let Some([intents, orders, payments]) = written else {
+                break;
+            };
+            ::metrics::counter!(ROWS, "table" => "intents").increment(intents as u64);
+            ::metrics::counter!(ROWS, "table" => "orders").increment(orders as u64);
+            ::metrics::counter!(ROWS, "table" => "payments").increment(payments as u64);
+        }
+        kafka::store_after(&consumer, &messages);
+        ::metrics::histogram!(BATCH_SIZE).record(messages.len() as f64);
+        ::metrics::histogram!(BATCH_DURATION).record(started.elapsed().as_secs_f64());
+    }
+    ready.set(false);
+    kafka::commit_stored(&consumer);
+    tracing::info!("settler stopped");
+    Ok(())
+}
+
+fn decode<T: serde::de::DeserializeOwned>(m: &OwnedMessage) -> Result<T, String> {
+    let payload = m.payload().ok_or("empty payload")?;
+    serde_json::from_slice(payload).map_err(|e| format!("undecodable message: {e}"))
+}
