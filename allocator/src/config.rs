@@ -7,11 +7,7 @@ use dropline::config::{redact_url, ConfigError, KafkaArgs, OpsArgs, Problems, Re
 #[command(name = "dropline-allocator", version)]
 pub struct AllocatorConfig {
     /// Consumer group shared by all allocators.
-    #[arg(
-        long,
-        env = "DROPLINE_ALLOCATOR_GROUP",
-        default_value = "dropline-allocator"
-    )]
+    #[arg(long, env = "DROPLINE_ALLOCATOR_GROUP", default_value = "dropline-allocator")]
     pub group_id: String,
     /// Most intents decided in one batch.
     #[arg(long, env = "DROPLINE_ALLOCATOR_BATCH_MAX", default_value_t = 500)]
@@ -55,5 +51,18 @@ impl AllocatorConfig {
             ops_addr = ?self.ops.addr,
             "allocator config"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed_and_the_defaults_validate() {
+        AllocatorConfig::command().debug_assert();
+        AllocatorConfig::parse_from(["allocator"]).validate().unwrap();
     }
 }

@@ -27,9 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::AllocatorConfig;
 
-use crate::metrics::{
-    BATCH_DURATION, BATCH_SIZE, DECISIONS, DECISION_LATENCY, LEDGER_ERRORS, LUA_DURATION,
-};
+use crate::metrics::{BATCH_DURATION, BATCH_SIZE, DECISIONS, DECISION_LATENCY, LEDGER_ERRORS, LUA_DURATION};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AllocatorError {
@@ -56,29 +54,21 @@ struct Allocator {
     topics: Topics,
 }
 
-pub async fn run(
-    config: AllocatorConfig,
-    shutdown: CancellationToken,
-) -> Result<(), AllocatorError> {
+pub async fn run(config: AllocatorConfig, shutdown: CancellationToken) -> Result<(), AllocatorError> {
     config.validate()?;
     config.log_effective();
     metrics::describe();
     let ready = Readiness::default();
     if let Some(addr) = config.ops.addr {
-        dropline::ops::serve(
-            addr,
-            ready.clone(),
-            dropline::telemetry::metrics(),
-            shutdown.clone(),
-        )
-        .await?;
+        dropline::ops::serve(addr, ready.clone(), dropline::telemetry::metrics(), shutdown.clone()).await?;
     }
     let topics = config.kafka.topics();
+    kafka::ensure_topics(&config.kafka, &topics.all()).await?;
     let producer = kafka::producer(&config.kafka)?;
     let consumer = kafka::consumer(&config.kafka, &config.group_id)?;
     consumer.subscribe(&[&topics.intents])?;
     let allocator = Allocator {
-        ledger: Ledger::new(config.redis.pool()?),
+        ledger: Ledger::new(config.redis.pool()?, &config.redis.key_prefix),
         dead_letters: DeadLetters::new(producer.clone(), topics.dead_letter.clone(), "allocator"),
         producer,
         topics,
@@ -118,10 +108,7 @@ impl Allocator {
             match decode(message) {
                 Ok(intent) => by_event.entry(intent.event_id).or_default().push(intent),
                 Err(reason) => {
-                    kafka::retry_until("dead-letter", shutdown, || {
-                        self.dead_letters.park(message, &reason)
-                    })
-                    .await?
+                    kafka::retry_until("dead-letter", shutdown, || self.dead_letters.park(message, &reason)).await?
                 }
             }
         }
@@ -129,11 +116,7 @@ impl Allocator {
         for (event_id, intents) in &by_event {
             let claims: Vec<Claim<'_>> = intents
                 .iter()
-                .map(|i| Claim {
-                    intent_id: i.intent_id,
-                    user_id: &i.user_id,
-                    quantity: i.quantity,
-                })
+                .map(|i| Claim { intent_id: i.intent_id, user_id: &i.user_id, quantity: i.quantity })
                 .collect();
             let verdicts = kafka::retry_until("allocate", shutdown, || async {
                 let started = Instant::now();
@@ -148,10 +131,8 @@ impl Allocator {
             let now = now_ms();
             for (intent, verdict) in intents.iter().zip(verdicts) {
                 let decision = decision(intent, verdict);
-                ::metrics::counter!(DECISIONS, "outcome" => outcome_label(&decision.outcome))
-                    .increment(1);
-                ::metrics::histogram!(DECISION_LATENCY)
-                    .record((now - intent.accepted_at_ms).max(0) as f64 / 1000.0);
+                ::metrics::counter!(DECISIONS, "outcome" => outcome_label(&decision.outcome)).increment(1);
+                ::metrics::histogram!(DECISION_LATENCY).record((now - intent.accepted_at_ms).max(0) as f64 / 1000.0);
                 outgoing.extend(self.messages_for(&decision));
             }
         }
@@ -163,11 +144,7 @@ impl Allocator {
         let key = d.event_id.to_string();
         let mut out = vec![(self.topics.decisions.clone(), key.clone(), to_json(d))];
         if let Outcome::Held { expires_at_ms, .. } = d.outcome {
-            let expiry = HoldExpiry {
-                order_id: d.intent_id,
-                event_id: d.event_id,
-                expires_at_ms,
-            };
+            let expiry = HoldExpiry { order_id: d.intent_id, event_id: d.event_id, expires_at_ms };
             out.push((self.topics.hold_expiry.clone(), key, to_json(&expiry)));
         }
         out
@@ -175,15 +152,9 @@ impl Allocator {
 
     /// Produces all messages and waits for every acknowledgement. On failure
     /// the whole set is produced again: consumers dedup by id.
-    async fn publish(
-        &self,
-        messages: &[(String, String, Vec<u8>)],
-    ) -> Result<(), rdkafka::error::KafkaError> {
+    async fn publish(&self, messages: &[(String, String, Vec<u8>)]) -> Result<(), rdkafka::error::KafkaError> {
         let sends = messages.iter().map(|(topic, key, payload)| {
-            self.producer.send(
-                FutureRecord::to(topic).key(key).payload(payload),
-                Duration::from_secs(5),
-            )
+            self.producer.send(FutureRecord::to(topic).key(key).payload(payload), Duration::from_secs(5))
         });
         for result in join_all(sends).await {
             result.map_err(|(e, _)| e)?;
@@ -194,13 +165,9 @@ impl Allocator {
 
 fn decode(message: &OwnedMessage) -> Result<PurchaseIntent, String> {
     let payload = message.payload().ok_or("empty payload")?;
-    let intent: PurchaseIntent =
-        serde_json::from_slice(payload).map_err(|e| format!("undecodable intent: {e}"))?;
+    let intent: PurchaseIntent = serde_json::from_slice(payload).map_err(|e| format!("undecodable intent: {e}"))?;
     if intent.quantity == 0 || intent.quantity > MAX_QUANTITY {
-        return Err(format!(
-            "quantity {} outside 1..={MAX_QUANTITY}",
-            intent.quantity
-        ));
+        return Err(format!("quantity {} outside 1..={MAX_QUANTITY}", intent.quantity));
     }
     if !dropline::auth::is_valid_user_id(&intent.user_id) {
         return Err("invalid user id".into());
@@ -210,21 +177,10 @@ fn decode(message: &OwnedMessage) -> Result<PurchaseIntent, String> {
 
 fn decision(intent: &PurchaseIntent, verdict: Verdict) -> Decision {
     let (decided_at_ms, outcome) = match verdict {
-        Verdict::Held {
-            expires_at_ms,
-            amount_cents,
-            decided_at_ms,
-        } => (
-            decided_at_ms,
-            Outcome::Held {
-                expires_at_ms,
-                amount_cents,
-            },
-        ),
-        Verdict::Rejected {
-            reason,
-            decided_at_ms,
-        } => (decided_at_ms, Outcome::Rejected { reason }),
+        Verdict::Held { expires_at_ms, amount_cents, decided_at_ms } => {
+            (decided_at_ms, Outcome::Held { expires_at_ms, amount_cents })
+        }
+        Verdict::Rejected { reason, decided_at_ms } => (decided_at_ms, Outcome::Rejected { reason }),
     };
     Decision {
         intent_id: intent.intent_id,

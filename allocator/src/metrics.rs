@@ -14,24 +14,9 @@ pub fn describe() {
         DECISIONS,
         "Intents decided, by outcome: held, sold_out, limit_reached, sale_not_open, sale_closed."
     );
-    describe_histogram!(
-        LUA_DURATION,
-        Unit::Seconds,
-        "Time of one allocation script call (one event, many intents)."
-    );
+    describe_histogram!(LUA_DURATION, Unit::Seconds, "Time of one allocation script call (one event, many intents).");
     describe_histogram!(BATCH_SIZE, Unit::Count, "Intents per consumed batch.");
-    describe_histogram!(
-        BATCH_DURATION,
-        Unit::Seconds,
-        "Time from a batch's receipt to its offsets being stored."
-    );
-    describe_histogram!(
-        DECISION_LATENCY,
-        Unit::Seconds,
-        "Time from the ingress accepting an intent to its decision."
-    );
-    describe_counter!(
-        LEDGER_ERRORS,
-        "Allocation script calls that failed and were retried, by kind."
-    );
+    describe_histogram!(BATCH_DURATION, Unit::Seconds, "Time from a batch's receipt to its offsets being stored.");
+    describe_histogram!(DECISION_LATENCY, Unit::Seconds, "Time from the ingress accepting an intent to its decision.");
+    describe_counter!(LEDGER_ERRORS, "Allocation script calls that failed and were retried, by kind.");
 }

@@ -1,1 +1,10 @@
+//! dropctl: Dropline's operator tool.
+//!
+//! - [`api`]: a typed client of the HTTP API.
+//! - [`drill`]: a flash sale played out by a crowd of buyers (the demo).
+//! - [`invariants`]: the checks that the books balance, against MySQL and
+//!   Redis.
 
+pub mod api;
+pub mod drill;
+pub mod invariants;

@@ -44,26 +44,13 @@ impl TokenKeys {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 5;
         validation.set_required_spec_claims(&["exp", "sub"]);
-        Self {
-            encoding: EncodingKey::from_secret(secret),
-            decoding: DecodingKey::from_secret(secret),
-            validation,
-        }
+        Self { encoding: EncodingKey::from_secret(secret), decoding: DecodingKey::from_secret(secret), validation }
     }
 
     pub fn mint(&self, user_id: &str, ttl_secs: i64, scope: &str) -> Result<String, AuthError> {
         let now = chrono::Utc::now().timestamp();
-        let claims = Claims {
-            sub: user_id.to_owned(),
-            exp: now + ttl_secs,
-            iat: now,
-            scope: scope.to_owned(),
-        };
-        Ok(encode(
-            &Header::new(Algorithm::HS256),
-            &claims,
-            &self.encoding,
-        )?)
+        let claims = Claims { sub: user_id.to_owned(), exp: now + ttl_secs, iat: now, scope: scope.to_owned() };
+        Ok(encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)?)
     }
 
     pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {

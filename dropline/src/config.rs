@@ -10,28 +10,16 @@ use clap::Args;
 #[derive(Debug, Clone, Args)]
 pub struct KafkaArgs {
     /// Kafka bootstrap servers.
-    #[arg(
-        long = "kafka-brokers",
-        env = "DROPLINE_KAFKA_BROKERS",
-        default_value = "127.0.0.1:9092"
-    )]
+    #[arg(long = "kafka-brokers", env = "DROPLINE_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
     pub brokers: String,
     /// Prefix of every topic name, `<prefix>.intents` and so on.
     #[arg(long, env = "DROPLINE_TOPIC_PREFIX", default_value = "dropline")]
     pub topic_prefix: String,
     /// How long the producer waits to fill a batch.
-    #[arg(
-        long = "kafka-linger-ms",
-        env = "DROPLINE_KAFKA_LINGER_MS",
-        default_value_t = 5
-    )]
+    #[arg(long = "kafka-linger-ms", env = "DROPLINE_KAFKA_LINGER_MS", default_value_t = 5)]
     pub linger_ms: u64,
     /// How long a produced message may wait for the broker before it fails.
-    #[arg(
-        long = "kafka-message-timeout-ms",
-        env = "DROPLINE_KAFKA_MESSAGE_TIMEOUT_MS",
-        default_value_t = 5000
-    )]
+    #[arg(long = "kafka-message-timeout-ms", env = "DROPLINE_KAFKA_MESSAGE_TIMEOUT_MS", default_value_t = 5000)]
     pub message_timeout_ms: u64,
     /// Messages the producer may queue locally; past this, sends fail at once.
     #[arg(
@@ -40,6 +28,10 @@ pub struct KafkaArgs {
         default_value_t = 100_000
     )]
     pub producer_queue_max_messages: u64,
+    /// Partitions of topics created at start; existing topics are kept as
+    /// they are.
+    #[arg(long = "topic-partitions", env = "DROPLINE_TOPIC_PARTITIONS", default_value_t = 6)]
+    pub partitions: i32,
 }
 
 impl KafkaArgs {
@@ -52,21 +44,18 @@ impl KafkaArgs {
             problems.add("DROPLINE_KAFKA_BROKERS is empty");
         }
         let prefix_ok = !self.topic_prefix.is_empty()
-            && self
-                .topic_prefix
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+            && self.topic_prefix.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
         if !prefix_ok {
-            problems.add(
-                "DROPLINE_TOPIC_PREFIX must be non-empty ASCII letters, digits, '.', '_' or '-'",
-            );
+            problems.add("DROPLINE_TOPIC_PREFIX must be non-empty ASCII letters, digits, '.', '_' or '-'");
         }
         if self.message_timeout_ms == 0 {
             problems.add("DROPLINE_KAFKA_MESSAGE_TIMEOUT_MS must be positive");
         }
+        if !(1..=1024).contains(&self.partitions) {
+            problems.add("DROPLINE_TOPIC_PARTITIONS must be 1 to 1024");
+        }
         if !(1..=10_000_000).contains(&self.producer_queue_max_messages) {
-            problems
-                .add("DROPLINE_KAFKA_PRODUCER_QUEUE_MAX_MESSAGES must be between 1 and 10000000");
+            problems.add("DROPLINE_KAFKA_PRODUCER_QUEUE_MAX_MESSAGES must be between 1 and 10000000");
         }
     }
 }
@@ -74,23 +63,24 @@ impl KafkaArgs {
 #[derive(Debug, Clone, Args)]
 pub struct RedisArgs {
     /// Redis holding the stock ledger.
-    #[arg(
-        long = "redis-url",
-        env = "DROPLINE_REDIS_URL",
-        default_value = "redis://127.0.0.1:6379"
-    )]
+    #[arg(id = "redis_url", long = "redis-url", env = "DROPLINE_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub url: String,
     /// Connections in the pool.
-    #[arg(
-        long = "redis-pool-size",
-        env = "DROPLINE_REDIS_POOL_SIZE",
-        default_value_t = 32
-    )]
+    #[arg(id = "redis_pool_size", long = "redis-pool-size", env = "DROPLINE_REDIS_POOL_SIZE", default_value_t = 32)]
     pub pool_size: usize,
+    /// Namespace of every Dropline key, so deployments (or tests) can share
+    /// a Redis.
+    #[arg(id = "redis_key_prefix", long = "redis-key-prefix", env = "DROPLINE_REDIS_KEY_PREFIX", default_value = "dl")]
+    pub key_prefix: String,
 }
 
 impl RedisArgs {
     pub fn check(&self, problems: &mut Problems) {
+        if self.key_prefix.is_empty()
+            || !self.key_prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            problems.add("DROPLINE_REDIS_KEY_PREFIX must be non-empty ASCII letters, digits, '-' or '_'");
+        }
         if !self.url.starts_with("redis://") && !self.url.starts_with("rediss://") {
             problems.add("DROPLINE_REDIS_URL must start with redis:// or rediss://");
         }
@@ -110,17 +100,14 @@ impl RedisArgs {
 pub struct MysqlArgs {
     /// MySQL (or MariaDB) holding events, orders and payments.
     #[arg(
+        id = "mysql_url",
         long = "mysql-url",
         env = "DROPLINE_MYSQL_URL",
         default_value = "mysql://root@127.0.0.1:3306/dropline"
     )]
     pub url: String,
     /// Connections in the pool.
-    #[arg(
-        long = "mysql-pool-size",
-        env = "DROPLINE_MYSQL_POOL_SIZE",
-        default_value_t = 10
-    )]
+    #[arg(id = "mysql_pool_size", long = "mysql-pool-size", env = "DROPLINE_MYSQL_POOL_SIZE", default_value_t = 10)]
     pub pool_size: u32,
 }
 
@@ -142,11 +129,7 @@ pub struct OpsArgs {
     pub addr: Option<SocketAddr>,
     /// How long a SIGTERM drain may take before in-flight work is abandoned
     /// (it is redelivered: nothing is committed for it).
-    #[arg(
-        long = "drain-timeout-secs",
-        env = "DROPLINE_DRAIN_TIMEOUT_SECS",
-        default_value_t = 20
-    )]
+    #[arg(long = "drain-timeout-secs", env = "DROPLINE_DRAIN_TIMEOUT_SECS", default_value_t = 20)]
     pub drain_timeout_secs: u64,
 }
 
@@ -184,12 +167,7 @@ pub fn redact_url(url: &str) -> String {
         (Some(scheme), Some(at)) if at > scheme => {
             let creds = &url[scheme + 3..at];
             match creds.find(':') {
-                Some(colon) => format!(
-                    "{}{}:***{}",
-                    &url[..scheme + 3],
-                    &creds[..colon],
-                    &url[at..]
-                ),
+                Some(colon) => format!("{}{}:***{}", &url[..scheme + 3], &creds[..colon], &url[at..]),
                 None => url.to_owned(),
             }
         }
@@ -203,10 +181,7 @@ mod tests {
 
     #[test]
     fn passwords_are_masked() {
-        assert_eq!(
-            redact_url("mysql://root:secret@db:3306/x"),
-            "mysql://root:***@db:3306/x"
-        );
+        assert_eq!(redact_url("mysql://root:secret@db:3306/x"), "mysql://root:***@db:3306/x");
         assert_eq!(redact_url("mysql://root@db/x"), "mysql://root@db/x");
         assert_eq!(redact_url("redis://127.0.0.1"), "redis://127.0.0.1");
     }
@@ -216,9 +191,6 @@ mod tests {
         let mut p = Problems::default();
         p.add("a");
         p.add("b");
-        assert_eq!(
-            p.into_result().unwrap_err().to_string(),
-            "invalid configuration: a; b"
-        );
+        assert_eq!(p.into_result().unwrap_err().to_string(), "invalid configuration: a; b");
     }
 }

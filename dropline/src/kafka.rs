@@ -27,10 +27,7 @@ pub enum KafkaSetupError {
     #[error("kafka: {0}")]
     Client(#[from] KafkaError),
     #[error("creating topic {topic}: {code}")]
-    CreateTopic {
-        topic: String,
-        code: RDKafkaErrorCode,
-    },
+    CreateTopic { topic: String, code: RDKafkaErrorCode },
 }
 
 /// A producer for stage-to-stage traffic: idempotent, acks from every
@@ -43,19 +40,13 @@ pub fn producer(args: &KafkaArgs) -> Result<FutureProducer, KafkaError> {
         .set("acks", "all")
         .set("linger.ms", args.linger_ms.to_string())
         .set("message.timeout.ms", args.message_timeout_ms.to_string())
-        .set(
-            "queue.buffering.max.messages",
-            args.producer_queue_max_messages.to_string(),
-        )
+        .set("queue.buffering.max.messages", args.producer_queue_max_messages.to_string())
         .set("compression.type", "lz4")
         .create()
 }
 
 /// A group consumer that never stores an offset by itself.
-pub fn consumer(
-    args: &KafkaArgs,
-    group_id: &str,
-) -> Result<StreamConsumer<GroupContext>, KafkaError> {
+pub fn consumer(args: &KafkaArgs, group_id: &str) -> Result<StreamConsumer<GroupContext>, KafkaError> {
     ClientConfig::new()
         .set("bootstrap.servers", &args.brokers)
         .set("group.id", group_id)
@@ -69,19 +60,14 @@ pub fn consumer(
 }
 
 /// Creates the topics that do not exist yet. Existing topics are left as
-/// they are, so this is safe to run on every start.
-pub async fn ensure_topics(
-    args: &KafkaArgs,
-    names: &[&str],
-    partitions: i32,
-) -> Result<(), KafkaSetupError> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &args.brokers)
-        .create()?;
-    let topics: Vec<NewTopic<'_>> = names
-        .iter()
-        .map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(1)))
-        .collect();
+/// they are, so every stage runs this on start: a consumer that subscribes
+/// to a missing topic would otherwise wait for librdkafka's next metadata
+/// refresh (minutes) before it sees the topic appear.
+pub async fn ensure_topics(args: &KafkaArgs, names: &[&str]) -> Result<(), KafkaSetupError> {
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", &args.brokers).create()?;
+    let topics: Vec<NewTopic<'_>> =
+        names.iter().map(|n| NewTopic::new(n, args.partitions, TopicReplication::Fixed(1))).collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     for result in admin.create_topics(&topics, &opts).await? {
         match result {
@@ -113,23 +99,14 @@ impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(tpl) => {
-                let parts: Vec<(String, i32)> = tpl
-                    .elements()
-                    .iter()
-                    .map(|e| (e.topic().to_owned(), e.partition()))
-                    .collect();
+                let parts: Vec<(String, i32)> =
+                    tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
                 tracing::info!(partitions = ?parts, "partitions revoked");
-                self.revoked
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .extend(parts);
+                self.revoked.lock().unwrap_or_else(|p| p.into_inner()).extend(parts);
             }
             Rebalance::Assign(tpl) => {
-                let parts: Vec<(String, i32)> = tpl
-                    .elements()
-                    .iter()
-                    .map(|e| (e.topic().to_owned(), e.partition()))
-                    .collect();
+                let parts: Vec<(String, i32)> =
+                    tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
                 tracing::info!(partitions = ?parts, "partitions assigned");
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
@@ -181,10 +158,7 @@ pub async fn next_batch<C: ConsumerContext + 'static>(
 
 /// Stores, for each partition in `messages`, the offset after the highest
 /// one. Call only when every message up to it has a durable effect.
-pub fn store_after<C: ConsumerContext + 'static>(
-    consumer: &StreamConsumer<C>,
-    messages: &[OwnedMessage],
-) {
+pub fn store_after<C: ConsumerContext + 'static>(consumer: &StreamConsumer<C>, messages: &[OwnedMessage]) {
     let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
     for m in messages {
         let slot = next.entry((m.topic(), m.partition())).or_insert(0);
@@ -250,11 +224,7 @@ pub struct DeadLetters {
 
 impl DeadLetters {
     pub fn new(producer: FutureProducer, topic: String, stage: &'static str) -> Self {
-        Self {
-            producer,
-            topic,
-            stage,
-        }
+        Self { producer, topic, stage }
     }
 
     /// Parks a message on the dead-letter topic and waits until the broker
@@ -263,26 +233,11 @@ impl DeadLetters {
         let partition = message.partition().to_string();
         let offset = message.offset().to_string();
         let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: "dropline-dlq-reason",
-                value: Some(reason),
-            })
-            .insert(Header {
-                key: "dropline-dlq-stage",
-                value: Some(self.stage),
-            })
-            .insert(Header {
-                key: "dropline-dlq-topic",
-                value: Some(message.topic()),
-            })
-            .insert(Header {
-                key: "dropline-dlq-partition",
-                value: Some(&partition),
-            })
-            .insert(Header {
-                key: "dropline-dlq-offset",
-                value: Some(&offset),
-            });
+            .insert(Header { key: "dropline-dlq-reason", value: Some(reason) })
+            .insert(Header { key: "dropline-dlq-stage", value: Some(self.stage) })
+            .insert(Header { key: "dropline-dlq-topic", value: Some(message.topic()) })
+            .insert(Header { key: "dropline-dlq-partition", value: Some(&partition) })
+            .insert(Header { key: "dropline-dlq-offset", value: Some(&offset) });
         let mut record = FutureRecord::to(&self.topic).headers(headers);
         if let Some(key) = message.key() {
             record = record.key(key);
@@ -299,11 +254,7 @@ impl DeadLetters {
             "message dead-lettered"
         );
         metrics::counter!("dropline_dead_letters_total", "stage" => self.stage).increment(1);
-        self.producer
-            .send(record, Duration::from_secs(0))
-            .await
-            .map(|_| ())
-            .map_err(|(e, _)| e)
+        self.producer.send(record, Duration::from_secs(0)).await.map(|_| ()).map_err(|(e, _)| e)
     }
 }
 

@@ -37,13 +37,7 @@ impl Topics {
     }
 
     pub fn all(&self) -> [&str; 5] {
-        [
-            &self.intents,
-            &self.decisions,
-            &self.hold_expiry,
-            &self.order_events,
-            &self.dead_letter,
-        ]
+        [&self.intents, &self.decisions, &self.hold_expiry, &self.order_events, &self.dead_letter]
     }
 }
 
@@ -199,15 +193,10 @@ mod tests {
             user_id: "u1".into(),
             quantity: 2,
             decided_at_ms: 1,
-            outcome: Outcome::Rejected {
-                reason: RejectReason::SoldOut,
-            },
+            outcome: Outcome::Rejected { reason: RejectReason::SoldOut },
         };
         let json = serde_json::to_string(&d).unwrap();
-        assert!(
-            json.contains(r#""outcome":{"type":"rejected","reason":"sold_out"}"#),
-            "{json}"
-        );
+        assert!(json.contains(r#""outcome":{"type":"rejected","reason":"sold_out"}"#), "{json}");
         assert_eq!(serde_json::from_str::<Decision>(&json).unwrap(), d);
     }
 

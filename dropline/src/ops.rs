@@ -56,9 +56,7 @@ pub async fn serve(
     let bound = listener.local_addr()?;
     let app = router(ready, metrics);
     let task = tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await;
+        let served = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
         if let Err(e) = served {
             tracing::error!(error = %e, "ops server failed");
         }

@@ -64,10 +64,7 @@ pub enum SignatureError {
 /// The header value for `body` signed at `timestamp` (Unix seconds).
 pub fn sign(secret: &[u8], timestamp: i64, body: &[u8]) -> String {
     let mac = keyed(secret, timestamp, body);
-    format!(
-        "t={timestamp},v1={}",
-        hex::encode(mac.finalize().into_bytes())
-    )
+    format!("t={timestamp},v1={}", hex::encode(mac.finalize().into_bytes()))
 }
 
 fn keyed(secret: &[u8], timestamp: i64, body: &[u8]) -> HmacSha256 {
@@ -93,12 +90,8 @@ pub fn verify(
     let mut signatures = Vec::new();
     for part in header.split(',') {
         match part.trim().split_once('=') {
-            Some(("t", v)) => {
-                timestamp = Some(v.parse::<i64>().map_err(|_| SignatureError::Malformed)?)
-            }
-            Some(("v1", v)) => {
-                signatures.push(hex::decode(v).map_err(|_| SignatureError::Malformed)?)
-            }
+            Some(("t", v)) => timestamp = Some(v.parse::<i64>().map_err(|_| SignatureError::Malformed)?),
+            Some(("v1", v)) => signatures.push(hex::decode(v).map_err(|_| SignatureError::Malformed)?),
             Some(_) => {}
             None => return Err(SignatureError::Malformed),
         }
@@ -111,9 +104,7 @@ pub fn verify(
         return Err(SignatureError::Stale);
     }
     // Several v1 values let the provider roll its secret without downtime.
-    let matched = signatures
-        .iter()
-        .any(|sig| keyed(secret, timestamp, body).verify_slice(sig).is_ok());
+    let matched = signatures.iter().any(|sig| keyed(secret, timestamp, body).verify_slice(sig).is_ok());
     if matched {
         Ok(())
     } else {
@@ -134,37 +125,13 @@ mod tests {
     #[test]
     fn tampering_staleness_and_garbage_are_refused() {
         let h = sign(b"k", 1000, b"{}");
-        assert_eq!(
-            verify(b"k", Some(&h), b"{ }", 1000, 300),
-            Err(SignatureError::Mismatch)
-        );
-        assert_eq!(
-            verify(b"other", Some(&h), b"{}", 1000, 300),
-            Err(SignatureError::Mismatch)
-        );
-        assert_eq!(
-            verify(b"k", Some(&h), b"{}", 1301, 300),
-            Err(SignatureError::Stale)
-        );
-        assert_eq!(
-            verify(b"k", Some(&h), b"{}", 699, 300),
-            Err(SignatureError::Stale)
-        );
-        assert_eq!(
-            verify(b"k", None, b"{}", 1000, 300),
-            Err(SignatureError::Missing)
-        );
-        assert_eq!(
-            verify(b"k", Some("t=x,v1=00"), b"{}", 1000, 300),
-            Err(SignatureError::Malformed)
-        );
-        assert_eq!(
-            verify(b"k", Some("t=1000"), b"{}", 1000, 300),
-            Err(SignatureError::Malformed)
-        );
-        assert_eq!(
-            verify(b"k", Some("t=1000,v1=zz"), b"{}", 1000, 300),
-            Err(SignatureError::Malformed)
-        );
+        assert_eq!(verify(b"k", Some(&h), b"{ }", 1000, 300), Err(SignatureError::Mismatch));
+        assert_eq!(verify(b"other", Some(&h), b"{}", 1000, 300), Err(SignatureError::Mismatch));
+        assert_eq!(verify(b"k", Some(&h), b"{}", 1301, 300), Err(SignatureError::Stale));
+        assert_eq!(verify(b"k", Some(&h), b"{}", 699, 300), Err(SignatureError::Stale));
+        assert_eq!(verify(b"k", None, b"{}", 1000, 300), Err(SignatureError::Missing));
+        assert_eq!(verify(b"k", Some("t=x,v1=00"), b"{}", 1000, 300), Err(SignatureError::Malformed));
+        assert_eq!(verify(b"k", Some("t=1000"), b"{}", 1000, 300), Err(SignatureError::Malformed));
+        assert_eq!(verify(b"k", Some("t=1000,v1=zz"), b"{}", 1000, 300), Err(SignatureError::Malformed));
     }
 }

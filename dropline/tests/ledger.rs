@@ -8,12 +8,9 @@ use dropline::stock::{Claim, EndOutcome, Ledger, PayOutcome, SaleRules, StockLev
 use uuid::Uuid;
 
 fn ledger() -> Ledger {
-    let url =
-        std::env::var("DROPLINE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let pool = deadpool_redis::Config::from_url(url)
-        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
-        .unwrap();
-    Ledger::new(pool)
+    let url = std::env::var("DROPLINE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let pool = deadpool_redis::Config::from_url(url).create_pool(Some(deadpool_redis::Runtime::Tokio1)).unwrap();
+    Ledger::new(pool, "dltest")
 }
 
 fn now_ms() -> i64 {
@@ -46,23 +43,14 @@ fn claim(user: &str, quantity: u32) -> (Uuid, String, u32) {
 }
 
 async fn decide(ledger: &Ledger, event: u64, claims: &[(Uuid, String, u32)]) -> Vec<Verdict> {
-    let claims: Vec<Claim<'_>> = claims
-        .iter()
-        .map(|(id, u, q)| Claim {
-            intent_id: *id,
-            user_id: u,
-            quantity: *q,
-        })
-        .collect();
+    let claims: Vec<Claim<'_>> =
+        claims.iter().map(|(id, u, q)| Claim { intent_id: *id, user_id: u, quantity: *q }).collect();
     ledger.allocate(event, &claims).await.unwrap()
 }
 
 async fn levels(ledger: &Ledger, event: u64) -> StockLevels {
     let l = ledger.levels(event).await.unwrap().unwrap();
-    assert!(
-        l.is_conserved(),
-        "available + held + sold != capacity: {l:?}"
-    );
+    assert!(l.is_conserved(), "available + held + sold != capacity: {l:?}");
     l
 }
 
@@ -76,10 +64,7 @@ async fn expire_when_due(ledger: &Ledger, event: u64, order: Uuid) -> EndOutcome
     loop {
         match ledger.expire(event, order).await.unwrap() {
             EndOutcome::NotDue { remaining_ms } => {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "hold never became due"
-                );
+                assert!(tokio::time::Instant::now() < deadline, "hold never became due");
                 tokio::time::sleep(Duration::from_millis(remaining_ms.max(1))).await;
             }
             other => return other,
@@ -98,22 +83,8 @@ async fn two_buyers_racing_for_the_last_ticket_get_one_hold() {
     let held = [&va[0], &vb[0]].iter().filter(|v| is_held(v)).count();
     assert_eq!(held, 1, "{va:?} {vb:?}");
     let loser = if is_held(&va[0]) { &vb[0] } else { &va[0] };
-    assert!(matches!(
-        loser,
-        Verdict::Rejected {
-            reason: RejectReason::SoldOut,
-            ..
-        }
-    ));
-    assert_eq!(
-        levels(&ledger, event).await,
-        StockLevels {
-            capacity: 1,
-            available: 0,
-            held: 1,
-            sold: 0
-        }
-    );
+    assert!(matches!(loser, Verdict::Rejected { reason: RejectReason::SoldOut, .. }));
+    assert_eq!(levels(&ledger, event).await, StockLevels { capacity: 1, available: 0, held: 1, sold: 0 });
 }
 
 #[tokio::test]
@@ -124,16 +95,9 @@ async fn a_flood_in_many_batches_never_oversells() {
     for batch in 0..20 {
         let ledger = ledger.clone();
         tasks.push(tokio::spawn(async move {
-            let claims: Vec<_> = (0..25)
-                .map(|i| claim(&format!("u{batch}-{i}"), 1 + (i % 2)))
-                .collect();
+            let claims: Vec<_> = (0..25).map(|i| claim(&format!("u{batch}-{i}"), 1 + (i % 2))).collect();
             let verdicts = decide(&ledger, event, &claims).await;
-            claims
-                .iter()
-                .zip(verdicts)
-                .filter(|(_, v)| is_held(v))
-                .map(|(c, _)| c.2 as u64)
-                .sum::<u64>()
+            claims.iter().zip(verdicts).filter(|(_, v)| is_held(v)).map(|(c, _)| c.2 as u64).sum::<u64>()
         }));
     }
     let mut units = 0;
@@ -156,15 +120,7 @@ async fn a_redelivered_intent_gets_its_first_decision_and_takes_stock_once() {
     assert!(is_held(&first[0]));
     assert_eq!(first, again);
     assert_eq!(twice, vec![first[0].clone(), first[0].clone()]);
-    assert_eq!(
-        levels(&ledger, event).await,
-        StockLevels {
-            capacity: 5,
-            available: 3,
-            held: 2,
-            sold: 0
-        }
-    );
+    assert_eq!(levels(&ledger, event).await, StockLevels { capacity: 5, available: 3, held: 2, sold: 0 });
     assert_eq!(ledger.user_units(event, "carol").await.unwrap(), 2);
 }
 
@@ -172,25 +128,9 @@ async fn a_redelivered_intent_gets_its_first_decision_and_takes_stock_once() {
 async fn the_per_user_limit_counts_holds_and_purchases() {
     let ledger = ledger();
     let event = event(&ledger, 100, 3, 60_000).await;
-    let v = decide(
-        &ledger,
-        event,
-        &[
-            claim("dave", 2),
-            claim("dave", 2),
-            claim("dave", 1),
-            claim("erin", 3),
-        ],
-    )
-    .await;
+    let v = decide(&ledger, event, &[claim("dave", 2), claim("dave", 2), claim("dave", 1), claim("erin", 3)]).await;
     assert!(is_held(&v[0]));
-    assert!(matches!(
-        v[1],
-        Verdict::Rejected {
-            reason: RejectReason::LimitReached,
-            ..
-        }
-    ));
+    assert!(matches!(v[1], Verdict::Rejected { reason: RejectReason::LimitReached, .. }));
     assert!(is_held(&v[2]), "2 + 1 is within the limit of 3");
     assert!(is_held(&v[3]), "another buyer has their own limit");
     assert_eq!(ledger.user_units(event, "dave").await.unwrap(), 3);
@@ -211,28 +151,12 @@ async fn a_sale_not_yet_open_or_closed_rejects_and_takes_nothing() {
     };
     ledger.prewarm(id, &future).await.unwrap();
     let v = decide(&ledger, id, &[claim("fay", 1)]).await;
-    assert!(matches!(
-        v[0],
-        Verdict::Rejected {
-            reason: RejectReason::SaleNotOpen,
-            ..
-        }
-    ));
+    assert!(matches!(v[0], Verdict::Rejected { reason: RejectReason::SaleNotOpen, .. }));
     let closed_id = rand_id();
-    let closed = SaleRules {
-        opens_at_ms: now_ms() - 120_000,
-        closes_at_ms: now_ms() - 60_000,
-        ..future
-    };
+    let closed = SaleRules { opens_at_ms: now_ms() - 120_000, closes_at_ms: now_ms() - 60_000, ..future };
     ledger.prewarm(closed_id, &closed).await.unwrap();
     let v = decide(&ledger, closed_id, &[claim("fay", 1)]).await;
-    assert!(matches!(
-        v[0],
-        Verdict::Rejected {
-            reason: RejectReason::SaleClosed,
-            ..
-        }
-    ));
+    assert!(matches!(v[0], Verdict::Rejected { reason: RejectReason::SaleClosed, .. }));
     assert_eq!(levels(&ledger, id).await.available, 10);
     assert_eq!(levels(&ledger, closed_id).await.available, 10);
 }
@@ -259,21 +183,8 @@ async fn prewarming_twice_never_resets_a_live_ledger() {
 async fn an_intent_for_an_event_without_a_ledger_is_not_decided() {
     let ledger = ledger();
     let c = claim("hal", 1);
-    let err = ledger
-        .allocate(
-            rand_id(),
-            &[Claim {
-                intent_id: c.0,
-                user_id: &c.1,
-                quantity: 1,
-            }],
-        )
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(err, dropline::stock::LedgerError::NoLedger(_)),
-        "{err}"
-    );
+    let err = ledger.allocate(rand_id(), &[Claim { intent_id: c.0, user_id: &c.1, quantity: 1 }]).await.unwrap_err();
+    assert!(matches!(err, dropline::stock::LedgerError::NoLedger(_)), "{err}");
 }
 
 #[tokio::test]
@@ -282,38 +193,17 @@ async fn cancel_returns_the_stock_at_once_and_only_once() {
     let event = event(&ledger, 2, 2, 60_000).await;
     let c = claim("ivy", 2);
     decide(&ledger, event, std::slice::from_ref(&c)).await;
-    assert_eq!(
-        ledger.cancel(event, c.0, "mallory").await.unwrap(),
-        EndOutcome::UnknownOrder,
-        "not her order"
-    );
-    let EndOutcome::Ended(h) = ledger.cancel(event, c.0, "ivy").await.unwrap() else {
-        panic!()
-    };
+    assert_eq!(ledger.cancel(event, c.0, "mallory").await.unwrap(), EndOutcome::UnknownOrder, "not her order");
+    let EndOutcome::Ended(h) = ledger.cancel(event, c.0, "ivy").await.unwrap() else { panic!() };
     assert_eq!(h.state, OrderState::Cancelled);
-    let EndOutcome::Ended(h) = ledger.cancel(event, c.0, "ivy").await.unwrap() else {
-        panic!()
-    };
+    let EndOutcome::Ended(h) = ledger.cancel(event, c.0, "ivy").await.unwrap() else { panic!() };
     assert_eq!(h.state, OrderState::Cancelled);
-    assert_eq!(
-        levels(&ledger, event).await,
-        StockLevels {
-            capacity: 2,
-            available: 2,
-            held: 0,
-            sold: 0
-        }
-    );
+    assert_eq!(levels(&ledger, event).await, StockLevels { capacity: 2, available: 2, held: 0, sold: 0 });
     assert_eq!(ledger.user_units(event, "ivy").await.unwrap(), 0);
     // The stock can be bought again, and a payment for the cancelled hold
     // is a refund.
-    assert!(is_held(
-        &decide(&ledger, event, &[claim("jon", 2)]).await[0]
-    ));
-    assert!(matches!(
-        ledger.pay(event, c.0, "pay-1").await.unwrap(),
-        PayOutcome::Refund(_)
-    ));
+    assert!(is_held(&decide(&ledger, event, &[claim("jon", 2)]).await[0]));
+    assert!(matches!(ledger.pay(event, c.0, "pay-1").await.unwrap(), PayOutcome::Refund(_)));
     assert_eq!(levels(&ledger, event).await.sold, 0);
 }
 
@@ -323,38 +213,17 @@ async fn a_payment_in_time_sells_and_a_redelivered_one_is_the_same_payment() {
     let event = event(&ledger, 2, 2, 60_000).await;
     let c = claim("kim", 1);
     decide(&ledger, event, std::slice::from_ref(&c)).await;
-    let PayOutcome::Paid(h) = ledger.pay(event, c.0, "pay-1").await.unwrap() else {
-        panic!()
-    };
+    let PayOutcome::Paid(h) = ledger.pay(event, c.0, "pay-1").await.unwrap() else { panic!() };
     assert_eq!(h.state, OrderState::Paid);
     assert_eq!(h.amount_cents, 2_500);
-    assert!(matches!(
-        ledger.pay(event, c.0, "pay-1").await.unwrap(),
-        PayOutcome::Paid(_)
-    ));
+    assert!(matches!(ledger.pay(event, c.0, "pay-1").await.unwrap(), PayOutcome::Paid(_)));
     // A second, different payment for the same order must be refunded.
-    assert!(matches!(
-        ledger.pay(event, c.0, "pay-2").await.unwrap(),
-        PayOutcome::Refund(_)
-    ));
-    assert_eq!(
-        levels(&ledger, event).await,
-        StockLevels {
-            capacity: 2,
-            available: 1,
-            held: 0,
-            sold: 1
-        }
-    );
+    assert!(matches!(ledger.pay(event, c.0, "pay-2").await.unwrap(), PayOutcome::Refund(_)));
+    assert_eq!(levels(&ledger, event).await, StockLevels { capacity: 2, available: 1, held: 0, sold: 1 });
     // Paid holds are not expired or cancelled.
-    let EndOutcome::Ended(h) = expire_when_due(&ledger, event, c.0).await else {
-        panic!()
-    };
+    let EndOutcome::Ended(h) = expire_when_due(&ledger, event, c.0).await else { panic!() };
     assert_eq!(h.state, OrderState::Paid);
-    assert_eq!(
-        ledger.cancel(event, c.0, "kim").await.unwrap(),
-        EndOutcome::Ended(h)
-    );
+    assert_eq!(ledger.cancel(event, c.0, "kim").await.unwrap(), EndOutcome::Ended(h));
 }
 
 #[tokio::test]
@@ -363,25 +232,13 @@ async fn a_payment_after_expiry_is_a_refund_and_the_stock_comes_back_once() {
     let event = event(&ledger, 1, 1, 30).await;
     let c = claim("lee", 1);
     decide(&ledger, event, std::slice::from_ref(&c)).await;
-    let EndOutcome::Ended(h) = expire_when_due(&ledger, event, c.0).await else {
-        panic!()
-    };
+    let EndOutcome::Ended(h) = expire_when_due(&ledger, event, c.0).await else { panic!() };
     assert_eq!(h.state, OrderState::Expired);
-    let PayOutcome::Refund(h) = ledger.pay(event, c.0, "late").await.unwrap() else {
-        panic!()
-    };
+    let PayOutcome::Refund(h) = ledger.pay(event, c.0, "late").await.unwrap() else { panic!() };
     assert_eq!(h.state, OrderState::Expired);
     // Expiring again changes nothing.
     expire_when_due(&ledger, event, c.0).await;
-    assert_eq!(
-        levels(&ledger, event).await,
-        StockLevels {
-            capacity: 1,
-            available: 1,
-            held: 0,
-            sold: 0
-        }
-    );
+    assert_eq!(levels(&ledger, event).await, StockLevels { capacity: 1, available: 1, held: 0, sold: 0 });
 }
 
 #[tokio::test]
@@ -392,39 +249,18 @@ async fn a_payment_racing_the_expiry_ends_the_hold_exactly_once() {
         let c = claim("max", 1);
         decide(&ledger, event, std::slice::from_ref(&c)).await;
         // Race the payment against the expirer around the deadline.
-        let (paid, expired) = tokio::join!(
-            ledger.pay(event, c.0, "p"),
-            expire_when_due(&ledger, event, c.0)
-        );
+        let (paid, expired) = tokio::join!(ledger.pay(event, c.0, "p"), expire_when_due(&ledger, event, c.0));
         let paid = paid.unwrap();
-        let EndOutcome::Ended(final_hold) = expired else {
-            panic!()
-        };
+        let EndOutcome::Ended(final_hold) = expired else { panic!() };
         let l = levels(&ledger, event).await;
         match paid {
             PayOutcome::Paid(_) => {
                 assert_eq!(final_hold.state, OrderState::Paid);
-                assert_eq!(
-                    l,
-                    StockLevels {
-                        capacity: 1,
-                        available: 0,
-                        held: 0,
-                        sold: 1
-                    }
-                );
+                assert_eq!(l, StockLevels { capacity: 1, available: 0, held: 0, sold: 1 });
             }
             PayOutcome::Refund(_) => {
                 assert_eq!(final_hold.state, OrderState::Expired);
-                assert_eq!(
-                    l,
-                    StockLevels {
-                        capacity: 1,
-                        available: 1,
-                        held: 0,
-                        sold: 0
-                    }
-                );
+                assert_eq!(l, StockLevels { capacity: 1, available: 1, held: 0, sold: 0 });
             }
             PayOutcome::UnknownOrder => panic!("the hold exists"),
         }
@@ -441,19 +277,15 @@ async fn a_payment_after_the_deadline_expires_the_hold_itself() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let h = ledger.hold(event, c.0).await.unwrap().unwrap();
-        let t: (i64, i64) = deadpool_redis::redis::cmd("TIME")
-            .query_async(&mut ledger.pool().get().await.unwrap())
-            .await
-            .unwrap();
+        let t: (i64, i64) =
+            deadpool_redis::redis::cmd("TIME").query_async(&mut ledger.pool().get().await.unwrap()).await.unwrap();
         if t.0 * 1000 + t.1 / 1000 > h.expires_at_ms {
             break;
         }
         assert!(tokio::time::Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let PayOutcome::Refund(h) = ledger.pay(event, c.0, "late").await.unwrap() else {
-        panic!()
-    };
+    let PayOutcome::Refund(h) = ledger.pay(event, c.0, "late").await.unwrap() else { panic!() };
     assert_eq!(h.state, OrderState::Expired);
     assert_eq!(levels(&ledger, event).await.available, 1);
 }

@@ -6,19 +6,11 @@ use dropline::config::{redact_url, ConfigError, KafkaArgs, OpsArgs, Problems, Re
 #[command(name = "dropline-expirer", version)]
 pub struct ExpirerConfig {
     /// Consumer group shared by all expirers.
-    #[arg(
-        long,
-        env = "DROPLINE_EXPIRER_GROUP",
-        default_value = "dropline-expirer"
-    )]
+    #[arg(long, env = "DROPLINE_EXPIRER_GROUP", default_value = "dropline-expirer")]
     pub group_id: String,
     /// Holds waiting for their deadline, per partition, before the partition
     /// is paused until some are released.
-    #[arg(
-        long,
-        env = "DROPLINE_EXPIRER_MAX_PENDING_PER_PARTITION",
-        default_value_t = 20_000
-    )]
+    #[arg(long, env = "DROPLINE_EXPIRER_MAX_PENDING_PER_PARTITION", default_value_t = 20_000)]
     pub max_pending_per_partition: usize,
     /// How often due holds are looked for.
     #[arg(long, env = "DROPLINE_EXPIRER_TICK_MS", default_value_t = 250)]
@@ -59,5 +51,18 @@ impl ExpirerConfig {
             ops_addr = ?self.ops.addr,
             "expirer config"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed_and_the_defaults_validate() {
+        ExpirerConfig::command().debug_assert();
+        ExpirerConfig::parse_from(["expirer"]).validate().unwrap();
     }
 }

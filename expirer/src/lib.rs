@@ -72,24 +72,15 @@ pub async fn run(config: ExpirerConfig, shutdown: CancellationToken) -> Result<(
     metrics::describe();
     let ready = Readiness::default();
     if let Some(addr) = config.ops.addr {
-        dropline::ops::serve(
-            addr,
-            ready.clone(),
-            dropline::telemetry::metrics(),
-            shutdown.clone(),
-        )
-        .await?;
+        dropline::ops::serve(addr, ready.clone(), dropline::telemetry::metrics(), shutdown.clone()).await?;
     }
     let topics = config.kafka.topics();
+    kafka::ensure_topics(&config.kafka, &topics.all()).await?;
     let producer = kafka::producer(&config.kafka)?;
     let dead_letters = DeadLetters::new(producer.clone(), topics.dead_letter.clone(), "expirer");
     let consumer = kafka::consumer(&config.kafka, &config.group_id)?;
     consumer.subscribe(&[&topics.hold_expiry])?;
-    let expirer = Expirer {
-        ledger: Ledger::new(config.redis.pool()?),
-        producer,
-        topics,
-    };
+    let expirer = Expirer { ledger: Ledger::new(config.redis.pool()?, &config.redis.key_prefix), producer, topics };
     let mut schedule = Schedule::new(config.max_pending_per_partition);
     ready.set(true);
     tracing::info!("expirer consuming");
@@ -152,14 +143,10 @@ impl Expirer {
     }
 
     async fn release(&self, due: &Due) -> Released {
-        let HoldExpiry {
-            order_id, event_id, ..
-        } = due.hold;
+        let HoldExpiry { order_id, event_id, .. } = due.hold;
         let hold = match self.ledger.expire(event_id, order_id).await {
             Ok(EndOutcome::Ended(hold)) => hold,
-            Ok(EndOutcome::NotDue { remaining_ms }) => {
-                return Released::NotDue(now_ms() + remaining_ms as i64)
-            }
+            Ok(EndOutcome::NotDue { remaining_ms }) => return Released::NotDue(now_ms() + remaining_ms as i64),
             Ok(EndOutcome::UnknownOrder) => {
                 // Only a lost or retired ledger lacks a hold it decided.
                 tracing::warn!(%order_id, event_id, "hold not in the ledger at its deadline");
@@ -183,25 +170,15 @@ impl Expirer {
             payment: None,
         };
         let payload = serde_json::to_vec(&event).expect("messages serialize");
-        let sent = kafka::send_acked(
-            &self.producer,
-            &self.topics.order_events,
-            &order_id.to_string(),
-            &payload,
-            None,
-        )
-        .await;
+        let sent =
+            kafka::send_acked(&self.producer, &self.topics.order_events, &order_id.to_string(), &payload, None).await;
         if let Err(e) = sent {
             tracing::warn!(error = %e, %order_id, "publishing an ended hold failed; retrying next tick");
             return Released::Failed;
         }
         ::metrics::counter!(HOLDS_ENDED, "state" => hold.state.as_str()).increment(1);
-        if let Some(ended) = hold
-            .ended_at_ms
-            .filter(|_| hold.state == dropline::messages::OrderState::Expired)
-        {
-            ::metrics::histogram!(LATENESS)
-                .record((ended - hold.expires_at_ms).max(0) as f64 / 1000.0);
+        if let Some(ended) = hold.ended_at_ms.filter(|_| hold.state == dropline::messages::OrderState::Expired) {
+            ::metrics::histogram!(LATENESS).record((ended - hold.expires_at_ms).max(0) as f64 / 1000.0);
         }
         Released::Done
     }
@@ -218,11 +195,7 @@ fn apply_flow(consumer: &StreamConsumer<GroupContext>, schedule: &mut Schedule) 
             continue;
         }
         let tpl = tpl_of(&parts);
-        let result = if pausing {
-            consumer.pause(&tpl)
-        } else {
-            consumer.resume(&tpl)
-        };
+        let result = if pausing { consumer.pause(&tpl) } else { consumer.resume(&tpl) };
         match result {
             Ok(()) => {
                 tracing::info!(partitions = ?parts, paused = pausing, "partition flow changed")

@@ -9,18 +9,11 @@ pub const PAUSED: &str = "dropline_expirer_paused_partitions";
 
 pub fn describe() {
     describe_gauge!(PENDING, "Holds waiting in memory for their deadline.");
-    describe_histogram!(
-        LATENESS,
-        Unit::Seconds,
-        "Time past the deadline at which a hold was released."
-    );
+    describe_histogram!(LATENESS, Unit::Seconds, "Time past the deadline at which a hold was released.");
     describe_counter!(
         HOLDS_ENDED,
         "Holds seen at their deadline, by the state found: expired (released now or by a late payment), \
          paid, cancelled, unknown (not in the ledger)."
     );
-    describe_gauge!(
-        PAUSED,
-        "Partitions paused because their pending holds reached the limit."
-    );
+    describe_gauge!(PAUSED, "Partitions paused because their pending holds reached the limit.");
 }

@@ -29,11 +29,7 @@ struct Partition {
 impl Partition {
     /// Everything before this offset is done.
     fn committable(&self) -> i64 {
-        self.waiting
-            .keys()
-            .next()
-            .copied()
-            .unwrap_or(self.next_offset)
+        self.waiting.keys().next().copied().unwrap_or(self.next_offset)
     }
 }
 
@@ -53,22 +49,13 @@ pub struct Schedule {
 
 impl Schedule {
     pub fn new(max_per_partition: usize) -> Self {
-        Self {
-            partitions: HashMap::new(),
-            max_per_partition,
-        }
+        Self { partitions: HashMap::new(), max_per_partition }
     }
 
     /// Records a message read at `offset`: a hold to wait for, or `None`
     /// for one with nothing to wait for (it was dead-lettered).
     pub fn add(&mut self, partition: PartitionKey, offset: i64, hold: Option<HoldExpiry>) {
-        let p = self
-            .partitions
-            .entry(partition)
-            .or_insert_with(|| Partition {
-                stored: offset,
-                ..Default::default()
-            });
+        let p = self.partitions.entry(partition).or_insert_with(|| Partition { stored: offset, ..Default::default() });
         p.next_offset = p.next_offset.max(offset + 1);
         if let Some(hold) = hold {
             p.by_deadline.insert((hold.expires_at_ms, offset));
@@ -84,11 +71,7 @@ impl Schedule {
                 if deadline > now_ms || out.len() >= limit {
                     break;
                 }
-                out.push(Due {
-                    partition: key.clone(),
-                    offset,
-                    hold: p.waiting[&offset].clone(),
-                });
+                out.push(Due { partition: key.clone(), offset, hold: p.waiting[&offset].clone() });
             }
         }
         out.sort_by_key(|d| d.hold.expires_at_ms);
@@ -167,11 +150,7 @@ mod tests {
     use uuid::Uuid;
 
     fn hold(deadline: i64) -> Option<HoldExpiry> {
-        Some(HoldExpiry {
-            order_id: Uuid::new_v4(),
-            event_id: 1,
-            expires_at_ms: deadline,
-        })
+        Some(HoldExpiry { order_id: Uuid::new_v4(), event_id: 1, expires_at_ms: deadline })
     }
 
     fn p0() -> PartitionKey {
@@ -219,11 +198,7 @@ mod tests {
         assert_eq!(s.flow_changes(), (vec![p0()], vec![]));
         assert_eq!(s.paused(), 1);
         s.done(&p0(), 0);
-        assert_eq!(
-            s.flow_changes(),
-            (vec![], vec![]),
-            "3 waiting: still above half"
-        );
+        assert_eq!(s.flow_changes(), (vec![], vec![]), "3 waiting: still above half");
         s.done(&p0(), 1);
         assert_eq!(s.flow_changes(), (vec![], vec![p0()]));
     }

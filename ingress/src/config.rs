@@ -1,9 +1,7 @@
 use std::net::SocketAddr;
 
 use clap::Parser;
-use dropline::config::{
-    redact_url, ConfigError, KafkaArgs, MysqlArgs, OpsArgs, Problems, RedisArgs,
-};
+use dropline::config::{redact_url, ConfigError, KafkaArgs, MysqlArgs, OpsArgs, Problems, RedisArgs};
 
 /// The ingress: Dropline's HTTP API for buyers, admins and the payment
 /// provider's webhooks.
@@ -14,12 +12,7 @@ pub struct IngressConfig {
     #[arg(long, env = "DROPLINE_LISTEN_ADDR", default_value = "127.0.0.1:8080")]
     pub listen_addr: SocketAddr,
     /// HS256 secret that buyers' and admins' tokens are signed with.
-    #[arg(
-        long,
-        env = "DROPLINE_JWT_SECRET",
-        default_value = "dropline-local-jwt-secret",
-        hide_env_values = true
-    )]
+    #[arg(long, env = "DROPLINE_JWT_SECRET", default_value = "dropline-local-jwt-secret", hide_env_values = true)]
     pub jwt_secret: String,
     /// Secret the payment provider signs its webhooks with.
     #[arg(
@@ -33,11 +26,7 @@ pub struct IngressConfig {
     #[arg(long, env = "DROPLINE_WEBHOOK_TOLERANCE_SECS", default_value_t = 300)]
     pub webhook_tolerance_secs: i64,
     /// The payment provider's API.
-    #[arg(
-        long,
-        env = "DROPLINE_PAYMENT_PROVIDER_URL",
-        default_value = "http://127.0.0.1:8090"
-    )]
+    #[arg(long, env = "DROPLINE_PAYMENT_PROVIDER_URL", default_value = "http://127.0.0.1:8090")]
     pub payment_provider_url: String,
     /// Purchases admitted per second by this process, all buyers together.
     #[arg(long, env = "DROPLINE_ADMIT_PER_SEC", default_value_t = 20_000)]
@@ -60,9 +49,6 @@ pub struct IngressConfig {
     /// How long idempotency records (and intent status) stay in Redis.
     #[arg(long, env = "DROPLINE_IDEMPOTENCY_TTL_SECS", default_value_t = 86_400)]
     pub idempotency_ttl_secs: u64,
-    /// Partitions of topics created at start (existing topics are kept).
-    #[arg(long, env = "DROPLINE_TOPIC_PARTITIONS", default_value_t = 6)]
-    pub topic_partitions: i32,
     #[command(flatten)]
     pub kafka: KafkaArgs,
     #[command(flatten)]
@@ -88,9 +74,7 @@ impl IngressConfig {
         if self.webhook_tolerance_secs <= 0 {
             p.add("DROPLINE_WEBHOOK_TOLERANCE_SECS must be positive");
         }
-        if !self.payment_provider_url.starts_with("http://")
-            && !self.payment_provider_url.starts_with("https://")
-        {
+        if !self.payment_provider_url.starts_with("http://") && !self.payment_provider_url.starts_with("https://") {
             p.add("DROPLINE_PAYMENT_PROVIDER_URL must be an http(s) URL");
         }
         for (name, v) in [
@@ -105,9 +89,6 @@ impl IngressConfig {
         }
         if self.max_body_bytes < 256 {
             p.add("DROPLINE_MAX_BODY_BYTES must be at least 256");
-        }
-        if self.topic_partitions < 1 {
-            p.add("DROPLINE_TOPIC_PARTITIONS must be positive");
         }
         p.into_result()
     }
@@ -130,5 +111,18 @@ impl IngressConfig {
             webhook_secret = "***",
             "ingress config"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed_and_the_defaults_validate() {
+        IngressConfig::command().debug_assert();
+        IngressConfig::parse_from(["ingress"]).validate().unwrap();
     }
 }

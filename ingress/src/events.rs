@@ -97,8 +97,7 @@ impl NewEvent {
     }
 }
 
-const COLUMNS: &str =
-    "id, name, venue, starts_at, sale_opens_at, sale_closes_at, capacity, price_cents, \
+const COLUMNS: &str = "id, name, venue, starts_at, sale_opens_at, sale_closes_at, capacity, price_cents, \
                        currency, per_user_limit, hold_ttl_secs, created_at";
 
 /// Events in MySQL, with a cache for the purchase path: events are read on
@@ -118,17 +117,11 @@ impl Events {
             ledger,
             // Misses are cached too, so a flood of unknown ids costs MySQL
             // one query per id and TTL; the capacity bounds memory.
-            cache: Cache::builder()
-                .max_capacity(100_000)
-                .time_to_live(ttl)
-                .build(),
+            cache: Cache::builder().max_capacity(100_000).time_to_live(ttl).build(),
             // A sold-out answer at the door spares the pipeline the flood that
             // follows a sell-out. Short-lived: cancelled and expired holds
             // bring stock back.
-            available: Cache::builder()
-                .max_capacity(10_000)
-                .time_to_live(Duration::from_millis(250))
-                .build(),
+            available: Cache::builder().max_capacity(10_000).time_to_live(Duration::from_millis(250)).build(),
         }
     }
 
@@ -162,26 +155,12 @@ impl Events {
 
     /// An event, from the cache when it is fresh.
     pub async fn get(&self, id: u64) -> Result<Option<Arc<Event>>, Arc<sqlx::Error>> {
-        self.cache
-            .try_get_with(id, async { Ok(self.load(id).await?.map(Arc::new)) })
-            .await
+        self.cache.try_get_with(id, async { Ok(self.load(id).await?.map(Arc::new)) }).await
     }
 
     /// Events whose name or venue contains `q`, by id, after `after`.
-    pub async fn search(
-        &self,
-        q: Option<&str>,
-        after: u64,
-        limit: u32,
-    ) -> Result<Vec<Event>, sqlx::Error> {
-        let pattern = q.map(|q| {
-            format!(
-                "%{}%",
-                q.replace('\\', "\\\\")
-                    .replace('%', "\\%")
-                    .replace('_', "\\_")
-            )
-        });
+    pub async fn search(&self, q: Option<&str>, after: u64, limit: u32) -> Result<Vec<Event>, sqlx::Error> {
+        let pattern = q.map(|q| format!("%{}%", q.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")));
         sqlx::query_as::<_, Event>(&format!(
             "SELECT {COLUMNS} FROM events WHERE id > ? AND (? IS NULL OR name LIKE ? OR venue LIKE ?) \
              ORDER BY id LIMIT ?"
@@ -200,10 +179,7 @@ impl Events {
         self.ledger.prewarm(event.id, &event.rules()).await
     }
 
-    pub async fn levels(
-        &self,
-        id: u64,
-    ) -> Result<Option<StockLevels>, dropline::stock::LedgerError> {
+    pub async fn levels(&self, id: u64) -> Result<Option<StockLevels>, dropline::stock::LedgerError> {
         self.ledger.levels(id).await
     }
 

@@ -23,10 +23,6 @@ pub fn intent_id(user_id: &str, idempotency_key: &str) -> Uuid {
     Uuid::new_v5(&INTENT_NAMESPACE, &name)
 }
 
-fn key(intent_id: Uuid) -> String {
-    format!("dl:intent:{intent_id}")
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IntentRecord {
     #[serde(rename = "e")]
@@ -45,9 +41,7 @@ pub struct IntentRecord {
 impl IntentRecord {
     /// Same purchase: the key is being retried, not reused.
     pub fn same_request(&self, other: &IntentRecord) -> bool {
-        self.event_id == other.event_id
-            && self.user_id == other.user_id
-            && self.quantity == other.quantity
+        self.event_id == other.event_id && self.user_id == other.user_id && self.quantity == other.quantity
     }
 }
 
@@ -61,6 +55,7 @@ pub enum Reservation {
 #[derive(Clone)]
 pub struct IntentStore {
     pool: deadpool_redis::Pool,
+    prefix: String,
     ttl_secs: u64,
 }
 
@@ -75,19 +70,19 @@ pub enum StoreError {
 }
 
 impl IntentStore {
-    pub fn new(pool: deadpool_redis::Pool, ttl_secs: u64) -> Self {
-        Self { pool, ttl_secs }
+    pub fn new(pool: deadpool_redis::Pool, prefix: &str, ttl_secs: u64) -> Self {
+        Self { pool, prefix: prefix.to_owned(), ttl_secs }
     }
 
-    pub async fn reserve(
-        &self,
-        id: Uuid,
-        record: &IntentRecord,
-    ) -> Result<Reservation, StoreError> {
+    fn key(&self, intent_id: Uuid) -> String {
+        format!("{}:intent:{intent_id}", self.prefix)
+    }
+
+    pub async fn reserve(&self, id: Uuid, record: &IntentRecord) -> Result<Reservation, StoreError> {
         let mut conn = self.pool.get().await?;
         let body = serde_json::to_string(record)?;
         let set: Option<String> = redis::cmd("SET")
-            .arg(key(id))
+            .arg(self.key(id))
             .arg(&body)
             .arg("NX")
             .arg("EX")
@@ -97,7 +92,7 @@ impl IntentStore {
         if set.is_some() {
             return Ok(Reservation::New);
         }
-        let existing: Option<String> = conn.get(key(id)).await?;
+        let existing: Option<String> = conn.get(self.key(id)).await?;
         match existing {
             Some(raw) => Ok(Reservation::Existing(serde_json::from_str(&raw)?)),
             // Expired between the two calls: the key is as good as new.
@@ -107,12 +102,9 @@ impl IntentStore {
 
     pub async fn mark_accepted(&self, id: Uuid, record: &IntentRecord) -> Result<(), StoreError> {
         let mut conn = self.pool.get().await?;
-        let accepted = IntentRecord {
-            accepted: true,
-            ..record.clone()
-        };
+        let accepted = IntentRecord { accepted: true, ..record.clone() };
         let _: () = redis::cmd("SET")
-            .arg(key(id))
+            .arg(self.key(id))
             .arg(serde_json::to_string(&accepted)?)
             .arg("EX")
             .arg(self.ttl_secs)
@@ -123,7 +115,7 @@ impl IntentStore {
 
     pub async fn get(&self, id: Uuid) -> Result<Option<IntentRecord>, StoreError> {
         let mut conn = self.pool.get().await?;
-        let raw: Option<String> = conn.get(key(id)).await?;
+        let raw: Option<String> = conn.get(self.key(id)).await?;
         Ok(raw.as_deref().map(serde_json::from_str).transpose()?)
     }
 }

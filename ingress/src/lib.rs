@@ -82,18 +82,12 @@ impl AppState {
     /// Puts an order's new state on Kafka and waits for the ack.
     pub async fn publish_order_event(&self, event: &OrderEvent) -> Result<(), Problem> {
         let payload = serde_json::to_vec(event).map_err(|_| Problem::new(ErrorCode::Internal))?;
-        kafka::send_acked(
-            &self.producer,
-            &self.topics.order_events,
-            &event.order_id.to_string(),
-            &payload,
-            None,
-        )
-        .await
-        .map_err(|e| {
-            tracing::warn!(error = %e, order_id = %event.order_id, "order event not acknowledged");
-            Problem::new(ErrorCode::BrokerUnavailable).retry_after(1)
-        })
+        kafka::send_acked(&self.producer, &self.topics.order_events, &event.order_id.to_string(), &payload, None)
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, order_id = %event.order_id, "order event not acknowledged");
+                Problem::new(ErrorCode::BrokerUnavailable).retry_after(1)
+            })
     }
 }
 
@@ -112,7 +106,16 @@ pub async fn run(config: IngressConfig, shutdown: CancellationToken) -> Result<(
     Ok(())
 }
 
-pub async fn start(
+/// Binds the configured address and starts serving.
+pub async fn start(config: IngressConfig, shutdown: CancellationToken) -> Result<Running, IngressError> {
+    let listener = TcpListener::bind(config.listen_addr).await?;
+    start_on(listener, config, shutdown).await
+}
+
+/// Starts serving on a listener bound by the caller (tests bind first, to
+/// hand the address to the payment provider before the ingress is up).
+pub async fn start_on(
+    listener: TcpListener,
     config: IngressConfig,
     shutdown: CancellationToken,
 ) -> Result<Running, IngressError> {
@@ -125,30 +128,18 @@ pub async fn start(
     let db = dropline::db::connect(&config.mysql).await?;
     dropline::db::migrate(&db).await?;
     let redis = config.redis.pool()?;
-    let ledger = Ledger::new(redis.clone());
+    let ledger = Ledger::new(redis.clone(), &config.redis.key_prefix);
     let topics = config.kafka.topics();
-    kafka::ensure_topics(&config.kafka, &topics.all(), config.topic_partitions).await?;
+    kafka::ensure_topics(&config.kafka, &topics.all()).await?;
     let producer = kafka::producer(&config.kafka)?;
 
-    let limits = Arc::new(Limits::new(
-        config.admit_per_sec,
-        config.admit_burst,
-        config.user_per_sec,
-        config.user_burst,
-    ));
-    tokio::spawn(limits::prune_periodically(
-        limits.clone(),
-        Duration::from_secs(10),
-        shutdown.clone(),
-    ));
-    let intents = IntentStore::new(redis.clone(), config.idempotency_ttl_secs);
+    let limits =
+        Arc::new(Limits::new(config.admit_per_sec, config.admit_burst, config.user_per_sec, config.user_burst));
+    tokio::spawn(limits::prune_periodically(limits.clone(), Duration::from_secs(10), shutdown.clone()));
+    let intents = IntentStore::new(redis.clone(), &config.redis.key_prefix, config.idempotency_ttl_secs);
     let state = Arc::new(AppState {
         tokens: TokenKeys::new(config.jwt_secret.as_bytes()),
-        events: Events::new(
-            db.clone(),
-            ledger.clone(),
-            Duration::from_millis(config.event_cache_ttl_ms),
-        ),
+        events: Events::new(db.clone(), ledger.clone(), Duration::from_millis(config.event_cache_ttl_ms)),
         orders: Orders::new(intents.clone(), ledger.clone(), db.clone()),
         intents,
         ledger,
@@ -156,21 +147,14 @@ pub async fn start(
         producer: producer.clone(),
         topics,
         limits,
-        http: reqwest::Client::builder()
-            .timeout(Duration::from_secs(5))
-            .build()?,
+        http: reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?,
         config: config.clone(),
     });
 
     let ops_addr = match config.ops.addr {
-        Some(addr) => Some(
-            dropline::ops::serve(addr, ready.clone(), prometheus, shutdown.clone())
-                .await?
-                .0,
-        ),
+        Some(addr) => Some(dropline::ops::serve(addr, ready.clone(), prometheus, shutdown.clone()).await?.0),
         None => None,
     };
-    let listener = TcpListener::bind(config.listen_addr).await?;
     let api_addr = listener.local_addr()?;
     let app = routes::router(state);
     ready.set(true);
@@ -201,9 +185,5 @@ pub async fn start(
         let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(5))).await;
         tracing::info!("ingress stopped");
     });
-    Ok(Running {
-        api_addr,
-        ops_addr,
-        task,
-    })
+    Ok(Running { api_addr, ops_addr, task })
 }

@@ -40,15 +40,9 @@ impl Limits {
     /// the shared admission budget.
     pub fn admit(&self, user_id: &str) -> Result<(), Refused> {
         let now = self.clock.now();
-        let refused = |wait: Duration| Refused {
-            retry_after_secs: wait.as_secs() + 1,
-        };
-        self.per_user
-            .check_key(&user_id.to_owned())
-            .map_err(|nu| refused(nu.wait_time_from(now)))?;
-        self.admission
-            .check()
-            .map_err(|nu| refused(nu.wait_time_from(now)))
+        let refused = |wait: Duration| Refused { retry_after_secs: wait.as_secs() + 1 };
+        self.per_user.check_key(&user_id.to_owned()).map_err(|nu| refused(nu.wait_time_from(now)))?;
+        self.admission.check().map_err(|nu| refused(nu.wait_time_from(now)))
     }
 
     /// Drops per-buyer state that no longer limits anyone.
@@ -63,11 +57,7 @@ impl Limits {
 }
 
 /// Prunes `limits` every `every` until shutdown.
-pub async fn prune_periodically(
-    limits: std::sync::Arc<Limits>,
-    every: Duration,
-    shutdown: CancellationToken,
-) {
+pub async fn prune_periodically(limits: std::sync::Arc<Limits>, every: Duration, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(every);
     loop {
         tokio::select! {

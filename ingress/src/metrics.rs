@@ -10,31 +10,14 @@ pub const PRODUCER_QUEUE: &str = "dropline_ingress_producer_queue_messages";
 pub const WEBHOOKS: &str = "dropline_ingress_webhooks_total";
 
 pub fn describe() {
-    describe_counter!(
-        REQUESTS,
-        "HTTP requests answered, by route template, status and error code."
-    );
-    describe_histogram!(
-        REQUEST_DURATION,
-        Unit::Seconds,
-        "Time to answer an HTTP request, by route template."
-    );
+    describe_counter!(REQUESTS, "HTTP requests answered, by route template, status and error code.");
+    describe_histogram!(REQUEST_DURATION, Unit::Seconds, "Time to answer an HTTP request, by route template.");
     describe_counter!(
         PURCHASES,
         "Purchase requests by outcome: admitted (queued for allocation), replayed, rate_limited, sold_out, \
          sale_not_open, sale_closed, broker_unavailable, invalid."
     );
-    describe_histogram!(
-        PRODUCE_DURATION,
-        Unit::Seconds,
-        "Time from producing an intent to the broker's ack."
-    );
-    describe_gauge!(
-        PRODUCER_QUEUE,
-        "Messages waiting in the Kafka producer's local queue."
-    );
-    describe_counter!(
-        WEBHOOKS,
-        "Payment webhooks by result: captured, refund_required, ignored, rejected."
-    );
+    describe_histogram!(PRODUCE_DURATION, Unit::Seconds, "Time from producing an intent to the broker's ack.");
+    describe_gauge!(PRODUCER_QUEUE, "Messages waiting in the Kafka producer's local queue.");
+    describe_counter!(WEBHOOKS, "Payment webhooks by result: captured, refund_required, ignored, rejected.");
 }

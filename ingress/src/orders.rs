@@ -41,12 +41,7 @@ impl OrderView {
 }
 
 /// The order event that tells the settler a hold is in `hold.state`.
-pub fn order_event(
-    order_id: Uuid,
-    event_id: u64,
-    hold: &Hold,
-    payment: Option<PaymentRecord>,
-) -> OrderEvent {
+pub fn order_event(order_id: Uuid, event_id: u64, hold: &Hold, payment: Option<PaymentRecord>) -> OrderEvent {
     OrderEvent {
         order_id,
         event_id,
@@ -79,21 +74,12 @@ struct OrderRow {
 
 impl Orders {
     pub fn new(intents: IntentStore, ledger: Ledger, db: MySqlPool) -> Self {
-        Self {
-            intents,
-            ledger,
-            db,
-        }
+        Self { intents, ledger, db }
     }
 
     /// The event an order belongs to.
     pub async fn event_of(&self, order_id: Uuid) -> Result<Option<u64>, Problem> {
-        if let Some(record) = self
-            .intents
-            .get(order_id)
-            .await
-            .map_err(|e| Problem::unavailable("redis", &e))?
-        {
+        if let Some(record) = self.intents.get(order_id).await.map_err(|e| Problem::unavailable("redis", &e))? {
             return Ok(Some(record.event_id));
         }
         let row: Option<(u64,)> = sqlx::query_as("SELECT event_id FROM orders WHERE order_id = ?")
@@ -109,12 +95,7 @@ impl Orders {
         let Some(event_id) = self.event_of(order_id).await? else {
             return Ok(None);
         };
-        if let Some(hold) = self
-            .ledger
-            .hold(event_id, order_id)
-            .await
-            .map_err(|e| Problem::unavailable("redis", &e))?
-        {
+        if let Some(hold) = self.ledger.hold(event_id, order_id).await.map_err(|e| Problem::unavailable("redis", &e))? {
             return Ok(Some(OrderView::from_hold(order_id, event_id, &hold)));
         }
         let row: Option<OrderRow> = sqlx::query_as(

@@ -78,13 +78,9 @@ impl ErrorCode {
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            InvalidBody | InvalidHeader | InvalidQuery | InvalidPath | MissingIdempotencyKey => {
-                StatusCode::BAD_REQUEST
-            }
+            InvalidBody | InvalidHeader | InvalidQuery | InvalidPath | MissingIdempotencyKey => StatusCode::BAD_REQUEST,
             IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
-            SaleNotOpen | SaleClosed | SoldOut | OrderNotHeld | OrderExpired => {
-                StatusCode::CONFLICT
-            }
+            SaleNotOpen | SaleClosed | SoldOut | OrderNotHeld | OrderExpired => StatusCode::CONFLICT,
             RateLimited => StatusCode::TOO_MANY_REQUESTS,
             BrokerUnavailable | DependencyUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             PaymentProviderUnavailable => StatusCode::BAD_GATEWAY,
@@ -136,12 +132,7 @@ pub struct Problem {
 
 impl Problem {
     pub fn new(code: ErrorCode) -> Self {
-        Self {
-            code,
-            detail: None,
-            errors: Vec::new(),
-            retry_after_secs: None,
-        }
+        Self { code, detail: None, errors: Vec::new(), retry_after_secs: None }
     }
 
     pub fn detail(mut self, detail: impl Into<String>) -> Self {
@@ -199,10 +190,7 @@ impl IntoResponse for Problem {
         let bytes = serde_json::to_vec(&body).unwrap_or_default();
         let mut response = (status, bytes).into_response();
         let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
         if let Some(secs) = self.retry_after_secs {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }

@@ -1,1 +1,281 @@
+//! paysim: a payment provider for the local stack, so the demo, the tests
+//! and the load tests exercise the real payment path, signed webhooks and
+//! all.
+//!
+//! - `POST /v1/payments` opens a payment for an order (idempotent on the
+//!   `Idempotency-Key`, which the ingress sets to the order id).
+//! - `POST /checkout/{payment_id}/confirm` is the buyer paying. paysim then
+//!   posts a signed `payment.succeeded` webhook to Dropline and retries it
+//!   with backoff until it is acknowledged. `?wait=true` answers only once
+//!   the webhook was acknowledged (or given up); `?copies=N` sends the same
+//!   webhook N times, as real providers sometimes do.
+//! - `POST /v1/payments/{payment_id}/redeliver` sends the webhook again.
+//! - `GET /v1/payments/{payment_id}` shows a payment and its deliveries.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use clap::Parser;
+use dropline::payments::{self, CreatePayment, PaymentSession, PaymentWebhook, PAYMENT_SUCCEEDED, SIGNATURE_HEADER};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone, Parser)]
+#[command(name = "dropline-paysim", version)]
+pub struct PaysimConfig {
+    /// Where paysim listens.
+    #[arg(long, env = "DROPLINE_PAYSIM_LISTEN_ADDR", default_value = "127.0.0.1:8090")]
+    pub listen_addr: SocketAddr,
+    /// Dropline's webhook endpoint.
+    #[arg(long, env = "DROPLINE_PAYSIM_WEBHOOK_URL", default_value = "http://127.0.0.1:8080/v1/webhooks/payments")]
+    pub webhook_url: String,
+    /// The secret webhooks are signed with (Dropline's DROPLINE_WEBHOOK_SECRET).
+    #[arg(
+        long,
+        env = "DROPLINE_WEBHOOK_SECRET",
+        default_value = "dropline-local-webhook-secret",
+        hide_env_values = true
+    )]
+    pub webhook_secret: String,
+    /// Webhook deliveries tried before giving up.
+    #[arg(long, env = "DROPLINE_PAYSIM_MAX_ATTEMPTS", default_value_t = 12)]
+    pub max_attempts: u32,
+    /// Payments kept in memory; past this, new payments are refused.
+    #[arg(long, env = "DROPLINE_PAYSIM_MAX_PAYMENTS", default_value_t = 1_000_000)]
+    pub max_payments: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Payment {
+    pub payment_id: String,
+    pub order_id: uuid::Uuid,
+    pub amount_cents: u64,
+    pub currency: String,
+    pub status: &'static str,
+    /// The webhook event id; the same on every redelivery.
+    pub webhook_id: Option<String>,
+    pub deliveries: Vec<Delivery>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Delivery {
+    pub status: Option<u16>,
+    pub body: String,
+}
+
+#[derive(Default)]
+struct Book {
+    payments: HashMap<String, Payment>,
+    by_order: HashMap<uuid::Uuid, String>,
+}
+
+struct Sim {
+    config: PaysimConfig,
+    public_url: String,
+    book: Mutex<Book>,
+    http: reqwest::Client,
+}
+
+pub struct Running {
+    pub addr: SocketAddr,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+pub async fn start(config: PaysimConfig, shutdown: CancellationToken) -> anyhow::Result<Running> {
+    let listener = TcpListener::bind(config.listen_addr).await?;
+    let addr = listener.local_addr()?;
+    let sim = Arc::new(Sim {
+        public_url: format!("http://{addr}"),
+        config,
+        book: Mutex::new(Book::default()),
+        http: reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?,
+    });
+    let app = Router::new()
+        .route("/v1/payments", post(create))
+        .route("/v1/payments/{payment_id}", get(show))
+        .route("/v1/payments/{payment_id}/redeliver", post(redeliver))
+        .route("/checkout/{payment_id}/confirm", post(confirm))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(sim);
+    tracing::info!(%addr, "paysim serving");
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await {
+            tracing::error!(error = %e, "paysim failed");
+        }
+    });
+    Ok(Running { addr, task })
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    (status, Json(serde_json::json!({ "error": message }))).into_response()
+}
+
+async fn create(State(sim): State<Arc<Sim>>, headers: HeaderMap, Json(req): Json<CreatePayment>) -> Response {
+    let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok());
+    if key != Some(req.order_id.to_string().as_str()) {
+        return error(StatusCode::BAD_REQUEST, "the Idempotency-Key must be the order id");
+    }
+    let mut book = sim.book.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(existing) = book.by_order.get(&req.order_id).and_then(|id| book.payments.get(id)) {
+        return Json(session(&sim, existing)).into_response();
+    }
+    if book.payments.len() >= sim.config.max_payments {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "payment book full");
+    }
+    let payment = Payment {
+        payment_id: format!("pay_{}", uuid::Uuid::new_v4().simple()),
+        order_id: req.order_id,
+        amount_cents: req.amount_cents,
+        currency: req.currency,
+        status: "pending",
+        webhook_id: None,
+        deliveries: Vec::new(),
+    };
+    let body = session(&sim, &payment);
+    book.by_order.insert(req.order_id, payment.payment_id.clone());
+    book.payments.insert(payment.payment_id.clone(), payment);
+    (StatusCode::CREATED, Json(body)).into_response()
+}
+
+fn session(sim: &Sim, p: &Payment) -> PaymentSession {
+    PaymentSession {
+        payment_id: p.payment_id.clone(),
+        checkout_url: format!("{}/checkout/{}", sim.public_url, p.payment_id),
+        amount_cents: p.amount_cents,
+        currency: p.currency.clone(),
+    }
+}
+
+async fn show(State(sim): State<Arc<Sim>>, Path(id): Path<String>) -> Response {
+    let book = sim.book.lock().unwrap_or_else(|p| p.into_inner());
+    match book.payments.get(&id) {
+        Some(p) => Json(p.clone()).into_response(),
+        None => error(StatusCode::NOT_FOUND, "no such payment"),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct ConfirmOptions {
+    #[serde(default)]
+    wait: bool,
+    #[serde(default)]
+    copies: Option<u32>,
+}
+
+/// The buyer completed the payment at the provider.
+async fn confirm(
+    State(sim): State<Arc<Sim>>,
+    Path(id): Path<String>,
+    Query(options): Query<ConfirmOptions>,
+) -> Response {
+    let webhook = {
+        let mut book = sim.book.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(p) = book.payments.get_mut(&id) else { return error(StatusCode::NOT_FOUND, "no such payment") };
+        p.status = "succeeded";
+        p.webhook_id.get_or_insert_with(|| format!("evt_{}", uuid::Uuid::new_v4().simple()));
+        succeeded(p)
+    };
+    let copies = options.copies.unwrap_or(1).clamp(1, 10);
+    deliver_copies(sim, webhook, copies, options.wait).await
+}
+
+async fn redeliver(State(sim): State<Arc<Sim>>, Path(id): Path<String>) -> Response {
+    let webhook = {
+        let book = sim.book.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(p) = book.payments.get(&id) else { return error(StatusCode::NOT_FOUND, "no such payment") };
+        if p.webhook_id.is_none() {
+            return error(StatusCode::CONFLICT, "the payment was not confirmed");
+        }
+        succeeded(p)
+    };
+    deliver_copies(sim, webhook, 1, true).await
+}
+
+/// The `payment.succeeded` webhook of a confirmed payment.
+fn succeeded(p: &Payment) -> PaymentWebhook {
+    PaymentWebhook {
+        id: p.webhook_id.clone().unwrap_or_default(),
+        kind: PAYMENT_SUCCEEDED.to_owned(),
+        payment_id: p.payment_id.clone(),
+        order_id: p.order_id,
+        amount_cents: p.amount_cents,
+        currency: p.currency.clone(),
+        created_at: chrono::Utc::now().timestamp(),
+    }
+}
+
+async fn deliver_copies(sim: Arc<Sim>, webhook: PaymentWebhook, copies: u32, wait: bool) -> Response {
+    let mut tasks = Vec::new();
+    for _ in 0..copies {
+        let (sim, webhook) = (sim.clone(), webhook.clone());
+        tasks.push(tokio::spawn(async move { deliver(&sim, &webhook).await }));
+    }
+    if !wait {
+        return (StatusCode::ACCEPTED, Json(serde_json::json!({ "status": "succeeded", "delivery": "queued" })))
+            .into_response();
+    }
+    let mut last = None;
+    for t in tasks {
+        last = t.await.ok().flatten();
+    }
+    match last {
+        Some(d) => {
+            Json(serde_json::json!({ "status": "succeeded", "webhook_status": d.status, "webhook_body": d.body }))
+                .into_response()
+        }
+        None => error(StatusCode::BAD_GATEWAY, "the webhook was never acknowledged"),
+    }
+}
+
+/// Posts the webhook until a 2xx, with capped backoff. Returns the
+/// acknowledging delivery, or `None` after the last attempt.
+async fn deliver(sim: &Sim, webhook: &PaymentWebhook) -> Option<Delivery> {
+    let body = serde_json::to_vec(webhook).expect("webhooks serialize");
+    let mut delay = Duration::from_millis(200);
+    for attempt in 1..=sim.config.max_attempts {
+        let signature = payments::sign(sim.config.webhook_secret.as_bytes(), chrono::Utc::now().timestamp(), &body);
+        let sent = sim
+            .http
+            .post(&sim.config.webhook_url)
+            .header("content-type", "application/json")
+            .header(SIGNATURE_HEADER, signature)
+            .body(body.clone())
+            .send()
+            .await;
+        let delivery = match sent {
+            Ok(r) => {
+                let status = r.status().as_u16();
+                Delivery { status: Some(status), body: r.text().await.unwrap_or_default() }
+            }
+            Err(e) => Delivery { status: None, body: e.to_string() },
+        };
+        let acknowledged = delivery.status.is_some_and(|s| (200..300).contains(&s));
+        record(sim, &webhook.payment_id, delivery.clone());
+        if acknowledged {
+            return Some(delivery);
+        }
+        tracing::warn!(payment_id = %webhook.payment_id, attempt, status = ?delivery.status, "webhook not acknowledged");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+    None
+}
+
+fn record(sim: &Sim, payment_id: &str, delivery: Delivery) {
+    let mut book = sim.book.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(p) = book.payments.get_mut(payment_id) {
+        // Keep the last few; a payment retried for hours must not grow.
+        if p.deliveries.len() >= 20 {
+            p.deliveries.remove(0);
+        }
+        p.deliveries.push(delivery);
+    }
+}

@@ -6,11 +6,7 @@ use dropline::config::{redact_url, ConfigError, KafkaArgs, MysqlArgs, OpsArgs, P
 #[command(name = "dropline-settler", version)]
 pub struct SettlerConfig {
     /// Consumer group shared by all settlers.
-    #[arg(
-        long,
-        env = "DROPLINE_SETTLER_GROUP",
-        default_value = "dropline-settler"
-    )]
+    #[arg(long, env = "DROPLINE_SETTLER_GROUP", default_value = "dropline-settler")]
     pub group_id: String,
     /// Most messages written in one transaction.
     #[arg(long, env = "DROPLINE_SETTLER_BATCH_MAX", default_value_t = 1000)]
@@ -54,5 +50,18 @@ impl SettlerConfig {
             ops_addr = ?self.ops.addr,
             "settler config"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed_and_the_defaults_validate() {
+        SettlerConfig::command().debug_assert();
+        SettlerConfig::parse_from(["settler"]).validate().unwrap();
     }
 }

@@ -49,22 +49,13 @@ pub async fn run(config: SettlerConfig, shutdown: CancellationToken) -> Result<(
     metrics::describe();
     let ready = Readiness::default();
     if let Some(addr) = config.ops.addr {
-        dropline::ops::serve(
-            addr,
-            ready.clone(),
-            dropline::telemetry::metrics(),
-            shutdown.clone(),
-        )
-        .await?;
+        dropline::ops::serve(addr, ready.clone(), dropline::telemetry::metrics(), shutdown.clone()).await?;
     }
     let db = dropline::db::connect(&config.mysql).await?;
     dropline::db::migrate(&db).await?;
     let topics = config.kafka.topics();
-    let dead_letters = DeadLetters::new(
-        kafka::producer(&config.kafka)?,
-        topics.dead_letter.clone(),
-        "settler",
-    );
+    kafka::ensure_topics(&config.kafka, &topics.all()).await?;
+    let dead_letters = DeadLetters::new(kafka::producer(&config.kafka)?, topics.dead_letter.clone(), "settler");
     let consumer = kafka::consumer(&config.kafka, &config.group_id)?;
     consumer.subscribe(&[&topics.decisions, &topics.order_events])?;
     ready.set(true);
@@ -86,10 +77,7 @@ pub async fn run(config: SettlerConfig, shutdown: CancellationToken) -> Result<(
                 decode::<OrderEvent>(m).map(|e| batch.add_order_event(e))
             };
             if let Err(reason) = decoded {
-                if kafka::retry_until("dead-letter", &shutdown, || dead_letters.park(m, &reason))
-                    .await
-                    .is_none()
-                {
+                if kafka::retry_until("dead-letter", &shutdown, || dead_letters.park(m, &reason)).await.is_none() {
                     parked = false;
                     break;
                 }

@@ -8,15 +8,8 @@ pub const ROWS: &str = "dropline_settler_rows_total";
 pub const WRITE_ERRORS: &str = "dropline_settler_write_errors_total";
 
 pub fn describe() {
-    describe_histogram!(
-        BATCH_DURATION,
-        Unit::Seconds,
-        "Time to write one batch in one transaction."
-    );
+    describe_histogram!(BATCH_DURATION, Unit::Seconds, "Time to write one batch in one transaction.");
     describe_histogram!(BATCH_SIZE, Unit::Count, "Messages per written batch.");
     describe_counter!(ROWS, "Rows written (inserted or upserted), by table.");
-    describe_counter!(
-        WRITE_ERRORS,
-        "Batch transactions that failed and were retried."
-    );
+    describe_counter!(WRITE_ERRORS, "Batch transactions that failed and were retried.");
 }

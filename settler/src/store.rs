@@ -35,11 +35,7 @@ impl Batch {
     }
 
     pub fn add_decision(&mut self, d: Decision) {
-        if let Outcome::Held {
-            expires_at_ms,
-            amount_cents,
-        } = d.outcome
-        {
+        if let Outcome::Held { expires_at_ms, amount_cents } = d.outcome {
             self.orders.push(OrderRow {
                 order_id: d.intent_id.to_string(),
                 event_id: d.event_id,

@@ -28,8 +28,8 @@ pub struct EventKeys {
 }
 
 impl EventKeys {
-    pub fn new(event_id: u64) -> Self {
-        let tag = format!("dl:{{{event_id}}}");
+    pub fn new(prefix: &str, event_id: u64) -> Self {
+        let tag = format!("{prefix}:{{{event_id}}}");
         Self {
             stock: format!("{tag}:stock"),
             users: format!("{tag}:users"),
@@ -160,11 +160,22 @@ impl LedgerError {
 #[derive(Clone)]
 pub struct Ledger {
     pool: deadpool_redis::Pool,
+    prefix: std::sync::Arc<str>,
 }
 
 impl Ledger {
-    pub fn new(pool: deadpool_redis::Pool) -> Self {
-        Self { pool }
+    /// A ledger whose keys all start with `prefix` (`DROPLINE_REDIS_KEY_PREFIX`).
+    pub fn new(pool: deadpool_redis::Pool, prefix: &str) -> Self {
+        Self { pool, prefix: prefix.into() }
+    }
+
+    /// The ledger's namespace, for other keys of the same deployment.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn keys(&self, event_id: u64) -> EventKeys {
+        EventKeys::new(&self.prefix, event_id)
     }
 
     pub fn pool(&self) -> &deadpool_redis::Pool {
@@ -174,7 +185,7 @@ impl Ledger {
     /// Loads an event's stock unless its ledger already exists. Returns
     /// whether it was created now.
     pub async fn prewarm(&self, event_id: u64, rules: &SaleRules) -> Result<bool, LedgerError> {
-        let keys = EventKeys::new(event_id);
+        let keys = self.keys(event_id);
         let mut conn = self.pool.get().await?;
         let created: i64 = PREWARM
             .key(&keys.stock)
@@ -192,54 +203,29 @@ impl Ledger {
 
     /// Decides a batch of intents of one event in one script call. The
     /// verdicts come back in the order of `claims`.
-    pub async fn allocate(
-        &self,
-        event_id: u64,
-        claims: &[Claim<'_>],
-    ) -> Result<Vec<Verdict>, LedgerError> {
+    pub async fn allocate(&self, event_id: u64, claims: &[Claim<'_>]) -> Result<Vec<Verdict>, LedgerError> {
         if claims.is_empty() {
             return Ok(Vec::new());
         }
-        let keys = EventKeys::new(event_id);
+        let keys = self.keys(event_id);
         let mut invocation = ALLOCATE.prepare_invoke();
-        invocation
-            .key(&keys.stock)
-            .key(&keys.users)
-            .key(&keys.decisions)
-            .key(&keys.holds);
+        invocation.key(&keys.stock).key(&keys.users).key(&keys.decisions).key(&keys.holds);
         for claim in claims {
-            invocation
-                .arg(claim.intent_id.to_string())
-                .arg(claim.user_id)
-                .arg(claim.quantity);
+            invocation.arg(claim.intent_id.to_string()).arg(claim.user_id).arg(claim.quantity);
         }
         let mut conn = self.pool.get().await?;
-        let raw: Vec<String> = invocation
-            .invoke_async(&mut conn)
-            .await
-            .map_err(|e| no_ledger(e, event_id))?;
+        let raw: Vec<String> = invocation.invoke_async(&mut conn).await.map_err(|e| no_ledger(e, event_id))?;
         if raw.len() != claims.len() {
-            return Err(LedgerError::Corrupt(format!(
-                "{} verdicts for {} intents",
-                raw.len(),
-                claims.len()
-            )));
+            return Err(LedgerError::Corrupt(format!("{} verdicts for {} intents", raw.len(), claims.len())));
         }
         raw.iter().map(|r| decode(r)).collect()
     }
 
     /// Applies a confirmed payment to a hold.
-    pub async fn pay(
-        &self,
-        event_id: u64,
-        order_id: Uuid,
-        payment_id: &str,
-    ) -> Result<PayOutcome, LedgerError> {
+    pub async fn pay(&self, event_id: u64, order_id: Uuid, payment_id: &str) -> Result<PayOutcome, LedgerError> {
         let (outcome, hold) = match self.end_hold(event_id, "pay", order_id, payment_id).await? {
             HoldAnswer::Done(outcome, hold) => (outcome, hold),
-            HoldAnswer::NotDue(_) => {
-                return Err(LedgerError::Corrupt("pay answered not_due".into()))
-            }
+            HoldAnswer::NotDue(_) => return Err(LedgerError::Corrupt("pay answered not_due".into())),
         };
         Ok(match (outcome.as_str(), hold) {
             ("paid", Some(h)) => PayOutcome::Paid(h),
@@ -250,12 +236,7 @@ impl Ledger {
     }
 
     /// Cancels a hold on behalf of its buyer.
-    pub async fn cancel(
-        &self,
-        event_id: u64,
-        order_id: Uuid,
-        user_id: &str,
-    ) -> Result<EndOutcome, LedgerError> {
+    pub async fn cancel(&self, event_id: u64, order_id: Uuid, user_id: &str) -> Result<EndOutcome, LedgerError> {
         ended(self.end_hold(event_id, "cancel", order_id, user_id).await?)
     }
 
@@ -264,14 +245,8 @@ impl Ledger {
         ended(self.end_hold(event_id, "expire", order_id, "").await?)
     }
 
-    async fn end_hold(
-        &self,
-        event_id: u64,
-        op: &str,
-        order_id: Uuid,
-        arg: &str,
-    ) -> Result<HoldAnswer, LedgerError> {
-        let keys = EventKeys::new(event_id);
+    async fn end_hold(&self, event_id: u64, op: &str, order_id: Uuid, arg: &str) -> Result<HoldAnswer, LedgerError> {
+        let keys = self.keys(event_id);
         let mut conn = self.pool.get().await?;
         let (outcome, body): (String, String) = HOLD
             .key(&keys.stock)
@@ -283,34 +258,24 @@ impl Ledger {
             .invoke_async(&mut conn)
             .await?;
         if outcome == "not_due" {
-            let remaining: u64 = body
-                .parse()
-                .map_err(|_| LedgerError::Corrupt(body.clone()))?;
+            let remaining: u64 = body.parse().map_err(|_| LedgerError::Corrupt(body.clone()))?;
             return Ok(HoldAnswer::NotDue(remaining));
         }
-        let hold = if body.is_empty() {
-            None
-        } else {
-            Some(decode(&body)?)
-        };
+        let hold = if body.is_empty() { None } else { Some(decode(&body)?) };
         Ok(HoldAnswer::Done(outcome, hold))
     }
 
     /// Reads one hold, if the ledger still has it.
     pub async fn hold(&self, event_id: u64, order_id: Uuid) -> Result<Option<Hold>, LedgerError> {
-        let keys = EventKeys::new(event_id);
+        let keys = self.keys(event_id);
         let mut conn = self.pool.get().await?;
         let raw: Option<String> = conn.hget(&keys.holds, order_id.to_string()).await?;
         raw.as_deref().map(decode).transpose()
     }
 
     /// Reads the decision recorded for an intent, if any.
-    pub async fn verdict(
-        &self,
-        event_id: u64,
-        intent_id: Uuid,
-    ) -> Result<Option<Verdict>, LedgerError> {
-        let keys = EventKeys::new(event_id);
+    pub async fn verdict(&self, event_id: u64, intent_id: Uuid) -> Result<Option<Verdict>, LedgerError> {
+        let keys = self.keys(event_id);
         let mut conn = self.pool.get().await?;
         let raw: Option<String> = conn.hget(&keys.decisions, intent_id.to_string()).await?;
         raw.as_deref().map(decode).transpose()
@@ -318,7 +283,7 @@ impl Ledger {
 
     /// Reads an event's counters; `None` when the ledger does not exist.
     pub async fn levels(&self, event_id: u64) -> Result<Option<StockLevels>, LedgerError> {
-        let keys = EventKeys::new(event_id);
+        let keys = self.keys(event_id);
         let mut conn = self.pool.get().await?;
         let f: Vec<Option<u64>> = redis::cmd("HMGET")
             .arg(&keys.stock)
@@ -326,19 +291,16 @@ impl Ledger {
             .query_async(&mut conn)
             .await?;
         match f.as_slice() {
-            [Some(capacity), Some(available), Some(held), Some(sold)] => Ok(Some(StockLevels {
-                capacity: *capacity,
-                available: *available,
-                held: *held,
-                sold: *sold,
-            })),
+            [Some(capacity), Some(available), Some(held), Some(sold)] => {
+                Ok(Some(StockLevels { capacity: *capacity, available: *available, held: *held, sold: *sold }))
+            }
             _ => Ok(None),
         }
     }
 
     /// Units a user holds or bought for an event.
     pub async fn user_units(&self, event_id: u64, user_id: &str) -> Result<u64, LedgerError> {
-        let keys = EventKeys::new(event_id);
+        let keys = self.keys(event_id);
         let mut conn = self.pool.get().await?;
         let n: Option<u64> = conn.hget(&keys.users, user_id).await?;
         Ok(n.unwrap_or(0))
@@ -359,9 +321,7 @@ fn ended(answer: HoldAnswer) -> Result<EndOutcome, LedgerError> {
     match (outcome.as_str(), hold) {
         ("unknown", _) => Ok(EndOutcome::UnknownOrder),
         ("cancelled" | "expired" | "paid", Some(h)) => Ok(EndOutcome::Ended(h)),
-        (other, _) => Err(LedgerError::Corrupt(format!(
-            "hold script answered {other}"
-        ))),
+        (other, _) => Err(LedgerError::Corrupt(format!("hold script answered {other}"))),
     }
 }
 

@@ -25,47 +25,22 @@ struct EventView {
     availability: Option<StockLevels>,
 }
 
-pub async fn create(
-    State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, Problem> {
+pub async fn create(State(app): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Result<Response, Problem> {
     extract::admin(&app.tokens, &headers)?;
     let body = read_body(body, app.config.max_body_bytes).await?;
     let new: NewEvent = extract::json(&headers, &body)?;
     let problems = new.problems();
     if !problems.is_empty() {
-        return Err(Problem::new(ErrorCode::InvalidBody)
-            .detail("the event is not valid")
-            .errors(problems));
+        return Err(Problem::new(ErrorCode::InvalidBody).detail("the event is not valid").errors(problems));
     }
-    let event = app
-        .events
-        .create(&new)
-        .await
-        .map_err(|e| Problem::unavailable("mysql", &e))?;
+    let event = app.events.create(&new).await.map_err(|e| Problem::unavailable("mysql", &e))?;
     // Pre-warm right away; if Redis fails here the event exists and the
     // admin retries with the idempotent prewarm call.
-    app.events
-        .prewarm(&event)
-        .await
-        .map_err(|e| Problem::unavailable("redis", &e))?;
+    app.events.prewarm(&event).await.map_err(|e| Problem::unavailable("redis", &e))?;
     let availability = app.events.levels(event.id).await.ok().flatten();
-    tracing::info!(
-        event_id = event.id,
-        capacity = event.capacity,
-        "event created"
-    );
+    tracing::info!(event_id = event.id, capacity = event.capacity, "event created");
     let location = format!("/v1/events/{}", event.id);
-    Ok((
-        StatusCode::CREATED,
-        [("location", location)],
-        Json(EventView {
-            event,
-            availability,
-        }),
-    )
-        .into_response())
+    Ok((StatusCode::CREATED, [("location", location)], Json(EventView { event, availability })).into_response())
 }
 
 pub async fn prewarm(
@@ -75,49 +50,19 @@ pub async fn prewarm(
 ) -> Result<Response, Problem> {
     extract::admin(&app.tokens, &headers)?;
     let id = extract::event_id(&raw_id)?;
-    let event = app
-        .events
-        .get(id)
-        .await
-        .map_err(|e| Problem::unavailable("mysql", &e))?;
+    let event = app.events.get(id).await.map_err(|e| Problem::unavailable("mysql", &e))?;
     let event = event.ok_or(ErrorCode::EventNotFound)?;
-    let created = app
-        .events
-        .prewarm(&event)
-        .await
-        .map_err(|e| Problem::unavailable("redis", &e))?;
-    let availability = app
-        .events
-        .levels(id)
-        .await
-        .map_err(|e| Problem::unavailable("redis", &e))?;
-    Ok(Json(
-        serde_json::json!({ "event_id": id, "created": created, "availability": availability }),
-    )
-    .into_response())
+    let created = app.events.prewarm(&event).await.map_err(|e| Problem::unavailable("redis", &e))?;
+    let availability = app.events.levels(id).await.map_err(|e| Problem::unavailable("redis", &e))?;
+    Ok(Json(serde_json::json!({ "event_id": id, "created": created, "availability": availability })).into_response())
 }
 
-pub async fn get_one(
-    State(app): State<Arc<AppState>>,
-    Path(raw_id): Path<String>,
-) -> Result<Response, Problem> {
+pub async fn get_one(State(app): State<Arc<AppState>>, Path(raw_id): Path<String>) -> Result<Response, Problem> {
     let id = extract::event_id(&raw_id)?;
-    let event = app
-        .events
-        .get(id)
-        .await
-        .map_err(|e| Problem::unavailable("mysql", &e))?;
+    let event = app.events.get(id).await.map_err(|e| Problem::unavailable("mysql", &e))?;
     let event = Event::clone(&*event.ok_or(ErrorCode::EventNotFound)?);
-    let availability = app
-        .events
-        .levels(id)
-        .await
-        .map_err(|e| Problem::unavailable("redis", &e))?;
-    Ok(Json(EventView {
-        event,
-        availability,
-    })
-    .into_response())
+    let availability = app.events.levels(id).await.map_err(|e| Problem::unavailable("redis", &e))?;
+    Ok(Json(EventView { event, availability }).into_response())
 }
 
 #[derive(Serialize)]
@@ -129,17 +74,13 @@ struct EventPage {
 }
 
 /// `GET /v1/events?q=<text>&after=<id>&limit=<1..100>`
-pub async fn list(
-    State(app): State<Arc<AppState>>,
-    RawQuery(query): RawQuery,
-) -> Result<Response, Problem> {
+pub async fn list(State(app): State<Arc<AppState>>, RawQuery(query): RawQuery) -> Result<Response, Problem> {
     let mut q = None;
     let mut after = 0u64;
     let mut limit = 20u32;
     let mut errors = Vec::new();
-    let pairs: Vec<(String, String)> =
-        serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
-            .map_err(|e| Problem::new(ErrorCode::InvalidQuery).detail(e.to_string()))?;
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
+        .map_err(|e| Problem::new(ErrorCode::InvalidQuery).detail(e.to_string()))?;
     for (k, v) in pairs {
         match k.as_str() {
             "q" if v.chars().count() <= 200 => q = Some(v).filter(|s| !s.is_empty()),
@@ -158,13 +99,7 @@ pub async fn list(
     if !errors.is_empty() {
         return Err(Problem::new(ErrorCode::InvalidQuery).errors(errors));
     }
-    let events = app
-        .events
-        .search(q.as_deref(), after, limit)
-        .await
-        .map_err(|e| Problem::unavailable("mysql", &e))?;
-    let next_after = (events.len() == limit as usize)
-        .then(|| events.last().map(|e| e.id))
-        .flatten();
+    let events = app.events.search(q.as_deref(), after, limit).await.map_err(|e| Problem::unavailable("mysql", &e))?;
+    let next_after = (events.len() == limit as usize).then(|| events.last().map(|e| e.id)).flatten();
     Ok(Json(EventPage { events, next_after }).into_response())
 }

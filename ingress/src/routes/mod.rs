@@ -28,10 +28,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/intents/{intent_id}", get(purchases::status))
         .route("/v1/orders/{order_id}", get(orders::get_one))
         .route("/v1/orders/{order_id}/cancel", post(orders::cancel))
-        .route(
-            "/v1/orders/{order_id}/payments",
-            post(orders::start_payment),
-        )
+        .route("/v1/orders/{order_id}/payments", post(orders::start_payment))
         .route("/v1/admin/events", post(events::create))
         .route("/v1/admin/events/{event_id}/prewarm", post(events::prewarm))
         .route("/v1/webhooks/payments", post(webhooks::payment))
@@ -52,15 +49,11 @@ async fn record(request: Request, next: Next) -> Response {
     let method = request.method().as_str().to_owned();
     let started = Instant::now();
     let response = next.run(request).await;
-    let code = response
-        .extensions()
-        .get::<ErrorCode>()
-        .map_or("none", |c| c.as_str());
+    let code = response.extensions().get::<ErrorCode>().map_or("none", |c| c.as_str());
     metrics::counter!(REQUESTS, "route" => route.clone(), "method" => method.clone(),
         "status" => response.status().as_u16().to_string(), "error_code" => code)
     .increment(1);
-    metrics::histogram!(REQUEST_DURATION, "route" => route, "method" => method)
-        .record(started.elapsed().as_secs_f64());
+    metrics::histogram!(REQUEST_DURATION, "route" => route, "method" => method).record(started.elapsed().as_secs_f64());
     response
 }
 
@@ -69,8 +62,7 @@ pub(crate) async fn read_body(body: Body, limit: usize) -> Result<axum::body::By
     axum::body::to_bytes(body, limit).await.map_err(|e| {
         // to_bytes reports an oversized body as a length-limit error; any
         // other failure is the client's connection breaking.
-        let too_large = std::error::Error::source(&e)
-            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        let too_large = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
         if too_large {
             Problem::new(ErrorCode::PayloadTooLarge).detail(format!("at most {limit} bytes"))
         } else {

@@ -20,9 +20,7 @@ use crate::AppState;
 /// order ids cannot be probed.
 async fn owned(app: &AppState, order_id: Uuid, user: &str) -> Result<OrderView, Problem> {
     let order = app.orders.view(order_id).await?;
-    order
-        .filter(|o| o.user_id == user)
-        .ok_or_else(|| ErrorCode::OrderNotFound.into())
+    order.filter(|o| o.user_id == user).ok_or_else(|| ErrorCode::OrderNotFound.into())
 }
 
 pub async fn get_one(
@@ -44,16 +42,8 @@ pub async fn cancel(
 ) -> Result<Response, Problem> {
     let claims = extract::bearer(&app.tokens, &headers)?;
     let id = extract::uuid(&raw_id, ErrorCode::OrderNotFound)?;
-    let event_id = app
-        .orders
-        .event_of(id)
-        .await?
-        .ok_or(ErrorCode::OrderNotFound)?;
-    let outcome = app
-        .ledger
-        .cancel(event_id, id, &claims.sub)
-        .await
-        .map_err(|e| Problem::unavailable("redis", &e))?;
+    let event_id = app.orders.event_of(id).await?.ok_or(ErrorCode::OrderNotFound)?;
+    let outcome = app.ledger.cancel(event_id, id, &claims.sub).await.map_err(|e| Problem::unavailable("redis", &e))?;
     let hold = match outcome {
         EndOutcome::Ended(hold) => hold,
         EndOutcome::UnknownOrder => return Err(ErrorCode::OrderNotFound.into()),
@@ -62,16 +52,14 @@ pub async fn cancel(
     // Whatever state the hold is in now, tell the settler (again, if it was
     // told before: it applies each state once). If this fails, the buyer's
     // retry and the expirer's pass at the deadline both publish it again.
-    app.publish_order_event(&order_event(id, event_id, &hold, None))
-        .await?;
+    app.publish_order_event(&order_event(id, event_id, &hold, None)).await?;
     let view = OrderView::from_hold(id, event_id, &hold);
     match hold.state {
         OrderState::Cancelled => Ok(Json(view).into_response()),
-        OrderState::Expired => {
-            Err(Problem::new(ErrorCode::OrderExpired).detail("the hold had already expired"))
+        OrderState::Expired => Err(Problem::new(ErrorCode::OrderExpired).detail("the hold had already expired")),
+        OrderState::Paid | OrderState::Held => {
+            Err(Problem::new(ErrorCode::OrderNotHeld).detail(format!("the order is {}", hold.state.as_str())))
         }
-        OrderState::Paid | OrderState::Held => Err(Problem::new(ErrorCode::OrderNotHeld)
-            .detail(format!("the order is {}", hold.state.as_str()))),
     }
 }
 
@@ -86,29 +74,15 @@ pub async fn start_payment(
     let id = extract::uuid(&raw_id, ErrorCode::OrderNotFound)?;
     let order = owned(&app, id, &claims.sub).await?;
     if order.state != OrderState::Held {
-        return Err(Problem::new(ErrorCode::OrderNotHeld)
-            .detail(format!("the order is {}", order.state.as_str())));
+        return Err(Problem::new(ErrorCode::OrderNotHeld).detail(format!("the order is {}", order.state.as_str())));
     }
     if order.expires_at <= chrono::Utc::now() {
         return Err(ErrorCode::OrderExpired.into());
     }
-    let event = app
-        .events
-        .get(order.event_id)
-        .await
-        .map_err(|e| Problem::unavailable("mysql", &e))?;
-    let currency = event
-        .map(|e| e.currency.clone())
-        .ok_or(ErrorCode::Internal)?;
-    let request = CreatePayment {
-        order_id: id,
-        amount_cents: order.amount_cents,
-        currency,
-    };
-    let url = format!(
-        "{}/v1/payments",
-        app.config.payment_provider_url.trim_end_matches('/')
-    );
+    let event = app.events.get(order.event_id).await.map_err(|e| Problem::unavailable("mysql", &e))?;
+    let currency = event.map(|e| e.currency.clone()).ok_or(ErrorCode::Internal)?;
+    let request = CreatePayment { order_id: id, amount_cents: order.amount_cents, currency };
+    let url = format!("{}/v1/payments", app.config.payment_provider_url.trim_end_matches('/'));
     let answer = app
         .http
         .post(&url)

@@ -63,34 +63,21 @@ pub async fn create(
     result
 }
 
-async fn admit(
-    app: &AppState,
-    raw_id: &str,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<Response, Problem> {
+async fn admit(app: &AppState, raw_id: &str, headers: &HeaderMap, body: Body) -> Result<Response, Problem> {
     let claims = extract::bearer(&app.tokens, headers)?;
     let event_id = extract::event_id(raw_id)?;
     let key = extract::idempotency_key(headers)?;
     let body = read_body(body, app.config.max_body_bytes).await?;
     let request: PurchaseRequest = extract::json(headers, &body)?;
 
-    let event = app
-        .events
-        .get(event_id)
-        .await
-        .map_err(|e| Problem::unavailable("mysql", &e))?;
+    let event = app.events.get(event_id).await.map_err(|e| Problem::unavailable("mysql", &e))?;
     let event = event.ok_or(ErrorCode::EventNotFound)?;
     if request.quantity == 0 || request.quantity > event.per_user_limit {
-        return Err(Problem::new(ErrorCode::InvalidBody).errors(vec![format!(
-            "quantity: must be 1 to {} for this event",
-            event.per_user_limit
-        )]));
+        return Err(Problem::new(ErrorCode::InvalidBody)
+            .errors(vec![format!("quantity: must be 1 to {} for this event", event.per_user_limit)]));
     }
 
-    app.limits
-        .admit(&claims.sub)
-        .map_err(|r| Problem::new(ErrorCode::RateLimited).retry_after(r.retry_after_secs))?;
+    app.limits.admit(&claims.sub).map_err(|r| Problem::new(ErrorCode::RateLimited).retry_after(r.retry_after_secs))?;
 
     let id = intent_id(&claims.sub, &key);
     let record = IntentRecord {
@@ -102,12 +89,7 @@ async fn admit(
     };
     // The key is checked before the sale's state, so a retry of a purchase
     // that was accepted gets the same 202 even after the event sold out.
-    match app
-        .intents
-        .reserve(id, &record)
-        .await
-        .map_err(|e| Problem::unavailable("redis", &e))?
-    {
+    match app.intents.reserve(id, &record).await.map_err(|e| Problem::unavailable("redis", &e))? {
         Reservation::Existing(earlier) if !earlier.same_request(&record) => {
             return Err(Problem::new(ErrorCode::IdempotencyKeyReused)
                 .detail("this Idempotency-Key was first used for another event or quantity"));
@@ -125,8 +107,7 @@ async fn admit(
     // spare it (and the buyer) a round trip that cannot succeed.
     let now = chrono::Utc::now();
     if now < event.sale_opens_at {
-        return Err(Problem::new(ErrorCode::SaleNotOpen)
-            .detail(format!("the sale opens at {}", event.sale_opens_at)));
+        return Err(Problem::new(ErrorCode::SaleNotOpen).detail(format!("the sale opens at {}", event.sale_opens_at)));
     }
     if now >= event.sale_closes_at {
         return Err(ErrorCode::SaleClosed.into());
@@ -136,10 +117,7 @@ async fn admit(
     }
 
     produce(app, &record, id).await?;
-    app.intents
-        .mark_accepted(id, &record)
-        .await
-        .map_err(|e| Problem::unavailable("redis", &e))?;
+    app.intents.mark_accepted(id, &record).await.map_err(|e| Problem::unavailable("redis", &e))?;
     outcome("admitted");
     Ok(accepted(id, &record))
 }
@@ -158,18 +136,12 @@ async fn produce(app: &AppState, record: &IntentRecord, id: Uuid) -> Result<(), 
     let payload = serde_json::to_vec(&intent).map_err(|_| Problem::new(ErrorCode::Internal))?;
     let key = record.event_id.to_string();
     let started = Instant::now();
-    let delivery = app.producer.send_result(
-        FutureRecord::to(&app.topics.intents)
-            .key(&key)
-            .payload(&payload),
-    );
+    let delivery = app.producer.send_result(FutureRecord::to(&app.topics.intents).key(&key).payload(&payload));
     metrics::gauge!(PRODUCER_QUEUE).set(f64::from(app.producer.in_flight_count()));
     let delivery = match delivery {
         Ok(d) => d,
         Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-            return Err(Problem::new(ErrorCode::BrokerUnavailable)
-                .detail("intake is saturated")
-                .retry_after(1));
+            return Err(Problem::new(ErrorCode::BrokerUnavailable).detail("intake is saturated").retry_after(1));
         }
         Err((e, _)) => return Err(broker_failed(&e)),
     };
@@ -221,19 +193,11 @@ pub async fn status(
 ) -> Result<Response, Problem> {
     let claims = extract::bearer(&app.tokens, &headers)?;
     let id = extract::uuid(&raw_id, ErrorCode::NotFound)?;
-    let record = app
-        .intents
-        .get(id)
-        .await
-        .map_err(|e| Problem::unavailable("redis", &e))?;
+    let record = app.intents.get(id).await.map_err(|e| Problem::unavailable("redis", &e))?;
     let Some(record) = record.filter(|r| r.user_id == claims.sub) else {
         return settled_status(&app, id, &claims.sub).await;
     };
-    let verdict = app
-        .ledger
-        .verdict(record.event_id, id)
-        .await
-        .map_err(|e| Problem::unavailable("redis", &e))?;
+    let verdict = app.ledger.verdict(record.event_id, id).await.map_err(|e| Problem::unavailable("redis", &e))?;
     let (status, reason, order) = match verdict {
         None => ("queued", None, None),
         Some(Verdict::Rejected { reason, .. }) => ("rejected", Some(reason), None),
@@ -242,14 +206,8 @@ pub async fn status(
             (order.state.as_str(), None, Some(order))
         }
     };
-    let body = IntentStatus {
-        intent_id: id,
-        event_id: record.event_id,
-        quantity: record.quantity,
-        status,
-        reason,
-        order,
-    };
+    let body =
+        IntentStatus { intent_id: id, event_id: record.event_id, quantity: record.quantity, status, reason, order };
     Ok(Json(body).into_response())
 }
 
@@ -272,13 +230,5 @@ async fn settled_status(app: &AppState, id: Uuid, user: &str) -> Result<Response
         let reason = reason.and_then(|r| serde_json::from_value(serde_json::Value::String(r)).ok());
         ("rejected", reason, None)
     };
-    Ok(Json(IntentStatus {
-        intent_id: id,
-        event_id,
-        quantity,
-        status,
-        reason,
-        order,
-    })
-    .into_response())
+    Ok(Json(IntentStatus { intent_id: id, event_id, quantity, status, reason, order }).into_response())
 }

@@ -10,9 +10,7 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use dropline::messages::{PaymentDisposition, PaymentRecord};
-use dropline::payments::{
-    self, PaymentWebhook, SignatureError, PAYMENT_SUCCEEDED, SIGNATURE_HEADER,
-};
+use dropline::payments::{self, PaymentWebhook, SignatureError, PAYMENT_SUCCEEDED, SIGNATURE_HEADER};
 use dropline::stock::PayOutcome;
 
 use super::read_body;
@@ -25,11 +23,7 @@ fn counted(result: &'static str) {
     metrics::counter!(WEBHOOKS, "result" => result).increment(1);
 }
 
-pub async fn payment(
-    State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, Problem> {
+pub async fn payment(State(app): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Result<Response, Problem> {
     let result = handle(&app, &headers, body).await;
     if result.is_err() {
         counted("rejected");
@@ -42,23 +36,13 @@ async fn handle(app: &AppState, headers: &HeaderMap, body: Body) -> Result<Respo
     // The signature covers the raw bytes; nothing is parsed before it holds.
     let signature = headers.get(SIGNATURE_HEADER).and_then(|v| v.to_str().ok());
     let now = chrono::Utc::now().timestamp();
-    payments::verify(
-        app.config.webhook_secret.as_bytes(),
-        signature,
-        &raw,
-        now,
-        app.config.webhook_tolerance_secs,
-    )
-    .map_err(|e| {
-        let code = if e == SignatureError::Stale {
-            ErrorCode::StaleSignature
-        } else {
-            ErrorCode::InvalidSignature
-        };
-        Problem::new(code).detail(e.to_string())
-    })?;
-    let hook: PaymentWebhook = serde_json::from_slice(&raw)
-        .map_err(|e| Problem::new(ErrorCode::InvalidBody).detail(e.to_string()))?;
+    payments::verify(app.config.webhook_secret.as_bytes(), signature, &raw, now, app.config.webhook_tolerance_secs)
+        .map_err(|e| {
+            let code = if e == SignatureError::Stale { ErrorCode::StaleSignature } else { ErrorCode::InvalidSignature };
+            Problem::new(code).detail(e.to_string())
+        })?;
+    let hook: PaymentWebhook =
+        serde_json::from_slice(&raw).map_err(|e| Problem::new(ErrorCode::InvalidBody).detail(e.to_string()))?;
     if hook.kind != PAYMENT_SUCCEEDED {
         // Acknowledged so the provider stops sending it; nothing to do.
         counted("ignored");
@@ -67,16 +51,8 @@ async fn handle(app: &AppState, headers: &HeaderMap, body: Body) -> Result<Respo
     let order_id = hook.order_id;
     // Unknown orders are refused, not acknowledged: the provider keeps the
     // payment and its retries visible instead of it vanishing here.
-    let event_id = app
-        .orders
-        .event_of(order_id)
-        .await?
-        .ok_or(ErrorCode::OrderNotFound)?;
-    let hold = app
-        .ledger
-        .hold(event_id, order_id)
-        .await
-        .map_err(|e| Problem::unavailable("redis", &e))?;
+    let event_id = app.orders.event_of(order_id).await?.ok_or(ErrorCode::OrderNotFound)?;
+    let hold = app.ledger.hold(event_id, order_id).await.map_err(|e| Problem::unavailable("redis", &e))?;
     let hold = hold.ok_or(ErrorCode::OrderNotFound)?;
 
     // A payment for the wrong amount does not pay the order; it is recorded
@@ -102,12 +78,8 @@ async fn handle(app: &AppState, headers: &HeaderMap, body: Body) -> Result<Respo
         amount_cents: hook.amount_cents,
         disposition,
     };
-    app.publish_order_event(&order_event(order_id, event_id, &hold, Some(record)))
-        .await?;
+    app.publish_order_event(&order_event(order_id, event_id, &hold, Some(record))).await?;
     counted(disposition.as_str());
     tracing::info!(%order_id, payment_id = %hook.payment_id, disposition = disposition.as_str(), "payment recorded");
-    Ok(
-        Json(serde_json::json!({ "status": disposition.as_str(), "order_state": hold.state }))
-            .into_response(),
-    )
+    Ok(Json(serde_json::json!({ "status": disposition.as_str(), "order_state": hold.state })).into_response())
 }

@@ -1,0 +1,122 @@
+//! A typed client of Dropline's HTTP API, as a buyer or an admin uses it.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use reqwest::StatusCode;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+#[derive(Clone)]
+pub struct Api {
+    base: String,
+    http: reqwest::Client,
+}
+
+/// How a purchase request was answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Purchase {
+    Accepted(Uuid),
+    /// Refused at the door with this problem code (sold_out, sale_closed...).
+    Refused(String),
+    /// Come back later (429 or 503), after this long.
+    RetryAfter(Duration),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct IntentStatus {
+    pub status: String,
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub order: Option<Value>,
+}
+
+impl Api {
+    pub fn new(base: &str) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).pool_max_idle_per_host(512).build()?;
+        Ok(Self { base: base.trim_end_matches('/').to_owned(), http })
+    }
+
+    pub async fn create_event(&self, admin_token: &str, event: &Value) -> anyhow::Result<Value> {
+        let r = self
+            .http
+            .post(format!("{}/v1/admin/events", self.base))
+            .bearer_auth(admin_token)
+            .json(event)
+            .send()
+            .await?;
+        let status = r.status();
+        let body: Value = r.json().await?;
+        if status != StatusCode::CREATED {
+            bail!("creating the event failed: {status} {body}");
+        }
+        Ok(body)
+    }
+
+    pub async fn purchase(&self, token: &str, event_id: u64, key: &str, quantity: u32) -> anyhow::Result<Purchase> {
+        let r = self
+            .http
+            .post(format!("{}/v1/events/{event_id}/purchases", self.base))
+            .bearer_auth(token)
+            .header("idempotency-key", key)
+            .json(&json!({ "quantity": quantity }))
+            .send()
+            .await?;
+        let status = r.status();
+        let retry_after = r
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_secs);
+        let body: Value = r.json().await.context("purchase answer is not JSON")?;
+        match status {
+            StatusCode::ACCEPTED => Ok(Purchase::Accepted(body["intent_id"].as_str().unwrap_or_default().parse()?)),
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
+                Ok(Purchase::RetryAfter(retry_after.unwrap_or(Duration::from_secs(1))))
+            }
+            StatusCode::CONFLICT => Ok(Purchase::Refused(body["code"].as_str().unwrap_or("conflict").to_owned())),
+            _ => bail!("purchase answered {status}: {body}"),
+        }
+    }
+
+    pub async fn intent(&self, token: &str, intent_id: Uuid) -> anyhow::Result<IntentStatus> {
+        let r = self.http.get(format!("{}/v1/intents/{intent_id}", self.base)).bearer_auth(token).send().await?;
+        let status = r.status();
+        if status != StatusCode::OK {
+            bail!("intent {intent_id} answered {status}: {}", r.text().await.unwrap_or_default());
+        }
+        Ok(r.json().await?)
+    }
+
+    /// Opens a payment, then completes it at the provider's checkout and
+    /// waits until the provider's webhook was acknowledged. Returns what
+    /// Dropline said of it: captured or refund_required.
+    pub async fn pay(&self, token: &str, order_id: Uuid) -> anyhow::Result<String> {
+        let r =
+            self.http.post(format!("{}/v1/orders/{order_id}/payments", self.base)).bearer_auth(token).send().await?;
+        let status = r.status();
+        let body: Value = r.json().await?;
+        if status != StatusCode::CREATED {
+            bail!("starting the payment answered {status}: {body}");
+        }
+        let checkout = body["checkout_url"].as_str().context("no checkout_url")?;
+        let r = self.http.post(format!("{checkout}/confirm?wait=true")).send().await?;
+        let status = r.status();
+        let body: Value = r.json().await?;
+        if !status.is_success() {
+            bail!("checkout answered {status}: {body}");
+        }
+        let webhook: Value = serde_json::from_str(body["webhook_body"].as_str().unwrap_or("{}"))?;
+        Ok(webhook["status"].as_str().unwrap_or("unknown").to_owned())
+    }
+
+    /// Cancels a hold; returns the order's state afterwards.
+    pub async fn cancel(&self, token: &str, order_id: Uuid) -> anyhow::Result<String> {
+        let r = self.http.post(format!("{}/v1/orders/{order_id}/cancel", self.base)).bearer_auth(token).send().await?;
+        let body: Value = r.json().await?;
+        Ok(body["state"].as_str().or_else(|| body["code"].as_str()).unwrap_or("unknown").to_owned())
+    }
+}

@@ -1,0 +1,249 @@
+//! A flash sale, played out: an event with N tickets, M > N buyers arriving
+//! at once, then each buyer with a hold pays, cancels or walks away. Used by
+//! the demo (`dropctl demo`) and by the end-to-end tests.
+//!
+//! The crowd acts in two waves with a barrier between them: first every
+//! buyer tries to buy and learns their outcome; only then do holders pay or
+//! cancel. At the barrier the sale must be sold out with exactly N units
+//! held, and after the second wave and the expiries the books must balance.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use dropline::auth::TokenKeys;
+use dropline::stock::{Ledger, StockLevels};
+use rand::seq::SliceRandom;
+use serde_json::json;
+use sqlx::MySqlPool;
+use tokio::sync::Semaphore;
+use uuid::Uuid;
+
+use crate::api::{Api, Purchase};
+use crate::invariants::{self, OrderCounts, Verdict};
+
+#[derive(Debug, Clone)]
+pub struct DropPlan {
+    pub tickets: u32,
+    pub buyers: u32,
+    /// Buyers in flight at once.
+    pub concurrency: usize,
+    pub hold_ttl_secs: u32,
+    pub per_user_limit: u32,
+    /// Shares of holders who pay and who cancel; the rest walk away and
+    /// their holds expire.
+    pub pay_share: f64,
+    pub cancel_share: f64,
+    /// Prefix of buyer ids, so several drills can share a deployment.
+    pub user_prefix: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Outcome {
+    Held(Uuid),
+    Rejected(String),
+    /// Refused at the door (sold out, closed) without being queued.
+    Refused(String),
+}
+
+struct Buyer {
+    token: String,
+    outcome: Outcome,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct DropReport {
+    pub event_id: u64,
+    pub tickets: u32,
+    pub buyers: u32,
+    pub accepted: u64,
+    pub held: u64,
+    pub rejected: Vec<(String, u64)>,
+    pub refused_at_door: Vec<(String, u64)>,
+    pub flood_secs: f64,
+    pub at_sellout_redis: StockLevels,
+    pub at_sellout_mysql_held: u64,
+    pub paid: u64,
+    pub refunds: u64,
+    pub cancelled: u64,
+    pub walked_away: u64,
+    pub settled: bool,
+    pub verdict: Option<Verdict>,
+}
+
+impl DropReport {
+    pub fn oversold(&self) -> u64 {
+        self.verdict.as_ref().map_or(0, |v| (v.mysql.held + v.mysql.paid).saturating_sub(v.mysql.capacity))
+    }
+
+    pub fn final_counts(&self) -> OrderCounts {
+        self.verdict.as_ref().map(|v| v.mysql.clone()).unwrap_or_default()
+    }
+
+    /// Exactly N held at sell-out, a settled pipeline, and every invariant.
+    pub fn passed(&self) -> bool {
+        self.held == u64::from(self.tickets)
+            && self.at_sellout_redis.held == u64::from(self.tickets)
+            && self.at_sellout_mysql_held == u64::from(self.tickets)
+            && self.settled
+            && self.verdict.as_ref().is_some_and(|v| v.all_hold())
+    }
+}
+
+fn tally(items: impl Iterator<Item = String>) -> Vec<(String, u64)> {
+    let mut counts: std::collections::BTreeMap<String, u64> = Default::default();
+    for i in items {
+        *counts.entry(i).or_default() += 1;
+    }
+    counts.into_iter().collect()
+}
+
+pub async fn run(
+    api: &Api,
+    keys: &TokenKeys,
+    db: &MySqlPool,
+    ledger: &Ledger,
+    plan: &DropPlan,
+) -> anyhow::Result<DropReport> {
+    if plan.buyers <= plan.tickets {
+        bail!("a drop needs more buyers than tickets");
+    }
+    let admin = keys.mint("dropctl", 3600, dropline::auth::ADMIN_SCOPE)?;
+    let now = chrono::Utc::now();
+    let event = api
+        .create_event(
+            &admin,
+            &json!({
+                "name": format!("Dropline demo drop {}", now.format("%H:%M:%S")),
+                "venue": "Loopback Arena",
+                "starts_at": now + chrono::Duration::days(30),
+                "sale_opens_at": now - chrono::Duration::seconds(1),
+                "sale_closes_at": now + chrono::Duration::hours(1),
+                "capacity": plan.tickets,
+                "price_cents": 4_500,
+                "currency": "EUR",
+                "per_user_limit": plan.per_user_limit,
+                "hold_ttl_secs": plan.hold_ttl_secs,
+            }),
+        )
+        .await?;
+    let event_id = event["id"].as_u64().context("event id")?;
+    let mut report = DropReport { event_id, tickets: plan.tickets, buyers: plan.buyers, ..Default::default() };
+
+    // Wave one: the flood.
+    let started = Instant::now();
+    let gate = Arc::new(Semaphore::new(plan.concurrency.max(1)));
+    let mut tasks = Vec::with_capacity(plan.buyers as usize);
+    for i in 0..plan.buyers {
+        let (api, gate) = (api.clone(), gate.clone());
+        let token = keys.mint(&format!("{}{i}", plan.user_prefix), 3600, "")?;
+        tasks.push(tokio::spawn(async move {
+            let _permit = gate.acquire_owned().await?;
+            let outcome = buy(&api, &token, event_id).await?;
+            anyhow::Ok(Buyer { token, outcome })
+        }));
+    }
+    let mut buyers = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        buyers.push(t.await??);
+    }
+    report.flood_secs = started.elapsed().as_secs_f64();
+    report.accepted = buyers.iter().filter(|b| !matches!(b.outcome, Outcome::Refused(_))).count() as u64;
+    report.held = buyers.iter().filter(|b| matches!(b.outcome, Outcome::Held(_))).count() as u64;
+    report.rejected = tally(buyers.iter().filter_map(|b| match &b.outcome {
+        Outcome::Rejected(r) => Some(r.clone()),
+        _ => None,
+    }));
+    report.refused_at_door = tally(buyers.iter().filter_map(|b| match &b.outcome {
+        Outcome::Refused(r) => Some(r.clone()),
+        _ => None,
+    }));
+
+    // The barrier: the settler has recorded every decision.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        report.at_sellout_redis = ledger.levels(event_id).await?.unwrap_or_default();
+        let m = invariants::mysql_counts(db, event_id, Duration::ZERO).await?;
+        report.at_sellout_mysql_held = m.held;
+        if m.intents == report.accepted || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Wave two: holders decide.
+    let mut holders: Vec<(String, Uuid)> = buyers
+        .into_iter()
+        .filter_map(|b| match b.outcome {
+            Outcome::Held(order) => Some((b.token, order)),
+            _ => None,
+        })
+        .collect();
+    holders.shuffle(&mut rand::rng());
+    let n = holders.len();
+    let paying = (n as f64 * plan.pay_share).round() as usize;
+    let cancelling = ((n as f64 * plan.cancel_share).round() as usize).min(n - paying);
+    report.walked_away = (n - paying - cancelling) as u64;
+    let mut tasks = Vec::new();
+    for (i, (token, order)) in holders.into_iter().enumerate().take(paying + cancelling) {
+        let (api, gate) = (api.clone(), gate.clone());
+        tasks.push(tokio::spawn(async move {
+            let _permit = gate.acquire_owned().await?;
+            if i < paying {
+                Ok(api.pay(&token, order).await?)
+            } else {
+                Ok(api.cancel(&token, order).await?)
+            }
+        }));
+    }
+    for t in tasks {
+        let answer: anyhow::Result<String> = t.await?;
+        match answer?.as_str() {
+            "captured" => report.paid += 1,
+            "refund_required" => report.refunds += 1,
+            "cancelled" => report.cancelled += 1,
+            other => bail!("unexpected answer from a holder's action: {other}"),
+        }
+    }
+
+    // The walk-aways expire; then the books must balance.
+    let ttl = Duration::from_secs(plan.hold_ttl_secs.into());
+    report.settled =
+        invariants::wait_quiet(db, ledger, event_id, Some(report.accepted), ttl + Duration::from_secs(60)).await?;
+    report.verdict =
+        Some(invariants::verify(db, ledger, event_id, Some(report.accepted), Duration::from_secs(10)).await?);
+    Ok(report)
+}
+
+/// One buyer: purchase (retrying politely on 429/503 with the same
+/// Idempotency-Key), then follow the intent until it is decided.
+async fn buy(api: &Api, token: &str, event_id: u64) -> anyhow::Result<Outcome> {
+    let key = Uuid::new_v4().to_string();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let intent = loop {
+        match api.purchase(token, event_id, &key, 1).await? {
+            Purchase::Accepted(id) => break id,
+            Purchase::Refused(code) => return Ok(Outcome::Refused(code)),
+            Purchase::RetryAfter(wait) => {
+                if Instant::now() > deadline {
+                    bail!("purchase kept being deferred");
+                }
+                tokio::time::sleep(wait).await;
+            }
+        }
+    };
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let status = api.intent(token, intent).await?;
+        match status.status.as_str() {
+            "queued" => {}
+            "rejected" => return Ok(Outcome::Rejected(status.reason.unwrap_or_default())),
+            _ => return Ok(Outcome::Held(intent)),
+        }
+        if Instant::now() > deadline {
+            bail!("intent {intent} was never decided");
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_millis(500));
+    }
+}

@@ -1,0 +1,185 @@
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use dropctl::api::Api;
+use dropctl::drill::{self, DropPlan, DropReport};
+use dropctl::invariants;
+use dropline::auth::{TokenKeys, ADMIN_SCOPE};
+use dropline::config::{KafkaArgs, MysqlArgs, RedisArgs};
+use dropline::stock::Ledger;
+
+/// Dropline's operator tool.
+#[derive(Parser)]
+#[command(name = "dropctl", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Creates the database if needed and applies the migrations.
+    Migrate {
+        #[command(flatten)]
+        mysql: MysqlArgs,
+    },
+    /// Creates Dropline's topics that do not exist yet.
+    Topics {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+    },
+    /// Prints a bearer token for a user (or an admin).
+    Token {
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        admin: bool,
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: i64,
+        #[arg(long, env = "DROPLINE_JWT_SECRET", default_value = "dropline-local-jwt-secret", hide_env_values = true)]
+        jwt_secret: String,
+    },
+    /// Runs a flash sale against a running deployment and checks the books.
+    Demo {
+        #[arg(long, env = "DROPLINE_INGRESS_URL", default_value = "http://127.0.0.1:8080")]
+        ingress_url: String,
+        #[arg(long, env = "DROPLINE_JWT_SECRET", default_value = "dropline-local-jwt-secret", hide_env_values = true)]
+        jwt_secret: String,
+        /// Tickets on sale.
+        #[arg(long, default_value_t = 500)]
+        tickets: u32,
+        /// Buyers arriving at once; more than the tickets.
+        #[arg(long, default_value_t = 2_000)]
+        buyers: u32,
+        /// Buyers in flight at once.
+        #[arg(long, default_value_t = 256)]
+        concurrency: usize,
+        /// How long a buyer has to pay.
+        #[arg(long, default_value_t = 10)]
+        hold_ttl_secs: u32,
+        /// Share of holders who pay.
+        #[arg(long, default_value_t = 0.6)]
+        pay_share: f64,
+        /// Share of holders who cancel; the rest walk away.
+        #[arg(long, default_value_t = 0.15)]
+        cancel_share: f64,
+        #[command(flatten)]
+        mysql: MysqlArgs,
+        #[command(flatten)]
+        redis: RedisArgs,
+    },
+    /// Checks an event's invariants against MySQL and Redis.
+    Check {
+        #[arg(long)]
+        event: u64,
+        /// How long past its deadline a hold may still be held.
+        #[arg(long, default_value_t = 10)]
+        grace_secs: u64,
+        #[command(flatten)]
+        mysql: MysqlArgs,
+        #[command(flatten)]
+        redis: RedisArgs,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Migrate { mysql } => {
+            dropline::db::create_database(&mysql.url).await.context("creating the database")?;
+            let db = dropline::db::connect(&mysql).await?;
+            dropline::db::migrate(&db).await?;
+            eprintln!("migrations applied");
+        }
+        Command::Topics { kafka } => {
+            let topics = kafka.topics();
+            dropline::kafka::ensure_topics(&kafka, &topics.all()).await?;
+            eprintln!("topics ready: {}", topics.all().join(", "));
+        }
+        Command::Token { user, admin, ttl_secs, jwt_secret } => {
+            let scope = if admin { ADMIN_SCOPE } else { "" };
+            println!("{}", TokenKeys::new(jwt_secret.as_bytes()).mint(&user, ttl_secs, scope)?);
+        }
+        Command::Demo {
+            ingress_url,
+            jwt_secret,
+            tickets,
+            buyers,
+            concurrency,
+            hold_ttl_secs,
+            pay_share,
+            cancel_share,
+            mysql,
+            redis,
+        } => {
+            let plan = DropPlan {
+                tickets,
+                buyers,
+                concurrency,
+                hold_ttl_secs,
+                per_user_limit: 2,
+                pay_share,
+                cancel_share,
+                user_prefix: format!("demo-{}-", chrono::Utc::now().timestamp()),
+            };
+            let db = dropline::db::connect(&mysql).await?;
+            let ledger = Ledger::new(redis.pool()?, &redis.key_prefix);
+            let api = Api::new(&ingress_url)?;
+            eprintln!(
+                "dropline demo: {tickets} tickets, {buyers} buyers ({concurrency} at once), holds last {hold_ttl_secs}s"
+            );
+            let report = drill::run(&api, &TokenKeys::new(jwt_secret.as_bytes()), &db, &ledger, &plan).await?;
+            print_report(&report);
+            if !report.passed() {
+                anyhow::bail!("the drop did not balance");
+            }
+        }
+        Command::Check { event, grace_secs, mysql, redis } => {
+            let db = dropline::db::connect(&mysql).await?;
+            let ledger = Ledger::new(redis.pool()?, &redis.key_prefix);
+            let verdict = invariants::verify(&db, &ledger, event, None, Duration::from_secs(grace_secs)).await?;
+            println!("event {event}:\n{verdict}");
+            if !verdict.all_hold() {
+                anyhow::bail!("invariants do not hold");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_report(r: &DropReport) {
+    let list = |v: &[(String, u64)]| {
+        if v.is_empty() {
+            "none".to_owned()
+        } else {
+            v.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", ")
+        }
+    };
+    let m = r.final_counts();
+    println!();
+    println!("== Dropline flash-sale demo: event {} ==", r.event_id);
+    println!("tickets {}, buyers {}", r.tickets, r.buyers);
+    println!(
+        "flood: {} purchases accepted (202) in {:.2}s; refused at the door: {}",
+        r.accepted,
+        r.flood_secs,
+        list(&r.refused_at_door)
+    );
+    println!("decisions: held {}, rejected: {}", r.held, list(&r.rejected));
+    println!(
+        "at sell-out: Redis available {} held {} sold {}; MySQL held {}",
+        r.at_sellout_redis.available, r.at_sellout_redis.held, r.at_sellout_redis.sold, r.at_sellout_mysql_held
+    );
+    println!(
+        "holders then: {} paid, {} cancelled, {} walked away ({} payments refunded)",
+        r.paid, r.cancelled, r.walked_away, r.refunds
+    );
+    println!("final (MySQL): sold {}, cancelled {}, expired {}, still held {}", m.paid, m.cancelled, m.expired, m.held);
+    println!("oversold: {}", r.oversold());
+    println!("pipeline settled: {}", if r.settled { "yes" } else { "NO" });
+    if let Some(v) = &r.verdict {
+        println!("invariants:\n{v}");
+    }
+    println!("result: {}", if r.passed() { "PASS" } else { "FAIL" });
+}

@@ -1,0 +1,215 @@
+//! A whole Dropline deployment inside the test process: the four stages and
+//! the payment simulator, on the real local Redis, MariaDB and broker, with
+//! a database, topic prefix and consumer groups of its own.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use dropline::auth::TokenKeys;
+use dropline::config::{KafkaArgs, MysqlArgs};
+use dropline::messages::Topics;
+use dropline::stock::Ledger;
+use sqlx::MySqlPool;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const JWT_SECRET: &str = "test-jwt-secret-0123456789";
+pub const WEBHOOK_SECRET: &str = "test-webhook-secret-0123456789";
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+pub fn brokers() -> String {
+    env_or("DROPLINE_KAFKA_BROKERS", "127.0.0.1:9092")
+}
+
+pub fn redis_url() -> String {
+    env_or("DROPLINE_REDIS_URL", "redis://127.0.0.1:6379")
+}
+
+/// The server part of the MySQL URL, without a database.
+pub fn mysql_server() -> String {
+    env_or("DROPLINE_TEST_MYSQL_SERVER", "mysql://root@127.0.0.1:3306")
+}
+
+#[derive(Parser)]
+struct KafkaOnly {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+}
+
+pub struct Stack {
+    pub name: String,
+    pub api: String,
+    pub paysim: String,
+    pub keys: TokenKeys,
+    pub db: MySqlPool,
+    pub ledger: Ledger,
+    pub topics: Topics,
+    pub kafka: KafkaArgs,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+pub struct Options {
+    /// Start the allocator, settler and expirer (the ingress and paysim
+    /// always run).
+    pub consumers: bool,
+    pub user_per_sec: u32,
+    pub user_burst: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self { consumers: true, user_per_sec: 1000, user_burst: 1000 }
+    }
+}
+
+impl Stack {
+    pub async fn start(options: Options) -> Stack {
+        dropline::telemetry::init_logs();
+        let name = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let db_url = format!("{}/dropline_{name}", mysql_server());
+        dropline::db::create_database(&db_url).await.expect("create the test database");
+        let shutdown = CancellationToken::new();
+        let mut tasks = Vec::new();
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let api_addr = listener.local_addr().unwrap();
+        let paysim = dropline_paysim::start(
+            dropline_paysim::PaysimConfig::parse_from([
+                "paysim",
+                "--listen-addr=127.0.0.1:0",
+                &format!("--webhook-url=http://{api_addr}/v1/webhooks/payments"),
+                &format!("--webhook-secret={WEBHOOK_SECRET}"),
+                "--max-attempts=3",
+            ]),
+            shutdown.clone(),
+        )
+        .await
+        .unwrap();
+
+        let common = [
+            format!("--kafka-brokers={}", brokers()),
+            format!("--topic-prefix={name}"),
+            "--topic-partitions=3".to_owned(),
+            "--drain-timeout-secs=5".to_owned(),
+        ];
+        let redis = format!("--redis-url={}", redis_url());
+        let redis_prefix = format!("--redis-key-prefix={name}");
+        let mysql = format!("--mysql-url={db_url}");
+        let ingress_config = dropline_ingress::IngressConfig::parse_from(
+            [
+                "ingress".to_owned(),
+                mysql.clone(),
+                redis.clone(),
+                redis_prefix.clone(),
+                format!("--jwt-secret={JWT_SECRET}"),
+            ]
+            .into_iter()
+            .chain([
+                format!("--webhook-secret={WEBHOOK_SECRET}"),
+                format!("--payment-provider-url=http://{}", paysim.addr),
+                format!("--user-per-sec={}", options.user_per_sec),
+                format!("--user-burst={}", options.user_burst),
+                "--event-cache-ttl-ms=200".to_owned(),
+                "--max-body-bytes=1024".to_owned(),
+            ])
+            .chain(common.iter().cloned()),
+        );
+        let ingress = dropline_ingress::start_on(listener, ingress_config, shutdown.clone()).await.unwrap();
+        tasks.push(tokio::spawn(async move {
+            let _ = ingress.task.await;
+        }));
+
+        if options.consumers {
+            let group = |stage: &str| format!("--group-id={name}-{stage}");
+            let allocator = dropline_allocator::AllocatorConfig::parse_from(
+                ["allocator".to_owned(), group("allocator"), redis.clone(), redis_prefix.clone()]
+                    .into_iter()
+                    .chain(common.iter().cloned()),
+            );
+            let settler = dropline_settler::SettlerConfig::parse_from(
+                ["settler".to_owned(), group("settler"), mysql.clone(), "--batch-linger-ms=5".to_owned()]
+                    .into_iter()
+                    .chain(common.iter().cloned()),
+            );
+            let expirer = dropline_expirer::ExpirerConfig::parse_from(
+                [
+                    "expirer".to_owned(),
+                    group("expirer"),
+                    redis.clone(),
+                    redis_prefix.clone(),
+                    "--tick-ms=50".to_owned(),
+                ]
+                .into_iter()
+                .chain(common.iter().cloned()),
+            );
+            let s = shutdown.clone();
+            tasks.push(tokio::spawn(async move { dropline_allocator::run(allocator, s).await.unwrap() }));
+            let s = shutdown.clone();
+            tasks.push(tokio::spawn(async move { dropline_settler::run(settler, s).await.unwrap() }));
+            let s = shutdown.clone();
+            tasks.push(tokio::spawn(async move { dropline_expirer::run(expirer, s).await.unwrap() }));
+        }
+
+        let kafka = KafkaOnly::parse_from(["kafka".to_owned()].into_iter().chain(common[..3].iter().cloned())).kafka;
+        let db = dropline::db::connect(&MysqlArgs { url: db_url, pool_size: 5 }).await.unwrap();
+        let pool =
+            deadpool_redis::Config::from_url(redis_url()).create_pool(Some(deadpool_redis::Runtime::Tokio1)).unwrap();
+        Stack {
+            api: format!("http://{api_addr}"),
+            paysim: format!("http://{}", paysim.addr),
+            keys: TokenKeys::new(JWT_SECRET.as_bytes()),
+            db,
+            ledger: Ledger::new(pool, &name),
+            topics: kafka.topics(),
+            kafka,
+            name,
+            shutdown,
+            tasks,
+        }
+    }
+
+    pub fn token(&self, user: &str) -> String {
+        self.keys.mint(user, 600, "").unwrap()
+    }
+
+    pub fn admin_token(&self) -> String {
+        self.keys.mint("admin", 600, dropline::auth::ADMIN_SCOPE).unwrap()
+    }
+
+    /// Stops every stage (a graceful drain) and drops the test database.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        for t in self.tasks {
+            tokio::time::timeout(Duration::from_secs(30), t).await.expect("stages drain in time").unwrap();
+        }
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS dropline_{}", self.name)).execute(&self.db).await;
+    }
+}
+
+/// Polls `probe` until it yields `Some`, failing the test after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn addr_of(url: &str) -> SocketAddr {
+    url.trim_start_matches("http://").parse().unwrap()
+}
