@@ -164,3 +164,215 @@ async fn a_malformed_intent_is_dead_lettered_and_the_partition_keeps_flowing() {
     assert_eq!(stage, b"allocator");
     stack.stop().await;
 }
+
+/// Purchases and follows the intent until it is decided.
+async fn buy_and_wait(stack: &Stack, api: &Api, user: &str, event: u64, quantity: u32) -> (Uuid, serde_json::Value) {
+    let token = stack.token(user);
+    let key = Uuid::new_v4().to_string();
+    let intent = match api.purchase(&token, event, &key, quantity).await.unwrap() {
+        dropctl::api::Purchase::Accepted(id) => id,
+        other => panic!("purchase not accepted: {other:?}"),
+    };
+    let status = eventually("the decision", Duration::from_secs(30), || async {
+        let s = api.intent(&token, intent).await.unwrap();
+        (s.status != "queued").then_some(s)
+    })
+    .await;
+    (intent, json!({ "status": status.status, "reason": status.reason, "order": status.order }))
+}
+
+async fn order_state_in_mysql(stack: &Stack, order: Uuid) -> Option<String> {
+    sqlx::query_as::<_, (String,)>("SELECT CAST(state AS CHAR) FROM orders WHERE order_id = ?")
+        .bind(order.to_string())
+        .fetch_optional(&stack.db)
+        .await
+        .unwrap()
+        .map(|r| r.0)
+}
+
+async fn wait_order_state(stack: &Stack, order: Uuid, state: &str) {
+    eventually(&format!("order {order} {state} in MySQL"), Duration::from_secs(30), || async {
+        (order_state_in_mysql(stack, order).await.as_deref() == Some(state)).then_some(())
+    })
+    .await
+}
+
+async fn payments_of(stack: &Stack, order: Uuid) -> Vec<(String, String)> {
+    sqlx::query_as("SELECT payment_id, CAST(disposition AS CHAR) FROM payments WHERE order_id = ?")
+        .bind(order.to_string())
+        .fetch_all(&stack.db)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_buyers_racing_for_the_last_ticket_over_http_get_one_hold() {
+    let stack = Stack::start(Options::default()).await;
+    let api = Api::new(&stack.api).unwrap();
+    let event = open_event(&stack, 1, 60).await;
+    let (a, b) =
+        tokio::join!(buy_and_wait(&stack, &api, "racer-a", event, 1), buy_and_wait(&stack, &api, "racer-b", event, 1));
+    let statuses = [a.1["status"].as_str().unwrap(), b.1["status"].as_str().unwrap()];
+    assert_eq!(statuses.iter().filter(|s| **s == "held").count(), 1, "{a:?} {b:?}");
+    let loser = if statuses[0] == "held" { &b.1 } else { &a.1 };
+    assert_eq!(loser["reason"], "sold_out");
+    let levels = stack.ledger.levels(event).await.unwrap().unwrap();
+    assert_eq!((levels.available, levels.held), (0, 1));
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_user_limit_holds_across_purchases() {
+    let stack = Stack::start(Options::default()).await;
+    let api = Api::new(&stack.api).unwrap();
+    let event = open_event(&stack, 10, 60).await;
+    let (_, first) = buy_and_wait(&stack, &api, "greedy", event, 2).await;
+    assert_eq!(first["status"], "held");
+    let (_, second) = buy_and_wait(&stack, &api, "greedy", event, 1).await;
+    assert_eq!((second["status"].as_str(), second["reason"].as_str()), (Some("rejected"), Some("limit_reached")));
+    assert_eq!(stack.ledger.user_units(event, "greedy").await.unwrap(), 2);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_gives_the_stock_back_at_once() {
+    let stack = Stack::start(Options::default()).await;
+    let api = Api::new(&stack.api).unwrap();
+    let event = open_event(&stack, 1, 60).await;
+    let (order, held) = buy_and_wait(&stack, &api, "canceller", event, 1).await;
+    assert_eq!(held["status"], "held");
+    let token = stack.token("canceller");
+    assert_eq!(api.cancel(&stack.token("someone-else"), order).await.unwrap(), "order_not_found");
+    assert_eq!(api.cancel(&token, order).await.unwrap(), "cancelled");
+    let levels = stack.ledger.levels(event).await.unwrap().unwrap();
+    assert_eq!((levels.available, levels.held), (1, 0), "the stock is back as soon as cancel answers");
+    assert_eq!(api.cancel(&token, order).await.unwrap(), "cancelled", "cancelling twice is harmless");
+    wait_order_state(&stack, order, "cancelled").await;
+    // The ticket is for sale again.
+    let (_, next) = buy_and_wait(&stack, &api, "next-in-line", event, 1).await;
+    assert_eq!(next["status"], "held");
+    // A paid or cancelled order cannot be paid for again.
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/orders/{order}/payments", stack.api))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::CONFLICT);
+    stack.stop().await;
+}
+
+/// Opens a payment at the provider for a held order; returns its checkout.
+async fn open_payment(stack: &Stack, user: &str, order: Uuid) -> String {
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/orders/{order}/payments", stack.api))
+        .bearer_auth(stack.token(user))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::CREATED);
+    r.json::<serde_json::Value>().await.unwrap()["checkout_url"].as_str().unwrap().to_owned()
+}
+
+async fn confirm(checkout: &str, copies: u32) -> serde_json::Value {
+    let r = reqwest::Client::new().post(format!("{checkout}/confirm?wait=true&copies={copies}")).send().await.unwrap();
+    assert!(r.status().is_success());
+    let body: serde_json::Value = r.json().await.unwrap();
+    serde_json::from_str(body["webhook_body"].as_str().unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payment_after_expiry_is_recorded_for_refund_and_the_stock_is_released_once() {
+    let stack = Stack::start(Options::default()).await;
+    let api = Api::new(&stack.api).unwrap();
+    let event = open_event(&stack, 1, 1).await;
+    let (order, held) = buy_and_wait(&stack, &api, "slowpoke", event, 1).await;
+    assert_eq!(held["status"], "held");
+    let checkout = open_payment(&stack, "slowpoke", order).await;
+    // The expirer releases the hold at its deadline.
+    wait_order_state(&stack, order, "expired").await;
+    let levels = stack.ledger.levels(event).await.unwrap().unwrap();
+    assert_eq!((levels.available, levels.held, levels.sold), (1, 0, 0));
+    // The buyer pays anyway: the money is recorded for refund, never lost.
+    let answer = confirm(&checkout, 1).await;
+    assert_eq!(answer["status"], "refund_required");
+    assert_eq!(answer["order_state"], "expired");
+    let payments = eventually("the refund record", Duration::from_secs(30), || async {
+        let p = payments_of(&stack, order).await;
+        (!p.is_empty()).then_some(p)
+    })
+    .await;
+    assert_eq!(payments.len(), 1);
+    assert_eq!(payments[0].1, "refund_required");
+    assert_eq!(order_state_in_mysql(&stack, order).await.as_deref(), Some("expired"));
+    let levels = stack.ledger.levels(event).await.unwrap().unwrap();
+    assert_eq!((levels.available, levels.held, levels.sold), (1, 0, 0), "released exactly once");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payment_racing_the_expiry_ends_the_order_one_way_only() {
+    let stack = Stack::start(Options::default()).await;
+    let api = Api::new(&stack.api).unwrap();
+    let event = open_event(&stack, 5, 1).await;
+    let mut orders = Vec::new();
+    for i in 0..5 {
+        let user = format!("racer-{i}");
+        let (order, _) = buy_and_wait(&stack, &api, &user, event, 1).await;
+        orders.push((order, open_payment(&stack, &user, order).await));
+    }
+    // Pay each hold close to its one-second deadline, staggered around it,
+    // while the expirer is working through the same holds.
+    let hold = stack.ledger.hold(event, orders[0].0).await.unwrap().unwrap();
+    let mut tasks = Vec::new();
+    for (i, (order, checkout)) in orders.iter().cloned().enumerate() {
+        let at = hold.expires_at_ms - 200 + 100 * i as i64;
+        tasks.push(tokio::spawn(async move {
+            let wait = (at - dropline::messages::now_ms()).max(0) as u64;
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+            (order, confirm(&checkout, 1).await)
+        }));
+    }
+    let mut paid = 0;
+    for t in tasks {
+        let (order, answer) = t.await.unwrap();
+        let state = answer["order_state"].as_str().unwrap().to_owned();
+        match answer["status"].as_str().unwrap() {
+            "captured" => {
+                assert_eq!(state, "paid");
+                paid += 1;
+            }
+            "refund_required" => assert_eq!(state, "expired"),
+            other => panic!("unexpected {other}"),
+        }
+        wait_order_state(&stack, order, &state).await;
+    }
+    let levels = stack.ledger.levels(event).await.unwrap().unwrap();
+    assert_eq!((levels.sold, levels.held, levels.available), (paid, 0, 5 - paid));
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicated_webhooks_make_one_paid_order_and_one_payment() {
+    let stack = Stack::start(Options::default()).await;
+    let api = Api::new(&stack.api).unwrap();
+    let event = open_event(&stack, 3, 60).await;
+    let (order, _) = buy_and_wait(&stack, &api, "payer", event, 1).await;
+    let checkout = open_payment(&stack, "payer", order).await;
+    let answer = confirm(&checkout, 4).await;
+    assert_eq!(answer["status"], "captured");
+    wait_order_state(&stack, order, "paid").await;
+    let payments = eventually("the payment record", Duration::from_secs(30), || async {
+        let p = payments_of(&stack, order).await;
+        (!p.is_empty()).then_some(p)
+    })
+    .await;
+    assert_eq!(payments.len(), 1, "{payments:?}");
+    assert_eq!(payments[0].1, "captured");
+    let levels = stack.ledger.levels(event).await.unwrap().unwrap();
+    assert_eq!((levels.sold, levels.held, levels.available), (1, 0, 2));
+    // The status follows the order.
+    let status = api.intent(&stack.token("payer"), order).await.unwrap();
+    assert_eq!(status.status, "paid");
+    stack.stop().await;
+}

@@ -1,0 +1,410 @@
+//! Every endpoint's bad input gets a problem+json 4xx with a stable code,
+//! and changes nothing. Runs the ingress and paysim only (no consumers), on
+//! the real Redis, MariaDB and broker.
+
+mod common;
+
+use common::{Options, Stack, WEBHOOK_SECRET};
+use dropline::payments::{sign, SIGNATURE_HEADER};
+use reqwest::{Client, Method, StatusCode};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+/// Sends a request and checks it was refused with `status` and `code`.
+async fn refused(req: reqwest::RequestBuilder, status: StatusCode, code: &str) -> Value {
+    let r = req.send().await.unwrap();
+    let got = r.status();
+    let content_type = r.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned());
+    let body: Value = r.json().await.unwrap_or(Value::Null);
+    assert_eq!((got, body["code"].as_str()), (status, Some(code)), "{body}");
+    assert_eq!(content_type.as_deref(), Some("application/problem+json"));
+    assert_eq!(body["status"], status.as_u16());
+    assert!(body["title"].is_string());
+    body
+}
+
+fn event_body(opens_in_secs: i64) -> Value {
+    let now = chrono::Utc::now();
+    json!({
+        "name": "API test", "venue": "Hall",
+        "starts_at": now + chrono::Duration::days(1),
+        "sale_opens_at": now + chrono::Duration::seconds(opens_in_secs),
+        "sale_closes_at": now + chrono::Duration::seconds(opens_in_secs + 3600),
+        "capacity": 5, "price_cents": 1200, "currency": "EUR",
+        "per_user_limit": 2, "hold_ttl_secs": 60,
+    })
+}
+
+async fn create_event(stack: &Stack, http: &Client, body: &Value) -> u64 {
+    let r = http
+        .post(format!("{}/v1/admin/events", stack.api))
+        .bearer_auth(stack.admin_token())
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    r.json::<Value>().await.unwrap()["id"].as_u64().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_purchases_are_refused_and_change_nothing() {
+    let stack = Stack::start(Options { consumers: false, ..Default::default() }).await;
+    let http = Client::new();
+    let event = create_event(&stack, &http, &event_body(-5)).await;
+    let url = format!("{}/v1/events/{event}/purchases", stack.api);
+    let token = stack.token("alice");
+    let post = |key: &str| http.post(&url).bearer_auth(&token).header("idempotency-key", key);
+
+    refused(http.post(&url).json(&json!({"quantity": 1})), StatusCode::UNAUTHORIZED, "unauthorized").await;
+    refused(
+        http.post(&url).bearer_auth("not-a-jwt").header("idempotency-key", "k"),
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    )
+    .await;
+    let foreign = dropline::auth::TokenKeys::new(b"some-other-secret-entirely").mint("alice", 60, "").unwrap();
+    refused(
+        http.post(&url).bearer_auth(foreign).header("idempotency-key", "k").json(&json!({"quantity": 1})),
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    )
+    .await;
+    refused(
+        http.post(&url).bearer_auth(&token).json(&json!({"quantity": 1})),
+        StatusCode::BAD_REQUEST,
+        "missing_idempotency_key",
+    )
+    .await;
+    refused(post(&"k".repeat(300)).json(&json!({"quantity": 1})), StatusCode::BAD_REQUEST, "invalid_header").await;
+    refused(post("k1").body("{\"quantity\": 1}"), StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type").await;
+    refused(
+        post("k1").header("content-type", "application/json").body("{\"quantity\": "),
+        StatusCode::BAD_REQUEST,
+        "invalid_body",
+    )
+    .await;
+    refused(post("k1").json(&json!({"quantity": "one"})), StatusCode::BAD_REQUEST, "invalid_body").await;
+    refused(post("k1").json(&json!({"quantity": 1, "price": 0})), StatusCode::BAD_REQUEST, "invalid_body").await;
+    refused(post("k1").json(&json!({"quantity": -1})), StatusCode::BAD_REQUEST, "invalid_body").await;
+    refused(post("k1").json(&json!({"quantity": 0})), StatusCode::BAD_REQUEST, "invalid_body").await;
+    let body = refused(post("k1").json(&json!({"quantity": 3})), StatusCode::BAD_REQUEST, "invalid_body").await;
+    assert!(body["errors"][0].as_str().unwrap().contains("quantity"), "{body}");
+    refused(
+        post("k1").header("content-type", "application/json").body(vec![b' '; 4096]),
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+    )
+    .await;
+    let other = format!("{}/v1/events/abc/purchases", stack.api);
+    refused(
+        http.post(&other).bearer_auth(&token).header("idempotency-key", "k1").json(&json!({"quantity": 1})),
+        StatusCode::NOT_FOUND,
+        "event_not_found",
+    )
+    .await;
+    let missing = format!("{}/v1/events/999999/purchases", stack.api);
+    refused(
+        http.post(&missing).bearer_auth(&token).header("idempotency-key", "k1").json(&json!({"quantity": 1})),
+        StatusCode::NOT_FOUND,
+        "event_not_found",
+    )
+    .await;
+
+    // Nothing moved in the ledger, and no intent was recorded for the key.
+    let levels = stack.ledger.levels(event).await.unwrap().unwrap();
+    assert_eq!((levels.available, levels.held), (5, 0));
+    let intent = dropline_ingress::intents::intent_id("alice", "k1");
+    let store = dropline_ingress::intents::IntentStore::new(stack.ledger.pool().clone(), &stack.name, 60);
+    assert_eq!(store.get(intent).await.unwrap(), None);
+
+    // A sale that has not opened is refused at the door.
+    let later = create_event(&stack, &http, &event_body(3600)).await;
+    let url = format!("{}/v1/events/{later}/purchases", stack.api);
+    refused(
+        http.post(&url).bearer_auth(&token).header("idempotency-key", "k2").json(&json!({"quantity": 1})),
+        StatusCode::CONFLICT,
+        "sale_not_open",
+    )
+    .await;
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_returns_the_same_answer_and_cannot_be_reused() {
+    let stack = Stack::start(Options { consumers: false, ..Default::default() }).await;
+    let http = Client::new();
+    let event = create_event(&stack, &http, &event_body(-5)).await;
+    let url = format!("{}/v1/events/{event}/purchases", stack.api);
+    let token = stack.token("bob");
+    let request = |q: u32| {
+        http.post(&url).bearer_auth(&token).header("idempotency-key", "same-key").json(&json!({"quantity": q}))
+    };
+    let send = |q: u32| request(q).send();
+    let first = send(1).await.unwrap();
+    assert_eq!(first.status(), StatusCode::ACCEPTED);
+    let location = first.headers()["location"].to_str().unwrap().to_owned();
+    let first: Value = first.json().await.unwrap();
+    let again = send(1).await.unwrap();
+    assert_eq!(again.status(), StatusCode::ACCEPTED);
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(first, again);
+    assert_eq!(location, format!("/v1/intents/{}", first["intent_id"].as_str().unwrap()));
+    assert_eq!(first["status"], "queued");
+    refused(request(2), StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused").await;
+    // Another buyer's same key is another purchase.
+    let carol = http
+        .post(&url)
+        .bearer_auth(stack.token("carol"))
+        .header("idempotency-key", "same-key")
+        .json(&json!({"quantity": 1}))
+        .send()
+        .await
+        .unwrap();
+    let carol: Value = carol.json().await.unwrap();
+    assert_ne!(carol["intent_id"], first["intent_id"]);
+
+    // The status is the buyer's only; nobody else sees it.
+    let status_url = format!("{}{location}", stack.api);
+    let mine: Value = http.get(&status_url).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+    assert_eq!(mine["status"], "queued", "no allocator runs in this test");
+    refused(http.get(&status_url).bearer_auth(stack.token("mallory")), StatusCode::NOT_FOUND, "not_found").await;
+    refused(
+        http.get(format!("{}/v1/intents/not-a-uuid", stack.api)).bearer_auth(&token),
+        StatusCode::NOT_FOUND,
+        "not_found",
+    )
+    .await;
+    refused(http.get(&status_url), StatusCode::UNAUTHORIZED, "unauthorized").await;
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buyer_over_their_rate_gets_429_with_retry_after() {
+    let stack = Stack::start(Options { consumers: false, user_per_sec: 1, user_burst: 2 }).await;
+    let http = Client::new();
+    // A sale that has not opened answers right after the limiter, so the
+    // requests are quick and produce nothing.
+    let event = create_event(&stack, &http, &event_body(3600)).await;
+    let url = format!("{}/v1/events/{event}/purchases", stack.api);
+    let token = stack.token("dan");
+    let started = std::time::Instant::now();
+    let mut let_through = 0;
+    let refusal = loop {
+        let r = http
+            .post(&url)
+            .bearer_auth(&token)
+            .header("idempotency-key", format!("r{let_through}"))
+            .json(&json!({"quantity": 1}))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == StatusCode::TOO_MANY_REQUESTS {
+            break r;
+        }
+        assert_eq!(r.status(), StatusCode::CONFLICT, "past the limiter: the sale is not open");
+        let_through += 1;
+        assert!(let_through <= 10, "the limiter never refused");
+    };
+    // The burst of 2, plus one per second that passed meanwhile.
+    assert!(let_through >= 2 && let_through <= 2 + started.elapsed().as_secs() + 1, "{let_through} let through");
+    let retry: u64 = refusal.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=2).contains(&retry));
+    let body: Value = refusal.json().await.unwrap();
+    assert_eq!(body["code"], "rate_limited");
+    // Another buyer is not held back by dan.
+    let r = http
+        .post(&url)
+        .bearer_auth(stack.token("eve"))
+        .header("idempotency-key", "e1")
+        .json(&json!({"quantity": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_admin_and_event_requests_are_refused() {
+    let stack = Stack::start(Options { consumers: false, ..Default::default() }).await;
+    let http = Client::new();
+    let admin_url = format!("{}/v1/admin/events", stack.api);
+    refused(http.post(&admin_url).json(&event_body(0)), StatusCode::UNAUTHORIZED, "unauthorized").await;
+    refused(
+        http.post(&admin_url).bearer_auth(stack.token("buyer")).json(&event_body(0)),
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    )
+    .await;
+    let admin = stack.admin_token();
+    refused(
+        http.post(&admin_url).bearer_auth(&admin).body("{}"),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+    )
+    .await;
+    refused(
+        http.post(&admin_url).bearer_auth(&admin).json(&json!({"name": "x"})),
+        StatusCode::BAD_REQUEST,
+        "invalid_body",
+    )
+    .await;
+    let mut bad = event_body(0);
+    bad["capacity"] = json!(0);
+    bad["currency"] = json!("euro");
+    bad["per_user_limit"] = json!(0);
+    bad["sale_closes_at"] = bad["sale_opens_at"].clone();
+    bad["name"] = json!("  ");
+    let body =
+        refused(http.post(&admin_url).bearer_auth(&admin).json(&bad), StatusCode::BAD_REQUEST, "invalid_body").await;
+    assert_eq!(body["errors"].as_array().unwrap().len(), 5, "every problem is reported at once: {body}");
+    let (events,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM events").fetch_one(&stack.db).await.unwrap();
+    assert_eq!(events, 0, "no event was created");
+
+    refused(
+        http.post(format!("{}/v1/admin/events/77/prewarm", stack.api)).bearer_auth(&admin),
+        StatusCode::NOT_FOUND,
+        "event_not_found",
+    )
+    .await;
+    refused(http.get(format!("{}/v1/events/0", stack.api)), StatusCode::NOT_FOUND, "event_not_found").await;
+    refused(http.get(format!("{}/v1/events/12x", stack.api)), StatusCode::NOT_FOUND, "event_not_found").await;
+    refused(http.get(format!("{}/v1/events?limit=0", stack.api)), StatusCode::BAD_REQUEST, "invalid_query").await;
+    refused(http.get(format!("{}/v1/events?limit=abc&after=-1", stack.api)), StatusCode::BAD_REQUEST, "invalid_query")
+        .await;
+    refused(http.get(format!("{}/v1/events?colour=red", stack.api)), StatusCode::BAD_REQUEST, "invalid_query").await;
+    refused(http.get(format!("{}/v1/nowhere", stack.api)), StatusCode::NOT_FOUND, "not_found").await;
+    refused(
+        http.request(Method::DELETE, format!("{}/v1/events", stack.api)),
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+    )
+    .await;
+
+    // Good requests: create, prewarm again (a no-op), list, search, read.
+    let id = create_event(&stack, &http, &event_body(-5)).await;
+    let again: Value = http
+        .post(format!("{}/v1/admin/events/{id}/prewarm", stack.api))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(again["created"], false);
+    let one: Value = http.get(format!("{}/v1/events/{id}", stack.api)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(one["availability"]["available"], 5);
+    assert_eq!(one["capacity"], 5);
+    let found: Value =
+        http.get(format!("{}/v1/events?q=API%20test&limit=10", stack.api)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(found["events"].as_array().unwrap().len(), 1);
+    let none: Value =
+        http.get(format!("{}/v1/events?q=nothing-like-it", stack.api)).send().await.unwrap().json().await.unwrap();
+    assert!(none["events"].as_array().unwrap().is_empty());
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_order_requests_are_refused() {
+    let stack = Stack::start(Options { consumers: false, ..Default::default() }).await;
+    let http = Client::new();
+    let token = stack.token("fred");
+    let unknown = Uuid::new_v4();
+    for (method, path) in [
+        (Method::GET, format!("/v1/orders/{unknown}")),
+        (Method::POST, format!("/v1/orders/{unknown}/cancel")),
+        (Method::POST, format!("/v1/orders/{unknown}/payments")),
+        (Method::GET, "/v1/orders/not-a-uuid".to_owned()),
+        (Method::POST, "/v1/orders/not-a-uuid/cancel".to_owned()),
+    ] {
+        let url = format!("{}{path}", stack.api);
+        refused(http.request(method.clone(), &url).bearer_auth(&token), StatusCode::NOT_FOUND, "order_not_found").await;
+        refused(http.request(method, &url), StatusCode::UNAUTHORIZED, "unauthorized").await;
+    }
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_with_bad_signatures_or_stale_timestamps_are_refused_and_change_nothing() {
+    let stack = Stack::start(Options::default()).await;
+    let http = Client::new();
+    let event = create_event(&stack, &http, &event_body(-5)).await;
+    let token = stack.token("gina");
+    let api = dropctl::api::Api::new(&stack.api).unwrap();
+    let dropctl::api::Purchase::Accepted(order) = api.purchase(&token, event, "g1", 1).await.unwrap() else { panic!() };
+    common::eventually("the hold", std::time::Duration::from_secs(30), || async {
+        stack.ledger.hold(event, order).await.unwrap()
+    })
+    .await;
+
+    let url = format!("{}/v1/webhooks/payments", stack.api);
+    let body = serde_json::to_vec(&json!({
+        "id": "evt_1", "type": "payment.succeeded", "payment_id": "pay_1", "order_id": order,
+        "amount_cents": 1200, "currency": "EUR", "created_at": 0
+    }))
+    .unwrap();
+    let now = chrono::Utc::now().timestamp();
+    let hook = |sig: Option<String>, body: Vec<u8>| {
+        let mut r = http.post(&url).header("content-type", "application/json").body(body);
+        if let Some(sig) = sig {
+            r = r.header(SIGNATURE_HEADER, sig);
+        }
+        r
+    };
+    refused(hook(None, body.clone()), StatusCode::UNAUTHORIZED, "invalid_signature").await;
+    refused(
+        hook(Some(sign(b"wrong-secret-wrong-secret", now, &body)), body.clone()),
+        StatusCode::UNAUTHORIZED,
+        "invalid_signature",
+    )
+    .await;
+    refused(hook(Some("t=abc,v1=zz".into()), body.clone()), StatusCode::UNAUTHORIZED, "invalid_signature").await;
+    // Signed, then tampered with.
+    let mut tampered = body.clone();
+    let sig = sign(WEBHOOK_SECRET.as_bytes(), now, &body);
+    tampered.extend_from_slice(b" ");
+    refused(hook(Some(sig), tampered), StatusCode::UNAUTHORIZED, "invalid_signature").await;
+    refused(
+        hook(Some(sign(WEBHOOK_SECRET.as_bytes(), now - 3600, &body)), body.clone()),
+        StatusCode::UNAUTHORIZED,
+        "stale_signature",
+    )
+    .await;
+    refused(
+        hook(Some(sign(WEBHOOK_SECRET.as_bytes(), now + 3600, &body)), body.clone()),
+        StatusCode::UNAUTHORIZED,
+        "stale_signature",
+    )
+    .await;
+    let garbage = b"{\"id\": 1}".to_vec();
+    refused(
+        hook(Some(sign(WEBHOOK_SECRET.as_bytes(), now, &garbage)), garbage),
+        StatusCode::BAD_REQUEST,
+        "invalid_body",
+    )
+    .await;
+    let stranger = serde_json::to_vec(&json!({
+        "id": "evt_2", "type": "payment.succeeded", "payment_id": "pay_2", "order_id": Uuid::new_v4(),
+        "amount_cents": 1200, "currency": "EUR", "created_at": 0
+    }))
+    .unwrap();
+    refused(
+        hook(Some(sign(WEBHOOK_SECRET.as_bytes(), now, &stranger)), stranger),
+        StatusCode::NOT_FOUND,
+        "order_not_found",
+    )
+    .await;
+
+    let hold = stack.ledger.hold(event, order).await.unwrap().unwrap();
+    assert_eq!(hold.state, dropline::messages::OrderState::Held, "no bad webhook paid the order");
+    assert_eq!(stack.ledger.levels(event).await.unwrap().unwrap().sold, 0);
+
+    // The genuine webhook pays it.
+    let r = hook(Some(sign(WEBHOOK_SECRET.as_bytes(), now, &body)), body.clone()).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.json::<Value>().await.unwrap()["status"], "captured");
+    assert_eq!(stack.ledger.levels(event).await.unwrap().unwrap().sold, 1);
+    stack.stop().await;
+}
