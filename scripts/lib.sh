@@ -100,8 +100,13 @@ ensure_tansu() {
   wait_for "tansu" 30 port_open "$KAFKA_PORT"
 }
 
+ensure_tools() {
+  command -v curl >/dev/null || apt_install curl
+}
+
 # The stores and the broker; what both the tests and the demo need.
 ensure_infra() {
+  ensure_tools
   ensure_redis
   ensure_mariadb
   ensure_tansu

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Dropline's local stack: Redis, MariaDB, the tansu broker, and the five
+# processes (ingress, allocator, settler, expirer, paysim).
+#
+#   scripts/stack.sh up        stores + broker + schema + topics + services
+#   scripts/stack.sh infra     stores + broker only (what the tests need)
+#   scripts/stack.sh status    what is running
+#   scripts/stack.sh down      stop the services and the broker started here
+#
+# Every step reuses what already runs. Logs and pids go to .dropline/.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+
+INGRESS_ADDR=${INGRESS_ADDR:-127.0.0.1:8080}
+PAYSIM_ADDR=${PAYSIM_ADDR:-127.0.0.1:8090}
+export DROPLINE_MYSQL_URL=${DROPLINE_MYSQL_URL:-mysql://root@127.0.0.1:$MYSQL_PORT/dropline}
+export DROPLINE_REDIS_URL=${DROPLINE_REDIS_URL:-redis://127.0.0.1:$REDIS_PORT}
+export DROPLINE_KAFKA_BROKERS=${DROPLINE_KAFKA_BROKERS:-127.0.0.1:$KAFKA_PORT}
+BIN=$DROPLINE_ROOT/target/release
+
+# name, ops port: every service's /healthz, /readyz and /metrics.
+SERVICES="ingress:9100 allocator:9101 settler:9102 expirer:9103"
+
+build() {
+  log "building release binaries"
+  (cd "$DROPLINE_ROOT" && cargo build --release --locked --bins >&2)
+}
+
+running() { [ -f "$STATE_DIR/$1.pid" ] && kill -0 "$(cat "$STATE_DIR/$1.pid")" 2>/dev/null; }
+
+start_one() {
+  local name=$1; shift
+  if running "$name"; then
+    log "$name already running (pid $(cat "$STATE_DIR/$name.pid"))"
+    return
+  fi
+  env "$@" nohup "$BIN/$(binary "$name")" >>"$STATE_DIR/$name.log" 2>&1 &
+  echo $! >"$STATE_DIR/$name.pid"
+  log "$name started (pid $!, log .dropline/$name.log)"
+}
+
+binary() { case $1 in paysim) echo dropline-paysim ;; *) echo "dropline-$1" ;; esac; }
+
+ready() { curl -fsS "http://127.0.0.1:$1/readyz" >/dev/null 2>&1; }
+
+services_up() {
+  build
+  "$BIN/dropctl" migrate
+  "$BIN/dropctl" topics
+  start_one paysim DROPLINE_PAYSIM_LISTEN_ADDR="$PAYSIM_ADDR" \
+    DROPLINE_PAYSIM_WEBHOOK_URL="http://$INGRESS_ADDR/v1/webhooks/payments"
+  start_one ingress DROPLINE_LISTEN_ADDR="$INGRESS_ADDR" DROPLINE_OPS_ADDR=127.0.0.1:9100 \
+    DROPLINE_PAYMENT_PROVIDER_URL="http://$PAYSIM_ADDR"
+  start_one allocator DROPLINE_OPS_ADDR=127.0.0.1:9101
+  start_one settler DROPLINE_OPS_ADDR=127.0.0.1:9102
+  start_one expirer DROPLINE_OPS_ADDR=127.0.0.1:9103
+  for s in $SERVICES; do
+    local name=${s%%:*} port=${s##*:}
+    wait_for "$name (see .dropline/$name.log)" 60 ready "$port"
+  done
+  wait_for "paysim" 30 curl -fsS "http://$PAYSIM_ADDR/healthz"
+  log "services ready: API http://$INGRESS_ADDR, metrics on :9100-9103"
+}
+
+stop_one() {
+  local name=$1 pid
+  running "$name" || { rm -f "$STATE_DIR/$name.pid"; return 0; }
+  pid=$(cat "$STATE_DIR/$name.pid")
+  kill -TERM "$pid"
+  # SIGTERM drains: in-flight work finishes and offsets are committed.
+  for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+  if kill -0 "$pid" 2>/dev/null; then
+    log "$name did not stop in 30s; killing it"
+    kill -KILL "$pid"
+  fi
+  rm -f "$STATE_DIR/$name.pid"
+  log "$name stopped"
+}
+
+services_down() {
+  for name in ingress paysim allocator settler expirer; do stop_one "$name"; done
+}
+
+status() {
+  for name in ingress allocator settler expirer paysim tansu; do
+    if running "$name"; then echo "$name: running (pid $(cat "$STATE_DIR/$name.pid"))"; else echo "$name: not started here"; fi
+  done
+  port_open "$REDIS_PORT" && echo "redis: listening on :$REDIS_PORT" || echo "redis: down"
+  port_open "$MYSQL_PORT" && echo "mariadb: listening on :$MYSQL_PORT" || echo "mariadb: down"
+  port_open "$KAFKA_PORT" && echo "broker: listening on :$KAFKA_PORT" || echo "broker: down"
+}
+
+case "${1:-up}" in
+  infra) ensure_infra ;;
+  up) ensure_infra; services_up ;;
+  services) services_up ;;
+  down) services_down; stop_one tansu ;;
+  stop-services) services_down ;;
+  status) status ;;
+  *) die "usage: $0 {up|infra|services|status|down|stop-services}" ;;
+esac
