@@ -48,7 +48,7 @@ impl AllocatorConfig {
             kafka_brokers = %self.kafka.brokers,
             topic_prefix = %self.kafka.topic_prefix,
             redis_url = %redact_url(&self.redis.url),
-            ops_addr = ?self.ops.addr,
+            ops_addr = %self.ops.addr_or(crate::DEFAULT_OPS_PORT),
             "allocator config"
         );
     }

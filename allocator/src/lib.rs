@@ -25,6 +25,9 @@ use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
 
+/// Where the ops endpoints listen unless configured.
+pub const DEFAULT_OPS_PORT: u16 = 9101;
+
 pub use config::AllocatorConfig;
 
 use crate::metrics::{BATCH_DURATION, BATCH_SIZE, DECISIONS, DECISION_LATENCY, LEDGER_ERRORS, LUA_DURATION};
@@ -59,9 +62,8 @@ pub async fn run(config: AllocatorConfig, shutdown: CancellationToken) -> Result
     config.log_effective();
     metrics::describe();
     let ready = Readiness::default();
-    if let Some(addr) = config.ops.addr {
-        dropline::ops::serve(addr, ready.clone(), dropline::telemetry::metrics(), shutdown.clone()).await?;
-    }
+    let ops = config.ops.addr_or(DEFAULT_OPS_PORT);
+    dropline::ops::serve(ops, ready.clone(), dropline::telemetry::metrics(), shutdown.clone()).await?;
     let topics = config.kafka.topics();
     kafka::ensure_topics(&config.kafka, &topics.all()).await?;
     let producer = kafka::producer(&config.kafka)?;

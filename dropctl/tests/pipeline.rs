@@ -376,3 +376,60 @@ async fn duplicated_webhooks_make_one_paid_order_and_one_payment() {
     assert_eq!(status.status, "paid");
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_are_released_after_an_expirer_restart() {
+    let mut stack = Stack::start(Options::default()).await;
+    let api = Api::new(&stack.api).unwrap();
+    let event = open_event(&stack, 2, 1).await;
+    let (order, held) = buy_and_wait(&stack, &api, "walker", event, 1).await;
+    assert_eq!(held["status"], "held");
+    // The expirer goes down with the hold's expiry message read or not.
+    stack.stop_stage("expirer").await;
+    let hold = stack.ledger.hold(event, order).await.unwrap().unwrap();
+    eventually("the deadline to pass", Duration::from_secs(10), || async {
+        (dropline::messages::now_ms() > hold.expires_at_ms + 500).then_some(())
+    })
+    .await;
+    let still = stack.ledger.hold(event, order).await.unwrap().unwrap();
+    assert_eq!(still.state, dropline::messages::OrderState::Held, "nothing released it while the expirer was down");
+    stack.start_expirer();
+    wait_order_state(&stack, order, "expired").await;
+    let levels = stack.ledger.levels(event).await.unwrap().unwrap();
+    assert_eq!((levels.available, levels.held), (2, 0));
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_allocator_has_committed_what_it_decided() {
+    let mut stack = Stack::start(Options::default()).await;
+    let api = Api::new(&stack.api).unwrap();
+    let event = open_event(&stack, 10, 60).await;
+    for i in 0..3 {
+        buy_and_wait(&stack, &api, &format!("drain-{i}"), event, 1).await;
+    }
+    stack.stop_stage("allocator").await;
+    // The group's committed offsets reach the end of every partition.
+    let probe: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", common::brokers())
+        .set("group.id", format!("{}-allocator", stack.name))
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..3 {
+        tpl.add_partition(&stack.topics.intents, p);
+    }
+    let committed = probe.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    let mut total = 0;
+    for e in committed.elements() {
+        let (_, high) = probe.fetch_watermarks(&stack.topics.intents, e.partition(), Duration::from_secs(10)).unwrap();
+        let at = match e.offset() {
+            rdkafka::Offset::Offset(o) => o,
+            _ => 0,
+        };
+        assert_eq!(at, high, "partition {} committed up to its end", e.partition());
+        total += high;
+    }
+    assert_eq!(total, 3, "three intents were produced and committed");
+    stack.stop().await;
+}

@@ -124,13 +124,22 @@ impl MysqlArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct OpsArgs {
-    /// Where /healthz, /readyz and /metrics listen.
+    /// Where /healthz, /readyz and /metrics listen [default: 127.0.0.1 and
+    /// the stage's own port: ingress 9100, allocator 9101, settler 9102,
+    /// expirer 9103].
     #[arg(long = "ops-addr", env = "DROPLINE_OPS_ADDR")]
     pub addr: Option<SocketAddr>,
     /// How long a SIGTERM drain may take before in-flight work is abandoned
     /// (it is redelivered: nothing is committed for it).
     #[arg(long = "drain-timeout-secs", env = "DROPLINE_DRAIN_TIMEOUT_SECS", default_value_t = 20)]
     pub drain_timeout_secs: u64,
+}
+
+impl OpsArgs {
+    /// The ops address, or the stage's default port on loopback.
+    pub fn addr_or(&self, default_port: u16) -> SocketAddr {
+        self.addr.unwrap_or(SocketAddr::from(([127, 0, 0, 1], default_port)))
+    }
 }
 
 /// Every problem found in a config, reported together.

@@ -31,6 +31,9 @@ use rdkafka::producer::FutureProducer;
 use rdkafka::TopicPartitionList;
 use tokio_util::sync::CancellationToken;
 
+/// Where the ops endpoints listen unless configured.
+pub const DEFAULT_OPS_PORT: u16 = 9103;
+
 pub use config::ExpirerConfig;
 
 use crate::metrics::{HOLDS_ENDED, LATENESS, PAUSED, PENDING};
@@ -71,9 +74,8 @@ pub async fn run(config: ExpirerConfig, shutdown: CancellationToken) -> Result<(
     config.log_effective();
     metrics::describe();
     let ready = Readiness::default();
-    if let Some(addr) = config.ops.addr {
-        dropline::ops::serve(addr, ready.clone(), dropline::telemetry::metrics(), shutdown.clone()).await?;
-    }
+    let ops = config.ops.addr_or(DEFAULT_OPS_PORT);
+    dropline::ops::serve(ops, ready.clone(), dropline::telemetry::metrics(), shutdown.clone()).await?;
     let topics = config.kafka.topics();
     kafka::ensure_topics(&config.kafka, &topics.all()).await?;
     let producer = kafka::producer(&config.kafka)?;

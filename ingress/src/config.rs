@@ -97,7 +97,7 @@ impl IngressConfig {
     pub fn log_effective(&self) {
         tracing::info!(
             listen_addr = %self.listen_addr,
-            ops_addr = ?self.ops.addr,
+            ops_addr = %self.ops.addr_or(crate::DEFAULT_OPS_PORT),
             kafka_brokers = %self.kafka.brokers,
             topic_prefix = %self.kafka.topic_prefix,
             redis_url = %redact_url(&self.redis.url),

@@ -35,6 +35,9 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+/// Where the ops endpoints listen unless configured.
+pub const DEFAULT_OPS_PORT: u16 = 9100;
+
 pub use config::IngressConfig;
 
 use crate::events::Events;
@@ -94,7 +97,7 @@ impl AppState {
 /// A started ingress.
 pub struct Running {
     pub api_addr: SocketAddr,
-    pub ops_addr: Option<SocketAddr>,
+    pub ops_addr: SocketAddr,
     pub task: JoinHandle<()>,
 }
 
@@ -151,14 +154,14 @@ pub async fn start_on(
         config: config.clone(),
     });
 
-    let ops_addr = match config.ops.addr {
-        Some(addr) => Some(dropline::ops::serve(addr, ready.clone(), prometheus, shutdown.clone()).await?.0),
-        None => None,
-    };
+    let ops_addr =
+        dropline::ops::serve(config.ops.addr_or(DEFAULT_OPS_PORT), ready.clone(), prometheus, shutdown.clone())
+            .await?
+            .0;
     let api_addr = listener.local_addr()?;
     let app = routes::router(state);
     ready.set(true);
-    tracing::info!(%api_addr, ?ops_addr, "ingress serving");
+    tracing::info!(%api_addr, %ops_addr, "ingress serving");
 
     let drain = Duration::from_secs(config.ops.drain_timeout_secs);
     let task = tokio::spawn(async move {

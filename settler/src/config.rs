@@ -47,7 +47,7 @@ impl SettlerConfig {
             kafka_brokers = %self.kafka.brokers,
             topic_prefix = %self.kafka.topic_prefix,
             mysql_url = %redact_url(&self.mysql.url),
-            ops_addr = ?self.ops.addr,
+            ops_addr = %self.ops.addr_or(crate::DEFAULT_OPS_PORT),
             "settler config"
         );
     }

@@ -22,6 +22,9 @@ use rdkafka::consumer::Consumer;
 use rdkafka::message::{Message, OwnedMessage};
 use tokio_util::sync::CancellationToken;
 
+/// Where the ops endpoints listen unless configured.
+pub const DEFAULT_OPS_PORT: u16 = 9102;
+
 pub use config::SettlerConfig;
 
 use crate::metrics::{BATCH_DURATION, BATCH_SIZE, ROWS, WRITE_ERRORS};
@@ -48,9 +51,8 @@ pub async fn run(config: SettlerConfig, shutdown: CancellationToken) -> Result<(
     config.log_effective();
     metrics::describe();
     let ready = Readiness::default();
-    if let Some(addr) = config.ops.addr {
-        dropline::ops::serve(addr, ready.clone(), dropline::telemetry::metrics(), shutdown.clone()).await?;
-    }
+    let ops = config.ops.addr_or(DEFAULT_OPS_PORT);
+    dropline::ops::serve(ops, ready.clone(), dropline::telemetry::metrics(), shutdown.clone()).await?;
     let db = dropline::db::connect(&config.mysql).await?;
     dropline::db::migrate(&db).await?;
     let topics = config.kafka.topics();

@@ -54,6 +54,8 @@ pub struct Stack {
     pub kafka: KafkaArgs,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+    stages: Vec<(&'static str, CancellationToken, JoinHandle<()>)>,
+    expirer_config: Option<dropline_expirer::ExpirerConfig>,
 }
 
 pub struct Options {
@@ -99,6 +101,7 @@ impl Stack {
             format!("--topic-prefix={name}"),
             "--topic-partitions=3".to_owned(),
             "--drain-timeout-secs=5".to_owned(),
+            "--ops-addr=127.0.0.1:0".to_owned(),
         ];
         let redis = format!("--redis-url={}", redis_url());
         let redis_prefix = format!("--redis-key-prefix={name}");
@@ -127,6 +130,8 @@ impl Stack {
             let _ = ingress.task.await;
         }));
 
+        let mut stages = Vec::new();
+        let mut expirer_config = None;
         if options.consumers {
             let group = |stage: &str| format!("--group-id={name}-{stage}");
             let allocator = dropline_allocator::AllocatorConfig::parse_from(
@@ -150,19 +155,25 @@ impl Stack {
                 .into_iter()
                 .chain(common.iter().cloned()),
             );
-            let s = shutdown.clone();
-            tasks.push(tokio::spawn(async move { dropline_allocator::run(allocator, s).await.unwrap() }));
-            let s = shutdown.clone();
-            tasks.push(tokio::spawn(async move { dropline_settler::run(settler, s).await.unwrap() }));
-            let s = shutdown.clone();
-            tasks.push(tokio::spawn(async move { dropline_expirer::run(expirer, s).await.unwrap() }));
+            let s = shutdown.child_token();
+            let t = tokio::spawn({
+                let s = s.clone();
+                async move { dropline_allocator::run(allocator, s).await.unwrap() }
+            });
+            stages.push(("allocator", s, t));
+            let s = shutdown.child_token();
+            let t = tokio::spawn({
+                let s = s.clone();
+                async move { dropline_settler::run(settler, s).await.unwrap() }
+            });
+            stages.push(("settler", s, t));
+            expirer_config = Some(expirer);
         }
-
         let kafka = KafkaOnly::parse_from(["kafka".to_owned()].into_iter().chain(common[..3].iter().cloned())).kafka;
         let db = dropline::db::connect(&MysqlArgs { url: db_url, pool_size: 5 }).await.unwrap();
         let pool =
             deadpool_redis::Config::from_url(redis_url()).create_pool(Some(deadpool_redis::Runtime::Tokio1)).unwrap();
-        Stack {
+        let mut stack = Stack {
             api: format!("http://{api_addr}"),
             paysim: format!("http://{}", paysim.addr),
             keys: TokenKeys::new(JWT_SECRET.as_bytes()),
@@ -173,7 +184,30 @@ impl Stack {
             name,
             shutdown,
             tasks,
-        }
+            stages,
+            expirer_config,
+        };
+        stack.start_expirer();
+        stack
+    }
+
+    /// Starts (again) the expirer, in the same consumer group.
+    pub fn start_expirer(&mut self) {
+        let Some(config) = self.expirer_config.clone() else { return };
+        let s = self.shutdown.child_token();
+        let t = tokio::spawn({
+            let s = s.clone();
+            async move { dropline_expirer::run(config, s).await.unwrap() }
+        });
+        self.stages.push(("expirer", s, t));
+    }
+
+    /// Drains one stage as SIGTERM would, and waits until it has stopped.
+    pub async fn stop_stage(&mut self, name: &str) {
+        let i = self.stages.iter().position(|(n, _, _)| *n == name).expect("a running stage");
+        let (_, token, task) = self.stages.remove(i);
+        token.cancel();
+        tokio::time::timeout(Duration::from_secs(30), task).await.expect("the stage drains in time").unwrap();
     }
 
     pub fn token(&self, user: &str) -> String {
@@ -187,7 +221,7 @@ impl Stack {
     /// Stops every stage (a graceful drain) and drops the test database.
     pub async fn stop(self) {
         self.shutdown.cancel();
-        for t in self.tasks {
+        for t in self.tasks.into_iter().chain(self.stages.into_iter().map(|(_, _, t)| t)) {
             tokio::time::timeout(Duration::from_secs(30), t).await.expect("stages drain in time").unwrap();
         }
         let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS dropline_{}", self.name)).execute(&self.db).await;
