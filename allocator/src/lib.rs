@@ -120,16 +120,35 @@ impl Allocator {
                 .iter()
                 .map(|i| Claim { intent_id: i.intent_id, user_id: &i.user_id, quantity: i.quantity })
                 .collect();
+            // Transient failures (Redis down, or the event's ledger missing,
+            // which only a pre-warm or a rebuild can fix) hold the batch and
+            // retry: deciding without the ledger would be guessing.
             let verdicts = kafka::retry_until("allocate", shutdown, || async {
                 let started = Instant::now();
                 let result = self.ledger.allocate(*event_id, &claims).await;
                 ::metrics::histogram!(LUA_DURATION).record(started.elapsed().as_secs_f64());
-                if let Err(e) = &result {
-                    ::metrics::counter!(LEDGER_ERRORS, "kind" => ledger_error_kind(e)).increment(1);
+                match result {
+                    Err(e) if e.is_transient() => {
+                        ::metrics::counter!(LEDGER_ERRORS, "kind" => ledger_error_kind(&e)).increment(1);
+                        Err(e)
+                    }
+                    other => Ok(other),
                 }
-                result
             })
             .await?;
+            let verdicts = match verdicts {
+                Ok(v) => v,
+                Err(e) => {
+                    // The script answered something unreadable: a bug, not
+                    // a passing fault. Park the group rather than block.
+                    ::metrics::counter!(LEDGER_ERRORS, "kind" => ledger_error_kind(&e)).increment(1);
+                    let reason = format!("allocation failed: {e}");
+                    for m in batch.iter().filter(|m| decode(m).is_ok_and(|i| i.event_id == *event_id)) {
+                        kafka::retry_until("dead-letter", shutdown, || self.dead_letters.park(m, &reason)).await?;
+                    }
+                    continue;
+                }
+            };
             let now = now_ms();
             for (intent, verdict) in intents.iter().zip(verdicts) {
                 let decision = decision(intent, verdict);

@@ -134,7 +134,7 @@ impl Expirer {
         if due.is_empty() {
             return;
         }
-        let results = futures_join(due.iter().map(|d| self.release(d))).await;
+        let results = futures::future::join_all(due.iter().map(|d| self.release(d))).await;
         for (d, result) in due.iter().zip(results) {
             match result {
                 Released::Done => schedule.done(&d.partition, d.offset),
@@ -184,10 +184,6 @@ impl Expirer {
         }
         Released::Done
     }
-}
-
-async fn futures_join<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
-    futures::future::join_all(futures).await
 }
 
 fn apply_flow(consumer: &StreamConsumer<GroupContext>, schedule: &mut Schedule) {
