@@ -7,12 +7,15 @@
 //! acknowledged by the broker. A crash anywhere before that redelivers the
 //! batch, and the script hands redelivered intents their first decision.
 //!
+//! - [`stock`]: gauges of the stock of recently sold events.
 //! - [`config`]: settings; [`metrics`]: metric names.
 
 pub mod config;
 pub mod metrics;
+pub mod stock;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dropline::kafka::{self, DeadLetters};
@@ -22,7 +25,7 @@ use dropline::stock::{Claim, Ledger, LedgerError, Verdict};
 use futures::future::join_all;
 use rdkafka::consumer::Consumer;
 use rdkafka::message::{Message, OwnedMessage};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use tokio_util::sync::CancellationToken;
 
 /// Where the ops endpoints listen unless configured.
@@ -31,6 +34,7 @@ pub const DEFAULT_OPS_PORT: u16 = 9101;
 pub use config::AllocatorConfig;
 
 use crate::metrics::{BATCH_DURATION, BATCH_SIZE, DECISIONS, DECISION_LATENCY, LEDGER_ERRORS, LUA_DURATION};
+use crate::stock::StockWatch;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AllocatorError {
@@ -52,7 +56,8 @@ const MAX_QUANTITY: u32 = 100;
 
 struct Allocator {
     ledger: Ledger,
-    producer: FutureProducer,
+    watch: Arc<StockWatch>,
+    producer: kafka::Producer,
     dead_letters: DeadLetters,
     topics: Topics,
 }
@@ -61,16 +66,21 @@ pub async fn run(config: AllocatorConfig, shutdown: CancellationToken) -> Result
     config.validate()?;
     config.log_effective();
     metrics::describe();
+    kafka::metrics::describe();
     let ready = Readiness::default();
     let ops = config.ops.addr_or(DEFAULT_OPS_PORT);
     dropline::ops::serve(ops, ready.clone(), dropline::telemetry::metrics(), shutdown.clone()).await?;
     let topics = config.kafka.topics();
     kafka::ensure_topics(&config.kafka, &topics.all()).await?;
-    let producer = kafka::producer(&config.kafka)?;
-    let consumer = kafka::consumer(&config.kafka, &config.group_id)?;
+    let producer = kafka::producer(&config.kafka, "allocator-producer")?;
+    let consumer = kafka::consumer(&config.kafka, &config.group_id, "allocator-consumer")?;
     consumer.subscribe(&[&topics.intents])?;
+    let ledger = Ledger::new(config.redis.pool()?, &config.redis.key_prefix);
+    let watch = Arc::new(StockWatch::default());
+    tokio::spawn(watch.clone().sample(ledger.clone(), Duration::from_secs(2), shutdown.clone()));
     let allocator = Allocator {
-        ledger: Ledger::new(config.redis.pool()?, &config.redis.key_prefix),
+        ledger,
+        watch,
         dead_letters: DeadLetters::new(producer.clone(), topics.dead_letter.clone(), "allocator"),
         producer,
         topics,
@@ -105,10 +115,10 @@ impl Allocator {
     /// Makes every message of `batch` durable downstream. `None` when
     /// shutdown interrupted a retry.
     async fn decide(&self, batch: &[OwnedMessage], shutdown: &CancellationToken) -> Option<()> {
-        let mut by_event: HashMap<u64, Vec<PurchaseIntent>> = HashMap::new();
+        let mut by_event: HashMap<u64, Vec<(PurchaseIntent, Option<String>)>> = HashMap::new();
         for message in batch {
             match decode(message) {
-                Ok(intent) => by_event.entry(intent.event_id).or_default().push(intent),
+                Ok(intent) => by_event.entry(intent.event_id).or_default().push((intent, kafka::request_id(message))),
                 Err(reason) => {
                     kafka::retry_until("dead-letter", shutdown, || self.dead_letters.park(message, &reason)).await?
                 }
@@ -116,9 +126,10 @@ impl Allocator {
         }
         let mut outgoing = Vec::new();
         for (event_id, intents) in &by_event {
+            self.watch.saw(*event_id);
             let claims: Vec<Claim<'_>> = intents
                 .iter()
-                .map(|i| Claim { intent_id: i.intent_id, user_id: &i.user_id, quantity: i.quantity })
+                .map(|(i, _)| Claim { intent_id: i.intent_id, user_id: &i.user_id, quantity: i.quantity })
                 .collect();
             // Transient failures (Redis down, or the event's ledger missing,
             // which only a pre-warm or a rebuild can fix) hold the batch and
@@ -150,38 +161,59 @@ impl Allocator {
                 }
             };
             let now = now_ms();
-            for (intent, verdict) in intents.iter().zip(verdicts) {
+            for ((intent, request_id), verdict) in intents.iter().zip(verdicts) {
                 let decision = decision(intent, verdict);
-                ::metrics::counter!(DECISIONS, "outcome" => outcome_label(&decision.outcome)).increment(1);
+                let outcome = outcome_label(&decision.outcome);
+                ::metrics::counter!(DECISIONS, "outcome" => outcome).increment(1);
                 ::metrics::histogram!(DECISION_LATENCY).record((now - intent.accepted_at_ms).max(0) as f64 / 1000.0);
-                outgoing.extend(self.messages_for(&decision));
+                tracing::debug!(request_id = request_id.as_deref(), intent_id = %intent.intent_id, outcome, "decided");
+                outgoing.extend(self.messages_for(&decision, request_id.as_deref()));
             }
         }
         kafka::retry_until("publish decisions", shutdown, || self.publish(&outgoing)).await
     }
 
-    /// The decision, and for a hold its expiry message.
-    fn messages_for(&self, d: &Decision) -> Vec<(String, String, Vec<u8>)> {
+    /// The decision, and for a hold its expiry message, both carrying the
+    /// purchase's request id.
+    fn messages_for(&self, d: &Decision, request_id: Option<&str>) -> Vec<Outgoing> {
         let key = d.event_id.to_string();
-        let mut out = vec![(self.topics.decisions.clone(), key.clone(), to_json(d))];
+        let request_id = request_id.map(str::to_owned);
+        let mut out = vec![Outgoing {
+            topic: self.topics.decisions.clone(),
+            key: key.clone(),
+            payload: to_json(d),
+            request_id: request_id.clone(),
+        }];
         if let Outcome::Held { expires_at_ms, .. } = d.outcome {
             let expiry = HoldExpiry { order_id: d.intent_id, event_id: d.event_id, expires_at_ms };
-            out.push((self.topics.hold_expiry.clone(), key, to_json(&expiry)));
+            out.push(Outgoing { topic: self.topics.hold_expiry.clone(), key, payload: to_json(&expiry), request_id });
         }
         out
     }
 
     /// Produces all messages and waits for every acknowledgement. On failure
     /// the whole set is produced again: consumers dedup by id.
-    async fn publish(&self, messages: &[(String, String, Vec<u8>)]) -> Result<(), rdkafka::error::KafkaError> {
-        let sends = messages.iter().map(|(topic, key, payload)| {
-            self.producer.send(FutureRecord::to(topic).key(key).payload(payload), Duration::from_secs(5))
+    async fn publish(&self, messages: &[Outgoing]) -> Result<(), rdkafka::error::KafkaError> {
+        let sends = messages.iter().map(|m| {
+            let mut record = FutureRecord::to(&m.topic).key(&m.key).payload(&m.payload);
+            if let Some(headers) = kafka::request_id_headers(m.request_id.as_deref()) {
+                record = record.headers(headers);
+            }
+            self.producer.send(record, Duration::from_secs(5))
         });
         for result in join_all(sends).await {
             result.map_err(|(e, _)| e)?;
         }
         Ok(())
     }
+}
+
+/// A message to produce once the batch is decided.
+struct Outgoing {
+    topic: String,
+    key: String,
+    payload: Vec<u8>,
+    request_id: Option<String>,
 }
 
 fn decode(message: &OwnedMessage) -> Result<PurchaseIntent, String> {

@@ -1,6 +1,6 @@
 //! The allocator's metrics, declared in one place.
 
-use metrics::{describe_counter, describe_histogram, Unit};
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 
 pub const DECISIONS: &str = "dropline_allocator_decisions_total";
 pub const LUA_DURATION: &str = "dropline_allocator_lua_duration_seconds";
@@ -8,6 +8,7 @@ pub const BATCH_SIZE: &str = "dropline_allocator_batch_size";
 pub const BATCH_DURATION: &str = "dropline_allocator_batch_duration_seconds";
 pub const DECISION_LATENCY: &str = "dropline_allocator_intent_to_decision_seconds";
 pub const LEDGER_ERRORS: &str = "dropline_allocator_ledger_errors_total";
+pub const STOCK: &str = "dropline_allocator_stock_units";
 
 pub fn describe() {
     describe_counter!(
@@ -19,4 +20,9 @@ pub fn describe() {
     describe_histogram!(BATCH_DURATION, Unit::Seconds, "Time from a batch's receipt to its offsets being stored.");
     describe_histogram!(DECISION_LATENCY, Unit::Seconds, "Time from the ingress accepting an intent to its decision.");
     describe_counter!(LEDGER_ERRORS, "Allocation script calls that failed and were retried, by kind.");
+    describe_gauge!(
+        STOCK,
+        Unit::Count,
+        "Units of a recently sold event by state (available, held, sold), sampled from the ledger."
+    );
 }

@@ -78,7 +78,7 @@ async fn intents_rows(stack: &Stack, intent: Uuid) -> i64 {
 async fn the_same_intent_delivered_twice_is_decided_once() {
     let stack = Stack::start(Options::default()).await;
     let event = open_event(&stack, 10, 60).await;
-    let producer = dropline::kafka::producer(&stack.kafka).unwrap();
+    let producer = dropline::kafka::producer(&stack.kafka, "test-producer").unwrap();
     let intent = PurchaseIntent {
         intent_id: Uuid::new_v4(),
         event_id: event,
@@ -130,7 +130,7 @@ async fn the_same_intent_delivered_twice_is_decided_once() {
 async fn a_malformed_intent_is_dead_lettered_and_the_partition_keeps_flowing() {
     let stack = Stack::start(Options::default()).await;
     let event = open_event(&stack, 10, 60).await;
-    let producer = dropline::kafka::producer(&stack.kafka).unwrap();
+    let producer = dropline::kafka::producer(&stack.kafka, "test-producer").unwrap();
     let key = event.to_string();
     dropline::kafka::send_acked(&producer, &stack.topics.intents, &key, b"{not json", None).await.unwrap();
     let good = PurchaseIntent {
@@ -431,5 +431,67 @@ async fn a_drained_allocator_has_committed_what_it_decided() {
         total += high;
     }
     assert_eq!(total, 3, "three intents were produced and committed");
+    stack.stop().await;
+}
+
+/// Reads `topic` from the start until `want` messages whose payload mentions
+/// `needle` were seen; returns their request-id headers.
+async fn request_ids_on(stack: &Stack, topic: &str, needle: &str, want: usize) -> Vec<Option<String>> {
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", common::brokers())
+        .set("group.id", format!("{}-reader-{}", stack.name, Uuid::new_v4().simple()))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut found = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while found.len() < want {
+        let m = tokio::time::timeout_at(deadline, consumer.recv()).await.expect("messages in time").unwrap();
+        if String::from_utf8_lossy(m.payload().unwrap_or_default()).contains(needle) {
+            found.push(dropline::kafka::request_id(&m.detach()));
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_id_travels_with_the_purchase_through_every_stage() {
+    let stack = Stack::start(Options::default()).await;
+    let event = open_event(&stack, 2, 1).await;
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{}/v1/events/{event}/purchases", stack.api))
+        .bearer_auth(stack.token("traced"))
+        .header("idempotency-key", "trace-1")
+        .header("x-request-id", "rid-purchase-1")
+        .json(&json!({"quantity": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "rid-purchase-1");
+    let order: Uuid = r.json::<serde_json::Value>().await.unwrap()["intent_id"].as_str().unwrap().parse().unwrap();
+    let needle = order.to_string();
+    assert_eq!(request_ids_on(&stack, &stack.topics.intents, &needle, 1).await, vec![Some("rid-purchase-1".into())]);
+    assert_eq!(request_ids_on(&stack, &stack.topics.decisions, &needle, 1).await, vec![Some("rid-purchase-1".into())]);
+    assert_eq!(
+        request_ids_on(&stack, &stack.topics.hold_expiry, &needle, 1).await,
+        vec![Some("rid-purchase-1".into())]
+    );
+    // The expirer ends the hold under the purchase's request id.
+    wait_order_state(&stack, order, "expired").await;
+    assert_eq!(
+        request_ids_on(&stack, &stack.topics.order_events, &needle, 1).await,
+        vec![Some("rid-purchase-1".into())]
+    );
+    // Without a usable header, the ingress makes one up.
+    let r = http
+        .get(format!("{}/v1/events/{event}", stack.api))
+        .header("x-request-id", "bad id with spaces")
+        .send()
+        .await
+        .unwrap();
+    let made_up = r.headers()["x-request-id"].to_str().unwrap();
+    assert_eq!(made_up.len(), 32, "{made_up}");
     stack.stop().await;
 }

@@ -16,11 +16,76 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, Stre
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::KafkaArgs;
+
+/// Metrics of every Kafka client, declared once for all stages; `client`
+/// labels name the stage and role (`allocator-consumer`, `ingress-producer`).
+pub mod metrics {
+    use metrics::{describe_counter, describe_gauge, Unit};
+
+    pub const CONSUMER_LAG: &str = "dropline_kafka_consumer_lag_messages";
+    pub const BROKER_RTT: &str = "dropline_kafka_broker_rtt_seconds";
+    pub const CLIENT_QUEUE: &str = "dropline_kafka_client_queue_messages";
+    pub const DEAD_LETTERS: &str = "dropline_kafka_dead_letters_total";
+
+    pub fn describe() {
+        describe_gauge!(
+            CONSUMER_LAG,
+            "Messages between a partition's end and the consumer's position, per topic and partition."
+        );
+        describe_gauge!(
+            BROKER_RTT,
+            Unit::Seconds,
+            "p99 round-trip time to each broker over librdkafka's last statistics window."
+        );
+        describe_gauge!(CLIENT_QUEUE, "Messages waiting in the client's local queues (a producer's unsent messages).");
+        describe_counter!(DEAD_LETTERS, "Messages parked on the dead-letter topic, by stage.");
+    }
+}
+
+/// How often librdkafka reports the statistics exported above.
+const STATISTICS_INTERVAL_MS: &str = "5000";
+
+fn export_statistics(client: &'static str, stats: &Statistics) {
+    ::metrics::gauge!(metrics::CLIENT_QUEUE, "client" => client).set(stats.msg_cnt as f64);
+    for broker in stats.brokers.values() {
+        // Bootstrap and internal pseudo-brokers have no node id.
+        if let Some(rtt) = broker.rtt.as_ref().filter(|_| broker.nodeid >= 0) {
+            ::metrics::gauge!(metrics::BROKER_RTT, "client" => client, "broker" => broker.nodename.clone())
+                .set(rtt.p99 as f64 / 1e6);
+        }
+    }
+    for topic in stats.topics.values() {
+        for p in topic.partitions.values() {
+            // -1 is librdkafka's internal unassigned partition; a lag of -1
+            // means not known yet.
+            if p.partition >= 0 && p.consumer_lag >= 0 {
+                ::metrics::gauge!(metrics::CONSUMER_LAG, "client" => client, "topic" => topic.topic.clone(),
+                    "partition" => p.partition.to_string())
+                .set(p.consumer_lag as f64);
+            }
+        }
+    }
+}
+
+/// Producer context that exports librdkafka's statistics.
+pub struct ProducerStats {
+    client: &'static str,
+}
+
+impl ClientContext for ProducerStats {
+    fn stats(&self, statistics: Statistics) {
+        export_statistics(self.client, &statistics);
+    }
+}
+
+/// The producer every stage uses.
+pub type Producer = FutureProducer<ProducerStats>;
 
 #[derive(Debug, Error)]
 pub enum KafkaSetupError {
@@ -33,7 +98,7 @@ pub enum KafkaSetupError {
 /// A producer for stage-to-stage traffic: idempotent, acks from every
 /// in-sync replica, and a bounded local queue so a stalled broker pushes
 /// back instead of filling memory.
-pub fn producer(args: &KafkaArgs) -> Result<FutureProducer, KafkaError> {
+pub fn producer(args: &KafkaArgs, client: &'static str) -> Result<Producer, KafkaError> {
     ClientConfig::new()
         .set("bootstrap.servers", &args.brokers)
         .set("enable.idempotence", "true")
@@ -42,11 +107,16 @@ pub fn producer(args: &KafkaArgs) -> Result<FutureProducer, KafkaError> {
         .set("message.timeout.ms", args.message_timeout_ms.to_string())
         .set("queue.buffering.max.messages", args.producer_queue_max_messages.to_string())
         .set("compression.type", "lz4")
-        .create()
+        .set("statistics.interval.ms", STATISTICS_INTERVAL_MS)
+        .create_with_context(ProducerStats { client })
 }
 
 /// A group consumer that never stores an offset by itself.
-pub fn consumer(args: &KafkaArgs, group_id: &str) -> Result<StreamConsumer<GroupContext>, KafkaError> {
+pub fn consumer(
+    args: &KafkaArgs,
+    group_id: &str,
+    client: &'static str,
+) -> Result<StreamConsumer<GroupContext>, KafkaError> {
     ClientConfig::new()
         .set("bootstrap.servers", &args.brokers)
         .set("group.id", group_id)
@@ -56,7 +126,8 @@ pub fn consumer(args: &KafkaArgs, group_id: &str) -> Result<StreamConsumer<Group
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", "10000")
         .set("max.poll.interval.ms", "300000")
-        .create_with_context(GroupContext::default())
+        .set("statistics.interval.ms", STATISTICS_INTERVAL_MS)
+        .create_with_context(GroupContext { client, revoked: Mutex::default() })
 }
 
 /// Creates the topics that do not exist yet. Existing topics are left as
@@ -81,8 +152,8 @@ pub async fn ensure_topics(args: &KafkaArgs, names: &[&str]) -> Result<(), Kafka
 /// Consumer context that remembers which partitions were taken away, so a
 /// stage can drop what it buffered for them (the new owner starts from the
 /// committed offset).
-#[derive(Default)]
 pub struct GroupContext {
+    client: &'static str,
     revoked: Mutex<Vec<(String, i32)>>,
 }
 
@@ -93,7 +164,11 @@ impl GroupContext {
     }
 }
 
-impl ClientContext for GroupContext {}
+impl ClientContext for GroupContext {
+    fn stats(&self, statistics: Statistics) {
+        export_statistics(self.client, &statistics);
+    }
+}
 
 impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -197,7 +272,7 @@ pub fn commit_stored<C: ConsumerContext + 'static>(consumer: &StreamConsumer<C>)
 
 /// Sends a record and waits for the broker's acknowledgement.
 pub async fn send_acked(
-    producer: &FutureProducer,
+    producer: &Producer,
     topic: &str,
     key: &str,
     payload: &[u8],
@@ -213,17 +288,38 @@ pub async fn send_acked(
     }
 }
 
+/// The Kafka header that carries a purchase's request id from the ingress
+/// through every stage, so one purchase can be followed in all their logs.
+pub const REQUEST_ID_HEADER: &str = "dropline-request-id";
+
+/// The request id a message carries, if any.
+pub fn request_id(message: &OwnedMessage) -> Option<String> {
+    use rdkafka::message::Headers;
+    let headers = message.headers()?;
+    headers
+        .iter()
+        .find(|h| h.key == REQUEST_ID_HEADER)
+        .and_then(|h| h.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .map(str::to_owned)
+}
+
+/// Headers carrying `request_id` on to the next topic.
+pub fn request_id_headers(request_id: Option<&str>) -> Option<OwnedHeaders> {
+    request_id.map(|id| OwnedHeaders::new().insert(Header { key: REQUEST_ID_HEADER, value: Some(id) }))
+}
+
 /// Where messages that cannot be processed go, with the reason, so the
 /// partition behind them keeps flowing.
 #[derive(Clone)]
 pub struct DeadLetters {
-    producer: FutureProducer,
+    producer: Producer,
     topic: String,
     stage: &'static str,
 }
 
 impl DeadLetters {
-    pub fn new(producer: FutureProducer, topic: String, stage: &'static str) -> Self {
+    pub fn new(producer: Producer, topic: String, stage: &'static str) -> Self {
         Self { producer, topic, stage }
     }
 
@@ -253,7 +349,7 @@ impl DeadLetters {
             reason,
             "message dead-lettered"
         );
-        metrics::counter!("dropline_dead_letters_total", "stage" => self.stage).increment(1);
+        ::metrics::counter!(metrics::DEAD_LETTERS, "stage" => self.stage).increment(1);
         self.producer.send(record, Duration::from_secs(0)).await.map(|_| ()).map_err(|(e, _)| e)
     }
 }

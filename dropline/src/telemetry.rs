@@ -3,7 +3,10 @@
 
 use std::sync::OnceLock;
 
+use std::time::Duration;
+
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_util::MetricKindMask;
 use tracing_subscriber::EnvFilter;
 
 /// Latency buckets in seconds, from a fast Redis call to a slow drain.
@@ -25,6 +28,9 @@ pub fn metrics() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
             PrometheusBuilder::new()
+                // A gauge nobody sets any more (a partition moved to another
+                // consumer) disappears instead of freezing at its last value.
+                .idle_timeout(MetricKindMask::GAUGE, Some(Duration::from_secs(60)))
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_size".into()), SIZE_BUCKETS))
                 .expect("bucket lists are non-empty")

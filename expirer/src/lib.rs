@@ -27,7 +27,6 @@ use dropline::ops::Readiness;
 use dropline::stock::{EndOutcome, Ledger};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Message, OwnedMessage};
-use rdkafka::producer::FutureProducer;
 use rdkafka::TopicPartitionList;
 use tokio_util::sync::CancellationToken;
 
@@ -37,7 +36,7 @@ pub const DEFAULT_OPS_PORT: u16 = 9103;
 pub use config::ExpirerConfig;
 
 use crate::metrics::{HOLDS_ENDED, LATENESS, PAUSED, PENDING};
-use crate::schedule::{Due, PartitionKey, Schedule};
+use crate::schedule::{Due, PartitionKey, Schedule, Waiting};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExpirerError {
@@ -58,7 +57,7 @@ const RELEASES_PER_TICK: usize = 512;
 
 struct Expirer {
     ledger: Ledger,
-    producer: FutureProducer,
+    producer: kafka::Producer,
     topics: Topics,
 }
 
@@ -73,14 +72,15 @@ pub async fn run(config: ExpirerConfig, shutdown: CancellationToken) -> Result<(
     config.validate()?;
     config.log_effective();
     metrics::describe();
+    kafka::metrics::describe();
     let ready = Readiness::default();
     let ops = config.ops.addr_or(DEFAULT_OPS_PORT);
     dropline::ops::serve(ops, ready.clone(), dropline::telemetry::metrics(), shutdown.clone()).await?;
     let topics = config.kafka.topics();
     kafka::ensure_topics(&config.kafka, &topics.all()).await?;
-    let producer = kafka::producer(&config.kafka)?;
+    let producer = kafka::producer(&config.kafka, "expirer-producer")?;
     let dead_letters = DeadLetters::new(producer.clone(), topics.dead_letter.clone(), "expirer");
-    let consumer = kafka::consumer(&config.kafka, &config.group_id)?;
+    let consumer = kafka::consumer(&config.kafka, &config.group_id, "expirer-consumer")?;
     consumer.subscribe(&[&topics.hold_expiry])?;
     let expirer = Expirer { ledger: Ledger::new(config.redis.pool()?, &config.redis.key_prefix), producer, topics };
     let mut schedule = Schedule::new(config.max_pending_per_partition);
@@ -96,7 +96,7 @@ pub async fn run(config: ExpirerConfig, shutdown: CancellationToken) -> Result<(
                 Ok(m) => {
                     let m = m.detach();
                     let hold = match decode(&m) {
-                        Ok(hold) => Some(hold),
+                        Ok(hold) => Some(Waiting { hold, request_id: kafka::request_id(&m) }),
                         Err(reason) => {
                             let parked = kafka::retry_until("dead-letter", &shutdown, || dead_letters.park(&m, &reason)).await;
                             if parked.is_none() { break; }
@@ -172,13 +172,16 @@ impl Expirer {
             payment: None,
         };
         let payload = serde_json::to_vec(&event).expect("messages serialize");
+        let headers = kafka::request_id_headers(due.request_id.as_deref());
         let sent =
-            kafka::send_acked(&self.producer, &self.topics.order_events, &order_id.to_string(), &payload, None).await;
+            kafka::send_acked(&self.producer, &self.topics.order_events, &order_id.to_string(), &payload, headers)
+                .await;
         if let Err(e) = sent {
             tracing::warn!(error = %e, %order_id, "publishing an ended hold failed; retrying next tick");
             return Released::Failed;
         }
         ::metrics::counter!(HOLDS_ENDED, "state" => hold.state.as_str()).increment(1);
+        tracing::debug!(request_id = due.request_id.as_deref(), %order_id, state = hold.state.as_str(), "hold ended");
         if let Some(ended) = hold.ended_at_ms.filter(|_| hold.state == dropline::messages::OrderState::Expired) {
             ::metrics::histogram!(LATENESS).record((ended - hold.expires_at_ms).max(0) as f64 / 1000.0);
         }

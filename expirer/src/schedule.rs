@@ -13,10 +13,18 @@ use dropline::messages::HoldExpiry;
 
 pub type PartitionKey = (String, i32);
 
+/// A hold waiting for its deadline, with the request id of the purchase
+/// that created it (for the logs and the order event it ends in).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Waiting {
+    pub hold: HoldExpiry,
+    pub request_id: Option<String>,
+}
+
 #[derive(Debug, Default)]
 struct Partition {
     /// Offset -> hold still waiting (or being released).
-    waiting: BTreeMap<i64, HoldExpiry>,
+    waiting: BTreeMap<i64, Waiting>,
     /// (deadline, offset) of everything in `waiting`.
     by_deadline: BTreeSet<(i64, i64)>,
     /// One past the highest offset read.
@@ -39,6 +47,7 @@ pub struct Due {
     pub partition: PartitionKey,
     pub offset: i64,
     pub hold: HoldExpiry,
+    pub request_id: Option<String>,
 }
 
 #[derive(Debug)]
@@ -54,12 +63,12 @@ impl Schedule {
 
     /// Records a message read at `offset`: a hold to wait for, or `None`
     /// for one with nothing to wait for (it was dead-lettered).
-    pub fn add(&mut self, partition: PartitionKey, offset: i64, hold: Option<HoldExpiry>) {
+    pub fn add(&mut self, partition: PartitionKey, offset: i64, waiting: Option<Waiting>) {
         let p = self.partitions.entry(partition).or_insert_with(|| Partition { stored: offset, ..Default::default() });
         p.next_offset = p.next_offset.max(offset + 1);
-        if let Some(hold) = hold {
-            p.by_deadline.insert((hold.expires_at_ms, offset));
-            p.waiting.insert(offset, hold);
+        if let Some(w) = waiting {
+            p.by_deadline.insert((w.hold.expires_at_ms, offset));
+            p.waiting.insert(offset, w);
         }
     }
 
@@ -71,7 +80,13 @@ impl Schedule {
                 if deadline > now_ms || out.len() >= limit {
                     break;
                 }
-                out.push(Due { partition: key.clone(), offset, hold: p.waiting[&offset].clone() });
+                let w = &p.waiting[&offset];
+                out.push(Due {
+                    partition: key.clone(),
+                    offset,
+                    hold: w.hold.clone(),
+                    request_id: w.request_id.clone(),
+                });
             }
         }
         out.sort_by_key(|d| d.hold.expires_at_ms);
@@ -82,8 +97,8 @@ impl Schedule {
     /// The hold at `offset` needs nothing more.
     pub fn done(&mut self, partition: &PartitionKey, offset: i64) {
         if let Some(p) = self.partitions.get_mut(partition) {
-            if let Some(hold) = p.waiting.remove(&offset) {
-                p.by_deadline.remove(&(hold.expires_at_ms, offset));
+            if let Some(w) = p.waiting.remove(&offset) {
+                p.by_deadline.remove(&(w.hold.expires_at_ms, offset));
             }
         }
     }
@@ -92,9 +107,9 @@ impl Schedule {
     /// was not due yet).
     pub fn retry_at(&mut self, partition: &PartitionKey, offset: i64, deadline_ms: i64) {
         if let Some(p) = self.partitions.get_mut(partition) {
-            if let Some(hold) = p.waiting.get_mut(&offset) {
-                p.by_deadline.remove(&(hold.expires_at_ms, offset));
-                hold.expires_at_ms = deadline_ms;
+            if let Some(w) = p.waiting.get_mut(&offset) {
+                p.by_deadline.remove(&(w.hold.expires_at_ms, offset));
+                w.hold.expires_at_ms = deadline_ms;
                 p.by_deadline.insert((deadline_ms, offset));
             }
         }
@@ -149,8 +164,9 @@ mod tests {
     use super::*;
     use uuid::Uuid;
 
-    fn hold(deadline: i64) -> Option<HoldExpiry> {
-        Some(HoldExpiry { order_id: Uuid::new_v4(), event_id: 1, expires_at_ms: deadline })
+    fn hold(deadline: i64) -> Option<Waiting> {
+        let hold = HoldExpiry { order_id: Uuid::new_v4(), event_id: 1, expires_at_ms: deadline };
+        Some(Waiting { hold, request_id: None })
     }
 
     fn p0() -> PartitionKey {

@@ -29,7 +29,7 @@ use dropline::kafka;
 use dropline::messages::{OrderEvent, Topics};
 use dropline::ops::Readiness;
 use dropline::stock::Ledger;
-use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::producer::Producer;
 use sqlx::MySqlPool;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -75,7 +75,7 @@ pub struct AppState {
     pub orders: Orders,
     pub ledger: Ledger,
     pub db: MySqlPool,
-    pub producer: FutureProducer,
+    pub producer: kafka::Producer,
     pub topics: Topics,
     pub limits: Arc<Limits>,
     pub http: reqwest::Client,
@@ -83,9 +83,10 @@ pub struct AppState {
 
 impl AppState {
     /// Puts an order's new state on Kafka and waits for the ack.
-    pub async fn publish_order_event(&self, event: &OrderEvent) -> Result<(), Problem> {
+    pub async fn publish_order_event(&self, event: &OrderEvent, request_id: &str) -> Result<(), Problem> {
         let payload = serde_json::to_vec(event).map_err(|_| Problem::new(ErrorCode::Internal))?;
-        kafka::send_acked(&self.producer, &self.topics.order_events, &event.order_id.to_string(), &payload, None)
+        let headers = kafka::request_id_headers(Some(request_id));
+        kafka::send_acked(&self.producer, &self.topics.order_events, &event.order_id.to_string(), &payload, headers)
             .await
             .map_err(|e| {
                 tracing::warn!(error = %e, order_id = %event.order_id, "order event not acknowledged");
@@ -125,6 +126,7 @@ pub async fn start_on(
     config.validate()?;
     config.log_effective();
     metrics::describe();
+    kafka::metrics::describe();
     let prometheus = dropline::telemetry::metrics();
     let ready = Readiness::default();
 
@@ -134,7 +136,7 @@ pub async fn start_on(
     let ledger = Ledger::new(redis.clone(), &config.redis.key_prefix);
     let topics = config.kafka.topics();
     kafka::ensure_topics(&config.kafka, &topics.all()).await?;
-    let producer = kafka::producer(&config.kafka)?;
+    let producer = kafka::producer(&config.kafka, "ingress-producer")?;
 
     let limits =
         Arc::new(Limits::new(config.admit_per_sec, config.admit_burst, config.user_per_sec, config.user_burst));

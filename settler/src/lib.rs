@@ -50,6 +50,7 @@ pub async fn run(config: SettlerConfig, shutdown: CancellationToken) -> Result<(
     config.validate()?;
     config.log_effective();
     metrics::describe();
+    kafka::metrics::describe();
     let ready = Readiness::default();
     let ops = config.ops.addr_or(DEFAULT_OPS_PORT);
     dropline::ops::serve(ops, ready.clone(), dropline::telemetry::metrics(), shutdown.clone()).await?;
@@ -57,8 +58,9 @@ pub async fn run(config: SettlerConfig, shutdown: CancellationToken) -> Result<(
     dropline::db::migrate(&db).await?;
     let topics = config.kafka.topics();
     kafka::ensure_topics(&config.kafka, &topics.all()).await?;
-    let dead_letters = DeadLetters::new(kafka::producer(&config.kafka)?, topics.dead_letter.clone(), "settler");
-    let consumer = kafka::consumer(&config.kafka, &config.group_id)?;
+    let dead_letters =
+        DeadLetters::new(kafka::producer(&config.kafka, "settler-producer")?, topics.dead_letter.clone(), "settler");
+    let consumer = kafka::consumer(&config.kafka, &config.group_id, "settler-consumer")?;
     consumer.subscribe(&[&topics.decisions, &topics.order_events])?;
     ready.set(true);
     tracing::info!("settler consuming");
@@ -73,6 +75,12 @@ pub async fn run(config: SettlerConfig, shutdown: CancellationToken) -> Result<(
         let mut batch = Batch::default();
         let mut parked = true;
         for m in &messages {
+            tracing::debug!(
+                request_id = kafka::request_id(m).as_deref(),
+                topic = m.topic(),
+                offset = m.offset(),
+                "settling"
+            );
             let decoded = if m.topic() == topics.decisions {
                 decode::<Decision>(m).map(|d| batch.add_decision(d))
             } else {

@@ -15,6 +15,7 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
+use tracing::Instrument;
 
 use crate::metrics::{REQUESTS, REQUEST_DURATION};
 use crate::problem::{ErrorCode, Problem};
@@ -38,9 +39,25 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// The id that follows a request through every stage's logs: the caller's
+/// `X-Request-Id` when it is sane, a fresh one otherwise.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+const REQUEST_ID: &str = "x-request-id";
+
 /// Counts and times every request by route template (never the raw path),
-/// status and error code: all bounded label values.
-async fn record(request: Request, next: Next) -> Response {
+/// status and error code: all bounded label values. Tags it with its request
+/// id, in the logs and in the answer.
+async fn record(mut request: Request, next: Next) -> Response {
+    let id = request
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+    request.extensions_mut().insert(RequestId(id.clone()));
     let route = request
         .extensions()
         .get::<MatchedPath>()
@@ -48,7 +65,11 @@ async fn record(request: Request, next: Next) -> Response {
         .unwrap_or_else(|| "unmatched".to_owned());
     let method = request.method().as_str().to_owned();
     let started = Instant::now();
-    let response = next.run(request).await;
+    let span = tracing::info_span!("request", request_id = %id, route = %route);
+    let mut response = next.run(request).instrument(span).await;
+    if let Ok(value) = axum::http::HeaderValue::from_str(&id) {
+        response.headers_mut().insert(REQUEST_ID, value);
+    }
     let code = response.extensions().get::<ErrorCode>().map_or("none", |c| c.as_str());
     metrics::counter!(REQUESTS, "route" => route.clone(), "method" => method.clone(),
         "status" => response.status().as_u16().to_string(), "error_code" => code)

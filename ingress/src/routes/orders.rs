@@ -5,12 +5,13 @@ use std::sync::Arc;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use dropline::messages::OrderState;
 use dropline::payments::{CreatePayment, PaymentSession};
 use dropline::stock::EndOutcome;
 use uuid::Uuid;
 
+use super::RequestId;
 use crate::extract;
 use crate::orders::{order_event, OrderView};
 use crate::problem::{ErrorCode, Problem};
@@ -38,6 +39,7 @@ pub async fn get_one(
 pub async fn cancel(
     State(app): State<Arc<AppState>>,
     Path(raw_id): Path<String>,
+    Extension(request_id): Extension<RequestId>,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
     let claims = extract::bearer(&app.tokens, &headers)?;
@@ -52,7 +54,7 @@ pub async fn cancel(
     // Whatever state the hold is in now, tell the settler (again, if it was
     // told before: it applies each state once). If this fails, the buyer's
     // retry and the expirer's pass at the deadline both publish it again.
-    app.publish_order_event(&order_event(id, event_id, &hold, None)).await?;
+    app.publish_order_event(&order_event(id, event_id, &hold, None), &request_id.0).await?;
     let view = OrderView::from_hold(id, event_id, &hold);
     match hold.state {
         OrderState::Cancelled => Ok(Json(view).into_response()),

@@ -8,7 +8,8 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
+use dropline::kafka;
 use dropline::messages::{now_ms, PurchaseIntent, RejectReason};
 use dropline::stock::Verdict;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -16,7 +17,7 @@ use rdkafka::producer::{FutureRecord, Producer};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::read_body;
+use super::{read_body, RequestId};
 use crate::extract;
 use crate::intents::{intent_id, IntentRecord, Reservation};
 use crate::metrics::{PRODUCER_QUEUE, PRODUCE_DURATION, PURCHASES};
@@ -46,10 +47,11 @@ fn outcome(label: &'static str) {
 pub async fn create(
     State(app): State<Arc<AppState>>,
     Path(raw_id): Path<String>,
+    Extension(request_id): Extension<RequestId>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Problem> {
-    let result = admit(&app, &raw_id, &headers, body).await;
+    let result = admit(&app, &raw_id, &request_id.0, &headers, body).await;
     if let Err(p) = &result {
         outcome(match p.code {
             ErrorCode::RateLimited => "rate_limited",
@@ -63,7 +65,13 @@ pub async fn create(
     result
 }
 
-async fn admit(app: &AppState, raw_id: &str, headers: &HeaderMap, body: Body) -> Result<Response, Problem> {
+async fn admit(
+    app: &AppState,
+    raw_id: &str,
+    request_id: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, Problem> {
     let claims = extract::bearer(&app.tokens, headers)?;
     let event_id = extract::event_id(raw_id)?;
     let key = extract::idempotency_key(headers)?;
@@ -116,7 +124,7 @@ async fn admit(app: &AppState, raw_id: &str, headers: &HeaderMap, body: Body) ->
         return Err(Problem::new(ErrorCode::SoldOut).retry_after(5));
     }
 
-    produce(app, &record, id).await?;
+    produce(app, &record, id, request_id).await?;
     app.intents.mark_accepted(id, &record).await.map_err(|e| Problem::unavailable("redis", &e))?;
     outcome("admitted");
     Ok(accepted(id, &record))
@@ -125,7 +133,7 @@ async fn admit(app: &AppState, raw_id: &str, headers: &HeaderMap, body: Body) ->
 /// Produces the intent and waits for the broker's acknowledgement. A full
 /// local queue fails at once: under a flood, waiting would only pile up
 /// connections.
-async fn produce(app: &AppState, record: &IntentRecord, id: Uuid) -> Result<(), Problem> {
+async fn produce(app: &AppState, record: &IntentRecord, id: Uuid, request_id: &str) -> Result<(), Problem> {
     let intent = PurchaseIntent {
         intent_id: id,
         event_id: record.event_id,
@@ -136,7 +144,9 @@ async fn produce(app: &AppState, record: &IntentRecord, id: Uuid) -> Result<(), 
     let payload = serde_json::to_vec(&intent).map_err(|_| Problem::new(ErrorCode::Internal))?;
     let key = record.event_id.to_string();
     let started = Instant::now();
-    let delivery = app.producer.send_result(FutureRecord::to(&app.topics.intents).key(&key).payload(&payload));
+    let headers = kafka::request_id_headers(Some(request_id)).unwrap_or_default();
+    let record = FutureRecord::to(&app.topics.intents).key(&key).payload(&payload).headers(headers);
+    let delivery = app.producer.send_result(record);
     metrics::gauge!(PRODUCER_QUEUE).set(f64::from(app.producer.in_flight_count()));
     let delivery = match delivery {
         Ok(d) => d,

@@ -8,12 +8,12 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use dropline::messages::{PaymentDisposition, PaymentRecord};
 use dropline::payments::{self, PaymentWebhook, SignatureError, PAYMENT_SUCCEEDED, SIGNATURE_HEADER};
 use dropline::stock::PayOutcome;
 
-use super::read_body;
+use super::{read_body, RequestId};
 use crate::metrics::WEBHOOKS;
 use crate::orders::order_event;
 use crate::problem::{ErrorCode, Problem};
@@ -23,15 +23,20 @@ fn counted(result: &'static str) {
     metrics::counter!(WEBHOOKS, "result" => result).increment(1);
 }
 
-pub async fn payment(State(app): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Result<Response, Problem> {
-    let result = handle(&app, &headers, body).await;
+pub async fn payment(
+    State(app): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Problem> {
+    let result = handle(&app, &request_id.0, &headers, body).await;
     if result.is_err() {
         counted("rejected");
     }
     result
 }
 
-async fn handle(app: &AppState, headers: &HeaderMap, body: Body) -> Result<Response, Problem> {
+async fn handle(app: &AppState, request_id: &str, headers: &HeaderMap, body: Body) -> Result<Response, Problem> {
     let raw = read_body(body, app.config.max_body_bytes).await?;
     // The signature covers the raw bytes; nothing is parsed before it holds.
     let signature = headers.get(SIGNATURE_HEADER).and_then(|v| v.to_str().ok());
@@ -78,7 +83,7 @@ async fn handle(app: &AppState, headers: &HeaderMap, body: Body) -> Result<Respo
         amount_cents: hook.amount_cents,
         disposition,
     };
-    app.publish_order_event(&order_event(order_id, event_id, &hold, Some(record))).await?;
+    app.publish_order_event(&order_event(order_id, event_id, &hold, Some(record)), request_id).await?;
     counted(disposition.as_str());
     tracing::info!(%order_id, payment_id = %hook.payment_id, disposition = disposition.as_str(), "payment recorded");
     Ok(Json(serde_json::json!({ "status": disposition.as_str(), "order_state": hold.state })).into_response())
