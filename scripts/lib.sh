@@ -104,6 +104,27 @@ ensure_tools() {
   command -v curl >/dev/null || apt_install curl
 }
 
+PROMETHEUS_PORT=${PROMETHEUS_PORT:-9090}
+
+ensure_promtool() {
+  command -v promtool >/dev/null || { log "installing prometheus (for promtool)"; apt_install prometheus; }
+}
+
+# Prometheus scraping the local services, with Dropline's rules loaded.
+ensure_prometheus() {
+  ensure_promtool
+  if port_open "$PROMETHEUS_PORT"; then
+    return
+  fi
+  log "starting prometheus on :$PROMETHEUS_PORT"
+  nohup prometheus --config.file="$DROPLINE_ROOT/monitoring/prometheus/prometheus.yml" \
+    --storage.tsdb.path="$STATE_DIR/prometheus" --storage.tsdb.retention.time=2d \
+    --web.listen-address="127.0.0.1:$PROMETHEUS_PORT" --web.enable-lifecycle \
+    >"$STATE_DIR/prometheus.log" 2>&1 &
+  echo $! >"$STATE_DIR/prometheus.pid"
+  wait_for "prometheus" 30 curl -fsS "http://127.0.0.1:$PROMETHEUS_PORT/-/ready"
+}
+
 # The stores and the broker; what both the tests and the demo need.
 ensure_infra() {
   ensure_tools

@@ -2,7 +2,7 @@
 # Dropline's local stack: Redis, MariaDB, the tansu broker, and the five
 # processes (ingress, allocator, settler, expirer, paysim).
 #
-#   scripts/stack.sh up        stores + broker + schema + topics + services
+#   scripts/stack.sh up        stores + broker + Prometheus + schema + topics + services
 #   scripts/stack.sh infra     stores + broker only (what the tests need)
 #   scripts/stack.sh status    what is running
 #   scripts/stack.sh down      stop the services and the broker started here
@@ -16,6 +16,10 @@ PAYSIM_ADDR=${PAYSIM_ADDR:-127.0.0.1:8090}
 export DROPLINE_MYSQL_URL=${DROPLINE_MYSQL_URL:-mysql://root@127.0.0.1:$MYSQL_PORT/dropline}
 export DROPLINE_REDIS_URL=${DROPLINE_REDIS_URL:-redis://127.0.0.1:$REDIS_PORT}
 export DROPLINE_KAFKA_BROKERS=${DROPLINE_KAFKA_BROKERS:-127.0.0.1:$KAFKA_PORT}
+# tansu answers a waiting fetch at its deadline rather than when data
+# arrives (measured: p99 intent-to-decision 500 ms at the 500 ms default,
+# 100 ms at 10 ms), so the local stack polls the broker more often.
+export DROPLINE_KAFKA_FETCH_WAIT_MAX_MS=${DROPLINE_KAFKA_FETCH_WAIT_MAX_MS:-10}
 BIN=$DROPLINE_ROOT/target/release
 
 # name, ops port: every service's /healthz, /readyz and /metrics.
@@ -59,7 +63,7 @@ services_up() {
     wait_for "$name (see .dropline/$name.log)" 60 ready "$port"
   done
   wait_for "paysim" 30 curl -fsS "http://$PAYSIM_ADDR/healthz"
-  log "services ready: API http://$INGRESS_ADDR, metrics on :9100-9103"
+  log "services ready: API http://$INGRESS_ADDR, metrics on :9100-9103, Prometheus http://127.0.0.1:$PROMETHEUS_PORT"
 }
 
 stop_one() {
@@ -82,7 +86,7 @@ services_down() {
 }
 
 status() {
-  for name in ingress allocator settler expirer paysim tansu; do
+  for name in ingress allocator settler expirer paysim prometheus tansu; do
     if running "$name"; then echo "$name: running (pid $(cat "$STATE_DIR/$name.pid"))"; else echo "$name: not started here"; fi
   done
   port_open "$REDIS_PORT" && echo "redis: listening on :$REDIS_PORT" || echo "redis: down"
@@ -92,9 +96,9 @@ status() {
 
 case "${1:-up}" in
   infra) ensure_infra ;;
-  up) ensure_infra; services_up ;;
+  up) ensure_infra; ensure_prometheus; services_up ;;
   services) services_up ;;
-  down) services_down; stop_one tansu ;;
+  down) services_down; stop_one prometheus; stop_one tansu ;;
   stop-services) services_down ;;
   status) status ;;
   *) die "usage: $0 {up|infra|services|status|down|stop-services}" ;;

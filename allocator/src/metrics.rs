@@ -25,4 +25,11 @@ pub fn describe() {
         Unit::Count,
         "Units of a recently sold event by state (available, held, sold), sampled from the ledger."
     );
+    // Every series exists from the start: a 0, not "no data".
+    for outcome in ["held", "sold_out", "limit_reached", "sale_not_open", "sale_closed"] {
+        metrics::counter!(DECISIONS, "outcome" => outcome).increment(0);
+    }
+    for kind in ["no_ledger", "redis", "corrupt"] {
+        metrics::counter!(LEDGER_ERRORS, "kind" => kind).increment(0);
+    }
 }

@@ -61,6 +61,9 @@ pub struct DropReport {
     pub rejected: Vec<(String, u64)>,
     pub refused_at_door: Vec<(String, u64)>,
     pub flood_secs: f64,
+    /// When the flood started and the drop ended, Unix seconds.
+    pub started_at: f64,
+    pub ended_at: f64,
     pub at_sellout_redis: StockLevels,
     pub at_sellout_mysql_held: u64,
     pub paid: u64,
@@ -132,6 +135,7 @@ pub async fn run(
 
     // Wave one: the flood.
     let started = Instant::now();
+    report.started_at = unix_now();
     let gate = Arc::new(Semaphore::new(plan.concurrency.max(1)));
     let mut tasks = Vec::with_capacity(plan.buyers as usize);
     for i in 0..plan.buyers {
@@ -212,7 +216,12 @@ pub async fn run(
         invariants::wait_quiet(db, ledger, event_id, Some(report.accepted), ttl + Duration::from_secs(60)).await?;
     report.verdict =
         Some(invariants::verify(db, ledger, event_id, Some(report.accepted), Duration::from_secs(10)).await?);
+    report.ended_at = unix_now();
     Ok(report)
+}
+
+fn unix_now() -> f64 {
+    chrono::Utc::now().timestamp_millis() as f64 / 1000.0
 }
 
 /// One buyer: purchase (retrying politely on 429/503 with the same

@@ -4,7 +4,10 @@
 //! - [`drill`]: a flash sale played out by a crowd of buyers (the demo).
 //! - [`invariants`]: the checks that the books balance, against MySQL and
 //!   Redis.
+//! - [`prometheus`]: queries of Prometheus, for the demo's headline numbers
+//!   and the monitoring test.
 
 pub mod api;
 pub mod drill;
 pub mod invariants;
+pub mod prometheus;

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use dropctl::api::Api;
 use dropctl::drill::{self, DropPlan, DropReport};
 use dropctl::invariants;
+use dropctl::prometheus::Prometheus;
 use dropline::auth::{TokenKeys, ADMIN_SCOPE};
 use dropline::config::{KafkaArgs, MysqlArgs, RedisArgs};
 use dropline::stock::Ledger;
@@ -64,6 +65,9 @@ enum Command {
         /// Share of holders who cancel; the rest walk away.
         #[arg(long, default_value_t = 0.15)]
         cancel_share: f64,
+        /// Prometheus scraping the services, for the headline numbers.
+        #[arg(long, env = "DROPLINE_PROMETHEUS_URL", default_value = "http://127.0.0.1:9090")]
+        prometheus_url: String,
         #[command(flatten)]
         mysql: MysqlArgs,
         #[command(flatten)]
@@ -110,6 +114,7 @@ async fn main() -> anyhow::Result<()> {
             hold_ttl_secs,
             pay_share,
             cancel_share,
+            prometheus_url,
             mysql,
             redis,
         } => {
@@ -131,6 +136,7 @@ async fn main() -> anyhow::Result<()> {
             );
             let report = drill::run(&api, &TokenKeys::new(jwt_secret.as_bytes()), &db, &ledger, &plan).await?;
             print_report(&report);
+            print_headline(&prometheus_url, &report).await;
             if !report.passed() {
                 anyhow::bail!("the drop did not balance");
             }
@@ -146,6 +152,30 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Prints what Prometheus saw of the drop. The demo still passes or fails
+/// on the books alone: a missing Prometheus only costs these numbers.
+async fn print_headline(url: &str, r: &DropReport) {
+    let prom = match Prometheus::new(url) {
+        Ok(p) if p.ready().await => p,
+        _ => {
+            println!("prometheus: not reachable at {url}; no headline numbers");
+            return;
+        }
+    };
+    match dropctl::prometheus::headline(&prom, r.started_at, r.ended_at).await {
+        Ok(h) => {
+            let show = |v: Option<f64>, unit: &str, scale: f64| {
+                v.map_or("no data".to_owned(), |v| format!("{:.1}{unit}", v * scale))
+            };
+            println!("from prometheus ({url}):");
+            println!("  peak admitted purchases: {}", show(h.peak_admitted_per_sec, "/s", 1.0));
+            println!("  p99 intent-to-decision latency: {}", show(h.p99_decision_secs, " ms", 1000.0));
+            println!("  time to sell out: {}", show(h.sell_out_secs, " s", 1.0));
+        }
+        Err(e) => println!("prometheus: {e:#}"),
+    }
 }
 
 fn print_report(r: &DropReport) {

@@ -42,6 +42,16 @@ async fn a_drop_sells_exactly_the_capacity_and_the_books_balance() {
     assert_eq!(verdict.redis.sold, report.paid);
     assert_eq!(verdict.redis.available, 40 - report.paid);
     assert_eq!(m.captured_payments, report.paid);
+
+    // The drift gauge's measurement: none now, and it sees a lost write.
+    use dropline_settler::drift::{measure, Drift};
+    let drift = measure(&stack.db, &stack.ledger).await.unwrap();
+    assert_eq!(drift[&report.event_id], Drift { held: 0, sold: 0 });
+    let stock = dropline::stock::EventKeys::new(&stack.name, report.event_id).stock;
+    let mut conn = stack.ledger.pool().get().await.unwrap();
+    let _: i64 = deadpool_redis::redis::cmd("HINCRBY").arg(&stock).arg("sold").arg(-1).query_async(&mut conn).await.unwrap();
+    let drift = measure(&stack.db, &stack.ledger).await.unwrap();
+    assert_eq!(drift[&report.event_id], Drift { held: 0, sold: -1 });
     stack.stop().await;
 }
 

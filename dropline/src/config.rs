@@ -28,6 +28,11 @@ pub struct KafkaArgs {
         default_value_t = 100_000
     )]
     pub producer_queue_max_messages: u64,
+    /// Longest a consumer's fetch waits at the broker for new messages. It
+    /// bounds how stale an idle partition's next message can be when the
+    /// broker does not answer a waiting fetch as soon as data arrives.
+    #[arg(long = "kafka-fetch-wait-max-ms", env = "DROPLINE_KAFKA_FETCH_WAIT_MAX_MS", default_value_t = 50)]
+    pub fetch_wait_max_ms: u64,
     /// Partitions of topics created at start; existing topics are kept as
     /// they are.
     #[arg(long = "topic-partitions", env = "DROPLINE_TOPIC_PARTITIONS", default_value_t = 6)]
@@ -47,6 +52,9 @@ impl KafkaArgs {
             && self.topic_prefix.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
         if !prefix_ok {
             problems.add("DROPLINE_TOPIC_PREFIX must be non-empty ASCII letters, digits, '.', '_' or '-'");
+        }
+        if !(1..=10_000).contains(&self.fetch_wait_max_ms) {
+            problems.add("DROPLINE_KAFKA_FETCH_WAIT_MAX_MS must be 1 to 10000");
         }
         if self.message_timeout_ms == 0 {
             problems.add("DROPLINE_KAFKA_MESSAGE_TIMEOUT_MS must be positive");

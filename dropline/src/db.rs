@@ -33,10 +33,23 @@ pub async fn create_database(url: &str) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
-/// Brings the schema up to date. sqlx takes a lock, so concurrent starts are
-/// safe.
+/// Brings the schema up to date. Stages that start together on a fresh
+/// database can race to record the same migration (every statement in it is
+/// idempotent, only the bookkeeping row collides), so a failure is retried:
+/// the retry finds the migration recorded and has nothing left to do.
 pub async fn migrate(pool: &MySqlPool) -> Result<(), sqlx::migrate::MigrateError> {
-    MIGRATOR.run(pool).await
+    let mut attempt = 0;
+    loop {
+        match MIGRATOR.run(pool).await {
+            Ok(()) => return Ok(()),
+            Err(e) if attempt < 3 => {
+                attempt += 1;
+                tracing::warn!(error = %e, attempt, "migration raced another start; retrying");
+                tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Unix milliseconds as a UTC timestamp (the schema's DATETIME(3)).

@@ -126,6 +126,7 @@ pub fn consumer(
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", "10000")
         .set("max.poll.interval.ms", "300000")
+        .set("fetch.wait.max.ms", args.fetch_wait_max_ms.to_string())
         .set("statistics.interval.ms", STATISTICS_INTERVAL_MS)
         .create_with_context(GroupContext { client, revoked: Mutex::default() })
 }
@@ -320,6 +321,8 @@ pub struct DeadLetters {
 
 impl DeadLetters {
     pub fn new(producer: Producer, topic: String, stage: &'static str) -> Self {
+        // The series exists from the start: dashboards show 0, not no data.
+        ::metrics::counter!(metrics::DEAD_LETTERS, "stage" => stage).increment(0);
         Self { producer, topic, stage }
     }
 

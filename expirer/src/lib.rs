@@ -71,11 +71,14 @@ enum Released {
 pub async fn run(config: ExpirerConfig, shutdown: CancellationToken) -> Result<(), ExpirerError> {
     config.validate()?;
     config.log_effective();
+    // The recorder first: metrics described or created before it exists
+    // would go nowhere.
+    let prometheus = dropline::telemetry::metrics();
     metrics::describe();
     kafka::metrics::describe();
     let ready = Readiness::default();
     let ops = config.ops.addr_or(DEFAULT_OPS_PORT);
-    dropline::ops::serve(ops, ready.clone(), dropline::telemetry::metrics(), shutdown.clone()).await?;
+    dropline::ops::serve(ops, ready.clone(), prometheus, shutdown.clone()).await?;
     let topics = config.kafka.topics();
     kafka::ensure_topics(&config.kafka, &topics.all()).await?;
     let producer = kafka::producer(&config.kafka, "expirer-producer")?;

@@ -16,4 +16,8 @@ pub fn describe() {
          paid, cancelled, unknown (not in the ledger)."
     );
     describe_gauge!(PAUSED, "Partitions paused because their pending holds reached the limit.");
+    // Every series exists from the start: a 0, not "no data".
+    for state in ["expired", "paid", "cancelled", "unknown"] {
+        metrics::counter!(HOLDS_ENDED, "state" => state).increment(0);
+    }
 }

@@ -125,9 +125,11 @@ pub async fn start_on(
 ) -> Result<Running, IngressError> {
     config.validate()?;
     config.log_effective();
+    // The recorder first: metrics described or created before it exists
+    // would go nowhere.
+    let prometheus = dropline::telemetry::metrics();
     metrics::describe();
     kafka::metrics::describe();
-    let prometheus = dropline::telemetry::metrics();
     let ready = Readiness::default();
 
     let db = dropline::db::connect(&config.mysql).await?;

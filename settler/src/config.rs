@@ -1,5 +1,5 @@
 use clap::Parser;
-use dropline::config::{redact_url, ConfigError, KafkaArgs, MysqlArgs, OpsArgs, Problems};
+use dropline::config::{redact_url, ConfigError, KafkaArgs, MysqlArgs, OpsArgs, Problems, RedisArgs};
 
 /// The settler: persists what the other stages decided into MySQL.
 #[derive(Debug, Clone, Parser)]
@@ -14,10 +14,15 @@ pub struct SettlerConfig {
     /// How long a batch waits to fill after its first message.
     #[arg(long, env = "DROPLINE_SETTLER_BATCH_LINGER_MS", default_value_t = 20)]
     pub batch_linger_ms: u64,
+    /// How often the ledger in Redis is compared with the orders in MySQL.
+    #[arg(long, env = "DROPLINE_SETTLER_DRIFT_INTERVAL_SECS", default_value_t = 5)]
+    pub drift_interval_secs: u64,
     #[command(flatten)]
     pub kafka: KafkaArgs,
     #[command(flatten)]
     pub mysql: MysqlArgs,
+    #[command(flatten)]
+    pub redis: RedisArgs,
     #[command(flatten)]
     pub ops: OpsArgs,
 }
@@ -27,6 +32,10 @@ impl SettlerConfig {
         let mut p = Problems::default();
         self.kafka.check(&mut p);
         self.mysql.check(&mut p);
+        self.redis.check(&mut p);
+        if !(1..=3600).contains(&self.drift_interval_secs) {
+            p.add("DROPLINE_SETTLER_DRIFT_INTERVAL_SECS must be 1 to 3600");
+        }
         if self.group_id.is_empty() {
             p.add("DROPLINE_SETTLER_GROUP must not be empty");
         }
@@ -47,6 +56,8 @@ impl SettlerConfig {
             kafka_brokers = %self.kafka.brokers,
             topic_prefix = %self.kafka.topic_prefix,
             mysql_url = %redact_url(&self.mysql.url),
+            redis_url = %redact_url(&self.redis.url),
+            drift_interval_secs = self.drift_interval_secs,
             ops_addr = %self.ops.addr_or(crate::DEFAULT_OPS_PORT),
             "settler config"
         );

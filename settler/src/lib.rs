@@ -7,9 +7,11 @@
 //! whose second write changes nothing.
 //!
 //! - [`store`]: the upserts and their forward-only rule.
+//! - [`drift`]: how far the Redis ledger and MySQL disagree, as gauges.
 //! - [`config`]: settings; [`metrics`]: metric names.
 
 pub mod config;
+pub mod drift;
 pub mod metrics;
 pub mod store;
 
@@ -42,6 +44,8 @@ pub enum SettlerError {
     KafkaSetup(#[from] kafka::KafkaSetupError),
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("redis pool: {0}")]
+    RedisPool(#[from] deadpool_redis::CreatePoolError),
     #[error("ops server: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -49,11 +53,14 @@ pub enum SettlerError {
 pub async fn run(config: SettlerConfig, shutdown: CancellationToken) -> Result<(), SettlerError> {
     config.validate()?;
     config.log_effective();
+    // The recorder first: metrics described or created before it exists
+    // would go nowhere.
+    let prometheus = dropline::telemetry::metrics();
     metrics::describe();
     kafka::metrics::describe();
     let ready = Readiness::default();
     let ops = config.ops.addr_or(DEFAULT_OPS_PORT);
-    dropline::ops::serve(ops, ready.clone(), dropline::telemetry::metrics(), shutdown.clone()).await?;
+    dropline::ops::serve(ops, ready.clone(), prometheus, shutdown.clone()).await?;
     let db = dropline::db::connect(&config.mysql).await?;
     dropline::db::migrate(&db).await?;
     let topics = config.kafka.topics();
@@ -62,6 +69,9 @@ pub async fn run(config: SettlerConfig, shutdown: CancellationToken) -> Result<(
         DeadLetters::new(kafka::producer(&config.kafka, "settler-producer")?, topics.dead_letter.clone(), "settler");
     let consumer = kafka::consumer(&config.kafka, &config.group_id, "settler-consumer")?;
     consumer.subscribe(&[&topics.decisions, &topics.order_events])?;
+    let ledger = dropline::stock::Ledger::new(config.redis.pool()?, &config.redis.key_prefix);
+    let every = Duration::from_secs(config.drift_interval_secs);
+    tokio::spawn(drift::watch(db.clone(), ledger, every, shutdown.clone()));
     ready.set(true);
     tracing::info!("settler consuming");
 

@@ -140,9 +140,16 @@ impl Stack {
                     .chain(common.iter().cloned()),
             );
             let settler = dropline_settler::SettlerConfig::parse_from(
-                ["settler".to_owned(), group("settler"), mysql.clone(), "--batch-linger-ms=5".to_owned()]
-                    .into_iter()
-                    .chain(common.iter().cloned()),
+                [
+                    "settler".to_owned(),
+                    group("settler"),
+                    mysql.clone(),
+                    redis.clone(),
+                    redis_prefix.clone(),
+                    "--batch-linger-ms=5".to_owned(),
+                ]
+                .into_iter()
+                .chain(common.iter().cloned()),
             );
             let expirer = dropline_expirer::ExpirerConfig::parse_from(
                 [
