@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Dropline's tests: brings up Redis, MariaDB and the broker if they are not
 # running (and installs Prometheus for its tools), checks the alert rules,
-# builds the binaries the monitoring test runs as processes, then runs every
-# test in the workspace against the real services.
+# builds the binaries (the monitoring test runs them as processes), runs a
+# short k6 drop with its invariant check, then runs every test in the
+# workspace against the real services.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -13,4 +14,12 @@ promtool check rules monitoring/prometheus/rules.yml
 promtool check config monitoring/prometheus/prometheus.yml
 (cd monitoring/prometheus && promtool test rules rules_test.yml)
 cargo build --workspace --bins --locked
+
+# A short k6 drop against the debug build: SLO thresholds and the invariant
+# check after it (loadtest/drop.js; the full scenarios run on demand).
+trap 'DROPLINE_PROFILE=debug scripts/stack.sh stop-services' EXIT
+DROPLINE_PROFILE=debug scripts/loadtest.sh drop -e TICKETS=200 -e PEAK_RATE=60 -e RAMP=3s -e HOLD=7s -e HOLD_TTL_SECS=3
+DROPLINE_PROFILE=debug scripts/stack.sh stop-services
+trap - EXIT
+
 cargo test --workspace --locked "$@"

@@ -1,6 +1,8 @@
 //! dropctl: Dropline's operator tool.
 //!
 //! - [`api`]: a typed client of the HTTP API.
+//! - [`ceiling`]: what the machine does with the bare building blocks, for
+//!   the performance report.
 //! - [`drill`]: a flash sale played out by a crowd of buyers (the demo).
 //! - [`invariants`]: the checks that the books balance, against MySQL and
 //!   Redis.
@@ -8,6 +10,7 @@
 //!   and the monitoring test.
 
 pub mod api;
+pub mod ceiling;
 pub mod drill;
 pub mod invariants;
 pub mod prometheus;

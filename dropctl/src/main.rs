@@ -73,6 +73,11 @@ enum Command {
         #[command(flatten)]
         redis: RedisArgs,
     },
+    /// Measures a ceiling for the performance report (see scripts/bench.sh).
+    Ceiling {
+        #[command(subcommand)]
+        what: Ceiling,
+    },
     /// Checks an event's invariants against MySQL and Redis.
     Check {
         #[arg(long)]
@@ -80,10 +85,61 @@ enum Command {
         /// How long past its deadline a hold may still be held.
         #[arg(long, default_value_t = 10)]
         grace_secs: u64,
+        /// First wait up to this long for the pipeline to go quiet (no hold
+        /// left, Redis and MySQL agreeing).
+        #[arg(long, default_value_t = 0)]
+        wait_secs: u64,
+        /// Purchases the ingress accepted (202) for the event, when known:
+        /// each must have exactly one recorded outcome.
+        #[arg(long)]
+        accepted: Option<u64>,
         #[command(flatten)]
         mysql: MysqlArgs,
         #[command(flatten)]
         redis: RedisArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum Ceiling {
+    /// A bare hyper server answering 202, until stopped.
+    Http {
+        #[arg(long, default_value = "127.0.0.1:8181")]
+        addr: std::net::SocketAddr,
+    },
+    /// Raw produce rate with the stages' producer settings; prints JSON.
+    /// Also loads a topic with intents or decisions for a stage benchmark.
+    Produce {
+        #[arg(long, value_enum, default_value = "intent")]
+        payload: dropctl::ceiling::Payload,
+        #[arg(long, default_value_t = 1)]
+        event: u64,
+        #[arg(long, default_value_t = 100_000)]
+        messages: u64,
+        #[arg(long, default_value_t = 1_000)]
+        in_flight: usize,
+        #[arg(long, default_value = "dropline-ceiling.produce")]
+        topic: String,
+        #[command(flatten)]
+        kafka: KafkaArgs,
+    },
+    /// Multi-row INSERT rate into MariaDB; prints JSON.
+    Insert {
+        #[arg(long, default_value_t = 100_000)]
+        rows: u64,
+        #[arg(long, default_value_t = 500)]
+        batch: usize,
+        #[command(flatten)]
+        mysql: MysqlArgs,
+    },
+    /// One transaction per purchase on a hot stock row; prints JSON.
+    Naive {
+        #[arg(long, default_value_t = 5_000)]
+        purchases: u64,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        #[command(flatten)]
+        mysql: MysqlArgs,
     },
 }
 
@@ -141,10 +197,27 @@ async fn main() -> anyhow::Result<()> {
                 anyhow::bail!("the drop did not balance");
             }
         }
-        Command::Check { event, grace_secs, mysql, redis } => {
+        Command::Ceiling { what } => {
+            let measured = match what {
+                Ceiling::Http { addr } => return dropctl::ceiling::http(addr).await,
+                Ceiling::Produce { payload, event, messages, in_flight, topic, kafka } => {
+                    dropctl::ceiling::produce(&kafka, &topic, payload, event, messages, in_flight).await?
+                }
+                Ceiling::Insert { rows, batch, mysql } => dropctl::ceiling::insert(&mysql, rows, batch).await?,
+                Ceiling::Naive { purchases, concurrency, mysql } => {
+                    dropctl::ceiling::naive(&mysql, purchases, concurrency).await?
+                }
+            };
+            println!("{}", serde_json::to_string(&measured)?);
+        }
+        Command::Check { event, grace_secs, wait_secs, accepted, mysql, redis } => {
             let db = dropline::db::connect(&mysql).await?;
             let ledger = Ledger::new(redis.pool()?, &redis.key_prefix);
-            let verdict = invariants::verify(&db, &ledger, event, None, Duration::from_secs(grace_secs)).await?;
+            let wait = Duration::from_secs(wait_secs);
+            if wait_secs > 0 && !invariants::wait_quiet(&db, &ledger, event, accepted, wait).await? {
+                eprintln!("the pipeline did not go quiet within {wait_secs}s; checking anyway");
+            }
+            let verdict = invariants::verify(&db, &ledger, event, accepted, Duration::from_secs(grace_secs)).await?;
             println!("event {event}:\n{verdict}");
             if !verdict.all_hold() {
                 anyhow::bail!("invariants do not hold");

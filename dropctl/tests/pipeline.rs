@@ -49,7 +49,8 @@ async fn a_drop_sells_exactly_the_capacity_and_the_books_balance() {
     assert_eq!(drift[&report.event_id], Drift { held: 0, sold: 0 });
     let stock = dropline::stock::EventKeys::new(&stack.name, report.event_id).stock;
     let mut conn = stack.ledger.pool().get().await.unwrap();
-    let _: i64 = deadpool_redis::redis::cmd("HINCRBY").arg(&stock).arg("sold").arg(-1).query_async(&mut conn).await.unwrap();
+    let _: i64 =
+        deadpool_redis::redis::cmd("HINCRBY").arg(&stock).arg("sold").arg(-1).query_async(&mut conn).await.unwrap();
     let drift = measure(&stack.db, &stack.ledger).await.unwrap();
     assert_eq!(drift[&report.event_id], Drift { held: 0, sold: -1 });
     stack.stop().await;

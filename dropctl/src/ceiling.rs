@@ -1,0 +1,222 @@
+//! Ceilings for the performance report: what this machine does with the
+//! same building blocks and none of Dropline's work, measured in the same run
+//! as Dropline's own figures (scripts/bench.sh).
+//!
+//! - [`http`]: a bare hyper server answering every request 202 with a small
+//!   JSON body, the ingress' answer without its work.
+//! - [`produce`]: raw rdkafka produce rate, with the producer settings the
+//!   stages use (idempotent, acks=all, the same linger).
+//! - [`insert`]: multi-row INSERTs into MariaDB, the settler's write without
+//!   its upsert logic.
+//! - [`naive`]: the design Dropline replaces: one MySQL transaction per
+//!   purchase decrementing a hot stock row.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use dropline::config::{KafkaArgs, MysqlArgs};
+use futures::future::join_all;
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rdkafka::producer::FutureRecord;
+use sqlx::{MySql, QueryBuilder};
+use tokio::net::TcpListener;
+
+/// Serves 202 to everything until the process is stopped.
+pub async fn http(addr: SocketAddr) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(addr).await?;
+    eprintln!("bare hyper server on {}", listener.local_addr()?);
+    let body = Bytes::from_static(br#"{"intent_id":"00000000-0000-0000-0000-000000000000","status":"queued"}"#);
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let body = body.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |_req: Request<hyper::body::Incoming>| {
+                let body = body.clone();
+                async move {
+                    let mut r = Response::new(Full::new(body));
+                    *r.status_mut() = StatusCode::ACCEPTED;
+                    r.headers_mut().insert("content-type", "application/json".parse().expect("static"));
+                    Ok::<_, Infallible>(r)
+                }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// A measured rate.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Rate {
+    pub count: u64,
+    pub secs: f64,
+    pub per_sec: f64,
+}
+
+fn rate(count: u64, started: Instant) -> Rate {
+    let secs = started.elapsed().as_secs_f64();
+    Rate { count, secs, per_sec: count as f64 / secs }
+}
+
+/// What [`produce`] writes: a fresh purchase intent per message (the
+/// allocator's input), or a fresh held decision (the settler's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Payload {
+    Intent,
+    Decision,
+}
+
+fn payload(kind: Payload, event_id: u64, i: u64) -> Vec<u8> {
+    let intent_id = uuid::Uuid::new_v4();
+    let user_id = format!("bench-user-{i}");
+    let now = dropline::messages::now_ms();
+    match kind {
+        Payload::Intent => serde_json::to_vec(&dropline::messages::PurchaseIntent {
+            intent_id,
+            event_id,
+            user_id,
+            quantity: 1,
+            accepted_at_ms: now,
+        }),
+        Payload::Decision => serde_json::to_vec(&dropline::messages::Decision {
+            intent_id,
+            event_id,
+            user_id,
+            quantity: 1,
+            decided_at_ms: now,
+            outcome: dropline::messages::Outcome::Held { expires_at_ms: now + 600_000, amount_cents: 4_500 },
+        }),
+    }
+    .expect("messages serialize")
+}
+
+/// Produces `messages` fresh messages to `topic`, keyed by `event_id` as the
+/// stages key them, with `in_flight` sends outstanding, and waits for every
+/// acknowledgement.
+pub async fn produce(
+    kafka: &KafkaArgs,
+    topic: &str,
+    kind: Payload,
+    event_id: u64,
+    messages: u64,
+    in_flight: usize,
+) -> anyhow::Result<Rate> {
+    dropline::kafka::ensure_topics(kafka, &[topic]).await?;
+    let producer = dropline::kafka::producer(kafka, "ceiling-producer")?;
+    let next = Arc::new(AtomicU64::new(0));
+    let key = event_id.to_string();
+    let started = Instant::now();
+    let workers = (0..in_flight).map(|_| {
+        let (producer, next, key) = (producer.clone(), next.clone(), key.clone());
+        let topic = topic.to_owned();
+        async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= messages {
+                    return anyhow::Ok(());
+                }
+                let body = payload(kind, event_id, i);
+                producer
+                    .send(FutureRecord::to(&topic).key(&key).payload(&body), Duration::from_secs(5))
+                    .await
+                    .map_err(|(e, _)| e)?;
+            }
+        }
+    });
+    for r in join_all(workers).await {
+        r?;
+    }
+    Ok(rate(messages, started))
+}
+
+/// Inserts `rows` order-shaped rows in statements of `batch` rows.
+pub async fn insert(mysql: &MysqlArgs, rows: u64, batch: usize) -> anyhow::Result<Rate> {
+    dropline::db::create_database(&mysql.url).await?;
+    let db = dropline::db::connect(mysql).await?;
+    sqlx::query("DROP TABLE IF EXISTS ceiling_rows").execute(&db).await?;
+    sqlx::query(
+        "CREATE TABLE ceiling_rows (id CHAR(36) CHARACTER SET ascii PRIMARY KEY, event_id BIGINT UNSIGNED NOT NULL, \
+         user_id VARCHAR(128) NOT NULL, quantity INT UNSIGNED NOT NULL, state VARCHAR(16) NOT NULL, \
+         at DATETIME(3) NOT NULL) ENGINE = InnoDB",
+    )
+    .execute(&db)
+    .await?;
+    let started = Instant::now();
+    let mut done = 0;
+    while done < rows {
+        let n = batch.min((rows - done) as usize);
+        let mut q =
+            QueryBuilder::<MySql>::new("INSERT INTO ceiling_rows (id, event_id, user_id, quantity, state, at) ");
+        q.push_values(0..n, |mut row, _| {
+            row.push_bind(uuid::Uuid::new_v4().to_string())
+                .push_bind(1u64)
+                .push_bind("ceiling-user")
+                .push_bind(1u32)
+                .push_bind("held")
+                .push_bind(chrono::Utc::now());
+        });
+        q.build().execute(&db).await?;
+        done += n as u64;
+    }
+    let r = rate(rows, started);
+    sqlx::query("DROP TABLE ceiling_rows").execute(&db).await?;
+    Ok(r)
+}
+
+/// One transaction per purchase on a hot row, `concurrency` at a time.
+pub async fn naive(mysql: &MysqlArgs, purchases: u64, concurrency: usize) -> anyhow::Result<Rate> {
+    dropline::db::create_database(&mysql.url).await?;
+    let db = dropline::db::connect(&MysqlArgs { pool_size: concurrency as u32, ..mysql.clone() }).await?;
+    sqlx::query("DROP TABLE IF EXISTS ceiling_stock").execute(&db).await?;
+    sqlx::query("DROP TABLE IF EXISTS ceiling_orders").execute(&db).await?;
+    sqlx::query("CREATE TABLE ceiling_stock (id INT PRIMARY KEY, stock INT NOT NULL) ENGINE = InnoDB")
+        .execute(&db)
+        .await?;
+    sqlx::query(
+        "CREATE TABLE ceiling_orders (id BIGINT AUTO_INCREMENT PRIMARY KEY, user_id VARCHAR(64) NOT NULL) ENGINE = InnoDB",
+    )
+    .execute(&db)
+    .await?;
+    sqlx::query("INSERT INTO ceiling_stock VALUES (1, ?)").bind(purchases as i64).execute(&db).await?;
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let workers = (0..concurrency).map(|_| {
+        let (db, next) = (db.clone(), next.clone());
+        async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= purchases {
+                    return anyhow::Ok(());
+                }
+                let mut tx = db.begin().await?;
+                let taken = sqlx::query("UPDATE ceiling_stock SET stock = stock - 1 WHERE id = 1 AND stock > 0")
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if taken == 1 {
+                    sqlx::query("INSERT INTO ceiling_orders (user_id) VALUES (?)")
+                        .bind(format!("u{i}"))
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await?;
+            }
+        }
+    });
+    for r in join_all(workers).await {
+        r.context("naive purchase")?;
+    }
+    let r = rate(purchases, started);
+    sqlx::query("DROP TABLE ceiling_stock").execute(&db).await?;
+    sqlx::query("DROP TABLE ceiling_orders").execute(&db).await?;
+    Ok(r)
+}

@@ -1,0 +1,124 @@
+// Shared by Dropline's k6 scenarios: tokens, the API calls a buyer makes,
+// and the event every scenario sells.
+import http from 'k6/http';
+import crypto from 'k6/crypto';
+import encoding from 'k6/encoding';
+import { sleep } from 'k6';
+
+export const API = __ENV.DROPLINE_API || 'http://127.0.0.1:8080';
+const SECRET = __ENV.DROPLINE_JWT_SECRET || 'dropline-local-jwt-secret';
+
+// 2xx, and the answers a flood is expected to get: 409 (sold out, not
+// held) and 429 (rate limited). Anything else counts as a failure.
+http.setResponseCallback(http.expectedStatuses({ min: 200, max: 299 }, 409, 429));
+
+function b64url(s) {
+  return encoding.b64encode(s, 'rawurl');
+}
+
+// An HS256 JWT, as the storefront's login would issue.
+export function token(sub, scope) {
+  const now = Math.floor(Date.now() / 1000);
+  const claims = { sub, iat: now, exp: now + 3600 };
+  if (scope) claims.scope = scope;
+  const head = b64url(JSON.stringify({ alg: 'HS256', typ: 'JWT' }));
+  const body = b64url(JSON.stringify(claims));
+  const sig = crypto.hmac('sha256', SECRET, `${head}.${body}`, 'base64rawurl');
+  return `${head}.${body}.${sig}`;
+}
+
+export function uuid() {
+  const b = new Uint8Array(crypto.randomBytes(16));
+  b[6] = (b[6] & 0x0f) | 0x40;
+  b[8] = (b[8] & 0x3f) | 0x80;
+  const h = Array.from(b, (x) => x.toString(16).padStart(2, '0')).join('');
+  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
+}
+
+function auth(tok, extra) {
+  return { headers: Object.assign({ Authorization: `Bearer ${tok}`, 'Content-Type': 'application/json' }, extra || {}) };
+}
+
+// Creates an event on sale now; returns its id.
+export function createEvent(capacity, holdTtlSecs, perUserLimit) {
+  const now = Date.now();
+  const body = {
+    name: `k6 drop ${new Date(now).toISOString()}`,
+    venue: 'Loopback Arena',
+    starts_at: new Date(now + 30 * 86400e3).toISOString(),
+    sale_opens_at: new Date(now - 1000).toISOString(),
+    sale_closes_at: new Date(now + 6 * 3600e3).toISOString(),
+    capacity,
+    price_cents: 4500,
+    currency: 'EUR',
+    per_user_limit: perUserLimit || 2,
+    hold_ttl_secs: holdTtlSecs,
+  };
+  const r = http.post(`${API}/v1/admin/events`, JSON.stringify(body), auth(token('k6-admin', 'admin')));
+  if (r.status !== 201) throw new Error(`creating the event: ${r.status} ${r.body}`);
+  return r.json('id');
+}
+
+export function purchase(tok, eventId, key, quantity) {
+  return http.post(`${API}/v1/events/${eventId}/purchases`, JSON.stringify({ quantity: quantity || 1 }),
+    Object.assign(auth(tok, { 'Idempotency-Key': key }), { tags: { name: 'purchase' } }));
+}
+
+// Polls the intent until it is decided or `deadlineMs` passes; returns the
+// status document, or null on timeout.
+export function follow(tok, intentId, deadlineMs) {
+  let wait = 0.05;
+  while (Date.now() < deadlineMs) {
+    const r = http.get(`${API}/v1/intents/${intentId}`, Object.assign(auth(tok), { tags: { name: 'intent' } }));
+    if (r.status === 200 && r.json('status') !== 'queued') return r.json();
+    sleep(wait);
+    wait = Math.min(wait * 2, 0.5);
+  }
+  return null;
+}
+
+// Opens a payment and completes it at the provider; returns what Dropline
+// recorded (captured or refund_required), or null.
+export function pay(tok, orderId) {
+  const r = http.post(`${API}/v1/orders/${orderId}/payments`, null, Object.assign(auth(tok), { tags: { name: 'payment' } }));
+  if (r.status !== 201) return null;
+  const c = http.post(`${r.json('checkout_url')}/confirm?wait=true`, null, { tags: { name: 'checkout' } });
+  if (c.status !== 200) return null;
+  return JSON.parse(c.json('webhook_body')).status;
+}
+
+export function cancel(tok, orderId) {
+  return http.post(`${API}/v1/orders/${orderId}/cancel`, null, Object.assign(auth(tok), { tags: { name: 'cancel' } }));
+}
+
+function fmt(v) {
+  return typeof v === 'number' ? (Math.abs(v) >= 100 ? v.toFixed(0) : v.toFixed(2)) : String(v);
+}
+
+// A short text summary: every threshold with its verdict, and the metrics
+// a rehearsal is about.
+function text(name, data) {
+  const lines = [`\n${name}: thresholds`];
+  for (const [metric, m] of Object.entries(data.metrics)) {
+    for (const [expr, t] of Object.entries(m.thresholds || {})) {
+      lines.push(`  ${t.ok ? 'ok  ' : 'FAIL'} ${metric} ${expr}`);
+    }
+  }
+  lines.push(`${name}: metrics`);
+  for (const [metric, m] of Object.entries(data.metrics).sort()) {
+    if (!metric.startsWith('dropline_') && !metric.startsWith('http_req_duration') && metric !== 'iterations'
+        && metric !== 'http_reqs' && metric !== 'http_req_failed') continue;
+    const v = m.values;
+    const shown = Object.entries(v).map(([k, x]) => `${k}=${fmt(x)}`).join(' ');
+    lines.push(`  ${metric}: ${shown}`);
+  }
+  return lines.join('\n') + '\n';
+}
+
+// Writes the end-of-test summary for the wrapper script (which reads the
+// event id from it for the invariant check), and a text summary.
+export function summary(name, data) {
+  const out = { stdout: text(name, data) };
+  out[`${__ENV.DROPLINE_LOADTEST_OUT || 'loadtest/reports'}/${name}-summary.json`] = JSON.stringify(data, null, 2);
+  return out;
+}
