@@ -38,12 +38,7 @@ export const options = {
       ],
     },
   },
-  thresholds: {
-    'http_req_duration{name:purchase}': ['p(99)<500'],
-    http_req_failed: ['rate<0.01'],
-    dropline_intent_to_decision: ['p(99)<2000'],
-    dropline_undecided: ['rate==0'],
-  },
+  thresholds: dl.BUYER_THRESHOLDS,
 };
 
 export function setup() {
@@ -51,10 +46,8 @@ export function setup() {
 }
 
 export default function (data) {
-  const user = `k6-${dl.uuid()}`;
-  const tok = dl.token(user);
-  const started = Date.now();
-  const r = dl.purchase(tok, data.eventId, dl.uuid(), 1);
+  const tok = dl.token(`k6-${dl.uuid()}`);
+  const { response: r, status } = dl.buyAndFollow(tok, data.eventId, decision, undecided);
   check(r, { 'purchase answered 202, 409 or 429': (x) => [202, 409, 429].includes(x.status) });
   if (r.status !== 202) {
     const soldOut = r.status === 409;
@@ -62,10 +55,7 @@ export default function (data) {
     if (soldOut) soldOutAt.add(Date.now() - data.started);
     return;
   }
-  const status = dl.follow(tok, r.json('intent_id'), started + 30000);
-  undecided.add(status === null);
   if (status === null) return;
-  decision.add(Date.now() - started);
   outcomes.add(1, { outcome: status.status === 'rejected' ? status.reason : 'held' });
   if (status.reason === 'sold_out') soldOutAt.add(Date.now() - data.started);
   if (status.status !== 'held') return;

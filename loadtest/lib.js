@@ -77,6 +77,28 @@ export function follow(tok, intentId, deadlineMs) {
   return null;
 }
 
+// The SLOs of a buyer's path: the purchase answer, the decision, and
+// nothing lost on the way.
+export const BUYER_THRESHOLDS = {
+  'http_req_duration{name:purchase}': ['p(99)<500'],
+  http_req_failed: ['rate<0.01'],
+  dropline_intent_to_decision: ['p(99)<2000'],
+  dropline_undecided: ['rate==0'],
+};
+
+// Purchases one unit and follows the intent for up to 30 s. Records the
+// decision time in `decision` and whether it never came in `undecided`.
+// Returns the purchase response and the decided status (or null).
+export function buyAndFollow(tok, eventId, decision, undecided) {
+  const started = Date.now();
+  const response = purchase(tok, eventId, uuid(), 1);
+  if (response.status !== 202) return { response, status: null };
+  const status = follow(tok, response.json('intent_id'), started + 30000);
+  undecided.add(status === null);
+  if (status !== null) decision.add(Date.now() - started);
+  return { response, status };
+}
+
 // Opens a payment and completes it at the provider; returns what Dropline
 // recorded (captured or refund_required), or null.
 export function pay(tok, orderId) {

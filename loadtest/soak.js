@@ -23,12 +23,7 @@ export const options = {
       maxVUs: RATE * 4,
     },
   },
-  thresholds: {
-    'http_req_duration{name:purchase}': ['p(99)<500'],
-    http_req_failed: ['rate<0.01'],
-    dropline_intent_to_decision: ['p(99)<2000'],
-    dropline_undecided: ['rate==0'],
-  },
+  thresholds: dl.BUYER_THRESHOLDS,
 };
 
 export function setup() {
@@ -38,14 +33,9 @@ export function setup() {
 
 export default function (data) {
   const tok = dl.token(`k6-soak-${dl.uuid()}`);
-  const started = Date.now();
-  const r = dl.purchase(tok, data.eventId, dl.uuid(), 1);
+  const { response: r, status } = dl.buyAndFollow(tok, data.eventId, decision, undecided);
   check(r, { 'purchase accepted': (x) => x.status === 202 });
-  if (r.status !== 202) return;
-  const status = dl.follow(tok, r.json('intent_id'), started + 30000);
-  undecided.add(status === null);
   if (status === null) return;
-  decision.add(Date.now() - started);
   // Half pay, the rest let the 5 s hold expire: the expirer works all along.
   if (status.status === 'held' && Math.random() < 0.5) {
     dl.pay(tok, status.order.order_id);
