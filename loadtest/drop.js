@@ -24,7 +24,7 @@ const outcomes = new Counter('dropline_outcomes');
 const soldOutAt = new Trend('dropline_sold_out_after', true);
 
 export const options = {
-  summaryTrendStats: ['avg', 'min', 'med', 'p(90)', 'p(99)', 'p(99.9)', 'max'],
+  summaryTrendStats: dl.SUMMARY_TREND_STATS,
   scenarios: {
     drop: {
       executor: 'ramping-arrival-rate',

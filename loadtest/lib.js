@@ -77,6 +77,9 @@ export function follow(tok, intentId, deadlineMs) {
   return null;
 }
 
+// Percentiles every scenario reports.
+export const SUMMARY_TREND_STATS = ['avg', 'min', 'med', 'p(90)', 'p(99)', 'p(99.9)', 'max'];
+
 // The SLOs of a buyer's path: the purchase answer, the decision, and
 // nothing lost on the way.
 export const BUYER_THRESHOLDS = {

@@ -10,6 +10,7 @@ const RATE = parseInt(__ENV.RATE || '1500');
 const DURATION = __ENV.DURATION || '30s';
 
 export const options = {
+  summaryTrendStats: dl.SUMMARY_TREND_STATS,
   scenarios: {
     refresh: {
       executor: 'constant-arrival-rate',

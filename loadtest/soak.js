@@ -13,6 +13,7 @@ const decision = new Trend('dropline_intent_to_decision', true);
 const undecided = new Rate('dropline_undecided');
 
 export const options = {
+  summaryTrendStats: dl.SUMMARY_TREND_STATS,
   scenarios: {
     soak: {
       executor: 'constant-arrival-rate',

@@ -14,6 +14,7 @@ const serverErrors = new Rate('dropline_5xx');
 const shed = new Counter('dropline_shed_429');
 
 export const options = {
+  summaryTrendStats: dl.SUMMARY_TREND_STATS,
   scenarios: {
     spike: {
       executor: 'constant-arrival-rate',

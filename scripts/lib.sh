@@ -42,7 +42,12 @@ ensure_redis() {
   if command -v redis-cli >/dev/null && redis-cli -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG; then
     return
   fi
-  command -v redis-server >/dev/null || { log "installing redis"; apt_install redis-server; }
+  if ! command -v redis-server >/dev/null; then
+    log "installing redis"
+    apt_install redis-server
+    # Some images start the packaged service on install.
+    redis-cli -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG && return
+  fi
   log "starting redis on :$REDIS_PORT"
   redis-server --daemonize yes --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no \
     --dir "$STATE_DIR" --logfile "$STATE_DIR/redis.log"
@@ -114,6 +119,9 @@ ensure_promtool() {
 ensure_prometheus() {
   ensure_promtool
   if port_open "$PROMETHEUS_PORT"; then
+    if ! curl -fsS "http://127.0.0.1:$PROMETHEUS_PORT/api/v1/targets" 2>/dev/null | grep -q dropline-ingress; then
+      log "warning: the Prometheus on :$PROMETHEUS_PORT does not scrape Dropline; load monitoring/prometheus/prometheus.yml into it"
+    fi
     return
   fi
   log "starting prometheus on :$PROMETHEUS_PORT"
