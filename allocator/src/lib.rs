@@ -258,6 +258,7 @@ fn outcome_label(outcome: &Outcome) -> &'static str {
 fn ledger_error_kind(e: &LedgerError) -> &'static str {
     match e {
         LedgerError::NoLedger(_) => "no_ledger",
+        LedgerError::Fenced(_) => "fenced",
         LedgerError::Pool(_) | LedgerError::Redis(_) => "redis",
         LedgerError::Corrupt(_) => "corrupt",
     }

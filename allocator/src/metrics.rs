@@ -29,7 +29,7 @@ pub fn describe() {
     for outcome in ["held", "sold_out", "limit_reached", "sale_not_open", "sale_closed"] {
         metrics::counter!(DECISIONS, "outcome" => outcome).increment(0);
     }
-    for kind in ["no_ledger", "redis", "corrupt"] {
+    for kind in ["no_ledger", "fenced", "redis", "corrupt"] {
         metrics::counter!(LEDGER_ERRORS, "kind" => kind).increment(0);
     }
 }

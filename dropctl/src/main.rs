@@ -78,6 +78,28 @@ enum Command {
         #[command(subcommand)]
         what: Ceiling,
     },
+    /// Rebuilds an event's stock ledger in Redis from MySQL, with the event's
+    /// sales fenced meanwhile (the settlers also do this by themselves when
+    /// they find a current event's ledger missing).
+    Rebuild {
+        #[arg(long)]
+        event: u64,
+        /// The settlers' consumer group, whose progress proves MySQL has
+        /// everything Kafka carried.
+        #[arg(long, env = "DROPLINE_SETTLER_GROUP", default_value = "dropline-settler")]
+        settler_group: String,
+        /// How long an allocator's decision can still be on its way to Kafka.
+        #[arg(long, default_value_t = 6_000)]
+        grace_ms: u64,
+        #[arg(long, default_value_t = 120)]
+        timeout_secs: u64,
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        #[command(flatten)]
+        mysql: MysqlArgs,
+        #[command(flatten)]
+        redis: RedisArgs,
+    },
     /// Checks an event's invariants against MySQL and Redis.
     Check {
         #[arg(long)]
@@ -196,6 +218,21 @@ async fn main() -> anyhow::Result<()> {
             if !report.passed() {
                 anyhow::bail!("the drop did not balance");
             }
+        }
+        Command::Rebuild { event, settler_group, grace_ms, timeout_secs, kafka, mysql, redis } => {
+            let db = dropline::db::connect(&mysql).await?;
+            let ledger = Ledger::new(redis.pool()?, &redis.key_prefix);
+            let options = dropline_settler::rebuild::RebuildOptions {
+                settler_group,
+                in_flight_grace: Duration::from_millis(grace_ms),
+                catch_up_timeout: Duration::from_secs(timeout_secs),
+                fence_ttl_secs: timeout_secs + 60,
+            };
+            let levels = dropline_settler::rebuild::rebuild(&db, &ledger, &kafka, &options, event).await?;
+            println!(
+                "event {event} rebuilt: available {} + held {} + sold {} = {}",
+                levels.available, levels.held, levels.sold, levels.capacity
+            );
         }
         Command::Ceiling { what } => {
             let measured = match what {

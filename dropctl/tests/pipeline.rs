@@ -45,13 +45,13 @@ async fn a_drop_sells_exactly_the_capacity_and_the_books_balance() {
 
     // The drift gauge's measurement: none now, and it sees a lost write.
     use dropline_settler::drift::{measure, Drift};
-    let drift = measure(&stack.db, &stack.ledger).await.unwrap();
+    let drift = measure(&stack.db, &stack.ledger).await.unwrap().drift;
     assert_eq!(drift[&report.event_id], Drift { held: 0, sold: 0 });
     let stock = dropline::stock::EventKeys::new(&stack.name, report.event_id).stock;
     let mut conn = stack.ledger.pool().get().await.unwrap();
     let _: i64 =
         deadpool_redis::redis::cmd("HINCRBY").arg(&stock).arg("sold").arg(-1).query_async(&mut conn).await.unwrap();
-    let drift = measure(&stack.db, &stack.ledger).await.unwrap();
+    let drift = measure(&stack.db, &stack.ledger).await.unwrap().drift;
     assert_eq!(drift[&report.event_id], Drift { held: 0, sold: -1 });
     stack.stop().await;
 }
@@ -504,5 +504,54 @@ async fn a_request_id_travels_with_the_purchase_through_every_stage() {
         .unwrap();
     let made_up = r.headers()["x-request-id"].to_str().unwrap();
     assert_eq!(made_up.len(), 32, "{made_up}");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_ledger_is_rebuilt_from_mysql_and_the_sale_goes_on() {
+    let stack = Stack::start(Options::default()).await;
+    let api = Api::new(&stack.api).unwrap();
+    let event = open_event(&stack, 6, 60).await;
+    let (alice, held) = buy_and_wait(&stack, &api, "alice", event, 2).await;
+    assert_eq!(held["status"], "held");
+    let (bob, _) = buy_and_wait(&stack, &api, "bob", event, 1).await;
+    let checkout = open_payment(&stack, "bob", bob).await;
+    assert_eq!(confirm(&checkout, 1).await["status"], "captured");
+    let (carol, _) = buy_and_wait(&stack, &api, "carol", event, 1).await;
+    assert_eq!(api.cancel(&stack.token("carol"), carol).await.unwrap(), "cancelled");
+    wait_order_state(&stack, alice, "held").await;
+    wait_order_state(&stack, bob, "paid").await;
+    wait_order_state(&stack, carol, "cancelled").await;
+
+    // Redis loses the event's ledger.
+    let keys = dropline::stock::EventKeys::new(&stack.name, event);
+    let mut conn = stack.ledger.pool().get().await.unwrap();
+    let _: i64 = deadpool_redis::redis::cmd("DEL")
+        .arg(&[&keys.stock, &keys.users, &keys.decisions, &keys.holds])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(stack.ledger.levels(event).await.unwrap(), None);
+
+    // A buyer arriving now waits (the allocator will not guess) and is
+    // decided once the settler has rebuilt the ledger from MySQL.
+    let (dave, decided) = buy_and_wait(&stack, &api, "dave", event, 2).await;
+    assert_eq!(decided["status"], "held", "{decided}");
+    let levels = stack.ledger.levels(event).await.unwrap().unwrap();
+    assert_eq!(
+        (levels.capacity, levels.available, levels.held, levels.sold),
+        (6, 1, 4, 1),
+        "alice 2 and dave 2 held, bob's 1 sold, carol's returned"
+    );
+    // Per-user counts, holds and decisions came back too.
+    let (_, more) = buy_and_wait(&stack, &api, "alice", event, 1).await;
+    assert_eq!((more["status"].as_str(), more["reason"].as_str()), (Some("rejected"), Some("limit_reached")));
+    assert!(matches!(stack.ledger.verdict(event, alice).await.unwrap(), Some(dropline::stock::Verdict::Held { .. })));
+    let checkout = open_payment(&stack, "alice", alice).await;
+    assert_eq!(confirm(&checkout, 1).await["status"], "captured");
+    wait_order_state(&stack, dave, "held").await;
+    let levels = stack.ledger.levels(event).await.unwrap().unwrap();
+    assert!(levels.is_conserved());
+    assert_eq!((levels.held, levels.sold), (2, 3));
     stack.stop().await;
 }

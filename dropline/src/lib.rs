@@ -4,7 +4,8 @@
 //!   between ingress, allocator, settler and expirer.
 //! - [`stock`]: the Redis stock ledger and the Lua scripts that alone change
 //!   it (allocate, pay, cancel, expire).
-//! - [`db`]: the MySQL pool and the schema's migrations.
+//! - [`db`]: the MySQL pool and the schema's migrations; [`events`]: events
+//!   as the record keeps them and the sale rules they load into the ledger.
 //! - [`kafka`]: producer and consumer setup, batching, offset storage and the
 //!   dead-letter topic.
 //! - [`payments`]: the payment provider's webhook body and HMAC signature.
@@ -15,6 +16,7 @@
 pub mod auth;
 pub mod config;
 pub mod db;
+pub mod events;
 pub mod kafka;
 pub mod messages;
 pub mod ops;

@@ -5,45 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use dropline::stock::{Ledger, SaleRules, StockLevels};
+pub use dropline::events::Event;
+use dropline::stock::{Ledger, StockLevels};
 use moka::future::Cache;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use sqlx::MySqlPool;
-
-/// How long Redis keeps a ledger after the sale closed and the last hold
-/// ended; MySQL is the record afterwards.
-const LEDGER_RETENTION_MS: i64 = 7 * 24 * 3600 * 1000;
-
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
-pub struct Event {
-    pub id: u64,
-    pub name: String,
-    pub venue: String,
-    pub starts_at: DateTime<Utc>,
-    pub sale_opens_at: DateTime<Utc>,
-    pub sale_closes_at: DateTime<Utc>,
-    pub capacity: u32,
-    pub price_cents: u64,
-    pub currency: String,
-    pub per_user_limit: u32,
-    pub hold_ttl_secs: u32,
-    pub created_at: DateTime<Utc>,
-}
-
-impl Event {
-    pub fn rules(&self) -> SaleRules {
-        let closes = self.sale_closes_at.timestamp_millis();
-        SaleRules {
-            capacity: self.capacity,
-            per_user_limit: self.per_user_limit,
-            hold_ttl_ms: u64::from(self.hold_ttl_secs) * 1000,
-            opens_at_ms: self.sale_opens_at.timestamp_millis(),
-            closes_at_ms: closes,
-            price_cents: self.price_cents,
-            retain_until_ms: closes + i64::from(self.hold_ttl_secs) * 1000 + LEDGER_RETENTION_MS,
-        }
-    }
-}
 
 /// An admin's request to create an event.
 #[derive(Debug, Clone, Deserialize)]
@@ -97,9 +63,6 @@ impl NewEvent {
     }
 }
 
-const COLUMNS: &str = "id, name, venue, starts_at, sale_opens_at, sale_closes_at, capacity, price_cents, \
-                       currency, per_user_limit, hold_ttl_secs, created_at";
-
 /// Events in MySQL, with a cache for the purchase path: events are read on
 /// every purchase and change never once created.
 #[derive(Clone)]
@@ -147,10 +110,7 @@ impl Events {
     }
 
     async fn load(&self, id: u64) -> Result<Option<Event>, sqlx::Error> {
-        sqlx::query_as::<_, Event>(&format!("SELECT {COLUMNS} FROM events WHERE id = ?"))
-            .bind(id)
-            .fetch_optional(&self.db)
-            .await
+        Event::load(&self.db, id).await
     }
 
     /// An event, from the cache when it is fresh.
@@ -162,8 +122,9 @@ impl Events {
     pub async fn search(&self, q: Option<&str>, after: u64, limit: u32) -> Result<Vec<Event>, sqlx::Error> {
         let pattern = q.map(|q| format!("%{}%", q.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")));
         sqlx::query_as::<_, Event>(&format!(
-            "SELECT {COLUMNS} FROM events WHERE id > ? AND (? IS NULL OR name LIKE ? OR venue LIKE ?) \
-             ORDER BY id LIMIT ?"
+            "SELECT {} FROM events WHERE id > ? AND (? IS NULL OR name LIKE ? OR venue LIKE ?) \
+             ORDER BY id LIMIT ?",
+            dropline::events::COLUMNS
         ))
         .bind(after)
         .bind(&pattern)

@@ -17,6 +17,13 @@ pub struct SettlerConfig {
     /// How often the ledger in Redis is compared with the orders in MySQL.
     #[arg(long, env = "DROPLINE_SETTLER_DRIFT_INTERVAL_SECS", default_value_t = 5)]
     pub drift_interval_secs: u64,
+    /// Before rebuilding a lost ledger: how long an allocator's decision
+    /// can still be on its way to Kafka (its message timeout plus a margin).
+    #[arg(long, env = "DROPLINE_SETTLER_REBUILD_GRACE_MS", default_value_t = 6_000)]
+    pub rebuild_grace_ms: u64,
+    /// How long a rebuild waits for the settlers to record everything on Kafka.
+    #[arg(long, env = "DROPLINE_SETTLER_REBUILD_TIMEOUT_SECS", default_value_t = 120)]
+    pub rebuild_timeout_secs: u64,
     #[command(flatten)]
     pub kafka: KafkaArgs,
     #[command(flatten)]
@@ -28,6 +35,15 @@ pub struct SettlerConfig {
 }
 
 impl SettlerConfig {
+    pub fn rebuild_options(&self) -> crate::rebuild::RebuildOptions {
+        crate::rebuild::RebuildOptions {
+            settler_group: self.group_id.clone(),
+            in_flight_grace: std::time::Duration::from_millis(self.rebuild_grace_ms),
+            catch_up_timeout: std::time::Duration::from_secs(self.rebuild_timeout_secs),
+            fence_ttl_secs: self.rebuild_timeout_secs + 60,
+        }
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut p = Problems::default();
         self.kafka.check(&mut p);
@@ -35,6 +51,9 @@ impl SettlerConfig {
         self.redis.check(&mut p);
         if !(1..=3600).contains(&self.drift_interval_secs) {
             p.add("DROPLINE_SETTLER_DRIFT_INTERVAL_SECS must be 1 to 3600");
+        }
+        if self.rebuild_timeout_secs == 0 {
+            p.add("DROPLINE_SETTLER_REBUILD_TIMEOUT_SECS must be positive");
         }
         if self.group_id.is_empty() {
             p.add("DROPLINE_SETTLER_GROUP must not be empty");

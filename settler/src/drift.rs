@@ -14,7 +14,10 @@ use dropline::stock::Ledger;
 use sqlx::MySqlPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::DRIFT;
+use dropline::config::KafkaArgs;
+
+use crate::metrics::{DRIFT, REBUILDS};
+use crate::rebuild::RebuildOptions;
 
 const MAX_EVENTS: u32 = 200;
 
@@ -25,8 +28,16 @@ pub struct Drift {
     pub sold: i64,
 }
 
+/// One comparison of every current event.
+#[derive(Debug, Default)]
+pub struct Measurement {
+    pub drift: HashMap<u64, Drift>,
+    /// Current events with no ledger in Redis: lost, or never pre-warmed.
+    pub missing: Vec<u64>,
+}
+
 /// Compares every current event once.
-pub async fn measure(db: &MySqlPool, ledger: &Ledger) -> Result<HashMap<u64, Drift>, anyhow::Error> {
+pub async fn measure(db: &MySqlPool, ledger: &Ledger) -> Result<Measurement, anyhow::Error> {
     let events: Vec<(u64,)> = sqlx::query_as(
         "SELECT id FROM events WHERE sale_opens_at <= UTC_TIMESTAMP(3) \
          AND sale_closes_at >= UTC_TIMESTAMP(3) - INTERVAL 1 DAY ORDER BY id DESC LIMIT ?",
@@ -34,9 +45,12 @@ pub async fn measure(db: &MySqlPool, ledger: &Ledger) -> Result<HashMap<u64, Dri
     .bind(MAX_EVENTS)
     .fetch_all(db)
     .await?;
-    let mut out = HashMap::new();
+    let mut out = Measurement::default();
     for (event_id,) in events {
-        let Some(redis) = ledger.levels(event_id).await? else { continue };
+        let Some(redis) = ledger.levels(event_id).await? else {
+            out.missing.push(event_id);
+            continue;
+        };
         let rows: Vec<(String, i64)> = sqlx::query_as(
             "SELECT CAST(state AS CHAR), CAST(SUM(quantity) AS SIGNED) FROM orders \
              WHERE event_id = ? AND state IN ('held', 'paid') GROUP BY state",
@@ -45,7 +59,7 @@ pub async fn measure(db: &MySqlPool, ledger: &Ledger) -> Result<HashMap<u64, Dri
         .fetch_all(db)
         .await?;
         let mysql = |state: &str| rows.iter().find(|(s, _)| s == state).map_or(0, |(_, n)| *n);
-        out.insert(
+        out.drift.insert(
             event_id,
             Drift { held: redis.held as i64 - mysql("held"), sold: redis.sold as i64 - mysql("paid") },
         );
@@ -53,8 +67,17 @@ pub async fn measure(db: &MySqlPool, ledger: &Ledger) -> Result<HashMap<u64, Dri
     Ok(out)
 }
 
-/// Measures every `every` and exports the gauges, until shutdown.
-pub async fn watch(db: MySqlPool, ledger: Ledger, every: Duration, shutdown: CancellationToken) {
+/// Measures every `every` and exports the gauges, until shutdown. A current
+/// event without a ledger is rebuilt from MySQL (see [`crate::rebuild`]):
+/// this is how a Redis that came back empty heals without an operator.
+pub async fn watch(
+    db: MySqlPool,
+    ledger: Ledger,
+    kafka: KafkaArgs,
+    rebuild: RebuildOptions,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval(every);
     loop {
         tokio::select! {
@@ -62,8 +85,18 @@ pub async fn watch(db: MySqlPool, ledger: Ledger, every: Duration, shutdown: Can
             _ = tick.tick() => {}
         }
         match measure(&db, &ledger).await {
-            Ok(drifts) => {
-                for (event_id, d) in drifts {
+            Ok(m) => {
+                for event_id in m.missing {
+                    ::metrics::counter!(REBUILDS).increment(1);
+                    let rebuilt = tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        r = crate::rebuild::rebuild(&db, &ledger, &kafka, &rebuild, event_id) => r,
+                    };
+                    if let Err(e) = rebuilt {
+                        tracing::error!(error = %e, event_id, "rebuilding a lost ledger failed; retrying next pass");
+                    }
+                }
+                for (event_id, d) in m.drift {
                     let id = event_id.to_string();
                     ::metrics::gauge!(DRIFT, "event_id" => id.clone(), "state" => "held").set(d.held as f64);
                     ::metrics::gauge!(DRIFT, "event_id" => id, "state" => "sold").set(d.sold as f64);

@@ -7,12 +7,15 @@
 //! whose second write changes nothing.
 //!
 //! - [`store`]: the upserts and their forward-only rule.
-//! - [`drift`]: how far the Redis ledger and MySQL disagree, as gauges.
+//! - [`drift`]: how far the Redis ledger and MySQL disagree, as gauges; a
+//!   current event whose ledger is missing is rebuilt.
+//! - [`rebuild`]: rebuilding an event's ledger from MySQL, fenced.
 //! - [`config`]: settings; [`metrics`]: metric names.
 
 pub mod config;
 pub mod drift;
 pub mod metrics;
+pub mod rebuild;
 pub mod store;
 
 use std::time::{Duration, Instant};
@@ -71,7 +74,8 @@ pub async fn run(config: SettlerConfig, shutdown: CancellationToken) -> Result<(
     consumer.subscribe(&[&topics.decisions, &topics.order_events])?;
     let ledger = dropline::stock::Ledger::new(config.redis.pool()?, &config.redis.key_prefix);
     let every = Duration::from_secs(config.drift_interval_secs);
-    tokio::spawn(drift::watch(db.clone(), ledger, every, shutdown.clone()));
+    let rebuild = config.rebuild_options();
+    tokio::spawn(drift::watch(db.clone(), ledger, config.kafka.clone(), rebuild, every, shutdown.clone()));
     ready.set(true);
     tracing::info!("settler consuming");
 

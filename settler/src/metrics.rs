@@ -7,6 +7,7 @@ pub const BATCH_SIZE: &str = "dropline_settler_batch_size";
 pub const ROWS: &str = "dropline_settler_rows_total";
 pub const WRITE_ERRORS: &str = "dropline_settler_write_errors_total";
 pub const DRIFT: &str = "dropline_settler_ledger_drift_units";
+pub const REBUILDS: &str = "dropline_settler_ledger_rebuilds_total";
 
 pub fn describe() {
     describe_histogram!(BATCH_DURATION, Unit::Seconds, "Time to write one batch in one transaction.");
@@ -19,5 +20,7 @@ pub fn describe() {
         "Units the Redis ledger counts minus units MySQL records, per event and state (held, sold). Non-zero for \
          more than the settler's lag means the two disagree."
     );
+    describe_counter!(REBUILDS, "Event ledgers found missing in Redis and rebuilt from MySQL.");
     metrics::counter!(WRITE_ERRORS).increment(0);
+    metrics::counter!(REBUILDS).increment(0);
 }

@@ -8,7 +8,7 @@
 use std::sync::LazyLock;
 
 use deadpool_redis::redis::{self, AsyncCommands, Script};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use uuid::Uuid;
 
@@ -25,6 +25,7 @@ pub struct EventKeys {
     pub users: String,
     pub decisions: String,
     pub holds: String,
+    pub fence: String,
 }
 
 impl EventKeys {
@@ -35,6 +36,7 @@ impl EventKeys {
             users: format!("{tag}:users"),
             decisions: format!("{tag}:decisions"),
             holds: format!("{tag}:holds"),
+            fence: format!("{tag}:fence"),
         }
     }
 }
@@ -61,7 +63,7 @@ pub struct Claim<'a> {
 }
 
 /// A decision as the allocation script records it.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "o", rename_all = "snake_case")]
 pub enum Verdict {
     Held {
@@ -81,7 +83,7 @@ pub enum Verdict {
 }
 
 /// A hold as the ledger keeps it.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hold {
     #[serde(rename = "u")]
     pub user_id: String,
@@ -93,10 +95,32 @@ pub struct Hold {
     pub state: OrderState,
     #[serde(rename = "exp")]
     pub expires_at_ms: i64,
-    #[serde(rename = "end", default)]
+    #[serde(rename = "end", default, skip_serializing_if = "Option::is_none")]
     pub ended_at_ms: Option<i64>,
-    #[serde(rename = "pay", default)]
+    #[serde(rename = "pay", default, skip_serializing_if = "Option::is_none")]
     pub payment_id: Option<String>,
+}
+
+/// An event's ledger as the record (MySQL) says it should be: what a
+/// rebuild writes back into Redis.
+#[derive(Debug, Clone)]
+pub struct Restore {
+    pub rules: SaleRules,
+    /// Every order of the event, in whatever state it is.
+    pub holds: Vec<(Uuid, Hold)>,
+    /// Every decided intent of the event.
+    pub decisions: Vec<(Uuid, Verdict)>,
+}
+
+impl Restore {
+    /// The counters the holds add up to.
+    pub fn levels(&self) -> StockLevels {
+        let units =
+            |state| self.holds.iter().filter(|(_, h)| h.state == state).map(|(_, h)| u64::from(h.quantity)).sum();
+        let (held, sold): (u64, u64) = (units(OrderState::Held), units(OrderState::Paid));
+        let capacity = u64::from(self.rules.capacity);
+        StockLevels { capacity, available: capacity.saturating_sub(held + sold), held, sold }
+    }
 }
 
 /// What a payment did to its hold.
@@ -141,6 +165,8 @@ impl StockLevels {
 pub enum LedgerError {
     #[error("event {0} has no stock ledger in redis")]
     NoLedger(u64),
+    #[error("event {0}'s ledger is fenced for a rebuild")]
+    Fenced(u64),
     #[error("redis pool: {0}")]
     Pool(#[from] deadpool_redis::PoolError),
     #[error("redis: {0}")]
@@ -209,7 +235,7 @@ impl Ledger {
         }
         let keys = self.keys(event_id);
         let mut invocation = ALLOCATE.prepare_invoke();
-        invocation.key(&keys.stock).key(&keys.users).key(&keys.decisions).key(&keys.holds);
+        invocation.key(&keys.stock).key(&keys.users).key(&keys.decisions).key(&keys.holds).key(&keys.fence);
         for claim in claims {
             invocation.arg(claim.intent_id.to_string()).arg(claim.user_id).arg(claim.quantity);
         }
@@ -252,17 +278,87 @@ impl Ledger {
             .key(&keys.stock)
             .key(&keys.users)
             .key(&keys.holds)
+            .key(&keys.fence)
             .arg(op)
             .arg(order_id.to_string())
             .arg(arg)
             .invoke_async(&mut conn)
-            .await?;
+            .await
+            .map_err(|e| no_ledger(e, event_id))?;
         if outcome == "not_due" {
             let remaining: u64 = body.parse().map_err(|_| LedgerError::Corrupt(body.clone()))?;
             return Ok(HoldAnswer::NotDue(remaining));
         }
         let hold = if body.is_empty() { None } else { Some(decode(&body)?) };
         Ok(HoldAnswer::Done(outcome, hold))
+    }
+
+    /// Fences an event: allocation and hold changes are refused until
+    /// [`Ledger::unfence`] (or `ttl_secs`, so a crashed rebuild does not
+    /// stop the sale for good).
+    pub async fn fence(&self, event_id: u64, ttl_secs: u64) -> Result<(), LedgerError> {
+        let keys = self.keys(event_id);
+        let mut conn = self.pool.get().await?;
+        let _: () = conn.set_ex(&keys.fence, "rebuilding", ttl_secs).await?;
+        Ok(())
+    }
+
+    pub async fn unfence(&self, event_id: u64) -> Result<(), LedgerError> {
+        let keys = self.keys(event_id);
+        let mut conn = self.pool.get().await?;
+        let _: () = conn.del(&keys.fence).await?;
+        Ok(())
+    }
+
+    /// Replaces an event's ledger with `restore`, in one MULTI/EXEC, so no
+    /// reader sees half of it. Call only while the event is fenced.
+    pub async fn restore(&self, event_id: u64, restore: &Restore) -> Result<StockLevels, LedgerError> {
+        let keys = self.keys(event_id);
+        let levels = restore.levels();
+        let rules = &restore.rules;
+        let mut users: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+        for (_, h) in &restore.holds {
+            if matches!(h.state, OrderState::Held | OrderState::Paid) {
+                *users.entry(h.user_id.as_str()).or_default() += u64::from(h.quantity);
+            }
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        pipe.del(&[&keys.stock, &keys.users, &keys.decisions, &keys.holds]).ignore();
+        for chunk in users.iter().collect::<Vec<_>>().chunks(1000) {
+            pipe.hset_multiple(&keys.users, &chunk.iter().map(|(u, n)| (**u, **n)).collect::<Vec<_>>()).ignore();
+        }
+        for chunk in restore.decisions.chunks(1000) {
+            let fields: Vec<(String, String)> = chunk.iter().map(|(id, v)| (id.to_string(), encode(v))).collect();
+            pipe.hset_multiple(&keys.decisions, &fields).ignore();
+        }
+        for chunk in restore.holds.chunks(1000) {
+            let fields: Vec<(String, String)> = chunk.iter().map(|(id, h)| (id.to_string(), encode(h))).collect();
+            pipe.hset_multiple(&keys.holds, &fields).ignore();
+        }
+        // The stock hash last: it is what marks the ledger present.
+        pipe.hset_multiple(
+            &keys.stock,
+            &[
+                ("capacity", levels.capacity.to_string()),
+                ("available", levels.available.to_string()),
+                ("held", levels.held.to_string()),
+                ("sold", levels.sold.to_string()),
+                ("limit", rules.per_user_limit.to_string()),
+                ("ttl_ms", rules.hold_ttl_ms.to_string()),
+                ("opens_ms", rules.opens_at_ms.to_string()),
+                ("closes_ms", rules.closes_at_ms.to_string()),
+                ("price", rules.price_cents.to_string()),
+                ("retain_ms", rules.retain_until_ms.to_string()),
+            ],
+        )
+        .ignore();
+        for key in [&keys.stock, &keys.users, &keys.decisions, &keys.holds] {
+            pipe.cmd("PEXPIREAT").arg(key).arg(rules.retain_until_ms).ignore();
+        }
+        let mut conn = self.pool.get().await?;
+        let _: () = pipe.query_async(&mut conn).await?;
+        Ok(levels)
     }
 
     /// Reads one hold, if the ledger still has it.
@@ -326,11 +422,16 @@ fn ended(answer: HoldAnswer) -> Result<EndOutcome, LedgerError> {
 }
 
 fn no_ledger(e: redis::RedisError, event_id: u64) -> LedgerError {
-    if e.code() == Some("NOLEDGER") {
-        LedgerError::NoLedger(event_id)
-    } else {
-        LedgerError::Redis(e)
+    match e.code() {
+        Some("NOLEDGER") => LedgerError::NoLedger(event_id),
+        Some("FENCED") => LedgerError::Fenced(event_id),
+        _ => LedgerError::Redis(e),
     }
+}
+
+/// The scripts' JSON encoding of a ledger record.
+fn encode<T: Serialize>(record: &T) -> String {
+    serde_json::to_string(record).expect("ledger records serialize")
 }
 
 fn decode<T: serde::de::DeserializeOwned>(raw: &str) -> Result<T, LedgerError> {

@@ -4,6 +4,7 @@
 -- KEYS[2] users hash      user id -> units the user holds or bought
 -- KEYS[3] decisions hash  intent id -> decision (JSON), the redelivery guard
 -- KEYS[4] holds hash      order id -> hold (JSON)
+-- KEYS[5] fence           present while the ledger is being rebuilt
 -- ARGV    intent_id, user_id, quantity, repeated once per intent
 --
 -- Returns one decision (JSON) per intent, in ARGV order.
@@ -13,8 +14,13 @@
 -- earlier decision and gets it again, unchanged: it never takes stock twice.
 -- The order id is the intent id, so a redelivery cannot mint a second order.
 -- Time is Redis' own clock, the one clock that pay, cancel and expire use too.
-local stock, users, decisions, holds = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local stock, users, decisions, holds, fence = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 
+-- Deciding on a ledger that is missing or being rebuilt would be guessing:
+-- the caller retries later.
+if redis.call('EXISTS', fence) == 1 then
+  return redis.error_reply('FENCED the event ledger is being rebuilt')
+end
 if redis.call('EXISTS', stock) == 0 then
   return redis.error_reply('NOLEDGER the event has no stock ledger in redis')
 end

@@ -1,7 +1,7 @@
 -- Moves one hold out of 'held': pay, cancel or expire. The single place where
 -- a hold ends, so a hold ends exactly once and stock comes back exactly once.
 --
--- KEYS[1] stock hash, KEYS[2] users hash, KEYS[3] holds hash
+-- KEYS[1] stock hash, KEYS[2] users hash, KEYS[3] holds hash, KEYS[4] fence
 -- ARGV[1] 'pay' | 'cancel' | 'expire'
 -- ARGV[2] order id
 -- ARGV[3] pay: the payment id; cancel: the user asking; expire: unused
@@ -16,8 +16,17 @@
 --   any     'unknown'   no such hold (or, for cancel, not the user's)
 -- A hold whose deadline passed is expired by whichever call sees it first, so
 -- a payment racing the expirer can never leave a hold both paid and expired.
-local stock, users, holds = KEYS[1], KEYS[2], KEYS[3]
+local stock, users, holds, fence = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local op, id, arg = ARGV[1], ARGV[2], ARGV[3]
+
+-- A missing or fenced ledger cannot say whether the hold exists: refuse,
+-- so callers retry instead of taking "unknown" for an answer.
+if redis.call('EXISTS', fence) == 1 then
+  return redis.error_reply('FENCED the event ledger is being rebuilt')
+end
+if redis.call('EXISTS', stock) == 0 then
+  return redis.error_reply('NOLEDGER the event has no stock ledger in redis')
+end
 
 local raw = redis.call('HGET', holds, id)
 if not raw then

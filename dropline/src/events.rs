@@ -1,0 +1,55 @@
+//! Events as the record keeps them, and the sale rules the stock ledger is
+//! loaded with. Shared by the ingress (which creates and serves events) and
+//! the settler (which rebuilds a lost ledger from the record).
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::MySqlPool;
+
+use crate::stock::SaleRules;
+
+/// How long Redis keeps a ledger after the sale closed and the last hold
+/// ended; MySQL is the record afterwards.
+const LEDGER_RETENTION_MS: i64 = 7 * 24 * 3600 * 1000;
+
+pub const COLUMNS: &str = "id, name, venue, starts_at, sale_opens_at, sale_closes_at, capacity, price_cents, \
+                           currency, per_user_limit, hold_ttl_secs, created_at";
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct Event {
+    pub id: u64,
+    pub name: String,
+    pub venue: String,
+    pub starts_at: DateTime<Utc>,
+    pub sale_opens_at: DateTime<Utc>,
+    pub sale_closes_at: DateTime<Utc>,
+    pub capacity: u32,
+    pub price_cents: u64,
+    pub currency: String,
+    pub per_user_limit: u32,
+    pub hold_ttl_secs: u32,
+    pub created_at: DateTime<Utc>,
+}
+
+impl Event {
+    pub async fn load(db: &MySqlPool, id: u64) -> Result<Option<Event>, sqlx::Error> {
+        sqlx::query_as::<_, Event>(&format!("SELECT {COLUMNS} FROM events WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(db)
+            .await
+    }
+
+    /// The rules the stock ledger enforces for this event.
+    pub fn rules(&self) -> SaleRules {
+        let closes = self.sale_closes_at.timestamp_millis();
+        SaleRules {
+            capacity: self.capacity,
+            per_user_limit: self.per_user_limit,
+            hold_ttl_ms: u64::from(self.hold_ttl_secs) * 1000,
+            opens_at_ms: self.sale_opens_at.timestamp_millis(),
+            closes_at_ms: closes,
+            price_cents: self.price_cents,
+            retain_until_ms: closes + i64::from(self.hold_ttl_secs) * 1000 + LEDGER_RETENTION_MS,
+        }
+    }
+}
