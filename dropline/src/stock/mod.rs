@@ -15,8 +15,10 @@ use uuid::Uuid;
 use crate::messages::{OrderState, RejectReason};
 
 static PREWARM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/prewarm.lua")));
-static ALLOCATE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/allocate.lua")));
-static HOLD: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/hold.lua")));
+static ALLOCATE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(concat!(include_str!("lua/guard.lua"), include_str!("lua/allocate.lua"))));
+static HOLD: LazyLock<Script> =
+    LazyLock::new(|| Script::new(concat!(include_str!("lua/guard.lua"), include_str!("lua/hold.lua"))));
 
 /// Redis keys of one event's ledger.
 #[derive(Debug, Clone)]

@@ -16,13 +16,9 @@
 -- Time is Redis' own clock, the one clock that pay, cancel and expire use too.
 local stock, users, decisions, holds, fence = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 
--- Deciding on a ledger that is missing or being rebuilt would be guessing:
--- the caller retries later.
-if redis.call('EXISTS', fence) == 1 then
-  return redis.error_reply('FENCED the event ledger is being rebuilt')
-end
-if redis.call('EXISTS', stock) == 0 then
-  return redis.error_reply('NOLEDGER the event has no stock ledger in redis')
+local refused = refuse_unless_ledger(stock, fence)
+if refused then
+  return refused
 end
 
 local f = redis.call('HMGET', stock, 'available', 'limit', 'ttl_ms', 'opens_ms', 'closes_ms', 'price', 'retain_ms')

@@ -21,11 +21,9 @@ local op, id, arg = ARGV[1], ARGV[2], ARGV[3]
 
 -- A missing or fenced ledger cannot say whether the hold exists: refuse,
 -- so callers retry instead of taking "unknown" for an answer.
-if redis.call('EXISTS', fence) == 1 then
-  return redis.error_reply('FENCED the event ledger is being rebuilt')
-end
-if redis.call('EXISTS', stock) == 0 then
-  return redis.error_reply('NOLEDGER the event has no stock ledger in redis')
+local refused = refuse_unless_ledger(stock, fence)
+if refused then
+  return refused
 end
 
 local raw = redis.call('HGET', holds, id)
