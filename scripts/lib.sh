@@ -92,15 +92,17 @@ ensure_tansu() {
   fi
   # memory:// by default: fast and fresh. DROPLINE_BROKER_STORAGE=sqlite
   # keeps topics and offsets across a broker restart.
+  # tansu resolves a sqlite:// path against its working directory, so it
+  # runs from the state folder.
   local storage="memory://tansu/"
   if [ "${DROPLINE_BROKER_STORAGE:-memory}" = sqlite ]; then
-    storage="sqlite://$STATE_DIR/tansu.db"
+    storage="sqlite://tansu.db"
   fi
   log "starting tansu on :$KAFKA_PORT ($storage)"
-  nohup "$(tansu_bin)" broker \
+  (cd "$STATE_DIR" && exec nohup "$(tansu_bin)" broker \
     --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
     --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-    --storage-engine "$storage" >"$STATE_DIR/tansu.log" 2>&1 &
+    --storage-engine "$storage" >"$STATE_DIR/tansu.log" 2>&1) &
   echo $! >"$STATE_DIR/tansu.pid"
   wait_for "tansu" 30 port_open "$KAFKA_PORT"
 }

@@ -8,6 +8,24 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+/// The server was unreachable or answered 5xx: worth retrying, as a buyer's
+/// app would, with the same idempotency key.
+#[derive(Debug, thiserror::Error)]
+#[error("unavailable: {0}")]
+pub struct Unavailable(pub String);
+
+/// Whether `e` is worth retrying: a transport failure or a 5xx.
+pub fn is_retryable(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<Unavailable>().is_some() || e.downcast_ref::<reqwest::Error>().is_some()
+}
+
+fn unavailable_if_5xx(status: StatusCode, what: &str) -> anyhow::Result<()> {
+    if status.is_server_error() {
+        return Err(Unavailable(format!("{what} answered {status}")).into());
+    }
+    Ok(())
+}
+
 #[derive(Clone)]
 pub struct Api {
     base: String,
@@ -85,6 +103,13 @@ impl Api {
     pub async fn intent(&self, token: &str, intent_id: Uuid) -> anyhow::Result<IntentStatus> {
         let r = self.http.get(format!("{}/v1/intents/{intent_id}", self.base)).bearer_auth(token).send().await?;
         let status = r.status();
+        unavailable_if_5xx(status, "intent status")?;
+        // The buyer was told 202, so the intent exists: a 404 means its
+        // record was lost with Redis and it is not decided (so not in MySQL)
+        // yet. Ask again.
+        if status == StatusCode::NOT_FOUND {
+            return Err(Unavailable(format!("intent {intent_id} not known yet")).into());
+        }
         if status != StatusCode::OK {
             bail!("intent {intent_id} answered {status}: {}", r.text().await.unwrap_or_default());
         }
@@ -94,17 +119,38 @@ impl Api {
     /// Opens a payment, then completes it at the provider's checkout and
     /// waits until the provider's webhook was acknowledged. Returns what
     /// Dropline said of it: captured or refund_required.
-    pub async fn pay(&self, token: &str, order_id: Uuid) -> anyhow::Result<String> {
+    /// `order_expired` when the hold lapsed before the payment could start.
+    pub async fn pay(&self, token: &str, order_id: Uuid, webhook_copies: u32) -> anyhow::Result<String> {
+        match self.start_payment(token, order_id).await? {
+            Ok(checkout) => self.confirm(&checkout, webhook_copies).await,
+            Err(code) => Ok(code),
+        }
+    }
+
+    /// Opens a payment with the provider; returns the checkout URL, or the
+    /// problem code when the order can no longer be paid (it expired).
+    pub async fn start_payment(&self, token: &str, order_id: Uuid) -> anyhow::Result<Result<String, String>> {
         let r =
             self.http.post(format!("{}/v1/orders/{order_id}/payments", self.base)).bearer_auth(token).send().await?;
         let status = r.status();
+        unavailable_if_5xx(status, "starting the payment")?;
         let body: Value = r.json().await?;
+        if status == StatusCode::CONFLICT {
+            return Ok(Err(body["code"].as_str().unwrap_or("conflict").to_owned()));
+        }
         if status != StatusCode::CREATED {
             bail!("starting the payment answered {status}: {body}");
         }
-        let checkout = body["checkout_url"].as_str().context("no checkout_url")?;
-        let r = self.http.post(format!("{checkout}/confirm?wait=true")).send().await?;
+        Ok(Ok(body["checkout_url"].as_str().context("no checkout_url")?.to_owned()))
+    }
+
+    /// The buyer pays at the provider's checkout; the provider sends its
+    /// webhook `copies` times (as providers sometimes do) and answers once
+    /// Dropline acknowledged it. Returns Dropline's answer to the webhook.
+    pub async fn confirm(&self, checkout: &str, copies: u32) -> anyhow::Result<String> {
+        let r = self.http.post(format!("{checkout}/confirm?wait=true&copies={copies}")).send().await?;
         let status = r.status();
+        unavailable_if_5xx(status, "checkout")?;
         let body: Value = r.json().await?;
         if !status.is_success() {
             bail!("checkout answered {status}: {body}");
@@ -116,6 +162,7 @@ impl Api {
     /// Cancels a hold; returns the order's state afterwards.
     pub async fn cancel(&self, token: &str, order_id: Uuid) -> anyhow::Result<String> {
         let r = self.http.post(format!("{}/v1/orders/{order_id}/cancel", self.base)).bearer_auth(token).send().await?;
+        unavailable_if_5xx(r.status(), "cancel")?;
         let body: Value = r.json().await?;
         Ok(body["state"].as_str().or_else(|| body["code"].as_str()).unwrap_or("unknown").to_owned())
     }

@@ -34,6 +34,11 @@ pub struct DropPlan {
     /// their holds expire.
     pub pay_share: f64,
     pub cancel_share: f64,
+    /// Share of holders who open a payment in time but complete it only
+    /// after their hold expired: their money must be recorded for refund.
+    pub late_pay_share: f64,
+    /// How many times the provider sends each payment webhook.
+    pub webhook_copies: u32,
     /// Prefix of buyer ids, so several drills can share a deployment.
     pub user_prefix: String,
 }
@@ -70,6 +75,8 @@ pub struct DropReport {
     pub refunds: u64,
     pub cancelled: u64,
     pub walked_away: u64,
+    /// Holders whose hold lapsed before they could pay or cancel.
+    pub too_late: u64,
     pub settled: bool,
     pub verdict: Option<Verdict>,
 }
@@ -83,13 +90,28 @@ impl DropReport {
         self.verdict.as_ref().map(|v| v.mysql.clone()).unwrap_or_default()
     }
 
-    /// Exactly N held at sell-out, a settled pipeline, and every invariant.
+    /// All the stock was handed out, the pipeline settled, every invariant
+    /// holds, and every payment the provider had acknowledged is recorded:
+    /// as the paid order's one capture, or for refund.
     pub fn passed(&self) -> bool {
-        self.held == u64::from(self.tickets)
-            && self.at_sellout_redis.held == u64::from(self.tickets)
-            && self.at_sellout_mysql_held == u64::from(self.tickets)
+        let m = self.final_counts();
+        self.held >= u64::from(self.tickets)
+            && m.captured_payments == self.paid
+            && m.refunds == self.refunds
             && self.settled
             && self.verdict.as_ref().is_some_and(|v| v.all_hold())
+    }
+
+    /// The flood ended with exactly N units held, in Redis and in MySQL, and
+    /// none left. Holds that lapse before every buyer was answered (a slow
+    /// or faulty pipeline) go back on sale and are sold again, so this is
+    /// asked of healthy runs only.
+    pub fn sold_out_exactly(&self) -> bool {
+        let n = u64::from(self.tickets);
+        self.held == n
+            && self.at_sellout_redis.available == 0
+            && self.at_sellout_redis.held == n
+            && self.at_sellout_mysql_held == n
     }
 }
 
@@ -185,18 +207,36 @@ pub async fn run(
         .collect();
     holders.shuffle(&mut rand::rng());
     let n = holders.len();
-    let paying = (n as f64 * plan.pay_share).round() as usize;
-    let cancelling = ((n as f64 * plan.cancel_share).round() as usize).min(n - paying);
-    report.walked_away = (n - paying - cancelling) as u64;
+    let share = |s: f64| (n as f64 * s).round() as usize;
+    let paying = share(plan.pay_share).min(n);
+    let late = share(plan.late_pay_share).min(n - paying);
+    let cancelling = share(plan.cancel_share).min(n - paying - late);
+    report.walked_away = (n - paying - late - cancelling) as u64;
+    let ttl = Duration::from_secs(plan.hold_ttl_secs.into());
+    let copies = plan.webhook_copies.max(1);
     let mut tasks = Vec::new();
-    for (i, (token, order)) in holders.into_iter().enumerate().take(paying + cancelling) {
+    for (i, (token, order)) in holders.into_iter().enumerate().take(paying + late + cancelling) {
         let (api, gate) = (api.clone(), gate.clone());
         tasks.push(tokio::spawn(async move {
-            let _permit = gate.acquire_owned().await?;
+            let deadline = Instant::now() + Duration::from_secs(120);
             if i < paying {
-                Ok(api.pay(&token, order).await?)
+                let _permit = gate.acquire_owned().await?;
+                persist(deadline, || api.pay(&token, order, copies)).await
+            } else if i < paying + late {
+                // Opens the payment now, completes it after the deadline.
+                let checkout = {
+                    let _permit = gate.clone().acquire_owned().await?;
+                    match persist(deadline, || api.start_payment(&token, order)).await? {
+                        Ok(checkout) => checkout,
+                        Err(code) => return Ok(code),
+                    }
+                };
+                tokio::time::sleep(ttl + Duration::from_millis(1500)).await;
+                let _permit = gate.acquire_owned().await?;
+                persist(deadline, || api.confirm(&checkout, copies)).await
             } else {
-                Ok(api.cancel(&token, order).await?)
+                let _permit = gate.acquire_owned().await?;
+                persist(deadline, || api.cancel(&token, order)).await
             }
         }));
     }
@@ -206,14 +246,17 @@ pub async fn run(
             "captured" => report.paid += 1,
             "refund_required" => report.refunds += 1,
             "cancelled" => report.cancelled += 1,
+            // The hold lapsed before the holder acted (a slow or faulty
+            // pipeline): it expires like a walk-away's.
+            "order_expired" | "order_not_held" | "expired" => report.too_late += 1,
             other => bail!("unexpected answer from a holder's action: {other}"),
         }
     }
 
     // The walk-aways expire; then the books must balance.
-    let ttl = Duration::from_secs(plan.hold_ttl_secs.into());
-    report.settled =
-        invariants::wait_quiet(db, ledger, event_id, Some(report.accepted), ttl + Duration::from_secs(60)).await?;
+    let payments = report.paid + report.refunds;
+    let wait = ttl + Duration::from_secs(60);
+    report.settled = invariants::wait_quiet(db, ledger, event_id, Some(report.accepted), Some(payments), wait).await?;
     report.verdict =
         Some(invariants::verify(db, ledger, event_id, Some(report.accepted), Duration::from_secs(10)).await?);
     report.ended_at = unix_now();
@@ -224,13 +267,33 @@ fn unix_now() -> f64 {
     chrono::Utc::now().timestamp_millis() as f64 / 1000.0
 }
 
+/// Retries a buyer's call while the service is unreachable or answers 5xx,
+/// as a buyer's app would (every call here is safe to repeat), until
+/// `deadline`.
+async fn persist<T, F, Fut>(deadline: Instant, mut call: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match call().await {
+            Err(e) if crate::api::is_retryable(&e) && Instant::now() < deadline => {
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(1));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// One buyer: purchase (retrying politely on 429/503 with the same
 /// Idempotency-Key), then follow the intent until it is decided.
 async fn buy(api: &Api, token: &str, event_id: u64) -> anyhow::Result<Outcome> {
     let key = Uuid::new_v4().to_string();
     let deadline = Instant::now() + Duration::from_secs(120);
     let intent = loop {
-        match api.purchase(token, event_id, &key, 1).await? {
+        match persist(deadline, || api.purchase(token, event_id, &key, 1)).await? {
             Purchase::Accepted(id) => break id,
             Purchase::Refused(code) => return Ok(Outcome::Refused(code)),
             Purchase::RetryAfter(wait) => {
@@ -243,7 +306,7 @@ async fn buy(api: &Api, token: &str, event_id: u64) -> anyhow::Result<Outcome> {
     };
     let mut backoff = Duration::from_millis(50);
     loop {
-        let status = api.intent(token, intent).await?;
+        let status = persist(deadline, || api.intent(token, intent)).await?;
         match status.status.as_str() {
             "queued" => {}
             "rejected" => return Ok(Outcome::Rejected(status.reason.unwrap_or_default())),

@@ -181,20 +181,27 @@ pub async fn verify(
     Ok(Verdict { event_id, redis, mysql: m, checks })
 }
 
-/// Waits until Redis and MySQL agree and no hold is left, or `timeout`.
-/// Returns whether they settled.
+/// Waits until Redis and MySQL agree and no hold is left (and, when the
+/// caller knows them, every accepted purchase is decided and every
+/// acknowledged payment recorded), or `timeout`. Returns whether they
+/// settled.
 pub async fn wait_quiet(
     db: &MySqlPool,
     ledger: &Ledger,
     event_id: u64,
     accepted: Option<u64>,
+    payments: Option<u64>,
     timeout: Duration,
 ) -> anyhow::Result<bool> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let redis = ledger.levels(event_id).await?.unwrap_or_default();
         let m = mysql_counts(db, event_id, Duration::ZERO).await?;
-        let quiet = redis.held == 0 && m.held == 0 && redis.sold == m.paid && accepted.is_none_or(|a| m.intents == a);
+        let quiet = redis.held == 0
+            && m.held == 0
+            && redis.sold == m.paid
+            && accepted.is_none_or(|a| m.intents == a)
+            && payments.is_none_or(|p| m.captured_payments + m.refunds == p);
         if quiet {
             return Ok(true);
         }

@@ -204,6 +204,8 @@ async fn main() -> anyhow::Result<()> {
                 per_user_limit: 2,
                 pay_share,
                 cancel_share,
+                late_pay_share: 0.0,
+                webhook_copies: 1,
                 user_prefix: format!("demo-{}-", chrono::Utc::now().timestamp()),
             };
             let db = dropline::db::connect(&mysql).await?;
@@ -215,7 +217,7 @@ async fn main() -> anyhow::Result<()> {
             let report = drill::run(&api, &TokenKeys::new(jwt_secret.as_bytes()), &db, &ledger, &plan).await?;
             print_report(&report);
             print_headline(&prometheus_url, &report).await;
-            if !report.passed() {
+            if !report.passed() || !report.sold_out_exactly() {
                 anyhow::bail!("the drop did not balance");
             }
         }
@@ -251,7 +253,7 @@ async fn main() -> anyhow::Result<()> {
             let db = dropline::db::connect(&mysql).await?;
             let ledger = Ledger::new(redis.pool()?, &redis.key_prefix);
             let wait = Duration::from_secs(wait_secs);
-            if wait_secs > 0 && !invariants::wait_quiet(&db, &ledger, event, accepted, wait).await? {
+            if wait_secs > 0 && !invariants::wait_quiet(&db, &ledger, event, accepted, None, wait).await? {
                 eprintln!("the pipeline did not go quiet within {wait_secs}s; checking anyway");
             }
             let verdict = invariants::verify(&db, &ledger, event, accepted, Duration::from_secs(grace_secs)).await?;
@@ -312,8 +314,8 @@ fn print_report(r: &DropReport) {
         r.at_sellout_redis.available, r.at_sellout_redis.held, r.at_sellout_redis.sold, r.at_sellout_mysql_held
     );
     println!(
-        "holders then: {} paid, {} cancelled, {} walked away ({} payments refunded)",
-        r.paid, r.cancelled, r.walked_away, r.refunds
+        "holders then: {} paid, {} cancelled, {} walked away, {} too late ({} payments refunded)",
+        r.paid, r.cancelled, r.walked_away, r.too_late, r.refunds
     );
     println!("final (MySQL): sold {}, cancelled {}, expired {}, still held {}", m.paid, m.cancelled, m.expired, m.held);
     println!("oversold: {}", r.oversold());
@@ -321,5 +323,6 @@ fn print_report(r: &DropReport) {
     if let Some(v) = &r.verdict {
         println!("invariants:\n{v}");
     }
-    println!("result: {}", if r.passed() { "PASS" } else { "FAIL" });
+    println!("sold out with exactly {} held: {}", r.tickets, if r.sold_out_exactly() { "yes" } else { "NO" });
+    println!("result: {}", if r.passed() && r.sold_out_exactly() { "PASS" } else { "FAIL" });
 }

@@ -127,6 +127,34 @@ async fn bad_purchases_are_refused_and_change_nothing() {
         "sale_not_open",
     )
     .await;
+    assert_eq!(
+        store.get(dropline_ingress::intents::intent_id("alice", "k2")).await.unwrap(),
+        None,
+        "a refused key is forgotten"
+    );
+
+    // A key whose first attempt may have reached the broker (reserved, never
+    // acknowledged to the buyer) is produced again, never refused at the
+    // door: the refusal could contradict a decision already under way.
+    let pending = dropline_ingress::intents::intent_id("alice", "k3");
+    let record = dropline_ingress::intents::IntentRecord {
+        event_id: later,
+        user_id: "alice".into(),
+        quantity: 1,
+        accepted: false,
+        accepted_at_ms: dropline::messages::now_ms(),
+    };
+    store.reserve(pending, &record).await.unwrap();
+    let r = http
+        .post(&url)
+        .bearer_auth(&token)
+        .header("idempotency-key", "k3")
+        .json(&json!({"quantity": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    assert_eq!(r.json::<Value>().await.unwrap()["intent_id"], pending.to_string());
     stack.stop().await;
 }
 

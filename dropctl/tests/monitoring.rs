@@ -10,59 +10,15 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
+use common::process::{bin_dir, free_port, repo, spawn};
 use common::{eventually, JWT_SECRET, WEBHOOK_SECRET};
 use dropctl::api::Api;
 use dropctl::drill::{self, DropPlan};
 use dropctl::prometheus::Prometheus;
 use dropline::auth::TokenKeys;
 use dropline::stock::Ledger;
-use tokio::process::{Child, Command};
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// target/debug, next to this test binary (target/debug/deps/...).
-fn bin_dir() -> PathBuf {
-    std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_owned()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-struct Process {
-    name: &'static str,
-    child: Child,
-}
-
-impl Process {
-    /// SIGTERM, as Kubernetes would, then wait for the drain.
-    async fn terminate(mut self) {
-        let pid = self.child.id().expect("still running");
-        let status = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status().unwrap();
-        assert!(status.success());
-        let exit = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await.expect("drains in time");
-        assert!(exit.unwrap().success(), "{} exits cleanly after SIGTERM", self.name);
-    }
-}
-
-fn spawn(name: &'static str, program: PathBuf, env: &[(&str, String)], args: &[String]) -> Process {
-    assert!(
-        !program.is_absolute() || program.exists(),
-        "{} is missing: run `cargo build --bins` first (scripts/test.sh does)",
-        program.display()
-    );
-    let mut cmd = Command::new(program);
-    cmd.args(args).kill_on_drop(true).stdout(Stdio::null()).stderr(Stdio::inherit());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    Process { name, child: cmd.spawn().unwrap() }
-}
 
 /// The dashboard's queries, with its variables set to "all".
 fn dashboard_queries() -> Vec<(String, String)> {
@@ -193,10 +149,12 @@ async fn every_dashboard_query_has_data_and_alerts_fire_only_on_faults() {
         per_user_limit: 2,
         pay_share: 0.5,
         cancel_share: 0.25,
+        late_pay_share: 0.0,
+        webhook_copies: 1,
         user_prefix: "watched-".into(),
     };
     let report = drill::run(&api, &keys, &db, &ledger, &plan).await.unwrap();
-    assert!(report.passed(), "{report:#?}");
+    assert!(report.passed() && report.sold_out_exactly(), "{report:#?}");
 
     // Prometheus has seen the whole drop once the admitted counter it
     // scraped matches what the buyers were told, and the drift gauge of

@@ -26,18 +26,21 @@ async fn a_drop_sells_exactly_the_capacity_and_the_books_balance() {
         per_user_limit: 2,
         pay_share: 0.5,
         cancel_share: 0.25,
+        late_pay_share: 0.0,
+        webhook_copies: 2,
         user_prefix: "buyer-".into(),
     };
     let report = drill::run(&api, &stack.keys, &stack.db, &stack.ledger, &plan).await.unwrap();
     let verdict = report.verdict.clone().unwrap();
     assert!(report.passed(), "{report:#?}\n{verdict}");
+    assert!(report.sold_out_exactly(), "{report:#?}");
     assert_eq!(report.held, 40, "exactly the capacity was held at sell-out");
     assert_eq!(report.at_sellout_redis.available, 0);
     assert_eq!(report.oversold(), 0);
     let m = report.final_counts();
     assert_eq!(m.paid, report.paid, "every captured payment is a paid order");
     assert_eq!(m.cancelled, report.cancelled);
-    assert_eq!(m.expired, report.walked_away, "every walk-away expired");
+    assert_eq!(m.expired, report.walked_away + report.too_late, "every walk-away expired");
     assert_eq!(m.held, 0);
     assert_eq!(verdict.redis.sold, report.paid);
     assert_eq!(verdict.redis.available, 40 - report.paid);

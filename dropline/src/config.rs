@@ -33,6 +33,12 @@ pub struct KafkaArgs {
     /// broker does not answer a waiting fetch as soon as data arrives.
     #[arg(long = "kafka-fetch-wait-max-ms", env = "DROPLINE_KAFKA_FETCH_WAIT_MAX_MS", default_value_t = 50)]
     pub fetch_wait_max_ms: u64,
+    /// Static group membership: a stable id per consumer instance (a
+    /// StatefulSet pod name, say). A restarted instance then takes its
+    /// partitions back at once instead of waiting for the group to notice
+    /// the old session died.
+    #[arg(long = "kafka-group-instance-id", env = "DROPLINE_KAFKA_GROUP_INSTANCE_ID")]
+    pub group_instance_id: Option<String>,
     /// Partitions of topics created at start; existing topics are kept as
     /// they are.
     #[arg(long = "topic-partitions", env = "DROPLINE_TOPIC_PARTITIONS", default_value_t = 6)]

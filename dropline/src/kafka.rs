@@ -117,7 +117,11 @@ pub fn consumer(
     group_id: &str,
     client: &'static str,
 ) -> Result<StreamConsumer<GroupContext>, KafkaError> {
-    ClientConfig::new()
+    let mut config = ClientConfig::new();
+    if let Some(id) = &args.group_instance_id {
+        config.set("group.instance.id", id);
+    }
+    config
         .set("bootstrap.servers", &args.brokers)
         .set("group.id", group_id)
         .set("enable.auto.commit", "true")

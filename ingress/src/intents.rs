@@ -113,6 +113,13 @@ impl IntentStore {
         Ok(())
     }
 
+    /// Drops a reservation whose intent was never produced.
+    pub async fn forget(&self, id: Uuid) -> Result<(), StoreError> {
+        let mut conn = self.pool.get().await?;
+        let _: () = conn.del(self.key(id)).await?;
+        Ok(())
+    }
+
     pub async fn get(&self, id: Uuid) -> Result<Option<IntentRecord>, StoreError> {
         let mut conn = self.pool.get().await?;
         let raw: Option<String> = conn.get(self.key(id)).await?;

@@ -256,3 +256,81 @@ where
 pub fn addr_of(url: &str) -> SocketAddr {
     url.trim_start_matches("http://").parse().unwrap()
 }
+
+/// Dropline's binaries (and other servers) as real processes, for the tests
+/// that need separate processes: the monitoring test and the fault scenarios.
+pub mod process {
+    use std::path::PathBuf;
+    use std::process::Stdio;
+    use std::time::Duration;
+
+    use tokio::process::{Child, Command};
+
+    pub fn repo() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+    }
+
+    /// target/debug, next to this test binary (target/debug/deps/...).
+    pub fn bin_dir() -> PathBuf {
+        std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_owned()
+    }
+
+    pub fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    }
+
+    pub struct Process {
+        pub name: &'static str,
+        pub child: Child,
+    }
+
+    impl Process {
+        /// SIGTERM, as Kubernetes would, then wait for the drain.
+        pub async fn terminate(mut self) {
+            let pid = self.child.id().expect("still running");
+            let status = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status().unwrap();
+            assert!(status.success());
+            let exit = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await.expect("drains in time");
+            assert!(exit.unwrap().success(), "{} exits cleanly after SIGTERM", self.name);
+        }
+    }
+
+    pub fn spawn(name: &'static str, program: PathBuf, env: &[(&str, String)], args: &[String]) -> Process {
+        spawn_in(name, program, env, args, None)
+    }
+
+    /// [`spawn`], in the working directory `cwd`.
+    pub fn spawn_in(
+        name: &'static str,
+        program: PathBuf,
+        env: &[(&str, String)],
+        args: &[String],
+        cwd: Option<&std::path::Path>,
+    ) -> Process {
+        assert!(
+            !program.is_absolute() || program.exists(),
+            "{} is missing: run `cargo build --bins` first (scripts/test.sh does)",
+            program.display()
+        );
+        let mut cmd = Command::new(program);
+        cmd.args(args).kill_on_drop(true).stderr(Stdio::inherit());
+        if std::env::var_os("DROPLINE_TEST_STAGE_LOGS").is_none() {
+            cmd.stdout(Stdio::null());
+        }
+        if let Some(dir) = cwd {
+            cmd.current_dir(dir);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Process { name, child: cmd.spawn().unwrap() }
+    }
+
+    impl Process {
+        /// SIGKILL: no drain, no offset commit, as a crash would.
+        pub async fn kill9(mut self) {
+            let _ = self.child.start_kill();
+            let _ = self.child.wait().await;
+        }
+    }
+}

@@ -97,7 +97,7 @@ async fn admit(
     };
     // The key is checked before the sale's state, so a retry of a purchase
     // that was accepted gets the same 202 even after the event sold out.
-    match app.intents.reserve(id, &record).await.map_err(|e| Problem::unavailable("redis", &e))? {
+    let fresh = match app.intents.reserve(id, &record).await.map_err(|e| Problem::unavailable("redis", &e))? {
         Reservation::Existing(earlier) if !earlier.same_request(&record) => {
             return Err(Problem::new(ErrorCode::IdempotencyKeyReused)
                 .detail("this Idempotency-Key was first used for another event or quantity"));
@@ -106,13 +106,39 @@ async fn admit(
             outcome("replayed");
             return Ok(accepted(id, &earlier));
         }
-        // New, or seen but never acknowledged by the broker: (re)produce.
-        // A second produce of the same intent id is decided only once.
-        Reservation::Existing(_) | Reservation::New => {}
+        // Seen but never acknowledged to the buyer: the intent may already
+        // be on Kafka (the broker acked, then this answer failed). It must
+        // not be refused now; produce it again (it is decided only once).
+        Reservation::Existing(_) => false,
+        Reservation::New => true,
+    };
+
+    // Cheap answers at the door, for new keys only. The allocator decides
+    // for real; these spare it (and the buyer) a round trip that cannot
+    // succeed.
+    if fresh {
+        if let Err(refused) = door(app, &event, event_id).await {
+            // The intent may exist after all, if Redis lost the key's record
+            // (its decision is rebuilt from MySQL): then it is a retry.
+            let decided = app.ledger.verdict(event_id, id).await.map_err(|e| Problem::unavailable("redis", &e))?;
+            if decided.is_none() {
+                // Nothing was produced: forget the key, so a retry gets
+                // the same answer rather than skipping the door.
+                app.intents.forget(id).await.map_err(|e| Problem::unavailable("redis", &e))?;
+                return Err(refused);
+            }
+        }
     }
 
-    // Cheap answers at the door. The allocator decides for real; these only
-    // spare it (and the buyer) a round trip that cannot succeed.
+    produce(app, &record, id, request_id).await?;
+    app.intents.mark_accepted(id, &record).await.map_err(|e| Problem::unavailable("redis", &e))?;
+    outcome("admitted");
+    Ok(accepted(id, &record))
+}
+
+/// Refusals that need no decision: the sale's window, and a sell-out seen
+/// within the last quarter second.
+async fn door(app: &AppState, event: &crate::events::Event, event_id: u64) -> Result<(), Problem> {
     let now = chrono::Utc::now();
     if now < event.sale_opens_at {
         return Err(Problem::new(ErrorCode::SaleNotOpen).detail(format!("the sale opens at {}", event.sale_opens_at)));
@@ -123,11 +149,7 @@ async fn admit(
     if app.events.recently_available(event_id).await == Some(0) {
         return Err(Problem::new(ErrorCode::SoldOut).retry_after(5));
     }
-
-    produce(app, &record, id, request_id).await?;
-    app.intents.mark_accepted(id, &record).await.map_err(|e| Problem::unavailable("redis", &e))?;
-    outcome("admitted");
-    Ok(accepted(id, &record))
+    Ok(())
 }
 
 /// Produces the intent and waits for the broker's acknowledgement. A full

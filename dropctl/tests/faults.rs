@@ -1,0 +1,316 @@
+//! Fault scenarios: a drop runs while a stage is killed with SIGKILL (no
+//! drain, no offset commit) and restarted, or while Redis or the broker
+//! fails; after the pipeline settles, every invariant must hold.
+//!
+//! Each scenario runs its own Redis (append-only file, fsync always) and
+//! its own broker (tansu with sqlite storage, which survives a restart) on
+//! free ports, plus its own database on the shared MariaDB, so restarting
+//! or flushing them never disturbs other tests. The services run as real
+//! processes (`cargo build --bins` first; scripts/test.sh does).
+//!
+//! Every scenario prints its table of invariants; `scripts/faults.sh` runs
+//! the full version (a drop eight times larger) one scenario at a time.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::process::{bin_dir, free_port, spawn, spawn_in, Process};
+use common::{eventually, JWT_SECRET, WEBHOOK_SECRET};
+use dropctl::api::Api;
+use dropctl::drill::{self, DropPlan, DropReport};
+use dropline::auth::TokenKeys;
+use dropline::stock::Ledger;
+
+const STAGES: [&str; 4] = ["ingress", "allocator", "settler", "expirer"];
+
+struct Cluster {
+    name: String,
+    dir: PathBuf,
+    db_url: String,
+    redis_port: u16,
+    kafka_port: u16,
+    api_port: u16,
+    paysim_port: u16,
+    ops: BTreeMap<&'static str, u16>,
+    redis: Option<Process>,
+    broker: Option<Process>,
+    stages: BTreeMap<&'static str, Process>,
+    _paysim: Process,
+}
+
+impl Cluster {
+    async fn start() -> Cluster {
+        dropline::telemetry::init_logs();
+        let name = format!("f{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let dir = std::env::temp_dir().join(format!("dropline-{name}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let db_url = format!("{}/dropline_{name}", common::mysql_server());
+        dropline::db::create_database(&db_url).await.unwrap();
+        let (api_port, paysim_port) = (free_port(), free_port());
+        let paysim = spawn(
+            "paysim",
+            bin_dir().join("dropline-paysim"),
+            &[
+                ("DROPLINE_LOG", "warn".into()),
+                ("DROPLINE_PAYSIM_LISTEN_ADDR", format!("127.0.0.1:{paysim_port}")),
+                ("DROPLINE_PAYSIM_WEBHOOK_URL", format!("http://127.0.0.1:{api_port}/v1/webhooks/payments")),
+                ("DROPLINE_WEBHOOK_SECRET", WEBHOOK_SECRET.into()),
+            ],
+            &[],
+        );
+        let mut cluster = Cluster {
+            name,
+            dir,
+            db_url,
+            redis_port: free_port(),
+            kafka_port: free_port(),
+            api_port,
+            paysim_port,
+            ops: STAGES.into_iter().map(|s| (s, free_port())).collect(),
+            redis: None,
+            broker: None,
+            stages: BTreeMap::new(),
+            _paysim: paysim,
+        };
+        cluster.start_redis().await;
+        cluster.start_broker().await;
+        for stage in STAGES {
+            cluster.start_stage(stage);
+        }
+        let ops = cluster.ops.clone();
+        eventually("every stage ready", Duration::from_secs(60), || {
+            let ops = ops.clone();
+            async move {
+                for port in ops.values() {
+                    let ready = reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await.ok()?;
+                    ready.status().is_success().then_some(())?;
+                }
+                Some(())
+            }
+        })
+        .await;
+        cluster
+    }
+
+    async fn start_redis(&mut self) {
+        let port = self.redis_port;
+        self.redis = Some(spawn_in(
+            "redis",
+            PathBuf::from("redis-server"),
+            &[],
+            &[
+                format!("--port {port}"),
+                "--bind 127.0.0.1".into(),
+                "--save \"\"".into(),
+                "--appendonly yes".into(),
+                "--appendfsync always".into(),
+            ]
+            .iter()
+            .flat_map(|a| a.split(' ').map(|s| s.trim_matches('"').to_owned()))
+            .collect::<Vec<_>>(),
+            Some(&self.dir),
+        ));
+        eventually("redis up", Duration::from_secs(20), || async move {
+            let client = deadpool_redis::redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+            let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+            deadpool_redis::redis::cmd("PING").query_async::<String>(&mut conn).await.ok()
+        })
+        .await;
+    }
+
+    async fn start_broker(&mut self) {
+        let port = self.kafka_port;
+        let url = format!("tcp://127.0.0.1:{port}");
+        let tansu = std::env::var("HOME").map(|h| PathBuf::from(h).join(".cargo/bin/tansu")).unwrap();
+        self.broker = Some(spawn_in(
+            "tansu",
+            if tansu.exists() { tansu } else { PathBuf::from("tansu") },
+            &[],
+            &[
+                "broker".into(),
+                format!("--listener-url={url}"),
+                format!("--advertised-listener-url={url}"),
+                "--storage-engine=sqlite://tansu.db".into(),
+            ],
+            Some(&self.dir),
+        ));
+        eventually("broker up", Duration::from_secs(20), || async move {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
+        })
+        .await;
+    }
+
+    fn env(&self, stage: &str) -> Vec<(&'static str, String)> {
+        let name = &self.name;
+        let mut env = vec![
+            ("DROPLINE_LOG", std::env::var("DROPLINE_TEST_STAGE_LOGS").unwrap_or_else(|_| "warn".into())),
+            ("DROPLINE_KAFKA_BROKERS", format!("127.0.0.1:{}", self.kafka_port)),
+            ("DROPLINE_KAFKA_FETCH_WAIT_MAX_MS", "10".into()),
+            ("DROPLINE_TOPIC_PREFIX", name.clone()),
+            ("DROPLINE_TOPIC_PARTITIONS", "2".into()),
+            ("DROPLINE_REDIS_URL", format!("redis://127.0.0.1:{}", self.redis_port)),
+            ("DROPLINE_REDIS_KEY_PREFIX", name.clone()),
+            ("DROPLINE_MYSQL_URL", self.db_url.clone()),
+            ("DROPLINE_OPS_ADDR", format!("127.0.0.1:{}", self.ops[stage])),
+            ("DROPLINE_ALLOCATOR_GROUP", format!("{name}-allocator")),
+            ("DROPLINE_SETTLER_GROUP", format!("{name}-settler")),
+            ("DROPLINE_EXPIRER_GROUP", format!("{name}-expirer")),
+            ("DROPLINE_SETTLER_DRIFT_INTERVAL_SECS", "1".into()),
+            ("DROPLINE_SETTLER_REBUILD_GRACE_MS", "1000".into()),
+            ("DROPLINE_EXPIRER_TICK_MS", "50".into()),
+            ("DROPLINE_JWT_SECRET", JWT_SECRET.into()),
+            ("DROPLINE_WEBHOOK_SECRET", WEBHOOK_SECRET.into()),
+        ];
+        if stage != "ingress" {
+            env.push(("DROPLINE_KAFKA_GROUP_INSTANCE_ID", format!("{name}-{stage}-0")));
+        }
+        if stage == "ingress" {
+            env.push(("DROPLINE_LISTEN_ADDR", format!("127.0.0.1:{}", self.api_port)));
+            env.push(("DROPLINE_PAYMENT_PROVIDER_URL", format!("http://127.0.0.1:{}", self.paysim_port)));
+        }
+        env
+    }
+
+    fn start_stage(&mut self, stage: &'static str) {
+        let process = spawn(stage, bin_dir().join(format!("dropline-{stage}")), &self.env(stage), &[]);
+        self.stages.insert(stage, process);
+    }
+
+    async fn kill9(&mut self, stage: &str) {
+        self.stages.remove(stage).expect("a running stage").kill9().await;
+    }
+
+    fn ledger(&self) -> Ledger {
+        let pool = deadpool_redis::Config::from_url(format!("redis://127.0.0.1:{}", self.redis_port))
+            .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+            .unwrap();
+        Ledger::new(pool, &self.name)
+    }
+
+    /// Runs a drop while `fault` happens a moment after it starts, then
+    /// checks the books.
+    async fn drop_with<F, Fut>(mut self, scenario: &str, fault: F) -> DropReport
+    where
+        F: FnOnce(Self) -> Fut,
+        Fut: std::future::Future<Output = Self>,
+    {
+        let keys = TokenKeys::new(JWT_SECRET.as_bytes());
+        let db = dropline::db::connect(&dropline::config::MysqlArgs { url: self.db_url.clone(), pool_size: 3 })
+            .await
+            .unwrap();
+        let ledger = self.ledger();
+        let api = Api::new(&format!("http://127.0.0.1:{}", self.api_port)).unwrap();
+        // CI runs the short version; scripts/faults.sh the full one.
+        let scale: u32 = std::env::var("DROPLINE_FAULTS_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
+        let plan = DropPlan {
+            tickets: 25 * scale,
+            buyers: 75 * scale,
+            concurrency: 6 * scale as usize,
+            hold_ttl_secs: 8,
+            per_user_limit: 2,
+            pay_share: 0.4,
+            cancel_share: 0.25,
+            late_pay_share: 0.1,
+            webhook_copies: 3,
+            user_prefix: format!("{scenario}-"),
+        };
+        let probe = db.clone();
+        let drop = tokio::spawn(async move { drill::run(&api, &keys, &db, &ledger, &plan).await });
+        // Strike mid-flood: once some intents are decided and recorded, with
+        // most of the crowd still to come.
+        eventually("the flood to be under way", Duration::from_secs(60), || {
+            let probe = probe.clone();
+            async move {
+                let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM intents").fetch_one(&probe).await.ok()?;
+                (n >= 10).then_some(())
+            }
+        })
+        .await;
+        self = fault(self).await;
+        let report = drop.await.unwrap().unwrap_or_else(|e| panic!("{scenario}: the drop failed: {e:#}"));
+        let verdict = report.verdict.clone().expect("a verdict");
+        println!("{scenario}: invariants\n{verdict}");
+        assert!(report.passed(), "{scenario}: {report:#?}\n{verdict}");
+        for stage in STAGES {
+            if let Some(p) = self.stages.remove(stage) {
+                p.terminate().await;
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+        report
+    }
+}
+
+async fn kill_and_restart(stage: &'static str) {
+    Cluster::start()
+        .await
+        .drop_with(&format!("kill-9-{stage}"), |mut c| async move {
+            c.kill9(stage).await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            c.start_stage(stage);
+            c
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_allocator_mid_drop_loses_and_doubles_nothing() {
+    kill_and_restart("allocator").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_settler_mid_drop_loses_and_doubles_nothing() {
+    kill_and_restart("settler").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_expirer_mid_drop_loses_and_doubles_nothing() {
+    kill_and_restart("expirer").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_ingress_mid_drop_loses_and_doubles_nothing() {
+    kill_and_restart("ingress").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_flush_mid_drop_is_rebuilt_from_mysql() {
+    Cluster::start()
+        .await
+        .drop_with("redis-flush", |c| async move {
+            let ledger = c.ledger();
+            let mut conn = ledger.pool().get().await.unwrap();
+            let _: () = deadpool_redis::redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+            c
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_mid_drop_keeps_its_append_only_file() {
+    Cluster::start()
+        .await
+        .drop_with("redis-restart", |mut c| async move {
+            c.redis.take().unwrap().kill9().await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            c.start_redis().await;
+            c
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_mid_drop_loses_and_doubles_nothing() {
+    Cluster::start()
+        .await
+        .drop_with("broker-restart", |mut c| async move {
+            c.broker.take().unwrap().kill9().await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            c.start_broker().await;
+            c
+        })
+        .await;
+}
