@@ -63,12 +63,14 @@ services_up() {
   start_one ingress DROPLINE_LISTEN_ADDR="$INGRESS_ADDR" DROPLINE_OPS_ADDR=127.0.0.1:9100 \
     DROPLINE_PAYMENT_PROVIDER_URL="http://$PAYSIM_ADDR" \
     DROPLINE_ADMIT_PER_SEC="${DROPLINE_ADMIT_PER_SEC:-1000}" DROPLINE_ADMIT_BURST="${DROPLINE_ADMIT_BURST:-200}"
-  # Static group membership: a consumer restarted after a crash takes its
-  # partitions straight back (tansu never evicts a member whose session
-  # died, so without it a crashed consumer's partitions stay orphaned).
-  start_one allocator DROPLINE_OPS_ADDR=127.0.0.1:9101 DROPLINE_KAFKA_GROUP_INSTANCE_ID=allocator-local-0
-  start_one settler DROPLINE_OPS_ADDR=127.0.0.1:9102 DROPLINE_KAFKA_GROUP_INSTANCE_ID=settler-local-0
-  start_one expirer DROPLINE_OPS_ADDR=127.0.0.1:9103 DROPLINE_KAFKA_GROUP_INSTANCE_ID=expirer-local-0
+  # No static group membership here: with tansu, a static member that
+  # rejoins after a clean stop waits ~10 s for its old session before it is
+  # given partitions, which every fresh `stack.sh up` would pay. (Set
+  # DROPLINE_KAFKA_GROUP_INSTANCE_ID to survive kill -9, as k8s/ and the
+  # fault harness do: tansu never evicts a dead dynamic member.)
+  start_one allocator DROPLINE_OPS_ADDR=127.0.0.1:9101
+  start_one settler DROPLINE_OPS_ADDR=127.0.0.1:9102
+  start_one expirer DROPLINE_OPS_ADDR=127.0.0.1:9103
   for s in $SERVICES; do
     local name=${s%%:*} port=${s##*:}
     wait_for "$name (see .dropline/$name.log)" 60 ready "$port"
