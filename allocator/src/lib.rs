@@ -233,8 +233,8 @@ fn decode(message: &OwnedMessage) -> Result<PurchaseIntent, String> {
 
 fn decision(intent: &PurchaseIntent, verdict: Verdict) -> Decision {
     let (decided_at_ms, outcome) = match verdict {
-        Verdict::Held { expires_at_ms, amount_cents, decided_at_ms } => {
-            (decided_at_ms, Outcome::Held { expires_at_ms, amount_cents })
+        Verdict::Held { expires_at_ms, amount_cents, decided_at_ms, units } => {
+            (decided_at_ms, Outcome::Held { expires_at_ms, amount_cents, units })
         }
         Verdict::Rejected { reason, decided_at_ms } => (decided_at_ms, Outcome::Rejected { reason }),
     };
@@ -260,6 +260,7 @@ fn ledger_error_kind(e: &LedgerError) -> &'static str {
         LedgerError::NoLedger(_) => "no_ledger",
         LedgerError::Fenced(_) => "fenced",
         LedgerError::Pool(_) | LedgerError::Redis(_) => "redis",
+        LedgerError::Damaged(..) => "damaged",
         LedgerError::Corrupt(_) => "corrupt",
     }
 }

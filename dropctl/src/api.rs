@@ -159,6 +159,19 @@ impl Api {
         Ok(webhook["status"].as_str().unwrap_or("unknown").to_owned())
     }
 
+    /// The order's state as its buyer sees it (held, paid, cancelled,
+    /// expired, or voided when the record refused the hold).
+    pub async fn order_state(&self, token: &str, order_id: Uuid) -> anyhow::Result<String> {
+        let r = self.http.get(format!("{}/v1/orders/{order_id}", self.base)).bearer_auth(token).send().await?;
+        let status = r.status();
+        unavailable_if_5xx(status, "order")?;
+        let body: Value = r.json().await?;
+        if status != StatusCode::OK {
+            bail!("order {order_id} answered {status}: {body}");
+        }
+        Ok(body["state"].as_str().context("no state")?.to_owned())
+    }
+
     /// Cancels a hold; returns the order's state afterwards.
     pub async fn cancel(&self, token: &str, order_id: Uuid) -> anyhow::Result<String> {
         let r = self.http.post(format!("{}/v1/orders/{order_id}/cancel", self.base)).bearer_auth(token).send().await?;

@@ -93,7 +93,11 @@ fn payload(kind: Payload, event_id: u64, i: u64) -> Vec<u8> {
             user_id,
             quantity: 1,
             decided_at_ms: now,
-            outcome: dropline::messages::Outcome::Held { expires_at_ms: now + 600_000, amount_cents: 4_500 },
+            outcome: dropline::messages::Outcome::Held {
+                expires_at_ms: now + 600_000,
+                amount_cents: 4_500,
+                units: vec![u32::try_from(i + 1).expect("fewer than 4 billion messages")],
+            },
         }),
     }
     .expect("messages serialize")

@@ -77,6 +77,9 @@ pub struct DropReport {
     pub walked_away: u64,
     /// Holders whose hold lapsed before they could pay or cancel.
     pub too_late: u64,
+    /// Holds the record refused (only a Redis that lost writes causes
+    /// these); their buyers were told so, and any payment is refunded.
+    pub voided: u64,
     pub settled: bool,
     pub verdict: Option<Verdict>,
 }
@@ -215,7 +218,8 @@ pub async fn run(
     let ttl = Duration::from_secs(plan.hold_ttl_secs.into());
     let copies = plan.webhook_copies.max(1);
     let mut tasks = Vec::new();
-    for (i, (token, order)) in holders.into_iter().enumerate().take(paying + late + cancelling) {
+    let acting: Vec<(String, Uuid)> = holders.iter().take(paying + late + cancelling).cloned().collect();
+    for (i, (token, order)) in acting.into_iter().enumerate() {
         let (api, gate) = (api.clone(), gate.clone());
         tasks.push(tokio::spawn(async move {
             let deadline = Instant::now() + Duration::from_secs(120);
@@ -240,10 +244,15 @@ pub async fn run(
             }
         }));
     }
-    for t in tasks {
+    let mut captured = Vec::new();
+    for (t, (token, order)) in tasks.into_iter().zip(&holders) {
         let answer: anyhow::Result<String> = t.await?;
         match answer?.as_str() {
-            "captured" => report.paid += 1,
+            "captured" => {
+                report.paid += 1;
+                captured.push((token.clone(), *order));
+            }
+            "order_voided" | "voided" => report.voided += 1,
             "refund_required" => report.refunds += 1,
             "cancelled" => report.cancelled += 1,
             // The hold lapsed before the holder acted (a slow or faulty
@@ -257,6 +266,16 @@ pub async fn run(
     let payments = report.paid + report.refunds;
     let wait = ttl + Duration::from_secs(60);
     report.settled = invariants::wait_quiet(db, ledger, event_id, Some(report.accepted), Some(payments), wait).await?;
+    // A payment captured for a hold the record later voided is refunded:
+    // ask, as the buyer's app would, how each paid order ended.
+    for (token, order) in &captured {
+        let state = persist(Instant::now() + Duration::from_secs(30), || api.order_state(token, *order)).await?;
+        if state == "voided" {
+            report.paid -= 1;
+            report.refunds += 1;
+            report.voided += 1;
+        }
+    }
     report.verdict =
         Some(invariants::verify(db, ledger, event_id, Some(report.accepted), Duration::from_secs(10)).await?);
     report.ended_at = unix_now();

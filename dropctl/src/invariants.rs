@@ -49,6 +49,7 @@ pub struct OrderCounts {
     pub paid: u64,
     pub cancelled: u64,
     pub expired: u64,
+    pub voided: u64,
     pub intents: u64,
     pub captured_payments: u64,
     pub refunds: u64,
@@ -57,6 +58,10 @@ pub struct OrderCounts {
     pub captures_on_unpaid_orders: u64,
     pub max_units_per_user: u64,
     pub overdue_holds: u64,
+    /// Live orders that do not own exactly their quantity of units.
+    pub live_orders_with_wrong_units: u64,
+    /// Unit rows numbered beyond the event's capacity.
+    pub units_beyond_capacity: u64,
 }
 
 pub async fn mysql_counts(db: &MySqlPool, event_id: u64, grace: Duration) -> anyhow::Result<OrderCounts> {
@@ -80,6 +85,7 @@ pub async fn mysql_counts(db: &MySqlPool, event_id: u64, grace: Duration) -> any
             "paid" => c.paid = units,
             "cancelled" => c.cancelled = units,
             "expired" => c.expired = units,
+            "voided" => c.voided = units,
             _ => {}
         }
     }
@@ -109,6 +115,16 @@ pub async fn mysql_counts(db: &MySqlPool, event_id: u64, grace: Duration) -> any
         one("SELECT COALESCE(MAX(units), 0) FROM (SELECT CAST(SUM(quantity) AS SIGNED) AS units FROM orders \
          WHERE event_id = ? AND state IN ('held', 'paid') GROUP BY user_id) per_user")
         .await?;
+    c.live_orders_with_wrong_units = one("SELECT COUNT(*) FROM orders o WHERE o.event_id = ? \
+         AND o.state IN ('held', 'paid') AND o.quantity <> (SELECT COUNT(*) FROM order_units u \
+         WHERE u.event_id = o.event_id AND u.order_id = o.order_id)")
+    .await?;
+    let (beyond,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM order_units WHERE event_id = ? AND unit_no > ?")
+        .bind(event_id)
+        .bind(capacity)
+        .fetch_one(db)
+        .await?;
+    c.units_beyond_capacity = beyond as u64;
     let (overdue,): (i64,) =
         sqlx::query_as("SELECT COUNT(*) FROM orders WHERE event_id = ? AND state = 'held' AND expires_at < ?")
             .bind(event_id)
@@ -139,6 +155,14 @@ pub async fn verify(
             "no oversell (MySQL held + paid <= capacity)",
             m.held + m.paid <= m.capacity,
             format!("{} + {} <= {}", m.held, m.paid, m.capacity),
+        ),
+        check(
+            "no unit sold twice (each live order owns its own units)",
+            m.live_orders_with_wrong_units == 0 && m.units_beyond_capacity == 0,
+            format!(
+                "{} live orders without exactly their units, {} units beyond capacity",
+                m.live_orders_with_wrong_units, m.units_beyond_capacity
+            ),
         ),
         check(
             "conservation in Redis",

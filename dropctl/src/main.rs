@@ -230,7 +230,15 @@ async fn main() -> anyhow::Result<()> {
                 catch_up_timeout: Duration::from_secs(timeout_secs),
                 fence_ttl_secs: timeout_secs + 60,
             };
-            let levels = dropline_settler::rebuild::rebuild(&db, &ledger, &kafka, &options, event).await?;
+            let levels = dropline_settler::rebuild::rebuild(
+                &db,
+                &ledger,
+                &kafka,
+                &options,
+                event,
+                "an operator asked (dropctl rebuild)",
+            )
+            .await?;
             println!(
                 "event {event} rebuilt: available {} + held {} + sold {} = {}",
                 levels.available, levels.held, levels.sold, levels.capacity
@@ -314,10 +322,13 @@ fn print_report(r: &DropReport) {
         r.at_sellout_redis.available, r.at_sellout_redis.held, r.at_sellout_redis.sold, r.at_sellout_mysql_held
     );
     println!(
-        "holders then: {} paid, {} cancelled, {} walked away, {} too late ({} payments refunded)",
-        r.paid, r.cancelled, r.walked_away, r.too_late, r.refunds
+        "holders then: {} paid, {} cancelled, {} walked away, {} too late, {} voided ({} payments refunded)",
+        r.paid, r.cancelled, r.walked_away, r.too_late, r.voided, r.refunds
     );
-    println!("final (MySQL): sold {}, cancelled {}, expired {}, still held {}", m.paid, m.cancelled, m.expired, m.held);
+    println!(
+        "final (MySQL): sold {}, cancelled {}, expired {}, voided {}, still held {}",
+        m.paid, m.cancelled, m.expired, m.voided, m.held
+    );
     println!("oversold: {}", r.oversold());
     println!("pipeline settled: {}", if r.settled { "yes" } else { "NO" });
     if let Some(v) = &r.verdict {

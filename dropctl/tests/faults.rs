@@ -160,6 +160,7 @@ impl Cluster {
             ("DROPLINE_EXPIRER_GROUP", format!("{name}-expirer")),
             ("DROPLINE_SETTLER_DRIFT_INTERVAL_SECS", "1".into()),
             ("DROPLINE_SETTLER_REBUILD_GRACE_MS", "1000".into()),
+            ("DROPLINE_SETTLER_OVERDUE_GRACE_SECS", "2".into()),
             ("DROPLINE_EXPIRER_TICK_MS", "50".into()),
             ("DROPLINE_JWT_SECRET", JWT_SECRET.into()),
             ("DROPLINE_WEBHOOK_SECRET", WEBHOOK_SECRET.into()),
@@ -310,6 +311,33 @@ async fn a_broker_restart_mid_drop_loses_and_doubles_nothing() {
             c.broker.take().unwrap().kill9().await;
             tokio::time::sleep(Duration::from_millis(300)).await;
             c.start_broker().await;
+            c
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_failover_that_loses_recent_writes_sells_nothing_twice() {
+    Cluster::start()
+        .await
+        .drop_with("redis-lost-writes", |c| async move {
+            // The replica stops hearing from the primary; the primary keeps
+            // deciding for a while; then the replica takes over.
+            let ledger = c.ledger();
+            let snapshot = common::redis_snapshot(ledger.pool(), "*").await;
+            let probe = dropline::db::connect(&dropline::config::MysqlArgs { url: c.db_url.clone(), pool_size: 1 })
+                .await
+                .unwrap();
+            let count = || async {
+                let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM intents").fetch_one(&probe).await.unwrap();
+                n
+            };
+            let at_snapshot = count().await;
+            eventually("more decisions recorded after the snapshot", Duration::from_secs(60), || async {
+                (count().await >= at_snapshot + 10).then_some(())
+            })
+            .await;
+            common::redis_roll_back(ledger.pool(), "*", &snapshot).await;
             c
         })
         .await;

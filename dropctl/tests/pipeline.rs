@@ -47,7 +47,7 @@ async fn a_drop_sells_exactly_the_capacity_and_the_books_balance() {
     assert_eq!(m.captured_payments, report.paid);
 
     // The drift gauge's measurement: none now, and it sees a lost write.
-    use dropline_settler::drift::{measure, Drift};
+    use dropline_settler::reconcile::{measure, Drift};
     let drift = measure(&stack.db, &stack.ledger).await.unwrap().drift;
     assert_eq!(drift[&report.event_id], Drift { held: 0, sold: 0 });
     let stock = dropline::stock::EventKeys::new(&stack.name, report.event_id).stock;
@@ -556,5 +556,100 @@ async fn a_lost_ledger_is_rebuilt_from_mysql_and_the_sale_goes_on() {
     let levels = stack.ledger.levels(event).await.unwrap().unwrap();
     assert!(levels.is_conserved());
     assert_eq!((levels.held, levels.sold), (2, 3));
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ledger_that_lost_writes_cannot_sell_a_unit_twice() {
+    let stack = Stack::start(Options::default()).await;
+    let api = Api::new(&stack.api).unwrap();
+    let event = open_event(&stack, 2, 60).await;
+    let before = common::redis_snapshot(stack.ledger.pool(), &format!("{}:*", stack.name)).await;
+
+    // Alice buys and pays for one ticket: unit 1.
+    let (alice, held) = buy_and_wait(&stack, &api, "alice", event, 1).await;
+    assert_eq!(held["status"], "held");
+    let checkout = open_payment(&stack, "alice", alice).await;
+    assert_eq!(confirm(&checkout, 1).await["status"], "captured");
+    wait_order_state(&stack, alice, "paid").await;
+
+    // Redis fails over to a replica that never saw any of it.
+    common::redis_roll_back(stack.ledger.pool(), &format!("{}:*", stack.name), &before).await;
+    assert_eq!(stack.ledger.levels(event).await.unwrap().unwrap().available, 2);
+
+    // The ledger hands Bob both units, Alice's among them. The record
+    // refuses: Bob's order is voided, Alice keeps her ticket.
+    let (bob, held) = buy_and_wait(&stack, &api, "bob", event, 2).await;
+    assert_eq!(held["status"], "held", "Redis alone decided: {held}");
+    wait_order_state(&stack, bob, "voided").await;
+    wait_order_state(&stack, alice, "paid").await;
+
+    // What Bob sees: his order is voided, and paying it is refused with a
+    // stable code.
+    let bob_token = stack.token("bob");
+    eventually("the rebuilt ledger to show bob's order voided", Duration::from_secs(30), || async {
+        (api.order_state(&bob_token, bob).await.unwrap() == "voided").then_some(())
+    })
+    .await;
+    let refused = api.start_payment(&bob_token, bob).await.unwrap();
+    assert_eq!(refused, Err("order_voided".to_owned()));
+
+    // The reconciler rebuilt Redis from the record: one sold, one free.
+    let levels = stack.ledger.levels(event).await.unwrap().unwrap();
+    assert_eq!((levels.available, levels.held, levels.sold), (1, 0, 1), "{levels:?}");
+    let verdict =
+        dropctl::invariants::verify(&stack.db, &stack.ledger, event, None, Duration::from_secs(10)).await.unwrap();
+    assert!(verdict.all_hold(), "{verdict}");
+    let units: Vec<(u32, String)> =
+        sqlx::query_as("SELECT unit_no, order_id FROM order_units WHERE event_id = ? ORDER BY unit_no")
+            .bind(event)
+            .fetch_all(&stack.db)
+            .await
+            .unwrap();
+    assert_eq!(units, vec![(1, alice.to_string())]);
+
+    // The next buyer gets the free unit, and it is recorded as theirs.
+    let (carol, held) = buy_and_wait(&stack, &api, "carol", event, 1).await;
+    assert_eq!(held["status"], "held");
+    wait_order_state(&stack, carol, "held").await;
+    let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM order_units WHERE order_id = ? AND unit_no = 2")
+        .bind(carol.to_string())
+        .fetch_one(&stack.db)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ledger_that_lost_writes_cannot_break_the_per_user_limit() {
+    let stack = Stack::start(Options::default()).await;
+    let api = Api::new(&stack.api).unwrap();
+    // Ten tickets, two per buyer. Xavier holds units 1 and 2 when the
+    // replica last heard from the primary.
+    let event = open_event(&stack, 10, 60).await;
+    let (xavier, _) = buy_and_wait(&stack, &api, "xavier", event, 2).await;
+    let before = common::redis_snapshot(stack.ledger.pool(), &format!("{}:*", stack.name)).await;
+    // Then he cancels, and Dana gets his two units.
+    assert_eq!(api.cancel(&stack.token("xavier"), xavier).await.unwrap(), "cancelled");
+    let (first, _) = buy_and_wait(&stack, &api, "dana", event, 2).await;
+    wait_order_state(&stack, first, "held").await;
+    wait_order_state(&stack, xavier, "cancelled").await;
+    common::redis_roll_back(stack.ledger.pool(), &format!("{}:*", stack.name), &before).await;
+    // Redis forgot both: it gives Dana two more, units 3 and 4, which no one
+    // has. Only her limit is broken, and the record sees it.
+    let (second, held) = buy_and_wait(&stack, &api, "dana", event, 2).await;
+    assert_eq!(held["status"], "held");
+    wait_order_state(&stack, second, "voided").await;
+    wait_order_state(&stack, first, "held").await;
+    eventually("the ledger rebuilt with dana's first order", Duration::from_secs(30), || async {
+        (stack.ledger.user_units(event, "dana").await.unwrap() == 2
+            && stack.ledger.levels(event).await.unwrap().is_some_and(|l| l.held == 2))
+        .then_some(())
+    })
+    .await;
+    let verdict =
+        dropctl::invariants::verify(&stack.db, &stack.ledger, event, None, Duration::from_secs(10)).await.unwrap();
+    assert!(verdict.all_hold(), "{verdict}");
     stack.stop().await;
 }

@@ -88,10 +88,14 @@ pub struct Decision {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Outcome {
-    /// A hold was created; its order id is the intent id.
+    /// A hold was created; its order id is the intent id. `units` are the
+    /// unit numbers (1 to capacity) the ledger handed out for it: MySQL
+    /// refuses a unit that a live order already has.
     Held {
         expires_at_ms: i64,
         amount_cents: u64,
+        #[serde(default)]
+        units: Vec<u32>,
     },
     Rejected {
         reason: RejectReason,
@@ -114,6 +118,10 @@ pub enum OrderState {
     Paid,
     Cancelled,
     Expired,
+    /// The record refused the hold: one of its units, or the buyer's limit,
+    /// was already taken by a live order (Redis had lost writes when it
+    /// decided). Any payment for it is refunded.
+    Voided,
 }
 
 impl OrderState {
@@ -123,11 +131,17 @@ impl OrderState {
             OrderState::Paid => "paid",
             OrderState::Cancelled => "cancelled",
             OrderState::Expired => "expired",
+            OrderState::Voided => "voided",
         }
     }
 
     pub fn is_final(self) -> bool {
         !matches!(self, OrderState::Held)
+    }
+
+    /// Holds or owns stock: held or paid.
+    pub fn is_live(self) -> bool {
+        matches!(self, OrderState::Held | OrderState::Paid)
     }
 }
 

@@ -289,3 +289,48 @@ async fn a_payment_after_the_deadline_expires_the_hold_itself() {
     assert_eq!(h.state, OrderState::Expired);
     assert_eq!(levels(&ledger, event).await.available, 1);
 }
+
+fn units_of(v: &Verdict) -> Vec<u32> {
+    match v {
+        Verdict::Held { units, .. } => units.clone(),
+        Verdict::Rejected { .. } => Vec::new(),
+    }
+}
+
+#[tokio::test]
+async fn every_held_unit_has_its_own_number_within_capacity() {
+    let ledger = ledger();
+    let event = event(&ledger, 7, 3, 60_000).await;
+    let claims: Vec<_> = (0..6).map(|i| claim(&format!("u{i}"), 2)).collect();
+    let verdicts = decide(&ledger, event, &claims).await;
+    let mut units: Vec<u32> = verdicts.iter().flat_map(units_of).collect();
+    // Three holds of two, then one unit left: the fourth is sold out.
+    assert_eq!(verdicts.iter().filter(|v| is_held(v)).count(), 3);
+    units.sort_unstable();
+    assert_eq!(units, vec![1, 2, 3, 4, 5, 6]);
+    for (id, _, _) in claims.iter().take(3) {
+        let hold = ledger.hold(event, *id).await.unwrap().unwrap();
+        assert_eq!(hold.units.len(), 2);
+    }
+    assert_eq!(ledger.damage(event).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn released_units_are_handed_out_again_and_paid_ones_never() {
+    let ledger = ledger();
+    let event = event(&ledger, 3, 3, 60_000).await;
+    let (a, b) = (claim("alice", 2), claim("bob", 1));
+    let v = decide(&ledger, event, &[a.clone(), b.clone()]).await;
+    let (units_a, units_b) = (units_of(&v[0]), units_of(&v[1]));
+    ledger.cancel(event, a.0, "alice").await.unwrap();
+    assert!(matches!(ledger.pay(event, b.0, "pay-b").await.unwrap(), PayOutcome::Paid(_)));
+    let c = claim("carol", 2);
+    let v = decide(&ledger, event, std::slice::from_ref(&c)).await;
+    let mut units_c = units_of(&v[0]);
+    units_c.sort_unstable();
+    assert_eq!(units_c, units_a, "carol gets alice's released units");
+    assert!(!units_c.iter().any(|u| units_b.contains(u)), "never bob's paid unit");
+    let sold_out = decide(&ledger, event, &[claim("dave", 1)]).await;
+    assert!(matches!(sold_out[0], Verdict::Rejected { reason: RejectReason::SoldOut, .. }), "{sold_out:?}");
+    assert_eq!(ledger.damage(event).await.unwrap(), None);
+}

@@ -22,7 +22,7 @@ pub mod schedule;
 use std::time::Duration;
 
 use dropline::kafka::{self, DeadLetters, GroupContext};
-use dropline::messages::{now_ms, HoldExpiry, OrderEvent, Topics};
+use dropline::messages::{now_ms, HoldExpiry, Topics};
 use dropline::ops::Readiness;
 use dropline::stock::{EndOutcome, Ledger};
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -163,17 +163,7 @@ impl Expirer {
                 return Released::Failed;
             }
         };
-        let event = OrderEvent {
-            order_id,
-            event_id,
-            user_id: hold.user_id.clone(),
-            quantity: hold.quantity,
-            amount_cents: hold.amount_cents,
-            state: hold.state,
-            expires_at_ms: hold.expires_at_ms,
-            at_ms: hold.ended_at_ms.unwrap_or_else(now_ms),
-            payment: None,
-        };
+        let event = hold.order_event(order_id, event_id, None);
         let payload = serde_json::to_vec(&event).expect("messages serialize");
         let headers = kafka::request_id_headers(due.request_id.as_deref());
         let sent =

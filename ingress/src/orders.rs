@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use dropline::db::from_ms;
-use dropline::messages::{now_ms, OrderEvent, OrderState, PaymentRecord};
+use dropline::messages::OrderState;
 use dropline::stock::{Hold, Ledger};
 use serde::Serialize;
 use sqlx::MySqlPool;
@@ -37,21 +37,6 @@ impl OrderView {
             order_url: format!("/v1/orders/{order_id}"),
             user_id: hold.user_id.clone(),
         }
-    }
-}
-
-/// The order event that tells the settler a hold is in `hold.state`.
-pub fn order_event(order_id: Uuid, event_id: u64, hold: &Hold, payment: Option<PaymentRecord>) -> OrderEvent {
-    OrderEvent {
-        order_id,
-        event_id,
-        user_id: hold.user_id.clone(),
-        quantity: hold.quantity,
-        amount_cents: hold.amount_cents,
-        state: hold.state,
-        expires_at_ms: hold.expires_at_ms,
-        at_ms: hold.ended_at_ms.unwrap_or_else(now_ms),
-        payment,
     }
 }
 

@@ -17,6 +17,14 @@ pub struct SettlerConfig {
     /// How often the ledger in Redis is compared with the orders in MySQL.
     #[arg(long, env = "DROPLINE_SETTLER_DRIFT_INTERVAL_SECS", default_value_t = 5)]
     pub drift_interval_secs: u64,
+    /// Passes the same drift must last (with the settlers caught up) before
+    /// the reconciler rebuilds the event's ledger from MySQL.
+    #[arg(long, env = "DROPLINE_SETTLER_REPAIR_AFTER_PASSES", default_value_t = 3)]
+    pub repair_after_passes: u32,
+    /// How long past its deadline a hold may stay held in MySQL before the
+    /// reconciler ends it (the expirer normally ends it on time).
+    #[arg(long, env = "DROPLINE_SETTLER_OVERDUE_GRACE_SECS", default_value_t = 30)]
+    pub overdue_grace_secs: u64,
     /// Before rebuilding a lost ledger: how long an allocator's decision
     /// can still be on its way to Kafka (its message timeout plus a margin).
     #[arg(long, env = "DROPLINE_SETTLER_REBUILD_GRACE_MS", default_value_t = 6_000)]
@@ -44,6 +52,15 @@ impl SettlerConfig {
         }
     }
 
+    pub fn reconcile_options(&self) -> crate::reconcile::ReconcileOptions {
+        crate::reconcile::ReconcileOptions {
+            every: std::time::Duration::from_secs(self.drift_interval_secs),
+            repair_after: self.repair_after_passes,
+            overdue_grace: std::time::Duration::from_secs(self.overdue_grace_secs),
+            rebuild: self.rebuild_options(),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut p = Problems::default();
         self.kafka.check(&mut p);
@@ -51,6 +68,9 @@ impl SettlerConfig {
         self.redis.check(&mut p);
         if !(1..=3600).contains(&self.drift_interval_secs) {
             p.add("DROPLINE_SETTLER_DRIFT_INTERVAL_SECS must be 1 to 3600");
+        }
+        if self.repair_after_passes == 0 {
+            p.add("DROPLINE_SETTLER_REPAIR_AFTER_PASSES must be positive");
         }
         if self.rebuild_timeout_secs == 0 {
             p.add("DROPLINE_SETTLER_REBUILD_TIMEOUT_SECS must be positive");
@@ -77,6 +97,8 @@ impl SettlerConfig {
             mysql_url = %redact_url(&self.mysql.url),
             redis_url = %redact_url(&self.redis.url),
             drift_interval_secs = self.drift_interval_secs,
+            repair_after_passes = self.repair_after_passes,
+            overdue_grace_secs = self.overdue_grace_secs,
             ops_addr = %self.ops.addr_or(crate::DEFAULT_OPS_PORT),
             "settler config"
         );

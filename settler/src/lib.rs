@@ -7,15 +7,19 @@
 //! whose second write changes nothing.
 //!
 //! - [`store`]: the upserts and their forward-only rule.
-//! - [`drift`]: how far the Redis ledger and MySQL disagree, as gauges; a
-//!   current event whose ledger is missing is rebuilt.
+//! - [`claims`]: the record's check of every new hold's units and buyer
+//!   limit; a hold it refuses is voided.
+//! - [`reconcile`]: how far the Redis ledger and MySQL disagree, as gauges,
+//!   and the repairs: a ledger missing, damaged or behind is rebuilt; a hold
+//!   left held past its deadline is ended.
 //! - [`rebuild`]: rebuilding an event's ledger from MySQL, fenced.
 //! - [`config`]: settings; [`metrics`]: metric names.
 
+pub mod claims;
 pub mod config;
-pub mod drift;
 pub mod metrics;
 pub mod rebuild;
+pub mod reconcile;
 pub mod store;
 
 use std::time::{Duration, Instant};
@@ -33,6 +37,7 @@ pub const DEFAULT_OPS_PORT: u16 = 9102;
 pub use config::SettlerConfig;
 
 use crate::metrics::{BATCH_DURATION, BATCH_SIZE, ROWS, WRITE_ERRORS};
+use crate::reconcile::Reconciler;
 use crate::store::Batch;
 
 #[derive(Debug, thiserror::Error)]
@@ -68,14 +73,22 @@ pub async fn run(config: SettlerConfig, shutdown: CancellationToken) -> Result<(
     dropline::db::migrate(&db).await?;
     let topics = config.kafka.topics();
     kafka::ensure_topics(&config.kafka, &topics.all()).await?;
-    let dead_letters =
-        DeadLetters::new(kafka::producer(&config.kafka, "settler-producer")?, topics.dead_letter.clone(), "settler");
+    let producer = kafka::producer(&config.kafka, "settler-producer")?;
+    let dead_letters = DeadLetters::new(producer.clone(), topics.dead_letter.clone(), "settler");
     let consumer = kafka::consumer(&config.kafka, &config.group_id, "settler-consumer")?;
     consumer.subscribe(&[&topics.decisions, &topics.order_events])?;
     let ledger = dropline::stock::Ledger::new(config.redis.pool()?, &config.redis.key_prefix);
-    let every = Duration::from_secs(config.drift_interval_secs);
-    let rebuild = config.rebuild_options();
-    tokio::spawn(drift::watch(db.clone(), ledger, config.kafka.clone(), rebuild, every, shutdown.clone()));
+    let (refused, refusals) = tokio::sync::mpsc::unbounded_channel();
+    let reconciler = Reconciler {
+        db: db.clone(),
+        ledger: ledger.clone(),
+        kafka: config.kafka.clone(),
+        producer,
+        topics: topics.clone(),
+        options: config.reconcile_options(),
+        refused: refusals,
+    };
+    tokio::spawn(reconciler.run(shutdown.clone()));
     ready.set(true);
     tracing::info!("settler consuming");
 
@@ -112,19 +125,25 @@ pub async fn run(config: SettlerConfig, shutdown: CancellationToken) -> Result<(
         }
         if !batch.is_empty() {
             let written = kafka::retry_until("write batch", &shutdown, || async {
-                let result = batch.write(&db).await;
+                let result = batch.write(&db, &ledger).await;
                 if result.is_err() {
                     ::metrics::counter!(WRITE_ERRORS).increment(1);
                 }
                 result
             })
             .await;
-            let Some([intents, orders, payments]) = written else {
+            let Some(written) = written else {
                 break;
             };
-            ::metrics::counter!(ROWS, "table" => "intents").increment(intents as u64);
-            ::metrics::counter!(ROWS, "table" => "orders").increment(orders as u64);
-            ::metrics::counter!(ROWS, "table" => "payments").increment(payments as u64);
+            ::metrics::counter!(ROWS, "table" => "intents").increment(written.intents as u64);
+            ::metrics::counter!(ROWS, "table" => "orders").increment(written.orders as u64);
+            ::metrics::counter!(ROWS, "table" => "payments").increment(written.payments as u64);
+            ::metrics::counter!(ROWS, "table" => "order_units").increment(written.units as u64);
+            // A voided hold means the ledger is behind the record: have it
+            // rebuilt, so it stops handing out what is taken.
+            for void in &written.voided {
+                let _ = refused.send(void.event_id);
+            }
         }
         kafka::store_after(&consumer, &messages);
         ::metrics::histogram!(BATCH_SIZE).record(messages.len() as f64);

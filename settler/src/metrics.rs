@@ -8,6 +8,8 @@ pub const ROWS: &str = "dropline_settler_rows_total";
 pub const WRITE_ERRORS: &str = "dropline_settler_write_errors_total";
 pub const DRIFT: &str = "dropline_settler_ledger_drift_units";
 pub const REBUILDS: &str = "dropline_settler_ledger_rebuilds_total";
+pub const VOIDED: &str = "dropline_settler_voided_orders_total";
+pub const OVERDUE_ENDED: &str = "dropline_settler_overdue_holds_ended_total";
 
 pub fn describe() {
     describe_histogram!(BATCH_DURATION, Unit::Seconds, "Time to write one batch in one transaction.");
@@ -20,7 +22,22 @@ pub fn describe() {
         "Units the Redis ledger counts minus units MySQL records, per event and state (held, sold). Non-zero for \
          more than the settler's lag means the two disagree."
     );
-    describe_counter!(REBUILDS, "Event ledgers found missing in Redis and rebuilt from MySQL.");
+    describe_counter!(
+        REBUILDS,
+        "Event ledgers rebuilt from MySQL, by reason: missing (Redis lost them), drift (Redis and MySQL disagreed \
+         for several passes), damaged (the units and counters disagree), refused (MySQL voided a hold Redis gave)."
+    );
+    describe_counter!(
+        VOIDED,
+        "Holds the record refused because a unit or the buyer's limit was already taken by a live order, by reason. \
+         Only a Redis that lost writes causes these."
+    );
+    describe_counter!(
+        OVERDUE_ENDED,
+        "Holds the reconciler ended because they outlived their deadline and grace (the expirer missed them)."
+    );
     metrics::counter!(WRITE_ERRORS).increment(0);
-    metrics::counter!(REBUILDS).increment(0);
+    metrics::counter!(REBUILDS, "reason" => "missing").increment(0);
+    metrics::counter!(VOIDED, "reason" => "unit_taken").increment(0);
+    metrics::counter!(OVERDUE_ENDED).increment(0);
 }

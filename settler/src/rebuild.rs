@@ -1,5 +1,7 @@
 //! Rebuilding an event's ledger from the record after Redis lost it (came
-//! back empty, or the event's keys are gone).
+//! back empty, or the event's keys are gone) or fell behind it (came back
+//! without its last writes). The reconciler runs it on its own; operators
+//! run `dropctl rebuild`.
 //!
 //! The order of steps is what makes it safe:
 //! 1. Fence the event: allocation and hold changes are refused (the stages
@@ -8,14 +10,17 @@
 //!    before the fence reaches Kafka within the producer's message timeout.
 //! 3. Wait until the settler group has committed past every decision and
 //!    order event on Kafka at that point: MySQL then has them all.
-//! 4. Read the event, its orders, payments and decided intents from MySQL,
-//!    and write stock, holds, per-user counts and decisions back in one
-//!    MULTI/EXEC.
+//! 4. Read the event, its orders with their units, payments and decided
+//!    intents from MySQL, and write stock, free units, holds (with their
+//!    deadlines), per-user counts and decisions (the intents' idempotency
+//!    state) back in one MULTI/EXEC. What changed is logged.
 //! 5. Lift the fence. Queued intents are decided on the rebuilt ledger;
 //!    redelivered ones find their earlier decision.
 //!
-//! If any step fails the fence stays (it expires after `fence_ttl_secs`) and
-//! the rebuild can simply run again.
+//! If a step fails the fence is lifted and nothing was changed; the rebuild
+//! can simply run again. Only one rebuild of an event runs at a time (the
+//! fence is taken only if free); a rebuild that dies leaves the fence to
+//! expire after `fence_ttl_secs`.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -45,6 +50,8 @@ pub struct RebuildOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RebuildError {
+    #[error("event {0}'s ledger is being rebuilt already")]
+    InProgress(u64),
     #[error("event {0} is not in MySQL")]
     UnknownEvent(u64),
     #[error("mysql: {0}")]
@@ -66,30 +73,70 @@ pub async fn rebuild(
     kafka: &KafkaArgs,
     options: &RebuildOptions,
     event_id: u64,
+    why: &str,
 ) -> Result<StockLevels, RebuildError> {
     let event = Event::load(db, event_id).await?.ok_or(RebuildError::UnknownEvent(event_id))?;
     let before = ledger.levels(event_id).await?;
-    tracing::warn!(event_id, ?before, "rebuilding the event's ledger from MySQL; sales of the event are fenced");
-    ledger.fence(event_id, options.fence_ttl_secs).await?;
-    tokio::time::sleep(options.in_flight_grace).await;
-    wait_for_settlers(kafka, &kafka.topics(), &options.settler_group, options.catch_up_timeout).await?;
-    let restore = load(db, &event).await?;
-    let levels = ledger.restore(event_id, &restore).await?;
+    tracing::warn!(event_id, ?before, why, "rebuilding the event's ledger from MySQL; sales of the event are fenced");
+    if !ledger.fence(event_id, options.fence_ttl_secs).await? {
+        return Err(RebuildError::InProgress(event_id));
+    }
+    let rebuilt = async {
+        tokio::time::sleep(options.in_flight_grace).await;
+        wait_for_settlers(kafka, &kafka.topics(), &options.settler_group, options.catch_up_timeout).await?;
+        let restore = load(db, &event).await?;
+        let old = ledger.holds(event_id).await?;
+        let levels = ledger.restore(event_id, &restore).await?;
+        Ok::<_, RebuildError>((restore, old, levels))
+    }
+    .await;
+    // Lifted either way: a rebuild that failed changed nothing (the restore
+    // is one MULTI/EXEC), and the next attempt fences again.
     ledger.unfence(event_id).await?;
+    let (restore, old, levels) = rebuilt?;
+    let changes = log_changes(event_id, &old, &restore);
     tracing::warn!(
         event_id,
+        why,
         ?before,
         after = ?levels,
         holds = restore.holds.len(),
+        holds_changed = changes,
         decisions = restore.decisions.len(),
         "ledger rebuilt from MySQL; fence lifted"
     );
     Ok(levels)
 }
 
+/// Logs each hold whose state the rebuild changed (the first few in
+/// full); returns how many changed.
+fn log_changes(event_id: u64, old: &HashMap<Uuid, Hold>, restore: &Restore) -> usize {
+    const SHOWN: usize = 20;
+    let mut changed = 0;
+    for (id, hold) in &restore.holds {
+        let was = old.get(id).map(|h| h.state.as_str()).unwrap_or("absent");
+        if was == hold.state.as_str() {
+            continue;
+        }
+        changed += 1;
+        if changed <= SHOWN {
+            tracing::warn!(event_id, order_id = %id, was, now = hold.state.as_str(), "rebuild changed a hold");
+        }
+    }
+    let record: std::collections::HashSet<&Uuid> = restore.holds.iter().map(|(id, _)| id).collect();
+    for (id, hold) in old.iter().filter(|(id, _)| !record.contains(id)) {
+        changed += 1;
+        if changed <= SHOWN {
+            tracing::warn!(event_id, order_id = %id, was = hold.state.as_str(), now = "absent",
+                "rebuild dropped a hold MySQL never recorded");
+        }
+    }
+    changed
+}
+
 /// Waits until the settler group's committed offsets reach the end of
 /// every partition of the topics it consumes, as the ends stand now.
-async fn wait_for_settlers(
+pub async fn wait_for_settlers(
     kafka: &KafkaArgs,
     topics: &Topics,
     group: &str,
@@ -141,6 +188,7 @@ struct OrderRow {
     expires_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
     payment_id: Option<String>,
+    units: Option<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -156,6 +204,14 @@ fn parse<T: serde::de::DeserializeOwned>(value: &str) -> Result<T, RebuildError>
         .map_err(|_| RebuildError::Record(format!("unexpected value {value:?}")))
 }
 
+fn parse_units(raw: Option<&str>) -> Result<Vec<u32>, RebuildError> {
+    raw.unwrap_or_default()
+        .split(',')
+        .filter(|u| !u.is_empty())
+        .map(|u| u.parse().map_err(|_| RebuildError::Record(format!("bad unit list {raw:?}"))))
+        .collect()
+}
+
 fn uuid(raw: &str) -> Result<Uuid, RebuildError> {
     Uuid::parse_str(raw).map_err(|_| RebuildError::Record(format!("bad id {raw:?}")))
 }
@@ -165,7 +221,8 @@ async fn load(db: &MySqlPool, event: &Event) -> Result<Restore, RebuildError> {
     let orders: Vec<OrderRow> = sqlx::query_as(
         "SELECT o.order_id, o.user_id, o.quantity, o.amount_cents, CAST(o.state AS CHAR) AS state, o.expires_at, \
          o.updated_at, (SELECT MIN(p.payment_id) FROM payments p WHERE p.order_id = o.order_id \
-         AND p.disposition = 'captured') AS payment_id FROM orders o WHERE o.event_id = ?",
+         AND p.disposition = 'captured') AS payment_id, (SELECT GROUP_CONCAT(u.unit_no) FROM order_units u \
+         WHERE u.order_id = o.order_id) AS units FROM orders o WHERE o.event_id = ?",
     )
     .bind(event.id)
     .fetch_all(db)
@@ -178,12 +235,13 @@ async fn load(db: &MySqlPool, event: &Event) -> Result<Restore, RebuildError> {
     .await?;
 
     let mut holds = Vec::with_capacity(orders.len());
-    let mut held_orders: HashMap<Uuid, (i64, u64)> = HashMap::new();
+    let mut held_orders: HashMap<Uuid, (i64, u64, Vec<u32>)> = HashMap::new();
     for o in orders {
         let id = uuid(&o.order_id)?;
         let state: OrderState = parse(&o.state)?;
         let expires_at_ms = o.expires_at.timestamp_millis();
-        held_orders.insert(id, (expires_at_ms, o.amount_cents));
+        let units = parse_units(o.units.as_deref())?;
+        held_orders.insert(id, (expires_at_ms, o.amount_cents, units.clone()));
         holds.push((
             id,
             Hold {
@@ -194,6 +252,8 @@ async fn load(db: &MySqlPool, event: &Event) -> Result<Restore, RebuildError> {
                 expires_at_ms,
                 ended_at_ms: state.is_final().then(|| o.updated_at.timestamp_millis()),
                 payment_id: o.payment_id.filter(|_| state == OrderState::Paid),
+                // A live order's units; an ended one's went back.
+                units: if state.is_live() { units } else { Vec::new() },
             },
         ));
     }
@@ -203,10 +263,15 @@ async fn load(db: &MySqlPool, event: &Event) -> Result<Restore, RebuildError> {
         let decided_at_ms = i.decided_at.timestamp_millis();
         let verdict = if i.outcome == "held" {
             // A held decision's order is written in the same transaction.
-            let (expires_at_ms, amount_cents) = *held_orders
+            let (expires_at_ms, amount_cents, units) = held_orders
                 .get(&id)
                 .ok_or_else(|| RebuildError::Record(format!("intent {id} was held but has no order")))?;
-            Verdict::Held { expires_at_ms, amount_cents, decided_at_ms }
+            Verdict::Held {
+                expires_at_ms: *expires_at_ms,
+                amount_cents: *amount_cents,
+                decided_at_ms,
+                units: units.clone(),
+            }
         } else {
             let reason: RejectReason = parse(i.reject_reason.as_deref().unwrap_or_default())?;
             Verdict::Rejected { reason, decided_at_ms }

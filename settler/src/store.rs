@@ -1,13 +1,22 @@
 //! The settler's writes. Every statement is an idempotent upsert, so a batch
 //! redelivered after a crash (or a message produced twice) changes nothing
 //! the second time, and an order's state only ever moves forward.
+//!
+//! The record is also where a hold becomes final: each new hold's units and
+//! its buyer's limit are checked here against the live orders (see
+//! [`crate::claims`]), and a hold the record refuses is voided, whatever
+//! Redis said. A payment for an order that is not paid in the record is
+//! recorded for refund.
 
 use dropline::db::from_ms;
 use dropline::messages::{Decision, OrderEvent, OrderState, Outcome, PaymentRecord};
+use dropline::stock::{Ledger, LedgerError};
 use sqlx::{MySql, MySqlPool, QueryBuilder};
 
+use crate::claims::{Claim, Void};
+
 /// Rows per statement; well under MySQL's placeholder limit.
-const CHUNK: usize = 500;
+pub(crate) const CHUNK: usize = 500;
 
 /// What one batch writes.
 #[derive(Debug, Default)]
@@ -15,6 +24,27 @@ pub struct Batch {
     intents: Vec<Decision>,
     orders: Vec<OrderRow>,
     payments: Vec<(String, PaymentRecord)>,
+    claims: Vec<Claim>,
+}
+
+/// What a batch wrote.
+#[derive(Debug, Default)]
+pub struct Written {
+    pub intents: usize,
+    pub orders: usize,
+    pub payments: usize,
+    pub units: usize,
+    /// Holds the record refused.
+    pub voided: Vec<Void>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("mysql: {0}")]
+    Mysql(#[from] sqlx::Error),
+    /// Asking the ledger whether a competing hold ended.
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
 }
 
 #[derive(Debug)]
@@ -35,7 +65,13 @@ impl Batch {
     }
 
     pub fn add_decision(&mut self, d: Decision) {
-        if let Outcome::Held { expires_at_ms, amount_cents } = d.outcome {
+        if let Outcome::Held { expires_at_ms, amount_cents, ref units } = d.outcome {
+            self.claims.push(Claim {
+                order_id: d.intent_id.to_string(),
+                event_id: d.event_id,
+                user_id: d.user_id.clone(),
+                units: units.clone(),
+            });
             self.orders.push(OrderRow {
                 order_id: d.intent_id.to_string(),
                 event_id: d.event_id,
@@ -67,9 +103,8 @@ impl Batch {
         });
     }
 
-    /// Writes the batch in one transaction; returns the rows written per
-    /// table (intents, orders, payments).
-    pub async fn write(&self, db: &MySqlPool) -> Result<[usize; 3], sqlx::Error> {
+    /// Writes the batch in one transaction.
+    pub async fn write(&self, db: &MySqlPool, ledger: &Ledger) -> Result<Written, WriteError> {
         let mut tx = db.begin().await?;
         for chunk in self.intents.chunks(CHUNK) {
             let mut q = QueryBuilder::<MySql>::new(
@@ -136,7 +171,31 @@ impl Batch {
             q.push(" ON DUPLICATE KEY UPDATE payment_id = payment_id");
             q.build().execute(&mut *tx).await?;
         }
+        let (units, voided) = crate::claims::settle(&mut tx, ledger, &self.claims).await?;
+        // Money for an order the record does not have as paid (it ended
+        // first, or was voided) goes back, whatever the ledger answered.
+        let touched: Vec<&str> = self
+            .payments
+            .iter()
+            .map(|(order_id, _)| order_id.as_str())
+            .chain(voided.iter().map(|v| v.order_id.as_str()))
+            .collect();
+        for chunk in touched.chunks(CHUNK) {
+            let mut q = QueryBuilder::<MySql>::new(
+                "UPDATE payments p JOIN orders o ON o.order_id = p.order_id \
+                 SET p.disposition = 'refund_required' \
+                 WHERE p.disposition = 'captured' AND o.state <> 'paid' AND p.order_id IN ",
+            );
+            crate::claims::push_list(&mut q, chunk);
+            q.build().execute(&mut *tx).await?;
+        }
         tx.commit().await?;
-        Ok([self.intents.len(), self.orders.len(), self.payments.len()])
+        Ok(Written {
+            intents: self.intents.len(),
+            orders: self.orders.len(),
+            payments: self.payments.len(),
+            units,
+            voided,
+        })
     }
 }

@@ -253,6 +253,35 @@ where
     }
 }
 
+/// A copy of every Redis key matching `pattern`, as a lagging replica
+/// would have them.
+pub async fn redis_snapshot(pool: &deadpool_redis::Pool, pattern: &str) -> Vec<(String, Vec<u8>)> {
+    let mut conn = pool.get().await.unwrap();
+    let keys: Vec<String> = deadpool_redis::redis::cmd("KEYS").arg(pattern).query_async(&mut conn).await.unwrap();
+    let mut out = Vec::new();
+    for key in keys {
+        let dump: Option<Vec<u8>> = deadpool_redis::redis::cmd("DUMP").arg(&key).query_async(&mut conn).await.unwrap();
+        out.extend(dump.map(|d| (key, d)));
+    }
+    out
+}
+
+/// Puts a snapshot back: Redis forgets every write since, as after a
+/// failover to a replica that had not received them.
+pub async fn redis_roll_back(pool: &deadpool_redis::Pool, pattern: &str, snapshot: &[(String, Vec<u8>)]) {
+    let mut conn = pool.get().await.unwrap();
+    let now: Vec<String> = deadpool_redis::redis::cmd("KEYS").arg(pattern).query_async(&mut conn).await.unwrap();
+    let mut pipe = deadpool_redis::redis::pipe();
+    pipe.atomic();
+    for key in now.iter().filter(|k| !snapshot.iter().any(|(s, _)| s == *k)) {
+        pipe.del(key).ignore();
+    }
+    for (key, dump) in snapshot {
+        pipe.cmd("RESTORE").arg(key).arg(0).arg(dump).arg("REPLACE").ignore();
+    }
+    let _: () = pipe.query_async(&mut conn).await.unwrap();
+}
+
 pub fn addr_of(url: &str) -> SocketAddr {
     url.trim_start_matches("http://").parse().unwrap()
 }

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use uuid::Uuid;
 
-use crate::messages::{OrderState, RejectReason};
+use crate::messages::{now_ms, OrderEvent, OrderState, PaymentRecord, RejectReason};
 
 static PREWARM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/prewarm.lua")));
 static ALLOCATE: LazyLock<Script> =
@@ -28,6 +28,8 @@ pub struct EventKeys {
     pub decisions: String,
     pub holds: String,
     pub fence: String,
+    /// Unit numbers released by ended holds, handed out again first.
+    pub free: String,
 }
 
 impl EventKeys {
@@ -39,6 +41,7 @@ impl EventKeys {
             decisions: format!("{tag}:decisions"),
             holds: format!("{tag}:holds"),
             fence: format!("{tag}:fence"),
+            free: format!("{tag}:free"),
         }
     }
 }
@@ -75,6 +78,9 @@ pub enum Verdict {
         amount_cents: u64,
         #[serde(rename = "at")]
         decided_at_ms: i64,
+        /// The unit numbers the hold took.
+        #[serde(rename = "n", default, skip_serializing_if = "Vec::is_empty")]
+        units: Vec<u32>,
     },
     Rejected {
         #[serde(rename = "r")]
@@ -101,6 +107,27 @@ pub struct Hold {
     pub ended_at_ms: Option<i64>,
     #[serde(rename = "pay", default, skip_serializing_if = "Option::is_none")]
     pub payment_id: Option<String>,
+    /// The unit numbers the hold took (empty for a hold restored after it
+    /// ended: its units went back).
+    #[serde(rename = "n", default, skip_serializing_if = "Vec::is_empty")]
+    pub units: Vec<u32>,
+}
+
+impl Hold {
+    /// The order event that tells the settler this hold is in its state.
+    pub fn order_event(&self, order_id: Uuid, event_id: u64, payment: Option<PaymentRecord>) -> OrderEvent {
+        OrderEvent {
+            order_id,
+            event_id,
+            user_id: self.user_id.clone(),
+            quantity: self.quantity,
+            amount_cents: self.amount_cents,
+            state: self.state,
+            expires_at_ms: self.expires_at_ms,
+            at_ms: self.ended_at_ms.unwrap_or_else(now_ms),
+            payment,
+        }
+    }
 }
 
 /// An event's ledger as the record (MySQL) says it should be: what a
@@ -169,6 +196,8 @@ pub enum LedgerError {
     NoLedger(u64),
     #[error("event {0}'s ledger is fenced for a rebuild")]
     Fenced(u64),
+    #[error("event {0}'s ledger is damaged ({1}); it must be rebuilt")]
+    Damaged(u64, String),
     #[error("redis pool: {0}")]
     Pool(#[from] deadpool_redis::PoolError),
     #[error("redis: {0}")]
@@ -237,7 +266,13 @@ impl Ledger {
         }
         let keys = self.keys(event_id);
         let mut invocation = ALLOCATE.prepare_invoke();
-        invocation.key(&keys.stock).key(&keys.users).key(&keys.decisions).key(&keys.holds).key(&keys.fence);
+        invocation
+            .key(&keys.stock)
+            .key(&keys.users)
+            .key(&keys.decisions)
+            .key(&keys.holds)
+            .key(&keys.fence)
+            .key(&keys.free);
         for claim in claims {
             invocation.arg(claim.intent_id.to_string()).arg(claim.user_id).arg(claim.quantity);
         }
@@ -281,6 +316,7 @@ impl Ledger {
             .key(&keys.users)
             .key(&keys.holds)
             .key(&keys.fence)
+            .key(&keys.free)
             .arg(op)
             .arg(order_id.to_string())
             .arg(arg)
@@ -297,12 +333,20 @@ impl Ledger {
 
     /// Fences an event: allocation and hold changes are refused until
     /// [`Ledger::unfence`] (or `ttl_secs`, so a crashed rebuild does not
-    /// stop the sale for good).
-    pub async fn fence(&self, event_id: u64, ttl_secs: u64) -> Result<(), LedgerError> {
+    /// stop the sale for good). Returns false, fencing nothing, when the
+    /// event is fenced already: another rebuild is under way.
+    pub async fn fence(&self, event_id: u64, ttl_secs: u64) -> Result<bool, LedgerError> {
         let keys = self.keys(event_id);
         let mut conn = self.pool.get().await?;
-        let _: () = conn.set_ex(&keys.fence, "rebuilding", ttl_secs).await?;
-        Ok(())
+        let set: Option<String> = redis::cmd("SET")
+            .arg(&keys.fence)
+            .arg("rebuilding")
+            .arg("NX")
+            .arg("EX")
+            .arg(ttl_secs)
+            .query_async(&mut conn)
+            .await?;
+        Ok(set.is_some())
     }
 
     pub async fn unfence(&self, event_id: u64) -> Result<(), LedgerError> {
@@ -326,7 +370,21 @@ impl Ledger {
         }
         let mut pipe = redis::pipe();
         pipe.atomic();
-        pipe.del(&[&keys.stock, &keys.users, &keys.decisions, &keys.holds]).ignore();
+        pipe.del(&[&keys.stock, &keys.users, &keys.decisions, &keys.holds, &keys.free]).ignore();
+        // Every unit no live hold has is free again: the lowest numbers, as
+        // many as are available (a live order from before unit numbers
+        // existed owns some unnamed ones).
+        let taken: std::collections::HashSet<u32> = restore
+            .holds
+            .iter()
+            .filter(|(_, h)| h.state.is_live())
+            .flat_map(|(_, h)| h.units.iter().copied())
+            .collect();
+        let free: Vec<u32> =
+            (1..=rules.capacity).filter(|u| !taken.contains(u)).take(levels.available as usize).collect();
+        for chunk in free.chunks(1000) {
+            pipe.rpush(&keys.free, chunk).ignore();
+        }
         for chunk in users.iter().collect::<Vec<_>>().chunks(1000) {
             pipe.hset_multiple(&keys.users, &chunk.iter().map(|(u, n)| (**u, **n)).collect::<Vec<_>>()).ignore();
         }
@@ -346,6 +404,7 @@ impl Ledger {
                 ("available", levels.available.to_string()),
                 ("held", levels.held.to_string()),
                 ("sold", levels.sold.to_string()),
+                ("next_unit", (u64::from(rules.capacity) + 1).to_string()),
                 ("limit", rules.per_user_limit.to_string()),
                 ("ttl_ms", rules.hold_ttl_ms.to_string()),
                 ("opens_ms", rules.opens_at_ms.to_string()),
@@ -355,7 +414,7 @@ impl Ledger {
             ],
         )
         .ignore();
-        for key in [&keys.stock, &keys.users, &keys.decisions, &keys.holds] {
+        for key in [&keys.stock, &keys.users, &keys.decisions, &keys.holds, &keys.free] {
             pipe.cmd("PEXPIREAT").arg(key).arg(rules.retain_until_ms).ignore();
         }
         let mut conn = self.pool.get().await?;
@@ -369,6 +428,44 @@ impl Ledger {
         let mut conn = self.pool.get().await?;
         let raw: Option<String> = conn.hget(&keys.holds, order_id.to_string()).await?;
         raw.as_deref().map(decode).transpose()
+    }
+
+    /// Every hold the ledger has for an event (what a rebuild compares).
+    pub async fn holds(&self, event_id: u64) -> Result<std::collections::HashMap<Uuid, Hold>, LedgerError> {
+        let keys = self.keys(event_id);
+        let mut conn = self.pool.get().await?;
+        let raw: std::collections::HashMap<String, String> = conn.hgetall(&keys.holds).await?;
+        raw.iter()
+            .map(|(id, h)| {
+                let id = Uuid::parse_str(id).map_err(|_| LedgerError::Corrupt(format!("hold id {id:?}")))?;
+                Ok((id, decode(h)?))
+            })
+            .collect()
+    }
+
+    /// Why an event's ledger cannot be trusted to decide, if it cannot: its
+    /// available count disagrees with the units it has left to hand out.
+    pub async fn damage(&self, event_id: u64) -> Result<Option<String>, LedgerError> {
+        let keys = self.keys(event_id);
+        let mut conn = self.pool.get().await?;
+        let (fields, free): (Vec<Option<u64>>, u64) = redis::pipe()
+            .cmd("HMGET")
+            .arg(&keys.stock)
+            .arg(&["capacity", "available", "next_unit"])
+            .llen(&keys.free)
+            .query_async(&mut conn)
+            .await?;
+        Ok(match fields.as_slice() {
+            [Some(capacity), Some(available), Some(next_unit)]
+                if *available != free + (capacity + 1).saturating_sub(*next_unit) =>
+            {
+                Some(format!(
+                    "{available} available but {free} released and {} never used units",
+                    (capacity + 1).saturating_sub(*next_unit)
+                ))
+            }
+            _ => None,
+        })
     }
 
     /// Reads the decision recorded for an intent, if any.
@@ -418,7 +515,7 @@ fn ended(answer: HoldAnswer) -> Result<EndOutcome, LedgerError> {
     };
     match (outcome.as_str(), hold) {
         ("unknown", _) => Ok(EndOutcome::UnknownOrder),
-        ("cancelled" | "expired" | "paid", Some(h)) => Ok(EndOutcome::Ended(h)),
+        ("cancelled" | "expired" | "paid" | "voided", Some(h)) => Ok(EndOutcome::Ended(h)),
         (other, _) => Err(LedgerError::Corrupt(format!("hold script answered {other}"))),
     }
 }
@@ -427,6 +524,7 @@ fn no_ledger(e: redis::RedisError, event_id: u64) -> LedgerError {
     match e.code() {
         Some("NOLEDGER") => LedgerError::NoLedger(event_id),
         Some("FENCED") => LedgerError::Fenced(event_id),
+        Some("CORRUPT") => LedgerError::Damaged(event_id, e.detail().unwrap_or_default().to_owned()),
         _ => LedgerError::Redis(e),
     }
 }

@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use super::RequestId;
 use crate::extract;
-use crate::orders::{order_event, OrderView};
+use crate::orders::OrderView;
 use crate::problem::{ErrorCode, Problem};
 use crate::AppState;
 
@@ -54,11 +54,12 @@ pub async fn cancel(
     // Whatever state the hold is in now, tell the settler (again, if it was
     // told before: it applies each state once). If this fails, the buyer's
     // retry and the expirer's pass at the deadline both publish it again.
-    app.publish_order_event(&order_event(id, event_id, &hold, None), &request_id.0).await?;
+    app.publish_order_event(&hold.order_event(id, event_id, None), &request_id.0).await?;
     let view = OrderView::from_hold(id, event_id, &hold);
     match hold.state {
         OrderState::Cancelled => Ok(Json(view).into_response()),
         OrderState::Expired => Err(Problem::new(ErrorCode::OrderExpired).detail("the hold had already expired")),
+        OrderState::Voided => Err(voided()),
         OrderState::Paid | OrderState::Held => {
             Err(Problem::new(ErrorCode::OrderNotHeld).detail(format!("the order is {}", hold.state.as_str())))
         }
@@ -75,6 +76,9 @@ pub async fn start_payment(
     let claims = extract::bearer(&app.tokens, &headers)?;
     let id = extract::uuid(&raw_id, ErrorCode::OrderNotFound)?;
     let order = owned(&app, id, &claims.sub).await?;
+    if order.state == OrderState::Voided {
+        return Err(voided());
+    }
     if order.state != OrderState::Held {
         return Err(Problem::new(ErrorCode::OrderNotHeld).detail(format!("the order is {}", order.state.as_str())));
     }
@@ -109,6 +113,13 @@ pub async fn start_payment(
         })),
     )
         .into_response())
+}
+
+/// What a buyer hears about a hold the record refused (see the settler's
+/// claims): nothing to pay, and any payment made is refunded.
+fn voided() -> Problem {
+    Problem::new(ErrorCode::OrderVoided)
+        .detail("the ledger had lost track of this ticket and it belongs to an earlier order; nothing is charged, and any payment made for it is refunded")
 }
 
 fn provider_failed(e: &reqwest::Error) -> Problem {

@@ -15,7 +15,6 @@ use dropline::stock::PayOutcome;
 
 use super::{read_body, RequestId};
 use crate::metrics::WEBHOOKS;
-use crate::orders::order_event;
 use crate::problem::{ErrorCode, Problem};
 use crate::AppState;
 
@@ -83,7 +82,7 @@ async fn handle(app: &AppState, request_id: &str, headers: &HeaderMap, body: Bod
         amount_cents: hook.amount_cents,
         disposition,
     };
-    app.publish_order_event(&order_event(order_id, event_id, &hold, Some(record)), request_id).await?;
+    app.publish_order_event(&hold.order_event(order_id, event_id, Some(record)), request_id).await?;
     counted(disposition.as_str());
     tracing::info!(%order_id, payment_id = %hook.payment_id, disposition = disposition.as_str(), "payment recorded");
     Ok(Json(serde_json::json!({ "status": disposition.as_str(), "order_state": hold.state })).into_response())

@@ -1,7 +1,8 @@
 -- Moves one hold out of 'held': pay, cancel or expire. The single place where
 -- a hold ends, so a hold ends exactly once and stock comes back exactly once.
 --
--- KEYS[1] stock hash, KEYS[2] users hash, KEYS[3] holds hash, KEYS[4] fence
+-- KEYS[1] stock hash, KEYS[2] users hash, KEYS[3] holds hash, KEYS[4] fence,
+-- KEYS[5] free units list
 -- ARGV[1] 'pay' | 'cancel' | 'expire'
 -- ARGV[2] order id
 -- ARGV[3] pay: the payment id; cancel: the user asking; expire: unused
@@ -10,13 +11,13 @@
 --   pay     'paid'      the hold is paid by this payment (also on redelivery)
 --           'refund'    the money must go back: the hold had expired, was
 --                       cancelled, or was paid by another payment
---   cancel  'cancelled' | 'expired' | 'paid'
---   expire  'expired' | 'cancelled' | 'paid' (the state it ended in), or
+--   cancel  'cancelled' | 'expired' | 'paid' | 'voided'
+--   expire  'expired' | 'cancelled' | 'paid' | 'voided' (the state it ended in), or
 --           'not_due' while the deadline is still ahead
 --   any     'unknown'   no such hold (or, for cancel, not the user's)
 -- A hold whose deadline passed is expired by whichever call sees it first, so
 -- a payment racing the expirer can never leave a hold both paid and expired.
-local stock, users, holds, fence = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local stock, users, holds, fence, free = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local op, id, arg = ARGV[1], ARGV[2], ARGV[3]
 
 -- A missing or fenced ledger cannot say whether the hold exists: refuse,
@@ -48,6 +49,11 @@ local function finish(state)
     redis.call('HINCRBY', stock, 'held', -h.q)
     redis.call('HINCRBY', stock, 'available', h.q)
     redis.call('HINCRBY', users, h.u, -h.q)
+    -- The units go back for the next buyer.
+    if h.n and #h.n > 0 then
+      redis.call('RPUSH', free, unpack(h.n))
+      redis.call('PEXPIREAT', free, redis.call('HGET', stock, 'retain_ms'), 'NX')
+    end
   end
 end
 

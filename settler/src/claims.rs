@@ -1,0 +1,326 @@
+//! The record's check on every new hold, inside the settler's transaction:
+//! its units must not belong to another live order, and its buyer must stay
+//! within the event's limit. Redis decides first and fast; this is what a
+//! Redis that lost writes cannot get past.
+//!
+//! Holds end on another topic than the one that creates them, so the record
+//! may still show a competitor as held when Redis has already released it
+//! and handed its units on. A held competitor is therefore looked up in the
+//! ledger: if Redis says it ended (expired or cancelled), its end is on its
+//! way and is applied now; if Redis says anything else (held, paid, or does
+//! not know it), the competitor keeps what it has and the new hold is
+//! voided. Voiding is the safe way round: a buyer may lose a hold that a
+//! damaged ledger gave them, but no unit is ever sold twice.
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::Utc;
+use dropline::messages::OrderState;
+use dropline::stock::Ledger;
+use sqlx::{MySql, QueryBuilder, Transaction};
+use uuid::Uuid;
+
+use crate::store::{WriteError, CHUNK};
+
+/// A new hold's claim on its units, as its decision carries it.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub order_id: String,
+    pub event_id: u64,
+    pub user_id: String,
+    pub units: Vec<u32>,
+}
+
+/// A hold the record refused, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Void {
+    pub event_id: u64,
+    pub order_id: String,
+    pub reason: VoidReason,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VoidReason {
+    /// The unit belongs to a live order.
+    UnitTaken { unit: u32, by: String },
+    /// A unit number the event does not have.
+    NoSuchUnit { unit: u32 },
+    /// The buyer would own more than the limit.
+    OverLimit { units: u64, limit: u32 },
+}
+
+impl VoidReason {
+    pub fn label(&self) -> &'static str {
+        match self {
+            VoidReason::UnitTaken { .. } => "unit_taken",
+            VoidReason::NoSuchUnit { .. } => "no_such_unit",
+            VoidReason::OverLimit { .. } => "over_limit",
+        }
+    }
+}
+
+impl std::fmt::Display for VoidReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VoidReason::UnitTaken { unit, by } => write!(f, "unit {unit} belongs to live order {by}"),
+            VoidReason::NoSuchUnit { unit } => write!(f, "unit {unit} is beyond the event's capacity"),
+            VoidReason::OverLimit { units, limit } => write!(f, "the buyer would own {units} units, limit {limit}"),
+        }
+    }
+}
+
+/// Checks and records the claims of one batch, in batch order (the order
+/// the ledger decided them). Returns the unit rows written and the voids.
+pub async fn settle(
+    tx: &mut Transaction<'_, MySql>,
+    ledger: &Ledger,
+    claims: &[Claim],
+) -> Result<(usize, Vec<Void>), WriteError> {
+    let mut events: Vec<u64> = claims.iter().map(|c| c.event_id).collect();
+    events.sort_unstable();
+    events.dedup();
+    let (mut written, mut voided) = (0, Vec::new());
+    for event_id in events {
+        let claims: Vec<&Claim> = claims.iter().filter(|c| c.event_id == event_id).collect();
+        let mut event = EventClaims::load(tx, ledger, event_id, &claims).await?;
+        for claim in &claims {
+            if let Some(reason) = event.check(tx, claim).await? {
+                event.void(tx, claim, reason.clone()).await?;
+                voided.push(Void { event_id, order_id: claim.order_id.clone(), reason });
+            }
+        }
+        written += event.write_units(tx).await?;
+    }
+    Ok((written, voided))
+}
+
+/// What the record says about one event's claims, kept current while the
+/// batch's claims are checked one after the other.
+struct EventClaims<'a> {
+    ledger: &'a Ledger,
+    event_id: u64,
+    capacity: u32,
+    limit: u32,
+    /// unit -> the order that has it.
+    owners: HashMap<u32, String>,
+    /// The state of every order involved.
+    states: HashMap<String, OrderState>,
+    /// buyer -> their live orders and quantities.
+    live: HashMap<String, HashMap<String, u32>>,
+    /// Claims of this batch not checked yet: they do not count against a
+    /// buyer's limit before their turn.
+    pending: HashSet<String>,
+    /// Units to record: (unit, order).
+    granted: Vec<(u32, String)>,
+}
+
+impl<'a> EventClaims<'a> {
+    async fn load(
+        tx: &mut Transaction<'_, MySql>,
+        ledger: &'a Ledger,
+        event_id: u64,
+        claims: &[&Claim],
+    ) -> Result<EventClaims<'a>, WriteError> {
+        let rules: Option<(u32, u32)> = sqlx::query_as("SELECT capacity, per_user_limit FROM events WHERE id = ?")
+            .bind(event_id)
+            .fetch_optional(&mut **tx)
+            .await?;
+        // Only a hand-made message names an event the record lacks: its
+        // units are still kept unique, with no bounds to check.
+        let (capacity, limit) = rules.unwrap_or_else(|| {
+            tracing::warn!(event_id, "a hold for an event MySQL does not have");
+            (u32::MAX, u32::MAX)
+        });
+        let units: Vec<u32> = claims.iter().flat_map(|c| c.units.iter().copied()).collect();
+        let mut owners = HashMap::new();
+        for chunk in units.chunks(CHUNK) {
+            let mut q = QueryBuilder::<MySql>::new("SELECT unit_no, order_id FROM order_units WHERE event_id = ");
+            q.push_bind(event_id).push(" AND unit_no IN ");
+            push_list(&mut q, chunk);
+            q.push(" FOR UPDATE");
+            let rows: Vec<(u32, String)> = q.build_query_as().fetch_all(&mut **tx).await?;
+            owners.extend(rows);
+        }
+        let buyers: Vec<&str> = {
+            let mut b: Vec<&str> = claims.iter().map(|c| c.user_id.as_str()).collect();
+            b.sort_unstable();
+            b.dedup();
+            b
+        };
+        let mut live: HashMap<String, HashMap<String, u32>> = HashMap::new();
+        let mut states = HashMap::new();
+        for chunk in buyers.chunks(CHUNK) {
+            let mut q = QueryBuilder::<MySql>::new(
+                "SELECT order_id, user_id, quantity, CAST(state AS CHAR) FROM orders WHERE event_id = ",
+            );
+            q.push_bind(event_id).push(" AND state IN ('held', 'paid') AND user_id IN ");
+            push_list(&mut q, chunk);
+            q.push(" FOR UPDATE");
+            let rows: Vec<(String, String, u32, String)> = q.build_query_as().fetch_all(&mut **tx).await?;
+            for (order_id, user_id, quantity, state) in rows {
+                states.insert(order_id.clone(), parse_state(&state)?);
+                live.entry(user_id).or_default().insert(order_id, quantity);
+            }
+        }
+        let mut unknown: Vec<&str> = owners
+            .values()
+            .map(String::as_str)
+            .chain(claims.iter().map(|c| c.order_id.as_str()))
+            .filter(|id| !states.contains_key(*id))
+            .collect();
+        unknown.sort_unstable();
+        unknown.dedup();
+        for chunk in unknown.chunks(CHUNK) {
+            let mut q =
+                QueryBuilder::<MySql>::new("SELECT order_id, CAST(state AS CHAR) FROM orders WHERE order_id IN ");
+            push_list(&mut q, chunk);
+            let rows: Vec<(String, String)> = q.build_query_as().fetch_all(&mut **tx).await?;
+            for (order_id, state) in rows {
+                states.insert(order_id, parse_state(&state)?);
+            }
+        }
+        let pending = claims.iter().map(|c| c.order_id.clone()).collect();
+        Ok(EventClaims { ledger, event_id, capacity, limit, owners, states, live, pending, granted: Vec::new() })
+    }
+
+    /// Why the record refuses `claim`, if it does. A claim it accepts owns
+    /// its units from now on.
+    async fn check(
+        &mut self,
+        tx: &mut Transaction<'_, MySql>,
+        claim: &Claim,
+    ) -> Result<Option<VoidReason>, WriteError> {
+        self.pending.remove(&claim.order_id);
+        // An order that already ended (its end overtook its decision) or
+        // was voided holds nothing to protect.
+        if !self.states.get(&claim.order_id).is_some_and(|s| s.is_live()) {
+            return Ok(None);
+        }
+        for &unit in &claim.units {
+            if unit == 0 || unit > self.capacity {
+                return Ok(Some(VoidReason::NoSuchUnit { unit }));
+            }
+            let Some(owner) = self.owners.get(&unit).cloned() else { continue };
+            if owner != claim.order_id && self.still_live(tx, &owner).await? {
+                return Ok(Some(VoidReason::UnitTaken { unit, by: owner }));
+            }
+        }
+        let mut units = self.buyer_units(&claim.user_id);
+        if units > u64::from(self.limit) {
+            // Orders the record still has as held may have ended in Redis.
+            let others: Vec<String> =
+                self.live.get(&claim.user_id).into_iter().flatten().map(|(o, _)| o.clone()).collect();
+            for other in others.iter().filter(|o| **o != claim.order_id) {
+                self.still_live(tx, other).await?;
+            }
+            units = self.buyer_units(&claim.user_id);
+            if units > u64::from(self.limit) {
+                return Ok(Some(VoidReason::OverLimit { units, limit: self.limit }));
+            }
+        }
+        for &unit in &claim.units {
+            if self.owners.get(&unit) != Some(&claim.order_id) {
+                self.owners.insert(unit, claim.order_id.clone());
+                self.granted.push((unit, claim.order_id.clone()));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Units the buyer's live orders own, this batch's unchecked claims
+    /// aside.
+    fn buyer_units(&self, user_id: &str) -> u64 {
+        self.live
+            .get(user_id)
+            .into_iter()
+            .flatten()
+            .filter(|(order, _)| !self.pending.contains(*order))
+            .filter(|(order, _)| self.states.get(*order).is_some_and(|s| s.is_live()))
+            .map(|(_, q)| u64::from(*q))
+            .sum()
+    }
+
+    /// Whether `order` still holds or owns stock. A held order that the
+    /// ledger says has expired or been cancelled is ended in the record now,
+    /// with the ledger's time; its own event will find it done.
+    async fn still_live(&mut self, tx: &mut Transaction<'_, MySql>, order: &str) -> Result<bool, WriteError> {
+        match self.states.get(order) {
+            Some(OrderState::Held) => {}
+            Some(state) => return Ok(state.is_live()),
+            // Not in the record at all: its decision is not written yet, so
+            // it cannot have taken the unit before this claim.
+            None => return Ok(false),
+        }
+        let Ok(id) = Uuid::parse_str(order) else { return Ok(true) };
+        let Some(hold) = self.ledger.hold(self.event_id, id).await? else { return Ok(true) };
+        if !matches!(hold.state, OrderState::Expired | OrderState::Cancelled) {
+            return Ok(true);
+        }
+        let at = hold.ended_at_ms.map(dropline::db::from_ms).unwrap_or_else(Utc::now);
+        sqlx::query("UPDATE orders SET state = ?, updated_at = ? WHERE order_id = ? AND state = 'held'")
+            .bind(hold.state.as_str())
+            .bind(at)
+            .bind(order)
+            .execute(&mut **tx)
+            .await?;
+        tracing::info!(
+            event_id = self.event_id,
+            order_id = order,
+            state = hold.state.as_str(),
+            "the ledger ended this hold before its event reached the record; ended it here too"
+        );
+        self.states.insert(order.to_owned(), hold.state);
+        Ok(false)
+    }
+
+    async fn void(
+        &mut self,
+        tx: &mut Transaction<'_, MySql>,
+        claim: &Claim,
+        reason: VoidReason,
+    ) -> Result<(), WriteError> {
+        tracing::warn!(event_id = self.event_id, order_id = %claim.order_id, user_id = %claim.user_id, %reason,
+            "the record refused a hold the ledger gave; the order is voided");
+        ::metrics::counter!(crate::metrics::VOIDED, "reason" => reason.label()).increment(1);
+        sqlx::query("UPDATE orders SET state = 'voided', updated_at = ? WHERE order_id = ?")
+            .bind(Utc::now())
+            .bind(&claim.order_id)
+            .execute(&mut **tx)
+            .await?;
+        sqlx::query("DELETE FROM order_units WHERE order_id = ?").bind(&claim.order_id).execute(&mut **tx).await?;
+        self.owners.retain(|_, o| *o != claim.order_id);
+        self.granted.retain(|(_, o)| *o != claim.order_id);
+        self.states.insert(claim.order_id.clone(), OrderState::Voided);
+        Ok(())
+    }
+
+    async fn write_units(&self, tx: &mut Transaction<'_, MySql>) -> Result<usize, WriteError> {
+        for chunk in self.granted.chunks(CHUNK) {
+            let mut q = QueryBuilder::<MySql>::new("INSERT INTO order_units (event_id, unit_no, order_id) ");
+            q.push_values(chunk, |mut row, (unit, order)| {
+                row.push_bind(self.event_id).push_bind(unit).push_bind(order);
+            });
+            q.push(" ON DUPLICATE KEY UPDATE order_id = VALUES(order_id)");
+            q.build().execute(&mut **tx).await?;
+        }
+        Ok(self.granted.len())
+    }
+}
+
+/// `(?, ?, ...)` for an `IN` list.
+pub(crate) fn push_list<'q, T>(q: &mut QueryBuilder<'q, MySql>, items: &[T])
+where
+    T: 'q + sqlx::Encode<'q, MySql> + sqlx::Type<MySql> + Copy + Send,
+{
+    q.push("(");
+    let mut list = q.separated(", ");
+    for item in items {
+        list.push_bind(*item);
+    }
+    list.push_unseparated(")");
+}
+
+fn parse_state(raw: &str) -> Result<OrderState, WriteError> {
+    serde_json::from_value(serde_json::Value::String(raw.to_owned()))
+        .map_err(|_| WriteError::Mysql(sqlx::Error::Decode(format!("unknown order state {raw:?}").into())))
+}
