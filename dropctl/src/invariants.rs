@@ -157,7 +157,7 @@ pub async fn verify(
             format!("{} + {} <= {}", m.held, m.paid, m.capacity),
         ),
         check(
-            "no unit sold twice (each live order owns its own units)",
+            "no unit sold twice (one live order per unit)",
             m.live_orders_with_wrong_units == 0 && m.units_beyond_capacity == 0,
             format!(
                 "{} live orders without exactly their units, {} units beyond capacity",

@@ -72,8 +72,12 @@ async fn current_events(db: &MySqlPool) -> Result<Vec<u64>, sqlx::Error> {
 
 /// Compares every current event once.
 pub async fn measure(db: &MySqlPool, ledger: &Ledger) -> Result<Measurement, anyhow::Error> {
+    measure_events(db, ledger, &current_events(db).await?).await
+}
+
+async fn measure_events(db: &MySqlPool, ledger: &Ledger, events: &[u64]) -> Result<Measurement, anyhow::Error> {
     let mut out = Measurement::default();
-    for event_id in current_events(db).await? {
+    for &event_id in events {
         let Some(redis) = ledger.levels(event_id).await? else {
             out.missing.push(event_id);
             continue;
@@ -199,7 +203,8 @@ impl Reconciler {
     /// Measures, exports the gauges, ends overdue holds, and returns the
     /// events that need a repair.
     async fn pass(&self, seen: &mut HashMap<u64, (Drift, u32)>) -> Result<Vec<(u64, Repair)>, anyhow::Error> {
-        let m = measure(&self.db, &self.ledger).await?;
+        let events = current_events(&self.db).await?;
+        let m = measure_events(&self.db, &self.ledger, &events).await?;
         let mut repairs: Vec<(u64, Repair)> = m.missing.into_iter().map(|e| (e, Repair::Missing)).collect();
         repairs.extend(m.damaged.into_iter().map(|(e, why)| (e, Repair::Damaged(why))));
         seen.retain(|event_id, _| m.drift.contains_key(event_id));
@@ -220,7 +225,9 @@ impl Reconciler {
                 repairs.push((event_id, Repair::Drift(d, passes)));
             }
         }
-        repairs.extend(self.end_overdue_holds().await?);
+        for &event_id in &events {
+            repairs.extend(self.end_overdue_holds(event_id).await?);
+        }
         Ok(repairs)
     }
 
@@ -245,26 +252,23 @@ impl Reconciler {
         }
     }
 
-    /// Ends holds the record has as held past deadline + grace. Returns the
-    /// events whose ledger has lost such a hold.
-    async fn end_overdue_holds(&self) -> Result<Vec<(u64, Repair)>, anyhow::Error> {
-        let overdue: Vec<(String, u64)> = sqlx::query_as(
-            "SELECT order_id, event_id FROM orders WHERE state = 'held' AND expires_at < ? ORDER BY expires_at LIMIT 500",
+    /// Ends the event's holds the record has as held past deadline + grace.
+    /// Returns a repair when the ledger has lost such a hold.
+    async fn end_overdue_holds(&self, event_id: u64) -> Result<Option<(u64, Repair)>, anyhow::Error> {
+        let overdue: Vec<(String,)> = sqlx::query_as(
+            "SELECT order_id FROM orders WHERE event_id = ? AND state = 'held' AND expires_at < ? LIMIT 500",
         )
+        .bind(event_id)
         .bind(chrono::Utc::now() - self.options.overdue_grace)
         .fetch_all(&self.db)
         .await?;
-        let mut lost = Vec::new();
-        for (order, event_id) in overdue {
+        for (order,) in overdue {
             let Ok(order_id) = Uuid::parse_str(&order) else { continue };
             let hold = match self.ledger.expire(event_id, order_id).await {
                 Ok(EndOutcome::Ended(hold)) => hold,
                 // Redis' clock says it is not due yet: the expirer's job.
                 Ok(EndOutcome::NotDue { .. }) => continue,
-                Ok(EndOutcome::UnknownOrder) => {
-                    lost.push((event_id, Repair::LostHold(order_id)));
-                    continue;
-                }
+                Ok(EndOutcome::UnknownOrder) => return Ok(Some((event_id, Repair::LostHold(order_id)))),
                 // A missing or fenced ledger is being dealt with already.
                 Err(e) => {
                     tracing::debug!(error = %e, event_id, order_id = %order, "cannot end an overdue hold now");
@@ -278,7 +282,7 @@ impl Reconciler {
             tracing::warn!(event_id, order_id = %order, state = hold.state.as_str(),
                 "a hold outlived its deadline in the record; ended it through the ledger and told the settler");
         }
-        Ok(lost)
+        Ok(None)
     }
 
     async fn repair(&self, event_id: u64, why: &Repair) -> Result<(), crate::rebuild::RebuildError> {

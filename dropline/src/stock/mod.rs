@@ -464,6 +464,7 @@ impl Ledger {
                     (capacity + 1).saturating_sub(*next_unit)
                 ))
             }
+            [Some(_), Some(_), None] => Some("no unit numbers (a ledger from before them)".to_owned()),
             _ => None,
         })
     }

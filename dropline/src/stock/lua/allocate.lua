@@ -56,7 +56,11 @@ local function take_units(n)
 end
 
 -- available counts the same units as the free list plus the never-used
--- ones; if they disagree the ledger is damaged and must not decide.
+-- ones; if they disagree (or the ledger predates unit numbers) it is
+-- damaged and must not decide: the reconciler rebuilds it.
+if not next_unit then
+  return redis.error_reply('CORRUPT the ledger has no unit numbers')
+end
 if available ~= unused + capacity - next_unit + 1 then
   return redis.error_reply('CORRUPT available ' .. available .. ' does not match the free units')
 end
