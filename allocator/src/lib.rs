@@ -144,6 +144,12 @@ impl Allocator {
                 match result {
                     Err(e) if e.is_transient() => {
                         ::metrics::counter!(LEDGER_ERRORS, "kind" => ledger_error_kind(&e)).increment(1);
+                        if matches!(e, LedgerError::NoLedger(_) | LedgerError::Damaged(..)) {
+                            // The settlers' reconciler rebuilds it from MySQL.
+                            if let Err(asked) = self.ledger.request_rebuild(*event_id, &e.to_string()).await {
+                                tracing::warn!(error = %asked, event_id, "could not ask for a rebuild");
+                            }
+                        }
                         Err(e)
                     }
                     other => Ok(other),

@@ -153,7 +153,9 @@ impl Expirer {
             Ok(EndOutcome::Ended(hold)) => hold,
             Ok(EndOutcome::NotDue { remaining_ms }) => return Released::NotDue(now_ms() + remaining_ms as i64),
             Ok(EndOutcome::UnknownOrder) => {
-                // Only a lost or retired ledger lacks a hold it decided.
+                // Only a lost, rolled-back or retired ledger lacks a hold
+                // it decided. If the record still has it held, the settler's
+                // reconciler rebuilds the ledger and ends the hold itself.
                 tracing::warn!(%order_id, event_id, "hold not in the ledger at its deadline");
                 ::metrics::counter!(HOLDS_ENDED, "state" => "unknown").increment(1);
                 return Released::Done;

@@ -25,7 +25,7 @@ pub fn describe() {
     describe_counter!(
         REBUILDS,
         "Event ledgers rebuilt from MySQL, by reason: missing (Redis lost them), drift (Redis and MySQL disagreed \
-         for several passes), damaged (the units and counters disagree), refused (MySQL voided a hold Redis gave)."
+         for several passes), damaged (the units and counters disagree), requested (an allocator found it missing or damaged), lost_hold (a hold held in MySQL past its deadline is not in Redis), refused (MySQL voided a hold Redis gave)."
     );
     describe_counter!(
         VOIDED,

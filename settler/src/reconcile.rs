@@ -6,6 +6,7 @@
 //! seconds. A pass repairs an event (a fenced rebuild, see
 //! [`crate::rebuild`]) when:
 //! - its ledger is missing (Redis came back empty);
+//! - an allocator asked (it found the ledger missing or damaged);
 //! - its ledger is damaged (its counters and unit numbers disagree);
 //! - the record voided a hold the ledger gave (Redis came back behind);
 //! - the same non-zero drift lasted `repair_after` passes and the settlers
@@ -122,6 +123,8 @@ pub enum Repair {
     Refused,
     Drift(Drift, u32),
     LostHold(Uuid),
+    /// A stage found the ledger missing or damaged and asked.
+    Requested(String),
 }
 
 impl Repair {
@@ -132,6 +135,7 @@ impl Repair {
             Repair::Refused => "refused",
             Repair::Drift(..) => "drift",
             Repair::LostHold(_) => "lost_hold",
+            Repair::Requested(_) => "requested",
         }
     }
 }
@@ -148,6 +152,7 @@ impl std::fmt::Display for Repair {
                 d.held, d.sold
             ),
             Repair::LostHold(order) => write!(f, "hold {order} is held in MySQL past its deadline but Redis lacks it"),
+            Repair::Requested(why) => write!(f, "an allocator asked: {why}"),
         }
     }
 }
@@ -206,6 +211,8 @@ impl Reconciler {
         let events = current_events(&self.db).await?;
         let m = measure_events(&self.db, &self.ledger, &events).await?;
         let mut repairs: Vec<(u64, Repair)> = m.missing.into_iter().map(|e| (e, Repair::Missing)).collect();
+        repairs
+            .extend(self.ledger.take_rebuild_requests().await?.into_iter().map(|(e, why)| (e, Repair::Requested(why))));
         repairs.extend(m.damaged.into_iter().map(|(e, why)| (e, Repair::Damaged(why))));
         seen.retain(|event_id, _| m.drift.contains_key(event_id));
         for (&event_id, &d) in &m.drift {

@@ -469,6 +469,27 @@ impl Ledger {
         })
     }
 
+    /// Asks the reconciler (in the settlers) to rebuild an event's ledger:
+    /// what a stage does when it finds the ledger missing or damaged.
+    pub async fn request_rebuild(&self, event_id: u64, why: &str) -> Result<(), LedgerError> {
+        let mut conn = self.pool.get().await?;
+        let _: () = conn.hset(self.rebuild_requests(), event_id, why).await?;
+        Ok(())
+    }
+
+    /// Takes the pending rebuild requests: event id and why.
+    pub async fn take_rebuild_requests(&self) -> Result<Vec<(u64, String)>, LedgerError> {
+        let key = self.rebuild_requests();
+        let mut conn = self.pool.get().await?;
+        let (requests,): (std::collections::HashMap<u64, String>,) =
+            redis::pipe().atomic().hgetall(&key).del(&key).ignore().query_async(&mut conn).await?;
+        Ok(requests.into_iter().collect())
+    }
+
+    fn rebuild_requests(&self) -> String {
+        format!("{}:rebuild-requests", self.prefix)
+    }
+
     /// Reads the decision recorded for an intent, if any.
     pub async fn verdict(&self, event_id: u64, intent_id: Uuid) -> Result<Option<Verdict>, LedgerError> {
         let keys = self.keys(event_id);
