@@ -196,14 +196,23 @@ pub async fn wait_quiet(
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let redis = ledger.levels(event_id).await?.unwrap_or_default();
-        let m = mysql_counts(db, event_id, Duration::ZERO).await?;
-        let quiet = redis.held == 0
-            && m.held == 0
-            && redis.sold == m.paid
-            && accepted.is_none_or(|a| m.intents == a)
-            && payments.is_none_or(|p| m.captured_payments + m.refunds == p);
-        if quiet {
-            return Ok(true);
+        // MySQL down for a moment (a restart) is one more way of not being
+        // quiet yet: keep polling until the deadline.
+        match mysql_counts(db, event_id, Duration::ZERO).await {
+            Ok(m) => {
+                let quiet = redis.held == 0
+                    && m.held == 0
+                    && redis.sold == m.paid
+                    && accepted.is_none_or(|a| m.intents == a)
+                    && payments.is_none_or(|p| m.captured_payments + m.refunds == p);
+                if quiet {
+                    return Ok(true);
+                }
+            }
+            Err(e) if e.downcast_ref().is_some_and(dropline::db::is_transient) => {
+                tracing::warn!(error = %format!("{e:#}"), event_id, "mysql unavailable while waiting for quiet; polling on");
+            }
+            Err(e) => return Err(e),
         }
         if tokio::time::Instant::now() >= deadline {
             return Ok(false);
