@@ -192,9 +192,20 @@ pub async fn run(
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         report.at_sellout_redis = ledger.levels(event_id).await?.unwrap_or_default();
-        let m = invariants::mysql_counts(db, event_id, Duration::ZERO).await?;
-        report.at_sellout_mysql_held = m.held;
-        if m.intents == report.accepted || Instant::now() > deadline {
+        // A MySQL restart only delays the barrier.
+        match invariants::mysql_counts(db, event_id, Duration::ZERO).await {
+            Ok(m) => {
+                report.at_sellout_mysql_held = m.held;
+                if m.intents == report.accepted {
+                    break;
+                }
+            }
+            Err(e) if e.downcast_ref().is_some_and(dropline::db::is_transient) => {
+                tracing::warn!(error = %format!("{e:#}"), event_id, "mysql unavailable at the barrier; polling on");
+            }
+            Err(e) => return Err(e),
+        }
+        if Instant::now() > deadline {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

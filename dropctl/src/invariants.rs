@@ -68,8 +68,8 @@ pub async fn mysql_counts(db: &MySqlPool, event_id: u64, grace: Duration) -> any
     let (capacity, per_user_limit): (u32, u32) =
         sqlx::query_as("SELECT capacity, per_user_limit FROM events WHERE id = ?")
             .bind(event_id)
-            .fetch_one(db)
-            .await
+            .fetch_optional(db)
+            .await?
             .context("event not in MySQL")?;
     let mut c = OrderCounts { capacity: capacity.into(), per_user_limit: per_user_limit.into(), ..Default::default() };
     let rows: Vec<(String, i64)> = sqlx::query_as(
@@ -220,14 +220,23 @@ pub async fn wait_quiet(
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let redis = ledger.levels(event_id).await?.unwrap_or_default();
-        let m = mysql_counts(db, event_id, Duration::ZERO).await?;
-        let quiet = redis.held == 0
-            && m.held == 0
-            && redis.sold == m.paid
-            && accepted.is_none_or(|a| m.intents == a)
-            && payments.is_none_or(|p| m.captured_payments + m.refunds == p);
-        if quiet {
-            return Ok(true);
+        // MySQL down for a moment (a restart) is one more way of not being
+        // quiet yet: keep polling until the deadline.
+        match mysql_counts(db, event_id, Duration::ZERO).await {
+            Ok(m) => {
+                let quiet = redis.held == 0
+                    && m.held == 0
+                    && redis.sold == m.paid
+                    && accepted.is_none_or(|a| m.intents == a)
+                    && payments.is_none_or(|p| m.captured_payments + m.refunds == p);
+                if quiet {
+                    return Ok(true);
+                }
+            }
+            Err(e) if e.downcast_ref().is_some_and(dropline::db::is_transient) => {
+                tracing::warn!(error = %format!("{e:#}"), event_id, "mysql unavailable while waiting for quiet; polling on");
+            }
+            Err(e) => return Err(e),
         }
         if tokio::time::Instant::now() >= deadline {
             return Ok(false);

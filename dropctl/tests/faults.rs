@@ -1,10 +1,11 @@
 //! Fault scenarios: a drop runs while a stage is killed with SIGKILL (no
-//! drain, no offset commit) and restarted, or while Redis or the broker
-//! fails; after the pipeline settles, every invariant must hold.
+//! drain, no offset commit) and restarted, or while Redis, the broker or
+//! MariaDB fails; after the pipeline settles, every invariant must hold.
 //!
 //! Each scenario runs its own Redis (append-only file, fsync always) and
 //! its own broker (tansu with sqlite storage, which survives a restart) on
-//! free ports, plus its own database on the shared MariaDB, so restarting
+//! free ports, plus its own database on the shared MariaDB (or, for the
+//! scenario that crashes it, a MariaDB server of its own), so restarting
 //! or flushing them never disturbs other tests. The services run as real
 //! processes (`cargo build --bins` first; scripts/test.sh does).
 //!
@@ -17,7 +18,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::process::{bin_dir, free_port, spawn, spawn_in, Process};
+use common::process::{bin_dir, free_port, spawn, spawn_in, Mariadb, Process};
 use common::{eventually, JWT_SECRET, WEBHOOK_SECRET};
 use dropctl::api::Api;
 use dropctl::drill::{self, DropPlan, DropReport};
@@ -25,6 +26,13 @@ use dropline::auth::TokenKeys;
 use dropline::stock::Ledger;
 
 const STAGES: [&str; 4] = ["ingress", "allocator", "settler", "expirer"];
+
+#[derive(Default)]
+struct ClusterOptions {
+    /// Run a MariaDB server of the cluster's own instead of a database on
+    /// the shared one, for scenarios that stop it.
+    private_mariadb: bool,
+}
 
 struct Cluster {
     name: String,
@@ -37,17 +45,24 @@ struct Cluster {
     ops: BTreeMap<&'static str, u16>,
     redis: Option<Process>,
     broker: Option<Process>,
+    mariadb: Option<Mariadb>,
     stages: BTreeMap<&'static str, Process>,
     _paysim: Process,
 }
 
 impl Cluster {
     async fn start() -> Cluster {
+        Cluster::start_with(ClusterOptions::default()).await
+    }
+
+    async fn start_with(options: ClusterOptions) -> Cluster {
         dropline::telemetry::init_logs();
         let name = format!("f{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let dir = std::env::temp_dir().join(format!("dropline-{name}"));
         std::fs::create_dir_all(&dir).unwrap();
-        let db_url = format!("{}/dropline_{name}", common::mysql_server());
+        let mariadb = if options.private_mariadb { Some(Mariadb::start(&dir).await) } else { None };
+        let server = mariadb.as_ref().map_or_else(common::mysql_server, Mariadb::url);
+        let db_url = format!("{server}/dropline_{name}");
         dropline::db::create_database(&db_url).await.unwrap();
         let (api_port, paysim_port) = (free_port(), free_port());
         let paysim = spawn(
@@ -72,6 +87,7 @@ impl Cluster {
             ops: STAGES.into_iter().map(|s| (s, free_port())).collect(),
             redis: None,
             broker: None,
+            mariadb,
             stages: BTreeMap::new(),
             _paysim: paysim,
         };
@@ -240,6 +256,9 @@ impl Cluster {
                 p.terminate().await;
             }
         }
+        if let Some(mut mariadb) = self.mariadb.take() {
+            mariadb.kill9().await;
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
         report
     }
@@ -338,6 +357,33 @@ async fn a_redis_failover_that_loses_recent_writes_sells_nothing_twice() {
             })
             .await;
             common::redis_roll_back(ledger.pool(), "*", &snapshot).await;
+            c
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mariadb_crash_and_restart_mid_drop_loses_and_doubles_nothing() {
+    Cluster::start_with(ClusterOptions { private_mariadb: true })
+        .await
+        .drop_with("mariadb-restart", |mut c| async move {
+            let crashed = tokio::time::Instant::now();
+            let mariadb = c.mariadb.as_mut().expect("a private MariaDB");
+            mariadb.kill9().await;
+            // Reads the ingress cannot serve from its cache or Redis are
+            // refused as retryable, not failed.
+            let listing = reqwest::get(format!("http://127.0.0.1:{}/v1/events", c.api_port)).await.unwrap();
+            assert_eq!(listing.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(listing.headers()["content-type"], "application/problem+json");
+            assert!(listing.headers().contains_key("retry-after"));
+            // Down longer than the pools' 5 s acquire timeout (dropline::db):
+            // a shorter outage only stalls callers while the pool retries the
+            // refused connection, a longer one makes the settler's batch
+            // writes, the drift watch, the ingress' reads and the drill's
+            // polls fail and retry. Then crash recovery on the same data
+            // directory.
+            tokio::time::sleep_until(crashed + Duration::from_secs(6)).await;
+            mariadb.run().await;
             c
         })
         .await;

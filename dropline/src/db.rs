@@ -52,6 +52,18 @@ pub async fn migrate(pool: &MySqlPool) -> Result<(), sqlx::migrate::MigrateError
     }
 }
 
+/// Whether `e` says the server could not be reached rather than that the
+/// query was wrong: the connection failed or was cut, no connection came
+/// free in time, or the server reported a connection exception (SQLSTATE
+/// class 08, as when it shuts down). Worth retrying while MySQL restarts.
+pub fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut => true,
+        sqlx::Error::Database(e) => e.code().is_some_and(|c| c.starts_with("08")),
+        _ => false,
+    }
+}
+
 /// Unix milliseconds as a UTC timestamp (the schema's DATETIME(3)).
 pub fn from_ms(ms: i64) -> chrono::DateTime<chrono::Utc> {
     chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default()

@@ -289,7 +289,7 @@ pub fn addr_of(url: &str) -> SocketAddr {
 /// Dropline's binaries (and other servers) as real processes, for the tests
 /// that need separate processes: the monitoring test and the fault scenarios.
 pub mod process {
-    use std::path::PathBuf;
+    use std::path::{Path, PathBuf};
     use std::process::Stdio;
     use std::time::Duration;
 
@@ -360,6 +360,94 @@ pub mod process {
         pub async fn kill9(mut self) {
             let _ = self.child.start_kill();
             let _ = self.child.wait().await;
+        }
+    }
+
+    /// A MariaDB server of one test's own, on a data directory under the
+    /// test's directory: for the scenarios that crash the database, which
+    /// the shared server must never be. Root logs in over TCP without a
+    /// password, as on the shared one.
+    pub struct Mariadb {
+        pub port: u16,
+        dir: PathBuf,
+        server: Option<Process>,
+    }
+
+    impl Mariadb {
+        /// Initialises a data directory in `dir` and starts the server on a
+        /// free port.
+        pub async fn start(dir: &Path) -> Mariadb {
+            let out = Command::new("mariadb-install-db")
+                // --no-defaults must come first, or /etc/mysql is read.
+                .arg("--no-defaults")
+                .arg(format!("--datadir={}", dir.join("mysql").display()))
+                .args(["--auth-root-authentication-method=normal", "--skip-test-db"])
+                .args(Self::tuning())
+                .output()
+                .await
+                .expect("mariadb-install-db runs (apt-get install mariadb-server)");
+            assert!(out.status.success(), "mariadb-install-db failed: {}", String::from_utf8_lossy(&out.stderr));
+            let mut mariadb = Mariadb { port: free_port(), dir: dir.to_owned(), server: None };
+            mariadb.run().await;
+            mariadb
+        }
+
+        /// The server part of its URL, without a database.
+        pub fn url(&self) -> String {
+            format!("mysql://root@127.0.0.1:{}", self.port)
+        }
+
+        /// Starts the server on its data directory and port (after a crash:
+        /// InnoDB recovers first) and waits until root can log in.
+        pub async fn run(&mut self) {
+            assert!(self.server.is_none(), "the server is already running");
+            let dir = &self.dir;
+            let mariadbd = PathBuf::from("/usr/sbin/mariadbd");
+            let args = [
+                "--no-defaults".to_owned(),
+                format!("--datadir={}", dir.join("mysql").display()),
+                format!("--port={}", self.port),
+                "--bind-address=127.0.0.1".to_owned(),
+                format!("--socket={}", dir.join("mysql.sock").display()),
+                format!("--pid-file={}", dir.join("mysql.pid").display()),
+                format!("--log-error={}", dir.join("mysql.err").display()),
+                // install-db granted root@127.0.0.1; no DNS lookups per connection.
+                "--skip-name-resolve".to_owned(),
+            ];
+            let args: Vec<String> = args.into_iter().chain(Self::tuning()).collect();
+            let program = if mariadbd.exists() { mariadbd } else { PathBuf::from("mariadbd") };
+            self.server = Some(spawn_in("mariadb", program, &[], &args, Some(dir)));
+            let url = self.url();
+            super::eventually("mariadb up", Duration::from_secs(60), || {
+                let url = url.clone();
+                async move {
+                    use sqlx::Connection;
+                    sqlx::MySqlConnection::connect(&url).await.ok()?.close().await.ok()
+                }
+            })
+            .await;
+        }
+
+        /// SIGKILL: a crash, with every connection cut and whatever was not
+        /// committed lost.
+        pub async fn kill9(&mut self) {
+            self.server.take().expect("a running server").kill9().await;
+        }
+
+        /// Options for both the bootstrap and the server: a small footprint
+        /// that starts fast (and a table cache small enough not to ask for
+        /// more open files than the limit allows), and as root (mariadbd
+        /// refuses to run as root unless told) the current user.
+        fn tuning() -> Vec<String> {
+            let mut args: Vec<String> =
+                ["--innodb-buffer-pool-size=16M", "--innodb-log-file-size=8M", "--table-open-cache=400"]
+                    .map(String::from)
+                    .into();
+            let root = std::fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0);
+            if root {
+                args.push("--user=root".to_owned());
+            }
+            args
         }
     }
 }
