@@ -33,23 +33,30 @@ pub async fn create_database(url: &str) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
-/// Brings the schema up to date. Stages that start together on a fresh
-/// database can race to record the same migration (every statement in it is
-/// idempotent, only the bookkeeping row collides), so a failure is retried:
-/// the retry finds the migration recorded and has nothing left to do.
+/// Brings the schema up to date. Every stage calls this at start, so on a
+/// fresh database several run it at once; they take turns under a named
+/// lock. (sqlx takes one too, with `GET_LOCK(name, -1)`, but MariaDB reads a
+/// negative timeout as "do not wait" and answers NULL without locking, so
+/// two stages would apply the same migration together and leave it half
+/// done.) The migrations run on the connection that holds the lock.
 pub async fn migrate(pool: &MySqlPool) -> Result<(), sqlx::migrate::MigrateError> {
-    let mut attempt = 0;
-    loop {
-        match MIGRATOR.run(pool).await {
-            Ok(()) => return Ok(()),
-            Err(e) if attempt < 3 => {
-                attempt += 1;
-                tracing::warn!(error = %e, attempt, "migration raced another start; retrying");
-                tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
-            }
-            Err(e) => return Err(e),
-        }
+    const WAIT_SECS: u32 = 120;
+    let mut conn = pool.acquire().await?;
+    let (locked,): (Option<i64>,) =
+        sqlx::query_as("SELECT GET_LOCK(CONCAT('dropline-migrate:', COALESCE(DATABASE(), '')), ?)")
+            .bind(WAIT_SECS)
+            .fetch_one(&mut *conn)
+            .await?;
+    if locked != Some(1) {
+        return Err(sqlx::migrate::MigrateError::Execute(sqlx::Error::Protocol(format!(
+            "another process held the migration lock for {WAIT_SECS}s"
+        ))));
     }
+    let migrated = MIGRATOR.run_direct(&mut *conn).await;
+    sqlx::query("SELECT RELEASE_LOCK(CONCAT('dropline-migrate:', COALESCE(DATABASE(), '')))")
+        .execute(&mut *conn)
+        .await?;
+    migrated
 }
 
 /// Whether `e` says the server could not be reached rather than that the
