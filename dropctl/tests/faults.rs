@@ -379,7 +379,7 @@ async fn a_mariadb_crash_and_restart_mid_drop_loses_and_doubles_nothing() {
             // Down longer than the pools' 5 s acquire timeout (dropline::db):
             // a shorter outage only stalls callers while the pool retries the
             // refused connection, a longer one makes the settler's batch
-            // writes, the drift watch, the ingress' reads and the drill's
+            // writes, the reconciler, the ingress' reads and the drill's
             // polls fail and retry. Then crash recovery on the same data
             // directory.
             tokio::time::sleep_until(crashed + Duration::from_secs(6)).await;
