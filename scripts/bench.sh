@@ -62,7 +62,7 @@ log "kafka ceiling: raw produce"
 #    redis-benchmark calling the same script once per intent.
 prewarm() { # key prefix, event
   redis-cli -p "$REDIS_PORT" HSET "$1:{$2}:stock" capacity 1000000000 available 1000000000 held 0 sold 0 \
-    limit 1000 ttl_ms 3600000 opens_ms 0 closes_ms 9999999999999 price 4500 retain_ms 9999999999999 >/dev/null
+    next_unit 1 limit 1000 ttl_ms 3600000 opens_ms 0 closes_ms 9999999999999 price 4500 retain_ms 9999999999999 >/dev/null
   redis-cli -p "$REDIS_PORT" EXPIRE "$1:{$2}:stock" 7200 >/dev/null
 }
 # drain NAME COUNT-COMMAND TARGET: times a consumer from its first effect to
@@ -98,11 +98,12 @@ rb=$RUN-rb
 prewarm "$rb" 1
 # The script exactly as Dropline loads it: the shared guard, then allocate.
 sha=$(redis-cli -p "$REDIS_PORT" SCRIPT LOAD "$(cat dropline/src/stock/lua/guard.lua dropline/src/stock/lua/allocate.lua)")
-redis-benchmark -p "$REDIS_PORT" -n 200000 -c 50 -r 1000000000 --csv EVALSHA "$sha" 5 \
-  "$rb:{1}:stock" "$rb:{1}:users" "$rb:{1}:decisions" "$rb:{1}:holds" "$rb:{1}:fence" __rand_int__ u__rand_int__ 1 \
+redis-benchmark -p "$REDIS_PORT" -n 200000 -c 50 -r 1000000000 --csv EVALSHA "$sha" 6 \
+  "$rb:{1}:stock" "$rb:{1}:users" "$rb:{1}:decisions" "$rb:{1}:holds" "$rb:{1}:fence" "$rb:{1}:free" \
+  __rand_int__ u__rand_int__ 1 \
   | tail -1 | python3 -c 'import csv,sys,json; r=next(csv.reader(sys.stdin)); print(json.dumps({"per_sec": float(r[1]), "p99_ms": float(r[6])}))' \
   >"$OUT/redis_ceiling.json"
-for k in stock users decisions holds; do redis-cli -p "$REDIS_PORT" DEL "$rb:{1}:$k" >/dev/null; done
+for k in stock users decisions holds free; do redis-cli -p "$REDIS_PORT" DEL "$rb:{1}:$k" >/dev/null; done
 
 # 4. Settler: a loaded decisions topic drained by one settler, against raw
 #    multi-row INSERTs.

@@ -49,7 +49,7 @@ rows = [
     ("Allocator", f"{allocator['per_sec']:,.0f} decisions/s (batched, one script call per event and batch)",
      f"{redis['per_sec']:,.0f} calls/s, redis-benchmark EVALSHA allocate.lua, one intent per call",
      allocator["per_sec"] / redis["per_sec"]),
-    ("Settler", f"{settler['per_sec']:,.0f} orders/s persisted (intent + order rows, upserts)",
+    ("Settler", f"{settler['per_sec']:,.0f} orders/s persisted (intent, order and unit rows, upserts, each hold checked against the live orders)",
      f"{insert['per_sec']:,.0f} rows/s, multi-row INSERT of 500 rows", settler["per_sec"] / insert["per_sec"]),
     ("The naive design", f"{allocator['per_sec']:,.0f} decisions/s (Dropline's allocator)",
      f"{naive['per_sec']:,.0f} purchases/s, one MySQL transaction per purchase on a hot row (32 clients)",

@@ -22,6 +22,11 @@ use uuid::Uuid;
 
 use crate::store::{WriteError, CHUNK};
 
+/// Values per `IN` list when reading. Longer lists are turned into a
+/// derived table by MariaDB (in_predicate_conversion_threshold, 1000), whose
+/// plan scans every live order of the event: quadratic over a sale.
+const LOOKUP: usize = 200;
+
 /// A new hold's claim on its units, as its decision carries it.
 #[derive(Debug, Clone)]
 pub struct Claim {
@@ -133,7 +138,7 @@ impl<'a> EventClaims<'a> {
         });
         let units: Vec<u32> = claims.iter().flat_map(|c| c.units.iter().copied()).collect();
         let mut owners = HashMap::new();
-        for chunk in units.chunks(CHUNK) {
+        for chunk in units.chunks(LOOKUP) {
             let mut q = QueryBuilder::<MySql>::new("SELECT unit_no, order_id FROM order_units WHERE event_id = ");
             q.push_bind(event_id).push(" AND unit_no IN ");
             push_list(&mut q, chunk);
@@ -149,9 +154,10 @@ impl<'a> EventClaims<'a> {
         };
         let mut live: HashMap<String, HashMap<String, u32>> = HashMap::new();
         let mut states = HashMap::new();
-        for chunk in buyers.chunks(CHUNK) {
+        for chunk in buyers.chunks(LOOKUP) {
             let mut q = QueryBuilder::<MySql>::new(
-                "SELECT order_id, user_id, quantity, CAST(state AS CHAR) FROM orders WHERE event_id = ",
+                "SELECT order_id, user_id, quantity, CAST(state AS CHAR) FROM orders FORCE INDEX (orders_by_buyer) \
+                 WHERE event_id = ",
             );
             q.push_bind(event_id).push(" AND state IN ('held', 'paid') AND user_id IN ");
             push_list(&mut q, chunk);
@@ -170,7 +176,7 @@ impl<'a> EventClaims<'a> {
             .collect();
         unknown.sort_unstable();
         unknown.dedup();
-        for chunk in unknown.chunks(CHUNK) {
+        for chunk in unknown.chunks(LOOKUP) {
             let mut q =
                 QueryBuilder::<MySql>::new("SELECT order_id, CAST(state AS CHAR) FROM orders WHERE order_id IN ");
             push_list(&mut q, chunk);
