@@ -90,14 +90,20 @@ ensure_tansu() {
     log "installing tansu $TANSU_VERSION with cargo (about 15 minutes on 2 cores; once per machine)"
     cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore,libsql >&2
   fi
-  # memory:// by default: fast and fresh. DROPLINE_BROKER_STORAGE=sqlite
-  # keeps topics and offsets across a broker restart.
+  # sqlite by default: what the broker acknowledged survives a restart of
+  # the broker and `stack.sh down`. DROPLINE_BROKER_STORAGE=memory-lossy is
+  # for benchmarks only: everything on the broker is gone when it stops.
   # tansu resolves a sqlite:// path against its working directory, so it
   # runs from the state folder.
-  local storage="memory://tansu/"
-  if [ "${DROPLINE_BROKER_STORAGE:-memory}" = sqlite ]; then
-    storage="sqlite://tansu.db"
-  fi
+  local storage
+  case "${DROPLINE_BROKER_STORAGE:-sqlite}" in
+    sqlite) storage="sqlite://tansu.db" ;;
+    memory-lossy)
+      storage="memory://tansu/"
+      log "warning: the broker keeps everything in memory (DROPLINE_BROKER_STORAGE=memory-lossy); stopping it loses acknowledged purchases and payments"
+      ;;
+    *) die "DROPLINE_BROKER_STORAGE must be sqlite (the default) or memory-lossy" ;;
+  esac
   log "starting tansu on :$KAFKA_PORT ($storage)"
   (cd "$STATE_DIR" && exec nohup "$(tansu_bin)" broker \
     --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \

@@ -5,9 +5,15 @@
 #   scripts/stack.sh up        stores + broker + Prometheus + schema + topics + services
 #   scripts/stack.sh infra     stores + broker only (what the tests need)
 #   scripts/stack.sh status    what is running
-#   scripts/stack.sh down      stop the services and the broker started here
+#   scripts/stack.sh down      stop the services, Prometheus and the broker started here;
+#                              every record is kept (broker log, MySQL, Redis)
+#   scripts/stack.sh wipe      stop everything started here and delete what the
+#                              local stack stored: the broker's log, the `dropline`
+#                              database and the ledger's keys. Acknowledged
+#                              purchases and payments are lost; it says so first.
 #
-# Every step reuses what already runs. Logs and pids go to .dropline/.
+# Every step reuses what already runs. Logs, pids and the broker's data go to
+# .dropline/.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -26,9 +32,14 @@ PROFILE=${DROPLINE_PROFILE:-release}
 BIN=$DROPLINE_ROOT/target/$PROFILE
 
 # name, ops port: every service's /healthz, /readyz and /metrics.
-SERVICES="ingress:9100 allocator:9101 settler:9102 expirer:9103"
+OPS_PORT_BASE=${DROPLINE_OPS_PORT_BASE:-9100}
+SERVICES="ingress:$OPS_PORT_BASE allocator:$((OPS_PORT_BASE + 1)) settler:$((OPS_PORT_BASE + 2)) expirer:$((OPS_PORT_BASE + 3))"
+ops_port() { local s; for s in $SERVICES; do [ "${s%%:*}" = "$1" ] && echo "${s##*:}"; done; }
 
 build() {
+  # Tests that drive this script build first and set DROPLINE_SKIP_BUILD=1
+  # (a nested cargo would wait on the test's own build lock).
+  [ -z "${DROPLINE_SKIP_BUILD:-}" ] || return 0
   log "building $PROFILE binaries"
   local flag=--release
   [ "$PROFILE" = release ] || flag=
@@ -60,23 +71,22 @@ services_up() {
     DROPLINE_PAYSIM_WEBHOOK_URL="http://$INGRESS_ADDR/v1/webhooks/payments"
   # Admission is sized to what this 2-core box sustains (about 1,100
   # purchases/s measured): past it, buyers get 429 with Retry-After.
-  start_one ingress DROPLINE_LISTEN_ADDR="$INGRESS_ADDR" DROPLINE_OPS_ADDR=127.0.0.1:9100 \
+  start_one ingress DROPLINE_LISTEN_ADDR="$INGRESS_ADDR" DROPLINE_OPS_ADDR="127.0.0.1:$(ops_port ingress)" \
     DROPLINE_PAYMENT_PROVIDER_URL="http://$PAYSIM_ADDR" \
     DROPLINE_ADMIT_PER_SEC="${DROPLINE_ADMIT_PER_SEC:-1000}" DROPLINE_ADMIT_BURST="${DROPLINE_ADMIT_BURST:-200}"
-  # No static group membership here: with tansu, a static member that
-  # rejoins after a clean stop waits ~10 s for its old session before it is
-  # given partitions, which every fresh `stack.sh up` would pay. (Set
-  # DROPLINE_KAFKA_GROUP_INSTANCE_ID to survive kill -9, as k8s/ and the
-  # fault harness do: tansu never evicts a dead dynamic member.)
-  start_one allocator DROPLINE_OPS_ADDR=127.0.0.1:9101
-  start_one settler DROPLINE_OPS_ADDR=127.0.0.1:9102
-  start_one expirer DROPLINE_OPS_ADDR=127.0.0.1:9103
+  # Consumers join their groups as static members (the default id is
+  # <stage>-consumer@<host>), so one restarted after kill -9 takes its
+  # partitions straight back. Each reports ready only once it holds some,
+  # which is what the wait below waits for.
+  start_one allocator DROPLINE_OPS_ADDR="127.0.0.1:$(ops_port allocator)"
+  start_one settler DROPLINE_OPS_ADDR="127.0.0.1:$(ops_port settler)"
+  start_one expirer DROPLINE_OPS_ADDR="127.0.0.1:$(ops_port expirer)"
   for s in $SERVICES; do
     local name=${s%%:*} port=${s##*:}
     wait_for "$name (see .dropline/$name.log)" 60 ready "$port"
   done
   wait_for "paysim" 30 curl -fsS "http://$PAYSIM_ADDR/healthz"
-  log "services ready: API http://$INGRESS_ADDR, metrics on :9100-9103, Prometheus http://127.0.0.1:$PROMETHEUS_PORT"
+  log "services ready: API http://$INGRESS_ADDR, metrics on :$OPS_PORT_BASE-$((OPS_PORT_BASE + 3)), Prometheus http://127.0.0.1:$PROMETHEUS_PORT"
 }
 
 stop_one() {
@@ -107,12 +117,30 @@ status() {
   port_open "$KAFKA_PORT" && echo "broker: listening on :$KAFKA_PORT" || echo "broker: down"
 }
 
+wipe() {
+  log "wiping the local stack: the broker's log ($STATE_DIR/tansu.db), the database in $DROPLINE_MYSQL_URL and the Redis keys ${DROPLINE_REDIS_KEY_PREFIX:-dl}:* are deleted; acknowledged purchases and payments in them are lost"
+  services_down; stop_one prometheus; stop_one tansu
+  rm -f "$STATE_DIR"/tansu.db "$STATE_DIR"/tansu.db-*
+  local db=${DROPLINE_MYSQL_URL##*/}
+  if port_open "$MYSQL_PORT"; then
+    mysql_tcp -e "DROP DATABASE IF EXISTS \`$db\`"
+  fi
+  if port_open "$REDIS_PORT"; then
+    redis-cli -p "$REDIS_PORT" --scan --pattern "${DROPLINE_REDIS_KEY_PREFIX:-dl}:*" | xargs -r -n 500 redis-cli -p "$REDIS_PORT" del >/dev/null
+  fi
+  log "wiped"
+}
+
 case "${1:-up}" in
   infra) ensure_infra ;;
   up) ensure_infra; ensure_prometheus; services_up ;;
   services) services_up ;;
-  down) services_down; stop_one prometheus; stop_one tansu ;;
+  down)
+    services_down; stop_one prometheus; stop_one tansu
+    log "stopped; the broker's log, MySQL and Redis keep every record (scripts/stack.sh wipe deletes them)"
+    ;;
+  wipe) wipe ;;
   stop-services) services_down ;;
   status) status ;;
-  *) die "usage: $0 {up|infra|services|status|down|stop-services}" ;;
+  *) die "usage: $0 {up|infra|services|status|down|wipe|stop-services}" ;;
 esac

@@ -58,7 +58,6 @@ struct Allocator {
     ledger: Ledger,
     watch: Arc<StockWatch>,
     producer: kafka::Producer,
-    dead_letters: DeadLetters,
     topics: Topics,
 }
 
@@ -76,56 +75,65 @@ pub async fn run(config: AllocatorConfig, shutdown: CancellationToken) -> Result
     let topics = config.kafka.topics();
     kafka::ensure_topics(&config.kafka, &topics.all()).await?;
     let producer = kafka::producer(&config.kafka, "allocator-producer")?;
-    let consumer = kafka::consumer(&config.kafka, &config.group_id, "allocator-consumer")?;
+    let consumer = kafka::consumer(&config.kafka, &config.group_id, "allocator-consumer", &ready)?;
     consumer.subscribe(&[&topics.intents])?;
+    kafka::watch(
+        &config.kafka,
+        &config.group_id,
+        vec![topics.intents.clone()],
+        consumer.context(),
+        Duration::from_secs(5),
+        shutdown.clone(),
+    )?;
     let ledger = Ledger::new(config.redis.pool()?, &config.redis.key_prefix);
     let watch = Arc::new(StockWatch::default());
     tokio::spawn(watch.clone().sample(ledger.clone(), Duration::from_secs(2), shutdown.clone()));
-    let allocator = Allocator {
-        ledger,
-        watch,
-        dead_letters: DeadLetters::new(producer.clone(), topics.dead_letter.clone(), "allocator"),
-        producer,
-        topics,
-    };
+    let dead_letters = DeadLetters::new(producer.clone(), topics.dead_letter.clone(), "allocator");
+    let allocator = Allocator { ledger, watch, producer, topics };
     ready.set(true);
     tracing::info!("allocator consuming");
 
-    let linger = Duration::from_millis(config.batch_linger_ms);
-    loop {
-        let batch = kafka::next_batch(&consumer, config.batch_max, linger, &shutdown).await;
-        if batch.is_empty() {
-            break;
-        }
-        let started = Instant::now();
-        ::metrics::histogram!(BATCH_SIZE).record(batch.len() as f64);
-        // Once a batch is received it is finished even if shutdown arrives
-        // meanwhile; only a failing dependency (retried until shutdown) can
-        // leave it undone, and then nothing of it is stored.
-        if allocator.decide(&batch, &shutdown).await.is_none() {
-            break;
-        }
-        kafka::store_after(&consumer, &batch);
-        ::metrics::histogram!(BATCH_DURATION).record(started.elapsed().as_secs_f64());
-    }
+    let options = config.kafka.batch_options("allocator", config.batch_max, config.batch_linger_ms);
+    let batch_metrics = kafka::BatchMetrics { batch_size: BATCH_SIZE, batch_duration: BATCH_DURATION };
+    kafka::run_batches(&consumer, &allocator, &dead_letters, &options, &batch_metrics, &shutdown).await;
     ready.set(false);
-    kafka::commit_stored(&consumer);
     tracing::info!("allocator stopped");
     Ok(())
 }
 
-impl Allocator {
-    /// Makes every message of `batch` durable downstream. `None` when
-    /// shutdown interrupted a retry.
-    async fn decide(&self, batch: &[OwnedMessage], shutdown: &CancellationToken) -> Option<()> {
-        let mut by_event: HashMap<u64, Vec<(PurchaseIntent, Option<String>)>> = HashMap::new();
-        for message in batch {
-            match decode(message) {
-                Ok(intent) => by_event.entry(intent.event_id).or_default().push((intent, kafka::request_id(message))),
-                Err(reason) => {
-                    kafka::retry_until("dead-letter", shutdown, || self.dead_letters.park(message, &reason)).await?
-                }
-            }
+/// Why a batch could not be decided.
+#[derive(Debug, thiserror::Error)]
+enum DecideError {
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error("publishing decisions: {0}")]
+    Publish(#[from] rdkafka::error::KafkaError),
+}
+
+impl kafka::Failure for DecideError {
+    fn is_permanent(&self) -> bool {
+        // Redis down, a ledger missing or fenced (only a pre-warm or a
+        // rebuild can fix it), the broker down: all wait. Only an answer
+        // the script should never give is the intents' own fault.
+        matches!(self, DecideError::Ledger(e) if !e.is_transient())
+    }
+}
+
+impl kafka::BatchStage for Allocator {
+    type Item = PurchaseIntent;
+    type Error = DecideError;
+
+    fn decode(&self, message: &OwnedMessage) -> Result<PurchaseIntent, String> {
+        decode(message)
+    }
+
+    /// Decides every intent (one script call per event) and publishes the
+    /// decisions and expiry messages, acknowledged. Redelivered intents get
+    /// their first decision again, so a retry is harmless.
+    async fn apply(&self, intents: &[(PurchaseIntent, &OwnedMessage)]) -> Result<(), DecideError> {
+        let mut by_event: HashMap<u64, Vec<&(PurchaseIntent, &OwnedMessage)>> = HashMap::new();
+        for item in intents {
+            by_event.entry(item.0.event_id).or_default().push(item);
         }
         let mut outgoing = Vec::new();
         for (event_id, intents) in &by_event {
@@ -134,43 +142,25 @@ impl Allocator {
                 .iter()
                 .map(|(i, _)| Claim { intent_id: i.intent_id, user_id: &i.user_id, quantity: i.quantity })
                 .collect();
-            // Transient failures (Redis down, or the event's ledger missing,
-            // which only a pre-warm or a rebuild can fix) hold the batch and
-            // retry: deciding without the ledger would be guessing.
-            let verdicts = kafka::retry_until("allocate", shutdown, || async {
-                let started = Instant::now();
-                let result = self.ledger.allocate(*event_id, &claims).await;
-                ::metrics::histogram!(LUA_DURATION).record(started.elapsed().as_secs_f64());
-                match result {
-                    Err(e) if e.is_transient() => {
-                        ::metrics::counter!(LEDGER_ERRORS, "kind" => ledger_error_kind(&e)).increment(1);
-                        if matches!(e, LedgerError::NoLedger(_) | LedgerError::Damaged(..)) {
-                            // The settlers' reconciler rebuilds it from MySQL.
-                            if let Err(asked) = self.ledger.request_rebuild(*event_id, &e.to_string()).await {
-                                tracing::warn!(error = %asked, event_id, "could not ask for a rebuild");
-                            }
-                        }
-                        Err(e)
-                    }
-                    other => Ok(other),
-                }
-            })
-            .await?;
-            let verdicts = match verdicts {
+            let started = Instant::now();
+            let result = self.ledger.allocate(*event_id, &claims).await;
+            ::metrics::histogram!(LUA_DURATION).record(started.elapsed().as_secs_f64());
+            let verdicts = match result {
                 Ok(v) => v,
                 Err(e) => {
-                    // The script answered something unreadable: a bug, not
-                    // a passing fault. Park the group rather than block.
                     ::metrics::counter!(LEDGER_ERRORS, "kind" => ledger_error_kind(&e)).increment(1);
-                    let reason = format!("allocation failed: {e}");
-                    for m in batch.iter().filter(|m| decode(m).is_ok_and(|i| i.event_id == *event_id)) {
-                        kafka::retry_until("dead-letter", shutdown, || self.dead_letters.park(m, &reason)).await?;
+                    if matches!(e, LedgerError::NoLedger(_) | LedgerError::Damaged(..)) {
+                        // The settlers' reconciler rebuilds it from MySQL.
+                        if let Err(asked) = self.ledger.request_rebuild(*event_id, &e.to_string()).await {
+                            tracing::warn!(error = %asked, event_id, "could not ask for a rebuild");
+                        }
                     }
-                    continue;
+                    return Err(e.into());
                 }
             };
             let now = now_ms();
-            for ((intent, request_id), verdict) in intents.iter().zip(verdicts) {
+            for ((intent, message), verdict) in intents.iter().map(|i| (&i.0, i.1)).zip(verdicts) {
+                let request_id = kafka::request_id(message);
                 let decision = decision(intent, verdict);
                 let outcome = outcome_label(&decision.outcome);
                 ::metrics::counter!(DECISIONS, "outcome" => outcome).increment(1);
@@ -179,9 +169,12 @@ impl Allocator {
                 outgoing.extend(self.messages_for(&decision, request_id.as_deref()));
             }
         }
-        kafka::retry_until("publish decisions", shutdown, || self.publish(&outgoing)).await
+        self.publish(&outgoing).await?;
+        Ok(())
     }
+}
 
+impl Allocator {
     /// The decision, and for a hold its expiry message, both carrying the
     /// purchase's request id.
     fn messages_for(&self, d: &Decision, request_id: Option<&str>) -> Vec<Outgoing> {

@@ -36,9 +36,20 @@ pub struct KafkaArgs {
     /// Static group membership: a stable id per consumer instance (a
     /// StatefulSet pod name, say). A restarted instance then takes its
     /// partitions back at once instead of waiting for the group to notice
-    /// the old session died.
+    /// the old session died. Default: `<stage>-consumer@<hostname>`, unique
+    /// as long as one host runs one instance of each stage; give each
+    /// instance its own id to run more. An empty value opts out (dynamic
+    /// membership).
     #[arg(long = "kafka-group-instance-id", env = "DROPLINE_KAFKA_GROUP_INSTANCE_ID")]
     pub group_instance_id: Option<String>,
+    /// Attempts at a message that fails for a reason of its own (not an
+    /// unavailable dependency) before it goes to the dead-letter topic.
+    #[arg(
+        long = "kafka-permanent-failure-attempts",
+        env = "DROPLINE_KAFKA_PERMANENT_FAILURE_ATTEMPTS",
+        default_value_t = 5
+    )]
+    pub permanent_failure_attempts: u32,
     /// Partitions of topics created at start; existing topics are kept as
     /// they are.
     #[arg(long = "topic-partitions", env = "DROPLINE_TOPIC_PARTITIONS", default_value_t = 6)]
@@ -46,11 +57,37 @@ pub struct KafkaArgs {
 }
 
 impl KafkaArgs {
+    /// The batch loop's options for `stage`.
+    pub fn batch_options(&self, stage: &'static str, max: usize, linger_ms: u64) -> crate::kafka::BatchOptions {
+        crate::kafka::BatchOptions {
+            stage,
+            max,
+            linger: std::time::Duration::from_millis(linger_ms),
+            permanent_attempts: self.permanent_failure_attempts,
+            max_backoff: std::time::Duration::from_secs(5),
+        }
+    }
+
     pub fn topics(&self) -> crate::messages::Topics {
         crate::messages::Topics::with_prefix(&self.topic_prefix)
     }
 
+    /// The static member id of consumer `client`, `None` for dynamic
+    /// membership.
+    pub fn instance_id(&self, client: &str) -> Option<String> {
+        match &self.group_instance_id {
+            Some(id) if id.is_empty() => None,
+            Some(id) => Some(id.clone()),
+            None => Some(format!("{client}@{}", hostname())),
+        }
+    }
+
     pub fn check(&self, problems: &mut Problems) {
+        if let Some(id) = self.group_instance_id.as_deref().filter(|id| !id.is_empty()) {
+            if id.len() > 200 || !id.bytes().all(|b| b.is_ascii_graphic()) {
+                problems.add("DROPLINE_KAFKA_GROUP_INSTANCE_ID must be at most 200 visible ASCII characters");
+            }
+        }
         if self.brokers.trim().is_empty() {
             problems.add("DROPLINE_KAFKA_BROKERS is empty");
         }
@@ -64,6 +101,9 @@ impl KafkaArgs {
         }
         if self.message_timeout_ms == 0 {
             problems.add("DROPLINE_KAFKA_MESSAGE_TIMEOUT_MS must be positive");
+        }
+        if !(1..=100).contains(&self.permanent_failure_attempts) {
+            problems.add("DROPLINE_KAFKA_PERMANENT_FAILURE_ATTEMPTS must be 1 to 100");
         }
         if !(1..=1024).contains(&self.partitions) {
             problems.add("DROPLINE_TOPIC_PARTITIONS must be 1 to 1024");
@@ -154,6 +194,16 @@ impl OpsArgs {
     pub fn addr_or(&self, default_port: u16) -> SocketAddr {
         self.addr.unwrap_or(SocketAddr::from(([127, 0, 0, 1], default_port)))
     }
+}
+
+/// This host's name (a pod's name in Kubernetes), for default instance ids.
+pub fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
 }
 
 /// Every problem found in a config, reported together.

@@ -13,18 +13,53 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Whether the stage wants work. It starts false, goes true once the stage's
-/// dependencies answered, and false again as soon as draining starts.
-#[derive(Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+/// Whether the stage wants work, and whether it is healthy.
+///
+/// Ready means serving and, for a consumer, holding partitions: it starts
+/// false, goes true once the stage's dependencies answered (and the group
+/// assigned it work), and false again as soon as draining starts. Healthy is
+/// false only when the stage knows it is stuck (a consumer left without
+/// partitions while the group leaves some unowned), so a restart is due.
+#[derive(Clone)]
+pub struct Readiness(Arc<Flags>);
+
+struct Flags {
+    serving: AtomicBool,
+    assigned: AtomicBool,
+    healthy: AtomicBool,
+}
+
+impl Default for Readiness {
+    fn default() -> Self {
+        Self(Arc::new(Flags {
+            serving: AtomicBool::new(false),
+            assigned: AtomicBool::new(true),
+            healthy: AtomicBool::new(true),
+        }))
+    }
+}
 
 impl Readiness {
+    /// The stage starts or stops taking work.
     pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::Release);
+        self.0.serving.store(ready, Ordering::Release);
+    }
+
+    /// A consumer gained or lost its last partition.
+    pub fn set_assigned(&self, assigned: bool) {
+        self.0.assigned.store(assigned, Ordering::Release);
+    }
+
+    pub fn set_healthy(&self, healthy: bool) {
+        self.0.healthy.store(healthy, Ordering::Release);
     }
 
     pub fn get(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.0.serving.load(Ordering::Acquire) && self.0.assigned.load(Ordering::Acquire)
+    }
+
+    pub fn healthy(&self) -> bool {
+        self.0.healthy.load(Ordering::Acquire)
     }
 }
 
@@ -38,7 +73,7 @@ struct OpsState {
 /// choosing (the ingress merges them into its public router too).
 pub fn router(ready: Readiness, metrics: PrometheusHandle) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render))
         .with_state(OpsState { ready, metrics })
@@ -62,6 +97,14 @@ pub async fn serve(
         }
     });
     Ok((bound, task))
+}
+
+async fn healthz(State(state): State<OpsState>) -> (StatusCode, &'static str) {
+    if state.ready.healthy() {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "stuck: no partitions while the group leaves some unowned")
+    }
 }
 
 async fn readyz(State(state): State<OpsState>) -> (StatusCode, &'static str) {

@@ -52,6 +52,9 @@ pub enum ExpirerError {
     Io(#[from] std::io::Error),
 }
 
+/// How long a hold whose release failed waits before it is tried again.
+const FAILED_RETRY_MS: i64 = 1000;
+
 /// Holds released concurrently in one tick.
 const RELEASES_PER_TICK: usize = 512;
 
@@ -83,8 +86,16 @@ pub async fn run(config: ExpirerConfig, shutdown: CancellationToken) -> Result<(
     kafka::ensure_topics(&config.kafka, &topics.all()).await?;
     let producer = kafka::producer(&config.kafka, "expirer-producer")?;
     let dead_letters = DeadLetters::new(producer.clone(), topics.dead_letter.clone(), "expirer");
-    let consumer = kafka::consumer(&config.kafka, &config.group_id, "expirer-consumer")?;
+    let consumer = kafka::consumer(&config.kafka, &config.group_id, "expirer-consumer", &ready)?;
     consumer.subscribe(&[&topics.hold_expiry])?;
+    kafka::watch(
+        &config.kafka,
+        &config.group_id,
+        vec![topics.hold_expiry.clone()],
+        consumer.context(),
+        Duration::from_secs(5),
+        shutdown.clone(),
+    )?;
     let expirer = Expirer { ledger: Ledger::new(config.redis.pool()?, &config.redis.key_prefix), producer, topics };
     let mut schedule = Schedule::new(config.max_pending_per_partition);
     ready.set(true);
@@ -98,10 +109,17 @@ pub async fn run(config: ExpirerConfig, shutdown: CancellationToken) -> Result<(
             received = consumer.recv() => match received {
                 Ok(m) => {
                     let m = m.detach();
+                    // Forget revoked partitions before anything read after
+                    // the rebalance is added: a partition taken away and
+                    // given back is read again from its committed offset,
+                    // and must start from a clean slate there. Forgetting
+                    // it later would drop the holds just re-read, and the
+                    // next commit would pass them unreleased.
+                    forget_revoked(&consumer, &mut schedule);
                     let hold = match decode(&m) {
                         Ok(hold) => Some(Waiting { hold, request_id: kafka::request_id(&m) }),
                         Err(reason) => {
-                            let parked = kafka::retry_until("dead-letter", &shutdown, || dead_letters.park(&m, &reason)).await;
+                            let parked = kafka::retry_until("dead-letter", &shutdown, || dead_letters.park(&m, "undecodable", &reason)).await;
                             if parked.is_none() { break; }
                             None
                         }
@@ -112,9 +130,7 @@ pub async fn run(config: ExpirerConfig, shutdown: CancellationToken) -> Result<(
                 Err(e) => tracing::warn!(error = %e, "kafka receive failed"),
             },
             _ = tick.tick() => {
-                for revoked in consumer.context().take_revoked() {
-                    schedule.forget(&revoked);
-                }
+                forget_revoked(&consumer, &mut schedule);
                 expirer.release_due(&mut schedule).await;
                 let committable = schedule.take_committable();
                 kafka::store_offsets(&consumer, committable.iter().map(|((t, p), o)| (t.as_str(), *p, *o)));
@@ -142,7 +158,10 @@ impl Expirer {
             match result {
                 Released::Done => schedule.done(&d.partition, d.offset),
                 Released::NotDue(at) => schedule.retry_at(&d.partition, d.offset, at),
-                Released::Failed => {}
+                // Back off, behind the holds of other events: a ledger that
+                // stays fenced or unreachable for one event must not keep
+                // the earliest slots of every tick and starve the rest.
+                Released::Failed => schedule.retry_at(&d.partition, d.offset, now_ms() + FAILED_RETRY_MS),
             }
         }
     }
@@ -181,6 +200,12 @@ impl Expirer {
             ::metrics::histogram!(LATENESS).record((ended - hold.expires_at_ms).max(0) as f64 / 1000.0);
         }
         Released::Done
+    }
+}
+
+fn forget_revoked(consumer: &StreamConsumer<GroupContext>, schedule: &mut Schedule) {
+    for revoked in consumer.context().take_revoked() {
+        schedule.forget(&revoked);
     }
 }
 

@@ -22,7 +22,8 @@ pub mod rebuild;
 pub mod reconcile;
 pub mod store;
 
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use dropline::kafka::{self, DeadLetters};
 use dropline::messages::{Decision, OrderEvent};
@@ -37,8 +38,8 @@ pub const DEFAULT_OPS_PORT: u16 = 9102;
 pub use config::SettlerConfig;
 
 use crate::metrics::{BATCH_DURATION, BATCH_SIZE, ROWS, WRITE_ERRORS};
-use crate::reconcile::Reconciler;
-use crate::store::Batch;
+use crate::reconcile::{Reconciler, Voided};
+use crate::store::{Batch, WriteError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SettlerError {
@@ -75,10 +76,18 @@ pub async fn run(config: SettlerConfig, shutdown: CancellationToken) -> Result<(
     kafka::ensure_topics(&config.kafka, &topics.all()).await?;
     let producer = kafka::producer(&config.kafka, "settler-producer")?;
     let dead_letters = DeadLetters::new(producer.clone(), topics.dead_letter.clone(), "settler");
-    let consumer = kafka::consumer(&config.kafka, &config.group_id, "settler-consumer")?;
+    let consumer = kafka::consumer(&config.kafka, &config.group_id, "settler-consumer", &ready)?;
     consumer.subscribe(&[&topics.decisions, &topics.order_events])?;
+    kafka::watch(
+        &config.kafka,
+        &config.group_id,
+        vec![topics.decisions.clone(), topics.order_events.clone()],
+        consumer.context(),
+        Duration::from_secs(5),
+        shutdown.clone(),
+    )?;
     let ledger = dropline::stock::Ledger::new(config.redis.pool()?, &config.redis.key_prefix);
-    let (refused, refusals) = tokio::sync::mpsc::unbounded_channel();
+    let voided = Arc::new(Voided::default());
     let reconciler = Reconciler {
         db: db.clone(),
         ledger: ledger.clone(),
@@ -86,73 +95,91 @@ pub async fn run(config: SettlerConfig, shutdown: CancellationToken) -> Result<(
         producer,
         topics: topics.clone(),
         options: config.reconcile_options(),
-        refused: refusals,
+        voided: voided.clone(),
     };
     tokio::spawn(reconciler.run(shutdown.clone()));
     ready.set(true);
     tracing::info!("settler consuming");
 
-    let linger = Duration::from_millis(config.batch_linger_ms);
-    loop {
-        let messages = kafka::next_batch(&consumer, config.batch_max, linger, &shutdown).await;
-        if messages.is_empty() {
-            break;
-        }
-        let started = Instant::now();
-        let mut batch = Batch::default();
-        let mut parked = true;
-        for m in &messages {
-            tracing::debug!(
-                request_id = kafka::request_id(m).as_deref(),
-                topic = m.topic(),
-                offset = m.offset(),
-                "settling"
-            );
-            let decoded = if m.topic() == topics.decisions {
-                decode::<Decision>(m).map(|d| batch.add_decision(d))
-            } else {
-                decode::<OrderEvent>(m).map(|e| batch.add_order_event(e))
-            };
-            if let Err(reason) = decoded {
-                if kafka::retry_until("dead-letter", &shutdown, || dead_letters.park(m, &reason)).await.is_none() {
-                    parked = false;
-                    break;
-                }
-            }
-        }
-        if !parked {
-            break;
-        }
-        if !batch.is_empty() {
-            let written = kafka::retry_until("write batch", &shutdown, || async {
-                let result = batch.write(&db, &ledger).await;
-                if result.is_err() {
-                    ::metrics::counter!(WRITE_ERRORS).increment(1);
-                }
-                result
-            })
-            .await;
-            let Some(written) = written else {
-                break;
-            };
-            ::metrics::counter!(ROWS, "table" => "intents").increment(written.intents as u64);
-            ::metrics::counter!(ROWS, "table" => "orders").increment(written.orders as u64);
-            ::metrics::counter!(ROWS, "table" => "payments").increment(written.payments as u64);
-            ::metrics::counter!(ROWS, "table" => "order_units").increment(written.units as u64);
-            // A voided hold means the ledger is behind the record: have it
-            // rebuilt, so it stops handing out what is taken.
-            for void in &written.voided {
-                let _ = refused.send(void.event_id);
-            }
-        }
-        kafka::store_after(&consumer, &messages);
-        ::metrics::histogram!(BATCH_SIZE).record(messages.len() as f64);
-        ::metrics::histogram!(BATCH_DURATION).record(started.elapsed().as_secs_f64());
-    }
+    let settler = Settler { db, ledger, decisions_topic: topics.decisions.clone(), voided };
+    let options = config.kafka.batch_options("settler", config.batch_max, config.batch_linger_ms);
+    let batch_metrics = kafka::BatchMetrics { batch_size: BATCH_SIZE, batch_duration: BATCH_DURATION };
+    kafka::run_batches(&consumer, &settler, &dead_letters, &options, &batch_metrics, &shutdown).await;
     ready.set(false);
-    kafka::commit_stored(&consumer);
     tracing::info!("settler stopped");
     Ok(())
+}
+
+struct Settler {
+    db: sqlx::MySqlPool,
+    ledger: dropline::stock::Ledger,
+    decisions_topic: String,
+    voided: Arc<Voided>,
+}
+
+/// A message the settler writes.
+enum Settle {
+    Decision(Decision),
+    OrderEvent(OrderEvent),
+}
+
+impl kafka::Failure for WriteError {
+    fn is_permanent(&self) -> bool {
+        match self {
+            // Only the rows' own fault is permanent: a data exception
+            // (SQLSTATE class 22) or a broken constraint (class 23) will be
+            // refused again. Anything else (a server gone, a deadlock, a
+            // missing table after a bad deploy) waits for an operator or for
+            // the server, and must never send work to the dead-letter topic.
+            WriteError::Mysql(sqlx::Error::Database(e)) => {
+                e.code().is_some_and(|state| state.starts_with("22") || state.starts_with("23"))
+            }
+            WriteError::Mysql(sqlx::Error::Decode(_) | sqlx::Error::ColumnDecode { .. }) => true,
+            WriteError::Mysql(_) => false,
+            WriteError::Ledger(e) => !e.is_transient(),
+        }
+    }
+}
+
+impl kafka::BatchStage for Settler {
+    type Item = Settle;
+    type Error = WriteError;
+
+    fn decode(&self, m: &OwnedMessage) -> Result<Settle, String> {
+        if m.topic() == self.decisions_topic {
+            decode::<Decision>(m).map(Settle::Decision)
+        } else {
+            decode::<OrderEvent>(m).map(Settle::OrderEvent)
+        }
+    }
+
+    /// Writes the batch in one transaction of idempotent upserts.
+    async fn apply(&self, items: &[(Settle, &OwnedMessage)]) -> Result<(), WriteError> {
+        let mut batch = Batch::default();
+        for (item, m) in items {
+            tracing::debug!(request_id = kafka::request_id(m).as_deref(), topic = m.topic(), offset = m.offset(), "settling");
+            match item {
+                Settle::Decision(d) => batch.add_decision(d.clone()),
+                Settle::OrderEvent(e) => batch.add_order_event(e.clone()),
+            }
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let written = batch.write(&self.db, &self.ledger).await.inspect_err(|_| {
+            ::metrics::counter!(WRITE_ERRORS).increment(1);
+        })?;
+        ::metrics::counter!(ROWS, "table" => "intents").increment(written.intents as u64);
+        ::metrics::counter!(ROWS, "table" => "orders").increment(written.orders as u64);
+        ::metrics::counter!(ROWS, "table" => "payments").increment(written.payments as u64);
+        ::metrics::counter!(ROWS, "table" => "order_units").increment(written.units as u64);
+        // A voided hold means the ledger is behind the record: have it
+        // rebuilt, so it stops handing out what is taken.
+        for void in &written.voided {
+            self.voided.add(void.event_id);
+        }
+        Ok(())
+    }
 }
 
 fn decode<T: serde::de::DeserializeOwned>(m: &OwnedMessage) -> Result<T, String> {

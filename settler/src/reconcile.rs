@@ -20,7 +20,8 @@
 //! Events compared: those whose sale is open or closed less than a day ago,
 //! at most `MAX_EVENTS`, which bounds the `event_id` label.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use dropline::config::KafkaArgs;
@@ -28,7 +29,6 @@ use dropline::kafka::{self, Producer};
 use dropline::messages::Topics;
 use dropline::stock::{EndOutcome, Ledger};
 use sqlx::MySqlPool;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -165,13 +165,33 @@ pub struct Reconciler {
     pub topics: Topics,
     pub options: ReconcileOptions,
     /// Events whose holds the settler just voided.
-    pub refused: mpsc::UnboundedReceiver<u64>,
+    pub voided: Arc<Voided>,
+}
+
+/// Events whose holds the settler voided since the reconciler last looked:
+/// a set, so it stays as small as the number of events however many holds
+/// are voided.
+#[derive(Default)]
+pub struct Voided {
+    events: std::sync::Mutex<BTreeSet<u64>>,
+    notify: tokio::sync::Notify,
+}
+
+impl Voided {
+    pub fn add(&self, event_id: u64) {
+        self.events.lock().unwrap_or_else(|p| p.into_inner()).insert(event_id);
+        self.notify.notify_one();
+    }
+
+    fn take(&self) -> BTreeSet<u64> {
+        std::mem::take(&mut *self.events.lock().unwrap_or_else(|p| p.into_inner()))
+    }
 }
 
 impl Reconciler {
     /// Runs a pass every `options.every` (and at once when the settler
     /// reports a voided hold), until shutdown.
-    pub async fn run(mut self, shutdown: CancellationToken) {
+    pub async fn run(self, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(self.options.every);
         let mut seen: HashMap<u64, (Drift, u32)> = HashMap::new();
         loop {
@@ -179,9 +199,9 @@ impl Reconciler {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
-                Some(event_id) = self.refused.recv() => { repairs.insert(event_id, Repair::Refused); }
+                _ = self.voided.notify.notified() => {}
             }
-            while let Ok(event_id) = self.refused.try_recv() {
+            for event_id in self.voided.take() {
                 repairs.insert(event_id, Repair::Refused);
             }
             match self.pass(&mut seen).await {

@@ -5,22 +5,30 @@
 //! only after the effect of its message is durable, and librdkafka's periodic
 //! auto-commit then commits what was stored. Nothing commits per message.
 
-use std::collections::BTreeMap;
-use std::sync::Mutex;
+mod batch;
+mod dead_letters;
+mod group;
+
+
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::StreamConsumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::statistics::Statistics;
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::ClientContext;
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
+pub use self::batch::{
+    commit_stored, next_batch, run_batches, store_after, store_offsets, BatchMetrics, BatchOptions, BatchStage, Failure,
+};
+pub use self::dead_letters::DeadLetters;
+pub use self::group::{decode_assignment, watch, GroupContext, PartitionKey};
 use crate::config::KafkaArgs;
 
 /// Metrics of every Kafka client, declared once for all stages; `client`
@@ -32,6 +40,9 @@ pub mod metrics {
     pub const BROKER_RTT: &str = "dropline_kafka_broker_rtt_seconds";
     pub const CLIENT_QUEUE: &str = "dropline_kafka_client_queue_messages";
     pub const DEAD_LETTERS: &str = "dropline_kafka_dead_letters_total";
+    pub const ASSIGNED_PARTITIONS: &str = "dropline_kafka_consumer_assigned_partitions";
+    pub const UNOWNED_PARTITIONS: &str = "dropline_kafka_consumer_group_unowned_partitions";
+    pub const APPLY_RETRIES: &str = "dropline_kafka_apply_retries_total";
 
     pub fn describe() {
         describe_gauge!(
@@ -44,7 +55,17 @@ pub mod metrics {
             "p99 round-trip time to each broker over librdkafka's last statistics window."
         );
         describe_gauge!(CLIENT_QUEUE, "Messages waiting in the client's local queues (a producer's unsent messages).");
-        describe_counter!(DEAD_LETTERS, "Messages parked on the dead-letter topic, by stage.");
+        describe_counter!(DEAD_LETTERS, "Messages parked on the dead-letter topic, by stage and reason.");
+        describe_gauge!(ASSIGNED_PARTITIONS, "Partitions this consumer holds now; a consumer stage is ready only above 0.");
+        describe_gauge!(
+            UNOWNED_PARTITIONS,
+            "Partitions of the consumer's topics that no member of its group owns, as the group describes itself."
+        );
+        describe_counter!(
+            APPLY_RETRIES,
+            "Failed attempts to apply a batch, by stage and kind: unavailable (a dependency is down; retried \
+             without limit) or permanent (retried a bounded number of times, then dead-lettered)."
+        );
     }
 }
 
@@ -111,14 +132,21 @@ pub fn producer(args: &KafkaArgs, client: &'static str) -> Result<Producer, Kafk
         .create_with_context(ProducerStats { client })
 }
 
-/// A group consumer that never stores an offset by itself.
+/// A group consumer that never stores an offset by itself. `ready` follows
+/// its assignment: a consumer stage is ready only while it holds partitions.
+///
+/// It joins as a static member (`group.instance.id`): a restarted instance,
+/// even after kill -9, takes its partitions straight back instead of waiting
+/// for the group to give up on its old session (tansu never does for a
+/// dynamic member). The id is the configured one, or `<client>@<host>`.
 pub fn consumer(
     args: &KafkaArgs,
     group_id: &str,
     client: &'static str,
+    ready: &crate::ops::Readiness,
 ) -> Result<StreamConsumer<GroupContext>, KafkaError> {
     let mut config = ClientConfig::new();
-    if let Some(id) = &args.group_instance_id {
+    if let Some(id) = args.instance_id(client) {
         config.set("group.instance.id", id);
     }
     config
@@ -132,7 +160,7 @@ pub fn consumer(
         .set("max.poll.interval.ms", "300000")
         .set("fetch.wait.max.ms", args.fetch_wait_max_ms.to_string())
         .set("statistics.interval.ms", STATISTICS_INTERVAL_MS)
-        .create_with_context(GroupContext { client, revoked: Mutex::default() })
+        .create_with_context(GroupContext::new(client, ready.clone()))
 }
 
 /// Creates the topics that do not exist yet. Existing topics are left as
@@ -152,127 +180,6 @@ pub async fn ensure_topics(args: &KafkaArgs, names: &[&str]) -> Result<(), Kafka
         }
     }
     Ok(())
-}
-
-/// Consumer context that remembers which partitions were taken away, so a
-/// stage can drop what it buffered for them (the new owner starts from the
-/// committed offset).
-pub struct GroupContext {
-    client: &'static str,
-    revoked: Mutex<Vec<(String, i32)>>,
-}
-
-impl GroupContext {
-    /// Partitions revoked since the last call.
-    pub fn take_revoked(&self) -> Vec<(String, i32)> {
-        std::mem::take(&mut *self.revoked.lock().unwrap_or_else(|p| p.into_inner()))
-    }
-}
-
-impl ClientContext for GroupContext {
-    fn stats(&self, statistics: Statistics) {
-        export_statistics(self.client, &statistics);
-    }
-}
-
-impl ConsumerContext for GroupContext {
-    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Revoke(tpl) => {
-                let parts: Vec<(String, i32)> =
-                    tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
-                tracing::info!(partitions = ?parts, "partitions revoked");
-                self.revoked.lock().unwrap_or_else(|p| p.into_inner()).extend(parts);
-            }
-            Rebalance::Assign(tpl) => {
-                let parts: Vec<(String, i32)> =
-                    tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
-                tracing::info!(partitions = ?parts, "partitions assigned");
-            }
-            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
-        }
-    }
-}
-
-/// Waits for the first message (or cancellation), then gathers more until
-/// `max` messages or `linger` has passed. An empty batch means shutdown.
-pub async fn next_batch<C: ConsumerContext + 'static>(
-    consumer: &StreamConsumer<C>,
-    max: usize,
-    linger: Duration,
-    shutdown: &CancellationToken,
-) -> Vec<OwnedMessage> {
-    let mut batch = Vec::with_capacity(max);
-    loop {
-        let received = tokio::select! {
-            _ = shutdown.cancelled() => return batch,
-            m = consumer.recv() => m,
-        };
-        match received {
-            Ok(m) => {
-                batch.push(m.detach());
-                break;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "kafka receive failed");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return batch,
-                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                }
-            }
-        }
-    }
-    let deadline = tokio::time::Instant::now() + linger;
-    while batch.len() < max {
-        match tokio::time::timeout_at(deadline, consumer.recv()).await {
-            Ok(Ok(m)) => batch.push(m.detach()),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "kafka receive failed");
-                break;
-            }
-            Err(_) => break,
-        }
-    }
-    batch
-}
-
-/// Stores, for each partition in `messages`, the offset after the highest
-/// one. Call only when every message up to it has a durable effect.
-pub fn store_after<C: ConsumerContext + 'static>(consumer: &StreamConsumer<C>, messages: &[OwnedMessage]) {
-    let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
-    for m in messages {
-        let slot = next.entry((m.topic(), m.partition())).or_insert(0);
-        *slot = (*slot).max(m.offset() + 1);
-    }
-    store_offsets(consumer, next.into_iter().map(|((t, p), o)| (t, p, o)));
-}
-
-/// Stores explicit next-offsets. A partition revoked in the meantime refuses
-/// the store; its new owner redelivers, and every effect is idempotent.
-pub fn store_offsets<'a, C: ConsumerContext + 'static>(
-    consumer: &StreamConsumer<C>,
-    next: impl IntoIterator<Item = (&'a str, i32, i64)>,
-) {
-    let mut tpl = TopicPartitionList::new();
-    for (topic, partition, offset) in next {
-        if let Err(e) = tpl.add_partition_offset(topic, partition, Offset::Offset(offset)) {
-            tracing::warn!(error = %e, topic, partition, "bad offset to store");
-        }
-    }
-    if tpl.count() == 0 {
-        return;
-    }
-    if let Err(e) = consumer.store_offsets(&tpl) {
-        tracing::warn!(error = %e, "storing offsets refused; the partition's new owner will redeliver");
-    }
-}
-
-/// Commits what was stored, synchronously, on shutdown.
-pub fn commit_stored<C: ConsumerContext + 'static>(consumer: &StreamConsumer<C>) {
-    match consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
-        Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
-        Err(e) => tracing::warn!(error = %e, "final offset commit failed"),
-    }
 }
 
 /// Sends a record and waits for the broker's acknowledgement.
@@ -312,53 +219,6 @@ pub fn request_id(message: &OwnedMessage) -> Option<String> {
 /// Headers carrying `request_id` on to the next topic.
 pub fn request_id_headers(request_id: Option<&str>) -> Option<OwnedHeaders> {
     request_id.map(|id| OwnedHeaders::new().insert(Header { key: REQUEST_ID_HEADER, value: Some(id) }))
-}
-
-/// Where messages that cannot be processed go, with the reason, so the
-/// partition behind them keeps flowing.
-#[derive(Clone)]
-pub struct DeadLetters {
-    producer: Producer,
-    topic: String,
-    stage: &'static str,
-}
-
-impl DeadLetters {
-    pub fn new(producer: Producer, topic: String, stage: &'static str) -> Self {
-        // The series exists from the start: dashboards show 0, not no data.
-        ::metrics::counter!(metrics::DEAD_LETTERS, "stage" => stage).increment(0);
-        Self { producer, topic, stage }
-    }
-
-    /// Parks a message on the dead-letter topic and waits until the broker
-    /// has it; only then may its offset be stored.
-    pub async fn park(&self, message: &OwnedMessage, reason: &str) -> Result<(), KafkaError> {
-        let partition = message.partition().to_string();
-        let offset = message.offset().to_string();
-        let headers = OwnedHeaders::new()
-            .insert(Header { key: "dropline-dlq-reason", value: Some(reason) })
-            .insert(Header { key: "dropline-dlq-stage", value: Some(self.stage) })
-            .insert(Header { key: "dropline-dlq-topic", value: Some(message.topic()) })
-            .insert(Header { key: "dropline-dlq-partition", value: Some(&partition) })
-            .insert(Header { key: "dropline-dlq-offset", value: Some(&offset) });
-        let mut record = FutureRecord::to(&self.topic).headers(headers);
-        if let Some(key) = message.key() {
-            record = record.key(key);
-        }
-        if let Some(payload) = message.payload() {
-            record = record.payload(payload);
-        }
-        tracing::warn!(
-            stage = self.stage,
-            topic = message.topic(),
-            partition = message.partition(),
-            offset = message.offset(),
-            reason,
-            "message dead-lettered"
-        );
-        ::metrics::counter!(metrics::DEAD_LETTERS, "stage" => self.stage).increment(1);
-        self.producer.send(record, Duration::from_secs(0)).await.map(|_| ()).map_err(|(e, _)| e)
-    }
 }
 
 /// Retries a fallible async step with capped exponential backoff until it

@@ -1,0 +1,161 @@
+//! The README's recovery steps, run exactly as written against a local
+//! stack of their own: a drop runs on `scripts/stack.sh up`, the allocator
+//! and then the settler are killed with SIGKILL mid-flood, and the stack is
+//! recovered with `scripts/stack.sh up`, or with `scripts/stack.sh down`
+//! followed by `up`. Afterwards every invariant must hold: every accepted
+//! purchase decided once, every acknowledged payment one paid order or one
+//! refund record, nothing sold twice.
+//!
+//! Each scenario has its own state folder (so its own broker, on sqlite, as
+//! the local stack runs it by default), ports, database, key prefix and
+//! topics; Redis and MariaDB are the machine's. The binaries must be built
+//! first (`scripts/test.sh` does); the script is told not to build again,
+//! since a nested cargo would wait on this test's own build lock.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::process::free_port;
+use common::{eventually, JWT_SECRET, WEBHOOK_SECRET};
+use dropctl::api::Api;
+use dropctl::drill::{self, DropPlan};
+use dropline::auth::TokenKeys;
+use dropline::stock::Ledger;
+
+struct LocalStack {
+    name: String,
+    state: PathBuf,
+    env: Vec<(&'static str, String)>,
+    api: String,
+    db_url: String,
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+/// Four consecutive free ports for the stages' ops endpoints.
+fn free_port_run() -> u16 {
+    loop {
+        let base = free_port();
+        if base < 60_000 && (1..4).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
+            return base;
+        }
+    }
+}
+
+impl LocalStack {
+    fn new() -> LocalStack {
+        let name = format!("r{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let state = std::env::temp_dir().join(format!("dropline-{name}"));
+        std::fs::create_dir_all(&state).unwrap();
+        let api_port = free_port();
+        let db_url = format!("{}/dropline_{name}", common::mysql_server());
+        let env = vec![
+            ("DROPLINE_STATE_DIR", state.display().to_string()),
+            ("DROPLINE_PROFILE", "debug".into()),
+            ("DROPLINE_SKIP_BUILD", "1".into()),
+            ("KAFKA_PORT", free_port().to_string()),
+            ("PROMETHEUS_PORT", free_port().to_string()),
+            ("DROPLINE_OPS_PORT_BASE", free_port_run().to_string()),
+            ("INGRESS_ADDR", format!("127.0.0.1:{api_port}")),
+            ("PAYSIM_ADDR", format!("127.0.0.1:{}", free_port())),
+            ("DROPLINE_MYSQL_URL", db_url.clone()),
+            ("DROPLINE_REDIS_KEY_PREFIX", name.clone()),
+            ("DROPLINE_TOPIC_PREFIX", name.clone()),
+            ("DROPLINE_TOPIC_PARTITIONS", "2".into()),
+            ("DROPLINE_JWT_SECRET", JWT_SECRET.into()),
+            ("DROPLINE_WEBHOOK_SECRET", WEBHOOK_SECRET.into()),
+            ("DROPLINE_ADMIT_PER_SEC", "100000".into()),
+            ("DROPLINE_ADMIT_BURST", "100000".into()),
+            ("DROPLINE_LOG", "warn".into()),
+        ];
+        LocalStack { name, state, env, api: format!("http://127.0.0.1:{api_port}"), db_url }
+    }
+
+    /// Runs `scripts/stack.sh <args>` as a user would, and insists it
+    /// succeeds.
+    fn stack(&self, args: &[&str]) {
+        let status = Command::new("bash")
+            .arg(repo_root().join("scripts/stack.sh"))
+            .args(args)
+            .current_dir(repo_root())
+            .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
+            .status()
+            .expect("bash runs");
+        assert!(status.success(), "scripts/stack.sh {} failed: {status}", args.join(" "));
+    }
+
+    fn kill9(&self, stage: &str) {
+        let pid = std::fs::read_to_string(self.state.join(format!("{stage}.pid"))).expect("the stage's pid file");
+        let status = Command::new("kill").args(["-9", pid.trim()]).status().unwrap();
+        assert!(status.success(), "kill -9 {stage}");
+    }
+
+    fn ledger(&self) -> Ledger {
+        let pool = deadpool_redis::Config::from_url(common::redis_url())
+            .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+            .unwrap();
+        Ledger::new(pool, &self.name)
+    }
+
+    /// A drop during which the allocator and then the settler die by
+    /// SIGKILL and `recover` brings the stack back.
+    async fn drop_with_recovery(self, scenario: &str, recover: &'static [&'static [&'static str]]) {
+        dropline::telemetry::init_logs();
+        self.stack(&["up"]);
+        let keys = TokenKeys::new(JWT_SECRET.as_bytes());
+        let db = dropline::db::connect(&dropline::config::MysqlArgs { url: self.db_url.clone(), pool_size: 3 })
+            .await
+            .unwrap();
+        let api = Api::new(&self.api).unwrap();
+        let plan = DropPlan {
+            tickets: 40,
+            buyers: 150,
+            concurrency: 8,
+            hold_ttl_secs: 8,
+            per_user_limit: 2,
+            pay_share: 0.4,
+            cancel_share: 0.25,
+            late_pay_share: 0.1,
+            webhook_copies: 3,
+            user_prefix: format!("{scenario}-"),
+        };
+        let probe = db.clone();
+        let ledger = self.ledger();
+        let drop = tokio::spawn(async move { drill::run(&api, &keys, &db, &ledger, &plan).await });
+        eventually("the flood to be under way", Duration::from_secs(60), || {
+            let probe = probe.clone();
+            async move {
+                let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM intents").fetch_one(&probe).await.ok()?;
+                (n >= 10).then_some(())
+            }
+        })
+        .await;
+        self.kill9("allocator");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        self.kill9("settler");
+        for step in recover {
+            self.stack(step);
+        }
+        let report = drop.await.unwrap().unwrap_or_else(|e| panic!("{scenario}: the drop failed: {e:#}"));
+        let verdict = report.verdict.clone().expect("a verdict");
+        println!("{scenario}: invariants\n{verdict}");
+        self.stack(&["down"]);
+        assert!(report.passed(), "{scenario}: {report:#?}\n{verdict}");
+        let _ = std::fs::remove_dir_all(&self.state);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_then_stack_up_as_the_readme_says_loses_nothing() {
+    LocalStack::new().drop_with_recovery("recover-up", &[&["up"]]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_then_stack_down_and_up_as_the_readme_says_loses_nothing() {
+    LocalStack::new().drop_with_recovery("recover-down-up", &[&["down"], &["up"]]).await;
+}
