@@ -54,6 +54,25 @@ event=$(curl -fsS -X POST http://127.0.0.1:8080/v1/admin/events -H "authorizatio
 WRK_TOKEN=$token wrk -t2 -c64 -d"${WRK_SECS}s" -s loadtest/wrk/purchase.lua \
   "http://127.0.0.1:8080/v1/events/$event/purchases" | wrk_json >"$OUT/ingress.json"
 
+# 1b. The cost of the durable broker: the same wrk run with the stack on a
+#     second broker that keeps everything in memory (memory-lossy, for this
+#     comparison only), on its own port and state folder.
+log "ingress on an in-memory broker (memory-lossy), for the durable broker's cost"
+"$DROPLINE_ROOT/scripts/stack.sh" stop-services
+mem_state=$STATE_DIR/$RUN-memory-broker
+mkdir -p "$mem_state"
+mem_port=$((KAFKA_PORT + 100))
+mem_env=(DROPLINE_STATE_DIR="$mem_state" KAFKA_PORT=$mem_port DROPLINE_KAFKA_BROKERS=127.0.0.1:$mem_port
+  DROPLINE_BROKER_STORAGE=memory-lossy DROPLINE_ADMIT_PER_SEC=10000000 DROPLINE_ADMIT_BURST=1000000
+  DROPLINE_USER_PER_SEC=10000000 DROPLINE_USER_BURST=1000000 DROPLINE_SKIP_BUILD=1)
+env "${mem_env[@]}" "$DROPLINE_ROOT/scripts/stack.sh" up
+WRK_TOKEN=$token wrk -t2 -c64 -d"${WRK_SECS}s" -s loadtest/wrk/purchase.lua \
+  "http://127.0.0.1:8080/v1/events/$event/purchases" | wrk_json >"$OUT/ingress_memory.json"
+env "${mem_env[@]}" "$DROPLINE_ROOT/scripts/stack.sh" down
+rm -rf "$mem_state"
+DROPLINE_ADMIT_PER_SEC=10000000 DROPLINE_ADMIT_BURST=1000000 DROPLINE_USER_PER_SEC=10000000 \
+  DROPLINE_USER_BURST=1000000 "$DROPLINE_ROOT/scripts/stack.sh" up
+
 # 2. Kafka: the raw produce rate with the stages' producer settings.
 log "kafka ceiling: raw produce"
 "$BIN/dropctl" ceiling produce --topic "$RUN.produce" --messages 200000 --in-flight 1000 >"$OUT/produce.json"

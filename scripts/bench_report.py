@@ -30,6 +30,7 @@ def cmd(*args):
 
 http_ceiling = load("http_ceiling.json")
 ingress = load("ingress.json")
+ingress_memory = load("ingress_memory.json")
 produce = load("produce.json")
 allocator = load("allocator.json")
 redis = load("redis_ceiling.json")
@@ -43,6 +44,9 @@ ingress_rps = accepted_per_sec(ingress)
 rows = [
     ("Ingress", f"{ingress_rps:,.0f} purchases/s accepted (202, broker acked)",
      f"{ceiling_rps:,.0f} req/s, bare hyper server answering 202", ingress_rps / ceiling_rps),
+    ("Durable broker", f"{ingress_rps:,.0f} purchases/s accepted with the broker on sqlite (the local default)",
+     f"{accepted_per_sec(ingress_memory):,.0f} purchases/s, the same run with the broker in memory (memory-lossy)",
+     ingress_rps / accepted_per_sec(ingress_memory)),
     ("Kafka path", f"{ingress_rps:,.0f} intents/s through the ingress",
      f"{produce['per_sec']:,.0f} msg/s, raw rdkafka produce (idempotent, acks=all, linger 5 ms)",
      ingress_rps / produce["per_sec"]),

@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::{eventually, Options, Stack};
 use dropctl::api::Api;
 use dropctl::drill::{self, DropPlan};
-use dropline::messages::PurchaseIntent;
+use dropline::messages::{Decision, Outcome, PurchaseIntent, RejectReason};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use serde_json::json;
@@ -183,6 +183,54 @@ async fn a_malformed_intent_is_dead_lettered_and_the_partition_keeps_flowing() {
     assert!(String::from_utf8_lossy(reason).contains("undecodable intent"), "{}", String::from_utf8_lossy(reason));
     let stage = headers.iter().find(|h| h.key == "dropline-dlq-stage").and_then(|h| h.value).unwrap();
     assert_eq!(stage, b"allocator");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_the_record_can_never_take_is_dead_lettered_and_the_partition_keeps_flowing() {
+    let stack = Stack::start(Options::default()).await;
+    let event = open_event(&stack, 10, 60).await;
+    let producer = dropline::kafka::producer(&stack.kafka, "test-producer").unwrap();
+    let key = event.to_string();
+    let decision = |user_id: String| Decision {
+        intent_id: Uuid::new_v4(),
+        event_id: event,
+        user_id,
+        quantity: 1,
+        decided_at_ms: dropline::messages::now_ms(),
+        outcome: Outcome::Rejected { reason: RejectReason::SoldOut },
+    };
+    // It decodes, but MySQL refuses the row for its own sake (a user id
+    // longer than the column): retrying can never help.
+    let poison = decision("p".repeat(300));
+    let good = decision("after-poison".into());
+    for d in [&poison, &good] {
+        dropline::kafka::send_acked(&producer, &stack.topics.decisions, &key, &serde_json::to_vec(d).unwrap(), None)
+            .await
+            .unwrap();
+    }
+    eventually("the decision behind the poison", Duration::from_secs(60), || async {
+        (intents_rows(&stack, good.intent_id).await == 1).then_some(())
+    })
+    .await;
+    assert_eq!(intents_rows(&stack, poison.intent_id).await, 0);
+
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", common::brokers())
+        .set("group.id", format!("{}-dlq-reader", stack.name))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&stack.topics.dead_letter]).unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await.expect("a dead letter").unwrap();
+    let parked: Decision = serde_json::from_slice(m.payload().unwrap()).unwrap();
+    assert_eq!(parked.intent_id, poison.intent_id);
+    let header = |name: &str| {
+        let h = m.headers().expect("dead letters carry headers");
+        h.iter().find(|h| h.key == name).and_then(|h| h.value).map(|v| String::from_utf8_lossy(v).into_owned())
+    };
+    assert_eq!(header("dropline-dlq-stage").as_deref(), Some("settler"));
+    assert_eq!(header("dropline-dlq-kind").as_deref(), Some("unappliable"));
     stack.stop().await;
 }
 
