@@ -27,6 +27,7 @@ use rdkafka::consumer::Consumer;
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::FutureRecord;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 /// Where the ops endpoints listen unless configured.
 pub const DEFAULT_OPS_PORT: u16 = 9101;
@@ -55,6 +56,8 @@ pub enum AllocatorError {
 const MAX_QUANTITY: u32 = 100;
 
 struct Allocator {
+    /// This allocator's name in the events' in-flight marks.
+    instance: String,
     ledger: Ledger,
     watch: Arc<StockWatch>,
     producer: kafka::Producer,
@@ -89,7 +92,8 @@ pub async fn run(config: AllocatorConfig, shutdown: CancellationToken) -> Result
     let watch = Arc::new(StockWatch::default());
     tokio::spawn(watch.clone().sample(ledger.clone(), Duration::from_secs(2), shutdown.clone()));
     let dead_letters = DeadLetters::new(producer.clone(), topics.dead_letter.clone(), "allocator");
-    let allocator = Allocator { ledger, watch, producer, topics };
+    let instance = format!("{}-{}", config.kafka.instance_id("allocator-consumer").unwrap_or_default(), Uuid::new_v4());
+    let allocator = Allocator { instance, ledger, watch, producer, topics };
     ready.set(true);
     tracing::info!("allocator consuming");
 
@@ -142,12 +146,19 @@ impl kafka::BatchStage for Allocator {
                 .iter()
                 .map(|(i, _)| Claim { intent_id: i.intent_id, user_id: &i.user_id, quantity: i.quantity })
                 .collect();
+            // Marked before deciding, so a rebuild fenced after this
+            // decision waits until Kafka has it.
+            self.ledger.publishing(*event_id, &self.instance).await?;
             let started = Instant::now();
             let result = self.ledger.allocate(*event_id, &claims).await;
             ::metrics::histogram!(LUA_DURATION).record(started.elapsed().as_secs_f64());
             let verdicts = match result {
                 Ok(v) => v,
                 Err(e) => {
+                    // Nothing of this event was decided now; a rebuild
+                    // must not wait for us. (What an earlier attempt decided
+                    // and failed to publish is decided again on retry.)
+                    self.ledger.published(*event_id, &self.instance).await?;
                     ::metrics::counter!(LEDGER_ERRORS, "kind" => ledger_error_kind(&e)).increment(1);
                     if matches!(e, LedgerError::NoLedger(_) | LedgerError::Damaged(..)) {
                         // The settlers' reconciler rebuilds it from MySQL.
@@ -169,7 +180,15 @@ impl kafka::BatchStage for Allocator {
                 outgoing.extend(self.messages_for(&decision, request_id.as_deref()));
             }
         }
+        // A publish lasts at most the producer's message timeout, which the
+        // rebuild's grace exceeds, so the mark stays fresh while it runs.
+        for event_id in by_event.keys() {
+            self.ledger.publishing(*event_id, &self.instance).await?;
+        }
         self.publish(&outgoing).await?;
+        for event_id in by_event.keys() {
+            self.ledger.published(*event_id, &self.instance).await?;
+        }
         Ok(())
     }
 }
@@ -257,7 +276,7 @@ fn outcome_label(outcome: &Outcome) -> &'static str {
 fn ledger_error_kind(e: &LedgerError) -> &'static str {
     match e {
         LedgerError::NoLedger(_) => "no_ledger",
-        LedgerError::Fenced(_) => "fenced",
+        LedgerError::Fenced(_) | LedgerError::FenceLost(_) => "fenced",
         LedgerError::Pool(_) | LedgerError::Redis(_) => "redis",
         LedgerError::Damaged(..) => "damaged",
         LedgerError::Corrupt(_) => "corrupt",

@@ -230,10 +230,14 @@ async fn main() -> anyhow::Result<()> {
                 catch_up_timeout: Duration::from_secs(timeout_secs),
                 fence_ttl_secs: timeout_secs + 60,
             };
+            let producer = dropline::kafka::producer(&kafka, "dropctl-producer")?;
+            let topics = kafka.topics();
+            let publisher = dropline_settler::rebuild::Publisher { producer: &producer, topics: &topics };
             let levels = dropline_settler::rebuild::rebuild(
                 &db,
                 &ledger,
                 &kafka,
+                &publisher,
                 &options,
                 event,
                 "an operator asked (dropctl rebuild)",

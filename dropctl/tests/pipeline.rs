@@ -708,3 +708,59 @@ async fn a_ledger_that_lost_writes_cannot_break_the_per_user_limit() {
     assert!(verdict.all_hold(), "{verdict}");
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_keeps_a_payment_whose_order_event_was_lost() {
+    let stack = Stack::start(Options::default()).await;
+    let api = Api::new(&stack.api).unwrap();
+    let event = open_event(&stack, 3, 120).await;
+    let (order, held) = buy_and_wait(&stack, &api, "payer", event, 1).await;
+    assert_eq!(held["status"], "held");
+    wait_order_state(&stack, order, "held").await;
+    // The hold script records the payment, and the publish that should have
+    // told the settler is lost (the broker failed; the provider was told to
+    // retry). MySQL still has the order held.
+    let paid = stack.ledger.pay(event, order, "pay-lost-publish").await.unwrap();
+    assert!(matches!(paid, dropline::stock::PayOutcome::Paid(_)), "{paid:?}");
+    // A rebuild from MySQL alone would put the unit back on hold.
+    stack.ledger.request_rebuild(event, "test: a rebuild while an order event is lost").await.unwrap();
+    wait_order_state(&stack, order, "paid").await;
+    let hold = stack.ledger.hold(event, order).await.unwrap().expect("the hold is in the ledger");
+    assert_eq!(hold.state, dropline::messages::OrderState::Paid);
+    let levels = stack.ledger.levels(event).await.unwrap().unwrap();
+    assert_eq!((levels.available, levels.held, levels.sold), (2, 0, 1), "{levels:?}");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prewarm_after_the_opening_rebuilds_a_lost_ledger_instead_of_refilling_it() {
+    let stack = Stack::start(Options::default()).await;
+    let api = Api::new(&stack.api).unwrap();
+    let event = open_event(&stack, 4, 120).await;
+    let (order, _) = buy_and_wait(&stack, &api, "early", event, 1).await;
+    wait_order_state(&stack, order, "held").await;
+    // Redis loses the event's keys mid-sale.
+    let keys = dropline::stock::EventKeys::new(&stack.name, event);
+    let mut conn = stack.ledger.pool().get().await.unwrap();
+    let _: i64 = deadpool_redis::redis::cmd("DEL")
+        .arg(&[&keys.stock, &keys.users, &keys.decisions, &keys.holds, &keys.free])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let answer = reqwest::Client::new()
+        .post(format!("{}/v1/admin/events/{event}/prewarm", stack.api))
+        .bearer_auth(stack.admin_token())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 202);
+    let body: serde_json::Value = answer.json().await.unwrap();
+    assert_eq!(body["rebuild_requested"], true, "{body}");
+    // Rebuilt from the record: the early buyer's unit stays taken.
+    let levels = eventually("the ledger rebuilt from MySQL", Duration::from_secs(60), || async {
+        stack.ledger.levels(event).await.ok().flatten()
+    })
+    .await;
+    assert_eq!((levels.available, levels.held, levels.sold), (3, 1, 0), "{levels:?}");
+    stack.stop().await;
+}

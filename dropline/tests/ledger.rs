@@ -334,3 +334,57 @@ async fn released_units_are_handed_out_again_and_paid_ones_never() {
     assert!(matches!(sold_out[0], Verdict::Rejected { reason: RejectReason::SoldOut, .. }), "{sold_out:?}");
     assert_eq!(ledger.damage(event).await.unwrap(), None);
 }
+
+#[tokio::test]
+async fn a_fence_is_renewed_restored_under_and_lifted_only_by_its_owner() {
+    let ledger = ledger();
+    let id = event(&ledger, 10, 2, 60_000).await;
+    let fence = ledger.fence(id, 30).await.unwrap().expect("the event was not fenced");
+    assert!(ledger.fence(id, 30).await.unwrap().is_none(), "a second rebuild must not fence again");
+    assert!(ledger.renew_fence(&fence, 30).await.unwrap());
+
+    // The fence expires (a rebuild that stalled) and another rebuild takes
+    // it: the first may neither renew, restore under, nor lift it.
+    let mut conn = ledger.pool().get().await.unwrap();
+    let key = dropline::stock::EventKeys::new("dltest", id).fence;
+    let _: () = deadpool_redis::redis::cmd("DEL").arg(&key).query_async(&mut conn).await.unwrap();
+    let second = ledger.fence(id, 30).await.unwrap().expect("the expired fence is free");
+    assert!(!ledger.renew_fence(&fence, 30).await.unwrap());
+    let rules = SaleRules {
+        capacity: 10,
+        per_user_limit: 2,
+        hold_ttl_ms: 60_000,
+        opens_at_ms: now_ms() - 1_000,
+        closes_at_ms: now_ms() + 600_000,
+        price_cents: 2_500,
+        retain_until_ms: now_ms() + 600_000,
+    };
+    let restore = dropline::stock::Restore { rules, holds: Vec::new(), decisions: Vec::new() };
+    let before = ledger.levels(id).await.unwrap();
+    let lost = ledger.restore(&fence, &restore).await;
+    assert!(matches!(lost, Err(dropline::stock::LedgerError::FenceLost(e)) if e == id), "{lost:?}");
+    assert_eq!(ledger.levels(id).await.unwrap(), before, "a restore without its fence changed the ledger");
+    assert!(!ledger.unfence(&fence).await.unwrap());
+    let still: Option<String> = deadpool_redis::redis::cmd("GET").arg(&key).query_async(&mut conn).await.unwrap();
+    assert!(still.is_some(), "the first rebuild lifted the second one's fence");
+
+    // Its owner restores and lifts it.
+    ledger.restore(&second, &restore).await.unwrap();
+    assert!(ledger.unfence(&second).await.unwrap());
+    assert!(ledger.fence(id, 30).await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn in_flight_marks_count_until_published_or_stale() {
+    let ledger = ledger();
+    let id = event(&ledger, 10, 2, 60_000).await;
+    assert_eq!(ledger.in_flight(id, 5_000).await.unwrap(), 0);
+    ledger.publishing(id, "allocator-a").await.unwrap();
+    ledger.publishing(id, "allocator-b").await.unwrap();
+    assert_eq!(ledger.in_flight(id, 5_000).await.unwrap(), 2);
+    ledger.published(id, "allocator-a").await.unwrap();
+    assert_eq!(ledger.in_flight(id, 5_000).await.unwrap(), 1);
+    // A mark not renewed within the grace belongs to a dead allocator (with
+    // no grace at all, every mark is stale).
+    assert_eq!(ledger.in_flight(id, 0).await.unwrap(), 0);
+}

@@ -157,7 +157,12 @@ impl kafka::BatchStage for Settler {
     async fn apply(&self, items: &[(Settle, &OwnedMessage)]) -> Result<(), WriteError> {
         let mut batch = Batch::default();
         for (item, m) in items {
-            tracing::debug!(request_id = kafka::request_id(m).as_deref(), topic = m.topic(), offset = m.offset(), "settling");
+            tracing::debug!(
+                request_id = kafka::request_id(m).as_deref(),
+                topic = m.topic(),
+                offset = m.offset(),
+                "settling"
+            );
             match item {
                 Settle::Decision(d) => batch.add_decision(d.clone()),
                 Settle::OrderEvent(e) => batch.add_order_event(e.clone()),

@@ -6,8 +6,11 @@
 //! The order of steps is what makes it safe:
 //! 1. Fence the event: allocation and hold changes are refused (the stages
 //!    retry), so nothing new is decided while the ledger is rebuilt.
-//! 2. Wait out the allocators' in-flight publishes: a decision taken just
-//!    before the fence reaches Kafka within the producer's message timeout.
+//! 2. Wait out the allocators' in-flight publishes: an allocator marks an
+//!    event in Redis before it decides and unmarks it once Kafka has the
+//!    decisions, so a decision taken before the fence is on Kafka when the
+//!    mark is gone. A mark not renewed for `in_flight_grace` belongs to an
+//!    allocator that died.
 //! 3. Wait until the settler group has committed past every decision and
 //!    order event on Kafka at that point: MySQL then has them all.
 //! 4. Read the event, its orders with their units, payments and decided
@@ -19,8 +22,10 @@
 //!
 //! If a step fails the fence is lifted and nothing was changed; the rebuild
 //! can simply run again. Only one rebuild of an event runs at a time (the
-//! fence is taken only if free); a rebuild that dies leaves the fence to
-//! expire after `fence_ttl_secs`.
+//! fence is taken only if free, with a token of its own). The fence is
+//! renewed while the rebuild runs, so a slow one keeps it; a rebuild that
+//! dies leaves it to expire after `fence_ttl_secs`. The restore applies only
+//! under the rebuild's own fence, and only its owner lifts it.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -40,8 +45,9 @@ use uuid::Uuid;
 pub struct RebuildOptions {
     /// The settler consumer group whose progress proves MySQL is complete.
     pub settler_group: String,
-    /// Longest an allocator's decision can still be on its way to Kafka
-    /// after the fence (its producer's message timeout, plus a margin).
+    /// How long an allocator's in-flight mark counts without renewal: past
+    /// it, the allocator is taken for dead (its producer's message timeout,
+    /// plus a margin).
     pub in_flight_grace: Duration,
     /// How long to wait for the settlers to catch up.
     pub catch_up_timeout: Duration,
@@ -62,8 +68,17 @@ pub enum RebuildError {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("the settlers did not catch up within {0:?}")]
     NotCaughtUp(Duration),
+    #[error("allocators were still publishing decisions of the event after {0:?}")]
+    StillPublishing(Duration),
     #[error("the record is inconsistent: {0}")]
     Record(String),
+}
+
+/// Where a rebuild publishes the holds Redis ended and MySQL does not know
+/// of yet.
+pub struct Publisher<'a> {
+    pub producer: &'a dropline::kafka::Producer,
+    pub topics: &'a Topics,
 }
 
 /// Rebuilds `event_id`'s ledger; returns the counters it was rebuilt with.
@@ -71,6 +86,7 @@ pub async fn rebuild(
     db: &MySqlPool,
     ledger: &Ledger,
     kafka: &KafkaArgs,
+    publisher: &Publisher<'_>,
     options: &RebuildOptions,
     event_id: u64,
     why: &str,
@@ -78,21 +94,42 @@ pub async fn rebuild(
     let event = Event::load(db, event_id).await?.ok_or(RebuildError::UnknownEvent(event_id))?;
     let before = ledger.levels(event_id).await?;
     tracing::warn!(event_id, ?before, why, "rebuilding the event's ledger from MySQL; sales of the event are fenced");
-    if !ledger.fence(event_id, options.fence_ttl_secs).await? {
+    let Some(fence) = ledger.fence(event_id, options.fence_ttl_secs).await? else {
         return Err(RebuildError::InProgress(event_id));
-    }
-    let rebuilt = async {
-        tokio::time::sleep(options.in_flight_grace).await;
+    };
+    let steps = async {
+        wait_for_allocators(ledger, event_id, options).await?;
+        carry_forward(db, ledger, publisher, event_id).await?;
         wait_for_settlers(kafka, &kafka.topics(), &options.settler_group, options.catch_up_timeout).await?;
         let restore = load(db, &event).await?;
         let old = ledger.holds(event_id).await?;
-        let levels = ledger.restore(event_id, &restore).await?;
+        let levels = ledger.restore(&fence, &restore).await?;
         Ok::<_, RebuildError>((restore, old, levels))
-    }
-    .await;
+    };
+    // Renew the fence at a third of its lifetime while the steps run.
+    let renew_every = Duration::from_secs((options.fence_ttl_secs / 3).max(1));
+    let renewing = async {
+        loop {
+            tokio::time::sleep(renew_every).await;
+            match ledger.renew_fence(&fence, options.fence_ttl_secs).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::error!(event_id, "the rebuild's fence was lost; the restore will not apply");
+                    std::future::pending::<()>().await;
+                }
+                Err(e) => tracing::warn!(error = %e, event_id, "renewing the rebuild's fence failed"),
+            }
+        }
+    };
+    let rebuilt = tokio::select! {
+        r = steps => r,
+        _ = renewing => unreachable!("renewal never finishes"),
+    };
     // Lifted either way: a rebuild that failed changed nothing (the restore
     // is one MULTI/EXEC), and the next attempt fences again.
-    ledger.unfence(event_id).await?;
+    if !ledger.unfence(&fence).await? {
+        tracing::warn!(event_id, "the rebuild's fence had expired before it was lifted");
+    }
     let (restore, old, levels) = rebuilt?;
     let changes = log_changes(event_id, &old, &restore);
     tracing::warn!(
@@ -132,6 +169,62 @@ fn log_changes(event_id: u64, old: &HashMap<Uuid, Hold>, restore: &Restore) -> u
         }
     }
     changed
+}
+
+/// Publishes every hold that Redis has ended (paid, cancelled, expired) while
+/// MySQL still has it held, before the ledger is rebuilt from MySQL. Such a
+/// hold's own order event was lost (the publish after a payment, a cancel
+/// or an expiry failed, and its caller was told to retry), and rebuilding
+/// from MySQL alone would put its units back on hold over an outcome that
+/// happened. The settler's upserts only move an order forward, so this is
+/// harmless for a hold whose event is merely late.
+async fn carry_forward(
+    db: &MySqlPool,
+    ledger: &Ledger,
+    publisher: &Publisher<'_>,
+    event_id: u64,
+) -> Result<(), RebuildError> {
+    let held: Vec<(String,)> = sqlx::query_as("SELECT order_id FROM orders WHERE event_id = ? AND state = 'held'")
+        .bind(event_id)
+        .fetch_all(db)
+        .await?;
+    if held.is_empty() {
+        return Ok(());
+    }
+    let held: std::collections::HashSet<String> = held.into_iter().map(|(id,)| id).collect();
+    let mut carried = 0;
+    for (order_id, hold) in ledger.holds(event_id).await? {
+        let id = order_id.to_string();
+        if !hold.state.is_final() || !held.contains(&id) {
+            continue;
+        }
+        let event = hold.order_event(order_id, event_id, None);
+        let payload = serde_json::to_vec(&event).expect("messages serialize");
+        dropline::kafka::send_acked(publisher.producer, &publisher.topics.order_events, &id, &payload, None).await?;
+        carried += 1;
+    }
+    if carried > 0 {
+        tracing::warn!(
+            event_id,
+            carried,
+            "published holds Redis had ended and MySQL did not know of, before the rebuild"
+        );
+    }
+    Ok(())
+}
+
+/// Waits until no allocator is publishing decisions of the event it took
+/// before the fence.
+async fn wait_for_allocators(ledger: &Ledger, event_id: u64, options: &RebuildOptions) -> Result<(), RebuildError> {
+    let stale_after_ms = options.in_flight_grace.as_millis() as i64;
+    let deadline = tokio::time::Instant::now() + options.catch_up_timeout;
+    while ledger.in_flight(event_id, stale_after_ms).await? > 0 {
+        if tokio::time::Instant::now() >= deadline {
+            return Err(RebuildError::StillPublishing(options.catch_up_timeout));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
 }
 
 /// Waits until the settler group's committed offsets reach the end of

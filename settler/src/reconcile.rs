@@ -313,10 +313,12 @@ impl Reconciler {
     }
 
     async fn repair(&self, event_id: u64, why: &Repair) -> Result<(), crate::rebuild::RebuildError> {
+        let publisher = crate::rebuild::Publisher { producer: &self.producer, topics: &self.topics };
         let rebuilt = crate::rebuild::rebuild(
             &self.db,
             &self.ledger,
             &self.kafka,
+            &publisher,
             &self.options.rebuild,
             event_id,
             &why.to_string(),

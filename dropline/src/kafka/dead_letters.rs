@@ -61,4 +61,3 @@ impl DeadLetters {
         self.producer.send(record, Duration::from_secs(0)).await.map(|_| ()).map_err(|(e, _)| e)
     }
 }
-

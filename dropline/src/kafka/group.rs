@@ -137,8 +137,7 @@ pub fn watch(
 ) -> Result<(), rdkafka::error::KafkaError> {
     // Its own client: describing a group is a blocking call, and it must not
     // share the consumer's queue.
-    let probe: BaseConsumer =
-        ClientConfig::new().set("bootstrap.servers", &args.brokers).create()?;
+    let probe: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &args.brokers).create()?;
     let group = group_id.to_owned();
     let assignment = context.assignment.clone();
     let ready = context.ready.clone();

@@ -9,7 +9,6 @@ mod batch;
 mod dead_letters;
 mod group;
 
-
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -56,7 +55,10 @@ pub mod metrics {
         );
         describe_gauge!(CLIENT_QUEUE, "Messages waiting in the client's local queues (a producer's unsent messages).");
         describe_counter!(DEAD_LETTERS, "Messages parked on the dead-letter topic, by stage and reason.");
-        describe_gauge!(ASSIGNED_PARTITIONS, "Partitions this consumer holds now; a consumer stage is ready only above 0.");
+        describe_gauge!(
+            ASSIGNED_PARTITIONS,
+            "Partitions this consumer holds now; a consumer stage is ready only above 0."
+        );
         describe_gauge!(
             UNOWNED_PARTITIONS,
             "Partitions of the consumer's topics that no member of its group owns, as the group describes itself."

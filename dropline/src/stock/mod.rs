@@ -17,6 +17,15 @@ use crate::messages::{now_ms, OrderEvent, OrderState, PaymentRecord, RejectReaso
 static PREWARM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/prewarm.lua")));
 static ALLOCATE: LazyLock<Script> =
     LazyLock::new(|| Script::new(concat!(include_str!("lua/guard.lua"), include_str!("lua/allocate.lua"))));
+/// Renews or lifts a fence only if it is still the caller's: a rebuild whose
+/// fence expired must not renew or delete the next rebuild's.
+static FENCE_OWNED: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+          if ARGV[2] == 'lift' then redis.call('DEL', KEYS[1]) else redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+          return 1",
+    )
+});
 static HOLD: LazyLock<Script> =
     LazyLock::new(|| Script::new(concat!(include_str!("lua/guard.lua"), include_str!("lua/hold.lua"))));
 
@@ -30,6 +39,10 @@ pub struct EventKeys {
     pub fence: String,
     /// Unit numbers released by ended holds, handed out again first.
     pub free: String,
+    /// Allocators' decisions on their way to Kafka: batch token -> when the
+    /// allocator last said it is still publishing (ms). A rebuild waits for
+    /// it to empty (see [`Ledger::publishing`]).
+    pub in_flight: String,
 }
 
 impl EventKeys {
@@ -42,6 +55,7 @@ impl EventKeys {
             holds: format!("{tag}:holds"),
             fence: format!("{tag}:fence"),
             free: format!("{tag}:free"),
+            in_flight: format!("{tag}:in-flight"),
         }
     }
 }
@@ -196,6 +210,8 @@ pub enum LedgerError {
     NoLedger(u64),
     #[error("event {0}'s ledger is fenced for a rebuild")]
     Fenced(u64),
+    #[error("event {0}'s rebuild lost its fence (it expired); nothing was restored")]
+    FenceLost(u64),
     #[error("event {0}'s ledger is damaged ({1}); it must be rebuilt")]
     Damaged(u64, String),
     #[error("redis pool: {0}")]
@@ -211,6 +227,13 @@ impl LedgerError {
     pub fn is_transient(&self) -> bool {
         !matches!(self, LedgerError::Corrupt(_))
     }
+}
+
+/// A rebuild's hold on an event's fence.
+#[derive(Debug)]
+pub struct Fence {
+    pub event_id: u64,
+    token: String,
 }
 
 /// The stock ledger of every event, on a Redis pool.
@@ -332,33 +355,88 @@ impl Ledger {
     }
 
     /// Fences an event: allocation and hold changes are refused until
-    /// [`Ledger::unfence`] (or `ttl_secs`, so a crashed rebuild does not
-    /// stop the sale for good). Returns false, fencing nothing, when the
-    /// event is fenced already: another rebuild is under way.
-    pub async fn fence(&self, event_id: u64, ttl_secs: u64) -> Result<bool, LedgerError> {
+    /// [`Ledger::unfence`], or `ttl_secs` after the last
+    /// [`Ledger::renew_fence`], so a crashed rebuild does not stop the sale
+    /// for good. `None`, fencing nothing, when the event is fenced already:
+    /// another rebuild is under way. The fence carries a token of its
+    /// owner's, so only its owner renews, restores under it or lifts it.
+    pub async fn fence(&self, event_id: u64, ttl_secs: u64) -> Result<Option<Fence>, LedgerError> {
         let keys = self.keys(event_id);
+        let token = Uuid::new_v4().simple().to_string();
         let mut conn = self.pool.get().await?;
         let set: Option<String> = redis::cmd("SET")
             .arg(&keys.fence)
-            .arg("rebuilding")
+            .arg(&token)
             .arg("NX")
             .arg("EX")
             .arg(ttl_secs)
             .query_async(&mut conn)
             .await?;
-        Ok(set.is_some())
+        Ok(set.map(|_| Fence { event_id, token }))
     }
 
-    pub async fn unfence(&self, event_id: u64) -> Result<(), LedgerError> {
+    /// Extends the fence by `ttl_secs`; false if it is no longer ours.
+    pub async fn renew_fence(&self, fence: &Fence, ttl_secs: u64) -> Result<bool, LedgerError> {
+        self.fence_owned(fence, &ttl_secs.to_string()).await
+    }
+
+    /// Lifts the fence if it is still ours; false if it had expired (and
+    /// perhaps been taken by another rebuild, whose fence stays).
+    pub async fn unfence(&self, fence: &Fence) -> Result<bool, LedgerError> {
+        self.fence_owned(fence, "lift").await
+    }
+
+    async fn fence_owned(&self, fence: &Fence, action: &str) -> Result<bool, LedgerError> {
+        let keys = self.keys(fence.event_id);
+        let mut conn = self.pool.get().await?;
+        let done: i64 = FENCE_OWNED.key(&keys.fence).arg(&fence.token).arg(action).invoke_async(&mut conn).await?;
+        Ok(done == 1)
+    }
+
+    /// An allocator is about to decide intents of `event_id` and publish
+    /// the decisions: until [`Ledger::published`], a rebuild of the event
+    /// waits (a decision taken before the fence must reach Kafka, and so
+    /// MySQL, before the ledger is rebuilt from MySQL). Called again on
+    /// every retry, so a live allocator's entry never goes stale.
+    pub async fn publishing(&self, event_id: u64, token: &str) -> Result<(), LedgerError> {
         let keys = self.keys(event_id);
         let mut conn = self.pool.get().await?;
-        let _: () = conn.del(&keys.fence).await?;
+        let _: () = redis::pipe()
+            .hset(&keys.in_flight, token, now_ms())
+            .ignore()
+            // The entries die with the event's ledger at the latest.
+            .expire(&keys.in_flight, 86_400)
+            .ignore()
+            .query_async(&mut conn)
+            .await?;
         Ok(())
     }
 
+    /// The decisions of `token` are acknowledged by Kafka (or were never
+    /// taken).
+    pub async fn published(&self, event_id: u64, token: &str) -> Result<(), LedgerError> {
+        let keys = self.keys(event_id);
+        let mut conn = self.pool.get().await?;
+        let _: () = conn.hdel(&keys.in_flight, token).await?;
+        Ok(())
+    }
+
+    /// Allocators' publishes of `event_id` still under way: entries renewed
+    /// within `stale_after_ms`. An older one belongs to an allocator that
+    /// died; whatever it had sent reached the broker long ago or never will.
+    pub async fn in_flight(&self, event_id: u64, stale_after_ms: i64) -> Result<usize, LedgerError> {
+        let keys = self.keys(event_id);
+        let mut conn = self.pool.get().await?;
+        let entries: std::collections::HashMap<String, i64> = conn.hgetall(&keys.in_flight).await?;
+        let now = now_ms();
+        Ok(entries.values().filter(|at| now - **at < stale_after_ms).count())
+    }
+
     /// Replaces an event's ledger with `restore`, in one MULTI/EXEC, so no
-    /// reader sees half of it. Call only while the event is fenced.
-    pub async fn restore(&self, event_id: u64, restore: &Restore) -> Result<StockLevels, LedgerError> {
+    /// reader sees half of it, and only while `fence` is still the event's:
+    /// a rebuild that lost its fence (it expired) changes nothing.
+    pub async fn restore(&self, fence: &Fence, restore: &Restore) -> Result<StockLevels, LedgerError> {
+        let event_id = fence.event_id;
         let keys = self.keys(event_id);
         let levels = restore.levels();
         let rules = &restore.rules;
@@ -418,7 +496,15 @@ impl Ledger {
             pipe.cmd("PEXPIREAT").arg(key).arg(rules.retain_until_ms).ignore();
         }
         let mut conn = self.pool.get().await?;
-        let _: () = pipe.query_async(&mut conn).await?;
+        // Optimistic: EXEC does nothing if the fence changed since WATCH.
+        let _: () = redis::cmd("WATCH").arg(&keys.fence).query_async(&mut conn).await?;
+        let current: Option<String> = conn.get(&keys.fence).await?;
+        if current.as_deref() != Some(fence.token.as_str()) {
+            let _: () = redis::cmd("UNWATCH").query_async(&mut conn).await?;
+            return Err(LedgerError::FenceLost(event_id));
+        }
+        let applied: Option<()> = pipe.query_async(&mut conn).await?;
+        applied.ok_or(LedgerError::FenceLost(event_id))?;
         Ok(levels)
     }
 

@@ -52,6 +52,17 @@ pub async fn prewarm(
     let id = extract::event_id(&raw_id)?;
     let event = app.events.get(id).await.map_err(|e| Problem::unavailable("mysql", &e))?;
     let event = event.ok_or(ErrorCode::EventNotFound)?;
+    // Once the sale has opened, a missing ledger is one Redis lost: a
+    // fresh one would sell again what MySQL has sold. Only a rebuild from
+    // the record may bring it back, so that is what is asked for.
+    let present = app.events.levels(id).await.map_err(|e| Problem::unavailable("redis", &e))?.is_some();
+    if !present && chrono::Utc::now() >= event.sale_opens_at {
+        let why = "an admin asked to pre-warm a missing ledger after the sale opened";
+        app.ledger.request_rebuild(id, why).await.map_err(|e| Problem::unavailable("redis", &e))?;
+        tracing::warn!(event_id = id, "pre-warm after the opening: a rebuild from MySQL was requested instead");
+        let body = serde_json::json!({ "event_id": id, "created": false, "rebuild_requested": true });
+        return Ok((StatusCode::ACCEPTED, Json(body)).into_response());
+    }
     let created = app.events.prewarm(&event).await.map_err(|e| Problem::unavailable("redis", &e))?;
     let availability = app.events.levels(id).await.map_err(|e| Problem::unavailable("redis", &e))?;
     Ok(Json(serde_json::json!({ "event_id": id, "created": created, "availability": availability })).into_response())
