@@ -26,8 +26,11 @@ pub struct AllocatorConfig {
     pub ops: OpsArgs,
 }
 
-impl AllocatorConfig {
-    pub fn validate(&self) -> Result<(), ConfigError> {
+impl dropline::stage::StageConfig for AllocatorConfig {
+    const NAME: &'static str = "allocator";
+    const DEFAULT_OPS_PORT: u16 = crate::DEFAULT_OPS_PORT;
+
+    fn validate(&self) -> Result<(), ConfigError> {
         let mut p = Problems::default();
         self.kafka.check(&mut p);
         self.redis.check(&mut p);
@@ -43,7 +46,7 @@ impl AllocatorConfig {
         p.into_result()
     }
 
-    pub fn log_effective(&self) {
+    fn log_effective(&self) {
         tracing::info!(
             group_id = %self.group_id,
             batch_max = self.batch_max,
@@ -55,6 +58,14 @@ impl AllocatorConfig {
             "allocator config"
         );
     }
+
+    fn ops(&self) -> &OpsArgs {
+        &self.ops
+    }
+
+    fn describe_metrics() {
+        crate::metrics::describe();
+    }
 }
 
 #[cfg(test)]
@@ -62,6 +73,7 @@ mod tests {
     use clap::CommandFactory;
 
     use super::*;
+    use dropline::stage::StageConfig;
 
     #[test]
     fn the_command_line_is_well_formed_and_the_defaults_validate() {

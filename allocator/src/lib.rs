@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use dropline::kafka::{self, DeadLetters};
 use dropline::messages::{now_ms, Decision, HoldExpiry, Outcome, PurchaseIntent, Topics};
-use dropline::ops::Readiness;
+use dropline::stage::Stage;
 use dropline::stock::{Claim, Ledger, LedgerError, Verdict};
 use futures::future::join_all;
 use rdkafka::consumer::Consumer;
@@ -40,15 +40,13 @@ use crate::stock::StockWatch;
 #[derive(Debug, thiserror::Error)]
 pub enum AllocatorError {
     #[error(transparent)]
-    Config(#[from] dropline::config::ConfigError),
+    Stage(#[from] dropline::stage::StageError),
     #[error("redis pool: {0}")]
     RedisPool(#[from] deadpool_redis::CreatePoolError),
     #[error(transparent)]
     KafkaSetup(#[from] kafka::KafkaSetupError),
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
-    #[error("ops server: {0}")]
-    Io(#[from] std::io::Error),
 }
 
 /// Largest quantity an intent may carry; the ingress enforces the event's
@@ -65,16 +63,7 @@ struct Allocator {
 }
 
 pub async fn run(config: AllocatorConfig, shutdown: CancellationToken) -> Result<(), AllocatorError> {
-    config.validate()?;
-    config.log_effective();
-    // The recorder first: metrics described or created before it exists
-    // would go nowhere.
-    let prometheus = dropline::telemetry::metrics();
-    metrics::describe();
-    kafka::metrics::describe();
-    let ready = Readiness::default();
-    let ops = config.ops.addr_or(DEFAULT_OPS_PORT);
-    dropline::ops::serve(ops, ready.clone(), prometheus, shutdown.clone()).await?;
+    let ready = Stage::start(&config, &shutdown).await?.ready;
     let topics = config.kafka.topics();
     kafka::ensure_topics(&config.kafka, &topics.all()).await?;
     let producer = kafka::producer(&config.kafka, "allocator-producer")?;

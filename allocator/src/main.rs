@@ -1,11 +1,8 @@
-use clap::Parser;
+use std::process::ExitCode;
+
 use dropline_allocator::AllocatorConfig;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    dropline::telemetry::init_logs();
-    let config = AllocatorConfig::parse();
-    let shutdown = dropline::shutdown::on_signals();
-    dropline_allocator::run(config, shutdown).await?;
-    Ok(())
+async fn main() -> ExitCode {
+    dropline::stage::main::<AllocatorConfig, _, _, _>(dropline_allocator::run).await
 }

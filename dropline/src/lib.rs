@@ -6,11 +6,13 @@
 //!   it (allocate, pay, cancel, expire).
 //! - [`db`]: the MySQL pool and the schema's migrations; [`events`]: events
 //!   as the record keeps them and the sale rules they load into the ledger.
-//! - [`kafka`]: producer and consumer setup, batching, offset storage and the
-//!   dead-letter topic.
+//! - [`kafka`]: producer and consumer setup, the one batch-consumer loop,
+//!   group membership and readiness, offset storage and the dead-letter
+//!   topic.
 //! - [`payments`]: the payment provider's webhook body and HMAC signature.
 //! - [`auth`]: buyers' and admins' bearer tokens.
-//! - [`config`], [`telemetry`], [`ops`], [`shutdown`]: how every stage is
+//! - [`stage`]: the stage kit, one start-up and one `main` for every stage;
+//!   [`config`], [`telemetry`], [`ops`], [`shutdown`]: how every stage is
 //!   configured, observed, probed and stopped.
 
 pub mod auth;
@@ -22,5 +24,6 @@ pub mod messages;
 pub mod ops;
 pub mod payments;
 pub mod shutdown;
+pub mod stage;
 pub mod stock;
 pub mod telemetry;

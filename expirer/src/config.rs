@@ -23,8 +23,11 @@ pub struct ExpirerConfig {
     pub ops: OpsArgs,
 }
 
-impl ExpirerConfig {
-    pub fn validate(&self) -> Result<(), ConfigError> {
+impl dropline::stage::StageConfig for ExpirerConfig {
+    const NAME: &'static str = "expirer";
+    const DEFAULT_OPS_PORT: u16 = crate::DEFAULT_OPS_PORT;
+
+    fn validate(&self) -> Result<(), ConfigError> {
         let mut p = Problems::default();
         self.kafka.check(&mut p);
         self.redis.check(&mut p);
@@ -40,7 +43,7 @@ impl ExpirerConfig {
         p.into_result()
     }
 
-    pub fn log_effective(&self) {
+    fn log_effective(&self) {
         tracing::info!(
             group_id = %self.group_id,
             max_pending_per_partition = self.max_pending_per_partition,
@@ -52,6 +55,14 @@ impl ExpirerConfig {
             "expirer config"
         );
     }
+
+    fn ops(&self) -> &OpsArgs {
+        &self.ops
+    }
+
+    fn describe_metrics() {
+        crate::metrics::describe();
+    }
 }
 
 #[cfg(test)]
@@ -59,6 +70,7 @@ mod tests {
     use clap::CommandFactory;
 
     use super::*;
+    use dropline::stage::StageConfig;
 
     #[test]
     fn the_command_line_is_well_formed_and_the_defaults_validate() {

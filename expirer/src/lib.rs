@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use dropline::kafka::{self, DeadLetters, GroupContext};
 use dropline::messages::{now_ms, HoldExpiry, Topics};
-use dropline::ops::Readiness;
+use dropline::stage::Stage;
 use dropline::stock::{EndOutcome, Ledger};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Message, OwnedMessage};
@@ -41,15 +41,13 @@ use crate::schedule::{Due, PartitionKey, Schedule, Waiting};
 #[derive(Debug, thiserror::Error)]
 pub enum ExpirerError {
     #[error(transparent)]
-    Config(#[from] dropline::config::ConfigError),
+    Stage(#[from] dropline::stage::StageError),
     #[error("redis pool: {0}")]
     RedisPool(#[from] deadpool_redis::CreatePoolError),
     #[error(transparent)]
     KafkaSetup(#[from] kafka::KafkaSetupError),
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
-    #[error("ops server: {0}")]
-    Io(#[from] std::io::Error),
 }
 
 /// How long a hold whose release failed waits before it is tried again.
@@ -72,16 +70,7 @@ enum Released {
 }
 
 pub async fn run(config: ExpirerConfig, shutdown: CancellationToken) -> Result<(), ExpirerError> {
-    config.validate()?;
-    config.log_effective();
-    // The recorder first: metrics described or created before it exists
-    // would go nowhere.
-    let prometheus = dropline::telemetry::metrics();
-    metrics::describe();
-    kafka::metrics::describe();
-    let ready = Readiness::default();
-    let ops = config.ops.addr_or(DEFAULT_OPS_PORT);
-    dropline::ops::serve(ops, ready.clone(), prometheus, shutdown.clone()).await?;
+    let ready = Stage::start(&config, &shutdown).await?.ready;
     let topics = config.kafka.topics();
     kafka::ensure_topics(&config.kafka, &topics.all()).await?;
     let producer = kafka::producer(&config.kafka, "expirer-producer")?;

@@ -1,11 +1,8 @@
-use clap::Parser;
+use std::process::ExitCode;
+
 use dropline_expirer::ExpirerConfig;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    dropline::telemetry::init_logs();
-    let config = ExpirerConfig::parse();
-    let shutdown = dropline::shutdown::on_signals();
-    dropline_expirer::run(config, shutdown).await?;
-    Ok(())
+async fn main() -> ExitCode {
+    dropline::stage::main::<ExpirerConfig, _, _, _>(dropline_expirer::run).await
 }

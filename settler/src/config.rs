@@ -60,8 +60,13 @@ impl SettlerConfig {
             rebuild: self.rebuild_options(),
         }
     }
+}
 
-    pub fn validate(&self) -> Result<(), ConfigError> {
+impl dropline::stage::StageConfig for SettlerConfig {
+    const NAME: &'static str = "settler";
+    const DEFAULT_OPS_PORT: u16 = crate::DEFAULT_OPS_PORT;
+
+    fn validate(&self) -> Result<(), ConfigError> {
         let mut p = Problems::default();
         self.kafka.check(&mut p);
         self.mysql.check(&mut p);
@@ -87,7 +92,7 @@ impl SettlerConfig {
         p.into_result()
     }
 
-    pub fn log_effective(&self) {
+    fn log_effective(&self) {
         tracing::info!(
             group_id = %self.group_id,
             batch_max = self.batch_max,
@@ -103,6 +108,14 @@ impl SettlerConfig {
             "settler config"
         );
     }
+
+    fn ops(&self) -> &OpsArgs {
+        &self.ops
+    }
+
+    fn describe_metrics() {
+        crate::metrics::describe();
+    }
 }
 
 #[cfg(test)]
@@ -110,6 +123,7 @@ mod tests {
     use clap::CommandFactory;
 
     use super::*;
+    use dropline::stage::StageConfig;
 
     #[test]
     fn the_command_line_is_well_formed_and_the_defaults_validate() {

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use dropline::kafka::{self, DeadLetters};
 use dropline::messages::{Decision, OrderEvent};
-use dropline::ops::Readiness;
+use dropline::stage::Stage;
 use rdkafka::consumer::Consumer;
 use rdkafka::message::{Message, OwnedMessage};
 use tokio_util::sync::CancellationToken;
@@ -44,7 +44,7 @@ use crate::store::{Batch, WriteError};
 #[derive(Debug, thiserror::Error)]
 pub enum SettlerError {
     #[error(transparent)]
-    Config(#[from] dropline::config::ConfigError),
+    Stage(#[from] dropline::stage::StageError),
     #[error("mysql: {0}")]
     Mysql(#[from] sqlx::Error),
     #[error("migrations: {0}")]
@@ -55,21 +55,10 @@ pub enum SettlerError {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("redis pool: {0}")]
     RedisPool(#[from] deadpool_redis::CreatePoolError),
-    #[error("ops server: {0}")]
-    Io(#[from] std::io::Error),
 }
 
 pub async fn run(config: SettlerConfig, shutdown: CancellationToken) -> Result<(), SettlerError> {
-    config.validate()?;
-    config.log_effective();
-    // The recorder first: metrics described or created before it exists
-    // would go nowhere.
-    let prometheus = dropline::telemetry::metrics();
-    metrics::describe();
-    kafka::metrics::describe();
-    let ready = Readiness::default();
-    let ops = config.ops.addr_or(DEFAULT_OPS_PORT);
-    dropline::ops::serve(ops, ready.clone(), prometheus, shutdown.clone()).await?;
+    let ready = Stage::start(&config, &shutdown).await?.ready;
     let db = dropline::db::connect(&config.mysql).await?;
     dropline::db::migrate(&db).await?;
     let topics = config.kafka.topics();

@@ -1,11 +1,8 @@
-use clap::Parser;
+use std::process::ExitCode;
+
 use dropline_settler::SettlerConfig;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    dropline::telemetry::init_logs();
-    let config = SettlerConfig::parse();
-    let shutdown = dropline::shutdown::on_signals();
-    dropline_settler::run(config, shutdown).await?;
-    Ok(())
+async fn main() -> ExitCode {
+    dropline::stage::main::<SettlerConfig, _, _, _>(dropline_settler::run).await
 }
