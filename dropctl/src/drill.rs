@@ -20,7 +20,8 @@ use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 use crate::api::{Api, Purchase};
-use crate::invariants::{self, OrderCounts, Verdict};
+use crate::invariants::{self, CheckOptions, OrderCounts, Verdict};
+use crate::quiet::{self, PipelineArgs, Quiet};
 
 #[derive(Debug, Clone)]
 pub struct DropPlan {
@@ -41,6 +42,13 @@ pub struct DropPlan {
     pub webhook_copies: u32,
     /// Prefix of buyer ids, so several drills can share a deployment.
     pub user_prefix: String,
+    /// How late a hold may end past its deadline (the check's grace;
+    /// [`invariants::production_grace`] unless a test needs another).
+    pub grace: Duration,
+    /// The deployment's consumer groups: the drill checks once they have
+    /// caught up. Without it, it checks once the deadlines and their grace
+    /// windows have passed.
+    pub pipeline: Option<PipelineArgs>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -273,10 +281,16 @@ pub async fn run(
         }
     }
 
-    // The walk-aways expire; then the books must balance.
+    // The walk-aways expire; then the books must balance. The wait is for
+    // the pipeline to catch up, never for the books to look right.
     let payments = report.paid + report.refunds;
-    let wait = ttl + Duration::from_secs(60);
-    report.settled = invariants::wait_quiet(db, ledger, event_id, Some(report.accepted), Some(payments), wait).await?;
+    let settle = Quiet {
+        pipeline: plan.pipeline.clone(),
+        past_deadlines: true,
+        grace: plan.grace,
+        timeout: ttl + plan.grace + Duration::from_secs(60),
+    };
+    report.settled = quiet::wait_quiet(db, event_id, &settle).await?;
     // A payment captured for a hold the record later voided is refunded:
     // ask, as the buyer's app would, how each paid order ended.
     for (token, order) in &captured {
@@ -287,8 +301,9 @@ pub async fn run(
             report.voided += 1;
         }
     }
-    report.verdict =
-        Some(invariants::verify(db, ledger, event_id, Some(report.accepted), Duration::from_secs(10)).await?);
+    let options =
+        CheckOptions { accepted: Some(report.accepted), acknowledged_payments: Some(payments), grace: plan.grace };
+    report.verdict = Some(invariants::verify(db, ledger, event_id, &options).await?);
     report.ended_at = unix_now();
     Ok(report)
 }

@@ -1,17 +1,102 @@
-//! The invariants of a sale, checked against the two stores after the
-//! pipeline went quiet: Redis (the ledger) and MySQL (the record).
+//! The invariants of a sale, checked against the two stores: Redis (the
+//! ledger) and MySQL (the record). [`verify`] returns one [`Check`] per
+//! [`Row`]; the printers and the tests read those, never the printed text.
+//!
+//! Every row compares facts the pipeline could get wrong, and each has a test
+//! in `dropctl/tests/invariants.rs` that breaks it on purpose and sees it fail.
+//! When to check (after the pipeline went quiet) is [`crate::quiet`]'s job,
+//! and it never waits for a row's own condition.
 
+use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use anyhow::Context;
-use dropline::stock::{Ledger, StockLevels};
+use deadpool_redis::redis;
+use dropline::messages::OrderState;
+use dropline::stock::{EventKeys, Hold, Ledger, StockLevels};
 use sqlx::MySqlPool;
+use uuid::Uuid;
+
+/// One row of the invariant table. The id is stable: tests and tools match
+/// on it, whatever the printed title says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Row {
+    /// MySQL's live units (held + paid) fit in the capacity.
+    NoOversell,
+    /// Every live order owns exactly its quantity of units, all numbered
+    /// within the capacity.
+    UnitOwners,
+    /// Redis: available + held + sold = capacity, and the available count
+    /// matches the units it has left to hand out.
+    RedisConserved,
+    /// Redis' counters are what its holds add up to, and no unit it has
+    /// free again belongs to a live hold or is free twice: a hold released
+    /// twice breaks both.
+    ReleasedOnce,
+    /// Every order is in the same state (held, paid or ended) in both stores.
+    StoresAgree,
+    /// Each paid order has exactly one captured payment.
+    PaidOrdersCaptured,
+    /// A payment for an order that is not paid is recorded for refund.
+    RefundsDue,
+    /// Every payment row belongs to an order in the record.
+    PaymentsHaveOrders,
+    /// Every payment the provider acknowledged is recorded (when the caller
+    /// counted them).
+    PaymentsRecorded,
+    /// Expired holds ended within the grace of their deadline, and no hold
+    /// is still held past deadline + grace.
+    HoldsOnTime,
+    /// No buyer has more live units than the event's limit.
+    PerUserLimit,
+    /// Every purchase the ingress accepted has its decision in the record.
+    AcceptedDecided,
+}
+
+impl Row {
+    /// The stable id, for tests, tools and logs.
+    pub fn id(self) -> &'static str {
+        match self {
+            Row::NoOversell => "no_oversell",
+            Row::UnitOwners => "unit_owners",
+            Row::RedisConserved => "redis_conserved",
+            Row::ReleasedOnce => "released_once",
+            Row::StoresAgree => "stores_agree",
+            Row::PaidOrdersCaptured => "paid_orders_captured",
+            Row::RefundsDue => "refunds_due",
+            Row::PaymentsHaveOrders => "payments_have_orders",
+            Row::PaymentsRecorded => "payments_recorded",
+            Row::HoldsOnTime => "holds_on_time",
+            Row::PerUserLimit => "per_user_limit",
+            Row::AcceptedDecided => "accepted_decided",
+        }
+    }
+
+    /// What the printed table calls it.
+    pub fn title(self) -> &'static str {
+        match self {
+            Row::NoOversell => "no oversell (MySQL held + paid <= capacity)",
+            Row::UnitOwners => "no unit sold twice (one live order per unit)",
+            Row::RedisConserved => "conservation in Redis",
+            Row::ReleasedOnce => "each hold released once (Redis)",
+            Row::StoresAgree => "Redis and MySQL agree on every order",
+            Row::PaidOrdersCaptured => "each paid order has exactly one captured payment",
+            Row::RefundsDue => "payments for unpaid orders are refunds",
+            Row::PaymentsHaveOrders => "every payment has its order",
+            Row::PaymentsRecorded => "every acknowledged payment is recorded",
+            Row::HoldsOnTime => "holds end by their deadline",
+            Row::PerUserLimit => "per-user limit",
+            Row::AcceptedDecided => "every accepted purchase has one outcome",
+        }
+    }
+}
 
 /// One checked invariant.
 #[derive(Debug, Clone)]
 pub struct Check {
-    pub name: &'static str,
+    pub row: Row,
     pub ok: bool,
     pub detail: String,
 }
@@ -29,14 +114,87 @@ impl Verdict {
     pub fn all_hold(&self) -> bool {
         self.checks.iter().all(|c| c.ok)
     }
+
+    /// The rows that failed, in table order.
+    pub fn failing(&self) -> Vec<Row> {
+        self.checks.iter().filter(|c| !c.ok).map(|c| c.row).collect()
+    }
+
+    pub fn check(&self, row: Row) -> Option<&Check> {
+        self.checks.iter().find(|c| c.row == row)
+    }
 }
 
 impl fmt::Display for Verdict {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for c in &self.checks {
-            writeln!(f, "  [{}] {:<44} {}", if c.ok { "ok" } else { "FAIL" }, c.name, c.detail)?;
+            let status = if c.ok { "[ok]" } else { "[FAIL]" };
+            writeln!(f, "  {status:<6} {:<48} {}", c.row.title(), c.detail)?;
         }
         Ok(())
+    }
+}
+
+/// What the caller knows beyond the two stores, and how strict to be.
+#[derive(Debug, Clone)]
+pub struct CheckOptions {
+    /// Purchases the caller saw accepted (202): the record must have exactly
+    /// this many decisions. The ingress' own acceptance records are checked
+    /// one by one either way.
+    pub accepted: Option<u64>,
+    /// Payments the provider was told about (captured or to refund): each
+    /// must be a payment row.
+    pub acknowledged_payments: Option<u64>,
+    /// How long past its deadline a hold may end (or still be held).
+    pub grace: Duration,
+}
+
+impl Default for CheckOptions {
+    fn default() -> Self {
+        Self { accepted: None, acknowledged_payments: None, grace: production_grace() }
+    }
+}
+
+/// The settler's default overdue grace (`DROPLINE_SETTLER_OVERDUE_GRACE_SECS`):
+/// in production a hold still held this long past its deadline is ended by
+/// the reconciler, so a release later than this means its expiry was lost.
+/// Read from the settler's own flag definition, so the two cannot drift.
+pub fn production_grace() -> Duration {
+    static GRACE: LazyLock<Duration> = LazyLock::new(|| {
+        use clap::CommandFactory;
+        let settler = dropline_settler::SettlerConfig::command();
+        let secs = settler
+            .get_arguments()
+            .find(|a| a.get_id() == "overdue_grace_secs")
+            .and_then(|a| a.get_default_values().first()?.to_str()?.parse().ok())
+            .expect("the settler's --overdue-grace-secs has a numeric default");
+        Duration::from_secs(secs)
+    });
+    *GRACE
+}
+
+/// How late expired holds ended: (ended - deadline) over every expired
+/// order of the event, in milliseconds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Lateness {
+    pub expired: u64,
+    pub p50_ms: i64,
+    pub p99_ms: i64,
+    pub max_ms: i64,
+}
+
+impl Lateness {
+    fn of(mut late_ms: Vec<i64>) -> Self {
+        late_ms.sort_unstable();
+        let at = |q: f64| {
+            // Nearest rank: the smallest value with at least q of them at or below.
+            let rank = ((q * late_ms.len() as f64).ceil() as usize).clamp(1, late_ms.len());
+            late_ms[rank - 1]
+        };
+        if late_ms.is_empty() {
+            return Self::default();
+        }
+        Self { expired: late_ms.len() as u64, p50_ms: at(0.50), p99_ms: at(0.99), max_ms: at(1.0) }
     }
 }
 
@@ -56,14 +214,23 @@ pub struct OrderCounts {
     pub paid_orders: u64,
     pub paid_orders_without_one_capture: u64,
     pub captures_on_unpaid_orders: u64,
+    /// Payment rows (of any event: a payment row names no event) whose order
+    /// is not in the record.
+    pub payments_without_order: u64,
     pub max_units_per_user: u64,
+    /// Holds still held past their deadline plus the grace, and the one
+    /// most overdue (milliseconds past its deadline).
     pub overdue_holds: u64,
+    pub most_overdue_ms: i64,
+    pub lateness: Lateness,
     /// Live orders that do not own exactly their quantity of units.
     pub live_orders_with_wrong_units: u64,
     /// Unit rows numbered beyond the event's capacity.
     pub units_beyond_capacity: u64,
 }
 
+/// MySQL's counts for an event. `grace` decides which holds count as
+/// overdue.
 pub async fn mysql_counts(db: &MySqlPool, event_id: u64, grace: Duration) -> anyhow::Result<OrderCounts> {
     let (capacity, per_user_limit): (u32, u32) =
         sqlx::query_as("SELECT capacity, per_user_limit FROM events WHERE id = ?")
@@ -111,6 +278,12 @@ pub async fn mysql_counts(db: &MySqlPool, event_id: u64, grace: Duration) -> any
     c.captures_on_unpaid_orders = one("SELECT COUNT(*) FROM payments p JOIN orders o ON o.order_id = p.order_id \
          WHERE o.event_id = ? AND p.disposition = 'captured' AND o.state <> 'paid'")
     .await?;
+    let (orphans,): (i64,) = sqlx::query_as(
+        "SELECT COUNT(*) FROM payments p LEFT JOIN orders o ON o.order_id = p.order_id WHERE o.order_id IS NULL",
+    )
+    .fetch_one(db)
+    .await?;
+    c.payments_without_order = orphans as u64;
     c.max_units_per_user =
         one("SELECT COALESCE(MAX(units), 0) FROM (SELECT CAST(SUM(quantity) AS SIGNED) AS units FROM orders \
          WHERE event_id = ? AND state IN ('held', 'paid') GROUP BY user_id) per_user")
@@ -125,39 +298,182 @@ pub async fn mysql_counts(db: &MySqlPool, event_id: u64, grace: Duration) -> any
         .fetch_one(db)
         .await?;
     c.units_beyond_capacity = beyond as u64;
-    let (overdue,): (i64,) =
-        sqlx::query_as("SELECT COUNT(*) FROM orders WHERE event_id = ? AND state = 'held' AND expires_at < ?")
-            .bind(event_id)
-            .bind(chrono::Utc::now() - grace)
-            .fetch_one(db)
-            .await?;
+    // A final order's updated_at is when its hold ended: the settler sets it
+    // once, from the ledger's end time, when the order leaves 'held', and
+    // never again (see settler/src/store.rs).
+    let late: Vec<(i64,)> = sqlx::query_as(
+        "SELECT CAST(TIMESTAMPDIFF(MICROSECOND, expires_at, updated_at) DIV 1000 AS SIGNED) FROM orders \
+         WHERE event_id = ? AND state = 'expired'",
+    )
+    .bind(event_id)
+    .fetch_all(db)
+    .await?;
+    c.lateness = Lateness::of(late.into_iter().map(|(ms,)| ms).collect());
+    let now = chrono::Utc::now();
+    let (overdue, oldest): (i64, Option<chrono::DateTime<chrono::Utc>>) = sqlx::query_as(
+        "SELECT COUNT(*), MIN(expires_at) FROM orders WHERE event_id = ? AND state = 'held' AND expires_at < ?",
+    )
+    .bind(event_id)
+    .bind(now - grace)
+    .fetch_one(db)
+    .await?;
     c.overdue_holds = overdue as u64;
+    c.most_overdue_ms = oldest.map_or(0, |t| (now - t).num_milliseconds());
     Ok(c)
 }
 
-fn check(name: &'static str, ok: bool, detail: String) -> Check {
-    Check { name, ok, detail }
+/// Which bucket an order's state falls in, for comparing the stores: the
+/// ways a hold ends are told apart by other rows.
+fn bucket(state: OrderState) -> &'static str {
+    match state {
+        OrderState::Held => "held",
+        OrderState::Paid => "paid",
+        OrderState::Cancelled | OrderState::Expired | OrderState::Voided => "ended",
+    }
 }
 
-/// Checks an event. `accepted` is the number of purchases the ingress
-/// answered 202, when the caller knows it.
-pub async fn verify(
+/// What the two stores say about each order.
+#[derive(Debug, Default)]
+struct OrderStates {
+    /// Orders whose bucket differs, or that only one store has.
+    differ: u64,
+    /// One example, for the detail.
+    example: Option<String>,
+}
+
+async fn compare_orders(db: &MySqlPool, event_id: u64, ledger: &HashMap<Uuid, Hold>) -> anyhow::Result<OrderStates> {
+    let rows: Vec<(String, String)> =
+        sqlx::query_as("SELECT order_id, CAST(state AS CHAR) FROM orders WHERE event_id = ?")
+            .bind(event_id)
+            .fetch_all(db)
+            .await?;
+    let mut out = OrderStates::default();
+    let mut seen = HashSet::with_capacity(rows.len());
+    for (order, state) in rows {
+        let id = Uuid::parse_str(&order).with_context(|| format!("order id {order:?}"))?;
+        seen.insert(id);
+        let mysql: OrderState = serde_json::from_value(serde_json::Value::String(state.clone()))
+            .with_context(|| format!("order state {state:?}"))?;
+        let redis = ledger.get(&id).map(|h| bucket(h.state));
+        if redis != Some(bucket(mysql)) {
+            out.differ += 1;
+            out.example.get_or_insert_with(|| format!("{id}: MySQL {state}, Redis {}", redis.unwrap_or("absent")));
+        }
+    }
+    for id in ledger.keys().filter(|id| !seen.contains(id)) {
+        out.differ += 1;
+        out.example.get_or_insert_with(|| format!("{id}: MySQL absent, Redis {}", bucket(ledger[id].state)));
+    }
+    Ok(out)
+}
+
+/// The intents the ingress answered 202 for this event (its acceptance
+/// records in Redis, kept for the idempotency window) that have no decision
+/// in the record.
+async fn accepted_without_decision(
     db: &MySqlPool,
     ledger: &Ledger,
     event_id: u64,
-    accepted: Option<u64>,
-    grace: Duration,
-) -> anyhow::Result<Verdict> {
+) -> anyhow::Result<(u64, u64, Option<Uuid>)> {
+    // The ingress' record, `<prefix>:intent:<id>` (ingress/src/intents.rs).
+    #[derive(serde::Deserialize)]
+    struct Accepted {
+        e: u64,
+        ok: bool,
+    }
+    let mut conn = ledger.pool().get().await?;
+    let pattern = format!("{}:intent:*", ledger.prefix());
+    let mut keys: Vec<String> = Vec::new();
+    let mut cursor = 0u64;
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await?;
+        keys.extend(batch);
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    let mut accepted = Vec::new();
+    for chunk in keys.chunks(500) {
+        let bodies: Vec<Option<String>> = redis::cmd("MGET").arg(chunk).query_async(&mut conn).await?;
+        for (key, body) in chunk.iter().zip(bodies) {
+            let Some(record) = body.and_then(|b| serde_json::from_str::<Accepted>(&b).ok()) else { continue };
+            if record.e == event_id && record.ok {
+                let id = key.rsplit(':').next().and_then(|s| Uuid::parse_str(s).ok());
+                accepted.extend(id);
+            }
+        }
+    }
+    let decided: HashSet<Uuid> = sqlx::query_as::<_, (String,)>("SELECT intent_id FROM intents WHERE event_id = ?")
+        .bind(event_id)
+        .fetch_all(db)
+        .await?
+        .into_iter()
+        .filter_map(|(id,)| Uuid::parse_str(&id).ok())
+        .collect();
+    let missing: Vec<Uuid> = accepted.iter().filter(|id| !decided.contains(id)).copied().collect();
+    Ok((accepted.len() as u64, missing.len() as u64, missing.first().copied()))
+}
+
+/// Redis' counters against its own holds and free units.
+#[derive(Debug, Default)]
+struct LedgerSelf {
+    held_in_holds: u64,
+    sold_in_holds: u64,
+    free_twice: u64,
+    free_but_live: u64,
+}
+
+async fn ledger_self(ledger: &Ledger, event_id: u64, holds: &HashMap<Uuid, Hold>) -> anyhow::Result<LedgerSelf> {
+    let units = |state| holds.values().filter(|h| h.state == state).map(|h| u64::from(h.quantity)).sum();
+    let mut out = LedgerSelf {
+        held_in_holds: units(OrderState::Held),
+        sold_in_holds: units(OrderState::Paid),
+        ..Default::default()
+    };
+    let key = EventKeys::new(ledger.prefix(), event_id).free;
+    let mut conn = ledger.pool().get().await?;
+    let free: Vec<u32> = redis::cmd("LRANGE").arg(&key).arg(0).arg(-1).query_async(&mut conn).await?;
+    let live: HashSet<u32> =
+        holds.values().filter(|h| h.state.is_live()).flat_map(|h| h.units.iter().copied()).collect();
+    let mut seen = HashSet::with_capacity(free.len());
+    for unit in free {
+        if !seen.insert(unit) {
+            out.free_twice += 1;
+        }
+        if live.contains(&unit) {
+            out.free_but_live += 1;
+        }
+    }
+    Ok(out)
+}
+
+fn check(row: Row, ok: bool, detail: String) -> Check {
+    Check { row, ok, detail }
+}
+
+/// Checks an event against both stores.
+pub async fn verify(db: &MySqlPool, ledger: &Ledger, event_id: u64, options: &CheckOptions) -> anyhow::Result<Verdict> {
     let redis = ledger.levels(event_id).await?.context("the event has no ledger in Redis")?;
+    let damage = ledger.damage(event_id).await?;
+    let holds = ledger.holds(event_id).await?;
+    let grace = options.grace;
     let m = mysql_counts(db, event_id, grace).await?;
+    let own = ledger_self(ledger, event_id, &holds).await?;
+    let orders = compare_orders(db, event_id, &holds).await?;
+    let (accepted, undecided, example) = accepted_without_decision(db, ledger, event_id).await?;
+    let late = &m.lateness;
     let mut checks = vec![
+        check(Row::NoOversell, m.held + m.paid <= m.capacity, format!("{} + {} <= {}", m.held, m.paid, m.capacity)),
         check(
-            "no oversell (MySQL held + paid <= capacity)",
-            m.held + m.paid <= m.capacity,
-            format!("{} + {} <= {}", m.held, m.paid, m.capacity),
-        ),
-        check(
-            "no unit sold twice (one live order per unit)",
+            Row::UnitOwners,
             m.live_orders_with_wrong_units == 0 && m.units_beyond_capacity == 0,
             format!(
                 "{} live orders without exactly their units, {} units beyond capacity",
@@ -165,82 +481,138 @@ pub async fn verify(
             ),
         ),
         check(
-            "conservation in Redis",
-            redis.is_conserved() && redis.capacity == m.capacity,
-            format!("available {} + held {} + sold {} = {}", redis.available, redis.held, redis.sold, redis.capacity),
+            Row::RedisConserved,
+            redis.is_conserved() && redis.capacity == m.capacity && damage.is_none(),
+            format!(
+                "available {} + held {} + sold {} = {}{}",
+                redis.available,
+                redis.held,
+                redis.sold,
+                redis.capacity,
+                damage.map(|d| format!("; {d}")).unwrap_or_default()
+            ),
         ),
         check(
-            "conservation in MySQL (vs Redis available)",
-            redis.available + m.held + m.paid == m.capacity,
-            format!("available {} + held {} + paid {} = {}", redis.available, m.held, m.paid, m.capacity),
+            Row::ReleasedOnce,
+            redis.held == own.held_in_holds
+                && redis.sold == own.sold_in_holds
+                && own.free_twice == 0
+                && own.free_but_live == 0,
+            format!(
+                "counters held/sold {}/{}, its holds {}/{}; {} units free twice, {} free but held",
+                redis.held, redis.sold, own.held_in_holds, own.sold_in_holds, own.free_twice, own.free_but_live
+            ),
         ),
         check(
-            "Redis and MySQL agree",
-            redis.held == m.held && redis.sold == m.paid,
-            format!("held {}/{}, sold {}/{}", redis.held, m.held, redis.sold, m.paid),
+            Row::StoresAgree,
+            orders.differ == 0,
+            format!(
+                "held {}/{}, sold {}/{}; {} orders differ{}",
+                own.held_in_holds,
+                m.held,
+                own.sold_in_holds,
+                m.paid,
+                orders.differ,
+                orders.example.map(|e| format!(" ({e})")).unwrap_or_default()
+            ),
         ),
         check(
-            "each paid order has exactly one captured payment",
-            m.paid_orders_without_one_capture == 0 && m.captures_on_unpaid_orders == 0,
-            format!("{} paid orders, {} captures, {} refunds to make", m.paid_orders, m.captured_payments, m.refunds),
+            Row::PaidOrdersCaptured,
+            m.paid_orders_without_one_capture == 0,
+            format!(
+                "{} paid orders, {} captures, {} without exactly one",
+                m.paid_orders, m.captured_payments, m.paid_orders_without_one_capture
+            ),
         ),
         check(
-            "holds end by their deadline",
-            m.overdue_holds == 0,
-            format!("{} held past deadline + {}s", m.overdue_holds, grace.as_secs()),
+            Row::RefundsDue,
+            m.captures_on_unpaid_orders == 0,
+            format!("{} refunds to make, {} captures on unpaid orders", m.refunds, m.captures_on_unpaid_orders),
         ),
         check(
-            "per-user limit",
+            Row::PaymentsHaveOrders,
+            m.payments_without_order == 0,
+            format!("{} payments (any event) without an order", m.payments_without_order),
+        ),
+    ];
+    if let Some(acknowledged) = options.acknowledged_payments {
+        checks.push(check(
+            Row::PaymentsRecorded,
+            m.captured_payments + m.refunds == acknowledged,
+            format!("{} captures + {} refunds of {acknowledged} acknowledged", m.captured_payments, m.refunds),
+        ));
+    }
+    let grace_ms = grace.as_millis() as i64;
+    checks.extend([
+        check(
+            Row::HoldsOnTime,
+            late.max_ms <= grace_ms && m.overdue_holds == 0,
+            format!(
+                "{} expired, late p50 {} p99 {} max {} ms; {} held past deadline + {}s{}",
+                late.expired,
+                late.p50_ms,
+                late.p99_ms,
+                late.max_ms,
+                m.overdue_holds,
+                grace.as_secs(),
+                if m.overdue_holds > 0 { format!(" (by up to {} ms)", m.most_overdue_ms) } else { String::new() }
+            ),
+        ),
+        check(
+            Row::PerUserLimit,
             m.max_units_per_user <= m.per_user_limit,
             format!("max {} units per buyer, limit {}", m.max_units_per_user, m.per_user_limit),
         ),
-    ];
-    if let Some(accepted) = accepted {
-        checks.push(check(
-            "every accepted purchase has one outcome",
-            m.intents == accepted,
-            format!("{} decided of {accepted} accepted", m.intents),
-        ));
-    }
+        check(
+            Row::AcceptedDecided,
+            undecided == 0 && options.accepted.is_none_or(|a| m.intents == a),
+            format!(
+                "{} decided; {undecided} of {accepted} accepted by the ingress undecided{}{}",
+                m.intents,
+                example.map(|id| format!(" (e.g. {id})")).unwrap_or_default(),
+                options.accepted.map(|a| format!("; {a} accepted by the caller")).unwrap_or_default()
+            ),
+        ),
+    ]);
     Ok(Verdict { event_id, redis, mysql: m, checks })
 }
 
-/// Waits until Redis and MySQL agree and no hold is left (and, when the
-/// caller knows them, every accepted purchase is decided and every
-/// acknowledged payment recorded), or `timeout`. Returns whether they
-/// settled.
-pub async fn wait_quiet(
-    db: &MySqlPool,
-    ledger: &Ledger,
-    event_id: u64,
-    accepted: Option<u64>,
-    payments: Option<u64>,
-    timeout: Duration,
-) -> anyhow::Result<bool> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let redis = ledger.levels(event_id).await?.unwrap_or_default();
-        // MySQL down for a moment (a restart) is one more way of not being
-        // quiet yet: keep polling until the deadline.
-        match mysql_counts(db, event_id, Duration::ZERO).await {
-            Ok(m) => {
-                let quiet = redis.held == 0
-                    && m.held == 0
-                    && redis.sold == m.paid
-                    && accepted.is_none_or(|a| m.intents == a)
-                    && payments.is_none_or(|p| m.captured_payments + m.refunds == p);
-                if quiet {
-                    return Ok(true);
-                }
-            }
-            Err(e) if e.downcast_ref().is_some_and(dropline::db::is_transient) => {
-                tracing::warn!(error = %format!("{e:#}"), event_id, "mysql unavailable while waiting for quiet; polling on");
-            }
-            Err(e) => return Err(e),
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Ok(false);
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lateness_takes_nearest_rank_percentiles() {
+        assert_eq!(Lateness::of(vec![]), Lateness::default());
+        let l = Lateness::of((1..=100).rev().collect());
+        assert_eq!((l.expired, l.p50_ms, l.p99_ms, l.max_ms), (100, 50, 99, 100));
+        let l = Lateness::of(vec![7]);
+        assert_eq!((l.p50_ms, l.p99_ms, l.max_ms), (7, 7, 7));
+    }
+
+    #[test]
+    fn the_default_grace_is_the_settlers() {
+        let settler = <dropline_settler::SettlerConfig as clap::Parser>::parse_from(["settler"]);
+        assert_eq!(production_grace(), Duration::from_secs(settler.overdue_grace_secs));
+    }
+
+    #[test]
+    fn row_ids_are_distinct() {
+        let rows = [
+            Row::NoOversell,
+            Row::UnitOwners,
+            Row::RedisConserved,
+            Row::ReleasedOnce,
+            Row::StoresAgree,
+            Row::PaidOrdersCaptured,
+            Row::RefundsDue,
+            Row::PaymentsHaveOrders,
+            Row::PaymentsRecorded,
+            Row::HoldsOnTime,
+            Row::PerUserLimit,
+            Row::AcceptedDecided,
+        ];
+        let ids: HashSet<_> = rows.iter().map(|r| r.id()).collect();
+        assert_eq!(ids.len(), rows.len());
     }
 }

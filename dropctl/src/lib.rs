@@ -8,9 +8,12 @@
 //!   Redis.
 //! - [`prometheus`]: queries of Prometheus, for the demo's headline numbers
 //!   and the monitoring test.
+//! - [`quiet`]: when to check: the pipeline caught up, by its consumer
+//!   groups' offsets and the holds' deadlines.
 
 pub mod api;
 pub mod ceiling;
 pub mod drill;
 pub mod invariants;
 pub mod prometheus;
+pub mod quiet;

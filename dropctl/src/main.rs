@@ -4,8 +4,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use dropctl::api::Api;
 use dropctl::drill::{self, DropPlan, DropReport};
-use dropctl::invariants;
+use dropctl::invariants::{self, CheckOptions};
 use dropctl::prometheus::Prometheus;
+use dropctl::quiet::{self, PipelineArgs, Quiet};
 use dropline::auth::{TokenKeys, ADMIN_SCOPE};
 use dropline::config::{KafkaArgs, MysqlArgs, RedisArgs};
 use dropline::stock::Ledger;
@@ -68,6 +69,10 @@ enum Command {
         /// Prometheus scraping the services, for the headline numbers.
         #[arg(long, env = "DROPLINE_PROMETHEUS_URL", default_value = "http://127.0.0.1:9090")]
         prometheus_url: String,
+        /// The deployment's broker and consumer groups: the books are checked
+        /// once the groups have caught up.
+        #[command(flatten)]
+        pipeline: PipelineArgs,
         #[command(flatten)]
         mysql: MysqlArgs,
         #[command(flatten)]
@@ -104,17 +109,21 @@ enum Command {
     Check {
         #[arg(long)]
         event: u64,
-        /// How long past its deadline a hold may still be held.
-        #[arg(long, default_value_t = 10)]
-        grace_secs: u64,
-        /// First wait up to this long for the pipeline to go quiet (no hold
-        /// left, Redis and MySQL agreeing).
+        /// How long past its deadline a hold may end, or still be held
+        /// (default: the settler's default overdue grace).
+        #[arg(long)]
+        grace_secs: Option<u64>,
+        /// First wait up to this long for the pipeline to go quiet: every
+        /// consumer group caught up, every deadline of the event passed, no
+        /// hold within its grace window.
         #[arg(long, default_value_t = 0)]
         wait_secs: u64,
         /// Purchases the ingress accepted (202) for the event, when known:
-        /// each must have exactly one recorded outcome.
+        /// the record must have exactly this many decisions.
         #[arg(long)]
         accepted: Option<u64>,
+        #[command(flatten)]
+        pipeline: PipelineArgs,
         #[command(flatten)]
         mysql: MysqlArgs,
         #[command(flatten)]
@@ -193,6 +202,7 @@ async fn main() -> anyhow::Result<()> {
             pay_share,
             cancel_share,
             prometheus_url,
+            pipeline,
             mysql,
             redis,
         } => {
@@ -207,6 +217,8 @@ async fn main() -> anyhow::Result<()> {
                 late_pay_share: 0.0,
                 webhook_copies: 1,
                 user_prefix: format!("demo-{}-", chrono::Utc::now().timestamp()),
+                grace: invariants::production_grace(),
+                pipeline: Some(pipeline),
             };
             let db = dropline::db::connect(&mysql).await?;
             let ledger = Ledger::new(redis.pool()?, &redis.key_prefix);
@@ -261,17 +273,27 @@ async fn main() -> anyhow::Result<()> {
             };
             println!("{}", serde_json::to_string(&measured)?);
         }
-        Command::Check { event, grace_secs, wait_secs, accepted, mysql, redis } => {
+        Command::Check { event, grace_secs, wait_secs, accepted, pipeline, mysql, redis } => {
             let db = dropline::db::connect(&mysql).await?;
             let ledger = Ledger::new(redis.pool()?, &redis.key_prefix);
-            let wait = Duration::from_secs(wait_secs);
-            if wait_secs > 0 && !invariants::wait_quiet(&db, &ledger, event, accepted, None, wait).await? {
+            let grace = grace_secs.map_or_else(invariants::production_grace, Duration::from_secs);
+            let settle = Quiet {
+                pipeline: Some(pipeline),
+                past_deadlines: true,
+                grace,
+                timeout: Duration::from_secs(wait_secs),
+            };
+            if wait_secs > 0 && !quiet::wait_quiet(&db, event, &settle).await? {
                 eprintln!("the pipeline did not go quiet within {wait_secs}s; checking anyway");
             }
-            let verdict = invariants::verify(&db, &ledger, event, accepted, Duration::from_secs(grace_secs)).await?;
+            let options = CheckOptions { accepted, acknowledged_payments: None, grace };
+            let verdict = invariants::verify(&db, &ledger, event, &options).await?;
             println!("event {event}:\n{verdict}");
             if !verdict.all_hold() {
-                anyhow::bail!("invariants do not hold");
+                anyhow::bail!(
+                    "invariants do not hold: {}",
+                    verdict.failing().iter().map(|r| r.id()).collect::<Vec<_>>().join(", ")
+                );
             }
         }
     }

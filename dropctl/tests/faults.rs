@@ -176,7 +176,6 @@ impl Cluster {
             ("DROPLINE_EXPIRER_GROUP", format!("{name}-expirer")),
             ("DROPLINE_SETTLER_DRIFT_INTERVAL_SECS", "1".into()),
             ("DROPLINE_SETTLER_REBUILD_GRACE_MS", "1000".into()),
-            ("DROPLINE_SETTLER_OVERDUE_GRACE_SECS", "2".into()),
             ("DROPLINE_EXPIRER_TICK_MS", "50".into()),
             ("DROPLINE_JWT_SECRET", JWT_SECRET.into()),
             ("DROPLINE_WEBHOOK_SECRET", WEBHOOK_SECRET.into()),
@@ -233,6 +232,10 @@ impl Cluster {
             late_pay_share: 0.1,
             webhook_copies: 3,
             user_prefix: format!("{scenario}-"),
+            // The production grace: a shorter one in the settler would end
+            // holds an expirer lost before the check could see them late.
+            grace: dropctl::invariants::production_grace(),
+            pipeline: Some(common::pipeline(&format!("127.0.0.1:{}", self.kafka_port), &self.name)),
         };
         let probe = db.clone();
         let drop = tokio::spawn(async move { drill::run(&api, &keys, &db, &ledger, &plan).await });

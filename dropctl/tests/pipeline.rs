@@ -29,6 +29,8 @@ async fn a_drop_sells_exactly_the_capacity_and_the_books_balance() {
         late_pay_share: 0.0,
         webhook_copies: 2,
         user_prefix: "buyer-".into(),
+        grace: dropctl::invariants::production_grace(),
+        pipeline: Some(stack.pipeline()),
     };
     let report = drill::run(&api, &stack.keys, &stack.db, &stack.ledger, &plan).await.unwrap();
     let verdict = report.verdict.clone().unwrap();
@@ -652,8 +654,7 @@ async fn a_ledger_that_lost_writes_cannot_sell_a_unit_twice() {
     // The reconciler rebuilt Redis from the record: one sold, one free.
     let levels = stack.ledger.levels(event).await.unwrap().unwrap();
     assert_eq!((levels.available, levels.held, levels.sold), (1, 0, 1), "{levels:?}");
-    let verdict =
-        dropctl::invariants::verify(&stack.db, &stack.ledger, event, None, Duration::from_secs(10)).await.unwrap();
+    let verdict = dropctl::invariants::verify(&stack.db, &stack.ledger, event, &Default::default()).await.unwrap();
     assert!(verdict.all_hold(), "{verdict}");
     let units: Vec<(u32, String)> =
         sqlx::query_as("SELECT unit_no, order_id FROM order_units WHERE event_id = ? ORDER BY unit_no")
@@ -703,8 +704,7 @@ async fn a_ledger_that_lost_writes_cannot_break_the_per_user_limit() {
         .then_some(())
     })
     .await;
-    let verdict =
-        dropctl::invariants::verify(&stack.db, &stack.ledger, event, None, Duration::from_secs(10)).await.unwrap();
+    let verdict = dropctl::invariants::verify(&stack.db, &stack.ledger, event, &Default::default()).await.unwrap();
     assert!(verdict.all_hold(), "{verdict}");
     stack.stop().await;
 }
@@ -762,5 +762,43 @@ async fn a_prewarm_after_the_opening_rebuilds_a_lost_ledger_instead_of_refilling
     })
     .await;
     assert_eq!((levels.available, levels.held, levels.sold), (3, 1, 0), "{levels:?}");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accepted_intent_that_never_reached_the_allocator_fails_the_check_after_the_wait() {
+    let stack = Stack::start(Options::default()).await;
+    let api = Api::new(&stack.api).unwrap();
+    let event = open_event(&stack, 10, 2).await;
+    let (held, _) = buy_and_wait(&stack, &api, "paula", event, 1).await;
+    wait_order_state(&stack, held, "held").await;
+    // The ingress' acceptance record of an intent it never produced (a
+    // purchase answered 202 whose message was lost): nothing on Kafka.
+    let lost = Uuid::new_v4();
+    let store = dropline_ingress::intents::IntentStore::new(stack.ledger.pool().clone(), &stack.name, 3600);
+    let record = dropline_ingress::intents::IntentRecord {
+        event_id: event,
+        user_id: "quentin".into(),
+        quantity: 1,
+        accepted: false,
+        accepted_at_ms: dropline::messages::now_ms(),
+    };
+    store.reserve(lost, &record).await.unwrap();
+    store.mark_accepted(lost, &record).await.unwrap();
+    // Quiet comes from the pipeline: the groups catch up and Paula's hold
+    // expires. It never waits for the lost intent to be decided.
+    let grace = dropctl::invariants::production_grace();
+    let settle = dropctl::quiet::Quiet {
+        pipeline: Some(stack.pipeline()),
+        past_deadlines: true,
+        grace,
+        timeout: Duration::from_secs(60),
+    };
+    assert!(dropctl::quiet::wait_quiet(&stack.db, event, &settle).await.unwrap(), "the pipeline went quiet");
+    // Caught up means recorded: the expiry is in MySQL already.
+    assert_eq!(order_state_in_mysql(&stack, held).await.as_deref(), Some("expired"));
+    let options = dropctl::invariants::CheckOptions { accepted: Some(2), ..Default::default() };
+    let verdict = dropctl::invariants::verify(&stack.db, &stack.ledger, event, &options).await.unwrap();
+    assert_eq!(verdict.failing(), vec![dropctl::invariants::Row::AcceptedDecided], "{verdict}");
     stack.stop().await;
 }

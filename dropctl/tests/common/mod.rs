@@ -43,6 +43,26 @@ struct KafkaOnly {
     kafka: KafkaArgs,
 }
 
+#[derive(Parser)]
+struct PipelineOnly {
+    #[command(flatten)]
+    pipeline: dropctl::quiet::PipelineArgs,
+}
+
+/// A deployment's broker and consumer groups, as the tests name them
+/// (`<name>-allocator` and so on), for the drill's wait.
+pub fn pipeline(brokers: &str, name: &str) -> dropctl::quiet::PipelineArgs {
+    PipelineOnly::parse_from([
+        "pipeline".to_owned(),
+        format!("--kafka-brokers={brokers}"),
+        format!("--topic-prefix={name}"),
+        format!("--allocator-group={name}-allocator"),
+        format!("--settler-group={name}-settler"),
+        format!("--expirer-group={name}-expirer"),
+    ])
+    .pipeline
+}
+
 pub struct Stack {
     pub name: String,
     pub api: String,
@@ -217,6 +237,11 @@ impl Stack {
         let (_, token, task) = self.stages.remove(i);
         token.cancel();
         tokio::time::timeout(Duration::from_secs(30), task).await.expect("the stage drains in time").unwrap();
+    }
+
+    /// The stack's broker and consumer groups.
+    pub fn pipeline(&self) -> dropctl::quiet::PipelineArgs {
+        pipeline(&self.kafka.brokers, &self.name)
     }
 
     pub fn token(&self, user: &str) -> String {

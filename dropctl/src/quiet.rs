@@ -1,0 +1,196 @@
+//! When to check: after the pipeline went quiet.
+//!
+//! Quiet is defined by the pipeline's progress, never by the invariants: a
+//! wait for "no intent undecided" or "no hold left" would make the rows that
+//! check exactly that pass by construction. Instead [`wait_quiet`] waits
+//! until
+//! - every consumer group has committed up to the end of what it consumes
+//!   (allocator, then expirer, then settler, so the settler's ends include
+//!   what the others produced), when it can reach the broker: then whatever
+//!   was on Kafka is in the record, and the expirer (whose offset never
+//!   passes a hold still waiting) has handled every hold it was told of;
+//! - optionally, every deadline of the event's orders has passed;
+//! - and no hold is held in the window between its deadline and deadline +
+//!   grace, where it could still be ended in time. A hold past that window
+//!   stops no wait: it fails "holds end by their deadline".
+//!
+//! An intent that never reached the allocator, or a hold no expirer will
+//! release, leaves the pipeline quiet and the books wrong, and the check
+//! then says so.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use dropline::config::KafkaArgs;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use sqlx::MySqlPool;
+
+/// The deployment's Kafka side: where to read the consumer groups' progress.
+#[derive(Debug, Clone, Args)]
+pub struct PipelineArgs {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[arg(long, env = "DROPLINE_ALLOCATOR_GROUP", default_value = "dropline-allocator")]
+    pub allocator_group: String,
+    #[arg(long, env = "DROPLINE_SETTLER_GROUP", default_value = "dropline-settler")]
+    pub settler_group: String,
+    #[arg(long, env = "DROPLINE_EXPIRER_GROUP", default_value = "dropline-expirer")]
+    pub expirer_group: String,
+}
+
+/// What [`wait_quiet`] waits for.
+#[derive(Debug, Clone)]
+pub struct Quiet {
+    /// Watch the consumer groups' progress; without it only the time
+    /// conditions are waited for.
+    pub pipeline: Option<PipelineArgs>,
+    /// Also wait until every deadline of the event's orders has passed.
+    pub past_deadlines: bool,
+    /// The grace of "holds end by their deadline".
+    pub grace: Duration,
+    pub timeout: Duration,
+}
+
+/// One consumer group's probe: its committed offsets against the ends of
+/// the topics it consumes.
+struct GroupProbe {
+    consumer: BaseConsumer,
+    topics: Vec<String>,
+}
+
+impl GroupProbe {
+    fn new(kafka: &KafkaArgs, group: &str, topics: Vec<String>) -> anyhow::Result<Self> {
+        let consumer = ClientConfig::new()
+            .set("bootstrap.servers", &kafka.brokers)
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .create()?;
+        Ok(Self { consumer, topics })
+    }
+
+    /// Messages the group has not committed past yet (blocking).
+    fn lag(&self) -> anyhow::Result<i64> {
+        let wait = Duration::from_secs(5);
+        let mut ends = TopicPartitionList::new();
+        let mut lows = Vec::new();
+        for topic in &self.topics {
+            let metadata = self.consumer.fetch_metadata(Some(topic), wait)?;
+            for t in metadata.topics() {
+                for p in t.partitions() {
+                    let (low, high) = self.consumer.fetch_watermarks(topic, p.id(), wait)?;
+                    ends.add_partition_offset(topic, p.id(), Offset::Offset(high))?;
+                    lows.push(low);
+                }
+            }
+        }
+        let committed = self.consumer.committed_offsets(ends.clone(), wait)?;
+        let mut lag = 0;
+        for (end, low) in ends.elements().iter().zip(lows) {
+            let Offset::Offset(high) = end.offset() else { continue };
+            let at = match committed.find_partition(end.topic(), end.partition()).map(|c| c.offset()) {
+                Some(Offset::Offset(o)) => o,
+                // Nothing committed yet: everything still there is behind.
+                _ => low,
+            };
+            lag += (high - at.max(low)).max(0);
+        }
+        Ok(lag)
+    }
+}
+
+/// The three groups, in the order their output flows.
+struct PipelineProbe {
+    groups: Vec<(&'static str, GroupProbe)>,
+}
+
+impl PipelineProbe {
+    fn new(p: &PipelineArgs) -> anyhow::Result<Self> {
+        let t = p.kafka.topics();
+        Ok(Self {
+            groups: vec![
+                ("allocator", GroupProbe::new(&p.kafka, &p.allocator_group, vec![t.intents.clone()])?),
+                ("expirer", GroupProbe::new(&p.kafka, &p.expirer_group, vec![t.hold_expiry.clone()])?),
+                (
+                    "settler",
+                    GroupProbe::new(&p.kafka, &p.settler_group, vec![t.decisions.clone(), t.order_events.clone()])?,
+                ),
+            ],
+        })
+    }
+
+    /// The first group still behind, if any (blocking).
+    fn behind(&self) -> anyhow::Result<Option<(&'static str, i64)>> {
+        for (stage, probe) in &self.groups {
+            let lag = probe.lag()?;
+            if lag > 0 {
+                return Ok(Some((stage, lag)));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Waits until the pipeline is quiet (see the module's comment) or
+/// `timeout`. Returns whether it went quiet.
+pub async fn wait_quiet(db: &MySqlPool, event_id: u64, quiet: &Quiet) -> anyhow::Result<bool> {
+    let deadline = tokio::time::Instant::now() + quiet.timeout;
+    let probe = quiet.pipeline.as_ref().map(PipelineProbe::new).transpose()?.map(Arc::new);
+    let mut last_reason = String::new();
+    loop {
+        let reason = match not_quiet(db, event_id, quiet, probe.clone()).await {
+            Ok(None) => return Ok(true),
+            Ok(Some(reason)) => reason,
+            // MySQL down for a moment (a restart), or the broker, is one
+            // more way of not being quiet yet: keep polling until the deadline.
+            Err(e) => format!("{e:#}"),
+        };
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(event_id, reason, "the pipeline did not go quiet in time");
+            return Ok(false);
+        }
+        if reason != last_reason {
+            tracing::debug!(event_id, reason, "waiting for the pipeline to go quiet");
+            last_reason = reason;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Why the pipeline is not quiet yet, or `None` when it is.
+async fn not_quiet(
+    db: &MySqlPool,
+    event_id: u64,
+    quiet: &Quiet,
+    probe: Option<Arc<PipelineProbe>>,
+) -> anyhow::Result<Option<String>> {
+    let now = chrono::Utc::now();
+    if quiet.past_deadlines {
+        let (last,): (Option<chrono::DateTime<chrono::Utc>>,) =
+            sqlx::query_as("SELECT MAX(expires_at) FROM orders WHERE event_id = ?")
+                .bind(event_id)
+                .fetch_one(db)
+                .await?;
+        if last.is_some_and(|last| last >= now) {
+            return Ok(Some("a deadline is still ahead".into()));
+        }
+    }
+    let (in_grace,): (i64,) = sqlx::query_as(
+        "SELECT COUNT(*) FROM orders WHERE event_id = ? AND state = 'held' AND expires_at < ? AND expires_at >= ?",
+    )
+    .bind(event_id)
+    .bind(now)
+    .bind(now - quiet.grace)
+    .fetch_one(db)
+    .await?;
+    if in_grace > 0 {
+        return Ok(Some(format!("{in_grace} holds past their deadline, within the grace")));
+    }
+    if let Some(probe) = probe {
+        if let Some((stage, lag)) = tokio::task::spawn_blocking(move || probe.behind()).await?? {
+            return Ok(Some(format!("the {stage} group is {lag} messages behind")));
+        }
+    }
+    Ok(None)
+}

@@ -1,0 +1,442 @@
+//! Every row of the invariant table can fail: each test writes a consistent
+//! sale into a database and a Redis key prefix of its own (the ledger's Lua
+//! scripts for Redis, the settler's own batch writer for MySQL), sees every
+//! row pass, breaks exactly one thing and sees exactly the rows that thing
+//! breaks fail, by row id.
+//!
+//! The sale: 3 tickets, 1 per buyer. Carol's hold expired (she paid too
+//! late: a refund is due) and Dave cancelled; then Alice paid, Bob and Erin
+//! hold. Sold out: available 0, held 2, sold 1.
+
+mod common;
+
+use std::time::Duration;
+
+use dropctl::invariants::{self, CheckOptions, Row, Verdict};
+use dropctl::quiet::{self, Quiet};
+use dropline::messages::{Decision, OrderState, Outcome, PaymentDisposition, PaymentRecord};
+use dropline::stock::{EndOutcome, EventKeys, Ledger, PayOutcome, SaleRules, Verdict as LedgerVerdict};
+use dropline_ingress::intents::{IntentRecord, IntentStore};
+use dropline_settler::store::Batch;
+use sqlx::MySqlPool;
+use uuid::Uuid;
+
+use deadpool_redis::redis;
+
+struct Books {
+    name: String,
+    db: MySqlPool,
+    ledger: Ledger,
+    event: u64,
+    alice: Uuid,
+    bob: Uuid,
+    carol: Uuid,
+    erin: Uuid,
+}
+
+const PRICE: u64 = 4_500;
+
+impl Books {
+    /// What the caller of the check knows: five purchases accepted, two
+    /// payments acknowledged (Alice's capture, Carol's refund).
+    fn options(&self) -> CheckOptions {
+        CheckOptions { accepted: Some(5), acknowledged_payments: Some(2), ..Default::default() }
+    }
+
+    async fn verify(&self) -> Verdict {
+        self.verify_with(&self.options()).await
+    }
+
+    async fn verify_with(&self, options: &CheckOptions) -> Verdict {
+        invariants::verify(&self.db, &self.ledger, self.event, options).await.unwrap()
+    }
+
+    async fn redis(&self) -> deadpool_redis::Connection {
+        self.ledger.pool().get().await.unwrap()
+    }
+
+    fn keys(&self) -> EventKeys {
+        EventKeys::new(&self.name, self.event)
+    }
+
+    async fn sql(&self, statement: &str, order: Uuid) {
+        let done = sqlx::query(statement).bind(order.to_string()).execute(&self.db).await.unwrap();
+        assert!(done.rows_affected() > 0, "{statement} changed nothing");
+    }
+
+    /// Writes the ingress' acceptance record of an intent: what it keeps
+    /// once the broker acknowledged it and the buyer was told 202.
+    async fn accept(&self, intent: Uuid, user: &str) {
+        let store = IntentStore::new(self.ledger.pool().clone(), &self.name, 3600);
+        let record = IntentRecord {
+            event_id: self.event,
+            user_id: user.into(),
+            quantity: 1,
+            accepted: false,
+            accepted_at_ms: chrono::Utc::now().timestamp_millis(),
+        };
+        store.reserve(intent, &record).await.unwrap();
+        store.mark_accepted(intent, &record).await.unwrap();
+    }
+
+    async fn drop(self) {
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS dropline_{}", self.name)).execute(&self.db).await;
+        let mut conn = self.ledger.pool().get().await.unwrap();
+        let keys: Vec<String> =
+            redis::cmd("KEYS").arg(format!("{}:*", self.name)).query_async(&mut conn).await.unwrap();
+        if !keys.is_empty() {
+            let _: () = redis::cmd("DEL").arg(keys).query_async(&mut conn).await.unwrap();
+        }
+    }
+}
+
+async fn hold(ledger: &Ledger, event: u64, user: &str) -> (Uuid, Decision) {
+    let id = Uuid::new_v4();
+    let claim = dropline::stock::Claim { intent_id: id, user_id: user, quantity: 1 };
+    let verdicts = ledger.allocate(event, &[claim]).await.unwrap();
+    let LedgerVerdict::Held { expires_at_ms, amount_cents, decided_at_ms, units } = verdicts[0].clone() else {
+        panic!("{user} got no hold: {:?}", verdicts[0]);
+    };
+    let decision = Decision {
+        intent_id: id,
+        event_id: event,
+        user_id: user.into(),
+        quantity: 1,
+        decided_at_ms,
+        outcome: Outcome::Held { expires_at_ms, amount_cents, units },
+    };
+    (id, decision)
+}
+
+fn payment(order: Uuid, disposition: PaymentDisposition) -> PaymentRecord {
+    PaymentRecord {
+        provider_event_id: format!("evt-{order}"),
+        payment_id: format!("pay-{order}"),
+        amount_cents: PRICE,
+        disposition,
+    }
+}
+
+/// A consistent sale, written the way the pipeline writes it.
+async fn consistent_books() -> Books {
+    dropline::telemetry::init_logs();
+    let name = format!("i{}", &Uuid::new_v4().simple().to_string()[..12]);
+    let db_url = format!("{}/dropline_{name}", common::mysql_server());
+    dropline::db::create_database(&db_url).await.unwrap();
+    let db = dropline::db::connect(&dropline::config::MysqlArgs { url: db_url, pool_size: 3 }).await.unwrap();
+    dropline::db::migrate(&db).await.unwrap();
+    let pool = deadpool_redis::Config::from_url(common::redis_url())
+        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+        .unwrap();
+    let ledger = Ledger::new(pool, &name);
+
+    let now = chrono::Utc::now();
+    let event = sqlx::query(
+        "INSERT INTO events (name, venue, starts_at, sale_opens_at, sale_closes_at, capacity, price_cents, \
+         currency, per_user_limit, hold_ttl_secs) VALUES ('checked', 'nowhere', ?, ?, ?, 3, ?, 'EUR', 1, 1)",
+    )
+    .bind(now + chrono::Duration::days(1))
+    .bind(now - chrono::Duration::seconds(1))
+    .bind(now + chrono::Duration::hours(1))
+    .bind(PRICE)
+    .execute(&db)
+    .await
+    .unwrap()
+    .last_insert_id();
+    let rules = SaleRules {
+        capacity: 3,
+        per_user_limit: 1,
+        hold_ttl_ms: 1_000,
+        opens_at_ms: (now - chrono::Duration::seconds(1)).timestamp_millis(),
+        closes_at_ms: (now + chrono::Duration::hours(1)).timestamp_millis(),
+        price_cents: PRICE,
+        retain_until_ms: (now + chrono::Duration::hours(2)).timestamp_millis(),
+    };
+    assert!(ledger.prewarm(event, &rules).await.unwrap());
+
+    // Carol and Dave hold for a second; Dave cancels, Carol's hold expires
+    // at its deadline and her payment arrives too late.
+    let mut first = Batch::default();
+    let (carol, d) = hold(&ledger, event, "carol").await;
+    first.add_decision(d);
+    let (dave, d) = hold(&ledger, event, "dave").await;
+    first.add_decision(d);
+    let EndOutcome::Ended(cancelled) = ledger.cancel(event, dave, "dave").await.unwrap() else { panic!("cancel") };
+    first.add_order_event(cancelled.order_event(dave, event, None));
+    let expired = common::eventually("carol's deadline", Duration::from_secs(10), || {
+        let ledger = ledger.clone();
+        async move {
+            match ledger.expire(event, carol).await.unwrap() {
+                EndOutcome::Ended(h) => Some(h),
+                _ => None,
+            }
+        }
+    })
+    .await;
+    assert_eq!(expired.state, OrderState::Expired);
+    first.add_order_event(expired.order_event(carol, event, None));
+    let PayOutcome::Refund(late) = ledger.pay(event, carol, &format!("pay-{carol}")).await.unwrap() else {
+        panic!("carol's late payment is not a refund")
+    };
+    first.add_order_event(late.order_event(carol, event, Some(payment(carol, PaymentDisposition::RefundRequired))));
+    first.write(&db, &ledger).await.unwrap();
+
+    // The holds from now on last ten minutes: the sale's rule, changed
+    // where the allocation script reads it.
+    let mut conn = ledger.pool().get().await.unwrap();
+    let stock = EventKeys::new(&name, event).stock;
+    let _: () = redis::cmd("HSET").arg(&stock).arg("ttl_ms").arg(600_000).query_async(&mut conn).await.unwrap();
+
+    let mut second = Batch::default();
+    let (alice, d) = hold(&ledger, event, "alice").await;
+    second.add_decision(d);
+    let (bob, d) = hold(&ledger, event, "bob").await;
+    second.add_decision(d);
+    let (erin, d) = hold(&ledger, event, "erin").await;
+    second.add_decision(d);
+    let PayOutcome::Paid(paid) = ledger.pay(event, alice, &format!("pay-{alice}")).await.unwrap() else {
+        panic!("alice's payment did not pay")
+    };
+    second.add_order_event(paid.order_event(alice, event, Some(payment(alice, PaymentDisposition::Captured))));
+    second.write(&db, &ledger).await.unwrap();
+
+    let books = Books { name, db, ledger, event, alice, bob, carol, erin };
+    for (id, user) in [(alice, "alice"), (bob, "bob"), (carol, "carol"), (dave, "dave"), (erin, "erin")] {
+        books.accept(id, user).await;
+    }
+    let v = books.verify().await;
+    assert_eq!(v.failing(), vec![], "the consistent books fail:\n{v}");
+    let levels = v.redis;
+    assert_eq!((levels.available, levels.held, levels.sold), (0, 2, 1), "{v}");
+    assert_eq!(v.mysql.lateness.expired, 1, "{v}");
+    books
+}
+
+#[tokio::test]
+async fn an_oversold_unit_written_into_mysql_fails_no_oversell() {
+    let b = consistent_books().await;
+    let zed = Uuid::new_v4();
+    let now = chrono::Utc::now();
+    sqlx::query(
+        "INSERT INTO orders (order_id, event_id, user_id, quantity, amount_cents, state, expires_at, created_at, \
+         updated_at) VALUES (?, ?, 'zed', 1, ?, 'held', ?, ?, ?)",
+    )
+    .bind(zed.to_string())
+    .bind(b.event)
+    .bind(PRICE)
+    .bind(now + chrono::Duration::minutes(10))
+    .bind(now)
+    .bind(now)
+    .execute(&b.db)
+    .await
+    .unwrap();
+    sqlx::query("INSERT INTO order_units (event_id, unit_no, order_id) VALUES (?, 4, ?)")
+        .bind(b.event)
+        .bind(zed.to_string())
+        .execute(&b.db)
+        .await
+        .unwrap();
+    let v = b.verify().await;
+    // A fourth live unit of three is necessarily also a unit beyond the
+    // capacity (or a live order without its unit) and an order Redis never
+    // gave: the three rows see the one oversell from three sides.
+    assert_eq!(v.failing(), vec![Row::NoOversell, Row::UnitOwners, Row::StoresAgree], "{v}");
+    b.drop().await;
+}
+
+#[tokio::test]
+async fn a_live_order_without_its_unit_fails_unit_owners() {
+    let b = consistent_books().await;
+    b.sql("DELETE FROM order_units WHERE order_id = ?", b.alice).await;
+    let v = b.verify().await;
+    assert_eq!(v.failing(), vec![Row::UnitOwners], "{v}");
+    b.drop().await;
+}
+
+#[tokio::test]
+async fn redis_counters_that_do_not_add_up_fail_redis_conserved() {
+    let b = consistent_books().await;
+    let mut conn = b.redis().await;
+    let _: i64 =
+        redis::cmd("HINCRBY").arg(b.keys().stock).arg("available").arg(1).query_async(&mut conn).await.unwrap();
+    let v = b.verify().await;
+    assert_eq!(v.failing(), vec![Row::RedisConserved], "{v}");
+    b.drop().await;
+}
+
+#[tokio::test]
+async fn a_hold_released_twice_fails_released_once() {
+    let b = consistent_books().await;
+    // Carol's ended hold is made to look held again, and the hold script
+    // releases it a second time: its unit (now someone else's) is freed
+    // again and the held counter drops below the holds it has.
+    let mut again = b.ledger.hold(b.event, b.carol).await.unwrap().unwrap();
+    again.state = OrderState::Held;
+    again.ended_at_ms = None;
+    again.payment_id = None;
+    let mut conn = b.redis().await;
+    let _: () = redis::cmd("HSET")
+        .arg(b.keys().holds)
+        .arg(b.carol.to_string())
+        .arg(serde_json::to_string(&again).unwrap())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(matches!(b.ledger.expire(b.event, b.carol).await.unwrap(), EndOutcome::Ended(_)));
+    let v = b.verify().await;
+    assert_eq!(v.failing(), vec![Row::ReleasedOnce], "{v}");
+    b.drop().await;
+}
+
+#[tokio::test]
+async fn a_hold_paid_in_redis_but_held_in_mysql_fails_stores_agree() {
+    let b = consistent_books().await;
+    let mut paid = b.ledger.hold(b.event, b.bob).await.unwrap().unwrap();
+    paid.state = OrderState::Paid;
+    let keys = b.keys();
+    let mut conn = b.redis().await;
+    let _: () = redis::pipe()
+        .atomic()
+        .hset(&keys.holds, b.bob.to_string(), serde_json::to_string(&paid).unwrap())
+        .ignore()
+        .hincr(&keys.stock, "held", -1)
+        .ignore()
+        .hincr(&keys.stock, "sold", 1)
+        .ignore()
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let v = b.verify().await;
+    assert_eq!(v.failing(), vec![Row::StoresAgree], "{v}");
+    b.drop().await;
+}
+
+#[tokio::test]
+async fn a_paid_order_without_its_payment_fails_paid_orders_captured() {
+    let b = consistent_books().await;
+    b.sql("DELETE FROM payments WHERE order_id = ?", b.alice).await;
+    // Without the provider's count, only the row that reads the order sees it.
+    let v = b.verify_with(&CheckOptions::default()).await;
+    assert_eq!(v.failing(), vec![Row::PaidOrdersCaptured], "{v}");
+    // With it, the lost payment is also one the provider acknowledged.
+    let v = b.verify().await;
+    assert_eq!(v.failing(), vec![Row::PaidOrdersCaptured, Row::PaymentsRecorded], "{v}");
+    b.drop().await;
+}
+
+#[tokio::test]
+async fn a_late_payment_recorded_as_captured_fails_refunds_due() {
+    let b = consistent_books().await;
+    b.sql("UPDATE payments SET disposition = 'captured' WHERE order_id = ?", b.carol).await;
+    let v = b.verify().await;
+    assert_eq!(v.failing(), vec![Row::RefundsDue], "{v}");
+    b.drop().await;
+}
+
+#[tokio::test]
+async fn a_payment_without_its_order_fails_payments_have_orders() {
+    let b = consistent_books().await;
+    let nobody = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO payments (provider_event_id, payment_id, order_id, amount_cents, disposition, recorded_at) \
+         VALUES (?, ?, ?, ?, 'captured', NOW(3))",
+    )
+    .bind(format!("evt-{nobody}"))
+    .bind(format!("pay-{nobody}"))
+    .bind(nobody.to_string())
+    .bind(PRICE)
+    .execute(&b.db)
+    .await
+    .unwrap();
+    let v = b.verify().await;
+    assert_eq!(v.failing(), vec![Row::PaymentsHaveOrders], "{v}");
+    b.drop().await;
+}
+
+#[tokio::test]
+async fn a_due_refund_lost_fails_payments_recorded() {
+    let b = consistent_books().await;
+    b.sql("DELETE FROM payments WHERE order_id = ?", b.carol).await;
+    let v = b.verify().await;
+    assert_eq!(v.failing(), vec![Row::PaymentsRecorded], "{v}");
+    b.drop().await;
+}
+
+#[tokio::test]
+async fn a_hold_released_past_the_grace_fails_holds_on_time() {
+    let b = consistent_books().await;
+    let grace = invariants::production_grace();
+    sqlx::query("UPDATE orders SET updated_at = expires_at + INTERVAL ? SECOND WHERE order_id = ?")
+        .bind(grace.as_secs() + 1)
+        .bind(b.carol.to_string())
+        .execute(&b.db)
+        .await
+        .unwrap();
+    let v = b.verify().await;
+    assert_eq!(v.failing(), vec![Row::HoldsOnTime], "{v}");
+    let late = &v.mysql.lateness;
+    assert_eq!((late.expired, late.max_ms), (1, (grace.as_millis() + 1_000) as i64), "{v}");
+    b.drop().await;
+}
+
+#[tokio::test]
+async fn a_hold_left_past_its_deadline_fails_holds_on_time() {
+    let b = consistent_books().await;
+    let grace = invariants::production_grace();
+    sqlx::query("UPDATE orders SET expires_at = ? WHERE order_id = ?")
+        .bind(chrono::Utc::now() - grace - chrono::Duration::seconds(5))
+        .bind(b.bob.to_string())
+        .execute(&b.db)
+        .await
+        .unwrap();
+    let v = b.verify().await;
+    assert_eq!(v.failing(), vec![Row::HoldsOnTime], "{v}");
+    assert_eq!(v.mysql.overdue_holds, 1);
+    b.drop().await;
+}
+
+#[tokio::test]
+async fn a_buyer_over_the_limit_fails_per_user_limit() {
+    let b = consistent_books().await;
+    b.sql("UPDATE orders SET user_id = 'alice' WHERE order_id = ?", b.erin).await;
+    let v = b.verify().await;
+    assert_eq!(v.failing(), vec![Row::PerUserLimit], "{v}");
+    b.drop().await;
+}
+
+#[tokio::test]
+async fn an_accepted_intent_with_no_decision_fails_accepted_decided() {
+    let b = consistent_books().await;
+    // The caller counted one more 202 than the record has decisions.
+    let v = b.verify_with(&CheckOptions { accepted: Some(6), ..b.options() }).await;
+    assert_eq!(v.failing(), vec![Row::AcceptedDecided], "{v}");
+    // The ingress accepted a purchase whose intent never reached the
+    // allocator: its acceptance record, and nothing on Kafka.
+    b.accept(Uuid::new_v4(), "frank").await;
+    let v = b.verify_with(&CheckOptions { accepted: None, ..b.options() }).await;
+    assert_eq!(v.failing(), vec![Row::AcceptedDecided], "{v}");
+    b.drop().await;
+}
+
+#[tokio::test]
+async fn the_wait_for_quiet_does_not_wait_out_a_late_hold() {
+    let b = consistent_books().await;
+    // Bob's deadline passed a moment ago and nothing ends his hold. With a
+    // two-second grace the wait lasts until the grace is over (no longer:
+    // it does not wait for the hold to end) and the row then fails.
+    let grace = Duration::from_secs(2);
+    sqlx::query("UPDATE orders SET expires_at = ? WHERE order_id = ?")
+        .bind(chrono::Utc::now() - chrono::Duration::milliseconds(500))
+        .bind(b.bob.to_string())
+        .execute(&b.db)
+        .await
+        .unwrap();
+    let settle = Quiet { pipeline: None, past_deadlines: false, grace, timeout: Duration::from_secs(20) };
+    let started = tokio::time::Instant::now();
+    assert!(quiet::wait_quiet(&b.db, b.event, &settle).await.unwrap());
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_secs(1) && waited < Duration::from_secs(10), "waited {waited:?}");
+    let v = b.verify_with(&CheckOptions { grace, ..b.options() }).await;
+    assert_eq!(v.failing(), vec![Row::HoldsOnTime], "{v}");
+    b.drop().await;
+}
