@@ -7,7 +7,8 @@
 #   scripts/stack.sh status    what is running
 #   scripts/stack.sh down      stop the services and the broker started here
 #
-# Every step reuses what already runs. Logs and pids go to .dropline/.
+# Every step reuses what already runs. Logs and pids go to .dropline/, and
+# so do the signing secrets generated on the first `up` (secrets.env).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -54,6 +55,9 @@ ready() { curl -fsS "http://127.0.0.1:$1/readyz" >/dev/null 2>&1; }
 
 services_up() {
   build
+  # Generated on the first `up` and kept in .dropline/secrets.env; the
+  # ingress and paysim read them from the environment, dropctl from the file.
+  load_secrets
   "$BIN/dropctl" migrate
   "$BIN/dropctl" topics
   start_one paysim DROPLINE_PAYSIM_LISTEN_ADDR="$PAYSIM_ADDR" \

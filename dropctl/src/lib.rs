@@ -8,9 +8,11 @@
 //!   Redis.
 //! - [`prometheus`]: queries of Prometheus, for the demo's headline numbers
 //!   and the monitoring test.
+//! - [`tokens`]: the secrets dropctl mints tokens with, and their checks.
 
 pub mod api;
 pub mod ceiling;
 pub mod drill;
 pub mod invariants;
 pub mod prometheus;
+pub mod tokens;

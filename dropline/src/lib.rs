@@ -9,7 +9,8 @@
 //! - [`kafka`]: producer and consumer setup, batching, offset storage and the
 //!   dead-letter topic.
 //! - [`payments`]: the payment provider's webhook body and HMAC signature.
-//! - [`auth`]: buyers' and admins' bearer tokens.
+//! - [`auth`]: buyers' and admins' bearer tokens; [`secrets`]: the checks
+//!   every signing secret passes before a process starts.
 //! - [`config`], [`telemetry`], [`ops`], [`shutdown`]: how every stage is
 //!   configured, observed, probed and stopped.
 
@@ -21,6 +22,7 @@ pub mod kafka;
 pub mod messages;
 pub mod ops;
 pub mod payments;
+pub mod secrets;
 pub mod shutdown;
 pub mod stock;
 pub mod telemetry;
