@@ -6,7 +6,15 @@ import encoding from 'k6/encoding';
 import { sleep } from 'k6';
 
 export const API = __ENV.DROPLINE_API || 'http://127.0.0.1:8080';
-const SECRET = __ENV.DROPLINE_JWT_SECRET || 'dropline-local-jwt-secret';
+// The stack's signing secrets (scripts/loadtest.sh exports the ones the
+// local stack generated in .dropline/secrets.env). There is no default: a
+// published one would be refused by the ingress anyway.
+const BUYER_KEY = __ENV.DROPLINE_JWT_SECRET;
+const ADMIN_KEY = __ENV.DROPLINE_ADMIN_JWT_SECRET;
+const ISSUER = __ENV.DROPLINE_JWT_ISSUER || 'dropline';
+if (!BUYER_KEY || !ADMIN_KEY) {
+  throw new Error('DROPLINE_JWT_SECRET and DROPLINE_ADMIN_JWT_SECRET must be set (scripts/loadtest.sh sets them)');
+}
 
 // 2xx, and the answers a flood is expected to get: 409 (sold out, not
 // held) and 429 (rate limited). Anything else counts as a failure.
@@ -16,14 +24,14 @@ function b64url(s) {
   return encoding.b64encode(s, 'rawurl');
 }
 
-// An HS256 JWT, as the storefront's login would issue.
-export function token(sub, scope) {
+// An HS256 JWT, as the storefront's login would issue: a buyer's, or with
+// admin set an admin's (its own secret and audience).
+export function token(sub, admin) {
   const now = Math.floor(Date.now() / 1000);
-  const claims = { sub, iat: now, exp: now + 3600 };
-  if (scope) claims.scope = scope;
+  const claims = { sub, iat: now, exp: now + 3600, iss: ISSUER, aud: admin ? 'dropline-admin' : 'dropline-buyer' };
   const head = b64url(JSON.stringify({ alg: 'HS256', typ: 'JWT' }));
   const body = b64url(JSON.stringify(claims));
-  const sig = crypto.hmac('sha256', SECRET, `${head}.${body}`, 'base64rawurl');
+  const sig = crypto.hmac('sha256', admin ? ADMIN_KEY : BUYER_KEY, `${head}.${body}`, 'base64rawurl');
   return `${head}.${body}.${sig}`;
 }
 
@@ -54,7 +62,7 @@ export function createEvent(capacity, holdTtlSecs, perUserLimit) {
     per_user_limit: perUserLimit || 2,
     hold_ttl_secs: holdTtlSecs,
   };
-  const r = http.post(`${API}/v1/admin/events`, JSON.stringify(body), auth(token('k6-admin', 'admin')));
+  const r = http.post(`${API}/v1/admin/events`, JSON.stringify(body), auth(token('k6-admin', true)));
   if (r.status !== 201) throw new Error(`creating the event: ${r.status} ${r.body}`);
   return r.json('id');
 }

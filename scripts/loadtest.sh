@@ -23,6 +23,8 @@ ensure_k6() {
 
 ensure_k6
 "$DROPLINE_ROOT/scripts/stack.sh" up
+# k6 signs its buyers' and its admin's tokens with the stack's secrets.
+load_secrets
 PROFILE=${DROPLINE_PROFILE:-release}
 
 reports="$DROPLINE_ROOT/loadtest/reports"

@@ -13,7 +13,8 @@
 #                              purchases and payments are lost; it says so first.
 #
 # Every step reuses what already runs. Logs, pids and the broker's data go to
-# .dropline/.
+# .dropline/, and so do the signing secrets generated on the first `up`
+# (secrets.env).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -65,6 +66,9 @@ ready() { curl -fsS "http://127.0.0.1:$1/readyz" >/dev/null 2>&1; }
 
 services_up() {
   build
+  # Generated on the first `up` and kept in .dropline/secrets.env; the
+  # ingress and paysim read them from the environment, dropctl from the file.
+  load_secrets
   "$BIN/dropctl" migrate
   "$BIN/dropctl" topics
   start_one paysim DROPLINE_PAYSIM_LISTEN_ADDR="$PAYSIM_ADDR" \

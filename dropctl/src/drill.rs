@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use dropline::auth::TokenKeys;
+use dropline::auth::Tokens;
 use dropline::stock::{Ledger, StockLevels};
 use rand::seq::SliceRandom;
 use serde_json::json;
@@ -136,7 +136,7 @@ fn tally(items: impl Iterator<Item = String>) -> Vec<(String, u64)> {
 
 pub async fn run(
     api: &Api,
-    keys: &TokenKeys,
+    tokens: &Tokens,
     db: &MySqlPool,
     ledger: &Ledger,
     plan: &DropPlan,
@@ -144,7 +144,7 @@ pub async fn run(
     if plan.buyers <= plan.tickets {
         bail!("a drop needs more buyers than tickets");
     }
-    let admin = keys.mint("dropctl", 3600, dropline::auth::ADMIN_SCOPE)?;
+    let admin = tokens.admin.mint("dropctl", 3600)?;
     let now = chrono::Utc::now();
     let event = api
         .create_event(
@@ -173,7 +173,7 @@ pub async fn run(
     let mut tasks = Vec::with_capacity(plan.buyers as usize);
     for i in 0..plan.buyers {
         let (api, gate) = (api.clone(), gate.clone());
-        let token = keys.mint(&format!("{}{i}", plan.user_prefix), 3600, "")?;
+        let token = tokens.buyer.mint(&format!("{}{i}", plan.user_prefix), 3600)?;
         tasks.push(tokio::spawn(async move {
             let _permit = gate.acquire_owned().await?;
             let outcome = buy(&api, &token, event_id).await?;

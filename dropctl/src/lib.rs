@@ -10,6 +10,7 @@
 //!   and the monitoring test.
 //! - [`quiet`]: when to check: the pipeline caught up, by its consumer
 //!   groups' offsets and the holds' deadlines.
+//! - [`tokens`]: the secrets dropctl mints tokens with, and their checks.
 
 pub mod api;
 pub mod ceiling;
@@ -17,3 +18,4 @@ pub mod drill;
 pub mod invariants;
 pub mod prometheus;
 pub mod quiet;
+pub mod tokens;

@@ -7,7 +7,8 @@ use dropctl::drill::{self, DropPlan, DropReport};
 use dropctl::invariants::{self, CheckOptions};
 use dropctl::prometheus::Prometheus;
 use dropctl::quiet::{self, PipelineArgs, Quiet};
-use dropline::auth::{TokenKeys, ADMIN_SCOPE};
+use dropctl::tokens::TokenArgs;
+use dropline::auth::Audience;
 use dropline::config::{KafkaArgs, MysqlArgs, RedisArgs};
 use dropline::stock::Ledger;
 
@@ -31,7 +32,8 @@ enum Command {
         #[command(flatten)]
         kafka: KafkaArgs,
     },
-    /// Prints a bearer token for a user (or an admin).
+    /// Prints a bearer token for a buyer, or with --admin for an admin
+    /// (signed with the admin secret, for the admin audience).
     Token {
         #[arg(long)]
         user: String,
@@ -39,15 +41,15 @@ enum Command {
         admin: bool,
         #[arg(long, default_value_t = 3600)]
         ttl_secs: i64,
-        #[arg(long, env = "DROPLINE_JWT_SECRET", default_value = "dropline-local-jwt-secret", hide_env_values = true)]
-        jwt_secret: String,
+        #[command(flatten)]
+        secrets: TokenArgs,
     },
     /// Runs a flash sale against a running deployment and checks the books.
     Demo {
         #[arg(long, env = "DROPLINE_INGRESS_URL", default_value = "http://127.0.0.1:8080")]
         ingress_url: String,
-        #[arg(long, env = "DROPLINE_JWT_SECRET", default_value = "dropline-local-jwt-secret", hide_env_values = true)]
-        jwt_secret: String,
+        #[command(flatten)]
+        secrets: TokenArgs,
         /// Tickets on sale.
         #[arg(long, default_value_t = 500)]
         tickets: u32,
@@ -188,13 +190,13 @@ async fn main() -> anyhow::Result<()> {
             dropline::kafka::ensure_topics(&kafka, &topics.all()).await?;
             eprintln!("topics ready: {}", topics.all().join(", "));
         }
-        Command::Token { user, admin, ttl_secs, jwt_secret } => {
-            let scope = if admin { ADMIN_SCOPE } else { "" };
-            println!("{}", TokenKeys::new(jwt_secret.as_bytes()).mint(&user, ttl_secs, scope)?);
+        Command::Token { user, admin, ttl_secs, secrets } => {
+            let audience = if admin { Audience::Admin } else { Audience::Buyer };
+            println!("{}", secrets.keys(audience)?.mint(&user, ttl_secs)?);
         }
         Command::Demo {
             ingress_url,
-            jwt_secret,
+            secrets,
             tickets,
             buyers,
             concurrency,
@@ -206,6 +208,7 @@ async fn main() -> anyhow::Result<()> {
             mysql,
             redis,
         } => {
+            let tokens = secrets.tokens()?;
             let plan = DropPlan {
                 tickets,
                 buyers,
@@ -226,7 +229,7 @@ async fn main() -> anyhow::Result<()> {
             eprintln!(
                 "dropline demo: {tickets} tickets, {buyers} buyers ({concurrency} at once), holds last {hold_ttl_secs}s"
             );
-            let report = drill::run(&api, &TokenKeys::new(jwt_secret.as_bytes()), &db, &ledger, &plan).await?;
+            let report = drill::run(&api, &tokens, &db, &ledger, &plan).await?;
             print_report(&report);
             print_headline(&prometheus_url, &report).await;
             if !report.passed() || !report.sold_out_exactly() {

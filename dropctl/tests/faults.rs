@@ -19,10 +19,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use common::process::{bin_dir, free_port, spawn, spawn_in, Mariadb, Process};
-use common::{eventually, JWT_SECRET, WEBHOOK_SECRET};
+use common::{eventually, Secrets};
 use dropctl::api::Api;
 use dropctl::drill::{self, DropPlan, DropReport};
-use dropline::auth::TokenKeys;
 use dropline::stock::Ledger;
 
 const STAGES: [&str; 4] = ["ingress", "allocator", "settler", "expirer"];
@@ -36,6 +35,7 @@ struct ClusterOptions {
 
 struct Cluster {
     name: String,
+    secrets: Secrets,
     dir: PathBuf,
     db_url: String,
     redis_port: u16,
@@ -65,6 +65,7 @@ impl Cluster {
         let db_url = format!("{server}/dropline_{name}");
         dropline::db::create_database(&db_url).await.unwrap();
         let (api_port, paysim_port) = (free_port(), free_port());
+        let secrets = Secrets::generate();
         let paysim = spawn(
             "paysim",
             bin_dir().join("dropline-paysim"),
@@ -72,12 +73,13 @@ impl Cluster {
                 ("DROPLINE_LOG", "warn".into()),
                 ("DROPLINE_PAYSIM_LISTEN_ADDR", format!("127.0.0.1:{paysim_port}")),
                 ("DROPLINE_PAYSIM_WEBHOOK_URL", format!("http://127.0.0.1:{api_port}/v1/webhooks/payments")),
-                ("DROPLINE_WEBHOOK_SECRET", WEBHOOK_SECRET.into()),
+                ("DROPLINE_WEBHOOK_SECRET", secrets.webhook.clone()),
             ],
             &[],
         );
         let mut cluster = Cluster {
             name,
+            secrets,
             dir,
             db_url,
             redis_port: free_port(),
@@ -177,9 +179,8 @@ impl Cluster {
             ("DROPLINE_SETTLER_DRIFT_INTERVAL_SECS", "1".into()),
             ("DROPLINE_SETTLER_REBUILD_GRACE_MS", "1000".into()),
             ("DROPLINE_EXPIRER_TICK_MS", "50".into()),
-            ("DROPLINE_JWT_SECRET", JWT_SECRET.into()),
-            ("DROPLINE_WEBHOOK_SECRET", WEBHOOK_SECRET.into()),
         ];
+        env.extend(self.secrets.env());
         if stage != "ingress" {
             env.push(("DROPLINE_KAFKA_GROUP_INSTANCE_ID", format!("{name}-{stage}-0")));
         }
@@ -213,7 +214,7 @@ impl Cluster {
         F: FnOnce(Self) -> Fut,
         Fut: std::future::Future<Output = Self>,
     {
-        let keys = TokenKeys::new(JWT_SECRET.as_bytes());
+        let keys = self.secrets.tokens();
         let db = dropline::db::connect(&dropline::config::MysqlArgs { url: self.db_url.clone(), pool_size: 3 })
             .await
             .unwrap();

@@ -13,11 +13,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use common::process::{bin_dir, free_port, repo, spawn};
-use common::{eventually, JWT_SECRET, WEBHOOK_SECRET};
+use common::{eventually, Secrets};
 use dropctl::api::Api;
 use dropctl::drill::{self, DropPlan};
 use dropctl::prometheus::Prometheus;
-use dropline::auth::TokenKeys;
 use dropline::stock::Ledger;
 
 /// The dashboard's queries, with its variables set to "all".
@@ -63,8 +62,9 @@ async fn every_dashboard_query_has_data_and_alerts_fire_only_on_faults() {
     let (api_port, paysim_port, prom_port) = (free_port(), free_port(), free_port());
     let ops: BTreeMap<&str, u16> =
         ["ingress", "allocator", "settler", "expirer"].into_iter().map(|s| (s, free_port())).collect();
+    let secrets = Secrets::generate();
     let common_env = |stage: &str| -> Vec<(&str, String)> {
-        vec![
+        let mut env = vec![
             ("DROPLINE_LOG", "warn".into()),
             ("DROPLINE_KAFKA_BROKERS", common::brokers()),
             ("DROPLINE_TOPIC_PREFIX", name.clone()),
@@ -78,9 +78,9 @@ async fn every_dashboard_query_has_data_and_alerts_fire_only_on_faults() {
             ("DROPLINE_EXPIRER_GROUP", format!("{name}-expirer")),
             ("DROPLINE_SETTLER_DRIFT_INTERVAL_SECS", "1".into()),
             ("DROPLINE_EXPIRER_TICK_MS", "50".into()),
-            ("DROPLINE_JWT_SECRET", JWT_SECRET.into()),
-            ("DROPLINE_WEBHOOK_SECRET", WEBHOOK_SECRET.into()),
-        ]
+        ];
+        env.extend(secrets.env());
+        env
     };
     let bin = bin_dir();
     let paysim = spawn(
@@ -90,7 +90,7 @@ async fn every_dashboard_query_has_data_and_alerts_fire_only_on_faults() {
             ("DROPLINE_LOG", "warn".into()),
             ("DROPLINE_PAYSIM_LISTEN_ADDR", format!("127.0.0.1:{paysim_port}")),
             ("DROPLINE_PAYSIM_WEBHOOK_URL", format!("http://127.0.0.1:{api_port}/v1/webhooks/payments")),
-            ("DROPLINE_WEBHOOK_SECRET", WEBHOOK_SECRET.into()),
+            ("DROPLINE_WEBHOOK_SECRET", secrets.webhook.clone()),
         ],
         &[],
     );
@@ -134,7 +134,7 @@ async fn every_dashboard_query_has_data_and_alerts_fire_only_on_faults() {
     .await;
 
     // A small, healthy drop.
-    let keys = TokenKeys::new(JWT_SECRET.as_bytes());
+    let keys = secrets.tokens();
     let db = dropline::db::connect(&dropline::config::MysqlArgs { url: db_url.clone(), pool_size: 3 }).await.unwrap();
     let pool = deadpool_redis::Config::from_url(common::redis_url())
         .create_pool(Some(deadpool_redis::Runtime::Tokio1))

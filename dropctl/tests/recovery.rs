@@ -19,14 +19,15 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::process::free_port;
-use common::{eventually, JWT_SECRET, WEBHOOK_SECRET};
+use common::{eventually, Secrets};
 use dropctl::api::Api;
 use dropctl::drill::{self, DropPlan};
-use dropline::auth::TokenKeys;
 use dropline::stock::Ledger;
 
 struct LocalStack {
     name: String,
+    secrets: Secrets,
+    kafka_port: u16,
     state: PathBuf,
     env: Vec<(&'static str, String)>,
     api: String,
@@ -54,11 +55,13 @@ impl LocalStack {
         std::fs::create_dir_all(&state).unwrap();
         let api_port = free_port();
         let db_url = format!("{}/dropline_{name}", common::mysql_server());
-        let env = vec![
+        let secrets = Secrets::generate();
+        let kafka_port = free_port();
+        let mut env = vec![
             ("DROPLINE_STATE_DIR", state.display().to_string()),
             ("DROPLINE_PROFILE", "debug".into()),
             ("DROPLINE_SKIP_BUILD", "1".into()),
-            ("KAFKA_PORT", free_port().to_string()),
+            ("KAFKA_PORT", kafka_port.to_string()),
             ("PROMETHEUS_PORT", free_port().to_string()),
             ("DROPLINE_OPS_PORT_BASE", free_port_run().to_string()),
             ("INGRESS_ADDR", format!("127.0.0.1:{api_port}")),
@@ -67,13 +70,15 @@ impl LocalStack {
             ("DROPLINE_REDIS_KEY_PREFIX", name.clone()),
             ("DROPLINE_TOPIC_PREFIX", name.clone()),
             ("DROPLINE_TOPIC_PARTITIONS", "2".into()),
-            ("DROPLINE_JWT_SECRET", JWT_SECRET.into()),
-            ("DROPLINE_WEBHOOK_SECRET", WEBHOOK_SECRET.into()),
+            ("DROPLINE_ALLOCATOR_GROUP", format!("{name}-allocator")),
+            ("DROPLINE_SETTLER_GROUP", format!("{name}-settler")),
+            ("DROPLINE_EXPIRER_GROUP", format!("{name}-expirer")),
             ("DROPLINE_ADMIT_PER_SEC", "100000".into()),
             ("DROPLINE_ADMIT_BURST", "100000".into()),
             ("DROPLINE_LOG", "warn".into()),
         ];
-        LocalStack { name, state, env, api: format!("http://127.0.0.1:{api_port}"), db_url }
+        env.extend(secrets.env());
+        LocalStack { name, secrets, kafka_port, state, env, api: format!("http://127.0.0.1:{api_port}"), db_url }
     }
 
     /// Runs `scripts/stack.sh <args>` as a user would, and insists it
@@ -107,7 +112,7 @@ impl LocalStack {
     async fn drop_with_recovery(self, scenario: &str, recover: &'static [&'static [&'static str]]) {
         dropline::telemetry::init_logs();
         self.stack(&["up"]);
-        let keys = TokenKeys::new(JWT_SECRET.as_bytes());
+        let keys = self.secrets.tokens();
         let db = dropline::db::connect(&dropline::config::MysqlArgs { url: self.db_url.clone(), pool_size: 3 })
             .await
             .unwrap();
@@ -123,6 +128,8 @@ impl LocalStack {
             late_pay_share: 0.1,
             webhook_copies: 3,
             user_prefix: format!("{scenario}-"),
+            grace: dropctl::invariants::production_grace(),
+            pipeline: Some(common::pipeline(&format!("127.0.0.1:{}", self.kafka_port), &self.name)),
         };
         let probe = db.clone();
         let ledger = self.ledger();

@@ -1,12 +1,32 @@
 //! Bearer tokens. Buyers and admins present an HS256 JWT; its `sub` is the
-//! user id. The signing secret is shared with whoever issues tokens (the
-//! storefront's login, or `dropctl token` locally).
+//! user id. The two kinds are kept apart twice: each is signed with its own
+//! secret and names its own audience (`dropline-buyer`, `dropline-admin`), so
+//! neither a leaked buyer-signing secret nor a buyer token replayed at the
+//! admin API grants anything there. Both carry the configured issuer. The
+//! buyer secret is shared with whoever logs buyers in (the storefront, or
+//! `dropctl token` locally); the admin secret only with operators' tooling.
 
 use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-/// The scope that grants the admin API.
-pub const ADMIN_SCOPE: &str = "admin";
+/// The issuer tokens carry unless configured otherwise.
+pub const DEFAULT_ISSUER: &str = "dropline";
+
+/// Who a token is for; each audience has its own signing secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Audience {
+    Buyer,
+    Admin,
+}
+
+impl Audience {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Audience::Buyer => "dropline-buyer",
+            Audience::Admin => "dropline-admin",
+        }
+    }
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claims {
@@ -14,14 +34,8 @@ pub struct Claims {
     pub exp: i64,
     #[serde(default)]
     pub iat: i64,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub scope: String,
-}
-
-impl Claims {
-    pub fn is_admin(&self) -> bool {
-        self.scope.split(' ').any(|s| s == ADMIN_SCOPE)
-    }
+    pub iss: String,
+    pub aud: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -32,24 +46,45 @@ pub enum AuthError {
     BadSubject,
 }
 
+/// Mints and verifies the tokens of one audience.
 #[derive(Clone)]
 pub struct TokenKeys {
     encoding: EncodingKey,
     decoding: DecodingKey,
     validation: Validation,
+    issuer: String,
+    audience: Audience,
 }
 
 impl TokenKeys {
-    pub fn new(secret: &[u8]) -> Self {
+    pub fn new(secret: &[u8], issuer: &str, audience: Audience) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 5;
-        validation.set_required_spec_claims(&["exp", "sub"]);
-        Self { encoding: EncodingKey::from_secret(secret), decoding: DecodingKey::from_secret(secret), validation }
+        validation.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
+        validation.set_issuer(&[issuer]);
+        validation.set_audience(&[audience.as_str()]);
+        Self {
+            encoding: EncodingKey::from_secret(secret),
+            decoding: DecodingKey::from_secret(secret),
+            validation,
+            issuer: issuer.to_owned(),
+            audience,
+        }
     }
 
-    pub fn mint(&self, user_id: &str, ttl_secs: i64, scope: &str) -> Result<String, AuthError> {
+    pub fn audience(&self) -> Audience {
+        self.audience
+    }
+
+    pub fn mint(&self, user_id: &str, ttl_secs: i64) -> Result<String, AuthError> {
         let now = chrono::Utc::now().timestamp();
-        let claims = Claims { sub: user_id.to_owned(), exp: now + ttl_secs, iat: now, scope: scope.to_owned() };
+        let claims = Claims {
+            sub: user_id.to_owned(),
+            exp: now.saturating_add(ttl_secs),
+            iat: now,
+            iss: self.issuer.clone(),
+            aud: self.audience.as_str().to_owned(),
+        };
         Ok(encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)?)
     }
 
@@ -59,6 +94,22 @@ impl TokenKeys {
             return Err(AuthError::BadSubject);
         }
         Ok(claims)
+    }
+}
+
+/// Both kinds of token, as the ingress (and `dropctl demo`) needs them.
+#[derive(Clone)]
+pub struct Tokens {
+    pub buyer: TokenKeys,
+    pub admin: TokenKeys,
+}
+
+impl Tokens {
+    pub fn new(buyer_secret: &[u8], admin_secret: &[u8], issuer: &str) -> Self {
+        Self {
+            buyer: TokenKeys::new(buyer_secret, issuer, Audience::Buyer),
+            admin: TokenKeys::new(admin_secret, issuer, Audience::Admin),
+        }
     }
 }
 
@@ -72,21 +123,64 @@ pub fn is_valid_user_id(id: &str) -> bool {
 mod tests {
     use super::*;
 
+    fn tokens() -> Tokens {
+        Tokens::new(b"buyer-key", b"admin-key", DEFAULT_ISSUER)
+    }
+
     #[test]
     fn tokens_round_trip_and_reject_a_foreign_secret() {
-        let keys = TokenKeys::new(b"s1");
-        let t = keys.mint("alice", 60, "").unwrap();
-        assert_eq!(keys.verify(&t).unwrap().sub, "alice");
-        assert!(!keys.verify(&t).unwrap().is_admin());
-        assert!(TokenKeys::new(b"s2").verify(&t).is_err());
-        let admin = keys.mint("ops", 60, "admin").unwrap();
-        assert!(keys.verify(&admin).unwrap().is_admin());
+        let keys = tokens();
+        let t = keys.buyer.mint("alice", 60).unwrap();
+        let claims = keys.buyer.verify(&t).unwrap();
+        assert_eq!(
+            (claims.sub.as_str(), claims.iss.as_str(), claims.aud.as_str()),
+            ("alice", "dropline", "dropline-buyer")
+        );
+        assert!(TokenKeys::new(b"other", DEFAULT_ISSUER, Audience::Buyer).verify(&t).is_err());
+        let admin = keys.admin.mint("ops", 60).unwrap();
+        assert_eq!(keys.admin.verify(&admin).unwrap().aud, "dropline-admin");
+    }
+
+    #[test]
+    fn buyer_and_admin_tokens_do_not_cross() {
+        let keys = tokens();
+        assert!(keys.admin.verify(&keys.buyer.mint("alice", 60).unwrap()).is_err());
+        assert!(keys.buyer.verify(&keys.admin.mint("ops", 60).unwrap()).is_err());
+        // Even signed with the right secret, the audience must match: a
+        // deployment that (wrongly) shares one secret still keeps them apart.
+        let same = Tokens::new(b"one-key", b"one-key", DEFAULT_ISSUER);
+        assert!(same.admin.verify(&same.buyer.mint("alice", 60).unwrap()).is_err());
+        assert!(same.buyer.verify(&same.admin.mint("ops", 60).unwrap()).is_err());
+    }
+
+    #[test]
+    fn the_issuer_is_checked() {
+        let theirs = Tokens::new(b"buyer-key", b"admin-key", "someone-else");
+        assert!(tokens().buyer.verify(&theirs.buyer.mint("alice", 60).unwrap()).is_err());
+    }
+
+    #[test]
+    fn tokens_without_issuer_or_audience_are_refused() {
+        #[derive(Serialize)]
+        struct Old<'a> {
+            sub: &'a str,
+            exp: i64,
+            scope: &'a str,
+        }
+        let exp = chrono::Utc::now().timestamp() + 60;
+        let old = encode(
+            &Header::new(Algorithm::HS256),
+            &Old { sub: "ops", exp, scope: "admin" },
+            &EncodingKey::from_secret(b"admin-key"),
+        )
+        .unwrap();
+        assert!(tokens().admin.verify(&old).is_err());
     }
 
     #[test]
     fn expired_tokens_are_refused() {
-        let keys = TokenKeys::new(b"s1");
-        let t = keys.mint("alice", -60, "").unwrap();
-        assert!(keys.verify(&t).is_err());
+        let keys = tokens();
+        let t = keys.buyer.mint("alice", -60).unwrap();
+        assert!(keys.buyer.verify(&t).is_err());
     }
 }

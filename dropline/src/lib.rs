@@ -10,7 +10,8 @@
 //!   group membership and readiness, offset storage and the dead-letter
 //!   topic.
 //! - [`payments`]: the payment provider's webhook body and HMAC signature.
-//! - [`auth`]: buyers' and admins' bearer tokens.
+//! - [`auth`]: buyers' and admins' bearer tokens; [`secrets`]: the checks
+//!   every signing secret passes before a process starts.
 //! - [`stage`]: the stage kit, one start-up and one `main` for every stage;
 //!   [`config`], [`telemetry`], [`ops`], [`shutdown`]: how every stage is
 //!   configured, observed, probed and stopped.
@@ -23,6 +24,7 @@ pub mod kafka;
 pub mod messages;
 pub mod ops;
 pub mod payments;
+pub mod secrets;
 pub mod shutdown;
 pub mod stage;
 pub mod stock;

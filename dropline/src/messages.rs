@@ -165,8 +165,10 @@ pub struct OrderEvent {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PaymentRecord {
-    /// The provider's webhook event id: the idempotency key of the payment.
+    /// The provider's webhook event id. A provider may deliver one payment
+    /// under several, so it identifies the delivery, not the payment.
     pub provider_event_id: String,
+    /// The provider's payment id: the key of the payment's one row.
     pub payment_id: String,
     pub amount_cents: u64,
     pub disposition: PaymentDisposition,

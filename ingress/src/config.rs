@@ -2,6 +2,7 @@ use std::net::SocketAddr;
 
 use clap::Parser;
 use dropline::config::{redact_url, ConfigError, KafkaArgs, MysqlArgs, OpsArgs, Problems, RedisArgs};
+use dropline::secrets;
 
 /// The ingress: Dropline's HTTP API for buyers, admins and the payment
 /// provider's webhooks.
@@ -11,14 +12,30 @@ pub struct IngressConfig {
     /// Where the public API listens.
     #[arg(long, env = "DROPLINE_LISTEN_ADDR", default_value = "127.0.0.1:8080")]
     pub listen_addr: SocketAddr,
-    /// HS256 secret that buyers' and admins' tokens are signed with.
-    #[arg(long, env = "DROPLINE_JWT_SECRET", default_value = "dropline-local-jwt-secret", hide_env_values = true)]
+    /// HS256 secret buyers' tokens are signed with (shared with the
+    /// storefront's login). At least 32 random bytes; never a published
+    /// value.
+    #[arg(long, env = "DROPLINE_JWT_SECRET", default_value = "", hide_default_value = true, hide_env_values = true)]
     pub jwt_secret: String,
+    /// HS256 secret admins' tokens are signed with: a different one, held
+    /// only by operators' tooling.
+    #[arg(
+        long,
+        env = "DROPLINE_ADMIN_JWT_SECRET",
+        default_value = "",
+        hide_default_value = true,
+        hide_env_values = true
+    )]
+    pub admin_jwt_secret: String,
+    /// The `iss` every token must carry (and `dropctl token` sets).
+    #[arg(long, env = "DROPLINE_JWT_ISSUER", default_value = dropline::auth::DEFAULT_ISSUER)]
+    pub jwt_issuer: String,
     /// Secret the payment provider signs its webhooks with.
     #[arg(
         long,
         env = "DROPLINE_WEBHOOK_SECRET",
-        default_value = "dropline-local-webhook-secret",
+        default_value = "",
+        hide_default_value = true,
         hide_env_values = true
     )]
     pub webhook_secret: String,
@@ -65,11 +82,25 @@ impl IngressConfig {
         self.kafka.check(&mut p);
         self.redis.check(&mut p);
         self.mysql.check(&mut p);
-        if self.jwt_secret.len() < 16 {
-            p.add("DROPLINE_JWT_SECRET must be at least 16 bytes");
+        let secrets = [
+            ("DROPLINE_JWT_SECRET", &self.jwt_secret),
+            ("DROPLINE_ADMIN_JWT_SECRET", &self.admin_jwt_secret),
+            ("DROPLINE_WEBHOOK_SECRET", &self.webhook_secret),
+        ];
+        for (name, value) in secrets {
+            secrets::check_setting(name, value, &mut p);
         }
-        if self.webhook_secret.len() < 16 {
-            p.add("DROPLINE_WEBHOOK_SECRET must be at least 16 bytes");
+        // One secret in two roles would let whoever holds it for one (the
+        // storefront, the provider) act in the other.
+        for (i, (a, va)) in secrets.iter().enumerate() {
+            for (b, vb) in &secrets[i + 1..] {
+                if !va.is_empty() && va == vb {
+                    p.add(format!("{a} and {b} must differ"));
+                }
+            }
+        }
+        if self.jwt_issuer.trim().is_empty() {
+            p.add("DROPLINE_JWT_ISSUER is empty");
         }
         if self.webhook_tolerance_secs <= 0 {
             p.add("DROPLINE_WEBHOOK_TOLERANCE_SECS must be positive");
@@ -107,7 +138,9 @@ impl IngressConfig {
             admit_burst = self.admit_burst,
             user_per_sec = self.user_per_sec,
             user_burst = self.user_burst,
+            jwt_issuer = %self.jwt_issuer,
             jwt_secret = "***",
+            admin_jwt_secret = "***",
             webhook_secret = "***",
             "ingress config"
         );
@@ -120,9 +153,70 @@ mod tests {
 
     use super::*;
 
+    const BUYER: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0";
+    const ADMIN: &str = "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f91";
+    const WEBHOOK: &str = "5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d";
+
+    fn with(jwt: &str, admin: &str, webhook: &str) -> IngressConfig {
+        IngressConfig::parse_from([
+            "ingress".to_owned(),
+            format!("--jwt-secret={jwt}"),
+            format!("--admin-jwt-secret={admin}"),
+            format!("--webhook-secret={webhook}"),
+        ])
+    }
+
+    fn problems(config: &IngressConfig) -> Vec<String> {
+        config.validate().err().map(|e| e.0).unwrap_or_default()
+    }
+
     #[test]
-    fn the_command_line_is_well_formed_and_the_defaults_validate() {
+    fn the_command_line_is_well_formed_and_random_secrets_validate() {
         IngressConfig::command().debug_assert();
-        IngressConfig::parse_from(["ingress"]).validate().unwrap();
+        with(BUYER, ADMIN, WEBHOOK).validate().unwrap();
+    }
+
+    #[test]
+    fn without_secrets_every_missing_one_is_named() {
+        // Empty flags, not none: the environment of whoever runs the test
+        // must not fill them in.
+        let p = problems(&with("", "", ""));
+        assert_eq!(
+            p,
+            [
+                "DROPLINE_JWT_SECRET is not set",
+                "DROPLINE_ADMIN_JWT_SECRET is not set",
+                "DROPLINE_WEBHOOK_SECRET is not set"
+            ]
+        );
+    }
+
+    #[test]
+    fn published_short_placeholder_and_shared_secrets_are_refused_together() {
+        let p = problems(&with("dropline-local-jwt-secret", "too-short", "change-me-to-the-provider-signing-secret"));
+        assert_eq!(p.len(), 3, "{p:?}");
+        assert!(p[0].starts_with("DROPLINE_JWT_SECRET is a value published"), "{p:?}");
+        assert!(p[1].starts_with("DROPLINE_ADMIN_JWT_SECRET is shorter than 32 bytes"), "{p:?}");
+        assert!(p[2].starts_with("DROPLINE_WEBHOOK_SECRET is a value published"), "{p:?}");
+        let p = problems(&with("<a-random-value-of-at-least-32-bytes>", ADMIN, WEBHOOK));
+        assert_eq!(p.len(), 1);
+        assert!(p[0].starts_with("DROPLINE_JWT_SECRET looks like a placeholder"), "{p:?}");
+        assert_eq!(
+            problems(&with(BUYER, BUYER, WEBHOOK)),
+            ["DROPLINE_JWT_SECRET and DROPLINE_ADMIN_JWT_SECRET must differ"]
+        );
+    }
+
+    /// The manifests' placeholders must not start a deployment.
+    #[test]
+    fn the_k8s_placeholders_are_refused() {
+        let manifest = include_str!("../../k8s/config.yaml");
+        let value = |name: &str| {
+            let line = manifest.lines().find(|l| l.trim_start().starts_with(&format!("{name}:"))).unwrap();
+            line.split_once(':').unwrap().1.trim().trim_matches('"').to_owned()
+        };
+        let config =
+            with(&value("DROPLINE_JWT_SECRET"), &value("DROPLINE_ADMIN_JWT_SECRET"), &value("DROPLINE_WEBHOOK_SECRET"));
+        assert_eq!(problems(&config).len(), 3, "{:?}", problems(&config));
     }
 }

@@ -2,7 +2,7 @@
 //! JSON bodies, each failure mapped to its problem code.
 
 use axum::http::{header, HeaderMap};
-use dropline::auth::{Claims, TokenKeys};
+use dropline::auth::{Claims, Tokens};
 use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
@@ -10,22 +10,33 @@ use crate::problem::{ErrorCode, Problem};
 
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
-pub fn bearer(keys: &TokenKeys, headers: &HeaderMap) -> Result<Claims, Problem> {
+/// A buyer's token: signed with the buyer secret, for the buyer audience.
+pub fn bearer(tokens: &Tokens, headers: &HeaderMap) -> Result<Claims, Problem> {
+    let token = token_of(headers)?;
+    tokens.buyer.verify(token).map_err(|e| Problem::new(ErrorCode::Unauthorized).detail(e.to_string()))
+}
+
+/// An admin's token: signed with the admin secret, for the admin audience.
+/// A valid buyer token is told apart (403) from no valid token at all (401).
+pub fn admin(tokens: &Tokens, headers: &HeaderMap) -> Result<Claims, Problem> {
+    let token = token_of(headers)?;
+    tokens.admin.verify(token).map_err(|e| {
+        if tokens.buyer.verify(token).is_ok() {
+            Problem::new(ErrorCode::Forbidden).detail("a buyer token does not grant the admin API")
+        } else {
+            Problem::new(ErrorCode::Unauthorized).detail(e.to_string())
+        }
+    })
+}
+
+fn token_of(headers: &HeaderMap) -> Result<&str, Problem> {
     let value = headers.get(header::AUTHORIZATION).ok_or(ErrorCode::Unauthorized)?;
     let token = value
         .to_str()
         .ok()
         .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
         .ok_or_else(|| Problem::new(ErrorCode::Unauthorized).detail("expected 'Authorization: Bearer <token>'"))?;
-    keys.verify(token.trim()).map_err(|e| Problem::new(ErrorCode::Unauthorized).detail(e.to_string()))
-}
-
-pub fn admin(keys: &TokenKeys, headers: &HeaderMap) -> Result<Claims, Problem> {
-    let claims = bearer(keys, headers)?;
-    if !claims.is_admin() {
-        return Err(Problem::new(ErrorCode::Forbidden).detail("the admin scope is required"));
-    }
-    Ok(claims)
+    Ok(token.trim())
 }
 
 /// The Idempotency-Key: 1 to 255 visible ASCII characters.

@@ -24,7 +24,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dropline::auth::TokenKeys;
+use dropline::auth::Tokens;
 use dropline::kafka;
 use dropline::messages::{OrderEvent, Topics};
 use dropline::ops::Readiness;
@@ -69,7 +69,7 @@ pub enum IngressError {
 /// Everything a request handler needs.
 pub struct AppState {
     pub config: IngressConfig,
-    pub tokens: TokenKeys,
+    pub tokens: Tokens,
     pub events: Events,
     pub intents: IntentStore,
     pub orders: Orders,
@@ -145,7 +145,7 @@ pub async fn start_on(
     tokio::spawn(limits::prune_periodically(limits.clone(), Duration::from_secs(10), shutdown.clone()));
     let intents = IntentStore::new(redis.clone(), &config.redis.key_prefix, config.idempotency_ttl_secs);
     let state = Arc::new(AppState {
-        tokens: TokenKeys::new(config.jwt_secret.as_bytes()),
+        tokens: Tokens::new(config.jwt_secret.as_bytes(), config.admin_jwt_secret.as_bytes(), &config.jwt_issuer),
         events: Events::new(db.clone(), ledger.clone(), Duration::from_millis(config.event_cache_ttl_ms)),
         orders: Orders::new(intents.clone(), ledger.clone(), db.clone()),
         intents,

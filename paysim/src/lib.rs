@@ -23,6 +23,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use clap::Parser;
+use dropline::config::{ConfigError, Problems};
 use dropline::payments::{self, CreatePayment, PaymentSession, PaymentWebhook, PAYMENT_SUCCEEDED, SIGNATURE_HEADER};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
@@ -37,11 +38,13 @@ pub struct PaysimConfig {
     /// Dropline's webhook endpoint.
     #[arg(long, env = "DROPLINE_PAYSIM_WEBHOOK_URL", default_value = "http://127.0.0.1:8080/v1/webhooks/payments")]
     pub webhook_url: String,
-    /// The secret webhooks are signed with (Dropline's DROPLINE_WEBHOOK_SECRET).
+    /// The secret webhooks are signed with (Dropline's DROPLINE_WEBHOOK_SECRET;
+    /// the local stack generates it in .dropline/secrets.env).
     #[arg(
         long,
         env = "DROPLINE_WEBHOOK_SECRET",
-        default_value = "dropline-local-webhook-secret",
+        default_value = "",
+        hide_default_value = true,
         hide_env_values = true
     )]
     pub webhook_secret: String,
@@ -51,6 +54,19 @@ pub struct PaysimConfig {
     /// Payments kept in memory; past this, new payments are refused.
     #[arg(long, env = "DROPLINE_PAYSIM_MAX_PAYMENTS", default_value_t = 1_000_000)]
     pub max_payments: usize,
+}
+
+impl PaysimConfig {
+    /// paysim signs with the same secret the ingress checks, so it passes
+    /// the same checks: a published or weak secret is refused here too.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut p = Problems::default();
+        dropline::secrets::check_setting("DROPLINE_WEBHOOK_SECRET", &self.webhook_secret, &mut p);
+        if self.max_attempts == 0 {
+            p.add("DROPLINE_PAYSIM_MAX_ATTEMPTS must be positive");
+        }
+        p.into_result()
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -90,6 +106,7 @@ pub struct Running {
 }
 
 pub async fn start(config: PaysimConfig, shutdown: CancellationToken) -> anyhow::Result<Running> {
+    config.validate()?;
     let listener = TcpListener::bind(config.listen_addr).await?;
     let addr = listener.local_addr()?;
     let sim = Arc::new(Sim {
@@ -277,5 +294,21 @@ fn record(sim: &Sim, payment_id: &str, delivery: Delivery) {
             p.deliveries.remove(0);
         }
         p.deliveries.push(delivery);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_webhook_secret_is_checked() {
+        let parse =
+            |secret: &str| PaysimConfig::parse_from(["paysim".to_owned(), format!("--webhook-secret={secret}")]);
+        let unset = parse("").validate().unwrap_err().to_string();
+        assert!(unset.contains("DROPLINE_WEBHOOK_SECRET is not set"), "{unset}");
+        let published = parse("dropline-local-webhook-secret").validate().unwrap_err().to_string();
+        assert!(published.contains("DROPLINE_WEBHOOK_SECRET is a value published"), "{published}");
+        parse("3c9a1f0e7b2d4c6a8e0f1b3d5c7a9e2f4b6d8c0a1e3f5b7d9c2a4e6f8b0d1c3e").validate().unwrap();
     }
 }

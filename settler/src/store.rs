@@ -167,7 +167,8 @@ impl Batch {
                     .push_bind(p.disposition.as_str())
                     .push_bind(now);
             });
-            // One row per payment, whatever the number of webhooks for it.
+            // One row per provider payment id (the key), whatever the number
+            // of webhooks for it or the event ids they came under.
             q.push(" ON DUPLICATE KEY UPDATE payment_id = payment_id");
             q.build().execute(&mut *tx).await?;
         }

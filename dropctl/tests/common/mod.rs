@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
-use dropline::auth::TokenKeys;
+use dropline::auth::Tokens;
 use dropline::config::{KafkaArgs, MysqlArgs};
 use dropline::messages::Topics;
 use dropline::stock::Ledger;
@@ -17,8 +17,35 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub const JWT_SECRET: &str = "test-jwt-secret-0123456789";
-pub const WEBHOOK_SECRET: &str = "test-webhook-secret-0123456789";
+/// Signing secrets of one test deployment, random per run: a fixed test
+/// value would be a published one, which the services refuse.
+#[derive(Debug, Clone)]
+pub struct Secrets {
+    pub jwt: String,
+    pub admin_jwt: String,
+    pub webhook: String,
+}
+
+impl Secrets {
+    pub fn generate() -> Secrets {
+        // Two v4 UUIDs: 64 hex characters, 244 random bits.
+        let random = || format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
+        Secrets { jwt: random(), admin_jwt: random(), webhook: random() }
+    }
+
+    pub fn tokens(&self) -> Tokens {
+        Tokens::new(self.jwt.as_bytes(), self.admin_jwt.as_bytes(), dropline::auth::DEFAULT_ISSUER)
+    }
+
+    /// The variables the ingress and paysim read them from.
+    pub fn env(&self) -> [(&'static str, String); 3] {
+        [
+            ("DROPLINE_JWT_SECRET", self.jwt.clone()),
+            ("DROPLINE_ADMIN_JWT_SECRET", self.admin_jwt.clone()),
+            ("DROPLINE_WEBHOOK_SECRET", self.webhook.clone()),
+        ]
+    }
+}
 
 fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_owned())
@@ -67,7 +94,8 @@ pub struct Stack {
     pub name: String,
     pub api: String,
     pub paysim: String,
-    pub keys: TokenKeys,
+    pub secrets: Secrets,
+    pub keys: Tokens,
     pub db: MySqlPool,
     pub ledger: Ledger,
     pub topics: Topics,
@@ -100,6 +128,7 @@ impl Stack {
         dropline::db::create_database(&db_url).await.expect("create the test database");
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();
+        let secrets = Secrets::generate();
 
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let api_addr = listener.local_addr().unwrap();
@@ -108,7 +137,7 @@ impl Stack {
                 "paysim",
                 "--listen-addr=127.0.0.1:0",
                 &format!("--webhook-url=http://{api_addr}/v1/webhooks/payments"),
-                &format!("--webhook-secret={WEBHOOK_SECRET}"),
+                &format!("--webhook-secret={}", secrets.webhook),
                 "--max-attempts=3",
             ]),
             shutdown.clone(),
@@ -132,11 +161,12 @@ impl Stack {
                 mysql.clone(),
                 redis.clone(),
                 redis_prefix.clone(),
-                format!("--jwt-secret={JWT_SECRET}"),
+                format!("--jwt-secret={}", secrets.jwt),
+                format!("--admin-jwt-secret={}", secrets.admin_jwt),
             ]
             .into_iter()
             .chain([
-                format!("--webhook-secret={WEBHOOK_SECRET}"),
+                format!("--webhook-secret={}", secrets.webhook),
                 format!("--payment-provider-url=http://{}", paysim.addr),
                 format!("--user-per-sec={}", options.user_per_sec),
                 format!("--user-burst={}", options.user_burst),
@@ -205,7 +235,8 @@ impl Stack {
         let mut stack = Stack {
             api: format!("http://{api_addr}"),
             paysim: format!("http://{}", paysim.addr),
-            keys: TokenKeys::new(JWT_SECRET.as_bytes()),
+            keys: secrets.tokens(),
+            secrets,
             db,
             ledger: Ledger::new(pool, &name),
             topics: kafka.topics(),
@@ -245,11 +276,11 @@ impl Stack {
     }
 
     pub fn token(&self, user: &str) -> String {
-        self.keys.mint(user, 600, "").unwrap()
+        self.keys.buyer.mint(user, 600).unwrap()
     }
 
     pub fn admin_token(&self) -> String {
-        self.keys.mint("admin", 600, dropline::auth::ADMIN_SCOPE).unwrap()
+        self.keys.admin.mint("admin", 600).unwrap()
     }
 
     /// Stops every stage (a graceful drain) and drops the test database.

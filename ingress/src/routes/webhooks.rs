@@ -42,6 +42,8 @@ async fn handle(app: &AppState, request_id: &str, headers: &HeaderMap, body: Bod
     let now = chrono::Utc::now().timestamp();
     payments::verify(app.config.webhook_secret.as_bytes(), signature, &raw, now, app.config.webhook_tolerance_secs)
         .map_err(|e| {
+            // Every other failure, an oversized header included, is refused
+            // before a MAC is computed or is a mismatch: invalid_signature.
             let code = if e == SignatureError::Stale { ErrorCode::StaleSignature } else { ErrorCode::InvalidSignature };
             Problem::new(code).detail(e.to_string())
         })?;
@@ -58,11 +60,18 @@ async fn handle(app: &AppState, request_id: &str, headers: &HeaderMap, body: Bod
     let event_id = app.orders.event_of(order_id).await?.ok_or(ErrorCode::OrderNotFound)?;
     let hold = app.ledger.hold(event_id, order_id).await.map_err(|e| Problem::unavailable("redis", &e))?;
     let hold = hold.ok_or(ErrorCode::OrderNotFound)?;
+    let event = app.events.get(event_id).await.map_err(|e| Problem::unavailable("mysql", &e))?;
+    let event = event.ok_or(ErrorCode::OrderNotFound)?;
 
-    // A payment for the wrong amount does not pay the order; it is recorded
-    // for refund and the hold runs on.
-    let (hold, disposition) = if hook.amount_cents != hold.amount_cents {
-        tracing::warn!(%order_id, paid = hook.amount_cents, due = hold.amount_cents, "payment amount mismatch");
+    // A payment for the wrong amount or in another currency does not pay the
+    // order. The provider has taken the money all the same, so it is
+    // acknowledged and recorded for refund (a refusal would only make the
+    // provider retry it forever), and the hold runs on. Providers differ in
+    // the case of currency codes ("eur"); the event's is upper case.
+    let wrong_currency = !hook.currency.eq_ignore_ascii_case(&event.currency);
+    let (hold, disposition) = if hook.amount_cents != hold.amount_cents || wrong_currency {
+        tracing::warn!(%order_id, paid = hook.amount_cents, due = hold.amount_cents,
+            paid_currency = %hook.currency, due_currency = %event.currency, "payment does not match the order");
         (hold, PaymentDisposition::RefundRequired)
     } else {
         match app
