@@ -107,7 +107,7 @@ async fn admit(
             }
             return replay(&record);
         }
-        Claim::Busy { lease_left } => return Err(in_progress(lease_left)),
+        Claim::Busy { .. } => return Err(in_progress()),
         Claim::New { owner } => (owner, true),
         // The owner before this request died or gave up: the intent may be
         // on Kafka already (the broker acked, then the answer was lost), so
@@ -209,7 +209,7 @@ async fn refuse(
 /// The answer a key's record gives: its final answer, or "in progress".
 fn answer_from(record: &KeyRecord) -> Result<Response, Problem> {
     match &record.state {
-        KeyState::Busy { .. } => Err(in_progress(Duration::ZERO)),
+        KeyState::Busy { .. } => Err(in_progress()),
         _ => replay(record),
     }
 }
@@ -219,14 +219,17 @@ fn replay(record: &KeyRecord) -> Result<Response, Problem> {
     match &record.state {
         KeyState::Accepted => Ok(accepted(record.intent_id, &record.intent)),
         KeyState::Refused { answer } => Err(answer.replay()),
-        KeyState::Busy { .. } => Err(in_progress(Duration::ZERO)),
+        KeyState::Busy { .. } => Err(in_progress()),
     }
 }
 
-fn in_progress(lease_left: Duration) -> Problem {
+/// The answer to a copy of a request still being answered. An owner
+/// normally answers within milliseconds (the lease only bounds one that
+/// died), so the copy is asked back in a second, not at the lease's end.
+fn in_progress() -> Problem {
     Problem::new(ErrorCode::IdempotencyInProgress)
         .detail("a request with this Idempotency-Key is being answered; retry to get its answer")
-        .retry_after(lease_left.as_secs_f64().ceil() as u64)
+        .retry_after(1)
 }
 
 /// Refusals that need no decision: the sale's window, and a sell-out seen
