@@ -120,8 +120,9 @@ rb=$RUN-rb
 prewarm "$rb" 1
 # The script exactly as Dropline loads it: the shared guard, then allocate.
 sha=$(redis-cli -p "$REDIS_PORT" SCRIPT LOAD "$(cat dropline/src/stock/lua/guard.lua dropline/src/stock/lua/allocate.lua)")
-redis-benchmark -p "$REDIS_PORT" -n 200000 -c 50 -r 1000000000 --csv EVALSHA "$sha" 6 \
+redis-benchmark -p "$REDIS_PORT" -n 200000 -c 50 -r 1000000000 --csv EVALSHA "$sha" 7 \
   "$rb:{1}:stock" "$rb:{1}:users" "$rb:{1}:decisions" "$rb:{1}:holds" "$rb:{1}:fence" "$rb:{1}:free" \
+  "$rb:{1}:refused" \
   __rand_int__ u__rand_int__ 1 \
   | tail -1 | python3 -c 'import csv,sys,json; r=next(csv.reader(sys.stdin)); print(json.dumps({"per_sec": float(r[1]), "p99_ms": float(r[6])}))' \
   >"$OUT/redis_ceiling.json"

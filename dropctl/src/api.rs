@@ -8,20 +8,42 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-/// The server was unreachable or answered 5xx: worth retrying, as a buyer's
-/// app would, with the same idempotency key.
+/// The server was unreachable or answered 5xx (an order whose records are
+/// catching up after a fault, say): worth retrying, as a buyer's app would,
+/// with the same idempotency key, after `retry_after` if the server said.
 #[derive(Debug, thiserror::Error)]
-#[error("unavailable: {0}")]
-pub struct Unavailable(pub String);
+#[error("unavailable: {what}")]
+pub struct Unavailable {
+    pub what: String,
+    pub retry_after: Option<Duration>,
+}
+
+impl Unavailable {
+    fn new(what: String) -> Self {
+        Self { what, retry_after: None }
+    }
+}
 
 /// Whether `e` is worth retrying: a transport failure or a 5xx.
 pub fn is_retryable(e: &anyhow::Error) -> bool {
     e.downcast_ref::<Unavailable>().is_some() || e.downcast_ref::<reqwest::Error>().is_some()
 }
 
-fn unavailable_if_5xx(status: StatusCode, what: &str) -> anyhow::Result<()> {
+/// How long the server asked a retry of `e` to wait, if it did.
+pub fn retry_after(e: &anyhow::Error) -> Option<Duration> {
+    e.downcast_ref::<Unavailable>().and_then(|u| u.retry_after)
+}
+
+fn retry_after_header(r: &reqwest::Response) -> Option<Duration> {
+    r.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).map(Duration::from_secs)
+}
+
+fn unavailable_if_5xx(r: &reqwest::Response, what: &str) -> anyhow::Result<()> {
+    let status = r.status();
     if status.is_server_error() {
-        return Err(Unavailable(format!("{what} answered {status}")).into());
+        return Err(
+            Unavailable { what: format!("{what} answered {status}"), retry_after: retry_after_header(r) }.into()
+        );
     }
     Ok(())
 }
@@ -83,16 +105,16 @@ impl Api {
             .send()
             .await?;
         let status = r.status();
-        let retry_after = r
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok())
-            .map(Duration::from_secs);
+        let retry_after = retry_after_header(&r);
         let body: Value = r.json().await.context("purchase answer is not JSON")?;
         match status {
             StatusCode::ACCEPTED => Ok(Purchase::Accepted(body["intent_id"].as_str().unwrap_or_default().parse()?)),
             StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
+                Ok(Purchase::RetryAfter(retry_after.unwrap_or(Duration::from_secs(1))))
+            }
+            // Another copy of this request is being answered: its answer
+            // is this one's too, once it is recorded.
+            StatusCode::CONFLICT if body["code"] == "idempotency_in_progress" => {
                 Ok(Purchase::RetryAfter(retry_after.unwrap_or(Duration::from_secs(1))))
             }
             StatusCode::CONFLICT => Ok(Purchase::Refused(body["code"].as_str().unwrap_or("conflict").to_owned())),
@@ -103,12 +125,12 @@ impl Api {
     pub async fn intent(&self, token: &str, intent_id: Uuid) -> anyhow::Result<IntentStatus> {
         let r = self.http.get(format!("{}/v1/intents/{intent_id}", self.base)).bearer_auth(token).send().await?;
         let status = r.status();
-        unavailable_if_5xx(status, "intent status")?;
+        unavailable_if_5xx(&r, "intent status")?;
         // The buyer was told 202, so the intent exists: a 404 means its
         // record was lost with Redis and it is not decided (so not in MySQL)
         // yet. Ask again.
         if status == StatusCode::NOT_FOUND {
-            return Err(Unavailable(format!("intent {intent_id} not known yet")).into());
+            return Err(Unavailable::new(format!("intent {intent_id} not known yet")).into());
         }
         if status != StatusCode::OK {
             bail!("intent {intent_id} answered {status}: {}", r.text().await.unwrap_or_default());
@@ -133,7 +155,7 @@ impl Api {
         let r =
             self.http.post(format!("{}/v1/orders/{order_id}/payments", self.base)).bearer_auth(token).send().await?;
         let status = r.status();
-        unavailable_if_5xx(status, "starting the payment")?;
+        unavailable_if_5xx(&r, "starting the payment")?;
         let body: Value = r.json().await?;
         if status == StatusCode::CONFLICT {
             return Ok(Err(body["code"].as_str().unwrap_or("conflict").to_owned()));
@@ -150,7 +172,7 @@ impl Api {
     pub async fn confirm(&self, checkout: &str, copies: u32) -> anyhow::Result<String> {
         let r = self.http.post(format!("{checkout}/confirm?wait=true&copies={copies}")).send().await?;
         let status = r.status();
-        unavailable_if_5xx(status, "checkout")?;
+        unavailable_if_5xx(&r, "checkout")?;
         let body: Value = r.json().await?;
         if !status.is_success() {
             bail!("checkout answered {status}: {body}");
@@ -164,7 +186,7 @@ impl Api {
     pub async fn order_state(&self, token: &str, order_id: Uuid) -> anyhow::Result<String> {
         let r = self.http.get(format!("{}/v1/orders/{order_id}", self.base)).bearer_auth(token).send().await?;
         let status = r.status();
-        unavailable_if_5xx(status, "order")?;
+        unavailable_if_5xx(&r, "order")?;
         let body: Value = r.json().await?;
         if status != StatusCode::OK {
             bail!("order {order_id} answered {status}: {body}");
@@ -175,7 +197,7 @@ impl Api {
     /// Cancels a hold; returns the order's state afterwards.
     pub async fn cancel(&self, token: &str, order_id: Uuid) -> anyhow::Result<String> {
         let r = self.http.post(format!("{}/v1/orders/{order_id}/cancel", self.base)).bearer_auth(token).send().await?;
-        unavailable_if_5xx(r.status(), "cancel")?;
+        unavailable_if_5xx(&r, "cancel")?;
         let body: Value = r.json().await?;
         Ok(body["state"].as_str().or_else(|| body["code"].as_str()).unwrap_or("unknown").to_owned())
     }

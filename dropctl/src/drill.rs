@@ -312,9 +312,11 @@ fn unix_now() -> f64 {
     chrono::Utc::now().timestamp_millis() as f64 / 1000.0
 }
 
-/// Retries a buyer's call while the service is unreachable or answers 5xx,
-/// as a buyer's app would (every call here is safe to repeat), until
-/// `deadline`.
+/// Retries a buyer's call while the service is unreachable or answers 5xx
+/// (an order whose records are catching up after a fault answers 503), as a
+/// buyer's app would (every call here is safe to repeat), until `deadline`:
+/// after the Retry-After the server asked for, capped at 5 s, or else after
+/// a backoff of up to 1 s.
 async fn persist<T, F, Fut>(deadline: Instant, mut call: F) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
@@ -324,7 +326,8 @@ where
     loop {
         match call().await {
             Err(e) if crate::api::is_retryable(&e) && Instant::now() < deadline => {
-                tokio::time::sleep(wait).await;
+                let asked = crate::api::retry_after(&e).map(|d| d.min(Duration::from_secs(5)));
+                tokio::time::sleep(asked.unwrap_or(wait).min(deadline.saturating_duration_since(Instant::now()))).await;
                 wait = (wait * 2).min(Duration::from_secs(1));
             }
             other => return other,

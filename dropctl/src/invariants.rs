@@ -375,14 +375,17 @@ async fn accepted_without_decision(
     ledger: &Ledger,
     event_id: u64,
 ) -> anyhow::Result<(u64, u64, Option<Uuid>)> {
-    // The ingress' record, `<prefix>:intent:<id>` (ingress/src/intents.rs).
+    // The ingress' Idempotency-Key records, `<prefix>:idem:<key>`
+    // (ingress/src/intents.rs): `st` is `accepted` once the buyer was told
+    // 202.
     #[derive(serde::Deserialize)]
-    struct Accepted {
+    struct KeyRecord {
+        id: Uuid,
         e: u64,
-        ok: bool,
+        st: String,
     }
     let mut conn = ledger.pool().get().await?;
-    let pattern = format!("{}:intent:*", ledger.prefix());
+    let pattern = format!("{}:idem:*", ledger.prefix());
     let mut keys: Vec<String> = Vec::new();
     let mut cursor = 0u64;
     loop {
@@ -403,11 +406,10 @@ async fn accepted_without_decision(
     let mut accepted = Vec::new();
     for chunk in keys.chunks(500) {
         let bodies: Vec<Option<String>> = redis::cmd("MGET").arg(chunk).query_async(&mut conn).await?;
-        for (key, body) in chunk.iter().zip(bodies) {
-            let Some(record) = body.and_then(|b| serde_json::from_str::<Accepted>(&b).ok()) else { continue };
-            if record.e == event_id && record.ok {
-                let id = key.rsplit(':').next().and_then(|s| Uuid::parse_str(s).ok());
-                accepted.extend(id);
+        for body in bodies.into_iter().flatten() {
+            let Ok(record) = serde_json::from_str::<KeyRecord>(&body) else { continue };
+            if record.e == event_id && record.st == "accepted" {
+                accepted.push(record.id);
             }
         }
     }

@@ -4,9 +4,13 @@
 
 mod common;
 
-use common::{Options, Stack};
+use std::time::Duration;
+
+use common::{eventually, Options, Stack};
+use deadpool_redis::redis::AsyncCommands;
 use dropline::auth::{Audience, TokenKeys};
 use dropline::payments::{sign, SIGNATURE_HEADER};
+use dropline_ingress::intents::{intent_id, Claim, IntentRecord, IntentStore, KeyState};
 use reqwest::{Client, Method, StatusCode};
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -115,47 +119,105 @@ async fn bad_purchases_are_refused_and_change_nothing() {
     // Nothing moved in the ledger, and no intent was recorded for the key.
     let levels = stack.ledger.levels(event).await.unwrap().unwrap();
     assert_eq!((levels.available, levels.held), (5, 0));
-    let intent = dropline_ingress::intents::intent_id("alice", "k1");
-    let store = dropline_ingress::intents::IntentStore::new(stack.ledger.pool().clone(), &stack.name, 60);
-    assert_eq!(store.get(intent).await.unwrap(), None);
+    let store = intent_store(&stack);
+    assert_eq!(store.get(intent_id(event, "alice", "k1")).await.unwrap(), None);
+    assert_eq!(store.key_record("alice", "k1").await.unwrap(), None);
+    stack.stop().await;
+}
 
-    // A sale that has not opened is refused at the door.
+fn intent_store(stack: &Stack) -> IntentStore {
+    IntentStore::new(stack.ledger.pool().clone(), &stack.name, 600)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_at_the_door_is_replayed_and_decides_its_intent() {
+    let stack = Stack::start(Options { consumers: false, ..Default::default() }).await;
+    let http = Client::new();
+    let token = stack.token("alice");
     let later = create_event(&stack, &http, &event_body(3600)).await;
     let url = format!("{}/v1/events/{later}/purchases", stack.api);
-    refused(
-        http.post(&url).bearer_auth(&token).header("idempotency-key", "k2").json(&json!({"quantity": 1})),
-        StatusCode::CONFLICT,
-        "sale_not_open",
-    )
-    .await;
-    assert_eq!(
-        store.get(dropline_ingress::intents::intent_id("alice", "k2")).await.unwrap(),
-        None,
-        "a refused key is forgotten"
-    );
+    let post = |key: &str| http.post(&url).bearer_auth(&token).header("idempotency-key", key);
+    let first = refused(post("k2").json(&json!({"quantity": 1})), StatusCode::CONFLICT, "sale_not_open").await;
+    // The key keeps its answer: a retry gets the same refusal, word for word.
+    let again = refused(post("k2").json(&json!({"quantity": 1})), StatusCode::CONFLICT, "sale_not_open").await;
+    assert_eq!(first, again);
+    let store = intent_store(&stack);
+    let record = store.key_record("alice", "k2").await.unwrap().expect("the refusal is recorded");
+    assert!(matches!(&record.state, KeyState::Refused { answer } if answer.code == "sale_not_open"), "{record:?}");
+    // The refusal is the intent's decision too, should a copy of it be on
+    // Kafka; nothing was produced, so there is no intent to follow.
+    let intent = intent_id(later, "alice", "k2");
+    assert_eq!(record.intent_id, intent);
+    assert_eq!(store.get(intent).await.unwrap(), None);
+    let keys = dropline::stock::EventKeys::new(&stack.name, later);
+    let mut conn = stack.ledger.pool().get().await.unwrap();
+    let reason: Option<String> = conn.hget(&keys.refused, intent.to_string()).await.unwrap();
+    assert_eq!(reason.as_deref(), Some("sale_not_open"));
+    // Used for another quantity, the key is refused as reused.
+    refused(post("k2").json(&json!({"quantity": 2})), StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused").await;
 
-    // A key whose first attempt may have reached the broker (reserved, never
-    // acknowledged to the buyer) is produced again, never refused at the
-    // door: the refusal could contradict a decision already under way.
-    let pending = dropline_ingress::intents::intent_id("alice", "k3");
-    let record = dropline_ingress::intents::IntentRecord {
+    // A key whose owner died mid-request (it may have reached the broker)
+    // answers "in progress" while the owner's lease runs, then is taken
+    // over and produced, never refused at the door: a refusal could
+    // contradict a decision already under way.
+    let pending = intent_id(later, "alice", "k3");
+    let record = IntentRecord {
         event_id: later,
         user_id: "alice".into(),
         quantity: 1,
-        accepted: false,
         accepted_at_ms: dropline::messages::now_ms(),
     };
-    store.reserve(pending, &record).await.unwrap();
-    let r = http
-        .post(&url)
-        .bearer_auth(&token)
-        .header("idempotency-key", "k3")
-        .json(&json!({"quantity": 1}))
-        .send()
-        .await
-        .unwrap();
+    let claim = store.claim("k3", pending, &record, Duration::from_millis(1500)).await.unwrap();
+    assert!(matches!(claim, Claim::New { .. }), "{claim:?}");
+    let r = post("k3").json(&json!({"quantity": 1})).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(r.json::<Value>().await.unwrap()["code"], "idempotency_in_progress");
+    let taken_over = eventually("the lease to run out", Duration::from_secs(10), || async {
+        let r = post("k3").json(&json!({"quantity": 1})).send().await.unwrap();
+        (r.status() != StatusCode::CONFLICT).then_some(r)
+    })
+    .await;
+    assert_eq!(taken_over.status(), StatusCode::ACCEPTED);
+    let body: Value = taken_over.json().await.unwrap();
+    assert_eq!(body["intent_id"], pending.to_string());
+    assert!(matches!(store.key_record("alice", "k3").await.unwrap().unwrap().state, KeyState::Accepted));
+    assert_eq!(store.get(pending).await.unwrap().map(|r| r.event_id), Some(later));
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_belongs_to_one_event_and_its_intent_id_to_that_event() {
+    let stack = Stack::start(Options { consumers: false, ..Default::default() }).await;
+    let http = Client::new();
+    let token = stack.token("bob");
+    let first = create_event(&stack, &http, &event_body(-5)).await;
+    let second = create_event(&stack, &http, &event_body(-5)).await;
+    let buy = |event: u64| {
+        http.post(format!("{}/v1/events/{event}/purchases", stack.api))
+            .bearer_auth(&token)
+            .header("idempotency-key", "one-key")
+            .json(&json!({"quantity": 1}))
+    };
+    let r = buy(first).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::ACCEPTED);
-    assert_eq!(r.json::<Value>().await.unwrap()["intent_id"], pending.to_string());
+    let accepted: Value = r.json().await.unwrap();
+    assert_eq!(accepted["intent_id"], intent_id(first, "bob", "one-key").to_string());
+    // For another event, while the key's record is kept: reused.
+    refused(buy(second), StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused").await;
+    // Once the record is gone (it expired), the key is free again, and for
+    // another event it is another intent: the first one's hold is not
+    // mistaken for it.
+    let name = format!("{}:idem:*", stack.name);
+    let mut conn = stack.ledger.pool().get().await.unwrap();
+    let records: Vec<String> = deadpool_redis::redis::cmd("KEYS").arg(&name).query_async(&mut conn).await.unwrap();
+    assert_eq!(records.len(), 1, "{records:?}");
+    let _: () = conn.del(&records[0]).await.unwrap();
+    let r = buy(second).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let other: Value = r.json().await.unwrap();
+    assert_eq!(other["intent_id"], intent_id(second, "bob", "one-key").to_string());
+    assert_ne!(other["intent_id"], accepted["intent_id"]);
     stack.stop().await;
 }
 

@@ -72,11 +72,9 @@ impl Books {
             event_id: self.event,
             user_id: user.into(),
             quantity: 1,
-            accepted: false,
             accepted_at_ms: chrono::Utc::now().timestamp_millis(),
         };
-        store.reserve(intent, &record).await.unwrap();
-        store.mark_accepted(intent, &record).await.unwrap();
+        assert!(store.record_accepted(&intent.to_string(), intent, &record).await.unwrap());
     }
 
     async fn drop(self) {

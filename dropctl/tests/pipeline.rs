@@ -765,6 +765,123 @@ async fn a_prewarm_after_the_opening_rebuilds_a_lost_ledger_instead_of_refilling
     stack.stop().await;
 }
 
+
+/// One answer to a purchase: its status, and the intent id (202) or the
+/// problem code; and whether it carried a Retry-After.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Answer {
+    status: u16,
+    said: String,
+    retry_after: bool,
+}
+
+impl Answer {
+    fn in_progress(&self) -> bool {
+        self.status == 409 && self.said == "idempotency_in_progress"
+    }
+}
+
+async fn send_purchase(http: &reqwest::Client, url: &str, token: &str, key: &str) -> Answer {
+    let r = http
+        .post(url)
+        .bearer_auth(token)
+        .header("idempotency-key", key)
+        .json(&json!({ "quantity": 1 }))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let retry_after = r.headers().contains_key("retry-after");
+    let body: serde_json::Value = r.json().await.unwrap();
+    let said = if status == 202 { &body["intent_id"] } else { &body["code"] };
+    Answer { status, said: said.as_str().unwrap_or_default().to_owned(), retry_after }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_of_one_purchase_sent_at_once_through_the_sell_out_get_one_answer() {
+    const KEYS: usize = 40;
+    const COPIES: usize = 50;
+    const CAPACITY: u32 = 10;
+    let stack = Stack::start(Options::default()).await;
+    let event = open_event(&stack, CAPACITY, 60).await;
+    let url = format!("{}/v1/events/{event}/purchases", stack.api);
+    let http = reqwest::Client::builder().pool_max_idle_per_host(256).build().unwrap();
+    // A buyer (and key) every 50 ms for two seconds, each sending 50 copies
+    // of its purchase at once: the first few take the stock, then the
+    // allocator rejects, then the door refuses, with keys in flight across
+    // each change.
+    let mut buyers = Vec::new();
+    for k in 0..KEYS {
+        let (http, url, token) = (http.clone(), url.clone(), stack.token(&format!("burst-{k}")));
+        buyers.push(tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50 * k as u64)).await;
+            let key = format!("key-{k}");
+            let copies: Vec<_> = (0..COPIES)
+                .map(|_| {
+                    let (http, url, token, key) = (http.clone(), url.clone(), token.clone(), key.clone());
+                    tokio::spawn(async move { send_purchase(&http, &url, &token, &key).await })
+                })
+                .collect();
+            let mut answers = Vec::new();
+            for c in copies {
+                answers.push(c.await.unwrap());
+            }
+            (token, key, answers)
+        }));
+    }
+    let mut finals = Vec::new();
+    let (mut in_progress, mut door_refused) = (0, 0);
+    for b in buyers {
+        let (token, key, answers) = b.await.unwrap();
+        let (waiting, answered): (Vec<_>, Vec<_>) = answers.into_iter().partition(Answer::in_progress);
+        assert!(waiting.iter().all(|a| a.retry_after), "{key}: 409 in progress without Retry-After");
+        in_progress += waiting.len();
+        // The owner of the key always answers for good.
+        let first = answered.first().unwrap_or_else(|| panic!("{key}: no final answer")).clone();
+        assert!(first.status == 202 || first.status == 409, "{key}: {first:?}");
+        for a in &answered {
+            assert_eq!((a.status, &a.said), (first.status, &first.said), "{key}: two different final answers");
+        }
+        // And a replay, later, gets it again.
+        let replay = send_purchase(&http, &url, &token, &key).await;
+        assert_eq!((replay.status, &replay.said), (first.status, &first.said), "{key}: the replay differs");
+        if first.status == 409 {
+            assert_eq!(first.said, "sold_out", "{key}");
+            door_refused += 1;
+        }
+        finals.push((key, first));
+    }
+    let accepted: std::collections::BTreeSet<String> =
+        finals.iter().filter(|(_, a)| a.status == 202).map(|(_, a)| a.said.clone()).collect();
+    assert_eq!(accepted.len() + door_refused, KEYS, "one intent per accepted key");
+    assert!(accepted.len() >= CAPACITY as usize, "the stock sold out during the burst: {finals:?}");
+    assert!(door_refused > 0, "some keys came after the sell-out was seen at the door: {finals:?}");
+    assert!(in_progress > 0, "copies met their owner in flight");
+
+    // Every accepted intent is decided once, and nothing else is: the
+    // record holds exactly the accepted intents, CAPACITY of them held.
+    let decided: Vec<(String, String)> = eventually("every accepted intent decided", Duration::from_secs(60), || {
+        let db = stack.db.clone();
+        let want = accepted.len();
+        async move {
+            let rows: Vec<(String, String)> =
+                sqlx::query_as("SELECT intent_id, CAST(outcome AS CHAR) FROM intents WHERE event_id = ?")
+                    .bind(event)
+                    .fetch_all(&db)
+                    .await
+                    .unwrap();
+            (rows.len() >= want).then_some(rows)
+        }
+    })
+    .await;
+    let ids: std::collections::BTreeSet<String> = decided.iter().map(|(id, _)| id.clone()).collect();
+    assert_eq!(ids, accepted);
+    assert_eq!(decided.iter().filter(|(_, o)| o == "held").count(), CAPACITY as usize);
+    let levels = stack.ledger.levels(event).await.unwrap().unwrap();
+    assert_eq!((levels.available, levels.held), (0, u64::from(CAPACITY)));
+    stack.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_accepted_intent_that_never_reached_the_allocator_fails_the_check_after_the_wait() {
     let stack = Stack::start(Options::default()).await;
@@ -780,11 +897,9 @@ async fn an_accepted_intent_that_never_reached_the_allocator_fails_the_check_aft
         event_id: event,
         user_id: "quentin".into(),
         quantity: 1,
-        accepted: false,
         accepted_at_ms: dropline::messages::now_ms(),
     };
-    store.reserve(lost, &record).await.unwrap();
-    store.mark_accepted(lost, &record).await.unwrap();
+    assert!(store.record_accepted(&lost.to_string(), lost, &record).await.unwrap());
     // Quiet comes from the pipeline: the groups catch up and Paula's hold
     // expires. It never waits for the lost intent to be decided.
     let grace = dropctl::invariants::production_grace();
@@ -800,5 +915,84 @@ async fn an_accepted_intent_that_never_reached_the_allocator_fails_the_check_aft
     let options = dropctl::invariants::CheckOptions { accepted: Some(2), ..Default::default() };
     let verdict = dropctl::invariants::verify(&stack.db, &stack.ledger, event, &options).await.unwrap();
     assert_eq!(verdict.failing(), vec![dropctl::invariants::Row::AcceptedDecided], "{verdict}");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_handed_out_is_never_not_found_while_redis_catches_up() {
+    let mut stack = Stack::start(Options::default()).await;
+    let api = Api::new(&stack.api).unwrap();
+    let event = open_event(&stack, 10, 60).await;
+    let before = common::redis_snapshot(stack.ledger.pool(), &format!("{}:*", stack.name)).await;
+    let (alice, held) = buy_and_wait(&stack, &api, "alice", event, 1).await;
+    assert_eq!(held["status"], "held");
+    wait_order_state(&stack, alice, "held").await;
+
+    // Redis fails over to a replica that never saw Alice's purchase: only
+    // MySQL has her order. She still sees it, and her cancel waits (503,
+    // Retry-After) for the ledger to have it back, then goes through.
+    common::redis_roll_back(stack.ledger.pool(), &format!("{}:*", stack.name), &before).await;
+    let token = stack.token("alice");
+    assert_eq!(api.order_state(&token, alice).await.unwrap(), "held");
+    assert_eq!(api.intent(&token, alice).await.unwrap().status, "held");
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/orders/{alice}/cancel", stack.api))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    if r.status() != reqwest::StatusCode::OK {
+        assert_eq!(r.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+        assert!(r.headers().contains_key("retry-after"));
+        assert_eq!(r.json::<serde_json::Value>().await.unwrap()["code"], "order_not_ready");
+    }
+    eventually("the cancel to go through once the ledger is rebuilt", Duration::from_secs(30), || async {
+        match api.cancel(&token, alice).await {
+            Ok(state) => Some(state),
+            Err(e) if dropctl::api::is_retryable(&e) => None,
+            Err(e) => panic!("{e:#}"),
+        }
+    })
+    .await;
+    wait_order_state(&stack, alice, "cancelled").await;
+
+    // The settler is behind and Redis loses a decision it had made: the
+    // order exists nowhere yet, but its intent was accepted, so its buyer
+    // is told to come back (503), not that it does not exist.
+    stack.stop_stage("settler").await;
+    let (bob, held) = buy_and_wait(&stack, &api, "bob", event, 1).await;
+    assert_eq!(held["status"], "held");
+    let keys = dropline::stock::EventKeys::new(&stack.name, event);
+    let mut conn = stack.ledger.pool().get().await.unwrap();
+    let _: () = deadpool_redis::redis::pipe()
+        .hdel(&keys.holds, bob.to_string())
+        .hdel(&keys.decisions, bob.to_string())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let bob_token = stack.token("bob");
+    let r = reqwest::Client::new()
+        .get(format!("{}/v1/orders/{bob}", stack.api))
+        .bearer_auth(&bob_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    assert!(r.headers().contains_key("retry-after"));
+    // Someone else's order, and an id never handed out, are still 404.
+    let r = reqwest::Client::new()
+        .get(format!("{}/v1/orders/{bob}", stack.api))
+        .bearer_auth(stack.token("mallory"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::NOT_FOUND);
+    let r = reqwest::Client::new()
+        .get(format!("{}/v1/orders/{}", stack.api, Uuid::new_v4()))
+        .bearer_auth(&bob_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::NOT_FOUND);
     stack.stop().await;
 }

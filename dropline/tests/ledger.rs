@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use dropline::messages::{OrderState, RejectReason};
-use dropline::stock::{Claim, EndOutcome, Ledger, PayOutcome, SaleRules, StockLevels, Verdict};
+use dropline::stock::{
+    Claim, DoorOutcome, EndOutcome, Ledger, LedgerError, PayOutcome, SaleRules, StockLevels, Verdict,
+};
 use uuid::Uuid;
 
 fn ledger() -> Ledger {
@@ -387,4 +389,34 @@ async fn in_flight_marks_count_until_published_or_stale() {
     // A mark not renewed within the grace belongs to a dead allocator (with
     // no grace at all, every mark is stale).
     assert_eq!(ledger.in_flight(id, 0).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn a_refusal_at_the_door_decides_its_intent_and_never_contradicts_a_decision() {
+    let ledger = ledger();
+    let event = event(&ledger, 5, 2, 60_000).await;
+    // Refused at the door while a copy of the intent is still on Kafka: the
+    // copy is rejected for the door's reason, with stock to spare.
+    let refused = claim("amy", 1);
+    let door = ledger.refuse_at_door(event, refused.0, RejectReason::SoldOut).await.unwrap();
+    assert_eq!(door, DoorOutcome::Refused(RejectReason::SoldOut));
+    // A second refusal keeps the first reason.
+    let again = ledger.refuse_at_door(event, refused.0, RejectReason::SaleClosed).await.unwrap();
+    assert_eq!(again, DoorOutcome::Refused(RejectReason::SoldOut));
+    let verdicts = decide(&ledger, event, &[refused.clone(), claim("ben", 1)]).await;
+    assert!(matches!(verdicts[0], Verdict::Rejected { reason: RejectReason::SoldOut, .. }), "{verdicts:?}");
+    assert!(is_held(&verdicts[1]));
+    assert_eq!(levels(&ledger, event).await.held, 1);
+
+    // An intent decided before is never refused at the door: its decision
+    // comes back and nothing is recorded.
+    let held = claim("cat", 1);
+    let first = decide(&ledger, event, std::slice::from_ref(&held)).await;
+    let door = ledger.refuse_at_door(event, held.0, RejectReason::SoldOut).await.unwrap();
+    assert_eq!(door, DoorOutcome::Decided(first[0].clone()));
+    assert_eq!(decide(&ledger, event, &[held]).await, first);
+
+    // Without a ledger the door cannot know, and refuses nothing.
+    let err = ledger.refuse_at_door(rand_id(), Uuid::new_v4(), RejectReason::SoldOut).await.unwrap_err();
+    assert!(matches!(err, LedgerError::NoLedger(_)), "{err}");
 }

@@ -66,6 +66,14 @@ pub struct IngressConfig {
     /// How long idempotency records (and intent status) stay in Redis.
     #[arg(long, env = "DROPLINE_IDEMPOTENCY_TTL_SECS", default_value_t = 86_400)]
     pub idempotency_ttl_secs: u64,
+    /// How long a request owns its Idempotency-Key while it produces the
+    /// intent; copies sent meanwhile get 409 `idempotency_in_progress`. Once
+    /// it runs out (the owner crashed), a retry takes the key over and
+    /// produces the intent again. Longer than a produce can take
+    /// (`DROPLINE_KAFKA_MESSAGE_TIMEOUT_MS`), or slow owners are taken over
+    /// needlessly (harmless: the same intent is produced twice).
+    #[arg(long, env = "DROPLINE_IDEMPOTENCY_LEASE_MS", default_value_t = 10_000)]
+    pub idempotency_lease_ms: u64,
     #[command(flatten)]
     pub kafka: KafkaArgs,
     #[command(flatten)]
@@ -118,6 +126,12 @@ impl IngressConfig {
                 p.add(format!("{name} must be positive"));
             }
         }
+        if self.idempotency_ttl_secs == 0 {
+            p.add("DROPLINE_IDEMPOTENCY_TTL_SECS must be positive");
+        }
+        if self.idempotency_lease_ms == 0 || self.idempotency_lease_ms / 1000 >= self.idempotency_ttl_secs {
+            p.add("DROPLINE_IDEMPOTENCY_LEASE_MS must be positive and shorter than DROPLINE_IDEMPOTENCY_TTL_SECS");
+        }
         if self.max_body_bytes < 256 {
             p.add("DROPLINE_MAX_BODY_BYTES must be at least 256");
         }
@@ -139,6 +153,8 @@ impl IngressConfig {
             user_per_sec = self.user_per_sec,
             user_burst = self.user_burst,
             jwt_issuer = %self.jwt_issuer,
+            idempotency_ttl_secs = self.idempotency_ttl_secs,
+            idempotency_lease_ms = self.idempotency_lease_ms,
             jwt_secret = "***",
             admin_jwt_secret = "***",
             webhook_secret = "***",

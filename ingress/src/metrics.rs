@@ -15,16 +15,25 @@ pub fn describe() {
     describe_counter!(
         PURCHASES,
         "Purchase requests by outcome: admitted (queued for allocation), replayed, rate_limited, sold_out, \
-         sale_not_open, sale_closed, broker_unavailable, invalid."
+         sale_not_open, sale_closed, unavailable, invalid, and in_progress (a copy of a request still being \
+         answered)."
     );
     describe_histogram!(PRODUCE_DURATION, Unit::Seconds, "Time from producing an intent to the broker's ack.");
     describe_gauge!(PRODUCER_QUEUE, "Messages waiting in the Kafka producer's local queue.");
     describe_counter!(WEBHOOKS, "Payment webhooks by result: captured, refund_required, ignored, rejected.");
     // Every series exists from the start, so dashboards and alerts see a 0
     // rather than no data. increment(0) creates without changing a value.
-    for outcome in
-        ["admitted", "replayed", "rate_limited", "sold_out", "sale_not_open", "sale_closed", "unavailable", "invalid"]
-    {
+    for outcome in [
+        "admitted",
+        "replayed",
+        "in_progress",
+        "rate_limited",
+        "sold_out",
+        "sale_not_open",
+        "sale_closed",
+        "unavailable",
+        "invalid",
+    ] {
         metrics::counter!(PURCHASES, "outcome" => outcome).increment(0);
     }
     for result in ["captured", "refund_required", "ignored", "rejected"] {

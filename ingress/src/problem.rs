@@ -20,6 +20,7 @@ pub enum ErrorCode {
     InvalidPath,
     MissingIdempotencyKey,
     IdempotencyKeyReused,
+    IdempotencyInProgress,
     EventNotFound,
     OrderNotFound,
     SaleNotOpen,
@@ -28,6 +29,7 @@ pub enum ErrorCode {
     OrderNotHeld,
     OrderExpired,
     OrderVoided,
+    OrderNotReady,
     InvalidSignature,
     StaleSignature,
     RateLimited,
@@ -38,6 +40,46 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    pub const ALL: [ErrorCode; 29] = {
+        use ErrorCode::*;
+        [
+            Unauthorized,
+            Forbidden,
+            NotFound,
+            MethodNotAllowed,
+            UnsupportedMediaType,
+            PayloadTooLarge,
+            InvalidBody,
+            InvalidHeader,
+            InvalidQuery,
+            InvalidPath,
+            MissingIdempotencyKey,
+            IdempotencyKeyReused,
+            IdempotencyInProgress,
+            EventNotFound,
+            OrderNotFound,
+            SaleNotOpen,
+            SaleClosed,
+            SoldOut,
+            OrderNotHeld,
+            OrderExpired,
+            OrderVoided,
+            OrderNotReady,
+            InvalidSignature,
+            StaleSignature,
+            RateLimited,
+            BrokerUnavailable,
+            DependencyUnavailable,
+            PaymentProviderUnavailable,
+            Internal,
+        ]
+    };
+
+    /// The code whose stable string is `code` (a stored answer's).
+    pub fn parse(code: &str) -> Option<ErrorCode> {
+        Self::ALL.into_iter().find(|c| c.as_str() == code)
+    }
+
     pub fn as_str(self) -> &'static str {
         use ErrorCode::*;
         match self {
@@ -53,6 +95,7 @@ impl ErrorCode {
             InvalidPath => "invalid_path",
             MissingIdempotencyKey => "missing_idempotency_key",
             IdempotencyKeyReused => "idempotency_key_reused",
+            IdempotencyInProgress => "idempotency_in_progress",
             EventNotFound => "event_not_found",
             OrderNotFound => "order_not_found",
             SaleNotOpen => "sale_not_open",
@@ -61,6 +104,7 @@ impl ErrorCode {
             OrderNotHeld => "order_not_held",
             OrderExpired => "order_expired",
             OrderVoided => "order_voided",
+            OrderNotReady => "order_not_ready",
             InvalidSignature => "invalid_signature",
             StaleSignature => "stale_signature",
             RateLimited => "rate_limited",
@@ -82,9 +126,11 @@ impl ErrorCode {
             PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             InvalidBody | InvalidHeader | InvalidQuery | InvalidPath | MissingIdempotencyKey => StatusCode::BAD_REQUEST,
             IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
-            SaleNotOpen | SaleClosed | SoldOut | OrderNotHeld | OrderExpired | OrderVoided => StatusCode::CONFLICT,
+            IdempotencyInProgress | SaleNotOpen | SaleClosed | SoldOut | OrderNotHeld | OrderExpired | OrderVoided => {
+                StatusCode::CONFLICT
+            }
             RateLimited => StatusCode::TOO_MANY_REQUESTS,
-            BrokerUnavailable | DependencyUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            BrokerUnavailable | DependencyUnavailable | OrderNotReady => StatusCode::SERVICE_UNAVAILABLE,
             PaymentProviderUnavailable => StatusCode::BAD_GATEWAY,
             Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -105,6 +151,7 @@ impl ErrorCode {
             InvalidPath => "The path is not valid",
             MissingIdempotencyKey => "An Idempotency-Key header is required",
             IdempotencyKeyReused => "The Idempotency-Key was used for a different request",
+            IdempotencyInProgress => "A request with this Idempotency-Key is in progress; retry later",
             EventNotFound => "No such event",
             OrderNotFound => "No such order",
             SaleNotOpen => "The sale has not opened yet",
@@ -113,6 +160,7 @@ impl ErrorCode {
             OrderNotHeld => "The order is no longer held",
             OrderExpired => "The order's hold has expired",
             OrderVoided => "The order was withdrawn: its ticket was already sold to an earlier buyer",
+            OrderNotReady => "The order's records are catching up; retry later",
             InvalidSignature => "The webhook signature is not valid",
             StaleSignature => "The webhook signature is too old or too new",
             RateLimited => "Too many requests",
@@ -199,5 +247,23 @@ impl IntoResponse for Problem {
         }
         response.extensions_mut().insert(self.code);
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_parses_back_from_its_string_and_the_strings_are_unique() {
+        for code in ErrorCode::ALL {
+            assert_eq!(ErrorCode::parse(code.as_str()), Some(code));
+        }
+        let mut names: Vec<_> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), ErrorCode::ALL.len());
+        assert_eq!(ErrorCode::parse("no_such_code"), None);
+        assert_eq!(ErrorCode::IdempotencyInProgress.status(), StatusCode::CONFLICT);
     }
 }

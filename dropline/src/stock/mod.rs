@@ -26,6 +26,8 @@ static FENCE_OWNED: LazyLock<Script> = LazyLock::new(|| {
           return 1",
     )
 });
+static DOOR: LazyLock<Script> =
+    LazyLock::new(|| Script::new(concat!(include_str!("lua/guard.lua"), include_str!("lua/door.lua"))));
 static HOLD: LazyLock<Script> =
     LazyLock::new(|| Script::new(concat!(include_str!("lua/guard.lua"), include_str!("lua/hold.lua"))));
 
@@ -43,6 +45,9 @@ pub struct EventKeys {
     /// allocator last said it is still publishing (ms). A rebuild waits for
     /// it to empty (see [`Ledger::publishing`]).
     pub in_flight: String,
+    /// Intents the ingress refused at the door, and why (see door.lua).
+    /// A rebuild leaves it alone: it is no copy of anything in MySQL.
+    pub refused: String,
 }
 
 impl EventKeys {
@@ -56,6 +61,7 @@ impl EventKeys {
             fence: format!("{tag}:fence"),
             free: format!("{tag}:free"),
             in_flight: format!("{tag}:in-flight"),
+            refused: format!("{tag}:refused"),
         }
     }
 }
@@ -164,6 +170,16 @@ impl Restore {
         let capacity = u64::from(self.rules.capacity);
         StockLevels { capacity, available: capacity.saturating_sub(held + sold), held, sold }
     }
+}
+
+/// What recording a refusal at the door found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DoorOutcome {
+    /// The intent stands refused for this reason (now, or since an earlier
+    /// refusal of the same intent).
+    Refused(RejectReason),
+    /// The intent was decided before: this decision stands.
+    Decided(Verdict),
 }
 
 /// What a payment did to its hold.
@@ -295,7 +311,8 @@ impl Ledger {
             .key(&keys.decisions)
             .key(&keys.holds)
             .key(&keys.fence)
-            .key(&keys.free);
+            .key(&keys.free)
+            .key(&keys.refused);
         for claim in claims {
             invocation.arg(claim.intent_id.to_string()).arg(claim.user_id).arg(claim.quantity);
         }
@@ -305,6 +322,37 @@ impl Ledger {
             return Err(LedgerError::Corrupt(format!("{} verdicts for {} intents", raw.len(), claims.len())));
         }
         raw.iter().map(|r| decode(r)).collect()
+    }
+
+    /// Records that the ingress refuses an intent at the door for `reason`,
+    /// so that a copy of it already on Kafka is decided the same way. When
+    /// the intent was decided already, nothing is recorded and its decision
+    /// is returned: the door must not contradict it.
+    pub async fn refuse_at_door(
+        &self,
+        event_id: u64,
+        intent_id: Uuid,
+        reason: RejectReason,
+    ) -> Result<DoorOutcome, LedgerError> {
+        let keys = self.keys(event_id);
+        let mut conn = self.pool.get().await?;
+        let (outcome, body): (String, String) = DOOR
+            .key(&keys.stock)
+            .key(&keys.decisions)
+            .key(&keys.fence)
+            .key(&keys.refused)
+            .arg(intent_id.to_string())
+            .arg(reason.as_str())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| no_ledger(e, event_id))?;
+        match outcome.as_str() {
+            "refused" => serde_json::from_value(serde_json::Value::String(body.clone()))
+                .map(DoorOutcome::Refused)
+                .map_err(|_| LedgerError::Corrupt(format!("door refusal reason {body:?}"))),
+            "decided" => Ok(DoorOutcome::Decided(decode(&body)?)),
+            other => Err(LedgerError::Corrupt(format!("door script answered {other}"))),
+        }
     }
 
     /// Applies a confirmed payment to a hold.

@@ -13,15 +13,31 @@ use uuid::Uuid;
 
 use super::RequestId;
 use crate::extract;
-use crate::orders::OrderView;
+use crate::orders::{not_ready, Lookup, OrderView, Source};
 use crate::problem::{ErrorCode, Problem};
 use crate::AppState;
 
 /// The order if it exists and belongs to `user`; anyone else gets 404, so
-/// order ids cannot be probed.
+/// order ids cannot be probed. An order handed out whose records are
+/// catching up (after a fault) gets a retryable 503, never 404.
 async fn owned(app: &AppState, order_id: Uuid, user: &str) -> Result<OrderView, Problem> {
-    let order = app.orders.view(order_id).await?;
-    order.filter(|o| o.user_id == user).ok_or_else(|| ErrorCode::OrderNotFound.into())
+    match app.orders.find(order_id, user).await? {
+        Lookup::Found(order) => Ok(order),
+        Lookup::Pending => Err(not_ready()),
+        Lookup::Unknown => Err(ErrorCode::OrderNotFound.into()),
+    }
+}
+
+/// An order MySQL has as held but the ledger has no hold for: Redis came
+/// back behind. Nothing can change the hold until the ledger has it again,
+/// so ask for the rebuild that puts it back and have the buyer retry.
+async fn ledger_behind(app: &AppState, order: &OrderView) -> Problem {
+    tracing::warn!(order_id = %order.order_id, event_id = order.event_id,
+        "the record holds an order the ledger has lost; asking for a rebuild");
+    if let Err(e) = app.ledger.request_rebuild(order.event_id, "a held order is missing from the ledger").await {
+        return Problem::unavailable("redis", &e);
+    }
+    not_ready()
 }
 
 pub async fn get_one(
@@ -44,24 +60,37 @@ pub async fn cancel(
 ) -> Result<Response, Problem> {
     let claims = extract::bearer(&app.tokens, &headers)?;
     let id = extract::uuid(&raw_id, ErrorCode::OrderNotFound)?;
-    let event_id = app.orders.event_of(id).await?.ok_or(ErrorCode::OrderNotFound)?;
+    let order = owned(&app, id, &claims.sub).await?;
+    let event_id = order.event_id;
     let outcome = app.ledger.cancel(event_id, id, &claims.sub).await.map_err(|e| Problem::unavailable("redis", &e))?;
     let hold = match outcome {
         EndOutcome::Ended(hold) => hold,
-        EndOutcome::UnknownOrder => return Err(ErrorCode::OrderNotFound.into()),
+        // The order exists (found above) but the ledger has no hold for it.
+        // An ended order's state in the record is its answer; a held one
+        // waits for the ledger to have it back.
+        EndOutcome::UnknownOrder => {
+            return match (order.source, order.state) {
+                (Source::Record, OrderState::Held) | (Source::Ledger, _) => Err(ledger_behind(&app, &order).await),
+                (Source::Record, _) => cancelled(order),
+            };
+        }
         EndOutcome::NotDue { .. } => return Err(ErrorCode::Internal.into()),
     };
     // Whatever state the hold is in now, tell the settler (again, if it was
     // told before: it applies each state once). If this fails, the buyer's
     // retry and the expirer's pass at the deadline both publish it again.
     app.publish_order_event(&hold.order_event(id, event_id, None), &request_id.0).await?;
-    let view = OrderView::from_hold(id, event_id, &hold);
-    match hold.state {
+    cancelled(OrderView::from_hold(id, event_id, &hold))
+}
+
+/// The answer to a cancel, by the state the order ended in.
+fn cancelled(view: OrderView) -> Result<Response, Problem> {
+    match view.state {
         OrderState::Cancelled => Ok(Json(view).into_response()),
         OrderState::Expired => Err(Problem::new(ErrorCode::OrderExpired).detail("the hold had already expired")),
         OrderState::Voided => Err(voided()),
         OrderState::Paid | OrderState::Held => {
-            Err(Problem::new(ErrorCode::OrderNotHeld).detail(format!("the order is {}", hold.state.as_str())))
+            Err(Problem::new(ErrorCode::OrderNotHeld).detail(format!("the order is {}", view.state.as_str())))
         }
     }
 }
@@ -76,6 +105,11 @@ pub async fn start_payment(
     let claims = extract::bearer(&app.tokens, &headers)?;
     let id = extract::uuid(&raw_id, ErrorCode::OrderNotFound)?;
     let order = owned(&app, id, &claims.sub).await?;
+    // Held in the record but not in the ledger: a payment opened now would
+    // find no hold to pay.
+    if order.source == Source::Record && order.state == OrderState::Held {
+        return Err(ledger_behind(&app, &order).await);
+    }
     if order.state == OrderState::Voided {
         return Err(voided());
     }

@@ -2,7 +2,7 @@
 //! the intent, and answer 202 only once the broker has it.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use dropline::kafka;
 use dropline::messages::{now_ms, PurchaseIntent, RejectReason};
-use dropline::stock::Verdict;
+use dropline::stock::{DoorOutcome, LedgerError, Verdict};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureRecord, Producer};
 use serde::{Deserialize, Serialize};
@@ -19,9 +19,9 @@ use uuid::Uuid;
 
 use super::{read_body, RequestId};
 use crate::extract;
-use crate::intents::{intent_id, IntentRecord, Reservation};
+use crate::intents::{intent_id, Claim, IntentRecord, KeyRecord, KeyState, Settled, StoredRefusal};
 use crate::metrics::{PRODUCER_QUEUE, PRODUCE_DURATION, PURCHASES};
-use crate::orders::OrderView;
+use crate::orders::{not_ready, Lookup, OrderView};
 use crate::problem::{ErrorCode, Problem};
 use crate::AppState;
 
@@ -59,6 +59,7 @@ pub async fn create(
             ErrorCode::SaleNotOpen => "sale_not_open",
             ErrorCode::SaleClosed => "sale_closed",
             ErrorCode::BrokerUnavailable | ErrorCode::DependencyUnavailable => "unavailable",
+            ErrorCode::IdempotencyInProgress => "in_progress",
             _ => "invalid",
         });
     }
@@ -87,53 +88,148 @@ async fn admit(
 
     app.limits.admit(&claims.sub).map_err(|r| Problem::new(ErrorCode::RateLimited).retry_after(r.retry_after_secs))?;
 
-    let id = intent_id(&claims.sub, &key);
-    let record = IntentRecord {
-        event_id,
-        user_id: claims.sub.clone(),
-        quantity: request.quantity,
-        accepted: false,
-        accepted_at_ms: now_ms(),
-    };
+    let id = intent_id(event_id, &claims.sub, &key);
+    let mut intent =
+        IntentRecord { event_id, user_id: claims.sub.clone(), quantity: request.quantity, accepted_at_ms: now_ms() };
     // The key is checked before the sale's state, so a retry of a purchase
     // that was accepted gets the same 202 even after the event sold out.
-    let fresh = match app.intents.reserve(id, &record).await.map_err(|e| Problem::unavailable("redis", &e))? {
-        Reservation::Existing(earlier) if !earlier.same_request(&record) => {
+    let lease = Duration::from_millis(app.config.idempotency_lease_ms);
+    let claim = app.intents.claim(&key, id, &intent, lease).await.map_err(|e| Problem::unavailable("redis", &e))?;
+    let (owner, fresh) = match claim {
+        Claim::Reused => {
             return Err(Problem::new(ErrorCode::IdempotencyKeyReused)
                 .detail("this Idempotency-Key was first used for another event or quantity"));
         }
-        Reservation::Existing(earlier) if earlier.accepted => {
-            outcome("replayed");
-            return Ok(accepted(id, &earlier));
+        Claim::Final(record) => {
+            // A replayed refusal is counted under its code, as it was.
+            if record.state == KeyState::Accepted {
+                outcome("replayed");
+            }
+            return replay(&record);
         }
-        // Seen but never acknowledged to the buyer: the intent may already
-        // be on Kafka (the broker acked, then this answer failed). It must
-        // not be refused now; produce it again (it is decided only once).
-        Reservation::Existing(_) => false,
-        Reservation::New => true,
+        Claim::Busy { .. } => return Err(in_progress()),
+        Claim::New { owner } => (owner, true),
+        // The owner before this request died or gave up: the intent may be
+        // on Kafka already (the broker acked, then the answer was lost), so
+        // it must not be refused now. Produce it again, exactly as first
+        // recorded; the allocator decides it once.
+        Claim::TakenOver { owner, intent: first } => {
+            intent = first;
+            (owner, false)
+        }
     };
+    match decide(app, &key, &owner, id, &intent, &event, fresh, request_id).await {
+        Ok(answer) => answer,
+        Err(problem) => {
+            // No final answer, and the intent may have reached the broker:
+            // hand the key to the next retry, which will produce it again.
+            if let Err(e) = app.intents.release(&intent.user_id, &key, &owner).await {
+                tracing::warn!(error = %e, %id, "could not release an idempotency key; its lease will run out");
+            }
+            Err(problem)
+        }
+    }
+}
 
+/// The owner's part: refuse at the door or produce, then record the final
+/// answer and give it (or, if another request took the key over meanwhile,
+/// the answer the key has now). An error is no answer: the key is given up.
+#[allow(clippy::too_many_arguments)]
+async fn decide(
+    app: &AppState,
+    key: &str,
+    owner: &str,
+    id: Uuid,
+    intent: &IntentRecord,
+    event: &crate::events::Event,
+    fresh: bool,
+    request_id: &str,
+) -> Result<Result<Response, Problem>, Problem> {
     // Cheap answers at the door, for new keys only. The allocator decides
     // for real; these spare it (and the buyer) a round trip that cannot
     // succeed.
     if fresh {
-        if let Err(refused) = door(app, &event, event_id).await {
-            // The intent may exist after all, if Redis lost the key's record
-            // (its decision is rebuilt from MySQL): then it is a retry.
-            let decided = app.ledger.verdict(event_id, id).await.map_err(|e| Problem::unavailable("redis", &e))?;
-            if decided.is_none() {
-                // Nothing was produced: forget the key, so a retry gets
-                // the same answer rather than skipping the door.
-                app.intents.forget(id).await.map_err(|e| Problem::unavailable("redis", &e))?;
-                return Err(refused);
+        if let Err(refused) = door(app, event, intent.event_id).await {
+            if let Some(answer) = refuse(app, key, owner, id, intent, refused).await? {
+                return Ok(answer);
             }
         }
     }
 
-    produce(app, &record, id, request_id).await?;
-    app.intents.mark_accepted(id, &record).await.map_err(|e| Problem::unavailable("redis", &e))?;
+    // Indexed before it is produced, so an intent on Kafka is always known
+    // to the status and order endpoints (unless Redis loses the index).
+    app.intents.index(id, intent).await.map_err(|e| Problem::unavailable("redis", &e))?;
+    produce(app, intent, id, request_id).await?;
+    let record = KeyRecord { intent_id: id, intent: intent.clone(), state: KeyState::Accepted };
+    match app.intents.settle(key, owner, &record).await {
+        Ok(Settled::Done | Settled::Gone) => {}
+        Ok(Settled::Lost(current)) => return Ok(answer_from(&current)),
+        // The intent is on Kafka: 202 is the truth whatever happens to the
+        // record. If it stays busy, a retry takes it over once the lease
+        // runs out, produces again, and is told 202 too.
+        Err(e) => tracing::warn!(error = %e, %id, "could not record an accepted purchase; answering anyway"),
+    }
     outcome("admitted");
-    Ok(accepted(id, &record))
+    Ok(Ok(accepted(id, intent)))
+}
+
+/// Refuses at the door, for good: the refusal is recorded as its intent's
+/// decision in the ledger (so a copy of the intent already on Kafka, which
+/// a lost idempotency record would hide, is decided the same way) and as
+/// the key's final answer. `None` when the door must not refuse after all:
+/// the intent was decided already, or the ledger cannot say (it is missing
+/// or being rebuilt), so it must be produced.
+async fn refuse(
+    app: &AppState,
+    key: &str,
+    owner: &str,
+    id: Uuid,
+    intent: &IntentRecord,
+    refused: Problem,
+) -> Result<Option<Result<Response, Problem>>, Problem> {
+    let reason = match refused.code {
+        ErrorCode::SoldOut => RejectReason::SoldOut,
+        ErrorCode::SaleNotOpen => RejectReason::SaleNotOpen,
+        ErrorCode::SaleClosed => RejectReason::SaleClosed,
+        _ => return Err(refused),
+    };
+    match app.ledger.refuse_at_door(intent.event_id, id, reason).await {
+        Ok(DoorOutcome::Refused(_)) => {}
+        Ok(DoorOutcome::Decided(_)) | Err(LedgerError::NoLedger(_) | LedgerError::Fenced(_)) => return Ok(None),
+        Err(e) => return Err(Problem::unavailable("redis", &e)),
+    }
+    let answer = StoredRefusal::of(&refused);
+    let record = KeyRecord { intent_id: id, intent: intent.clone(), state: KeyState::Refused { answer } };
+    match app.intents.settle(key, owner, &record).await.map_err(|e| Problem::unavailable("redis", &e))? {
+        Settled::Done | Settled::Gone => Ok(Some(Err(refused))),
+        Settled::Lost(current) => Ok(Some(answer_from(&current))),
+    }
+}
+
+/// The answer a key's record gives: its final answer, or "in progress".
+fn answer_from(record: &KeyRecord) -> Result<Response, Problem> {
+    match &record.state {
+        KeyState::Busy { .. } => Err(in_progress()),
+        _ => replay(record),
+    }
+}
+
+/// A key's final answer, again.
+fn replay(record: &KeyRecord) -> Result<Response, Problem> {
+    match &record.state {
+        KeyState::Accepted => Ok(accepted(record.intent_id, &record.intent)),
+        KeyState::Refused { answer } => Err(answer.replay()),
+        KeyState::Busy { .. } => Err(in_progress()),
+    }
+}
+
+/// The answer to a copy of a request still being answered. An owner
+/// normally answers within milliseconds (the lease only bounds one that
+/// died), so the copy is asked back in a second, not at the lease's end.
+fn in_progress() -> Problem {
+    Problem::new(ErrorCode::IdempotencyInProgress)
+        .detail("a request with this Idempotency-Key is being answered; retry to get its answer")
+        .retry_after(1)
 }
 
 /// Refusals that need no decision: the sale's window, and a sell-out seen
@@ -217,6 +313,12 @@ struct IntentStatus {
     order: Option<OrderView>,
 }
 
+/// How long an intent may look undecided in the ledger before MySQL is
+/// asked too: a ledger that came back behind has lost decisions the settler
+/// recorded, and would show them queued until it is rebuilt. Younger intents
+/// are simply queued, which spares MySQL the polls of a flood.
+const QUEUED_CHECK_AFTER_MS: i64 = 2_000;
+
 /// `GET /v1/intents/{id}`: where a purchase stands. Only its buyer sees it.
 pub async fn status(
     State(app): State<Arc<AppState>>,
@@ -227,14 +329,21 @@ pub async fn status(
     let id = extract::uuid(&raw_id, ErrorCode::NotFound)?;
     let record = app.intents.get(id).await.map_err(|e| Problem::unavailable("redis", &e))?;
     let Some(record) = record.filter(|r| r.user_id == claims.sub) else {
-        return settled_status(&app, id, &claims.sub).await;
+        return settled_status(&app, id, &claims.sub).await?.ok_or_else(|| ErrorCode::NotFound.into());
     };
     let verdict = app.ledger.verdict(record.event_id, id).await.map_err(|e| Problem::unavailable("redis", &e))?;
     let (status, reason, order) = match verdict {
-        None => ("queued", None, None),
+        None => {
+            if now_ms() - record.accepted_at_ms > QUEUED_CHECK_AFTER_MS {
+                if let Some(settled) = settled_status(&app, id, &claims.sub).await? {
+                    return Ok(settled);
+                }
+            }
+            ("queued", None, None)
+        }
         Some(Verdict::Rejected { reason, .. }) => ("rejected", Some(reason), None),
         Some(Verdict::Held { .. }) => {
-            let order = app.orders.view(id).await?.ok_or(ErrorCode::NotFound)?;
+            let order = order_of(&app, id, &claims.sub).await?;
             (order.state.as_str(), None, Some(order))
         }
     };
@@ -243,8 +352,17 @@ pub async fn status(
     Ok(Json(body).into_response())
 }
 
-/// An intent Redis has forgotten, from the settler's record.
-async fn settled_status(app: &AppState, id: Uuid, user: &str) -> Result<Response, Problem> {
+/// The order of an intent decided held. It exists, so if it cannot be
+/// found its records are catching up: retry, never 404.
+async fn order_of(app: &AppState, id: Uuid, user: &str) -> Result<OrderView, Problem> {
+    match app.orders.find(id, user).await? {
+        Lookup::Found(order) => Ok(order),
+        Lookup::Pending | Lookup::Unknown => Err(not_ready()),
+    }
+}
+
+/// An intent's status from the settler's record, if it has the intent.
+async fn settled_status(app: &AppState, id: Uuid, user: &str) -> Result<Option<Response>, Problem> {
     let row: Option<(u64, u32, String, Option<String>)> = sqlx::query_as(
         "SELECT event_id, quantity, CAST(outcome AS CHAR), reject_reason FROM intents \
          WHERE intent_id = ? AND user_id = ?",
@@ -254,13 +372,13 @@ async fn settled_status(app: &AppState, id: Uuid, user: &str) -> Result<Response
     .fetch_optional(&app.db)
     .await
     .map_err(|e| Problem::unavailable("mysql", &e))?;
-    let (event_id, quantity, outcome, reason) = row.ok_or(ErrorCode::NotFound)?;
+    let Some((event_id, quantity, outcome, reason)) = row else { return Ok(None) };
     let (status, reason, order) = if outcome == "held" {
-        let order = app.orders.view(id).await?.ok_or(ErrorCode::NotFound)?;
+        let order = order_of(app, id, user).await?;
         (order.state.as_str(), None, Some(order))
     } else {
         let reason = reason.and_then(|r| serde_json::from_value(serde_json::Value::String(r)).ok());
         ("rejected", reason, None)
     };
-    Ok(Json(IntentStatus { intent_id: id, event_id, quantity, status, reason, order }).into_response())
+    Ok(Some(Json(IntentStatus { intent_id: id, event_id, quantity, status, reason, order }).into_response()))
 }

@@ -6,6 +6,9 @@
 -- KEYS[4] holds hash      order id -> hold (JSON)
 -- KEYS[5] fence           present while the ledger is being rebuilt
 -- KEYS[6] free units      list of unit numbers released by ended holds
+-- KEYS[7] refused hash    intent id -> reason the ingress refused it at the
+--                         door with (door.lua); such an intent is rejected
+--                         for that reason, whatever the stock
 -- ARGV    intent_id, user_id, quantity, repeated once per intent
 --
 -- Returns one decision (JSON) per intent, in ARGV order.
@@ -14,11 +17,15 @@
 -- can decrement stock that is not there. A redelivered intent finds its
 -- earlier decision and gets it again, unchanged: it never takes stock twice.
 -- The order id is the intent id, so a redelivery cannot mint a second order.
+-- An intent the ingress refused at the door (a retry whose idempotency record
+-- Redis had lost, while its first copy was still on Kafka) gets the door's
+-- answer: the buyer was told no, so it must not take stock.
 -- Each hold gets unit numbers from 1 to capacity: released ones first, then
 -- never-used ones. MySQL keeps a unit to one live order, so a ledger that
 -- lost writes and hands a unit out again is caught there.
 -- Time is Redis' own clock, the one clock that pay, cancel and expire use too.
-local stock, users, decisions, holds, fence, free = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local stock, users, decisions, holds, fence, free, at_door = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6],
+  KEYS[7]
 
 local refused = refuse_unless_ledger(stock, fence)
 if refused then
@@ -74,8 +81,10 @@ for i = 1, #ARGV, 3 do
   local id, user, qty = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
   local decision = redis.call('HGET', decisions, id)
   if not decision then
-    local reason = nil
-    if now < opens_ms then
+    local reason = redis.call('HGET', at_door, id)
+    if reason then
+      -- Refused at the door: that answer stands.
+    elseif now < opens_ms then
       reason = 'sale_not_open'
     elseif now >= closes_ms then
       reason = 'sale_closed'
