@@ -215,7 +215,7 @@ impl Cluster {
         Fut: std::future::Future<Output = Self>,
     {
         let keys = TokenKeys::new(JWT_SECRET.as_bytes());
-        let db = dropline::db::connect(&dropline::config::MysqlArgs { url: self.db_url.clone(), pool_size: 3 })
+        let db = dropline::db::connect(&dropline::config::MysqlArgs::new(self.db_url.clone(), 3))
             .await
             .unwrap();
         let ledger = self.ledger();
@@ -344,7 +344,7 @@ async fn a_redis_failover_that_loses_recent_writes_sells_nothing_twice() {
             // deciding for a while; then the replica takes over.
             let ledger = c.ledger();
             let snapshot = common::redis_snapshot(ledger.pool(), "*").await;
-            let probe = dropline::db::connect(&dropline::config::MysqlArgs { url: c.db_url.clone(), pool_size: 1 })
+            let probe = dropline::db::connect(&dropline::config::MysqlArgs::new(c.db_url.clone(), 1))
                 .await
                 .unwrap();
             let count = || async {

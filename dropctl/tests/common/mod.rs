@@ -179,7 +179,7 @@ impl Stack {
             expirer_config = Some(expirer);
         }
         let kafka = KafkaOnly::parse_from(["kafka".to_owned()].into_iter().chain(common[..3].iter().cloned())).kafka;
-        let db = dropline::db::connect(&MysqlArgs { url: db_url, pool_size: 5 }).await.unwrap();
+        let db = dropline::db::connect(&MysqlArgs::new(db_url, 5)).await.unwrap();
         let pool =
             deadpool_redis::Config::from_url(redis_url()).create_pool(Some(deadpool_redis::Runtime::Tokio1)).unwrap();
         let mut stack = Stack {
