@@ -64,11 +64,13 @@ pub struct Options {
     pub consumers: bool,
     pub user_per_sec: u32,
     pub user_burst: u32,
+    /// More ingress flags (ones the defaults above do not set).
+    pub ingress_args: Vec<String>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { consumers: true, user_per_sec: 1000, user_burst: 1000 }
+        Self { consumers: true, user_per_sec: 1000, user_burst: 1000, ingress_args: Vec::new() }
     }
 }
 
@@ -123,7 +125,8 @@ impl Stack {
                 "--event-cache-ttl-ms=200".to_owned(),
                 "--max-body-bytes=1024".to_owned(),
             ])
-            .chain(common.iter().cloned()),
+            .chain(common.iter().cloned())
+            .chain(options.ingress_args.iter().cloned()),
         );
         let ingress = dropline_ingress::start_on(listener, ingress_config, shutdown.clone()).await.unwrap();
         tasks.push(tokio::spawn(async move {
