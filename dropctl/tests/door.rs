@@ -163,7 +163,8 @@ async fn a_flood_of_slow_searches_is_shed_and_purchases_keep_their_connections()
     let event = create_event(&stack, &http).await;
 
     // The server stops a search at its statement timeout, and only then.
-    let events = dropline_ingress::events::Events::new(stack.db.clone(), stack.ledger.clone(), Duration::ZERO);
+    let events =
+        dropline_ingress::events::Events::new(stack.db.clone(), stack.ledger.clone(), Duration::from_millis(100));
     let unbounded = events.search(Some("no such event"), 0, 20).await.expect("an unbounded scan completes");
     assert!(unbounded.is_empty());
     let bound = dropline_ingress::events::SearchTimeout::detect(&stack.db, 10).await.unwrap();
@@ -219,4 +220,37 @@ async fn a_flood_of_slow_searches_is_shed_and_purchases_keep_their_connections()
     assert!(answered >= 2 && shed >= 8, "{answered} searches answered, {shed} shed");
     assert!(purchase_took < SLO, "the purchase took {purchase_took:?} during the search flood");
     stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_finishes_the_request_in_flight_and_takes_no_new_connection() {
+    let stack = Stack::start(Options { consumers: false, ..Default::default() }).await;
+    let addr = common::addr_of(&stack.api);
+    let token = stack.token("drainer");
+    let body = br#"{"quantity": 1}"#;
+    let mut conn = TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /v1/events/999999/purchases HTTP/1.1\r\nHost: dropline\r\nAuthorization: Bearer {token}\r\n\
+         Idempotency-Key: d1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(&body[..5]).await.unwrap();
+
+    let stopping = tokio::spawn(stack.stop());
+    common::eventually("the listener to close", Duration::from_secs(10), || async {
+        TcpStream::connect(addr).await.is_err().then_some(())
+    })
+    .await;
+    // The request that was under way is still answered.
+    conn.write_all(&body[5..]).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut answer))
+        .await
+        .expect("the connection closes after its answer")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    assert!(answer.contains("event_not_found"), "{answer}");
+    stopping.await.unwrap();
 }

@@ -43,6 +43,8 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+use crate::metrics::{EVICTED_CONNECTIONS, OPEN_CONNECTIONS};
+
 /// Connection-level limits, from the config.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnLimits {
@@ -117,6 +119,7 @@ pub async fn serve(
         });
         let io = TokioIo::new(IdleTimeout::new(stream, limits.idle_timeout));
         let connection = graceful.watch(builder.serve_connection(io, service));
+        metrics::gauge!(OPEN_CONNECTIONS).increment(1.0);
         tokio::spawn(async move {
             let _permit = permit;
             let _slot = slot;
@@ -126,8 +129,9 @@ pub async fn serve(
                         tracing::debug!(error = %e, "connection ended");
                     }
                 }
-                _ = evict.cancelled() => tracing::debug!("connection closed to make room"),
+                _ = evict.cancelled() => tracing::debug!("connection closed"),
             }
+            metrics::gauge!(OPEN_CONNECTIONS).decrement(1.0);
         });
     }
 
@@ -175,7 +179,11 @@ impl IdleConnections {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let Some(((_, id), evict)) = inner.by_age.pop_first() else { return false };
         inner.since.remove(&id);
+        // A request whose head arrives just now on this connection is cut
+        // off with it; the client sees a reset, as from any closed
+        // connection, and retries (purchases with their key).
         evict.cancel();
+        metrics::counter!(EVICTED_CONNECTIONS).increment(1);
         true
     }
 
