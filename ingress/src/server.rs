@@ -73,7 +73,7 @@ pub async fn serve(
     // dropped. Each connection's eviction token is a child of it.
     let abandon = CancellationToken::new();
 
-    loop {
+    'accept: loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => accepted,
@@ -91,14 +91,29 @@ pub async fn serve(
                 }
             }
         };
-        let permit = match permits.clone().try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => {
-                idle.evict_oldest();
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-                }
+        let permit = loop {
+            if let Ok(permit) = permits.clone().try_acquire_owned() {
+                break permit;
+            }
+            let woke = idle.became_idle.notified();
+            match idle.evict_oldest(EVICTION_GRACE) {
+                // The victim's task ends at once and gives its permit back.
+                Evict::Done => tokio::select! {
+                    _ = shutdown.cancelled() => break 'accept,
+                    permit = permits.clone().acquire_owned() => break permit.expect("never closed"),
+                },
+                Evict::NotBefore(at) => tokio::select! {
+                    _ = shutdown.cancelled() => break 'accept,
+                    permit = permits.clone().acquire_owned() => break permit.expect("never closed"),
+                    _ = tokio::time::sleep_until(at) => continue,
+                },
+                // Every connection is serving a request: wait for one to
+                // finish it or close.
+                Evict::Nothing => tokio::select! {
+                    _ = shutdown.cancelled() => break 'accept,
+                    permit = permits.clone().acquire_owned() => break permit.expect("never closed"),
+                    _ = woke => continue,
+                },
             }
         };
         let _ = stream.set_nodelay(true);
@@ -143,12 +158,31 @@ pub async fn serve(
     }
 }
 
+/// How long a connection must have been idle before it may be closed to make
+/// room. A client's request head arrives right after the connection is
+/// accepted; without a grace a burst of accepts could evict a connection
+/// before hyper has read the head that was already waiting in it.
+const EVICTION_GRACE: Duration = Duration::from_millis(250);
+
 /// Connections with no request in flight, oldest idle first: the ones to
 /// close when the cap is reached.
 #[derive(Default)]
 struct IdleConnections {
     next_id: AtomicU64,
     inner: Mutex<IdleInner>,
+    /// Signalled when a connection finishes a request, for an accept loop
+    /// waiting on a cap where every connection was busy.
+    became_idle: tokio::sync::Notify,
+}
+
+/// What [`IdleConnections::evict_oldest`] did.
+#[derive(Debug, PartialEq, Eq)]
+enum Evict {
+    Done,
+    /// The oldest idle connection may be evicted from then on.
+    NotBefore(Instant),
+    /// No connection is idle.
+    Nothing,
 }
 
 #[derive(Default)]
@@ -165,6 +199,8 @@ impl IdleConnections {
             inner.by_age.remove(&(before, id));
         }
         inner.by_age.insert((now, id), evict.clone());
+        drop(inner);
+        self.became_idle.notify_one();
     }
 
     fn set_busy(&self, id: u64) {
@@ -174,17 +210,22 @@ impl IdleConnections {
         }
     }
 
-    /// Closes the connection idle the longest, if any is idle.
-    fn evict_oldest(&self) -> bool {
+    /// Closes the connection idle the longest, if it has been idle `grace`.
+    fn evict_oldest(&self, grace: Duration) -> Evict {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(((_, id), evict)) = inner.by_age.pop_first() else { return false };
+        let Some(entry) = inner.by_age.first_entry() else { return Evict::Nothing };
+        let (since, id) = *entry.key();
+        if since + grace > Instant::now() {
+            return Evict::NotBefore(since + grace);
+        }
+        let evict = entry.remove();
         inner.since.remove(&id);
         // A request whose head arrives just now on this connection is cut
         // off with it; the client sees a reset, as from any closed
         // connection, and retries (purchases with their key).
         evict.cancel();
         metrics::counter!(EVICTED_CONNECTIONS).increment(1);
-        true
+        Evict::Done
     }
 
     #[cfg(test)]
@@ -348,22 +389,32 @@ mod tests {
         assert_eq!(started.elapsed(), Duration::from_secs(10));
     }
 
-    #[test]
-    fn the_connection_idle_longest_is_evicted_and_busy_ones_never() {
+    #[tokio::test(start_paused = true)]
+    async fn the_connection_idle_longest_is_evicted_after_a_grace_and_busy_ones_never() {
+        let grace = Duration::from_millis(250);
         let idle = Arc::new(IdleConnections::default());
+        assert_eq!(idle.evict_oldest(grace), Evict::Nothing);
         let tokens: Vec<CancellationToken> = (0..3).map(|_| CancellationToken::new()).collect();
-        let slots: Vec<Arc<Slot>> = tokens.iter().map(|t| Arc::new(Slot::new(idle.clone(), t.clone()))).collect();
+        let mut slots = Vec::new();
+        for t in &tokens {
+            slots.push(Arc::new(Slot::new(idle.clone(), t.clone())));
+            tokio::time::advance(Duration::from_millis(10)).await;
+        }
         let busy = Busy::new(slots[0].clone());
         assert_eq!(idle.len(), 2);
-        assert!(idle.evict_oldest());
+        // Just accepted: its request head may be waiting unread.
+        assert!(matches!(idle.evict_oldest(grace), Evict::NotBefore(_)));
+        assert!(tokens.iter().all(|t| !t.is_cancelled()));
+        tokio::time::advance(grace).await;
+        assert_eq!(idle.evict_oldest(grace), Evict::Done);
         assert!(!tokens[0].is_cancelled(), "a connection serving a request is not evicted");
         assert!(tokens[1].is_cancelled());
         drop(busy);
         // Slot 0 is idle again, now the most recent.
-        assert!(idle.evict_oldest());
+        assert_eq!(idle.evict_oldest(grace), Evict::Done);
         assert!(tokens[2].is_cancelled());
         drop(slots);
         assert_eq!(idle.len(), 0, "closed connections leave the queue");
-        assert!(!idle.evict_oldest());
+        assert_eq!(idle.evict_oldest(grace), Evict::Nothing);
     }
 }
