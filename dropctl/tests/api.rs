@@ -11,6 +11,7 @@ use deadpool_redis::redis::AsyncCommands;
 use dropline::auth::{Audience, TokenKeys};
 use dropline::payments::{sign, SIGNATURE_HEADER};
 use dropline_ingress::intents::{intent_id, Claim, IntentRecord, IntentStore, KeyState};
+use reqwest::header::HeaderValue;
 use reqwest::{Client, Method, StatusCode};
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -52,6 +53,28 @@ async fn create_event(stack: &Stack, http: &Client, body: &Value) -> u64 {
     r.json::<Value>().await.unwrap()["id"].as_u64().unwrap()
 }
 
+/// What a request could change: the event's stock counters, every Redis
+/// key of the test (idempotency records, intents), and the rows MySQL keeps.
+#[derive(Debug, PartialEq)]
+struct Books {
+    levels: Option<dropline::stock::StockLevels>,
+    redis_keys: Vec<String>,
+    rows: Vec<(String, i64)>,
+}
+
+async fn books(stack: &Stack, event: u64) -> Books {
+    let mut conn = stack.ledger.pool().get().await.unwrap();
+    let mut redis_keys: Vec<String> =
+        deadpool_redis::redis::cmd("KEYS").arg(format!("{}:*", stack.name)).query_async(&mut conn).await.unwrap();
+    redis_keys.sort();
+    let mut rows = Vec::new();
+    for table in ["events", "intents", "orders", "payments", "order_units"] {
+        let (n,): (i64,) = sqlx::query_as(&format!("SELECT COUNT(*) FROM {table}")).fetch_one(&stack.db).await.unwrap();
+        rows.push((table.to_owned(), n));
+    }
+    Books { levels: stack.ledger.levels(event).await.unwrap(), redis_keys, rows }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_purchases_are_refused_and_change_nothing() {
     let stack = Stack::start(Options { consumers: false, ..Default::default() }).await;
@@ -81,40 +104,136 @@ async fn bad_purchases_are_refused_and_change_nothing() {
         "missing_idempotency_key",
     )
     .await;
-    refused(post(&"k".repeat(300)).json(&json!({"quantity": 1})), StatusCode::BAD_REQUEST, "invalid_header").await;
-    refused(post("k1").body("{\"quantity\": 1}"), StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type").await;
-    refused(
-        post("k1").header("content-type", "application/json").body("{\"quantity\": "),
-        StatusCode::BAD_REQUEST,
-        "invalid_body",
-    )
-    .await;
-    refused(post("k1").json(&json!({"quantity": "one"})), StatusCode::BAD_REQUEST, "invalid_body").await;
-    refused(post("k1").json(&json!({"quantity": 1, "price": 0})), StatusCode::BAD_REQUEST, "invalid_body").await;
-    refused(post("k1").json(&json!({"quantity": -1})), StatusCode::BAD_REQUEST, "invalid_body").await;
-    refused(post("k1").json(&json!({"quantity": 0})), StatusCode::BAD_REQUEST, "invalid_body").await;
-    let body = refused(post("k1").json(&json!({"quantity": 3})), StatusCode::BAD_REQUEST, "invalid_body").await;
-    assert!(body["errors"][0].as_str().unwrap().contains("quantity"), "{body}");
-    refused(
-        post("k1").header("content-type", "application/json").body(vec![b' '; 4096]),
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "payload_too_large",
-    )
-    .await;
-    let other = format!("{}/v1/events/abc/purchases", stack.api);
-    refused(
-        http.post(&other).bearer_auth(&token).header("idempotency-key", "k1").json(&json!({"quantity": 1})),
-        StatusCode::NOT_FOUND,
-        "event_not_found",
-    )
-    .await;
-    let missing = format!("{}/v1/events/999999/purchases", stack.api);
-    refused(
-        http.post(&missing).bearer_auth(&token).header("idempotency-key", "k1").json(&json!({"quantity": 1})),
-        StatusCode::NOT_FOUND,
-        "event_not_found",
-    )
-    .await;
+    let raw = |body: &'static str| post("k1").header("content-type", "application/json").body(body);
+    let cases = vec![
+        ("long key", post(&"k".repeat(300)).json(&json!({"quantity": 1})), StatusCode::BAD_REQUEST, "invalid_header"),
+        (
+            "no content type",
+            post("k1").body("{\"quantity\": 1}"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+        (
+            "latin-1 JSON",
+            post("k1").header("content-type", "application/json; charset=latin1").body("{\"quantity\": 1}"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+        ("truncated JSON", raw("{\"quantity\": "), StatusCode::BAD_REQUEST, "invalid_body"),
+        ("an array", raw("[1]"), StatusCode::UNPROCESSABLE_ENTITY, "invalid_body_shape"),
+        ("a number", raw("1"), StatusCode::UNPROCESSABLE_ENTITY, "invalid_body_shape"),
+        ("null", raw("null"), StatusCode::UNPROCESSABLE_ENTITY, "invalid_body_shape"),
+        (
+            "a string quantity",
+            post("k1").json(&json!({"quantity": "one"})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body_shape",
+        ),
+        ("a float quantity", raw("{\"quantity\": 1.5}"), StatusCode::UNPROCESSABLE_ENTITY, "invalid_body_shape"),
+        (
+            "an unknown field",
+            post("k1").json(&json!({"quantity": 1, "price": 0})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body_shape",
+        ),
+        (
+            "a repeated field",
+            raw("{\"quantity\": 1, \"quantity\": 2}"),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body_shape",
+        ),
+        (
+            "a negative quantity",
+            post("k1").json(&json!({"quantity": -1})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body_shape",
+        ),
+        ("zero", post("k1").json(&json!({"quantity": 0})), StatusCode::BAD_REQUEST, "invalid_body"),
+        ("over the limit", post("k1").json(&json!({"quantity": 3})), StatusCode::BAD_REQUEST, "invalid_body"),
+        (
+            "too large",
+            post("k1").header("content-type", "application/json").body(vec![b' '; 4096]),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+        ),
+        (
+            "two keys",
+            post("k1").header("idempotency-key", "k2").json(&json!({"quantity": 1})),
+            StatusCode::BAD_REQUEST,
+            "invalid_header",
+        ),
+        (
+            "a non-ASCII key",
+            http.post(&url)
+                .bearer_auth(&token)
+                .header("idempotency-key", HeaderValue::from_bytes(b"k\xff").unwrap())
+                .json(&json!({"quantity": 1})),
+            StatusCode::BAD_REQUEST,
+            "invalid_header",
+        ),
+        (
+            "a non-UTF-8 token",
+            http.post(&url)
+                .header("authorization", HeaderValue::from_bytes(b"Bearer \xff\xfe").unwrap())
+                .header("idempotency-key", "k1")
+                .json(&json!({"quantity": 1})),
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+        ),
+        (
+            "a broken escape in the path",
+            http.post(format!("{}/v1/events/%ZZ/purchases", stack.api))
+                .bearer_auth(&token)
+                .header("idempotency-key", "k1")
+                .json(&json!({"quantity": 1})),
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+        ),
+        (
+            "a non-UTF-8 path",
+            http.post(format!("{}/v1/events/{event}%FF/purchases", stack.api))
+                .bearer_auth(&token)
+                .header("idempotency-key", "k1")
+                .json(&json!({"quantity": 1})),
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+        ),
+        (
+            "a broken query",
+            http.post(format!("{url}?x=%E0%A4"))
+                .bearer_auth(&token)
+                .header("idempotency-key", "k1")
+                .json(&json!({"quantity": 1})),
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+        ),
+        (
+            "an event id that is not a number",
+            http.post(format!("{}/v1/events/abc/purchases", stack.api))
+                .bearer_auth(&token)
+                .header("idempotency-key", "k1")
+                .json(&json!({"quantity": 1})),
+            StatusCode::NOT_FOUND,
+            "event_not_found",
+        ),
+        (
+            "an unknown event",
+            http.post(format!("{}/v1/events/999999/purchases", stack.api))
+                .bearer_auth(&token)
+                .header("idempotency-key", "k1")
+                .json(&json!({"quantity": 1})),
+            StatusCode::NOT_FOUND,
+            "event_not_found",
+        ),
+    ];
+    let start = books(&stack, event).await;
+    for (case, request, status, code) in cases {
+        let body = refused(request, status, code).await;
+        if case == "over the limit" {
+            assert!(body["errors"][0].as_str().unwrap().contains("quantity"), "{body}");
+        }
+        assert_eq!(books(&stack, event).await, start, "{case} changed nothing");
+    }
 
     // Nothing moved in the ledger, and no intent was recorded for the key.
     let levels = stack.ledger.levels(event).await.unwrap().unwrap();
@@ -272,7 +391,7 @@ async fn an_idempotency_key_returns_the_same_answer_and_cannot_be_reused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_buyer_over_their_rate_gets_429_with_retry_after() {
-    let stack = Stack::start(Options { consumers: false, user_per_sec: 1, user_burst: 2 }).await;
+    let stack = Stack::start(Options { consumers: false, user_per_sec: 1, user_burst: 2, ..Default::default() }).await;
     let http = Client::new();
     // A sale that has not opened answers right after the limiter, so the
     // requests are quick and produce nothing.
@@ -337,8 +456,37 @@ async fn bad_admin_and_event_requests_are_refused() {
     .await;
     refused(
         http.post(&admin_url).bearer_auth(&admin).json(&json!({"name": "x"})),
-        StatusCode::BAD_REQUEST,
-        "invalid_body",
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_body_shape",
+    )
+    .await;
+    refused(
+        http.post(&admin_url).bearer_auth(&admin).json(&json!([event_body(0)])),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_body_shape",
+    )
+    .await;
+    let mut extra = event_body(0);
+    extra["discount"] = json!(10);
+    refused(
+        http.post(&admin_url).bearer_auth(&admin).json(&extra),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_body_shape",
+    )
+    .await;
+    let mut wrong = event_body(0);
+    wrong["capacity"] = json!("5");
+    refused(
+        http.post(&admin_url).bearer_auth(&admin).json(&wrong),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_body_shape",
+    )
+    .await;
+    let twice = serde_json::to_string(&event_body(0)).unwrap().replacen('{', "{\"capacity\": 9,", 1);
+    refused(
+        http.post(&admin_url).bearer_auth(&admin).header("content-type", "application/json").body(twice),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_body_shape",
     )
     .await;
     let mut bad = event_body(0);
@@ -365,6 +513,18 @@ async fn bad_admin_and_event_requests_are_refused() {
     refused(http.get(format!("{}/v1/events?limit=abc&after=-1", stack.api)), StatusCode::BAD_REQUEST, "invalid_query")
         .await;
     refused(http.get(format!("{}/v1/events?colour=red", stack.api)), StatusCode::BAD_REQUEST, "invalid_query").await;
+    refused(http.get(format!("{}/v1/events?q=%FF", stack.api)), StatusCode::BAD_REQUEST, "invalid_query").await;
+    refused(http.get(format!("{}/v1/events?q=%Z1", stack.api)), StatusCode::BAD_REQUEST, "invalid_query").await;
+    refused(http.get(format!("{}/v1/events?limit=1&limit=2", stack.api)), StatusCode::BAD_REQUEST, "invalid_query")
+        .await;
+    refused(http.get(format!("{}/v1/events/%ZZ", stack.api)), StatusCode::BAD_REQUEST, "invalid_path").await;
+    refused(http.get(format!("{}/v1/events/1%C3", stack.api)), StatusCode::BAD_REQUEST, "invalid_path").await;
+    refused(
+        http.post(format!("{}/v1/admin/events/%FF/prewarm", stack.api)).bearer_auth(&admin),
+        StatusCode::BAD_REQUEST,
+        "invalid_path",
+    )
+    .await;
     refused(http.get(format!("{}/v1/nowhere", stack.api)), StatusCode::NOT_FOUND, "not_found").await;
     refused(
         http.request(Method::DELETE, format!("{}/v1/events", stack.api)),
@@ -413,6 +573,15 @@ async fn bad_order_requests_are_refused() {
         let url = format!("{}{path}", stack.api);
         refused(http.request(method.clone(), &url).bearer_auth(&token), StatusCode::NOT_FOUND, "order_not_found").await;
         refused(http.request(method, &url), StatusCode::UNAUTHORIZED, "unauthorized").await;
+    }
+    for (method, path) in [
+        (Method::GET, "/v1/orders/%ZZ"),
+        (Method::POST, "/v1/orders/%FF%FE/cancel"),
+        (Method::POST, "/v1/orders/%E2%82/payments"),
+        (Method::GET, "/v1/intents/%G0"),
+    ] {
+        let url = format!("{}{path}", stack.api);
+        refused(http.request(method, &url).bearer_auth(&token), StatusCode::BAD_REQUEST, "invalid_path").await;
     }
     stack.stop().await;
 }

@@ -215,9 +215,7 @@ impl Cluster {
         Fut: std::future::Future<Output = Self>,
     {
         let keys = self.secrets.tokens();
-        let db = dropline::db::connect(&dropline::config::MysqlArgs { url: self.db_url.clone(), pool_size: 3 })
-            .await
-            .unwrap();
+        let db = dropline::db::connect(&dropline::config::MysqlArgs::new(self.db_url.clone(), 3)).await.unwrap();
         let ledger = self.ledger();
         let api = Api::new(&format!("http://127.0.0.1:{}", self.api_port)).unwrap();
         // CI runs the short version; scripts/faults.sh the full one.
@@ -348,9 +346,7 @@ async fn a_redis_failover_that_loses_recent_writes_sells_nothing_twice() {
             // deciding for a while; then the replica takes over.
             let ledger = c.ledger();
             let snapshot = common::redis_snapshot(ledger.pool(), "*").await;
-            let probe = dropline::db::connect(&dropline::config::MysqlArgs { url: c.db_url.clone(), pool_size: 1 })
-                .await
-                .unwrap();
+            let probe = dropline::db::connect(&dropline::config::MysqlArgs::new(c.db_url.clone(), 1)).await.unwrap();
             let count = || async {
                 let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM intents").fetch_one(&probe).await.unwrap();
                 n

@@ -121,7 +121,7 @@ async fn consistent_books() -> Books {
     let name = format!("i{}", &Uuid::new_v4().simple().to_string()[..12]);
     let db_url = format!("{}/dropline_{name}", common::mysql_server());
     dropline::db::create_database(&db_url).await.unwrap();
-    let db = dropline::db::connect(&dropline::config::MysqlArgs { url: db_url, pool_size: 3 }).await.unwrap();
+    let db = dropline::db::connect(&dropline::config::MysqlArgs::new(db_url, 3)).await.unwrap();
     dropline::db::migrate(&db).await.unwrap();
     let pool = deadpool_redis::Config::from_url(common::redis_url())
         .create_pool(Some(deadpool_redis::Runtime::Tokio1))

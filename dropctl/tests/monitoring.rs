@@ -135,7 +135,7 @@ async fn every_dashboard_query_has_data_and_alerts_fire_only_on_faults() {
 
     // A small, healthy drop.
     let keys = secrets.tokens();
-    let db = dropline::db::connect(&dropline::config::MysqlArgs { url: db_url.clone(), pool_size: 3 }).await.unwrap();
+    let db = dropline::db::connect(&dropline::config::MysqlArgs::new(db_url.clone(), 3)).await.unwrap();
     let pool = deadpool_redis::Config::from_url(common::redis_url())
         .create_pool(Some(deadpool_redis::Runtime::Tokio1))
         .unwrap();

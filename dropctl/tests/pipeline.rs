@@ -765,7 +765,6 @@ async fn a_prewarm_after_the_opening_rebuilds_a_lost_ledger_instead_of_refilling
     stack.stop().await;
 }
 
-
 /// One answer to a purchase: its status, and the intent id (202) or the
 /// problem code; and whether it carried a Retry-After.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -113,9 +113,7 @@ impl LocalStack {
         dropline::telemetry::init_logs();
         self.stack(&["up"]);
         let keys = self.secrets.tokens();
-        let db = dropline::db::connect(&dropline::config::MysqlArgs { url: self.db_url.clone(), pool_size: 3 })
-            .await
-            .unwrap();
+        let db = dropline::db::connect(&dropline::config::MysqlArgs::new(self.db_url.clone(), 3)).await.unwrap();
         let api = Api::new(&self.api).unwrap();
         let plan = DropPlan {
             tickets: 40,

@@ -4,6 +4,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use clap::Args;
 
@@ -126,6 +127,17 @@ pub struct RedisArgs {
     /// a Redis.
     #[arg(id = "redis_key_prefix", long = "redis-key-prefix", env = "DROPLINE_REDIS_KEY_PREFIX", default_value = "dl")]
     pub key_prefix: String,
+    /// How long a caller waits for a free pooled connection before it fails
+    /// (the ingress then answers 503 with Retry-After) instead of queueing
+    /// without bound.
+    #[arg(long = "redis-pool-wait-timeout-ms", env = "DROPLINE_REDIS_POOL_WAIT_TIMEOUT_MS", default_value_t = 5_000)]
+    pub pool_wait_timeout_ms: u64,
+    /// How long opening a new connection may take.
+    #[arg(long = "redis-connect-timeout-ms", env = "DROPLINE_REDIS_CONNECT_TIMEOUT_MS", default_value_t = 5_000)]
+    pub connect_timeout_ms: u64,
+    /// How long checking a pooled connection before reuse may take.
+    #[arg(long = "redis-recycle-timeout-ms", env = "DROPLINE_REDIS_RECYCLE_TIMEOUT_MS", default_value_t = 5_000)]
+    pub recycle_timeout_ms: u64,
 }
 
 impl RedisArgs {
@@ -141,11 +153,28 @@ impl RedisArgs {
         if self.pool_size == 0 {
             problems.add("DROPLINE_REDIS_POOL_SIZE must be positive");
         }
+        for (name, ms) in [
+            ("DROPLINE_REDIS_POOL_WAIT_TIMEOUT_MS", self.pool_wait_timeout_ms),
+            ("DROPLINE_REDIS_CONNECT_TIMEOUT_MS", self.connect_timeout_ms),
+            ("DROPLINE_REDIS_RECYCLE_TIMEOUT_MS", self.recycle_timeout_ms),
+        ] {
+            if !(1..=600_000).contains(&ms) {
+                problems.add(format!("{name} must be 1 to 600000"));
+            }
+        }
     }
 
+    /// A pool whose every wait is bounded: without timeouts deadpool waits
+    /// for a free connection forever, and a stalled Redis piles up callers.
     pub fn pool(&self) -> Result<deadpool_redis::Pool, deadpool_redis::CreatePoolError> {
         let mut cfg = deadpool_redis::Config::from_url(&self.url);
-        cfg.pool = Some(deadpool_redis::PoolConfig::new(self.pool_size));
+        let mut pool = deadpool_redis::PoolConfig::new(self.pool_size);
+        pool.timeouts = deadpool_redis::Timeouts {
+            wait: Some(Duration::from_millis(self.pool_wait_timeout_ms)),
+            create: Some(Duration::from_millis(self.connect_timeout_ms)),
+            recycle: Some(Duration::from_millis(self.recycle_timeout_ms)),
+        };
+        cfg.pool = Some(pool);
         cfg.create_pool(Some(deadpool_redis::Runtime::Tokio1))
     }
 }
@@ -163,6 +192,18 @@ pub struct MysqlArgs {
     /// Connections in the pool.
     #[arg(id = "mysql_pool_size", long = "mysql-pool-size", env = "DROPLINE_MYSQL_POOL_SIZE", default_value_t = 10)]
     pub pool_size: u32,
+    /// How long a caller waits for a free pooled connection (or a new one)
+    /// before it fails; the ingress then answers 503 with Retry-After.
+    #[arg(long = "mysql-acquire-timeout-ms", env = "DROPLINE_MYSQL_ACQUIRE_TIMEOUT_MS", default_value_t = 5_000)]
+    pub acquire_timeout_ms: u64,
+}
+
+impl MysqlArgs {
+    /// Settings for `url` with a pool of `pool_size` and the default acquire
+    /// timeout, for tools and tests that do not parse a command line.
+    pub fn new(url: impl Into<String>, pool_size: u32) -> Self {
+        Self { url: url.into(), pool_size, acquire_timeout_ms: 5_000 }
+    }
 }
 
 impl MysqlArgs {
@@ -172,6 +213,9 @@ impl MysqlArgs {
         }
         if self.pool_size == 0 {
             problems.add("DROPLINE_MYSQL_POOL_SIZE must be positive");
+        }
+        if !(1..=600_000).contains(&self.acquire_timeout_ms) {
+            problems.add("DROPLINE_MYSQL_ACQUIRE_TIMEOUT_MS must be 1 to 600000");
         }
     }
 }
@@ -257,6 +301,33 @@ mod tests {
         assert_eq!(redact_url("mysql://root:secret@db:3306/x"), "mysql://root:***@db:3306/x");
         assert_eq!(redact_url("mysql://root@db/x"), "mysql://root@db/x");
         assert_eq!(redact_url("redis://127.0.0.1"), "redis://127.0.0.1");
+    }
+
+    #[derive(clap::Parser)]
+    struct RedisOnly {
+        #[command(flatten)]
+        redis: RedisArgs,
+    }
+
+    /// Against the local Redis: a caller waiting for a connection from a
+    /// full pool gives up after the wait timeout instead of queueing forever.
+    #[tokio::test]
+    async fn a_full_redis_pool_times_out_its_waiters() {
+        use clap::Parser;
+        let url = std::env::var("DROPLINE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let args = RedisOnly::parse_from([
+            "t".to_owned(),
+            format!("--redis-url={url}"),
+            "--redis-pool-size=1".to_owned(),
+            "--redis-pool-wait-timeout-ms=100".to_owned(),
+        ])
+        .redis;
+        let pool = args.pool().unwrap();
+        let _held = pool.get().await.expect("the local Redis is up");
+        let started = std::time::Instant::now();
+        let waited = tokio::time::timeout(Duration::from_secs(3), pool.get()).await.expect("the wait is bounded");
+        assert!(matches!(waited, Err(deadpool_redis::PoolError::Timeout(deadpool_redis::TimeoutType::Wait))));
+        assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
     }
 
     #[test]

@@ -19,7 +19,7 @@ pub async fn connect(args: &MysqlArgs) -> Result<MySqlPool, sqlx::Error> {
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(500));
     MySqlPoolOptions::new()
         .max_connections(args.pool_size)
-        .acquire_timeout(Duration::from_secs(5))
+        .acquire_timeout(Duration::from_millis(args.acquire_timeout_ms))
         .connect_with(options)
         .await
 }

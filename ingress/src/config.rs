@@ -74,6 +74,33 @@ pub struct IngressConfig {
     /// needlessly (harmless: the same intent is produced twice).
     #[arg(long, env = "DROPLINE_IDEMPOTENCY_LEASE_MS", default_value_t = 10_000)]
     pub idempotency_lease_ms: u64,
+    /// How long a client has to send a complete request head (request line
+    /// and headers). hyper starts this clock whenever it waits for a head, so
+    /// it also bounds how long a kept-alive connection may sit between
+    /// requests.
+    #[arg(long, env = "DROPLINE_HTTP_HEADER_READ_TIMEOUT_MS", default_value_t = 5_000)]
+    pub http_header_read_timeout_ms: u64,
+    /// How long a request may take from its head to its answer, reading the
+    /// body included; past it the answer is 503 `request_timeout`.
+    #[arg(long, env = "DROPLINE_HTTP_REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
+    pub http_request_timeout_ms: u64,
+    /// A connection on which no byte moves either way for this long is
+    /// closed: a client that stalls mid-body or stops reading its answer.
+    #[arg(long, env = "DROPLINE_HTTP_IDLE_TIMEOUT_SECS", default_value_t = 30)]
+    pub http_idle_timeout_secs: u64,
+    /// Open connections at most. Each costs a file descriptor: keep it well
+    /// below the process's limit (`ulimit -n`), which Redis, MySQL and Kafka
+    /// connections share.
+    #[arg(long, env = "DROPLINE_HTTP_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub http_max_connections: usize,
+    /// Event searches (`GET /v1/events`) served at once; more are refused at
+    /// once with 503 `overloaded`. Below the MySQL pool size, so searches
+    /// never take every connection from the purchase path.
+    #[arg(long, env = "DROPLINE_SEARCH_MAX_CONCURRENT_REQUESTS", default_value_t = 4)]
+    pub search_max_concurrent_requests: usize,
+    /// How long MySQL may run one search query before it stops it.
+    #[arg(long, env = "DROPLINE_SEARCH_STATEMENT_TIMEOUT_MS", default_value_t = 2_000)]
+    pub search_statement_timeout_ms: u64,
     #[command(flatten)]
     pub kafka: KafkaArgs,
     #[command(flatten)]
@@ -135,7 +162,49 @@ impl IngressConfig {
         if self.max_body_bytes < 256 {
             p.add("DROPLINE_MAX_BODY_BYTES must be at least 256");
         }
+        self.check_http(&mut p, open_files_limit());
         p.into_result()
+    }
+
+    /// The front door's timeouts and limits. `open_files` is the process's
+    /// soft RLIMIT_NOFILE, when known.
+    fn check_http(&self, p: &mut Problems, open_files: Option<u64>) {
+        if !(100..=300_000).contains(&self.http_header_read_timeout_ms) {
+            p.add("DROPLINE_HTTP_HEADER_READ_TIMEOUT_MS must be 100 to 300000");
+        }
+        if !(100..=300_000).contains(&self.http_request_timeout_ms) {
+            p.add("DROPLINE_HTTP_REQUEST_TIMEOUT_MS must be 100 to 300000");
+        }
+        // The idle clock runs while a handler works and while hyper waits for
+        // a head; it must not close a connection either of those would keep.
+        let idle_ms = self.http_idle_timeout_secs.saturating_mul(1000);
+        if idle_ms <= self.http_request_timeout_ms.max(self.http_header_read_timeout_ms) {
+            p.add(
+                "DROPLINE_HTTP_IDLE_TIMEOUT_SECS must be longer than DROPLINE_HTTP_REQUEST_TIMEOUT_MS and \
+                 DROPLINE_HTTP_HEADER_READ_TIMEOUT_MS",
+            );
+        }
+        if self.http_max_connections == 0 {
+            p.add("DROPLINE_HTTP_MAX_CONNECTIONS must be positive");
+        }
+        if let Some(limit) = open_files {
+            let needed = self.http_max_connections as u64 + RESERVED_FDS;
+            if needed > limit {
+                p.add(format!(
+                    "DROPLINE_HTTP_MAX_CONNECTIONS ({}) plus {RESERVED_FDS} descriptors for everything else exceeds \
+                     the open-files limit ({limit}): lower it or raise `ulimit -n`",
+                    self.http_max_connections
+                ));
+            }
+        }
+        if self.search_max_concurrent_requests == 0
+            || self.search_max_concurrent_requests >= self.mysql.pool_size as usize
+        {
+            p.add("DROPLINE_SEARCH_MAX_CONCURRENT_REQUESTS must be 1 to DROPLINE_MYSQL_POOL_SIZE - 1");
+        }
+        if !(10..=60_000).contains(&self.search_statement_timeout_ms) {
+            p.add("DROPLINE_SEARCH_STATEMENT_TIMEOUT_MS must be 10 to 60000");
+        }
     }
 
     /// The effective config for the start-up log, secrets masked.
@@ -155,12 +224,31 @@ impl IngressConfig {
             jwt_issuer = %self.jwt_issuer,
             idempotency_ttl_secs = self.idempotency_ttl_secs,
             idempotency_lease_ms = self.idempotency_lease_ms,
+            http_header_read_timeout_ms = self.http_header_read_timeout_ms,
+            http_request_timeout_ms = self.http_request_timeout_ms,
+            http_idle_timeout_secs = self.http_idle_timeout_secs,
+            http_max_connections = self.http_max_connections,
+            search_max_concurrent_requests = self.search_max_concurrent_requests,
+            search_statement_timeout_ms = self.search_statement_timeout_ms,
             jwt_secret = "***",
             admin_jwt_secret = "***",
             webhook_secret = "***",
             "ingress config"
         );
     }
+}
+
+/// Descriptors kept for what is not an API connection: the Redis and MySQL
+/// pools, librdkafka's sockets, the ops listener, logs.
+const RESERVED_FDS: u64 = 1024;
+
+/// The soft limit on open files, from `/proc/self/limits` (Linux); `None`
+/// elsewhere or when unlimited.
+fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    // "Max open files            65536                65536                files"
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..].split_whitespace().next()?.parse().ok()
 }
 
 #[cfg(test)]
@@ -234,5 +322,32 @@ mod tests {
         let config =
             with(&value("DROPLINE_JWT_SECRET"), &value("DROPLINE_ADMIN_JWT_SECRET"), &value("DROPLINE_WEBHOOK_SECRET"));
         assert_eq!(problems(&config).len(), 3, "{:?}", problems(&config));
+    }
+
+    #[test]
+    fn the_connection_cap_must_fit_the_open_files_limit() {
+        let config = IngressConfig::parse_from(["ingress", "--http-max-connections=10000"]);
+        let mut p = Problems::default();
+        config.check_http(&mut p, Some(65_536));
+        assert!(p.into_result().is_ok());
+        let mut p = Problems::default();
+        config.check_http(&mut p, Some(4_096));
+        let e = p.into_result().unwrap_err();
+        assert!(e.0.iter().any(|m| m.contains("open-files limit (4096)")), "{e}");
+        assert!(open_files_limit().is_some(), "this test runs on Linux");
+    }
+
+    #[test]
+    fn every_timeout_problem_is_reported_at_once() {
+        let config = IngressConfig::parse_from([
+            "ingress",
+            "--http-header-read-timeout-ms=0",
+            "--http-request-timeout-ms=60000",
+            "--http-idle-timeout-secs=30",
+            "--http-max-connections=0",
+            "--search-max-concurrent-requests=10",
+        ]);
+        let e = config.validate().unwrap_err();
+        assert_eq!(e.0.len(), 4, "{e}");
     }
 }

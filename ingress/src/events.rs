@@ -65,10 +65,49 @@ impl NewEvent {
 
 /// Events in MySQL, with a cache for the purchase path: events are read on
 /// every purchase and change never once created.
+/// How a search query is bounded on the server, which MySQL and MariaDB
+/// spell differently: each ignores (MariaDB) or refuses (MySQL) the other's
+/// form, so the server is asked once at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SearchTimeout {
+    /// `SET STATEMENT max_statement_time=<secs> FOR SELECT ...`
+    MariaDb {
+        ms: u64,
+    },
+    /// `SELECT /*+ MAX_EXECUTION_TIME(<ms>) */ ...`
+    MySql {
+        ms: u64,
+    },
+    None,
+}
+
+impl SearchTimeout {
+    pub async fn detect(db: &MySqlPool, ms: u64) -> Result<Self, sqlx::Error> {
+        let (version,): (String,) = sqlx::query_as("SELECT VERSION()").fetch_one(db).await?;
+        Ok(if version.to_ascii_lowercase().contains("mariadb") {
+            SearchTimeout::MariaDb { ms }
+        } else {
+            SearchTimeout::MySql { ms }
+        })
+    }
+
+    /// `select_rest` is the statement after its `SELECT`.
+    fn bound(self, select_rest: &str) -> String {
+        match self {
+            SearchTimeout::MariaDb { ms } => {
+                format!("SET STATEMENT max_statement_time={}.{:03} FOR SELECT {select_rest}", ms / 1000, ms % 1000)
+            }
+            SearchTimeout::MySql { ms } => format!("SELECT /*+ MAX_EXECUTION_TIME({ms}) */ {select_rest}"),
+            SearchTimeout::None => format!("SELECT {select_rest}"),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Events {
     db: MySqlPool,
     ledger: Ledger,
+    search_timeout: SearchTimeout,
     cache: Cache<u64, Option<Arc<Event>>>,
     available: Cache<u64, u64>,
 }
@@ -78,6 +117,7 @@ impl Events {
         Self {
             db,
             ledger,
+            search_timeout: SearchTimeout::None,
             // Misses are cached too, so a flood of unknown ids costs MySQL
             // one query per id and TTL; the capacity bounds memory.
             cache: Cache::builder().max_capacity(100_000).time_to_live(ttl).build(),
@@ -86,6 +126,13 @@ impl Events {
             // bring stock back.
             available: Cache::builder().max_capacity(10_000).time_to_live(Duration::from_millis(250)).build(),
         }
+    }
+
+    /// Searches bounded on the server as `timeout` says: a slow `LIKE`
+    /// cannot hold a pooled connection for longer.
+    pub fn with_search_timeout(mut self, timeout: SearchTimeout) -> Self {
+        self.search_timeout = timeout;
+        self
     }
 
     pub async fn create(&self, new: &NewEvent) -> Result<Event, sqlx::Error> {
@@ -121,18 +168,18 @@ impl Events {
     /// Events whose name or venue contains `q`, by id, after `after`.
     pub async fn search(&self, q: Option<&str>, after: u64, limit: u32) -> Result<Vec<Event>, sqlx::Error> {
         let pattern = q.map(|q| format!("%{}%", q.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")));
-        sqlx::query_as::<_, Event>(&format!(
-            "SELECT {} FROM events WHERE id > ? AND (? IS NULL OR name LIKE ? OR venue LIKE ?) \
-             ORDER BY id LIMIT ?",
+        let sql = self.search_timeout.bound(&format!(
+            "{} FROM events WHERE id > ? AND (? IS NULL OR name LIKE ? OR venue LIKE ?) ORDER BY id LIMIT ?",
             dropline::events::COLUMNS
-        ))
-        .bind(after)
-        .bind(&pattern)
-        .bind(&pattern)
-        .bind(&pattern)
-        .bind(limit)
-        .fetch_all(&self.db)
-        .await
+        ));
+        sqlx::query_as::<_, Event>(&sql)
+            .bind(after)
+            .bind(&pattern)
+            .bind(&pattern)
+            .bind(&pattern)
+            .bind(limit)
+            .fetch_all(&self.db)
+            .await
     }
 
     /// Loads the event's stock into Redis unless it is there already.

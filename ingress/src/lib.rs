@@ -8,6 +8,8 @@
 //! - [`orders`]: an order's live state (Redis) or settled state (MySQL).
 //! - [`limits`]: governor admission control, global and per buyer.
 //! - [`problem`]: the error codes and their problem+json answers.
+//! - [`server`]: the listener: connection cap, header-read and idle
+//!   timeouts, the drain.
 //! - [`config`], [`metrics`]: settings and metric names.
 
 pub mod config;
@@ -19,6 +21,7 @@ pub mod metrics;
 pub mod orders;
 pub mod problem;
 mod routes;
+pub mod server;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -134,6 +137,7 @@ pub async fn start_on(
 
     let db = dropline::db::connect(&config.mysql).await?;
     dropline::db::migrate(&db).await?;
+    let search_timeout = events::SearchTimeout::detect(&db, config.search_statement_timeout_ms).await?;
     let redis = config.redis.pool()?;
     let ledger = Ledger::new(redis.clone(), &config.redis.key_prefix);
     let topics = config.kafka.topics();
@@ -146,7 +150,8 @@ pub async fn start_on(
     let intents = IntentStore::new(redis.clone(), &config.redis.key_prefix, config.idempotency_ttl_secs);
     let state = Arc::new(AppState {
         tokens: Tokens::new(config.jwt_secret.as_bytes(), config.admin_jwt_secret.as_bytes(), &config.jwt_issuer),
-        events: Events::new(db.clone(), ledger.clone(), Duration::from_millis(config.event_cache_ttl_ms)),
+        events: Events::new(db.clone(), ledger.clone(), Duration::from_millis(config.event_cache_ttl_ms))
+            .with_search_timeout(search_timeout),
         orders: Orders::new(intents.clone(), ledger.clone(), db.clone()),
         intents,
         ledger,
@@ -168,25 +173,13 @@ pub async fn start_on(
     tracing::info!(%api_addr, %ops_addr, "ingress serving");
 
     let drain = Duration::from_secs(config.ops.drain_timeout_secs);
+    let limits = server::ConnLimits {
+        header_read_timeout: Duration::from_millis(config.http_header_read_timeout_ms),
+        idle_timeout: Duration::from_secs(config.http_idle_timeout_secs),
+        max_connections: config.http_max_connections,
+    };
     let task = tokio::spawn(async move {
-        let stop = shutdown.clone();
-        let stopping = ready.clone();
-        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-            stop.cancelled().await;
-            stopping.set(false);
-        });
-        let finished = async {
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "ingress server failed");
-            }
-        };
-        tokio::pin!(finished);
-        tokio::select! {
-            _ = &mut finished => {}
-            _ = async { shutdown.cancelled().await; tokio::time::sleep(drain).await } => {
-                tracing::warn!(drain_secs = drain.as_secs(), "drain timed out; dropping open connections");
-            }
-        }
+        server::serve(listener, app, limits, ready, shutdown, drain).await;
         // Order events of requests that finished are acknowledged already;
         // this only flushes what is still queued.
         let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(5))).await;

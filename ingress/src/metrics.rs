@@ -8,6 +8,8 @@ pub const PURCHASES: &str = "dropline_ingress_purchases_total";
 pub const PRODUCE_DURATION: &str = "dropline_ingress_produce_duration_seconds";
 pub const PRODUCER_QUEUE: &str = "dropline_ingress_producer_queue_messages";
 pub const WEBHOOKS: &str = "dropline_ingress_webhooks_total";
+pub const OPEN_CONNECTIONS: &str = "dropline_ingress_open_connections";
+pub const EVICTED_CONNECTIONS: &str = "dropline_ingress_evicted_connections_total";
 
 pub fn describe() {
     describe_counter!(REQUESTS, "HTTP requests answered, by route template, status and error code.");
@@ -21,6 +23,13 @@ pub fn describe() {
     describe_histogram!(PRODUCE_DURATION, Unit::Seconds, "Time from producing an intent to the broker's ack.");
     describe_gauge!(PRODUCER_QUEUE, "Messages waiting in the Kafka producer's local queue.");
     describe_counter!(WEBHOOKS, "Payment webhooks by result: captured, refund_required, ignored, rejected.");
+    describe_gauge!(OPEN_CONNECTIONS, "Client connections open on the API listener.");
+    describe_counter!(
+        EVICTED_CONNECTIONS,
+        "Idle client connections closed to make room for a new one at the connection cap."
+    );
+    metrics::gauge!(OPEN_CONNECTIONS).set(0.0);
+    metrics::counter!(EVICTED_CONNECTIONS).increment(0);
     // Every series exists from the start, so dashboards and alerts see a 0
     // rather than no data. increment(0) creates without changing a value.
     for outcome in [

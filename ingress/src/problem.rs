@@ -15,6 +15,7 @@ pub enum ErrorCode {
     UnsupportedMediaType,
     PayloadTooLarge,
     InvalidBody,
+    InvalidBodyShape,
     InvalidHeader,
     InvalidQuery,
     InvalidPath,
@@ -33,6 +34,8 @@ pub enum ErrorCode {
     InvalidSignature,
     StaleSignature,
     RateLimited,
+    Overloaded,
+    RequestTimeout,
     BrokerUnavailable,
     DependencyUnavailable,
     PaymentProviderUnavailable,
@@ -90,6 +93,7 @@ impl ErrorCode {
             UnsupportedMediaType => "unsupported_media_type",
             PayloadTooLarge => "payload_too_large",
             InvalidBody => "invalid_body",
+            InvalidBodyShape => "invalid_body_shape",
             InvalidHeader => "invalid_header",
             InvalidQuery => "invalid_query",
             InvalidPath => "invalid_path",
@@ -108,6 +112,8 @@ impl ErrorCode {
             InvalidSignature => "invalid_signature",
             StaleSignature => "stale_signature",
             RateLimited => "rate_limited",
+            Overloaded => "overloaded",
+            RequestTimeout => "request_timeout",
             BrokerUnavailable => "broker_unavailable",
             DependencyUnavailable => "dependency_unavailable",
             PaymentProviderUnavailable => "payment_provider_unavailable",
@@ -125,12 +131,14 @@ impl ErrorCode {
             UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             InvalidBody | InvalidHeader | InvalidQuery | InvalidPath | MissingIdempotencyKey => StatusCode::BAD_REQUEST,
-            IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            IdempotencyKeyReused | InvalidBodyShape => StatusCode::UNPROCESSABLE_ENTITY,
             IdempotencyInProgress | SaleNotOpen | SaleClosed | SoldOut | OrderNotHeld | OrderExpired | OrderVoided => {
                 StatusCode::CONFLICT
             }
             RateLimited => StatusCode::TOO_MANY_REQUESTS,
-            BrokerUnavailable | DependencyUnavailable | OrderNotReady => StatusCode::SERVICE_UNAVAILABLE,
+            BrokerUnavailable | DependencyUnavailable | OrderNotReady | Overloaded | RequestTimeout => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             PaymentProviderUnavailable => StatusCode::BAD_GATEWAY,
             Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -146,6 +154,7 @@ impl ErrorCode {
             UnsupportedMediaType => "The body must be application/json",
             PayloadTooLarge => "The body is too large",
             InvalidBody => "The body is not valid",
+            InvalidBodyShape => "The body is not a JSON object of the documented shape",
             InvalidHeader => "A header is not valid",
             InvalidQuery => "The query string is not valid",
             InvalidPath => "The path is not valid",
@@ -164,6 +173,8 @@ impl ErrorCode {
             InvalidSignature => "The webhook signature is not valid",
             StaleSignature => "The webhook signature is too old or too new",
             RateLimited => "Too many requests",
+            Overloaded => "Too many requests of this kind at once; retry later",
+            RequestTimeout => "The request took too long; retry later",
             BrokerUnavailable => "The request could not be queued; retry later",
             DependencyUnavailable => "A backing service is unavailable; retry later",
             PaymentProviderUnavailable => "The payment provider did not answer",

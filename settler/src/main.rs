@@ -1,3 +1,7 @@
+// The settler's run future nests deeply (batch loop, reconciler, rebuild);
+// its layout needs more than the default query depth.
+#![recursion_limit = "256"]
+
 use std::process::ExitCode;
 
 use dropline_settler::SettlerConfig;

@@ -17,7 +17,7 @@ async fn database(tag: &str) -> (String, MySqlPool) {
     let name = format!("dropline_{tag}{}", &Uuid::new_v4().simple().to_string()[..12]);
     let url = format!("{}/{name}", env_or("DROPLINE_TEST_MYSQL_SERVER", "mysql://root@127.0.0.1:3306"));
     dropline::db::create_database(&url).await.unwrap();
-    let db = dropline::db::connect(&dropline::config::MysqlArgs { url, pool_size: 2 }).await.unwrap();
+    let db = dropline::db::connect(&dropline::config::MysqlArgs::new(url, 2)).await.unwrap();
     (name, db)
 }
 

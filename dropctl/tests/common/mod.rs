@@ -112,11 +112,13 @@ pub struct Options {
     pub consumers: bool,
     pub user_per_sec: u32,
     pub user_burst: u32,
+    /// More ingress flags (ones the defaults above do not set).
+    pub ingress_args: Vec<String>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { consumers: true, user_per_sec: 1000, user_burst: 1000 }
+        Self { consumers: true, user_per_sec: 1000, user_burst: 1000, ingress_args: Vec::new() }
     }
 }
 
@@ -173,7 +175,8 @@ impl Stack {
                 "--event-cache-ttl-ms=200".to_owned(),
                 "--max-body-bytes=1024".to_owned(),
             ])
-            .chain(common.iter().cloned()),
+            .chain(common.iter().cloned())
+            .chain(options.ingress_args.iter().cloned()),
         );
         let ingress = dropline_ingress::start_on(listener, ingress_config, shutdown.clone()).await.unwrap();
         tasks.push(tokio::spawn(async move {
@@ -229,7 +232,7 @@ impl Stack {
             expirer_config = Some(expirer);
         }
         let kafka = KafkaOnly::parse_from(["kafka".to_owned()].into_iter().chain(common[..3].iter().cloned())).kafka;
-        let db = dropline::db::connect(&MysqlArgs { url: db_url, pool_size: 5 }).await.unwrap();
+        let db = dropline::db::connect(&MysqlArgs::new(db_url, 5)).await.unwrap();
         let pool =
             deadpool_redis::Config::from_url(redis_url()).create_pool(Some(deadpool_redis::Runtime::Tokio1)).unwrap();
         let mut stack = Stack {

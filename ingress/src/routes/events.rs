@@ -92,7 +92,13 @@ pub async fn list(State(app): State<Arc<AppState>>, RawQuery(query): RawQuery) -
     let mut errors = Vec::new();
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
         .map_err(|e| Problem::new(ErrorCode::InvalidQuery).detail(e.to_string()))?;
+    let mut seen = Vec::new();
     for (k, v) in pairs {
+        if seen.contains(&k) {
+            errors.push(format!("{k}: given more than once"));
+            continue;
+        }
+        seen.push(k.clone());
         match k.as_str() {
             "q" if v.chars().count() <= 200 => q = Some(v).filter(|s| !s.is_empty()),
             "q" => errors.push("q: at most 200 characters".to_owned()),

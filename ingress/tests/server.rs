@@ -1,0 +1,89 @@
+//! The listener alone, on port 0 with a trivial app: slow connections past
+//! the cap are closed, by eviction or at the header-read timeout, and a
+//! client with a whole request is served meanwhile. No backing services.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use axum::routing::get;
+use axum::Router;
+use dropline::ops::Readiness;
+use dropline_ingress::server::{serve, ConnLimits};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+const CAP: usize = 32;
+const HEADER_READ: Duration = Duration::from_millis(800);
+
+async fn start() -> (SocketAddr, CancellationToken, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = Router::new().route("/", get(|| async { "ok" }));
+    let limits =
+        ConnLimits { header_read_timeout: HEADER_READ, idle_timeout: Duration::from_secs(5), max_connections: CAP };
+    let shutdown = CancellationToken::new();
+    let task =
+        tokio::spawn(serve(listener, app, limits, Readiness::default(), shutdown.clone(), Duration::from_secs(2)));
+    (addr, shutdown, task)
+}
+
+/// Half a request head, then silence; how long until the server hangs up.
+async fn slow(addr: SocketAddr) -> Duration {
+    let started = Instant::now();
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ").await.unwrap();
+    let mut buf = [0u8; 256];
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "a half-sent request was never closed");
+    started.elapsed()
+}
+
+/// A whole request on a new connection; how long its answer took.
+async fn whole(addr: SocketAddr) -> Duration {
+    let started = Instant::now();
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer)).await.expect("answered").unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
+    started.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_connections_past_the_cap_do_not_lock_out_whole_requests() {
+    let (addr, shutdown, task) = start().await;
+    let mut attack = tokio::task::JoinSet::new();
+    for _ in 0..CAP * 2 {
+        attack.spawn(slow(addr));
+    }
+    let mut served = Vec::new();
+    for i in 0..12 {
+        if i == 3 {
+            for _ in 0..CAP {
+                attack.spawn(slow(addr));
+            }
+        }
+        let took = whole(addr).await;
+        served.push(took);
+        tokio::time::sleep(Duration::from_millis(100).saturating_sub(took)).await;
+    }
+    assert!(served.iter().all(|d| *d < Duration::from_millis(500)), "{served:?}");
+    let mut closed = Vec::new();
+    while let Some(d) = attack.join_next().await {
+        closed.push(d.unwrap());
+    }
+    let latest = closed.iter().max().unwrap();
+    assert!(*latest < HEADER_READ + Duration::from_millis(700), "a slow connection lived {latest:?}");
+    let by_timer = closed.iter().filter(|d| **d >= HEADER_READ - Duration::from_millis(100)).count();
+    assert!(by_timer >= CAP / 2, "{by_timer} of {} closed by the header-read timeout", closed.len());
+    shutdown.cancel();
+    task.await.unwrap();
+}
