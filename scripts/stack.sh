@@ -47,7 +47,10 @@ build() {
   (cd "$DROPLINE_ROOT" && cargo build $flag --locked --bins >&2)
 }
 
-running() { [ -f "$STATE_DIR/$1.pid" ] && kill -0 "$(cat "$STATE_DIR/$1.pid")" 2>/dev/null; }
+# A process killed with SIGKILL may linger as a zombie until it is reaped:
+# that one is not running.
+alive() { kill -0 "$1" 2>/dev/null && ! grep -qE '^[0-9]+ \(.*\) [ZX] ' "/proc/$1/stat" 2>/dev/null; }
+running() { [ -f "$STATE_DIR/$1.pid" ] && alive "$(cat "$STATE_DIR/$1.pid")"; }
 
 start_one() {
   local name=$1; shift
@@ -66,6 +69,10 @@ ready() { curl -fsS "http://127.0.0.1:$1/readyz" >/dev/null 2>&1; }
 
 services_up() {
   build
+  # The ingress refuses to start when its connection cap does not fit the
+  # file-descriptor limit (DROPLINE_HTTP_MAX_CONNECTIONS + 1024); many shells
+  # start with a soft limit of 1024, so lift it to the hard limit.
+  ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
   # Generated on the first `up` and kept in .dropline/secrets.env; the
   # ingress and paysim read them from the environment, dropctl from the file.
   load_secrets
@@ -99,8 +106,8 @@ stop_one() {
   pid=$(cat "$STATE_DIR/$name.pid")
   kill -TERM "$pid"
   # SIGTERM drains: in-flight work finishes and offsets are committed.
-  for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
-  if kill -0 "$pid" 2>/dev/null; then
+  for _ in $(seq 1 60); do alive "$pid" || break; sleep 0.5; done
+  if alive "$pid"; then
     log "$name did not stop in 30s; killing it"
     kill -KILL "$pid"
   fi

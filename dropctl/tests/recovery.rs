@@ -100,6 +100,21 @@ impl LocalStack {
         assert!(status.success(), "kill -9 {stage}");
     }
 
+    /// Until the killed process is gone (or a zombie nobody reaped yet).
+    async fn wait_dead(&self, stage: &str) {
+        let pid = std::fs::read_to_string(self.state.join(format!("{stage}.pid"))).unwrap();
+        let stat = format!("/proc/{}/stat", pid.trim());
+        eventually(&format!("{stage} to die"), Duration::from_secs(10), || {
+            let stat = stat.clone();
+            async move {
+                let gone = std::fs::read_to_string(&stat)
+                    .map_or(true, |s| s.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with(['Z', 'X'])));
+                gone.then_some(())
+            }
+        })
+        .await;
+    }
+
     fn ledger(&self) -> Ledger {
         let pool = deadpool_redis::Config::from_url(common::redis_url())
             .create_pool(Some(deadpool_redis::Runtime::Tokio1))
@@ -143,6 +158,8 @@ impl LocalStack {
         self.kill9("allocator");
         tokio::time::sleep(Duration::from_secs(1)).await;
         self.kill9("settler");
+        self.wait_dead("allocator").await;
+        self.wait_dead("settler").await;
         for step in recover {
             self.stack(step);
         }
