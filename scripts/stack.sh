@@ -73,6 +73,11 @@ services_up() {
   # file-descriptor limit (DROPLINE_HTTP_MAX_CONNECTIONS + 1024); many shells
   # start with a soft limit of 1024, so lift it to the hard limit.
   ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+  local fds; fds=$(ulimit -n)
+  if [ -z "${DROPLINE_HTTP_MAX_CONNECTIONS:-}" ] && [ "$fds" != unlimited ] && [ "$fds" -lt 11024 ]; then
+    export DROPLINE_HTTP_MAX_CONNECTIONS=$((fds > 2048 ? fds - 1024 : fds / 2))
+    log "file-descriptor limit $fds: the ingress takes at most $DROPLINE_HTTP_MAX_CONNECTIONS connections"
+  fi
   # Generated on the first `up` and kept in .dropline/secrets.env; the
   # ingress and paysim read them from the environment, dropctl from the file.
   load_secrets
