@@ -74,8 +74,8 @@ services_up() {
   # start with a soft limit of 1024, so lift it to the hard limit.
   ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
   local fds; fds=$(ulimit -n)
-  if [ -z "${DROPLINE_HTTP_MAX_CONNECTIONS:-}" ] && [ "$fds" != unlimited ] && [ "$fds" -lt 11024 ]; then
-    export DROPLINE_HTTP_MAX_CONNECTIONS=$((fds > 2048 ? fds - 1024 : fds / 2))
+  if [ -z "${DROPLINE_HTTP_MAX_CONNECTIONS:-}" ] && [ "$fds" != unlimited ] && [ "$fds" -lt 11024 ] && [ "$fds" -gt 1088 ]; then
+    export DROPLINE_HTTP_MAX_CONNECTIONS=$((fds - 1024))
     log "file-descriptor limit $fds: the ingress takes at most $DROPLINE_HTTP_MAX_CONNECTIONS connections"
   fi
   # Generated on the first `up` and kept in .dropline/secrets.env; the
