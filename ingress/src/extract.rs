@@ -84,8 +84,6 @@ pub fn json<T: DeserializeOwned>(headers: &HeaderMap, body: &[u8]) -> Result<T, 
 /// [`json`] for a sender that may add fields we do not read (the payment
 /// provider's webhooks): unknown fields are ignored, everything else is as
 /// strict.
-// The webhook reads its body itself today; its owner moves it here.
-#[allow(dead_code)]
 pub fn json_lenient<T: DeserializeOwned>(headers: &HeaderMap, body: &[u8]) -> Result<T, Problem> {
     parse(headers, body, false)
 }
