@@ -32,10 +32,13 @@ use sqlx::MySqlPool;
 pub struct PipelineArgs {
     #[command(flatten)]
     pub kafka: KafkaArgs,
+    /// The allocators' consumer group (on the intents).
     #[arg(long, env = "DROPLINE_ALLOCATOR_GROUP", default_value = "dropline-allocator")]
     pub allocator_group: String,
+    /// The settlers' consumer group (on the decisions and order events).
     #[arg(long, env = "DROPLINE_SETTLER_GROUP", default_value = "dropline-settler")]
     pub settler_group: String,
+    /// The expirers' consumer group (on the hold deadlines).
     #[arg(long, env = "DROPLINE_EXPIRER_GROUP", default_value = "dropline-expirer")]
     pub expirer_group: String,
 }
