@@ -149,7 +149,11 @@ pub fn watch(
             while !shutdown.is_cancelled() {
                 let held = assignment.lock().unwrap_or_else(|p| p.into_inner()).held.len();
                 match unowned_partitions(&probe, &group, &topics) {
-                    Ok(unowned) => {
+                    // The broker did not say what its members hold (tansu
+                    // does not): nothing to judge by. Readiness still
+                    // follows this consumer's own assignment.
+                    Ok(None) => {}
+                    Ok(Some(unowned)) => {
                         ::metrics::gauge!(UNOWNED_PARTITIONS, "client" => client).set(unowned as f64);
                         if held == 0 && unowned > 0 {
                             let since = *stuck_since.get_or_insert_with(std::time::Instant::now);
@@ -186,12 +190,13 @@ pub fn watch(
     Ok(())
 }
 
-/// Partitions of `topics` that no member of `group` is assigned.
+/// Partitions of `topics` that no member of `group` is assigned; `None`
+/// when the group description carries no member's assignment to read.
 fn unowned_partitions(
     probe: &BaseConsumer,
     group: &str,
     topics: &[String],
-) -> Result<usize, rdkafka::error::KafkaError> {
+) -> Result<Option<usize>, rdkafka::error::KafkaError> {
     let timeout = Duration::from_secs(5);
     let mut all: BTreeSet<PartitionKey> = BTreeSet::new();
     for topic in topics {
@@ -202,14 +207,18 @@ fn unowned_partitions(
     }
     let groups = probe.fetch_group_list(Some(group), timeout)?;
     let mut owned: BTreeSet<PartitionKey> = BTreeSet::new();
+    let mut described = false;
     for g in groups.groups() {
         for member in g.members() {
-            if let Some(bytes) = member.assignment() {
-                owned.extend(decode_assignment(bytes).unwrap_or_default());
+            // An assignment that decodes, even to no partitions, is a
+            // statement; absent or empty bytes say nothing.
+            if let Some(parts) = member.assignment().filter(|b| !b.is_empty()).and_then(decode_assignment) {
+                described = true;
+                owned.extend(parts);
             }
         }
     }
-    Ok(all.difference(&owned).count())
+    Ok(described.then(|| all.difference(&owned).count()))
 }
 
 /// Reads the partitions of a consumer-protocol member assignment: a version
