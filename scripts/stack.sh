@@ -83,7 +83,10 @@ services_up() {
   load_secrets
   "$BIN/dropctl" migrate
   "$BIN/dropctl" topics
+  # paysim keeps its record of captured payments in .dropline/ too: after
+  # a restart it still knows what it charged, for an audit against MySQL.
   start_one paysim DROPLINE_PAYSIM_LISTEN_ADDR="$PAYSIM_ADDR" \
+    DROPLINE_PAYSIM_CAPTURES_PATH="${DROPLINE_PAYSIM_CAPTURES_PATH:-$STATE_DIR/paysim-captures.jsonl}" \
     DROPLINE_PAYSIM_WEBHOOK_URL="http://$INGRESS_ADDR/v1/webhooks/payments"
   # Admission is sized to what this 2-core box sustains (about 1,100
   # purchases/s measured): past it, buyers get 429 with Retry-After.
@@ -134,9 +137,9 @@ status() {
 }
 
 wipe() {
-  log "wiping the local stack: the broker's log ($STATE_DIR/tansu.db), the database in $DROPLINE_MYSQL_URL and the Redis keys ${DROPLINE_REDIS_KEY_PREFIX:-dl}:* are deleted; acknowledged purchases and payments in them are lost"
+  log "wiping the local stack: the broker's log ($STATE_DIR/tansu.db), paysim's captures, the database in $DROPLINE_MYSQL_URL and the Redis keys ${DROPLINE_REDIS_KEY_PREFIX:-dl}:* are deleted; acknowledged purchases and payments in them are lost"
   services_down; stop_one prometheus; stop_one tansu
-  rm -f "$STATE_DIR"/tansu.db "$STATE_DIR"/tansu.db-*
+  rm -f "$STATE_DIR"/tansu.db "$STATE_DIR"/tansu.db-* "$STATE_DIR"/paysim-captures.jsonl
   local db=${DROPLINE_MYSQL_URL##*/}
   if port_open "$MYSQL_PORT"; then
     mysql_tcp -e "DROP DATABASE IF EXISTS \`$db\`"

@@ -51,6 +51,11 @@ pub struct PaysimConfig {
     /// Webhook deliveries tried before giving up.
     #[arg(long, env = "DROPLINE_PAYSIM_MAX_ATTEMPTS", default_value_t = 12)]
     pub max_attempts: u32,
+    /// A file where every captured payment is appended (and synced) before
+    /// its webhook is sent, and read back at start: the provider's own
+    /// record, which an audit compares with Dropline's. None: memory only.
+    #[arg(long, env = "DROPLINE_PAYSIM_CAPTURES_PATH")]
+    pub captures_path: Option<std::path::PathBuf>,
     /// Payments kept in memory; past this, new payments are refused.
     #[arg(long, env = "DROPLINE_PAYSIM_MAX_PAYMENTS", default_value_t = 1_000_000)]
     pub max_payments: usize,
@@ -93,8 +98,21 @@ struct Book {
     by_order: HashMap<uuid::Uuid, String>,
 }
 
+/// One captured payment as the provider's record keeps it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Capture {
+    pub payment_id: String,
+    pub order_id: uuid::Uuid,
+    pub amount_cents: u64,
+    pub currency: String,
+    pub webhook_id: String,
+    pub captured_at: i64,
+}
+
 struct Sim {
     config: PaysimConfig,
+    /// The append-only record of captures, when configured.
+    captures: Option<Mutex<std::fs::File>>,
     public_url: String,
     book: Mutex<Book>,
     http: reqwest::Client,
@@ -109,15 +127,40 @@ pub async fn start(config: PaysimConfig, shutdown: CancellationToken) -> anyhow:
     config.validate()?;
     let listener = TcpListener::bind(config.listen_addr).await?;
     let addr = listener.local_addr()?;
+    let mut book = Book::default();
+    let captures = match &config.captures_path {
+        Some(path) => {
+            for c in read_captures(path)? {
+                book.by_order.insert(c.order_id, c.payment_id.clone());
+                book.payments.insert(
+                    c.payment_id.clone(),
+                    Payment {
+                        payment_id: c.payment_id,
+                        order_id: c.order_id,
+                        amount_cents: c.amount_cents,
+                        currency: c.currency,
+                        status: "succeeded",
+                        webhook_id: Some(c.webhook_id),
+                        deliveries: Vec::new(),
+                    },
+                );
+            }
+            tracing::info!(path = %path.display(), captured = book.payments.len(), "captures read back");
+            Some(Mutex::new(std::fs::OpenOptions::new().create(true).append(true).open(path)?))
+        }
+        None => None,
+    };
     let sim = Arc::new(Sim {
         public_url: format!("http://{addr}"),
         config,
-        book: Mutex::new(Book::default()),
+        captures,
+        book: Mutex::new(book),
         http: reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?,
     });
     let app = Router::new()
         .route("/v1/payments", post(create))
         .route("/v1/payments/{payment_id}", get(show))
+        .route("/v1/captures", get(list_captures))
         .route("/v1/payments/{payment_id}/redeliver", post(redeliver))
         .route("/checkout/{payment_id}/confirm", post(confirm))
         .route("/healthz", get(|| async { "ok" }))
@@ -193,13 +236,21 @@ async fn confirm(
     Path(id): Path<String>,
     Query(options): Query<ConfirmOptions>,
 ) -> Response {
-    let webhook = {
+    let (webhook, first) = {
         let mut book = sim.book.lock().unwrap_or_else(|p| p.into_inner());
         let Some(p) = book.payments.get_mut(&id) else { return error(StatusCode::NOT_FOUND, "no such payment") };
+        let first = p.status != "succeeded";
         p.status = "succeeded";
         p.webhook_id.get_or_insert_with(|| format!("evt_{}", uuid::Uuid::new_v4().simple()));
-        succeeded(p)
+        (succeeded(p), first)
     };
+    // The capture is on record before anyone is told of it.
+    if first {
+        if let Err(e) = append_capture(&sim, &webhook) {
+            tracing::error!(error = %e, payment_id = %webhook.payment_id, "recording the capture failed");
+            return error(StatusCode::SERVICE_UNAVAILABLE, "the capture could not be recorded");
+        }
+    }
     let copies = options.copies.unwrap_or(1).clamp(1, 10);
     deliver_copies(sim, webhook, copies, options.wait).await
 }
@@ -214,6 +265,44 @@ async fn redeliver(State(sim): State<Arc<Sim>>, Path(id): Path<String>) -> Respo
         succeeded(p)
     };
     deliver_copies(sim, webhook, 1, true).await
+}
+
+fn read_captures(path: &std::path::Path) -> anyhow::Result<Vec<Capture>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    // A line cut short by a crash mid-append was never acknowledged to the
+    // buyer (the append is synced first): it is skipped.
+    Ok(text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
+}
+
+fn append_capture(sim: &Sim, webhook: &PaymentWebhook) -> std::io::Result<()> {
+    use std::io::Write;
+    let Some(file) = &sim.captures else { return Ok(()) };
+    let capture = Capture {
+        payment_id: webhook.payment_id.clone(),
+        order_id: webhook.order_id,
+        amount_cents: webhook.amount_cents,
+        currency: webhook.currency.clone(),
+        webhook_id: webhook.id.clone(),
+        captured_at: webhook.created_at,
+    };
+    let mut line = serde_json::to_vec(&capture).expect("captures serialize");
+    line.push(b'\n');
+    let mut file = file.lock().unwrap_or_else(|p| p.into_inner());
+    file.write_all(&line)?;
+    file.sync_data()
+}
+
+/// `GET /v1/captures`: every captured payment, the provider's side of an
+/// audit.
+async fn list_captures(State(sim): State<Arc<Sim>>) -> Response {
+    let book = sim.book.lock().unwrap_or_else(|p| p.into_inner());
+    let mut captured: Vec<&Payment> = book.payments.values().filter(|p| p.status == "succeeded").collect();
+    captured.sort_by(|a, b| a.payment_id.cmp(&b.payment_id));
+    Json(serde_json::json!({ "captures": captured })).into_response()
 }
 
 /// The `payment.succeeded` webhook of a confirmed payment.

@@ -1,0 +1,66 @@
+//! The provider's record of captured payments survives a restart of the
+//! simulator, so an audit can hold Dropline's record against it.
+
+use clap::Parser;
+use dropline_paysim::{start, PaysimConfig};
+use tokio_util::sync::CancellationToken;
+
+fn config(captures: &std::path::Path) -> PaysimConfig {
+    // A random secret (published ones are refused) and a webhook target
+    // nobody listens on: the capture is recorded before any delivery.
+    let secret = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    PaysimConfig::parse_from([
+        "paysim".to_owned(),
+        "--listen-addr=127.0.0.1:0".to_owned(),
+        format!("--webhook-url=http://{closed}/v1/webhooks/payments"),
+        format!("--webhook-secret={secret}"),
+        "--max-attempts=1".to_owned(),
+        format!("--captures-path={}", captures.display()),
+    ])
+}
+
+async fn captured(http: &reqwest::Client, addr: std::net::SocketAddr) -> Vec<serde_json::Value> {
+    let body: serde_json::Value =
+        http.get(format!("http://{addr}/v1/captures")).send().await.unwrap().json().await.unwrap();
+    body["captures"].as_array().unwrap().clone()
+}
+
+#[tokio::test]
+async fn captured_payments_are_read_back_after_a_restart() {
+    let dir = std::env::temp_dir().join(format!("paysim-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("captures.jsonl");
+    let http = reqwest::Client::new();
+
+    let stop = CancellationToken::new();
+    let first = start(config(&path), stop.clone()).await.unwrap();
+    let order = uuid::Uuid::new_v4();
+    let session: serde_json::Value = http
+        .post(format!("http://{}/v1/payments", first.addr))
+        .header("idempotency-key", order.to_string())
+        .json(&serde_json::json!({ "order_id": order, "amount_cents": 4500, "currency": "EUR" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let payment_id = session["payment_id"].as_str().unwrap().to_owned();
+    // A pending payment is no capture.
+    assert!(captured(&http, first.addr).await.is_empty());
+    let confirmed = http.post(format!("http://{}/checkout/{payment_id}/confirm", first.addr)).send().await.unwrap();
+    assert_eq!(confirmed.status(), 202);
+    assert_eq!(captured(&http, first.addr).await.len(), 1);
+    stop.cancel();
+    first.task.await.unwrap();
+
+    let second = start(config(&path), CancellationToken::new()).await.unwrap();
+    let after = captured(&http, second.addr).await;
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_eq!(after[0]["payment_id"], payment_id);
+    assert_eq!(after[0]["order_id"], order.to_string());
+    assert_eq!(after[0]["amount_cents"], 4500);
+    assert_eq!(after[0]["status"], "succeeded");
+    let _ = std::fs::remove_dir_all(&dir);
+}
