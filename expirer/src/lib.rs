@@ -98,13 +98,7 @@ pub async fn run(config: ExpirerConfig, shutdown: CancellationToken) -> Result<(
             received = consumer.recv() => match received {
                 Ok(m) => {
                     let m = m.detach();
-                    // Forget revoked partitions before anything read after
-                    // the rebalance is added: a partition taken away and
-                    // given back is read again from its committed offset,
-                    // and must start from a clean slate there. Forgetting
-                    // it later would drop the holds just re-read, and the
-                    // next commit would pass them unreleased.
-                    forget_revoked(&consumer, &mut schedule);
+
                     let hold = match decode(&m) {
                         Ok(hold) => Some(Waiting { hold, request_id: kafka::request_id(&m) }),
                         Err(reason) => {
@@ -113,7 +107,8 @@ pub async fn run(config: ExpirerConfig, shutdown: CancellationToken) -> Result<(
                             None
                         }
                     };
-                    schedule.add((m.topic().to_owned(), m.partition()), m.offset(), hold);
+                    let revoked = consumer.context().take_revoked();
+                    schedule.add_after(revoked, (m.topic().to_owned(), m.partition()), m.offset(), hold);
                     apply_flow(&consumer, &mut schedule);
                 }
                 Err(e) => tracing::warn!(error = %e, "kafka receive failed"),

@@ -150,6 +150,24 @@ impl Schedule {
         self.partitions.remove(partition);
     }
 
+    /// Records a message read after the partitions in `revoked` were taken
+    /// away. They are forgotten first: a partition given back is read again
+    /// from its committed offset and must start from a clean slate there.
+    /// Forgetting after the add would drop holds just read again, and the
+    /// next commit would pass them unreleased.
+    pub fn add_after(
+        &mut self,
+        revoked: Vec<PartitionKey>,
+        partition: PartitionKey,
+        offset: i64,
+        waiting: Option<Waiting>,
+    ) {
+        for p in &revoked {
+            self.forget(p);
+        }
+        self.add(partition, offset, waiting);
+    }
+
     pub fn waiting(&self) -> usize {
         self.partitions.values().map(|p| p.waiting.len()).sum()
     }
@@ -171,6 +189,27 @@ mod tests {
 
     fn p0() -> PartitionKey {
         ("t".to_owned(), 0)
+    }
+
+    #[test]
+    fn a_partition_given_back_never_commits_past_holds_read_again() {
+        let mut s = Schedule::new(100);
+        // Holds at 10 and 11 wait; 12..=49 were read and needed nothing.
+        s.add(p0(), 10, hold(5_000));
+        s.add(p0(), 11, hold(5_000));
+        for offset in 12..50 {
+            s.add(p0(), offset, None);
+        }
+        assert_eq!(s.take_committable(), vec![], "nothing passes the hold at 10");
+        // A rebalance takes the partition and gives it back: the consumer
+        // reads again from the committed offset, 10.
+        s.add_after(vec![p0()], p0(), 10, hold(5_000));
+        s.add(p0(), 11, hold(5_000));
+        s.add(p0(), 12, None);
+        assert_eq!(s.take_committable(), vec![]);
+        s.done(&p0(), 10);
+        assert_eq!(s.take_committable(), vec![(p0(), 11)]);
+        assert_eq!(s.waiting(), 1);
     }
 
     #[test]
