@@ -21,7 +21,7 @@ use std::time::Duration;
 use common::process::{bin_dir, free_port, spawn, spawn_in, Mariadb, Process};
 use common::{eventually, Secrets};
 use dropctl::api::Api;
-use dropctl::drill::{self, DropPlan, DropReport};
+use dropctl::drill::{self, DropReport};
 use dropline::stock::Ledger;
 
 const STAGES: [&str; 4] = ["ingress", "allocator", "settler", "expirer"];
@@ -220,34 +220,11 @@ impl Cluster {
         let api = Api::new(&format!("http://127.0.0.1:{}", self.api_port)).unwrap();
         // CI runs the short version; scripts/faults.sh the full one.
         let scale: u32 = std::env::var("DROPLINE_FAULTS_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
-        let plan = DropPlan {
-            tickets: 25 * scale,
-            buyers: 75 * scale,
-            concurrency: 6 * scale as usize,
-            hold_ttl_secs: 8,
-            per_user_limit: 2,
-            pay_share: 0.4,
-            cancel_share: 0.25,
-            late_pay_share: 0.1,
-            webhook_copies: 3,
-            user_prefix: format!("{scenario}-"),
-            // The production grace: a shorter one in the settler would end
-            // holds an expirer lost before the check could see them late.
-            grace: dropctl::invariants::production_grace(),
-            pipeline: Some(common::pipeline(&format!("127.0.0.1:{}", self.kafka_port), &self.name)),
-        };
+        let plan = common::fault_drop(scenario, scale, &format!("127.0.0.1:{}", self.kafka_port), &self.name);
         let probe = db.clone();
         let drop = tokio::spawn(async move { drill::run(&api, &keys, &db, &ledger, &plan).await });
-        // Strike mid-flood: once some intents are decided and recorded, with
-        // most of the crowd still to come.
-        eventually("the flood to be under way", Duration::from_secs(60), || {
-            let probe = probe.clone();
-            async move {
-                let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM intents").fetch_one(&probe).await.ok()?;
-                (n >= 10).then_some(())
-            }
-        })
-        .await;
+        // Strike mid-flood.
+        common::flood_under_way(&probe).await;
         self = fault(self).await;
         let report = drop.await.unwrap().unwrap_or_else(|e| panic!("{scenario}: the drop failed: {e:#}"));
         let verdict = report.verdict.clone().expect("a verdict");

@@ -21,7 +21,7 @@ use std::time::Duration;
 use common::process::free_port;
 use common::{eventually, Secrets};
 use dropctl::api::Api;
-use dropctl::drill::{self, DropPlan};
+use dropctl::drill;
 use dropline::stock::Ledger;
 
 struct LocalStack {
@@ -130,31 +130,11 @@ impl LocalStack {
         let keys = self.secrets.tokens();
         let db = dropline::db::connect(&dropline::config::MysqlArgs::new(self.db_url.clone(), 3)).await.unwrap();
         let api = Api::new(&self.api).unwrap();
-        let plan = DropPlan {
-            tickets: 40,
-            buyers: 150,
-            concurrency: 8,
-            hold_ttl_secs: 8,
-            per_user_limit: 2,
-            pay_share: 0.4,
-            cancel_share: 0.25,
-            late_pay_share: 0.1,
-            webhook_copies: 3,
-            user_prefix: format!("{scenario}-"),
-            grace: dropctl::invariants::production_grace(),
-            pipeline: Some(common::pipeline(&format!("127.0.0.1:{}", self.kafka_port), &self.name)),
-        };
+        let plan = common::fault_drop(scenario, 2, &format!("127.0.0.1:{}", self.kafka_port), &self.name);
         let probe = db.clone();
         let ledger = self.ledger();
         let drop = tokio::spawn(async move { drill::run(&api, &keys, &db, &ledger, &plan).await });
-        eventually("the flood to be under way", Duration::from_secs(60), || {
-            let probe = probe.clone();
-            async move {
-                let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM intents").fetch_one(&probe).await.ok()?;
-                (n >= 10).then_some(())
-            }
-        })
-        .await;
+        common::flood_under_way(&probe).await;
         self.kill9("allocator");
         tokio::time::sleep(Duration::from_secs(1)).await;
         self.kill9("settler");

@@ -510,3 +510,37 @@ pub mod process {
         }
     }
 }
+
+/// The drop every fault scenario runs, at `scale` times the CI size:
+/// payers, late payers (whose money must be recorded for refund),
+/// cancellers and walk-aways, with every payment webhook sent three times.
+/// Checked with the production grace, once the pipeline at `brokers` under
+/// topic prefix and group names `name` has caught up.
+pub fn fault_drop(scenario: &str, scale: u32, brokers: &str, name: &str) -> dropctl::drill::DropPlan {
+    dropctl::drill::DropPlan {
+        tickets: 25 * scale,
+        buyers: 75 * scale,
+        concurrency: 6 * scale as usize,
+        hold_ttl_secs: 8,
+        per_user_limit: 2,
+        pay_share: 0.4,
+        cancel_share: 0.25,
+        late_pay_share: 0.1,
+        webhook_copies: 3,
+        user_prefix: format!("{scenario}-"),
+        // The production grace: a shorter one in the settler would end
+        // holds an expirer lost before the check could see them late.
+        grace: dropctl::invariants::production_grace(),
+        pipeline: Some(pipeline(brokers, name)),
+    }
+}
+
+/// Waits until a drop's flood is under way: some intents decided and
+/// recorded, with most of the crowd still to come.
+pub async fn flood_under_way(db: &MySqlPool) {
+    eventually("the flood to be under way", Duration::from_secs(60), || async move {
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM intents").fetch_one(db).await.ok()?;
+        (n >= 10).then_some(())
+    })
+    .await;
+}
