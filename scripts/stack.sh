@@ -74,7 +74,8 @@ services_up() {
   # start with a soft limit of 1024, so lift it to the hard limit.
   ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
   local fds; fds=$(ulimit -n)
-  if [ -z "${DROPLINE_HTTP_MAX_CONNECTIONS:-}" ] && [ "$fds" != unlimited ] && [ "$fds" -lt 11024 ] && [ "$fds" -gt 1088 ]; then
+  if [ -z "${DROPLINE_HTTP_MAX_CONNECTIONS:-}" ] && [ "$fds" != unlimited ] && [ "$fds" -lt 11024 ]; then
+    [ "$fds" -gt 1088 ] || die "the file-descriptor limit is $fds; the ingress needs more than 1088 (raise the hard limit: ulimit -Hn)"
     export DROPLINE_HTTP_MAX_CONNECTIONS=$((fds - 1024))
     log "file-descriptor limit $fds: the ingress takes at most $DROPLINE_HTTP_MAX_CONNECTIONS connections"
   fi
@@ -112,12 +113,12 @@ stop_one() {
   local name=$1 pid
   running "$name" || { rm -f "$STATE_DIR/$name.pid"; return 0; }
   pid=$(cat "$STATE_DIR/$name.pid")
-  kill -TERM "$pid"
+  kill -TERM "$pid" 2>/dev/null || true
   # SIGTERM drains: in-flight work finishes and offsets are committed.
   for _ in $(seq 1 60); do alive "$pid" || break; sleep 0.5; done
   if alive "$pid"; then
     log "$name did not stop in 30s; killing it"
-    kill -KILL "$pid"
+    kill -KILL "$pid" 2>/dev/null || true
   fi
   rm -f "$STATE_DIR/$name.pid"
   log "$name stopped"
@@ -141,6 +142,7 @@ wipe() {
   services_down; stop_one prometheus; stop_one tansu
   rm -f "$STATE_DIR"/tansu.db "$STATE_DIR"/tansu.db-* "$STATE_DIR"/paysim-captures.jsonl
   local db=${DROPLINE_MYSQL_URL##*/}
+  db=${db%%\?*}
   if port_open "$MYSQL_PORT"; then
     mysql_tcp -e "DROP DATABASE IF EXISTS \`$db\`"
   fi

@@ -56,6 +56,9 @@ const MAX_QUANTITY: u32 = 100;
 struct Allocator {
     /// This allocator's name in the events' in-flight marks.
     instance: String,
+    /// Verdicts taken and not yet acknowledged by Kafka, by intent: at most
+    /// one batch's worth.
+    unpublished: std::sync::Mutex<HashMap<Uuid, Verdict>>,
     ledger: Ledger,
     watch: Arc<StockWatch>,
     producer: kafka::Producer,
@@ -82,11 +85,14 @@ pub async fn run(config: AllocatorConfig, shutdown: CancellationToken) -> Result
     tokio::spawn(watch.clone().sample(ledger.clone(), Duration::from_secs(2), shutdown.clone()));
     let dead_letters = DeadLetters::new(producer.clone(), topics.dead_letter.clone(), "allocator");
     let instance = format!("{}-{}", config.kafka.instance_id("allocator-consumer").unwrap_or_default(), Uuid::new_v4());
-    let allocator = Allocator { instance, ledger, watch, producer, topics };
+    let allocator = Allocator { instance, unpublished: Default::default(), ledger, watch, producer, topics };
     ready.set(true);
     tracing::info!("allocator consuming");
 
-    let options = config.kafka.batch_options("allocator", config.batch_max, config.batch_linger_ms);
+    let mut options = config.kafka.batch_options("allocator", config.batch_max, config.batch_linger_ms);
+    // Between attempts the in-flight marks are not renewed: keep the pause
+    // well inside the rebuild's grace (DROPLINE_SETTLER_REBUILD_GRACE_MS).
+    options.max_backoff = Duration::from_secs(2);
     let batch_metrics = kafka::BatchMetrics { batch_size: BATCH_SIZE, batch_duration: BATCH_DURATION };
     kafka::run_batches(&consumer, &allocator, &dead_letters, &options, &batch_metrics, &shutdown).await;
     ready.set(false);
@@ -101,16 +107,23 @@ enum DecideError {
     Ledger(#[from] LedgerError),
     #[error("publishing decisions: {0}")]
     Publish(#[from] rdkafka::error::KafkaError),
+    #[error("event {0} is not in the record: no ledger can ever decide its intents")]
+    UnknownEvent(u64),
 }
 
 impl kafka::Failure for DecideError {
     fn is_permanent(&self) -> bool {
         // Redis down, a ledger missing or fenced (only a pre-warm or a
-        // rebuild can fix it), the broker down: all wait. Only an answer
-        // the script should never give is the intents' own fault.
-        matches!(self, DecideError::Ledger(e) if !e.is_transient())
+        // rebuild can fix it), the broker down: all wait. So does an answer
+        // the script should never give: it may have taken stock already,
+        // and parking its intents would strand that stock. Only an intent
+        // for an event the record does not have is its own fault.
+        matches!(self, DecideError::UnknownEvent(_))
     }
 }
+
+/// How often an allocator renews its in-flight marks while it publishes.
+const MARK_RENEW: Duration = Duration::from_secs(1);
 
 impl kafka::BatchStage for Allocator {
     type Item = PurchaseIntent;
@@ -121,8 +134,13 @@ impl kafka::BatchStage for Allocator {
     }
 
     /// Decides every intent (one script call per event) and publishes the
-    /// decisions and expiry messages, acknowledged. Redelivered intents get
-    /// their first decision again, so a retry is harmless.
+    /// decisions and expiry messages, acknowledged.
+    ///
+    /// Each event is marked in flight (in Redis) from before its decision
+    /// until Kafka acknowledged it, so a rebuild fenced meanwhile waits for
+    /// it. Decisions are kept until published: a retry publishes the same
+    /// ones again without asking the ledger, even if the event was fenced
+    /// in between, so nothing a buyer may have seen is lost to a rebuild.
     async fn apply(&self, intents: &[(PurchaseIntent, &OwnedMessage)]) -> Result<(), DecideError> {
         let mut by_event: HashMap<u64, Vec<&(PurchaseIntent, &OwnedMessage)>> = HashMap::new();
         for item in intents {
@@ -131,32 +149,10 @@ impl kafka::BatchStage for Allocator {
         let mut outgoing = Vec::new();
         for (event_id, intents) in &by_event {
             self.watch.saw(*event_id);
-            let claims: Vec<Claim<'_>> = intents
-                .iter()
-                .map(|(i, _)| Claim { intent_id: i.intent_id, user_id: &i.user_id, quantity: i.quantity })
-                .collect();
-            // Marked before deciding, so a rebuild fenced after this
-            // decision waits until Kafka has it.
             self.ledger.publishing(*event_id, &self.instance).await?;
-            let started = Instant::now();
-            let result = self.ledger.allocate(*event_id, &claims).await;
-            ::metrics::histogram!(LUA_DURATION).record(started.elapsed().as_secs_f64());
-            let verdicts = match result {
-                Ok(v) => v,
-                Err(e) => {
-                    // Nothing of this event was decided now; a rebuild
-                    // must not wait for us. (What an earlier attempt decided
-                    // and failed to publish is decided again on retry.)
-                    self.ledger.published(*event_id, &self.instance).await?;
-                    ::metrics::counter!(LEDGER_ERRORS, "kind" => ledger_error_kind(&e)).increment(1);
-                    if matches!(e, LedgerError::NoLedger(_) | LedgerError::Damaged(..)) {
-                        // The settlers' reconciler rebuilds it from MySQL.
-                        if let Err(asked) = self.ledger.request_rebuild(*event_id, &e.to_string()).await {
-                            tracing::warn!(error = %asked, event_id, "could not ask for a rebuild");
-                        }
-                    }
-                    return Err(e.into());
-                }
+            let verdicts = match self.unpublished(intents) {
+                Some(verdicts) => verdicts,
+                None => self.allocate(*event_id, intents).await?,
             };
             let now = now_ms();
             for ((intent, message), verdict) in intents.iter().map(|i| (&i.0, i.1)).zip(verdicts) {
@@ -169,13 +165,32 @@ impl kafka::BatchStage for Allocator {
                 outgoing.extend(self.messages_for(&decision, request_id.as_deref()));
             }
         }
-        // A publish lasts at most the producer's message timeout, which the
-        // rebuild's grace exceeds, so the mark stays fresh while it runs.
-        for event_id in by_event.keys() {
-            self.ledger.publishing(*event_id, &self.instance).await?;
+        // The marks are renewed while the publish runs (a send may wait for
+        // queue space and then for the broker), so a rebuild never takes a
+        // live allocator for a dead one.
+        let events: Vec<u64> = by_event.keys().copied().collect();
+        let publish = self.publish(&outgoing);
+        tokio::pin!(publish);
+        let published = loop {
+            tokio::select! {
+                result = &mut publish => break result,
+                _ = tokio::time::sleep(MARK_RENEW) => {
+                    for event_id in &events {
+                        if let Err(e) = self.ledger.publishing(*event_id, &self.instance).await {
+                            tracing::warn!(error = %e, event_id, "renewing an in-flight mark failed");
+                        }
+                    }
+                }
+            }
+        };
+        published?;
+        {
+            let mut kept = self.unpublished.lock().unwrap_or_else(|p| p.into_inner());
+            for (intent, _) in intents {
+                kept.remove(&intent.intent_id);
+            }
         }
-        self.publish(&outgoing).await?;
-        for event_id in by_event.keys() {
+        for event_id in &events {
             self.ledger.published(*event_id, &self.instance).await?;
         }
         Ok(())
@@ -183,6 +198,55 @@ impl kafka::BatchStage for Allocator {
 }
 
 impl Allocator {
+    /// The verdicts an earlier attempt took for these intents and could not
+    /// publish, if it took them all.
+    fn unpublished(&self, intents: &[&(PurchaseIntent, &OwnedMessage)]) -> Option<Vec<Verdict>> {
+        let kept = self.unpublished.lock().unwrap_or_else(|p| p.into_inner());
+        intents.iter().map(|(i, _)| kept.get(&i.intent_id).cloned()).collect()
+    }
+
+    /// Decides one event's intents with the ledger and keeps the verdicts
+    /// until they are published.
+    async fn allocate(
+        &self,
+        event_id: u64,
+        intents: &[&(PurchaseIntent, &OwnedMessage)],
+    ) -> Result<Vec<Verdict>, DecideError> {
+        let claims: Vec<Claim<'_>> = intents
+            .iter()
+            .map(|(i, _)| Claim { intent_id: i.intent_id, user_id: &i.user_id, quantity: i.quantity })
+            .collect();
+        let started = Instant::now();
+        let result = self.ledger.allocate(event_id, &claims).await;
+        ::metrics::histogram!(LUA_DURATION).record(started.elapsed().as_secs_f64());
+        match result {
+            Ok(verdicts) => {
+                let mut kept = self.unpublished.lock().unwrap_or_else(|p| p.into_inner());
+                for ((intent, _), verdict) in intents.iter().zip(&verdicts) {
+                    kept.insert(intent.intent_id, verdict.clone());
+                }
+                Ok(verdicts)
+            }
+            Err(e) => {
+                // Nothing of this event was decided by this batch (what an
+                // earlier attempt decided is kept and republished without
+                // asking), so a rebuild need not wait for us.
+                self.ledger.published(event_id, &self.instance).await?;
+                ::metrics::counter!(LEDGER_ERRORS, "kind" => ledger_error_kind(&e)).increment(1);
+                if matches!(e, LedgerError::NoLedger(_)) && self.ledger.is_unknown_event(event_id).await? {
+                    return Err(DecideError::UnknownEvent(event_id));
+                }
+                if matches!(e, LedgerError::NoLedger(_) | LedgerError::Damaged(..)) {
+                    // The settlers' reconciler rebuilds it from MySQL.
+                    if let Err(asked) = self.ledger.request_rebuild(event_id, &e.to_string()).await {
+                        tracing::warn!(error = %asked, event_id, "could not ask for a rebuild");
+                    }
+                }
+                Err(e.into())
+            }
+        }
+    }
+
     /// The decision, and for a hold its expiry message, both carrying the
     /// purchase's request id.
     fn messages_for(&self, d: &Decision, request_id: Option<&str>) -> Vec<Outgoing> {

@@ -95,8 +95,9 @@ enum Command {
         /// everything Kafka carried.
         #[arg(long, env = "DROPLINE_SETTLER_GROUP", default_value = "dropline-settler")]
         settler_group: String,
-        /// How long an allocator's decision can still be on its way to Kafka.
-        #[arg(long, default_value_t = 6_000)]
+        /// How long an allocator's in-flight mark counts without renewal
+        /// before the rebuild takes that allocator for dead.
+        #[arg(long, default_value_t = 6_000, value_parser = clap::value_parser!(u64).range(3_000..))]
         grace_ms: u64,
         #[arg(long, default_value_t = 120)]
         timeout_secs: u64,
@@ -256,6 +257,7 @@ async fn main() -> anyhow::Result<()> {
                 &options,
                 event,
                 "an operator asked (dropctl rebuild)",
+                &dropline::shutdown::on_signals(),
             )
             .await?;
             println!(

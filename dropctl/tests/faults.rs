@@ -177,7 +177,6 @@ impl Cluster {
             ("DROPLINE_SETTLER_GROUP", format!("{name}-settler")),
             ("DROPLINE_EXPIRER_GROUP", format!("{name}-expirer")),
             ("DROPLINE_SETTLER_DRIFT_INTERVAL_SECS", "1".into()),
-            ("DROPLINE_SETTLER_REBUILD_GRACE_MS", "1000".into()),
             ("DROPLINE_EXPIRER_TICK_MS", "50".into()),
         ];
         env.extend(self.secrets.env());

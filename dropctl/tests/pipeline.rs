@@ -753,9 +753,14 @@ async fn a_prewarm_after_the_opening_rebuilds_a_lost_ledger_instead_of_refilling
         .send()
         .await
         .unwrap();
-    assert_eq!(answer.status(), 202);
+    let status = answer.status();
     let body: serde_json::Value = answer.json().await.unwrap();
-    assert_eq!(body["rebuild_requested"], true, "{body}");
+    // Either the pre-warm asked for the rebuild, or the reconciler had
+    // already found the ledger missing and rebuilt it (then the pre-warm
+    // found it there). Never a fresh ledger.
+    let asked = status == 202 && body["rebuild_requested"] == true;
+    let found = status == 200 && body["created"] == false;
+    assert!(asked || found, "{status} {body}");
     // Rebuilt from the record: the early buyer's unit stays taken.
     let levels = eventually("the ledger rebuilt from MySQL", Duration::from_secs(60), || async {
         stack.ledger.levels(event).await.ok().flatten()

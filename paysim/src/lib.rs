@@ -130,6 +130,7 @@ pub async fn start(config: PaysimConfig, shutdown: CancellationToken) -> anyhow:
     let mut book = Book::default();
     let captures = match &config.captures_path {
         Some(path) => {
+            let file = open_captures(path)?;
             for c in read_captures(path)? {
                 book.by_order.insert(c.order_id, c.payment_id.clone());
                 book.payments.insert(
@@ -146,7 +147,7 @@ pub async fn start(config: PaysimConfig, shutdown: CancellationToken) -> anyhow:
                 );
             }
             tracing::info!(path = %path.display(), captured = book.payments.len(), "captures read back");
-            Some(Mutex::new(std::fs::OpenOptions::new().create(true).append(true).open(path)?))
+            Some(Mutex::new(file))
         }
         None => None,
     };
@@ -236,21 +237,32 @@ async fn confirm(
     Path(id): Path<String>,
     Query(options): Query<ConfirmOptions>,
 ) -> Response {
-    let (webhook, first) = {
+    let webhook = {
         let mut book = sim.book.lock().unwrap_or_else(|p| p.into_inner());
         let Some(p) = book.payments.get_mut(&id) else { return error(StatusCode::NOT_FOUND, "no such payment") };
-        let first = p.status != "succeeded";
-        p.status = "succeeded";
-        p.webhook_id.get_or_insert_with(|| format!("evt_{}", uuid::Uuid::new_v4().simple()));
-        (succeeded(p), first)
-    };
-    // The capture is on record before anyone is told of it.
-    if first {
-        if let Err(e) = append_capture(&sim, &webhook) {
-            tracing::error!(error = %e, payment_id = %webhook.payment_id, "recording the capture failed");
-            return error(StatusCode::SERVICE_UNAVAILABLE, "the capture could not be recorded");
+        if p.status != "succeeded" {
+            let webhook_id = format!("evt_{}", uuid::Uuid::new_v4().simple());
+            let capture = Capture {
+                payment_id: p.payment_id.clone(),
+                order_id: p.order_id,
+                amount_cents: p.amount_cents,
+                currency: p.currency.clone(),
+                webhook_id: webhook_id.clone(),
+                captured_at: chrono::Utc::now().timestamp(),
+            };
+            // On record before it counts as captured and before anyone is
+            // told, under the book's lock so two confirmations cannot both
+            // skip it. A failed write leaves the payment pending: the
+            // buyer's retry tries again.
+            if let Err(e) = append_capture(&sim, &capture) {
+                tracing::error!(error = %e, payment_id = %id, "recording the capture failed");
+                return error(StatusCode::SERVICE_UNAVAILABLE, "the capture could not be recorded");
+            }
+            p.status = "succeeded";
+            p.webhook_id = Some(webhook_id);
         }
-    }
+        succeeded(p)
+    };
     let copies = options.copies.unwrap_or(1).clamp(1, 10);
     deliver_copies(sim, webhook, copies, options.wait).await
 }
@@ -273,27 +285,31 @@ fn read_captures(path: &std::path::Path) -> anyhow::Result<Vec<Capture>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e.into()),
     };
-    // A line cut short by a crash mid-append was never acknowledged to the
-    // buyer (the append is synced first): it is skipped.
-    Ok(text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
+    text.lines().map(|l| Ok(serde_json::from_str(l)?)).collect()
 }
 
-fn append_capture(sim: &Sim, webhook: &PaymentWebhook) -> std::io::Result<()> {
+fn append_capture(sim: &Sim, capture: &Capture) -> std::io::Result<()> {
     use std::io::Write;
     let Some(file) = &sim.captures else { return Ok(()) };
-    let capture = Capture {
-        payment_id: webhook.payment_id.clone(),
-        order_id: webhook.order_id,
-        amount_cents: webhook.amount_cents,
-        currency: webhook.currency.clone(),
-        webhook_id: webhook.id.clone(),
-        captured_at: webhook.created_at,
-    };
-    let mut line = serde_json::to_vec(&capture).expect("captures serialize");
+    let mut line = serde_json::to_vec(capture).expect("captures serialize");
     line.push(b'\n');
     let mut file = file.lock().unwrap_or_else(|p| p.into_inner());
     file.write_all(&line)?;
     file.sync_data()
+}
+
+/// Opens the record for appending, first cutting a line a crash left
+/// unfinished (its capture was never acknowledged: the append is synced
+/// before the payment counts), so the next line starts clean.
+fn open_captures(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    let file = std::fs::OpenOptions::new().create(true).read(true).append(true).open(path)?;
+    let bytes = std::fs::read(path)?;
+    let whole = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    if whole < bytes.len() {
+        tracing::warn!(path = %path.display(), cut = bytes.len() - whole, "cutting an unfinished capture line");
+        file.set_len(whole as u64)?;
+    }
+    Ok(file)
 }
 
 /// `GET /v1/captures`: every captured payment, the provider's side of an

@@ -64,3 +64,42 @@ async fn captured_payments_are_read_back_after_a_restart() {
     assert_eq!(after[0]["status"], "succeeded");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn a_line_cut_short_by_a_crash_is_dropped_and_the_next_capture_starts_clean() {
+    let dir = std::env::temp_dir().join(format!("paysim-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("captures.jsonl");
+    let order = uuid::Uuid::new_v4();
+    let whole = serde_json::json!({
+        "payment_id": "pay_whole", "order_id": order, "amount_cents": 100, "currency": "EUR",
+        "webhook_id": "evt_whole", "captured_at": 0,
+    });
+    std::fs::write(&path, format!("{whole}\n{{\"payment_id\":\"pay_torn\",\"ord")).unwrap();
+    let http = reqwest::Client::new();
+    let stop = CancellationToken::new();
+    let sim = start(config(&path), stop.clone()).await.unwrap();
+    assert_eq!(captured(&http, sim.addr).await.len(), 1);
+    let next = uuid::Uuid::new_v4();
+    let session: serde_json::Value = http
+        .post(format!("http://{}/v1/payments", sim.addr))
+        .header("idempotency-key", next.to_string())
+        .json(&serde_json::json!({ "order_id": next, "amount_cents": 200, "currency": "EUR" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = session["payment_id"].as_str().unwrap();
+    let confirmed = http.post(format!("http://{}/checkout/{id}/confirm", sim.addr)).send().await.unwrap();
+    assert_eq!(confirmed.status(), 202);
+    stop.cancel();
+    sim.task.await.unwrap();
+    let again = start(config(&path), CancellationToken::new()).await.unwrap();
+    let ids: Vec<String> =
+        captured(&http, again.addr).await.iter().map(|c| c["payment_id"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert!(ids.contains(&"pay_whole".to_owned()) && ids.contains(&id.to_owned()), "{ids:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

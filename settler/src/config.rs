@@ -25,8 +25,9 @@ pub struct SettlerConfig {
     /// reconciler ends it (the expirer normally ends it on time).
     #[arg(long, env = "DROPLINE_SETTLER_OVERDUE_GRACE_SECS", default_value_t = 30)]
     pub overdue_grace_secs: u64,
-    /// Before rebuilding a lost ledger: how long an allocator's decision
-    /// can still be on its way to Kafka (its message timeout plus a margin).
+    /// How long an allocator's in-flight mark counts without being renewed;
+    /// past it, a rebuild takes that allocator for dead and goes on. At least
+    /// 3000: allocators renew every second and pause at most 2 s.
     #[arg(long, env = "DROPLINE_SETTLER_REBUILD_GRACE_MS", default_value_t = 6_000)]
     pub rebuild_grace_ms: u64,
     /// How long a rebuild waits for the settlers to record everything on Kafka.
@@ -76,6 +77,12 @@ impl dropline::stage::StageConfig for SettlerConfig {
         }
         if self.repair_after_passes == 0 {
             p.add("DROPLINE_SETTLER_REPAIR_AFTER_PASSES must be positive");
+        }
+        // An allocator renews its in-flight marks every second while it
+        // publishes and pauses at most 2 s between attempts: a shorter grace
+        // would take a live allocator for a dead one.
+        if self.rebuild_grace_ms < 3_000 {
+            p.add("DROPLINE_SETTLER_REBUILD_GRACE_MS must be at least 3000");
         }
         if self.rebuild_timeout_secs == 0 {
             p.add("DROPLINE_SETTLER_REBUILD_TIMEOUT_SECS must be positive");

@@ -123,9 +123,12 @@ impl kafka::Failure for WriteError {
             WriteError::Mysql(sqlx::Error::Database(e)) => {
                 e.code().is_some_and(|state| state.starts_with("22") || state.starts_with("23"))
             }
-            WriteError::Mysql(sqlx::Error::Decode(_) | sqlx::Error::ColumnDecode { .. }) => true,
+            // A row this version cannot read, or a ledger answer it cannot
+            // read, is a version or schema mismatch (a rolling deploy, a
+            // migration not run): the messages are fine, and waiting for an
+            // operator loses nothing, while parking them would.
             WriteError::Mysql(_) => false,
-            WriteError::Ledger(e) => !e.is_transient(),
+            WriteError::Ledger(_) => false,
         }
     }
 }

@@ -68,6 +68,8 @@ pub enum RebuildError {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("the settlers did not catch up within {0:?}")]
     NotCaughtUp(Duration),
+    #[error("the rebuild was stopped by shutdown; nothing was changed")]
+    Cancelled,
     #[error("allocators were still publishing decisions of the event after {0:?}")]
     StillPublishing(Duration),
     #[error("the record is inconsistent: {0}")]
@@ -90,6 +92,7 @@ pub async fn rebuild(
     options: &RebuildOptions,
     event_id: u64,
     why: &str,
+    shutdown: &tokio_util::sync::CancellationToken,
 ) -> Result<StockLevels, RebuildError> {
     let event = Event::load(db, event_id).await?.ok_or(RebuildError::UnknownEvent(event_id))?;
     let before = ledger.levels(event_id).await?;
@@ -106,25 +109,30 @@ pub async fn rebuild(
         let levels = ledger.restore(&fence, &restore).await?;
         Ok::<_, RebuildError>((restore, old, levels))
     };
-    // Renew the fence at a third of its lifetime while the steps run.
+    // Renew the fence at a third of its lifetime while the steps run, in a
+    // task of its own: some steps block on the broker's client.
     let renew_every = Duration::from_secs((options.fence_ttl_secs / 3).max(1));
-    let renewing = async {
-        loop {
-            tokio::time::sleep(renew_every).await;
-            match ledger.renew_fence(&fence, options.fence_ttl_secs).await {
-                Ok(true) => {}
-                Ok(false) => {
-                    tracing::error!(event_id, "the rebuild's fence was lost; the restore will not apply");
-                    std::future::pending::<()>().await;
+    let renewing = {
+        let (ledger, fence, ttl) = (ledger.clone(), fence.clone(), options.fence_ttl_secs);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(renew_every).await;
+                match ledger.renew_fence(&fence, ttl).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::error!(event_id, "the rebuild's fence was lost; the restore will not apply");
+                        return;
+                    }
+                    Err(e) => tracing::warn!(error = %e, event_id, "renewing the rebuild's fence failed"),
                 }
-                Err(e) => tracing::warn!(error = %e, event_id, "renewing the rebuild's fence failed"),
             }
-        }
+        })
     };
     let rebuilt = tokio::select! {
         r = steps => r,
-        _ = renewing => unreachable!("renewal never finishes"),
+        _ = shutdown.cancelled() => Err(RebuildError::Cancelled),
     };
+    renewing.abort();
     // Lifted either way: a rebuild that failed changed nothing (the restore
     // is one MULTI/EXEC), and the next attempt fences again.
     if !ledger.unfence(&fence).await? {

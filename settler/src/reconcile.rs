@@ -194,15 +194,22 @@ impl Reconciler {
     pub async fn run(self, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(self.options.every);
         let mut seen: HashMap<u64, (Drift, u32)> = HashMap::new();
+        // Repairs that failed, tried again on the next pass: a void or a
+        // request is not found again by measuring.
+        let mut retry: BTreeMap<u64, Repair> = BTreeMap::new();
         loop {
-            let mut repairs = BTreeMap::new();
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
                 _ = self.voided.notify.notified() => {}
             }
+            let mut repairs = std::mem::take(&mut retry);
             for event_id in self.voided.take() {
                 repairs.insert(event_id, Repair::Refused);
+            }
+            match self.ledger.take_rebuild_requests().await {
+                Ok(requests) => repairs.extend(requests.into_iter().map(|(e, why)| (e, Repair::Requested(why)))),
+                Err(e) => tracing::warn!(error = %e, "reading rebuild requests failed"),
             }
             match self.pass(&mut seen).await {
                 Ok(found) => {
@@ -213,13 +220,25 @@ impl Reconciler {
                 Err(e) => tracing::warn!(error = %e, "a reconciliation pass failed"),
             }
             for (event_id, why) in repairs {
-                let repaired = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    r = self.repair(event_id, &why) => r,
-                };
+                if shutdown.is_cancelled() {
+                    return;
+                }
+                // Not dropped on shutdown: the rebuild sees the token itself
+                // and lifts its fence before it returns.
+                let repaired = self.repair(event_id, &why, &shutdown).await;
                 seen.remove(&event_id);
-                if let Err(e) = repaired {
-                    tracing::error!(error = %e, event_id, %why, "repairing a ledger failed; retrying next pass");
+                match repaired {
+                    Ok(()) => {}
+                    Err(crate::rebuild::RebuildError::UnknownEvent(_)) => {
+                        tracing::error!(event_id, %why, "the record has no such event; its intents are dead-lettered");
+                        if let Err(e) = self.ledger.mark_unknown_event(event_id).await {
+                            tracing::warn!(error = %e, event_id, "recording an unknown event failed");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, event_id, %why, "repairing a ledger failed; retrying next pass");
+                        retry.insert(event_id, why);
+                    }
                 }
             }
         }
@@ -231,8 +250,6 @@ impl Reconciler {
         let events = current_events(&self.db).await?;
         let m = measure_events(&self.db, &self.ledger, &events).await?;
         let mut repairs: Vec<(u64, Repair)> = m.missing.into_iter().map(|e| (e, Repair::Missing)).collect();
-        repairs
-            .extend(self.ledger.take_rebuild_requests().await?.into_iter().map(|(e, why)| (e, Repair::Requested(why))));
         repairs.extend(m.damaged.into_iter().map(|(e, why)| (e, Repair::Damaged(why))));
         seen.retain(|event_id, _| m.drift.contains_key(event_id));
         for (&event_id, &d) in &m.drift {
@@ -312,7 +329,12 @@ impl Reconciler {
         Ok(None)
     }
 
-    async fn repair(&self, event_id: u64, why: &Repair) -> Result<(), crate::rebuild::RebuildError> {
+    async fn repair(
+        &self,
+        event_id: u64,
+        why: &Repair,
+        shutdown: &CancellationToken,
+    ) -> Result<(), crate::rebuild::RebuildError> {
         let publisher = crate::rebuild::Publisher { producer: &self.producer, topics: &self.topics };
         let rebuilt = crate::rebuild::rebuild(
             &self.db,
@@ -322,6 +344,7 @@ impl Reconciler {
             &self.options.rebuild,
             event_id,
             &why.to_string(),
+            shutdown,
         )
         .await;
         match rebuilt {

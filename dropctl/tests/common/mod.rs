@@ -201,7 +201,7 @@ impl Stack {
                     redis_prefix.clone(),
                     "--batch-linger-ms=5".to_owned(),
                     "--drift-interval-secs=1".to_owned(),
-                    "--rebuild-grace-ms=500".to_owned(),
+                    "--rebuild-grace-ms=3000".to_owned(),
                 ]
                 .into_iter()
                 .chain(common.iter().cloned()),

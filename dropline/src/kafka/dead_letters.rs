@@ -57,7 +57,9 @@ impl DeadLetters {
             reason,
             "message dead-lettered"
         );
+        self.producer.send(record, Duration::from_secs(0)).await.map_err(|(e, _)| e)?;
+        // Counted once it is parked, not once per attempt.
         ::metrics::counter!(metrics::DEAD_LETTERS, "stage" => self.stage, "kind" => kind).increment(1);
-        self.producer.send(record, Duration::from_secs(0)).await.map(|_| ()).map_err(|(e, _)| e)
+        Ok(())
     }
 }

@@ -28,6 +28,15 @@ static FENCE_OWNED: LazyLock<Script> = LazyLock::new(|| {
 });
 static DOOR: LazyLock<Script> =
     LazyLock::new(|| Script::new(concat!(include_str!("lua/guard.lua"), include_str!("lua/door.lua"))));
+/// Stamps an allocator's in-flight mark with Redis' own time (ms).
+static MARK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"local t = redis.call('TIME')
+          redis.call('HSET', KEYS[1], ARGV[1], t[1] * 1000 + math.floor(t[2] / 1000))
+          redis.call('EXPIRE', KEYS[1], 86400)
+          return 1",
+    )
+});
 static HOLD: LazyLock<Script> =
     LazyLock::new(|| Script::new(concat!(include_str!("lua/guard.lua"), include_str!("lua/hold.lua"))));
 
@@ -246,7 +255,7 @@ impl LedgerError {
 }
 
 /// A rebuild's hold on an event's fence.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Fence {
     pub event_id: u64,
     token: String,
@@ -449,14 +458,9 @@ impl Ledger {
     pub async fn publishing(&self, event_id: u64, token: &str) -> Result<(), LedgerError> {
         let keys = self.keys(event_id);
         let mut conn = self.pool.get().await?;
-        let _: () = redis::pipe()
-            .hset(&keys.in_flight, token, now_ms())
-            .ignore()
-            // The entries die with the event's ledger at the latest.
-            .expire(&keys.in_flight, 86_400)
-            .ignore()
-            .query_async(&mut conn)
-            .await?;
+        // Stamped with Redis' clock, which the rebuild reads too: the hosts'
+        // clocks need not agree.
+        let _: () = MARK.key(&keys.in_flight).arg(token).invoke_async(&mut conn).await?;
         Ok(())
     }
 
@@ -476,8 +480,25 @@ impl Ledger {
         let keys = self.keys(event_id);
         let mut conn = self.pool.get().await?;
         let entries: std::collections::HashMap<String, i64> = conn.hgetall(&keys.in_flight).await?;
-        let now = now_ms();
+        let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut conn).await?;
+        let now = secs * 1000 + micros / 1000;
         Ok(entries.values().filter(|at| now - **at < stale_after_ms).count())
+    }
+
+    /// Records that the record has no such event: intents for it can never
+    /// be decided. Kept a day.
+    pub async fn mark_unknown_event(&self, event_id: u64) -> Result<(), LedgerError> {
+        let key = format!("{}:unknown-events", self.prefix);
+        let mut conn = self.pool.get().await?;
+        let _: () =
+            redis::pipe().sadd(&key, event_id).ignore().expire(&key, 86_400).ignore().query_async(&mut conn).await?;
+        Ok(())
+    }
+
+    pub async fn is_unknown_event(&self, event_id: u64) -> Result<bool, LedgerError> {
+        let key = format!("{}:unknown-events", self.prefix);
+        let mut conn = self.pool.get().await?;
+        Ok(conn.sismember(&key, event_id).await?)
     }
 
     /// Replaces an event's ledger with `restore`, in one MULTI/EXEC, so no
