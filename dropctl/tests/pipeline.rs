@@ -1026,3 +1026,44 @@ async fn an_order_handed_out_is_never_not_found_while_redis_catches_up() {
     assert_eq!(r.status(), reqwest::StatusCode::NOT_FOUND);
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_intent_for_an_event_the_record_does_not_have_is_dead_lettered_not_retried_forever() {
+    let stack = Stack::start(Options::default()).await;
+    let event = open_event(&stack, 10, 60).await;
+    let producer = dropline::kafka::producer(&stack.kafka, "test-producer").unwrap();
+    // Only a foreign producer could write this: the ingress checks the event.
+    let unknown = event + 1_000_000;
+    let intent = |event_id: u64, user: &str| PurchaseIntent {
+        intent_id: Uuid::new_v4(),
+        event_id,
+        user_id: user.into(),
+        quantity: 1,
+        accepted_at_ms: dropline::messages::now_ms(),
+    };
+    let poison = intent(unknown, "lost-soul");
+    let good = intent(event, "after-unknown");
+    for i in [&poison, &good] {
+        let key = i.event_id.to_string();
+        dropline::kafka::send_acked(&producer, &stack.topics.intents, &key, &serde_json::to_vec(i).unwrap(), None)
+            .await
+            .unwrap();
+    }
+    eventually("the intent beside the unknown event's", Duration::from_secs(60), || async {
+        (intents_rows(&stack, good.intent_id).await == 1).then_some(())
+    })
+    .await;
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", common::brokers())
+        .set("group.id", format!("{}-dlq-reader", stack.name))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&stack.topics.dead_letter]).unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await.expect("a dead letter").unwrap();
+    let parked: PurchaseIntent = serde_json::from_slice(m.payload().unwrap()).unwrap();
+    assert_eq!(parked.intent_id, poison.intent_id);
+    let kind = m.headers().unwrap().iter().find(|h| h.key == "dropline-dlq-kind").and_then(|h| h.value);
+    assert_eq!(kind, Some(&b"unappliable"[..]));
+    stack.stop().await;
+}
