@@ -23,7 +23,6 @@ use dropline::messages::{now_ms, Decision, HoldExpiry, Outcome, PurchaseIntent, 
 use dropline::stage::Stage;
 use dropline::stock::{Claim, Ledger, LedgerError, Verdict};
 use futures::future::join_all;
-use rdkafka::consumer::Consumer;
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::FutureRecord;
 use tokio_util::sync::CancellationToken;
@@ -70,15 +69,13 @@ pub async fn run(config: AllocatorConfig, shutdown: CancellationToken) -> Result
     let topics = config.kafka.topics();
     kafka::ensure_topics(&config.kafka, &topics.all()).await?;
     let producer = kafka::producer(&config.kafka, "allocator-producer")?;
-    let consumer = kafka::consumer(&config.kafka, &config.group_id, "allocator-consumer", &ready)?;
-    consumer.subscribe(&[&topics.intents])?;
-    kafka::watch(
+    let consumer = kafka::subscribed(
         &config.kafka,
         &config.group_id,
-        vec![topics.intents.clone()],
-        consumer.context(),
-        Duration::from_secs(5),
-        shutdown.clone(),
+        "allocator-consumer",
+        &[&topics.intents],
+        &ready,
+        &shutdown,
     )?;
     let ledger = Ledger::new(config.redis.pool()?, &config.redis.key_prefix);
     let watch = Arc::new(StockWatch::default());

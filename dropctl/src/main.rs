@@ -248,12 +248,11 @@ async fn main() -> anyhow::Result<()> {
             };
             let producer = dropline::kafka::producer(&kafka, "dropctl-producer")?;
             let topics = kafka.topics();
-            let publisher = dropline_settler::rebuild::Publisher { producer: &producer, topics: &topics };
+            let broker = dropline_settler::rebuild::Broker { kafka: &kafka, producer: &producer, topics: &topics };
             let levels = dropline_settler::rebuild::rebuild(
                 &db,
                 &ledger,
-                &kafka,
-                &publisher,
+                &broker,
                 &options,
                 event,
                 "an operator asked (dropctl rebuild)",

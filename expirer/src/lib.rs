@@ -75,15 +75,13 @@ pub async fn run(config: ExpirerConfig, shutdown: CancellationToken) -> Result<(
     kafka::ensure_topics(&config.kafka, &topics.all()).await?;
     let producer = kafka::producer(&config.kafka, "expirer-producer")?;
     let dead_letters = DeadLetters::new(producer.clone(), topics.dead_letter.clone(), "expirer");
-    let consumer = kafka::consumer(&config.kafka, &config.group_id, "expirer-consumer", &ready)?;
-    consumer.subscribe(&[&topics.hold_expiry])?;
-    kafka::watch(
+    let consumer = kafka::subscribed(
         &config.kafka,
         &config.group_id,
-        vec![topics.hold_expiry.clone()],
-        consumer.context(),
-        Duration::from_secs(5),
-        shutdown.clone(),
+        "expirer-consumer",
+        &[&topics.hold_expiry],
+        &ready,
+        &shutdown,
     )?;
     let expirer = Expirer { ledger: Ledger::new(config.redis.pool()?, &config.redis.key_prefix), producer, topics };
     let mut schedule = Schedule::new(config.max_pending_per_partition);

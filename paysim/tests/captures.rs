@@ -26,6 +26,25 @@ async fn captured(http: &reqwest::Client, addr: std::net::SocketAddr) -> Vec<ser
     body["captures"].as_array().unwrap().clone()
 }
 
+/// Opens a payment for a new order and confirms it: the buyer paid.
+async fn pay(http: &reqwest::Client, addr: std::net::SocketAddr, amount_cents: u64) -> (uuid::Uuid, String) {
+    let order = uuid::Uuid::new_v4();
+    let session: serde_json::Value = http
+        .post(format!("http://{addr}/v1/payments"))
+        .header("idempotency-key", order.to_string())
+        .json(&serde_json::json!({ "order_id": order, "amount_cents": amount_cents, "currency": "EUR" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let payment_id = session["payment_id"].as_str().unwrap().to_owned();
+    let confirmed = http.post(format!("http://{addr}/checkout/{payment_id}/confirm")).send().await.unwrap();
+    assert_eq!(confirmed.status(), 202);
+    (order, payment_id)
+}
+
 #[tokio::test]
 async fn captured_payments_are_read_back_after_a_restart() {
     let dir = std::env::temp_dir().join(format!("paysim-{}", uuid::Uuid::new_v4().simple()));
@@ -35,22 +54,7 @@ async fn captured_payments_are_read_back_after_a_restart() {
 
     let stop = CancellationToken::new();
     let first = start(config(&path), stop.clone()).await.unwrap();
-    let order = uuid::Uuid::new_v4();
-    let session: serde_json::Value = http
-        .post(format!("http://{}/v1/payments", first.addr))
-        .header("idempotency-key", order.to_string())
-        .json(&serde_json::json!({ "order_id": order, "amount_cents": 4500, "currency": "EUR" }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let payment_id = session["payment_id"].as_str().unwrap().to_owned();
-    // A pending payment is no capture.
-    assert!(captured(&http, first.addr).await.is_empty());
-    let confirmed = http.post(format!("http://{}/checkout/{payment_id}/confirm", first.addr)).send().await.unwrap();
-    assert_eq!(confirmed.status(), 202);
+    let (order, payment_id) = pay(&http, first.addr, 4500).await;
     assert_eq!(captured(&http, first.addr).await.len(), 1);
     stop.cancel();
     first.task.await.unwrap();
@@ -80,26 +84,13 @@ async fn a_line_cut_short_by_a_crash_is_dropped_and_the_next_capture_starts_clea
     let stop = CancellationToken::new();
     let sim = start(config(&path), stop.clone()).await.unwrap();
     assert_eq!(captured(&http, sim.addr).await.len(), 1);
-    let next = uuid::Uuid::new_v4();
-    let session: serde_json::Value = http
-        .post(format!("http://{}/v1/payments", sim.addr))
-        .header("idempotency-key", next.to_string())
-        .json(&serde_json::json!({ "order_id": next, "amount_cents": 200, "currency": "EUR" }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = session["payment_id"].as_str().unwrap();
-    let confirmed = http.post(format!("http://{}/checkout/{id}/confirm", sim.addr)).send().await.unwrap();
-    assert_eq!(confirmed.status(), 202);
+    let (_, id) = pay(&http, sim.addr, 200).await;
     stop.cancel();
     sim.task.await.unwrap();
     let again = start(config(&path), CancellationToken::new()).await.unwrap();
     let ids: Vec<String> =
         captured(&http, again.addr).await.iter().map(|c| c["payment_id"].as_str().unwrap().to_owned()).collect();
     assert_eq!(ids.len(), 2, "{ids:?}");
-    assert!(ids.contains(&"pay_whole".to_owned()) && ids.contains(&id.to_owned()), "{ids:?}");
+    assert!(ids.contains(&"pay_whole".to_owned()) && ids.contains(&id), "{ids:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -23,12 +23,10 @@ pub mod reconcile;
 pub mod store;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use dropline::kafka::{self, DeadLetters};
 use dropline::messages::{Decision, OrderEvent};
 use dropline::stage::Stage;
-use rdkafka::consumer::Consumer;
 use rdkafka::message::{Message, OwnedMessage};
 use tokio_util::sync::CancellationToken;
 
@@ -65,15 +63,13 @@ pub async fn run(config: SettlerConfig, shutdown: CancellationToken) -> Result<(
     kafka::ensure_topics(&config.kafka, &topics.all()).await?;
     let producer = kafka::producer(&config.kafka, "settler-producer")?;
     let dead_letters = DeadLetters::new(producer.clone(), topics.dead_letter.clone(), "settler");
-    let consumer = kafka::consumer(&config.kafka, &config.group_id, "settler-consumer", &ready)?;
-    consumer.subscribe(&[&topics.decisions, &topics.order_events])?;
-    kafka::watch(
+    let consumer = kafka::subscribed(
         &config.kafka,
         &config.group_id,
-        vec![topics.decisions.clone(), topics.order_events.clone()],
-        consumer.context(),
-        Duration::from_secs(5),
-        shutdown.clone(),
+        "settler-consumer",
+        &[&topics.decisions, &topics.order_events],
+        &ready,
+        &shutdown,
     )?;
     let ledger = dropline::stock::Ledger::new(config.redis.pool()?, &config.redis.key_prefix);
     let voided = Arc::new(Voided::default());

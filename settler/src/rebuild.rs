@@ -76,9 +76,11 @@ pub enum RebuildError {
     Record(String),
 }
 
-/// Where a rebuild publishes the holds Redis ended and MySQL does not know
-/// of yet.
-pub struct Publisher<'a> {
+/// The broker as a rebuild uses it: where it publishes the holds Redis
+/// ended and MySQL does not know of yet, and where it watches the settlers
+/// catch up.
+pub struct Broker<'a> {
+    pub kafka: &'a KafkaArgs,
     pub producer: &'a dropline::kafka::Producer,
     pub topics: &'a Topics,
 }
@@ -87,8 +89,7 @@ pub struct Publisher<'a> {
 pub async fn rebuild(
     db: &MySqlPool,
     ledger: &Ledger,
-    kafka: &KafkaArgs,
-    publisher: &Publisher<'_>,
+    broker: &Broker<'_>,
     options: &RebuildOptions,
     event_id: u64,
     why: &str,
@@ -102,8 +103,8 @@ pub async fn rebuild(
     };
     let steps = async {
         wait_for_allocators(ledger, event_id, options).await?;
-        carry_forward(db, ledger, publisher, event_id).await?;
-        wait_for_settlers(kafka, &kafka.topics(), &options.settler_group, options.catch_up_timeout).await?;
+        carry_forward(db, ledger, broker, event_id).await?;
+        wait_for_settlers(broker.kafka, broker.topics, &options.settler_group, options.catch_up_timeout).await?;
         let restore = load(db, &event).await?;
         let old = ledger.holds(event_id).await?;
         let levels = ledger.restore(&fence, &restore).await?;
@@ -189,7 +190,7 @@ fn log_changes(event_id: u64, old: &HashMap<Uuid, Hold>, restore: &Restore) -> u
 async fn carry_forward(
     db: &MySqlPool,
     ledger: &Ledger,
-    publisher: &Publisher<'_>,
+    broker: &Broker<'_>,
     event_id: u64,
 ) -> Result<(), RebuildError> {
     let held: Vec<(String,)> = sqlx::query_as("SELECT order_id FROM orders WHERE event_id = ? AND state = 'held'")
@@ -208,7 +209,7 @@ async fn carry_forward(
         }
         let event = hold.order_event(order_id, event_id, None);
         let payload = serde_json::to_vec(&event).expect("messages serialize");
-        dropline::kafka::send_acked(publisher.producer, &publisher.topics.order_events, &id, &payload, None).await?;
+        dropline::kafka::send_acked(broker.producer, &broker.topics.order_events, &id, &payload, None).await?;
         carried += 1;
     }
     if carried > 0 {

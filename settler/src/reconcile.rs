@@ -335,12 +335,11 @@ impl Reconciler {
         why: &Repair,
         shutdown: &CancellationToken,
     ) -> Result<(), crate::rebuild::RebuildError> {
-        let publisher = crate::rebuild::Publisher { producer: &self.producer, topics: &self.topics };
+        let broker = crate::rebuild::Broker { kafka: &self.kafka, producer: &self.producer, topics: &self.topics };
         let rebuilt = crate::rebuild::rebuild(
             &self.db,
             &self.ledger,
-            &self.kafka,
-            &publisher,
+            &broker,
             &self.options.rebuild,
             event_id,
             &why.to_string(),

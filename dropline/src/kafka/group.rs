@@ -266,12 +266,12 @@ mod tests {
     #[test]
     fn member_assignments_decode() {
         let mut bytes = vec![0, 1, 0, 0, 0, 2];
-        for (topic, parts) in [("a.intents", vec![0, 3]), ("b", vec![7])] {
+        for (topic, parts) in [("a.intents", vec![0i32, 3]), ("b", vec![7])] {
             bytes.extend((topic.len() as i16).to_be_bytes());
             bytes.extend(topic.as_bytes());
             bytes.extend((parts.len() as i32).to_be_bytes());
             for p in parts {
-                bytes.extend((p as i32).to_be_bytes());
+                bytes.extend(p.to_be_bytes());
             }
         }
         bytes.extend((-1i32).to_be_bytes());

@@ -165,6 +165,24 @@ pub fn consumer(
         .create_with_context(GroupContext::new(client, ready.clone()))
 }
 
+/// A consumer stage's consumer: created as [`consumer`] does, subscribed
+/// to `topics`, with the group [`watch`] running until `shutdown`.
+pub fn subscribed(
+    args: &KafkaArgs,
+    group_id: &str,
+    client: &'static str,
+    topics: &[&str],
+    ready: &crate::ops::Readiness,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Result<StreamConsumer<GroupContext>, KafkaError> {
+    use rdkafka::consumer::Consumer;
+    let consumer = consumer(args, group_id, client, ready)?;
+    consumer.subscribe(topics)?;
+    let names = topics.iter().map(|t| (*t).to_owned()).collect();
+    watch(args, group_id, names, consumer.context(), Duration::from_secs(5), shutdown.clone())?;
+    Ok(consumer)
+}
+
 /// Creates the topics that do not exist yet. Existing topics are left as
 /// they are, so every stage runs this on start: a consumer that subscribes
 /// to a missing topic would otherwise wait for librdkafka's next metadata
