@@ -146,14 +146,24 @@ pub fn watch(
         .name(format!("{client}-watch"))
         .spawn(move || {
             let mut stuck_since: Option<std::time::Instant> = None;
+            let mut described_once = false;
+            let mut undescribed = 0;
             while !shutdown.is_cancelled() {
                 let held = assignment.lock().unwrap_or_else(|p| p.into_inner()).held.len();
                 match unowned_partitions(&probe, &group, &topics) {
-                    // The broker did not say what its members hold (tansu
-                    // does not): nothing to judge by. Readiness still
-                    // follows this consumer's own assignment.
+                    // The broker cannot say what its members hold (tansu
+                    // answers DescribeGroups with an error or without
+                    // assignments): nothing to judge by, and asking again
+                    // only loads it. Readiness still follows this
+                    // consumer's own assignment.
+                    Ok(None) | Err(_) if !described_once && { undescribed += 1; undescribed >= 3 } => {
+                        tracing::info!(client, group = %group,
+                            "the broker does not describe its groups' assignments; the stuck-consumer watch is off");
+                        return;
+                    }
                     Ok(None) => {}
                     Ok(Some(unowned)) => {
+                        described_once = true;
                         ::metrics::gauge!(UNOWNED_PARTITIONS, "client" => client).set(unowned as f64);
                         if held == 0 && unowned > 0 {
                             let since = *stuck_since.get_or_insert_with(std::time::Instant::now);
