@@ -14,6 +14,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const SLO: Duration = Duration::from_millis(500);
+/// The ingress's default MySQL acquire timeout.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The ingress's default search statement timeout: what one slow search can
+/// hold its slot for.
+const SEARCH_HOLDS: Duration = Duration::from_secs(2);
 
 async fn create_event(stack: &Stack, http: &Client) -> u64 {
     let now = chrono::Utc::now();
@@ -222,14 +227,19 @@ async fn a_flood_of_slow_searches_is_shed_and_purchases_keep_their_connections()
             StatusCode::SERVICE_UNAVAILABLE => {
                 assert_eq!(body["code"], "overloaded", "{body}");
                 assert!(retry_after);
-                assert!(took < SLO, "a shed search waited {took:?}");
+                // Shed at once, not after a slot freed up: well inside the
+                // time one slow search holds its slot.
+                assert!(took < SEARCH_HOLDS, "a shed search waited {took:?}");
                 shed += 1;
             }
             other => panic!("a search answered {other}: {body}"),
         }
     }
     assert!(answered >= 2 && shed >= 8, "{answered} searches answered, {shed} shed");
-    assert!(purchase_took < SLO, "the purchase took {purchase_took:?} during the search flood");
+    // Had the searches taken every connection, the purchase would have
+    // waited for the pool's acquire timeout (5 s) and failed with 503. Its
+    // latency on a busy machine is the load tests' business, not this one's.
+    assert!(purchase_took < ACQUIRE_TIMEOUT / 2, "the purchase took {purchase_took:?} during the search flood");
     stack.stop().await;
 }
 

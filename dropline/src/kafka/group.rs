@@ -156,7 +156,12 @@ pub fn watch(
                     // assignments): nothing to judge by, and asking again
                     // only loads it. Readiness still follows this
                     // consumer's own assignment.
-                    Ok(None) | Err(_) if !described_once && { undescribed += 1; undescribed >= 3 } => {
+                    Ok(None) | Err(_)
+                        if !described_once && {
+                            undescribed += 1;
+                            undescribed >= 3
+                        } =>
+                    {
                         tracing::info!(client, group = %group,
                             "the broker does not describe its groups' assignments; the stuck-consumer watch is off");
                         return;
