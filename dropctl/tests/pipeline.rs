@@ -833,6 +833,7 @@ async fn copies_of_one_purchase_sent_at_once_through_the_sell_out_get_one_answer
     // keys in flight across each change.
     let mut buyers = Vec::new();
     let mut sold_out_at = None;
+    let mut pace = tokio::time::interval(Duration::from_millis(50));
     for k in 0.. {
         assert!(k < 400, "the event never sold out");
         if sold_out_at.is_none() && stack.ledger.levels(event).await.unwrap().is_some_and(|l| l.available == 0) {
@@ -847,7 +848,7 @@ async fn copies_of_one_purchase_sent_at_once_through_the_sell_out_get_one_answer
             let answers = copies_at_once(&http, &url, &token, &key, COPIES).await;
             (token, key, answers)
         }));
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        pace.tick().await;
     }
     let keys = buyers.len();
     let mut finals = Vec::new();

@@ -136,10 +136,10 @@ impl LocalStack {
         let ledger = self.ledger();
         let drop = tokio::spawn(async move { drill::run(&api, &keys, &db, &ledger, &plan).await });
         common::flood_under_way(&probe).await;
+        // The settler dies once the allocator is gone, as in a cascade.
         self.kill9("allocator");
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        self.kill9("settler");
         self.wait_dead("allocator").await;
+        self.kill9("settler");
         self.wait_dead("settler").await;
         for step in recover {
             self.stack(step);
