@@ -94,13 +94,17 @@ services_up() {
   start_one ingress DROPLINE_LISTEN_ADDR="$INGRESS_ADDR" DROPLINE_OPS_ADDR="127.0.0.1:$(ops_port ingress)" \
     DROPLINE_PAYMENT_PROVIDER_URL="http://$PAYSIM_ADDR" \
     DROPLINE_ADMIT_PER_SEC="${DROPLINE_ADMIT_PER_SEC:-1000}" DROPLINE_ADMIT_BURST="${DROPLINE_ADMIT_BURST:-200}"
-  # Consumers join their groups as static members (the default id is
-  # <stage>-consumer@<host>), so one restarted after kill -9 takes its
-  # partitions straight back. Each reports ready only once it holds some,
-  # which is what the wait below waits for.
-  start_one allocator DROPLINE_OPS_ADDR="127.0.0.1:$(ops_port allocator)"
-  start_one settler DROPLINE_OPS_ADDR="127.0.0.1:$(ops_port settler)"
-  start_one expirer DROPLINE_OPS_ADDR="127.0.0.1:$(ops_port expirer)"
+  # Consumers join their groups as static members, so one restarted after
+  # kill -9 takes its partitions straight back. The ids are fixed, not the
+  # default <stage>-consumer@<host>: the broker's log outlives a change of
+  # host name, and tansu never expires a static member whose id stops
+  # coming back (it would keep its partitions). Each consumer reports ready
+  # only once it holds partitions, which is what the wait below waits for.
+  local stage
+  for stage in allocator settler expirer; do
+    start_one "$stage" DROPLINE_OPS_ADDR="127.0.0.1:$(ops_port "$stage")" \
+      DROPLINE_KAFKA_GROUP_INSTANCE_ID="local-$stage-0"
+  done
   for s in $SERVICES; do
     local name=${s%%:*} port=${s##*:}
     wait_for "$name (see .dropline/$name.log)" 60 ready "$port"

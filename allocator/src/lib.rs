@@ -91,9 +91,10 @@ pub async fn run(config: AllocatorConfig, shutdown: CancellationToken) -> Result
     // well inside the rebuild's grace (DROPLINE_SETTLER_REBUILD_GRACE_MS).
     options.max_backoff = Duration::from_secs(2);
     let batch_metrics = kafka::BatchMetrics { batch_size: BATCH_SIZE, batch_duration: BATCH_DURATION };
-    kafka::run_batches(&consumer, &allocator, &dead_letters, &options, &batch_metrics, &shutdown).await;
+    let ended = kafka::run_batches(&consumer, &allocator, &dead_letters, &options, &batch_metrics, &shutdown).await;
     ready.set(false);
     tracing::info!("allocator stopped");
+    ended?;
     Ok(())
 }
 

@@ -109,7 +109,13 @@ pub async fn run(config: ExpirerConfig, shutdown: CancellationToken) -> Result<(
                     schedule.add_after(revoked, (m.topic().to_owned(), m.partition()), m.offset(), hold);
                     apply_flow(&consumer, &mut schedule);
                 }
-                Err(e) => tracing::warn!(error = %e, "kafka receive failed"),
+                Err(e) => {
+                    if let Some(fatal) = kafka::fatal(&consumer) {
+                        ready.set(false);
+                        return Err(fatal.into());
+                    }
+                    tracing::warn!(error = %e, "kafka receive failed");
+                }
             },
             _ = tick.tick() => {
                 forget_revoked(&consumer, &mut schedule);
@@ -136,15 +142,9 @@ impl Expirer {
             return;
         }
         let results = futures::future::join_all(due.iter().map(|d| self.release(d))).await;
+        let now = now_ms();
         for (d, result) in due.iter().zip(results) {
-            match result {
-                Released::Done => schedule.done(&d.partition, d.offset),
-                Released::NotDue(at) => schedule.retry_at(&d.partition, d.offset, at),
-                // Back off, behind the holds of other events: a ledger that
-                // stays fenced or unreachable for one event must not keep
-                // the earliest slots of every tick and starve the rest.
-                Released::Failed => schedule.retry_at(&d.partition, d.offset, now_ms() + FAILED_RETRY_MS),
-            }
+            record(schedule, d, result, now);
         }
     }
 
@@ -185,6 +185,18 @@ impl Expirer {
     }
 }
 
+/// Records in `schedule` what became of a due hold.
+fn record(schedule: &mut Schedule, due: &Due, released: Released, now_ms: i64) {
+    match released {
+        Released::Done => schedule.done(&due.partition, due.offset),
+        Released::NotDue(at) => schedule.retry_at(&due.partition, due.offset, at),
+        // Back off, behind the holds of other events: a ledger that stays
+        // fenced or unreachable for one event must not keep the earliest
+        // slots of every tick and starve the rest.
+        Released::Failed => schedule.retry_at(&due.partition, due.offset, now_ms + FAILED_RETRY_MS),
+    }
+}
+
 fn forget_revoked(consumer: &StreamConsumer<GroupContext>, schedule: &mut Schedule) {
     for revoked in consumer.context().take_revoked() {
         schedule.forget(&revoked);
@@ -219,4 +231,38 @@ fn tpl_of(parts: &[PartitionKey]) -> TopicPartitionList {
 fn decode(m: &OwnedMessage) -> Result<HoldExpiry, String> {
     let payload = m.payload().ok_or("empty payload")?;
     serde_json::from_slice(payload).map_err(|e| format!("undecodable hold expiry: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uuid::Uuid;
+
+    fn hold(event_id: u64, deadline: i64) -> Option<Waiting> {
+        let hold = HoldExpiry { order_id: Uuid::new_v4(), event_id, expires_at_ms: deadline };
+        Some(Waiting { hold, request_id: None })
+    }
+
+    #[test]
+    fn holds_that_fail_to_release_do_not_starve_the_holds_behind_them() {
+        let partition: PartitionKey = ("t".to_owned(), 0);
+        let mut schedule = Schedule::new(RELEASES_PER_TICK * 2);
+        // A full tick of holds of event 1, whose ledger cannot be reached,
+        // falls due before the one hold of event 2.
+        let stuck = RELEASES_PER_TICK as i64;
+        for offset in 0..stuck {
+            schedule.add(partition.clone(), offset, hold(1, 1_000 + offset));
+        }
+        schedule.add(partition.clone(), stuck, hold(2, 5_000));
+        let now = 10_000;
+        let first = schedule.due(now, RELEASES_PER_TICK);
+        assert!(first.iter().all(|d| d.hold.event_id == 1));
+        for d in &first {
+            record(&mut schedule, d, Released::Failed, now);
+        }
+        let next = schedule.due(now, RELEASES_PER_TICK);
+        assert_eq!(next.len(), 1, "the failed holds wait out their backoff");
+        assert_eq!(next[0].hold.event_id, 2);
+        assert_eq!(schedule.due(now + FAILED_RETRY_MS, RELEASES_PER_TICK * 2).len(), RELEASES_PER_TICK + 1);
+    }
 }

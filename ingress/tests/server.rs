@@ -1,6 +1,11 @@
 //! The listener alone, on port 0 with a trivial app: slow connections past
 //! the cap are closed, by eviction or at the header-read timeout, and a
 //! client with a whole request is served meanwhile. No backing services.
+//!
+//! The bounds compare against the header-read timeout, not a latency a
+//! loaded CI machine cannot promise: a whole request answered in less than
+//! that timeout got its slot by eviction, not by waiting for a slow
+//! connection's timer.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -14,7 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 const CAP: usize = 32;
-const HEADER_READ: Duration = Duration::from_millis(800);
+const HEADER_READ: Duration = Duration::from_secs(2);
 
 async fn start() -> (SocketAddr, CancellationToken, tokio::task::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -65,23 +70,23 @@ async fn slow_connections_past_the_cap_do_not_lock_out_whole_requests() {
         attack.spawn(slow(addr));
     }
     let mut served = Vec::new();
+    let mut pace = tokio::time::interval(Duration::from_millis(100));
     for i in 0..12 {
+        pace.tick().await;
         if i == 3 {
             for _ in 0..CAP {
                 attack.spawn(slow(addr));
             }
         }
-        let took = whole(addr).await;
-        served.push(took);
-        tokio::time::sleep(Duration::from_millis(100).saturating_sub(took)).await;
+        served.push(whole(addr).await);
     }
-    assert!(served.iter().all(|d| *d < Duration::from_millis(500)), "{served:?}");
+    assert!(served.iter().all(|d| *d < HEADER_READ), "a whole request waited for a slot: {served:?}");
     let mut closed = Vec::new();
     while let Some(d) = attack.join_next().await {
         closed.push(d.unwrap());
     }
     let latest = closed.iter().max().unwrap();
-    assert!(*latest < HEADER_READ + Duration::from_millis(700), "a slow connection lived {latest:?}");
+    assert!(*latest < HEADER_READ * 2, "a slow connection lived {latest:?}");
     let by_timer = closed.iter().filter(|d| **d >= HEADER_READ - Duration::from_millis(100)).count();
     assert!(by_timer >= CAP / 2, "{by_timer} of {} closed by the header-read timeout", closed.len());
     shutdown.cancel();

@@ -89,9 +89,10 @@ pub async fn run(config: SettlerConfig, shutdown: CancellationToken) -> Result<(
     let settler = Settler { db, ledger, decisions_topic: topics.decisions.clone(), voided };
     let options = config.kafka.batch_options("settler", config.batch_max, config.batch_linger_ms);
     let batch_metrics = kafka::BatchMetrics { batch_size: BATCH_SIZE, batch_duration: BATCH_DURATION };
-    kafka::run_batches(&consumer, &settler, &dead_letters, &options, &batch_metrics, &shutdown).await;
+    let ended = kafka::run_batches(&consumer, &settler, &dead_letters, &options, &batch_metrics, &shutdown).await;
     ready.set(false);
     tracing::info!("settler stopped");
+    ended?;
     Ok(())
 }
 

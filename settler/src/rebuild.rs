@@ -28,6 +28,7 @@
 //! under the rebuild's own fence, and only its owner lifts it.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -36,6 +37,7 @@ use dropline::events::Event;
 use dropline::messages::{OrderState, RejectReason, Topics};
 use dropline::stock::{Hold, Ledger, Restore, StockLevels, Verdict};
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sqlx::MySqlPool;
 use uuid::Uuid;
@@ -65,7 +67,7 @@ pub enum RebuildError {
     #[error(transparent)]
     Ledger(#[from] dropline::stock::LedgerError),
     #[error("kafka: {0}")]
-    Kafka(#[from] rdkafka::error::KafkaError),
+    Kafka(#[from] KafkaError),
     #[error("the settlers did not catch up within {0:?}")]
     NotCaughtUp(Duration),
     #[error("the rebuild was stopped by shutdown; nothing was changed")]
@@ -238,28 +240,37 @@ async fn wait_for_allocators(ledger: &Ledger, event_id: u64, options: &RebuildOp
 
 /// Waits until the settler group's committed offsets reach the end of
 /// every partition of the topics it consumes, as the ends stand now.
+///
+/// The probe's calls block for up to their timeout, so each runs on the
+/// blocking pool, never on a runtime worker.
 pub async fn wait_for_settlers(
     kafka: &KafkaArgs,
     topics: &Topics,
     group: &str,
     timeout: Duration,
 ) -> Result<(), RebuildError> {
-    let probe: BaseConsumer =
-        ClientConfig::new().set("bootstrap.servers", &kafka.brokers).set("group.id", group).create()?;
+    let probe: Arc<BaseConsumer> =
+        Arc::new(ClientConfig::new().set("bootstrap.servers", &kafka.brokers).set("group.id", group).create()?);
     let wait = Duration::from_secs(10);
-    let mut ends = TopicPartitionList::new();
-    for topic in [&topics.decisions, &topics.order_events] {
-        let metadata = probe.fetch_metadata(Some(topic), wait)?;
-        for t in metadata.topics() {
-            for p in t.partitions() {
-                let (_, high) = probe.fetch_watermarks(topic, p.id(), wait)?;
-                ends.add_partition_offset(topic, p.id(), Offset::Offset(high))?;
+    let consumed = [topics.decisions.clone(), topics.order_events.clone()];
+    let ends = blocking(&probe, move |probe| {
+        let mut ends = TopicPartitionList::new();
+        for topic in &consumed {
+            let metadata = probe.fetch_metadata(Some(topic), wait)?;
+            for t in metadata.topics() {
+                for p in t.partitions() {
+                    let (_, high) = probe.fetch_watermarks(topic, p.id(), wait)?;
+                    ends.add_partition_offset(topic, p.id(), Offset::Offset(high))?;
+                }
             }
         }
-    }
+        Ok(ends)
+    })
+    .await?;
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let committed = probe.committed_offsets(ends.clone(), wait)?;
+        let asked = ends.clone();
+        let committed = blocking(&probe, move |probe| probe.committed_offsets(asked, wait)).await?;
         let behind = ends.elements().iter().any(|end| {
             let at = committed
                 .find_partition(end.topic(), end.partition())
@@ -278,6 +289,16 @@ pub async fn wait_for_settlers(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Runs a blocking call of `probe` on the blocking pool.
+async fn blocking<T, F>(probe: &Arc<BaseConsumer>, call: F) -> Result<T, KafkaError>
+where
+    T: Send + 'static,
+    F: FnOnce(&BaseConsumer) -> Result<T, KafkaError> + Send + 'static,
+{
+    let probe = Arc::clone(probe);
+    tokio::task::spawn_blocking(move || call(&probe)).await.expect("a kafka probe call panicked")
 }
 
 #[derive(sqlx::FromRow)]

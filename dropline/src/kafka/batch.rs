@@ -70,10 +70,11 @@ pub struct BatchMetrics {
     pub batch_duration: &'static str,
 }
 
-/// Runs the loop until `shutdown`. A batch received is finished even if
-/// shutdown arrives meanwhile, unless a dependency is down: then nothing of
-/// it is stored and its next owner redelivers it. Stored offsets are
-/// committed synchronously on the way out.
+/// Runs the loop until `shutdown`, or until the consumer hits a fatal error
+/// (`Err`: see [`fatal`]). A batch received is finished even if shutdown
+/// arrives meanwhile, unless a dependency is down: then nothing of it is
+/// stored and its next owner redelivers it. Stored offsets are committed
+/// synchronously on the way out.
 pub async fn run_batches<S>(
     consumer: &StreamConsumer<GroupContext>,
     stage: &S,
@@ -81,12 +82,13 @@ pub async fn run_batches<S>(
     options: &BatchOptions,
     metrics: &BatchMetrics,
     shutdown: &CancellationToken,
-) where
+) -> Result<(), KafkaError>
+where
     S: BatchStage + Sync,
     S::Item: Send + Sync,
 {
     loop {
-        let batch = next_batch(consumer, options.max, options.linger, shutdown).await;
+        let batch = next_batch(consumer, options.max, options.linger, shutdown).await?;
         if batch.is_empty() {
             break;
         }
@@ -118,6 +120,7 @@ pub async fn run_batches<S>(
         ::metrics::histogram!(metrics.batch_duration).record(started.elapsed().as_secs_f64());
     }
     commit_stored(consumer);
+    Ok(())
 }
 
 /// Applies `items` under the failure policy. `None` means shutdown came
@@ -196,17 +199,18 @@ where
 }
 
 /// Waits for the first message (or cancellation), then gathers more until
-/// `max` messages or `linger` has passed. An empty batch means shutdown.
+/// `max` messages or `linger` has passed. An empty batch means shutdown;
+/// `Err` a fatal error of the consumer.
 pub async fn next_batch<C: ConsumerContext + 'static>(
     consumer: &StreamConsumer<C>,
     max: usize,
     linger: Duration,
     shutdown: &CancellationToken,
-) -> Vec<OwnedMessage> {
+) -> Result<Vec<OwnedMessage>, KafkaError> {
     let mut batch = Vec::with_capacity(max);
     loop {
         let received = tokio::select! {
-            _ = shutdown.cancelled() => return batch,
+            _ = shutdown.cancelled() => return Ok(batch),
             m = consumer.recv() => m,
         };
         match received {
@@ -215,9 +219,12 @@ pub async fn next_batch<C: ConsumerContext + 'static>(
                 break;
             }
             Err(e) => {
+                if let Some(fatal) = fatal(consumer) {
+                    return Err(fatal);
+                }
                 tracing::warn!(error = %e, "kafka receive failed");
                 tokio::select! {
-                    _ = shutdown.cancelled() => return batch,
+                    _ = shutdown.cancelled() => return Ok(batch),
                     _ = tokio::time::sleep(Duration::from_millis(200)) => {}
                 }
             }
@@ -234,7 +241,18 @@ pub async fn next_batch<C: ConsumerContext + 'static>(
             Err(_) => break,
         }
     }
-    batch
+    Ok(batch)
+}
+
+/// The fatal error the consumer's client has hit, if any. librdkafka raises
+/// one when this member is fenced: another consumer joined the group with
+/// the same `group.instance.id`. A fenced consumer never gets work again,
+/// so the stage must end (non-zero) rather than sit idle and look alive.
+pub fn fatal<C: ConsumerContext + 'static>(consumer: &StreamConsumer<C>) -> Option<KafkaError> {
+    let (code, reason) = consumer.client().fatal_error()?;
+    tracing::error!(%code, reason, "the kafka consumer hit a fatal error; if it was fenced, another instance uses \
+        the same DROPLINE_KAFKA_GROUP_INSTANCE_ID: give each instance its own. Stopping");
+    Some(KafkaError::MessageConsumptionFatal(code))
 }
 
 /// Stores, for each partition in `messages`, the offset after the highest
