@@ -1,9 +1,9 @@
 use clap::Parser;
-use dropline::config::{redact_url, ConfigError, KafkaArgs, OpsArgs, Problems, RedisArgs};
+use dropline::config::{ConfigError, KafkaArgs, OpsArgs, Problems, RedisArgs};
 
 /// The allocator: consumes purchase intents and decides them in batches with
 /// one Lua script call per event and batch.
-#[derive(Debug, Clone, Parser)]
+#[derive(Debug, Clone, Parser, serde::Serialize)]
 #[command(name = "dropline-allocator", version)]
 pub struct AllocatorConfig {
     /// Consumer group shared by all allocators.
@@ -44,19 +44,6 @@ impl dropline::stage::StageConfig for AllocatorConfig {
             p.add("DROPLINE_ALLOCATOR_BATCH_LINGER_MS must be at most 1000");
         }
         p.into_result()
-    }
-
-    fn log_effective(&self) {
-        tracing::info!(
-            group_id = %self.group_id,
-            batch_max = self.batch_max,
-            batch_linger_ms = self.batch_linger_ms,
-            kafka_brokers = %self.kafka.brokers,
-            topic_prefix = %self.kafka.topic_prefix,
-            redis_url = %redact_url(&self.redis.url),
-            ops_addr = %self.ops.addr_or(crate::DEFAULT_OPS_PORT),
-            "allocator config"
-        );
     }
 
     fn ops(&self) -> &OpsArgs {

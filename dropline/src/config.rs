@@ -7,8 +7,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Args;
+use serde::{Serialize, Serializer};
 
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Args, Serialize)]
 pub struct KafkaArgs {
     /// Kafka bootstrap servers.
     #[arg(long = "kafka-brokers", env = "DROPLINE_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
@@ -115,10 +116,11 @@ impl KafkaArgs {
     }
 }
 
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Args, Serialize)]
 pub struct RedisArgs {
     /// Redis holding the stock ledger.
     #[arg(id = "redis_url", long = "redis-url", env = "DROPLINE_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    #[serde(serialize_with = "redacted_url")]
     pub url: String,
     /// Connections in the pool.
     #[arg(id = "redis_pool_size", long = "redis-pool-size", env = "DROPLINE_REDIS_POOL_SIZE", default_value_t = 32)]
@@ -179,7 +181,7 @@ impl RedisArgs {
     }
 }
 
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Args, Serialize)]
 pub struct MysqlArgs {
     /// MySQL (or MariaDB) holding events, orders and payments.
     #[arg(
@@ -188,6 +190,7 @@ pub struct MysqlArgs {
         env = "DROPLINE_MYSQL_URL",
         default_value = "mysql://root@127.0.0.1:3306/dropline"
     )]
+    #[serde(serialize_with = "redacted_url")]
     pub url: String,
     /// Connections in the pool.
     #[arg(id = "mysql_pool_size", long = "mysql-pool-size", env = "DROPLINE_MYSQL_POOL_SIZE", default_value_t = 10)]
@@ -220,7 +223,7 @@ impl MysqlArgs {
     }
 }
 
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Args, Serialize)]
 pub struct OpsArgs {
     /// Where /healthz, /readyz and /metrics listen [default: 127.0.0.1 and
     /// the stage's own port: ingress 9100, allocator 9101, settler 9102,
@@ -276,6 +279,17 @@ impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "invalid configuration: {}", self.0.join("; "))
     }
+}
+
+/// Serializes a URL for the effective-config log, password masked.
+pub fn redacted_url<T: AsRef<str>, S: Serializer>(url: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&redact_url(url.as_ref()))
+}
+
+/// Serializes a secret for the effective-config log: only whether it is
+/// set.
+pub fn redacted_secret<T: AsRef<str>, S: Serializer>(secret: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(if secret.as_ref().is_empty() { "" } else { "***" })
 }
 
 /// Masks the password of a URL before it is logged.

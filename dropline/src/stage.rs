@@ -21,8 +21,11 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{ConfigError, OpsArgs};
 use crate::ops::Readiness;
 
-/// What the kit needs to know of a stage's config.
-pub trait StageConfig: clap::Parser {
+/// What the kit needs to know of a stage's config. Its `Serialize` is the
+/// effective-config log: secrets and URLs with passwords are serialized
+/// through [`crate::config::redacted_secret`] and
+/// [`crate::config::redacted_url`].
+pub trait StageConfig: clap::Parser + serde::Serialize {
     /// The stage's name in logs: `allocator`, `settler`.
     const NAME: &'static str;
     /// Its ops port on loopback unless `DROPLINE_OPS_ADDR` says otherwise.
@@ -30,8 +33,6 @@ pub trait StageConfig: clap::Parser {
 
     /// Every problem of the config, reported together.
     fn validate(&self) -> Result<(), ConfigError>;
-    /// Logs the effective config, secrets and passwords masked.
-    fn log_effective(&self);
     fn ops(&self) -> &OpsArgs;
     /// Describes the stage's own metrics.
     fn describe_metrics();
@@ -55,7 +56,7 @@ pub struct Stage {
 impl Stage {
     pub async fn start<C: StageConfig>(config: &C, shutdown: &CancellationToken) -> Result<Stage, StageError> {
         config.validate()?;
-        config.log_effective();
+        tracing::info!(stage = C::NAME, config = %effective(config), "effective config");
         // The recorder first: metrics described or created before it exists
         // would go nowhere.
         let prometheus = crate::telemetry::metrics();
@@ -67,6 +68,12 @@ impl Stage {
         tracing::info!(stage = C::NAME, %ops_addr, "ops endpoints listening");
         Ok(Stage { ready, ops_addr })
     }
+}
+
+/// The config as the start-up log shows it: every setting, as JSON, with
+/// secrets and passwords masked.
+pub fn effective<C: StageConfig>(config: &C) -> String {
+    serde_json::to_string(config).expect("a config serializes")
 }
 
 /// Runs a stage binary to its end and returns its exit code: 0 after a clean

@@ -1,8 +1,8 @@
 use clap::Parser;
-use dropline::config::{redact_url, ConfigError, KafkaArgs, OpsArgs, Problems, RedisArgs};
+use dropline::config::{ConfigError, KafkaArgs, OpsArgs, Problems, RedisArgs};
 
 /// The expirer: releases holds that were not paid by their deadline.
-#[derive(Debug, Clone, Parser)]
+#[derive(Debug, Clone, Parser, serde::Serialize)]
 #[command(name = "dropline-expirer", version)]
 pub struct ExpirerConfig {
     /// Consumer group shared by all expirers.
@@ -41,19 +41,6 @@ impl dropline::stage::StageConfig for ExpirerConfig {
             p.add("DROPLINE_EXPIRER_TICK_MS must be 10 to 5000");
         }
         p.into_result()
-    }
-
-    fn log_effective(&self) {
-        tracing::info!(
-            group_id = %self.group_id,
-            max_pending_per_partition = self.max_pending_per_partition,
-            tick_ms = self.tick_ms,
-            kafka_brokers = %self.kafka.brokers,
-            topic_prefix = %self.kafka.topic_prefix,
-            redis_url = %redact_url(&self.redis.url),
-            ops_addr = %self.ops.addr_or(crate::DEFAULT_OPS_PORT),
-            "expirer config"
-        );
     }
 
     fn ops(&self) -> &OpsArgs {

@@ -1,12 +1,15 @@
 use std::net::SocketAddr;
 
 use clap::Parser;
-use dropline::config::{redact_url, ConfigError, KafkaArgs, MysqlArgs, OpsArgs, Problems, RedisArgs};
+use dropline::config::{
+    redacted_secret, redacted_url, ConfigError, KafkaArgs, MysqlArgs, OpsArgs, Problems, RedisArgs,
+};
 use dropline::secrets;
+use serde::Serialize;
 
 /// The ingress: Dropline's HTTP API for buyers, admins and the payment
 /// provider's webhooks.
-#[derive(Debug, Clone, Parser)]
+#[derive(Debug, Clone, Parser, Serialize)]
 #[command(name = "dropline-ingress", version)]
 pub struct IngressConfig {
     /// Where the public API listens.
@@ -16,6 +19,7 @@ pub struct IngressConfig {
     /// storefront's login). At least 32 random bytes; never a published
     /// value.
     #[arg(long, env = "DROPLINE_JWT_SECRET", default_value = "", hide_default_value = true, hide_env_values = true)]
+    #[serde(serialize_with = "redacted_secret")]
     pub jwt_secret: String,
     /// HS256 secret admins' tokens are signed with: a different one, held
     /// only by operators' tooling.
@@ -26,6 +30,7 @@ pub struct IngressConfig {
         hide_default_value = true,
         hide_env_values = true
     )]
+    #[serde(serialize_with = "redacted_secret")]
     pub admin_jwt_secret: String,
     /// The `iss` every token must carry (and `dropctl token` sets).
     #[arg(long, env = "DROPLINE_JWT_ISSUER", default_value = dropline::auth::DEFAULT_ISSUER)]
@@ -38,12 +43,14 @@ pub struct IngressConfig {
         hide_default_value = true,
         hide_env_values = true
     )]
+    #[serde(serialize_with = "redacted_secret")]
     pub webhook_secret: String,
     /// How far a webhook's signed timestamp may be from now.
     #[arg(long, env = "DROPLINE_WEBHOOK_TOLERANCE_SECS", default_value_t = 300)]
     pub webhook_tolerance_secs: i64,
     /// The payment provider's API.
     #[arg(long, env = "DROPLINE_PAYMENT_PROVIDER_URL", default_value = "http://127.0.0.1:8090")]
+    #[serde(serialize_with = "redacted_url")]
     pub payment_provider_url: String,
     /// Purchases admitted per second by this process, all buyers together.
     #[arg(long, env = "DROPLINE_ADMIT_PER_SEC", default_value_t = 20_000)]
@@ -111,8 +118,11 @@ pub struct IngressConfig {
     pub ops: OpsArgs,
 }
 
-impl IngressConfig {
-    pub fn validate(&self) -> Result<(), ConfigError> {
+impl dropline::stage::StageConfig for IngressConfig {
+    const NAME: &'static str = "ingress";
+    const DEFAULT_OPS_PORT: u16 = crate::DEFAULT_OPS_PORT;
+
+    fn validate(&self) -> Result<(), ConfigError> {
         let mut p = Problems::default();
         self.kafka.check(&mut p);
         self.redis.check(&mut p);
@@ -166,6 +176,16 @@ impl IngressConfig {
         p.into_result()
     }
 
+    fn ops(&self) -> &OpsArgs {
+        &self.ops
+    }
+
+    fn describe_metrics() {
+        crate::metrics::describe();
+    }
+}
+
+impl IngressConfig {
     /// The front door's timeouts and limits. `open_files` is the process's
     /// soft RLIMIT_NOFILE, when known.
     fn check_http(&self, p: &mut Problems, open_files: Option<u64>) {
@@ -206,36 +226,6 @@ impl IngressConfig {
             p.add("DROPLINE_SEARCH_STATEMENT_TIMEOUT_MS must be 10 to 60000");
         }
     }
-
-    /// The effective config for the start-up log, secrets masked.
-    pub fn log_effective(&self) {
-        tracing::info!(
-            listen_addr = %self.listen_addr,
-            ops_addr = %self.ops.addr_or(crate::DEFAULT_OPS_PORT),
-            kafka_brokers = %self.kafka.brokers,
-            topic_prefix = %self.kafka.topic_prefix,
-            redis_url = %redact_url(&self.redis.url),
-            mysql_url = %redact_url(&self.mysql.url),
-            payment_provider_url = %self.payment_provider_url,
-            admit_per_sec = self.admit_per_sec,
-            admit_burst = self.admit_burst,
-            user_per_sec = self.user_per_sec,
-            user_burst = self.user_burst,
-            jwt_issuer = %self.jwt_issuer,
-            idempotency_ttl_secs = self.idempotency_ttl_secs,
-            idempotency_lease_ms = self.idempotency_lease_ms,
-            http_header_read_timeout_ms = self.http_header_read_timeout_ms,
-            http_request_timeout_ms = self.http_request_timeout_ms,
-            http_idle_timeout_secs = self.http_idle_timeout_secs,
-            http_max_connections = self.http_max_connections,
-            search_max_concurrent_requests = self.search_max_concurrent_requests,
-            search_statement_timeout_ms = self.search_statement_timeout_ms,
-            jwt_secret = "***",
-            admin_jwt_secret = "***",
-            webhook_secret = "***",
-            "ingress config"
-        );
-    }
 }
 
 /// Descriptors kept for what is not an API connection: the Redis and MySQL
@@ -254,6 +244,7 @@ fn open_files_limit() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;
+    use dropline::stage::StageConfig;
 
     use super::*;
 
@@ -278,6 +269,20 @@ mod tests {
     fn the_command_line_is_well_formed_and_random_secrets_validate() {
         IngressConfig::command().debug_assert();
         with(BUYER, ADMIN, WEBHOOK).validate().unwrap();
+    }
+
+    #[test]
+    fn the_effective_config_log_shows_no_secret() {
+        let mut config = with(BUYER, ADMIN, WEBHOOK);
+        config.mysql.url = "mysql://dropline:hunter2-mysql@db:3306/dropline".into();
+        config.redis.url = "redis://:hunter2-redis@cache:6379".into();
+        config.payment_provider_url = "https://shop:hunter2-psp@psp.example".into();
+        let logged = dropline::stage::effective(&config);
+        for secret in [BUYER, ADMIN, WEBHOOK, "hunter2-mysql", "hunter2-redis", "hunter2-psp"] {
+            assert!(!logged.contains(secret), "{secret} is in the log line: {logged}");
+        }
+        assert!(logged.contains("\"jwt_secret\":\"***\""), "{logged}");
+        assert!(logged.contains("\"admit_per_sec\":20000"), "{logged}");
     }
 
     #[test]

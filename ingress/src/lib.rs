@@ -30,7 +30,7 @@ use std::time::Duration;
 use dropline::auth::Tokens;
 use dropline::kafka;
 use dropline::messages::{OrderEvent, Topics};
-use dropline::ops::Readiness;
+use dropline::stage::Stage;
 use dropline::stock::Ledger;
 use rdkafka::producer::Producer;
 use sqlx::MySqlPool;
@@ -52,7 +52,7 @@ use crate::problem::{ErrorCode, Problem};
 #[derive(Debug, thiserror::Error)]
 pub enum IngressError {
     #[error(transparent)]
-    Config(#[from] dropline::config::ConfigError),
+    Stage(#[from] dropline::stage::StageError),
     #[error("mysql: {0}")]
     Mysql(#[from] sqlx::Error),
     #[error("migrations: {0}")]
@@ -126,14 +126,7 @@ pub async fn start_on(
     config: IngressConfig,
     shutdown: CancellationToken,
 ) -> Result<Running, IngressError> {
-    config.validate()?;
-    config.log_effective();
-    // The recorder first: metrics described or created before it exists
-    // would go nowhere.
-    let prometheus = dropline::telemetry::metrics();
-    metrics::describe();
-    kafka::metrics::describe();
-    let ready = Readiness::default();
+    let Stage { ready, ops_addr } = Stage::start(&config, &shutdown).await?;
 
     let db = dropline::db::connect(&config.mysql).await?;
     dropline::db::migrate(&db).await?;
@@ -163,10 +156,6 @@ pub async fn start_on(
         config: config.clone(),
     });
 
-    let ops_addr =
-        dropline::ops::serve(config.ops.addr_or(DEFAULT_OPS_PORT), ready.clone(), prometheus, shutdown.clone())
-            .await?
-            .0;
     let api_addr = listener.local_addr()?;
     let app = routes::router(state);
     ready.set(true);

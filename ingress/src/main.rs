@@ -1,11 +1,8 @@
-use clap::Parser;
+use std::process::ExitCode;
+
 use dropline_ingress::IngressConfig;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    dropline::telemetry::init_logs();
-    let config = IngressConfig::parse();
-    let shutdown = dropline::shutdown::on_signals();
-    dropline_ingress::run(config, shutdown).await?;
-    Ok(())
+async fn main() -> ExitCode {
+    dropline::stage::main::<IngressConfig, _, _, _>(dropline_ingress::run).await
 }

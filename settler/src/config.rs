@@ -1,8 +1,8 @@
 use clap::Parser;
-use dropline::config::{redact_url, ConfigError, KafkaArgs, MysqlArgs, OpsArgs, Problems, RedisArgs};
+use dropline::config::{ConfigError, KafkaArgs, MysqlArgs, OpsArgs, Problems, RedisArgs};
 
 /// The settler: persists what the other stages decided into MySQL.
-#[derive(Debug, Clone, Parser)]
+#[derive(Debug, Clone, Parser, serde::Serialize)]
 #[command(name = "dropline-settler", version)]
 pub struct SettlerConfig {
     /// Consumer group shared by all settlers.
@@ -97,23 +97,6 @@ impl dropline::stage::StageConfig for SettlerConfig {
             p.add("DROPLINE_SETTLER_BATCH_LINGER_MS must be at most 5000");
         }
         p.into_result()
-    }
-
-    fn log_effective(&self) {
-        tracing::info!(
-            group_id = %self.group_id,
-            batch_max = self.batch_max,
-            batch_linger_ms = self.batch_linger_ms,
-            kafka_brokers = %self.kafka.brokers,
-            topic_prefix = %self.kafka.topic_prefix,
-            mysql_url = %redact_url(&self.mysql.url),
-            redis_url = %redact_url(&self.redis.url),
-            drift_interval_secs = self.drift_interval_secs,
-            repair_after_passes = self.repair_after_passes,
-            overdue_grace_secs = self.overdue_grace_secs,
-            ops_addr = %self.ops.addr_or(crate::DEFAULT_OPS_PORT),
-            "settler config"
-        );
     }
 
     fn ops(&self) -> &OpsArgs {

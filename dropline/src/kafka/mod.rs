@@ -24,7 +24,8 @@ use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
 pub use self::batch::{
-    commit_stored, fatal, next_batch, run_batches, store_after, store_offsets, BatchMetrics, BatchOptions, BatchStage, Failure,
+    commit_stored, fatal, next_batch, run_batches, store_after, store_offsets, BatchMetrics, BatchOptions, BatchStage,
+    Failure,
 };
 pub use self::dead_letters::DeadLetters;
 pub use self::group::{decode_assignment, watch, GroupContext, PartitionKey};
