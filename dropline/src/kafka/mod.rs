@@ -140,8 +140,9 @@ pub fn producer(args: &KafkaArgs, client: &'static str) -> Result<Producer, Kafk
 ///
 /// It joins as a static member (`group.instance.id`): a restarted instance,
 /// even after kill -9, takes its partitions straight back instead of waiting
-/// for the group to give up on its old session (tansu never does for a
-/// dynamic member). The id is the configured one, or `<client>@<host>`.
+/// for the group to give up on its old session. The id is the configured
+/// one, or `<client>@<host>`; an empty one joins dynamically (on tansu, the
+/// only way to run two instances of a stage: see the README).
 pub fn consumer(
     args: &KafkaArgs,
     group_id: &str,
