@@ -90,11 +90,17 @@ export const SUMMARY_TREND_STATS = ['avg', 'min', 'med', 'p(90)', 'p(99)', 'p(99
 
 // The SLOs of a buyer's path: the purchase answer, the decision, and
 // nothing lost on the way.
-export const BUYER_THRESHOLDS = {
-  'http_req_duration{name:purchase}': ['p(99)<500'],
+// The buyers' SLOs. LATENCY_SLOS=off keeps only the outcome thresholds
+// (failures, undecided purchases): the CI smoke runs a debug build on a
+// shared 2-core machine, where latency says nothing about Dropline.
+const OUTCOME_THRESHOLDS = {
   http_req_failed: ['rate<0.01'],
-  dropline_intent_to_decision: ['p(99)<2000'],
   dropline_undecided: ['rate==0'],
+};
+export const BUYER_THRESHOLDS = __ENV.LATENCY_SLOS === 'off' ? OUTCOME_THRESHOLDS : {
+  ...OUTCOME_THRESHOLDS,
+  'http_req_duration{name:purchase}': ['p(99)<500'],
+  dropline_intent_to_decision: ['p(99)<2000'],
 };
 
 // Purchases one unit and follows the intent for up to 30 s. Records the
