@@ -1,8 +1,8 @@
 //! The README's recovery steps, run exactly as written against a local
-//! stack of their own: a drop runs on `scripts/stack.sh up`, the allocator
-//! and then the settler are killed with SIGKILL mid-flood, and the stack is
-//! recovered with `scripts/stack.sh up`, or with `scripts/stack.sh down`
-//! followed by `up`. Afterwards every invariant must hold: every accepted
+//! stack of their own: a drop runs on `scripts/stack.sh up`, the allocator,
+//! the settler and the expirer are killed with SIGKILL mid-flood, and the
+//! stack is recovered with `scripts/stack.sh up`, or with
+//! `scripts/stack.sh down` followed by `up`. Afterwards every invariant must hold: every accepted
 //! purchase decided once, every acknowledged payment one paid order or one
 //! refund record, nothing sold twice.
 //!
@@ -122,8 +122,8 @@ impl LocalStack {
         Ledger::new(pool, &self.name)
     }
 
-    /// A drop during which the allocator and then the settler die by
-    /// SIGKILL and `recover` brings the stack back.
+    /// A drop during which the allocator, the settler and the expirer die
+    /// by SIGKILL and `recover` brings the stack back.
     async fn drop_with_recovery(self, scenario: &str, recover: &'static [&'static [&'static str]]) {
         dropline::telemetry::init_logs();
         self.stack(&["up"]);
@@ -136,11 +136,11 @@ impl LocalStack {
         let ledger = self.ledger();
         let drop = tokio::spawn(async move { drill::run(&api, &keys, &db, &ledger, &plan).await });
         common::flood_under_way(&probe).await;
-        // The settler dies once the allocator is gone, as in a cascade.
-        self.kill9("allocator");
-        self.wait_dead("allocator").await;
-        self.kill9("settler");
-        self.wait_dead("settler").await;
+        // Every consumer dies, one after the other, as in a cascade.
+        for stage in ["allocator", "settler", "expirer"] {
+            self.kill9(stage);
+            self.wait_dead(stage).await;
+        }
         for step in recover {
             self.stack(step);
         }
