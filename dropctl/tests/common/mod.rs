@@ -313,30 +313,50 @@ where
 }
 
 /// A copy of every Redis key matching `pattern`, as a lagging replica
-/// would have them.
-pub async fn redis_snapshot(pool: &deadpool_redis::Pool, pattern: &str) -> Vec<(String, Vec<u8>)> {
+/// would have them: value and expiry (a fence's lease, say, must still run
+/// out after a roll-back).
+pub async fn redis_snapshot(pool: &deadpool_redis::Pool, pattern: &str) -> Vec<RedisKeyCopy> {
     let mut conn = pool.get().await.unwrap();
     let keys: Vec<String> = deadpool_redis::redis::cmd("KEYS").arg(pattern).query_async(&mut conn).await.unwrap();
     let mut out = Vec::new();
     for key in keys {
-        let dump: Option<Vec<u8>> = deadpool_redis::redis::cmd("DUMP").arg(&key).query_async(&mut conn).await.unwrap();
-        out.extend(dump.map(|d| (key, d)));
+        let (dump, expires_at_ms): (Option<Vec<u8>>, i64) = deadpool_redis::redis::pipe()
+            .atomic()
+            .cmd("DUMP")
+            .arg(&key)
+            .cmd("PEXPIRETIME")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        out.extend(dump.map(|dump| RedisKeyCopy { key, dump, expires_at_ms }));
     }
     out
 }
 
+/// One key of a [`redis_snapshot`]; `expires_at_ms` is a Unix time, or
+/// negative for none.
+pub struct RedisKeyCopy {
+    key: String,
+    dump: Vec<u8>,
+    expires_at_ms: i64,
+}
+
 /// Puts a snapshot back: Redis forgets every write since, as after a
-/// failover to a replica that had not received them.
-pub async fn redis_roll_back(pool: &deadpool_redis::Pool, pattern: &str, snapshot: &[(String, Vec<u8>)]) {
+/// failover to a replica that had not received them. Keys keep their
+/// expiry time; one already past is gone.
+pub async fn redis_roll_back(pool: &deadpool_redis::Pool, pattern: &str, snapshot: &[RedisKeyCopy]) {
     let mut conn = pool.get().await.unwrap();
     let now: Vec<String> = deadpool_redis::redis::cmd("KEYS").arg(pattern).query_async(&mut conn).await.unwrap();
     let mut pipe = deadpool_redis::redis::pipe();
     pipe.atomic();
-    for key in now.iter().filter(|k| !snapshot.iter().any(|(s, _)| s == *k)) {
+    for key in now.iter().filter(|k| !snapshot.iter().any(|c| c.key == **k)) {
         pipe.del(key).ignore();
     }
-    for (key, dump) in snapshot {
-        pipe.cmd("RESTORE").arg(key).arg(0).arg(dump).arg("REPLACE").ignore();
+    for copy in snapshot {
+        // With ABSTTL, 0 means no expiry.
+        let at = copy.expires_at_ms.max(0);
+        pipe.cmd("RESTORE").arg(&copy.key).arg(at).arg(&copy.dump).arg("REPLACE").arg("ABSTTL").ignore();
     }
     let _: () = pipe.query_async(&mut conn).await.unwrap();
 }
