@@ -18,13 +18,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dropline::kafka::{self, DeadLetters};
+use dropline::kafka::{self, DeadLetters, PublishError, Publisher, Record, WhenFull};
 use dropline::messages::{now_ms, Decision, HoldExpiry, Outcome, PurchaseIntent, Topics};
 use dropline::stage::Stage;
 use dropline::stock::{Claim, Ledger, LedgerError, Verdict};
-use futures::future::join_all;
 use rdkafka::message::{Message, OwnedMessage};
-use rdkafka::producer::FutureRecord;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -60,7 +58,7 @@ struct Allocator {
     unpublished: std::sync::Mutex<HashMap<Uuid, Verdict>>,
     ledger: Ledger,
     watch: Arc<StockWatch>,
-    producer: kafka::Producer,
+    publisher: Publisher,
     topics: Topics,
 }
 
@@ -68,7 +66,7 @@ pub async fn run(config: AllocatorConfig, shutdown: CancellationToken) -> Result
     let ready = Stage::start(&config, &shutdown).await?.ready;
     let topics = config.kafka.topics();
     kafka::ensure_topics(&config.kafka, &topics.all()).await?;
-    let producer = kafka::producer(&config.kafka, "allocator-producer")?;
+    let publisher = Publisher::new(&config.kafka, "allocator-producer", WhenFull::Wait)?;
     let consumer = kafka::subscribed(
         &config.kafka,
         &config.group_id,
@@ -80,9 +78,9 @@ pub async fn run(config: AllocatorConfig, shutdown: CancellationToken) -> Result
     let ledger = Ledger::new(config.redis.pool()?, &config.redis.key_prefix);
     let watch = Arc::new(StockWatch::default());
     tokio::spawn(watch.clone().sample(ledger.clone(), Duration::from_secs(2), shutdown.clone()));
-    let dead_letters = DeadLetters::new(producer.clone(), topics.dead_letter.clone(), "allocator");
+    let dead_letters = DeadLetters::new(publisher.clone(), topics.dead_letter.clone(), "allocator");
     let instance = format!("{}-{}", config.kafka.instance_id("allocator-consumer").unwrap_or_default(), Uuid::new_v4());
-    let allocator = Allocator { instance, unpublished: Default::default(), ledger, watch, producer, topics };
+    let allocator = Allocator { instance, unpublished: Default::default(), ledger, watch, publisher, topics };
     ready.set(true);
     tracing::info!("allocator consuming");
 
@@ -104,7 +102,7 @@ enum DecideError {
     #[error(transparent)]
     Ledger(#[from] LedgerError),
     #[error("publishing decisions: {0}")]
-    Publish(#[from] rdkafka::error::KafkaError),
+    Publish(#[from] PublishError),
     #[error("event {0} is not in the record: no ledger can ever decide its intents")]
     UnknownEvent(u64),
 }
@@ -263,20 +261,12 @@ impl Allocator {
         out
     }
 
-    /// Produces all messages and waits for every acknowledgement. On failure
-    /// the whole set is produced again: consumers dedup by id.
-    async fn publish(&self, messages: &[Outgoing]) -> Result<(), rdkafka::error::KafkaError> {
-        let sends = messages.iter().map(|m| {
-            let mut record = FutureRecord::to(&m.topic).key(&m.key).payload(&m.payload);
-            if let Some(headers) = kafka::request_id_headers(m.request_id.as_deref()) {
-                record = record.headers(headers);
-            }
-            self.producer.send(record, Duration::from_secs(5))
-        });
-        for result in join_all(sends).await {
-            result.map_err(|(e, _)| e)?;
-        }
-        Ok(())
+    /// Publishes all messages at once and waits for every acknowledgement.
+    /// If any failed the whole set is published again: consumers dedup by id.
+    async fn publish(&self, messages: &[Outgoing]) -> Result<(), PublishError> {
+        let records =
+            messages.iter().map(|m| Record::new(&m.topic, &m.key, &m.payload).request_id(m.request_id.as_deref()));
+        self.publisher.publish_all(records).await.into_iter().collect()
     }
 }
 

@@ -10,6 +10,7 @@ use dropctl::quiet::{self, PipelineArgs, Quiet};
 use dropctl::tokens::TokenArgs;
 use dropline::auth::Audience;
 use dropline::config::{KafkaArgs, MysqlArgs, RedisArgs};
+use dropline::kafka::{Publisher, WhenFull};
 use dropline::stock::Ledger;
 
 /// Dropline's operator tool.
@@ -246,9 +247,9 @@ async fn main() -> anyhow::Result<()> {
                 catch_up_timeout: Duration::from_secs(timeout_secs),
                 fence_ttl_secs: timeout_secs + 60,
             };
-            let producer = dropline::kafka::producer(&kafka, "dropctl-producer")?;
+            let publisher = Publisher::new(&kafka, "dropctl-producer", WhenFull::Wait)?;
             let topics = kafka.topics();
-            let broker = dropline_settler::rebuild::Broker { kafka: &kafka, producer: &producer, topics: &topics };
+            let broker = dropline_settler::rebuild::Broker { kafka: &kafka, publisher: &publisher, topics: &topics };
             let levels = dropline_settler::rebuild::rebuild(
                 &db,
                 &ledger,

@@ -8,6 +8,7 @@ use std::time::Duration;
 use common::{eventually, Options, Stack};
 use dropctl::api::Api;
 use dropctl::drill::{self, DropPlan};
+use dropline::kafka::Record;
 use dropline::messages::{Decision, Outcome, PurchaseIntent, RejectReason};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
@@ -101,7 +102,7 @@ async fn intents_rows(stack: &Stack, intent: Uuid) -> i64 {
 async fn the_same_intent_delivered_twice_is_decided_once() {
     let stack = Stack::start(Options::default()).await;
     let event = open_event(&stack, 10, 60).await;
-    let producer = dropline::kafka::producer(&stack.kafka, "test-producer").unwrap();
+    let publisher = stack.publisher();
     let intent = PurchaseIntent {
         intent_id: Uuid::new_v4(),
         event_id: event,
@@ -110,28 +111,19 @@ async fn the_same_intent_delivered_twice_is_decided_once() {
         accepted_at_ms: dropline::messages::now_ms(),
     };
     let payload = serde_json::to_vec(&intent).unwrap();
+    let key = event.to_string();
     for _ in 0..2 {
-        dropline::kafka::send_acked(&producer, &stack.topics.intents, &event.to_string(), &payload, None)
-            .await
-            .unwrap();
+        publisher.publish(Record::new(&stack.topics.intents, &key, &payload)).await.unwrap();
     }
     // A third delivery after the first decision was recorded.
     eventually("the decision", Duration::from_secs(30), || async {
         (intents_rows(&stack, intent.intent_id).await == 1).then_some(())
     })
     .await;
-    dropline::kafka::send_acked(&producer, &stack.topics.intents, &event.to_string(), &payload, None).await.unwrap();
+    publisher.publish(Record::new(&stack.topics.intents, &key, &payload)).await.unwrap();
     // A marker intent behind it shows when the allocator got past it.
     let marker = PurchaseIntent { intent_id: Uuid::new_v4(), user_id: "marker".into(), quantity: 1, ..intent.clone() };
-    dropline::kafka::send_acked(
-        &producer,
-        &stack.topics.intents,
-        &event.to_string(),
-        &serde_json::to_vec(&marker).unwrap(),
-        None,
-    )
-    .await
-    .unwrap();
+    publisher.publish(Record::new(&stack.topics.intents, &key, &serde_json::to_vec(&marker).unwrap())).await.unwrap();
     eventually("the marker's decision", Duration::from_secs(30), || async {
         (intents_rows(&stack, marker.intent_id).await == 1).then_some(())
     })
@@ -153,9 +145,9 @@ async fn the_same_intent_delivered_twice_is_decided_once() {
 async fn a_malformed_intent_is_dead_lettered_and_the_partition_keeps_flowing() {
     let stack = Stack::start(Options::default()).await;
     let event = open_event(&stack, 10, 60).await;
-    let producer = dropline::kafka::producer(&stack.kafka, "test-producer").unwrap();
+    let publisher = stack.publisher();
     let key = event.to_string();
-    dropline::kafka::send_acked(&producer, &stack.topics.intents, &key, b"{not json", None).await.unwrap();
+    publisher.publish(Record::new(&stack.topics.intents, &key, b"{not json")).await.unwrap();
     let good = PurchaseIntent {
         intent_id: Uuid::new_v4(),
         event_id: event,
@@ -163,9 +155,7 @@ async fn a_malformed_intent_is_dead_lettered_and_the_partition_keeps_flowing() {
         quantity: 1,
         accepted_at_ms: dropline::messages::now_ms(),
     };
-    dropline::kafka::send_acked(&producer, &stack.topics.intents, &key, &serde_json::to_vec(&good).unwrap(), None)
-        .await
-        .unwrap();
+    publisher.publish(Record::new(&stack.topics.intents, &key, &serde_json::to_vec(&good).unwrap())).await.unwrap();
     eventually("the intent behind the poison", Duration::from_secs(30), || async {
         (intents_rows(&stack, good.intent_id).await == 1).then_some(())
     })
@@ -185,7 +175,7 @@ async fn a_malformed_intent_is_dead_lettered_and_the_partition_keeps_flowing() {
 async fn a_decision_the_record_can_never_take_is_dead_lettered_and_the_partition_keeps_flowing() {
     let stack = Stack::start(Options::default()).await;
     let event = open_event(&stack, 10, 60).await;
-    let producer = dropline::kafka::producer(&stack.kafka, "test-producer").unwrap();
+    let publisher = stack.publisher();
     let key = event.to_string();
     let decision = |user_id: String| Decision {
         intent_id: Uuid::new_v4(),
@@ -200,9 +190,7 @@ async fn a_decision_the_record_can_never_take_is_dead_lettered_and_the_partition
     let poison = decision("p".repeat(300));
     let good = decision("after-poison".into());
     for d in [&poison, &good] {
-        dropline::kafka::send_acked(&producer, &stack.topics.decisions, &key, &serde_json::to_vec(d).unwrap(), None)
-            .await
-            .unwrap();
+        publisher.publish(Record::new(&stack.topics.decisions, &key, &serde_json::to_vec(d).unwrap())).await.unwrap();
     }
     eventually("the decision behind the poison", Duration::from_secs(60), || async {
         (intents_rows(&stack, good.intent_id).await == 1).then_some(())
@@ -1031,7 +1019,7 @@ async fn an_order_handed_out_is_never_not_found_while_redis_catches_up() {
 async fn an_intent_for_an_event_the_record_does_not_have_is_dead_lettered_not_retried_forever() {
     let stack = Stack::start(Options::default()).await;
     let event = open_event(&stack, 10, 60).await;
-    let producer = dropline::kafka::producer(&stack.kafka, "test-producer").unwrap();
+    let publisher = stack.publisher();
     // Only a foreign producer could write this: the ingress checks the event.
     let unknown = event + 1_000_000;
     let intent = |event_id: u64, user: &str| PurchaseIntent {
@@ -1045,9 +1033,7 @@ async fn an_intent_for_an_event_the_record_does_not_have_is_dead_lettered_not_re
     let good = intent(event, "after-unknown");
     for i in [&poison, &good] {
         let key = i.event_id.to_string();
-        dropline::kafka::send_acked(&producer, &stack.topics.intents, &key, &serde_json::to_vec(i).unwrap(), None)
-            .await
-            .unwrap();
+        publisher.publish(Record::new(&stack.topics.intents, &key, &serde_json::to_vec(i).unwrap())).await.unwrap();
     }
     eventually("the intent beside the unknown event's", Duration::from_secs(60), || async {
         (intents_rows(&stack, good.intent_id).await == 1).then_some(())

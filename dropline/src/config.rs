@@ -23,7 +23,8 @@ pub struct KafkaArgs {
     /// How long a produced message may wait for the broker before it fails.
     #[arg(long = "kafka-message-timeout-ms", env = "DROPLINE_KAFKA_MESSAGE_TIMEOUT_MS", default_value_t = 5000)]
     pub message_timeout_ms: u64,
-    /// Messages the producer may queue locally; past this, sends fail at once.
+    /// Messages the producer may hold unacknowledged; past this the ingress
+    /// refuses at once and the stages wait for room (`kafka::WhenFull`).
     #[arg(
         long = "kafka-producer-queue-max-messages",
         env = "DROPLINE_KAFKA_PRODUCER_QUEUE_MAX_MESSAGES",

@@ -6,7 +6,7 @@
 //!   it (allocate, pay, cancel, expire).
 //! - [`db`]: the MySQL pool and the schema's migrations; [`events`]: events
 //!   as the record keeps them and the sale rules they load into the ledger.
-//! - [`kafka`]: producer and consumer setup, the one batch-consumer loop,
+//! - [`kafka`]: the one publisher, consumer setup, the one batch-consumer loop,
 //!   group membership and readiness, offset storage and the dead-letter
 //!   topic.
 //! - [`payments`]: the payment provider's webhook body and HMAC signature.

@@ -21,7 +21,7 @@ pub mod schedule;
 
 use std::time::Duration;
 
-use dropline::kafka::{self, DeadLetters, GroupContext};
+use dropline::kafka::{self, DeadLetters, GroupContext, Publisher, Record, WhenFull};
 use dropline::messages::{now_ms, HoldExpiry, Topics};
 use dropline::stage::Stage;
 use dropline::stock::{EndOutcome, Ledger};
@@ -58,7 +58,7 @@ const RELEASES_PER_TICK: usize = 512;
 
 struct Expirer {
     ledger: Ledger,
-    producer: kafka::Producer,
+    publisher: Publisher,
     topics: Topics,
 }
 
@@ -73,8 +73,8 @@ pub async fn run(config: ExpirerConfig, shutdown: CancellationToken) -> Result<(
     let ready = Stage::start(&config, &shutdown).await?.ready;
     let topics = config.kafka.topics();
     kafka::ensure_topics(&config.kafka, &topics.all()).await?;
-    let producer = kafka::producer(&config.kafka, "expirer-producer")?;
-    let dead_letters = DeadLetters::new(producer.clone(), topics.dead_letter.clone(), "expirer");
+    let publisher = Publisher::new(&config.kafka, "expirer-producer", WhenFull::Wait)?;
+    let dead_letters = DeadLetters::new(publisher.clone(), topics.dead_letter.clone(), "expirer");
     let consumer = kafka::subscribed(
         &config.kafka,
         &config.group_id,
@@ -83,7 +83,7 @@ pub async fn run(config: ExpirerConfig, shutdown: CancellationToken) -> Result<(
         &ready,
         &shutdown,
     )?;
-    let expirer = Expirer { ledger: Ledger::new(config.redis.pool()?, &config.redis.key_prefix), producer, topics };
+    let expirer = Expirer { ledger: Ledger::new(config.redis.pool()?, &config.redis.key_prefix), publisher, topics };
     let mut schedule = Schedule::new(config.max_pending_per_partition);
     ready.set(true);
     tracing::info!("expirer consuming");
@@ -168,10 +168,9 @@ impl Expirer {
         };
         let event = hold.order_event(order_id, event_id, None);
         let payload = serde_json::to_vec(&event).expect("messages serialize");
-        let headers = kafka::request_id_headers(due.request_id.as_deref());
-        let sent =
-            kafka::send_acked(&self.producer, &self.topics.order_events, &order_id.to_string(), &payload, headers)
-                .await;
+        let key = order_id.to_string();
+        let record = Record::new(&self.topics.order_events, &key, &payload).request_id(due.request_id.as_deref());
+        let sent = self.publisher.publish(record).await;
         if let Err(e) = sent {
             tracing::warn!(error = %e, %order_id, "publishing an ended hold failed; retrying next tick");
             return Released::Failed;

@@ -28,11 +28,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dropline::auth::Tokens;
-use dropline::kafka;
+use dropline::kafka::{self, Publisher, Record, WhenFull};
 use dropline::messages::{OrderEvent, Topics};
 use dropline::stage::Stage;
 use dropline::stock::Ledger;
-use rdkafka::producer::Producer;
 use sqlx::MySqlPool;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -78,7 +77,7 @@ pub struct AppState {
     pub orders: Orders,
     pub ledger: Ledger,
     pub db: MySqlPool,
-    pub producer: kafka::Producer,
+    pub publisher: Publisher,
     pub topics: Topics,
     pub limits: Arc<Limits>,
     pub http: reqwest::Client,
@@ -88,13 +87,12 @@ impl AppState {
     /// Puts an order's new state on Kafka and waits for the ack.
     pub async fn publish_order_event(&self, event: &OrderEvent, request_id: &str) -> Result<(), Problem> {
         let payload = serde_json::to_vec(event).map_err(|_| Problem::new(ErrorCode::Internal))?;
-        let headers = kafka::request_id_headers(Some(request_id));
-        kafka::send_acked(&self.producer, &self.topics.order_events, &event.order_id.to_string(), &payload, headers)
-            .await
-            .map_err(|e| {
-                tracing::warn!(error = %e, order_id = %event.order_id, "order event not acknowledged");
-                Problem::new(ErrorCode::BrokerUnavailable).retry_after(1)
-            })
+        let key = event.order_id.to_string();
+        let record = Record::new(&self.topics.order_events, &key, &payload).request_id(Some(request_id));
+        self.publisher.publish(record).await.map_err(|e| {
+            tracing::warn!(error = %e, order_id = %event.order_id, "order event not acknowledged");
+            Problem::new(ErrorCode::BrokerUnavailable).retry_after(1)
+        })
     }
 }
 
@@ -135,7 +133,7 @@ pub async fn start_on(
     let ledger = Ledger::new(redis.clone(), &config.redis.key_prefix);
     let topics = config.kafka.topics();
     kafka::ensure_topics(&config.kafka, &topics.all()).await?;
-    let producer = kafka::producer(&config.kafka, "ingress-producer")?;
+    let publisher = Publisher::new(&config.kafka, "ingress-producer", WhenFull::Refuse)?;
 
     let limits =
         Arc::new(Limits::new(config.admit_per_sec, config.admit_burst, config.user_per_sec, config.user_burst));
@@ -149,7 +147,7 @@ pub async fn start_on(
         intents,
         ledger,
         db,
-        producer: producer.clone(),
+        publisher: publisher.clone(),
         topics,
         limits,
         http: reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?,
@@ -171,7 +169,7 @@ pub async fn start_on(
         server::serve(listener, app, limits, ready, shutdown, drain).await;
         // Order events of requests that finished are acknowledged already;
         // this only flushes what is still queued.
-        let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(5))).await;
+        let _ = tokio::task::spawn_blocking(move || publisher.flush(Duration::from_secs(5))).await;
         tracing::info!("ingress stopped");
     });
     Ok(Running { api_addr, ops_addr, task })

@@ -5,8 +5,6 @@ use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 pub const REQUESTS: &str = "dropline_ingress_requests_total";
 pub const REQUEST_DURATION: &str = "dropline_ingress_request_duration_seconds";
 pub const PURCHASES: &str = "dropline_ingress_purchases_total";
-pub const PRODUCE_DURATION: &str = "dropline_ingress_produce_duration_seconds";
-pub const PRODUCER_QUEUE: &str = "dropline_ingress_producer_queue_messages";
 pub const WEBHOOKS: &str = "dropline_ingress_webhooks_total";
 pub const OPEN_CONNECTIONS: &str = "dropline_ingress_open_connections";
 pub const EVICTED_CONNECTIONS: &str = "dropline_ingress_evicted_connections_total";
@@ -20,8 +18,6 @@ pub fn describe() {
          sale_not_open, sale_closed, unavailable, invalid, and in_progress (a copy of a request still being \
          answered)."
     );
-    describe_histogram!(PRODUCE_DURATION, Unit::Seconds, "Time from producing an intent to the broker's ack.");
-    describe_gauge!(PRODUCER_QUEUE, "Messages waiting in the Kafka producer's local queue.");
     describe_counter!(WEBHOOKS, "Payment webhooks by result: captured, refund_required, ignored, rejected.");
     describe_gauge!(OPEN_CONNECTIONS, "Client connections open on the API listener.");
     describe_counter!(

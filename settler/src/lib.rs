@@ -24,7 +24,7 @@ pub mod store;
 
 use std::sync::Arc;
 
-use dropline::kafka::{self, DeadLetters};
+use dropline::kafka::{self, DeadLetters, Publisher, WhenFull};
 use dropline::messages::{Decision, OrderEvent};
 use dropline::stage::Stage;
 use rdkafka::message::{Message, OwnedMessage};
@@ -61,8 +61,8 @@ pub async fn run(config: SettlerConfig, shutdown: CancellationToken) -> Result<(
     dropline::db::migrate(&db).await?;
     let topics = config.kafka.topics();
     kafka::ensure_topics(&config.kafka, &topics.all()).await?;
-    let producer = kafka::producer(&config.kafka, "settler-producer")?;
-    let dead_letters = DeadLetters::new(producer.clone(), topics.dead_letter.clone(), "settler");
+    let publisher = Publisher::new(&config.kafka, "settler-producer", WhenFull::Wait)?;
+    let dead_letters = DeadLetters::new(publisher.clone(), topics.dead_letter.clone(), "settler");
     let consumer = kafka::subscribed(
         &config.kafka,
         &config.group_id,
@@ -77,7 +77,7 @@ pub async fn run(config: SettlerConfig, shutdown: CancellationToken) -> Result<(
         db: db.clone(),
         ledger: ledger.clone(),
         kafka: config.kafka.clone(),
-        producer,
+        publisher,
         topics: topics.clone(),
         options: config.reconcile_options(),
         voided: voided.clone(),

@@ -34,6 +34,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use dropline::config::KafkaArgs;
 use dropline::events::Event;
+use dropline::kafka::{PublishError, Publisher, Record};
 use dropline::messages::{OrderState, RejectReason, Topics};
 use dropline::stock::{Hold, Ledger, Restore, StockLevels, Verdict};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -68,6 +69,8 @@ pub enum RebuildError {
     Ledger(#[from] dropline::stock::LedgerError),
     #[error("kafka: {0}")]
     Kafka(#[from] KafkaError),
+    #[error("publishing: {0}")]
+    Publish(#[from] PublishError),
     #[error("the settlers did not catch up within {0:?}")]
     NotCaughtUp(Duration),
     #[error("the rebuild was stopped by shutdown; nothing was changed")]
@@ -83,7 +86,7 @@ pub enum RebuildError {
 /// catch up.
 pub struct Broker<'a> {
     pub kafka: &'a KafkaArgs,
-    pub producer: &'a dropline::kafka::Producer,
+    pub publisher: &'a Publisher,
     pub topics: &'a Topics,
 }
 
@@ -211,7 +214,7 @@ async fn carry_forward(
         }
         let event = hold.order_event(order_id, event_id, None);
         let payload = serde_json::to_vec(&event).expect("messages serialize");
-        dropline::kafka::send_acked(broker.producer, &broker.topics.order_events, &id, &payload, None).await?;
+        broker.publisher.publish(Record::new(&broker.topics.order_events, &id, &payload)).await?;
         carried += 1;
     }
     if carried > 0 {

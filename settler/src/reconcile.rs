@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dropline::config::KafkaArgs;
-use dropline::kafka::{self, Producer};
+use dropline::kafka::{Publisher, Record};
 use dropline::messages::Topics;
 use dropline::stock::{EndOutcome, Ledger};
 use sqlx::MySqlPool;
@@ -161,7 +161,7 @@ pub struct Reconciler {
     pub db: MySqlPool,
     pub ledger: Ledger,
     pub kafka: KafkaArgs,
-    pub producer: Producer,
+    pub publisher: Publisher,
     pub topics: Topics,
     pub options: ReconcileOptions,
     /// Events whose holds the settler just voided.
@@ -321,7 +321,7 @@ impl Reconciler {
             };
             let event = hold.order_event(order_id, event_id, None);
             let payload = serde_json::to_vec(&event).expect("messages serialize");
-            kafka::send_acked(&self.producer, &self.topics.order_events, &order, &payload, None).await?;
+            self.publisher.publish(Record::new(&self.topics.order_events, &order, &payload)).await?;
             ::metrics::counter!(OVERDUE_ENDED).increment(1);
             tracing::warn!(event_id, order_id = %order, state = hold.state.as_str(),
                 "a hold outlived its deadline in the record; ended it through the ledger and told the settler");
@@ -335,7 +335,7 @@ impl Reconciler {
         why: &Repair,
         shutdown: &CancellationToken,
     ) -> Result<(), crate::rebuild::RebuildError> {
-        let broker = crate::rebuild::Broker { kafka: &self.kafka, producer: &self.producer, topics: &self.topics };
+        let broker = crate::rebuild::Broker { kafka: &self.kafka, publisher: &self.publisher, topics: &self.topics };
         let rebuilt = crate::rebuild::rebuild(
             &self.db,
             &self.ledger,

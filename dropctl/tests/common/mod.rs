@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::Parser;
 use dropline::auth::Tokens;
 use dropline::config::{KafkaArgs, MysqlArgs};
+use dropline::kafka::{Publisher, WhenFull};
 use dropline::messages::Topics;
 use dropline::stock::Ledger;
 use sqlx::MySqlPool;
@@ -276,6 +277,12 @@ impl Stack {
     /// The stack's broker and consumer groups.
     pub fn pipeline(&self) -> dropctl::quiet::PipelineArgs {
         pipeline(&self.kafka.brokers, &self.name)
+    }
+
+    /// A publisher on the stack's broker, for records a test writes
+    /// straight to a topic (duplicates, poison).
+    pub fn publisher(&self) -> Publisher {
+        Publisher::new(&self.kafka, "test-producer", WhenFull::Wait).unwrap()
     }
 
     pub fn token(&self, user: &str) -> String {

@@ -1,5 +1,6 @@
-//! Kafka clients as every stage sets them up, and the consumer plumbing they
-//! share: batching, in-order offset storage and the dead-letter topic.
+//! Kafka clients as every stage sets them up: the one [`Publisher`], and the
+//! consumer plumbing the stages share: batching, in-order offset storage and
+//! the dead-letter topic.
 //!
 //! Consumers run with `enable.auto.offset.store=false`: an offset is stored
 //! only after the effect of its message is durable, and librdkafka's periodic
@@ -8,6 +9,8 @@
 mod batch;
 mod dead_letters;
 mod group;
+pub mod metrics;
+mod publish;
 
 use std::time::Duration;
 
@@ -16,10 +19,8 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::StreamConsumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::statistics::Statistics;
-use rdkafka::ClientContext;
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
@@ -29,50 +30,10 @@ pub use self::batch::{
 };
 pub use self::dead_letters::DeadLetters;
 pub use self::group::{decode_assignment, watch, GroupContext, PartitionKey};
+pub use self::publish::{producer, Producer, PublishError, Publisher, Record, WhenFull};
 use crate::config::KafkaArgs;
 
-/// Metrics of every Kafka client, declared once for all stages; `client`
-/// labels name the stage and role (`allocator-consumer`, `ingress-producer`).
-pub mod metrics {
-    use metrics::{describe_counter, describe_gauge, Unit};
-
-    pub const CONSUMER_LAG: &str = "dropline_kafka_consumer_lag_messages";
-    pub const BROKER_RTT: &str = "dropline_kafka_broker_rtt_seconds";
-    pub const CLIENT_QUEUE: &str = "dropline_kafka_client_queue_messages";
-    pub const DEAD_LETTERS: &str = "dropline_kafka_dead_letters_total";
-    pub const ASSIGNED_PARTITIONS: &str = "dropline_kafka_consumer_assigned_partitions";
-    pub const UNOWNED_PARTITIONS: &str = "dropline_kafka_consumer_group_unowned_partitions";
-    pub const APPLY_RETRIES: &str = "dropline_kafka_apply_retries_total";
-
-    pub fn describe() {
-        describe_gauge!(
-            CONSUMER_LAG,
-            "Messages between a partition's end and the consumer's position, per topic and partition."
-        );
-        describe_gauge!(
-            BROKER_RTT,
-            Unit::Seconds,
-            "p99 round-trip time to each broker over librdkafka's last statistics window."
-        );
-        describe_gauge!(CLIENT_QUEUE, "Messages waiting in the client's local queues (a producer's unsent messages).");
-        describe_counter!(DEAD_LETTERS, "Messages parked on the dead-letter topic, by stage and reason.");
-        describe_gauge!(
-            ASSIGNED_PARTITIONS,
-            "Partitions this consumer holds now; a consumer stage is ready only above 0."
-        );
-        describe_gauge!(
-            UNOWNED_PARTITIONS,
-            "Partitions of the consumer's topics that no member of its group owns, as the group describes itself."
-        );
-        describe_counter!(
-            APPLY_RETRIES,
-            "Failed attempts to apply a batch, by stage and kind: unavailable (a dependency is down; retried \
-             without limit) or permanent (retried a bounded number of times, then dead-lettered)."
-        );
-    }
-}
-
-/// How often librdkafka reports the statistics exported above.
+/// How often librdkafka reports the statistics [`export_statistics`] exports.
 const STATISTICS_INTERVAL_MS: &str = "5000";
 
 fn export_statistics(client: &'static str, stats: &Statistics) {
@@ -97,42 +58,12 @@ fn export_statistics(client: &'static str, stats: &Statistics) {
     }
 }
 
-/// Producer context that exports librdkafka's statistics.
-pub struct ProducerStats {
-    client: &'static str,
-}
-
-impl ClientContext for ProducerStats {
-    fn stats(&self, statistics: Statistics) {
-        export_statistics(self.client, &statistics);
-    }
-}
-
-/// The producer every stage uses.
-pub type Producer = FutureProducer<ProducerStats>;
-
 #[derive(Debug, Error)]
 pub enum KafkaSetupError {
     #[error("kafka: {0}")]
     Client(#[from] KafkaError),
     #[error("creating topic {topic}: {code}")]
     CreateTopic { topic: String, code: RDKafkaErrorCode },
-}
-
-/// A producer for stage-to-stage traffic: idempotent, acks from every
-/// in-sync replica, and a bounded local queue so a stalled broker pushes
-/// back instead of filling memory.
-pub fn producer(args: &KafkaArgs, client: &'static str) -> Result<Producer, KafkaError> {
-    ClientConfig::new()
-        .set("bootstrap.servers", &args.brokers)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", args.linger_ms.to_string())
-        .set("message.timeout.ms", args.message_timeout_ms.to_string())
-        .set("queue.buffering.max.messages", args.producer_queue_max_messages.to_string())
-        .set("compression.type", "lz4")
-        .set("statistics.interval.ms", STATISTICS_INTERVAL_MS)
-        .create_with_context(ProducerStats { client })
 }
 
 /// A group consumer that never stores an offset by itself. `ready` follows
@@ -204,24 +135,6 @@ pub async fn ensure_topics(args: &KafkaArgs, names: &[&str]) -> Result<(), Kafka
     Ok(())
 }
 
-/// Sends a record and waits for the broker's acknowledgement.
-pub async fn send_acked(
-    producer: &Producer,
-    topic: &str,
-    key: &str,
-    payload: &[u8],
-    headers: Option<OwnedHeaders>,
-) -> Result<(), KafkaError> {
-    let mut record = FutureRecord::to(topic).key(key).payload(payload);
-    if let Some(h) = headers {
-        record = record.headers(h);
-    }
-    match producer.send(record, Duration::from_secs(0)).await {
-        Ok(_) => Ok(()),
-        Err((e, _)) => Err(e),
-    }
-}
-
 /// The Kafka header that carries a purchase's request id from the ingress
 /// through every stage, so one purchase can be followed in all their logs.
 pub const REQUEST_ID_HEADER: &str = "dropline-request-id";
@@ -236,11 +149,6 @@ pub fn request_id(message: &OwnedMessage) -> Option<String> {
         .and_then(|h| h.value)
         .and_then(|v| std::str::from_utf8(v).ok())
         .map(str::to_owned)
-}
-
-/// Headers carrying `request_id` on to the next topic.
-pub fn request_id_headers(request_id: Option<&str>) -> Option<OwnedHeaders> {
-    request_id.map(|id| OwnedHeaders::new().insert(Header { key: REQUEST_ID_HEADER, value: Some(id) }))
 }
 
 /// Retries a fallible async step with capped exponential backoff until it

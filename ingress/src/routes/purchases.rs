@@ -2,25 +2,23 @@
 //! the intent, and answer 202 only once the broker has it.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use dropline::kafka;
+use dropline::kafka::{PublishError, Record};
 use dropline::messages::{now_ms, PurchaseIntent, RejectReason};
 use dropline::stock::{DoorOutcome, LedgerError, Verdict};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureRecord, Producer};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::{read_body, RequestId};
 use crate::extract;
 use crate::intents::{intent_id, Claim, IntentRecord, KeyRecord, KeyState, Settled, StoredRefusal};
-use crate::metrics::{PRODUCER_QUEUE, PRODUCE_DURATION, PURCHASES};
+use crate::metrics::PURCHASES;
 use crate::orders::{not_ready, Lookup, OrderView};
 use crate::problem::{ErrorCode, Problem};
 use crate::AppState;
@@ -261,31 +259,17 @@ async fn produce(app: &AppState, record: &IntentRecord, id: Uuid, request_id: &s
     };
     let payload = serde_json::to_vec(&intent).map_err(|_| Problem::new(ErrorCode::Internal))?;
     let key = record.event_id.to_string();
-    let started = Instant::now();
-    let headers = kafka::request_id_headers(Some(request_id)).unwrap_or_default();
-    let record = FutureRecord::to(&app.topics.intents).key(&key).payload(&payload).headers(headers);
-    let delivery = app.producer.send_result(record);
-    metrics::gauge!(PRODUCER_QUEUE).set(f64::from(app.producer.in_flight_count()));
-    let delivery = match delivery {
-        Ok(d) => d,
-        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-            return Err(Problem::new(ErrorCode::BrokerUnavailable).detail("intake is saturated").retry_after(1));
+    let record = Record::new(&app.topics.intents, &key, &payload).request_id(Some(request_id));
+    match app.publisher.publish(record).await {
+        Ok(()) => Ok(()),
+        Err(PublishError::QueueFull(_)) => {
+            Err(Problem::new(ErrorCode::BrokerUnavailable).detail("intake is saturated").retry_after(1))
         }
-        Err((e, _)) => return Err(broker_failed(&e)),
-    };
-    match delivery.await {
-        Ok(Ok(_)) => {
-            metrics::histogram!(PRODUCE_DURATION).record(started.elapsed().as_secs_f64());
-            Ok(())
+        Err(e) => {
+            tracing::warn!(error = %e, "intent not acknowledged by the broker");
+            Err(Problem::new(ErrorCode::BrokerUnavailable).retry_after(1))
         }
-        Ok(Err((e, _))) => Err(broker_failed(&e)),
-        Err(_) => Err(Problem::new(ErrorCode::BrokerUnavailable).retry_after(1)),
     }
-}
-
-fn broker_failed(e: &KafkaError) -> Problem {
-    tracing::warn!(error = %e, "intent not acknowledged by the broker");
-    Problem::new(ErrorCode::BrokerUnavailable).retry_after(1)
 }
 
 fn accepted(id: Uuid, record: &IntentRecord) -> Response {
