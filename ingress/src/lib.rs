@@ -85,6 +85,37 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// The handlers' state over the given clients.
+    fn new(
+        config: IngressConfig,
+        db: MySqlPool,
+        redis: deadpool_redis::Pool,
+        producer: kafka::Producer,
+        search_timeout: events::SearchTimeout,
+    ) -> Result<AppState, IngressError> {
+        let ledger = Ledger::new(redis.clone(), &config.redis.key_prefix);
+        let intents = IntentStore::new(redis, &config.redis.key_prefix, config.idempotency_ttl_secs);
+        Ok(AppState {
+            tokens: Tokens::new(config.jwt_secret.as_bytes(), config.admin_jwt_secret.as_bytes(), &config.jwt_issuer),
+            events: Events::new(db.clone(), ledger.clone(), Duration::from_millis(config.event_cache_ttl_ms))
+                .with_search_timeout(search_timeout),
+            orders: Orders::new(intents.clone(), ledger.clone(), db.clone()),
+            intents,
+            ledger,
+            db,
+            producer,
+            topics: config.kafka.topics(),
+            limits: Arc::new(Limits::new(
+                config.admit_per_sec,
+                config.admit_burst,
+                config.user_per_sec,
+                config.user_burst,
+            )),
+            http: reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?,
+            config,
+        })
+    }
+
     /// Puts an order's new state on Kafka and waits for the ack.
     pub async fn publish_order_event(&self, event: &OrderEvent, request_id: &str) -> Result<(), Problem> {
         let payload = serde_json::to_vec(event).map_err(|_| Problem::new(ErrorCode::Internal))?;
@@ -96,6 +127,19 @@ impl AppState {
                 Problem::new(ErrorCode::BrokerUnavailable).retry_after(1)
             })
     }
+}
+
+/// The API over clients that connect on first use: building it reaches no
+/// service, and neither does a request refused before its handler reads a
+/// store. For driving the handlers without a socket or a running stack
+/// (`tower::ServiceExt::oneshot`); [`start_on`] serves the same routes.
+pub fn router(config: IngressConfig) -> Result<axum::Router, IngressError> {
+    config.validate()?;
+    let db = dropline::db::connect_lazy(&config.mysql)?;
+    let redis = config.redis.pool()?;
+    let producer = kafka::producer(&config.kafka, "ingress-producer")?;
+    let state = AppState::new(config, db, redis, producer, events::SearchTimeout::None)?;
+    Ok(routes::router(Arc::new(state)))
 }
 
 /// A started ingress.
@@ -139,29 +183,11 @@ pub async fn start_on(
     dropline::db::migrate(&db).await?;
     let search_timeout = events::SearchTimeout::detect(&db, config.search_statement_timeout_ms).await?;
     let redis = config.redis.pool()?;
-    let ledger = Ledger::new(redis.clone(), &config.redis.key_prefix);
     let topics = config.kafka.topics();
     kafka::ensure_topics(&config.kafka, &topics.all()).await?;
     let producer = kafka::producer(&config.kafka, "ingress-producer")?;
-
-    let limits =
-        Arc::new(Limits::new(config.admit_per_sec, config.admit_burst, config.user_per_sec, config.user_burst));
-    tokio::spawn(limits::prune_periodically(limits.clone(), Duration::from_secs(10), shutdown.clone()));
-    let intents = IntentStore::new(redis.clone(), &config.redis.key_prefix, config.idempotency_ttl_secs);
-    let state = Arc::new(AppState {
-        tokens: Tokens::new(config.jwt_secret.as_bytes(), config.admin_jwt_secret.as_bytes(), &config.jwt_issuer),
-        events: Events::new(db.clone(), ledger.clone(), Duration::from_millis(config.event_cache_ttl_ms))
-            .with_search_timeout(search_timeout),
-        orders: Orders::new(intents.clone(), ledger.clone(), db.clone()),
-        intents,
-        ledger,
-        db,
-        producer: producer.clone(),
-        topics,
-        limits,
-        http: reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?,
-        config: config.clone(),
-    });
+    let state = Arc::new(AppState::new(config.clone(), db, redis, producer.clone(), search_timeout)?);
+    tokio::spawn(limits::prune_periodically(state.limits.clone(), Duration::from_secs(10), shutdown.clone()));
 
     let ops_addr =
         dropline::ops::serve(config.ops.addr_or(DEFAULT_OPS_PORT), ready.clone(), prometheus, shutdown.clone())
