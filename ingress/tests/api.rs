@@ -48,15 +48,7 @@ async fn purchases_the_event_refuses_change_nothing() {
     let cases = vec![
         ("zero", post("k1").json(&json!({"quantity": 0})), StatusCode::BAD_REQUEST, "invalid_body"),
         ("over the limit", post("k1").json(&json!({"quantity": 3})), StatusCode::BAD_REQUEST, "invalid_body"),
-        (
-            "an unknown event",
-            http.post(format!("{}/v1/events/999999/purchases", stack.api))
-                .bearer_auth(&token)
-                .header("idempotency-key", "k1")
-                .json(&json!({"quantity": 1})),
-            StatusCode::NOT_FOUND,
-            "event_not_found",
-        ),
+        ("an unknown event", stack.purchase(&http, 999_999, "alice", "k1"), StatusCode::NOT_FOUND, "event_not_found"),
     ];
     let start = books(&stack, event).await;
     for (case, request, status, code) in cases {
@@ -74,6 +66,11 @@ async fn purchases_the_event_refuses_change_nothing() {
     assert_eq!(store.get(intent_id(event, "alice", "k1")).await.unwrap(), None);
     assert_eq!(store.key_record("alice", "k1").await.unwrap(), None);
     stack.stop().await;
+}
+
+/// The JSON body of the answer to `request`.
+async fn answer(request: reqwest::RequestBuilder) -> Value {
+    request.send().await.unwrap().json().await.unwrap()
 }
 
 fn intent_store(stack: &Ingress) -> IntentStore {
@@ -141,15 +138,9 @@ async fn a_refusal_at_the_door_is_replayed_and_decides_its_intent() {
 async fn a_key_belongs_to_one_event_and_its_intent_id_to_that_event() {
     let stack = Ingress::start(&[]).await;
     let http = Client::new();
-    let token = stack.token("bob");
     let first = stack.create_event(&event_body(-5)).await;
     let second = stack.create_event(&event_body(-5)).await;
-    let buy = |event: u64| {
-        http.post(format!("{}/v1/events/{event}/purchases", stack.api))
-            .bearer_auth(&token)
-            .header("idempotency-key", "one-key")
-            .json(&json!({"quantity": 1}))
-    };
+    let buy = |event: u64| stack.purchase(&http, event, "bob", "one-key");
     let r = buy(first).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::ACCEPTED);
     let accepted: Value = r.json().await.unwrap();
@@ -195,20 +186,12 @@ async fn an_idempotency_key_returns_the_same_answer_and_cannot_be_reused() {
     assert_eq!(first["status"], "queued");
     refused(request(2), StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused").await;
     // Another buyer's same key is another purchase.
-    let carol = http
-        .post(&url)
-        .bearer_auth(stack.token("carol"))
-        .header("idempotency-key", "same-key")
-        .json(&json!({"quantity": 1}))
-        .send()
-        .await
-        .unwrap();
-    let carol: Value = carol.json().await.unwrap();
+    let carol = answer(stack.purchase(&http, event, "carol", "same-key")).await;
     assert_ne!(carol["intent_id"], first["intent_id"]);
 
     // The status is the buyer's only; nobody else sees it.
     let status_url = format!("{}{location}", stack.api);
-    let mine: Value = http.get(&status_url).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+    let mine = answer(http.get(&status_url).bearer_auth(&token)).await;
     assert_eq!(mine["status"], "queued", "no allocator runs in this test");
     refused(http.get(&status_url).bearer_auth(stack.token("mallory")), StatusCode::NOT_FOUND, "not_found").await;
     stack.stop().await;
@@ -221,19 +204,10 @@ async fn a_buyer_over_their_rate_gets_429_with_retry_after() {
     // A sale that has not opened answers right after the limiter, so the
     // requests are quick and produce nothing.
     let event = stack.create_event(&event_body(3600)).await;
-    let url = format!("{}/v1/events/{event}/purchases", stack.api);
-    let token = stack.token("dan");
     let started = std::time::Instant::now();
     let mut let_through = 0;
     let refusal = loop {
-        let r = http
-            .post(&url)
-            .bearer_auth(&token)
-            .header("idempotency-key", format!("r{let_through}"))
-            .json(&json!({"quantity": 1}))
-            .send()
-            .await
-            .unwrap();
+        let r = stack.purchase(&http, event, "dan", &format!("r{let_through}")).send().await.unwrap();
         if r.status() == StatusCode::TOO_MANY_REQUESTS {
             break r;
         }
@@ -248,14 +222,7 @@ async fn a_buyer_over_their_rate_gets_429_with_retry_after() {
     let body: Value = refusal.json().await.unwrap();
     assert_eq!(body["code"], "rate_limited");
     // Another buyer is not held back by dan.
-    let r = http
-        .post(&url)
-        .bearer_auth(stack.token("eve"))
-        .header("idempotency-key", "e1")
-        .json(&json!({"quantity": 1}))
-        .send()
-        .await
-        .unwrap();
+    let r = stack.purchase(&http, event, "eve", "e1").send().await.unwrap();
     assert_eq!(r.status(), StatusCode::CONFLICT);
     stack.stop().await;
 }
@@ -275,24 +242,14 @@ async fn events_are_created_pre_warmed_read_and_searched() {
 
     // Good requests: create, prewarm again (a no-op), list, search, read.
     let id = stack.create_event(&event_body(-5)).await;
-    let again: Value = http
-        .post(format!("{}/v1/admin/events/{id}/prewarm", stack.api))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let again = answer(http.post(format!("{}/v1/admin/events/{id}/prewarm", stack.api)).bearer_auth(&admin)).await;
     assert_eq!(again["created"], false);
-    let one: Value = http.get(format!("{}/v1/events/{id}", stack.api)).send().await.unwrap().json().await.unwrap();
+    let one = answer(http.get(format!("{}/v1/events/{id}", stack.api))).await;
     assert_eq!(one["availability"]["available"], 5);
     assert_eq!(one["capacity"], 5);
-    let found: Value =
-        http.get(format!("{}/v1/events?q=API%20test&limit=10", stack.api)).send().await.unwrap().json().await.unwrap();
+    let found = answer(http.get(format!("{}/v1/events?q=API%20test&limit=10", stack.api))).await;
     assert_eq!(found["events"].as_array().unwrap().len(), 1);
-    let none: Value =
-        http.get(format!("{}/v1/events?q=nothing-like-it", stack.api)).send().await.unwrap().json().await.unwrap();
+    let none = answer(http.get(format!("{}/v1/events?q=nothing-like-it", stack.api))).await;
     assert!(none["events"].as_array().unwrap().is_empty());
     stack.stop().await;
 }

@@ -68,14 +68,7 @@ async fn slow_connections_past_the_cap_are_closed_and_buyers_are_still_served() 
     let buyer = Client::builder().pool_max_idle_per_host(0).build().unwrap();
     // The producer's first send to a new topic waits for its metadata;
     // that is not what this test measures.
-    let warm = buyer
-        .post(format!("{}/v1/events/{event}/purchases", stack.api))
-        .bearer_auth(stack.token("warm-up"))
-        .header("idempotency-key", "warm-up")
-        .json(&json!({"quantity": 1}))
-        .send()
-        .await
-        .unwrap();
+    let warm = stack.purchase(&buyer, event, "warm-up", "warm-up").send().await.unwrap();
     assert_eq!(warm.status(), StatusCode::ACCEPTED);
 
     // A first wave past the cap, and a second while buyers are served.
@@ -97,15 +90,7 @@ async fn slow_connections_past_the_cap_are_closed_and_buyers_are_still_served() 
         let status = if i % 2 == 0 {
             buyer.get(format!("{}/v1/events/{event}", stack.api)).send().await.unwrap().status()
         } else {
-            buyer
-                .post(format!("{}/v1/events/{event}/purchases", stack.api))
-                .bearer_auth(stack.token(&format!("buyer-{i}")))
-                .header("idempotency-key", format!("k{i}"))
-                .json(&json!({"quantity": 1}))
-                .send()
-                .await
-                .unwrap()
-                .status()
+            stack.purchase(&buyer, event, &format!("buyer-{i}"), &format!("k{i}")).send().await.unwrap().status()
         };
         let took = started.elapsed();
         assert!(
@@ -187,14 +172,7 @@ async fn a_flood_of_slow_searches_is_shed_and_purchases_keep_their_connections()
     // A purchase meanwhile needs a MySQL connection (its event is not
     // cached yet) and gets one.
     let started = Instant::now();
-    let r = http
-        .post(format!("{}/v1/events/{event}/purchases", stack.api))
-        .bearer_auth(stack.token("buyer"))
-        .header("idempotency-key", "k1")
-        .json(&json!({"quantity": 1}))
-        .send()
-        .await
-        .unwrap();
+    let r = stack.purchase(&http, event, "buyer", "k1").send().await.unwrap();
     let purchase_took = started.elapsed();
     assert_eq!(r.status(), StatusCode::ACCEPTED);
 

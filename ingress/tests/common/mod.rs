@@ -40,6 +40,15 @@ impl Ingress {
         dropline_testkit::create_event(&reqwest::Client::new(), &self.api, &self.admin_token(), body).await
     }
 
+    /// `user`'s purchase of one ticket of `event` under Idempotency-Key
+    /// `key`, to send.
+    pub fn purchase(&self, http: &reqwest::Client, event: u64, user: &str, key: &str) -> reqwest::RequestBuilder {
+        http.post(format!("{}/v1/events/{event}/purchases", self.api))
+            .bearer_auth(self.token(user))
+            .header("idempotency-key", key)
+            .json(&serde_json::json!({"quantity": 1}))
+    }
+
     /// Drains the ingress as SIGTERM would, then drops its database.
     pub async fn stop(self) {
         self.shutdown.cancel();
