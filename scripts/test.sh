@@ -1,15 +1,32 @@
 #!/usr/bin/env bash
-# Dropline's tests: brings up Redis, MariaDB and the broker if they are not
-# running (and installs Prometheus for its tools), checks the alert rules,
-# builds the binaries (the monitoring test runs them as processes), runs a
-# short k6 drop with its invariant check, then runs every test in the
-# workspace against the real services.
+# Dropline's tests, in two tiers.
+#
+# The fast tier needs no service: every crate's unit tests and the
+# in-process tests that reach nothing outside the process (FAST_TESTS). It
+# runs first, so a broken build or a failed check stops the run before any
+# service is touched. `scripts/test.sh --fast` runs it alone (and passes the
+# rest of its arguments to cargo).
+#
+# The integration tier then brings up Redis, MariaDB and the broker if they
+# are not running (and installs Prometheus for its tools), checks the alert
+# rules, builds the binaries (the monitoring test runs them as processes),
+# runs a short k6 drop with its invariant check, then runs every test in the
+# workspace against the real services (the fast ones again, in seconds).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
+cd "$DROPLINE_ROOT"
+
+# Test targets outside the crates' libraries that need no service.
+FAST_TESTS=(--test refusals --test server --test captures)
+
+if [ "${1:-}" = --fast ]; then
+  shift
+  exec cargo test --workspace --locked --lib "${FAST_TESTS[@]}" "$@"
+fi
+cargo test --workspace --locked --lib "${FAST_TESTS[@]}"
 
 ensure_infra
 ensure_promtool
-cd "$DROPLINE_ROOT"
 promtool check rules monitoring/prometheus/rules.yml
 promtool check config monitoring/prometheus/prometheus.yml
 (cd monitoring/prometheus && promtool test rules rules_test.yml)

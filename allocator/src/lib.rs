@@ -327,3 +327,58 @@ fn ledger_error_kind(e: &LedgerError) -> &'static str {
 fn to_json<T: serde::Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("messages serialize")
 }
+
+#[cfg(test)]
+mod tests {
+    use dropline::messages::RejectReason;
+    use rdkafka::message::Timestamp;
+
+    use super::*;
+
+    fn message(payload: Option<Vec<u8>>) -> OwnedMessage {
+        OwnedMessage::new(payload, None, "intents".into(), Timestamp::NotAvailable, 0, 0, None)
+    }
+
+    fn intent(user_id: &str, quantity: u32) -> PurchaseIntent {
+        PurchaseIntent {
+            intent_id: Uuid::new_v4(),
+            event_id: 7,
+            user_id: user_id.to_owned(),
+            quantity,
+            accepted_at_ms: 1_000,
+        }
+    }
+
+    /// What the ledger must never see is a poison message (dead-lettered),
+    /// not a decision.
+    #[test]
+    fn intents_the_ledger_must_not_see_are_told_apart() {
+        let good = intent("alice", 2);
+        assert_eq!(decode(&message(Some(to_json(&good)))), Ok(good));
+        for (payload, why) in [
+            (None, "empty payload"),
+            (Some(b"{\"intent_id\": 1}".to_vec()), "undecodable intent"),
+            (Some(to_json(&intent("alice", 0))), "quantity 0 outside"),
+            (Some(to_json(&intent("alice", MAX_QUANTITY + 1))), "quantity 101 outside"),
+            (Some(to_json(&intent("", 1))), "invalid user id"),
+            (Some(to_json(&intent("al ice", 1))), "invalid user id"),
+        ] {
+            let e = decode(&message(payload)).unwrap_err();
+            assert!(e.starts_with(why), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_decision_carries_its_intent_and_its_verdict() {
+        let i = intent("bob", 2);
+        let held = Verdict::Held { expires_at_ms: 9_000, amount_cents: 2_400, decided_at_ms: 5_000, units: vec![3, 4] };
+        let d = decision(&i, held);
+        assert_eq!((d.intent_id, d.event_id, d.user_id.as_str(), d.quantity), (i.intent_id, 7, "bob", 2));
+        assert_eq!(d.decided_at_ms, 5_000);
+        assert_eq!(d.outcome, Outcome::Held { expires_at_ms: 9_000, amount_cents: 2_400, units: vec![3, 4] });
+        assert_eq!(outcome_label(&d.outcome), "held");
+        let d = decision(&i, Verdict::Rejected { reason: RejectReason::SoldOut, decided_at_ms: 6_000 });
+        assert_eq!((d.decided_at_ms, &d.outcome), (6_000, &Outcome::Rejected { reason: RejectReason::SoldOut }));
+        assert_eq!(outcome_label(&d.outcome), "sold_out");
+    }
+}

@@ -63,3 +63,20 @@ impl StockWatch {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `event_id` label stays bounded however many events pass.
+    #[test]
+    fn at_most_max_events_are_watched() {
+        let watch = StockWatch::default();
+        for event_id in 0..MAX_EVENTS as u64 + 50 {
+            watch.saw(event_id);
+        }
+        let watched = watch.watched();
+        assert_eq!(watched.len(), MAX_EVENTS);
+        assert!(watched.contains(&(MAX_EVENTS as u64 + 49)), "the event seen last is watched");
+    }
+}

@@ -319,33 +319,6 @@ mod tests {
         assert_eq!(redact_url("redis://127.0.0.1"), "redis://127.0.0.1");
     }
 
-    #[derive(clap::Parser)]
-    struct RedisOnly {
-        #[command(flatten)]
-        redis: RedisArgs,
-    }
-
-    /// Against the local Redis: a caller waiting for a connection from a
-    /// full pool gives up after the wait timeout instead of queueing forever.
-    #[tokio::test]
-    async fn a_full_redis_pool_times_out_its_waiters() {
-        use clap::Parser;
-        let url = std::env::var("DROPLINE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-        let args = RedisOnly::parse_from([
-            "t".to_owned(),
-            format!("--redis-url={url}"),
-            "--redis-pool-size=1".to_owned(),
-            "--redis-pool-wait-timeout-ms=100".to_owned(),
-        ])
-        .redis;
-        let pool = args.pool().unwrap();
-        let _held = pool.get().await.expect("the local Redis is up");
-        let started = std::time::Instant::now();
-        let waited = tokio::time::timeout(Duration::from_secs(3), pool.get()).await.expect("the wait is bounded");
-        assert!(matches!(waited, Err(deadpool_redis::PoolError::Timeout(deadpool_redis::TimeoutType::Wait))));
-        assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
-    }
-
     #[test]
     fn problems_are_reported_together() {
         let mut p = Problems::default();

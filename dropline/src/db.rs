@@ -14,14 +14,25 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// Connects a pool; `create_database` also creates the database first,
 /// which the local stack and tests want and production does not need.
 pub async fn connect(args: &MysqlArgs) -> Result<MySqlPool, sqlx::Error> {
+    let (pool, options) = pool_options(args)?;
+    pool.connect_with(options).await
+}
+
+/// The same pool, connecting on first use: building it reaches no server
+/// (for a router driven in tests with MySQL down).
+pub fn connect_lazy(args: &MysqlArgs) -> Result<MySqlPool, sqlx::Error> {
+    let (pool, options) = pool_options(args)?;
+    Ok(pool.connect_lazy_with(options))
+}
+
+fn pool_options(args: &MysqlArgs) -> Result<(MySqlPoolOptions, MySqlConnectOptions), sqlx::Error> {
     let options = MySqlConnectOptions::from_str(&args.url)?
         .log_statements(tracing::log::LevelFilter::Trace)
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(500));
-    MySqlPoolOptions::new()
+    let pool = MySqlPoolOptions::new()
         .max_connections(args.pool_size)
-        .acquire_timeout(Duration::from_millis(args.acquire_timeout_ms))
-        .connect_with(options)
-        .await
+        .acquire_timeout(Duration::from_millis(args.acquire_timeout_ms));
+    Ok((pool, options))
 }
 
 /// Creates the database named in the URL if it does not exist yet.

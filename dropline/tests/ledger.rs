@@ -1,5 +1,6 @@
-//! The stock ledger's scripts against a real Redis (DROPLINE_REDIS_URL,
-//! default 127.0.0.1:6379). Each test uses its own random event id.
+//! The stock ledger's scripts, and the pool they run over, against a real
+//! Redis (DROPLINE_REDIS_URL, default 127.0.0.1:6379). Each test uses its
+//! own random event id.
 
 use std::time::Duration;
 
@@ -9,9 +10,13 @@ use dropline::stock::{
 };
 use uuid::Uuid;
 
+fn redis_url() -> String {
+    std::env::var("DROPLINE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
 fn ledger() -> Ledger {
-    let url = std::env::var("DROPLINE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let pool = deadpool_redis::Config::from_url(url).create_pool(Some(deadpool_redis::Runtime::Tokio1)).unwrap();
+    let pool =
+        deadpool_redis::Config::from_url(redis_url()).create_pool(Some(deadpool_redis::Runtime::Tokio1)).unwrap();
     Ledger::new(pool, "dltest")
 }
 
@@ -419,4 +424,30 @@ async fn a_refusal_at_the_door_decides_its_intent_and_never_contradicts_a_decisi
     // Without a ledger the door cannot know, and refuses nothing.
     let err = ledger.refuse_at_door(rand_id(), Uuid::new_v4(), RejectReason::SoldOut).await.unwrap_err();
     assert!(matches!(err, LedgerError::NoLedger(_)), "{err}");
+}
+
+#[derive(clap::Parser)]
+struct RedisOnly {
+    #[command(flatten)]
+    redis: dropline::config::RedisArgs,
+}
+
+/// A caller waiting for a connection from a full pool gives up after the
+/// wait timeout instead of queueing forever.
+#[tokio::test]
+async fn a_full_redis_pool_times_out_its_waiters() {
+    use clap::Parser;
+    let args = RedisOnly::parse_from([
+        "t".to_owned(),
+        format!("--redis-url={}", redis_url()),
+        "--redis-pool-size=1".to_owned(),
+        "--redis-pool-wait-timeout-ms=100".to_owned(),
+    ])
+    .redis;
+    let pool = args.pool().unwrap();
+    let _held = pool.get().await.expect("the local Redis is up");
+    let started = std::time::Instant::now();
+    let waited = tokio::time::timeout(Duration::from_secs(3), pool.get()).await.expect("the wait is bounded");
+    assert!(matches!(waited, Err(deadpool_redis::PoolError::Timeout(deadpool_redis::TimeoutType::Wait))));
+    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
 }

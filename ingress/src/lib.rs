@@ -30,7 +30,7 @@ use std::time::Duration;
 use dropline::auth::Tokens;
 use dropline::kafka::{self, Publisher, Record, WhenFull};
 use dropline::messages::{OrderEvent, Topics};
-use dropline::stage::Stage;
+use dropline::stage::{Stage, StageConfig};
 use dropline::stock::Ledger;
 use sqlx::MySqlPool;
 use tokio::net::TcpListener;
@@ -84,6 +84,37 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// The handlers' state over the given clients.
+    fn new(
+        config: IngressConfig,
+        db: MySqlPool,
+        redis: deadpool_redis::Pool,
+        publisher: Publisher,
+        search_timeout: events::SearchTimeout,
+    ) -> Result<AppState, IngressError> {
+        let ledger = Ledger::new(redis.clone(), &config.redis.key_prefix);
+        let intents = IntentStore::new(redis, &config.redis.key_prefix, config.idempotency_ttl_secs);
+        Ok(AppState {
+            tokens: Tokens::new(config.jwt_secret.as_bytes(), config.admin_jwt_secret.as_bytes(), &config.jwt_issuer),
+            events: Events::new(db.clone(), ledger.clone(), Duration::from_millis(config.event_cache_ttl_ms))
+                .with_search_timeout(search_timeout),
+            orders: Orders::new(intents.clone(), ledger.clone(), db.clone()),
+            intents,
+            ledger,
+            db,
+            publisher,
+            topics: config.kafka.topics(),
+            limits: Arc::new(Limits::new(
+                config.admit_per_sec,
+                config.admit_burst,
+                config.user_per_sec,
+                config.user_burst,
+            )),
+            http: reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?,
+            config,
+        })
+    }
+
     /// Puts an order's new state on Kafka and waits for the ack.
     pub async fn publish_order_event(&self, event: &OrderEvent, request_id: &str) -> Result<(), Problem> {
         let payload = serde_json::to_vec(event).map_err(|_| Problem::new(ErrorCode::Internal))?;
@@ -94,6 +125,19 @@ impl AppState {
             Problem::new(ErrorCode::BrokerUnavailable).retry_after(1)
         })
     }
+}
+
+/// The API over clients that connect on first use: building it reaches no
+/// service, and neither does a request refused before its handler reads a
+/// store. For driving the handlers without a socket or a running stack
+/// (`tower::ServiceExt::oneshot`); [`start_on`] serves the same routes.
+pub fn router(config: IngressConfig) -> Result<axum::Router, IngressError> {
+    config.validate().map_err(dropline::stage::StageError::from)?;
+    let db = dropline::db::connect_lazy(&config.mysql)?;
+    let redis = config.redis.pool()?;
+    let publisher = Publisher::new(&config.kafka, "ingress-producer", WhenFull::Refuse)?;
+    let state = AppState::new(config, db, redis, publisher, events::SearchTimeout::None)?;
+    Ok(routes::router(Arc::new(state)))
 }
 
 /// A started ingress.
@@ -130,29 +174,11 @@ pub async fn start_on(
     dropline::db::migrate(&db).await?;
     let search_timeout = events::SearchTimeout::detect(&db, config.search_statement_timeout_ms).await?;
     let redis = config.redis.pool()?;
-    let ledger = Ledger::new(redis.clone(), &config.redis.key_prefix);
     let topics = config.kafka.topics();
     kafka::ensure_topics(&config.kafka, &topics.all()).await?;
     let publisher = Publisher::new(&config.kafka, "ingress-producer", WhenFull::Refuse)?;
-
-    let limits =
-        Arc::new(Limits::new(config.admit_per_sec, config.admit_burst, config.user_per_sec, config.user_burst));
-    tokio::spawn(limits::prune_periodically(limits.clone(), Duration::from_secs(10), shutdown.clone()));
-    let intents = IntentStore::new(redis.clone(), &config.redis.key_prefix, config.idempotency_ttl_secs);
-    let state = Arc::new(AppState {
-        tokens: Tokens::new(config.jwt_secret.as_bytes(), config.admin_jwt_secret.as_bytes(), &config.jwt_issuer),
-        events: Events::new(db.clone(), ledger.clone(), Duration::from_millis(config.event_cache_ttl_ms))
-            .with_search_timeout(search_timeout),
-        orders: Orders::new(intents.clone(), ledger.clone(), db.clone()),
-        intents,
-        ledger,
-        db,
-        publisher: publisher.clone(),
-        topics,
-        limits,
-        http: reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?,
-        config: config.clone(),
-    });
+    let state = Arc::new(AppState::new(config.clone(), db, redis, publisher.clone(), search_timeout)?);
+    tokio::spawn(limits::prune_periodically(state.limits.clone(), Duration::from_secs(10), shutdown.clone()));
 
     let api_addr = listener.local_addr()?;
     let app = routes::router(state);

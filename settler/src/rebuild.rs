@@ -406,3 +406,24 @@ async fn load(db: &MySqlPool, event: &Event) -> Result<Restore, RebuildError> {
     }
     Ok(Restore { rules: event.rules(), holds, decisions })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record this version cannot read stops the rebuild; it never
+    /// restores a guess.
+    #[test]
+    fn unit_lists_and_states_from_the_record_are_read_strictly() {
+        assert_eq!(parse_units(Some("3,1,2")).unwrap(), [3, 1, 2]);
+        assert_eq!(parse_units(None).unwrap(), [0u32; 0]);
+        assert_eq!(parse_units(Some("")).unwrap(), [0u32; 0]);
+        for bad in ["1,x", "1,-2", "1;2", "4294967296"] {
+            assert!(matches!(parse_units(Some(bad)), Err(RebuildError::Record(_))), "{bad}");
+        }
+        assert_eq!(parse::<OrderState>("paid").unwrap(), OrderState::Paid);
+        assert_eq!(parse::<RejectReason>("sold_out").unwrap(), RejectReason::SoldOut);
+        assert!(matches!(parse::<OrderState>("refunded"), Err(RebuildError::Record(_))));
+        assert!(matches!(uuid("not-a-uuid"), Err(RebuildError::Record(_))));
+    }
+}

@@ -1,69 +1,25 @@
 //! A whole Dropline deployment inside the test process: the four stages and
 //! the payment simulator, on the real local Redis, MariaDB and broker, with
-//! a database, topic prefix and consumer groups of its own.
+//! a database, topic prefix and consumer groups of its own; and the stages
+//! as processes, for the scenarios that kill them.
 
 #![allow(dead_code)]
 
-use std::net::SocketAddr;
+use std::ops::Deref;
 use std::time::Duration;
 
 use clap::Parser;
-use dropline::auth::Tokens;
-use dropline::config::{KafkaArgs, MysqlArgs};
+use dropline::config::KafkaArgs;
 use dropline::kafka::{Publisher, WhenFull};
 use dropline::messages::Topics;
-use dropline::stock::Ledger;
+use dropline_testkit::Deployment;
+// Shared with the other crates' tests; each test here uses some.
+#[allow(unused_imports)]
+pub use dropline_testkit::{brokers, eventually, mysql_server, redis_url, Secrets};
 use sqlx::MySqlPool;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-
-/// Signing secrets of one test deployment, random per run: a fixed test
-/// value would be a published one, which the services refuse.
-#[derive(Debug, Clone)]
-pub struct Secrets {
-    pub jwt: String,
-    pub admin_jwt: String,
-    pub webhook: String,
-}
-
-impl Secrets {
-    pub fn generate() -> Secrets {
-        // Two v4 UUIDs: 64 hex characters, 244 random bits.
-        let random = || format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
-        Secrets { jwt: random(), admin_jwt: random(), webhook: random() }
-    }
-
-    pub fn tokens(&self) -> Tokens {
-        Tokens::new(self.jwt.as_bytes(), self.admin_jwt.as_bytes(), dropline::auth::DEFAULT_ISSUER)
-    }
-
-    /// The variables the ingress and paysim read them from.
-    pub fn env(&self) -> [(&'static str, String); 3] {
-        [
-            ("DROPLINE_JWT_SECRET", self.jwt.clone()),
-            ("DROPLINE_ADMIN_JWT_SECRET", self.admin_jwt.clone()),
-            ("DROPLINE_WEBHOOK_SECRET", self.webhook.clone()),
-        ]
-    }
-}
-
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.to_owned())
-}
-
-pub fn brokers() -> String {
-    env_or("DROPLINE_KAFKA_BROKERS", "127.0.0.1:9092")
-}
-
-pub fn redis_url() -> String {
-    env_or("DROPLINE_REDIS_URL", "redis://127.0.0.1:6379")
-}
-
-/// The server part of the MySQL URL, without a database.
-pub fn mysql_server() -> String {
-    env_or("DROPLINE_TEST_MYSQL_SERVER", "mysql://root@127.0.0.1:3306")
-}
 
 #[derive(Parser)]
 struct KafkaOnly {
@@ -91,14 +47,13 @@ pub fn pipeline(brokers: &str, name: &str) -> dropctl::quiet::PipelineArgs {
     .pipeline
 }
 
+/// The four stages and the payment simulator on a [`Deployment`] of their
+/// own (its database, prefixes and secrets are the stack's, through
+/// `Deref`).
 pub struct Stack {
-    pub name: String,
+    deployment: Deployment,
     pub api: String,
     pub paysim: String,
-    pub secrets: Secrets,
-    pub keys: Tokens,
-    pub db: MySqlPool,
-    pub ledger: Ledger,
     pub topics: Topics,
     pub kafka: KafkaArgs,
     shutdown: CancellationToken,
@@ -107,31 +62,18 @@ pub struct Stack {
     expirer_config: Option<dropline_expirer::ExpirerConfig>,
 }
 
+#[derive(Default)]
 pub struct Options {
-    /// Start the allocator, settler and expirer (the ingress and paysim
-    /// always run).
-    pub consumers: bool,
-    pub user_per_sec: u32,
-    pub user_burst: u32,
-    /// More ingress flags (ones the defaults above do not set).
+    /// More ingress flags; one replaces the default of the same name.
     pub ingress_args: Vec<String>,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Self { consumers: true, user_per_sec: 1000, user_burst: 1000, ingress_args: Vec::new() }
-    }
 }
 
 impl Stack {
     pub async fn start(options: Options) -> Stack {
-        dropline::telemetry::init_logs();
-        let name = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-        let db_url = format!("{}/dropline_{name}", mysql_server());
-        dropline::db::create_database(&db_url).await.expect("create the test database");
+        let deployment = Deployment::create().await;
+        let name = deployment.name.clone();
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();
-        let secrets = Secrets::generate();
 
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let api_addr = listener.local_addr().unwrap();
@@ -140,7 +82,7 @@ impl Stack {
                 "paysim",
                 "--listen-addr=127.0.0.1:0",
                 &format!("--webhook-url=http://{api_addr}/v1/webhooks/payments"),
-                &format!("--webhook-secret={}", secrets.webhook),
+                &format!("--webhook-secret={}", deployment.secrets.webhook),
                 "--max-attempts=3",
             ]),
             shutdown.clone(),
@@ -148,108 +90,67 @@ impl Stack {
         .await
         .unwrap();
 
-        let common = [
-            format!("--kafka-brokers={}", brokers()),
-            format!("--topic-prefix={name}"),
-            "--topic-partitions=3".to_owned(),
-            "--drain-timeout-secs=5".to_owned(),
-            "--ops-addr=127.0.0.1:0".to_owned(),
-        ];
-        let redis = format!("--redis-url={}", redis_url());
-        let redis_prefix = format!("--redis-key-prefix={name}");
-        let mysql = format!("--mysql-url={db_url}");
-        let ingress_config = dropline_ingress::IngressConfig::parse_from(
-            [
-                "ingress".to_owned(),
-                mysql.clone(),
-                redis.clone(),
-                redis_prefix.clone(),
-                format!("--jwt-secret={}", secrets.jwt),
-                format!("--admin-jwt-secret={}", secrets.admin_jwt),
-            ]
+        let ingress_args: Vec<String> = [format!("--payment-provider-url=http://{}", paysim.addr)]
             .into_iter()
-            .chain([
-                format!("--webhook-secret={}", secrets.webhook),
-                format!("--payment-provider-url=http://{}", paysim.addr),
-                format!("--user-per-sec={}", options.user_per_sec),
-                format!("--user-burst={}", options.user_burst),
-                "--event-cache-ttl-ms=200".to_owned(),
-                "--max-body-bytes=1024".to_owned(),
-            ])
-            .chain(common.iter().cloned())
-            .chain(options.ingress_args.iter().cloned()),
-        );
+            .chain(options.ingress_args)
+            .collect();
+        let ingress_config = dropline_ingress::IngressConfig::parse_from(deployment.ingress_args(&ingress_args));
         let ingress = dropline_ingress::start_on(listener, ingress_config, shutdown.clone()).await.unwrap();
         tasks.push(tokio::spawn(async move {
             let _ = ingress.task.await;
         }));
 
+        let common = deployment.stage_args();
+        let [redis, redis_prefix] = deployment.redis_args();
+        let group = |stage: &str| format!("--group-id={name}-{stage}");
+        let allocator = dropline_allocator::AllocatorConfig::parse_from(
+            ["allocator".to_owned(), group("allocator"), redis.clone(), redis_prefix.clone()]
+                .into_iter()
+                .chain(common.iter().cloned()),
+        );
+        let settler = dropline_settler::SettlerConfig::parse_from(
+            [
+                "settler".to_owned(),
+                group("settler"),
+                format!("--mysql-url={}", deployment.mysql_url()),
+                redis.clone(),
+                redis_prefix.clone(),
+                "--batch-linger-ms=5".to_owned(),
+                "--drift-interval-secs=1".to_owned(),
+                "--rebuild-grace-ms=3000".to_owned(),
+            ]
+            .into_iter()
+            .chain(common.iter().cloned()),
+        );
+        let expirer = dropline_expirer::ExpirerConfig::parse_from(
+            ["expirer".to_owned(), group("expirer"), redis, redis_prefix, "--tick-ms=50".to_owned()]
+                .into_iter()
+                .chain(common.iter().cloned()),
+        );
         let mut stages = Vec::new();
-        let mut expirer_config = None;
-        if options.consumers {
-            let group = |stage: &str| format!("--group-id={name}-{stage}");
-            let allocator = dropline_allocator::AllocatorConfig::parse_from(
-                ["allocator".to_owned(), group("allocator"), redis.clone(), redis_prefix.clone()]
-                    .into_iter()
-                    .chain(common.iter().cloned()),
-            );
-            let settler = dropline_settler::SettlerConfig::parse_from(
-                [
-                    "settler".to_owned(),
-                    group("settler"),
-                    mysql.clone(),
-                    redis.clone(),
-                    redis_prefix.clone(),
-                    "--batch-linger-ms=5".to_owned(),
-                    "--drift-interval-secs=1".to_owned(),
-                    "--rebuild-grace-ms=3000".to_owned(),
-                ]
-                .into_iter()
-                .chain(common.iter().cloned()),
-            );
-            let expirer = dropline_expirer::ExpirerConfig::parse_from(
-                [
-                    "expirer".to_owned(),
-                    group("expirer"),
-                    redis.clone(),
-                    redis_prefix.clone(),
-                    "--tick-ms=50".to_owned(),
-                ]
-                .into_iter()
-                .chain(common.iter().cloned()),
-            );
-            let s = shutdown.child_token();
-            let t = tokio::spawn({
-                let s = s.clone();
-                async move { dropline_allocator::run(allocator, s).await.unwrap() }
-            });
-            stages.push(("allocator", s, t));
-            let s = shutdown.child_token();
-            let t = tokio::spawn({
-                let s = s.clone();
-                async move { dropline_settler::run(settler, s).await.unwrap() }
-            });
-            stages.push(("settler", s, t));
-            expirer_config = Some(expirer);
-        }
+        let s = shutdown.child_token();
+        let t = tokio::spawn({
+            let s = s.clone();
+            async move { dropline_allocator::run(allocator, s).await.unwrap() }
+        });
+        stages.push(("allocator", s, t));
+        let s = shutdown.child_token();
+        let t = tokio::spawn({
+            let s = s.clone();
+            async move { dropline_settler::run(settler, s).await.unwrap() }
+        });
+        stages.push(("settler", s, t));
         let kafka = KafkaOnly::parse_from(["kafka".to_owned()].into_iter().chain(common[..3].iter().cloned())).kafka;
-        let db = dropline::db::connect(&MysqlArgs::new(db_url, 5)).await.unwrap();
-        let pool =
-            deadpool_redis::Config::from_url(redis_url()).create_pool(Some(deadpool_redis::Runtime::Tokio1)).unwrap();
         let mut stack = Stack {
             api: format!("http://{api_addr}"),
             paysim: format!("http://{}", paysim.addr),
-            keys: secrets.tokens(),
-            secrets,
-            db,
-            ledger: Ledger::new(pool, &name),
             topics: kafka.topics(),
             kafka,
-            name,
+            deployment,
             shutdown,
             tasks,
             stages,
-            expirer_config,
+            expirer_config: Some(expirer),
         };
         stack.start_expirer();
         stack
@@ -285,37 +186,21 @@ impl Stack {
         Publisher::new(&self.kafka, "test-producer", WhenFull::Wait).unwrap()
     }
 
-    pub fn token(&self, user: &str) -> String {
-        self.keys.buyer.mint(user, 600).unwrap()
-    }
-
-    pub fn admin_token(&self) -> String {
-        self.keys.admin.mint("admin", 600).unwrap()
-    }
-
     /// Stops every stage (a graceful drain) and drops the test database.
     pub async fn stop(self) {
         self.shutdown.cancel();
         for t in self.tasks.into_iter().chain(self.stages.into_iter().map(|(_, _, t)| t)) {
             tokio::time::timeout(Duration::from_secs(30), t).await.expect("stages drain in time").unwrap();
         }
-        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS dropline_{}", self.name)).execute(&self.db).await;
+        self.deployment.drop_database().await;
     }
 }
 
-/// Polls `probe` until it yields `Some`, failing the test after `timeout`.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if let Some(v) = probe().await {
-            return v;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+impl Deref for Stack {
+    type Target = Deployment;
+
+    fn deref(&self) -> &Deployment {
+        &self.deployment
     }
 }
 
@@ -366,10 +251,6 @@ pub async fn redis_roll_back(pool: &deadpool_redis::Pool, pattern: &str, snapsho
         pipe.cmd("RESTORE").arg(&copy.key).arg(at).arg(&copy.dump).arg("REPLACE").arg("ABSTTL").ignore();
     }
     let _: () = pipe.query_async(&mut conn).await.unwrap();
-}
-
-pub fn addr_of(url: &str) -> SocketAddr {
-    url.trim_start_matches("http://").parse().unwrap()
 }
 
 /// Dropline's binaries (and other servers) as real processes, for the tests

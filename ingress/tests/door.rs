@@ -1,13 +1,14 @@
 //! The front door under abuse: slow connections past the connection cap, and
 //! a flood of slow searches. A buyer is served within the 500 ms SLO
-//! throughout. Runs the ingress and paysim only (no consumers), on the real
-//! Redis, MariaDB and broker.
+//! throughout. Runs the ingress alone, on the real Redis, MariaDB and
+//! broker.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Options, Stack};
+use common::Ingress;
+use dropline_testkit::{addr_of, event_body, eventually};
 use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -20,25 +21,11 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 /// hold its slot for.
 const SEARCH_HOLDS: Duration = Duration::from_secs(2);
 
-async fn create_event(stack: &Stack, http: &Client) -> u64 {
-    let now = chrono::Utc::now();
-    let body = json!({
-        "name": "Door test", "venue": "Hall",
-        "starts_at": now + chrono::Duration::days(1),
-        "sale_opens_at": now - chrono::Duration::seconds(5),
-        "sale_closes_at": now + chrono::Duration::hours(1),
-        "capacity": 1000, "price_cents": 1200, "currency": "EUR",
-        "per_user_limit": 2, "hold_ttl_secs": 60,
-    });
-    let r = http
-        .post(format!("{}/v1/admin/events", stack.api))
-        .bearer_auth(stack.admin_token())
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::CREATED);
-    r.json::<Value>().await.unwrap()["id"].as_u64().unwrap()
+/// An event on sale, with stock for every buyer of a test.
+async fn create_event(stack: &Ingress) -> u64 {
+    let mut body = event_body(-5);
+    body["capacity"] = json!(1000);
+    stack.create_event(&body).await
 }
 
 /// Opens a connection that sends part of a request head and never the
@@ -67,33 +54,21 @@ async fn slow_connection(addr: std::net::SocketAddr) -> Duration {
 async fn slow_connections_past_the_cap_are_closed_and_buyers_are_still_served() {
     const CAP: usize = 64;
     let header_timeout = Duration::from_secs(1);
-    let stack = Stack::start(Options {
-        consumers: false,
-        ingress_args: vec![
-            format!("--http-max-connections={CAP}"),
-            format!("--http-header-read-timeout-ms={}", header_timeout.as_millis()),
-            "--http-request-timeout-ms=2000".to_owned(),
-            "--http-idle-timeout-secs=5".to_owned(),
-        ],
-        ..Default::default()
-    })
+    let stack = Ingress::start(&[
+        format!("--http-max-connections={CAP}"),
+        format!("--http-header-read-timeout-ms={}", header_timeout.as_millis()),
+        "--http-request-timeout-ms=2000".to_owned(),
+        "--http-idle-timeout-secs=5".to_owned(),
+    ])
     .await;
-    let admin = Client::new();
-    let event = create_event(&stack, &admin).await;
-    let addr = common::addr_of(&stack.api);
+    let event = create_event(&stack).await;
+    let addr = addr_of(&stack.api);
     // Every buyer's request on a connection of its own, as a new buyer
     // arriving during the attack would.
     let buyer = Client::builder().pool_max_idle_per_host(0).build().unwrap();
     // The producer's first send to a new topic waits for its metadata;
     // that is not what this test measures.
-    let warm = buyer
-        .post(format!("{}/v1/events/{event}/purchases", stack.api))
-        .bearer_auth(stack.token("warm-up"))
-        .header("idempotency-key", "warm-up")
-        .json(&json!({"quantity": 1}))
-        .send()
-        .await
-        .unwrap();
+    let warm = stack.purchase(&buyer, event, "warm-up", "warm-up").send().await.unwrap();
     assert_eq!(warm.status(), StatusCode::ACCEPTED);
 
     // A first wave past the cap, and a second while buyers are served.
@@ -115,15 +90,7 @@ async fn slow_connections_past_the_cap_are_closed_and_buyers_are_still_served() 
         let status = if i % 2 == 0 {
             buyer.get(format!("{}/v1/events/{event}", stack.api)).send().await.unwrap().status()
         } else {
-            buyer
-                .post(format!("{}/v1/events/{event}/purchases", stack.api))
-                .bearer_auth(stack.token(&format!("buyer-{i}")))
-                .header("idempotency-key", format!("k{i}"))
-                .json(&json!({"quantity": 1}))
-                .send()
-                .await
-                .unwrap()
-                .status()
+            stack.purchase(&buyer, event, &format!("buyer-{i}"), &format!("k{i}")).send().await.unwrap().status()
         };
         let took = started.elapsed();
         assert!(
@@ -151,12 +118,8 @@ async fn slow_connections_past_the_cap_are_closed_and_buyers_are_still_served() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_slow_searches_is_shed_and_purchases_keep_their_connections() {
-    let stack = Stack::start(Options {
-        consumers: false,
-        ingress_args: vec!["--mysql-pool-size=4".to_owned(), "--search-max-concurrent-requests=2".to_owned()],
-        ..Default::default()
-    })
-    .await;
+    let stack =
+        Ingress::start(&["--mysql-pool-size=4".to_owned(), "--search-max-concurrent-requests=2".to_owned()]).await;
     let http = Client::new();
     // 100,000 events, so a search that matches nothing scans them all.
     sqlx::query(
@@ -178,7 +141,7 @@ async fn a_flood_of_slow_searches_is_shed_and_purchases_keep_their_connections()
     .execute(&stack.db)
     .await
     .unwrap();
-    let event = create_event(&stack, &http).await;
+    let event = create_event(&stack).await;
 
     // The server stops a search at its statement timeout, and only then.
     let events =
@@ -209,14 +172,7 @@ async fn a_flood_of_slow_searches_is_shed_and_purchases_keep_their_connections()
     // A purchase meanwhile needs a MySQL connection (its event is not
     // cached yet) and gets one.
     let started = Instant::now();
-    let r = http
-        .post(format!("{}/v1/events/{event}/purchases", stack.api))
-        .bearer_auth(stack.token("buyer"))
-        .header("idempotency-key", "k1")
-        .json(&json!({"quantity": 1}))
-        .send()
-        .await
-        .unwrap();
+    let r = stack.purchase(&http, event, "buyer", "k1").send().await.unwrap();
     let purchase_took = started.elapsed();
     assert_eq!(r.status(), StatusCode::ACCEPTED);
 
@@ -247,8 +203,8 @@ async fn a_flood_of_slow_searches_is_shed_and_purchases_keep_their_connections()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_finishes_the_request_in_flight_and_takes_no_new_connection() {
-    let stack = Stack::start(Options { consumers: false, ..Default::default() }).await;
-    let addr = common::addr_of(&stack.api);
+    let stack = Ingress::start(&[]).await;
+    let addr = addr_of(&stack.api);
     let token = stack.token("drainer");
     let body = br#"{"quantity": 1}"#;
     let mut conn = TcpStream::connect(addr).await.unwrap();
@@ -267,7 +223,7 @@ async fn a_drain_finishes_the_request_in_flight_and_takes_no_new_connection() {
     conn.write_all(&body[..5]).await.unwrap();
 
     let stopping = tokio::spawn(stack.stop());
-    common::eventually("the listener to close", Duration::from_secs(10), || async {
+    eventually("the listener to close", Duration::from_secs(10), || async {
         TcpStream::connect(addr).await.is_err().then_some(())
     })
     .await;

@@ -1,0 +1,272 @@
+//! The API's answers that depend on what the stores hold: refusals by the
+//! event or the idempotency record, replays, rate limits, and events
+//! created and read. Runs the ingress alone, on the real Redis, MariaDB and
+//! broker. (Refusals that need no store are in `refusals.rs`.)
+
+mod common;
+
+use std::time::Duration;
+
+use common::Ingress;
+use deadpool_redis::redis::AsyncCommands;
+use dropline_ingress::intents::{intent_id, Claim, IntentRecord, IntentStore, KeyState};
+use dropline_testkit::{event_body, eventually, refused};
+use reqwest::{Client, StatusCode};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+/// What a request could change: the event's stock counters, every Redis
+/// key of the test (idempotency records, intents), and the rows MySQL keeps.
+#[derive(Debug, PartialEq)]
+struct Books {
+    levels: Option<dropline::stock::StockLevels>,
+    redis_keys: Vec<String>,
+    rows: Vec<(String, i64)>,
+}
+
+async fn books(stack: &Ingress, event: u64) -> Books {
+    let mut conn = stack.ledger.pool().get().await.unwrap();
+    let mut redis_keys: Vec<String> =
+        deadpool_redis::redis::cmd("KEYS").arg(format!("{}:*", stack.name)).query_async(&mut conn).await.unwrap();
+    redis_keys.sort();
+    let mut rows = Vec::new();
+    for table in ["events", "intents", "orders", "payments", "order_units"] {
+        let (n,): (i64,) = sqlx::query_as(&format!("SELECT COUNT(*) FROM {table}")).fetch_one(&stack.db).await.unwrap();
+        rows.push((table.to_owned(), n));
+    }
+    Books { levels: stack.ledger.levels(event).await.unwrap(), redis_keys, rows }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purchases_the_event_refuses_change_nothing() {
+    let stack = Ingress::start(&[]).await;
+    let http = Client::new();
+    let event = stack.create_event(&event_body(-5)).await;
+    let url = format!("{}/v1/events/{event}/purchases", stack.api);
+    let token = stack.token("alice");
+    let post = |key: &str| http.post(&url).bearer_auth(&token).header("idempotency-key", key);
+    let cases = vec![
+        ("zero", post("k1").json(&json!({"quantity": 0})), StatusCode::BAD_REQUEST, "invalid_body"),
+        ("over the limit", post("k1").json(&json!({"quantity": 3})), StatusCode::BAD_REQUEST, "invalid_body"),
+        ("an unknown event", stack.purchase(&http, 999_999, "alice", "k1"), StatusCode::NOT_FOUND, "event_not_found"),
+    ];
+    let start = books(&stack, event).await;
+    for (case, request, status, code) in cases {
+        let body = refused(request, status, code).await;
+        if case == "over the limit" {
+            assert!(body["errors"][0].as_str().unwrap().contains("quantity"), "{body}");
+        }
+        assert_eq!(books(&stack, event).await, start, "{case} changed nothing");
+    }
+
+    // Nothing moved in the ledger, and no intent was recorded for the key.
+    let levels = stack.ledger.levels(event).await.unwrap().unwrap();
+    assert_eq!((levels.available, levels.held), (5, 0));
+    let store = intent_store(&stack);
+    assert_eq!(store.get(intent_id(event, "alice", "k1")).await.unwrap(), None);
+    assert_eq!(store.key_record("alice", "k1").await.unwrap(), None);
+    stack.stop().await;
+}
+
+/// The JSON body of the answer to `request`.
+async fn answer(request: reqwest::RequestBuilder) -> Value {
+    request.send().await.unwrap().json().await.unwrap()
+}
+
+fn intent_store(stack: &Ingress) -> IntentStore {
+    IntentStore::new(stack.ledger.pool().clone(), &stack.name, 600)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_at_the_door_is_replayed_and_decides_its_intent() {
+    let stack = Ingress::start(&[]).await;
+    let http = Client::new();
+    let token = stack.token("alice");
+    let later = stack.create_event(&event_body(3600)).await;
+    let url = format!("{}/v1/events/{later}/purchases", stack.api);
+    let post = |key: &str| http.post(&url).bearer_auth(&token).header("idempotency-key", key);
+    let first = refused(post("k2").json(&json!({"quantity": 1})), StatusCode::CONFLICT, "sale_not_open").await;
+    // The key keeps its answer: a retry gets the same refusal, word for word.
+    let again = refused(post("k2").json(&json!({"quantity": 1})), StatusCode::CONFLICT, "sale_not_open").await;
+    assert_eq!(first, again);
+    let store = intent_store(&stack);
+    let record = store.key_record("alice", "k2").await.unwrap().expect("the refusal is recorded");
+    assert!(matches!(&record.state, KeyState::Refused { answer } if answer.code == "sale_not_open"), "{record:?}");
+    // The refusal is the intent's decision too, should a copy of it be on
+    // Kafka; nothing was produced, so there is no intent to follow.
+    let intent = intent_id(later, "alice", "k2");
+    assert_eq!(record.intent_id, intent);
+    assert_eq!(store.get(intent).await.unwrap(), None);
+    let keys = dropline::stock::EventKeys::new(&stack.name, later);
+    let mut conn = stack.ledger.pool().get().await.unwrap();
+    let reason: Option<String> = conn.hget(&keys.refused, intent.to_string()).await.unwrap();
+    assert_eq!(reason.as_deref(), Some("sale_not_open"));
+    // Used for another quantity, the key is refused as reused.
+    refused(post("k2").json(&json!({"quantity": 2})), StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused").await;
+
+    // A key whose owner died mid-request (it may have reached the broker)
+    // answers "in progress" while the owner's lease runs, then is taken
+    // over and produced, never refused at the door: a refusal could
+    // contradict a decision already under way.
+    let pending = intent_id(later, "alice", "k3");
+    let record = IntentRecord {
+        event_id: later,
+        user_id: "alice".into(),
+        quantity: 1,
+        accepted_at_ms: dropline::messages::now_ms(),
+    };
+    let claim = store.claim("k3", pending, &record, Duration::from_millis(1500)).await.unwrap();
+    assert!(matches!(claim, Claim::New { .. }), "{claim:?}");
+    let r = post("k3").json(&json!({"quantity": 1})).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(r.json::<Value>().await.unwrap()["code"], "idempotency_in_progress");
+    let taken_over = eventually("the lease to run out", Duration::from_secs(10), || async {
+        let r = post("k3").json(&json!({"quantity": 1})).send().await.unwrap();
+        (r.status() != StatusCode::CONFLICT).then_some(r)
+    })
+    .await;
+    assert_eq!(taken_over.status(), StatusCode::ACCEPTED);
+    let body: Value = taken_over.json().await.unwrap();
+    assert_eq!(body["intent_id"], pending.to_string());
+    assert!(matches!(store.key_record("alice", "k3").await.unwrap().unwrap().state, KeyState::Accepted));
+    assert_eq!(store.get(pending).await.unwrap().map(|r| r.event_id), Some(later));
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_belongs_to_one_event_and_its_intent_id_to_that_event() {
+    let stack = Ingress::start(&[]).await;
+    let http = Client::new();
+    let first = stack.create_event(&event_body(-5)).await;
+    let second = stack.create_event(&event_body(-5)).await;
+    let buy = |event: u64| stack.purchase(&http, event, "bob", "one-key");
+    let r = buy(first).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let accepted: Value = r.json().await.unwrap();
+    assert_eq!(accepted["intent_id"], intent_id(first, "bob", "one-key").to_string());
+    // For another event, while the key's record is kept: reused.
+    refused(buy(second), StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused").await;
+    // Once the record is gone (it expired), the key is free again, and for
+    // another event it is another intent: the first one's hold is not
+    // mistaken for it.
+    let name = format!("{}:idem:*", stack.name);
+    let mut conn = stack.ledger.pool().get().await.unwrap();
+    let records: Vec<String> = deadpool_redis::redis::cmd("KEYS").arg(&name).query_async(&mut conn).await.unwrap();
+    assert_eq!(records.len(), 1, "{records:?}");
+    let _: () = conn.del(&records[0]).await.unwrap();
+    let r = buy(second).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let other: Value = r.json().await.unwrap();
+    assert_eq!(other["intent_id"], intent_id(second, "bob", "one-key").to_string());
+    assert_ne!(other["intent_id"], accepted["intent_id"]);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_returns_the_same_answer_and_cannot_be_reused() {
+    let stack = Ingress::start(&[]).await;
+    let http = Client::new();
+    let event = stack.create_event(&event_body(-5)).await;
+    let url = format!("{}/v1/events/{event}/purchases", stack.api);
+    let token = stack.token("bob");
+    let request = |q: u32| {
+        http.post(&url).bearer_auth(&token).header("idempotency-key", "same-key").json(&json!({"quantity": q}))
+    };
+    let send = |q: u32| request(q).send();
+    let first = send(1).await.unwrap();
+    assert_eq!(first.status(), StatusCode::ACCEPTED);
+    let location = first.headers()["location"].to_str().unwrap().to_owned();
+    let first: Value = first.json().await.unwrap();
+    let again = send(1).await.unwrap();
+    assert_eq!(again.status(), StatusCode::ACCEPTED);
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(first, again);
+    assert_eq!(location, format!("/v1/intents/{}", first["intent_id"].as_str().unwrap()));
+    assert_eq!(first["status"], "queued");
+    refused(request(2), StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused").await;
+    // Another buyer's same key is another purchase.
+    let carol = answer(stack.purchase(&http, event, "carol", "same-key")).await;
+    assert_ne!(carol["intent_id"], first["intent_id"]);
+
+    // The status is the buyer's only; nobody else sees it.
+    let status_url = format!("{}{location}", stack.api);
+    let mine = answer(http.get(&status_url).bearer_auth(&token)).await;
+    assert_eq!(mine["status"], "queued", "no allocator runs in this test");
+    refused(http.get(&status_url).bearer_auth(stack.token("mallory")), StatusCode::NOT_FOUND, "not_found").await;
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buyer_over_their_rate_gets_429_with_retry_after() {
+    let stack = Ingress::start(&["--user-per-sec=1".to_owned(), "--user-burst=2".to_owned()]).await;
+    let http = Client::new();
+    // A sale that has not opened answers right after the limiter, so the
+    // requests are quick and produce nothing.
+    let event = stack.create_event(&event_body(3600)).await;
+    let started = std::time::Instant::now();
+    let mut let_through = 0;
+    let refusal = loop {
+        let r = stack.purchase(&http, event, "dan", &format!("r{let_through}")).send().await.unwrap();
+        if r.status() == StatusCode::TOO_MANY_REQUESTS {
+            break r;
+        }
+        assert_eq!(r.status(), StatusCode::CONFLICT, "past the limiter: the sale is not open");
+        let_through += 1;
+        assert!(let_through <= 10, "the limiter never refused");
+    };
+    // The burst of 2, plus one per second that passed meanwhile.
+    assert!(let_through >= 2 && let_through <= 2 + started.elapsed().as_secs() + 1, "{let_through} let through");
+    let retry: u64 = refusal.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=2).contains(&retry));
+    let body: Value = refusal.json().await.unwrap();
+    assert_eq!(body["code"], "rate_limited");
+    // Another buyer is not held back by dan.
+    let r = stack.purchase(&http, event, "eve", "e1").send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_are_created_pre_warmed_read_and_searched() {
+    let stack = Ingress::start(&[]).await;
+    let http = Client::new();
+    let admin = stack.admin_token();
+    refused(
+        http.post(format!("{}/v1/admin/events/77/prewarm", stack.api)).bearer_auth(&admin),
+        StatusCode::NOT_FOUND,
+        "event_not_found",
+    )
+    .await;
+    refused(http.get(format!("{}/v1/events/999999", stack.api)), StatusCode::NOT_FOUND, "event_not_found").await;
+
+    // Good requests: create, prewarm again (a no-op), list, search, read.
+    let id = stack.create_event(&event_body(-5)).await;
+    let again = answer(http.post(format!("{}/v1/admin/events/{id}/prewarm", stack.api)).bearer_auth(&admin)).await;
+    assert_eq!(again["created"], false);
+    let one = answer(http.get(format!("{}/v1/events/{id}", stack.api))).await;
+    assert_eq!(one["availability"]["available"], 5);
+    assert_eq!(one["capacity"], 5);
+    let found = answer(http.get(format!("{}/v1/events?q=API%20test&limit=10", stack.api))).await;
+    assert_eq!(found["events"].as_array().unwrap().len(), 1);
+    let none = answer(http.get(format!("{}/v1/events?q=nothing-like-it", stack.api))).await;
+    assert!(none["events"].as_array().unwrap().is_empty());
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_nobody_was_given_is_not_found() {
+    let stack = Ingress::start(&[]).await;
+    let http = Client::new();
+    let token = stack.token("fred");
+    let unknown = Uuid::new_v4();
+    for (method, path) in [
+        (reqwest::Method::GET, format!("/v1/orders/{unknown}")),
+        (reqwest::Method::POST, format!("/v1/orders/{unknown}/cancel")),
+        (reqwest::Method::POST, format!("/v1/orders/{unknown}/payments")),
+    ] {
+        let url = format!("{}{path}", stack.api);
+        refused(http.request(method, &url).bearer_auth(&token), StatusCode::NOT_FOUND, "order_not_found").await;
+    }
+    stack.stop().await;
+}
