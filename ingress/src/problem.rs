@@ -6,119 +6,67 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorCode {
-    Unauthorized,
-    Forbidden,
-    NotFound,
-    MethodNotAllowed,
-    UnsupportedMediaType,
-    PayloadTooLarge,
-    InvalidBody,
-    InvalidBodyShape,
-    InvalidHeader,
-    InvalidQuery,
-    InvalidPath,
-    MissingIdempotencyKey,
-    IdempotencyKeyReused,
-    IdempotencyInProgress,
-    EventNotFound,
-    OrderNotFound,
-    SaleNotOpen,
-    SaleClosed,
-    SoldOut,
-    OrderNotHeld,
-    OrderExpired,
-    OrderVoided,
-    OrderNotReady,
-    InvalidSignature,
-    StaleSignature,
-    RateLimited,
-    Overloaded,
-    RequestTimeout,
-    BrokerUnavailable,
-    DependencyUnavailable,
-    PaymentProviderUnavailable,
-    Internal,
+/// Declares [`ErrorCode`] with each variant's stable string, so the list
+/// of codes, their strings and [`ErrorCode::ALL`] cannot drift apart.
+macro_rules! error_codes {
+    ($($variant:ident => $code:literal,)*) => {
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum ErrorCode {
+            $($variant,)*
+        }
+
+        impl ErrorCode {
+            /// Every code, in declaration order.
+            pub const ALL: &'static [ErrorCode] = &[$(ErrorCode::$variant,)*];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(ErrorCode::$variant => $code,)*
+                }
+            }
+        }
+    };
+}
+
+error_codes! {
+    Unauthorized => "unauthorized",
+    Forbidden => "forbidden",
+    NotFound => "not_found",
+    MethodNotAllowed => "method_not_allowed",
+    UnsupportedMediaType => "unsupported_media_type",
+    PayloadTooLarge => "payload_too_large",
+    InvalidBody => "invalid_body",
+    InvalidBodyShape => "invalid_body_shape",
+    InvalidHeader => "invalid_header",
+    InvalidQuery => "invalid_query",
+    InvalidPath => "invalid_path",
+    MissingIdempotencyKey => "missing_idempotency_key",
+    IdempotencyKeyReused => "idempotency_key_reused",
+    IdempotencyInProgress => "idempotency_in_progress",
+    EventNotFound => "event_not_found",
+    OrderNotFound => "order_not_found",
+    SaleNotOpen => "sale_not_open",
+    SaleClosed => "sale_closed",
+    SoldOut => "sold_out",
+    OrderNotHeld => "order_not_held",
+    OrderExpired => "order_expired",
+    OrderVoided => "order_voided",
+    OrderNotReady => "order_not_ready",
+    InvalidSignature => "invalid_signature",
+    StaleSignature => "stale_signature",
+    RateLimited => "rate_limited",
+    Overloaded => "overloaded",
+    RequestTimeout => "request_timeout",
+    BrokerUnavailable => "broker_unavailable",
+    DependencyUnavailable => "dependency_unavailable",
+    PaymentProviderUnavailable => "payment_provider_unavailable",
+    Internal => "internal",
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 29] = {
-        use ErrorCode::*;
-        [
-            Unauthorized,
-            Forbidden,
-            NotFound,
-            MethodNotAllowed,
-            UnsupportedMediaType,
-            PayloadTooLarge,
-            InvalidBody,
-            InvalidHeader,
-            InvalidQuery,
-            InvalidPath,
-            MissingIdempotencyKey,
-            IdempotencyKeyReused,
-            IdempotencyInProgress,
-            EventNotFound,
-            OrderNotFound,
-            SaleNotOpen,
-            SaleClosed,
-            SoldOut,
-            OrderNotHeld,
-            OrderExpired,
-            OrderVoided,
-            OrderNotReady,
-            InvalidSignature,
-            StaleSignature,
-            RateLimited,
-            BrokerUnavailable,
-            DependencyUnavailable,
-            PaymentProviderUnavailable,
-            Internal,
-        ]
-    };
-
     /// The code whose stable string is `code` (a stored answer's).
     pub fn parse(code: &str) -> Option<ErrorCode> {
-        Self::ALL.into_iter().find(|c| c.as_str() == code)
-    }
-
-    pub fn as_str(self) -> &'static str {
-        use ErrorCode::*;
-        match self {
-            Unauthorized => "unauthorized",
-            Forbidden => "forbidden",
-            NotFound => "not_found",
-            MethodNotAllowed => "method_not_allowed",
-            UnsupportedMediaType => "unsupported_media_type",
-            PayloadTooLarge => "payload_too_large",
-            InvalidBody => "invalid_body",
-            InvalidBodyShape => "invalid_body_shape",
-            InvalidHeader => "invalid_header",
-            InvalidQuery => "invalid_query",
-            InvalidPath => "invalid_path",
-            MissingIdempotencyKey => "missing_idempotency_key",
-            IdempotencyKeyReused => "idempotency_key_reused",
-            IdempotencyInProgress => "idempotency_in_progress",
-            EventNotFound => "event_not_found",
-            OrderNotFound => "order_not_found",
-            SaleNotOpen => "sale_not_open",
-            SaleClosed => "sale_closed",
-            SoldOut => "sold_out",
-            OrderNotHeld => "order_not_held",
-            OrderExpired => "order_expired",
-            OrderVoided => "order_voided",
-            OrderNotReady => "order_not_ready",
-            InvalidSignature => "invalid_signature",
-            StaleSignature => "stale_signature",
-            RateLimited => "rate_limited",
-            Overloaded => "overloaded",
-            RequestTimeout => "request_timeout",
-            BrokerUnavailable => "broker_unavailable",
-            DependencyUnavailable => "dependency_unavailable",
-            PaymentProviderUnavailable => "payment_provider_unavailable",
-            Internal => "internal",
-        }
+        Self::ALL.iter().copied().find(|c| c.as_str() == code)
     }
 
     pub fn status(self) -> StatusCode {
@@ -267,7 +215,7 @@ mod tests {
 
     #[test]
     fn every_code_parses_back_from_its_string_and_the_strings_are_unique() {
-        for code in ErrorCode::ALL {
+        for &code in ErrorCode::ALL {
             assert_eq!(ErrorCode::parse(code.as_str()), Some(code));
         }
         let mut names: Vec<_> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
