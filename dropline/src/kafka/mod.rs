@@ -24,7 +24,8 @@ use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
 pub use self::batch::{
-    commit_stored, fatal, next_batch, run_batches, store_after, store_offsets, BatchMetrics, BatchOptions, BatchStage, Failure,
+    commit_stored, fatal, next_batch, run_batches, store_after, store_offsets, BatchMetrics, BatchOptions, BatchStage,
+    Failure,
 };
 pub use self::dead_letters::DeadLetters;
 pub use self::group::{decode_assignment, watch, GroupContext, PartitionKey};
@@ -187,6 +188,19 @@ pub fn subscribed(
 /// they are, so every stage runs this on start: a consumer that subscribes
 /// to a missing topic would otherwise wait for librdkafka's next metadata
 /// refresh (minutes) before it sees the topic appear.
+impl KafkaArgs {
+    /// The batch loop's options for `stage`.
+    pub fn batch_options(&self, stage: &'static str, max: usize, linger_ms: u64) -> BatchOptions {
+        BatchOptions {
+            stage,
+            max,
+            linger: Duration::from_millis(linger_ms),
+            permanent_attempts: self.permanent_failure_attempts,
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
 pub async fn ensure_topics(args: &KafkaArgs, names: &[&str]) -> Result<(), KafkaSetupError> {
     let admin: AdminClient<DefaultClientContext> =
         ClientConfig::new().set("bootstrap.servers", &args.brokers).create()?;
