@@ -1,6 +1,9 @@
 use clap::Parser;
 use dropline::config::{redact_url, ConfigError, KafkaArgs, OpsArgs, Problems, RedisArgs};
 
+/// Where the ops endpoints listen unless configured.
+pub const DEFAULT_OPS_PORT: u16 = 9101;
+
 /// The allocator: consumes purchase intents and decides them in batches with
 /// one Lua script call per event and batch.
 #[derive(Debug, Clone, Parser)]
@@ -28,7 +31,7 @@ pub struct AllocatorConfig {
 
 impl dropline::stage::StageConfig for AllocatorConfig {
     const NAME: &'static str = "allocator";
-    const DEFAULT_OPS_PORT: u16 = crate::DEFAULT_OPS_PORT;
+    const DEFAULT_OPS_PORT: u16 = DEFAULT_OPS_PORT;
 
     fn validate(&self) -> Result<(), ConfigError> {
         let mut p = Problems::default();
@@ -54,7 +57,7 @@ impl dropline::stage::StageConfig for AllocatorConfig {
             kafka_brokers = %self.kafka.brokers,
             topic_prefix = %self.kafka.topic_prefix,
             redis_url = %redact_url(&self.redis.url),
-            ops_addr = %self.ops.addr_or(crate::DEFAULT_OPS_PORT),
+            ops_addr = %self.ops.addr_or(DEFAULT_OPS_PORT),
             "allocator config"
         );
     }

@@ -28,8 +28,7 @@ use rdkafka::producer::FutureRecord;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-/// Where the ops endpoints listen unless configured.
-pub const DEFAULT_OPS_PORT: u16 = 9101;
+pub use config::DEFAULT_OPS_PORT;
 
 pub use config::AllocatorConfig;
 

@@ -75,33 +75,3 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
 pub fn from_ms(ms: i64) -> chrono::DateTime<chrono::Utc> {
     chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default()
 }
-
-/// Stores an enum by its name, in an `ENUM` or text column: written with
-/// `as_str`, read back with `FromStr`. (sqlx's derive wants a column's
-/// flags to be exactly `ENUM`, which a `NOT NULL` column's are not.)
-macro_rules! column_by_name {
-    ($($ty:ty),+ $(,)?) => {$(
-        impl sqlx::Type<sqlx::MySql> for $ty {
-            fn type_info() -> sqlx::mysql::MySqlTypeInfo {
-                <str as sqlx::Type<sqlx::MySql>>::type_info()
-            }
-
-            fn compatible(ty: &sqlx::mysql::MySqlTypeInfo) -> bool {
-                <str as sqlx::Type<sqlx::MySql>>::compatible(ty)
-            }
-        }
-
-        impl<'q> sqlx::Encode<'q, sqlx::MySql> for $ty {
-            fn encode_by_ref(&self, buf: &mut Vec<u8>) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
-                <&str as sqlx::Encode<sqlx::MySql>>::encode_by_ref(&self.as_str(), buf)
-            }
-        }
-
-        impl<'r> sqlx::Decode<'r, sqlx::MySql> for $ty {
-            fn decode(value: sqlx::mysql::MySqlValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
-                Ok(<&str as sqlx::Decode<sqlx::MySql>>::decode(value)?.parse::<$ty>()?)
-            }
-        }
-    )+};
-}
-pub(crate) use column_by_name;

@@ -15,7 +15,10 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 /// `as_str` and `FromStr` for an enum that travels and is stored by name
-/// (its serde name, as the tests check), and its MySQL column type.
+/// (its serde name, as the tests check), and its MySQL column type: an
+/// `ENUM` or text column, written with `as_str` and read with `FromStr`.
+/// (sqlx's derive wants a column's flags to be exactly `ENUM`, which a
+/// `NOT NULL` column's are not.)
 macro_rules! named {
     ($ty:ident { $($variant:ident => $name:literal),+ $(,)? }) => {
         impl $ty {
@@ -40,7 +43,27 @@ macro_rules! named {
             }
         }
 
-        crate::db::column_by_name!($ty);
+        impl sqlx::Type<sqlx::MySql> for $ty {
+            fn type_info() -> sqlx::mysql::MySqlTypeInfo {
+                <str as sqlx::Type<sqlx::MySql>>::type_info()
+            }
+
+            fn compatible(ty: &sqlx::mysql::MySqlTypeInfo) -> bool {
+                <str as sqlx::Type<sqlx::MySql>>::compatible(ty)
+            }
+        }
+
+        impl<'q> sqlx::Encode<'q, sqlx::MySql> for $ty {
+            fn encode_by_ref(&self, buf: &mut Vec<u8>) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+                <&str as sqlx::Encode<sqlx::MySql>>::encode_by_ref(&self.as_str(), buf)
+            }
+        }
+
+        impl<'r> sqlx::Decode<'r, sqlx::MySql> for $ty {
+            fn decode(value: sqlx::mysql::MySqlValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+                Ok(<&str as sqlx::Decode<sqlx::MySql>>::decode(value)?.parse::<$ty>()?)
+            }
+        }
     };
 }
 

@@ -1,6 +1,9 @@
 use clap::Parser;
 use dropline::config::{redact_url, ConfigError, KafkaArgs, OpsArgs, Problems, RedisArgs};
 
+/// Where the ops endpoints listen unless configured.
+pub const DEFAULT_OPS_PORT: u16 = 9103;
+
 /// The expirer: releases holds that were not paid by their deadline.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "dropline-expirer", version)]
@@ -25,7 +28,7 @@ pub struct ExpirerConfig {
 
 impl dropline::stage::StageConfig for ExpirerConfig {
     const NAME: &'static str = "expirer";
-    const DEFAULT_OPS_PORT: u16 = crate::DEFAULT_OPS_PORT;
+    const DEFAULT_OPS_PORT: u16 = DEFAULT_OPS_PORT;
 
     fn validate(&self) -> Result<(), ConfigError> {
         let mut p = Problems::default();
@@ -51,7 +54,7 @@ impl dropline::stage::StageConfig for ExpirerConfig {
             kafka_brokers = %self.kafka.brokers,
             topic_prefix = %self.kafka.topic_prefix,
             redis_url = %redact_url(&self.redis.url),
-            ops_addr = %self.ops.addr_or(crate::DEFAULT_OPS_PORT),
+            ops_addr = %self.ops.addr_or(DEFAULT_OPS_PORT),
             "expirer config"
         );
     }

@@ -30,8 +30,7 @@ use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::TopicPartitionList;
 use tokio_util::sync::CancellationToken;
 
-/// Where the ops endpoints listen unless configured.
-pub const DEFAULT_OPS_PORT: u16 = 9103;
+pub use config::DEFAULT_OPS_PORT;
 
 pub use config::ExpirerConfig;
 

@@ -4,6 +4,9 @@ use clap::Parser;
 use dropline::config::{redact_url, ConfigError, KafkaArgs, MysqlArgs, OpsArgs, Problems, RedisArgs};
 use dropline::secrets;
 
+/// Where the ops endpoints listen unless configured.
+pub const DEFAULT_OPS_PORT: u16 = 9100;
+
 /// The ingress: Dropline's HTTP API for buyers, admins and the payment
 /// provider's webhooks.
 #[derive(Debug, Clone, Parser)]
@@ -211,7 +214,7 @@ impl IngressConfig {
     pub fn log_effective(&self) {
         tracing::info!(
             listen_addr = %self.listen_addr,
-            ops_addr = %self.ops.addr_or(crate::DEFAULT_OPS_PORT),
+            ops_addr = %self.ops.addr_or(DEFAULT_OPS_PORT),
             kafka_brokers = %self.kafka.brokers,
             topic_prefix = %self.kafka.topic_prefix,
             redis_url = %redact_url(&self.redis.url),

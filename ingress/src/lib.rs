@@ -38,8 +38,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-/// Where the ops endpoints listen unless configured.
-pub const DEFAULT_OPS_PORT: u16 = 9100;
+pub use config::DEFAULT_OPS_PORT;
 
 pub use config::IngressConfig;
 

@@ -1,6 +1,9 @@
 use clap::Parser;
 use dropline::config::{redact_url, ConfigError, KafkaArgs, MysqlArgs, OpsArgs, Problems, RedisArgs};
 
+/// Where the ops endpoints listen unless configured.
+pub const DEFAULT_OPS_PORT: u16 = 9102;
+
 /// The settler: persists what the other stages decided into MySQL.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "dropline-settler", version)]
@@ -65,7 +68,7 @@ impl SettlerConfig {
 
 impl dropline::stage::StageConfig for SettlerConfig {
     const NAME: &'static str = "settler";
-    const DEFAULT_OPS_PORT: u16 = crate::DEFAULT_OPS_PORT;
+    const DEFAULT_OPS_PORT: u16 = DEFAULT_OPS_PORT;
 
     fn validate(&self) -> Result<(), ConfigError> {
         let mut p = Problems::default();
@@ -111,7 +114,7 @@ impl dropline::stage::StageConfig for SettlerConfig {
             drift_interval_secs = self.drift_interval_secs,
             repair_after_passes = self.repair_after_passes,
             overdue_grace_secs = self.overdue_grace_secs,
-            ops_addr = %self.ops.addr_or(crate::DEFAULT_OPS_PORT),
+            ops_addr = %self.ops.addr_or(DEFAULT_OPS_PORT),
             "settler config"
         );
     }
