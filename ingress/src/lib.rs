@@ -2,10 +2,14 @@
 //!
 //! - [`routes`]: the API. Buyers purchase (`POST /v1/events/{id}/purchases`),
 //!   follow their intent and order, cancel and pay; admins create events;
-//!   the payment provider calls the webhook.
+//!   the payment provider calls the webhook. [`extract`] reads requests
+//!   (tokens, keys, ids, bodies); [`layers`] wrap every route (request id,
+//!   metrics, timeouts, load shedding).
 //! - [`intents`]: idempotency records and the intent index in Redis.
 //! - [`events`]: events in MySQL behind a small cache, and the pre-warm.
 //! - [`orders`]: an order's live state (Redis) or settled state (MySQL).
+//! - [`record`]: the ingress's SQL (events, and orders and intents looked
+//!   up once Redis no longer has them).
 //! - [`limits`]: governor admission control, global and per buyer.
 //! - [`problem`]: the error codes and their problem+json answers.
 //! - [`server`]: the listener: connection cap, header-read and idle
@@ -16,10 +20,12 @@ pub mod config;
 pub mod events;
 mod extract;
 pub mod intents;
+mod layers;
 pub mod limits;
 pub mod metrics;
 pub mod orders;
 pub mod problem;
+pub mod record;
 mod routes;
 pub mod server;
 
