@@ -28,9 +28,7 @@ use rdkafka::producer::FutureRecord;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-pub use config::DEFAULT_OPS_PORT;
-
-pub use config::AllocatorConfig;
+pub use config::{AllocatorConfig, DEFAULT_OPS_PORT};
 
 use crate::metrics::{BATCH_DURATION, BATCH_SIZE, DECISIONS, DECISION_LATENCY, LEDGER_ERRORS, LUA_DURATION};
 use crate::stock::StockWatch;

@@ -30,9 +30,7 @@ use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::TopicPartitionList;
 use tokio_util::sync::CancellationToken;
 
-pub use config::DEFAULT_OPS_PORT;
-
-pub use config::ExpirerConfig;
+pub use config::{ExpirerConfig, DEFAULT_OPS_PORT};
 
 use crate::metrics::{HOLDS_ENDED, LATENESS, PAUSED, PENDING};
 use crate::schedule::{Due, PartitionKey, Schedule, Waiting};

@@ -16,7 +16,7 @@ use serde::{Deserialize, Deserializer};
 use uuid::Uuid;
 
 use crate::problem::{ErrorCode, Problem};
-use crate::AppState;
+use crate::state::AppState;
 
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 

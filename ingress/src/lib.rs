@@ -14,7 +14,8 @@
 //! - [`problem`]: the error codes and their problem+json answers.
 //! - [`server`]: the listener: connection cap, header-read and idle
 //!   timeouts, the drain.
-//! - [`config`], [`metrics`]: settings and metric names.
+//! - [`state`]: what every handler shares; [`config`], [`metrics`]:
+//!   settings and metric names.
 
 pub mod config;
 pub mod events;
@@ -28,6 +29,7 @@ pub mod problem;
 pub mod record;
 mod routes;
 pub mod server;
+mod state;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,24 +37,20 @@ use std::time::Duration;
 
 use dropline::auth::Tokens;
 use dropline::kafka;
-use dropline::messages::{OrderEvent, Topics};
 use dropline::ops::Readiness;
 use dropline::stock::Ledger;
 use rdkafka::producer::Producer;
-use sqlx::MySqlPool;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use config::DEFAULT_OPS_PORT;
-
-pub use config::IngressConfig;
+pub use config::{IngressConfig, DEFAULT_OPS_PORT};
 
 use crate::events::Events;
 use crate::intents::IntentStore;
 use crate::limits::Limits;
 use crate::orders::Orders;
-use crate::problem::{ErrorCode, Problem};
+use crate::state::AppState;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngressError {
@@ -72,35 +70,6 @@ pub enum IngressError {
     Http(#[from] reqwest::Error),
     #[error("listening: {0}")]
     Io(#[from] std::io::Error),
-}
-
-/// Everything a request handler needs.
-pub struct AppState {
-    pub config: IngressConfig,
-    pub tokens: Tokens,
-    pub events: Events,
-    pub intents: IntentStore,
-    pub orders: Orders,
-    pub ledger: Ledger,
-    pub db: MySqlPool,
-    pub producer: kafka::Producer,
-    pub topics: Topics,
-    pub limits: Arc<Limits>,
-    pub http: reqwest::Client,
-}
-
-impl AppState {
-    /// Puts an order's new state on Kafka and waits for the ack.
-    pub async fn publish_order_event(&self, event: &OrderEvent, request_id: &str) -> Result<(), Problem> {
-        let payload = serde_json::to_vec(event).map_err(|_| Problem::new(ErrorCode::Internal))?;
-        let headers = kafka::request_id_headers(Some(request_id));
-        kafka::send_acked(&self.producer, &self.topics.order_events, &event.order_id.to_string(), &payload, headers)
-            .await
-            .map_err(|e| {
-                tracing::warn!(error = %e, order_id = %event.order_id, "order event not acknowledged");
-                Problem::new(ErrorCode::BrokerUnavailable).retry_after(1)
-            })
-    }
 }
 
 /// A started ingress.

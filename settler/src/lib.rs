@@ -33,9 +33,7 @@ use dropline::stage::Stage;
 use rdkafka::message::{Message, OwnedMessage};
 use tokio_util::sync::CancellationToken;
 
-pub use config::DEFAULT_OPS_PORT;
-
-pub use config::SettlerConfig;
+pub use config::{SettlerConfig, DEFAULT_OPS_PORT};
 
 use crate::claims::WriteError;
 use crate::metrics::{BATCH_DURATION, BATCH_SIZE, ROWS, WRITE_ERRORS};

@@ -12,7 +12,7 @@ use serde::Serialize;
 use crate::events::{Event, NewEvent};
 use crate::extract::{Admin, EventId, JsonBody, SearchQuery};
 use crate::problem::{ErrorCode, Problem};
-use crate::AppState;
+use crate::state::AppState;
 
 #[derive(Serialize)]
 struct EventView {

@@ -18,7 +18,7 @@ use tower::ServiceBuilder;
 
 use crate::layers::{self, refused};
 use crate::problem::{ErrorCode, Problem};
-use crate::AppState;
+use crate::state::AppState;
 
 pub fn router(state: Arc<AppState>) -> Router {
     // Searches get a class of their own: a few slow `LIKE`s must not take

@@ -15,7 +15,7 @@ use crate::extract::{Buyer, OrderId};
 use crate::layers::RequestId;
 use crate::orders::{not_ready, Lookup, OrderView, Source};
 use crate::problem::{ErrorCode, Problem};
-use crate::AppState;
+use crate::state::AppState;
 
 /// The order if it exists and belongs to `user`; anyone else gets 404, so
 /// order ids cannot be probed. An order handed out whose records are

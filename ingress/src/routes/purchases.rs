@@ -23,7 +23,7 @@ use crate::metrics::{PRODUCER_QUEUE, PRODUCE_DURATION, PURCHASES};
 use crate::orders::{not_ready, Lookup, OrderView};
 use crate::problem::{ErrorCode, Problem};
 use crate::record;
-use crate::AppState;
+use crate::state::AppState;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

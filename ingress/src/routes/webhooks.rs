@@ -15,7 +15,7 @@ use crate::extract::SignedWebhook;
 use crate::layers::{Counter, Outcome, RequestId};
 use crate::metrics::WEBHOOKS;
 use crate::problem::{ErrorCode, Problem};
-use crate::AppState;
+use crate::state::AppState;
 
 /// Webhooks by result: a refused one is `rejected`.
 pub const COUNTER: Counter = Counter { metric: WEBHOOKS, label: "result", of_problem: rejected };
