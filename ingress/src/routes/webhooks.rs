@@ -8,9 +8,10 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use dropline::messages::{PaymentDisposition, PaymentRecord};
-use dropline::payments::PAYMENT_SUCCEEDED;
-use dropline::stock::PayOutcome;
+use dropline::payments::{PaymentWebhook, PAYMENT_SUCCEEDED};
+use dropline::stock::{Hold, PayOutcome};
 
+use crate::events::Event;
 use crate::extract::SignedWebhook;
 use crate::layers::{Counter, Outcome, RequestId};
 use crate::metrics::WEBHOOKS;
@@ -41,29 +42,7 @@ pub async fn payment(
     let hold = hold.ok_or(ErrorCode::OrderNotFound)?;
     let event = app.events.get(event_id).await.map_err(|e| Problem::unavailable("mysql", &e))?;
     let event = event.ok_or(ErrorCode::OrderNotFound)?;
-
-    // A payment for the wrong amount or in another currency does not pay the
-    // order. The provider has taken the money all the same, so it is
-    // acknowledged and recorded for refund (a refusal would only make the
-    // provider retry it forever), and the hold runs on. Providers differ in
-    // the case of currency codes ("eur"); the event's is upper case.
-    let wrong_currency = !hook.currency.eq_ignore_ascii_case(&event.currency);
-    let (hold, disposition) = if hook.amount_cents != hold.amount_cents || wrong_currency {
-        tracing::warn!(%order_id, paid = hook.amount_cents, due = hold.amount_cents,
-            paid_currency = %hook.currency, due_currency = %event.currency, "payment does not match the order");
-        (hold, PaymentDisposition::RefundRequired)
-    } else {
-        match app
-            .ledger
-            .pay(event_id, order_id, &hook.payment_id)
-            .await
-            .map_err(|e| Problem::unavailable("redis", &e))?
-        {
-            PayOutcome::Paid(h) => (h, PaymentDisposition::Captured),
-            PayOutcome::Refund(h) => (h, PaymentDisposition::RefundRequired),
-            PayOutcome::UnknownOrder => return Err(ErrorCode::OrderNotFound.into()),
-        }
-    };
+    let (hold, disposition) = apply(&app, &hook, &event, hold).await?;
     let record = PaymentRecord {
         provider_event_id: hook.id.clone(),
         payment_id: hook.payment_id.clone(),
@@ -74,4 +53,31 @@ pub async fn payment(
     tracing::info!(%order_id, payment_id = %hook.payment_id, disposition = disposition.as_str(), "payment recorded");
     let body = Json(serde_json::json!({ "status": disposition.as_str(), "order_state": hold.state }));
     Ok(Outcome(disposition.as_str()).mark(body.into_response()))
+}
+
+/// What the payment does to its hold, and what becomes of the money.
+///
+/// A payment for the wrong amount or in another currency does not pay the
+/// order. The provider has taken the money all the same, so it is
+/// acknowledged and recorded for refund (a refusal would only make the
+/// provider retry it forever), and the hold runs on. Providers differ in
+/// the case of currency codes ("eur"); the event's is upper case.
+async fn apply(
+    app: &AppState,
+    hook: &PaymentWebhook,
+    event: &Event,
+    hold: Hold,
+) -> Result<(Hold, PaymentDisposition), Problem> {
+    let order_id = hook.order_id;
+    let wrong_currency = !hook.currency.eq_ignore_ascii_case(&event.currency);
+    if hook.amount_cents != hold.amount_cents || wrong_currency {
+        tracing::warn!(%order_id, paid = hook.amount_cents, due = hold.amount_cents,
+            paid_currency = %hook.currency, due_currency = %event.currency, "payment does not match the order");
+        return Ok((hold, PaymentDisposition::RefundRequired));
+    }
+    match app.ledger.pay(event.id, order_id, &hook.payment_id).await.map_err(|e| Problem::unavailable("redis", &e))? {
+        PayOutcome::Paid(h) => Ok((h, PaymentDisposition::Captured)),
+        PayOutcome::Refund(h) => Ok((h, PaymentDisposition::RefundRequired)),
+        PayOutcome::UnknownOrder => Err(ErrorCode::OrderNotFound.into()),
+    }
 }
