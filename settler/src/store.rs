@@ -14,14 +14,14 @@ use dropline::stock::Ledger;
 use sqlx::MySqlPool;
 
 use crate::claims::{Claim, Void, WriteError};
-use crate::record::orders::OrderRow;
 use crate::record::{intents, orders, payments};
 
 /// What one batch writes.
 #[derive(Debug, Default)]
 pub struct Batch {
     intents: Vec<Decision>,
-    orders: Vec<OrderRow>,
+    /// Without their payments, which are in `payments`.
+    orders: Vec<OrderEvent>,
     payments: Vec<(String, PaymentRecord)>,
     claims: Vec<Claim>,
 }
@@ -50,8 +50,8 @@ impl Batch {
                 user_id: d.user_id.clone(),
                 units: units.clone(),
             });
-            self.orders.push(OrderRow {
-                order_id: d.intent_id.to_string(),
+            self.orders.push(OrderEvent {
+                order_id: d.intent_id,
                 event_id: d.event_id,
                 user_id: d.user_id.clone(),
                 quantity: d.quantity,
@@ -59,26 +59,17 @@ impl Batch {
                 state: OrderState::Held,
                 expires_at_ms,
                 at_ms: d.decided_at_ms,
+                payment: None,
             });
         }
         self.intents.push(d);
     }
 
-    pub fn add_order_event(&mut self, e: OrderEvent) {
-        let order_id = e.order_id.to_string();
-        if let Some(p) = e.payment {
-            self.payments.push((order_id.clone(), p));
+    pub fn add_order_event(&mut self, mut e: OrderEvent) {
+        if let Some(p) = e.payment.take() {
+            self.payments.push((e.order_id.to_string(), p));
         }
-        self.orders.push(OrderRow {
-            order_id,
-            event_id: e.event_id,
-            user_id: e.user_id,
-            quantity: e.quantity,
-            amount_cents: e.amount_cents,
-            state: e.state,
-            expires_at_ms: e.expires_at_ms,
-            at_ms: e.at_ms,
-        });
+        self.orders.push(e);
     }
 
     /// Writes the batch in one transaction.

@@ -3,33 +3,22 @@
 
 use chrono::{DateTime, Utc};
 use dropline::db::from_ms;
-use dropline::messages::OrderState;
+use dropline::messages::{OrderEvent, OrderState};
 use sqlx::{MySql, MySqlPool, QueryBuilder};
 
 use super::{push_list, Tx, CHUNK, LOOKUP};
 
-/// An order as a decision or an order event reports it.
-#[derive(Debug)]
-pub struct OrderRow {
-    pub order_id: String,
-    pub event_id: u64,
-    pub user_id: String,
-    pub quantity: u32,
-    pub amount_cents: u64,
-    pub state: OrderState,
-    pub expires_at_ms: i64,
-    pub at_ms: i64,
-}
-
-/// Records the orders, moving each one's state forward only.
-pub async fn upsert(tx: &mut Tx<'_>, orders: &[OrderRow]) -> Result<(), sqlx::Error> {
+/// Records the orders (an order event each, a new hold's made up from its
+/// decision), moving each one's state forward only. Payments are not
+/// written here.
+pub async fn upsert(tx: &mut Tx<'_>, orders: &[OrderEvent]) -> Result<(), sqlx::Error> {
     for chunk in orders.chunks(CHUNK) {
         let mut q = QueryBuilder::<MySql>::new(
             "INSERT INTO orders (order_id, event_id, user_id, quantity, amount_cents, state, expires_at, \
              created_at, updated_at) ",
         );
         q.push_values(chunk, |mut row, o| {
-            row.push_bind(&o.order_id)
+            row.push_bind(o.order_id.to_string())
                 .push_bind(o.event_id)
                 .push_bind(&o.user_id)
                 .push_bind(o.quantity)
