@@ -144,7 +144,69 @@ pub async fn count(State(counter): State<Counter>, request: Request, next: Next)
 
 #[cfg(test)]
 mod tests {
-    use super::decodes_to_utf8;
+    use std::sync::Mutex;
+
+    use axum::body::Body;
+    use axum::http::StatusCode;
+    use axum::routing::post;
+    use axum::Router;
+    use metrics::{Gauge, Histogram, Key, KeyName, Metadata, SharedString, Unit};
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::extract::IdempotencyKey;
+
+    /// The counters asked for, with their labels.
+    #[derive(Default)]
+    struct Asked(Mutex<Vec<String>>);
+
+    impl metrics::Recorder for Asked {
+        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+
+        fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> metrics::Counter {
+            let labels: Vec<String> = key.labels().map(|l| format!("{}={}", l.key(), l.value())).collect();
+            self.0.lock().unwrap().push(format!("{}{{{}}}", key.name(), labels.join(",")));
+            metrics::Counter::noop()
+        }
+
+        fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
+            Gauge::noop()
+        }
+
+        fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
+            Histogram::noop()
+        }
+    }
+
+    #[test]
+    fn a_route_counts_what_its_extractors_refuse_and_what_its_handler_marks() {
+        fn refused(_: ErrorCode) -> &'static str {
+            "refused"
+        }
+        async fn handler(_: IdempotencyKey) -> Response {
+            Outcome("done").mark(StatusCode::OK.into_response())
+        }
+        let counter = Counter { metric: "test_total", label: "outcome", of_problem: refused };
+        let app =
+            Router::new().route("/", post(handler).route_layer(axum::middleware::from_fn_with_state(counter, count)));
+        let asked = Asked::default();
+        metrics::with_local_recorder(&asked, || {
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            runtime.block_on(async {
+                for key in [None, Some("k1")] {
+                    let request = Request::post("/");
+                    let request = match key {
+                        Some(key) => request.header("idempotency-key", key),
+                        None => request,
+                    };
+                    app.clone().oneshot(request.body(Body::empty()).unwrap()).await.unwrap();
+                }
+            })
+        });
+        assert_eq!(*asked.0.lock().unwrap(), ["test_total{outcome=refused}", "test_total{outcome=done}"]);
+    }
 
     #[test]
     fn broken_percent_encoding_and_non_utf8_are_refused() {
