@@ -10,6 +10,8 @@
 //!
 //! Messages are JSON, so a dead letter can be read with any Kafka tool.
 //! Every message carries the ids that make its effect idempotent downstream.
+//! The enums the record keeps in columns (order state, payment disposition,
+//! reject reason, outcome) are stored there under the same names.
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;

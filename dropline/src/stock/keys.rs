@@ -3,13 +3,13 @@
 //! parallel tests share a Redis. Scripts are handed their keys from here
 //! (as `KEYS`, in the order each script's header lists) and never build one.
 //!
-//! | key                                 | what                                   | written by           |
-//! |-------------------------------------|----------------------------------------|----------------------|
-//! | `<prefix>:{<event>}:<part>`         | an event's ledger, see [`EventKeys`]   | the stock scripts    |
-//! | `<prefix>:unknown-events`           | events the record does not have        | settler              |
-//! | `<prefix>:rebuild-requests`         | event -> why its ledger needs a rebuild | allocator, ingress   |
-//! | `<prefix>:idem:<key name>`          | an Idempotency-Key's record            | ingress (claim.lua)  |
-//! | `<prefix>:intent:<intent id>`       | the intent index                       | ingress              |
+//! | key                           | what                                    | written by          |
+//! |-------------------------------|-----------------------------------------|---------------------|
+//! | `<prefix>:{<event>}:<part>`   | an event's ledger, see [`EventKeys`]    | the stock scripts   |
+//! | `<prefix>:unknown-events`     | events the record does not have         | settler             |
+//! | `<prefix>:rebuild-requests`   | event -> why its ledger needs a rebuild | allocator, ingress  |
+//! | `<prefix>:idem:<key name>`    | an Idempotency-Key's record             | ingress (its Lua)   |
+//! | `<prefix>:intent:<intent id>` | the intent index                        | ingress             |
 //!
 //! An event's keys share one hash tag (`{<event>}`), so a script that
 //! touches them runs in a single Redis Cluster slot, atomically.
