@@ -1,6 +1,9 @@
 use clap::Parser;
 use dropline::config::{ConfigError, KafkaArgs, OpsArgs, Problems, RedisArgs};
 
+/// Where the ops endpoints listen unless configured.
+pub const DEFAULT_OPS_PORT: u16 = 9101;
+
 /// The allocator: consumes purchase intents and decides them in batches with
 /// one Lua script call per event and batch.
 #[derive(Debug, Clone, Parser, serde::Serialize)]
@@ -28,7 +31,7 @@ pub struct AllocatorConfig {
 
 impl dropline::stage::StageConfig for AllocatorConfig {
     const NAME: &'static str = "allocator";
-    const DEFAULT_OPS_PORT: u16 = crate::DEFAULT_OPS_PORT;
+    const DEFAULT_OPS_PORT: u16 = DEFAULT_OPS_PORT;
 
     fn validate(&self) -> Result<(), ConfigError> {
         let mut p = Problems::default();

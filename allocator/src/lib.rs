@@ -26,10 +26,7 @@ use rdkafka::message::{Message, OwnedMessage};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-/// Where the ops endpoints listen unless configured.
-pub const DEFAULT_OPS_PORT: u16 = 9101;
-
-pub use config::AllocatorConfig;
+pub use config::{AllocatorConfig, DEFAULT_OPS_PORT};
 
 use crate::metrics::{BATCH_DURATION, BATCH_SIZE, DECISIONS, DECISION_LATENCY, LEDGER_ERRORS, LUA_DURATION};
 use crate::stock::StockWatch;

@@ -10,6 +10,9 @@
 //!   its upsert logic.
 //! - [`naive`]: the design Dropline replaces: one MySQL transaction per
 //!   purchase decrementing a hot stock row.
+//!
+//! The SQL of the last two is what they measure, on scratch tables of
+//! their own, so it stays here.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -15,9 +15,11 @@ use std::time::Duration;
 use anyhow::Context;
 use deadpool_redis::redis;
 use dropline::messages::OrderState;
-use dropline::stock::{EventKeys, Hold, Ledger, StockLevels};
+use dropline::stock::{Hold, Ledger, StockLevels};
 use sqlx::MySqlPool;
 use uuid::Uuid;
+
+use crate::record::{self, Count};
 
 /// One row of the invariant table. The id is stable: tests and tools match
 /// on it, whatever the printed title says.
@@ -232,91 +234,32 @@ pub struct OrderCounts {
 /// MySQL's counts for an event. `grace` decides which holds count as
 /// overdue.
 pub async fn mysql_counts(db: &MySqlPool, event_id: u64, grace: Duration) -> anyhow::Result<OrderCounts> {
-    let (capacity, per_user_limit): (u32, u32) =
-        sqlx::query_as("SELECT capacity, per_user_limit FROM events WHERE id = ?")
-            .bind(event_id)
-            .fetch_optional(db)
-            .await?
-            .context("event not in MySQL")?;
+    let (capacity, per_user_limit) = record::event_limits(db, event_id).await?.context("event not in MySQL")?;
     let mut c = OrderCounts { capacity: capacity.into(), per_user_limit: per_user_limit.into(), ..Default::default() };
-    let rows: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT CAST(state AS CHAR), CAST(SUM(quantity) AS SIGNED) FROM orders WHERE event_id = ? GROUP BY state",
-    )
-    .bind(event_id)
-    .fetch_all(db)
-    .await?;
-    for (state, units) in rows {
+    for (state, units) in record::units_by_state(db, event_id).await? {
         let units = units as u64;
-        match state.as_str() {
-            "held" => c.held = units,
-            "paid" => c.paid = units,
-            "cancelled" => c.cancelled = units,
-            "expired" => c.expired = units,
-            "voided" => c.voided = units,
-            _ => {}
+        match state {
+            OrderState::Held => c.held = units,
+            OrderState::Paid => c.paid = units,
+            OrderState::Cancelled => c.cancelled = units,
+            OrderState::Expired => c.expired = units,
+            OrderState::Voided => c.voided = units,
         }
     }
-    let one = |sql: &'static str| {
-        let db = db.clone();
-        async move {
-            let (n,): (i64,) = sqlx::query_as(sql).bind(event_id).fetch_one(&db).await?;
-            anyhow::Ok(n as u64)
-        }
-    };
-    c.intents = one("SELECT COUNT(*) FROM intents WHERE event_id = ?").await?;
-    c.paid_orders = one("SELECT COUNT(*) FROM orders WHERE event_id = ? AND state = 'paid'").await?;
-    c.captured_payments = one("SELECT COUNT(*) FROM payments p JOIN orders o ON o.order_id = p.order_id \
-         WHERE o.event_id = ? AND p.disposition = 'captured'")
-    .await?;
-    c.refunds = one("SELECT COUNT(*) FROM payments p JOIN orders o ON o.order_id = p.order_id \
-         WHERE o.event_id = ? AND p.disposition = 'refund_required'")
-    .await?;
-    c.paid_orders_without_one_capture =
-        one("SELECT COUNT(*) FROM orders o WHERE o.event_id = ? AND o.state = 'paid' AND \
-         (SELECT COUNT(*) FROM payments p WHERE p.order_id = o.order_id AND p.disposition = 'captured') <> 1")
-        .await?;
-    c.captures_on_unpaid_orders = one("SELECT COUNT(*) FROM payments p JOIN orders o ON o.order_id = p.order_id \
-         WHERE o.event_id = ? AND p.disposition = 'captured' AND o.state <> 'paid'")
-    .await?;
-    let (orphans,): (i64,) = sqlx::query_as(
-        "SELECT COUNT(*) FROM payments p LEFT JOIN orders o ON o.order_id = p.order_id WHERE o.order_id IS NULL",
-    )
-    .fetch_one(db)
-    .await?;
-    c.payments_without_order = orphans as u64;
-    c.max_units_per_user =
-        one("SELECT COALESCE(MAX(units), 0) FROM (SELECT CAST(SUM(quantity) AS SIGNED) AS units FROM orders \
-         WHERE event_id = ? AND state IN ('held', 'paid') GROUP BY user_id) per_user")
-        .await?;
-    c.live_orders_with_wrong_units = one("SELECT COUNT(*) FROM orders o WHERE o.event_id = ? \
-         AND o.state IN ('held', 'paid') AND o.quantity <> (SELECT COUNT(*) FROM order_units u \
-         WHERE u.event_id = o.event_id AND u.order_id = o.order_id)")
-    .await?;
-    let (beyond,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM order_units WHERE event_id = ? AND unit_no > ?")
-        .bind(event_id)
-        .bind(capacity)
-        .fetch_one(db)
-        .await?;
-    c.units_beyond_capacity = beyond as u64;
-    // A final order's updated_at is when its hold ended: the settler sets it
-    // once, from the ledger's end time, when the order leaves 'held', and
-    // never again (see settler/src/store.rs).
-    let late: Vec<(i64,)> = sqlx::query_as(
-        "SELECT CAST(TIMESTAMPDIFF(MICROSECOND, expires_at, updated_at) DIV 1000 AS SIGNED) FROM orders \
-         WHERE event_id = ? AND state = 'expired'",
-    )
-    .bind(event_id)
-    .fetch_all(db)
-    .await?;
-    c.lateness = Lateness::of(late.into_iter().map(|(ms,)| ms).collect());
+    let count = |what| record::count(db, what, event_id);
+    c.intents = count(Count::Intents).await?;
+    c.paid_orders = count(Count::PaidOrders).await?;
+    c.captured_payments = count(Count::CapturedPayments).await?;
+    c.refunds = count(Count::Refunds).await?;
+    c.paid_orders_without_one_capture = count(Count::PaidOrdersWithoutOneCapture).await?;
+    c.captures_on_unpaid_orders = count(Count::CapturesOnUnpaidOrders).await?;
+    c.payments_without_order = record::payments_without_order(db).await?;
+    c.max_units_per_user = count(Count::MaxUnitsPerUser).await?;
+    c.live_orders_with_wrong_units = count(Count::LiveOrdersWithWrongUnits).await?;
+    c.units_beyond_capacity = record::units_beyond(db, event_id, capacity).await?;
+    c.lateness = Lateness::of(record::expiry_lateness_ms(db, event_id).await?);
     let now = chrono::Utc::now();
-    let (overdue, oldest): (i64, Option<chrono::DateTime<chrono::Utc>>) = sqlx::query_as(
-        "SELECT COUNT(*), MIN(expires_at) FROM orders WHERE event_id = ? AND state = 'held' AND expires_at < ?",
-    )
-    .bind(event_id)
-    .bind(now - grace)
-    .fetch_one(db)
-    .await?;
+    let (overdue, oldest) = record::held_past(db, event_id, now - grace).await?;
     c.overdue_holds = overdue as u64;
     c.most_overdue_ms = oldest.map_or(0, |t| (now - t).num_milliseconds());
     Ok(c)
@@ -342,22 +285,17 @@ struct OrderStates {
 }
 
 async fn compare_orders(db: &MySqlPool, event_id: u64, ledger: &HashMap<Uuid, Hold>) -> anyhow::Result<OrderStates> {
-    let rows: Vec<(String, String)> =
-        sqlx::query_as("SELECT order_id, CAST(state AS CHAR) FROM orders WHERE event_id = ?")
-            .bind(event_id)
-            .fetch_all(db)
-            .await?;
+    let rows = record::order_states(db, event_id).await?;
     let mut out = OrderStates::default();
     let mut seen = HashSet::with_capacity(rows.len());
-    for (order, state) in rows {
+    for (order, mysql) in rows {
         let id = Uuid::parse_str(&order).with_context(|| format!("order id {order:?}"))?;
         seen.insert(id);
-        let mysql: OrderState = serde_json::from_value(serde_json::Value::String(state.clone()))
-            .with_context(|| format!("order state {state:?}"))?;
         let redis = ledger.get(&id).map(|h| bucket(h.state));
         if redis != Some(bucket(mysql)) {
             out.differ += 1;
-            out.example.get_or_insert_with(|| format!("{id}: MySQL {state}, Redis {}", redis.unwrap_or("absent")));
+            out.example
+                .get_or_insert_with(|| format!("{id}: MySQL {}, Redis {}", mysql.as_str(), redis.unwrap_or("absent")));
         }
     }
     for id in ledger.keys().filter(|id| !seen.contains(id)) {
@@ -375,9 +313,8 @@ async fn accepted_without_decision(
     ledger: &Ledger,
     event_id: u64,
 ) -> anyhow::Result<(u64, u64, Option<Uuid>)> {
-    // The ingress' Idempotency-Key records, `<prefix>:idem:<key>`
-    // (ingress/src/intents.rs): `st` is `accepted` once the buyer was told
-    // 202.
+    // The ingress' Idempotency-Key records (ingress/src/intents.rs): `st`
+    // is `accepted` once the buyer was told 202.
     #[derive(serde::Deserialize)]
     struct KeyRecord {
         id: Uuid,
@@ -385,7 +322,7 @@ async fn accepted_without_decision(
         st: String,
     }
     let mut conn = ledger.pool().get().await?;
-    let pattern = format!("{}:idem:*", ledger.prefix());
+    let pattern = ledger.keys().idempotency_pattern();
     let mut keys: Vec<String> = Vec::new();
     let mut cursor = 0u64;
     loop {
@@ -413,13 +350,8 @@ async fn accepted_without_decision(
             }
         }
     }
-    let decided: HashSet<Uuid> = sqlx::query_as::<_, (String,)>("SELECT intent_id FROM intents WHERE event_id = ?")
-        .bind(event_id)
-        .fetch_all(db)
-        .await?
-        .into_iter()
-        .filter_map(|(id,)| Uuid::parse_str(&id).ok())
-        .collect();
+    let decided: HashSet<Uuid> =
+        record::decided_intents(db, event_id).await?.into_iter().filter_map(|id| Uuid::parse_str(&id).ok()).collect();
     let missing: Vec<Uuid> = accepted.iter().filter(|id| !decided.contains(id)).copied().collect();
     Ok((accepted.len() as u64, missing.len() as u64, missing.first().copied()))
 }
@@ -440,7 +372,7 @@ async fn ledger_self(ledger: &Ledger, event_id: u64, holds: &HashMap<Uuid, Hold>
         sold_in_holds: units(OrderState::Paid),
         ..Default::default()
     };
-    let key = EventKeys::new(ledger.prefix(), event_id).free;
+    let key = ledger.keys().event(event_id).free;
     let mut conn = ledger.pool().get().await?;
     let free: Vec<u32> = redis::cmd("LRANGE").arg(&key).arg(0).arg(-1).query_async(&mut conn).await?;
     let live: HashSet<u32> =

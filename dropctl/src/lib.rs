@@ -10,6 +10,7 @@
 //!   and the monitoring test.
 //! - [`quiet`]: when to check: the pipeline caught up, by its consumer
 //!   groups' offsets and the holds' deadlines.
+//! - [`record`]: dropctl's own queries of MySQL, for both.
 //! - [`tokens`]: the secrets dropctl mints tokens with, and their checks.
 
 pub mod api;
@@ -18,4 +19,5 @@ pub mod drill;
 pub mod invariants;
 pub mod prometheus;
 pub mod quiet;
+pub mod record;
 pub mod tokens;

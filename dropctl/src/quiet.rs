@@ -27,6 +27,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sqlx::MySqlPool;
 
+use crate::record;
+
 /// The deployment's Kafka side: where to read the consumer groups' progress.
 #[derive(Debug, Clone, Args)]
 pub struct PipelineArgs {
@@ -170,23 +172,12 @@ async fn not_quiet(
 ) -> anyhow::Result<Option<String>> {
     let now = chrono::Utc::now();
     if quiet.past_deadlines {
-        let (last,): (Option<chrono::DateTime<chrono::Utc>>,) =
-            sqlx::query_as("SELECT MAX(expires_at) FROM orders WHERE event_id = ?")
-                .bind(event_id)
-                .fetch_one(db)
-                .await?;
+        let last = record::last_deadline(db, event_id).await?;
         if last.is_some_and(|last| last >= now) {
             return Ok(Some("a deadline is still ahead".into()));
         }
     }
-    let (in_grace,): (i64,) = sqlx::query_as(
-        "SELECT COUNT(*) FROM orders WHERE event_id = ? AND state = 'held' AND expires_at < ? AND expires_at >= ?",
-    )
-    .bind(event_id)
-    .bind(now)
-    .bind(now - quiet.grace)
-    .fetch_one(db)
-    .await?;
+    let in_grace = record::held_between(db, event_id, now - quiet.grace, now).await?;
     if in_grace > 0 {
         return Ok(Some(format!("{in_grace} holds past their deadline, within the grace")));
     }

@@ -61,17 +61,6 @@ pub struct KafkaArgs {
 }
 
 impl KafkaArgs {
-    /// The batch loop's options for `stage`.
-    pub fn batch_options(&self, stage: &'static str, max: usize, linger_ms: u64) -> crate::kafka::BatchOptions {
-        crate::kafka::BatchOptions {
-            stage,
-            max,
-            linger: std::time::Duration::from_millis(linger_ms),
-            permanent_attempts: self.permanent_failure_attempts,
-            max_backoff: std::time::Duration::from_secs(5),
-        }
-    }
-
     pub fn topics(&self) -> crate::messages::Topics {
         crate::messages::Topics::with_prefix(&self.topic_prefix)
     }

@@ -1,9 +1,10 @@
-//! Events as the record keeps them, and the sale rules the stock ledger is
-//! loaded with. Shared by the ingress (which creates and serves events) and
-//! the settler (which rebuilds a lost ledger from the record).
+//! Events as the record keeps them, as an admin creates them, and the sale
+//! rules the stock ledger is loaded with. Shared by the ingress (which
+//! creates and serves events) and the settler (which rebuilds a lost ledger
+//! from the record).
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::MySqlPool;
 
 use crate::stock::SaleRules;
@@ -51,5 +52,57 @@ impl Event {
             price_cents: self.price_cents,
             retain_until_ms: closes + i64::from(self.hold_ttl_secs) * 1000 + LEDGER_RETENTION_MS,
         }
+    }
+}
+
+/// An admin's request to create an event.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewEvent {
+    pub name: String,
+    pub venue: String,
+    pub starts_at: DateTime<Utc>,
+    pub sale_opens_at: DateTime<Utc>,
+    pub sale_closes_at: DateTime<Utc>,
+    pub capacity: u32,
+    pub price_cents: u64,
+    pub currency: String,
+    pub per_user_limit: u32,
+    pub hold_ttl_secs: u32,
+}
+
+pub const MAX_CAPACITY: u32 = 10_000_000;
+pub const MAX_PER_USER_LIMIT: u32 = 100;
+pub const MAX_HOLD_TTL_SECS: u32 = 24 * 3600;
+
+impl NewEvent {
+    /// Every reason the event cannot be created, empty when it can.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        for (field, value) in [("name", &self.name), ("venue", &self.venue)] {
+            let len = value.trim().chars().count();
+            if len == 0 || len > 200 {
+                p.push(format!("{field}: must be 1 to 200 characters"));
+            }
+        }
+        if self.sale_closes_at <= self.sale_opens_at {
+            p.push("sale_closes_at: must be after sale_opens_at".into());
+        }
+        if self.capacity == 0 || self.capacity > MAX_CAPACITY {
+            p.push(format!("capacity: must be 1 to {MAX_CAPACITY}"));
+        }
+        if self.currency.len() != 3 || !self.currency.bytes().all(|b| b.is_ascii_uppercase()) {
+            p.push("currency: must be a three-letter ISO 4217 code such as EUR".into());
+        }
+        if self.per_user_limit == 0 || self.per_user_limit > MAX_PER_USER_LIMIT {
+            p.push(format!("per_user_limit: must be 1 to {MAX_PER_USER_LIMIT}"));
+        }
+        if self.hold_ttl_secs == 0 || self.hold_ttl_secs > MAX_HOLD_TTL_SECS {
+            p.push(format!("hold_ttl_secs: must be 1 to {MAX_HOLD_TTL_SECS}"));
+        }
+        if self.price_cents > 1_000_000_000 {
+            p.push("price_cents: must be at most 1000000000".into());
+        }
+        p
     }
 }

@@ -3,9 +3,11 @@
 //! - [`messages`]: topic names and the messages on them, the contract
 //!   between ingress, allocator, settler and expirer.
 //! - [`stock`]: the Redis stock ledger and the Lua scripts that alone change
-//!   it (allocate, pay, cancel, expire).
+//!   it (allocate, pay, cancel, expire), and every Redis key's name
+//!   ([`stock::keys`]).
 //! - [`db`]: the MySQL pool and the schema's migrations; [`events`]: events
-//!   as the record keeps them and the sale rules they load into the ledger.
+//!   as the record keeps them and as admins create them, and the sale rules
+//!   they load into the ledger.
 //! - [`kafka`]: the one publisher, consumer setup, the one batch-consumer loop,
 //!   group membership and readiness, offset storage and the dead-letter
 //!   topic.

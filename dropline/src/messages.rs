@@ -10,9 +10,72 @@
 //!
 //! Messages are JSON, so a dead letter can be read with any Kafka tool.
 //! Every message carries the ids that make its effect idempotent downstream.
+//! The enums the record keeps in columns (order state, payment disposition,
+//! reject reason, outcome) are stored there under the same names.
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
+
+/// `as_str` and `FromStr` for an enum that travels and is stored by name
+/// (its serde name, as the tests check), and its MySQL column type: an
+/// `ENUM` or text column, written with `as_str` and read with `FromStr`.
+/// (sqlx's derive wants a column's flags to be exactly `ENUM`, which a
+/// `NOT NULL` column's are not.)
+macro_rules! named {
+    ($ty:ident { $($variant:ident => $name:literal),+ $(,)? }) => {
+        impl $ty {
+            #[cfg(test)]
+            const ALL: &'static [$ty] = &[$($ty::$variant),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($ty::$variant => $name),+
+                }
+            }
+        }
+
+        impl std::str::FromStr for $ty {
+            type Err = UnknownName;
+
+            fn from_str(name: &str) -> Result<Self, UnknownName> {
+                match name {
+                    $($name => Ok($ty::$variant),)+
+                    _ => Err(UnknownName { of: stringify!($ty), name: name.to_owned() }),
+                }
+            }
+        }
+
+        impl sqlx::Type<sqlx::MySql> for $ty {
+            fn type_info() -> sqlx::mysql::MySqlTypeInfo {
+                <str as sqlx::Type<sqlx::MySql>>::type_info()
+            }
+
+            fn compatible(ty: &sqlx::mysql::MySqlTypeInfo) -> bool {
+                <str as sqlx::Type<sqlx::MySql>>::compatible(ty)
+            }
+        }
+
+        impl<'q> sqlx::Encode<'q, sqlx::MySql> for $ty {
+            fn encode_by_ref(&self, buf: &mut Vec<u8>) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+                <&str as sqlx::Encode<sqlx::MySql>>::encode_by_ref(&self.as_str(), buf)
+            }
+        }
+
+        impl<'r> sqlx::Decode<'r, sqlx::MySql> for $ty {
+            fn decode(value: sqlx::mysql::MySqlValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+                Ok(<&str as sqlx::Decode<sqlx::MySql>>::decode(value)?.parse::<$ty>()?)
+            }
+        }
+    };
+}
+
+/// A name no variant of the enum `of` has.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("no {of} is called {name:?}")]
+pub struct UnknownName {
+    pub of: &'static str,
+    pub name: String,
+}
 
 /// The topics of one Dropline deployment. A prefix lets several deployments
 /// (or parallel tests) share a broker.
@@ -63,16 +126,12 @@ pub enum RejectReason {
     SaleClosed,
 }
 
-impl RejectReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RejectReason::SoldOut => "sold_out",
-            RejectReason::LimitReached => "limit_reached",
-            RejectReason::SaleNotOpen => "sale_not_open",
-            RejectReason::SaleClosed => "sale_closed",
-        }
-    }
-}
+named!(RejectReason {
+    SoldOut => "sold_out",
+    LimitReached => "limit_reached",
+    SaleNotOpen => "sale_not_open",
+    SaleClosed => "sale_closed",
+});
 
 /// The allocator's decision on one intent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,6 +161,29 @@ pub enum Outcome {
     },
 }
 
+impl Outcome {
+    pub fn kind(&self) -> OutcomeKind {
+        match self {
+            Outcome::Held { .. } => OutcomeKind::Held,
+            Outcome::Rejected { .. } => OutcomeKind::Rejected,
+        }
+    }
+}
+
+/// An intent's outcome without its details, as the record's `intents`
+/// table keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutcomeKind {
+    Held,
+    Rejected,
+}
+
+named!(OutcomeKind {
+    Held => "held",
+    Rejected => "rejected",
+});
+
 /// A delayed message: release this hold at `expires_at_ms` unless it ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HoldExpiry {
@@ -124,17 +206,15 @@ pub enum OrderState {
     Voided,
 }
 
-impl OrderState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OrderState::Held => "held",
-            OrderState::Paid => "paid",
-            OrderState::Cancelled => "cancelled",
-            OrderState::Expired => "expired",
-            OrderState::Voided => "voided",
-        }
-    }
+named!(OrderState {
+    Held => "held",
+    Paid => "paid",
+    Cancelled => "cancelled",
+    Expired => "expired",
+    Voided => "voided",
+});
 
+impl OrderState {
     pub fn is_final(self) -> bool {
         !matches!(self, OrderState::Held)
     }
@@ -183,14 +263,10 @@ pub enum PaymentDisposition {
     RefundRequired,
 }
 
-impl PaymentDisposition {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PaymentDisposition::Captured => "captured",
-            PaymentDisposition::RefundRequired => "refund_required",
-        }
-    }
-}
+named!(PaymentDisposition {
+    Captured => "captured",
+    RefundRequired => "refund_required",
+});
 
 /// The current time as Unix milliseconds.
 pub fn now_ms() -> i64 {
@@ -214,6 +290,24 @@ mod tests {
         let json = serde_json::to_string(&d).unwrap();
         assert!(json.contains(r#""outcome":{"type":"rejected","reason":"sold_out"}"#), "{json}");
         assert_eq!(serde_json::from_str::<Decision>(&json).unwrap(), d);
+    }
+
+    #[test]
+    fn names_are_the_serde_names_and_read_back() {
+        fn check<T>(all: &[T], name: fn(&T) -> &'static str)
+        where
+            T: Serialize + std::str::FromStr<Err = UnknownName> + PartialEq + std::fmt::Debug,
+        {
+            for v in all {
+                assert_eq!(serde_json::to_value(v).unwrap(), name(v), "{v:?}");
+                assert_eq!(&name(v).parse::<T>().unwrap(), v);
+            }
+            assert!("nonsense".parse::<T>().is_err());
+        }
+        check(RejectReason::ALL, |v| v.as_str());
+        check(OutcomeKind::ALL, |v| v.as_str());
+        check(OrderState::ALL, |v| v.as_str());
+        check(PaymentDisposition::ALL, |v| v.as_str());
     }
 
     #[test]

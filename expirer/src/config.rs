@@ -1,6 +1,9 @@
 use clap::Parser;
 use dropline::config::{ConfigError, KafkaArgs, OpsArgs, Problems, RedisArgs};
 
+/// Where the ops endpoints listen unless configured.
+pub const DEFAULT_OPS_PORT: u16 = 9103;
+
 /// The expirer: releases holds that were not paid by their deadline.
 #[derive(Debug, Clone, Parser, serde::Serialize)]
 #[command(name = "dropline-expirer", version)]
@@ -25,7 +28,7 @@ pub struct ExpirerConfig {
 
 impl dropline::stage::StageConfig for ExpirerConfig {
     const NAME: &'static str = "expirer";
-    const DEFAULT_OPS_PORT: u16 = crate::DEFAULT_OPS_PORT;
+    const DEFAULT_OPS_PORT: u16 = DEFAULT_OPS_PORT;
 
     fn validate(&self) -> Result<(), ConfigError> {
         let mut p = Problems::default();

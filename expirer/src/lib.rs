@@ -30,10 +30,7 @@ use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::TopicPartitionList;
 use tokio_util::sync::CancellationToken;
 
-/// Where the ops endpoints listen unless configured.
-pub const DEFAULT_OPS_PORT: u16 = 9103;
-
-pub use config::ExpirerConfig;
+pub use config::{ExpirerConfig, DEFAULT_OPS_PORT};
 
 use crate::metrics::{HOLDS_ENDED, LATENESS, PAUSED, PENDING};
 use crate::schedule::{Due, PartitionKey, Schedule, Waiting};

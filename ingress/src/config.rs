@@ -7,6 +7,9 @@ use dropline::config::{
 use dropline::secrets;
 use serde::Serialize;
 
+/// Where the ops endpoints listen unless configured.
+pub const DEFAULT_OPS_PORT: u16 = 9100;
+
 /// The ingress: Dropline's HTTP API for buyers, admins and the payment
 /// provider's webhooks.
 #[derive(Debug, Clone, Parser, Serialize)]

@@ -1,25 +1,204 @@
-//! Reading requests: the bearer token, the Idempotency-Key, ids in paths and
-//! JSON bodies, each failure mapped to its problem code.
+//! Reading requests: the bearer token, the Idempotency-Key, ids in paths,
+//! search parameters, JSON bodies and signed webhooks, each as an axum
+//! extractor whose every failure is its problem answer.
 
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{FromRequest, FromRequestParts, Path, Request};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap};
+use axum::response::{IntoResponse, Response};
 use dropline::auth::{Claims, Tokens};
+use dropline::payments::{self, PaymentWebhook, SignatureError, SIGNATURE_HEADER};
 use serde::de::{self, DeserializeOwned, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use uuid::Uuid;
 
 use crate::problem::{ErrorCode, Problem};
+use crate::state::AppState;
 
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
+/// A buyer, by their bearer token.
+pub struct Buyer(pub Claims);
+
+impl FromRequestParts<Arc<AppState>> for Buyer {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, app: &Arc<AppState>) -> Result<Self, Problem> {
+        bearer(&app.tokens, &parts.headers).map(Buyer)
+    }
+}
+
+/// An admin, by their bearer token.
+pub struct Admin;
+
+impl FromRequestParts<Arc<AppState>> for Admin {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, app: &Arc<AppState>) -> Result<Self, Problem> {
+        admin(&app.tokens, &parts.headers).map(|_| Admin)
+    }
+}
+
+/// The request's Idempotency-Key.
+pub struct IdempotencyKey(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Problem> {
+        idempotency_key(&parts.headers).map(IdempotencyKey)
+    }
+}
+
+/// The event id in the path.
+pub struct EventId(pub u64);
+
+/// The order id in the path.
+pub struct OrderId(pub Uuid);
+
+/// The intent id in the path.
+pub struct IntentId(pub Uuid);
+
+impl<S: Send + Sync> FromRequestParts<S> for EventId {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Response> {
+        event_id(&path(parts, state).await?).map(EventId).map_err(IntoResponse::into_response)
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for OrderId {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Response> {
+        uuid(&path(parts, state).await?, ErrorCode::OrderNotFound).map(OrderId).map_err(IntoResponse::into_response)
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for IntentId {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Response> {
+        uuid(&path(parts, state).await?, ErrorCode::NotFound).map(IntentId).map_err(IntoResponse::into_response)
+    }
+}
+
+/// The route's one path parameter, as axum decodes it.
+async fn path<S: Send + Sync>(parts: &mut Parts, state: &S) -> Result<String, Response> {
+    let Path(raw) = Path::<String>::from_request_parts(parts, state).await.map_err(IntoResponse::into_response)?;
+    Ok(raw)
+}
+
+/// A search's parameters: `q=<text>&after=<id>&limit=<1..100>`, each once
+/// at most.
+pub struct SearchQuery {
+    pub q: Option<String>,
+    pub after: u64,
+    pub limit: u32,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for SearchQuery {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Problem> {
+        let mut search = SearchQuery { q: None, after: 0, limit: 20 };
+        let mut errors = Vec::new();
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(parts.uri.query().unwrap_or(""))
+            .map_err(|e| Problem::new(ErrorCode::InvalidQuery).detail(e.to_string()))?;
+        let mut seen = Vec::new();
+        for (k, v) in pairs {
+            if seen.contains(&k) {
+                errors.push(format!("{k}: given more than once"));
+                continue;
+            }
+            seen.push(k.clone());
+            match k.as_str() {
+                "q" if v.chars().count() <= 200 => search.q = Some(v).filter(|s| !s.is_empty()),
+                "q" => errors.push("q: at most 200 characters".to_owned()),
+                "after" => match v.parse() {
+                    Ok(n) => search.after = n,
+                    Err(_) => errors.push("after: must be an event id".to_owned()),
+                },
+                "limit" => match v.parse() {
+                    Ok(n) if (1..=100).contains(&n) => search.limit = n,
+                    _ => errors.push("limit: must be 1 to 100".to_owned()),
+                },
+                other => errors.push(format!("{other}: unknown parameter")),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(Problem::new(ErrorCode::InvalidQuery).errors(errors));
+        }
+        Ok(search)
+    }
+}
+
+/// A JSON body of the documented shape (see [`json`]), read up to the
+/// configured size.
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for JsonBody<T> {
+    type Rejection = Problem;
+
+    async fn from_request(request: Request, app: &Arc<AppState>) -> Result<Self, Problem> {
+        let (parts, body) = request.into_parts();
+        let body = read_body(body, app.config.max_body_bytes).await?;
+        json(&parts.headers, &body).map(JsonBody)
+    }
+}
+
+/// A payment webhook whose signature holds. The signature covers the raw
+/// bytes, so nothing is parsed before it holds; then fields the provider
+/// added are ignored, and anything else off the documented shape is refused
+/// like every other body.
+pub struct SignedWebhook(pub PaymentWebhook);
+
+impl FromRequest<Arc<AppState>> for SignedWebhook {
+    type Rejection = Problem;
+
+    async fn from_request(request: Request, app: &Arc<AppState>) -> Result<Self, Problem> {
+        let (parts, body) = request.into_parts();
+        let raw = read_body(body, app.config.max_body_bytes).await?;
+        let signature = parts.headers.get(SIGNATURE_HEADER).and_then(|v| v.to_str().ok());
+        let now = chrono::Utc::now().timestamp();
+        payments::verify(app.config.webhook_secret.as_bytes(), signature, &raw, now, app.config.webhook_tolerance_secs)
+            .map_err(|e| {
+                // Every other failure, an oversized header included, is
+                // refused before a MAC is computed or is a mismatch.
+                let code =
+                    if e == SignatureError::Stale { ErrorCode::StaleSignature } else { ErrorCode::InvalidSignature };
+                Problem::new(code).detail(e.to_string())
+            })?;
+        json_lenient(&parts.headers, &raw).map(SignedWebhook)
+    }
+}
+
+/// Reads a body up to `limit` bytes.
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, Problem> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        // to_bytes reports an oversized body as a length-limit error; any
+        // other failure is the client's connection breaking.
+        let too_large = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            Problem::new(ErrorCode::PayloadTooLarge).detail(format!("at most {limit} bytes"))
+        } else {
+            Problem::new(ErrorCode::InvalidBody).detail("the body could not be read")
+        }
+    })
+}
+
 /// A buyer's token: signed with the buyer secret, for the buyer audience.
-pub fn bearer(tokens: &Tokens, headers: &HeaderMap) -> Result<Claims, Problem> {
+fn bearer(tokens: &Tokens, headers: &HeaderMap) -> Result<Claims, Problem> {
     let token = token_of(headers)?;
     tokens.buyer.verify(token).map_err(|e| Problem::new(ErrorCode::Unauthorized).detail(e.to_string()))
 }
 
 /// An admin's token: signed with the admin secret, for the admin audience.
 /// A valid buyer token is told apart (403) from no valid token at all (401).
-pub fn admin(tokens: &Tokens, headers: &HeaderMap) -> Result<Claims, Problem> {
+fn admin(tokens: &Tokens, headers: &HeaderMap) -> Result<Claims, Problem> {
     let token = token_of(headers)?;
     tokens.admin.verify(token).map_err(|e| {
         if tokens.buyer.verify(token).is_ok() {
@@ -45,7 +224,7 @@ fn token_of(headers: &HeaderMap) -> Result<&str, Problem> {
 }
 
 /// The Idempotency-Key: 1 to 255 visible ASCII characters.
-pub fn idempotency_key(headers: &HeaderMap) -> Result<String, Problem> {
+fn idempotency_key(headers: &HeaderMap) -> Result<String, Problem> {
     let mut values = headers.get_all(IDEMPOTENCY_KEY).iter();
     let value = values.next().ok_or(ErrorCode::MissingIdempotencyKey)?;
     if values.next().is_some() {
@@ -62,14 +241,14 @@ fn invalid_key() -> Problem {
     Problem::new(ErrorCode::InvalidHeader).detail("Idempotency-Key must be 1 to 255 visible ASCII characters")
 }
 
-pub fn event_id(raw: &str) -> Result<u64, Problem> {
+fn event_id(raw: &str) -> Result<u64, Problem> {
     raw.parse::<u64>()
         .ok()
         .filter(|id| *id > 0)
         .ok_or_else(|| Problem::new(ErrorCode::EventNotFound).detail("event ids are positive integers"))
 }
 
-pub fn uuid(raw: &str, missing: ErrorCode) -> Result<Uuid, Problem> {
+fn uuid(raw: &str, missing: ErrorCode) -> Result<Uuid, Problem> {
     Uuid::parse_str(raw).map_err(|_| Problem::new(missing).detail("ids are UUIDs"))
 }
 
@@ -77,14 +256,14 @@ pub fn uuid(raw: &str, missing: ErrorCode) -> Result<Uuid, Problem> {
 /// at any depth, and no field `T` does not know. Not JSON at all is 400
 /// `invalid_body`; JSON of another shape (an array, a wrong type, an unknown
 /// or repeated field) is 422 `invalid_body_shape`.
-pub fn json<T: DeserializeOwned>(headers: &HeaderMap, body: &[u8]) -> Result<T, Problem> {
+fn json<T: DeserializeOwned>(headers: &HeaderMap, body: &[u8]) -> Result<T, Problem> {
     parse(headers, body, true)
 }
 
 /// [`json`] for a sender that may add fields we do not read (the payment
 /// provider's webhooks): unknown fields are ignored, everything else is as
 /// strict.
-pub fn json_lenient<T: DeserializeOwned>(headers: &HeaderMap, body: &[u8]) -> Result<T, Problem> {
+fn json_lenient<T: DeserializeOwned>(headers: &HeaderMap, body: &[u8]) -> Result<T, Problem> {
     parse(headers, body, false)
 }
 

@@ -1,7 +1,8 @@
 //! Idempotency records, and the index from an intent (or order) id to its
 //! event and buyer.
 //!
-//! Two kinds of Redis record, both kept `DROPLINE_IDEMPOTENCY_TTL_SECS`:
+//! Two kinds of Redis record, both kept `DROPLINE_IDEMPOTENCY_TTL_SECS` and
+//! named in [`dropline::stock::keys`]:
 //! - `<prefix>:idem:<hash of buyer and key>`: what an Idempotency-Key was
 //!   first used for (event, quantity, intent id) and where its request
 //!   stands: `busy` (owned by one request, for a lease), `accepted` (202) or
@@ -34,6 +35,7 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use deadpool_redis::redis::{self, AsyncCommands, Script};
+use dropline::stock::Keys;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -46,20 +48,12 @@ static SETTLE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua
 /// "buyer\0key" under 6d2f3b1c-8a4e-4f0b-9c57-1e2da3b4c5d6 came before.)
 const INTENT_NAMESPACE: Uuid = Uuid::from_u128(0x3f1e_9a52_c7d4_4b86_a0e1_5c2b_7d98_e4f3);
 
-/// Namespace of idempotency record names: UUIDv5 of "key\0buyer".
-const KEY_NAMESPACE: Uuid = Uuid::from_u128(0x8b47_21d0_6e3a_4c95_b1f8_0a7c_2e64_d593);
-
 /// The intent a buyer's purchase with `idempotency_key` maps to. The key is
 /// visible ASCII (the extractor checks), so it holds no NUL and the name
 /// splits one way only, whatever the buyer's id holds.
 pub fn intent_id(event_id: u64, user_id: &str, idempotency_key: &str) -> Uuid {
     let name = format!("{event_id}\0{idempotency_key}\0{user_id}");
     Uuid::new_v5(&INTENT_NAMESPACE, name.as_bytes())
-}
-
-fn key_name(user_id: &str, idempotency_key: &str) -> Uuid {
-    let name = format!("{idempotency_key}\0{user_id}");
-    Uuid::new_v5(&KEY_NAMESPACE, name.as_bytes())
 }
 
 /// An intent as the index keeps it (and as it is produced).
@@ -172,7 +166,7 @@ pub enum Settled {
 #[derive(Clone)]
 pub struct IntentStore {
     pool: deadpool_redis::Pool,
-    prefix: String,
+    keys: Keys,
     ttl_secs: u64,
 }
 
@@ -190,15 +184,7 @@ pub enum StoreError {
 
 impl IntentStore {
     pub fn new(pool: deadpool_redis::Pool, prefix: &str, ttl_secs: u64) -> Self {
-        Self { pool, prefix: prefix.to_owned(), ttl_secs }
-    }
-
-    fn index_key(&self, intent_id: Uuid) -> String {
-        format!("{}:intent:{intent_id}", self.prefix)
-    }
-
-    fn record_key(&self, user_id: &str, idempotency_key: &str) -> String {
-        format!("{}:idem:{}", self.prefix, key_name(user_id, idempotency_key))
+        Self { pool, keys: Keys::new(prefix), ttl_secs }
     }
 
     /// Claims `idempotency_key` for a request for `intent` (intent `id`);
@@ -217,7 +203,7 @@ impl IntentStore {
         });
         let mut conn = self.pool.get().await?;
         let (outcome, raw, left_ms): (String, String, u64) = CLAIM
-            .key(self.record_key(&intent.user_id, idempotency_key))
+            .key(self.keys.idempotency(&intent.user_id, idempotency_key))
             .arg(fresh.to_string())
             .arg(id.to_string())
             .arg(intent.quantity)
@@ -273,7 +259,7 @@ impl IntentStore {
     ) -> Result<Settled, StoreError> {
         let mut conn = self.pool.get().await?;
         let (outcome, raw): (String, String) = SETTLE
-            .key(self.record_key(user_id, idempotency_key))
+            .key(self.keys.idempotency(user_id, idempotency_key))
             .arg(owner)
             .arg(record)
             .arg(self.ttl_secs)
@@ -290,14 +276,14 @@ impl IntentStore {
     /// A key's record, if Redis has it.
     pub async fn key_record(&self, user_id: &str, idempotency_key: &str) -> Result<Option<KeyRecord>, StoreError> {
         let mut conn = self.pool.get().await?;
-        let raw: Option<String> = conn.get(self.record_key(user_id, idempotency_key)).await?;
+        let raw: Option<String> = conn.get(self.keys.idempotency(user_id, idempotency_key)).await?;
         Ok(raw.as_deref().map(serde_json::from_str).transpose()?)
     }
 
     /// Indexes an intent about to be produced.
     pub async fn index(&self, id: Uuid, intent: &IntentRecord) -> Result<(), StoreError> {
         let mut conn = self.pool.get().await?;
-        let _: () = conn.set_ex(self.index_key(id), serde_json::to_string(intent)?, self.ttl_secs).await?;
+        let _: () = conn.set_ex(self.keys.intent(id), serde_json::to_string(intent)?, self.ttl_secs).await?;
         Ok(())
     }
 
@@ -305,7 +291,7 @@ impl IntentStore {
     /// be), so its id was, or may have been, handed to its buyer.
     pub async fn get(&self, id: Uuid) -> Result<Option<IntentRecord>, StoreError> {
         let mut conn = self.pool.get().await?;
-        let raw: Option<String> = conn.get(self.index_key(id)).await?;
+        let raw: Option<String> = conn.get(self.keys.intent(id)).await?;
         Ok(raw.as_deref().map(serde_json::from_str).transpose()?)
     }
 }

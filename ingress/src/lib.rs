@@ -2,51 +2,48 @@
 //!
 //! - [`routes`]: the API. Buyers purchase (`POST /v1/events/{id}/purchases`),
 //!   follow their intent and order, cancel and pay; admins create events;
-//!   the payment provider calls the webhook.
+//!   the payment provider calls the webhook. [`extract`] reads requests
+//!   (tokens, keys, ids, bodies); [`layers`] wrap every route (request id,
+//!   metrics, timeouts, load shedding).
 //! - [`intents`]: idempotency records and the intent index in Redis.
 //! - [`events`]: events in MySQL behind a small cache, and the pre-warm.
 //! - [`orders`]: an order's live state (Redis) or settled state (MySQL).
+//! - [`record`]: the ingress's SQL (events, and orders and intents looked
+//!   up once Redis no longer has them).
 //! - [`limits`]: governor admission control, global and per buyer.
 //! - [`problem`]: the error codes and their problem+json answers.
 //! - [`server`]: the listener: connection cap, header-read and idle
 //!   timeouts, the drain.
-//! - [`config`], [`metrics`]: settings and metric names.
+//! - [`state`]: what every handler shares; [`config`], [`metrics`]:
+//!   settings and metric names.
 
 pub mod config;
 pub mod events;
 mod extract;
 pub mod intents;
+mod layers;
 pub mod limits;
 pub mod metrics;
 pub mod orders;
 pub mod problem;
+pub mod record;
 mod routes;
 pub mod server;
+mod state;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dropline::auth::Tokens;
-use dropline::kafka::{self, Publisher, Record, WhenFull};
-use dropline::messages::{OrderEvent, Topics};
+use dropline::kafka::{self, Publisher, WhenFull};
 use dropline::stage::{Stage, StageConfig};
-use dropline::stock::Ledger;
-use sqlx::MySqlPool;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-/// Where the ops endpoints listen unless configured.
-pub const DEFAULT_OPS_PORT: u16 = 9100;
+pub use config::{IngressConfig, DEFAULT_OPS_PORT};
 
-pub use config::IngressConfig;
-
-use crate::events::Events;
-use crate::intents::IntentStore;
-use crate::limits::Limits;
-use crate::orders::Orders;
-use crate::problem::{ErrorCode, Problem};
+use crate::state::AppState;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngressError {
@@ -66,65 +63,6 @@ pub enum IngressError {
     Http(#[from] reqwest::Error),
     #[error("listening: {0}")]
     Io(#[from] std::io::Error),
-}
-
-/// Everything a request handler needs.
-pub struct AppState {
-    pub config: IngressConfig,
-    pub tokens: Tokens,
-    pub events: Events,
-    pub intents: IntentStore,
-    pub orders: Orders,
-    pub ledger: Ledger,
-    pub db: MySqlPool,
-    pub publisher: Publisher,
-    pub topics: Topics,
-    pub limits: Arc<Limits>,
-    pub http: reqwest::Client,
-}
-
-impl AppState {
-    /// The handlers' state over the given clients.
-    fn new(
-        config: IngressConfig,
-        db: MySqlPool,
-        redis: deadpool_redis::Pool,
-        publisher: Publisher,
-        search_timeout: events::SearchTimeout,
-    ) -> Result<AppState, IngressError> {
-        let ledger = Ledger::new(redis.clone(), &config.redis.key_prefix);
-        let intents = IntentStore::new(redis, &config.redis.key_prefix, config.idempotency_ttl_secs);
-        Ok(AppState {
-            tokens: Tokens::new(config.jwt_secret.as_bytes(), config.admin_jwt_secret.as_bytes(), &config.jwt_issuer),
-            events: Events::new(db.clone(), ledger.clone(), Duration::from_millis(config.event_cache_ttl_ms))
-                .with_search_timeout(search_timeout),
-            orders: Orders::new(intents.clone(), ledger.clone(), db.clone()),
-            intents,
-            ledger,
-            db,
-            publisher,
-            topics: config.kafka.topics(),
-            limits: Arc::new(Limits::new(
-                config.admit_per_sec,
-                config.admit_burst,
-                config.user_per_sec,
-                config.user_burst,
-            )),
-            http: reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?,
-            config,
-        })
-    }
-
-    /// Puts an order's new state on Kafka and waits for the ack.
-    pub async fn publish_order_event(&self, event: &OrderEvent, request_id: &str) -> Result<(), Problem> {
-        let payload = serde_json::to_vec(event).map_err(|_| Problem::new(ErrorCode::Internal))?;
-        let key = event.order_id.to_string();
-        let record = Record::new(&self.topics.order_events, &key, &payload).request_id(Some(request_id));
-        self.publisher.publish(record).await.map_err(|e| {
-            tracing::warn!(error = %e, order_id = %event.order_id, "order event not acknowledged");
-            Problem::new(ErrorCode::BrokerUnavailable).retry_after(1)
-        })
-    }
 }
 
 /// The API over clients that connect on first use: building it reaches no

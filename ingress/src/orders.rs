@@ -12,7 +12,7 @@
 
 use chrono::{DateTime, Utc};
 use dropline::db::from_ms;
-use dropline::messages::OrderState;
+use dropline::messages::{OrderState, OutcomeKind};
 use dropline::stock::{Hold, Ledger};
 use serde::Serialize;
 use sqlx::MySqlPool;
@@ -20,6 +20,7 @@ use uuid::Uuid;
 
 use crate::intents::IntentStore;
 use crate::problem::{ErrorCode, Problem};
+use crate::record;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct OrderView {
@@ -86,16 +87,6 @@ pub struct Orders {
     db: MySqlPool,
 }
 
-#[derive(sqlx::FromRow)]
-struct OrderRow {
-    event_id: u64,
-    user_id: String,
-    quantity: u32,
-    amount_cents: u64,
-    state: String,
-    expires_at: DateTime<Utc>,
-}
-
 impl Orders {
     pub fn new(intents: IntentStore, ledger: Ledger, db: MySqlPool) -> Self {
         Self { intents, ledger, db }
@@ -106,12 +97,7 @@ impl Orders {
         if let Some(record) = self.intents.get(order_id).await.map_err(|e| Problem::unavailable("redis", &e))? {
             return Ok(Some(record.event_id));
         }
-        let row: Option<(u64,)> = sqlx::query_as("SELECT event_id FROM orders WHERE order_id = ?")
-            .bind(order_id.to_string())
-            .fetch_optional(&self.db)
-            .await
-            .map_err(|e| Problem::unavailable("mysql", &e))?;
-        Ok(row.map(|r| r.0))
+        record::event_of_order(&self.db, order_id).await.map_err(|e| Problem::unavailable("mysql", &e))
     }
 
     /// The order `order_id` as it stands now, for `user`.
@@ -144,15 +130,9 @@ impl Orders {
                 return Ok(Lookup::Unknown);
             }
         }
-        let recorded: Option<(String,)> =
-            sqlx::query_as("SELECT CAST(outcome AS CHAR) FROM intents WHERE intent_id = ? AND user_id = ?")
-                .bind(order_id.to_string())
-                .bind(user)
-                .fetch_optional(&self.db)
-                .await
-                .map_err(|e| Problem::unavailable("mysql", &e))?;
+        let recorded = record::intent(&self.db, order_id, user).await.map_err(|e| Problem::unavailable("mysql", &e))?;
         Ok(match recorded {
-            Some((outcome,)) if outcome == "held" => Lookup::Pending,
+            Some(intent) if intent.outcome == OutcomeKind::Held => Lookup::Pending,
             Some(_) => Lookup::Unknown,
             None if index.is_some() => Lookup::Pending,
             None => Lookup::Unknown,
@@ -167,27 +147,17 @@ impl Orders {
 
     /// The order as the settler recorded it.
     async fn row(&self, order_id: Uuid) -> Result<Option<OrderView>, Problem> {
-        let row: Option<OrderRow> = sqlx::query_as(
-            "SELECT event_id, user_id, quantity, amount_cents, CAST(state AS CHAR) AS state, expires_at \
-             FROM orders WHERE order_id = ?",
-        )
-        .bind(order_id.to_string())
-        .fetch_optional(&self.db)
-        .await
-        .map_err(|e| Problem::unavailable("mysql", &e))?;
-        Ok(row.and_then(|r| {
-            let state = serde_json::from_value(serde_json::Value::String(r.state)).ok()?;
-            Some(OrderView {
-                order_id,
-                event_id: r.event_id,
-                quantity: r.quantity,
-                amount_cents: r.amount_cents,
-                state,
-                expires_at: r.expires_at,
-                order_url: format!("/v1/orders/{order_id}"),
-                user_id: r.user_id,
-                source: Source::Record,
-            })
+        let row = record::order(&self.db, order_id).await.map_err(|e| Problem::unavailable("mysql", &e))?;
+        Ok(row.map(|r| OrderView {
+            order_id,
+            event_id: r.event_id,
+            quantity: r.quantity,
+            amount_cents: r.amount_cents,
+            state: r.state,
+            expires_at: r.expires_at,
+            order_url: format!("/v1/orders/{order_id}"),
+            user_id: r.user_id,
+            source: Source::Record,
         }))
     }
 }

@@ -16,16 +16,20 @@ use std::collections::{HashMap, HashSet};
 
 use chrono::Utc;
 use dropline::messages::OrderState;
-use dropline::stock::Ledger;
-use sqlx::{MySql, QueryBuilder, Transaction};
+use dropline::stock::{Ledger, LedgerError};
 use uuid::Uuid;
 
-use crate::store::{WriteError, CHUNK};
+use crate::record::{events, orders, units, Tx};
 
-/// Values per `IN` list when reading. Longer lists are turned into a
-/// derived table by MariaDB (in_predicate_conversion_threshold, 1000), whose
-/// plan scans every live order of the event: quadratic over a sale.
-const LOOKUP: usize = 200;
+/// Why a batch could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("mysql: {0}")]
+    Mysql(#[from] sqlx::Error),
+    /// Asking the ledger whether a competing hold ended.
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+}
 
 /// A new hold's claim on its units, as its decision carries it.
 #[derive(Debug, Clone)]
@@ -76,11 +80,7 @@ impl std::fmt::Display for VoidReason {
 
 /// Checks and records the claims of one batch, in batch order (the order
 /// the ledger decided them). Returns the unit rows written and the voids.
-pub async fn settle(
-    tx: &mut Transaction<'_, MySql>,
-    ledger: &Ledger,
-    claims: &[Claim],
-) -> Result<(usize, Vec<Void>), WriteError> {
+pub async fn settle(tx: &mut Tx<'_>, ledger: &Ledger, claims: &[Claim]) -> Result<(usize, Vec<Void>), WriteError> {
     let mut events: Vec<u64> = claims.iter().map(|c| c.event_id).collect();
     events.sort_unstable();
     events.dedup();
@@ -121,31 +121,20 @@ struct EventClaims<'a> {
 
 impl<'a> EventClaims<'a> {
     async fn load(
-        tx: &mut Transaction<'_, MySql>,
+        tx: &mut Tx<'_>,
         ledger: &'a Ledger,
         event_id: u64,
         claims: &[&Claim],
     ) -> Result<EventClaims<'a>, WriteError> {
-        let rules: Option<(u32, u32)> = sqlx::query_as("SELECT capacity, per_user_limit FROM events WHERE id = ?")
-            .bind(event_id)
-            .fetch_optional(&mut **tx)
-            .await?;
+        let rules = events::limits(tx, event_id).await?;
         // Only a hand-made message names an event the record lacks: its
         // units are still kept unique, with no bounds to check.
         let (capacity, limit) = rules.unwrap_or_else(|| {
             tracing::warn!(event_id, "a hold for an event MySQL does not have");
             (u32::MAX, u32::MAX)
         });
-        let units: Vec<u32> = claims.iter().flat_map(|c| c.units.iter().copied()).collect();
-        let mut owners = HashMap::new();
-        for chunk in units.chunks(LOOKUP) {
-            let mut q = QueryBuilder::<MySql>::new("SELECT unit_no, order_id FROM order_units WHERE event_id = ");
-            q.push_bind(event_id).push(" AND unit_no IN ");
-            push_list(&mut q, chunk);
-            q.push(" FOR UPDATE");
-            let rows: Vec<(u32, String)> = q.build_query_as().fetch_all(&mut **tx).await?;
-            owners.extend(rows);
-        }
+        let claimed: Vec<u32> = claims.iter().flat_map(|c| c.units.iter().copied()).collect();
+        let owners: HashMap<u32, String> = units::owners(tx, event_id, &claimed).await?.into_iter().collect();
         let buyers: Vec<&str> = {
             let mut b: Vec<&str> = claims.iter().map(|c| c.user_id.as_str()).collect();
             b.sort_unstable();
@@ -154,19 +143,9 @@ impl<'a> EventClaims<'a> {
         };
         let mut live: HashMap<String, HashMap<String, u32>> = HashMap::new();
         let mut states = HashMap::new();
-        for chunk in buyers.chunks(LOOKUP) {
-            let mut q = QueryBuilder::<MySql>::new(
-                "SELECT order_id, user_id, quantity, CAST(state AS CHAR) FROM orders FORCE INDEX (orders_by_buyer) \
-                 WHERE event_id = ",
-            );
-            q.push_bind(event_id).push(" AND state IN ('held', 'paid') AND user_id IN ");
-            push_list(&mut q, chunk);
-            q.push(" FOR UPDATE");
-            let rows: Vec<(String, String, u32, String)> = q.build_query_as().fetch_all(&mut **tx).await?;
-            for (order_id, user_id, quantity, state) in rows {
-                states.insert(order_id.clone(), parse_state(&state)?);
-                live.entry(user_id).or_default().insert(order_id, quantity);
-            }
+        for order in orders::live_of_buyers(tx, event_id, &buyers).await? {
+            states.insert(order.order_id.clone(), order.state);
+            live.entry(order.user_id).or_default().insert(order.order_id, order.quantity);
         }
         let mut unknown: Vec<&str> = owners
             .values()
@@ -176,26 +155,14 @@ impl<'a> EventClaims<'a> {
             .collect();
         unknown.sort_unstable();
         unknown.dedup();
-        for chunk in unknown.chunks(LOOKUP) {
-            let mut q =
-                QueryBuilder::<MySql>::new("SELECT order_id, CAST(state AS CHAR) FROM orders WHERE order_id IN ");
-            push_list(&mut q, chunk);
-            let rows: Vec<(String, String)> = q.build_query_as().fetch_all(&mut **tx).await?;
-            for (order_id, state) in rows {
-                states.insert(order_id, parse_state(&state)?);
-            }
-        }
+        states.extend(orders::states(tx, &unknown).await?);
         let pending = claims.iter().map(|c| c.order_id.clone()).collect();
         Ok(EventClaims { ledger, event_id, capacity, limit, owners, states, live, pending, granted: Vec::new() })
     }
 
     /// Why the record refuses `claim`, if it does. A claim it accepts owns
     /// its units from now on.
-    async fn check(
-        &mut self,
-        tx: &mut Transaction<'_, MySql>,
-        claim: &Claim,
-    ) -> Result<Option<VoidReason>, WriteError> {
+    async fn check(&mut self, tx: &mut Tx<'_>, claim: &Claim) -> Result<Option<VoidReason>, WriteError> {
         self.pending.remove(&claim.order_id);
         // An order that already ended (its end overtook its decision) or
         // was voided holds nothing to protect.
@@ -249,7 +216,7 @@ impl<'a> EventClaims<'a> {
     /// Whether `order` still holds or owns stock. A held order that the
     /// ledger says has expired or been cancelled is ended in the record now,
     /// with the ledger's time; its own event will find it done.
-    async fn still_live(&mut self, tx: &mut Transaction<'_, MySql>, order: &str) -> Result<bool, WriteError> {
+    async fn still_live(&mut self, tx: &mut Tx<'_>, order: &str) -> Result<bool, WriteError> {
         match self.states.get(order) {
             Some(OrderState::Held) => {}
             Some(state) => return Ok(state.is_live()),
@@ -263,12 +230,7 @@ impl<'a> EventClaims<'a> {
             return Ok(true);
         }
         let at = hold.ended_at_ms.map(dropline::db::from_ms).unwrap_or_else(Utc::now);
-        sqlx::query("UPDATE orders SET state = ?, updated_at = ? WHERE order_id = ? AND state = 'held'")
-            .bind(hold.state.as_str())
-            .bind(at)
-            .bind(order)
-            .execute(&mut **tx)
-            .await?;
+        orders::end_held(tx, order, hold.state, at).await?;
         tracing::info!(
             event_id = self.event_id,
             order_id = order,
@@ -279,54 +241,20 @@ impl<'a> EventClaims<'a> {
         Ok(false)
     }
 
-    async fn void(
-        &mut self,
-        tx: &mut Transaction<'_, MySql>,
-        claim: &Claim,
-        reason: VoidReason,
-    ) -> Result<(), WriteError> {
+    async fn void(&mut self, tx: &mut Tx<'_>, claim: &Claim, reason: VoidReason) -> Result<(), WriteError> {
         tracing::warn!(event_id = self.event_id, order_id = %claim.order_id, user_id = %claim.user_id, %reason,
             "the record refused a hold the ledger gave; the order is voided");
         ::metrics::counter!(crate::metrics::VOIDED, "reason" => reason.label()).increment(1);
-        sqlx::query("UPDATE orders SET state = 'voided', updated_at = ? WHERE order_id = ?")
-            .bind(Utc::now())
-            .bind(&claim.order_id)
-            .execute(&mut **tx)
-            .await?;
-        sqlx::query("DELETE FROM order_units WHERE order_id = ?").bind(&claim.order_id).execute(&mut **tx).await?;
+        orders::void(tx, &claim.order_id, Utc::now()).await?;
+        units::release(tx, &claim.order_id).await?;
         self.owners.retain(|_, o| *o != claim.order_id);
         self.granted.retain(|(_, o)| *o != claim.order_id);
         self.states.insert(claim.order_id.clone(), OrderState::Voided);
         Ok(())
     }
 
-    async fn write_units(&self, tx: &mut Transaction<'_, MySql>) -> Result<usize, WriteError> {
-        for chunk in self.granted.chunks(CHUNK) {
-            let mut q = QueryBuilder::<MySql>::new("INSERT INTO order_units (event_id, unit_no, order_id) ");
-            q.push_values(chunk, |mut row, (unit, order)| {
-                row.push_bind(self.event_id).push_bind(unit).push_bind(order);
-            });
-            q.push(" ON DUPLICATE KEY UPDATE order_id = VALUES(order_id)");
-            q.build().execute(&mut **tx).await?;
-        }
+    async fn write_units(&self, tx: &mut Tx<'_>) -> Result<usize, WriteError> {
+        units::grant(tx, self.event_id, &self.granted).await?;
         Ok(self.granted.len())
     }
-}
-
-/// `(?, ?, ...)` for an `IN` list.
-pub(crate) fn push_list<'q, T>(q: &mut QueryBuilder<'q, MySql>, items: &[T])
-where
-    T: 'q + sqlx::Encode<'q, MySql> + sqlx::Type<MySql> + Copy + Send,
-{
-    q.push("(");
-    let mut list = q.separated(", ");
-    for item in items {
-        list.push_bind(*item);
-    }
-    list.push_unseparated(")");
-}
-
-fn parse_state(raw: &str) -> Result<OrderState, WriteError> {
-    serde_json::from_value(serde_json::Value::String(raw.to_owned()))
-        .map_err(|_| WriteError::Mysql(sqlx::Error::Decode(format!("unknown order state {raw:?}").into())))
 }

@@ -1,6 +1,9 @@
 use clap::Parser;
 use dropline::config::{ConfigError, KafkaArgs, MysqlArgs, OpsArgs, Problems, RedisArgs};
 
+/// Where the ops endpoints listen unless configured.
+pub const DEFAULT_OPS_PORT: u16 = 9102;
+
 /// The settler: persists what the other stages decided into MySQL.
 #[derive(Debug, Clone, Parser, serde::Serialize)]
 #[command(name = "dropline-settler", version)]
@@ -65,7 +68,7 @@ impl SettlerConfig {
 
 impl dropline::stage::StageConfig for SettlerConfig {
     const NAME: &'static str = "settler";
-    const DEFAULT_OPS_PORT: u16 = crate::DEFAULT_OPS_PORT;
+    const DEFAULT_OPS_PORT: u16 = DEFAULT_OPS_PORT;
 
     fn validate(&self) -> Result<(), ConfigError> {
         let mut p = Problems::default();

@@ -6,9 +6,11 @@
 //! stored only after the commit; a crash in between redelivers the batch,
 //! whose second write changes nothing.
 //!
-//! - [`store`]: the upserts and their forward-only rule.
+//! - [`store`]: one batch's write, in one transaction.
 //! - [`claims`]: the record's check of every new hold's units and buyer
 //!   limit; a hold it refuses is voided.
+//! - [`record`]: the settler's SQL, by table: the upserts and their
+//!   forward-only rule, and what the reconciler and a rebuild read.
 //! - [`reconcile`]: how far the Redis ledger and MySQL disagree, as gauges,
 //!   and the repairs: a ledger missing, damaged or behind is rebuilt; a hold
 //!   left held past its deadline is ended.
@@ -20,6 +22,7 @@ pub mod config;
 pub mod metrics;
 pub mod rebuild;
 pub mod reconcile;
+pub mod record;
 pub mod store;
 
 use std::sync::Arc;
@@ -30,14 +33,12 @@ use dropline::stage::Stage;
 use rdkafka::message::{Message, OwnedMessage};
 use tokio_util::sync::CancellationToken;
 
-/// Where the ops endpoints listen unless configured.
-pub const DEFAULT_OPS_PORT: u16 = 9102;
+pub use config::{SettlerConfig, DEFAULT_OPS_PORT};
 
-pub use config::SettlerConfig;
-
+use crate::claims::WriteError;
 use crate::metrics::{BATCH_DURATION, BATCH_SIZE, ROWS, WRITE_ERRORS};
 use crate::reconcile::{Reconciler, Voided};
-use crate::store::{Batch, WriteError};
+use crate::store::Batch;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SettlerError {

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use dropline::config::KafkaArgs;
 use dropline::kafka::{Publisher, Record};
-use dropline::messages::Topics;
+use dropline::messages::{OrderState, Topics};
 use dropline::stock::{EndOutcome, Ledger};
 use sqlx::MySqlPool;
 use tokio_util::sync::CancellationToken;
@@ -34,6 +34,7 @@ use uuid::Uuid;
 
 use crate::metrics::{DRIFT, OVERDUE_ENDED, REBUILDS};
 use crate::rebuild::RebuildOptions;
+use crate::record::{events, orders};
 
 const MAX_EVENTS: u32 = 200;
 
@@ -60,20 +61,9 @@ pub struct Measurement {
     pub damaged: Vec<(u64, String)>,
 }
 
-async fn current_events(db: &MySqlPool) -> Result<Vec<u64>, sqlx::Error> {
-    let rows: Vec<(u64,)> = sqlx::query_as(
-        "SELECT id FROM events WHERE sale_opens_at <= UTC_TIMESTAMP(3) \
-         AND sale_closes_at >= UTC_TIMESTAMP(3) - INTERVAL 1 DAY ORDER BY id DESC LIMIT ?",
-    )
-    .bind(MAX_EVENTS)
-    .fetch_all(db)
-    .await?;
-    Ok(rows.into_iter().map(|(id,)| id).collect())
-}
-
 /// Compares every current event once.
 pub async fn measure(db: &MySqlPool, ledger: &Ledger) -> Result<Measurement, anyhow::Error> {
-    measure_events(db, ledger, &current_events(db).await?).await
+    measure_events(db, ledger, &events::current(db, MAX_EVENTS).await?).await
 }
 
 async fn measure_events(db: &MySqlPool, ledger: &Ledger, events: &[u64]) -> Result<Measurement, anyhow::Error> {
@@ -92,15 +82,9 @@ async fn measure_events(db: &MySqlPool, ledger: &Ledger, events: &[u64]) -> Resu
 }
 
 async fn drift_of(db: &MySqlPool, event_id: u64, redis: dropline::stock::StockLevels) -> Result<Drift, sqlx::Error> {
-    let rows: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT CAST(state AS CHAR), CAST(SUM(quantity) AS SIGNED) FROM orders \
-         WHERE event_id = ? AND state IN ('held', 'paid') GROUP BY state",
-    )
-    .bind(event_id)
-    .fetch_all(db)
-    .await?;
-    let mysql = |state: &str| rows.iter().find(|(s, _)| s == state).map_or(0, |(_, n)| *n);
-    Ok(Drift { held: redis.held as i64 - mysql("held"), sold: redis.sold as i64 - mysql("paid") })
+    let rows = orders::live_units(db, event_id).await?;
+    let mysql = |state| rows.iter().find(|(s, _)| *s == state).map_or(0, |(_, n)| *n);
+    Ok(Drift { held: redis.held as i64 - mysql(OrderState::Held), sold: redis.sold as i64 - mysql(OrderState::Paid) })
 }
 
 /// How the reconciler runs.
@@ -247,7 +231,7 @@ impl Reconciler {
     /// Measures, exports the gauges, ends overdue holds, and returns the
     /// events that need a repair.
     async fn pass(&self, seen: &mut HashMap<u64, (Drift, u32)>) -> Result<Vec<(u64, Repair)>, anyhow::Error> {
-        let events = current_events(&self.db).await?;
+        let events = events::current(&self.db, MAX_EVENTS).await?;
         let m = measure_events(&self.db, &self.ledger, &events).await?;
         let mut repairs: Vec<(u64, Repair)> = m.missing.into_iter().map(|e| (e, Repair::Missing)).collect();
         repairs.extend(m.damaged.into_iter().map(|(e, why)| (e, Repair::Damaged(why))));
@@ -299,14 +283,8 @@ impl Reconciler {
     /// Ends the event's holds the record has as held past deadline + grace.
     /// Returns a repair when the ledger has lost such a hold.
     async fn end_overdue_holds(&self, event_id: u64) -> Result<Option<(u64, Repair)>, anyhow::Error> {
-        let overdue: Vec<(String,)> = sqlx::query_as(
-            "SELECT order_id FROM orders WHERE event_id = ? AND state = 'held' AND expires_at < ? LIMIT 500",
-        )
-        .bind(event_id)
-        .bind(chrono::Utc::now() - self.options.overdue_grace)
-        .fetch_all(&self.db)
-        .await?;
-        for (order,) in overdue {
+        let overdue = orders::held_past(&self.db, event_id, chrono::Utc::now() - self.options.overdue_grace).await?;
+        for order in overdue {
             let Ok(order_id) = Uuid::parse_str(&order) else { continue };
             let hold = match self.ledger.expire(event_id, order_id).await {
                 Ok(EndOutcome::Ended(hold)) => hold,

@@ -120,6 +120,19 @@ pub fn subscribed(
 /// they are, so every stage runs this on start: a consumer that subscribes
 /// to a missing topic would otherwise wait for librdkafka's next metadata
 /// refresh (minutes) before it sees the topic appear.
+impl KafkaArgs {
+    /// The batch loop's options for `stage`.
+    pub fn batch_options(&self, stage: &'static str, max: usize, linger_ms: u64) -> BatchOptions {
+        BatchOptions {
+            stage,
+            max,
+            linger: Duration::from_millis(linger_ms),
+            permanent_attempts: self.permanent_failure_attempts,
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
 pub async fn ensure_topics(args: &KafkaArgs, names: &[&str]) -> Result<(), KafkaSetupError> {
     let admin: AdminClient<DefaultClientContext> =
         ClientConfig::new().set("bootstrap.servers", &args.brokers).create()?;

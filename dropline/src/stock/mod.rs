@@ -1,18 +1,20 @@
-//! The stock ledger: Redis keys and the Lua scripts that are the only code
-//! allowed to change them.
+//! The stock ledger: the Lua scripts that are the only code allowed to
+//! change it, and its Redis keys ([`keys`]).
 //!
-//! All of an event's keys share one hash tag (`{dl:<event>}`), so each script
-//! touches a single Redis Cluster slot and runs atomically. Scripts are loaded
-//! with `redis::Script`, which calls EVALSHA and reloads on NOSCRIPT.
+//! Scripts are loaded with `redis::Script`, which calls EVALSHA and reloads
+//! on NOSCRIPT.
+
+pub mod keys;
 
 use std::sync::LazyLock;
 
-use deadpool_redis::redis::{self, AsyncCommands, Script};
+use deadpool_redis::redis::{self, AsyncCommands, Script, ScriptInvocation};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use uuid::Uuid;
 
 use crate::messages::{now_ms, OrderEvent, OrderState, PaymentRecord, RejectReason};
+pub use keys::{EventKeys, Keys};
 
 static PREWARM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/prewarm.lua")));
 static ALLOCATE: LazyLock<Script> =
@@ -39,41 +41,6 @@ static MARK: LazyLock<Script> = LazyLock::new(|| {
 });
 static HOLD: LazyLock<Script> =
     LazyLock::new(|| Script::new(concat!(include_str!("lua/guard.lua"), include_str!("lua/hold.lua"))));
-
-/// Redis keys of one event's ledger.
-#[derive(Debug, Clone)]
-pub struct EventKeys {
-    pub stock: String,
-    pub users: String,
-    pub decisions: String,
-    pub holds: String,
-    pub fence: String,
-    /// Unit numbers released by ended holds, handed out again first.
-    pub free: String,
-    /// Allocators' decisions on their way to Kafka: batch token -> when the
-    /// allocator last said it is still publishing (ms). A rebuild waits for
-    /// it to empty (see [`Ledger::publishing`]).
-    pub in_flight: String,
-    /// Intents the ingress refused at the door, and why (see door.lua).
-    /// A rebuild leaves it alone: it is no copy of anything in MySQL.
-    pub refused: String,
-}
-
-impl EventKeys {
-    pub fn new(prefix: &str, event_id: u64) -> Self {
-        let tag = format!("{prefix}:{{{event_id}}}");
-        Self {
-            stock: format!("{tag}:stock"),
-            users: format!("{tag}:users"),
-            decisions: format!("{tag}:decisions"),
-            holds: format!("{tag}:holds"),
-            fence: format!("{tag}:fence"),
-            free: format!("{tag}:free"),
-            in_flight: format!("{tag}:in-flight"),
-            refused: format!("{tag}:refused"),
-        }
-    }
-}
 
 /// What the ledger is asked to load for one event.
 #[derive(Debug, Clone)]
@@ -265,22 +232,23 @@ pub struct Fence {
 #[derive(Clone)]
 pub struct Ledger {
     pool: deadpool_redis::Pool,
-    prefix: std::sync::Arc<str>,
+    keys: Keys,
 }
 
 impl Ledger {
     /// A ledger whose keys all start with `prefix` (`DROPLINE_REDIS_KEY_PREFIX`).
     pub fn new(pool: deadpool_redis::Pool, prefix: &str) -> Self {
-        Self { pool, prefix: prefix.into() }
+        Self { pool, keys: Keys::new(prefix) }
     }
 
     /// The ledger's namespace, for other keys of the same deployment.
     pub fn prefix(&self) -> &str {
-        &self.prefix
+        self.keys.prefix()
     }
 
-    fn keys(&self, event_id: u64) -> EventKeys {
-        EventKeys::new(&self.prefix, event_id)
+    /// The deployment's keys.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
     }
 
     pub fn pool(&self) -> &deadpool_redis::Pool {
@@ -290,7 +258,7 @@ impl Ledger {
     /// Loads an event's stock unless its ledger already exists. Returns
     /// whether it was created now.
     pub async fn prewarm(&self, event_id: u64, rules: &SaleRules) -> Result<bool, LedgerError> {
-        let keys = self.keys(event_id);
+        let keys = self.keys.event(event_id);
         let mut conn = self.pool.get().await?;
         let created: i64 = PREWARM
             .key(&keys.stock)
@@ -312,16 +280,8 @@ impl Ledger {
         if claims.is_empty() {
             return Ok(Vec::new());
         }
-        let keys = self.keys(event_id);
-        let mut invocation = ALLOCATE.prepare_invoke();
-        invocation
-            .key(&keys.stock)
-            .key(&keys.users)
-            .key(&keys.decisions)
-            .key(&keys.holds)
-            .key(&keys.fence)
-            .key(&keys.free)
-            .key(&keys.refused);
+        let keys = self.keys.event(event_id);
+        let mut invocation = invoke(&ALLOCATE, &keys.allocate());
         for claim in claims {
             invocation.arg(claim.intent_id.to_string()).arg(claim.user_id).arg(claim.quantity);
         }
@@ -343,20 +303,17 @@ impl Ledger {
         intent_id: Uuid,
         reason: RejectReason,
     ) -> Result<DoorOutcome, LedgerError> {
-        let keys = self.keys(event_id);
+        let keys = self.keys.event(event_id);
         let mut conn = self.pool.get().await?;
-        let (outcome, body): (String, String) = DOOR
-            .key(&keys.stock)
-            .key(&keys.decisions)
-            .key(&keys.fence)
-            .key(&keys.refused)
+        let (outcome, body): (String, String) = invoke(&DOOR, &keys.door())
             .arg(intent_id.to_string())
             .arg(reason.as_str())
             .invoke_async(&mut conn)
             .await
             .map_err(|e| no_ledger(e, event_id))?;
         match outcome.as_str() {
-            "refused" => serde_json::from_value(serde_json::Value::String(body.clone()))
+            "refused" => body
+                .parse()
                 .map(DoorOutcome::Refused)
                 .map_err(|_| LedgerError::Corrupt(format!("door refusal reason {body:?}"))),
             "decided" => Ok(DoorOutcome::Decided(decode(&body)?)),
@@ -389,14 +346,9 @@ impl Ledger {
     }
 
     async fn end_hold(&self, event_id: u64, op: &str, order_id: Uuid, arg: &str) -> Result<HoldAnswer, LedgerError> {
-        let keys = self.keys(event_id);
+        let keys = self.keys.event(event_id);
         let mut conn = self.pool.get().await?;
-        let (outcome, body): (String, String) = HOLD
-            .key(&keys.stock)
-            .key(&keys.users)
-            .key(&keys.holds)
-            .key(&keys.fence)
-            .key(&keys.free)
+        let (outcome, body): (String, String) = invoke(&HOLD, &keys.hold())
             .arg(op)
             .arg(order_id.to_string())
             .arg(arg)
@@ -418,7 +370,7 @@ impl Ledger {
     /// another rebuild is under way. The fence carries a token of its
     /// owner's, so only its owner renews, restores under it or lifts it.
     pub async fn fence(&self, event_id: u64, ttl_secs: u64) -> Result<Option<Fence>, LedgerError> {
-        let keys = self.keys(event_id);
+        let keys = self.keys.event(event_id);
         let token = Uuid::new_v4().simple().to_string();
         let mut conn = self.pool.get().await?;
         let set: Option<String> = redis::cmd("SET")
@@ -444,7 +396,7 @@ impl Ledger {
     }
 
     async fn fence_owned(&self, fence: &Fence, action: &str) -> Result<bool, LedgerError> {
-        let keys = self.keys(fence.event_id);
+        let keys = self.keys.event(fence.event_id);
         let mut conn = self.pool.get().await?;
         let done: i64 = FENCE_OWNED.key(&keys.fence).arg(&fence.token).arg(action).invoke_async(&mut conn).await?;
         Ok(done == 1)
@@ -456,7 +408,7 @@ impl Ledger {
     /// MySQL, before the ledger is rebuilt from MySQL). Called again on
     /// every retry, so a live allocator's entry never goes stale.
     pub async fn publishing(&self, event_id: u64, token: &str) -> Result<(), LedgerError> {
-        let keys = self.keys(event_id);
+        let keys = self.keys.event(event_id);
         let mut conn = self.pool.get().await?;
         // Stamped with Redis' clock, which the rebuild reads too: the hosts'
         // clocks need not agree.
@@ -467,7 +419,7 @@ impl Ledger {
     /// The decisions of `token` are acknowledged by Kafka (or were never
     /// taken).
     pub async fn published(&self, event_id: u64, token: &str) -> Result<(), LedgerError> {
-        let keys = self.keys(event_id);
+        let keys = self.keys.event(event_id);
         let mut conn = self.pool.get().await?;
         let _: () = conn.hdel(&keys.in_flight, token).await?;
         Ok(())
@@ -477,7 +429,7 @@ impl Ledger {
     /// within `stale_after_ms`. An older one belongs to an allocator that
     /// died; whatever it had sent reached the broker long ago or never will.
     pub async fn in_flight(&self, event_id: u64, stale_after_ms: i64) -> Result<usize, LedgerError> {
-        let keys = self.keys(event_id);
+        let keys = self.keys.event(event_id);
         let mut conn = self.pool.get().await?;
         let entries: std::collections::HashMap<String, i64> = conn.hgetall(&keys.in_flight).await?;
         let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut conn).await?;
@@ -488,7 +440,7 @@ impl Ledger {
     /// Records that the record has no such event: intents for it can never
     /// be decided. Kept a day.
     pub async fn mark_unknown_event(&self, event_id: u64) -> Result<(), LedgerError> {
-        let key = format!("{}:unknown-events", self.prefix);
+        let key = self.keys.unknown_events();
         let mut conn = self.pool.get().await?;
         let _: () =
             redis::pipe().sadd(&key, event_id).ignore().expire(&key, 86_400).ignore().query_async(&mut conn).await?;
@@ -496,7 +448,7 @@ impl Ledger {
     }
 
     pub async fn is_unknown_event(&self, event_id: u64) -> Result<bool, LedgerError> {
-        let key = format!("{}:unknown-events", self.prefix);
+        let key = self.keys.unknown_events();
         let mut conn = self.pool.get().await?;
         Ok(conn.sismember(&key, event_id).await?)
     }
@@ -506,7 +458,7 @@ impl Ledger {
     /// a rebuild that lost its fence (it expired) changes nothing.
     pub async fn restore(&self, fence: &Fence, restore: &Restore) -> Result<StockLevels, LedgerError> {
         let event_id = fence.event_id;
-        let keys = self.keys(event_id);
+        let keys = self.keys.event(event_id);
         let levels = restore.levels();
         let rules = &restore.rules;
         let mut users: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
@@ -517,7 +469,7 @@ impl Ledger {
         }
         let mut pipe = redis::pipe();
         pipe.atomic();
-        pipe.del(&[&keys.stock, &keys.users, &keys.decisions, &keys.holds, &keys.free]).ignore();
+        pipe.del(&keys.rebuilt()).ignore();
         // Every unit no live hold has is free again: the lowest numbers, as
         // many as are available (a live order from before unit numbers
         // existed owns some unnamed ones).
@@ -561,7 +513,7 @@ impl Ledger {
             ],
         )
         .ignore();
-        for key in [&keys.stock, &keys.users, &keys.decisions, &keys.holds, &keys.free] {
+        for key in keys.rebuilt() {
             pipe.cmd("PEXPIREAT").arg(key).arg(rules.retain_until_ms).ignore();
         }
         let mut conn = self.pool.get().await?;
@@ -579,7 +531,7 @@ impl Ledger {
 
     /// Reads one hold, if the ledger still has it.
     pub async fn hold(&self, event_id: u64, order_id: Uuid) -> Result<Option<Hold>, LedgerError> {
-        let keys = self.keys(event_id);
+        let keys = self.keys.event(event_id);
         let mut conn = self.pool.get().await?;
         let raw: Option<String> = conn.hget(&keys.holds, order_id.to_string()).await?;
         raw.as_deref().map(decode).transpose()
@@ -587,7 +539,7 @@ impl Ledger {
 
     /// Every hold the ledger has for an event (what a rebuild compares).
     pub async fn holds(&self, event_id: u64) -> Result<std::collections::HashMap<Uuid, Hold>, LedgerError> {
-        let keys = self.keys(event_id);
+        let keys = self.keys.event(event_id);
         let mut conn = self.pool.get().await?;
         let raw: std::collections::HashMap<String, String> = conn.hgetall(&keys.holds).await?;
         raw.iter()
@@ -601,7 +553,7 @@ impl Ledger {
     /// Why an event's ledger cannot be trusted to decide, if it cannot: its
     /// available count disagrees with the units it has left to hand out.
     pub async fn damage(&self, event_id: u64) -> Result<Option<String>, LedgerError> {
-        let keys = self.keys(event_id);
+        let keys = self.keys.event(event_id);
         let mut conn = self.pool.get().await?;
         let (fields, free): (Vec<Option<u64>>, u64) = redis::pipe()
             .cmd("HMGET")
@@ -628,26 +580,22 @@ impl Ledger {
     /// what a stage does when it finds the ledger missing or damaged.
     pub async fn request_rebuild(&self, event_id: u64, why: &str) -> Result<(), LedgerError> {
         let mut conn = self.pool.get().await?;
-        let _: () = conn.hset(self.rebuild_requests(), event_id, why).await?;
+        let _: () = conn.hset(self.keys.rebuild_requests(), event_id, why).await?;
         Ok(())
     }
 
     /// Takes the pending rebuild requests: event id and why.
     pub async fn take_rebuild_requests(&self) -> Result<Vec<(u64, String)>, LedgerError> {
-        let key = self.rebuild_requests();
+        let key = self.keys.rebuild_requests();
         let mut conn = self.pool.get().await?;
         let (requests,): (std::collections::HashMap<u64, String>,) =
             redis::pipe().atomic().hgetall(&key).del(&key).ignore().query_async(&mut conn).await?;
         Ok(requests.into_iter().collect())
     }
 
-    fn rebuild_requests(&self) -> String {
-        format!("{}:rebuild-requests", self.prefix)
-    }
-
     /// Reads the decision recorded for an intent, if any.
     pub async fn verdict(&self, event_id: u64, intent_id: Uuid) -> Result<Option<Verdict>, LedgerError> {
-        let keys = self.keys(event_id);
+        let keys = self.keys.event(event_id);
         let mut conn = self.pool.get().await?;
         let raw: Option<String> = conn.hget(&keys.decisions, intent_id.to_string()).await?;
         raw.as_deref().map(decode).transpose()
@@ -655,7 +603,7 @@ impl Ledger {
 
     /// Reads an event's counters; `None` when the ledger does not exist.
     pub async fn levels(&self, event_id: u64) -> Result<Option<StockLevels>, LedgerError> {
-        let keys = self.keys(event_id);
+        let keys = self.keys.event(event_id);
         let mut conn = self.pool.get().await?;
         let f: Vec<Option<u64>> = redis::cmd("HMGET")
             .arg(&keys.stock)
@@ -672,7 +620,7 @@ impl Ledger {
 
     /// Units a user holds or bought for an event.
     pub async fn user_units(&self, event_id: u64, user_id: &str) -> Result<u64, LedgerError> {
-        let keys = self.keys(event_id);
+        let keys = self.keys.event(event_id);
         let mut conn = self.pool.get().await?;
         let n: Option<u64> = conn.hget(&keys.users, user_id).await?;
         Ok(n.unwrap_or(0))
@@ -683,6 +631,15 @@ impl Ledger {
 enum HoldAnswer {
     NotDue(u64),
     Done(String, Option<Hold>),
+}
+
+/// A call of `script` on `keys`, its arguments to add.
+fn invoke<'a>(script: &'a Script, keys: &[&str]) -> ScriptInvocation<'a> {
+    let mut invocation = script.prepare_invoke();
+    for key in keys {
+        invocation.key(*key);
+    }
+    invocation
 }
 
 fn ended(answer: HoldAnswer) -> Result<EndOutcome, LedgerError> {

@@ -2,19 +2,17 @@
 
 use std::sync::Arc;
 
-use axum::body::Body;
-use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::State;
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use dropline::stock::StockLevels;
 use serde::Serialize;
 
-use super::read_body;
 use crate::events::{Event, NewEvent};
-use crate::extract;
+use crate::extract::{Admin, EventId, JsonBody, SearchQuery};
 use crate::problem::{ErrorCode, Problem};
-use crate::AppState;
+use crate::state::AppState;
 
 #[derive(Serialize)]
 struct EventView {
@@ -25,10 +23,11 @@ struct EventView {
     availability: Option<StockLevels>,
 }
 
-pub async fn create(State(app): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Result<Response, Problem> {
-    extract::admin(&app.tokens, &headers)?;
-    let body = read_body(body, app.config.max_body_bytes).await?;
-    let new: NewEvent = extract::json(&headers, &body)?;
+pub async fn create(
+    State(app): State<Arc<AppState>>,
+    _: Admin,
+    JsonBody(new): JsonBody<NewEvent>,
+) -> Result<Response, Problem> {
     let problems = new.problems();
     if !problems.is_empty() {
         return Err(Problem::new(ErrorCode::InvalidBody).detail("the event is not valid").errors(problems));
@@ -43,13 +42,7 @@ pub async fn create(State(app): State<Arc<AppState>>, headers: HeaderMap, body: 
     Ok((StatusCode::CREATED, [("location", location)], Json(EventView { event, availability })).into_response())
 }
 
-pub async fn prewarm(
-    State(app): State<Arc<AppState>>,
-    Path(raw_id): Path<String>,
-    headers: HeaderMap,
-) -> Result<Response, Problem> {
-    extract::admin(&app.tokens, &headers)?;
-    let id = extract::event_id(&raw_id)?;
+pub async fn prewarm(State(app): State<Arc<AppState>>, _: Admin, EventId(id): EventId) -> Result<Response, Problem> {
     let event = app.events.get(id).await.map_err(|e| Problem::unavailable("mysql", &e))?;
     let event = event.ok_or(ErrorCode::EventNotFound)?;
     // Once the sale has opened, a missing ledger is one Redis lost: a
@@ -68,8 +61,7 @@ pub async fn prewarm(
     Ok(Json(serde_json::json!({ "event_id": id, "created": created, "availability": availability })).into_response())
 }
 
-pub async fn get_one(State(app): State<Arc<AppState>>, Path(raw_id): Path<String>) -> Result<Response, Problem> {
-    let id = extract::event_id(&raw_id)?;
+pub async fn get_one(State(app): State<Arc<AppState>>, EventId(id): EventId) -> Result<Response, Problem> {
     let event = app.events.get(id).await.map_err(|e| Problem::unavailable("mysql", &e))?;
     let event = Event::clone(&*event.ok_or(ErrorCode::EventNotFound)?);
     let availability = app.events.levels(id).await.map_err(|e| Problem::unavailable("redis", &e))?;
@@ -85,37 +77,8 @@ struct EventPage {
 }
 
 /// `GET /v1/events?q=<text>&after=<id>&limit=<1..100>`
-pub async fn list(State(app): State<Arc<AppState>>, RawQuery(query): RawQuery) -> Result<Response, Problem> {
-    let mut q = None;
-    let mut after = 0u64;
-    let mut limit = 20u32;
-    let mut errors = Vec::new();
-    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
-        .map_err(|e| Problem::new(ErrorCode::InvalidQuery).detail(e.to_string()))?;
-    let mut seen = Vec::new();
-    for (k, v) in pairs {
-        if seen.contains(&k) {
-            errors.push(format!("{k}: given more than once"));
-            continue;
-        }
-        seen.push(k.clone());
-        match k.as_str() {
-            "q" if v.chars().count() <= 200 => q = Some(v).filter(|s| !s.is_empty()),
-            "q" => errors.push("q: at most 200 characters".to_owned()),
-            "after" => match v.parse() {
-                Ok(n) => after = n,
-                Err(_) => errors.push("after: must be an event id".to_owned()),
-            },
-            "limit" => match v.parse() {
-                Ok(n) if (1..=100).contains(&n) => limit = n,
-                _ => errors.push("limit: must be 1 to 100".to_owned()),
-            },
-            other => errors.push(format!("{other}: unknown parameter")),
-        }
-    }
-    if !errors.is_empty() {
-        return Err(Problem::new(ErrorCode::InvalidQuery).errors(errors));
-    }
+pub async fn list(State(app): State<Arc<AppState>>, search: SearchQuery) -> Result<Response, Problem> {
+    let SearchQuery { q, after, limit } = search;
     let events = app.events.search(q.as_deref(), after, limit).await.map_err(|e| Problem::unavailable("mysql", &e))?;
     let next_after = (events.len() == limit as usize).then(|| events.last().map(|e| e.id)).flatten();
     Ok(Json(EventPage { events, next_after }).into_response())

@@ -2,20 +2,20 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::State;
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::{Extension, Json};
+use axum::Json;
 use dropline::messages::OrderState;
 use dropline::payments::{CreatePayment, PaymentSession};
 use dropline::stock::EndOutcome;
 use uuid::Uuid;
 
-use super::RequestId;
-use crate::extract;
+use crate::extract::{Buyer, OrderId};
+use crate::layers::RequestId;
 use crate::orders::{not_ready, Lookup, OrderView, Source};
 use crate::problem::{ErrorCode, Problem};
-use crate::AppState;
+use crate::state::AppState;
 
 /// The order if it exists and belongs to `user`; anyone else gets 404, so
 /// order ids cannot be probed. An order handed out whose records are
@@ -42,11 +42,9 @@ async fn ledger_behind(app: &AppState, order: &OrderView) -> Problem {
 
 pub async fn get_one(
     State(app): State<Arc<AppState>>,
-    Path(raw_id): Path<String>,
-    headers: HeaderMap,
+    Buyer(claims): Buyer,
+    OrderId(id): OrderId,
 ) -> Result<Response, Problem> {
-    let claims = extract::bearer(&app.tokens, &headers)?;
-    let id = extract::uuid(&raw_id, ErrorCode::OrderNotFound)?;
     Ok(Json(owned(&app, id, &claims.sub).await?).into_response())
 }
 
@@ -54,12 +52,10 @@ pub async fn get_one(
 /// stock is available again as soon as this returns.
 pub async fn cancel(
     State(app): State<Arc<AppState>>,
-    Path(raw_id): Path<String>,
-    Extension(request_id): Extension<RequestId>,
-    headers: HeaderMap,
+    Buyer(claims): Buyer,
+    OrderId(id): OrderId,
+    request_id: RequestId,
 ) -> Result<Response, Problem> {
-    let claims = extract::bearer(&app.tokens, &headers)?;
-    let id = extract::uuid(&raw_id, ErrorCode::OrderNotFound)?;
     let order = owned(&app, id, &claims.sub).await?;
     let event_id = order.event_id;
     let outcome = app.ledger.cancel(event_id, id, &claims.sub).await.map_err(|e| Problem::unavailable("redis", &e))?;
@@ -99,11 +95,9 @@ fn cancelled(view: OrderView) -> Result<Response, Problem> {
 /// provider confirms it later through the signed webhook.
 pub async fn start_payment(
     State(app): State<Arc<AppState>>,
-    Path(raw_id): Path<String>,
-    headers: HeaderMap,
+    Buyer(claims): Buyer,
+    OrderId(id): OrderId,
 ) -> Result<Response, Problem> {
-    let claims = extract::bearer(&app.tokens, &headers)?;
-    let id = extract::uuid(&raw_id, ErrorCode::OrderNotFound)?;
     let order = owned(&app, id, &claims.sub).await?;
     // Held in the record but not in the ledger: a payment opened now would
     // find no hold to pay.
@@ -119,22 +113,7 @@ pub async fn start_payment(
     if order.expires_at <= chrono::Utc::now() {
         return Err(ErrorCode::OrderExpired.into());
     }
-    let event = app.events.get(order.event_id).await.map_err(|e| Problem::unavailable("mysql", &e))?;
-    let currency = event.map(|e| e.currency.clone()).ok_or(ErrorCode::Internal)?;
-    let request = CreatePayment { order_id: id, amount_cents: order.amount_cents, currency };
-    let url = format!("{}/v1/payments", app.config.payment_provider_url.trim_end_matches('/'));
-    let answer = app
-        .http
-        .post(&url)
-        .header("idempotency-key", id.to_string())
-        .json(&request)
-        .send()
-        .await
-        .and_then(|r| r.error_for_status());
-    let session: PaymentSession = match answer {
-        Ok(r) => r.json().await.map_err(|e| provider_failed(&e))?,
-        Err(e) => return Err(provider_failed(&e)),
-    };
+    let session = open_payment(&app, &order).await?;
     Ok((
         StatusCode::CREATED,
         Json(serde_json::json!({
@@ -147,6 +126,27 @@ pub async fn start_payment(
         })),
     )
         .into_response())
+}
+
+/// Asks the provider for a payment of `order`, the order id as its
+/// idempotency key: one payment per order.
+async fn open_payment(app: &AppState, order: &OrderView) -> Result<PaymentSession, Problem> {
+    let event = app.events.get(order.event_id).await.map_err(|e| Problem::unavailable("mysql", &e))?;
+    let currency = event.map(|e| e.currency.clone()).ok_or(ErrorCode::Internal)?;
+    let request = CreatePayment { order_id: order.order_id, amount_cents: order.amount_cents, currency };
+    let url = format!("{}/v1/payments", app.config.payment_provider_url.trim_end_matches('/'));
+    let answer = app
+        .http
+        .post(&url)
+        .header("idempotency-key", order.order_id.to_string())
+        .json(&request)
+        .send()
+        .await
+        .and_then(|r| r.error_for_status());
+    match answer {
+        Ok(r) => r.json().await.map_err(|e| provider_failed(&e)),
+        Err(e) => Err(provider_failed(&e)),
+    }
 }
 
 /// What a buyer hears about a hold the record refused (see the settler's

@@ -4,28 +4,28 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::State;
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::{Extension, Json};
+use axum::Json;
 use dropline::kafka::{PublishError, Record};
-use dropline::messages::{now_ms, PurchaseIntent, RejectReason};
+use dropline::messages::{now_ms, OutcomeKind, PurchaseIntent, RejectReason};
 use dropline::stock::{DoorOutcome, LedgerError, Verdict};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::{read_body, RequestId};
-use crate::extract;
+use crate::extract::{Buyer, EventId, IdempotencyKey, IntentId, JsonBody};
 use crate::intents::{intent_id, Claim, IntentRecord, KeyRecord, KeyState, Settled, StoredRefusal};
+use crate::layers::{Counter, Outcome, RequestId};
 use crate::metrics::PURCHASES;
 use crate::orders::{not_ready, Lookup, OrderView};
 use crate::problem::{ErrorCode, Problem};
-use crate::AppState;
+use crate::record;
+use crate::state::AppState;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct PurchaseRequest {
+pub struct PurchaseRequest {
     quantity: u32,
 }
 
@@ -38,45 +38,30 @@ struct Accepted {
     status_url: String,
 }
 
-fn outcome(label: &'static str) {
-    metrics::counter!(PURCHASES, "outcome" => label).increment(1);
+/// Purchases by outcome: `admitted` and `replayed` as the handler marks
+/// them, a refusal by its code.
+pub const COUNTER: Counter = Counter { metric: PURCHASES, label: "outcome", of_problem: refused_as };
+
+fn refused_as(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::RateLimited => "rate_limited",
+        ErrorCode::SoldOut => "sold_out",
+        ErrorCode::SaleNotOpen => "sale_not_open",
+        ErrorCode::SaleClosed => "sale_closed",
+        ErrorCode::BrokerUnavailable | ErrorCode::DependencyUnavailable => "unavailable",
+        ErrorCode::IdempotencyInProgress => "in_progress",
+        _ => "invalid",
+    }
 }
 
 pub async fn create(
     State(app): State<Arc<AppState>>,
-    Path(raw_id): Path<String>,
-    Extension(request_id): Extension<RequestId>,
-    headers: HeaderMap,
-    body: Body,
+    Buyer(claims): Buyer,
+    EventId(event_id): EventId,
+    IdempotencyKey(key): IdempotencyKey,
+    RequestId(ref request_id): RequestId,
+    JsonBody(request): JsonBody<PurchaseRequest>,
 ) -> Result<Response, Problem> {
-    let result = admit(&app, &raw_id, &request_id.0, &headers, body).await;
-    if let Err(p) = &result {
-        outcome(match p.code {
-            ErrorCode::RateLimited => "rate_limited",
-            ErrorCode::SoldOut => "sold_out",
-            ErrorCode::SaleNotOpen => "sale_not_open",
-            ErrorCode::SaleClosed => "sale_closed",
-            ErrorCode::BrokerUnavailable | ErrorCode::DependencyUnavailable => "unavailable",
-            ErrorCode::IdempotencyInProgress => "in_progress",
-            _ => "invalid",
-        });
-    }
-    result
-}
-
-async fn admit(
-    app: &AppState,
-    raw_id: &str,
-    request_id: &str,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<Response, Problem> {
-    let claims = extract::bearer(&app.tokens, headers)?;
-    let event_id = extract::event_id(raw_id)?;
-    let key = extract::idempotency_key(headers)?;
-    let body = read_body(body, app.config.max_body_bytes).await?;
-    let request: PurchaseRequest = extract::json(headers, &body)?;
-
     let event = app.events.get(event_id).await.map_err(|e| Problem::unavailable("mysql", &e))?;
     let event = event.ok_or(ErrorCode::EventNotFound)?;
     if request.quantity == 0 || request.quantity > event.per_user_limit {
@@ -98,13 +83,8 @@ async fn admit(
             return Err(Problem::new(ErrorCode::IdempotencyKeyReused)
                 .detail("this Idempotency-Key was first used for another event or quantity"));
         }
-        Claim::Final(record) => {
-            // A replayed refusal is counted under its code, as it was.
-            if record.state == KeyState::Accepted {
-                outcome("replayed");
-            }
-            return replay(&record);
-        }
+        // A replayed refusal is counted under its code, as it was.
+        Claim::Final(record) => return replay(&record).map(|accepted| Outcome("replayed").mark(accepted)),
         Claim::Busy { .. } => return Err(in_progress()),
         Claim::New { owner } => (owner, true),
         // The owner before this request died or gave up: the intent may be
@@ -116,7 +96,7 @@ async fn admit(
             (owner, false)
         }
     };
-    match decide(app, &key, &owner, id, &intent, &event, fresh, request_id).await {
+    match decide(&app, &key, &owner, id, &intent, &event, fresh, request_id).await {
         Ok(answer) => answer,
         Err(problem) => {
             // No final answer, and the intent may have reached the broker:
@@ -167,8 +147,7 @@ async fn decide(
         // runs out, produces again, and is told 202 too.
         Err(e) => tracing::warn!(error = %e, %id, "could not record an accepted purchase; answering anyway"),
     }
-    outcome("admitted");
-    Ok(Ok(accepted(id, intent)))
+    Ok(Ok(Outcome("admitted").mark(accepted(id, intent))))
 }
 
 /// Refuses at the door, for good: the refusal is recorded as its intent's
@@ -306,11 +285,9 @@ const QUEUED_CHECK_AFTER_MS: i64 = 2_000;
 /// `GET /v1/intents/{id}`: where a purchase stands. Only its buyer sees it.
 pub async fn status(
     State(app): State<Arc<AppState>>,
-    Path(raw_id): Path<String>,
-    headers: HeaderMap,
+    Buyer(claims): Buyer,
+    IntentId(id): IntentId,
 ) -> Result<Response, Problem> {
-    let claims = extract::bearer(&app.tokens, &headers)?;
-    let id = extract::uuid(&raw_id, ErrorCode::NotFound)?;
     let record = app.intents.get(id).await.map_err(|e| Problem::unavailable("redis", &e))?;
     let Some(record) = record.filter(|r| r.user_id == claims.sub) else {
         return settled_status(&app, id, &claims.sub).await?.ok_or_else(|| ErrorCode::NotFound.into());
@@ -347,22 +324,14 @@ async fn order_of(app: &AppState, id: Uuid, user: &str) -> Result<OrderView, Pro
 
 /// An intent's status from the settler's record, if it has the intent.
 async fn settled_status(app: &AppState, id: Uuid, user: &str) -> Result<Option<Response>, Problem> {
-    let row: Option<(u64, u32, String, Option<String>)> = sqlx::query_as(
-        "SELECT event_id, quantity, CAST(outcome AS CHAR), reject_reason FROM intents \
-         WHERE intent_id = ? AND user_id = ?",
-    )
-    .bind(id.to_string())
-    .bind(user)
-    .fetch_optional(&app.db)
-    .await
-    .map_err(|e| Problem::unavailable("mysql", &e))?;
-    let Some((event_id, quantity, outcome, reason)) = row else { return Ok(None) };
-    let (status, reason, order) = if outcome == "held" {
+    let intent = record::intent(&app.db, id, user).await.map_err(|e| Problem::unavailable("mysql", &e))?;
+    let Some(intent) = intent else { return Ok(None) };
+    let (status, reason, order) = if intent.outcome == OutcomeKind::Held {
         let order = order_of(app, id, user).await?;
         (order.state.as_str(), None, Some(order))
     } else {
-        let reason = reason.and_then(|r| serde_json::from_value(serde_json::Value::String(r)).ok());
-        ("rejected", reason, None)
+        ("rejected", intent.reason(), None)
     };
+    let (event_id, quantity) = (intent.event_id, intent.quantity);
     Ok(Some(Json(IntentStatus { intent_id: id, event_id, quantity, status, reason, order }).into_response()))
 }

@@ -4,56 +4,35 @@
 
 use std::sync::Arc;
 
-use axum::body::Body;
 use axum::extract::State;
-use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use axum::{Extension, Json};
+use axum::Json;
 use dropline::messages::{PaymentDisposition, PaymentRecord};
-use dropline::payments::{self, PaymentWebhook, SignatureError, PAYMENT_SUCCEEDED, SIGNATURE_HEADER};
-use dropline::stock::PayOutcome;
+use dropline::payments::{PaymentWebhook, PAYMENT_SUCCEEDED};
+use dropline::stock::{Hold, PayOutcome};
 
-use super::{read_body, RequestId};
+use crate::events::Event;
+use crate::extract::SignedWebhook;
+use crate::layers::{Counter, Outcome, RequestId};
 use crate::metrics::WEBHOOKS;
 use crate::problem::{ErrorCode, Problem};
-use crate::AppState;
+use crate::state::AppState;
 
-fn counted(result: &'static str) {
-    metrics::counter!(WEBHOOKS, "result" => result).increment(1);
+/// Webhooks by result: a refused one is `rejected`.
+pub const COUNTER: Counter = Counter { metric: WEBHOOKS, label: "result", of_problem: rejected };
+
+fn rejected(_: ErrorCode) -> &'static str {
+    "rejected"
 }
 
 pub async fn payment(
     State(app): State<Arc<AppState>>,
-    Extension(request_id): Extension<RequestId>,
-    headers: HeaderMap,
-    body: Body,
+    RequestId(ref request_id): RequestId,
+    SignedWebhook(hook): SignedWebhook,
 ) -> Result<Response, Problem> {
-    let result = handle(&app, &request_id.0, &headers, body).await;
-    if result.is_err() {
-        counted("rejected");
-    }
-    result
-}
-
-async fn handle(app: &AppState, request_id: &str, headers: &HeaderMap, body: Body) -> Result<Response, Problem> {
-    let raw = read_body(body, app.config.max_body_bytes).await?;
-    // The signature covers the raw bytes; nothing is parsed before it holds.
-    let signature = headers.get(SIGNATURE_HEADER).and_then(|v| v.to_str().ok());
-    let now = chrono::Utc::now().timestamp();
-    payments::verify(app.config.webhook_secret.as_bytes(), signature, &raw, now, app.config.webhook_tolerance_secs)
-        .map_err(|e| {
-            // Every other failure, an oversized header included, is refused
-            // before a MAC is computed or is a mismatch: invalid_signature.
-            let code = if e == SignatureError::Stale { ErrorCode::StaleSignature } else { ErrorCode::InvalidSignature };
-            Problem::new(code).detail(e.to_string())
-        })?;
-    // Providers add fields over time: those are ignored, anything else off
-    // the documented shape is refused like every other body.
-    let hook: PaymentWebhook = crate::extract::json_lenient(headers, &raw)?;
     if hook.kind != PAYMENT_SUCCEEDED {
         // Acknowledged so the provider stops sending it; nothing to do.
-        counted("ignored");
-        return Ok(Json(serde_json::json!({ "status": "ignored" })).into_response());
+        return Ok(Outcome("ignored").mark(Json(serde_json::json!({ "status": "ignored" })).into_response()));
     }
     let order_id = hook.order_id;
     // Unknown orders are refused, not acknowledged: the provider keeps the
@@ -63,29 +42,7 @@ async fn handle(app: &AppState, request_id: &str, headers: &HeaderMap, body: Bod
     let hold = hold.ok_or(ErrorCode::OrderNotFound)?;
     let event = app.events.get(event_id).await.map_err(|e| Problem::unavailable("mysql", &e))?;
     let event = event.ok_or(ErrorCode::OrderNotFound)?;
-
-    // A payment for the wrong amount or in another currency does not pay the
-    // order. The provider has taken the money all the same, so it is
-    // acknowledged and recorded for refund (a refusal would only make the
-    // provider retry it forever), and the hold runs on. Providers differ in
-    // the case of currency codes ("eur"); the event's is upper case.
-    let wrong_currency = !hook.currency.eq_ignore_ascii_case(&event.currency);
-    let (hold, disposition) = if hook.amount_cents != hold.amount_cents || wrong_currency {
-        tracing::warn!(%order_id, paid = hook.amount_cents, due = hold.amount_cents,
-            paid_currency = %hook.currency, due_currency = %event.currency, "payment does not match the order");
-        (hold, PaymentDisposition::RefundRequired)
-    } else {
-        match app
-            .ledger
-            .pay(event_id, order_id, &hook.payment_id)
-            .await
-            .map_err(|e| Problem::unavailable("redis", &e))?
-        {
-            PayOutcome::Paid(h) => (h, PaymentDisposition::Captured),
-            PayOutcome::Refund(h) => (h, PaymentDisposition::RefundRequired),
-            PayOutcome::UnknownOrder => return Err(ErrorCode::OrderNotFound.into()),
-        }
-    };
+    let (hold, disposition) = apply(&app, &hook, &event, hold).await?;
     let record = PaymentRecord {
         provider_event_id: hook.id.clone(),
         payment_id: hook.payment_id.clone(),
@@ -93,7 +50,34 @@ async fn handle(app: &AppState, request_id: &str, headers: &HeaderMap, body: Bod
         disposition,
     };
     app.publish_order_event(&hold.order_event(order_id, event_id, Some(record)), request_id).await?;
-    counted(disposition.as_str());
     tracing::info!(%order_id, payment_id = %hook.payment_id, disposition = disposition.as_str(), "payment recorded");
-    Ok(Json(serde_json::json!({ "status": disposition.as_str(), "order_state": hold.state })).into_response())
+    let body = Json(serde_json::json!({ "status": disposition.as_str(), "order_state": hold.state }));
+    Ok(Outcome(disposition.as_str()).mark(body.into_response()))
+}
+
+/// What the payment does to its hold, and what becomes of the money.
+///
+/// A payment for the wrong amount or in another currency does not pay the
+/// order. The provider has taken the money all the same, so it is
+/// acknowledged and recorded for refund (a refusal would only make the
+/// provider retry it forever), and the hold runs on. Providers differ in
+/// the case of currency codes ("eur"); the event's is upper case.
+async fn apply(
+    app: &AppState,
+    hook: &PaymentWebhook,
+    event: &Event,
+    hold: Hold,
+) -> Result<(Hold, PaymentDisposition), Problem> {
+    let order_id = hook.order_id;
+    let wrong_currency = !hook.currency.eq_ignore_ascii_case(&event.currency);
+    if hook.amount_cents != hold.amount_cents || wrong_currency {
+        tracing::warn!(%order_id, paid = hook.amount_cents, due = hold.amount_cents,
+            paid_currency = %hook.currency, due_currency = %event.currency, "payment does not match the order");
+        return Ok((hold, PaymentDisposition::RefundRequired));
+    }
+    match app.ledger.pay(event.id, order_id, &hook.payment_id).await.map_err(|e| Problem::unavailable("redis", &e))? {
+        PayOutcome::Paid(h) => Ok((h, PaymentDisposition::Captured)),
+        PayOutcome::Refund(h) => Ok((h, PaymentDisposition::RefundRequired)),
+        PayOutcome::UnknownOrder => Err(ErrorCode::OrderNotFound.into()),
+    }
 }

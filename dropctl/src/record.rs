@@ -1,0 +1,170 @@
+//! dropctl's own reads of the record (MySQL), for the invariants and for
+//! knowing when the pipeline went quiet. An audit must not lean on the code
+//! it checks, so it keeps its own queries here instead of calling the
+//! stages' `record` modules, and reads every table they write.
+
+use chrono::{DateTime, Utc};
+use dropline::messages::OrderState;
+use sqlx::MySqlPool;
+
+/// An event's capacity and per-buyer limit, if the record has the event.
+pub async fn event_limits(db: &MySqlPool, event_id: u64) -> Result<Option<(u32, u32)>, sqlx::Error> {
+    sqlx::query_as("SELECT capacity, per_user_limit FROM events WHERE id = ?").bind(event_id).fetch_optional(db).await
+}
+
+/// Units of an event's orders, by state.
+pub async fn units_by_state(db: &MySqlPool, event_id: u64) -> Result<Vec<(OrderState, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT CAST(state AS CHAR), CAST(SUM(quantity) AS SIGNED) FROM orders WHERE event_id = ? GROUP BY state",
+    )
+    .bind(event_id)
+    .fetch_all(db)
+    .await
+}
+
+/// A count over one event's rows.
+#[derive(Debug, Clone, Copy)]
+pub enum Count {
+    Intents,
+    PaidOrders,
+    CapturedPayments,
+    Refunds,
+    PaidOrdersWithoutOneCapture,
+    CapturesOnUnpaidOrders,
+    /// The most units one buyer's live orders have.
+    MaxUnitsPerUser,
+    /// Live orders that do not own exactly their quantity of units.
+    LiveOrdersWithWrongUnits,
+}
+
+impl Count {
+    fn sql(self) -> &'static str {
+        match self {
+            Count::Intents => "SELECT COUNT(*) FROM intents WHERE event_id = ?",
+            Count::PaidOrders => "SELECT COUNT(*) FROM orders WHERE event_id = ? AND state = 'paid'",
+            Count::CapturedPayments => {
+                "SELECT COUNT(*) FROM payments p JOIN orders o ON o.order_id = p.order_id \
+                 WHERE o.event_id = ? AND p.disposition = 'captured'"
+            }
+            Count::Refunds => {
+                "SELECT COUNT(*) FROM payments p JOIN orders o ON o.order_id = p.order_id \
+                 WHERE o.event_id = ? AND p.disposition = 'refund_required'"
+            }
+            Count::PaidOrdersWithoutOneCapture => {
+                "SELECT COUNT(*) FROM orders o WHERE o.event_id = ? AND o.state = 'paid' AND \
+                 (SELECT COUNT(*) FROM payments p WHERE p.order_id = o.order_id AND p.disposition = 'captured') <> 1"
+            }
+            Count::CapturesOnUnpaidOrders => {
+                "SELECT COUNT(*) FROM payments p JOIN orders o ON o.order_id = p.order_id \
+                 WHERE o.event_id = ? AND p.disposition = 'captured' AND o.state <> 'paid'"
+            }
+            Count::MaxUnitsPerUser => {
+                "SELECT COALESCE(MAX(units), 0) FROM (SELECT CAST(SUM(quantity) AS SIGNED) AS units FROM orders \
+                 WHERE event_id = ? AND state IN ('held', 'paid') GROUP BY user_id) per_user"
+            }
+            Count::LiveOrdersWithWrongUnits => {
+                "SELECT COUNT(*) FROM orders o WHERE o.event_id = ? \
+                 AND o.state IN ('held', 'paid') AND o.quantity <> (SELECT COUNT(*) FROM order_units u \
+                 WHERE u.event_id = o.event_id AND u.order_id = o.order_id)"
+            }
+        }
+    }
+}
+
+pub async fn count(db: &MySqlPool, what: Count, event_id: u64) -> Result<u64, sqlx::Error> {
+    let (n,): (i64,) = sqlx::query_as(what.sql()).bind(event_id).fetch_one(db).await?;
+    Ok(n as u64)
+}
+
+/// Payment rows (of any event: a payment row names no event) whose order
+/// is not in the record.
+pub async fn payments_without_order(db: &MySqlPool) -> Result<u64, sqlx::Error> {
+    let (orphans,): (i64,) = sqlx::query_as(
+        "SELECT COUNT(*) FROM payments p LEFT JOIN orders o ON o.order_id = p.order_id WHERE o.order_id IS NULL",
+    )
+    .fetch_one(db)
+    .await?;
+    Ok(orphans as u64)
+}
+
+/// Unit rows of an event numbered beyond `capacity`.
+pub async fn units_beyond(db: &MySqlPool, event_id: u64, capacity: u32) -> Result<u64, sqlx::Error> {
+    let (beyond,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM order_units WHERE event_id = ? AND unit_no > ?")
+        .bind(event_id)
+        .bind(capacity)
+        .fetch_one(db)
+        .await?;
+    Ok(beyond as u64)
+}
+
+/// How late each expired hold of an event ended, in milliseconds past its
+/// deadline. A final order's updated_at is when its hold ended: the
+/// settler sets it once, from the ledger's end time, when the order leaves
+/// 'held', and never again (see settler/src/record/orders.rs).
+pub async fn expiry_lateness_ms(db: &MySqlPool, event_id: u64) -> Result<Vec<i64>, sqlx::Error> {
+    let late: Vec<(i64,)> = sqlx::query_as(
+        "SELECT CAST(TIMESTAMPDIFF(MICROSECOND, expires_at, updated_at) DIV 1000 AS SIGNED) FROM orders \
+         WHERE event_id = ? AND state = 'expired'",
+    )
+    .bind(event_id)
+    .fetch_all(db)
+    .await?;
+    Ok(late.into_iter().map(|(ms,)| ms).collect())
+}
+
+/// How many of an event's holds are still held with a deadline before
+/// `before`, and the earliest of those deadlines.
+pub async fn held_past(
+    db: &MySqlPool,
+    event_id: u64,
+    before: DateTime<Utc>,
+) -> Result<(i64, Option<DateTime<Utc>>), sqlx::Error> {
+    sqlx::query_as(
+        "SELECT COUNT(*), MIN(expires_at) FROM orders WHERE event_id = ? AND state = 'held' AND expires_at < ?",
+    )
+    .bind(event_id)
+    .bind(before)
+    .fetch_one(db)
+    .await
+}
+
+/// Every order of an event, and its state.
+pub async fn order_states(db: &MySqlPool, event_id: u64) -> Result<Vec<(String, OrderState)>, sqlx::Error> {
+    sqlx::query_as("SELECT order_id, CAST(state AS CHAR) FROM orders WHERE event_id = ?")
+        .bind(event_id)
+        .fetch_all(db)
+        .await
+}
+
+/// The ids of an event's decided intents.
+pub async fn decided_intents(db: &MySqlPool, event_id: u64) -> Result<Vec<String>, sqlx::Error> {
+    let rows: Vec<(String,)> =
+        sqlx::query_as("SELECT intent_id FROM intents WHERE event_id = ?").bind(event_id).fetch_all(db).await?;
+    Ok(rows.into_iter().map(|(id,)| id).collect())
+}
+
+/// The latest deadline of an event's orders.
+pub async fn last_deadline(db: &MySqlPool, event_id: u64) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+    let (last,): (Option<DateTime<Utc>>,) =
+        sqlx::query_as("SELECT MAX(expires_at) FROM orders WHERE event_id = ?").bind(event_id).fetch_one(db).await?;
+    Ok(last)
+}
+
+/// How many of an event's holds are still held with a deadline in
+/// `[since, until)`.
+pub async fn held_between(
+    db: &MySqlPool,
+    event_id: u64,
+    since: DateTime<Utc>,
+    until: DateTime<Utc>,
+) -> Result<i64, sqlx::Error> {
+    let (n,): (i64,) = sqlx::query_as(
+        "SELECT COUNT(*) FROM orders WHERE event_id = ? AND state = 'held' AND expires_at < ? AND expires_at >= ?",
+    )
+    .bind(event_id)
+    .bind(until)
+    .bind(since)
+    .fetch_one(db)
+    .await?;
+    Ok(n)
+}

@@ -1,0 +1,76 @@
+//! What every request handler shares.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dropline::auth::Tokens;
+use dropline::kafka::{Publisher, Record};
+use dropline::messages::{OrderEvent, Topics};
+use dropline::stock::Ledger;
+use sqlx::MySqlPool;
+
+use crate::config::IngressConfig;
+use crate::events::{self, Events};
+use crate::intents::IntentStore;
+use crate::limits::Limits;
+use crate::orders::Orders;
+use crate::problem::{ErrorCode, Problem};
+
+/// Everything a request handler needs.
+pub struct AppState {
+    pub config: IngressConfig,
+    pub tokens: Tokens,
+    pub events: Events,
+    pub intents: IntentStore,
+    pub orders: Orders,
+    pub ledger: Ledger,
+    pub db: MySqlPool,
+    pub publisher: Publisher,
+    pub topics: Topics,
+    pub limits: Arc<Limits>,
+    pub http: reqwest::Client,
+}
+
+impl AppState {
+    /// The handlers' state over the given clients.
+    pub(crate) fn new(
+        config: IngressConfig,
+        db: MySqlPool,
+        redis: deadpool_redis::Pool,
+        publisher: Publisher,
+        search_timeout: events::SearchTimeout,
+    ) -> Result<AppState, reqwest::Error> {
+        let ledger = Ledger::new(redis.clone(), &config.redis.key_prefix);
+        let intents = IntentStore::new(redis, &config.redis.key_prefix, config.idempotency_ttl_secs);
+        Ok(AppState {
+            tokens: Tokens::new(config.jwt_secret.as_bytes(), config.admin_jwt_secret.as_bytes(), &config.jwt_issuer),
+            events: Events::new(db.clone(), ledger.clone(), Duration::from_millis(config.event_cache_ttl_ms))
+                .with_search_timeout(search_timeout),
+            orders: Orders::new(intents.clone(), ledger.clone(), db.clone()),
+            intents,
+            ledger,
+            db,
+            publisher,
+            topics: config.kafka.topics(),
+            limits: Arc::new(Limits::new(
+                config.admit_per_sec,
+                config.admit_burst,
+                config.user_per_sec,
+                config.user_burst,
+            )),
+            http: reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?,
+            config,
+        })
+    }
+
+    /// Puts an order's new state on Kafka and waits for the ack.
+    pub async fn publish_order_event(&self, event: &OrderEvent, request_id: &str) -> Result<(), Problem> {
+        let payload = serde_json::to_vec(event).map_err(|_| Problem::new(ErrorCode::Internal))?;
+        let key = event.order_id.to_string();
+        let record = Record::new(&self.topics.order_events, &key, &payload).request_id(Some(request_id));
+        self.publisher.publish(record).await.map_err(|e| {
+            tracing::warn!(error = %e, order_id = %event.order_id, "order event not acknowledged");
+            Problem::new(ErrorCode::BrokerUnavailable).retry_after(1)
+        })
+    }
+}

@@ -1,0 +1,45 @@
+//! `payments`: one row per provider payment id (the key), whatever the
+//! number of webhooks for it or the event ids they came under.
+
+use dropline::messages::PaymentRecord;
+use sqlx::{MySql, QueryBuilder};
+
+use super::{push_list, Tx, CHUNK};
+
+/// Records payments, each with the order it is for; a payment recorded
+/// before is left as it is.
+pub async fn insert(tx: &mut Tx<'_>, payments: &[(String, PaymentRecord)]) -> Result<(), sqlx::Error> {
+    for chunk in payments.chunks(CHUNK) {
+        let mut q = QueryBuilder::<MySql>::new(
+            "INSERT INTO payments (payment_id, provider_event_id, order_id, amount_cents, disposition, \
+             recorded_at) ",
+        );
+        let now = chrono::Utc::now();
+        q.push_values(chunk, |mut row, (order_id, p)| {
+            row.push_bind(&p.payment_id)
+                .push_bind(&p.provider_event_id)
+                .push_bind(order_id)
+                .push_bind(p.amount_cents)
+                .push_bind(p.disposition)
+                .push_bind(now);
+        });
+        q.push(" ON DUPLICATE KEY UPDATE payment_id = payment_id");
+        q.build().execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+/// Marks for refund the captured payments of those of `order_ids` the
+/// record does not have as paid.
+pub async fn refund_unpaid(tx: &mut Tx<'_>, order_ids: &[&str]) -> Result<(), sqlx::Error> {
+    for chunk in order_ids.chunks(CHUNK) {
+        let mut q = QueryBuilder::<MySql>::new(
+            "UPDATE payments p JOIN orders o ON o.order_id = p.order_id \
+             SET p.disposition = 'refund_required' \
+             WHERE p.disposition = 'captured' AND o.state <> 'paid' AND p.order_id IN ",
+        );
+        push_list(&mut q, chunk);
+        q.build().execute(&mut **tx).await?;
+    }
+    Ok(())
+}
