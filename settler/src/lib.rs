@@ -35,7 +35,7 @@ pub const DEFAULT_OPS_PORT: u16 = 9102;
 
 pub use config::SettlerConfig;
 
-use crate::metrics::{BATCH_DURATION, BATCH_SIZE, ROWS, WRITE_ERRORS};
+use crate::metrics::{ROWS, WRITE_ERRORS};
 use crate::reconcile::{Reconciler, Voided};
 use crate::store::{Batch, WriteError};
 
@@ -88,8 +88,7 @@ pub async fn run(config: SettlerConfig, shutdown: CancellationToken) -> Result<(
 
     let settler = Settler { db, ledger, decisions_topic: topics.decisions.clone(), voided };
     let options = config.kafka.batch_options("settler", config.batch_max, config.batch_linger_ms);
-    let batch_metrics = kafka::BatchMetrics { batch_size: BATCH_SIZE, batch_duration: BATCH_DURATION };
-    let ended = kafka::run_batches(&consumer, &settler, &dead_letters, &options, &batch_metrics, &shutdown).await;
+    let ended = kafka::run_batches(&consumer, &settler, &dead_letters, &options, &shutdown).await;
     ready.set(false);
     tracing::info!("settler stopped");
     ended?;

@@ -1,11 +1,20 @@
 //! Kafka clients as every stage sets them up, and the consumer plumbing they
-//! share: batching, in-order offset storage and the dead-letter topic.
+//! share.
 //!
 //! Consumers run with `enable.auto.offset.store=false`: an offset is stored
 //! only after the effect of its message is durable, and librdkafka's periodic
 //! auto-commit then commits what was stored. Nothing commits per message.
+//!
+//! - `consume`: the one consumer loop every consuming stage runs on
+//!   ([`run_consumer`]).
+//! - `batch`: batch stages on it ([`run_batches`]), and what their failures
+//!   mean.
+//! - `dead_letters`: the dead-letter topic.
+//! - `group`: a consumer's place in its group, readiness and the stuck
+//!   watch.
 
 mod batch;
+mod consume;
 mod dead_letters;
 mod group;
 
@@ -23,17 +32,18 @@ use rdkafka::ClientContext;
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
-pub use self::batch::{
-    commit_stored, fatal, next_batch, run_batches, store_after, store_offsets, BatchMetrics, BatchOptions, BatchStage, Failure,
-};
+pub use self::batch::{run_batches, BatchOptions, BatchStage, Failure};
+pub use self::consume::{run_consumer, ConsumerStage, Polling};
 pub use self::dead_letters::DeadLetters;
 pub use self::group::{decode_assignment, watch, GroupContext, PartitionKey};
 use crate::config::KafkaArgs;
 
-/// Metrics of every Kafka client, declared once for all stages; `client`
-/// labels name the stage and role (`allocator-consumer`, `ingress-producer`).
+/// Metrics of every Kafka client and of the consumer loop, declared once for
+/// all stages. `client` labels name the stage and role
+/// (`allocator-consumer`, `ingress-producer`) of librdkafka's and the
+/// group's figures; `stage` labels the loop's (`allocator`, `expirer`).
 pub mod metrics {
-    use metrics::{describe_counter, describe_gauge, Unit};
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 
     pub const CONSUMER_LAG: &str = "dropline_kafka_consumer_lag_messages";
     pub const BROKER_RTT: &str = "dropline_kafka_broker_rtt_seconds";
@@ -42,6 +52,9 @@ pub mod metrics {
     pub const ASSIGNED_PARTITIONS: &str = "dropline_kafka_consumer_assigned_partitions";
     pub const UNOWNED_PARTITIONS: &str = "dropline_kafka_consumer_group_unowned_partitions";
     pub const APPLY_RETRIES: &str = "dropline_kafka_apply_retries_total";
+    pub const BATCH_SIZE: &str = "dropline_kafka_batch_size";
+    pub const BATCH_DURATION: &str = "dropline_kafka_batch_duration_seconds";
+    pub const PAUSED_PARTITIONS: &str = "dropline_kafka_paused_partitions";
 
     pub fn describe() {
         describe_gauge!(
@@ -67,6 +80,18 @@ pub mod metrics {
             APPLY_RETRIES,
             "Failed attempts to apply a batch, by stage and kind: unavailable (a dependency is down; retried \
              without limit) or permanent (retried a bounded number of times, then dead-lettered)."
+        );
+        describe_histogram!(BATCH_SIZE, Unit::Count, "Messages per batch the consumer loop hands to its stage.");
+        describe_histogram!(
+            BATCH_DURATION,
+            Unit::Seconds,
+            "Time from a batch's receipt to the stage having taken it and its finished offsets being stored (for \
+             a batch stage, its whole effect; the expirer only schedules the holds)."
+        );
+        describe_gauge!(
+            PAUSED_PARTITIONS,
+            "Partitions paused because the stage keeps too many of their messages in memory (the expirer's \
+             waiting holds)."
         );
     }
 }
