@@ -489,25 +489,37 @@ async fn a_rebalance_never_lets_the_expirer_commit_past_a_hold_still_waiting() {
         sent.push(producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap());
     }
     let (partition, waiting) = (sent[1].partition, sent[1].offset);
-    // Holds behind the waiting one are released, before and after the group
-    // takes the partitions away and gives them back.
-    let (before, _) = buy_and_wait(&stack, &api, "before", event, 1).await;
-    wait_order_state(&stack, before, "expired").await;
-    rebalance_expirers(&stack).await;
-    let (after, _) = buy_and_wait(&stack, &api, "after", event, 1).await;
-    wait_order_state(&stack, after, "expired").await;
-    // A drained expirer commits what it stored.
-    stack.stop_stage("expirer").await;
     let probe: StreamConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", common::brokers())
         .set("group.id", format!("{}-expirer", stack.name))
         .create()
         .unwrap();
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    tpl.add_partition(&stack.topics.hold_expiry, partition);
-    let committed = probe.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
-    let at = committed.find_partition(&stack.topics.hold_expiry, partition).map(|e| e.offset());
-    assert_eq!(at, Some(rdkafka::Offset::Offset(waiting)), "committed up to the waiting hold, never past it");
+    let topic = stack.topics.hold_expiry.clone();
+    let committed = || {
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        tpl.add_partition(&topic, partition);
+        let committed = probe.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+        match committed.find_partition(&topic, partition).map(|e| e.offset()) {
+            Some(rdkafka::Offset::Offset(at)) => Some(at),
+            _ => None,
+        }
+    };
+    // Holds behind the waiting one are released, before and after the group
+    // takes the partitions away and gives them back, and the group never
+    // commits past the waiting one meanwhile.
+    let (before, _) = buy_and_wait(&stack, &api, "before", event, 1).await;
+    wait_order_state(&stack, before, "expired").await;
+    rebalance_expirers(&stack).await;
+    let (after, _) = buy_and_wait(&stack, &api, "after", event, 1).await;
+    eventually("the hold behind it released after the rebalance", Duration::from_secs(30), || async {
+        let at = committed();
+        assert!(at.is_none_or(|at| at <= waiting), "committed {at:?}, past the hold waiting at {waiting}");
+        (order_state_in_mysql(&stack, after).await.as_deref() == Some("expired")).then_some(())
+    })
+    .await;
+    // A drained expirer commits what it stored: up to the waiting hold.
+    stack.stop_stage("expirer").await;
+    assert_eq!(committed(), Some(waiting), "committed up to the waiting hold, never past it");
     stack.stop().await;
 }
 
