@@ -28,7 +28,7 @@ use uuid::Uuid;
 
 pub use config::{AllocatorConfig, DEFAULT_OPS_PORT};
 
-use crate::metrics::{BATCH_DURATION, BATCH_SIZE, DECISIONS, DECISION_LATENCY, LEDGER_ERRORS, LUA_DURATION};
+use crate::metrics::{DECISIONS, DECISION_LATENCY, LEDGER_ERRORS, LUA_DURATION};
 use crate::stock::StockWatch;
 
 #[derive(Debug, thiserror::Error)]
@@ -85,8 +85,7 @@ pub async fn run(config: AllocatorConfig, shutdown: CancellationToken) -> Result
     // Between attempts the in-flight marks are not renewed: keep the pause
     // well inside the rebuild's grace (DROPLINE_SETTLER_REBUILD_GRACE_MS).
     options.max_backoff = Duration::from_secs(2);
-    let batch_metrics = kafka::BatchMetrics { batch_size: BATCH_SIZE, batch_duration: BATCH_DURATION };
-    let ended = kafka::run_batches(&consumer, &allocator, &dead_letters, &options, &batch_metrics, &shutdown).await;
+    let ended = kafka::run_batches(&consumer, &allocator, &dead_letters, &options, &shutdown).await;
     ready.set(false);
     tracing::info!("allocator stopped");
     ended?;

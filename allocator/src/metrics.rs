@@ -4,8 +4,6 @@ use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 
 pub const DECISIONS: &str = "dropline_allocator_decisions_total";
 pub const LUA_DURATION: &str = "dropline_allocator_lua_duration_seconds";
-pub const BATCH_SIZE: &str = "dropline_allocator_batch_size";
-pub const BATCH_DURATION: &str = "dropline_allocator_batch_duration_seconds";
 pub const DECISION_LATENCY: &str = "dropline_allocator_intent_to_decision_seconds";
 pub const LEDGER_ERRORS: &str = "dropline_allocator_ledger_errors_total";
 pub const STOCK: &str = "dropline_allocator_stock_units";
@@ -16,8 +14,6 @@ pub fn describe() {
         "Intents decided, by outcome: held, sold_out, limit_reached, sale_not_open, sale_closed."
     );
     describe_histogram!(LUA_DURATION, Unit::Seconds, "Time of one allocation script call (one event, many intents).");
-    describe_histogram!(BATCH_SIZE, Unit::Count, "Intents per consumed batch.");
-    describe_histogram!(BATCH_DURATION, Unit::Seconds, "Time from a batch's receipt to its offsets being stored.");
     describe_histogram!(DECISION_LATENCY, Unit::Seconds, "Time from the ingress accepting an intent to its decision.");
     describe_counter!(LEDGER_ERRORS, "Allocation script calls that failed and were retried, by kind.");
     describe_gauge!(

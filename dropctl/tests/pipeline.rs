@@ -9,9 +9,10 @@ use common::{eventually, Options, Stack};
 use dropctl::api::Api;
 use dropctl::drill::{self, DropPlan};
 use dropline::kafka::Record;
-use dropline::messages::{Decision, Outcome, PurchaseIntent, RejectReason};
+use dropline::messages::{Decision, HoldExpiry, Outcome, PurchaseIntent, RejectReason};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -456,6 +457,93 @@ async fn holds_are_released_after_an_expirer_restart() {
     let levels = stack.ledger.levels(event).await.unwrap().unwrap();
     assert_eq!((levels.available, levels.held), (2, 0));
     stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebalance_never_lets_the_expirer_commit_past_a_hold_still_waiting() {
+    let mut stack = Stack::start(Options::default()).await;
+    let api = Api::new(&stack.api).unwrap();
+    let event = open_event(&stack, 5, 1).await;
+    // On the partition of the event's holds: one due at once, then one that
+    // waits out the whole test.
+    // A raw producer: the test needs each record's partition and offset,
+    // which the stages' publisher does not hand back.
+    let producer: FutureProducer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", common::brokers()).create().unwrap();
+    let key = event.to_string();
+    let mut sent = Vec::new();
+    for expires_at_ms in [0, dropline::messages::now_ms() + 600_000] {
+        let hold = HoldExpiry { order_id: Uuid::new_v4(), event_id: event, expires_at_ms };
+        let payload = serde_json::to_vec(&hold).unwrap();
+        let record = FutureRecord::to(&stack.topics.hold_expiry).key(&key).payload(&payload);
+        sent.push(producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap());
+    }
+    let (partition, waiting) = (sent[1].partition, sent[1].offset);
+    let probe: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", common::brokers())
+        .set("group.id", format!("{}-expirer", stack.name))
+        .create()
+        .unwrap();
+    let topic = stack.topics.hold_expiry.clone();
+    let committed = || {
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        tpl.add_partition(&topic, partition);
+        let committed = probe.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+        match committed.find_partition(&topic, partition).map(|e| e.offset()) {
+            Some(rdkafka::Offset::Offset(at)) => Some(at),
+            _ => None,
+        }
+    };
+    // Holds behind the waiting one are released, before and after the group
+    // takes the partitions away and gives them back, and the group never
+    // commits past the waiting one meanwhile.
+    let (before, _) = buy_and_wait(&stack, &api, "before", event, 1).await;
+    wait_order_state(&stack, before, "expired").await;
+    rebalance_expirers(&stack).await;
+    let (after, _) = buy_and_wait(&stack, &api, "after", event, 1).await;
+    eventually("the hold behind it released after the rebalance", Duration::from_secs(30), || async {
+        let at = committed();
+        assert!(at.is_none_or(|at| at <= waiting), "committed {at:?}, past the hold waiting at {waiting}");
+        (order_state_in_mysql(&stack, after).await.as_deref() == Some("expired")).then_some(())
+    })
+    .await;
+    // A drained expirer commits what it stored: up to the waiting hold.
+    stack.stop_stage("expirer").await;
+    assert_eq!(committed(), Some(waiting), "committed up to the waiting hold, never past it");
+    stack.stop().await;
+}
+
+/// Makes the expirers' group rebalance twice: a member joins (every
+/// partition is revoked and shared out again, some to it), then leaves
+/// (they all go back). It reads for nothing and commits nothing.
+async fn rebalance_expirers(stack: &Stack) {
+    let intruder: std::sync::Arc<StreamConsumer> = std::sync::Arc::new(
+        rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", common::brokers())
+            .set("group.id", format!("{}-expirer", stack.name))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .create()
+            .unwrap(),
+    );
+    intruder.subscribe(&[&stack.topics.hold_expiry]).unwrap();
+    // A member takes part in its group's rebalances only while it polls.
+    let polling = tokio::spawn({
+        let intruder = intruder.clone();
+        async move {
+            loop {
+                let _ = intruder.recv().await;
+            }
+        }
+    });
+    eventually("the group to share its partitions with a new member", Duration::from_secs(60), || async {
+        (intruder.assignment().ok()?.count() > 0).then_some(())
+    })
+    .await;
+    polling.abort();
+    let _ = polling.await;
+    // Dropping it closes it (blocking): it leaves the group.
+    tokio::task::spawn_blocking(move || drop(intruder)).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,9 +8,14 @@
 //! harmless. Whatever final state it finds is published on `order-events`,
 //! which also repairs a cancel or payment whose own publish was lost.
 //!
-//! The consumer never sleeps on a deadline: it keeps polling, pausing a
-//! partition only when too many of its holds wait in memory, so the group
-//! never drops it for missing `max.poll.interval.ms`.
+//! It runs on the shared consumer loop (`dropline::kafka::run_consumer`) as
+//! a delayed stage: the loop reads, dead-letters what does not decode, hands
+//! over revoked partitions, pauses and resumes, and stores the offsets the
+//! expirer reports finished; the expirer schedules the holds it is given and
+//! releases them as they fall due. The consumer never sleeps on a deadline:
+//! it keeps polling, and a partition is paused only while too many of its
+//! holds wait in memory, so the group never drops it for missing
+//! `max.poll.interval.ms`.
 //!
 //! - [`schedule`]: the per-partition delay queue and its offset rule.
 //! - [`config`]: settings; [`metrics`]: metric names.
@@ -21,19 +26,17 @@ pub mod schedule;
 
 use std::time::Duration;
 
-use dropline::kafka::{self, DeadLetters, GroupContext, Publisher, Record, WhenFull};
+use dropline::kafka::{self, DeadLetters, PartitionKey, Publisher, Record, WhenFull};
 use dropline::messages::{now_ms, HoldExpiry, Topics};
 use dropline::stage::Stage;
 use dropline::stock::{EndOutcome, Ledger};
-use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Message, OwnedMessage};
-use rdkafka::TopicPartitionList;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{ExpirerConfig, DEFAULT_OPS_PORT};
 
-use crate::metrics::{HOLDS_ENDED, LATENESS, PAUSED, PENDING};
-use crate::schedule::{Due, PartitionKey, Schedule, Waiting};
+use crate::metrics::{HOLDS_ENDED, LATENESS, PENDING};
+use crate::schedule::{Due, Schedule, Waiting};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExpirerError {
@@ -53,10 +56,16 @@ const FAILED_RETRY_MS: i64 = 1000;
 /// Holds released concurrently in one tick.
 const RELEASES_PER_TICK: usize = 512;
 
+/// Expiry messages taken from the consumer at once. A partition may hold
+/// up to this many more than its limit before its pause takes effect.
+const ACCEPT_MAX: usize = 512;
+
 struct Expirer {
     ledger: Ledger,
     publisher: Publisher,
     topics: Topics,
+    schedule: Schedule,
+    tick: Duration,
 }
 
 /// What became of one due hold.
@@ -80,68 +89,77 @@ pub async fn run(config: ExpirerConfig, shutdown: CancellationToken) -> Result<(
         &ready,
         &shutdown,
     )?;
-    let expirer = Expirer { ledger: Ledger::new(config.redis.pool()?, &config.redis.key_prefix), publisher, topics };
-    let mut schedule = Schedule::new(config.max_pending_per_partition);
+    let mut expirer = Expirer {
+        ledger: Ledger::new(config.redis.pool()?, &config.redis.key_prefix),
+        publisher,
+        topics,
+        schedule: Schedule::new(config.max_pending_per_partition),
+        tick: Duration::from_millis(config.tick_ms),
+    };
     ready.set(true);
     tracing::info!("expirer consuming");
-
-    let mut tick = tokio::time::interval(Duration::from_millis(config.tick_ms));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            received = consumer.recv() => match received {
-                Ok(m) => {
-                    let m = m.detach();
-
-                    let hold = match decode(&m) {
-                        Ok(hold) => Some(Waiting { hold, request_id: kafka::request_id(&m) }),
-                        Err(reason) => {
-                            let parked = kafka::retry_until("dead-letter", &shutdown, || dead_letters.park(&m, "undecodable", &reason)).await;
-                            if parked.is_none() { break; }
-                            None
-                        }
-                    };
-                    let revoked = consumer.context().take_revoked();
-                    schedule.add_after(revoked, (m.topic().to_owned(), m.partition()), m.offset(), hold);
-                    apply_flow(&consumer, &mut schedule);
-                }
-                Err(e) => {
-                    if let Some(fatal) = kafka::fatal(&consumer) {
-                        ready.set(false);
-                        return Err(fatal.into());
-                    }
-                    tracing::warn!(error = %e, "kafka receive failed");
-                }
-            },
-            _ = tick.tick() => {
-                forget_revoked(&consumer, &mut schedule);
-                expirer.release_due(&mut schedule).await;
-                let committable = schedule.take_committable();
-                kafka::store_offsets(&consumer, committable.iter().map(|((t, p), o)| (t.as_str(), *p, *o)));
-                apply_flow(&consumer, &mut schedule);
-                ::metrics::gauge!(PENDING).set(schedule.waiting() as f64);
-                ::metrics::gauge!(PAUSED).set(schedule.paused() as f64);
-            }
-        }
-    }
+    // Nothing waits for more messages: what is there is scheduled at once.
+    let polling = kafka::Polling { stage: "expirer", max: ACCEPT_MAX, linger: Duration::ZERO };
+    let ended = kafka::run_consumer(&consumer, &mut expirer, &dead_letters, &polling, &shutdown).await;
     ready.set(false);
     // Holds still waiting stay uncommitted: the next owner reads them again.
-    kafka::commit_stored(&consumer);
-    tracing::info!(waiting = schedule.waiting(), "expirer stopped");
+    tracing::info!(waiting = expirer.schedule.waiting(), "expirer stopped");
+    ended?;
     Ok(())
 }
 
+/// The expirer on the consumer loop: each hold read waits in the schedule;
+/// the due step releases the holds whose deadline has come.
+impl kafka::ConsumerStage for Expirer {
+    type Item = Waiting;
+
+    fn decode(&self, m: &OwnedMessage) -> Result<Waiting, String> {
+        let payload = m.payload().ok_or("empty payload")?;
+        let hold: HoldExpiry = serde_json::from_slice(payload).map_err(|e| format!("undecodable hold expiry: {e}"))?;
+        Ok(Waiting { hold, request_id: kafka::request_id(m) })
+    }
+
+    async fn accept(&mut self, batch: Vec<(Option<Waiting>, &OwnedMessage)>) -> Option<()> {
+        for (waiting, m) in batch {
+            self.schedule.add((m.topic().to_owned(), m.partition()), m.offset(), waiting);
+        }
+        Some(())
+    }
+
+    fn finished(&mut self) -> Vec<(PartitionKey, i64)> {
+        self.schedule.take_committable()
+    }
+
+    fn due_every(&self) -> Option<Duration> {
+        Some(self.tick)
+    }
+
+    async fn work_due(&mut self) {
+        self.release_due().await;
+        ::metrics::gauge!(PENDING).set(self.schedule.waiting() as f64);
+    }
+
+    fn revoked(&mut self, partitions: &[PartitionKey]) {
+        for p in partitions {
+            self.schedule.forget(p);
+        }
+    }
+
+    fn flow(&mut self) -> (Vec<PartitionKey>, Vec<PartitionKey>) {
+        self.schedule.flow_changes()
+    }
+}
+
 impl Expirer {
-    async fn release_due(&self, schedule: &mut Schedule) {
-        let due = schedule.due(now_ms(), RELEASES_PER_TICK);
+    async fn release_due(&mut self) {
+        let due = self.schedule.due(now_ms(), RELEASES_PER_TICK);
         if due.is_empty() {
             return;
         }
         let results = futures::future::join_all(due.iter().map(|d| self.release(d))).await;
         let now = now_ms();
         for (d, result) in due.iter().zip(results) {
-            record(schedule, d, result, now);
+            record(&mut self.schedule, d, result, now);
         }
     }
 
@@ -191,42 +209,6 @@ fn record(schedule: &mut Schedule, due: &Due, released: Released, now_ms: i64) {
         // slots of every tick and starve the rest.
         Released::Failed => schedule.retry_at(&due.partition, due.offset, now_ms + FAILED_RETRY_MS),
     }
-}
-
-fn forget_revoked(consumer: &StreamConsumer<GroupContext>, schedule: &mut Schedule) {
-    for revoked in consumer.context().take_revoked() {
-        schedule.forget(&revoked);
-    }
-}
-
-fn apply_flow(consumer: &StreamConsumer<GroupContext>, schedule: &mut Schedule) {
-    let (pause, resume) = schedule.flow_changes();
-    for (parts, pausing) in [(pause, true), (resume, false)] {
-        if parts.is_empty() {
-            continue;
-        }
-        let tpl = tpl_of(&parts);
-        let result = if pausing { consumer.pause(&tpl) } else { consumer.resume(&tpl) };
-        match result {
-            Ok(()) => {
-                tracing::info!(partitions = ?parts, paused = pausing, "partition flow changed")
-            }
-            Err(e) => tracing::warn!(error = %e, "pause/resume failed"),
-        }
-    }
-}
-
-fn tpl_of(parts: &[PartitionKey]) -> TopicPartitionList {
-    let mut tpl = TopicPartitionList::new();
-    for (topic, partition) in parts {
-        tpl.add_partition(topic, *partition);
-    }
-    tpl
-}
-
-fn decode(m: &OwnedMessage) -> Result<HoldExpiry, String> {
-    let payload = m.payload().ok_or("empty payload")?;
-    serde_json::from_slice(payload).map_err(|e| format!("undecodable hold expiry: {e}"))
 }
 
 #[cfg(test)]

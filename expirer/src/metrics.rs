@@ -5,7 +5,6 @@ use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 pub const PENDING: &str = "dropline_expirer_pending_holds";
 pub const LATENESS: &str = "dropline_expirer_release_lateness_seconds";
 pub const HOLDS_ENDED: &str = "dropline_expirer_holds_total";
-pub const PAUSED: &str = "dropline_expirer_paused_partitions";
 
 pub fn describe() {
     describe_gauge!(PENDING, "Holds waiting in memory for their deadline.");
@@ -15,7 +14,6 @@ pub fn describe() {
         "Holds seen at their deadline, by the state found: expired (released now or by a late payment), \
          paid, cancelled, unknown (not in the ledger)."
     );
-    describe_gauge!(PAUSED, "Partitions paused because their pending holds reached the limit.");
     // Every series exists from the start: a 0, not "no data".
     for state in ["expired", "paid", "cancelled", "unknown"] {
         metrics::counter!(HOLDS_ENDED, "state" => state).increment(0);

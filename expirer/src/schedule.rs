@@ -9,9 +9,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+pub use dropline::kafka::PartitionKey;
 use dropline::messages::HoldExpiry;
-
-pub type PartitionKey = (String, i32);
 
 /// A hold waiting for its deadline, with the request id of the purchase
 /// that created it (for the logs and the order event it ends in).
@@ -145,27 +144,14 @@ impl Schedule {
         (pause, resume)
     }
 
-    /// Forgets a partition this consumer no longer owns.
+    /// Forgets a partition this consumer no longer owns. A partition given
+    /// back is read again from its committed offset and must start from a
+    /// clean slate there, so the consumer loop calls this before it hands
+    /// over any message read after the revocation: forgetting after would
+    /// drop holds just read again, and the next commit would pass them
+    /// unreleased.
     pub fn forget(&mut self, partition: &PartitionKey) {
         self.partitions.remove(partition);
-    }
-
-    /// Records a message read after the partitions in `revoked` were taken
-    /// away. They are forgotten first: a partition given back is read again
-    /// from its committed offset and must start from a clean slate there.
-    /// Forgetting after the add would drop holds just read again, and the
-    /// next commit would pass them unreleased.
-    pub fn add_after(
-        &mut self,
-        revoked: Vec<PartitionKey>,
-        partition: PartitionKey,
-        offset: i64,
-        waiting: Option<Waiting>,
-    ) {
-        for p in &revoked {
-            self.forget(p);
-        }
-        self.add(partition, offset, waiting);
     }
 
     pub fn waiting(&self) -> usize {
@@ -202,8 +188,10 @@ mod tests {
         }
         assert_eq!(s.take_committable(), vec![], "nothing passes the hold at 10");
         // A rebalance takes the partition and gives it back: the consumer
-        // reads again from the committed offset, 10.
-        s.add_after(vec![p0()], p0(), 10, hold(5_000));
+        // loop hands the revocation over, then what it reads again from the
+        // committed offset, 10.
+        s.forget(&p0());
+        s.add(p0(), 10, hold(5_000));
         s.add(p0(), 11, hold(5_000));
         s.add(p0(), 12, None);
         assert_eq!(s.take_committable(), vec![]);

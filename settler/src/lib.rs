@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 pub use config::{SettlerConfig, DEFAULT_OPS_PORT};
 
 use crate::claims::WriteError;
-use crate::metrics::{BATCH_DURATION, BATCH_SIZE, ROWS, WRITE_ERRORS};
+use crate::metrics::{ROWS, WRITE_ERRORS};
 use crate::reconcile::{Reconciler, Voided};
 use crate::store::Batch;
 
@@ -89,8 +89,7 @@ pub async fn run(config: SettlerConfig, shutdown: CancellationToken) -> Result<(
 
     let settler = Settler { db, ledger, decisions_topic: topics.decisions.clone(), voided };
     let options = config.kafka.batch_options("settler", config.batch_max, config.batch_linger_ms);
-    let batch_metrics = kafka::BatchMetrics { batch_size: BATCH_SIZE, batch_duration: BATCH_DURATION };
-    let ended = kafka::run_batches(&consumer, &settler, &dead_letters, &options, &batch_metrics, &shutdown).await;
+    let ended = kafka::run_batches(&consumer, &settler, &dead_letters, &options, &shutdown).await;
     ready.set(false);
     tracing::info!("settler stopped");
     ended?;

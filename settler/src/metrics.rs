@@ -1,9 +1,7 @@
 //! The settler's metrics, declared in one place.
 
-use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics::{describe_counter, describe_gauge, Unit};
 
-pub const BATCH_DURATION: &str = "dropline_settler_batch_duration_seconds";
-pub const BATCH_SIZE: &str = "dropline_settler_batch_size";
 pub const ROWS: &str = "dropline_settler_rows_total";
 pub const WRITE_ERRORS: &str = "dropline_settler_write_errors_total";
 pub const DRIFT: &str = "dropline_settler_ledger_drift_units";
@@ -12,8 +10,6 @@ pub const VOIDED: &str = "dropline_settler_voided_orders_total";
 pub const OVERDUE_ENDED: &str = "dropline_settler_overdue_holds_ended_total";
 
 pub fn describe() {
-    describe_histogram!(BATCH_DURATION, Unit::Seconds, "Time to write one batch in one transaction.");
-    describe_histogram!(BATCH_SIZE, Unit::Count, "Messages per written batch.");
     describe_counter!(ROWS, "Rows written (inserted or upserted), by table.");
     describe_counter!(WRITE_ERRORS, "Batch transactions that failed and were retried.");
     describe_gauge!(

@@ -1,6 +1,6 @@
-//! The one consumer loop of the batch stages (allocator, settler): poll a
-//! batch, hand it to the stage's apply step, store offsets only once its
-//! effect is durable, and decide what a failure means.
+//! The batch stages (allocator, settler) on the consumer loop: each batch
+//! is applied, and so finished, as the loop hands it over; what a failure
+//! means is decided here.
 //!
 //! Failures come in two kinds, told apart by type, never by message:
 //! - **unavailable**: a dependency is down or busy (Redis, MySQL, the
@@ -12,22 +12,22 @@
 //!   message; a message that still fails alone goes to the dead-letter
 //!   topic with its reason, and the rest of the partition keeps flowing.
 //!
-//! A message that does not decode never reaches the apply step: it is
-//! dead-lettered at once.
+//! A message that does not decode never reaches the apply step: the loop
+//! dead-letters it at once.
 
 use std::collections::BTreeMap;
 use std::fmt::Display;
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::consumer::StreamConsumer;
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Message, OwnedMessage};
-use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
+use super::consume::{run_consumer, ConsumerStage, Polling};
 use super::metrics::APPLY_RETRIES;
-use super::{DeadLetters, GroupContext};
+use super::{DeadLetters, GroupContext, PartitionKey};
 
 /// Whether retrying can ever help.
 pub trait Failure: Display {
@@ -40,7 +40,7 @@ pub trait Failure: Display {
 /// effect of a batch durable. The loop owns everything else.
 pub trait BatchStage {
     type Item;
-    type Error: Failure;
+    type Error: Failure + Send;
 
     /// Decodes and validates one message; `Err` carries the dead-letter
     /// reason.
@@ -64,63 +64,63 @@ pub struct BatchOptions {
     pub max_backoff: Duration,
 }
 
-/// Histograms the loop records for every stage.
-pub struct BatchMetrics {
-    pub batch_size: &'static str,
-    pub batch_duration: &'static str,
-}
-
-/// Runs the loop until `shutdown`, or until the consumer hits a fatal error
-/// (`Err`: see [`fatal`]). A batch received is finished even if shutdown
-/// arrives meanwhile, unless a dependency is down: then nothing of it is
-/// stored and its next owner redelivers it. Stored offsets are committed
-/// synchronously on the way out.
+/// Runs the consumer loop for a batch stage until `shutdown`, or until the
+/// consumer hits a fatal error (`Err`). A batch received is finished even
+/// if shutdown arrives meanwhile, unless a dependency is down: then nothing
+/// of it is stored and its next owner redelivers it.
 pub async fn run_batches<S>(
     consumer: &StreamConsumer<GroupContext>,
     stage: &S,
     dead_letters: &DeadLetters,
     options: &BatchOptions,
-    metrics: &BatchMetrics,
     shutdown: &CancellationToken,
 ) -> Result<(), KafkaError>
 where
     S: BatchStage + Sync,
     S::Item: Send + Sync,
 {
-    loop {
-        let batch = next_batch(consumer, options.max, options.linger, shutdown).await?;
-        if batch.is_empty() {
-            break;
-        }
-        let started = Instant::now();
-        ::metrics::histogram!(metrics.batch_size).record(batch.len() as f64);
-        let mut items = Vec::with_capacity(batch.len());
-        let mut parked_all = true;
-        for message in &batch {
-            match stage.decode(message) {
-                Ok(item) => items.push((item, message)),
-                Err(reason) => {
-                    let parked = super::retry_until("dead-letter", shutdown, || {
-                        dead_letters.park(message, "undecodable", &reason)
-                    })
-                    .await;
-                    if parked.is_none() {
-                        parked_all = false;
-                        break;
-                    }
-                }
-            }
-        }
-        if !parked_all || apply_with_policy(stage, dead_letters, &items, options, shutdown).await.is_none() {
-            break;
-        }
-        // Every message up to the highest offset of each partition in the
-        // batch has a durable effect or is parked.
-        store_after(consumer, &batch);
-        ::metrics::histogram!(metrics.batch_duration).record(started.elapsed().as_secs_f64());
+    let polling = Polling { stage: options.stage, max: options.max, linger: options.linger };
+    let mut batched = Batched { stage, dead_letters, options, shutdown, finished: BTreeMap::new() };
+    run_consumer(consumer, &mut batched, dead_letters, &polling, shutdown).await
+}
+
+/// A batch stage as the loop sees it: a batch applied is finished, up to
+/// the highest offset of each of its partitions.
+struct Batched<'a, S> {
+    stage: &'a S,
+    dead_letters: &'a DeadLetters,
+    options: &'a BatchOptions,
+    shutdown: &'a CancellationToken,
+    finished: BTreeMap<PartitionKey, i64>,
+}
+
+impl<S> ConsumerStage for Batched<'_, S>
+where
+    S: BatchStage + Sync,
+    S::Item: Send + Sync,
+{
+    type Item = S::Item;
+
+    fn decode(&self, message: &OwnedMessage) -> Result<S::Item, String> {
+        self.stage.decode(message)
     }
-    commit_stored(consumer);
-    Ok(())
+
+    async fn accept(&mut self, batch: Vec<(Option<S::Item>, &OwnedMessage)>) -> Option<()> {
+        let mut next: BTreeMap<PartitionKey, i64> = BTreeMap::new();
+        for (_, m) in &batch {
+            let slot = next.entry((m.topic().to_owned(), m.partition())).or_insert(0);
+            *slot = (*slot).max(m.offset() + 1);
+        }
+        // Dead-lettered messages are parked already: only the rest apply.
+        let items: Vec<(S::Item, &OwnedMessage)> = batch.into_iter().filter_map(|(i, m)| Some((i?, m))).collect();
+        apply_with_policy(self.stage, self.dead_letters, &items, self.options, self.shutdown).await?;
+        self.finished.extend(next);
+        Some(())
+    }
+
+    fn finished(&mut self) -> Vec<(PartitionKey, i64)> {
+        std::mem::take(&mut self.finished).into_iter().collect()
+    }
 }
 
 /// Applies `items` under the failure policy. `None` means shutdown came
@@ -195,101 +195,5 @@ where
             _ = tokio::time::sleep(delay) => {}
         }
         delay = (delay * 2).min(options.max_backoff);
-    }
-}
-
-/// Waits for the first message (or cancellation), then gathers more until
-/// `max` messages or `linger` has passed. An empty batch means shutdown;
-/// `Err` a fatal error of the consumer.
-pub async fn next_batch<C: ConsumerContext + 'static>(
-    consumer: &StreamConsumer<C>,
-    max: usize,
-    linger: Duration,
-    shutdown: &CancellationToken,
-) -> Result<Vec<OwnedMessage>, KafkaError> {
-    let mut batch = Vec::with_capacity(max);
-    loop {
-        let received = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(batch),
-            m = consumer.recv() => m,
-        };
-        match received {
-            Ok(m) => {
-                batch.push(m.detach());
-                break;
-            }
-            Err(e) => {
-                if let Some(fatal) = fatal(consumer) {
-                    return Err(fatal);
-                }
-                tracing::warn!(error = %e, "kafka receive failed");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(batch),
-                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                }
-            }
-        }
-    }
-    let deadline = tokio::time::Instant::now() + linger;
-    while batch.len() < max {
-        match tokio::time::timeout_at(deadline, consumer.recv()).await {
-            Ok(Ok(m)) => batch.push(m.detach()),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "kafka receive failed");
-                break;
-            }
-            Err(_) => break,
-        }
-    }
-    Ok(batch)
-}
-
-/// The fatal error the consumer's client has hit, if any. librdkafka raises
-/// one when this member is fenced: another consumer joined the group with
-/// the same `group.instance.id`. A fenced consumer never gets work again,
-/// so the stage must end (non-zero) rather than sit idle and look alive.
-pub fn fatal<C: ConsumerContext + 'static>(consumer: &StreamConsumer<C>) -> Option<KafkaError> {
-    let (code, reason) = consumer.client().fatal_error()?;
-    tracing::error!(%code, reason, "the kafka consumer hit a fatal error; if it was fenced, another instance uses \
-        the same DROPLINE_KAFKA_GROUP_INSTANCE_ID: give each instance its own. Stopping");
-    Some(KafkaError::MessageConsumptionFatal(code))
-}
-
-/// Stores, for each partition in `messages`, the offset after the highest
-/// one. Call only when every message up to it has a durable effect.
-pub fn store_after<C: ConsumerContext + 'static>(consumer: &StreamConsumer<C>, messages: &[OwnedMessage]) {
-    let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
-    for m in messages {
-        let slot = next.entry((m.topic(), m.partition())).or_insert(0);
-        *slot = (*slot).max(m.offset() + 1);
-    }
-    store_offsets(consumer, next.into_iter().map(|((t, p), o)| (t, p, o)));
-}
-
-/// Stores explicit next-offsets. A partition revoked in the meantime refuses
-/// the store; its new owner redelivers, and every effect is idempotent.
-pub fn store_offsets<'a, C: ConsumerContext + 'static>(
-    consumer: &StreamConsumer<C>,
-    next: impl IntoIterator<Item = (&'a str, i32, i64)>,
-) {
-    let mut tpl = TopicPartitionList::new();
-    for (topic, partition, offset) in next {
-        if let Err(e) = tpl.add_partition_offset(topic, partition, Offset::Offset(offset)) {
-            tracing::warn!(error = %e, topic, partition, "bad offset to store");
-        }
-    }
-    if tpl.count() == 0 {
-        return;
-    }
-    if let Err(e) = consumer.store_offsets(&tpl) {
-        tracing::warn!(error = %e, "storing offsets refused; the partition's new owner will redeliver");
-    }
-}
-
-/// Commits what was stored, synchronously, on shutdown.
-pub fn commit_stored<C: ConsumerContext + 'static>(consumer: &StreamConsumer<C>) {
-    match consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
-        Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
-        Err(e) => tracing::warn!(error = %e, "final offset commit failed"),
     }
 }

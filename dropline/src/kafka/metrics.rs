@@ -1,5 +1,8 @@
-//! Metrics of every Kafka client, declared once for all stages. `client`
-//! labels name the stage and role (`allocator-consumer`, `ingress-producer`).
+//! Metrics of every Kafka client and of the consumer loop, declared once
+//! for all stages. `client` labels name the stage and role
+//! (`allocator-consumer`, `ingress-producer`) of librdkafka's, the group's
+//! and the publisher's figures; `stage` labels the loop's (`allocator`,
+//! `expirer`).
 
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 
@@ -10,6 +13,9 @@ pub const DEAD_LETTERS: &str = "dropline_kafka_dead_letters_total";
 pub const ASSIGNED_PARTITIONS: &str = "dropline_kafka_consumer_assigned_partitions";
 pub const UNOWNED_PARTITIONS: &str = "dropline_kafka_consumer_group_unowned_partitions";
 pub const APPLY_RETRIES: &str = "dropline_kafka_apply_retries_total";
+pub const BATCH_SIZE: &str = "dropline_kafka_batch_size";
+pub const BATCH_DURATION: &str = "dropline_kafka_batch_duration_seconds";
+pub const PAUSED_PARTITIONS: &str = "dropline_kafka_paused_partitions";
 pub const PUBLISHED: &str = "dropline_kafka_publish_total";
 pub const PUBLISH_DURATION: &str = "dropline_kafka_publish_duration_seconds";
 pub const PUBLISH_IN_FLIGHT: &str = "dropline_kafka_publish_in_flight_messages";
@@ -35,6 +41,18 @@ pub fn describe() {
         APPLY_RETRIES,
         "Failed attempts to apply a batch, by stage and kind: unavailable (a dependency is down; retried \
          without limit) or permanent (retried a bounded number of times, then dead-lettered)."
+    );
+    describe_histogram!(BATCH_SIZE, Unit::Count, "Messages per batch the consumer loop hands to its stage.");
+    describe_histogram!(
+        BATCH_DURATION,
+        Unit::Seconds,
+        "Time from a batch's receipt to the stage having taken it and its finished offsets being stored (for \
+         a batch stage, its whole effect; the expirer only schedules the holds)."
+    );
+    describe_gauge!(
+        PAUSED_PARTITIONS,
+        "Partitions paused because the stage keeps too many of their messages in memory (the expirer's \
+         waiting holds)."
     );
     describe_counter!(
         PUBLISHED,

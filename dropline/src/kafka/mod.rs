@@ -1,12 +1,21 @@
 //! Kafka clients as every stage sets them up: the one [`Publisher`], and the
-//! consumer plumbing the stages share: batching, in-order offset storage and
-//! the dead-letter topic.
+//! consumer plumbing the stages share: the one consumer loop, in-order
+//! offset storage and the dead-letter topic.
 //!
 //! Consumers run with `enable.auto.offset.store=false`: an offset is stored
 //! only after the effect of its message is durable, and librdkafka's periodic
 //! auto-commit then commits what was stored. Nothing commits per message.
+//!
+//! - `consume`: the one consumer loop every consuming stage runs on
+//!   ([`run_consumer`]).
+//! - `batch`: batch stages on it ([`run_batches`]), and what their failures
+//!   mean.
+//! - `dead_letters`: the dead-letter topic.
+//! - `group`: a consumer's place in its group, readiness and the stuck
+//!   watch.
 
 mod batch;
+mod consume;
 mod dead_letters;
 mod group;
 pub mod metrics;
@@ -24,10 +33,8 @@ use rdkafka::statistics::Statistics;
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
-pub use self::batch::{
-    commit_stored, fatal, next_batch, run_batches, store_after, store_offsets, BatchMetrics, BatchOptions, BatchStage,
-    Failure,
-};
+pub use self::batch::{run_batches, BatchOptions, BatchStage, Failure};
+pub use self::consume::{run_consumer, ConsumerStage, Polling};
 pub use self::dead_letters::DeadLetters;
 pub use self::group::{decode_assignment, watch, GroupContext, PartitionKey};
 pub use self::publish::{producer, Producer, PublishError, Publisher, Record, WhenFull};
