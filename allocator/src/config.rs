@@ -60,14 +60,8 @@ impl dropline::stage::StageConfig for AllocatorConfig {
 
 #[cfg(test)]
 mod tests {
-    use clap::CommandFactory;
-
-    use super::*;
-    use dropline::stage::StageConfig;
-
     #[test]
     fn the_command_line_is_well_formed_and_the_defaults_validate() {
-        AllocatorConfig::command().debug_assert();
-        AllocatorConfig::parse_from(["allocator"]).validate().unwrap();
+        dropline::stage::assert_defaults_valid::<super::AllocatorConfig>();
     }
 }

@@ -18,9 +18,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dropline::kafka::{self, DeadLetters, PublishError, Publisher, Record, WhenFull};
+use dropline::kafka::{self, PublishError, Publisher, Record};
 use dropline::messages::{now_ms, Decision, HoldExpiry, Outcome, PurchaseIntent, Topics};
-use dropline::stage::Stage;
+use dropline::stage::{self, Stage, StageError};
 use dropline::stock::{Claim, Ledger, LedgerError, Verdict};
 use rdkafka::message::{Message, OwnedMessage};
 use tokio_util::sync::CancellationToken;
@@ -30,18 +30,6 @@ pub use config::{AllocatorConfig, DEFAULT_OPS_PORT};
 
 use crate::metrics::{DECISIONS, DECISION_LATENCY, LEDGER_ERRORS, LUA_DURATION};
 use crate::stock::StockWatch;
-
-#[derive(Debug, thiserror::Error)]
-pub enum AllocatorError {
-    #[error(transparent)]
-    Stage(#[from] dropline::stage::StageError),
-    #[error("redis pool: {0}")]
-    RedisPool(#[from] deadpool_redis::CreatePoolError),
-    #[error(transparent)]
-    KafkaSetup(#[from] kafka::KafkaSetupError),
-    #[error("kafka: {0}")]
-    Kafka(#[from] rdkafka::error::KafkaError),
-}
 
 /// Largest quantity an intent may carry; the ingress enforces the event's
 /// own limit, this guards against anything else on the topic.
@@ -59,23 +47,12 @@ struct Allocator {
     topics: Topics,
 }
 
-pub async fn run(config: AllocatorConfig, shutdown: CancellationToken) -> Result<(), AllocatorError> {
-    let ready = Stage::start(&config, &shutdown).await?.ready;
-    let topics = config.kafka.topics();
-    kafka::ensure_topics(&config.kafka, &topics.all()).await?;
-    let publisher = Publisher::new(&config.kafka, "allocator-producer", WhenFull::Wait)?;
-    let consumer = kafka::subscribed(
-        &config.kafka,
-        &config.group_id,
-        "allocator-consumer",
-        &[&topics.intents],
-        &ready,
-        &shutdown,
-    )?;
+pub async fn run(config: AllocatorConfig, shutdown: CancellationToken) -> Result<(), StageError> {
+    let stage::Consumer { ready, topics, publisher, dead_letters, consumer } =
+        Stage::start_consumer(&config, &config.kafka, &config.group_id, |t| vec![&t.intents], &shutdown).await?;
     let ledger = Ledger::new(config.redis.pool()?, &config.redis.key_prefix);
     let watch = Arc::new(StockWatch::default());
     tokio::spawn(watch.clone().sample(ledger.clone(), Duration::from_secs(2), shutdown.clone()));
-    let dead_letters = DeadLetters::new(publisher.clone(), topics.dead_letter.clone(), "allocator");
     let instance = format!("{}-{}", config.kafka.instance_id("allocator-consumer").unwrap_or_default(), Uuid::new_v4());
     let allocator = Allocator { instance, unpublished: Default::default(), ledger, watch, publisher, topics };
     ready.set(true);

@@ -55,7 +55,10 @@ impl Event {
     }
 }
 
-/// An admin's request to create an event.
+/// An admin's request to create an event: the fields of [`Event`] but its
+/// id and creation time. A type of its own, not a part of `Event`, because
+/// it is untrusted input (strict, validated by [`NewEvent::problems`]) and
+/// `Event` a row of the record.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NewEvent {

@@ -16,9 +16,12 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use rdkafka::consumer::StreamConsumer;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{ConfigError, OpsArgs};
+use crate::config::{ConfigError, KafkaArgs, OpsArgs};
+use crate::kafka::{DeadLetters, GroupContext, Publisher, WhenFull};
+use crate::messages::Topics;
 use crate::ops::Readiness;
 
 /// What the kit needs to know of a stage's config. Its `Serialize` is the
@@ -38,12 +41,35 @@ pub trait StageConfig: clap::Parser + serde::Serialize {
     fn describe_metrics();
 }
 
+/// Why a stage could not start, or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("ops server: {0}")]
     Ops(#[from] std::io::Error),
+    #[error(transparent)]
+    KafkaSetup(#[from] crate::kafka::KafkaSetupError),
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("redis pool: {0}")]
+    RedisPool(#[from] deadpool_redis::CreatePoolError),
+    #[error("mysql: {0}")]
+    Mysql(#[from] sqlx::Error),
+    #[error("migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// A consumer stage's Kafka clients, each set up the one way.
+pub struct Consumer {
+    /// False until the stage sets it; then it follows the assignment.
+    pub ready: Readiness,
+    pub topics: Topics,
+    /// `<stage>-producer`, waiting for room when its queue is full.
+    pub publisher: Publisher,
+    pub dead_letters: DeadLetters,
+    /// `<stage>-consumer`, subscribed, with the group watch running.
+    pub consumer: StreamConsumer<GroupContext>,
 }
 
 /// A started stage: its readiness (false until the stage sets it) and where
@@ -67,6 +93,48 @@ impl Stage {
         let (ops_addr, _) = crate::ops::serve(addr, ready.clone(), prometheus, shutdown.clone()).await?;
         tracing::info!(stage = C::NAME, %ops_addr, "ops endpoints listening");
         Ok(Stage { ready, ops_addr })
+    }
+
+    /// [`Stage::start`] for a consumer stage, then its Kafka clients: every
+    /// topic exists, the publisher and the dead-letter topic are ready, and
+    /// the consumer is subscribed in `group_id` to the topics `subscribe`
+    /// picks.
+    pub async fn start_consumer<C: StageConfig>(
+        config: &C,
+        kafka: &KafkaArgs,
+        group_id: &str,
+        subscribe: fn(&Topics) -> Vec<&str>,
+        shutdown: &CancellationToken,
+    ) -> Result<Consumer, StageError> {
+        let ready = Stage::start(config, shutdown).await?.ready;
+        let topics = kafka.topics();
+        crate::kafka::ensure_topics(kafka, &topics.all()).await?;
+        let publisher = Publisher::new(kafka, client_name(C::NAME, "producer"), WhenFull::Wait)?;
+        let dead_letters = DeadLetters::new(publisher.clone(), topics.dead_letter.clone(), C::NAME);
+        let consumer = crate::kafka::subscribed(
+            kafka,
+            group_id,
+            client_name(C::NAME, "consumer"),
+            &subscribe(&topics),
+            &ready,
+            shutdown,
+        )?;
+        Ok(Consumer { ready, topics, publisher, dead_letters, consumer })
+    }
+}
+
+/// `<stage>-<role>`, the client label of metrics and logs. Made once per
+/// started stage and kept for the process's life, as labels must be.
+fn client_name(stage: &str, role: &str) -> &'static str {
+    Box::leak(format!("{stage}-{role}").into_boxed_str())
+}
+
+/// For each stage's own tests: its command line is well formed, and its
+/// defaults (what the local stack runs) pass validation.
+pub fn assert_defaults_valid<C: StageConfig>() {
+    C::command().debug_assert();
+    if let Err(e) = C::parse_from([C::NAME]).validate() {
+        panic!("{}'s defaults do not validate: {e}", C::NAME);
     }
 }
 

@@ -57,14 +57,8 @@ impl dropline::stage::StageConfig for ExpirerConfig {
 
 #[cfg(test)]
 mod tests {
-    use clap::CommandFactory;
-
-    use super::*;
-    use dropline::stage::StageConfig;
-
     #[test]
     fn the_command_line_is_well_formed_and_the_defaults_validate() {
-        ExpirerConfig::command().debug_assert();
-        ExpirerConfig::parse_from(["expirer"]).validate().unwrap();
+        dropline::stage::assert_defaults_valid::<super::ExpirerConfig>();
     }
 }

@@ -26,9 +26,9 @@ pub mod schedule;
 
 use std::time::Duration;
 
-use dropline::kafka::{self, DeadLetters, PartitionKey, Publisher, Record, WhenFull};
+use dropline::kafka::{self, PartitionKey, Publisher, Record};
 use dropline::messages::{now_ms, HoldExpiry, Topics};
-use dropline::stage::Stage;
+use dropline::stage::{self, Stage, StageError};
 use dropline::stock::{EndOutcome, Ledger};
 use rdkafka::message::{Message, OwnedMessage};
 use tokio_util::sync::CancellationToken;
@@ -37,18 +37,6 @@ pub use config::{ExpirerConfig, DEFAULT_OPS_PORT};
 
 use crate::metrics::{HOLDS_ENDED, LATENESS, PENDING};
 use crate::schedule::{Due, Schedule, Waiting};
-
-#[derive(Debug, thiserror::Error)]
-pub enum ExpirerError {
-    #[error(transparent)]
-    Stage(#[from] dropline::stage::StageError),
-    #[error("redis pool: {0}")]
-    RedisPool(#[from] deadpool_redis::CreatePoolError),
-    #[error(transparent)]
-    KafkaSetup(#[from] kafka::KafkaSetupError),
-    #[error("kafka: {0}")]
-    Kafka(#[from] rdkafka::error::KafkaError),
-}
 
 /// How long a hold whose release failed waits before it is tried again.
 const FAILED_RETRY_MS: i64 = 1000;
@@ -75,20 +63,9 @@ enum Released {
     Failed,
 }
 
-pub async fn run(config: ExpirerConfig, shutdown: CancellationToken) -> Result<(), ExpirerError> {
-    let ready = Stage::start(&config, &shutdown).await?.ready;
-    let topics = config.kafka.topics();
-    kafka::ensure_topics(&config.kafka, &topics.all()).await?;
-    let publisher = Publisher::new(&config.kafka, "expirer-producer", WhenFull::Wait)?;
-    let dead_letters = DeadLetters::new(publisher.clone(), topics.dead_letter.clone(), "expirer");
-    let consumer = kafka::subscribed(
-        &config.kafka,
-        &config.group_id,
-        "expirer-consumer",
-        &[&topics.hold_expiry],
-        &ready,
-        &shutdown,
-    )?;
+pub async fn run(config: ExpirerConfig, shutdown: CancellationToken) -> Result<(), StageError> {
+    let stage::Consumer { ready, topics, publisher, dead_letters, consumer } =
+        Stage::start_consumer(&config, &config.kafka, &config.group_id, |t| vec![&t.hold_expiry], &shutdown).await?;
     let mut expirer = Expirer {
         ledger: Ledger::new(config.redis.pool()?, &config.redis.key_prefix),
         publisher,

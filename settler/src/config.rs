@@ -113,14 +113,8 @@ impl dropline::stage::StageConfig for SettlerConfig {
 
 #[cfg(test)]
 mod tests {
-    use clap::CommandFactory;
-
-    use super::*;
-    use dropline::stage::StageConfig;
-
     #[test]
     fn the_command_line_is_well_formed_and_the_defaults_validate() {
-        SettlerConfig::command().debug_assert();
-        SettlerConfig::parse_from(["settler"]).validate().unwrap();
+        dropline::stage::assert_defaults_valid::<super::SettlerConfig>();
     }
 }

@@ -27,9 +27,9 @@ pub mod store;
 
 use std::sync::Arc;
 
-use dropline::kafka::{self, DeadLetters, Publisher, WhenFull};
+use dropline::kafka;
 use dropline::messages::{Decision, OrderEvent};
-use dropline::stage::Stage;
+use dropline::stage::{self, Stage, StageError};
 use rdkafka::message::{Message, OwnedMessage};
 use tokio_util::sync::CancellationToken;
 
@@ -40,38 +40,17 @@ use crate::metrics::{ROWS, WRITE_ERRORS};
 use crate::reconcile::{Reconciler, Voided};
 use crate::store::Batch;
 
-#[derive(Debug, thiserror::Error)]
-pub enum SettlerError {
-    #[error(transparent)]
-    Stage(#[from] dropline::stage::StageError),
-    #[error("mysql: {0}")]
-    Mysql(#[from] sqlx::Error),
-    #[error("migrations: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error(transparent)]
-    KafkaSetup(#[from] kafka::KafkaSetupError),
-    #[error("kafka: {0}")]
-    Kafka(#[from] rdkafka::error::KafkaError),
-    #[error("redis pool: {0}")]
-    RedisPool(#[from] deadpool_redis::CreatePoolError),
-}
-
-pub async fn run(config: SettlerConfig, shutdown: CancellationToken) -> Result<(), SettlerError> {
-    let ready = Stage::start(&config, &shutdown).await?.ready;
-    let db = dropline::db::connect(&config.mysql).await?;
-    dropline::db::migrate(&db).await?;
-    let topics = config.kafka.topics();
-    kafka::ensure_topics(&config.kafka, &topics.all()).await?;
-    let publisher = Publisher::new(&config.kafka, "settler-producer", WhenFull::Wait)?;
-    let dead_letters = DeadLetters::new(publisher.clone(), topics.dead_letter.clone(), "settler");
-    let consumer = kafka::subscribed(
+pub async fn run(config: SettlerConfig, shutdown: CancellationToken) -> Result<(), StageError> {
+    let stage::Consumer { ready, topics, publisher, dead_letters, consumer } = Stage::start_consumer(
+        &config,
         &config.kafka,
         &config.group_id,
-        "settler-consumer",
-        &[&topics.decisions, &topics.order_events],
-        &ready,
+        |t| vec![&t.decisions, &t.order_events],
         &shutdown,
-    )?;
+    )
+    .await?;
+    let db = dropline::db::connect(&config.mysql).await?;
+    dropline::db::migrate(&db).await?;
     let ledger = dropline::stock::Ledger::new(config.redis.pool()?, &config.redis.key_prefix);
     let voided = Arc::new(Voided::default());
     let reconciler = Reconciler {
