@@ -17,6 +17,9 @@ log() { printf '\033[1m[dropline]\033[0m %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+port_closed() { ! port_open "$1"; }
+# A process that runs (not a zombie nobody reaped yet).
+alive() { kill -0 "$1" 2>/dev/null && ! grep -qE '^[0-9]+ \(.*\) [ZX] ' "/proc/$1/stat" 2>/dev/null; }
 
 # wait_for DESCRIPTION SECONDS COMMAND...: polls until the command succeeds.
 wait_for() {
@@ -83,6 +86,16 @@ ensure_mariadb() {
 tansu_bin() { command -v tansu || echo "$HOME/.cargo/bin/tansu"; }
 
 ensure_tansu() {
+  # tansu 0.6 can lose its storage task to a panic (its log says
+  # "panicked") and go on accepting connections without answering any. The
+  # records are on disk; this stack's own broker is restarted on them.
+  if [ -f "$STATE_DIR/tansu.pid" ] && alive "$(cat "$STATE_DIR/tansu.pid")" \
+    && grep -q panicked "$STATE_DIR/tansu.log" 2>/dev/null; then
+    log "the broker's storage panicked (.dropline/tansu.log, kept as tansu.log.panicked); restarting it on its records"
+    kill "$(cat "$STATE_DIR/tansu.pid")" 2>/dev/null || true
+    wait_for "the broker's port to close" 30 port_closed "$KAFKA_PORT"
+    mv "$STATE_DIR/tansu.log" "$STATE_DIR/tansu.log.panicked"
+  fi
   if port_open "$KAFKA_PORT"; then
     return
   fi

@@ -49,7 +49,6 @@ build() {
 
 # A process killed with SIGKILL may linger as a zombie until it is reaped:
 # that one is not running.
-alive() { kill -0 "$1" 2>/dev/null && ! grep -qE '^[0-9]+ \(.*\) [ZX] ' "/proc/$1/stat" 2>/dev/null; }
 running() { [ -f "$STATE_DIR/$1.pid" ] && alive "$(cat "$STATE_DIR/$1.pid")"; }
 
 start_one() {
