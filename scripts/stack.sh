@@ -78,6 +78,7 @@ services_up() {
     export DROPLINE_HTTP_MAX_CONNECTIONS=$((fds - 1024))
     log "file-descriptor limit $fds: the ingress takes at most $DROPLINE_HTTP_MAX_CONNECTIONS connections"
   fi
+  ports_free
   # Generated on the first `up` and kept in .dropline/secrets.env; the
   # ingress and paysim read them from the environment, dropctl from the file.
   load_secrets
@@ -109,7 +110,25 @@ services_up() {
     wait_for "$name (see .dropline/$name.log)" 60 ready "$port"
   done
   wait_for "paysim" 30 curl -fsS "http://$PAYSIM_ADDR/healthz"
+  # What answered must be this stack's own processes, still running.
+  for name in paysim ingress allocator settler expirer; do
+    running "$name" || die "$name exited after it started; see .dropline/$name.log"
+  done
   log "services ready: API http://$INGRESS_ADDR, metrics on :$OPS_PORT_BASE-$((OPS_PORT_BASE + 3)), Prometheus http://127.0.0.1:$PROMETHEUS_PORT"
+}
+
+# Every port a service of this stack that is not running yet will listen
+# on must be free: otherwise another local stack (another checkout) would
+# answer the readiness checks, and its API the requests, in this one's
+# place.
+ports_free() {
+  local name port
+  for entry in "paysim:${PAYSIM_ADDR##*:}" "ingress:${INGRESS_ADDR##*:}" $SERVICES; do
+    name=${entry%%:*} port=${entry##*:}
+    if ! running "$name" && port_open "$port"; then
+      die "port $port, for $name, is taken by another process (another local stack?); stop it, or move this stack with INGRESS_ADDR, PAYSIM_ADDR and DROPLINE_OPS_PORT_BASE"
+    fi
+  done
 }
 
 stop_one() {
