@@ -85,16 +85,20 @@ ensure_mariadb() {
 
 tansu_bin() { command -v tansu || echo "$HOME/.cargo/bin/tansu"; }
 
+# This stack's own broker runs but its storage died of a panic.
+broker_panicked() {
+  [ -f "$STATE_DIR/tansu.pid" ] && alive "$(cat "$STATE_DIR/tansu.pid")" \
+    && grep -q panicked "$STATE_DIR/tansu.log" 2>/dev/null
+}
+
 ensure_tansu() {
   # tansu 0.6 can lose its storage task to a panic (its log says
   # "panicked") and go on accepting connections without answering any. The
   # records are on disk; this stack's own broker is restarted on them.
-  if [ -f "$STATE_DIR/tansu.pid" ] && alive "$(cat "$STATE_DIR/tansu.pid")" \
-    && grep -q panicked "$STATE_DIR/tansu.log" 2>/dev/null; then
-    log "the broker's storage panicked (.dropline/tansu.log, kept as tansu.log.panicked); restarting it on its records"
+  if broker_panicked; then
+    log "the broker's storage panicked (its log is kept as .dropline/tansu.log.panicked-*); restarting it on its records"
     kill "$(cat "$STATE_DIR/tansu.pid")" 2>/dev/null || true
     wait_for "the broker's port to close" 30 port_closed "$KAFKA_PORT"
-    mv "$STATE_DIR/tansu.log" "$STATE_DIR/tansu.log.panicked"
   fi
   if port_open "$KAFKA_PORT"; then
     return
@@ -117,6 +121,10 @@ ensure_tansu() {
       ;;
     *) die "DROPLINE_BROKER_STORAGE must be sqlite (the default) or memory-lossy" ;;
   esac
+  # A log with a panic in it is kept, not overwritten.
+  if grep -q panicked "$STATE_DIR/tansu.log" 2>/dev/null; then
+    mv "$STATE_DIR/tansu.log" "$STATE_DIR/tansu.log.panicked-$(date +%s)"
+  fi
   log "starting tansu on :$KAFKA_PORT ($storage)"
   (cd "$STATE_DIR" && exec nohup "$(tansu_bin)" broker \
     --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \

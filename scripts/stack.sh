@@ -176,7 +176,14 @@ wipe() {
 
 case "${1:-up}" in
   infra) ensure_infra ;;
-  up) ensure_infra; ensure_prometheus; services_up ;;
+  up)
+    # Producers that outlive a broker restart send with ids the new broker
+    # does not know, which panics tansu again: the services restart too.
+    if broker_panicked; then
+      log "the broker's storage panicked; stopping this stack's services before the broker restarts"
+      services_down
+    fi
+    ensure_infra; ensure_prometheus; services_up ;;
   services) services_up ;;
   down)
     services_down; stop_one prometheus; stop_one tansu

@@ -48,8 +48,10 @@ pub struct PaysimConfig {
         hide_env_values = true
     )]
     pub webhook_secret: String,
-    /// Webhook deliveries tried before giving up.
-    #[arg(long, env = "DROPLINE_PAYSIM_MAX_ATTEMPTS", default_value_t = 12)]
+    /// Webhook deliveries tried before giving up. The wait between two
+    /// doubles from 200 ms up to a minute, so the default keeps trying for
+    /// about an hour: longer than a local broker outage and its recovery.
+    #[arg(long, env = "DROPLINE_PAYSIM_MAX_ATTEMPTS", default_value_t = 70)]
     pub max_attempts: u32,
     /// A file where every captured payment is appended (and synced) before
     /// its webhook is sent, and read back at start: the provider's own
@@ -386,7 +388,7 @@ async fn deliver(sim: &Sim, webhook: &PaymentWebhook) -> Option<Delivery> {
         }
         tracing::warn!(payment_id = %webhook.payment_id, attempt, status = ?delivery.status, "webhook not acknowledged");
         tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(10));
+        delay = (delay * 2).min(Duration::from_secs(60));
     }
     None
 }
