@@ -3,7 +3,7 @@
 //! creates and serves events) and the settler (which rebuilds a lost ledger
 //! from the record).
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::MySqlPool;
 
@@ -88,6 +88,18 @@ impl NewEvent {
                 p.push(format!("{field}: must be 1 to 200 characters"));
             }
         }
+        // MySQL keeps DATETIME from year 1000 to 9999 (MariaDB stores a
+        // date past them as zeros, which then reads back as an error); a
+        // sale before 2000 is a typo either way.
+        for (field, at) in [
+            ("starts_at", self.starts_at),
+            ("sale_opens_at", self.sale_opens_at),
+            ("sale_closes_at", self.sale_closes_at),
+        ] {
+            if !(2000..=9998).contains(&at.year()) {
+                p.push(format!("{field}: must be in the years 2000 to 9998"));
+            }
+        }
         if self.sale_closes_at <= self.sale_opens_at {
             p.push("sale_closes_at: must be after sale_opens_at".into());
         }
@@ -107,5 +119,33 @@ impl NewEvent {
             p.push("price_cents: must be at most 1000000000".into());
         }
         p
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(starts_at: &str) -> NewEvent {
+        NewEvent {
+            name: "n".into(),
+            venue: "v".into(),
+            starts_at: starts_at.parse().unwrap(),
+            sale_opens_at: "2026-01-01T00:00:00Z".parse().unwrap(),
+            sale_closes_at: "2026-01-02T00:00:00Z".parse().unwrap(),
+            capacity: 1,
+            price_cents: 1,
+            currency: "EUR".into(),
+            per_user_limit: 1,
+            hold_ttl_secs: 1,
+        }
+    }
+
+    #[test]
+    fn dates_the_record_cannot_keep_are_refused() {
+        assert!(event("2026-03-01T20:00:00Z").problems().is_empty());
+        for bad in ["+10000-01-01T00:00:00Z", "0001-01-01T00:00:00Z", "1999-12-31T23:59:59Z"] {
+            assert_eq!(event(bad).problems(), ["starts_at: must be in the years 2000 to 9998"], "{bad}");
+        }
     }
 }

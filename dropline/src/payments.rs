@@ -43,6 +43,22 @@ pub struct PaymentWebhook {
     pub created_at: i64,
 }
 
+/// The longest provider id the record keeps (`payments.payment_id` and
+/// `payments.provider_event_id`).
+pub const MAX_PROVIDER_ID_BYTES: usize = 128;
+
+impl PaymentWebhook {
+    /// Why the record could not keep this webhook, if it could not. The
+    /// ingress checks it before acknowledging: a payment taken in must never
+    /// be lost on its way to MySQL.
+    pub fn problem(&self) -> Option<String> {
+        [("id", &self.id), ("payment_id", &self.payment_id)].into_iter().find_map(|(field, value)| {
+            (value.is_empty() || value.len() > MAX_PROVIDER_ID_BYTES)
+                .then(|| format!("{field}: must be 1 to {MAX_PROVIDER_ID_BYTES} bytes"))
+        })
+    }
+}
+
 /// The ingress asks the provider to start a payment for an order. The order
 /// id doubles as the provider's idempotency key: one payment per order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -172,7 +172,11 @@ impl FromRequest<Arc<AppState>> for SignedWebhook {
                     if e == SignatureError::Stale { ErrorCode::StaleSignature } else { ErrorCode::InvalidSignature };
                 Problem::new(code).detail(e.to_string())
             })?;
-        json_lenient(&parts.headers, &raw).map(SignedWebhook)
+        let webhook: PaymentWebhook = json_lenient(&parts.headers, &raw)?;
+        match webhook.problem() {
+            Some(problem) => Err(Problem::new(ErrorCode::InvalidBody).detail(problem)),
+            None => Ok(SignedWebhook(webhook)),
+        }
     }
 }
 

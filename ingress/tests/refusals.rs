@@ -249,6 +249,13 @@ async fn bad_event_requests_are_refused_before_any_store() {
     bad["name"] = json!("  ");
     let body = api.refused(create().json(bad.to_string()), StatusCode::BAD_REQUEST, "invalid_body").await;
     assert_eq!(body["errors"].as_array().unwrap().len(), 5, "every problem is reported at once: {body}");
+    // A date MySQL cannot keep is refused before it reaches the record.
+    for at in ["+10000-01-01T00:00:00Z", "0001-01-01T00:00:00Z"] {
+        let mut far = event_body(0);
+        far["starts_at"] = json!(at);
+        let body = api.refused(create().json(far.to_string()), StatusCode::BAD_REQUEST, "invalid_body").await;
+        assert!(body["errors"][0].as_str().unwrap().starts_with("starts_at:"), "{body}");
+    }
 
     let get = |uri: &str| request(Method::GET, uri).empty();
     for uri in ["/v1/events/0", "/v1/events/12x"] {
@@ -414,6 +421,21 @@ async fn webhooks_with_bad_signatures_or_bodies_are_refused_before_any_store() {
     for shape in shapes {
         let hooked = hook(signed(now, &shape), shape);
         api.refused(hooked, StatusCode::UNPROCESSABLE_ENTITY, "invalid_body_shape").await;
+    }
+
+    // Signed and well formed, with ids longer than the record keeps: refused,
+    // not acknowledged and then lost on the way to MySQL.
+    for (id, payment_id) in [
+        ("evt_4".to_owned(), "p".repeat(129)),
+        ("e".repeat(129), "pay_4".to_owned()),
+        (String::new(), "pay_4".to_owned()),
+    ] {
+        let long = json!({
+            "id": id, "type": "payment.succeeded", "payment_id": payment_id, "order_id": order,
+            "amount_cents": 1200, "currency": "EUR", "created_at": 0
+        })
+        .to_string();
+        api.refused(hook(signed(now, &long), long.clone()), StatusCode::BAD_REQUEST, "invalid_body").await;
     }
 }
 
