@@ -234,8 +234,18 @@ async fn main() -> anyhow::Result<()> {
             let report = drill::run(&api, &tokens, &db, &ledger, &plan).await?;
             print_report(&report);
             print_headline(&prometheus_url, &report).await;
-            if !report.passed() || !report.sold_out_exactly() {
+            if !report.passed() {
                 anyhow::bail!("the drop did not balance");
+            }
+            if !report.sold_out_exactly() {
+                // Correct, but not the clean sell-out a healthy stack gives:
+                // holds lapsed before every buyer was answered (a stage was
+                // down, or the pipeline fell behind the hold TTL) and their
+                // units were sold again.
+                eprintln!(
+                    "note: more than {tickets} holds were granted: some lapsed before every buyer was answered and \
+                     their units went back on sale; every invariant holds"
+                );
             }
         }
         Command::Rebuild { event, settler_group, grace_ms, timeout_secs, kafka, mysql, redis } => {
