@@ -76,7 +76,12 @@ impl TokenKeys {
         self.audience
     }
 
+    /// A token for `user_id`, which must be a valid user id: a token the
+    /// ingress would refuse is not minted (`dropctl token` reports it).
     pub fn mint(&self, user_id: &str, ttl_secs: i64) -> Result<String, AuthError> {
+        if !is_valid_user_id(user_id) {
+            return Err(AuthError::BadSubject);
+        }
         let now = chrono::Utc::now().timestamp();
         let claims = Claims {
             sub: user_id.to_owned(),
@@ -151,6 +156,15 @@ mod tests {
         let same = Tokens::new(b"one-key", b"one-key", DEFAULT_ISSUER);
         assert!(same.admin.verify(&same.buyer.mint("alice", 60).unwrap()).is_err());
         assert!(same.buyer.verify(&same.admin.mint("ops", 60).unwrap()).is_err());
+    }
+
+    #[test]
+    fn tokens_the_ingress_would_refuse_are_not_minted() {
+        let keys = tokens();
+        for bad in ["", "has space", "caf\u{e9}", &"u".repeat(129)] {
+            assert!(matches!(keys.buyer.mint(bad, 60), Err(AuthError::BadSubject)), "{bad:?}");
+        }
+        assert!(keys.buyer.mint(&"u".repeat(128), 60).is_ok());
     }
 
     #[test]

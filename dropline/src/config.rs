@@ -41,9 +41,9 @@ pub struct KafkaArgs {
     /// partitions back at once instead of waiting for the group to notice
     /// the old session died. Default: `<stage>-consumer@<hostname>`, unique
     /// as long as one host runs one instance of each stage; give each
-    /// instance its own id to run more (on Kafka; tansu stalls a group that
-    /// has seen two static ids). An empty value opts out (dynamic
-    /// membership).
+    /// instance its own id to run more. An empty value opts out (dynamic
+    /// membership), as the local stack does: tansu 0.6 mishandles static
+    /// members that come back.
     #[arg(long = "kafka-group-instance-id", env = "DROPLINE_KAFKA_GROUP_INSTANCE_ID")]
     pub group_instance_id: Option<String>,
     /// Attempts at a message that fails for a reason of its own (not an
@@ -131,6 +131,12 @@ pub struct RedisArgs {
     /// How long checking a pooled connection before reuse may take.
     #[arg(long = "redis-recycle-timeout-ms", env = "DROPLINE_REDIS_RECYCLE_TIMEOUT_MS", default_value_t = 5_000)]
     pub recycle_timeout_ms: u64,
+    /// How long one command (a script call included) may take to answer.
+    /// The redis client's own default is 500 ms, which a batch of 2,000
+    /// intents on a busy Redis can pass: the call then fails although the
+    /// script ran, and the batch is redone (the scripts are idempotent).
+    #[arg(long = "redis-response-timeout-ms", env = "DROPLINE_REDIS_RESPONSE_TIMEOUT_MS", default_value_t = 5_000)]
+    pub response_timeout_ms: u64,
 }
 
 impl RedisArgs {
@@ -150,6 +156,7 @@ impl RedisArgs {
             ("DROPLINE_REDIS_POOL_WAIT_TIMEOUT_MS", self.pool_wait_timeout_ms),
             ("DROPLINE_REDIS_CONNECT_TIMEOUT_MS", self.connect_timeout_ms),
             ("DROPLINE_REDIS_RECYCLE_TIMEOUT_MS", self.recycle_timeout_ms),
+            ("DROPLINE_REDIS_RESPONSE_TIMEOUT_MS", self.response_timeout_ms),
         ] {
             if !(1..=600_000).contains(&ms) {
                 problems.add(format!("{name} must be 1 to 600000"));
@@ -160,15 +167,20 @@ impl RedisArgs {
     /// A pool whose every wait is bounded: without timeouts deadpool waits
     /// for a free connection forever, and a stalled Redis piles up callers.
     pub fn pool(&self) -> Result<deadpool_redis::Pool, deadpool_redis::CreatePoolError> {
-        let mut cfg = deadpool_redis::Config::from_url(&self.url);
-        let mut pool = deadpool_redis::PoolConfig::new(self.pool_size);
-        pool.timeouts = deadpool_redis::Timeouts {
+        use deadpool_redis::{CreatePoolError, Manager, Pool, PoolConfig, Runtime, Timeouts};
+        let connect = Duration::from_millis(self.connect_timeout_ms);
+        let connection = deadpool_redis::redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(connect))
+            .set_response_timeout(Some(Duration::from_millis(self.response_timeout_ms)));
+        let manager =
+            Manager::new_with_config(self.url.as_str(), connection).map_err(|e| CreatePoolError::Config(e.into()))?;
+        let mut pool = PoolConfig::new(self.pool_size);
+        pool.timeouts = Timeouts {
             wait: Some(Duration::from_millis(self.pool_wait_timeout_ms)),
-            create: Some(Duration::from_millis(self.connect_timeout_ms)),
+            create: Some(connect),
             recycle: Some(Duration::from_millis(self.recycle_timeout_ms)),
         };
-        cfg.pool = Some(pool);
-        cfg.create_pool(Some(deadpool_redis::Runtime::Tokio1))
+        Pool::builder(manager).config(pool).runtime(Runtime::Tokio1).build().map_err(CreatePoolError::Build)
     }
 }
 

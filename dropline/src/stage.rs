@@ -157,15 +157,24 @@ where
     let config = C::parse();
     let drain = Duration::from_secs(config.ops().drain_timeout_secs);
     let shutdown = crate::shutdown::on_signals();
-    let running = run(config, shutdown.clone());
-    let result = tokio::select! {
-        result = running => result,
-        _ = async { shutdown.cancelled().await; tokio::time::sleep(drain).await } => {
-            tracing::error!(stage = C::NAME, drain_timeout_secs = drain.as_secs(),
-                "the drain did not finish in time; exiting with the work in hand abandoned (it is redelivered)");
-            return ExitCode::from(2);
-        }
-    };
+    // The watchdog is a thread of its own, outside the runtime: what
+    // outlasts a drain is often a blocking call (a Kafka client closing
+    // against a broker that is down), which would hold up a timer on the
+    // runtime and the runtime's own shutdown alike.
+    let watched = shutdown.clone();
+    tokio::spawn(async move {
+        watched.cancelled().await;
+        std::thread::spawn(move || {
+            std::thread::sleep(drain);
+            tracing::error!(
+                stage = C::NAME,
+                drain_timeout_secs = drain.as_secs(),
+                "the drain did not finish in time; exiting with the work in hand abandoned (it is redelivered)"
+            );
+            std::process::exit(2);
+        });
+    });
+    let result = run(config, shutdown).await;
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -145,8 +145,40 @@ impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for JsonBody<T> {
 
     async fn from_request(request: Request, app: &Arc<AppState>) -> Result<Self, Problem> {
         let (parts, body) = request.into_parts();
-        let body = read_body(body, app.config.max_body_bytes).await?;
+        let body = read_body(&parts.headers, body, app.config.max_body_bytes).await?;
         json(&parts.headers, &body).map(JsonBody)
+    }
+}
+
+/// The body of a route that takes none (cancel, start a payment, pre-warm):
+/// empty, or the empty JSON object `{}` that some clients send for every
+/// POST. Anything else is refused like a body off its documented shape, so
+/// a client that believes it sent options learns that they were ignored.
+pub struct NoBody;
+
+/// The most a body of [`NoBody`] is read: `{}` with whitespace around it.
+const NO_BODY_LIMIT: usize = 64;
+
+impl<S: Send + Sync> FromRequest<S> for NoBody {
+    type Rejection = Problem;
+
+    async fn from_request(request: Request, _: &S) -> Result<Self, Problem> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Empty {}
+
+        let (parts, body) = request.into_parts();
+        let body = read_body(&parts.headers, body, NO_BODY_LIMIT).await.map_err(|p| {
+            if p.code == ErrorCode::PayloadTooLarge {
+                Problem::new(ErrorCode::InvalidBodyShape).detail("this request takes no body")
+            } else {
+                p
+            }
+        })?;
+        if body.is_empty() {
+            return Ok(NoBody);
+        }
+        json::<Empty>(&parts.headers, &body).map(|_| NoBody)
     }
 }
 
@@ -161,7 +193,7 @@ impl FromRequest<Arc<AppState>> for SignedWebhook {
 
     async fn from_request(request: Request, app: &Arc<AppState>) -> Result<Self, Problem> {
         let (parts, body) = request.into_parts();
-        let raw = read_body(body, app.config.max_body_bytes).await?;
+        let raw = read_body(&parts.headers, body, app.config.max_body_bytes).await?;
         let signature = parts.headers.get(SIGNATURE_HEADER).and_then(|v| v.to_str().ok());
         let now = chrono::Utc::now().timestamp();
         payments::verify(app.config.webhook_secret.as_bytes(), signature, &raw, now, app.config.webhook_tolerance_secs)
@@ -180,14 +212,26 @@ impl FromRequest<Arc<AppState>> for SignedWebhook {
     }
 }
 
-/// Reads a body up to `limit` bytes.
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, Problem> {
+/// Reads a body of at most `limit` bytes, as sent: a body announced (by its
+/// Content-Length) past the limit is refused before a byte of it is read,
+/// and a compressed one is refused (415) rather than stored or parsed as
+/// if it were plain JSON.
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, Problem> {
+    for encoding in headers.get_all(header::CONTENT_ENCODING) {
+        let plain = encoding.to_str().is_ok_and(|e| e.split(',').all(|e| e.trim().eq_ignore_ascii_case("identity")));
+        if !plain {
+            return Err(Problem::new(ErrorCode::UnsupportedMediaType).detail("bodies are not accepted compressed"));
+        }
+    }
+    let too_large = || Problem::new(ErrorCode::PayloadTooLarge).detail(format!("at most {limit} bytes"));
+    if axum::body::HttpBody::size_hint(&body).lower() > limit as u64 {
+        return Err(too_large());
+    }
     axum::body::to_bytes(body, limit).await.map_err(|e| {
         // to_bytes reports an oversized body as a length-limit error; any
         // other failure is the client's connection breaking.
-        let too_large = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-        if too_large {
-            Problem::new(ErrorCode::PayloadTooLarge).detail(format!("at most {limit} bytes"))
+        if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>()) {
+            too_large()
         } else {
             Problem::new(ErrorCode::InvalidBody).detail("the body could not be read")
         }

@@ -203,6 +203,12 @@ async fn bad_purchases_are_refused_before_any_store() {
             "invalid_body_shape",
         ),
         ("too large", buy("k1").json(" ".repeat(4096)), StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+        (
+            "a compressed body",
+            buy("k1").header("content-encoding", "gzip").json(one),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
         ("a broken escape in the path", in_path("/v1/events/%ZZ/purchases"), StatusCode::BAD_REQUEST, "invalid_path"),
         ("a non-UTF-8 path", in_path("/v1/events/1%FF/purchases"), StatusCode::BAD_REQUEST, "invalid_path"),
         ("a broken query", in_path("/v1/events/1/purchases?x=%E0%A4"), StatusCode::BAD_REQUEST, "invalid_query"),
@@ -272,6 +278,8 @@ async fn bad_event_requests_are_refused_before_any_store() {
     }
     let prewarm = request(Method::POST, "/v1/admin/events/%FF/prewarm").bearer(&admin).empty();
     api.refused(prewarm, StatusCode::BAD_REQUEST, "invalid_path").await;
+    let prewarm = request(Method::POST, "/v1/admin/events/1/prewarm").bearer(&admin).json(r#"{"capacity": 5}"#);
+    api.refused(prewarm, StatusCode::UNPROCESSABLE_ENTITY, "invalid_body_shape").await;
     api.refused(get("/v1/nowhere"), StatusCode::NOT_FOUND, "not_found").await;
     let delete = request(Method::DELETE, "/v1/events").empty();
     api.refused(delete, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed").await;
@@ -295,6 +303,19 @@ async fn bad_order_and_intent_requests_are_refused_before_any_store() {
     }
     let intent = request(Method::GET, "/v1/intents/not-a-uuid").bearer(&token).empty();
     api.refused(intent, StatusCode::NOT_FOUND, "not_found").await;
+    // Cancel and payments take no body: options a client believes it sent
+    // are refused, not ignored. `{}` or nothing at all goes on to the
+    // record, which is down here.
+    for action in ["cancel", "payments"] {
+        let path = format!("/v1/orders/{order}/{action}");
+        let with = |body: &str| request(Method::POST, &path).bearer(&token).json(body);
+        for body in [r#"{"reason": "changed my mind"}"#, "[]", &format!(r#"{{"x": "{}"}}"#, "y".repeat(100))] {
+            api.refused(with(body), StatusCode::UNPROCESSABLE_ENTITY, "invalid_body_shape").await;
+        }
+        api.refused(with("{}"), StatusCode::SERVICE_UNAVAILABLE, "dependency_unavailable").await;
+        let empty = request(Method::POST, &path).bearer(&token).empty();
+        api.refused(empty, StatusCode::SERVICE_UNAVAILABLE, "dependency_unavailable").await;
+    }
     for (method, path) in [
         (Method::GET, "/v1/orders/%ZZ"),
         (Method::POST, "/v1/orders/%FF%FE/cancel"),
@@ -335,7 +356,8 @@ async fn buyer_tokens_do_not_open_admin_routes_nor_admin_tokens_buyer_routes() {
         TokenKeys::new(api.secrets.admin_jwt.as_bytes(), "elsewhere", Audience::Admin).mint("ops", 60).unwrap();
     for (method, path) in admin_routes() {
         let req = || request(method.clone(), &path);
-        let event = event_body(0).to_string();
+        // A body the route takes: pre-warm takes none (`{}` is allowed).
+        let event = if path.ends_with("/prewarm") { "{}".to_owned() } else { event_body(0).to_string() };
         let body = api.refused(req().bearer(&buyer).json(event.clone()), StatusCode::FORBIDDEN, "forbidden").await;
         assert!(body["detail"].as_str().unwrap().contains("buyer token"), "{path}: {body}");
         for token in [&forged, &elsewhere] {
@@ -463,4 +485,40 @@ async fn every_answer_carries_a_request_id_the_callers_when_it_is_sane() {
         let given = id(&theirs);
         assert!(given != insane && given.len() == 32, "{given}");
     }
+}
+
+/// A body that announces its length and then never sends a byte.
+struct Announced(u64);
+
+impl hyper::body::Body for Announced {
+    type Data = axum::body::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::task::Poll::Pending
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.0)
+    }
+}
+
+#[tokio::test]
+async fn a_body_announced_past_the_limit_is_refused_before_it_is_read() {
+    let api = Api::new();
+    let token = api.token("hana");
+    let request = request(Method::POST, PURCHASE)
+        .bearer(&token)
+        .header("idempotency-key", "k1")
+        .header(CONTENT_TYPE, "application/json")
+        .body(Body::new(Announced(1 << 30)))
+        .unwrap();
+    // Read, the body would never end: the answer comes from its length.
+    let refused = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        api.refused(request, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await
+    });
+    refused.await.expect("refused without waiting for the body");
 }

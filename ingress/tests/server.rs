@@ -92,3 +92,37 @@ async fn slow_connections_past_the_cap_do_not_lock_out_whole_requests() {
     shutdown.cancel();
     task.await.unwrap();
 }
+
+/// What the server answers to raw bytes on a new connection, and whether it
+/// then closed the connection.
+async fn answer_to(addr: SocketAddr, raw: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(raw).await.unwrap();
+    let mut answer = Vec::new();
+    // read_to_end returns only once the server has closed the connection.
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer))
+        .await
+        .expect("answered and closed")
+        .unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// Requests hyper cannot parse never reach the app, so they cannot get its
+/// problem+json; hyper answers them with a bare status and closes the
+/// connection, and the listener goes on serving (README, "Input is strict").
+#[tokio::test]
+async fn requests_hyper_cannot_parse_are_refused_with_a_status_and_closed() {
+    let (addr, shutdown, task) = start().await;
+    let mut many = String::from("GET / HTTP/1.1\r\nHost: x\r\n");
+    for i in 0..200 {
+        many.push_str(&format!("X-Header-{i}: v\r\n"));
+    }
+    many.push_str("\r\n");
+    let answer = answer_to(addr, many.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "200 headers: {answer}");
+    let answer = answer_to(addr, b"\x16\x03\x01 not http at all\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "garbage: {answer}");
+    whole(addr).await;
+    shutdown.cancel();
+    task.await.unwrap();
+}

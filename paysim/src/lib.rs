@@ -10,6 +10,14 @@
 //!   the webhook was acknowledged (or given up); `?copies=N` sends the same
 //!   webhook N times, as real providers sometimes do.
 //! - `POST /v1/payments/{payment_id}/redeliver` sends the webhook again.
+//! - `GET /v1/captures` lists every captured payment, and whether Dropline
+//!   acknowledged its webhook.
+//!
+//! With a captures file, the record survives a restart: captures are
+//! appended (and synced) before anyone is told, acknowledgements go to a
+//! second file beside it (`<captures>.acked`), and at start every capture
+//! whose webhook was never acknowledged is delivered again, as a real
+//! provider keeps retrying across its own deploys.
 //! - `GET /v1/payments/{payment_id}` shows a payment and its deliveries.
 
 use std::collections::HashMap;
@@ -55,7 +63,9 @@ pub struct PaysimConfig {
     pub max_attempts: u32,
     /// A file where every captured payment is appended (and synced) before
     /// its webhook is sent, and read back at start: the provider's own
-    /// record, which an audit compares with Dropline's. None: memory only.
+    /// record, which an audit compares with Dropline's. Acknowledged
+    /// webhooks are noted in `<path>.acked`; the others are delivered again
+    /// at start. None: memory only.
     #[arg(long, env = "DROPLINE_PAYSIM_CAPTURES_PATH")]
     pub captures_path: Option<std::path::PathBuf>,
     /// Payments kept in memory; past this, new payments are refused.
@@ -85,6 +95,8 @@ pub struct Payment {
     pub status: &'static str,
     /// The webhook event id; the same on every redelivery.
     pub webhook_id: Option<String>,
+    /// Whether Dropline acknowledged the webhook (2xx).
+    pub acknowledged: bool,
     pub deliveries: Vec<Delivery>,
 }
 
@@ -113,8 +125,10 @@ pub struct Capture {
 
 struct Sim {
     config: PaysimConfig,
-    /// The append-only record of captures, when configured.
+    /// The append-only record of captures, and the one of acknowledged
+    /// webhooks beside it, when configured.
     captures: Option<Mutex<std::fs::File>>,
+    acked: Option<Mutex<std::fs::File>>,
     public_url: String,
     book: Mutex<Book>,
     http: reqwest::Client,
@@ -130,10 +144,15 @@ pub async fn start(config: PaysimConfig, shutdown: CancellationToken) -> anyhow:
     let listener = TcpListener::bind(config.listen_addr).await?;
     let addr = listener.local_addr()?;
     let mut book = Book::default();
-    let captures = match &config.captures_path {
+    let (captures, acked) = match &config.captures_path {
         Some(path) => {
             let file = open_captures(path)?;
+            let acked_path = acked_path(path);
+            let acked_file = open_captures(&acked_path)?;
+            let acked: std::collections::HashSet<String> =
+                std::fs::read_to_string(&acked_path)?.lines().map(str::to_owned).collect();
             for c in read_captures(path)? {
+                let acknowledged = acked.contains(&c.payment_id);
                 book.by_order.insert(c.order_id, c.payment_id.clone());
                 book.payments.insert(
                     c.payment_id.clone(),
@@ -144,19 +163,23 @@ pub async fn start(config: PaysimConfig, shutdown: CancellationToken) -> anyhow:
                         currency: c.currency,
                         status: "succeeded",
                         webhook_id: Some(c.webhook_id),
+                        acknowledged,
                         deliveries: Vec::new(),
                     },
                 );
             }
             tracing::info!(path = %path.display(), captured = book.payments.len(), "captures read back");
-            Some(Mutex::new(file))
+            (Some(Mutex::new(file)), Some(Mutex::new(acked_file)))
         }
-        None => None,
+        None => (None, None),
     };
+    let unacknowledged: Vec<PaymentWebhook> =
+        book.payments.values().filter(|p| !p.acknowledged).map(succeeded).collect();
     let sim = Arc::new(Sim {
         public_url: format!("http://{addr}"),
         config,
         captures,
+        acked,
         book: Mutex::new(book),
         http: reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?,
     });
@@ -166,8 +189,15 @@ pub async fn start(config: PaysimConfig, shutdown: CancellationToken) -> anyhow:
         .route("/v1/captures", get(list_captures))
         .route("/v1/payments/{payment_id}/redeliver", post(redeliver))
         .route("/checkout/{payment_id}/confirm", post(confirm))
-        .route("/healthz", get(|| async { "ok" }))
-        .with_state(sim);
+        .route("/healthz", get(|| async { "ok" }));
+    if !unacknowledged.is_empty() {
+        tracing::info!(count = unacknowledged.len(), "delivering again the webhooks never acknowledged");
+    }
+    for webhook in unacknowledged {
+        let sim = sim.clone();
+        tokio::spawn(async move { deliver(&sim, &webhook).await });
+    }
+    let app = app.with_state(sim);
     tracing::info!(%addr, "paysim serving");
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await {
@@ -200,6 +230,7 @@ async fn create(State(sim): State<Arc<Sim>>, headers: HeaderMap, Json(req): Json
         currency: req.currency,
         status: "pending",
         webhook_id: None,
+        acknowledged: false,
         deliveries: Vec::new(),
     };
     let body = session(&sim, &payment);
@@ -291,13 +322,41 @@ fn read_captures(path: &std::path::Path) -> anyhow::Result<Vec<Capture>> {
 }
 
 fn append_capture(sim: &Sim, capture: &Capture) -> std::io::Result<()> {
-    use std::io::Write;
     let Some(file) = &sim.captures else { return Ok(()) };
     let mut line = serde_json::to_vec(capture).expect("captures serialize");
     line.push(b'\n');
+    append_synced(file, &line)
+}
+
+fn append_synced(file: &Mutex<std::fs::File>, line: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
     let mut file = file.lock().unwrap_or_else(|p| p.into_inner());
-    file.write_all(&line)?;
+    file.write_all(line)?;
     file.sync_data()
+}
+
+fn acked_path(captures: &std::path::Path) -> std::path::PathBuf {
+    let mut name = captures.as_os_str().to_owned();
+    name.push(".acked");
+    name.into()
+}
+
+/// Notes that Dropline acknowledged `payment_id`'s webhook, once. A note
+/// lost to a crash costs one more delivery at the next start, which
+/// Dropline takes as a duplicate.
+fn acknowledge(sim: &Sim, payment_id: &str) {
+    {
+        let mut book = sim.book.lock().unwrap_or_else(|p| p.into_inner());
+        match book.payments.get_mut(payment_id) {
+            Some(p) if !p.acknowledged => p.acknowledged = true,
+            _ => return,
+        }
+    }
+    if let Some(file) = &sim.acked {
+        if let Err(e) = append_synced(file, format!("{payment_id}\n").as_bytes()) {
+            tracing::warn!(error = %e, payment_id, "noting the acknowledgement failed; it is delivered again at start");
+        }
+    }
 }
 
 /// Opens the record for appending, first cutting a line a crash left
@@ -384,6 +443,7 @@ async fn deliver(sim: &Sim, webhook: &PaymentWebhook) -> Option<Delivery> {
         let acknowledged = delivery.status.is_some_and(|s| (200..300).contains(&s));
         record(sim, &webhook.payment_id, delivery.clone());
         if acknowledged {
+            acknowledge(sim, &webhook.payment_id);
             return Some(delivery);
         }
         tracing::warn!(payment_id = %webhook.payment_id, attempt, status = ?delivery.status, "webhook not acknowledged");

@@ -281,13 +281,21 @@ pub mod process {
     }
 
     impl Process {
-        /// SIGTERM, as Kubernetes would, then wait for the drain.
-        pub async fn terminate(mut self) {
+        /// SIGTERM, as Kubernetes would, then wait for a clean drain.
+        pub async fn terminate(self) {
+            let name = self.name;
+            let exit = self.stop(Duration::from_secs(30)).await;
+            assert!(exit.success(), "{name} exits cleanly after SIGTERM: {exit}");
+        }
+
+        /// SIGTERM, then the exit status, which must come within `limit`.
+        pub async fn stop(mut self, limit: Duration) -> std::process::ExitStatus {
             let pid = self.child.id().expect("still running");
             let status = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status().unwrap();
             assert!(status.success());
-            let exit = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await.expect("drains in time");
-            assert!(exit.unwrap().success(), "{} exits cleanly after SIGTERM", self.name);
+            let exit = tokio::time::timeout(limit, self.child.wait()).await;
+            let exit = exit.unwrap_or_else(|_| panic!("{} still running {limit:?} after SIGTERM", self.name));
+            exit.unwrap()
         }
     }
 

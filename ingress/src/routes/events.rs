@@ -10,7 +10,7 @@ use dropline::stock::StockLevels;
 use serde::Serialize;
 
 use crate::events::{Event, NewEvent};
-use crate::extract::{Admin, EventId, JsonBody, SearchQuery};
+use crate::extract::{Admin, EventId, JsonBody, NoBody, SearchQuery};
 use crate::problem::{ErrorCode, Problem};
 use crate::state::AppState;
 
@@ -42,7 +42,12 @@ pub async fn create(
     Ok((StatusCode::CREATED, [("location", location)], Json(EventView { event, availability })).into_response())
 }
 
-pub async fn prewarm(State(app): State<Arc<AppState>>, _: Admin, EventId(id): EventId) -> Result<Response, Problem> {
+pub async fn prewarm(
+    State(app): State<Arc<AppState>>,
+    _: Admin,
+    EventId(id): EventId,
+    _: NoBody,
+) -> Result<Response, Problem> {
     let event = app.events.get(id).await.map_err(|e| Problem::unavailable("mysql", &e))?;
     let event = event.ok_or(ErrorCode::EventNotFound)?;
     // Once the sale has opened, a missing ledger is one Redis lost: a

@@ -11,7 +11,7 @@ use dropline::payments::{CreatePayment, PaymentSession};
 use dropline::stock::EndOutcome;
 use uuid::Uuid;
 
-use crate::extract::{Buyer, OrderId};
+use crate::extract::{Buyer, NoBody, OrderId};
 use crate::layers::RequestId;
 use crate::orders::{not_ready, Lookup, OrderView, Source};
 use crate::problem::{ErrorCode, Problem};
@@ -55,6 +55,7 @@ pub async fn cancel(
     Buyer(claims): Buyer,
     OrderId(id): OrderId,
     request_id: RequestId,
+    _: NoBody,
 ) -> Result<Response, Problem> {
     let order = owned(&app, id, &claims.sub).await?;
     let event_id = order.event_id;
@@ -97,6 +98,7 @@ pub async fn start_payment(
     State(app): State<Arc<AppState>>,
     Buyer(claims): Buyer,
     OrderId(id): OrderId,
+    _: NoBody,
 ) -> Result<Response, Problem> {
     let order = owned(&app, id, &claims.sub).await?;
     // Held in the record but not in the ledger: a payment opened now would
