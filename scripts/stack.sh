@@ -164,7 +164,7 @@ status() {
 wipe() {
   log "wiping the local stack: the broker's log ($STATE_DIR/tansu.db), paysim's captures, the database in $DROPLINE_MYSQL_URL and the Redis keys ${DROPLINE_REDIS_KEY_PREFIX:-dl}:* are deleted; acknowledged purchases and payments in them are lost"
   services_down; stop_one prometheus; stop_one tansu
-  rm -f "$STATE_DIR"/tansu.db "$STATE_DIR"/tansu.db-* "$STATE_DIR"/paysim-captures.jsonl
+  rm -f "$STATE_DIR"/tansu.db "$STATE_DIR"/tansu.db-* "$STATE_DIR"/paysim-captures.jsonl "$STATE_DIR"/paysim-captures.jsonl.acked
   local db=${DROPLINE_MYSQL_URL##*/}
   db=${db%%\?*}
   if port_open "$MYSQL_PORT"; then
