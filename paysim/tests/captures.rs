@@ -1,9 +1,68 @@
 //! The provider's record of captured payments survives a restart of the
 //! simulator, so an audit can hold Dropline's record against it.
 
+use std::path::PathBuf;
+use std::time::Duration;
+
 use clap::Parser;
-use dropline_paysim::{start, PaysimConfig};
+use dropline_paysim::{start, PaysimConfig, Running};
 use tokio_util::sync::CancellationToken;
+
+/// A test's own folder for the captures file, removed at the end.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> Scratch {
+        let dir = std::env::temp_dir().join(format!("paysim-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+
+    fn captures(&self) -> PathBuf {
+        self.0.join("captures.jsonl")
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running simulator and what stops it.
+struct Sim {
+    running: Running,
+    stop: CancellationToken,
+}
+
+impl Sim {
+    async fn start(config: PaysimConfig) -> Sim {
+        let stop = CancellationToken::new();
+        Sim { running: start(config, stop.clone()).await.unwrap(), stop }
+    }
+
+    fn addr(&self) -> std::net::SocketAddr {
+        self.running.addr
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.running.task.await.unwrap();
+    }
+}
+
+/// Polls `probe` every 20 ms until it yields `Some`, failing after 10 s.
+async fn until<T, Fut: std::future::Future<Output = Option<T>>>(what: &str, mut probe: impl FnMut() -> Fut) -> T {
+    let found = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(found) = probe().await {
+                break found;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    found.await.unwrap_or_else(|_| panic!("{what}: not within 10 s"))
+}
 
 fn config(captures: &std::path::Path) -> PaysimConfig {
     // A webhook target nobody listens on: the capture is recorded before
@@ -52,52 +111,42 @@ async fn pay(http: &reqwest::Client, addr: std::net::SocketAddr, amount_cents: u
 
 #[tokio::test]
 async fn captured_payments_are_read_back_after_a_restart() {
-    let dir = std::env::temp_dir().join(format!("paysim-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("captures.jsonl");
+    let scratch = Scratch::new();
     let http = reqwest::Client::new();
 
-    let stop = CancellationToken::new();
-    let first = start(config(&path), stop.clone()).await.unwrap();
-    let (order, payment_id) = pay(&http, first.addr, 4500).await;
-    assert_eq!(captured(&http, first.addr).await.len(), 1);
-    stop.cancel();
-    first.task.await.unwrap();
+    let first = Sim::start(config(&scratch.captures())).await;
+    let (order, payment_id) = pay(&http, first.addr(), 4500).await;
+    assert_eq!(captured(&http, first.addr()).await.len(), 1);
+    first.stop().await;
 
-    let second = start(config(&path), CancellationToken::new()).await.unwrap();
-    let after = captured(&http, second.addr).await;
+    let second = Sim::start(config(&scratch.captures())).await;
+    let after = captured(&http, second.addr()).await;
     assert_eq!(after.len(), 1, "{after:?}");
     assert_eq!(after[0]["payment_id"], payment_id);
     assert_eq!(after[0]["order_id"], order.to_string());
     assert_eq!(after[0]["amount_cents"], 4500);
     assert_eq!(after[0]["status"], "succeeded");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]
 async fn a_line_cut_short_by_a_crash_is_dropped_and_the_next_capture_starts_clean() {
-    let dir = std::env::temp_dir().join(format!("paysim-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("captures.jsonl");
+    let scratch = Scratch::new();
     let order = uuid::Uuid::new_v4();
     let whole = serde_json::json!({
         "payment_id": "pay_whole", "order_id": order, "amount_cents": 100, "currency": "EUR",
         "webhook_id": "evt_whole", "captured_at": 0,
     });
-    std::fs::write(&path, format!("{whole}\n{{\"payment_id\":\"pay_torn\",\"ord")).unwrap();
+    std::fs::write(scratch.captures(), format!("{whole}\n{{\"payment_id\":\"pay_torn\",\"ord")).unwrap();
     let http = reqwest::Client::new();
-    let stop = CancellationToken::new();
-    let sim = start(config(&path), stop.clone()).await.unwrap();
-    assert_eq!(captured(&http, sim.addr).await.len(), 1);
-    let (_, id) = pay(&http, sim.addr, 200).await;
-    stop.cancel();
-    sim.task.await.unwrap();
-    let again = start(config(&path), CancellationToken::new()).await.unwrap();
+    let sim = Sim::start(config(&scratch.captures())).await;
+    assert_eq!(captured(&http, sim.addr()).await.len(), 1);
+    let (_, id) = pay(&http, sim.addr(), 200).await;
+    sim.stop().await;
+    let again = Sim::start(config(&scratch.captures())).await;
     let ids: Vec<String> =
-        captured(&http, again.addr).await.iter().map(|c| c["payment_id"].as_str().unwrap().to_owned()).collect();
+        captured(&http, again.addr()).await.iter().map(|c| c["payment_id"].as_str().unwrap().to_owned()).collect();
     assert_eq!(ids.len(), 2, "{ids:?}");
     assert!(ids.contains(&"pay_whole".to_owned()) && ids.contains(&id), "{ids:?}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A webhook endpoint that acknowledges everything and sends each body it
@@ -118,59 +167,35 @@ async fn receiver(tx: tokio::sync::mpsc::UnboundedSender<serde_json::Value>) -> 
 
 #[tokio::test]
 async fn a_webhook_still_unacknowledged_at_a_restart_is_delivered_after_it_once() {
-    let dir = std::env::temp_dir().join(format!("paysim-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("captures.jsonl");
+    let scratch = Scratch::new();
     let http = reqwest::Client::new();
 
     // Captured while Dropline was unreachable, and the one attempt failed.
-    let stop = CancellationToken::new();
-    let first = start(config(&path), stop.clone()).await.unwrap();
-    let (order, payment_id) = pay(&http, first.addr, 700).await;
-    let shown = tokio::time::timeout(std::time::Duration::from_secs(10), async {
-        loop {
-            let p: serde_json::Value = http
-                .get(format!("http://{}/v1/payments/{payment_id}", first.addr))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if !p["deliveries"].as_array().unwrap().is_empty() {
-                break p;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+    let first = Sim::start(config(&scratch.captures())).await;
+    let (order, payment_id) = pay(&http, first.addr(), 700).await;
+    let shown = until("the one delivery attempt", || async {
+        let url = format!("http://{}/v1/payments/{payment_id}", first.addr());
+        let p: serde_json::Value = http.get(url).send().await.ok()?.json().await.ok()?;
+        (!p["deliveries"].as_array()?.is_empty()).then_some(p)
     })
-    .await
-    .expect("the one delivery attempt was made");
+    .await;
     assert_eq!(shown["acknowledged"], false, "{shown}");
-    stop.cancel();
-    first.task.await.unwrap();
+    first.stop().await;
 
     // Restarted with Dropline up: the webhook goes out without anyone asking.
     let (tx, mut got) = tokio::sync::mpsc::unbounded_channel();
     let dropline = receiver(tx).await;
-    let stop = CancellationToken::new();
-    let second = start(config_to(&path, dropline), stop.clone()).await.unwrap();
-    let webhook = tokio::time::timeout(std::time::Duration::from_secs(10), got.recv()).await.unwrap().unwrap();
+    let second = Sim::start(config_to(&scratch.captures(), dropline)).await;
+    let webhook = tokio::time::timeout(Duration::from_secs(10), got.recv()).await.unwrap().unwrap();
     assert_eq!(webhook["payment_id"], payment_id);
     assert_eq!(webhook["order_id"], order.to_string());
-    let acknowledged = tokio::time::timeout(std::time::Duration::from_secs(10), async {
-        loop {
-            if captured(&http, second.addr).await[0]["acknowledged"] == true {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    });
-    acknowledged.await.expect("the delivery was noted as acknowledged");
-    stop.cancel();
-    second.task.await.unwrap();
+    until("the delivery noted as acknowledged", || async {
+        (captured(&http, second.addr()).await[0]["acknowledged"] == true).then_some(())
+    })
+    .await;
+    second.stop().await;
 
     // Acknowledged once: a third start knows it and owes nothing.
-    let third = start(config(&path), CancellationToken::new()).await.unwrap();
-    assert_eq!(captured(&http, third.addr).await[0]["acknowledged"], true);
-    let _ = std::fs::remove_dir_all(&dir);
+    let third = Sim::start(config(&scratch.captures())).await;
+    assert_eq!(captured(&http, third.addr()).await[0]["acknowledged"], true);
 }
