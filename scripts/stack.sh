@@ -94,18 +94,16 @@ services_up() {
   start_one ingress DROPLINE_LISTEN_ADDR="$INGRESS_ADDR" DROPLINE_OPS_ADDR="127.0.0.1:$(ops_port ingress)" \
     DROPLINE_PAYMENT_PROVIDER_URL="http://$PAYSIM_ADDR" \
     DROPLINE_ADMIT_PER_SEC="${DROPLINE_ADMIT_PER_SEC:-1000}" DROPLINE_ADMIT_BURST="${DROPLINE_ADMIT_BURST:-200}"
-  # On the local broker, consumers join their groups as DYNAMIC members
-  # (an empty DROPLINE_KAFKA_GROUP_INSTANCE_ID turns static membership
-  # off). tansu 0.6 mishandles static members that come back: see the
-  # README's "Known limits of the local broker". A consumer restarted after
-  # kill -9 regains its partitions once the broker has dropped the dead
-  # member, after its session timeout (about 10 s). Each consumer reports
-  # ready only once it holds partitions, which is what the wait below waits
-  # for.
+  # Consumers join their groups as static members, so one restarted after
+  # kill -9 takes its partitions straight back. The ids are fixed, not the
+  # default <stage>-consumer@<host>: the broker's log outlives a change of
+  # host name, and tansu never expires a static member whose id stops
+  # coming back (it would keep its partitions). Each consumer reports ready
+  # only once it holds partitions, which is what the wait below waits for.
   local stage
   for stage in allocator settler expirer; do
     start_one "$stage" DROPLINE_OPS_ADDR="127.0.0.1:$(ops_port "$stage")" \
-      DROPLINE_KAFKA_GROUP_INSTANCE_ID=
+      DROPLINE_KAFKA_GROUP_INSTANCE_ID="local-$stage-0"
   done
   for s in $SERVICES; do
     local name=${s%%:*} port=${s##*:}

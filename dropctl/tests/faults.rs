@@ -186,9 +186,7 @@ impl Cluster {
         ];
         env.extend(self.secrets.env());
         if stage != "ingress" {
-            // Dynamic membership, as on the local stack: tansu mishandles a
-            // static member that comes back (README, known limits).
-            env.push(("DROPLINE_KAFKA_GROUP_INSTANCE_ID", String::new()));
+            env.push(("DROPLINE_KAFKA_GROUP_INSTANCE_ID", format!("{name}-{stage}-0")));
         }
         if stage == "ingress" {
             env.push(("DROPLINE_LISTEN_ADDR", format!("127.0.0.1:{}", self.api_port)));

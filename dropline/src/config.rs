@@ -41,9 +41,9 @@ pub struct KafkaArgs {
     /// partitions back at once instead of waiting for the group to notice
     /// the old session died. Default: `<stage>-consumer@<hostname>`, unique
     /// as long as one host runs one instance of each stage; give each
-    /// instance its own id to run more. An empty value opts out (dynamic
-    /// membership), as the local stack does: tansu 0.6 mishandles static
-    /// members that come back.
+    /// instance its own id to run more (on Kafka; tansu stalls a group that
+    /// has seen two static ids). An empty value opts out (dynamic
+    /// membership).
     #[arg(long = "kafka-group-instance-id", env = "DROPLINE_KAFKA_GROUP_INSTANCE_ID")]
     pub group_instance_id: Option<String>,
     /// Attempts at a message that fails for a reason of its own (not an

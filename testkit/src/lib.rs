@@ -108,11 +108,8 @@ impl Deployment {
 
     /// The flags every stage takes: the broker and topics, a short drain,
     /// the ops endpoints on a free port.
-    pub fn stage_args(&self) -> [String; 6] {
+    pub fn stage_args(&self) -> [String; 5] {
         [
-            // Dynamic membership: tansu mishandles a static member that
-            // comes back (README, known limits), and tests restart stages.
-            "--kafka-group-instance-id=".to_owned(),
             format!("--kafka-brokers={}", brokers()),
             format!("--topic-prefix={}", self.name),
             "--topic-partitions=3".to_owned(),
