@@ -37,15 +37,9 @@ impl dropline::stage::StageConfig for AllocatorConfig {
         let mut p = Problems::default();
         self.kafka.check(&mut p);
         self.redis.check(&mut p);
-        if self.group_id.is_empty() {
-            p.add("DROPLINE_ALLOCATOR_GROUP must not be empty");
-        }
-        if !(1..=10_000).contains(&self.batch_max) {
-            p.add("DROPLINE_ALLOCATOR_BATCH_MAX must be 1 to 10000");
-        }
-        if self.batch_linger_ms > 1000 {
-            p.add("DROPLINE_ALLOCATOR_BATCH_LINGER_MS must be at most 1000");
-        }
+        p.require(!self.group_id.is_empty(), "DROPLINE_ALLOCATOR_GROUP must not be empty");
+        p.within("DROPLINE_ALLOCATOR_BATCH_MAX", self.batch_max, 1..=10_000);
+        p.require(self.batch_linger_ms <= 1000, "DROPLINE_ALLOCATOR_BATCH_LINGER_MS must be at most 1000");
         p.into_result()
     }
 
@@ -58,10 +52,4 @@ impl dropline::stage::StageConfig for AllocatorConfig {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn the_command_line_is_well_formed_and_the_defaults_validate() {
-        dropline::stage::assert_defaults_valid::<super::AllocatorConfig>();
-    }
-}
+dropline::config_tests!(super::AllocatorConfig);

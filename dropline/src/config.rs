@@ -86,24 +86,12 @@ impl KafkaArgs {
         }
         let prefix_ok = !self.topic_prefix.is_empty()
             && self.topic_prefix.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-        if !prefix_ok {
-            problems.add("DROPLINE_TOPIC_PREFIX must be non-empty ASCII letters, digits, '.', '_' or '-'");
-        }
-        if !(1..=10_000).contains(&self.fetch_wait_max_ms) {
-            problems.add("DROPLINE_KAFKA_FETCH_WAIT_MAX_MS must be 1 to 10000");
-        }
-        if self.message_timeout_ms == 0 {
-            problems.add("DROPLINE_KAFKA_MESSAGE_TIMEOUT_MS must be positive");
-        }
-        if !(1..=100).contains(&self.permanent_failure_attempts) {
-            problems.add("DROPLINE_KAFKA_PERMANENT_FAILURE_ATTEMPTS must be 1 to 100");
-        }
-        if !(1..=1024).contains(&self.partitions) {
-            problems.add("DROPLINE_TOPIC_PARTITIONS must be 1 to 1024");
-        }
-        if !(1..=10_000_000).contains(&self.producer_queue_max_messages) {
-            problems.add("DROPLINE_KAFKA_PRODUCER_QUEUE_MAX_MESSAGES must be between 1 and 10000000");
-        }
+        problems.require(prefix_ok, "DROPLINE_TOPIC_PREFIX must be non-empty ASCII letters, digits, '.', '_' or '-'");
+        problems.within("DROPLINE_KAFKA_FETCH_WAIT_MAX_MS", self.fetch_wait_max_ms, 1..=10_000);
+        problems.require(self.message_timeout_ms > 0, "DROPLINE_KAFKA_MESSAGE_TIMEOUT_MS must be positive");
+        problems.within("DROPLINE_KAFKA_PERMANENT_FAILURE_ATTEMPTS", self.permanent_failure_attempts, 1..=100);
+        problems.within("DROPLINE_TOPIC_PARTITIONS", self.partitions, 1..=1024);
+        problems.within("DROPLINE_KAFKA_PRODUCER_QUEUE_MAX_MESSAGES", self.producer_queue_max_messages, 1..=10_000_000);
     }
 }
 
@@ -149,18 +137,14 @@ impl RedisArgs {
         if !self.url.starts_with("redis://") && !self.url.starts_with("rediss://") {
             problems.add("DROPLINE_REDIS_URL must start with redis:// or rediss://");
         }
-        if self.pool_size == 0 {
-            problems.add("DROPLINE_REDIS_POOL_SIZE must be positive");
-        }
+        problems.require(self.pool_size > 0, "DROPLINE_REDIS_POOL_SIZE must be positive");
         for (name, ms) in [
             ("DROPLINE_REDIS_POOL_WAIT_TIMEOUT_MS", self.pool_wait_timeout_ms),
             ("DROPLINE_REDIS_CONNECT_TIMEOUT_MS", self.connect_timeout_ms),
             ("DROPLINE_REDIS_RECYCLE_TIMEOUT_MS", self.recycle_timeout_ms),
             ("DROPLINE_REDIS_RESPONSE_TIMEOUT_MS", self.response_timeout_ms),
         ] {
-            if !(1..=600_000).contains(&ms) {
-                problems.add(format!("{name} must be 1 to 600000"));
-            }
+            problems.within(name, ms, 1..=600_000);
         }
     }
 
@@ -217,12 +201,8 @@ impl MysqlArgs {
         if !self.url.starts_with("mysql://") && !self.url.starts_with("mariadb://") {
             problems.add("DROPLINE_MYSQL_URL must start with mysql://");
         }
-        if self.pool_size == 0 {
-            problems.add("DROPLINE_MYSQL_POOL_SIZE must be positive");
-        }
-        if !(1..=600_000).contains(&self.acquire_timeout_ms) {
-            problems.add("DROPLINE_MYSQL_ACQUIRE_TIMEOUT_MS must be 1 to 600000");
-        }
+        problems.require(self.pool_size > 0, "DROPLINE_MYSQL_POOL_SIZE must be positive");
+        problems.within("DROPLINE_MYSQL_ACQUIRE_TIMEOUT_MS", self.acquire_timeout_ms, 1..=600_000);
     }
 }
 
@@ -263,6 +243,25 @@ pub struct Problems(Vec<String>);
 impl Problems {
     pub fn add(&mut self, problem: impl Into<String>) {
         self.0.push(problem.into());
+    }
+
+    /// Adds `problem` unless `ok`.
+    pub fn require(&mut self, ok: bool, problem: impl Into<String>) {
+        if !ok {
+            self.add(problem);
+        }
+    }
+
+    /// `setting` must lie in `range`: "<setting> must be <start> to <end>".
+    pub fn within<T: PartialOrd + fmt::Display>(
+        &mut self,
+        setting: &str,
+        value: T,
+        range: std::ops::RangeInclusive<T>,
+    ) {
+        if !range.contains(&value) {
+            self.add(format!("{setting} must be {} to {}", range.start(), range.end()));
+        }
     }
 
     pub fn into_result(self) -> Result<(), ConfigError> {

@@ -138,6 +138,21 @@ pub fn assert_defaults_valid<C: StageConfig>() {
     }
 }
 
+/// A stage's config test, in its own crate: `config_tests!(AllocatorConfig)`
+/// checks [`assert_defaults_valid`] for it.
+#[macro_export]
+macro_rules! config_tests {
+    ($config:ty) => {
+        #[cfg(test)]
+        mod config_tests {
+            #[test]
+            fn the_command_line_is_well_formed_and_the_defaults_validate() {
+                $crate::stage::assert_defaults_valid::<$config>();
+            }
+        }
+    };
+}
+
 /// The config as the start-up log shows it: every setting, as JSON, with
 /// secrets and passwords masked.
 pub fn effective<C: StageConfig>(config: &C) -> String {

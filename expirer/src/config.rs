@@ -34,15 +34,9 @@ impl dropline::stage::StageConfig for ExpirerConfig {
         let mut p = Problems::default();
         self.kafka.check(&mut p);
         self.redis.check(&mut p);
-        if self.group_id.is_empty() {
-            p.add("DROPLINE_EXPIRER_GROUP must not be empty");
-        }
-        if !(2..=1_000_000).contains(&self.max_pending_per_partition) {
-            p.add("DROPLINE_EXPIRER_MAX_PENDING_PER_PARTITION must be 2 to 1000000");
-        }
-        if !(10..=5_000).contains(&self.tick_ms) {
-            p.add("DROPLINE_EXPIRER_TICK_MS must be 10 to 5000");
-        }
+        p.require(!self.group_id.is_empty(), "DROPLINE_EXPIRER_GROUP must not be empty");
+        p.within("DROPLINE_EXPIRER_MAX_PENDING_PER_PARTITION", self.max_pending_per_partition, 2..=1_000_000);
+        p.within("DROPLINE_EXPIRER_TICK_MS", self.tick_ms, 10..=5_000);
         p.into_result()
     }
 
@@ -55,10 +49,4 @@ impl dropline::stage::StageConfig for ExpirerConfig {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn the_command_line_is_well_formed_and_the_defaults_validate() {
-        dropline::stage::assert_defaults_valid::<super::ExpirerConfig>();
-    }
-}
+dropline::config_tests!(super::ExpirerConfig);

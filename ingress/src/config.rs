@@ -150,9 +150,7 @@ impl dropline::stage::StageConfig for IngressConfig {
         if self.jwt_issuer.trim().is_empty() {
             p.add("DROPLINE_JWT_ISSUER is empty");
         }
-        if self.webhook_tolerance_secs <= 0 {
-            p.add("DROPLINE_WEBHOOK_TOLERANCE_SECS must be positive");
-        }
+        p.require(self.webhook_tolerance_secs > 0, "DROPLINE_WEBHOOK_TOLERANCE_SECS must be positive");
         if !self.payment_provider_url.starts_with("http://") && !self.payment_provider_url.starts_with("https://") {
             p.add("DROPLINE_PAYMENT_PROVIDER_URL must be an http(s) URL");
         }
@@ -166,15 +164,11 @@ impl dropline::stage::StageConfig for IngressConfig {
                 p.add(format!("{name} must be positive"));
             }
         }
-        if self.idempotency_ttl_secs == 0 {
-            p.add("DROPLINE_IDEMPOTENCY_TTL_SECS must be positive");
-        }
+        p.require(self.idempotency_ttl_secs > 0, "DROPLINE_IDEMPOTENCY_TTL_SECS must be positive");
         if self.idempotency_lease_ms == 0 || self.idempotency_lease_ms / 1000 >= self.idempotency_ttl_secs {
             p.add("DROPLINE_IDEMPOTENCY_LEASE_MS must be positive and shorter than DROPLINE_IDEMPOTENCY_TTL_SECS");
         }
-        if self.max_body_bytes < 256 {
-            p.add("DROPLINE_MAX_BODY_BYTES must be at least 256");
-        }
+        p.require(self.max_body_bytes >= 256, "DROPLINE_MAX_BODY_BYTES must be at least 256");
         self.check_http(&mut p, open_files_limit());
         p.into_result()
     }
@@ -192,12 +186,8 @@ impl IngressConfig {
     /// The front door's timeouts and limits. `open_files` is the process's
     /// soft RLIMIT_NOFILE, when known.
     fn check_http(&self, p: &mut Problems, open_files: Option<u64>) {
-        if !(100..=300_000).contains(&self.http_header_read_timeout_ms) {
-            p.add("DROPLINE_HTTP_HEADER_READ_TIMEOUT_MS must be 100 to 300000");
-        }
-        if !(100..=300_000).contains(&self.http_request_timeout_ms) {
-            p.add("DROPLINE_HTTP_REQUEST_TIMEOUT_MS must be 100 to 300000");
-        }
+        p.within("DROPLINE_HTTP_HEADER_READ_TIMEOUT_MS", self.http_header_read_timeout_ms, 100..=300_000);
+        p.within("DROPLINE_HTTP_REQUEST_TIMEOUT_MS", self.http_request_timeout_ms, 100..=300_000);
         // The idle clock runs while a handler works and while hyper waits for
         // a head; it must not close a connection either of those would keep.
         let idle_ms = self.http_idle_timeout_secs.saturating_mul(1000);
@@ -207,9 +197,7 @@ impl IngressConfig {
                  DROPLINE_HTTP_HEADER_READ_TIMEOUT_MS",
             );
         }
-        if self.http_max_connections == 0 {
-            p.add("DROPLINE_HTTP_MAX_CONNECTIONS must be positive");
-        }
+        p.require(self.http_max_connections > 0, "DROPLINE_HTTP_MAX_CONNECTIONS must be positive");
         if let Some(limit) = open_files {
             let needed = self.http_max_connections as u64 + RESERVED_FDS;
             if needed > limit {
@@ -225,9 +213,7 @@ impl IngressConfig {
         {
             p.add("DROPLINE_SEARCH_MAX_CONCURRENT_REQUESTS must be 1 to DROPLINE_MYSQL_POOL_SIZE - 1");
         }
-        if !(10..=60_000).contains(&self.search_statement_timeout_ms) {
-            p.add("DROPLINE_SEARCH_STATEMENT_TIMEOUT_MS must be 10 to 60000");
-        }
+        p.within("DROPLINE_SEARCH_STATEMENT_TIMEOUT_MS", self.search_statement_timeout_ms, 10..=60_000);
     }
 }
 

@@ -79,9 +79,7 @@ impl PaysimConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut p = Problems::default();
         dropline::secrets::check_setting("DROPLINE_WEBHOOK_SECRET", &self.webhook_secret, &mut p);
-        if self.max_attempts == 0 {
-            p.add("DROPLINE_PAYSIM_MAX_ATTEMPTS must be positive");
-        }
+        p.require(self.max_attempts > 0, "DROPLINE_PAYSIM_MAX_ATTEMPTS must be positive");
         p.into_result()
     }
 }

@@ -75,30 +75,16 @@ impl dropline::stage::StageConfig for SettlerConfig {
         self.kafka.check(&mut p);
         self.mysql.check(&mut p);
         self.redis.check(&mut p);
-        if !(1..=3600).contains(&self.drift_interval_secs) {
-            p.add("DROPLINE_SETTLER_DRIFT_INTERVAL_SECS must be 1 to 3600");
-        }
-        if self.repair_after_passes == 0 {
-            p.add("DROPLINE_SETTLER_REPAIR_AFTER_PASSES must be positive");
-        }
+        p.within("DROPLINE_SETTLER_DRIFT_INTERVAL_SECS", self.drift_interval_secs, 1..=3600);
+        p.require(self.repair_after_passes > 0, "DROPLINE_SETTLER_REPAIR_AFTER_PASSES must be positive");
         // An allocator renews its in-flight marks every second while it
         // publishes and pauses at most 2 s between attempts: a shorter grace
         // would take a live allocator for a dead one.
-        if self.rebuild_grace_ms < 3_000 {
-            p.add("DROPLINE_SETTLER_REBUILD_GRACE_MS must be at least 3000");
-        }
-        if self.rebuild_timeout_secs == 0 {
-            p.add("DROPLINE_SETTLER_REBUILD_TIMEOUT_SECS must be positive");
-        }
-        if self.group_id.is_empty() {
-            p.add("DROPLINE_SETTLER_GROUP must not be empty");
-        }
-        if !(1..=5_000).contains(&self.batch_max) {
-            p.add("DROPLINE_SETTLER_BATCH_MAX must be 1 to 5000");
-        }
-        if self.batch_linger_ms > 5_000 {
-            p.add("DROPLINE_SETTLER_BATCH_LINGER_MS must be at most 5000");
-        }
+        p.require(self.rebuild_grace_ms >= 3_000, "DROPLINE_SETTLER_REBUILD_GRACE_MS must be at least 3000");
+        p.require(self.rebuild_timeout_secs > 0, "DROPLINE_SETTLER_REBUILD_TIMEOUT_SECS must be positive");
+        p.require(!self.group_id.is_empty(), "DROPLINE_SETTLER_GROUP must not be empty");
+        p.within("DROPLINE_SETTLER_BATCH_MAX", self.batch_max, 1..=5_000);
+        p.require(self.batch_linger_ms <= 5_000, "DROPLINE_SETTLER_BATCH_LINGER_MS must be at most 5000");
         p.into_result()
     }
 
@@ -111,10 +97,4 @@ impl dropline::stage::StageConfig for SettlerConfig {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn the_command_line_is_well_formed_and_the_defaults_validate() {
-        dropline::stage::assert_defaults_valid::<super::SettlerConfig>();
-    }
-}
+dropline::config_tests!(super::SettlerConfig);
