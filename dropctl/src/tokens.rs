@@ -92,9 +92,6 @@ mod tests {
         tokens: TokenArgs,
     }
 
-    const BUYER: &str = "6b1d3f5a7c9e0b2d4f6a8c1e3b5d7f9a0c2e4b6d8f1a3c5e7b9d0f2a4c6e8b1d";
-    const ADMIN: &str = "d2c4e6f8a0b1c3d5e7f9a2b4c6d8e0f1a3b5c7d9e2f4a6b8c0d1e3f5a7b9c2d4";
-
     fn parse(args: &[String]) -> TokenArgs {
         // Only what the test passes: not the environment of whoever runs it.
         let fixed = ["dropctl".to_owned(), "--jwt-issuer=dropline".to_owned()];
@@ -103,18 +100,19 @@ mod tests {
 
     #[test]
     fn secrets_come_from_the_file_when_not_given() {
+        let (buyer, admin) = (dropline::secrets::random(), dropline::secrets::random());
         let dir = std::env::temp_dir().join(format!("dropctl-tokens-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("secrets.env");
-        std::fs::write(&file, format!("# generated\nDROPLINE_JWT_SECRET={BUYER}\nDROPLINE_ADMIN_JWT_SECRET={ADMIN}\n"))
+        std::fs::write(&file, format!("# generated\nDROPLINE_JWT_SECRET={buyer}\nDROPLINE_ADMIN_JWT_SECRET={admin}\n"))
             .unwrap();
         let args = parse(&[
             format!("--secrets-file={}", file.display()),
-            format!("--jwt-secret={BUYER}"),
+            format!("--jwt-secret={buyer}"),
             format!("--admin-jwt-secret={}", ""),
         ]);
         let tokens = args.tokens().unwrap();
-        let expected = Tokens::new(BUYER.as_bytes(), ADMIN.as_bytes(), "dropline");
+        let expected = Tokens::new(buyer.as_bytes(), admin.as_bytes(), "dropline");
         assert!(expected.admin.verify(&tokens.admin.mint("ops", 60).unwrap()).is_ok());
         assert!(expected.buyer.verify(&args.keys(Audience::Buyer).unwrap().mint("alice", 60).unwrap()).is_ok());
         std::fs::remove_dir_all(&dir).unwrap();

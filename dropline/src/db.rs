@@ -44,6 +44,52 @@ pub async fn create_database(url: &str) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
+/// [`connect`], then [`migrate`], waiting out a server that cannot be
+/// reached yet (starting, restarting, at its connection limit) with
+/// backoff, while the stage stays not ready: a stage started before its
+/// database must not exit for it. Anything else (a URL that does not
+/// parse, a schema the migrations refuse) fails at once. `Ok(None)`:
+/// shutdown came first.
+pub async fn connect_and_migrate(
+    args: &MysqlArgs,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Result<Option<MySqlPool>, sqlx::migrate::MigrateError> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let attempt = async {
+            let pool = connect(args).await?;
+            migrate(&pool).await?;
+            Ok::<_, sqlx::migrate::MigrateError>(pool)
+        };
+        let attempt = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            attempt = attempt => attempt,
+        };
+        match attempt {
+            Ok(pool) => return Ok(Some(pool)),
+            Err(sqlx::migrate::MigrateError::Execute(e)) if unreachable(&e) => {
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "mysql cannot be reached yet");
+            }
+            Err(e) => return Err(e),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// The server is not there, or not taking connections (SQLSTATE class 08:
+/// connection exceptions, "too many connections" among them).
+fn unreachable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Database(e) => e.code().is_some_and(|state| state.starts_with("08")),
+        _ => false,
+    }
+}
+
 /// Brings the schema up to date. Every stage calls this at start, so on a
 /// fresh database several run it at once; they take turns under a named
 /// lock. (sqlx takes one too, with `GET_LOCK(name, -1)`, but MariaDB reads a
@@ -85,4 +131,37 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
 /// Unix milliseconds as a UTC timestamp (the schema's DATETIME(3)).
 pub fn from_ms(ms: i64) -> chrono::DateTime<chrono::Utc> {
     chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+
+    /// Nothing listens on port 1: the stage waits, and only shutdown ends
+    /// the wait, with no error to exit on.
+    #[tokio::test]
+    async fn a_server_not_reachable_yet_is_waited_for_until_shutdown() {
+        let args = MysqlArgs::new("mysql://root@127.0.0.1:1/dropline", 1);
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            stop.cancel();
+        });
+        let started = Instant::now();
+        let waited = connect_and_migrate(&args, &shutdown).await;
+        assert!(matches!(waited, Ok(None)), "{waited:?}");
+        assert!(started.elapsed() >= Duration::from_millis(1500), "it gave up before shutdown");
+    }
+
+    #[tokio::test]
+    async fn a_url_that_does_not_parse_fails_at_once() {
+        let args = MysqlArgs::new("mysql://root@127.0.0.1:1/dropline?ssl-mode=sometimes", 1);
+        let failed = connect_and_migrate(&args, &CancellationToken::new()).await;
+        assert!(failed.is_err(), "{failed:?}");
+    }
 }

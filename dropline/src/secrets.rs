@@ -29,7 +29,23 @@ pub const PUBLISHED: &[&str] = &[
     "REPLACE-with-openssl-rand-hex-32-buyer-jwt",
     "REPLACE-with-openssl-rand-hex-32-admin-jwt",
     "REPLACE-with-the-payment-providers-webhook-secret",
+    // Random-looking constants that tests once took for valid secrets.
+    "9f2c4e7a1b3d5f60817a2c4e6b8d0f1325a7c9e1b3d5f7092a4c6e8b0d2f4a6c",
+    "q8J3xZ0vTb6LwYp2Rk9NcHf5Ud1Ae7Gs",
+    "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0",
+    "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f91",
+    "5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d",
+    "6b1d3f5a7c9e0b2d4f6a8c1e3b5d7f9a0c2e4b6d8f1a3c5e7b9d0f2a4c6e8b1d",
+    "d2c4e6f8a0b1c3d5e7f9a2b4c6d8e0f1a3b5c7d9e2f4a6b8c0d1e3f5a7b9c2d4",
+    "3c9a1f0e7b2d4c6a8e0f1b3d5c7a9e2f4b6d8c0a1e3f5b7d9c2a4e6f8b0d1c3e",
 ];
+
+/// A fresh secret: 244 bits from the OS's generator (two UUIDv4s), as 64
+/// hex characters. Tests take theirs from here, never from a constant: a
+/// constant in the source is published.
+pub fn random() -> String {
+    format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple())
+}
 
 /// Fragments that mark a value someone forgot to replace.
 const PLACEHOLDER_MARKS: &[&str] =
@@ -93,12 +109,10 @@ mod tests {
 
     use super::*;
 
-    const RANDOM: &str = "9f2c4e7a1b3d5f60817a2c4e6b8d0f1325a7c9e1b3d5f7092a4c6e8b0d2f4a6c";
-
     #[test]
     fn a_random_secret_passes() {
-        assert_eq!(check(RANDOM), Ok(()));
-        assert_eq!(check("q8J3xZ0vTb6LwYp2Rk9NcHf5Ud1Ae7Gs"), Ok(()));
+        assert_eq!(check(&random()), Ok(()));
+        assert_ne!(random(), random());
     }
 
     #[test]
@@ -108,7 +122,7 @@ mod tests {
             assert_eq!(check(published), Err(SecretProblem::Published), "{published}");
         }
         assert_eq!(check("DROPLINE-LOCAL-JWT-SECRET"), Err(SecretProblem::Published));
-        assert_eq!(check(&RANDOM[..31]), Err(SecretProblem::TooShort));
+        assert_eq!(check(&random()[..31]), Err(SecretProblem::TooShort));
         for placeholder in [
             "changeme-changeme-changeme-changeme",
             "please-change-me-before-you-deploy-this",
@@ -130,7 +144,7 @@ mod tests {
         let mut p = Problems::default();
         check_setting("DROPLINE_JWT_SECRET", "dropline-local-jwt-secret", &mut p);
         check_setting("DROPLINE_WEBHOOK_SECRET", "short", &mut p);
-        check_setting("DROPLINE_ADMIN_JWT_SECRET", RANDOM, &mut p);
+        check_setting("DROPLINE_ADMIN_JWT_SECRET", &random(), &mut p);
         let message = p.into_result().unwrap_err().to_string();
         assert!(message.contains("DROPLINE_JWT_SECRET is a value published"), "{message}");
         assert!(message.contains("DROPLINE_WEBHOOK_SECRET is shorter than 32 bytes"), "{message}");
@@ -160,6 +174,36 @@ mod tests {
         }
         assert!(scanned >= 10, "the scan found only {scanned} files under {}", root.display());
         assert!(missing.is_empty(), "published secrets missing from secrets::PUBLISHED:\n{}", missing.join("\n"));
+    }
+
+    /// A string literal in the Rust source that would pass as a secret
+    /// (32 or more letters and digits, both) is published the moment it is
+    /// committed: it must be on [`PUBLISHED`], so no test or example can
+    /// hand one out as valid.
+    #[test]
+    fn every_random_looking_literal_in_the_source_is_on_the_list() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut files = Vec::new();
+        collect(&root, &mut files);
+        let sources: Vec<&PathBuf> = files.iter().filter(|f| f.extension().is_some_and(|e| e == "rs")).collect();
+        assert!(sources.len() >= 40, "the scan found only {} Rust files", sources.len());
+        let mut missing = Vec::new();
+        for file in sources {
+            let Ok(text) = std::fs::read_to_string(file) else { continue };
+            for literal in text.split('"').skip(1).step_by(2) {
+                if random_looking(literal) && !PUBLISHED.contains(&literal) {
+                    missing.push(format!("{}: {literal}", file.display()));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "secret-like literals missing from secrets::PUBLISHED:\n{}", missing.join("\n"));
+    }
+
+    fn random_looking(literal: &str) -> bool {
+        literal.len() >= MIN_SECRET_BYTES
+            && literal.bytes().all(|b| b.is_ascii_alphanumeric())
+            && literal.bytes().any(|b| b.is_ascii_digit())
+            && literal.bytes().any(|b| b.is_ascii_alphabetic())
     }
 
     #[test]
@@ -195,8 +239,11 @@ the secrets live in .dropline/secrets.env
         let Ok(entries) = std::fs::read_dir(dir) else { return };
         for entry in entries.flatten() {
             let path = entry.path();
-            // k6's reports are generated, not published.
-            if path.is_dir() && !path.ends_with("reports") {
+            // k6's reports and builds are generated, not published; hidden
+            // folders are git's and the local stack's state.
+            let name = entry.file_name();
+            let skipped = name == "reports" || name == "target" || name.to_string_lossy().starts_with('.');
+            if path.is_dir() && !skipped {
                 collect(&path, files);
             } else if path.is_file() {
                 files.push(path);

@@ -237,9 +237,11 @@ mod tests {
 
     use super::*;
 
-    const BUYER: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0";
-    const ADMIN: &str = "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f91";
-    const WEBHOOK: &str = "5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d";
+    use std::sync::LazyLock;
+
+    static BUYER: LazyLock<String> = LazyLock::new(dropline::secrets::random);
+    static ADMIN: LazyLock<String> = LazyLock::new(dropline::secrets::random);
+    static WEBHOOK: LazyLock<String> = LazyLock::new(dropline::secrets::random);
 
     fn with(jwt: &str, admin: &str, webhook: &str) -> IngressConfig {
         IngressConfig::parse_from([
@@ -257,17 +259,17 @@ mod tests {
     #[test]
     fn the_command_line_is_well_formed_and_random_secrets_validate() {
         IngressConfig::command().debug_assert();
-        with(BUYER, ADMIN, WEBHOOK).validate().unwrap();
+        with(&BUYER, &ADMIN, &WEBHOOK).validate().unwrap();
     }
 
     #[test]
     fn the_effective_config_log_shows_no_secret() {
-        let mut config = with(BUYER, ADMIN, WEBHOOK);
+        let mut config = with(&BUYER, &ADMIN, &WEBHOOK);
         config.mysql.url = "mysql://dropline:hunter2-mysql@db:3306/dropline".into();
         config.redis.url = "redis://:hunter2-redis@cache:6379".into();
         config.payment_provider_url = "https://shop:hunter2-psp@psp.example".into();
         let logged = dropline::stage::effective(&config);
-        for secret in [BUYER, ADMIN, WEBHOOK, "hunter2-mysql", "hunter2-redis", "hunter2-psp"] {
+        for secret in [BUYER.as_str(), &ADMIN, &WEBHOOK, "hunter2-mysql", "hunter2-redis", "hunter2-psp"] {
             assert!(!logged.contains(secret), "{secret} is in the log line: {logged}");
         }
         assert!(logged.contains("\"jwt_secret\":\"***\""), "{logged}");
@@ -296,11 +298,11 @@ mod tests {
         assert!(p[0].starts_with("DROPLINE_JWT_SECRET is a value published"), "{p:?}");
         assert!(p[1].starts_with("DROPLINE_ADMIN_JWT_SECRET is shorter than 32 bytes"), "{p:?}");
         assert!(p[2].starts_with("DROPLINE_WEBHOOK_SECRET is a value published"), "{p:?}");
-        let p = problems(&with("<a-random-value-of-at-least-32-bytes>", ADMIN, WEBHOOK));
+        let p = problems(&with("<a-random-value-of-at-least-32-bytes>", &ADMIN, &WEBHOOK));
         assert_eq!(p.len(), 1);
         assert!(p[0].starts_with("DROPLINE_JWT_SECRET looks like a placeholder"), "{p:?}");
         assert_eq!(
-            problems(&with(BUYER, BUYER, WEBHOOK)),
+            problems(&with(&BUYER, &BUYER, &WEBHOOK)),
             ["DROPLINE_JWT_SECRET and DROPLINE_ADMIN_JWT_SECRET must differ"]
         );
     }

@@ -289,15 +289,21 @@ fn invalid_key() -> Problem {
     Problem::new(ErrorCode::InvalidHeader).detail("Idempotency-Key must be 1 to 255 visible ASCII characters")
 }
 
+/// An event id as the API writes it: digits, no sign, no leading zero. One
+/// event has one URL, so caches and logs never see `01` and `+1` as others.
 fn event_id(raw: &str) -> Result<u64, Problem> {
-    raw.parse::<u64>()
-        .ok()
-        .filter(|id| *id > 0)
+    let canonical = !raw.starts_with('0') && raw.bytes().all(|b| b.is_ascii_digit());
+    canonical
+        .then(|| raw.parse::<u64>().ok())
+        .flatten()
         .ok_or_else(|| Problem::new(ErrorCode::EventNotFound).detail("event ids are positive integers"))
 }
 
+/// A UUID in its hyphenated form only (not braced, `urn:uuid:` or simple),
+/// for the same reason.
 fn uuid(raw: &str, missing: ErrorCode) -> Result<Uuid, Problem> {
-    Uuid::parse_str(raw).map_err(|_| Problem::new(missing).detail("ids are UUIDs"))
+    let hyphenated = raw.len() == uuid::fmt::Hyphenated::LENGTH;
+    hyphenated.then(|| Uuid::parse_str(raw).ok()).flatten().ok_or_else(|| Problem::new(missing).detail("ids are UUIDs"))
 }
 
 /// A JSON body of the documented shape: a JSON object with each key once,

@@ -63,6 +63,8 @@ pub enum IngressError {
     Http(#[from] reqwest::Error),
     #[error("listening: {0}")]
     Io(#[from] std::io::Error),
+    #[error("stopped while waiting for {0} to be reachable")]
+    StoppedWaiting(&'static str),
 }
 
 /// The API over clients that connect on first use: building it reaches no
@@ -108,8 +110,9 @@ pub async fn start_on(
 ) -> Result<Running, IngressError> {
     let Stage { ready, ops_addr } = Stage::start(&config, &shutdown).await?;
 
-    let db = dropline::db::connect(&config.mysql).await?;
-    dropline::db::migrate(&db).await?;
+    let Some(db) = dropline::db::connect_and_migrate(&config.mysql, &shutdown).await? else {
+        return Err(IngressError::StoppedWaiting("mysql"));
+    };
     let search_timeout = events::SearchTimeout::detect(&db, config.search_statement_timeout_ms).await?;
     let redis = config.redis.pool()?;
     let topics = config.kafka.topics();

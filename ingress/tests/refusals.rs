@@ -219,6 +219,8 @@ async fn bad_purchases_are_refused_before_any_store() {
             "event_not_found",
         ),
         ("event 0", in_path("/v1/events/0/purchases"), StatusCode::NOT_FOUND, "event_not_found"),
+        ("a signed event id", in_path("/v1/events/+1/purchases"), StatusCode::NOT_FOUND, "event_not_found"),
+        ("a leading zero", in_path("/v1/events/01/purchases"), StatusCode::NOT_FOUND, "event_not_found"),
     ];
     for (case, req, status, code) in cases {
         println!("{case}");
@@ -298,8 +300,15 @@ async fn bad_order_and_intent_requests_are_refused_before_any_store() {
     ] {
         api.refused(request(method, &path).empty(), StatusCode::UNAUTHORIZED, "unauthorized").await;
     }
-    for (method, path) in [(Method::GET, "/v1/orders/not-a-uuid"), (Method::POST, "/v1/orders/not-a-uuid/cancel")] {
-        api.refused(request(method, path).bearer(&token).empty(), StatusCode::NOT_FOUND, "order_not_found").await;
+    // Only the hyphenated form names an order: one order, one URL.
+    let braced = format!("{{{order}}}");
+    let urn = format!("urn:uuid:{order}");
+    let simple = order.simple().to_string();
+    for id in ["not-a-uuid", &braced, &urn, &simple] {
+        for path in [format!("/v1/orders/{id}"), format!("/v1/orders/{id}/cancel")] {
+            let method = if path.ends_with("/cancel") { Method::POST } else { Method::GET };
+            api.refused(request(method, &path).bearer(&token).empty(), StatusCode::NOT_FOUND, "order_not_found").await;
+        }
     }
     let intent = request(Method::GET, "/v1/intents/not-a-uuid").bearer(&token).empty();
     api.refused(intent, StatusCode::NOT_FOUND, "not_found").await;

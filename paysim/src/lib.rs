@@ -474,6 +474,6 @@ mod tests {
         assert!(unset.contains("DROPLINE_WEBHOOK_SECRET is not set"), "{unset}");
         let published = parse("dropline-local-webhook-secret").validate().unwrap_err().to_string();
         assert!(published.contains("DROPLINE_WEBHOOK_SECRET is a value published"), "{published}");
-        parse("3c9a1f0e7b2d4c6a8e0f1b3d5c7a9e2f4b6d8c0a1e3f5b7d9c2a4e6f8b0d1c3e").validate().unwrap();
+        parse(&dropline::secrets::random()).validate().unwrap();
     }
 }

@@ -49,8 +49,9 @@ pub async fn run(config: SettlerConfig, shutdown: CancellationToken) -> Result<(
         &shutdown,
     )
     .await?;
-    let db = dropline::db::connect(&config.mysql).await?;
-    dropline::db::migrate(&db).await?;
+    let Some(db) = dropline::db::connect_and_migrate(&config.mysql, &shutdown).await? else {
+        return Ok(());
+    };
     let ledger = dropline::stock::Ledger::new(config.redis.pool()?, &config.redis.key_prefix);
     let voided = Arc::new(Voided::default());
     let reconciler = Reconciler {

@@ -31,8 +31,7 @@ pub struct Secrets {
 
 impl Secrets {
     pub fn generate() -> Secrets {
-        // Two v4 UUIDs: 64 hex characters, 244 random bits.
-        let random = || format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
+        use dropline::secrets::random;
         Secrets { jwt: random(), admin_jwt: random(), webhook: random() }
     }
 
