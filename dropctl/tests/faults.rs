@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::process::{bin_dir, free_port, spawn, spawn_in, Mariadb, Process};
+use common::process::{bin_dir, free_port, spawn, spawn_in, spawn_logged, Mariadb, Process};
 use common::{eventually, Secrets};
 use dropctl::api::Api;
 use dropctl::drill::{self, DropReport};
@@ -102,19 +102,41 @@ impl Cluster {
         for stage in STAGES {
             cluster.start_stage(stage);
         }
-        let ops = cluster.ops.clone();
-        eventually("every stage ready", Duration::from_secs(60), || {
-            let ops = ops.clone();
-            async move {
-                for port in ops.values() {
-                    let ready = reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await.ok()?;
-                    ready.status().is_success().then_some(())?;
-                }
-                Some(())
-            }
-        })
-        .await;
+        cluster.wait_ready().await;
         cluster
+    }
+
+    /// Waits for every stage to report ready; past a minute, fails with
+    /// the last log lines of those that did not.
+    async fn wait_ready(&self) {
+        let ready = |port: u16| async move {
+            let answer = reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await;
+            answer.is_ok_and(|a| a.status().is_success())
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut waiting = Vec::new();
+            for (stage, port) in &self.ops {
+                if !ready(*port).await {
+                    waiting.push(*stage);
+                }
+            }
+            if waiting.is_empty() {
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let logs: Vec<String> = waiting
+                    .iter()
+                    .map(|stage| {
+                        let log = std::fs::read_to_string(self.dir.join(format!("{stage}.log"))).unwrap_or_default();
+                        let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                        format!("{stage}:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"))
+                    })
+                    .collect();
+                panic!("not ready after 60 s: {waiting:?}\n{}", logs.join("\n"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     async fn start_redis(&mut self) {
@@ -168,7 +190,8 @@ impl Cluster {
     fn env(&self, stage: &str) -> Vec<(&'static str, String)> {
         let name = &self.name;
         let mut env = vec![
-            ("DROPLINE_LOG", std::env::var("DROPLINE_TEST_STAGE_LOGS").unwrap_or_else(|_| "warn".into())),
+            // To the stage's log file in the scenario's folder, shown if it fails.
+            ("DROPLINE_LOG", std::env::var("DROPLINE_TEST_STAGE_LOGS").unwrap_or_else(|_| "info".into())),
             ("DROPLINE_KAFKA_BROKERS", format!("127.0.0.1:{}", self.kafka_port)),
             ("DROPLINE_KAFKA_FETCH_WAIT_MAX_MS", "10".into()),
             ("DROPLINE_TOPIC_PREFIX", name.clone()),
@@ -196,7 +219,8 @@ impl Cluster {
     }
 
     fn start_stage(&mut self, stage: &'static str) {
-        let process = spawn(stage, bin_dir().join(format!("dropline-{stage}")), &self.env(stage), &[]);
+        let log = self.dir.join(format!("{stage}.log"));
+        let process = spawn_logged(stage, bin_dir().join(format!("dropline-{stage}")), &self.env(stage), &log);
         self.stages.insert(stage, process);
     }
 

@@ -303,6 +303,20 @@ pub mod process {
         spawn_in(name, program, env, args, None)
     }
 
+    /// [`spawn`], its log lines appended to `log` (a stage restarted after
+    /// a kill goes on in the same file), for a failing test to show.
+    pub fn spawn_logged(
+        name: &'static str,
+        program: PathBuf,
+        env: &[(&str, String)],
+        log: &std::path::Path,
+    ) -> Process {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        spawn_with(name, program, env, &[], None, |cmd| {
+            cmd.stdout(file);
+        })
+    }
+
     /// [`spawn`], in the working directory `cwd`.
     pub fn spawn_in(
         name: &'static str,
@@ -310,6 +324,17 @@ pub mod process {
         env: &[(&str, String)],
         args: &[String],
         cwd: Option<&std::path::Path>,
+    ) -> Process {
+        spawn_with(name, program, env, args, cwd, |_| {})
+    }
+
+    fn spawn_with(
+        name: &'static str,
+        program: PathBuf,
+        env: &[(&str, String)],
+        args: &[String],
+        cwd: Option<&std::path::Path>,
+        configure: impl FnOnce(&mut Command),
     ) -> Process {
         assert!(
             !program.is_absolute() || program.exists(),
@@ -324,6 +349,7 @@ pub mod process {
         if let Some(dir) = cwd {
             cmd.current_dir(dir);
         }
+        configure(&mut cmd);
         for (k, v) in env {
             cmd.env(k, v);
         }
