@@ -109,34 +109,32 @@ impl Cluster {
     /// Waits for every stage to report ready; past a minute, fails with
     /// the last log lines of those that did not.
     async fn wait_ready(&self) {
-        let ready = |port: u16| async move {
-            let answer = reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await;
-            answer.is_ok_and(|a| a.status().is_success())
-        };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let mut waiting = Vec::new();
+        let waiting = std::sync::Mutex::new(Vec::new());
+        let probe = || async {
+            let mut not_ready = Vec::new();
             for (stage, port) in &self.ops {
-                if !ready(*port).await {
-                    waiting.push(*stage);
+                let answer = reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await;
+                if !answer.is_ok_and(|a| a.status().is_success()) {
+                    not_ready.push(*stage);
                 }
             }
-            if waiting.is_empty() {
-                return;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                let logs: Vec<String> = waiting
-                    .iter()
-                    .map(|stage| {
-                        let log = std::fs::read_to_string(self.dir.join(format!("{stage}.log"))).unwrap_or_default();
-                        let tail: Vec<&str> = log.lines().rev().take(15).collect();
-                        format!("{stage}:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"))
-                    })
-                    .collect();
-                panic!("not ready after 60 s: {waiting:?}\n{}", logs.join("\n"));
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            let done = not_ready.is_empty();
+            *waiting.lock().unwrap() = not_ready;
+            done.then_some(())
+        };
+        let explain = || {
+            let waiting = waiting.lock().unwrap().clone();
+            let logs: Vec<String> = waiting
+                .iter()
+                .map(|stage| {
+                    let log = std::fs::read_to_string(self.dir.join(format!("{stage}.log"))).unwrap_or_default();
+                    let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                    format!("{stage}:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"))
+                })
+                .collect();
+            format!("not ready: {waiting:?}\n{}", logs.join("\n"))
+        };
+        common::eventually_or("every stage ready", Duration::from_secs(60), probe, explain).await;
     }
 
     async fn start_redis(&mut self) {

@@ -51,17 +51,9 @@ impl Sim {
     }
 }
 
-/// Polls `probe` every 20 ms until it yields `Some`, failing after 10 s.
-async fn until<T, Fut: std::future::Future<Output = Option<T>>>(what: &str, mut probe: impl FnMut() -> Fut) -> T {
-    let found = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            if let Some(found) = probe().await {
-                break found;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    });
-    found.await.unwrap_or_else(|_| panic!("{what}: not within 10 s"))
+/// Polls `probe` until it yields `Some`, failing after 10 s.
+async fn until<T, Fut: std::future::Future<Output = Option<T>>>(what: &str, probe: impl FnMut() -> Fut) -> T {
+    dropline_testkit::eventually(what, Duration::from_secs(10), probe).await
 }
 
 fn config(captures: &std::path::Path) -> PaysimConfig {

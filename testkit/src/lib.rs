@@ -157,7 +157,22 @@ impl Deployment {
 }
 
 /// Polls `probe` until it yields `Some`, failing the test after `timeout`.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    eventually_or(what, timeout, probe, String::new).await
+}
+
+/// [`eventually`], whose failure also says what `explain` finds then (the
+/// logs of what did not get there, say).
+pub async fn eventually_or<T, F, Fut>(
+    what: &str,
+    timeout: Duration,
+    mut probe: F,
+    explain: impl FnOnce() -> String,
+) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
@@ -167,7 +182,9 @@ where
         if let Some(v) = probe().await {
             return v;
         }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out waiting for {what}\n{}", explain());
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -15,7 +15,7 @@ use dropline::messages::Topics;
 use dropline_testkit::Deployment;
 // Shared with the other crates' tests; each test here uses some.
 #[allow(unused_imports)]
-pub use dropline_testkit::{brokers, eventually, mysql_server, redis_url, Secrets};
+pub use dropline_testkit::{brokers, eventually, eventually_or, mysql_server, redis_url, Secrets};
 use sqlx::MySqlPool;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
