@@ -12,14 +12,7 @@ const DURATION = __ENV.DURATION || '30s';
 export const options = {
   summaryTrendStats: dl.SUMMARY_TREND_STATS,
   scenarios: {
-    refresh: {
-      executor: 'constant-arrival-rate',
-      rate: RATE,
-      timeUnit: '1s',
-      duration: DURATION,
-      preAllocatedVUs: Math.min(RATE, 300),
-      maxVUs: RATE * 2,
-    },
+    refresh: dl.steadyRate(RATE, DURATION, Math.min(RATE, 300), RATE * 2),
   },
   thresholds: {
     'http_req_duration{name:event}': ['p(99)<200'],

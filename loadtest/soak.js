@@ -15,14 +15,7 @@ const undecided = new Rate('dropline_undecided');
 export const options = {
   summaryTrendStats: dl.SUMMARY_TREND_STATS,
   scenarios: {
-    soak: {
-      executor: 'constant-arrival-rate',
-      rate: RATE,
-      timeUnit: '1s',
-      duration: DURATION,
-      preAllocatedVUs: Math.min(RATE * 2, 400),
-      maxVUs: RATE * 4,
-    },
+    soak: dl.steadyRate(RATE, DURATION, Math.min(RATE * 2, 400), RATE * 4),
   },
   thresholds: dl.BUYER_THRESHOLDS,
 };

@@ -16,14 +16,7 @@ const shed = new Counter('dropline_shed_429');
 export const options = {
   summaryTrendStats: dl.SUMMARY_TREND_STATS,
   scenarios: {
-    spike: {
-      executor: 'constant-arrival-rate',
-      rate: RATE,
-      timeUnit: '1s',
-      duration: DURATION,
-      preAllocatedVUs: Math.min(RATE, 600),
-      maxVUs: RATE * 2,
-    },
+    spike: dl.steadyRate(RATE, DURATION, Math.min(RATE, 600), RATE * 2),
   },
   thresholds: {
     dropline_5xx: ['rate==0'],

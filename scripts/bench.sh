@@ -55,14 +55,20 @@ log "ingress: the same wrk script against Dropline (admission limits lifted)"
 "$DROPLINE_ROOT/scripts/stack.sh" stop-services
 DROPLINE_ADMIT_PER_SEC=10000000 DROPLINE_ADMIT_BURST=1000000 DROPLINE_USER_PER_SEC=10000000 \
   DROPLINE_USER_BURST=1000000 "$DROPLINE_ROOT/scripts/stack.sh" up
-now_iso=$(date -u +%Y-%m-%dT%H:%M:%SZ)
-later_iso=$(date -u -d '+6 hours' +%Y-%m-%dT%H:%M:%SZ)
-event=$(curl -fsS -X POST http://127.0.0.1:8080/v1/admin/events -H "authorization: Bearer $admin" \
-  -H 'content-type: application/json' -d "{\"name\":\"bench\",\"venue\":\"bench\",\"starts_at\":\"$later_iso\",
-  \"sale_opens_at\":\"$now_iso\",\"sale_closes_at\":\"$later_iso\",\"capacity\":10000000,\"price_cents\":100,
-  \"currency\":\"EUR\",\"per_user_limit\":100,\"hold_ttl_secs\":3600}" | json_get '["id"]')
-WRK_TOKEN=$token wrk -t2 -c64 -d"${WRK_SECS}s" -s loadtest/wrk/purchase.lua \
-  "http://127.0.0.1:8080/v1/events/$event/purchases" | wrk_json >"$OUT/ingress.json"
+# wrk_purchases NAME: purchases as fast as the stack on :8080 takes them,
+# for an event of its own with stock for all, into $OUT/NAME.json.
+wrk_purchases() {
+  local now_iso later_iso event
+  now_iso=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+  later_iso=$(date -u -d '+6 hours' +%Y-%m-%dT%H:%M:%SZ)
+  event=$(curl -fsS -X POST http://127.0.0.1:8080/v1/admin/events -H "authorization: Bearer $admin" \
+    -H 'content-type: application/json' -d "{\"name\":\"bench\",\"venue\":\"bench\",\"starts_at\":\"$later_iso\",
+    \"sale_opens_at\":\"$now_iso\",\"sale_closes_at\":\"$later_iso\",\"capacity\":10000000,\"price_cents\":100,
+    \"currency\":\"EUR\",\"per_user_limit\":100,\"hold_ttl_secs\":3600}" | json_get '["id"]')
+  WRK_TOKEN=$token wrk -t2 -c64 -d"${WRK_SECS}s" -s loadtest/wrk/purchase.lua \
+    "http://127.0.0.1:8080/v1/events/$event/purchases" | wrk_json >"$OUT/$1.json"
+}
+wrk_purchases ingress
 
 # 1b. Everything from here on: the bench's own stack on a broker in memory
 #     (memory-lossy), on its own port and state folder; the same wrk run
@@ -80,12 +86,7 @@ mkdir -p "$STATE_DIR"
 # wipe: this stack's broker, database (dropline_bench) and Redis keys (bench:*).
 trap '"$DROPLINE_ROOT/scripts/stack.sh" wipe; rm -rf "$DROPLINE_STATE_DIR"' EXIT
 "$DROPLINE_ROOT/scripts/stack.sh" up
-event=$(curl -fsS -X POST http://127.0.0.1:8080/v1/admin/events -H "authorization: Bearer $admin" \
-  -H 'content-type: application/json' -d "{\"name\":\"bench\",\"venue\":\"bench\",\"starts_at\":\"$later_iso\",
-  \"sale_opens_at\":\"$now_iso\",\"sale_closes_at\":\"$later_iso\",\"capacity\":10000000,\"price_cents\":100,
-  \"currency\":\"EUR\",\"per_user_limit\":100,\"hold_ttl_secs\":3600}" | json_get '["id"]')
-WRK_TOKEN=$token wrk -t2 -c64 -d"${WRK_SECS}s" -s loadtest/wrk/purchase.lua \
-  "http://127.0.0.1:8080/v1/events/$event/purchases" | wrk_json >"$OUT/ingress_memory.json"
+wrk_purchases ingress_memory
 
 # 2. Kafka: the raw produce rate with the stages' producer settings.
 log "kafka ceiling: raw produce"

@@ -1,8 +1,5 @@
 use clap::Parser;
-use dropline::config::{ConfigError, KafkaArgs, OpsArgs, Problems, RedisArgs};
-
-/// Where the ops endpoints listen unless configured.
-pub const DEFAULT_OPS_PORT: u16 = 9101;
+use dropline::config::SharedArgs;
 
 /// The allocator: consumes purchase intents and decides them in batches with
 /// one Lua script call per event and batch.
@@ -22,34 +19,14 @@ pub struct AllocatorConfig {
     #[arg(long, env = "DROPLINE_ALLOCATOR_BATCH_LINGER_MS", default_value_t = 5)]
     pub batch_linger_ms: u64,
     #[command(flatten)]
-    pub kafka: KafkaArgs,
-    #[command(flatten)]
-    pub redis: RedisArgs,
-    #[command(flatten)]
-    pub ops: OpsArgs,
+    #[serde(flatten)]
+    pub shared: SharedArgs,
 }
 
-impl dropline::stage::StageConfig for AllocatorConfig {
-    const NAME: &'static str = "allocator";
-    const DEFAULT_OPS_PORT: u16 = DEFAULT_OPS_PORT;
-
-    fn validate(&self) -> Result<(), ConfigError> {
-        let mut p = Problems::default();
-        self.kafka.check(&mut p);
-        self.redis.check(&mut p);
-        p.require(!self.group_id.is_empty(), "DROPLINE_ALLOCATOR_GROUP must not be empty");
-        p.within("DROPLINE_ALLOCATOR_BATCH_MAX", self.batch_max, 1..=10_000);
-        p.require(self.batch_linger_ms <= 1000, "DROPLINE_ALLOCATOR_BATCH_LINGER_MS must be at most 1000");
-        p.into_result()
-    }
-
-    fn ops(&self) -> &OpsArgs {
-        &self.ops
-    }
-
-    fn describe_metrics() {
-        crate::metrics::describe();
-    }
-}
+dropline::stage_config!(AllocatorConfig, "allocator", 9101, |config, p| {
+    p.require(!config.group_id.is_empty(), "DROPLINE_ALLOCATOR_GROUP must not be empty");
+    p.within("DROPLINE_ALLOCATOR_BATCH_MAX", config.batch_max, 1..=10_000);
+    p.require(config.batch_linger_ms <= 1000, "DROPLINE_ALLOCATOR_BATCH_LINGER_MS must be at most 1000");
+});
 
 dropline::config_tests!(super::AllocatorConfig);

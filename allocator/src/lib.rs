@@ -21,12 +21,12 @@ use std::time::{Duration, Instant};
 use dropline::kafka::{self, PublishError, Publisher, Record};
 use dropline::messages::{now_ms, Decision, HoldExpiry, Outcome, PurchaseIntent, Topics};
 use dropline::stage::{self, Stage, StageError};
-use dropline::stock::{Claim, Ledger, LedgerError, Verdict};
+use dropline::stock::{Ledger, LedgerError, Undecided, Verdict};
 use rdkafka::message::{Message, OwnedMessage};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-pub use config::{AllocatorConfig, DEFAULT_OPS_PORT};
+pub use config::AllocatorConfig;
 
 use crate::metrics::{DECISIONS, DECISION_LATENCY, LEDGER_ERRORS, LUA_DURATION};
 use crate::stock::StockWatch;
@@ -49,16 +49,17 @@ struct Allocator {
 
 pub async fn run(config: AllocatorConfig, shutdown: CancellationToken) -> Result<(), StageError> {
     let stage::Consumer { ready, topics, publisher, dead_letters, consumer } =
-        Stage::start_consumer(&config, &config.kafka, &config.group_id, |t| vec![&t.intents], &shutdown).await?;
-    let ledger = Ledger::new(config.redis.pool()?, &config.redis.key_prefix);
+        Stage::start_consumer(&config, &config.group_id, |t| vec![&t.intents], &shutdown).await?;
+    let ledger = Ledger::new(config.shared.redis.pool()?, &config.shared.redis.key_prefix);
     let watch = Arc::new(StockWatch::default());
     tokio::spawn(watch.clone().sample(ledger.clone(), Duration::from_secs(2), shutdown.clone()));
-    let instance = format!("{}-{}", config.kafka.instance_id("allocator-consumer").unwrap_or_default(), Uuid::new_v4());
+    let instance =
+        format!("{}-{}", config.shared.kafka.instance_id("allocator-consumer").unwrap_or_default(), Uuid::new_v4());
     let allocator = Allocator { instance, unpublished: Default::default(), ledger, watch, publisher, topics };
     ready.set(true);
     tracing::info!("allocator consuming");
 
-    let mut options = config.kafka.batch_options("allocator", config.batch_max, config.batch_linger_ms);
+    let mut options = config.shared.kafka.batch_options("allocator", config.batch_max, config.batch_linger_ms);
     // Between attempts the in-flight marks are not renewed: keep the pause
     // well inside the rebuild's grace (DROPLINE_SETTLER_REBUILD_GRACE_MS).
     options.max_backoff = Duration::from_secs(2);
@@ -128,8 +129,9 @@ impl kafka::BatchStage for Allocator {
                 let request_id = kafka::request_id(message);
                 let decision = decision(intent, verdict);
                 let outcome = outcome_label(&decision.outcome);
-                ::metrics::counter!(DECISIONS, "outcome" => outcome).increment(1);
-                ::metrics::histogram!(DECISION_LATENCY).record((now - intent.accepted_at_ms).max(0) as f64 / 1000.0);
+                ::metrics::counter!(DECISIONS.name, "outcome" => outcome).increment(1);
+                ::metrics::histogram!(DECISION_LATENCY.name)
+                    .record((now - intent.accepted_at_ms).max(0) as f64 / 1000.0);
                 tracing::debug!(request_id = request_id.as_deref(), intent_id = %intent.intent_id, outcome, "decided");
                 outgoing.extend(self.messages_for(&decision, request_id.as_deref()));
             }
@@ -181,13 +183,13 @@ impl Allocator {
         event_id: u64,
         intents: &[&(PurchaseIntent, &OwnedMessage)],
     ) -> Result<Vec<Verdict>, DecideError> {
-        let claims: Vec<Claim<'_>> = intents
+        let undecided: Vec<Undecided<'_>> = intents
             .iter()
-            .map(|(i, _)| Claim { intent_id: i.intent_id, user_id: &i.user_id, quantity: i.quantity })
+            .map(|(i, _)| Undecided { intent_id: i.intent_id, user_id: &i.user_id, quantity: i.quantity })
             .collect();
         let started = Instant::now();
-        let result = self.ledger.allocate(event_id, &claims).await;
-        ::metrics::histogram!(LUA_DURATION).record(started.elapsed().as_secs_f64());
+        let result = self.ledger.allocate(event_id, &undecided).await;
+        ::metrics::histogram!(LUA_DURATION.name).record(started.elapsed().as_secs_f64());
         match result {
             Ok(verdicts) => {
                 let mut kept = self.unpublished.lock().unwrap_or_else(|p| p.into_inner());
@@ -201,7 +203,7 @@ impl Allocator {
                 // earlier attempt decided is kept and republished without
                 // asking), so a rebuild need not wait for us.
                 self.ledger.published(event_id, &self.instance).await?;
-                ::metrics::counter!(LEDGER_ERRORS, "kind" => ledger_error_kind(&e)).increment(1);
+                ::metrics::counter!(LEDGER_ERRORS.name, "kind" => ledger_error_kind(&e)).increment(1);
                 if matches!(e, LedgerError::NoLedger(_)) && self.ledger.is_unknown_event(event_id).await? {
                     return Err(DecideError::UnknownEvent(event_id));
                 }

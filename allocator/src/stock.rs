@@ -53,7 +53,7 @@ impl StockWatch {
                         for (state, units) in
                             [("available", levels.available), ("held", levels.held), ("sold", levels.sold)]
                         {
-                            ::metrics::gauge!(STOCK, "event_id" => id.clone(), "state" => state).set(units as f64);
+                            ::metrics::gauge!(STOCK.name, "event_id" => id.clone(), "state" => state).set(units as f64);
                         }
                     }
                     Ok(None) => {}

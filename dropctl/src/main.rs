@@ -1,7 +1,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use dropctl::api::Api;
 use dropctl::drill::{self, DropPlan, DropReport};
 use dropctl::invariants::{self, CheckOptions};
@@ -12,6 +12,7 @@ use dropline::auth::Audience;
 use dropline::config::{KafkaArgs, MysqlArgs, RedisArgs};
 use dropline::kafka::{Publisher, WhenFull};
 use dropline::stock::Ledger;
+use sqlx::MySqlPool;
 
 /// Dropline's operator tool.
 #[derive(Parser)]
@@ -72,14 +73,9 @@ enum Command {
         /// Prometheus scraping the services, for the headline numbers.
         #[arg(long, env = "DROPLINE_PROMETHEUS_URL", default_value = "http://127.0.0.1:9090")]
         prometheus_url: String,
-        /// The deployment's broker and consumer groups: the books are checked
-        /// once the groups have caught up.
+        /// The books are checked once the consumer groups have caught up.
         #[command(flatten)]
-        pipeline: PipelineArgs,
-        #[command(flatten)]
-        mysql: MysqlArgs,
-        #[command(flatten)]
-        redis: RedisArgs,
+        books: Books,
     },
     /// Measures a ceiling for the performance report (see scripts/bench.sh).
     Ceiling {
@@ -127,12 +123,30 @@ enum Command {
         #[arg(long)]
         accepted: Option<u64>,
         #[command(flatten)]
-        pipeline: PipelineArgs,
-        #[command(flatten)]
-        mysql: MysqlArgs,
-        #[command(flatten)]
-        redis: RedisArgs,
+        books: Books,
     },
+}
+
+/// Where a drop's books are: the deployment's broker and consumer groups,
+/// MySQL and the Redis ledger.
+#[derive(Args)]
+struct Books {
+    #[command(flatten)]
+    pipeline: PipelineArgs,
+    #[command(flatten)]
+    mysql: MysqlArgs,
+    #[command(flatten)]
+    redis: RedisArgs,
+}
+
+impl Books {
+    async fn open(&self) -> anyhow::Result<(MySqlPool, Ledger)> {
+        open_books(&self.mysql, &self.redis).await
+    }
+}
+
+async fn open_books(mysql: &MysqlArgs, redis: &RedisArgs) -> anyhow::Result<(MySqlPool, Ledger)> {
+    Ok((dropline::db::connect(mysql).await?, Ledger::new(redis.pool()?, &redis.key_prefix)))
 }
 
 #[derive(Subcommand)]
@@ -206,9 +220,7 @@ async fn main() -> anyhow::Result<()> {
             pay_share,
             cancel_share,
             prometheus_url,
-            pipeline,
-            mysql,
-            redis,
+            books,
         } => {
             let tokens = secrets.tokens()?;
             let plan = DropPlan {
@@ -223,10 +235,9 @@ async fn main() -> anyhow::Result<()> {
                 webhook_copies: 1,
                 user_prefix: format!("demo-{}-", chrono::Utc::now().timestamp()),
                 grace: invariants::production_grace(),
-                pipeline: Some(pipeline),
+                pipeline: Some(books.pipeline.clone()),
             };
-            let db = dropline::db::connect(&mysql).await?;
-            let ledger = Ledger::new(redis.pool()?, &redis.key_prefix);
+            let (db, ledger) = books.open().await?;
             let api = Api::new(&ingress_url)?;
             eprintln!(
                 "dropline demo: {tickets} tickets, {buyers} buyers ({concurrency} at once), holds last {hold_ttl_secs}s"
@@ -249,8 +260,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Rebuild { event, settler_group, grace_ms, timeout_secs, kafka, mysql, redis } => {
-            let db = dropline::db::connect(&mysql).await?;
-            let ledger = Ledger::new(redis.pool()?, &redis.key_prefix);
+            let (db, ledger) = open_books(&mysql, &redis).await?;
             let options = dropline_settler::rebuild::RebuildOptions {
                 settler_group,
                 in_flight_grace: Duration::from_millis(grace_ms),
@@ -288,12 +298,11 @@ async fn main() -> anyhow::Result<()> {
             };
             println!("{}", serde_json::to_string(&measured)?);
         }
-        Command::Check { event, grace_secs, wait_secs, accepted, pipeline, mysql, redis } => {
-            let db = dropline::db::connect(&mysql).await?;
-            let ledger = Ledger::new(redis.pool()?, &redis.key_prefix);
+        Command::Check { event, grace_secs, wait_secs, accepted, books } => {
+            let (db, ledger) = books.open().await?;
             let grace = grace_secs.map_or_else(invariants::production_grace, Duration::from_secs);
             let settle = Quiet {
-                pipeline: Some(pipeline),
+                pipeline: Some(books.pipeline),
                 past_deadlines: true,
                 grace,
                 timeout: Duration::from_secs(wait_secs),

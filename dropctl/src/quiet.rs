@@ -37,7 +37,7 @@ pub struct PipelineArgs {
     /// The allocators' consumer group (on the intents).
     #[arg(long, env = "DROPLINE_ALLOCATOR_GROUP", default_value = "dropline-allocator")]
     pub allocator_group: String,
-    /// The settlers' consumer group (on the decisions and order events).
+    /// The settlers' consumer group (on the decisions and order changes).
     #[arg(long, env = "DROPLINE_SETTLER_GROUP", default_value = "dropline-settler")]
     pub settler_group: String,
     /// The expirers' consumer group (on the hold deadlines).
@@ -119,7 +119,7 @@ impl PipelineProbe {
                 ("expirer", GroupProbe::new(&p.kafka, &p.expirer_group, vec![t.hold_expiry.clone()])?),
                 (
                     "settler",
-                    GroupProbe::new(&p.kafka, &p.settler_group, vec![t.decisions.clone(), t.order_events.clone()])?,
+                    GroupProbe::new(&p.kafka, &p.settler_group, vec![t.decisions.clone(), t.order_changes.clone()])?,
                 ),
             ],
         })

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use dropline::auth::{Audience, TokenKeys, Tokens};
 use dropline::config::{ConfigError, Problems};
-use dropline::secrets;
+use dropline::secrets::{self, Secret};
 
 /// Where `scripts/stack.sh up` keeps the secrets it generated.
 pub const LOCAL_SECRETS_FILE: &str = ".dropline/secrets.env";
@@ -18,11 +18,11 @@ const ADMIN_JWT_SECRET: &str = "DROPLINE_ADMIN_JWT_SECRET";
 #[derive(Debug, Clone, Args)]
 pub struct TokenArgs {
     /// Buyers' signing secret [default: from --secrets-file].
-    #[arg(long, env = JWT_SECRET, default_value = "", hide_default_value = true, hide_env_values = true)]
-    pub jwt_secret: String,
+    #[arg(long, env = JWT_SECRET, hide_env_values = true)]
+    pub jwt_secret: Option<Secret>,
     /// Admins' signing secret [default: from --secrets-file].
-    #[arg(long, env = ADMIN_JWT_SECRET, default_value = "", hide_default_value = true, hide_env_values = true)]
-    pub admin_jwt_secret: String,
+    #[arg(long, env = ADMIN_JWT_SECRET, hide_env_values = true)]
+    pub admin_jwt_secret: Option<Secret>,
     /// The issuer the ingress expects (its DROPLINE_JWT_ISSUER).
     #[arg(long, env = "DROPLINE_JWT_ISSUER", default_value = dropline::auth::DEFAULT_ISSUER)]
     pub jwt_issuer: String,
@@ -42,7 +42,7 @@ impl TokenArgs {
         let mut p = Problems::default();
         let secret = self.secret(name, &mut p);
         p.into_result()?;
-        Ok(TokenKeys::new(secret.as_bytes(), &self.jwt_issuer, audience))
+        Ok(TokenKeys::new(secrets::exposed(&secret), &self.jwt_issuer, audience))
     }
 
     /// Both kinds of keys, every problem with either reported at once.
@@ -51,14 +51,14 @@ impl TokenArgs {
         let buyer = self.secret(JWT_SECRET, &mut p);
         let admin = self.secret(ADMIN_JWT_SECRET, &mut p);
         p.into_result()?;
-        Ok(Tokens::new(buyer.as_bytes(), admin.as_bytes(), &self.jwt_issuer))
+        Ok(Tokens::new(secrets::exposed(&buyer), secrets::exposed(&admin), &self.jwt_issuer))
     }
 
-    fn secret(&self, name: &str, problems: &mut Problems) -> String {
+    fn secret(&self, name: &str, problems: &mut Problems) -> Option<Secret> {
         let given = if name == JWT_SECRET { &self.jwt_secret } else { &self.admin_jwt_secret };
-        let value =
-            if given.is_empty() { read_from(&self.secrets_file, name).unwrap_or_default() } else { given.clone() };
-        if value.is_empty() {
+        let given = given.clone().filter(|s| !s.expose().is_empty());
+        let value = given.or_else(|| read_from(&self.secrets_file, name).map(Secret::new));
+        if value.is_none() {
             problems.add(format!(
                 "{name} is not set, nor in {} (`scripts/stack.sh up` generates it there)",
                 self.secrets_file.display()

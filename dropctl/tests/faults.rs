@@ -37,6 +37,12 @@ struct ClusterOptions {
     private_mariadb: bool,
 }
 
+#[derive(Clone, Copy)]
+enum Service {
+    Redis,
+    Broker,
+}
+
 struct Cluster {
     name: String,
     secrets: Secrets,
@@ -135,6 +141,22 @@ impl Cluster {
             format!("not ready: {waiting:?}\n{}", logs.join("\n"))
         };
         common::eventually_or("every stage ready", Duration::from_secs(60), probe, explain).await;
+    }
+
+    /// kill -9 of one of the cluster's services, then a start on its own
+    /// data a moment later.
+    async fn crash_and_restart(mut self, service: Service) -> Self {
+        let process = match service {
+            Service::Redis => self.redis.take(),
+            Service::Broker => self.broker.take(),
+        };
+        process.expect("the service is running").kill9().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        match service {
+            Service::Redis => self.start_redis().await,
+            Service::Broker => self.start_broker().await,
+        }
+        self
     }
 
     async fn start_redis(&mut self) {
@@ -281,33 +303,28 @@ async fn kill_and_restart(stage: &'static str) {
         .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_of_the_allocator_mid_drop_loses_and_doubles_nothing() {
-    kill_and_restart("allocator").await;
+/// One scenario a stage: kill -9 of it mid-drop, then a start again.
+macro_rules! kill_9_mid_drop {
+    ($($test:ident: $stage:literal),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $test() {
+            kill_and_restart($stage).await;
+        }
+    )*};
 }
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_of_the_settler_mid_drop_loses_and_doubles_nothing() {
-    kill_and_restart("settler").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_of_the_expirer_mid_drop_loses_and_doubles_nothing() {
-    kill_and_restart("expirer").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_of_the_ingress_mid_drop_loses_and_doubles_nothing() {
-    kill_and_restart("ingress").await;
-}
+kill_9_mid_drop!(
+    kill_9_of_the_allocator_mid_drop_loses_and_doubles_nothing: "allocator",
+    kill_9_of_the_settler_mid_drop_loses_and_doubles_nothing: "settler",
+    kill_9_of_the_expirer_mid_drop_loses_and_doubles_nothing: "expirer",
+    kill_9_of_the_ingress_mid_drop_loses_and_doubles_nothing: "ingress",
+);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_flush_mid_drop_is_rebuilt_from_mysql() {
     Cluster::start()
         .await
         .drop_with("redis-flush", |c| async move {
-            let ledger = c.ledger();
-            let mut conn = ledger.pool().get().await.unwrap();
+            let mut conn = c.ledger().pool().get().await.unwrap();
             let _: () = deadpool_redis::redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
             c
         })
@@ -316,28 +333,12 @@ async fn a_redis_flush_mid_drop_is_rebuilt_from_mysql() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_restart_mid_drop_keeps_its_append_only_file() {
-    Cluster::start()
-        .await
-        .drop_with("redis-restart", |mut c| async move {
-            c.redis.take().unwrap().kill9().await;
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            c.start_redis().await;
-            c
-        })
-        .await;
+    Cluster::start().await.drop_with("redis-restart", |c| c.crash_and_restart(Service::Redis)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_restart_mid_drop_loses_and_doubles_nothing() {
-    Cluster::start()
-        .await
-        .drop_with("broker-restart", |mut c| async move {
-            c.broker.take().unwrap().kill9().await;
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            c.start_broker().await;
-            c
-        })
-        .await;
+    Cluster::start().await.drop_with("broker-restart", |c| c.crash_and_restart(Service::Broker)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

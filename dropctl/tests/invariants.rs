@@ -90,8 +90,8 @@ impl Books {
 
 async fn hold(ledger: &Ledger, event: u64, user: &str) -> (Uuid, Decision) {
     let id = Uuid::new_v4();
-    let claim = dropline::stock::Claim { intent_id: id, user_id: user, quantity: 1 };
-    let verdicts = ledger.allocate(event, &[claim]).await.unwrap();
+    let intent = dropline::stock::Undecided { intent_id: id, user_id: user, quantity: 1 };
+    let verdicts = ledger.allocate(event, &[intent]).await.unwrap();
     let LedgerVerdict::Held { expires_at_ms, amount_cents, decided_at_ms, units } = verdicts[0].clone() else {
         panic!("{user} got no hold: {:?}", verdicts[0]);
     };

@@ -627,7 +627,7 @@ async fn a_request_id_travels_with_the_purchase_through_every_stage() {
     // The expirer ends the hold under the purchase's request id.
     wait_order_state(&stack, order, "expired").await;
     assert_eq!(
-        request_ids_on(&stack, &stack.topics.order_events, &needle, 1).await,
+        request_ids_on(&stack, &stack.topics.order_changes, &needle, 1).await,
         vec![Some("rid-purchase-1".into())]
     );
     // Without a usable header, the ingress makes one up.
@@ -798,7 +798,7 @@ async fn a_rebuild_keeps_a_payment_whose_order_event_was_lost() {
     let paid = stack.ledger.pay(event, order, "pay-lost-publish").await.unwrap();
     assert!(matches!(paid, dropline::stock::PayOutcome::Paid(_)), "{paid:?}");
     // A rebuild from MySQL alone would put the unit back on hold.
-    stack.ledger.request_rebuild(event, "test: a rebuild while an order event is lost").await.unwrap();
+    stack.ledger.request_rebuild(event, "test: a rebuild while an order change is lost").await.unwrap();
     wait_order_state(&stack, order, "paid").await;
     let hold = stack.ledger.hold(event, order).await.unwrap().expect("the hold is in the ledger");
     assert_eq!(hold.state, dropline::messages::OrderState::Paid);

@@ -226,6 +226,26 @@ impl OpsArgs {
     }
 }
 
+/// What every stage has: the broker, the Redis ledger and its own ops
+/// endpoints. Serialized flat, as if its fields were the stage's own.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct SharedArgs {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub redis: RedisArgs,
+    #[command(flatten)]
+    pub ops: OpsArgs,
+}
+
+impl SharedArgs {
+    pub fn check(&self, problems: &mut Problems) {
+        self.kafka.check(problems);
+        self.redis.check(problems);
+        problems.require(self.ops.drain_timeout_secs > 0, "DROPLINE_DRAIN_TIMEOUT_SECS must be positive");
+    }
+}
+
 /// This host's name (a pod's name in Kubernetes), for default instance ids.
 pub fn hostname() -> String {
     std::env::var("HOSTNAME")
@@ -286,12 +306,6 @@ impl fmt::Display for ConfigError {
 /// Serializes a URL for the effective-config log, password masked.
 pub fn redacted_url<T: AsRef<str>, S: Serializer>(url: &T, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&redact_url(url.as_ref()))
-}
-
-/// Serializes a secret for the effective-config log: only whether it is
-/// set.
-pub fn redacted_secret<T: AsRef<str>, S: Serializer>(secret: &T, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(if secret.as_ref().is_empty() { "" } else { "***" })
 }
 
 /// Masks the password of a URL before it is logged.

@@ -16,19 +16,15 @@ const LEDGER_RETENTION_MS: i64 = 7 * 24 * 3600 * 1000;
 pub const COLUMNS: &str = "id, name, venue, starts_at, sale_opens_at, sale_closes_at, capacity, price_cents, \
                            currency, per_user_limit, hold_ttl_secs, created_at";
 
+/// A sale event as the record keeps it: the terms an admin set, with the
+/// id and creation time the record gave it. Its JSON is flat, as the API
+/// has always served it.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct Event {
     pub id: u64,
-    pub name: String,
-    pub venue: String,
-    pub starts_at: DateTime<Utc>,
-    pub sale_opens_at: DateTime<Utc>,
-    pub sale_closes_at: DateTime<Utc>,
-    pub capacity: u32,
-    pub price_cents: u64,
-    pub currency: String,
-    pub per_user_limit: u32,
-    pub hold_ttl_secs: u32,
+    #[serde(flatten)]
+    #[sqlx(flatten)]
+    pub terms: EventTerms,
     pub created_at: DateTime<Utc>,
 }
 
@@ -39,29 +35,15 @@ impl Event {
             .fetch_optional(db)
             .await
     }
-
-    /// The rules the stock ledger enforces for this event.
-    pub fn rules(&self) -> SaleRules {
-        let closes = self.sale_closes_at.timestamp_millis();
-        SaleRules {
-            capacity: self.capacity,
-            per_user_limit: self.per_user_limit,
-            hold_ttl_ms: u64::from(self.hold_ttl_secs) * 1000,
-            opens_at_ms: self.sale_opens_at.timestamp_millis(),
-            closes_at_ms: closes,
-            price_cents: self.price_cents,
-            retain_until_ms: closes + i64::from(self.hold_ttl_secs) * 1000 + LEDGER_RETENTION_MS,
-        }
-    }
 }
 
-/// An admin's request to create an event: the fields of [`Event`] but its
-/// id and creation time. A type of its own, not a part of `Event`, because
-/// it is untrusted input (strict, validated by [`NewEvent::problems`]) and
-/// `Event` a row of the record.
-#[derive(Debug, Clone, Deserialize)]
+/// The terms of a sale event: what it sells, when, at what price and how
+/// many per buyer. An admin's request to create an event is these terms,
+/// untrusted until [`EventTerms::problems`] finds nothing wrong (strict:
+/// an unknown field is refused).
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
 #[serde(deny_unknown_fields)]
-pub struct NewEvent {
+pub struct EventTerms {
     pub name: String,
     pub venue: String,
     pub starts_at: DateTime<Utc>,
@@ -78,7 +60,21 @@ pub const MAX_CAPACITY: u32 = 10_000_000;
 pub const MAX_PER_USER_LIMIT: u32 = 100;
 pub const MAX_HOLD_TTL_SECS: u32 = 24 * 3600;
 
-impl NewEvent {
+impl EventTerms {
+    /// The rules the stock ledger enforces for this event.
+    pub fn rules(&self) -> SaleRules {
+        let closes = self.sale_closes_at.timestamp_millis();
+        SaleRules {
+            capacity: self.capacity,
+            per_user_limit: self.per_user_limit,
+            hold_ttl_ms: u64::from(self.hold_ttl_secs) * 1000,
+            opens_at_ms: self.sale_opens_at.timestamp_millis(),
+            closes_at_ms: closes,
+            price_cents: self.price_cents,
+            retain_until_ms: closes + i64::from(self.hold_ttl_secs) * 1000 + LEDGER_RETENTION_MS,
+        }
+    }
+
     /// Every reason the event cannot be created, empty when it can.
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
@@ -126,8 +122,8 @@ impl NewEvent {
 mod tests {
     use super::*;
 
-    fn event(starts_at: &str) -> NewEvent {
-        NewEvent {
+    fn event(starts_at: &str) -> EventTerms {
+        EventTerms {
             name: "n".into(),
             venue: "v".into(),
             starts_at: starts_at.parse().unwrap(),

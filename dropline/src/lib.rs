@@ -6,7 +6,7 @@
 //!   it (allocate, pay, cancel, expire), and every Redis key's name
 //!   ([`stock::keys`]).
 //! - [`db`]: the MySQL pool and the schema's migrations; [`events`]: events
-//!   as the record keeps them and as admins create them, and the sale rules
+//!   as the record keeps them and the terms admins create them with, and the sale rules
 //!   they load into the ledger.
 //! - [`kafka`]: the one publisher, consumer setup, the one batch-consumer loop,
 //!   group membership and readiness, offset storage and the dead-letter
@@ -16,9 +16,10 @@
 //!   every signing secret passes before a process starts.
 //! - [`stage`]: the stage kit, one start-up and one `main` for every stage;
 //!   [`config`], [`telemetry`], [`ops`], [`shutdown`]: how every stage is
-//!   configured, observed, probed and stopped.
+//!   configured, observed, probed and stopped; [`catalog`]: every metric.
 
 pub mod auth;
+pub mod catalog;
 pub mod config;
 pub mod db;
 pub mod events;

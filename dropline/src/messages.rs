@@ -84,7 +84,7 @@ pub struct Topics {
     pub intents: String,
     pub decisions: String,
     pub hold_expiry: String,
-    pub order_events: String,
+    pub order_changes: String,
     pub dead_letter: String,
 }
 
@@ -94,13 +94,13 @@ impl Topics {
             intents: format!("{prefix}.intents"),
             decisions: format!("{prefix}.decisions"),
             hold_expiry: format!("{prefix}.hold-expiry"),
-            order_events: format!("{prefix}.order-events"),
+            order_changes: format!("{prefix}.order-events"),
             dead_letter: format!("{prefix}.dead-letter"),
         }
     }
 
     pub fn all(&self) -> [&str; 5] {
-        [&self.intents, &self.decisions, &self.hold_expiry, &self.order_events, &self.dead_letter]
+        [&self.intents, &self.decisions, &self.hold_expiry, &self.order_changes, &self.dead_letter]
     }
 }
 
@@ -228,7 +228,7 @@ impl OrderState {
 /// An order reached a state. The settler applies these idempotently and
 /// never moves an order backwards, so duplicates and reordering are harmless.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OrderEvent {
+pub struct OrderChange {
     pub order_id: Uuid,
     pub event_id: u64,
     pub user_id: String,

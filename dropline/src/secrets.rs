@@ -9,6 +9,51 @@
 
 use crate::config::Problems;
 
+/// A secret setting: a signing key. Its value shows nowhere by accident:
+/// `Debug` and the effective-config log say only whether it is set, and
+/// clap keeps it out of `--help` (`hide_env_values`). A setting is an
+/// `Option<Secret>`, `None` when not given, so [`check_setting`] can say so
+/// together with every other problem.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    /// The value, for signing and verifying only.
+    pub fn expose(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+/// The bytes of a secret setting: empty when it is not set, which
+/// [`check_setting`] refuses before anything is signed.
+pub fn exposed(setting: &Option<Secret>) -> &[u8] {
+    setting.as_ref().map_or(&[], Secret::expose)
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Secret, Self::Err> {
+        Ok(Secret(s.to_owned()))
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl serde::Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("***")
+    }
+}
+
 /// Shortest secret accepted: 32 bytes, the HMAC-SHA256 output size.
 pub const MIN_SECRET_BYTES: usize = 32;
 
@@ -82,7 +127,8 @@ pub fn check(value: &str) -> Result<(), SecretProblem> {
 }
 
 /// Checks the secret of setting `name`, adding what is wrong to `problems`.
-pub fn check_setting(name: &str, value: &str, problems: &mut Problems) {
+pub fn check_setting(name: &str, setting: &Option<Secret>, problems: &mut Problems) {
+    let value = setting.as_ref().map_or("", |s| s.0.as_str());
     if let Err(e) = check(value) {
         problems.add(format!("{name} {e}"));
     }
@@ -140,12 +186,25 @@ mod tests {
     }
 
     #[test]
+    fn a_secret_shows_nowhere_by_accident() {
+        let value = random();
+        let secret = Secret::new(value.clone());
+        assert_eq!(format!("{secret:?}"), "Secret(***)");
+        assert_eq!(serde_json::to_string(&Some(secret.clone())).unwrap(), "\"***\"");
+        assert_eq!(serde_json::to_string(&None::<Secret>).unwrap(), "null");
+        assert_eq!(exposed(&Some(secret)), value.as_bytes());
+        assert_eq!(exposed(&None), b"");
+    }
+
+    #[test]
     fn the_problem_names_the_setting() {
         let mut p = Problems::default();
-        check_setting("DROPLINE_JWT_SECRET", "dropline-local-jwt-secret", &mut p);
-        check_setting("DROPLINE_WEBHOOK_SECRET", "short", &mut p);
-        check_setting("DROPLINE_ADMIN_JWT_SECRET", &random(), &mut p);
+        check_setting("DROPLINE_JWT_SECRET", &Some(Secret::new("dropline-local-jwt-secret")), &mut p);
+        check_setting("DROPLINE_WEBHOOK_SECRET", &Some(Secret::new("short")), &mut p);
+        check_setting("DROPLINE_ADMIN_JWT_SECRET", &Some(Secret::new(random())), &mut p);
+        check_setting("DROPLINE_OTHER_SECRET", &None, &mut p);
         let message = p.into_result().unwrap_err().to_string();
+        assert!(message.contains("DROPLINE_OTHER_SECRET is not set"), "{message}");
         assert!(message.contains("DROPLINE_JWT_SECRET is a value published"), "{message}");
         assert!(message.contains("DROPLINE_WEBHOOK_SECRET is shorter than 32 bytes"), "{message}");
         assert!(!message.contains("DROPLINE_ADMIN_JWT_SECRET"), "{message}");

@@ -19,26 +19,41 @@ use std::time::Duration;
 use rdkafka::consumer::StreamConsumer;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{ConfigError, KafkaArgs, OpsArgs};
+use crate::config::{ConfigError, Problems, SharedArgs};
 use crate::kafka::{DeadLetters, GroupContext, Publisher, WhenFull};
 use crate::messages::Topics;
 use crate::ops::Readiness;
 
 /// What the kit needs to know of a stage's config. Its `Serialize` is the
-/// effective-config log: secrets and URLs with passwords are serialized
-/// through [`crate::config::redacted_secret`] and
+/// effective-config log: secrets are [`crate::secrets::Secret`]s, and URLs
+/// with passwords are serialized through
 /// [`crate::config::redacted_url`].
 pub trait StageConfig: clap::Parser + serde::Serialize {
-    /// The stage's name in logs: `allocator`, `settler`.
-    const NAME: &'static str;
-    /// Its ops port on loopback unless `DROPLINE_OPS_ADDR` says otherwise.
-    const DEFAULT_OPS_PORT: u16;
+    /// Which stage this is.
+    const STAGE: StageInfo;
+
+    /// The settings every stage has.
+    fn shared(&self) -> &SharedArgs;
+    /// Adds every problem of the stage's own settings to `p`.
+    fn check(&self, p: &mut Problems);
 
     /// Every problem of the config, reported together.
-    fn validate(&self) -> Result<(), ConfigError>;
-    fn ops(&self) -> &OpsArgs;
-    /// Describes the stage's own metrics.
-    fn describe_metrics();
+    fn validate(&self) -> Result<(), ConfigError> {
+        let mut p = Problems::default();
+        self.shared().check(&mut p);
+        self.check(&mut p);
+        p.into_result()
+    }
+}
+
+/// What the kit knows of a stage besides its config.
+pub struct StageInfo {
+    /// Its name in logs and metrics: `allocator`, `settler`.
+    pub name: &'static str,
+    /// Its ops port on loopback unless `DROPLINE_OPS_ADDR` says otherwise.
+    pub ops_port: u16,
+    /// Its own metrics, described at start.
+    pub metrics: &'static [crate::telemetry::Metric],
 }
 
 /// Why a stage could not start, or stopped.
@@ -46,8 +61,8 @@ pub trait StageConfig: clap::Parser + serde::Serialize {
 pub enum StageError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("ops server: {0}")]
-    Ops(#[from] std::io::Error),
+    #[error("listening: {0}")]
+    Io(#[from] std::io::Error),
     #[error(transparent)]
     KafkaSetup(#[from] crate::kafka::KafkaSetupError),
     #[error("kafka: {0}")]
@@ -82,16 +97,16 @@ pub struct Stage {
 impl Stage {
     pub async fn start<C: StageConfig>(config: &C, shutdown: &CancellationToken) -> Result<Stage, StageError> {
         config.validate()?;
-        tracing::info!(stage = C::NAME, config = %effective(config), "effective config");
+        tracing::info!(stage = C::STAGE.name, config = %effective(config), "effective config");
         // The recorder first: metrics described or created before it exists
         // would go nowhere.
         let prometheus = crate::telemetry::metrics();
-        C::describe_metrics();
-        crate::kafka::metrics::describe();
+        crate::telemetry::describe(C::STAGE.metrics);
+        crate::telemetry::describe(crate::kafka::metrics::ALL);
         let ready = Readiness::default();
-        let addr = config.ops().addr_or(C::DEFAULT_OPS_PORT);
+        let addr = config.shared().ops.addr_or(C::STAGE.ops_port);
         let (ops_addr, _) = crate::ops::serve(addr, ready.clone(), prometheus, shutdown.clone()).await?;
-        tracing::info!(stage = C::NAME, %ops_addr, "ops endpoints listening");
+        tracing::info!(stage = C::STAGE.name, %ops_addr, "ops endpoints listening");
         Ok(Stage { ready, ops_addr })
     }
 
@@ -101,20 +116,20 @@ impl Stage {
     /// picks.
     pub async fn start_consumer<C: StageConfig>(
         config: &C,
-        kafka: &KafkaArgs,
         group_id: &str,
         subscribe: fn(&Topics) -> Vec<&str>,
         shutdown: &CancellationToken,
     ) -> Result<Consumer, StageError> {
         let ready = Stage::start(config, shutdown).await?.ready;
+        let kafka = &config.shared().kafka;
         let topics = kafka.topics();
         crate::kafka::ensure_topics(kafka, &topics.all()).await?;
-        let publisher = Publisher::new(kafka, client_name(C::NAME, "producer"), WhenFull::Wait)?;
-        let dead_letters = DeadLetters::new(publisher.clone(), topics.dead_letter.clone(), C::NAME);
+        let publisher = Publisher::new(kafka, client_name(C::STAGE.name, "producer"), WhenFull::Wait)?;
+        let dead_letters = DeadLetters::new(publisher.clone(), topics.dead_letter.clone(), C::STAGE.name);
         let consumer = crate::kafka::subscribed(
             kafka,
             group_id,
-            client_name(C::NAME, "consumer"),
+            client_name(C::STAGE.name, "consumer"),
             &subscribe(&topics),
             &ready,
             shutdown,
@@ -129,13 +144,46 @@ fn client_name(stage: &str, role: &str) -> &'static str {
     Box::leak(format!("{stage}-{role}").into_boxed_str())
 }
 
-/// For each stage's own tests: its command line is well formed, and its
-/// defaults (what the local stack runs) pass validation.
+/// For each stage's own tests: its command line is well formed, its
+/// defaults (what the local stack runs) pass validation, and its metrics
+/// follow the naming scheme.
 pub fn assert_defaults_valid<C: StageConfig>() {
     C::command().debug_assert();
-    if let Err(e) = C::parse_from([C::NAME]).validate() {
-        panic!("{}'s defaults do not validate: {e}", C::NAME);
+    if let Err(e) = C::parse_from([C::STAGE.name]).validate() {
+        panic!("{}'s defaults do not validate: {e}", C::STAGE.name);
     }
+    crate::telemetry::assert_naming_scheme(C::STAGE.name, C::STAGE.metrics);
+}
+
+/// A stage's [`StageConfig`]: its config type (a clap struct with a
+/// flattened `shared: SharedArgs`), its name, its ops port, and the checks
+/// of its own settings, which add every problem to `p`. Its metrics are its
+/// crate's `metrics::ALL`.
+///
+/// ```ignore
+/// dropline::stage_config!(AllocatorConfig, "allocator", 9101, |config, p| {
+///     p.within("DROPLINE_ALLOCATOR_BATCH_MAX", config.batch_max, 1..=10_000);
+/// });
+/// ```
+// `crate::metrics` is meant: the calling stage's own table.
+#[allow(clippy::crate_in_macro_def)]
+#[macro_export]
+macro_rules! stage_config {
+    ($config:ident, $name:literal, $port:literal, |$this:ident, $p:ident| $check:block) => {
+        impl $crate::stage::StageConfig for $config {
+            const STAGE: $crate::stage::StageInfo =
+                $crate::stage::StageInfo { name: $name, ops_port: $port, metrics: crate::metrics::ALL };
+
+            fn check(&self, $p: &mut $crate::config::Problems) {
+                let $this = self;
+                $check
+            }
+
+            fn shared(&self) -> &$crate::config::SharedArgs {
+                &self.shared
+            }
+        }
+    };
 }
 
 /// A stage's config test, in its own crate: `config_tests!(AllocatorConfig)`
@@ -170,7 +218,7 @@ where
 {
     crate::telemetry::init_logs();
     let config = C::parse();
-    let drain = Duration::from_secs(config.ops().drain_timeout_secs);
+    let drain = Duration::from_secs(config.shared().ops.drain_timeout_secs);
     let shutdown = crate::shutdown::on_signals();
     // The watchdog is a thread of its own, outside the runtime: what
     // outlasts a drain is often a blocking call (a Kafka client closing
@@ -182,7 +230,7 @@ where
         std::thread::spawn(move || {
             std::thread::sleep(drain);
             tracing::error!(
-                stage = C::NAME,
+                stage = C::STAGE.name,
                 drain_timeout_secs = drain.as_secs(),
                 "the drain did not finish in time; exiting with the work in hand abandoned (it is redelivered)"
             );
@@ -193,7 +241,7 @@ where
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(stage = C::NAME, error = %e, "stage failed");
+            tracing::error!(stage = C::STAGE.name, error = %e, "stage failed");
             ExitCode::FAILURE
         }
     }

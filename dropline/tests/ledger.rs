@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use dropline::messages::{OrderState, RejectReason};
 use dropline::stock::{
-    Claim, DoorOutcome, EndOutcome, Ledger, LedgerError, PayOutcome, SaleRules, StockLevels, Verdict,
+    DoorOutcome, EndOutcome, Ledger, LedgerError, PayOutcome, SaleRules, StockLevels, Undecided, Verdict,
 };
 use uuid::Uuid;
 
@@ -45,14 +45,14 @@ fn rand_id() -> u64 {
     (Uuid::new_v4().as_u128() as u64 >> 8) | (1 << 60)
 }
 
-fn claim(user: &str, quantity: u32) -> (Uuid, String, u32) {
+fn intent(user: &str, quantity: u32) -> (Uuid, String, u32) {
     (Uuid::new_v4(), user.to_owned(), quantity)
 }
 
-async fn decide(ledger: &Ledger, event: u64, claims: &[(Uuid, String, u32)]) -> Vec<Verdict> {
-    let claims: Vec<Claim<'_>> =
-        claims.iter().map(|(id, u, q)| Claim { intent_id: *id, user_id: u, quantity: *q }).collect();
-    ledger.allocate(event, &claims).await.unwrap()
+async fn decide(ledger: &Ledger, event: u64, intents: &[(Uuid, String, u32)]) -> Vec<Verdict> {
+    let undecided: Vec<Undecided<'_>> =
+        intents.iter().map(|(id, u, q)| Undecided { intent_id: *id, user_id: u, quantity: *q }).collect();
+    ledger.allocate(event, &undecided).await.unwrap()
 }
 
 async fn levels(ledger: &Ledger, event: u64) -> StockLevels {
@@ -83,8 +83,8 @@ async fn expire_when_due(ledger: &Ledger, event: u64, order: Uuid) -> EndOutcome
 async fn two_buyers_racing_for_the_last_ticket_get_one_hold() {
     let ledger = ledger();
     let event = event(&ledger, 1, 1, 60_000).await;
-    let a = claim("alice", 1);
-    let b = claim("bob", 1);
+    let a = intent("alice", 1);
+    let b = intent("bob", 1);
     let (a, b) = ([a], [b]);
     let (va, vb) = tokio::join!(decide(&ledger, event, &a), decide(&ledger, event, &b));
     let held = [&va[0], &vb[0]].iter().filter(|v| is_held(v)).count();
@@ -102,9 +102,9 @@ async fn a_flood_in_many_batches_never_oversells() {
     for batch in 0..20 {
         let ledger = ledger.clone();
         tasks.push(tokio::spawn(async move {
-            let claims: Vec<_> = (0..25).map(|i| claim(&format!("u{batch}-{i}"), 1 + (i % 2))).collect();
-            let verdicts = decide(&ledger, event, &claims).await;
-            claims.iter().zip(verdicts).filter(|(_, v)| is_held(v)).map(|(c, _)| c.2 as u64).sum::<u64>()
+            let intents: Vec<_> = (0..25).map(|i| intent(&format!("u{batch}-{i}"), 1 + (i % 2))).collect();
+            let verdicts = decide(&ledger, event, &intents).await;
+            intents.iter().zip(verdicts).filter(|(_, v)| is_held(v)).map(|(c, _)| c.2 as u64).sum::<u64>()
         }));
     }
     let mut units = 0;
@@ -119,7 +119,7 @@ async fn a_flood_in_many_batches_never_oversells() {
 async fn a_redelivered_intent_gets_its_first_decision_and_takes_stock_once() {
     let ledger = ledger();
     let event = event(&ledger, 5, 4, 60_000).await;
-    let c = claim("carol", 2);
+    let c = intent("carol", 2);
     let first = decide(&ledger, event, std::slice::from_ref(&c)).await;
     // Again alone, and again twice inside one batch.
     let again = decide(&ledger, event, std::slice::from_ref(&c)).await;
@@ -135,7 +135,7 @@ async fn a_redelivered_intent_gets_its_first_decision_and_takes_stock_once() {
 async fn the_per_user_limit_counts_holds_and_purchases() {
     let ledger = ledger();
     let event = event(&ledger, 100, 3, 60_000).await;
-    let v = decide(&ledger, event, &[claim("dave", 2), claim("dave", 2), claim("dave", 1), claim("erin", 3)]).await;
+    let v = decide(&ledger, event, &[intent("dave", 2), intent("dave", 2), intent("dave", 1), intent("erin", 3)]).await;
     assert!(is_held(&v[0]));
     assert!(matches!(v[1], Verdict::Rejected { reason: RejectReason::LimitReached, .. }));
     assert!(is_held(&v[2]), "2 + 1 is within the limit of 3");
@@ -157,12 +157,12 @@ async fn a_sale_not_yet_open_or_closed_rejects_and_takes_nothing() {
         retain_until_ms: now_ms() + 600_000,
     };
     ledger.prewarm(id, &future).await.unwrap();
-    let v = decide(&ledger, id, &[claim("fay", 1)]).await;
+    let v = decide(&ledger, id, &[intent("fay", 1)]).await;
     assert!(matches!(v[0], Verdict::Rejected { reason: RejectReason::SaleNotOpen, .. }));
     let closed_id = rand_id();
     let closed = SaleRules { opens_at_ms: now_ms() - 120_000, closes_at_ms: now_ms() - 60_000, ..future };
     ledger.prewarm(closed_id, &closed).await.unwrap();
-    let v = decide(&ledger, closed_id, &[claim("fay", 1)]).await;
+    let v = decide(&ledger, closed_id, &[intent("fay", 1)]).await;
     assert!(matches!(v[0], Verdict::Rejected { reason: RejectReason::SaleClosed, .. }));
     assert_eq!(levels(&ledger, id).await.available, 10);
     assert_eq!(levels(&ledger, closed_id).await.available, 10);
@@ -172,7 +172,7 @@ async fn a_sale_not_yet_open_or_closed_rejects_and_takes_nothing() {
 async fn prewarming_twice_never_resets_a_live_ledger() {
     let ledger = ledger();
     let event = event(&ledger, 3, 3, 60_000).await;
-    decide(&ledger, event, &[claim("gus", 2)]).await;
+    decide(&ledger, event, &[intent("gus", 2)]).await;
     let rules = SaleRules {
         capacity: 3,
         per_user_limit: 3,
@@ -189,8 +189,9 @@ async fn prewarming_twice_never_resets_a_live_ledger() {
 #[tokio::test]
 async fn an_intent_for_an_event_without_a_ledger_is_not_decided() {
     let ledger = ledger();
-    let c = claim("hal", 1);
-    let err = ledger.allocate(rand_id(), &[Claim { intent_id: c.0, user_id: &c.1, quantity: 1 }]).await.unwrap_err();
+    let c = intent("hal", 1);
+    let err =
+        ledger.allocate(rand_id(), &[Undecided { intent_id: c.0, user_id: &c.1, quantity: 1 }]).await.unwrap_err();
     assert!(matches!(err, dropline::stock::LedgerError::NoLedger(_)), "{err}");
 }
 
@@ -198,7 +199,7 @@ async fn an_intent_for_an_event_without_a_ledger_is_not_decided() {
 async fn cancel_returns_the_stock_at_once_and_only_once() {
     let ledger = ledger();
     let event = event(&ledger, 2, 2, 60_000).await;
-    let c = claim("ivy", 2);
+    let c = intent("ivy", 2);
     decide(&ledger, event, std::slice::from_ref(&c)).await;
     assert_eq!(ledger.cancel(event, c.0, "mallory").await.unwrap(), EndOutcome::UnknownOrder, "not her order");
     let EndOutcome::Ended(h) = ledger.cancel(event, c.0, "ivy").await.unwrap() else { panic!() };
@@ -209,7 +210,7 @@ async fn cancel_returns_the_stock_at_once_and_only_once() {
     assert_eq!(ledger.user_units(event, "ivy").await.unwrap(), 0);
     // The stock can be bought again, and a payment for the cancelled hold
     // is a refund.
-    assert!(is_held(&decide(&ledger, event, &[claim("jon", 2)]).await[0]));
+    assert!(is_held(&decide(&ledger, event, &[intent("jon", 2)]).await[0]));
     assert!(matches!(ledger.pay(event, c.0, "pay-1").await.unwrap(), PayOutcome::Refund(_)));
     assert_eq!(levels(&ledger, event).await.sold, 0);
 }
@@ -218,7 +219,7 @@ async fn cancel_returns_the_stock_at_once_and_only_once() {
 async fn a_payment_in_time_sells_and_a_redelivered_one_is_the_same_payment() {
     let ledger = ledger();
     let event = event(&ledger, 2, 2, 60_000).await;
-    let c = claim("kim", 1);
+    let c = intent("kim", 1);
     decide(&ledger, event, std::slice::from_ref(&c)).await;
     let PayOutcome::Paid(h) = ledger.pay(event, c.0, "pay-1").await.unwrap() else { panic!() };
     assert_eq!(h.state, OrderState::Paid);
@@ -237,7 +238,7 @@ async fn a_payment_in_time_sells_and_a_redelivered_one_is_the_same_payment() {
 async fn a_payment_after_expiry_is_a_refund_and_the_stock_comes_back_once() {
     let ledger = ledger();
     let event = event(&ledger, 1, 1, 30).await;
-    let c = claim("lee", 1);
+    let c = intent("lee", 1);
     decide(&ledger, event, std::slice::from_ref(&c)).await;
     let EndOutcome::Ended(h) = expire_when_due(&ledger, event, c.0).await else { panic!() };
     assert_eq!(h.state, OrderState::Expired);
@@ -253,7 +254,7 @@ async fn a_payment_racing_the_expiry_ends_the_hold_exactly_once() {
     let ledger = ledger();
     for _ in 0..20 {
         let event = event(&ledger, 1, 1, 5).await;
-        let c = claim("max", 1);
+        let c = intent("max", 1);
         decide(&ledger, event, std::slice::from_ref(&c)).await;
         // Race the payment against the expirer around the deadline.
         let (paid, expired) = tokio::join!(ledger.pay(event, c.0, "p"), expire_when_due(&ledger, event, c.0));
@@ -278,7 +279,7 @@ async fn a_payment_racing_the_expiry_ends_the_hold_exactly_once() {
 async fn a_payment_after_the_deadline_expires_the_hold_itself() {
     let ledger = ledger();
     let event = event(&ledger, 1, 1, 20).await;
-    let c = claim("ned", 1);
+    let c = intent("ned", 1);
     decide(&ledger, event, std::slice::from_ref(&c)).await;
     // Wait until the ledger's clock is past the deadline without expiring.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -308,14 +309,14 @@ fn units_of(v: &Verdict) -> Vec<u32> {
 async fn every_held_unit_has_its_own_number_within_capacity() {
     let ledger = ledger();
     let event = event(&ledger, 7, 3, 60_000).await;
-    let claims: Vec<_> = (0..6).map(|i| claim(&format!("u{i}"), 2)).collect();
-    let verdicts = decide(&ledger, event, &claims).await;
+    let intents: Vec<_> = (0..6).map(|i| intent(&format!("u{i}"), 2)).collect();
+    let verdicts = decide(&ledger, event, &intents).await;
     let mut units: Vec<u32> = verdicts.iter().flat_map(units_of).collect();
     // Three holds of two, then one unit left: the fourth is sold out.
     assert_eq!(verdicts.iter().filter(|v| is_held(v)).count(), 3);
     units.sort_unstable();
     assert_eq!(units, vec![1, 2, 3, 4, 5, 6]);
-    for (id, _, _) in claims.iter().take(3) {
+    for (id, _, _) in intents.iter().take(3) {
         let hold = ledger.hold(event, *id).await.unwrap().unwrap();
         assert_eq!(hold.units.len(), 2);
     }
@@ -326,18 +327,18 @@ async fn every_held_unit_has_its_own_number_within_capacity() {
 async fn released_units_are_handed_out_again_and_paid_ones_never() {
     let ledger = ledger();
     let event = event(&ledger, 3, 3, 60_000).await;
-    let (a, b) = (claim("alice", 2), claim("bob", 1));
+    let (a, b) = (intent("alice", 2), intent("bob", 1));
     let v = decide(&ledger, event, &[a.clone(), b.clone()]).await;
     let (units_a, units_b) = (units_of(&v[0]), units_of(&v[1]));
     ledger.cancel(event, a.0, "alice").await.unwrap();
     assert!(matches!(ledger.pay(event, b.0, "pay-b").await.unwrap(), PayOutcome::Paid(_)));
-    let c = claim("carol", 2);
+    let c = intent("carol", 2);
     let v = decide(&ledger, event, std::slice::from_ref(&c)).await;
     let mut units_c = units_of(&v[0]);
     units_c.sort_unstable();
     assert_eq!(units_c, units_a, "carol gets alice's released units");
     assert!(!units_c.iter().any(|u| units_b.contains(u)), "never bob's paid unit");
-    let sold_out = decide(&ledger, event, &[claim("dave", 1)]).await;
+    let sold_out = decide(&ledger, event, &[intent("dave", 1)]).await;
     assert!(matches!(sold_out[0], Verdict::Rejected { reason: RejectReason::SoldOut, .. }), "{sold_out:?}");
     assert_eq!(ledger.damage(event).await.unwrap(), None);
 }
@@ -402,20 +403,20 @@ async fn a_refusal_at_the_door_decides_its_intent_and_never_contradicts_a_decisi
     let event = event(&ledger, 5, 2, 60_000).await;
     // Refused at the door while a copy of the intent is still on Kafka: the
     // copy is rejected for the door's reason, with stock to spare.
-    let refused = claim("amy", 1);
+    let refused = intent("amy", 1);
     let door = ledger.refuse_at_door(event, refused.0, RejectReason::SoldOut).await.unwrap();
     assert_eq!(door, DoorOutcome::Refused(RejectReason::SoldOut));
     // A second refusal keeps the first reason.
     let again = ledger.refuse_at_door(event, refused.0, RejectReason::SaleClosed).await.unwrap();
     assert_eq!(again, DoorOutcome::Refused(RejectReason::SoldOut));
-    let verdicts = decide(&ledger, event, &[refused.clone(), claim("ben", 1)]).await;
+    let verdicts = decide(&ledger, event, &[refused.clone(), intent("ben", 1)]).await;
     assert!(matches!(verdicts[0], Verdict::Rejected { reason: RejectReason::SoldOut, .. }), "{verdicts:?}");
     assert!(is_held(&verdicts[1]));
     assert_eq!(levels(&ledger, event).await.held, 1);
 
     // An intent decided before is never refused at the door: its decision
     // comes back and nothing is recorded.
-    let held = claim("cat", 1);
+    let held = intent("cat", 1);
     let first = decide(&ledger, event, std::slice::from_ref(&held)).await;
     let door = ledger.refuse_at_door(event, held.0, RejectReason::SoldOut).await.unwrap();
     assert_eq!(door, DoorOutcome::Decided(first[0].clone()));

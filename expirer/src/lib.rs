@@ -33,7 +33,7 @@ use dropline::stock::{EndOutcome, Ledger};
 use rdkafka::message::{Message, OwnedMessage};
 use tokio_util::sync::CancellationToken;
 
-pub use config::{ExpirerConfig, DEFAULT_OPS_PORT};
+pub use config::ExpirerConfig;
 
 use crate::metrics::{HOLDS_ENDED, LATENESS, PENDING};
 use crate::schedule::{Due, Schedule, Waiting};
@@ -65,9 +65,9 @@ enum Released {
 
 pub async fn run(config: ExpirerConfig, shutdown: CancellationToken) -> Result<(), StageError> {
     let stage::Consumer { ready, topics, publisher, dead_letters, consumer } =
-        Stage::start_consumer(&config, &config.kafka, &config.group_id, |t| vec![&t.hold_expiry], &shutdown).await?;
+        Stage::start_consumer(&config, &config.group_id, |t| vec![&t.hold_expiry], &shutdown).await?;
     let mut expirer = Expirer {
-        ledger: Ledger::new(config.redis.pool()?, &config.redis.key_prefix),
+        ledger: Ledger::new(config.shared.redis.pool()?, &config.shared.redis.key_prefix),
         publisher,
         topics,
         schedule: Schedule::new(config.max_pending_per_partition),
@@ -113,7 +113,7 @@ impl kafka::ConsumerStage for Expirer {
 
     async fn work_due(&mut self) {
         self.release_due().await;
-        ::metrics::gauge!(PENDING).set(self.schedule.waiting() as f64);
+        ::metrics::gauge!(PENDING.name).set(self.schedule.waiting() as f64);
     }
 
     fn revoked(&mut self, partitions: &[PartitionKey]) {
@@ -150,7 +150,7 @@ impl Expirer {
                 // it decided. If the record still has it held, the settler's
                 // reconciler rebuilds the ledger and ends the hold itself.
                 tracing::warn!(%order_id, event_id, "hold not in the ledger at its deadline");
-                ::metrics::counter!(HOLDS_ENDED, "state" => "unknown").increment(1);
+                ::metrics::counter!(HOLDS_ENDED.name, "state" => "unknown").increment(1);
                 return Released::Done;
             }
             Err(e) => {
@@ -161,16 +161,16 @@ impl Expirer {
         let event = hold.order_event(order_id, event_id, None);
         let payload = serde_json::to_vec(&event).expect("messages serialize");
         let key = order_id.to_string();
-        let record = Record::new(&self.topics.order_events, &key, &payload).request_id(due.request_id.as_deref());
+        let record = Record::new(&self.topics.order_changes, &key, &payload).request_id(due.request_id.as_deref());
         let sent = self.publisher.publish(record).await;
         if let Err(e) = sent {
             tracing::warn!(error = %e, %order_id, "publishing an ended hold failed; retrying next tick");
             return Released::Failed;
         }
-        ::metrics::counter!(HOLDS_ENDED, "state" => hold.state.as_str()).increment(1);
+        ::metrics::counter!(HOLDS_ENDED.name, "state" => hold.state.as_str()).increment(1);
         tracing::debug!(request_id = due.request_id.as_deref(), %order_id, state = hold.state.as_str(), "hold ended");
         if let Some(ended) = hold.ended_at_ms.filter(|_| hold.state == dropline::messages::OrderState::Expired) {
-            ::metrics::histogram!(LATENESS).record((ended - hold.expires_at_ms).max(0) as f64 / 1000.0);
+            ::metrics::histogram!(LATENESS.name).record((ended - hold.expires_at_ms).max(0) as f64 / 1000.0);
         }
         Released::Done
     }

@@ -13,7 +13,7 @@ pub use dropline::kafka::PartitionKey;
 use dropline::messages::HoldExpiry;
 
 /// A hold waiting for its deadline, with the request id of the purchase
-/// that created it (for the logs and the order event it ends in).
+/// that created it (for the logs and the order change it ends in).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Waiting {
     pub hold: HoldExpiry,

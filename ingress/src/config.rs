@@ -1,14 +1,9 @@
 use std::net::SocketAddr;
 
 use clap::Parser;
-use dropline::config::{
-    redacted_secret, redacted_url, ConfigError, KafkaArgs, MysqlArgs, OpsArgs, Problems, RedisArgs,
-};
-use dropline::secrets;
+use dropline::config::{redacted_url, MysqlArgs, Problems, SharedArgs};
+use dropline::secrets::{self, Secret};
 use serde::Serialize;
-
-/// Where the ops endpoints listen unless configured.
-pub const DEFAULT_OPS_PORT: u16 = 9100;
 
 /// The ingress: Dropline's HTTP API for buyers, admins and the payment
 /// provider's webhooks.
@@ -21,33 +16,18 @@ pub struct IngressConfig {
     /// HS256 secret buyers' tokens are signed with (shared with the
     /// storefront's login). At least 32 random bytes; never a published
     /// value.
-    #[arg(long, env = "DROPLINE_JWT_SECRET", default_value = "", hide_default_value = true, hide_env_values = true)]
-    #[serde(serialize_with = "redacted_secret")]
-    pub jwt_secret: String,
+    #[arg(long, env = "DROPLINE_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<Secret>,
     /// HS256 secret admins' tokens are signed with: a different one, held
     /// only by operators' tooling.
-    #[arg(
-        long,
-        env = "DROPLINE_ADMIN_JWT_SECRET",
-        default_value = "",
-        hide_default_value = true,
-        hide_env_values = true
-    )]
-    #[serde(serialize_with = "redacted_secret")]
-    pub admin_jwt_secret: String,
+    #[arg(long, env = "DROPLINE_ADMIN_JWT_SECRET", hide_env_values = true)]
+    pub admin_jwt_secret: Option<Secret>,
     /// The `iss` every token must carry (and `dropctl token` sets).
     #[arg(long, env = "DROPLINE_JWT_ISSUER", default_value = dropline::auth::DEFAULT_ISSUER)]
     pub jwt_issuer: String,
     /// Secret the payment provider signs its webhooks with.
-    #[arg(
-        long,
-        env = "DROPLINE_WEBHOOK_SECRET",
-        default_value = "",
-        hide_default_value = true,
-        hide_env_values = true
-    )]
-    #[serde(serialize_with = "redacted_secret")]
-    pub webhook_secret: String,
+    #[arg(long, env = "DROPLINE_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<Secret>,
     /// How far a webhook's signed timestamp may be from now.
     #[arg(long, env = "DROPLINE_WEBHOOK_TOLERANCE_SECS", default_value_t = 300)]
     pub webhook_tolerance_secs: i64,
@@ -112,75 +92,55 @@ pub struct IngressConfig {
     #[arg(long, env = "DROPLINE_SEARCH_STATEMENT_TIMEOUT_MS", default_value_t = 2_000)]
     pub search_statement_timeout_ms: u64,
     #[command(flatten)]
-    pub kafka: KafkaArgs,
-    #[command(flatten)]
-    pub redis: RedisArgs,
-    #[command(flatten)]
     pub mysql: MysqlArgs,
     #[command(flatten)]
-    pub ops: OpsArgs,
+    #[serde(flatten)]
+    pub shared: SharedArgs,
 }
 
-impl dropline::stage::StageConfig for IngressConfig {
-    const NAME: &'static str = "ingress";
-    const DEFAULT_OPS_PORT: u16 = crate::DEFAULT_OPS_PORT;
-
-    fn validate(&self) -> Result<(), ConfigError> {
-        let mut p = Problems::default();
-        self.kafka.check(&mut p);
-        self.redis.check(&mut p);
-        self.mysql.check(&mut p);
-        let secrets = [
-            ("DROPLINE_JWT_SECRET", &self.jwt_secret),
-            ("DROPLINE_ADMIN_JWT_SECRET", &self.admin_jwt_secret),
-            ("DROPLINE_WEBHOOK_SECRET", &self.webhook_secret),
-        ];
-        for (name, value) in secrets {
-            secrets::check_setting(name, value, &mut p);
-        }
-        // One secret in two roles would let whoever holds it for one (the
-        // storefront, the provider) act in the other.
-        for (i, (a, va)) in secrets.iter().enumerate() {
-            for (b, vb) in &secrets[i + 1..] {
-                if !va.is_empty() && va == vb {
-                    p.add(format!("{a} and {b} must differ"));
-                }
+dropline::stage_config!(IngressConfig, "ingress", 9100, |config, p| {
+    config.mysql.check(p);
+    let secrets = [
+        ("DROPLINE_JWT_SECRET", &config.jwt_secret),
+        ("DROPLINE_ADMIN_JWT_SECRET", &config.admin_jwt_secret),
+        ("DROPLINE_WEBHOOK_SECRET", &config.webhook_secret),
+    ];
+    for (name, value) in secrets {
+        secrets::check_setting(name, value, p);
+    }
+    // One secret in two roles would let whoever holds it for one (the
+    // storefront, the provider) act in the other.
+    for (i, (a, va)) in secrets.iter().enumerate() {
+        for (b, vb) in &secrets[i + 1..] {
+            if !secrets::exposed(va).is_empty() && va == vb {
+                p.add(format!("{a} and {b} must differ"));
             }
         }
-        if self.jwt_issuer.trim().is_empty() {
-            p.add("DROPLINE_JWT_ISSUER is empty");
-        }
-        p.require(self.webhook_tolerance_secs > 0, "DROPLINE_WEBHOOK_TOLERANCE_SECS must be positive");
-        if !self.payment_provider_url.starts_with("http://") && !self.payment_provider_url.starts_with("https://") {
-            p.add("DROPLINE_PAYMENT_PROVIDER_URL must be an http(s) URL");
-        }
-        for (name, v) in [
-            ("DROPLINE_ADMIT_PER_SEC", self.admit_per_sec),
-            ("DROPLINE_ADMIT_BURST", self.admit_burst),
-            ("DROPLINE_USER_PER_SEC", self.user_per_sec),
-            ("DROPLINE_USER_BURST", self.user_burst),
-        ] {
-            if v == 0 {
-                p.add(format!("{name} must be positive"));
-            }
-        }
-        p.require(self.idempotency_ttl_secs > 0, "DROPLINE_IDEMPOTENCY_TTL_SECS must be positive");
-        if self.idempotency_lease_ms == 0 || self.idempotency_lease_ms / 1000 >= self.idempotency_ttl_secs {
-            p.add("DROPLINE_IDEMPOTENCY_LEASE_MS must be positive and shorter than DROPLINE_IDEMPOTENCY_TTL_SECS");
-        }
-        p.require(self.max_body_bytes >= 256, "DROPLINE_MAX_BODY_BYTES must be at least 256");
-        self.check_http(&mut p, open_files_limit());
-        p.into_result()
     }
-
-    fn ops(&self) -> &OpsArgs {
-        &self.ops
+    if config.jwt_issuer.trim().is_empty() {
+        p.add("DROPLINE_JWT_ISSUER is empty");
     }
-
-    fn describe_metrics() {
-        crate::metrics::describe();
+    p.require(config.webhook_tolerance_secs > 0, "DROPLINE_WEBHOOK_TOLERANCE_SECS must be positive");
+    if !config.payment_provider_url.starts_with("http://") && !config.payment_provider_url.starts_with("https://") {
+        p.add("DROPLINE_PAYMENT_PROVIDER_URL must be an http(s) URL");
     }
-}
+    for (name, v) in [
+        ("DROPLINE_ADMIT_PER_SEC", config.admit_per_sec),
+        ("DROPLINE_ADMIT_BURST", config.admit_burst),
+        ("DROPLINE_USER_PER_SEC", config.user_per_sec),
+        ("DROPLINE_USER_BURST", config.user_burst),
+    ] {
+        if v == 0 {
+            p.add(format!("{name} must be positive"));
+        }
+    }
+    p.require(config.idempotency_ttl_secs > 0, "DROPLINE_IDEMPOTENCY_TTL_SECS must be positive");
+    if config.idempotency_lease_ms == 0 || config.idempotency_lease_ms / 1000 >= config.idempotency_ttl_secs {
+        p.add("DROPLINE_IDEMPOTENCY_LEASE_MS must be positive and shorter than DROPLINE_IDEMPOTENCY_TTL_SECS");
+    }
+    p.require(config.max_body_bytes >= 256, "DROPLINE_MAX_BODY_BYTES must be at least 256");
+    config.check_http(p, open_files_limit());
+});
 
 impl IngressConfig {
     /// The front door's timeouts and limits. `open_files` is the process's
@@ -266,13 +226,17 @@ mod tests {
     fn the_effective_config_log_shows_no_secret() {
         let mut config = with(&BUYER, &ADMIN, &WEBHOOK);
         config.mysql.url = "mysql://dropline:hunter2-mysql@db:3306/dropline".into();
-        config.redis.url = "redis://:hunter2-redis@cache:6379".into();
+        config.shared.redis.url = "redis://:hunter2-redis@cache:6379".into();
         config.payment_provider_url = "https://shop:hunter2-psp@psp.example".into();
         let logged = dropline::stage::effective(&config);
         for secret in [BUYER.as_str(), &ADMIN, &WEBHOOK, "hunter2-mysql", "hunter2-redis", "hunter2-psp"] {
             assert!(!logged.contains(secret), "{secret} is in the log line: {logged}");
         }
         assert!(logged.contains("\"jwt_secret\":\"***\""), "{logged}");
+        let debugged = format!("{config:?}");
+        for secret in [BUYER.as_str(), &ADMIN, &WEBHOOK] {
+            assert!(!debugged.contains(secret), "{secret} shows in Debug: {debugged}");
+        }
         assert!(logged.contains("\"admit_per_sec\":20000"), "{logged}");
     }
 

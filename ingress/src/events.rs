@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use dropline::events::{Event, NewEvent};
+pub use dropline::events::{Event, EventTerms};
 use dropline::stock::{Ledger, StockLevels};
 use moka::future::Cache;
 use sqlx::MySqlPool;
@@ -46,7 +46,7 @@ impl Events {
         self
     }
 
-    pub async fn create(&self, new: &NewEvent) -> Result<Event, sqlx::Error> {
+    pub async fn create(&self, new: &EventTerms) -> Result<Event, sqlx::Error> {
         let id = record::insert_event(&self.db, new).await?;
         self.load(id).await?.ok_or(sqlx::Error::RowNotFound)
     }
@@ -67,7 +67,7 @@ impl Events {
 
     /// Loads the event's stock into Redis unless it is there already.
     pub async fn prewarm(&self, event: &Event) -> Result<bool, dropline::stock::LedgerError> {
-        self.ledger.prewarm(event.id, &event.rules()).await
+        self.ledger.prewarm(event.id, &event.terms.rules()).await
     }
 
     pub async fn levels(&self, id: u64) -> Result<Option<StockLevels>, dropline::stock::LedgerError> {

@@ -196,14 +196,19 @@ impl FromRequest<Arc<AppState>> for SignedWebhook {
         let raw = read_body(&parts.headers, body, app.config.max_body_bytes).await?;
         let signature = parts.headers.get(SIGNATURE_HEADER).and_then(|v| v.to_str().ok());
         let now = chrono::Utc::now().timestamp();
-        payments::verify(app.config.webhook_secret.as_bytes(), signature, &raw, now, app.config.webhook_tolerance_secs)
-            .map_err(|e| {
-                // Every other failure, an oversized header included, is
-                // refused before a MAC is computed or is a mismatch.
-                let code =
-                    if e == SignatureError::Stale { ErrorCode::StaleSignature } else { ErrorCode::InvalidSignature };
-                Problem::new(code).detail(e.to_string())
-            })?;
+        payments::verify(
+            dropline::secrets::exposed(&app.config.webhook_secret),
+            signature,
+            &raw,
+            now,
+            app.config.webhook_tolerance_secs,
+        )
+        .map_err(|e| {
+            // Every other failure, an oversized header included, is
+            // refused before a MAC is computed or is a mismatch.
+            let code = if e == SignatureError::Stale { ErrorCode::StaleSignature } else { ErrorCode::InvalidSignature };
+            Problem::new(code).detail(e.to_string())
+        })?;
         let webhook: PaymentWebhook = json_lenient(&parts.headers, &raw)?;
         match webhook.problem() {
             Some(problem) => Err(Problem::new(ErrorCode::InvalidBody).detail(problem)),

@@ -137,7 +137,7 @@ impl StoredRefusal {
 
 /// What claiming a key found.
 #[derive(Debug)]
-pub enum Claim {
+pub enum KeyClaim {
     /// The key is new and this request owns it: it may refuse at the door.
     New { owner: String },
     /// This request took the key over from an owner whose lease ran out:
@@ -195,7 +195,7 @@ impl IntentStore {
         id: Uuid,
         intent: &IntentRecord,
         lease: Duration,
-    ) -> Result<Claim, StoreError> {
+    ) -> Result<KeyClaim, StoreError> {
         let owner = Uuid::new_v4().simple().to_string();
         // The record less its state, which the script adds.
         let fresh = serde_json::json!({
@@ -213,11 +213,11 @@ impl IntentStore {
             .invoke_async(&mut conn)
             .await?;
         Ok(match outcome.as_str() {
-            "new" => Claim::New { owner },
-            "takeover" => Claim::TakenOver { owner, intent: serde_json::from_str::<KeyRecord>(&raw)?.intent },
-            "busy" => Claim::Busy { lease_left: Duration::from_millis(left_ms) },
-            "final" => Claim::Final(serde_json::from_str(&raw)?),
-            "reused" => Claim::Reused,
+            "new" => KeyClaim::New { owner },
+            "takeover" => KeyClaim::TakenOver { owner, intent: serde_json::from_str::<KeyRecord>(&raw)?.intent },
+            "busy" => KeyClaim::Busy { lease_left: Duration::from_millis(left_ms) },
+            "final" => KeyClaim::Final(serde_json::from_str(&raw)?),
+            "reused" => KeyClaim::Reused,
             other => return Err(StoreError::Script(other.to_owned())),
         })
     }
@@ -237,7 +237,7 @@ impl IntentStore {
         id: Uuid,
         intent: &IntentRecord,
     ) -> Result<bool, StoreError> {
-        let Claim::New { owner } = self.claim(idempotency_key, id, intent, Duration::from_secs(5)).await? else {
+        let KeyClaim::New { owner } = self.claim(idempotency_key, id, intent, Duration::from_secs(5)).await? else {
             return Ok(false);
         };
         let record = KeyRecord { intent_id: id, intent: intent.clone(), state: KeyState::Accepted };

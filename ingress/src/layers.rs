@@ -92,10 +92,11 @@ pub async fn record(mut request: Request, next: Next) -> Response {
         response.headers_mut().insert(REQUEST_ID, value);
     }
     let code = response.extensions().get::<ErrorCode>().map_or("none", |c| c.as_str());
-    metrics::counter!(REQUESTS, "route" => route.clone(), "method" => method.clone(),
+    metrics::counter!(REQUESTS.name, "route" => route.clone(), "method" => method.clone(),
         "status" => response.status().as_u16().to_string(), "error_code" => code)
     .increment(1);
-    metrics::histogram!(REQUEST_DURATION, "route" => route, "method" => method).record(started.elapsed().as_secs_f64());
+    metrics::histogram!(REQUEST_DURATION.name, "route" => route, "method" => method)
+        .record(started.elapsed().as_secs_f64());
     response
 }
 

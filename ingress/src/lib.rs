@@ -41,41 +41,51 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use config::{IngressConfig, DEFAULT_OPS_PORT};
+pub use config::IngressConfig;
 
 use crate::state::AppState;
 
+/// Why the ingress could not start. What every stage can meet is a
+/// [`StageError`](dropline::stage::StageError); the rest is the ingress's.
 #[derive(Debug, thiserror::Error)]
 pub enum IngressError {
     #[error(transparent)]
     Stage(#[from] dropline::stage::StageError),
-    #[error("mysql: {0}")]
-    Mysql(#[from] sqlx::Error),
-    #[error("migrations: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error("redis pool: {0}")]
-    RedisPool(#[from] deadpool_redis::CreatePoolError),
-    #[error(transparent)]
-    Kafka(#[from] kafka::KafkaSetupError),
-    #[error("kafka: {0}")]
-    KafkaClient(#[from] rdkafka::error::KafkaError),
     #[error("http client: {0}")]
     Http(#[from] reqwest::Error),
-    #[error("listening: {0}")]
-    Io(#[from] std::io::Error),
     #[error("stopped while waiting for {0} to be reachable")]
     StoppedWaiting(&'static str),
 }
+
+/// `?` on a setup step's error, through the stage error it is.
+macro_rules! setup_errors {
+    ($($error:ty),*) => {$(
+        impl From<$error> for IngressError {
+            fn from(e: $error) -> Self {
+                IngressError::Stage(e.into())
+            }
+        }
+    )*};
+}
+setup_errors!(
+    sqlx::Error,
+    sqlx::migrate::MigrateError,
+    deadpool_redis::CreatePoolError,
+    kafka::KafkaSetupError,
+    rdkafka::error::KafkaError,
+    std::io::Error,
+    dropline::config::ConfigError
+);
 
 /// The API over clients that connect on first use: building it reaches no
 /// service, and neither does a request refused before its handler reads a
 /// store. For driving the handlers without a socket or a running stack
 /// (`tower::ServiceExt::oneshot`); [`start_on`] serves the same routes.
 pub fn router(config: IngressConfig) -> Result<axum::Router, IngressError> {
-    config.validate().map_err(dropline::stage::StageError::from)?;
+    config.validate()?;
     let db = dropline::db::connect_lazy(&config.mysql)?;
-    let redis = config.redis.pool()?;
-    let publisher = Publisher::new(&config.kafka, "ingress-producer", WhenFull::Refuse)?;
+    let redis = config.shared.redis.pool()?;
+    let publisher = Publisher::new(&config.shared.kafka, "ingress-producer", WhenFull::Refuse)?;
     let state = AppState::new(config, db, redis, publisher, events::SearchTimeout::None)?;
     Ok(routes::router(Arc::new(state)))
 }
@@ -114,10 +124,10 @@ pub async fn start_on(
         return Err(IngressError::StoppedWaiting("mysql"));
     };
     let search_timeout = events::SearchTimeout::detect(&db, config.search_statement_timeout_ms).await?;
-    let redis = config.redis.pool()?;
-    let topics = config.kafka.topics();
-    kafka::ensure_topics(&config.kafka, &topics.all()).await?;
-    let publisher = Publisher::new(&config.kafka, "ingress-producer", WhenFull::Refuse)?;
+    let redis = config.shared.redis.pool()?;
+    let topics = config.shared.kafka.topics();
+    kafka::ensure_topics(&config.shared.kafka, &topics.all()).await?;
+    let publisher = Publisher::new(&config.shared.kafka, "ingress-producer", WhenFull::Refuse)?;
     let state = Arc::new(AppState::new(config.clone(), db, redis, publisher.clone(), search_timeout)?);
     tokio::spawn(limits::prune_periodically(state.limits.clone(), Duration::from_secs(10), shutdown.clone()));
 
@@ -126,7 +136,7 @@ pub async fn start_on(
     ready.set(true);
     tracing::info!(%api_addr, %ops_addr, "ingress serving");
 
-    let drain = Duration::from_secs(config.ops.drain_timeout_secs);
+    let drain = Duration::from_secs(config.shared.ops.drain_timeout_secs);
     let limits = server::ConnLimits {
         header_read_timeout: Duration::from_millis(config.http_header_read_timeout_ms),
         idle_timeout: Duration::from_secs(config.http_idle_timeout_secs),

@@ -3,7 +3,7 @@
 //! Redis no longer has them.
 
 use chrono::{DateTime, Utc};
-use dropline::events::{Event, NewEvent, COLUMNS};
+use dropline::events::{Event, EventTerms, COLUMNS};
 use dropline::messages::{OrderState, OutcomeKind, RejectReason};
 use sqlx::MySqlPool;
 use uuid::Uuid;
@@ -48,7 +48,7 @@ impl SearchTimeout {
 }
 
 /// Creates an event; returns its id.
-pub async fn insert_event(db: &MySqlPool, new: &NewEvent) -> Result<u64, sqlx::Error> {
+pub async fn insert_event(db: &MySqlPool, new: &EventTerms) -> Result<u64, sqlx::Error> {
     let done = sqlx::query(
         "INSERT INTO events (name, venue, starts_at, sale_opens_at, sale_closes_at, capacity, price_cents, \
          currency, per_user_limit, hold_ttl_secs) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

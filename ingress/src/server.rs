@@ -134,7 +134,7 @@ pub async fn serve(
         });
         let io = TokioIo::new(IdleTimeout::new(stream, limits.idle_timeout));
         let connection = graceful.watch(builder.serve_connection(io, service));
-        metrics::gauge!(OPEN_CONNECTIONS).increment(1.0);
+        metrics::gauge!(OPEN_CONNECTIONS.name).increment(1.0);
         tokio::spawn(async move {
             let _permit = permit;
             let _slot = slot;
@@ -146,7 +146,7 @@ pub async fn serve(
                 }
                 _ = evict.cancelled() => tracing::debug!("connection closed"),
             }
-            metrics::gauge!(OPEN_CONNECTIONS).decrement(1.0);
+            metrics::gauge!(OPEN_CONNECTIONS.name).decrement(1.0);
         });
     }
 
@@ -224,7 +224,7 @@ impl IdleConnections {
         // off with it; the client sees a reset, as from any closed
         // connection, and retries (purchases with their key).
         evict.cancel();
-        metrics::counter!(EVICTED_CONNECTIONS).increment(1);
+        metrics::counter!(EVICTED_CONNECTIONS.name).increment(1);
         Evict::Done
     }
 

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use dropline::auth::Tokens;
 use dropline::kafka::{Publisher, Record};
-use dropline::messages::{OrderEvent, Topics};
+use dropline::messages::{OrderChange, Topics};
+use dropline::secrets::exposed;
 use dropline::stock::Ledger;
 use sqlx::MySqlPool;
 
@@ -40,10 +41,10 @@ impl AppState {
         publisher: Publisher,
         search_timeout: events::SearchTimeout,
     ) -> Result<AppState, reqwest::Error> {
-        let ledger = Ledger::new(redis.clone(), &config.redis.key_prefix);
-        let intents = IntentStore::new(redis, &config.redis.key_prefix, config.idempotency_ttl_secs);
+        let ledger = Ledger::new(redis.clone(), &config.shared.redis.key_prefix);
+        let intents = IntentStore::new(redis, &config.shared.redis.key_prefix, config.idempotency_ttl_secs);
         Ok(AppState {
-            tokens: Tokens::new(config.jwt_secret.as_bytes(), config.admin_jwt_secret.as_bytes(), &config.jwt_issuer),
+            tokens: Tokens::new(exposed(&config.jwt_secret), exposed(&config.admin_jwt_secret), &config.jwt_issuer),
             events: Events::new(db.clone(), ledger.clone(), Duration::from_millis(config.event_cache_ttl_ms))
                 .with_search_timeout(search_timeout),
             orders: Orders::new(intents.clone(), ledger.clone(), db.clone()),
@@ -51,7 +52,7 @@ impl AppState {
             ledger,
             db,
             publisher,
-            topics: config.kafka.topics(),
+            topics: config.shared.kafka.topics(),
             limits: Arc::new(Limits::new(
                 config.admit_per_sec,
                 config.admit_burst,
@@ -64,12 +65,12 @@ impl AppState {
     }
 
     /// Puts an order's new state on Kafka and waits for the ack.
-    pub async fn publish_order_event(&self, event: &OrderEvent, request_id: &str) -> Result<(), Problem> {
+    pub async fn publish_order_event(&self, event: &OrderChange, request_id: &str) -> Result<(), Problem> {
         let payload = serde_json::to_vec(event).map_err(|_| Problem::new(ErrorCode::Internal))?;
         let key = event.order_id.to_string();
-        let record = Record::new(&self.topics.order_events, &key, &payload).request_id(Some(request_id));
+        let record = Record::new(&self.topics.order_changes, &key, &payload).request_id(Some(request_id));
         self.publisher.publish(record).await.map_err(|e| {
-            tracing::warn!(error = %e, order_id = %event.order_id, "order event not acknowledged");
+            tracing::warn!(error = %e, order_id = %event.order_id, "order change not acknowledged");
             Problem::new(ErrorCode::BrokerUnavailable).retry_after(1)
         })
     }

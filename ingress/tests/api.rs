@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::Ingress;
 use deadpool_redis::redis::AsyncCommands;
-use dropline_ingress::intents::{intent_id, Claim, IntentRecord, IntentStore, KeyState};
+use dropline_ingress::intents::{intent_id, IntentRecord, IntentStore, KeyClaim, KeyState};
 use dropline_testkit::{event_body, eventually, refused};
 use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};
@@ -116,7 +116,7 @@ async fn a_refusal_at_the_door_is_replayed_and_decides_its_intent() {
         accepted_at_ms: dropline::messages::now_ms(),
     };
     let claim = store.claim("k3", pending, &record, Duration::from_millis(1500)).await.unwrap();
-    assert!(matches!(claim, Claim::New { .. }), "{claim:?}");
+    assert!(matches!(claim, KeyClaim::New { .. }), "{claim:?}");
     let r = post("k3").json(&json!({"quantity": 1})).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::CONFLICT);
     assert!(r.headers().contains_key("retry-after"));

@@ -33,6 +33,7 @@ use axum::{Json, Router};
 use clap::Parser;
 use dropline::config::{ConfigError, Problems};
 use dropline::payments::{self, CreatePayment, PaymentSession, PaymentWebhook, PAYMENT_SUCCEEDED, SIGNATURE_HEADER};
+use dropline::secrets::{exposed, Secret};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -48,14 +49,8 @@ pub struct PaysimConfig {
     pub webhook_url: String,
     /// The secret webhooks are signed with (Dropline's DROPLINE_WEBHOOK_SECRET;
     /// the local stack generates it in .dropline/secrets.env).
-    #[arg(
-        long,
-        env = "DROPLINE_WEBHOOK_SECRET",
-        default_value = "",
-        hide_default_value = true,
-        hide_env_values = true
-    )]
-    pub webhook_secret: String,
+    #[arg(long, env = "DROPLINE_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<Secret>,
     /// Webhook deliveries tried before giving up. The wait between two
     /// doubles from 200 ms up to a minute, so the default keeps trying for
     /// about an hour: longer than a local broker outage and its recovery.
@@ -422,7 +417,7 @@ async fn deliver(sim: &Sim, webhook: &PaymentWebhook) -> Option<Delivery> {
     let body = serde_json::to_vec(webhook).expect("webhooks serialize");
     let mut delay = Duration::from_millis(200);
     for attempt in 1..=sim.config.max_attempts {
-        let signature = payments::sign(sim.config.webhook_secret.as_bytes(), chrono::Utc::now().timestamp(), &body);
+        let signature = payments::sign(exposed(&sim.config.webhook_secret), chrono::Utc::now().timestamp(), &body);
         let sent = sim
             .http
             .post(&sim.config.webhook_url)

@@ -21,6 +21,11 @@ impl Scratch {
     fn captures(&self) -> PathBuf {
         self.0.join("captures.jsonl")
     }
+
+    /// A simulator keeping its record here, its webhooks going nowhere.
+    async fn sim(&self) -> Sim {
+        Sim::start(config(&self.captures())).await
+    }
 }
 
 impl Drop for Scratch {
@@ -29,20 +34,54 @@ impl Drop for Scratch {
     }
 }
 
-/// A running simulator and what stops it.
+/// A running simulator, what stops it, and a client of its API.
 struct Sim {
     running: Running,
     stop: CancellationToken,
+    http: reqwest::Client,
 }
 
 impl Sim {
     async fn start(config: PaysimConfig) -> Sim {
         let stop = CancellationToken::new();
-        Sim { running: start(config, stop.clone()).await.unwrap(), stop }
+        Sim { running: start(config, stop.clone()).await.unwrap(), stop, http: reqwest::Client::new() }
     }
 
-    fn addr(&self) -> std::net::SocketAddr {
-        self.running.addr
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.running.addr)
+    }
+
+    /// The provider's record: every capture, with whether Dropline
+    /// acknowledged its webhook.
+    async fn captured(&self) -> Vec<serde_json::Value> {
+        let body: serde_json::Value =
+            self.http.get(self.url("/v1/captures")).send().await.unwrap().json().await.unwrap();
+        body["captures"].as_array().unwrap().clone()
+    }
+
+    /// A payment as the provider shows it, if it answers.
+    async fn payment(&self, payment_id: &str) -> Option<serde_json::Value> {
+        self.http.get(self.url(&format!("/v1/payments/{payment_id}"))).send().await.ok()?.json().await.ok()
+    }
+
+    /// Opens a payment for a new order and confirms it: the buyer paid.
+    async fn pay(&self, amount_cents: u64) -> (uuid::Uuid, String) {
+        let order = uuid::Uuid::new_v4();
+        let session: serde_json::Value = self
+            .http
+            .post(self.url("/v1/payments"))
+            .header("idempotency-key", order.to_string())
+            .json(&serde_json::json!({ "order_id": order, "amount_cents": amount_cents, "currency": "EUR" }))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let payment_id = session["payment_id"].as_str().unwrap().to_owned();
+        let confirmed = self.http.post(self.url(&format!("/checkout/{payment_id}/confirm"))).send().await.unwrap();
+        assert_eq!(confirmed.status(), 202);
+        (order, payment_id)
     }
 
     async fn stop(self) {
@@ -76,43 +115,16 @@ fn config_to(captures: &std::path::Path, webhooks: std::net::SocketAddr) -> Pays
     ])
 }
 
-async fn captured(http: &reqwest::Client, addr: std::net::SocketAddr) -> Vec<serde_json::Value> {
-    let body: serde_json::Value =
-        http.get(format!("http://{addr}/v1/captures")).send().await.unwrap().json().await.unwrap();
-    body["captures"].as_array().unwrap().clone()
-}
-
-/// Opens a payment for a new order and confirms it: the buyer paid.
-async fn pay(http: &reqwest::Client, addr: std::net::SocketAddr, amount_cents: u64) -> (uuid::Uuid, String) {
-    let order = uuid::Uuid::new_v4();
-    let session: serde_json::Value = http
-        .post(format!("http://{addr}/v1/payments"))
-        .header("idempotency-key", order.to_string())
-        .json(&serde_json::json!({ "order_id": order, "amount_cents": amount_cents, "currency": "EUR" }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let payment_id = session["payment_id"].as_str().unwrap().to_owned();
-    let confirmed = http.post(format!("http://{addr}/checkout/{payment_id}/confirm")).send().await.unwrap();
-    assert_eq!(confirmed.status(), 202);
-    (order, payment_id)
-}
-
 #[tokio::test]
 async fn captured_payments_are_read_back_after_a_restart() {
     let scratch = Scratch::new();
-    let http = reqwest::Client::new();
-
-    let first = Sim::start(config(&scratch.captures())).await;
-    let (order, payment_id) = pay(&http, first.addr(), 4500).await;
-    assert_eq!(captured(&http, first.addr()).await.len(), 1);
+    let first = scratch.sim().await;
+    let (order, payment_id) = first.pay(4500).await;
+    assert_eq!(first.captured().await.len(), 1);
     first.stop().await;
 
-    let second = Sim::start(config(&scratch.captures())).await;
-    let after = captured(&http, second.addr()).await;
+    let second = scratch.sim().await;
+    let after = second.captured().await;
     assert_eq!(after.len(), 1, "{after:?}");
     assert_eq!(after[0]["payment_id"], payment_id);
     assert_eq!(after[0]["order_id"], order.to_string());
@@ -129,14 +141,13 @@ async fn a_line_cut_short_by_a_crash_is_dropped_and_the_next_capture_starts_clea
         "webhook_id": "evt_whole", "captured_at": 0,
     });
     std::fs::write(scratch.captures(), format!("{whole}\n{{\"payment_id\":\"pay_torn\",\"ord")).unwrap();
-    let http = reqwest::Client::new();
-    let sim = Sim::start(config(&scratch.captures())).await;
-    assert_eq!(captured(&http, sim.addr()).await.len(), 1);
-    let (_, id) = pay(&http, sim.addr(), 200).await;
+    let sim = scratch.sim().await;
+    assert_eq!(sim.captured().await.len(), 1);
+    let (_, id) = sim.pay(200).await;
     sim.stop().await;
-    let again = Sim::start(config(&scratch.captures())).await;
+    let again = scratch.sim().await;
     let ids: Vec<String> =
-        captured(&http, again.addr()).await.iter().map(|c| c["payment_id"].as_str().unwrap().to_owned()).collect();
+        again.captured().await.iter().map(|c| c["payment_id"].as_str().unwrap().to_owned()).collect();
     assert_eq!(ids.len(), 2, "{ids:?}");
     assert!(ids.contains(&"pay_whole".to_owned()) && ids.contains(&id), "{ids:?}");
 }
@@ -160,14 +171,11 @@ async fn receiver(tx: tokio::sync::mpsc::UnboundedSender<serde_json::Value>) -> 
 #[tokio::test]
 async fn a_webhook_still_unacknowledged_at_a_restart_is_delivered_after_it_once() {
     let scratch = Scratch::new();
-    let http = reqwest::Client::new();
-
     // Captured while Dropline was unreachable, and the one attempt failed.
-    let first = Sim::start(config(&scratch.captures())).await;
-    let (order, payment_id) = pay(&http, first.addr(), 700).await;
+    let first = scratch.sim().await;
+    let (order, payment_id) = first.pay(700).await;
     let shown = until("the one delivery attempt", || async {
-        let url = format!("http://{}/v1/payments/{payment_id}", first.addr());
-        let p: serde_json::Value = http.get(url).send().await.ok()?.json().await.ok()?;
+        let p = first.payment(&payment_id).await?;
         (!p["deliveries"].as_array()?.is_empty()).then_some(p)
     })
     .await;
@@ -182,12 +190,12 @@ async fn a_webhook_still_unacknowledged_at_a_restart_is_delivered_after_it_once(
     assert_eq!(webhook["payment_id"], payment_id);
     assert_eq!(webhook["order_id"], order.to_string());
     until("the delivery noted as acknowledged", || async {
-        (captured(&http, second.addr()).await[0]["acknowledged"] == true).then_some(())
+        (second.captured().await[0]["acknowledged"] == true).then_some(())
     })
     .await;
     second.stop().await;
 
     // Acknowledged once: a third start knows it and owes nothing.
-    let third = Sim::start(config(&scratch.captures())).await;
-    assert_eq!(captured(&http, third.addr()).await[0]["acknowledged"], true);
+    let third = scratch.sim().await;
+    assert_eq!(third.captured().await[0]["acknowledged"], true);
 }

@@ -244,7 +244,7 @@ impl<'a> EventClaims<'a> {
     async fn void(&mut self, tx: &mut Tx<'_>, claim: &Claim, reason: VoidReason) -> Result<(), WriteError> {
         tracing::warn!(event_id = self.event_id, order_id = %claim.order_id, user_id = %claim.user_id, %reason,
             "the record refused a hold the ledger gave; the order is voided");
-        ::metrics::counter!(crate::metrics::VOIDED, "reason" => reason.label()).increment(1);
+        ::metrics::counter!(crate::metrics::VOIDED.name, "reason" => reason.label()).increment(1);
         orders::void(tx, &claim.order_id, Utc::now()).await?;
         units::release(tx, &claim.order_id).await?;
         self.owners.retain(|_, o| *o != claim.order_id);

@@ -1,8 +1,5 @@
 use clap::Parser;
-use dropline::config::{ConfigError, KafkaArgs, MysqlArgs, OpsArgs, Problems, RedisArgs};
-
-/// Where the ops endpoints listen unless configured.
-pub const DEFAULT_OPS_PORT: u16 = 9102;
+use dropline::config::{MysqlArgs, SharedArgs};
 
 /// The settler: persists what the other stages decided into MySQL.
 #[derive(Debug, Clone, Parser, serde::Serialize)]
@@ -37,13 +34,10 @@ pub struct SettlerConfig {
     #[arg(long, env = "DROPLINE_SETTLER_REBUILD_TIMEOUT_SECS", default_value_t = 120)]
     pub rebuild_timeout_secs: u64,
     #[command(flatten)]
-    pub kafka: KafkaArgs,
-    #[command(flatten)]
     pub mysql: MysqlArgs,
     #[command(flatten)]
-    pub redis: RedisArgs,
-    #[command(flatten)]
-    pub ops: OpsArgs,
+    #[serde(flatten)]
+    pub shared: SharedArgs,
 }
 
 impl SettlerConfig {
@@ -66,35 +60,18 @@ impl SettlerConfig {
     }
 }
 
-impl dropline::stage::StageConfig for SettlerConfig {
-    const NAME: &'static str = "settler";
-    const DEFAULT_OPS_PORT: u16 = DEFAULT_OPS_PORT;
-
-    fn validate(&self) -> Result<(), ConfigError> {
-        let mut p = Problems::default();
-        self.kafka.check(&mut p);
-        self.mysql.check(&mut p);
-        self.redis.check(&mut p);
-        p.within("DROPLINE_SETTLER_DRIFT_INTERVAL_SECS", self.drift_interval_secs, 1..=3600);
-        p.require(self.repair_after_passes > 0, "DROPLINE_SETTLER_REPAIR_AFTER_PASSES must be positive");
-        // An allocator renews its in-flight marks every second while it
-        // publishes and pauses at most 2 s between attempts: a shorter grace
-        // would take a live allocator for a dead one.
-        p.require(self.rebuild_grace_ms >= 3_000, "DROPLINE_SETTLER_REBUILD_GRACE_MS must be at least 3000");
-        p.require(self.rebuild_timeout_secs > 0, "DROPLINE_SETTLER_REBUILD_TIMEOUT_SECS must be positive");
-        p.require(!self.group_id.is_empty(), "DROPLINE_SETTLER_GROUP must not be empty");
-        p.within("DROPLINE_SETTLER_BATCH_MAX", self.batch_max, 1..=5_000);
-        p.require(self.batch_linger_ms <= 5_000, "DROPLINE_SETTLER_BATCH_LINGER_MS must be at most 5000");
-        p.into_result()
-    }
-
-    fn ops(&self) -> &OpsArgs {
-        &self.ops
-    }
-
-    fn describe_metrics() {
-        crate::metrics::describe();
-    }
-}
+dropline::stage_config!(SettlerConfig, "settler", 9102, |config, p| {
+    config.mysql.check(p);
+    p.within("DROPLINE_SETTLER_DRIFT_INTERVAL_SECS", config.drift_interval_secs, 1..=3600);
+    p.require(config.repair_after_passes > 0, "DROPLINE_SETTLER_REPAIR_AFTER_PASSES must be positive");
+    // An allocator renews its in-flight marks every second while it
+    // publishes and pauses at most 2 s between attempts: a shorter grace
+    // would take a live allocator for a dead one.
+    p.require(config.rebuild_grace_ms >= 3_000, "DROPLINE_SETTLER_REBUILD_GRACE_MS must be at least 3000");
+    p.require(config.rebuild_timeout_secs > 0, "DROPLINE_SETTLER_REBUILD_TIMEOUT_SECS must be positive");
+    p.require(!config.group_id.is_empty(), "DROPLINE_SETTLER_GROUP must not be empty");
+    p.within("DROPLINE_SETTLER_BATCH_MAX", config.batch_max, 1..=5_000);
+    p.require(config.batch_linger_ms <= 5_000, "DROPLINE_SETTLER_BATCH_LINGER_MS must be at most 5000");
+});
 
 dropline::config_tests!(super::SettlerConfig);

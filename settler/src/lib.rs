@@ -28,12 +28,12 @@ pub mod store;
 use std::sync::Arc;
 
 use dropline::kafka;
-use dropline::messages::{Decision, OrderEvent};
+use dropline::messages::{Decision, OrderChange};
 use dropline::stage::{self, Stage, StageError};
 use rdkafka::message::{Message, OwnedMessage};
 use tokio_util::sync::CancellationToken;
 
-pub use config::{SettlerConfig, DEFAULT_OPS_PORT};
+pub use config::SettlerConfig;
 
 use crate::claims::WriteError;
 use crate::metrics::{ROWS, WRITE_ERRORS};
@@ -41,23 +41,17 @@ use crate::reconcile::{Reconciler, Voided};
 use crate::store::Batch;
 
 pub async fn run(config: SettlerConfig, shutdown: CancellationToken) -> Result<(), StageError> {
-    let stage::Consumer { ready, topics, publisher, dead_letters, consumer } = Stage::start_consumer(
-        &config,
-        &config.kafka,
-        &config.group_id,
-        |t| vec![&t.decisions, &t.order_events],
-        &shutdown,
-    )
-    .await?;
+    let stage::Consumer { ready, topics, publisher, dead_letters, consumer } =
+        Stage::start_consumer(&config, &config.group_id, |t| vec![&t.decisions, &t.order_changes], &shutdown).await?;
     let Some(db) = dropline::db::connect_and_migrate(&config.mysql, &shutdown).await? else {
         return Ok(());
     };
-    let ledger = dropline::stock::Ledger::new(config.redis.pool()?, &config.redis.key_prefix);
+    let ledger = dropline::stock::Ledger::new(config.shared.redis.pool()?, &config.shared.redis.key_prefix);
     let voided = Arc::new(Voided::default());
     let reconciler = Reconciler {
         db: db.clone(),
         ledger: ledger.clone(),
-        kafka: config.kafka.clone(),
+        kafka: config.shared.kafka.clone(),
         publisher,
         topics: topics.clone(),
         options: config.reconcile_options(),
@@ -68,7 +62,7 @@ pub async fn run(config: SettlerConfig, shutdown: CancellationToken) -> Result<(
     tracing::info!("settler consuming");
 
     let settler = Settler { db, ledger, decisions_topic: topics.decisions.clone(), voided };
-    let options = config.kafka.batch_options("settler", config.batch_max, config.batch_linger_ms);
+    let options = config.shared.kafka.batch_options("settler", config.batch_max, config.batch_linger_ms);
     let ended = kafka::run_batches(&consumer, &settler, &dead_letters, &options, &shutdown).await;
     ready.set(false);
     tracing::info!("settler stopped");
@@ -86,7 +80,7 @@ struct Settler {
 /// A message the settler writes.
 enum Settle {
     Decision(Decision),
-    OrderEvent(OrderEvent),
+    OrderChange(OrderChange),
 }
 
 impl kafka::Failure for WriteError {
@@ -118,7 +112,7 @@ impl kafka::BatchStage for Settler {
         if m.topic() == self.decisions_topic {
             decode::<Decision>(m).map(Settle::Decision)
         } else {
-            decode::<OrderEvent>(m).map(Settle::OrderEvent)
+            decode::<OrderChange>(m).map(Settle::OrderChange)
         }
     }
 
@@ -134,19 +128,19 @@ impl kafka::BatchStage for Settler {
             );
             match item {
                 Settle::Decision(d) => batch.add_decision(d.clone()),
-                Settle::OrderEvent(e) => batch.add_order_event(e.clone()),
+                Settle::OrderChange(e) => batch.add_order_event(e.clone()),
             }
         }
         if batch.is_empty() {
             return Ok(());
         }
         let written = batch.write(&self.db, &self.ledger).await.inspect_err(|_| {
-            ::metrics::counter!(WRITE_ERRORS).increment(1);
+            ::metrics::counter!(WRITE_ERRORS.name).increment(1);
         })?;
-        ::metrics::counter!(ROWS, "table" => "intents").increment(written.intents as u64);
-        ::metrics::counter!(ROWS, "table" => "orders").increment(written.orders as u64);
-        ::metrics::counter!(ROWS, "table" => "payments").increment(written.payments as u64);
-        ::metrics::counter!(ROWS, "table" => "order_units").increment(written.units as u64);
+        ::metrics::counter!(ROWS.name, "table" => "intents").increment(written.intents as u64);
+        ::metrics::counter!(ROWS.name, "table" => "orders").increment(written.orders as u64);
+        ::metrics::counter!(ROWS.name, "table" => "payments").increment(written.payments as u64);
+        ::metrics::counter!(ROWS.name, "table" => "order_units").increment(written.units as u64);
         // A voided hold means the ledger is behind the record: have it
         // rebuilt, so it stops handing out what is taken.
         for void in &written.voided {

@@ -12,7 +12,7 @@
 //!    mark is gone. A mark not renewed for `in_flight_grace` belongs to an
 //!    allocator that died.
 //! 3. Wait until the settler group has committed past every decision and
-//!    order event on Kafka at that point: MySQL then has them all.
+//!    order change on Kafka at that point: MySQL then has them all.
 //! 4. Read the event, its orders with their units, payments and decided
 //!    intents from MySQL, and write stock, free units, holds (with their
 //!    deadlines), per-user counts and decisions (the intents' idempotency
@@ -188,7 +188,7 @@ fn log_changes(event_id: u64, old: &HashMap<Uuid, Hold>, restore: &Restore) -> u
 
 /// Publishes every hold that Redis has ended (paid, cancelled, expired) while
 /// MySQL still has it held, before the ledger is rebuilt from MySQL. Such a
-/// hold's own order event was lost (the publish after a payment, a cancel
+/// hold's own order change was lost (the publish after a payment, a cancel
 /// or an expiry failed, and its caller was told to retry), and rebuilding
 /// from MySQL alone would put its units back on hold over an outcome that
 /// happened. The settler's upserts only move an order forward, so this is
@@ -212,7 +212,7 @@ async fn carry_forward(
         }
         let event = hold.order_event(order_id, event_id, None);
         let payload = serde_json::to_vec(&event).expect("messages serialize");
-        broker.publisher.publish(Record::new(&broker.topics.order_events, &id, &payload)).await?;
+        broker.publisher.publish(Record::new(&broker.topics.order_changes, &id, &payload)).await?;
         carried += 1;
     }
     if carried > 0 {
@@ -253,7 +253,7 @@ pub async fn wait_for_settlers(
     let probe: Arc<BaseConsumer> =
         Arc::new(ClientConfig::new().set("bootstrap.servers", &kafka.brokers).set("group.id", group).create()?);
     let wait = Duration::from_secs(10);
-    let consumed = [topics.decisions.clone(), topics.order_events.clone()];
+    let consumed = [topics.decisions.clone(), topics.order_changes.clone()];
     let ends = blocking(&probe, move |probe| {
         let mut ends = TopicPartitionList::new();
         for topic in &consumed {
@@ -363,7 +363,7 @@ async fn load(db: &MySqlPool, event: &Event) -> Result<Restore, RebuildError> {
         };
         decisions.push((id, verdict));
     }
-    Ok(Restore { rules: event.rules(), holds, decisions })
+    Ok(Restore { rules: event.terms.rules(), holds, decisions })
 }
 
 #[cfg(test)]

@@ -238,8 +238,8 @@ impl Reconciler {
         seen.retain(|event_id, _| m.drift.contains_key(event_id));
         for (&event_id, &d) in &m.drift {
             let id = event_id.to_string();
-            ::metrics::gauge!(DRIFT, "event_id" => id.clone(), "state" => "held").set(d.held as f64);
-            ::metrics::gauge!(DRIFT, "event_id" => id, "state" => "sold").set(d.sold as f64);
+            ::metrics::gauge!(DRIFT.name, "event_id" => id.clone(), "state" => "held").set(d.held as f64);
+            ::metrics::gauge!(DRIFT.name, "event_id" => id, "state" => "sold").set(d.sold as f64);
             if d.is_zero() {
                 seen.remove(&event_id);
                 continue;
@@ -299,8 +299,8 @@ impl Reconciler {
             };
             let event = hold.order_event(order_id, event_id, None);
             let payload = serde_json::to_vec(&event).expect("messages serialize");
-            self.publisher.publish(Record::new(&self.topics.order_events, &order, &payload)).await?;
-            ::metrics::counter!(OVERDUE_ENDED).increment(1);
+            self.publisher.publish(Record::new(&self.topics.order_changes, &order, &payload)).await?;
+            ::metrics::counter!(OVERDUE_ENDED.name).increment(1);
             tracing::warn!(event_id, order_id = %order, state = hold.state.as_str(),
                 "a hold outlived its deadline in the record; ended it through the ledger and told the settler");
         }
@@ -326,7 +326,7 @@ impl Reconciler {
         .await;
         match rebuilt {
             Ok(_) => {
-                ::metrics::counter!(REBUILDS, "reason" => why.label()).increment(1);
+                ::metrics::counter!(REBUILDS.name, "reason" => why.label()).increment(1);
                 Ok(())
             }
             // Another settler's reconciler got there first.

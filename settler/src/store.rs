@@ -9,7 +9,7 @@
 //! Redis said. A payment for an order that is not paid in the record is
 //! recorded for refund.
 
-use dropline::messages::{Decision, OrderEvent, OrderState, Outcome, PaymentRecord};
+use dropline::messages::{Decision, OrderChange, OrderState, Outcome, PaymentRecord};
 use dropline::stock::Ledger;
 use sqlx::MySqlPool;
 
@@ -21,7 +21,7 @@ use crate::record::{intents, orders, payments};
 pub struct Batch {
     intents: Vec<Decision>,
     /// Without their payments, which are in `payments`.
-    orders: Vec<OrderEvent>,
+    orders: Vec<OrderChange>,
     payments: Vec<(String, PaymentRecord)>,
     claims: Vec<Claim>,
 }
@@ -50,7 +50,7 @@ impl Batch {
                 user_id: d.user_id.clone(),
                 units: units.clone(),
             });
-            self.orders.push(OrderEvent {
+            self.orders.push(OrderChange {
                 order_id: d.intent_id,
                 event_id: d.event_id,
                 user_id: d.user_id.clone(),
@@ -65,7 +65,7 @@ impl Batch {
         self.intents.push(d);
     }
 
-    pub fn add_order_event(&mut self, mut e: OrderEvent) {
+    pub fn add_order_event(&mut self, mut e: OrderChange) {
         if let Some(p) = e.payment.take() {
             self.payments.push((e.order_id.to_string(), p));
         }

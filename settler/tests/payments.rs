@@ -2,7 +2,7 @@
 //! however many webhook event ids the provider delivers it. Runs against the
 //! real local MariaDB.
 
-use dropline::messages::{OrderEvent, OrderState, PaymentDisposition, PaymentRecord};
+use dropline::messages::{OrderChange, OrderState, PaymentDisposition, PaymentRecord};
 use dropline::stock::Ledger;
 use dropline_settler::store::Batch;
 use sqlx::MySqlPool;
@@ -21,9 +21,9 @@ async fn database(tag: &str) -> (String, MySqlPool) {
     (name, db)
 }
 
-fn paid(order_id: Uuid, event_id: &str, payment_id: &str, disposition: PaymentDisposition) -> OrderEvent {
+fn paid(order_id: Uuid, event_id: &str, payment_id: &str, disposition: PaymentDisposition) -> OrderChange {
     let now = chrono::Utc::now().timestamp_millis();
-    OrderEvent {
+    OrderChange {
         order_id,
         event_id: 1,
         user_id: "alice".to_owned(),

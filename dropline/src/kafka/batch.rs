@@ -177,7 +177,7 @@ where
             Err(e) => e,
         };
         let kind = if error.is_permanent() { "permanent" } else { "unavailable" };
-        ::metrics::counter!(APPLY_RETRIES, "stage" => options.stage, "kind" => kind).increment(1);
+        ::metrics::counter!(APPLY_RETRIES.name, "stage" => options.stage, "kind" => kind).increment(1);
         if error.is_permanent() {
             permanent_failures += 1;
             if permanent_failures >= options.permanent_attempts {

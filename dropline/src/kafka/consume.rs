@@ -131,13 +131,13 @@ pub async fn run_consumer<S: ConsumerStage>(
         if batch.is_empty() {
             continue;
         }
-        ::metrics::histogram!(BATCH_SIZE, "stage" => polling.stage).record(batch.len() as f64);
+        ::metrics::histogram!(BATCH_SIZE.name, "stage" => polling.stage).record(batch.len() as f64);
         let Some(decoded) = decode(&*stage, dead_letters, &batch, shutdown).await else { break };
         if stage.accept(decoded).await.is_none() {
             break;
         }
         group.settle(stage);
-        ::metrics::histogram!(BATCH_DURATION, "stage" => polling.stage).record(started.elapsed().as_secs_f64());
+        ::metrics::histogram!(BATCH_DURATION.name, "stage" => polling.stage).record(started.elapsed().as_secs_f64());
     }
     commit_stored(consumer);
     Ok(())
@@ -229,7 +229,7 @@ impl Group<'_> {
     }
 
     fn publish_paused(&self) {
-        ::metrics::gauge!(PAUSED_PARTITIONS, "stage" => self.stage_name).set(self.paused.len() as f64);
+        ::metrics::gauge!(PAUSED_PARTITIONS.name, "stage" => self.stage_name).set(self.paused.len() as f64);
     }
 }
 

@@ -18,7 +18,7 @@ impl DeadLetters {
     pub fn new(publisher: Publisher, topic: String, stage: &'static str) -> Self {
         // The series exists from the start: dashboards show 0, not no data.
         for kind in ["undecodable", "unappliable"] {
-            ::metrics::counter!(metrics::DEAD_LETTERS, "stage" => stage, "kind" => kind).increment(0);
+            ::metrics::counter!(metrics::DEAD_LETTERS.name, "stage" => stage, "kind" => kind).increment(0);
         }
         Self { publisher, topic, stage }
     }
@@ -46,7 +46,7 @@ impl DeadLetters {
         );
         self.publisher.publish(record).await?;
         // Counted once it is parked, not once per attempt.
-        ::metrics::counter!(metrics::DEAD_LETTERS, "stage" => self.stage, "kind" => kind).increment(1);
+        ::metrics::counter!(metrics::DEAD_LETTERS.name, "stage" => self.stage, "kind" => kind).increment(1);
         Ok(())
     }
 }

@@ -45,7 +45,7 @@ impl GroupContext {
     pub(super) fn new(client: &'static str, ready: Readiness) -> Self {
         // Ready only once the group gave this consumer something to do.
         ready.set_assigned(false);
-        ::metrics::gauge!(ASSIGNED_PARTITIONS, "client" => client).set(0.0);
+        ::metrics::gauge!(ASSIGNED_PARTITIONS.name, "client" => client).set(0.0);
         Self { client, assignment: Arc::default(), ready }
     }
 
@@ -65,7 +65,7 @@ impl GroupContext {
     }
 
     fn publish(&self, held: usize) {
-        ::metrics::gauge!(ASSIGNED_PARTITIONS, "client" => self.client).set(held as f64);
+        ::metrics::gauge!(ASSIGNED_PARTITIONS.name, "client" => self.client).set(held as f64);
         self.ready.set_assigned(held > 0);
     }
 }
@@ -169,7 +169,7 @@ pub fn watch(
                     Ok(None) => {}
                     Ok(Some(unowned)) => {
                         described_once = true;
-                        ::metrics::gauge!(UNOWNED_PARTITIONS, "client" => client).set(unowned as f64);
+                        ::metrics::gauge!(UNOWNED_PARTITIONS.name, "client" => client).set(unowned as f64);
                         if held == 0 && unowned > 0 {
                             let since = *stuck_since.get_or_insert_with(std::time::Instant::now);
                             if since.elapsed() >= STUCK_AFTER && ready.healthy() {

@@ -44,11 +44,11 @@ use crate::config::KafkaArgs;
 const STATISTICS_INTERVAL_MS: &str = "5000";
 
 fn export_statistics(client: &'static str, stats: &Statistics) {
-    ::metrics::gauge!(metrics::CLIENT_QUEUE, "client" => client).set(stats.msg_cnt as f64);
+    ::metrics::gauge!(metrics::CLIENT_QUEUE.name, "client" => client).set(stats.msg_cnt as f64);
     for broker in stats.brokers.values() {
         // Bootstrap and internal pseudo-brokers have no node id.
         if let Some(rtt) = broker.rtt.as_ref().filter(|_| broker.nodeid >= 0) {
-            ::metrics::gauge!(metrics::BROKER_RTT, "client" => client, "broker" => broker.nodename.clone())
+            ::metrics::gauge!(metrics::BROKER_RTT.name, "client" => client, "broker" => broker.nodename.clone())
                 .set(rtt.p99 as f64 / 1e6);
         }
     }
@@ -57,7 +57,7 @@ fn export_statistics(client: &'static str, stats: &Statistics) {
             // -1 is librdkafka's internal unassigned partition; a lag of -1
             // means not known yet.
             if p.partition >= 0 && p.consumer_lag >= 0 {
-                ::metrics::gauge!(metrics::CONSUMER_LAG, "client" => client, "topic" => topic.topic.clone(),
+                ::metrics::gauge!(metrics::CONSUMER_LAG.name, "client" => client, "topic" => topic.topic.clone(),
                     "partition" => p.partition.to_string())
                 .set(p.consumer_lag as f64);
             }

@@ -177,7 +177,7 @@ impl Publisher {
             timestamp: None,
             headers: record.headers,
         };
-        ::metrics::gauge!(metrics::PUBLISH_IN_FLIGHT, "client" => self.client)
+        ::metrics::gauge!(metrics::PUBLISH_IN_FLIGHT.name, "client" => self.client)
             .set(f64::from(self.producer.in_flight_count()));
         let result = match self.producer.send(outgoing, self.queue_wait).await {
             Ok(_) => Ok(()),
@@ -185,13 +185,13 @@ impl Publisher {
         };
         let outcome = match &result {
             Ok(()) => {
-                ::metrics::histogram!(metrics::PUBLISH_DURATION, "client" => self.client, "topic" => topic.to_owned())
+                ::metrics::histogram!(metrics::PUBLISH_DURATION.name, "client" => self.client, "topic" => topic.to_owned())
                     .record(started.elapsed().as_secs_f64());
                 "acked"
             }
             Err(e) => e.outcome(),
         };
-        ::metrics::counter!(metrics::PUBLISHED, "client" => self.client, "topic" => topic.to_owned(), "outcome" => outcome)
+        ::metrics::counter!(metrics::PUBLISHED.name, "client" => self.client, "topic" => topic.to_owned(), "outcome" => outcome)
             .increment(1);
         result
     }

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use uuid::Uuid;
 
-use crate::messages::{now_ms, OrderEvent, OrderState, PaymentRecord, RejectReason};
+use crate::messages::{now_ms, OrderChange, OrderState, PaymentRecord, RejectReason};
 pub use keys::{EventKeys, Keys};
 
 static PREWARM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/prewarm.lua")));
@@ -55,9 +55,9 @@ pub struct SaleRules {
     pub retain_until_ms: i64,
 }
 
-/// One intent as the allocation script sees it.
+/// An intent still to decide, as the allocation script takes it.
 #[derive(Debug, Clone)]
-pub struct Claim<'a> {
+pub struct Undecided<'a> {
     pub intent_id: Uuid,
     pub user_id: &'a str,
     pub quantity: u32,
@@ -110,9 +110,9 @@ pub struct Hold {
 }
 
 impl Hold {
-    /// The order event that tells the settler this hold is in its state.
-    pub fn order_event(&self, order_id: Uuid, event_id: u64, payment: Option<PaymentRecord>) -> OrderEvent {
-        OrderEvent {
+    /// The order change that tells the settler this hold is in its state.
+    pub fn order_event(&self, order_id: Uuid, event_id: u64, payment: Option<PaymentRecord>) -> OrderChange {
+        OrderChange {
             order_id,
             event_id,
             user_id: self.user_id.clone(),
@@ -275,20 +275,20 @@ impl Ledger {
     }
 
     /// Decides a batch of intents of one event in one script call. The
-    /// verdicts come back in the order of `claims`.
-    pub async fn allocate(&self, event_id: u64, claims: &[Claim<'_>]) -> Result<Vec<Verdict>, LedgerError> {
-        if claims.is_empty() {
+    /// verdicts come back in the order of `intents`.
+    pub async fn allocate(&self, event_id: u64, intents: &[Undecided<'_>]) -> Result<Vec<Verdict>, LedgerError> {
+        if intents.is_empty() {
             return Ok(Vec::new());
         }
         let keys = self.keys.event(event_id);
         let mut invocation = invoke(&ALLOCATE, &keys.allocate());
-        for claim in claims {
-            invocation.arg(claim.intent_id.to_string()).arg(claim.user_id).arg(claim.quantity);
+        for intent in intents {
+            invocation.arg(intent.intent_id.to_string()).arg(intent.user_id).arg(intent.quantity);
         }
         let mut conn = self.pool.get().await?;
         let raw: Vec<String> = invocation.invoke_async(&mut conn).await.map_err(|e| no_ledger(e, event_id))?;
-        if raw.len() != claims.len() {
-            return Err(LedgerError::Corrupt(format!("{} verdicts for {} intents", raw.len(), claims.len())));
+        if raw.len() != intents.len() {
+            return Err(LedgerError::Corrupt(format!("{} verdicts for {} intents", raw.len(), intents.len())));
         }
         raw.iter().map(|r| decode(r)).collect()
     }

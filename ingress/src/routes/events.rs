@@ -9,7 +9,7 @@ use axum::Json;
 use dropline::stock::StockLevels;
 use serde::Serialize;
 
-use crate::events::{Event, NewEvent};
+use crate::events::{Event, EventTerms};
 use crate::extract::{Admin, EventId, JsonBody, NoBody, SearchQuery};
 use crate::problem::{ErrorCode, Problem};
 use crate::state::AppState;
@@ -26,7 +26,7 @@ struct EventView {
 pub async fn create(
     State(app): State<Arc<AppState>>,
     _: Admin,
-    JsonBody(new): JsonBody<NewEvent>,
+    JsonBody(new): JsonBody<EventTerms>,
 ) -> Result<Response, Problem> {
     let problems = new.problems();
     if !problems.is_empty() {
@@ -37,7 +37,7 @@ pub async fn create(
     // admin retries with the idempotent prewarm call.
     app.events.prewarm(&event).await.map_err(|e| Problem::unavailable("redis", &e))?;
     let availability = app.events.levels(event.id).await.ok().flatten();
-    tracing::info!(event_id = event.id, capacity = event.capacity, "event created");
+    tracing::info!(event_id = event.id, capacity = event.terms.capacity, "event created");
     let location = format!("/v1/events/{}", event.id);
     Ok((StatusCode::CREATED, [("location", location)], Json(EventView { event, availability })).into_response())
 }
@@ -54,7 +54,7 @@ pub async fn prewarm(
     // fresh one would sell again what MySQL has sold. Only a rebuild from
     // the record may bring it back, so that is what is asked for.
     let present = app.events.levels(id).await.map_err(|e| Problem::unavailable("redis", &e))?.is_some();
-    if !present && chrono::Utc::now() >= event.sale_opens_at {
+    if !present && chrono::Utc::now() >= event.terms.sale_opens_at {
         let why = "an admin asked to pre-warm a missing ledger after the sale opened";
         app.ledger.request_rebuild(id, why).await.map_err(|e| Problem::unavailable("redis", &e))?;
         tracing::warn!(event_id = id, "pre-warm after the opening: a rebuild from MySQL was requested instead");

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::extract::{Buyer, EventId, IdempotencyKey, IntentId, JsonBody};
-use crate::intents::{intent_id, Claim, IntentRecord, KeyRecord, KeyState, Settled, StoredRefusal};
+use crate::intents::{intent_id, IntentRecord, KeyClaim, KeyRecord, KeyState, Settled, StoredRefusal};
 use crate::layers::{Counter, Outcome, RequestId};
 use crate::metrics::PURCHASES;
 use crate::orders::{not_ready, Lookup, OrderView};
@@ -40,7 +40,7 @@ struct Accepted {
 
 /// Purchases by outcome: `admitted` and `replayed` as the handler marks
 /// them, a refusal by its code.
-pub const COUNTER: Counter = Counter { metric: PURCHASES, label: "outcome", of_problem: refused_as };
+pub const COUNTER: Counter = Counter { metric: PURCHASES.name, label: "outcome", of_problem: refused_as };
 
 fn refused_as(code: ErrorCode) -> &'static str {
     match code {
@@ -64,9 +64,9 @@ pub async fn create(
 ) -> Result<Response, Problem> {
     let event = app.events.get(event_id).await.map_err(|e| Problem::unavailable("mysql", &e))?;
     let event = event.ok_or(ErrorCode::EventNotFound)?;
-    if request.quantity == 0 || request.quantity > event.per_user_limit {
+    if request.quantity == 0 || request.quantity > event.terms.per_user_limit {
         return Err(Problem::new(ErrorCode::InvalidBody)
-            .errors(vec![format!("quantity: must be 1 to {} for this event", event.per_user_limit)]));
+            .errors(vec![format!("quantity: must be 1 to {} for this event", event.terms.per_user_limit)]));
     }
 
     app.limits.admit(&claims.sub).map_err(|r| Problem::new(ErrorCode::RateLimited).retry_after(r.retry_after_secs))?;
@@ -79,19 +79,19 @@ pub async fn create(
     let lease = Duration::from_millis(app.config.idempotency_lease_ms);
     let claim = app.intents.claim(&key, id, &intent, lease).await.map_err(|e| Problem::unavailable("redis", &e))?;
     let (owner, fresh) = match claim {
-        Claim::Reused => {
+        KeyClaim::Reused => {
             return Err(Problem::new(ErrorCode::IdempotencyKeyReused)
                 .detail("this Idempotency-Key was first used for another event or quantity"));
         }
         // A replayed refusal is counted under its code, as it was.
-        Claim::Final(record) => return replay(&record).map(|accepted| Outcome("replayed").mark(accepted)),
-        Claim::Busy { .. } => return Err(in_progress()),
-        Claim::New { owner } => (owner, true),
+        KeyClaim::Final(record) => return replay(&record).map(|accepted| Outcome("replayed").mark(accepted)),
+        KeyClaim::Busy { .. } => return Err(in_progress()),
+        KeyClaim::New { owner } => (owner, true),
         // The owner before this request died or gave up: the intent may be
         // on Kafka already (the broker acked, then the answer was lost), so
         // it must not be refused now. Produce it again, exactly as first
         // recorded; the allocator decides it once.
-        Claim::TakenOver { owner, intent: first } => {
+        KeyClaim::TakenOver { owner, intent: first } => {
             intent = first;
             (owner, false)
         }
@@ -213,10 +213,12 @@ fn in_progress() -> Problem {
 /// within the last quarter second.
 async fn door(app: &AppState, event: &crate::events::Event, event_id: u64) -> Result<(), Problem> {
     let now = chrono::Utc::now();
-    if now < event.sale_opens_at {
-        return Err(Problem::new(ErrorCode::SaleNotOpen).detail(format!("the sale opens at {}", event.sale_opens_at)));
+    if now < event.terms.sale_opens_at {
+        return Err(
+            Problem::new(ErrorCode::SaleNotOpen).detail(format!("the sale opens at {}", event.terms.sale_opens_at))
+        );
     }
-    if now >= event.sale_closes_at {
+    if now >= event.terms.sale_closes_at {
         return Err(ErrorCode::SaleClosed.into());
     }
     if app.events.recently_available(event_id).await == Some(0) {

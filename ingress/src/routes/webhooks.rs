@@ -19,7 +19,7 @@ use crate::problem::{ErrorCode, Problem};
 use crate::state::AppState;
 
 /// Webhooks by result: a refused one is `rejected`.
-pub const COUNTER: Counter = Counter { metric: WEBHOOKS, label: "result", of_problem: rejected };
+pub const COUNTER: Counter = Counter { metric: WEBHOOKS.name, label: "result", of_problem: rejected };
 
 fn rejected(_: ErrorCode) -> &'static str {
     "rejected"
@@ -69,10 +69,10 @@ async fn apply(
     hold: Hold,
 ) -> Result<(Hold, PaymentDisposition), Problem> {
     let order_id = hook.order_id;
-    let wrong_currency = !hook.currency.eq_ignore_ascii_case(&event.currency);
+    let wrong_currency = !hook.currency.eq_ignore_ascii_case(&event.terms.currency);
     if hook.amount_cents != hold.amount_cents || wrong_currency {
         tracing::warn!(%order_id, paid = hook.amount_cents, due = hold.amount_cents,
-            paid_currency = %hook.currency, due_currency = %event.currency, "payment does not match the order");
+            paid_currency = %hook.currency, due_currency = %event.terms.currency, "payment does not match the order");
         return Ok((hold, PaymentDisposition::RefundRequired));
     }
     match app.ledger.pay(event.id, order_id, &hook.payment_id).await.map_err(|e| Problem::unavailable("redis", &e))? {

@@ -3,15 +3,15 @@
 
 use chrono::{DateTime, Utc};
 use dropline::db::from_ms;
-use dropline::messages::{OrderEvent, OrderState};
+use dropline::messages::{OrderChange, OrderState};
 use sqlx::{MySql, MySqlPool, QueryBuilder};
 
 use super::{push_list, Tx, CHUNK, LOOKUP};
 
-/// Records the orders (an order event each, a new hold's made up from its
+/// Records the orders (an order change each, a new hold's made up from its
 /// decision), moving each one's state forward only. Payments are not
 /// written here.
-pub async fn upsert(tx: &mut Tx<'_>, orders: &[OrderEvent]) -> Result<(), sqlx::Error> {
+pub async fn upsert(tx: &mut Tx<'_>, orders: &[OrderChange]) -> Result<(), sqlx::Error> {
     for chunk in orders.chunks(CHUNK) {
         let mut q = QueryBuilder::<MySql>::new(
             "INSERT INTO orders (order_id, event_id, user_id, quantity, amount_cents, state, expires_at, \
