@@ -85,7 +85,6 @@ export function follow(tok, intentId, deadlineMs) {
   return null;
 }
 
-// Percentiles every scenario reports.
 // A scenario of `rate` iterations a second for `duration`, with `vus` VUs
 // ready from the start and at most `maxVUs`: an open model, so a slow
 // server meets the same arrival rate, as a flash sale's buyers do.
@@ -100,6 +99,7 @@ export function steadyRate(rate, duration, vus, maxVUs) {
   };
 }
 
+// Percentiles every scenario reports.
 export const SUMMARY_TREND_STATS = ['avg', 'min', 'med', 'p(90)', 'p(99)', 'p(99.9)', 'max'];
 
 // The SLOs of a buyer's path: the purchase answer, the decision, and

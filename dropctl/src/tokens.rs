@@ -57,7 +57,7 @@ impl TokenArgs {
     fn secret(&self, name: &str, problems: &mut Problems) -> Option<Secret> {
         let given = if name == JWT_SECRET { &self.jwt_secret } else { &self.admin_jwt_secret };
         let given = given.clone().filter(|s| !s.expose().is_empty());
-        let value = given.or_else(|| read_from(&self.secrets_file, name).map(Secret::new));
+        let value = given.or_else(|| read_from(&self.secrets_file, name).filter(|v| !v.is_empty()).map(Secret::new));
         if value.is_none() {
             problems.add(format!(
                 "{name} is not set, nor in {} (`scripts/stack.sh up` generates it there)",
@@ -129,5 +129,18 @@ mod tests {
         assert_eq!(e.len(), 2, "{e:?}");
         assert!(e[0].starts_with("DROPLINE_JWT_SECRET is a value published"), "{e:?}");
         assert!(e[1].starts_with("DROPLINE_ADMIN_JWT_SECRET is not set, nor in /nonexistent/secrets.env"), "{e:?}");
+    }
+
+    #[test]
+    fn an_empty_line_in_the_file_is_not_a_secret() {
+        let dir = std::env::temp_dir().join(format!("dropctl-tokens-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("secrets.env");
+        std::fs::write(&file, "DROPLINE_ADMIN_JWT_SECRET=\n").unwrap();
+        let args = parse(&[format!("--secrets-file={}", file.display()), "--admin-jwt-secret=".to_owned()]);
+        let e = args.keys(Audience::Admin).err().unwrap().0;
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].starts_with("DROPLINE_ADMIN_JWT_SECRET is not set, nor in"), "{e:?}");
     }
 }

@@ -1,7 +1,7 @@
 //! Every metric Dropline exports, in one place: what an SRE's dashboards
 //! and alerts can read, and the one naming scheme they all follow
 //! (`dropline_<stage>_…`, see [`crate::telemetry::assert_naming_scheme`]).
-//! A stage describes its own table at start (`StageConfig::METRICS`); the
+//! A stage describes its own table at start (`StageConfig::STAGE.metrics`); the
 //! Kafka clients' and the consumer loop's are described for every stage.
 //! The tables are alike in shape by design: a metric is data, not logic.
 

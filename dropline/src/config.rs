@@ -242,7 +242,6 @@ impl SharedArgs {
     pub fn check(&self, problems: &mut Problems) {
         self.kafka.check(problems);
         self.redis.check(problems);
-        problems.require(self.ops.drain_timeout_secs > 0, "DROPLINE_DRAIN_TIMEOUT_SECS must be positive");
     }
 }
 

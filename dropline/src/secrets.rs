@@ -44,13 +44,13 @@ impl std::str::FromStr for Secret {
 
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(***)")
+        f.write_str(if self.0.is_empty() { "Secret(empty)" } else { "Secret(***)" })
     }
 }
 
 impl serde::Serialize for Secret {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str("***")
+        s.serialize_str(if self.0.is_empty() { "" } else { "***" })
     }
 }
 
@@ -192,6 +192,8 @@ mod tests {
         assert_eq!(format!("{secret:?}"), "Secret(***)");
         assert_eq!(serde_json::to_string(&Some(secret.clone())).unwrap(), "\"***\"");
         assert_eq!(serde_json::to_string(&None::<Secret>).unwrap(), "null");
+        assert_eq!(serde_json::to_string(&Secret::new("")).unwrap(), "\"\"");
+        assert_eq!(format!("{:?}", Secret::new("")), "Secret(empty)");
         assert_eq!(exposed(&Some(secret)), value.as_bytes());
         assert_eq!(exposed(&None), b"");
     }

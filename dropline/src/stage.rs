@@ -61,8 +61,8 @@ pub struct StageInfo {
 pub enum StageError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("listening: {0}")]
-    Io(#[from] std::io::Error),
+    #[error("ops server: {0}")]
+    Ops(#[from] std::io::Error),
     #[error(transparent)]
     KafkaSetup(#[from] crate::kafka::KafkaSetupError),
     #[error("kafka: {0}")]

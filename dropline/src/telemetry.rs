@@ -43,7 +43,7 @@ pub fn metrics() -> PrometheusHandle {
 /// One metric as every stage declares it: its name, what `/metrics` says of
 /// it, and the series that exist from the start, so that a dashboard or an
 /// alert reads a 0 and not "no data". A stage lists its metrics in one table
-/// (`StageConfig::METRICS`); the kit describes them all at start-up, and
+/// (`StageConfig::STAGE.metrics`); the kit describes them all at start-up, and
 /// [`assert_naming_scheme`] holds every table to one naming scheme.
 #[derive(Debug, Clone, Copy)]
 pub struct Metric {

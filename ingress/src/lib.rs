@@ -53,6 +53,8 @@ pub enum IngressError {
     Stage(#[from] dropline::stage::StageError),
     #[error("http client: {0}")]
     Http(#[from] reqwest::Error),
+    #[error("listening: {0}")]
+    Listen(#[from] std::io::Error),
     #[error("stopped while waiting for {0} to be reachable")]
     StoppedWaiting(&'static str),
 }
@@ -73,7 +75,6 @@ setup_errors!(
     deadpool_redis::CreatePoolError,
     kafka::KafkaSetupError,
     rdkafka::error::KafkaError,
-    std::io::Error,
     dropline::config::ConfigError
 );
 
