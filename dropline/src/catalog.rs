@@ -104,7 +104,7 @@ pub mod ingress {
     pub const PURCHASES: Metric = Metric::counter(
         "dropline_ingress_purchases_total",
         "Purchase requests by outcome: admitted (queued for allocation), replayed, rate_limited, sold_out, \
-         sale_not_open, sale_closed, unavailable, invalid, and in_progress (a copy of a request still being answered).",
+         shed (the in-flight cap was reached), sale_not_open, sale_closed, unavailable, invalid, and in_progress (a copy of a request still being answered).",
     )
     .from_zero_for(
         "outcome",
@@ -113,6 +113,7 @@ pub mod ingress {
             "replayed",
             "in_progress",
             "rate_limited",
+            "shed",
             "sold_out",
             "sale_not_open",
             "sale_closed",

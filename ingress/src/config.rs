@@ -83,6 +83,13 @@ pub struct IngressConfig {
     /// connections share.
     #[arg(long, env = "DROPLINE_HTTP_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub http_max_connections: usize,
+    /// Purchases answered at once by this process; more are refused at once
+    /// with 429 `busy`. Size it as the purchase rate the broker sustains
+    /// times the answer time you accept: 256 is half a second at 512 per
+    /// second. Past it, purchases would queue in the producer for seconds
+    /// and time out instead.
+    #[arg(long, env = "DROPLINE_PURCHASES_MAX_IN_FLIGHT", default_value_t = 256)]
+    pub purchases_max_in_flight: usize,
     /// Event searches (`GET /v1/events`) served at once; more are refused at
     /// once with 503 `overloaded`. Below the MySQL pool size, so searches
     /// never take every connection from the purchase path.
@@ -168,6 +175,7 @@ impl IngressConfig {
                 ));
             }
         }
+        p.within("DROPLINE_PURCHASES_MAX_IN_FLIGHT", self.purchases_max_in_flight, 1..=100_000);
         if self.search_max_concurrent_requests == 0
             || self.search_max_concurrent_requests >= self.mysql.pool_size as usize
         {

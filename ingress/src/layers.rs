@@ -28,6 +28,17 @@ pub async fn refused(error: BoxError) -> Problem {
     }
 }
 
+/// [`refused`] for the purchase route: a purchase shed at the in-flight cap
+/// is `busy` (429, like the admission limit: a refusal a flood expects),
+/// not a 503 an SRE's error-rate alert would count.
+pub async fn refused_purchase(error: BoxError) -> Problem {
+    if error.is::<tower::load_shed::error::Overloaded>() {
+        Problem::new(ErrorCode::Busy).retry_after(1)
+    } else {
+        refused(error).await
+    }
+}
+
 /// Refuses a path or query whose percent-encoding is broken or does not
 /// decode to UTF-8, before a route sees it (axum would answer plain text).
 pub async fn well_formed_uri(request: Request, next: Next) -> Response {

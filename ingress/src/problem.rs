@@ -55,6 +55,7 @@ error_codes! {
     InvalidSignature => "invalid_signature",
     StaleSignature => "stale_signature",
     RateLimited => "rate_limited",
+    Busy => "busy",
     Overloaded => "overloaded",
     RequestTimeout => "request_timeout",
     BrokerUnavailable => "broker_unavailable",
@@ -83,7 +84,7 @@ impl ErrorCode {
             IdempotencyInProgress | SaleNotOpen | SaleClosed | SoldOut | OrderNotHeld | OrderExpired | OrderVoided => {
                 StatusCode::CONFLICT
             }
-            RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            RateLimited | Busy => StatusCode::TOO_MANY_REQUESTS,
             BrokerUnavailable | DependencyUnavailable | OrderNotReady | Overloaded | RequestTimeout => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -121,6 +122,7 @@ impl ErrorCode {
             InvalidSignature => "The webhook signature is not valid",
             StaleSignature => "The webhook signature is too old or too new",
             RateLimited => "Too many requests",
+            Busy => "Too many purchases are being answered at once; retry shortly",
             Overloaded => "Too many requests of this kind at once; retry later",
             RequestTimeout => "The request took too long; retry later",
             BrokerUnavailable => "The request could not be queued; retry later",

@@ -8,6 +8,8 @@
 //! refusals that need the stores (an unknown event, someone else's order)
 //! are in `api.rs`.
 
+use std::time::Duration;
+
 use axum::body::Body;
 use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
 use axum::http::request::Builder;
@@ -35,17 +37,22 @@ struct Api {
 
 impl Api {
     fn new() -> Api {
+        // A case that does reach MySQL fails its test at once.
+        Api::with(CLOSED, &["--mysql-acquire-timeout-ms=200"])
+    }
+
+    /// The routes with MySQL at `mysql` and these settings besides.
+    fn with(mysql: &str, settings: &[&str]) -> Api {
         let secrets = Secrets::generate();
         let args = [
             "ingress".to_owned(),
             format!("--redis-url=redis://{CLOSED}"),
-            format!("--mysql-url=mysql://root@{CLOSED}/dropline"),
+            format!("--mysql-url=mysql://root@{mysql}/dropline"),
             format!("--kafka-brokers={CLOSED}"),
-            // A case that does reach MySQL fails its test at once.
-            "--mysql-acquire-timeout-ms=200".to_owned(),
             "--max-body-bytes=1024".to_owned(),
         ];
-        let config = IngressConfig::parse_from(args.into_iter().chain(secrets.ingress_args()));
+        let settings = settings.iter().map(|s| s.to_string());
+        let config = IngressConfig::parse_from(args.into_iter().chain(settings).chain(secrets.ingress_args()));
         let router = dropline_ingress::router(config).expect("the router builds without any service");
         Api { router, keys: secrets.tokens(), secrets }
     }
@@ -530,4 +537,31 @@ async fn a_body_announced_past_the_limit_is_refused_before_it_is_read() {
         api.refused(request, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await
     });
     refused.await.expect("refused without waiting for the body");
+}
+
+/// Purchases past the in-flight cap are shed at once with 429 `busy`,
+/// before any store, and the cap frees up when a purchase ends.
+#[tokio::test]
+async fn purchases_past_the_in_flight_cap_are_shed_at_once() {
+    // MySQL that takes connections and never answers: a purchase waits in
+    // the handler for its event until the pool gives up.
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mysql = hole.local_addr().unwrap().to_string();
+    let api = Api::with(&mysql, &["--purchases-max-in-flight=1", "--mysql-acquire-timeout-ms=1500"]);
+    let token = api.token("alice");
+    let buy = |key: &str| {
+        request(Method::POST, PURCHASE).bearer(&token).header("idempotency-key", key).json(r#"{"quantity": 1}"#)
+    };
+    let first = tokio::spawn(api.router.clone().oneshot(buy("k1")));
+    // Once it is waiting on MySQL, it holds the one slot.
+    let (_waiting, _) = hole.accept().await.unwrap();
+    let started = std::time::Instant::now();
+    let body = api.refused(buy("k2"), StatusCode::TOO_MANY_REQUESTS, "busy").await;
+    assert!(started.elapsed() < Duration::from_millis(500), "shed after {:?}: {body}", started.elapsed());
+    // The waiting purchase ends (MySQL never answered), and its slot is
+    // free again: the next purchase is let in, and fails the same way.
+    let first = first.await.unwrap().unwrap();
+    assert_eq!(first.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let next = api.send(buy("k3")).await;
+    assert_eq!(next.status(), StatusCode::SERVICE_UNAVAILABLE);
 }

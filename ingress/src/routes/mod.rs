@@ -28,13 +28,22 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(HandleErrorLayer::new(refused))
         .load_shed()
         .concurrency_limit(state.config.search_max_concurrent_requests);
+    // Purchases in the handler at once are capped, and the excess shed at
+    // once: when the broker slows, waiting purchases would otherwise pile
+    // up in the producer until they time out (and a timed-out idempotent
+    // producer must start a new epoch). Shedding keeps every admitted
+    // purchase's wait short.
+    let in_flight = ServiceBuilder::new()
+        .layer(HandleErrorLayer::new(layers::refused_purchase))
+        .load_shed()
+        .concurrency_limit(state.config.purchases_max_in_flight);
     let request_timeout = Duration::from_millis(state.config.http_request_timeout_ms);
     let purchases = middleware::from_fn_with_state(purchases::COUNTER, layers::count);
     let webhooks = middleware::from_fn_with_state(webhooks::COUNTER, layers::count);
     Router::new()
         .route("/v1/events", get(events::list).layer(search))
         .route("/v1/events/{event_id}", get(events::get_one))
-        .route("/v1/events/{event_id}/purchases", post(purchases::create).route_layer(purchases))
+        .route("/v1/events/{event_id}/purchases", post(purchases::create).layer(in_flight).route_layer(purchases))
         .route("/v1/intents/{intent_id}", get(purchases::status))
         .route("/v1/orders/{order_id}", get(orders::get_one))
         .route("/v1/orders/{order_id}/cancel", post(orders::cancel))

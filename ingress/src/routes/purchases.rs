@@ -45,6 +45,7 @@ pub const COUNTER: Counter = Counter { metric: PURCHASES.name, label: "outcome",
 fn refused_as(code: ErrorCode) -> &'static str {
     match code {
         ErrorCode::RateLimited => "rate_limited",
+        ErrorCode::Busy => "shed",
         ErrorCode::SoldOut => "sold_out",
         ErrorCode::SaleNotOpen => "sale_not_open",
         ErrorCode::SaleClosed => "sale_closed",
