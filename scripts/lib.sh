@@ -134,6 +134,38 @@ ensure_tansu() {
   wait_for "tansu" 30 port_open "$KAFKA_PORT"
 }
 
+# tansu 0.6 can keep a consumer group waiting forever for a leader that is
+# gone: a static member restarted under a new member id while it led, and
+# the group stays "Forming" with the dead id as leader (seen after a
+# graceful stop and start, and after a broker restart). With none of its
+# consumers running, a group holds nobody alive, so its membership is
+# forgotten (tansu's own consumer_group_detail row is deleted, as tansu does
+# when a group empties); its committed offsets are kept, and the consumers
+# form it afresh from them. The broker is stopped meanwhile. Only for this
+# stack's own broker on sqlite.
+forget_group_members() {
+  [ "${DROPLINE_BROKER_STORAGE:-sqlite}" = sqlite ] && [ -f "$STATE_DIR/tansu.db" ] || return 0
+  if port_open "$KAFKA_PORT"; then
+    [ -f "$STATE_DIR/tansu.pid" ] && alive "$(cat "$STATE_DIR/tansu.pid")" || return 0
+    kill -TERM "$(cat "$STATE_DIR/tansu.pid")"
+    wait_for "the broker's port to close" 30 port_closed "$KAFKA_PORT"
+  fi
+  local forgot
+  forgot=$(python3 - "$STATE_DIR/tansu.db" "$@" <<'PY'
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1])
+groups = sys.argv[2:]
+marks = ",".join("?" * len(groups))
+n = db.execute(
+    f"DELETE FROM consumer_group_detail WHERE consumer_group IN "
+    f"(SELECT id FROM consumer_group WHERE name IN ({marks}))", groups).rowcount
+db.commit()
+print(n)
+PY
+)
+  [ "$forgot" = 0 ] || log "forgot the members of $forgot consumer group(s) none of whose consumers runs; their offsets are kept"
+}
+
 ensure_tools() {
   command -v curl >/dev/null || apt_install curl
 }

@@ -89,11 +89,15 @@ services_up() {
   start_one paysim DROPLINE_PAYSIM_LISTEN_ADDR="$PAYSIM_ADDR" \
     DROPLINE_PAYSIM_CAPTURES_PATH="${DROPLINE_PAYSIM_CAPTURES_PATH:-$STATE_DIR/paysim-captures.jsonl}" \
     DROPLINE_PAYSIM_WEBHOOK_URL="http://$INGRESS_ADDR/v1/webhooks/payments"
-  # Admission is sized to what this 2-core box sustains (about 1,100
-  # purchases/s measured): past it, buyers get 429 with Retry-After.
+  # Admission is sized to what this 2-core box sustains with the broker in
+  # memory (about 1,100 purchases/s measured); the durable local broker
+  # acknowledges far fewer (150 to 600 a second here), so purchases in
+  # flight are capped too: 64 is about 0.4 s of waiting at 160 a second.
+  # Past either, buyers get 429 with Retry-After.
   start_one ingress DROPLINE_LISTEN_ADDR="$INGRESS_ADDR" DROPLINE_OPS_ADDR="127.0.0.1:$(ops_port ingress)" \
     DROPLINE_PAYMENT_PROVIDER_URL="http://$PAYSIM_ADDR" \
-    DROPLINE_ADMIT_PER_SEC="${DROPLINE_ADMIT_PER_SEC:-1000}" DROPLINE_ADMIT_BURST="${DROPLINE_ADMIT_BURST:-200}"
+    DROPLINE_ADMIT_PER_SEC="${DROPLINE_ADMIT_PER_SEC:-1000}" DROPLINE_ADMIT_BURST="${DROPLINE_ADMIT_BURST:-200}" \
+    DROPLINE_PURCHASES_MAX_IN_FLIGHT="${DROPLINE_PURCHASES_MAX_IN_FLIGHT:-64}"
   # Consumers join their groups as static members, so one restarted after
   # kill -9 takes its partitions straight back. The ids are fixed, not the
   # default <stage>-consumer@<host>: the broker's log outlives a change of
@@ -182,6 +186,10 @@ case "${1:-up}" in
     if broker_panicked; then
       log "the broker's storage panicked; stopping this stack's services before the broker restarts"
       services_down
+    fi
+    if ! running allocator && ! running settler && ! running expirer; then
+      forget_group_members "${DROPLINE_ALLOCATOR_GROUP:-dropline-allocator}" \
+        "${DROPLINE_SETTLER_GROUP:-dropline-settler}" "${DROPLINE_EXPIRER_GROUP:-dropline-expirer}"
     fi
     ensure_infra; ensure_prometheus; services_up ;;
   services) services_up ;;
