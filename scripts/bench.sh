@@ -54,7 +54,7 @@ kill "$ceiling_pid"; wait "$ceiling_pid" 2>/dev/null || true
 log "ingress: the same wrk script against Dropline (admission limits lifted)"
 "$DROPLINE_ROOT/scripts/stack.sh" stop-services
 DROPLINE_ADMIT_PER_SEC=10000000 DROPLINE_ADMIT_BURST=1000000 DROPLINE_USER_PER_SEC=10000000 \
-  DROPLINE_USER_BURST=1000000 "$DROPLINE_ROOT/scripts/stack.sh" up
+  DROPLINE_USER_BURST=1000000 DROPLINE_PURCHASES_MAX_IN_FLIGHT=100000 "$DROPLINE_ROOT/scripts/stack.sh" up
 # wrk_purchases NAME: purchases as fast as the stack on :8080 takes them,
 # for an event of its own with stock for all, into $OUT/NAME.json.
 wrk_purchases() {
@@ -79,7 +79,8 @@ log "the bench's own stack, its broker in memory (memory-lossy), for the durable
 export DROPLINE_STATE_DIR=$STATE_DIR/$RUN-memory-broker KAFKA_PORT=$((KAFKA_PORT + 100)) \
   DROPLINE_MYSQL_URL=$MYSQL_SERVER/dropline_bench DROPLINE_REDIS_KEY_PREFIX=bench \
   DROPLINE_BROKER_STORAGE=memory-lossy DROPLINE_SKIP_BUILD=1 DROPLINE_ADMIT_PER_SEC=10000000 \
-  DROPLINE_ADMIT_BURST=1000000 DROPLINE_USER_PER_SEC=10000000 DROPLINE_USER_BURST=1000000
+  DROPLINE_ADMIT_BURST=1000000 DROPLINE_USER_PER_SEC=10000000 DROPLINE_USER_BURST=1000000 \
+  DROPLINE_PURCHASES_MAX_IN_FLIGHT=100000
 STATE_DIR=$DROPLINE_STATE_DIR
 export DROPLINE_KAFKA_BROKERS=127.0.0.1:$KAFKA_PORT
 mkdir -p "$STATE_DIR"
