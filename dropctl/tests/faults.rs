@@ -151,6 +151,8 @@ impl Cluster {
             Service::Broker => self.broker.take(),
         };
         process.expect("the service is running").kill9().await;
+        // The outage itself, not a wait for a condition: kill9 has already
+        // reaped the process, and the restart below waits for readiness.
         tokio::time::sleep(Duration::from_millis(300)).await;
         match service {
             Service::Redis => self.start_redis().await,
