@@ -42,4 +42,7 @@ DROPLINE_PROFILE=debug scripts/loadtest.sh drop -e TICKETS=200 -e PEAK_RATE=60 -
 DROPLINE_PROFILE=debug scripts/stack.sh stop-services
 trap - EXIT
 
-cargo test --workspace --locked "$@"
+# A failing test's panic message (which names its file and line) stays
+# near the end of the output, above the list of failures, where a short
+# excerpt of a CI log still shows it; a backtrace would push it out. DROPLINE_TEST_BACKTRACE=1 brings them back.
+RUST_BACKTRACE=${DROPLINE_TEST_BACKTRACE:-0} cargo test --workspace --locked "$@"
