@@ -48,6 +48,13 @@ fn unavailable_if_5xx(r: &reqwest::Response, what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long a pooled connection to the ingress may sit idle before it is
+/// dropped: under the ingress's keep-alive, which ends at its header-read
+/// timeout (5 s by default). A connection idle for as long as that can be
+/// reused just as the ingress closes it, and the request sent on it then
+/// meets a reset instead of an answer.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
+
 #[derive(Clone)]
 pub struct Api {
     base: String,
@@ -75,7 +82,11 @@ pub struct IntentStatus {
 
 impl Api {
     pub fn new(base: &str) -> anyhow::Result<Self> {
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).pool_max_idle_per_host(512).build()?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_max_idle_per_host(512)
+            .build()?;
         Ok(Self { base: base.trim_end_matches('/').to_owned(), http })
     }
 

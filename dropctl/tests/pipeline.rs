@@ -311,7 +311,7 @@ async fn cancel_gives_the_stock_back_at_once() {
     let (_, next) = buy_and_wait(&stack, &api, "next-in-line", event, 1).await;
     assert_eq!(next["status"], "held");
     // A paid or cancelled order cannot be paid for again.
-    let r = reqwest::Client::new()
+    let r = dropline_testkit::http()
         .post(format!("{}/v1/orders/{order}/payments", stack.api))
         .bearer_auth(&token)
         .send()
@@ -323,7 +323,7 @@ async fn cancel_gives_the_stock_back_at_once() {
 
 /// Opens a payment at the provider for a held order; returns its checkout.
 async fn open_payment(stack: &Stack, user: &str, order: Uuid) -> String {
-    let r = reqwest::Client::new()
+    let r = dropline_testkit::http()
         .post(format!("{}/v1/orders/{order}/payments", stack.api))
         .bearer_auth(stack.token(user))
         .send()
@@ -334,7 +334,8 @@ async fn open_payment(stack: &Stack, user: &str, order: Uuid) -> String {
 }
 
 async fn confirm(checkout: &str, copies: u32) -> serde_json::Value {
-    let r = reqwest::Client::new().post(format!("{checkout}/confirm?wait=true&copies={copies}")).send().await.unwrap();
+    let r =
+        dropline_testkit::http().post(format!("{checkout}/confirm?wait=true&copies={copies}")).send().await.unwrap();
     assert!(r.status().is_success());
     let body: serde_json::Value = r.json().await.unwrap();
     serde_json::from_str(body["webhook_body"].as_str().unwrap()).unwrap()
@@ -605,7 +606,7 @@ async fn request_ids_on(stack: &Stack, topic: &str, needle: &str, want: usize) -
 async fn a_request_id_travels_with_the_purchase_through_every_stage() {
     let stack = Stack::start(Options::default()).await;
     let event = open_event(&stack, 2, 1).await;
-    let http = reqwest::Client::new();
+    let http = dropline_testkit::http();
     let r = http
         .post(format!("{}/v1/events/{event}/purchases", stack.api))
         .bearer_auth(stack.token("traced"))
@@ -822,7 +823,7 @@ async fn a_prewarm_after_the_opening_rebuilds_a_lost_ledger_instead_of_refilling
         .query_async(&mut conn)
         .await
         .unwrap();
-    let answer = reqwest::Client::new()
+    let answer = dropline_testkit::http()
         .post(format!("{}/v1/admin/events/{event}/prewarm", stack.api))
         .bearer_auth(stack.admin_token())
         .send()
@@ -904,7 +905,7 @@ async fn copies_of_one_purchase_sent_at_once_through_the_sell_out_get_one_answer
     let stack = Stack::start(Options::default()).await;
     let event = open_event(&stack, CAPACITY, 60).await;
     let url = format!("{}/v1/events/{event}/purchases", stack.api);
-    let http = reqwest::Client::builder().pool_max_idle_per_host(256).build().unwrap();
+    let http = dropline_testkit::http_builder().pool_max_idle_per_host(256).build().unwrap();
     // A new buyer (and key) every 50 ms, each sending 50 copies of its
     // purchase at once, from well before the sell-out until 12 keys after
     // it was seen in the ledger (at least 40 keys): the first keys take
@@ -1045,7 +1046,7 @@ async fn an_order_handed_out_is_never_not_found_while_redis_catches_up() {
     let token = stack.token("alice");
     assert_eq!(api.order_state(&token, alice).await.unwrap(), "held");
     assert_eq!(api.intent(&token, alice).await.unwrap().status, "held");
-    let r = reqwest::Client::new()
+    let r = dropline_testkit::http()
         .post(format!("{}/v1/orders/{alice}/cancel", stack.api))
         .bearer_auth(&token)
         .send()
@@ -1086,7 +1087,7 @@ async fn an_order_handed_out_is_never_not_found_while_redis_catches_up() {
         .await
         .unwrap();
     let bob_token = stack.token("bob");
-    let r = reqwest::Client::new()
+    let r = dropline_testkit::http()
         .get(format!("{}/v1/orders/{bob}", stack.api))
         .bearer_auth(&bob_token)
         .send()
@@ -1095,14 +1096,14 @@ async fn an_order_handed_out_is_never_not_found_while_redis_catches_up() {
     assert_eq!(r.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
     assert!(r.headers().contains_key("retry-after"));
     // Someone else's order, and an id never handed out, are still 404.
-    let r = reqwest::Client::new()
+    let r = dropline_testkit::http()
         .get(format!("{}/v1/orders/{bob}", stack.api))
         .bearer_auth(stack.token("mallory"))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), reqwest::StatusCode::NOT_FOUND);
-    let r = reqwest::Client::new()
+    let r = dropline_testkit::http()
         .get(format!("{}/v1/orders/{}", stack.api, Uuid::new_v4()))
         .bearer_auth(&bob_token)
         .send()

@@ -9,14 +9,14 @@ mod common;
 use common::{Options, Stack};
 use dropline::payments::{sign, SIGNATURE_HEADER};
 use dropline_testkit::{create_event, event_body, refused};
-use reqwest::{Client, StatusCode};
+use reqwest::StatusCode;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_webhook_pays_only_its_order_in_its_currency() {
     let stack = Stack::start(Options::default()).await;
-    let http = Client::new();
+    let http = dropline_testkit::http();
     let event = create_event(&http, &stack.api, &stack.admin_token(), &event_body(-5)).await;
     let token = stack.token("gina");
     let api = dropctl::api::Api::new(&stack.api).unwrap();

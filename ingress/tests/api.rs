@@ -11,7 +11,7 @@ use common::Ingress;
 use deadpool_redis::redis::AsyncCommands;
 use dropline_ingress::intents::{intent_id, IntentRecord, IntentStore, KeyClaim, KeyState};
 use dropline_testkit::{event_body, eventually, refused};
-use reqwest::{Client, StatusCode};
+use reqwest::StatusCode;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -40,7 +40,7 @@ async fn books(stack: &Ingress, event: u64) -> Books {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purchases_the_event_refuses_change_nothing() {
     let stack = Ingress::start(&[]).await;
-    let http = Client::new();
+    let http = dropline_testkit::http();
     let event = stack.create_event(&event_body(-5)).await;
     let url = format!("{}/v1/events/{event}/purchases", stack.api);
     let token = stack.token("alice");
@@ -80,7 +80,7 @@ fn intent_store(stack: &Ingress) -> IntentStore {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refusal_at_the_door_is_replayed_and_decides_its_intent() {
     let stack = Ingress::start(&[]).await;
-    let http = Client::new();
+    let http = dropline_testkit::http();
     let token = stack.token("alice");
     let later = stack.create_event(&event_body(3600)).await;
     let url = format!("{}/v1/events/{later}/purchases", stack.api);
@@ -137,7 +137,7 @@ async fn a_refusal_at_the_door_is_replayed_and_decides_its_intent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_belongs_to_one_event_and_its_intent_id_to_that_event() {
     let stack = Ingress::start(&[]).await;
-    let http = Client::new();
+    let http = dropline_testkit::http();
     let first = stack.create_event(&event_body(-5)).await;
     let second = stack.create_event(&event_body(-5)).await;
     let buy = |event: u64| stack.purchase(&http, event, "bob", "one-key");
@@ -166,7 +166,7 @@ async fn a_key_belongs_to_one_event_and_its_intent_id_to_that_event() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idempotency_key_returns_the_same_answer_and_cannot_be_reused() {
     let stack = Ingress::start(&[]).await;
-    let http = Client::new();
+    let http = dropline_testkit::http();
     let event = stack.create_event(&event_body(-5)).await;
     let url = format!("{}/v1/events/{event}/purchases", stack.api);
     let token = stack.token("bob");
@@ -200,7 +200,7 @@ async fn an_idempotency_key_returns_the_same_answer_and_cannot_be_reused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_buyer_over_their_rate_gets_429_with_retry_after() {
     let stack = Ingress::start(&["--user-per-sec=1".to_owned(), "--user-burst=2".to_owned()]).await;
-    let http = Client::new();
+    let http = dropline_testkit::http();
     // A sale that has not opened answers right after the limiter, so the
     // requests are quick and produce nothing.
     let event = stack.create_event(&event_body(3600)).await;
@@ -230,7 +230,7 @@ async fn a_buyer_over_their_rate_gets_429_with_retry_after() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_are_created_pre_warmed_read_and_searched() {
     let stack = Ingress::start(&[]).await;
-    let http = Client::new();
+    let http = dropline_testkit::http();
     let admin = stack.admin_token();
     refused(
         http.post(format!("{}/v1/admin/events/77/prewarm", stack.api)).bearer_auth(&admin),
@@ -257,7 +257,7 @@ async fn events_are_created_pre_warmed_read_and_searched() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_order_nobody_was_given_is_not_found() {
     let stack = Ingress::start(&[]).await;
-    let http = Client::new();
+    let http = dropline_testkit::http();
     let token = stack.token("fred");
     let unknown = Uuid::new_v4();
     for (method, path) in [

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::Ingress;
 use dropline_testkit::{addr_of, event_body, eventually};
-use reqwest::{Client, StatusCode};
+use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -65,7 +65,7 @@ async fn slow_connections_past_the_cap_are_closed_and_buyers_are_still_served() 
     let addr = addr_of(&stack.api);
     // Every buyer's request on a connection of its own, as a new buyer
     // arriving during the attack would.
-    let buyer = Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    let buyer = dropline_testkit::http_builder().pool_max_idle_per_host(0).build().unwrap();
     // The producer's first send to a new topic waits for its metadata;
     // that is not what this test measures.
     let warm = stack.purchase(&buyer, event, "warm-up", "warm-up").send().await.unwrap();
@@ -120,7 +120,7 @@ async fn slow_connections_past_the_cap_are_closed_and_buyers_are_still_served() 
 async fn a_flood_of_slow_searches_is_shed_and_purchases_keep_their_connections() {
     let stack =
         Ingress::start(&["--mysql-pool-size=4".to_owned(), "--search-max-concurrent-requests=2".to_owned()]).await;
-    let http = Client::new();
+    let http = dropline_testkit::http();
     // 100,000 events, so a search that matches nothing scans them all.
     sqlx::query(
         "INSERT INTO events (name, venue, starts_at, sale_opens_at, sale_closes_at, capacity, price_cents, \

@@ -126,3 +126,25 @@ async fn requests_hyper_cannot_parse_are_refused_with_a_status_and_closed() {
     shutdown.cancel();
     task.await.unwrap();
 }
+
+/// A kept-alive connection is closed once it has sat idle between requests
+/// for the header-read timeout: the ingress's keep-alive. A client that
+/// pools connections must drop them sooner (dropctl and the tests drop them
+/// after 2 s, under the default 5 s), or a request sent on one as it closes
+/// meets a reset instead of an answer.
+#[tokio::test]
+async fn a_kept_alive_connection_is_closed_after_the_header_read_timeout_idle() {
+    let (addr, shutdown, task) = start().await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut buf = [0u8; 1024];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf[..n]));
+    let idle_since = Instant::now();
+    let end = tokio::time::timeout(HEADER_READ * 3, s.read(&mut buf)).await.expect("closed while idle");
+    let idle = idle_since.elapsed();
+    assert!(matches!(end, Ok(0)), "an idle kept-alive connection was not closed cleanly: {end:?}");
+    assert!(idle >= HEADER_READ - Duration::from_millis(100), "closed after {idle:?} idle, before the timeout");
+    shutdown.cancel();
+    task.await.unwrap();
+}

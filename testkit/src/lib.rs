@@ -189,6 +189,21 @@ where
     }
 }
 
+/// A client for a test's ingress, pooling connections as a well-behaved
+/// buyer's app does: none is reused after 2 s idle, well under the
+/// ingress's keep-alive (it closes an idle connection at its header-read
+/// timeout, 5 s). A connection reused just as the ingress closes it would
+/// meet a reset instead of an answer (seen in CI: a burst's copies sent on
+/// connections pooled 5 s before).
+pub fn http_builder() -> reqwest::ClientBuilder {
+    reqwest::Client::builder().pool_idle_timeout(Duration::from_secs(2))
+}
+
+/// [`http_builder`]'s client, as it comes.
+pub fn http() -> reqwest::Client {
+    http_builder().build().expect("a plain reqwest client builds")
+}
+
 pub fn addr_of(url: &str) -> SocketAddr {
     url.trim_start_matches("http://").parse().unwrap()
 }

@@ -37,7 +37,7 @@ impl Ingress {
 
     /// Creates an event through the admin API; its id.
     pub async fn create_event(&self, body: &Value) -> u64 {
-        dropline_testkit::create_event(&reqwest::Client::new(), &self.api, &self.admin_token(), body).await
+        dropline_testkit::create_event(&dropline_testkit::http(), &self.api, &self.admin_token(), body).await
     }
 
     /// `user`'s purchase of one ticket of `event` under Idempotency-Key
