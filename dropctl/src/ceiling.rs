@@ -121,7 +121,7 @@ pub async fn produce(
     // The raw producer, not the stages' Publisher: this measures the
     // broker's own rate, without the publisher's metrics and error mapping.
     // The settings are the stages' (`dropline::kafka::producer`).
-    let producer = dropline::kafka::producer(kafka, "ceiling-producer", dropline::kafka::WhenFull::Refuse)?;
+    let producer = dropline::kafka::producer(kafka, "ceiling-producer")?;
     let next = Arc::new(AtomicU64::new(0));
     let key = event_id.to_string();
     let started = Instant::now();

@@ -20,12 +20,14 @@ pub struct KafkaArgs {
     /// How long the producer waits to fill a batch.
     #[arg(long = "kafka-linger-ms", env = "DROPLINE_KAFKA_LINGER_MS", default_value_t = 5)]
     pub linger_ms: u64,
-    /// How long a produced message may wait for the broker before it fails.
-    /// Unset: 5000 in the ingress, where a buyer waits for the answer;
-    /// 120000 in the consumer stages, which would only produce the same
-    /// records again after a timeout (see `kafka::WhenFull`).
-    #[arg(long = "kafka-message-timeout-ms", env = "DROPLINE_KAFKA_MESSAGE_TIMEOUT_MS")]
-    pub message_timeout_ms: Option<u64>,
+    /// How long a produced message may wait for the broker before it fails:
+    /// Kafka's own default delivery timeout. Not a buyer's wait (the
+    /// ingress's request timeout bounds that); shorter only makes the
+    /// producer give up on records it must send again anyway, and every
+    /// record given up while in flight makes the idempotent producer start a
+    /// new epoch, which tansu 0.6 dies of (README, Known limits).
+    #[arg(long = "kafka-message-timeout-ms", env = "DROPLINE_KAFKA_MESSAGE_TIMEOUT_MS", default_value_t = 120_000)]
+    pub message_timeout_ms: u64,
     /// Messages the producer may hold unacknowledged; past this the ingress
     /// refuses at once and the stages wait for room (`kafka::WhenFull`).
     #[arg(
@@ -91,7 +93,7 @@ impl KafkaArgs {
             && self.topic_prefix.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
         problems.require(prefix_ok, "DROPLINE_TOPIC_PREFIX must be non-empty ASCII letters, digits, '.', '_' or '-'");
         problems.within("DROPLINE_KAFKA_FETCH_WAIT_MAX_MS", self.fetch_wait_max_ms, 1..=10_000);
-        problems.require(self.message_timeout_ms != Some(0), "DROPLINE_KAFKA_MESSAGE_TIMEOUT_MS must be positive");
+        problems.require(self.message_timeout_ms > 0, "DROPLINE_KAFKA_MESSAGE_TIMEOUT_MS must be positive");
         problems.within("DROPLINE_KAFKA_PERMANENT_FAILURE_ATTEMPTS", self.permanent_failure_attempts, 1..=100);
         problems.within("DROPLINE_TOPIC_PARTITIONS", self.partitions, 1..=1024);
         problems.within("DROPLINE_KAFKA_PRODUCER_QUEUE_MAX_MESSAGES", self.producer_queue_max_messages, 1..=10_000_000);

@@ -58,10 +58,10 @@ pub struct IngressConfig {
     pub idempotency_ttl_secs: u64,
     /// How long a request owns its Idempotency-Key while it produces the
     /// intent; copies sent meanwhile get 409 `idempotency_in_progress`. Once
-    /// it runs out (the owner crashed), a retry takes the key over and
-    /// produces the intent again. Longer than a produce can take
-    /// (`DROPLINE_KAFKA_MESSAGE_TIMEOUT_MS`), or slow owners are taken over
-    /// needlessly (harmless: the same intent is produced twice).
+    /// it runs out (the owner crashed, or its request timed out), a retry
+    /// takes the key over and produces the intent again. At least the
+    /// request timeout, or slow owners are taken over needlessly
+    /// (harmless: the same intent is produced twice).
     #[arg(long, env = "DROPLINE_IDEMPOTENCY_LEASE_MS", default_value_t = 10_000)]
     pub idempotency_lease_ms: u64,
     /// How long a client has to send a complete request head (request line

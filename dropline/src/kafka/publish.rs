@@ -34,14 +34,14 @@ pub type Producer = FutureProducer<ProducerStats>;
 /// The settings of every Dropline producer: idempotent, acknowledged by
 /// every in-sync replica, and a bounded local queue so a stalled broker
 /// pushes back instead of filling memory.
-fn producer_config(args: &KafkaArgs, when_full: WhenFull) -> ClientConfig {
+fn producer_config(args: &KafkaArgs) -> ClientConfig {
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", &args.brokers)
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", args.linger_ms.to_string())
-        .set("message.timeout.ms", when_full.message_timeout(args).as_millis().to_string())
+        .set("message.timeout.ms", args.message_timeout_ms.to_string())
         .set("queue.buffering.max.messages", args.producer_queue_max_messages.to_string())
         .set("compression.type", "lz4")
         .set("statistics.interval.ms", STATISTICS_INTERVAL_MS);
@@ -52,47 +52,32 @@ fn producer_config(args: &KafkaArgs, when_full: WhenFull) -> ClientConfig {
 /// (`dropctl ceiling produce`) should use one directly: it measures the
 /// broker without the publisher's bookkeeping. Everything else publishes
 /// through a [`Publisher`].
-pub fn producer(args: &KafkaArgs, client: &'static str, when_full: WhenFull) -> Result<Producer, KafkaError> {
-    producer_config(args, when_full).create_with_context(ProducerStats { client })
+pub fn producer(args: &KafkaArgs, client: &'static str) -> Result<Producer, KafkaError> {
+    producer_config(args).create_with_context(ProducerStats { client })
 }
 
-/// Who waits on a publisher, which decides what a publish does when the
-/// producer's local queue is full (`DROPLINE_KAFKA_PRODUCER_QUEUE_MAX_MESSAGES`
-/// records not yet acked) and, unless `DROPLINE_KAFKA_MESSAGE_TIMEOUT_MS`
-/// is set, how long a record may wait for the broker. Chosen once per
-/// publisher; this is the only place either is decided.
+/// What a publish does when the producer's local queue is full
+/// (`DROPLINE_KAFKA_PRODUCER_QUEUE_MAX_MESSAGES` records not yet acked).
+/// Chosen once per publisher; this is the only place the wait is decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WhenFull {
-    /// A buyer waits (the ingress): a full queue fails at once with
-    /// [`PublishError::QueueFull`], and a record waits 5 s for the broker.
-    /// A 503 with Retry-After now serves a buyer better than a connection
-    /// held while the broker lags.
+    /// Fail at once with [`PublishError::QueueFull`]. For the ingress: a
+    /// buyer is better served by a 503 with Retry-After now than by a
+    /// connection held while the broker lags.
     Refuse,
-    /// A consumer stage waits, holding its batch either way: it waits for
-    /// room (checking every 100 ms) and a record waits 120 s for the broker
-    /// (Kafka's own default delivery timeout). A timeout would only make it
-    /// produce the same records again, and each one makes the idempotent
-    /// producer start a new epoch, which tansu 0.6 dies of when its storage
-    /// lags (README, Known limits): seen after a settler's kill -9 mid-drop,
-    /// when the expirer's 5 s timeouts took the broker down again at every
-    /// restart.
+    /// Wait for room, checking every 100 ms, for at most the message timeout
+    /// (`DROPLINE_KAFKA_MESSAGE_TIMEOUT_MS`): as long as a queued record may
+    /// wait for the broker anyway. For consumer stages, which hold their
+    /// batch either way; failing at once would only make them produce again
+    /// what is already queued.
     Wait,
 }
 
 impl WhenFull {
-    /// How long a record may wait for the broker's acknowledgement.
-    pub fn message_timeout(self, args: &KafkaArgs) -> Duration {
-        let default_ms = match self {
-            WhenFull::Refuse => 5_000,
-            WhenFull::Wait => 120_000,
-        };
-        Duration::from_millis(args.message_timeout_ms.unwrap_or(default_ms))
-    }
-
     fn queue_wait(self, args: &KafkaArgs) -> Duration {
         match self {
             WhenFull::Refuse => Duration::ZERO,
-            WhenFull::Wait => self.message_timeout(args),
+            WhenFull::Wait => Duration::from_millis(args.message_timeout_ms),
         }
     }
 }
@@ -177,7 +162,7 @@ pub struct Publisher {
 impl Publisher {
     /// A publisher named `client` in metrics (`allocator-producer`).
     pub fn new(args: &KafkaArgs, client: &'static str, when_full: WhenFull) -> Result<Self, KafkaError> {
-        Ok(Self { producer: producer(args, client, when_full)?, client, queue_wait: when_full.queue_wait(args) })
+        Ok(Self { producer: producer(args, client)?, client, queue_wait: when_full.queue_wait(args) })
     }
 
     /// Publishes one record; `Ok` once the broker acknowledged it.
@@ -245,14 +230,11 @@ mod tests {
 
     #[test]
     fn every_producer_is_idempotent_and_acked_by_all_replicas() {
-        let config = producer_config(
-            &args(&[
-                "--kafka-message-timeout-ms=7000",
-                "--kafka-linger-ms=9",
-                "--kafka-producer-queue-max-messages=1234",
-            ]),
-            WhenFull::Wait,
-        );
+        let config = producer_config(&args(&[
+            "--kafka-message-timeout-ms=7000",
+            "--kafka-linger-ms=9",
+            "--kafka-producer-queue-max-messages=1234",
+        ]));
         for (key, value) in [
             ("enable.idempotence", "true"),
             ("acks", "all"),
@@ -274,14 +256,8 @@ mod tests {
     }
 
     #[test]
-    fn a_buyer_waits_5_s_for_the_broker_and_a_consumer_stage_120_s_unless_told() {
-        let unset = args(&[]);
-        assert_eq!(WhenFull::Refuse.message_timeout(&unset), Duration::from_secs(5));
-        assert_eq!(WhenFull::Wait.message_timeout(&unset), Duration::from_secs(120));
-        assert_eq!(producer_config(&unset, WhenFull::Wait).get("message.timeout.ms"), Some("120000"));
-        let set = args(&["--kafka-message-timeout-ms=7000"]);
-        assert_eq!(WhenFull::Refuse.message_timeout(&set), Duration::from_millis(7000));
-        assert_eq!(WhenFull::Wait.message_timeout(&set), Duration::from_millis(7000));
+    fn a_record_waits_for_the_broker_as_long_as_on_kafka_unless_told() {
+        assert_eq!(producer_config(&args(&[])).get("message.timeout.ms"), Some("120000"));
     }
 
     #[test]
