@@ -50,8 +50,8 @@ pub struct RebuildOptions {
     /// The settler consumer group whose progress proves MySQL is complete.
     pub settler_group: String,
     /// How long an allocator's in-flight mark counts without renewal: past
-    /// it, the allocator is taken for dead (its producer's message timeout,
-    /// plus a margin).
+    /// it, the allocator is taken for dead (it renews its marks every second
+    /// while it publishes, and pauses at most 2 s between attempts).
     pub in_flight_grace: Duration,
     /// How long to wait for the settlers to catch up.
     pub catch_up_timeout: Duration,

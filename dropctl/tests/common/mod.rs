@@ -271,8 +271,22 @@ pub mod process {
         std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_owned()
     }
 
+    /// A port free now that no other process of this test binary was given.
+    /// Scenarios run in parallel and restart their processes on the ports
+    /// they were given, so a port free now may be one that another
+    /// scenario's broker or database is about to take back: handed out
+    /// twice, one of the two processes dies of "address in use" (seen in
+    /// CI: a scenario's broker, while its stages waited on whatever held
+    /// its port).
     pub fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+        static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+            std::sync::Mutex::new(std::collections::BTreeSet::new());
+        loop {
+            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            if GIVEN.lock().unwrap().insert(port) {
+                return port;
+            }
+        }
     }
 
     pub struct Process {
