@@ -41,6 +41,15 @@ pub struct KafkaArgs {
     /// broker does not answer a waiting fetch as soon as data arrives.
     #[arg(long = "kafka-fetch-wait-max-ms", env = "DROPLINE_KAFKA_FETCH_WAIT_MAX_MS", default_value_t = 50)]
     pub fetch_wait_max_ms: u64,
+    /// How long the group waits for a consumer's heartbeat before it hands
+    /// the consumer's partitions to others. A static member restarted within
+    /// it takes its partitions straight back; one that died holds them
+    /// unconsumed until it ends. Raise it where a slow broker makes healthy
+    /// consumers miss heartbeats (their logs say SESSTMOUT); lower it to hand
+    /// a dead instance's partitions over sooner. Kafka's brokers accept 6 s
+    /// to 30 min by default.
+    #[arg(long = "kafka-session-timeout-ms", env = "DROPLINE_KAFKA_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
+    pub session_timeout_ms: u64,
     /// Static group membership: a stable id per consumer instance (a
     /// StatefulSet pod name, say). A restarted instance then takes its
     /// partitions back at once instead of waiting for the group to notice
@@ -94,6 +103,7 @@ impl KafkaArgs {
         problems.require(prefix_ok, "DROPLINE_TOPIC_PREFIX must be non-empty ASCII letters, digits, '.', '_' or '-'");
         problems.within("DROPLINE_KAFKA_FETCH_WAIT_MAX_MS", self.fetch_wait_max_ms, 1..=10_000);
         problems.require(self.message_timeout_ms > 0, "DROPLINE_KAFKA_MESSAGE_TIMEOUT_MS must be positive");
+        problems.within("DROPLINE_KAFKA_SESSION_TIMEOUT_MS", self.session_timeout_ms, 6_000..=1_800_000);
         problems.within("DROPLINE_KAFKA_PERMANENT_FAILURE_ATTEMPTS", self.permanent_failure_attempts, 1..=100);
         problems.within("DROPLINE_TOPIC_PARTITIONS", self.partitions, 1..=1024);
         problems.within("DROPLINE_KAFKA_PRODUCER_QUEUE_MAX_MESSAGES", self.producer_queue_max_messages, 1..=10_000_000);

@@ -87,6 +87,12 @@ pub fn consumer(
     client: &'static str,
     ready: &crate::ops::Readiness,
 ) -> Result<StreamConsumer<GroupContext>, KafkaError> {
+    consumer_config(args, group_id, client).create_with_context(GroupContext::new(client, ready.clone()))
+}
+
+/// The settings of every Dropline consumer: offsets stored by the stage
+/// once its side effect is durable, committed in the background.
+fn consumer_config(args: &KafkaArgs, group_id: &str, client: &str) -> ClientConfig {
     let mut config = ClientConfig::new();
     if let Some(id) = args.instance_id(client) {
         config.set("group.instance.id", id);
@@ -98,11 +104,11 @@ pub fn consumer(
         .set("auto.commit.interval.ms", "1000")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", "10000")
+        .set("session.timeout.ms", args.session_timeout_ms.to_string())
         .set("max.poll.interval.ms", "300000")
         .set("fetch.wait.max.ms", args.fetch_wait_max_ms.to_string())
-        .set("statistics.interval.ms", STATISTICS_INTERVAL_MS)
-        .create_with_context(GroupContext::new(client, ready.clone()))
+        .set("statistics.interval.ms", STATISTICS_INTERVAL_MS);
+    config
 }
 
 /// A consumer stage's consumer: created as [`consumer`] does, subscribed
@@ -196,5 +202,38 @@ where
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Args {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+    }
+
+    fn config(extra: &[&str]) -> ClientConfig {
+        let args = Args::parse_from(std::iter::once("test").chain(extra.iter().copied())).kafka;
+        consumer_config(&args, "dropline-settler", "settler-consumer")
+    }
+
+    #[test]
+    fn a_consumer_stores_its_offsets_itself_and_joins_as_a_static_member() {
+        let config = config(&["--kafka-group-instance-id=local-settler-0"]);
+        assert_eq!(config.get("enable.auto.offset.store"), Some("false"));
+        assert_eq!(config.get("group.instance.id"), Some("local-settler-0"));
+        assert_eq!(config.get("group.id"), Some("dropline-settler"));
+        assert!(self::config(&["--kafka-group-instance-id="]).get("group.instance.id").is_none());
+    }
+
+    #[test]
+    fn the_session_timeout_is_ten_seconds_unless_told() {
+        assert_eq!(config(&[]).get("session.timeout.ms"), Some("10000"));
+        assert_eq!(config(&["--kafka-session-timeout-ms=45000"]).get("session.timeout.ms"), Some("45000"));
     }
 }
