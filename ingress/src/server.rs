@@ -6,7 +6,10 @@
 //! - **header read**: hyper closes a connection that has not sent a whole
 //!   request head in time. It starts that clock whenever it waits for a
 //!   head, so it also ends a kept-alive connection idle between requests. It
-//!   needs a timer on the builder: without one it is silently off.
+//!   needs a timer on the builder: without one it is silently off. Every
+//!   answer says so in a `Keep-Alive: timeout=<n>` hint, a second under the
+//!   timeout, so a client that honours it drops an idle connection before
+//!   the server does, instead of sending a request into a closing socket.
 //! - **idle**: a connection on which no byte moves either way for that long
 //!   is closed ([`IdleTimeout`]): a client that stalls mid-body or stops
 //!   reading its answer. hyper has no such timeout.
@@ -30,6 +33,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
+use axum::http::header;
 use axum::Router;
 use dropline::ops::Readiness;
 use hyper::body::Incoming;
@@ -42,6 +46,7 @@ use tokio::sync::Semaphore;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
+use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::metrics::{EVICTED_CONNECTIONS, OPEN_CONNECTIONS};
 
@@ -64,6 +69,12 @@ pub async fn serve(
     shutdown: CancellationToken,
     drain: Duration,
 ) {
+    let app = match keep_alive_hint(limits.header_read_timeout) {
+        Some(hint) => {
+            app.layer(SetResponseHeaderLayer::if_not_present(header::HeaderName::from_static("keep-alive"), hint))
+        }
+        None => app,
+    };
     let mut builder = http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout).keep_alive(true);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
@@ -156,6 +167,14 @@ pub async fn serve(
         tracing::warn!(drain_secs = drain.as_secs(), "drain timed out; dropping open connections");
         abandon.cancel();
     }
+}
+
+/// The `Keep-Alive` hint for a kept-alive connection the server closes after
+/// `idle` without a request head: whole seconds, one under it. None when
+/// that leaves no second to promise.
+fn keep_alive_hint(idle: Duration) -> Option<header::HeaderValue> {
+    let secs = (idle.as_secs()).checked_sub(1).filter(|s| *s > 0)?;
+    Some(header::HeaderValue::from_str(&format!("timeout={secs}")).expect("ASCII"))
 }
 
 /// How long a connection must have been idle before it may be closed to make
@@ -371,6 +390,15 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+
+    #[test]
+    fn the_keep_alive_hint_is_a_whole_second_under_the_header_read_timeout() {
+        let hint = |ms| keep_alive_hint(Duration::from_millis(ms)).map(|v| v.to_str().unwrap().to_owned());
+        assert_eq!(hint(5_000).as_deref(), Some("timeout=4"));
+        assert_eq!(hint(2_999).as_deref(), Some("timeout=1"));
+        assert_eq!(hint(1_999), None);
+        assert_eq!(hint(100), None);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_stream_where_nothing_moves_times_out_and_traffic_keeps_it_open() {
