@@ -5,7 +5,12 @@
 # durable storage, a MariaDB crash and restart) it
 # runs a drop with its own Redis and broker (and, for the MariaDB crash, its
 # own MariaDB server), injects the fault, waits for quiescence and prints the
-# table of invariants. CI runs the same scenarios with a smaller drop.
+# table of invariants. Then the README's recovery steps, each on a local
+# stack of its own (scripts/stack.sh) running the release binaries, as a
+# drop would: kill -9 of the consumers and `up` (or `down` then `up`), and
+# the default k6 drop (2,000 tickets, 800 purchases a second) through a
+# settler's kill -9 and `up`. CI runs the same scenarios with a smaller
+# drop on the test build.
 #
 #   scripts/faults.sh [scale]      (default 8: 200 tickets, 600 buyers)
 set -euo pipefail
@@ -14,5 +19,8 @@ source "$(dirname "$0")/lib.sh"
 ensure_infra
 cd "$DROPLINE_ROOT"
 cargo build --workspace --bins --locked
-DROPLINE_FAULTS_SCALE=${1:-8} cargo test -p dropctl --test faults --locked -- --nocapture --test-threads=1 2>&1 \
-  | grep -E '^(test |  \[|[a-z0-9-]+: invariants|test result|thread .* panicked)'
+cargo build --release --bins --locked
+only_results() { grep -E '^(test |  \[|[a-z0-9-]+: invariants|scenario |verdict: |test result|thread .* panicked)'; }
+DROPLINE_FAULTS_SCALE=${1:-8} cargo test -p dropctl --test faults --locked -- --nocapture --test-threads=1 2>&1 | only_results
+DROPLINE_FAULTS_SCALE=${1:-8} DROPLINE_PROFILE=release cargo test -p dropctl --test recovery --locked -- --nocapture 2>&1 \
+  | only_results

@@ -13,6 +13,17 @@ KAFKA_PORT=${KAFKA_PORT:-9092}
 TANSU_VERSION=0.6.0
 export PATH="$HOME/.cargo/bin:$PATH"
 
+# Where the local stack's services listen and what they connect to; the
+# scripts that drive a running stack (stack.sh, loadtest.sh) agree on it,
+# so a stack moved to other ports is moved for all of them.
+stack_addresses() {
+  INGRESS_ADDR=${INGRESS_ADDR:-127.0.0.1:8080}
+  PAYSIM_ADDR=${PAYSIM_ADDR:-127.0.0.1:8090}
+  export DROPLINE_MYSQL_URL=${DROPLINE_MYSQL_URL:-mysql://root@127.0.0.1:$MYSQL_PORT/dropline}
+  export DROPLINE_REDIS_URL=${DROPLINE_REDIS_URL:-redis://127.0.0.1:$REDIS_PORT}
+  export DROPLINE_KAFKA_BROKERS=${DROPLINE_KAFKA_BROKERS:-127.0.0.1:$KAFKA_PORT}
+}
+
 log() { printf '\033[1m[dropline]\033[0m %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
@@ -151,19 +162,26 @@ forget_group_members() {
     wait_for "the broker's port to close" 30 port_closed "$KAFKA_PORT"
   fi
   local forgot
-  forgot=$(python3 - "$STATE_DIR/tansu.db" "$@" <<'PY'
-import sqlite3, sys
-db = sqlite3.connect(sys.argv[1])
-groups = sys.argv[2:]
-marks = ",".join("?" * len(groups))
-n = db.execute(
-    f"DELETE FROM consumer_group_detail WHERE consumer_group IN "
-    f"(SELECT id FROM consumer_group WHERE name IN ({marks}))", groups).rowcount
-db.commit()
-print(n)
-PY
-)
+  forgot=$(group_members delete "$@")
   [ "$forgot" = 0 ] || log "forgot the members of $forgot consumer group(s) none of whose consumers runs; their offsets are kept"
+}
+
+# group_members count|delete GROUP...: the membership rows the broker's log
+# holds for these groups (count reads while the broker runs).
+group_members() {
+  [ -f "$STATE_DIR/tansu.db" ] || { echo 0; return; }
+  python3 - "$STATE_DIR/tansu.db" "$@" <<'PY'
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], timeout=30)
+action, groups = sys.argv[2], sys.argv[3:]
+where = ("consumer_group IN (SELECT id FROM consumer_group WHERE name IN (%s))"
+         % ",".join("?" * len(groups)))
+if action == "count":
+    print(db.execute(f"SELECT COUNT(*) FROM consumer_group_detail WHERE {where}", groups).fetchone()[0])
+else:
+    print(db.execute(f"DELETE FROM consumer_group_detail WHERE {where}", groups).rowcount)
+    db.commit()
+PY
 }
 
 ensure_tools() {

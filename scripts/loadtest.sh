@@ -4,9 +4,11 @@
 #   scripts/loadtest.sh drop|refresh|soak|spike [k6 options, e.g. -e PEAK_RATE=1500]
 #
 # Brings the stack up if it is down, runs the scenario (its SLO thresholds
-# decide pass or fail), writes k6's HTML report to loadtest/reports/, then
-# waits for the pipeline to settle and runs the invariant check on the
-# scenario's event. Exits non-zero unless both pass.
+# decide pass or fail), writes k6's HTML report to loadtest/reports/ (or
+# DROPLINE_LOADTEST_REPORTS), then waits for the pipeline to settle and runs
+# the invariant check on the scenario's event. Exits non-zero unless both
+# pass. It drives the stack stack.sh would start with the same environment
+# (INGRESS_ADDR, DROPLINE_MYSQL_URL, KAFKA_PORT and so on).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -27,11 +29,13 @@ ensure_k6
 load_secrets
 PROFILE=${DROPLINE_PROFILE:-release}
 
-reports="$DROPLINE_ROOT/loadtest/reports"
+stack_addresses
+export DROPLINE_API=${DROPLINE_API:-http://$INGRESS_ADDR}
+reports=${DROPLINE_LOADTEST_REPORTS:-$DROPLINE_ROOT/loadtest/reports}
 mkdir -p "$reports"
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
 html="$reports/$scenario-$stamp.html"
-log "running $scenario; report: loadtest/reports/$(basename "$html")"
+log "running $scenario; report: $html"
 set +e
 (cd "$DROPLINE_ROOT" && K6_WEB_DASHBOARD=true K6_WEB_DASHBOARD_EXPORT="$html" K6_WEB_DASHBOARD_OPEN=false K6_WEB_DASHBOARD_PERIOD=1s \
   DROPLINE_LOADTEST_OUT="$reports" k6 run --quiet "$@" "loadtest/$scenario.js")

@@ -18,11 +18,7 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
-INGRESS_ADDR=${INGRESS_ADDR:-127.0.0.1:8080}
-PAYSIM_ADDR=${PAYSIM_ADDR:-127.0.0.1:8090}
-export DROPLINE_MYSQL_URL=${DROPLINE_MYSQL_URL:-mysql://root@127.0.0.1:$MYSQL_PORT/dropline}
-export DROPLINE_REDIS_URL=${DROPLINE_REDIS_URL:-redis://127.0.0.1:$REDIS_PORT}
-export DROPLINE_KAFKA_BROKERS=${DROPLINE_KAFKA_BROKERS:-127.0.0.1:$KAFKA_PORT}
+stack_addresses
 # tansu answers a waiting fetch at its deadline rather than when data
 # arrives (measured: p99 intent-to-decision 500 ms at the 500 ms default,
 # 100 ms at 10 ms), so the local stack polls the broker more often.
@@ -187,9 +183,16 @@ case "${1:-up}" in
       log "the broker's storage panicked; stopping this stack's services before the broker restarts"
       services_down
     fi
-    if ! running allocator && ! running settler && ! running expirer; then
-      forget_group_members "${DROPLINE_ALLOCATOR_GROUP:-dropline-allocator}" \
-        "${DROPLINE_SETTLER_GROUP:-dropline-settler}" "${DROPLINE_EXPIRER_GROUP:-dropline-expirer}"
+    groups=("${DROPLINE_ALLOCATOR_GROUP:-dropline-allocator}" "${DROPLINE_SETTLER_GROUP:-dropline-settler}"
+      "${DROPLINE_EXPIRER_GROUP:-dropline-expirer}")
+    if ! running allocator && ! running settler && ! running expirer \
+      && [ "${DROPLINE_BROKER_STORAGE:-sqlite}" = sqlite ] && [ "$(group_members count "${groups[@]}")" != 0 ]; then
+      # Mending restarts the broker, and a producer that outlives a broker
+      # restart can panic it (the ingress's, after the consumers' kill -9,
+      # in a recovery scenario): the ingress restarts too.
+      running ingress && log "mending the consumer groups restarts the broker; stopping the ingress first"
+      services_down
+      forget_group_members "${groups[@]}"
     fi
     ensure_infra; ensure_prometheus; services_up ;;
   services) services_up ;;

@@ -494,9 +494,14 @@ pub fn fault_drop(scenario: &str, scale: u32, brokers: &str, name: &str) -> drop
 /// Waits until a drop's flood is under way: some intents decided and
 /// recorded, with most of the crowd still to come.
 pub async fn flood_under_way(db: &MySqlPool) {
-    eventually("the flood to be under way", Duration::from_secs(60), || async move {
+    intents_recorded(db, 10).await;
+}
+
+/// Waits until the settler has recorded at least `count` decided intents.
+pub async fn intents_recorded(db: &MySqlPool, count: i64) {
+    eventually(&format!("{count} intents recorded"), Duration::from_secs(60), || async move {
         let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM intents").fetch_one(db).await.ok()?;
-        (n >= 10).then_some(())
+        (n >= count).then_some(())
     })
     .await;
 }
