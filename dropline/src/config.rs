@@ -110,6 +110,18 @@ impl KafkaArgs {
     }
 }
 
+/// Kafka settings parsed from `flags` as a stage parses them, for unit tests
+/// of the clients built from them.
+#[cfg(test)]
+pub(crate) fn kafka_args(flags: &[&str]) -> KafkaArgs {
+    #[derive(clap::Parser)]
+    struct Flags {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+    }
+    <Flags as clap::Parser>::parse_from(std::iter::once("test").chain(flags.iter().copied())).kafka
+}
+
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct RedisArgs {
     /// Redis holding the stock ledger.

@@ -207,19 +207,10 @@ where
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
-
     use super::*;
 
-    #[derive(Parser)]
-    struct Args {
-        #[command(flatten)]
-        kafka: KafkaArgs,
-    }
-
-    fn config(extra: &[&str]) -> ClientConfig {
-        let args = Args::parse_from(std::iter::once("test").chain(extra.iter().copied())).kafka;
-        consumer_config(&args, "dropline-settler", "settler-consumer")
+    fn config(flags: &[&str]) -> ClientConfig {
+        consumer_config(&crate::config::kafka_args(flags), "dropline-settler", "settler-consumer")
     }
 
     #[test]

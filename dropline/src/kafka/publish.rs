@@ -214,19 +214,8 @@ impl Publisher {
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
-
     use super::*;
-
-    #[derive(Parser)]
-    struct Args {
-        #[command(flatten)]
-        kafka: KafkaArgs,
-    }
-
-    fn args(extra: &[&str]) -> KafkaArgs {
-        Args::parse_from(std::iter::once("test").chain(extra.iter().copied())).kafka
-    }
+    use crate::config::kafka_args as args;
 
     #[test]
     fn every_producer_is_idempotent_and_acked_by_all_replicas() {
