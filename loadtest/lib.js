@@ -120,9 +120,30 @@ export const BUYER_THRESHOLDS = __ENV.LATENCY_SLOS === 'off' ? OUTCOME_THRESHOLD
 // Purchases one unit and follows the intent for up to 30 s. Records the
 // decision time in `decision` and whether it never came in `undecided`.
 // Returns the purchase response and the decided status (or null).
+// A purchase as the README asks a client to make one: a request that got
+// no answer (the connection was refused or reset: an ingress died or
+// restarted) or a retryable one (503, or 409 idempotency_in_progress while
+// a cut-off request still owns the key) is sent again with the same key,
+// after its Retry-After, until a final answer or `deadlineMs`. A purchase
+// cut off after the ingress produced it is then answered with its intent,
+// so the buyers' count of accepted purchases matches the decisions.
+// Once a request's fate is unknown, a 429 (shed or rate limited before the
+// key was looked at) says nothing about it either, so it is retried too.
+export function purchaseUntilAnswered(tok, eventId, key, deadlineMs) {
+  let unknown = false;
+  for (;;) {
+    const r = purchase(tok, eventId, key, 1);
+    unknown = unknown || r.status === 0 || r.status === 503;
+    const retryable = r.status === 0 || r.status === 503 || (unknown && r.status === 429)
+      || (r.status === 409 && r.json('code') === 'idempotency_in_progress');
+    if (!retryable || Date.now() >= deadlineMs) return r;
+    sleep(Math.min(parseInt(r.headers['Retry-After'] || '1', 10) || 1, 5));
+  }
+}
+
 export function buyAndFollow(tok, eventId, decision, undecided) {
   const started = Date.now();
-  const response = purchase(tok, eventId, uuid(), 1);
+  const response = purchaseUntilAnswered(tok, eventId, uuid(), started + 30000);
   if (response.status !== 202) return { response, status: null };
   const status = follow(tok, response.json('intent_id'), started + 30000);
   undecided.add(status === null);

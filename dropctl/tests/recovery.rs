@@ -202,6 +202,29 @@ async fn kill_9_then_either_recovery_the_readme_gives_loses_nothing() {
 /// DROPLINE_PROFILE=release it is the drill as a user runs it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_settler_in_a_k6_drop_then_up_loses_nothing() {
+    let out = k6_drop_through_a_kill("settler").await;
+    assert!(out.contains("verdict: PASS"), "the k6 drop through the settler's kill -9 failed:\n{out}");
+}
+
+/// The ingress's kill -9 in the same drop: buyers whose requests were cut
+/// off retry with their keys, as the README asks (k6's buyers do), so every
+/// purchase the ingress produced before it died is answered once, and the
+/// books count it. Requests refused while it was down fail k6's error-rate
+/// threshold by design; the invariants and "every accepted purchase
+/// decided" must hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_ingress_in_a_k6_drop_then_up_loses_nothing() {
+    let out = k6_drop_through_a_kill("ingress").await;
+    assert!(
+        out.contains("invariants hold") && out.contains("ok   dropline_undecided"),
+        "the k6 drop through the ingress's kill -9 broke the books:\n{out}"
+    );
+}
+
+/// Runs `scripts/loadtest.sh drop` on a local stack of its own, kills
+/// `stage` with SIGKILL well into the flood, recovers with `scripts/stack.sh
+/// up`, and returns the end of the load test's output.
+async fn k6_drop_through_a_kill(stage: &str) -> String {
     let _turn = ONE_STACK_AT_A_TIME.lock().await;
     dropline::telemetry::init_logs();
     let scale: u32 = std::env::var("DROPLINE_FAULTS_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
@@ -231,19 +254,15 @@ async fn kill_9_of_the_settler_in_a_k6_drop_then_up_loses_nothing() {
     // kill at half that did not stall the broker even with a lossy 5 s
     // message timeout; this one did).
     common::intents_recorded(&db, 500 * i64::from(scale)).await;
-    stack.kill9("settler");
-    stack.wait_dead("settler").await;
+    stack.kill9(stage);
+    stack.wait_dead(stage).await;
     stack.stack(&["up"]);
     let run = k6.await.unwrap().unwrap();
-    let out = String::from_utf8_lossy(&run.stdout);
-    let err = String::from_utf8_lossy(&run.stderr);
-    let tail = |s: &str| s.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
-    println!("{}", tail(&out));
-    assert!(
-        run.status.success() && out.contains("verdict: PASS"),
-        "the k6 drop through the settler's kill -9 failed ({}):\n{}\n{}",
-        run.status,
-        tail(&out),
-        tail(&err)
-    );
+    let tail = |b: &[u8]| {
+        let s = String::from_utf8_lossy(b);
+        s.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+    };
+    let out = tail(&run.stdout);
+    println!("{out}");
+    format!("{out}\n(exit: {}; stderr:)\n{}", run.status, tail(&run.stderr))
 }
