@@ -117,9 +117,6 @@ export const BUYER_THRESHOLDS = __ENV.LATENCY_SLOS === 'off' ? OUTCOME_THRESHOLD
   dropline_intent_to_decision: ['p(99)<2000'],
 };
 
-// Purchases one unit and follows the intent for up to 30 s. Records the
-// decision time in `decision` and whether it never came in `undecided`.
-// Returns the purchase response and the decided status (or null).
 // A purchase as the README asks a client to make one: a request that got
 // no answer (the connection was refused or reset: an ingress died or
 // restarted) or a retryable one (503, or 409 idempotency_in_progress while
@@ -141,6 +138,10 @@ export function purchaseUntilAnswered(tok, eventId, key, deadlineMs) {
   }
 }
 
+// Purchases one unit (retried as above) and follows the intent for up to
+// 30 s. Records the decision time in `decision` and whether it never came
+// in `undecided`. Returns the purchase response and the decided status (or
+// null).
 export function buyAndFollow(tok, eventId, decision, undecided) {
   const started = Date.now();
   const response = purchaseUntilAnswered(tok, eventId, uuid(), started + 30000);

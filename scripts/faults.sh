@@ -9,7 +9,7 @@
 # stack of its own (scripts/stack.sh) running the release binaries, as a
 # drop would: kill -9 of the consumers and `up` (or `down` then `up`), and
 # the default k6 drop (2,000 tickets, 800 purchases a second) through a
-# settler's kill -9 and `up`. CI runs the same scenarios with a smaller
+# settler's and an ingress's kill -9 and `up`. CI runs the same scenarios with a smaller
 # drop on the test build.
 #
 #   scripts/faults.sh [scale]      (default 8: 200 tickets, 600 buyers)

@@ -249,10 +249,10 @@ async fn k6_drop_through_a_kill(stage: &str) -> String {
     // flood with it.
     let k6 = tokio::spawn(k6.wait_with_output());
     let db = dropline::db::connect(&dropline::config::MysqlArgs::new(stack.db_url.clone(), 2)).await.unwrap();
-    // Well into the flood, with a backlog behind the settler when it dies:
+    // Well into the flood, with a backlog behind the stage when it dies:
     // twice as many decisions recorded as there are tickets (at 8, a
-    // kill at half that did not stall the broker even with a lossy 5 s
-    // message timeout; this one did).
+    // settler's kill at half that did not stall the broker even with a
+    // lossy 5 s message timeout; this one did).
     common::intents_recorded(&db, 500 * i64::from(scale)).await;
     stack.kill9(stage);
     stack.wait_dead(stage).await;
