@@ -212,4 +212,16 @@ impl Api {
         let body: Value = r.json().await?;
         Ok(body["state"].as_str().or_else(|| body["code"].as_str()).unwrap_or("unknown").to_owned())
     }
+
+    /// A waiting room's published draw.
+    pub async fn draw(&self, event_id: u64) -> anyhow::Result<dropline::room::draw::PublishedDraw> {
+        let r = self.http.get(format!("{}/v1/events/{event_id}/waiting-room/draw", self.base)).send().await?;
+        let status = r.status();
+        unavailable_if_5xx(&r, "draw")?;
+        if status != StatusCode::OK {
+            let body: Value = r.json().await.unwrap_or(Value::Null);
+            bail!("event {event_id}'s draw answered {status}: {body}");
+        }
+        Ok(r.json().await?)
+    }
 }

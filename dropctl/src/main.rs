@@ -106,6 +106,18 @@ enum Command {
         #[command(flatten)]
         redis: RedisArgs,
     },
+    /// Fetches an event's published draw from the ingress and checks it:
+    /// the seed against the commitment, the tickets against the list hash,
+    /// and every place against the order the seed and the list give.
+    VerifyDraw {
+        event: u64,
+        #[arg(long, env = "DROPLINE_INGRESS_URL", default_value = "http://127.0.0.1:8080")]
+        ingress_url: String,
+        /// Also say where this ticket was placed (and fail if it was not
+        /// in the draw).
+        #[arg(long)]
+        ticket: Option<uuid::Uuid>,
+    },
     /// Checks an event's invariants against MySQL and Redis.
     Check {
         #[arg(long)]
@@ -301,6 +313,24 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 }
             };
             println!("{}", serde_json::to_string(&measured)?);
+        }
+        Command::VerifyDraw { event, ingress_url, ticket } => {
+            let draw = Api::new(&ingress_url)?.draw(event).await?;
+            dropline::room::draw::verify(&draw)
+                .map_err(|e| anyhow::anyhow!("event {event}'s draw does not hold: {e}"))?;
+            println!(
+                "event {event}: the draw of {} tickets holds\n  seed {} matches its commitment {}\n  list hash {}\n  \
+                 every place recomputed from the seed and the list",
+                draw.order.len(),
+                draw.seed,
+                draw.seed_commitment,
+                draw.list_hash
+            );
+            if let Some(ticket) = ticket {
+                let place = draw.order.iter().position(|t| *t == ticket);
+                let place = place.with_context(|| format!("ticket {ticket} is not in the draw"))?;
+                println!("  ticket {ticket}: place {} of {}", place + 1, draw.order.len());
+            }
         }
         Command::Check { event, grace_secs, wait_secs, accepted, books } => {
             let (db, ledger) = books.open().await?;

@@ -118,6 +118,76 @@ impl Tokens {
     }
 }
 
+/// What an admission token says: `sub` may buy at `event_id` until `exp`,
+/// their turn out of the waiting room as `ticket`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AdmissionClaims {
+    pub sub: String,
+    pub event_id: u64,
+    pub ticket: uuid::Uuid,
+    /// Seconds since the epoch; also the end of the turn.
+    pub exp: i64,
+    pub iat: i64,
+    pub iss: String,
+    pub aud: String,
+}
+
+/// The audience of admission tokens ([`AdmissionKeys`]).
+pub const ADMISSION_AUDIENCE: &str = "dropline-admission";
+
+/// Mints and verifies admission tokens. Their key is derived from the
+/// admin secret (HMAC-SHA256 of a fixed label), so only the ingress, which
+/// holds it, can mint one, and no further secret has to be deployed.
+#[derive(Clone)]
+pub struct AdmissionKeys {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+    issuer: String,
+}
+
+impl AdmissionKeys {
+    pub fn derived(admin_secret: &[u8], issuer: &str) -> Self {
+        use hmac::{Hmac, Mac};
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(admin_secret).expect("HMAC takes a key of any length");
+        mac.update(b"dropline admission tokens v1");
+        let key = mac.finalize().into_bytes();
+        let mut validation = Validation::new(Algorithm::HS256);
+        // The turn's end is checked by the caller: a retry of a purchase
+        // accepted in time is answered again after it.
+        validation.validate_exp = false;
+        validation.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
+        validation.set_issuer(&[issuer]);
+        validation.set_audience(&[ADMISSION_AUDIENCE]);
+        Self {
+            encoding: EncodingKey::from_secret(&key),
+            decoding: DecodingKey::from_secret(&key),
+            validation,
+            issuer: issuer.to_owned(),
+        }
+    }
+
+    /// A token for `user`'s turn at `event_id`, ending at `ends_ms`.
+    pub fn mint(&self, user: &str, event_id: u64, ticket: uuid::Uuid, ends_ms: i64) -> Result<String, AuthError> {
+        let claims = AdmissionClaims {
+            sub: user.to_owned(),
+            event_id,
+            ticket,
+            exp: ends_ms.div_euclid(1000),
+            iat: chrono::Utc::now().timestamp(),
+            iss: self.issuer.clone(),
+            aud: ADMISSION_AUDIENCE.to_owned(),
+        };
+        Ok(encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)?)
+    }
+
+    /// The claims of a token this deployment minted; its `exp` is not
+    /// checked here.
+    pub fn verify(&self, token: &str) -> Result<AdmissionClaims, AuthError> {
+        Ok(decode::<AdmissionClaims>(token, &self.decoding, &self.validation)?.claims)
+    }
+}
+
 /// User ids end up in Redis hash fields and MySQL columns: keep them short
 /// and printable.
 pub fn is_valid_user_id(id: &str) -> bool {
@@ -189,6 +259,25 @@ mod tests {
         )
         .unwrap();
         assert!(tokens().admin.verify(&old).is_err());
+    }
+
+    #[test]
+    fn admission_tokens_are_the_ingress_own_and_carry_their_turn() {
+        let keys = AdmissionKeys::derived(b"admin-key", DEFAULT_ISSUER);
+        let ticket = uuid::Uuid::from_u128(7);
+        let token = keys.mint("alice", 12, ticket, 1_700_000_000_999).unwrap();
+        let claims = keys.verify(&token).unwrap();
+        assert_eq!(
+            (claims.sub.as_str(), claims.event_id, claims.ticket, claims.exp),
+            ("alice", 12, ticket, 1_700_000_000)
+        );
+        // Another admin secret, or a buyer or admin token: not an admission.
+        assert!(AdmissionKeys::derived(b"other-key", DEFAULT_ISSUER).verify(&token).is_err());
+        assert!(keys.verify(&tokens().buyer.mint("alice", 60).unwrap()).is_err());
+        assert!(keys.verify(&tokens().admin.mint("alice", 60).unwrap()).is_err());
+        // Nor is an admission a bearer token, even signed with the key it
+        // is derived from.
+        assert!(tokens().admin.verify(&token).is_err());
     }
 
     #[test]

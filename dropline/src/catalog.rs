@@ -104,7 +104,7 @@ pub mod ingress {
     pub const PURCHASES: Metric = Metric::counter(
         "dropline_ingress_purchases_total",
         "Purchase requests by outcome: admitted (queued for allocation), replayed, rate_limited, sold_out, \
-         shed (the in-flight cap was reached), sale_not_open, sale_closed, unavailable, invalid, and in_progress (a copy of a request still being answered).",
+         shed (the in-flight cap was reached), sale_not_open, sale_closed, no_admission (a waiting room's event, without a valid turn), unavailable, invalid, and in_progress (a copy of a request still being answered).",
     )
     .from_zero_for(
         "outcome",
@@ -117,6 +117,7 @@ pub mod ingress {
             "sold_out",
             "sale_not_open",
             "sale_closed",
+            "no_admission",
             "unavailable",
             "invalid",
         ],
@@ -134,8 +135,34 @@ pub mod ingress {
     )
     .from_zero();
 
-    pub const ALL: &[Metric] =
-        &[REQUESTS, REQUEST_DURATION, PURCHASES, WEBHOOKS, OPEN_CONNECTIONS, EVICTED_CONNECTIONS];
+    pub const ROOM_JOINS: Metric = Metric::counter(
+        "dropline_ingress_room_joins_total",
+        "Waiting-room joins by outcome: joined (a new ticket), existing (the buyer's ticket again).",
+    )
+    .from_zero_for("outcome", &["joined", "existing"]);
+    pub const ROOM_TURNS: Metric = Metric::counter(
+        "dropline_ingress_room_turns_total",
+        "Waiting-room turns by stage: admitted (let through by this replica's keeper), used (a purchase with the \
+         turn accepted), lapsed (its time to act ran out).",
+    )
+    .from_zero_for("result", &["admitted", "used", "lapsed"]);
+    pub const ROOM_DRAWS: Metric = Metric::counter(
+        "dropline_ingress_room_draws_total",
+        "Waiting-room draws written by this replica (one per room across all replicas).",
+    )
+    .from_zero();
+
+    pub const ALL: &[Metric] = &[
+        REQUESTS,
+        REQUEST_DURATION,
+        PURCHASES,
+        WEBHOOKS,
+        OPEN_CONNECTIONS,
+        EVICTED_CONNECTIONS,
+        ROOM_JOINS,
+        ROOM_TURNS,
+        ROOM_DRAWS,
+    ];
 }
 
 /// The allocator's own metrics.

@@ -5,6 +5,8 @@
 //! - [`stock`]: the Redis stock ledger and the Lua scripts that alone change
 //!   it (allocate, pay, cancel, expire), and every Redis key's name
 //!   ([`stock::keys`]).
+//! - [`room`]: waiting rooms, their Lua scripts and the auditable draw
+//!   ([`room::draw`]) that orders a pre-queue.
 //! - [`db`]: the MySQL pool and the schema's migrations; [`events`]: events
 //!   as the record keeps them and the terms admins create them with, and the sale rules
 //!   they load into the ledger.
@@ -27,6 +29,7 @@ pub mod kafka;
 pub mod messages;
 pub mod ops;
 pub mod payments;
+pub mod room;
 pub mod secrets;
 pub mod shutdown;
 pub mod stage;

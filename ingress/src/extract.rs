@@ -53,6 +53,31 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
     }
 }
 
+/// The `Dropline-Admission` header, when sent: a buyer's turn out of a
+/// waiting room (checked by the handler, which knows the event).
+pub struct AdmissionToken(pub Option<String>);
+
+pub const ADMISSION: &str = "dropline-admission";
+
+impl<S: Send + Sync> FromRequestParts<S> for AdmissionToken {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Problem> {
+        let mut values = parts.headers.get_all(ADMISSION).iter();
+        let Some(value) = values.next() else { return Ok(AdmissionToken(None)) };
+        if values.next().is_some() {
+            return Err(Problem::new(ErrorCode::InvalidHeader).detail("one Dropline-Admission header at most"));
+        }
+        match value.to_str() {
+            Ok(token) if !token.is_empty() && token.len() <= 4096 && token.bytes().all(|b| b.is_ascii_graphic()) => {
+                Ok(AdmissionToken(Some(token.to_owned())))
+            }
+            _ => Err(Problem::new(ErrorCode::InvalidHeader)
+                .detail("Dropline-Admission must be the token the waiting room gave, as sent")),
+        }
+    }
+}
+
 /// The event id in the path.
 pub struct EventId(pub u64);
 

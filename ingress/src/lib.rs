@@ -7,6 +7,8 @@
 //!   metrics, timeouts, load shedding).
 //! - [`intents`]: idempotency records and the intent index in Redis.
 //! - [`events`]: events in MySQL behind a small cache, and the pre-warm.
+//! - [`rooms`]: waiting rooms: their record, admission tokens and the
+//!   keeper that draws each room and lets its buyers through.
 //! - [`orders`]: an order's live state (Redis) or settled state (MySQL).
 //! - [`record`]: the ingress's SQL (events, and orders and intents looked
 //!   up once Redis no longer has them).
@@ -27,6 +29,7 @@ pub mod metrics;
 pub mod orders;
 pub mod problem;
 pub mod record;
+pub mod rooms;
 mod routes;
 pub mod server;
 mod state;
@@ -131,6 +134,7 @@ pub async fn start_on(
     let publisher = Publisher::new(&config.shared.kafka, "ingress-producer", WhenFull::Refuse)?;
     let state = Arc::new(AppState::new(config.clone(), db, redis, publisher.clone(), search_timeout)?);
     tokio::spawn(limits::prune_periodically(state.limits.clone(), Duration::from_secs(10), shutdown.clone()));
+    tokio::spawn(rooms::keep(state.rooms.clone(), shutdown.clone()));
 
     let api_addr = listener.local_addr()?;
     let app = routes::router(state);

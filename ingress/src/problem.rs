@@ -48,6 +48,15 @@ error_codes! {
     SaleNotOpen => "sale_not_open",
     SaleClosed => "sale_closed",
     SoldOut => "sold_out",
+    NoWaitingRoom => "no_waiting_room",
+    WaitingRoomExists => "waiting_room_exists",
+    WaitingRoomTooLate => "waiting_room_too_late",
+    QueueNotOpen => "queue_not_open",
+    NotInQueue => "not_in_queue",
+    DrawNotDone => "draw_not_done",
+    AdmissionRequired => "admission_required",
+    AdmissionInvalid => "admission_invalid",
+    TurnLapsed => "turn_lapsed",
     OrderNotHeld => "order_not_held",
     OrderExpired => "order_expired",
     OrderVoided => "order_voided",
@@ -74,16 +83,24 @@ impl ErrorCode {
         use ErrorCode::*;
         match self {
             Unauthorized | InvalidSignature | StaleSignature => StatusCode::UNAUTHORIZED,
-            Forbidden => StatusCode::FORBIDDEN,
-            NotFound | EventNotFound | OrderNotFound => StatusCode::NOT_FOUND,
+            Forbidden | AdmissionRequired | AdmissionInvalid | TurnLapsed => StatusCode::FORBIDDEN,
+            NotFound | EventNotFound | OrderNotFound | NoWaitingRoom | NotInQueue => StatusCode::NOT_FOUND,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             InvalidBody | InvalidHeader | InvalidQuery | InvalidPath | MissingIdempotencyKey => StatusCode::BAD_REQUEST,
             IdempotencyKeyReused | InvalidBodyShape => StatusCode::UNPROCESSABLE_ENTITY,
-            IdempotencyInProgress | SaleNotOpen | SaleClosed | SoldOut | OrderNotHeld | OrderExpired | OrderVoided => {
-                StatusCode::CONFLICT
-            }
+            IdempotencyInProgress
+            | SaleNotOpen
+            | SaleClosed
+            | SoldOut
+            | OrderNotHeld
+            | OrderExpired
+            | OrderVoided
+            | WaitingRoomExists
+            | WaitingRoomTooLate
+            | QueueNotOpen
+            | DrawNotDone => StatusCode::CONFLICT,
             RateLimited | Busy => StatusCode::TOO_MANY_REQUESTS,
             BrokerUnavailable | DependencyUnavailable | OrderNotReady | Overloaded | RequestTimeout => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -115,6 +132,15 @@ impl ErrorCode {
             SaleNotOpen => "The sale has not opened yet",
             SaleClosed => "The sale has closed",
             SoldOut => "The event is sold out",
+            NoWaitingRoom => "The event has no waiting room",
+            WaitingRoomExists => "The event has a waiting room already, with other terms",
+            WaitingRoomTooLate => "A waiting room must be set before the sale opens",
+            QueueNotOpen => "The waiting room's pre-queue has not opened yet",
+            NotInQueue => "You have not joined this event's waiting room",
+            DrawNotDone => "The waiting room's draw has not been made yet",
+            AdmissionRequired => "This event sells through its waiting room: a Dropline-Admission token is required",
+            AdmissionInvalid => "The admission token is not valid for this buyer and event",
+            TurnLapsed => "Your turn to buy has run out; join the waiting room again",
             OrderNotHeld => "The order is no longer held",
             OrderExpired => "The order's hold has expired",
             OrderVoided => "The order was withdrawn: its ticket was already sold to an earlier buyer",

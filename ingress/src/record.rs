@@ -148,3 +148,100 @@ pub async fn intent(db: &MySqlPool, intent_id: Uuid, user_id: &str) -> Result<Op
     .fetch_optional(db)
     .await
 }
+
+/// An event's waiting room as the record keeps it, with its event's window.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct RoomRow {
+    pub event_id: u64,
+    pub prequeue_opens_at: DateTime<Utc>,
+    pub outflow_per_sec: u32,
+    pub time_to_act_secs: u32,
+    pub seed: Vec<u8>,
+    pub seed_commitment: String,
+    pub list_hash: Option<String>,
+    pub entrants: Option<u32>,
+    pub drawn_at: Option<DateTime<Utc>>,
+    pub sale_opens_at: DateTime<Utc>,
+    pub sale_closes_at: DateTime<Utc>,
+}
+
+const ROOM_COLUMNS: &str = "r.event_id, r.prequeue_opens_at, r.outflow_per_sec, r.time_to_act_secs, r.seed, \
+                            r.seed_commitment, r.list_hash, r.entrants, r.drawn_at, e.sale_opens_at, e.sale_closes_at";
+
+/// Records a waiting room; false when the event has one already.
+pub async fn insert_room(
+    db: &MySqlPool,
+    event_id: u64,
+    prequeue_opens_at: DateTime<Utc>,
+    outflow_per_sec: u32,
+    time_to_act_secs: u32,
+    seed: &[u8],
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "INSERT INTO waiting_rooms (event_id, prequeue_opens_at, outflow_per_sec, time_to_act_secs, seed, \
+         seed_commitment) VALUES (?, ?, ?, ?, ?, ?)",
+    )
+    .bind(event_id)
+    .bind(prequeue_opens_at)
+    .bind(outflow_per_sec)
+    .bind(time_to_act_secs)
+    .bind(seed)
+    .bind(dropline::room::draw::commitment(seed))
+    .execute(db)
+    .await;
+    match done {
+        Ok(_) => Ok(true),
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+pub async fn room(db: &MySqlPool, event_id: u64) -> Result<Option<RoomRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {ROOM_COLUMNS} FROM waiting_rooms r JOIN events e ON e.id = r.event_id WHERE r.event_id = ?"
+    ))
+    .bind(event_id)
+    .fetch_optional(db)
+    .await
+}
+
+/// Rooms whose line may still move: their sale closed less than an hour
+/// ago (the longest time to act) or not at all.
+pub async fn live_rooms(db: &MySqlPool) -> Result<Vec<RoomRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {ROOM_COLUMNS} FROM waiting_rooms r JOIN events e ON e.id = r.event_id WHERE e.sale_closes_at > ?"
+    ))
+    .bind(Utc::now() - chrono::Duration::hours(1))
+    .fetch_all(db)
+    .await
+}
+
+/// Sets a room's outflow; false when there is no room.
+pub async fn set_room_outflow(db: &MySqlPool, event_id: u64, per_sec: u32) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query("UPDATE waiting_rooms SET outflow_per_sec = ? WHERE event_id = ?")
+        .bind(per_sec)
+        .bind(event_id)
+        .execute(db)
+        .await?;
+    Ok(done.rows_affected() == 1 || room(db, event_id).await?.is_some())
+}
+
+/// Puts what a draw published on the record, once.
+pub async fn record_draw(
+    db: &MySqlPool,
+    event_id: u64,
+    list_hash: &str,
+    entrants: u64,
+    drawn_at: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE waiting_rooms SET list_hash = ?, entrants = ?, drawn_at = ? WHERE event_id = ? AND drawn_at IS NULL",
+    )
+    .bind(list_hash)
+    .bind(entrants)
+    .bind(drawn_at)
+    .bind(event_id)
+    .execute(db)
+    .await?;
+    Ok(())
+}

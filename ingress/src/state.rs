@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use dropline::auth::Tokens;
+use dropline::auth::{AdmissionKeys, Tokens};
 use dropline::kafka::{Publisher, Record};
 use dropline::messages::{OrderChange, Topics};
 use dropline::secrets::exposed;
@@ -16,6 +16,7 @@ use crate::intents::IntentStore;
 use crate::limits::Limits;
 use crate::orders::Orders;
 use crate::problem::{ErrorCode, Problem};
+use crate::rooms::WaitingRooms;
 
 /// Everything a request handler needs.
 pub struct AppState {
@@ -24,6 +25,7 @@ pub struct AppState {
     pub events: Events,
     pub intents: IntentStore,
     pub orders: Orders,
+    pub rooms: WaitingRooms,
     pub ledger: Ledger,
     pub db: MySqlPool,
     pub publisher: Publisher,
@@ -42,12 +44,19 @@ impl AppState {
         search_timeout: events::SearchTimeout,
     ) -> Result<AppState, reqwest::Error> {
         let ledger = Ledger::new(redis.clone(), &config.shared.redis.key_prefix);
-        let intents = IntentStore::new(redis, &config.shared.redis.key_prefix, config.idempotency_ttl_secs);
+        let prefix = &config.shared.redis.key_prefix;
+        let rooms = WaitingRooms::new(
+            db.clone(),
+            dropline::room::Rooms::new(redis.clone(), prefix),
+            AdmissionKeys::derived(exposed(&config.admin_jwt_secret), &config.jwt_issuer),
+        );
+        let intents = IntentStore::new(redis, prefix, config.idempotency_ttl_secs);
         Ok(AppState {
             tokens: Tokens::new(exposed(&config.jwt_secret), exposed(&config.admin_jwt_secret), &config.jwt_issuer),
             events: Events::new(db.clone(), ledger.clone(), Duration::from_millis(config.event_cache_ttl_ms))
                 .with_search_timeout(search_timeout),
             orders: Orders::new(intents.clone(), ledger.clone(), db.clone()),
+            rooms,
             intents,
             ledger,
             db,

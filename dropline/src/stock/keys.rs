@@ -6,6 +6,7 @@
 //! | key                           | what                                    | written by          |
 //! |-------------------------------|-----------------------------------------|---------------------|
 //! | `<prefix>:{<event>}:<part>`   | an event's ledger, see [`EventKeys`]    | the stock scripts   |
+//! | `<prefix>:{<event>}:room:<part>` | its waiting room, see [`RoomKeys`]   | the room scripts    |
 //! | `<prefix>:unknown-events`     | events the record does not have         | settler             |
 //! | `<prefix>:rebuild-requests`   | event -> why its ledger needs a rebuild | allocator, ingress  |
 //! | `<prefix>:idem:<key name>`    | an Idempotency-Key's record             | ingress (its Lua)   |
@@ -39,6 +40,11 @@ impl Keys {
     /// The keys of one event's ledger.
     pub fn event(&self, event_id: u64) -> EventKeys {
         EventKeys::new(&self.prefix, event_id)
+    }
+
+    /// The keys of one event's waiting room.
+    pub fn room(&self, event_id: u64) -> RoomKeys {
+        RoomKeys::new(&self.prefix, event_id)
     }
 
     /// Events the record has no row for: their intents can never be decided.
@@ -124,6 +130,49 @@ impl EventKeys {
     }
 }
 
+/// Redis keys of one event's waiting room (see [`crate::room`]). They share
+/// the event's hash tag: the admission script reads the ledger's stock.
+#[derive(Debug, Clone)]
+pub struct RoomKeys {
+    /// The room's settings and counters (state, outflow, now serving...).
+    pub conf: String,
+    /// Tickets that joined before the opening, waiting for the draw.
+    pub pre: String,
+    /// The line: ticket -> place (1 is first).
+    pub line: String,
+    /// Buyer -> their ticket.
+    pub users: String,
+    /// Admitted tickets -> the deadline of their turn (ms).
+    pub admitted: String,
+    /// Tickets whose turn ended -> `used` or `lapsed`.
+    pub ended: String,
+    /// Recent (ms, now serving) samples, newest first: the measured outflow.
+    pub samples: String,
+    /// The event's stock hash, read for what remains.
+    pub stock: String,
+}
+
+impl RoomKeys {
+    pub fn new(prefix: &str, event_id: u64) -> Self {
+        let tag = format!("{prefix}:{{{event_id}}}");
+        Self {
+            conf: format!("{tag}:room:conf"),
+            pre: format!("{tag}:room:pre"),
+            line: format!("{tag}:room:line"),
+            users: format!("{tag}:room:users"),
+            admitted: format!("{tag}:room:admitted"),
+            ended: format!("{tag}:room:ended"),
+            samples: format!("{tag}:room:samples"),
+            stock: format!("{tag}:stock"),
+        }
+    }
+
+    /// Every key, in the order each room script's header lists them.
+    pub fn all(&self) -> [&str; 8] {
+        [&self.conf, &self.pre, &self.line, &self.users, &self.admitted, &self.ended, &self.samples, &self.stock]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,6 +182,8 @@ mod tests {
         let keys = Keys::new("dl");
         assert_eq!(keys.event(7).stock, "dl:{7}:stock");
         assert_eq!(keys.event(7).in_flight, "dl:{7}:in-flight");
+        assert_eq!(keys.room(7).line, "dl:{7}:room:line");
+        assert_eq!(keys.room(7).stock, keys.event(7).stock, "the room reads its event's stock");
         assert_eq!(keys.intent(Uuid::nil()), "dl:intent:00000000-0000-0000-0000-000000000000");
         let record = keys.idempotency("amy", "k1");
         assert!(record.starts_with("dl:idem:") && record.len() == "dl:idem:".len() + 36, "{record}");

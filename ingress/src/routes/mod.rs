@@ -5,6 +5,7 @@
 mod events;
 mod orders;
 mod purchases;
+mod rooms;
 mod webhooks;
 
 use std::sync::Arc;
@@ -12,7 +13,7 @@ use std::time::Duration;
 
 use axum::error_handling::HandleErrorLayer;
 use axum::middleware;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::Router;
 use tower::ServiceBuilder;
 
@@ -44,12 +45,16 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/events", get(events::list).layer(search))
         .route("/v1/events/{event_id}", get(events::get_one))
         .route("/v1/events/{event_id}/purchases", post(purchases::create).layer(in_flight).route_layer(purchases))
+        .route("/v1/events/{event_id}/waiting-room", get(rooms::get_one))
+        .route("/v1/events/{event_id}/waiting-room/draw", get(rooms::draw))
+        .route("/v1/events/{event_id}/queue", post(rooms::join).get(rooms::standing))
         .route("/v1/intents/{intent_id}", get(purchases::status))
         .route("/v1/orders/{order_id}", get(orders::get_one))
         .route("/v1/orders/{order_id}/cancel", post(orders::cancel))
         .route("/v1/orders/{order_id}/payments", post(orders::start_payment))
         .route("/v1/admin/events", post(events::create))
         .route("/v1/admin/events/{event_id}/prewarm", post(events::prewarm))
+        .route("/v1/admin/events/{event_id}/waiting-room", put(rooms::set).patch(rooms::change))
         .route("/v1/webhooks/payments", post(webhooks::payment).route_layer(webhooks))
         .fallback(|| async { Problem::new(ErrorCode::NotFound) })
         .method_not_allowed_fallback(|| async { Problem::new(ErrorCode::MethodNotAllowed) })

@@ -14,14 +14,16 @@ use dropline::stock::{DoorOutcome, LedgerError, Verdict};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::extract::{Buyer, EventId, IdempotencyKey, IntentId, JsonBody};
+use crate::extract::{AdmissionToken, Buyer, EventId, IdempotencyKey, IntentId, JsonBody};
 use crate::intents::{intent_id, IntentRecord, KeyClaim, KeyRecord, KeyState, Settled, StoredRefusal};
 use crate::layers::{Counter, Outcome, RequestId};
 use crate::metrics::PURCHASES;
 use crate::orders::{not_ready, Lookup, OrderView};
 use crate::problem::{ErrorCode, Problem};
 use crate::record;
+use crate::rooms::WaitingRooms;
 use crate::state::AppState;
+use dropline::auth::AdmissionClaims;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -49,6 +51,7 @@ fn refused_as(code: ErrorCode) -> &'static str {
         ErrorCode::SoldOut => "sold_out",
         ErrorCode::SaleNotOpen => "sale_not_open",
         ErrorCode::SaleClosed => "sale_closed",
+        ErrorCode::AdmissionRequired | ErrorCode::AdmissionInvalid | ErrorCode::TurnLapsed => "no_admission",
         ErrorCode::BrokerUnavailable | ErrorCode::DependencyUnavailable => "unavailable",
         ErrorCode::IdempotencyInProgress => "in_progress",
         _ => "invalid",
@@ -60,6 +63,7 @@ pub async fn create(
     Buyer(claims): Buyer,
     EventId(event_id): EventId,
     IdempotencyKey(key): IdempotencyKey,
+    AdmissionToken(admission): AdmissionToken,
     RequestId(ref request_id): RequestId,
     JsonBody(request): JsonBody<PurchaseRequest>,
 ) -> Result<Response, Problem> {
@@ -69,6 +73,12 @@ pub async fn create(
         return Err(Problem::new(ErrorCode::InvalidBody)
             .errors(vec![format!("quantity: must be 1 to {} for this event", event.terms.per_user_limit)]));
     }
+
+    // An event with a waiting room sells only to buyers whose turn it is.
+    let turn = match app.rooms.get(event_id).await? {
+        Some(_) => Some(app.rooms.admission(admission.as_deref(), event_id, &claims.sub)?),
+        None => None,
+    };
 
     app.limits.admit(&claims.sub).map_err(|r| Problem::new(ErrorCode::RateLimited).retry_after(r.retry_after_secs))?;
 
@@ -97,7 +107,7 @@ pub async fn create(
             (owner, false)
         }
     };
-    match decide(&app, &key, &owner, id, &intent, &event, fresh, request_id).await {
+    match decide(&app, &key, &owner, id, &intent, &event, fresh, turn.as_ref(), request_id).await {
         Ok(answer) => answer,
         Err(problem) => {
             // No final answer, and the intent may have reached the broker:
@@ -122,12 +132,18 @@ async fn decide(
     intent: &IntentRecord,
     event: &crate::events::Event,
     fresh: bool,
+    turn: Option<&AdmissionClaims>,
     request_id: &str,
 ) -> Result<Result<Response, Problem>, Problem> {
     // Cheap answers at the door, for new keys only. The allocator decides
     // for real; these spare it (and the buyer) a round trip that cannot
     // succeed.
     if fresh {
+        // A turn that ran out is no final answer: the key is given back, so
+        // the buyer can retry with a new turn.
+        if let Some(turn) = turn {
+            WaitingRooms::in_time(turn)?;
+        }
         if let Err(refused) = door(app, event, intent.event_id).await {
             if let Some(answer) = refuse(app, key, owner, id, intent, refused).await? {
                 return Ok(answer);
@@ -147,6 +163,9 @@ async fn decide(
         // record. If it stays busy, a retry takes it over once the lease
         // runs out, produces again, and is told 202 too.
         Err(e) => tracing::warn!(error = %e, %id, "could not record an accepted purchase; answering anyway"),
+    }
+    if let Some(turn) = turn {
+        app.rooms.used(turn).await;
     }
     Ok(Ok(Outcome("admitted").mark(accepted(id, intent))))
 }

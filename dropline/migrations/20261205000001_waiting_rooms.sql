@@ -1,0 +1,17 @@
+-- An event's waiting room: its settings, the seed of its draw and what the
+-- draw published. The line itself lives in Redis (see dropline::room); this
+-- row keeps the room's terms and the draw's commitments on the record.
+CREATE TABLE IF NOT EXISTS waiting_rooms (
+    event_id           BIGINT UNSIGNED NOT NULL PRIMARY KEY,
+    prequeue_opens_at  DATETIME(3)     NOT NULL,
+    outflow_per_sec    INT UNSIGNED    NOT NULL,
+    time_to_act_secs   INT UNSIGNED    NOT NULL,
+    -- Secret until the draw; its SHA-256 is published from the start.
+    seed               BINARY(32)      NOT NULL,
+    seed_commitment    CHAR(64) CHARACTER SET ascii NOT NULL,
+    list_hash          CHAR(64) CHARACTER SET ascii NULL,
+    entrants           INT UNSIGNED    NULL,
+    drawn_at           DATETIME(3)     NULL,
+    created_at         DATETIME(3)     NOT NULL DEFAULT CURRENT_TIMESTAMP(3),
+    CONSTRAINT waiting_rooms_event FOREIGN KEY (event_id) REFERENCES events (id)
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4;

@@ -1,0 +1,22 @@
+-- Sets up a waiting room, once: a second call (another replica, a retry, the
+-- keeper restoring a room) leaves the first one as it is.
+--
+-- ARGV prequeue_ms, opens_ms, closes_ms, outflow, tta_ms, retain_ms
+-- Returns 1 when the room was created, 0 when it existed.
+if redis.call('EXISTS', conf) == 1 then
+  return 0
+end
+redis.call('HSET', conf,
+  'state', 'prequeue',
+  'prequeue_ms', ARGV[1],
+  'opens_ms', ARGV[2],
+  'closes_ms', ARGV[3],
+  'outflow', ARGV[4],
+  'tta_ms', ARGV[5],
+  'retain_ms', ARGV[6],
+  'next_pos', 0,
+  'serving', 0,
+  'last_ms', 0,
+  'carry', 0)
+redis.call('PEXPIREAT', conf, ARGV[6])
+return 1

@@ -1,0 +1,293 @@
+//! Waiting rooms as the ingress runs them: their terms on the record, a
+//! short cache for the purchase path, admission tokens, and the keeper that
+//! draws each room at its opening and lets buyers through.
+//!
+//! The line itself is in Redis ([`dropline::room`]): every replica runs a
+//! keeper, and the scripts make their work add up to one room's, whichever
+//! replica does it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Datelike, Utc};
+use dropline::auth::{AdmissionClaims, AdmissionKeys};
+use dropline::room::{RoomError, RoomSettings, Rooms};
+use moka::future::Cache;
+use serde::Deserialize;
+use sqlx::MySqlPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{ROOM_DRAWS, ROOM_TURNS};
+use crate::problem::{ErrorCode, Problem};
+use crate::record::{self, RoomRow};
+
+/// How long a room (or its absence) is cached for the purchase path.
+const CACHE_TTL: Duration = Duration::from_secs(1);
+
+/// How long before the opening a room must be set: every replica's cache
+/// must know of it before a purchase can be made.
+pub const SET_BEFORE_OPENING: Duration = Duration::from_secs(5);
+
+/// How often each replica's keeper lets buyers through, and how often it
+/// reads which rooms are live.
+const TICK: Duration = Duration::from_millis(100);
+const REFRESH: Duration = Duration::from_secs(1);
+
+/// Longest time to act.
+pub const MAX_TIME_TO_ACT_SECS: u32 = 3600;
+pub const MAX_OUTFLOW_PER_SEC: u32 = 100_000;
+
+/// How long Redis keeps a room after its sale closed.
+const RETENTION_MS: i64 = 7 * 24 * 3600 * 1000;
+
+/// An admin's request to give an event a waiting room.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RoomTerms {
+    /// When buyers may start joining, at or before the sale's opening.
+    pub prequeue_opens_at: DateTime<Utc>,
+    /// Buyers let through per second.
+    pub outflow_per_sec: u32,
+    /// How long an admitted buyer has to buy.
+    pub time_to_act_secs: u32,
+}
+
+impl RoomTerms {
+    /// The terms as the record keeps them: times to the millisecond.
+    pub fn as_recorded(mut self) -> Self {
+        use chrono::SubsecRound;
+        self.prequeue_opens_at = self.prequeue_opens_at.trunc_subsecs(3);
+        self
+    }
+
+    /// Every reason these terms do not fit an event opening at `sale_opens_at`.
+    pub fn problems(&self, sale_opens_at: DateTime<Utc>) -> Vec<String> {
+        let mut p = Vec::new();
+        if !(2000..=9998).contains(&self.prequeue_opens_at.year()) {
+            p.push("prequeue_opens_at: must be in the years 2000 to 9998".into());
+        } else if self.prequeue_opens_at > sale_opens_at {
+            p.push("prequeue_opens_at: must be at or before the sale's opening".into());
+        }
+        if self.outflow_per_sec == 0 || self.outflow_per_sec > MAX_OUTFLOW_PER_SEC {
+            p.push(format!("outflow_per_sec: must be 1 to {MAX_OUTFLOW_PER_SEC}"));
+        }
+        if self.time_to_act_secs == 0 || self.time_to_act_secs > MAX_TIME_TO_ACT_SECS {
+            p.push(format!("time_to_act_secs: must be 1 to {MAX_TIME_TO_ACT_SECS}"));
+        }
+        p
+    }
+}
+
+/// A change to a room during its sale.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoomChange {
+    pub outflow_per_sec: u32,
+}
+
+impl RoomRow {
+    pub fn terms(&self) -> RoomTerms {
+        RoomTerms {
+            prequeue_opens_at: self.prequeue_opens_at,
+            outflow_per_sec: self.outflow_per_sec,
+            time_to_act_secs: self.time_to_act_secs,
+        }
+    }
+
+    pub fn settings(&self) -> RoomSettings {
+        let closes = self.sale_closes_at.timestamp_millis();
+        RoomSettings {
+            prequeue_opens_ms: self.prequeue_opens_at.timestamp_millis(),
+            sale_opens_ms: self.sale_opens_at.timestamp_millis(),
+            sale_closes_ms: closes,
+            outflow_per_sec: self.outflow_per_sec,
+            time_to_act_ms: u64::from(self.time_to_act_secs) * 1000,
+            retain_until_ms: closes + i64::from(MAX_TIME_TO_ACT_SECS) * 1000 + RETENTION_MS,
+        }
+    }
+}
+
+/// The ingress's view of every waiting room.
+#[derive(Clone)]
+pub struct WaitingRooms {
+    db: MySqlPool,
+    pub live: Rooms,
+    pub admissions: AdmissionKeys,
+    cache: Cache<u64, Option<Arc<RoomRow>>>,
+}
+
+impl WaitingRooms {
+    pub fn new(db: MySqlPool, live: Rooms, admissions: AdmissionKeys) -> Self {
+        let cache = Cache::builder().max_capacity(100_000).time_to_live(CACHE_TTL).build();
+        Self { db, live, admissions, cache }
+    }
+
+    /// An event's room, from the cache when fresh.
+    pub async fn get(&self, event_id: u64) -> Result<Option<Arc<RoomRow>>, Problem> {
+        self.cache
+            .try_get_with(event_id, async { Ok(record::room(&self.db, event_id).await?.map(Arc::new)) })
+            .await
+            .map_err(|e: Arc<sqlx::Error>| Problem::unavailable("mysql", &e))
+    }
+
+    /// An event's room, from the record.
+    pub async fn load(&self, event_id: u64) -> Result<Option<RoomRow>, Problem> {
+        record::room(&self.db, event_id).await.map_err(|e| Problem::unavailable("mysql", &e))
+    }
+
+    /// Gives an event a room with a fresh seed. The same terms again are
+    /// the same room (a retried request); other terms are refused.
+    pub async fn create(&self, event_id: u64, terms: &RoomTerms) -> Result<(RoomRow, bool), Problem> {
+        let seed = dropline::room::draw::new_seed();
+        let mysql = |e: sqlx::Error| Problem::unavailable("mysql", &e);
+        let created = record::insert_room(
+            &self.db,
+            event_id,
+            terms.prequeue_opens_at,
+            terms.outflow_per_sec,
+            terms.time_to_act_secs,
+            &seed,
+        )
+        .await
+        .map_err(mysql)?;
+        let row = record::room(&self.db, event_id).await.map_err(mysql)?.ok_or(ErrorCode::Internal)?;
+        if !created && row.terms() != *terms {
+            return Err(Problem::new(ErrorCode::WaitingRoomExists).detail(
+                "change the outflow with PATCH; the pre-queue's opening and the time to act are fixed once set",
+            ));
+        }
+        self.live.open(event_id, &row.settings()).await.map_err(|e| Problem::unavailable("redis", &e))?;
+        self.cache.invalidate(&event_id).await;
+        Ok((row, created))
+    }
+
+    pub async fn set_outflow(&self, event_id: u64, per_sec: u32) -> Result<(), Problem> {
+        if !record::set_room_outflow(&self.db, event_id, per_sec)
+            .await
+            .map_err(|e| Problem::unavailable("mysql", &e))?
+        {
+            return Err(ErrorCode::NoWaitingRoom.into());
+        }
+        // A room missing from Redis is put back by the keepers, from the
+        // record, with the new outflow.
+        self.live.set_outflow(event_id, per_sec).await.map_err(|e| Problem::unavailable("redis", &e))?;
+        self.cache.invalidate(&event_id).await;
+        Ok(())
+    }
+
+    /// Checks a purchase's admission to `event_id` for `user`: the token's
+    /// signature, event and buyer always; the end of the turn only when
+    /// `in_time` is asked (a retry of a purchase accepted in time is not).
+    pub fn admission(&self, token: Option<&str>, event_id: u64, user: &str) -> Result<AdmissionClaims, Problem> {
+        let token = token.ok_or_else(|| {
+            Problem::new(ErrorCode::AdmissionRequired)
+                .detail(format!("join with POST /v1/events/{event_id}/queue and buy once it says you are admitted"))
+        })?;
+        let claims = self
+            .admissions
+            .verify(token)
+            .map_err(|e| Problem::new(ErrorCode::AdmissionInvalid).detail(e.to_string()))?;
+        if claims.event_id != event_id {
+            return Err(Problem::new(ErrorCode::AdmissionInvalid).detail("the token is for another event"));
+        }
+        if claims.sub != user {
+            return Err(Problem::new(ErrorCode::AdmissionInvalid).detail("the token is another buyer's"));
+        }
+        Ok(claims)
+    }
+
+    /// The turn of `claims` is still open.
+    pub fn in_time(claims: &AdmissionClaims) -> Result<(), Problem> {
+        if Utc::now().timestamp() >= claims.exp {
+            return Err(ErrorCode::TurnLapsed.into());
+        }
+        Ok(())
+    }
+
+    /// A purchase with `claims` was accepted: the turn is used.
+    pub async fn used(&self, claims: &AdmissionClaims) {
+        match self.live.used(claims.event_id, claims.ticket).await {
+            Ok(true) => metrics::counter!(ROOM_TURNS.name, "result" => "used").increment(1),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, event_id = claims.event_id, "could not end a used turn; it lapses"),
+        }
+    }
+}
+
+/// Runs this replica's keeper until shutdown: every tick, each live room
+/// is drawn once its sale opens, and lets its next buyers through.
+pub async fn keep(rooms: WaitingRooms, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut live: Vec<RoomRow> = Vec::new();
+    let mut refreshed: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if refreshed.is_none_or(|at| at.elapsed() >= REFRESH) {
+            match refresh(&rooms).await {
+                Ok(rows) => live = rows,
+                Err(e) => tracing::warn!(error = %e, "could not read the live waiting rooms"),
+            }
+            refreshed = Some(tokio::time::Instant::now());
+        }
+        for room in &mut live {
+            if let Err(e) = keep_one(&rooms, room).await {
+                tracing::warn!(error = %e, event_id = room.event_id, "waiting room step failed; retried next tick");
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum KeepError {
+    #[error(transparent)]
+    Room(#[from] RoomError),
+    #[error("mysql: {0}")]
+    Mysql(#[from] sqlx::Error),
+}
+
+/// The live rooms, each made sure of in Redis (a room Redis lost comes back
+/// empty, with its terms).
+async fn refresh(rooms: &WaitingRooms) -> Result<Vec<RoomRow>, KeepError> {
+    let rows = record::live_rooms(&rooms.db).await?;
+    for row in &rows {
+        if rooms.live.open(row.event_id, &row.settings()).await? {
+            tracing::warn!(event_id = row.event_id, "waiting room set up in redis from the record");
+        }
+        rooms.live.set_outflow(row.event_id, row.outflow_per_sec).await?;
+    }
+    Ok(rows)
+}
+
+async fn keep_one(rooms: &WaitingRooms, room: &mut RoomRow) -> Result<(), KeepError> {
+    let now = Utc::now();
+    if now < room.sale_opens_at {
+        return Ok(());
+    }
+    let id = room.event_id;
+    if room.drawn_at.is_none() {
+        if let Some(order) = rooms.live.draw_if_due(id, &room.seed, now.timestamp_millis()).await? {
+            metrics::counter!(ROOM_DRAWS.name).increment(1);
+            tracing::info!(event_id = id, entrants = order.len(), "waiting room drawn");
+        }
+        // Whoever drew, the record takes what Redis published (once).
+        if let Some(summary) = rooms.live.summary(id).await? {
+            if let (Some(hash), Some(n), Some(ms)) = (&summary.list_hash, summary.entrants, summary.drawn_ms) {
+                let at = DateTime::from_timestamp_millis(ms).unwrap_or(now);
+                record::record_draw(&rooms.db, id, hash, n, at).await?;
+                room.drawn_at = Some(at);
+            }
+        }
+    }
+    let step = rooms.live.advance(id, Utc::now().timestamp_millis()).await?;
+    if step.admitted > 0 {
+        metrics::counter!(ROOM_TURNS.name, "result" => "admitted").increment(step.admitted);
+    }
+    if step.lapsed > 0 {
+        metrics::counter!(ROOM_TURNS.name, "result" => "lapsed").increment(step.lapsed);
+    }
+    Ok(())
+}

@@ -1,0 +1,349 @@
+//! Waiting rooms against the real Redis, MariaDB and broker: a pre-queue
+//! drawn at the opening and checked against its published seed, buyers let
+//! through in drawn order while stock remains, turns that run out, the
+//! purchase path refusing whoever has no turn, and bad input on every new
+//! endpoint.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::Ingress;
+use dropline::room::draw::{self, PublishedDraw};
+use dropline_testkit::{event_body, eventually, http, refused};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+/// Seconds from now to a sale's opening: the room must be set at least 5 s
+/// before it.
+const OPENS_IN: i64 = 7;
+
+/// An event opening in [`OPENS_IN`] s with a room whose pre-queue is open.
+async fn event_with_room(stack: &Ingress, capacity: u32, outflow: u32, time_to_act: u32) -> u64 {
+    let mut body = event_body(OPENS_IN);
+    body["capacity"] = json!(capacity);
+    body["per_user_limit"] = json!(1);
+    let event = stack.create_event(&body).await;
+    let room = json!({
+        "prequeue_opens_at": chrono::Utc::now() - chrono::Duration::seconds(1),
+        "outflow_per_sec": outflow,
+        "time_to_act_secs": time_to_act,
+    });
+    let r = set_room(stack, event, &room).await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    event
+}
+
+async fn set_room(stack: &Ingress, event: u64, room: &Value) -> reqwest::Response {
+    http()
+        .put(format!("{}/v1/admin/events/{event}/waiting-room", stack.api))
+        .bearer_auth(stack.admin_token())
+        .json(room)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn get_json(req: reqwest::RequestBuilder) -> (StatusCode, Value) {
+    let r = req.send().await.unwrap();
+    let status = r.status();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn join(stack: &Ingress, event: u64, user: &str) -> (StatusCode, Value) {
+    get_json(http().post(format!("{}/v1/events/{event}/queue", stack.api)).bearer_auth(stack.token(user))).await
+}
+
+async fn standing(stack: &Ingress, event: u64, user: &str) -> Value {
+    let (status, body) =
+        get_json(http().get(format!("{}/v1/events/{event}/queue", stack.api)).bearer_auth(stack.token(user))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body
+}
+
+async fn room(stack: &Ingress, event: u64) -> Value {
+    let (status, body) = get_json(http().get(format!("{}/v1/events/{event}/waiting-room", stack.api))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body
+}
+
+fn purchase(stack: &Ingress, event: u64, user: &str, key: &str, admission: Option<&str>) -> reqwest::RequestBuilder {
+    let req = stack.purchase(&http(), event, user, key);
+    match admission {
+        Some(token) => req.header("dropline-admission", token),
+        None => req,
+    }
+}
+
+/// Waits until `user` is admitted; their admission token.
+async fn admitted(stack: &Ingress, event: u64, user: &str) -> String {
+    eventually(&format!("{user} admitted"), Duration::from_secs(30), || async {
+        let s = standing(stack, event, user).await;
+        (s["status"] == "admitted").then(|| s["admission_token"].as_str().unwrap().to_owned())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pre_queue_is_drawn_verifiably_and_let_through_in_drawn_order_while_stock_remains() {
+    const BUYERS: usize = 40;
+    const CAPACITY: u64 = 5;
+    let stack = Ingress::start(&[]).await;
+    let event = event_with_room(&stack, CAPACITY as u32, 50, 60).await;
+    let before = room(&stack, event).await;
+    assert_eq!(before["phase"], "pre_queue", "{before}");
+    let commitment = before["seed_commitment"].as_str().unwrap().to_owned();
+    assert!(before.get("seed").is_none(), "the seed is secret until the draw: {before}");
+
+    let users: Vec<String> = (0..BUYERS).map(|i| format!("fan-{i}")).collect();
+    let mut tickets = HashMap::new();
+    for user in &users {
+        let (status, body) = join(&stack, event, user).await;
+        assert_eq!((status, body["status"].as_str()), (StatusCode::CREATED, Some("pre_queue")), "{body}");
+        tickets.insert(user.clone(), body["ticket_id"].as_str().unwrap().parse::<Uuid>().unwrap());
+    }
+    // Joining again is the same ticket.
+    let (status, again) = join(&stack, event, &users[0]).await;
+    assert_eq!((status, again["ticket_id"].as_str()), (StatusCode::OK, Some(tickets[&users[0]].to_string().as_str())));
+    assert_eq!(room(&stack, event).await["pre_queue"], BUYERS);
+    refused(
+        http().get(format!("{}/v1/events/{event}/waiting-room/draw", stack.api)),
+        StatusCode::CONFLICT,
+        "draw_not_done",
+    )
+    .await;
+    // No turn, no purchase: the queue cannot be bypassed.
+    refused(purchase(&stack, event, &users[0], "early", None), StatusCode::FORBIDDEN, "admission_required").await;
+
+    // The opening: the draw is published and checks out.
+    let published: PublishedDraw = eventually("the draw", Duration::from_secs(20), || async {
+        let r = http().get(format!("{}/v1/events/{event}/waiting-room/draw", stack.api)).send().await.unwrap();
+        if r.status() == StatusCode::OK {
+            Some(r.json().await.unwrap())
+        } else {
+            None
+        }
+    })
+    .await;
+    assert_eq!(draw::verify(&published), Ok(()));
+    assert_eq!(published.seed_commitment, commitment, "the commitment published before the pre-queue");
+    let mut drawn = published.order.clone();
+    drawn.sort_unstable();
+    let mut joined: Vec<Uuid> = tickets.values().copied().collect();
+    joined.sort_unstable();
+    assert_eq!(drawn, joined, "the draw covers exactly the pre-queue");
+    assert_eq!(published.list_hash, draw::list_hash(&joined), "a buyer can check their ticket is in the list");
+    let after = room(&stack, event).await;
+    assert_eq!(
+        (after["list_hash"].as_str(), after["entrants"].as_u64()),
+        (Some(published.list_hash.as_str()), Some(BUYERS as u64))
+    );
+
+    // Every buyer's place is their place in the published order.
+    let place_of: HashMap<Uuid, u64> = published.order.iter().enumerate().map(|(i, t)| (*t, i as u64 + 1)).collect();
+    let by_place: Vec<&String> = {
+        let mut v: Vec<&String> = users.iter().collect();
+        v.sort_by_key(|u| place_of[&tickets[*u]]);
+        v
+    };
+
+    // A late arrival goes to the back.
+    let (status, late) = join(&stack, event, "late-fan").await;
+    assert_eq!(status, StatusCode::CREATED, "{late}");
+    assert_eq!(late["place"], BUYERS as u64 + 1, "{late}");
+
+    // Buyers are let through in drawn order, no more at once than the
+    // stock: the first five, and never the sixth while they hold it.
+    let first_five = eventually("five turns given", Duration::from_secs(20), || async {
+        let r = room(&stack, event).await;
+        assert!(r["now_serving"].as_u64().unwrap() <= CAPACITY, "more turns than units: {r}");
+        (r["now_serving"] == CAPACITY).then_some(r)
+    })
+    .await;
+    for (i, user) in by_place.iter().enumerate() {
+        let s = standing(&stack, event, user).await;
+        assert_eq!(s["place"], i as u64 + 1, "{s}");
+        let expected = if (i as u64) < CAPACITY { "admitted" } else { "waiting" };
+        assert_eq!(s["status"], expected, "{user} at place {}: {s} (room {first_five})", i + 1);
+        if expected == "waiting" {
+            assert_eq!(s["ahead"], i as u64 - CAPACITY, "{s}");
+            assert!(s["estimated_wait_secs"].as_u64().is_some(), "{s}");
+        }
+    }
+
+    // The first buyer buys with their turn; others' and forged turns fail.
+    let first = by_place[0];
+    let token = admitted(&stack, event, first).await;
+    let second_token = admitted(&stack, event, by_place[1]).await;
+    refused(purchase(&stack, event, first, "theirs", Some(&second_token)), StatusCode::FORBIDDEN, "admission_invalid")
+        .await;
+    let forged = format!("{}x", &token[..token.len() - 1]);
+    refused(purchase(&stack, event, first, "forged", Some(&forged)), StatusCode::FORBIDDEN, "admission_invalid").await;
+    refused(purchase(&stack, event, first, "no-turn", None), StatusCode::FORBIDDEN, "admission_required").await;
+    let bought = purchase(&stack, event, first, "mine", Some(&token)).send().await.unwrap();
+    assert_eq!(bought.status(), StatusCode::ACCEPTED);
+    let again = purchase(&stack, event, first, "mine", Some(&token)).send().await.unwrap();
+    assert_eq!(again.status(), StatusCode::ACCEPTED, "a retry with the key is answered the same");
+    assert_eq!(standing(&stack, event, first).await["status"], "purchased");
+
+    // The used turn frees its place: the sixth is let through.
+    let sixth = by_place[CAPACITY as usize];
+    admitted(&stack, event, sixth).await;
+    assert_eq!(room(&stack, event).await["now_serving"], CAPACITY + 1);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_not_taken_in_time_lapses_and_the_next_buyer_gets_it() {
+    let stack = Ingress::start(&[]).await;
+    let event = event_with_room(&stack, 1, 10, 2).await;
+    for user in ["ann", "ben", "cat"] {
+        assert_eq!(join(&stack, event, user).await.0, StatusCode::CREATED);
+    }
+    let published: PublishedDraw = eventually("the draw", Duration::from_secs(20), || async {
+        let r = http().get(format!("{}/v1/events/{event}/waiting-room/draw", stack.api)).send().await.unwrap();
+        if r.status() == StatusCode::OK {
+            Some(r.json().await.unwrap())
+        } else {
+            None
+        }
+    })
+    .await;
+    let mut ticket_of = HashMap::new();
+    for user in ["ann", "ben", "cat"] {
+        ticket_of
+            .insert(standing(&stack, event, user).await["ticket_id"].as_str().unwrap().parse::<Uuid>().unwrap(), user);
+    }
+    let order: Vec<&str> = published.order.iter().map(|t| ticket_of[t]).collect();
+
+    // One unit: one turn at a time. The first lets it run out.
+    let token = admitted(&stack, event, order[0]).await;
+    let last_ahead = std::cell::Cell::new(u64::MAX);
+    let next = eventually("the second buyer's turn", Duration::from_secs(20), || async {
+        let s = standing(&stack, event, order[1]).await;
+        if let Some(ahead) = s["ahead"].as_u64() {
+            assert!(ahead <= last_ahead.get(), "a place went backwards: {s}");
+            last_ahead.set(ahead);
+        }
+        (s["status"] == "admitted").then_some(s)
+    })
+    .await;
+    // Read at once: the second's turn lasts 2 s.
+    assert_eq!(standing(&stack, event, order[2]).await["status"], "waiting");
+    assert!(next["turn_ends_at"].is_string(), "{next}");
+    assert_eq!(standing(&stack, event, order[0]).await["status"], "lapsed");
+    refused(purchase(&stack, event, order[0], "late", Some(&token)), StatusCode::FORBIDDEN, "turn_lapsed").await;
+
+    // Who lost their turn may join again, at the back.
+    let (status, rejoined) = join(&stack, event, order[0]).await;
+    assert_eq!(status, StatusCode::CREATED, "{rejoined}");
+    assert_eq!(rejoined["place"], 4, "{rejoined}");
+    let first_ticket = published.order[0].to_string();
+    assert_ne!(rejoined["ticket_id"].as_str(), Some(first_ticket.as_str()), "a new ticket: {rejoined}");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_to_the_room_endpoints_are_refused_and_change_nothing() {
+    let stack = Ingress::start(&[]).await;
+    let api = stack.api.clone();
+    let mut body = event_body(60);
+    body["capacity"] = json!(3);
+    let event = stack.create_event(&body).await;
+    let put = |room: Value| {
+        http().put(format!("{api}/v1/admin/events/{event}/waiting-room")).bearer_auth(stack.admin_token()).json(&room)
+    };
+    let valid = json!({
+        "prequeue_opens_at": chrono::Utc::now() + chrono::Duration::seconds(30),
+        "outflow_per_sec": 100, "time_to_act_secs": 120,
+    });
+
+    // Nothing set yet.
+    refused(http().get(format!("{api}/v1/events/{event}/waiting-room")), StatusCode::NOT_FOUND, "no_waiting_room")
+        .await;
+    refused(
+        http().post(format!("{api}/v1/events/{event}/queue")).bearer_auth(stack.token("amy")),
+        StatusCode::NOT_FOUND,
+        "no_waiting_room",
+    )
+    .await;
+    refused(http().get(format!("{api}/v1/events/999999999/waiting-room")), StatusCode::NOT_FOUND, "event_not_found")
+        .await;
+
+    // Bad terms, each named.
+    let mut bad = valid.clone();
+    bad["outflow_per_sec"] = json!(0);
+    bad["time_to_act_secs"] = json!(0);
+    bad["prequeue_opens_at"] = json!(chrono::Utc::now() + chrono::Duration::seconds(120));
+    let answer = refused(put(bad), StatusCode::BAD_REQUEST, "invalid_body").await;
+    assert_eq!(answer["errors"].as_array().unwrap().len(), 3, "{answer}");
+    let mut unknown = valid.clone();
+    unknown["seed"] = json!("00");
+    refused(put(unknown), StatusCode::UNPROCESSABLE_ENTITY, "invalid_body_shape").await;
+    refused(put(json!({"outflow_per_sec": "fast"})), StatusCode::UNPROCESSABLE_ENTITY, "invalid_body_shape").await;
+    refused(
+        http().put(format!("{api}/v1/admin/events/{event}/waiting-room")).bearer_auth(stack.token("amy")).json(&valid),
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    )
+    .await;
+    refused(http().get(format!("{api}/v1/events/{event}/waiting-room")), StatusCode::NOT_FOUND, "no_waiting_room")
+        .await;
+
+    // Set, idempotently; other terms are refused.
+    assert_eq!(put(valid.clone()).send().await.unwrap().status(), StatusCode::CREATED);
+    assert_eq!(put(valid.clone()).send().await.unwrap().status(), StatusCode::OK);
+    let mut other = valid.clone();
+    other["time_to_act_secs"] = json!(30);
+    refused(put(other), StatusCode::CONFLICT, "waiting_room_exists").await;
+
+    // The pre-queue is not open yet; nobody is in it.
+    refused(
+        http().post(format!("{api}/v1/events/{event}/queue")).bearer_auth(stack.token("amy")),
+        StatusCode::CONFLICT,
+        "queue_not_open",
+    )
+    .await;
+    refused(
+        http().get(format!("{api}/v1/events/{event}/queue")).bearer_auth(stack.token("amy")),
+        StatusCode::NOT_FOUND,
+        "not_in_queue",
+    )
+    .await;
+    refused(http().post(format!("{api}/v1/events/{event}/queue")), StatusCode::UNAUTHORIZED, "unauthorized").await;
+
+    // The outflow changes; nothing else does, and a bad one is refused.
+    let patch = |change: Value| {
+        http()
+            .patch(format!("{api}/v1/admin/events/{event}/waiting-room"))
+            .bearer_auth(stack.admin_token())
+            .json(&change)
+    };
+    refused(patch(json!({"outflow_per_sec": 0})), StatusCode::BAD_REQUEST, "invalid_body").await;
+    refused(patch(json!({"time_to_act_secs": 5})), StatusCode::UNPROCESSABLE_ENTITY, "invalid_body_shape").await;
+    let (status, changed) = get_json(patch(json!({"outflow_per_sec": 7}))).await;
+    assert_eq!((status, changed["outflow_per_sec"].as_u64()), (StatusCode::OK, Some(7)), "{changed}");
+    let now = room(&stack, event).await;
+    assert_eq!((now["outflow_per_sec"].as_u64(), now["time_to_act_secs"].as_u64()), (Some(7), Some(120)), "{now}");
+
+    // Too late: an event already on sale cannot get a room.
+    let on_sale = stack.create_event(&event_body(-5)).await;
+    let late = http()
+        .put(format!("{api}/v1/admin/events/{on_sale}/waiting-room"))
+        .bearer_auth(stack.admin_token())
+        .json(&json!({"prequeue_opens_at": chrono::Utc::now() - chrono::Duration::seconds(60), "outflow_per_sec": 1, "time_to_act_secs": 1}));
+    refused(late, StatusCode::CONFLICT, "waiting_room_too_late").await;
+    // ... and sells as before, no admission needed.
+    let r = stack.purchase(&http(), on_sale, "amy", "k1").send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    // A malformed admission header is refused as such.
+    refused(
+        stack.purchase(&http(), event, "amy", "k2").header("dropline-admission", "a b"),
+        StatusCode::BAD_REQUEST,
+        "invalid_header",
+    )
+    .await;
+    stack.stop().await;
+}
