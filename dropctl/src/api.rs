@@ -107,14 +107,29 @@ impl Api {
     }
 
     pub async fn purchase(&self, token: &str, event_id: u64, key: &str, quantity: u32) -> anyhow::Result<Purchase> {
-        let r = self
+        self.purchase_in_turn(token, event_id, key, quantity, None).await
+    }
+
+    /// A purchase, with the buyer's waiting-room admission when the event
+    /// has a room.
+    pub async fn purchase_in_turn(
+        &self,
+        token: &str,
+        event_id: u64,
+        key: &str,
+        quantity: u32,
+        admission: Option<&str>,
+    ) -> anyhow::Result<Purchase> {
+        let mut request = self
             .http
             .post(format!("{}/v1/events/{event_id}/purchases", self.base))
             .bearer_auth(token)
             .header("idempotency-key", key)
-            .json(&json!({ "quantity": quantity }))
-            .send()
-            .await?;
+            .json(&json!({ "quantity": quantity }));
+        if let Some(admission) = admission {
+            request = request.header("dropline-admission", admission);
+        }
+        let r = request.send().await?;
         let status = r.status();
         let retry_after = retry_after_header(&r);
         let body: Value = r.json().await.context("purchase answer is not JSON")?;
@@ -129,6 +144,8 @@ impl Api {
                 Ok(Purchase::RetryAfter(retry_after.unwrap_or(Duration::from_secs(1))))
             }
             StatusCode::CONFLICT => Ok(Purchase::Refused(body["code"].as_str().unwrap_or("conflict").to_owned())),
+            // The turn ran out before the purchase was made.
+            StatusCode::FORBIDDEN if body["code"] == "turn_lapsed" => Ok(Purchase::Refused("turn_lapsed".into())),
             _ => bail!("purchase answered {status}: {body}"),
         }
     }
@@ -224,4 +241,70 @@ impl Api {
         }
         Ok(r.json().await?)
     }
+
+    /// Gives an event a waiting room whose pre-queue opens now.
+    pub async fn set_room(
+        &self,
+        admin_token: &str,
+        event_id: u64,
+        outflow_per_sec: u32,
+        time_to_act_secs: u32,
+    ) -> anyhow::Result<Value> {
+        let r = self
+            .http
+            .put(format!("{}/v1/admin/events/{event_id}/waiting-room", self.base))
+            .bearer_auth(admin_token)
+            .json(&json!({
+                "prequeue_opens_at": chrono::Utc::now(),
+                "outflow_per_sec": outflow_per_sec,
+                "time_to_act_secs": time_to_act_secs,
+            }))
+            .send()
+            .await?;
+        let status = r.status();
+        let body: Value = r.json().await?;
+        if !status.is_success() {
+            bail!("setting the waiting room failed: {status} {body}");
+        }
+        Ok(body)
+    }
+
+    /// Joins an event's waiting room (or gets one's ticket back).
+    pub async fn join(&self, token: &str, event_id: u64) -> anyhow::Result<Ticket> {
+        let r = self.http.post(format!("{}/v1/events/{event_id}/queue", self.base)).bearer_auth(token).send().await?;
+        self.ticket(r, "join").await
+    }
+
+    /// Where the buyer's ticket stands.
+    pub async fn standing(&self, token: &str, event_id: u64) -> anyhow::Result<Ticket> {
+        let r = self.http.get(format!("{}/v1/events/{event_id}/queue", self.base)).bearer_auth(token).send().await?;
+        self.ticket(r, "queue").await
+    }
+
+    async fn ticket(&self, r: reqwest::Response, what: &str) -> anyhow::Result<Ticket> {
+        let status = r.status();
+        unavailable_if_5xx(&r, what)?;
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            return Err(
+                Unavailable { what: format!("{what} answered {status}"), retry_after: retry_after_header(&r) }.into()
+            );
+        }
+        if !status.is_success() {
+            bail!("{what} answered {status}: {}", r.text().await.unwrap_or_default());
+        }
+        Ok(r.json().await?)
+    }
+}
+
+/// A waiting-room ticket as its buyer sees it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Ticket {
+    pub ticket_id: Uuid,
+    pub status: String,
+    #[serde(default)]
+    pub place: Option<u64>,
+    #[serde(default)]
+    pub estimated_wait_secs: Option<u64>,
+    #[serde(default)]
+    pub admission_token: Option<String>,
 }

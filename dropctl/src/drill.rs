@@ -2,6 +2,10 @@
 //! at once, then each buyer with a hold pays, cancels or walks away. Used by
 //! the demo (`dropctl demo`) and by the end-to-end tests.
 //!
+//! With a waiting room ([`RoomPlan`]) the sale opens a few seconds later:
+//! every buyer first joins the pre-queue, the draw at the opening places
+//! them, and each buys once admitted; the published draw is then checked.
+//!
 //! The crowd acts in two waves with a barrier between them: first every
 //! buyer tries to buy and learns their outcome; only then do holders pay or
 //! cancel. At the barrier the sale must be sold out with exactly N units
@@ -49,6 +53,30 @@ pub struct DropPlan {
     /// caught up. Without it, it checks once the deadlines and their grace
     /// windows have passed.
     pub pipeline: Option<PipelineArgs>,
+    /// Sell through a waiting room.
+    pub room: Option<RoomPlan>,
+}
+
+/// A drop through a waiting room.
+#[derive(Debug, Clone, Copy)]
+pub struct RoomPlan {
+    /// The sale opens (and the pre-queue is drawn) this long after the
+    /// event is created; the pre-queue is open from the start. At least 6 s:
+    /// a room is set at least 5 s before its opening.
+    pub opens_in_secs: u32,
+    pub outflow_per_sec: u32,
+    pub time_to_act_secs: u32,
+}
+
+/// What the drill found of a waiting room's draw.
+#[derive(Debug, Clone, Default)]
+pub struct DrawReport {
+    pub entrants: u64,
+    pub seed_commitment: String,
+    /// Buyers whose ticket was in the draw (they joined before the opening).
+    pub buyers_drawn: u64,
+    /// Why the published draw does not hold, if it does not.
+    pub mismatch: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +88,8 @@ enum Outcome {
 }
 
 struct Buyer {
+    /// Their waiting-room ticket, when the drop has a room.
+    ticket: Option<Uuid>,
     token: String,
     outcome: Outcome,
 }
@@ -90,6 +120,8 @@ pub struct DropReport {
     pub voided: u64,
     pub settled: bool,
     pub verdict: Option<Verdict>,
+    /// With a waiting room: its draw, checked.
+    pub draw: Option<DrawReport>,
 }
 
 impl DropReport {
@@ -111,6 +143,7 @@ impl DropReport {
             && m.refunds == self.refunds
             && self.settled
             && self.verdict.as_ref().is_some_and(|v| v.all_hold())
+            && self.draw.as_ref().is_none_or(|d| d.mismatch.is_none())
     }
 
     /// The flood ended with exactly N units held, in Redis and in MySQL, and
@@ -146,6 +179,7 @@ pub async fn run(
     }
     let admin = tokens.admin.mint("dropctl", 3600)?;
     let now = chrono::Utc::now();
+    let opens_in = plan.room.map_or(-1, |r| i64::from(r.opens_in_secs));
     let event = api
         .create_event(
             &admin,
@@ -153,7 +187,7 @@ pub async fn run(
                 "name": format!("Dropline demo drop {}", now.format("%H:%M:%S")),
                 "venue": "Loopback Arena",
                 "starts_at": now + chrono::Duration::days(30),
-                "sale_opens_at": now - chrono::Duration::seconds(1),
+                "sale_opens_at": now + chrono::Duration::seconds(opens_in),
                 "sale_closes_at": now + chrono::Duration::hours(1),
                 "capacity": plan.tickets,
                 "price_cents": 4_500,
@@ -164,6 +198,9 @@ pub async fn run(
         )
         .await?;
     let event_id = event["id"].as_u64().context("event id")?;
+    if let Some(room) = plan.room {
+        api.set_room(&admin, event_id, room.outflow_per_sec, room.time_to_act_secs).await?;
+    }
     let mut report = DropReport { event_id, tickets: plan.tickets, buyers: plan.buyers, ..Default::default() };
 
     // Wave one: the flood.
@@ -171,13 +208,18 @@ pub async fn run(
     report.started_at = unix_now();
     let gate = Arc::new(Semaphore::new(plan.concurrency.max(1)));
     let mut tasks = Vec::with_capacity(plan.buyers as usize);
+    let through_room = plan.room.is_some();
     for i in 0..plan.buyers {
         let (api, gate) = (api.clone(), gate.clone());
         let token = tokens.buyer.mint(&format!("{}{i}", plan.user_prefix), 3600)?;
         tasks.push(tokio::spawn(async move {
-            let _permit = gate.acquire_owned().await?;
-            let outcome = buy(&api, &token, event_id).await?;
-            anyhow::Ok(Buyer { token, outcome })
+            let (outcome, ticket) = if through_room {
+                wait_in_line(&api, &gate, &token, event_id).await?
+            } else {
+                let _permit = gate.acquire_owned().await?;
+                (buy(&api, &token, event_id, None).await?, None)
+            };
+            anyhow::Ok(Buyer { token, outcome, ticket })
         }));
     }
     let mut buyers = Vec::with_capacity(tasks.len());
@@ -195,6 +237,16 @@ pub async fn run(
         Outcome::Refused(r) => Some(r.clone()),
         _ => None,
     }));
+    if through_room {
+        let draw = persist(Instant::now() + Duration::from_secs(30), || api.draw(event_id)).await?;
+        let drawn: std::collections::HashSet<Uuid> = draw.order.iter().copied().collect();
+        report.draw = Some(DrawReport {
+            entrants: draw.order.len() as u64,
+            seed_commitment: draw.seed_commitment.clone(),
+            buyers_drawn: buyers.iter().filter(|b| b.ticket.is_some_and(|t| drawn.contains(&t))).count() as u64,
+            mismatch: dropline::room::draw::verify(&draw).err().map(|e| e.to_string()),
+        });
+    }
 
     // The barrier: the settler has recorded every decision.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -335,13 +387,51 @@ where
     }
 }
 
+/// One buyer in a waiting room: joins, follows their ticket (as often as
+/// its wait estimate suggests), and buys once admitted. Holds a permit of
+/// `gate` only while a request is in flight, so the whole crowd can wait in
+/// line at once.
+async fn wait_in_line(
+    api: &Api,
+    gate: &Arc<Semaphore>,
+    token: &str,
+    event_id: u64,
+) -> anyhow::Result<(Outcome, Option<Uuid>)> {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let ticket = {
+        let _permit = gate.acquire().await?;
+        persist(deadline, || api.join(token, event_id)).await?.ticket_id
+    };
+    loop {
+        let standing = {
+            let _permit = gate.acquire().await?;
+            persist(deadline, || api.standing(token, event_id)).await?
+        };
+        let pause = match standing.status.as_str() {
+            "admitted" => {
+                let _permit = gate.acquire().await?;
+                return Ok((buy(api, token, event_id, standing.admission_token.as_deref()).await?, Some(ticket)));
+            }
+            "sold_out" | "closed" | "lapsed" | "purchased" => {
+                return Ok((Outcome::Refused(format!("{} (waiting room)", standing.status)), Some(ticket)));
+            }
+            "waiting" => standing.estimated_wait_secs.map_or(500, |s| (s * 500).clamp(250, 2_000)),
+            _ => 1_000,
+        };
+        if Instant::now() > deadline {
+            bail!("ticket {ticket} was never let through");
+        }
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+    }
+}
+
 /// One buyer: purchase (retrying politely on 429/503 with the same
 /// Idempotency-Key), then follow the intent until it is decided.
-async fn buy(api: &Api, token: &str, event_id: u64) -> anyhow::Result<Outcome> {
+async fn buy(api: &Api, token: &str, event_id: u64, admission: Option<&str>) -> anyhow::Result<Outcome> {
     let key = Uuid::new_v4().to_string();
     let deadline = Instant::now() + Duration::from_secs(120);
     let intent = loop {
-        match persist(deadline, || api.purchase(token, event_id, &key, 1)).await? {
+        match persist(deadline, || api.purchase_in_turn(token, event_id, &key, 1, admission)).await? {
             Purchase::Accepted(id) => break id,
             Purchase::Refused(code) => return Ok(Outcome::Refused(code)),
             Purchase::RetryAfter(wait) => {

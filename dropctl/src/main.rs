@@ -71,6 +71,16 @@ enum Command {
         /// Share of holders who cancel; the rest walk away.
         #[arg(long, default_value_t = 0.15)]
         cancel_share: f64,
+        /// Buyers the waiting room lets through per second.
+        #[arg(long, default_value_t = 250)]
+        outflow_per_sec: u32,
+        /// How long an admitted buyer has to buy.
+        #[arg(long, default_value_t = 30)]
+        time_to_act_secs: u32,
+        /// Sell first come, first served at the purchase endpoint, without
+        /// a waiting room.
+        #[arg(long)]
+        no_waiting_room: bool,
         /// Prometheus scraping the services, for the headline numbers.
         #[arg(long, env = "DROPLINE_PROMETHEUS_URL", default_value = "http://127.0.0.1:9090")]
         prometheus_url: String,
@@ -245,6 +255,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             hold_ttl_secs,
             pay_share,
             cancel_share,
+            outflow_per_sec,
+            time_to_act_secs,
+            no_waiting_room,
             prometheus_url,
             books,
         } => {
@@ -262,12 +275,24 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 user_prefix: format!("demo-{}-", chrono::Utc::now().timestamp()),
                 grace: invariants::production_grace(),
                 pipeline: Some(books.pipeline.clone()),
+                room: (!no_waiting_room).then_some(drill::RoomPlan {
+                    opens_in_secs: 8,
+                    outflow_per_sec,
+                    time_to_act_secs,
+                }),
             };
             let (db, ledger) = books.open().await?;
             let api = Api::new(&ingress_url)?;
             eprintln!(
                 "dropline demo: {tickets} tickets, {buyers} buyers ({concurrency} at once), holds last {hold_ttl_secs}s"
             );
+            if let Some(room) = &plan.room {
+                eprintln!(
+                    "waiting room: every buyer joins the pre-queue; the sale opens and the draw is made in {}s; \
+                     {} buyers let through a second, {}s each to buy",
+                    room.opens_in_secs, room.outflow_per_sec, room.time_to_act_secs
+                );
+            }
             let report = drill::run(&api, &tokens, &db, &ledger, &plan).await?;
             print_report(&report);
             print_headline(&prometheus_url, &report).await;
@@ -400,6 +425,16 @@ fn print_report(r: &DropReport) {
         r.flood_secs,
         list(&r.refused_at_door)
     );
+    if let Some(d) = &r.draw {
+        println!(
+            "waiting room: {} of {} buyers drawn from the pre-queue; the draw {} (seed commitment {})",
+            d.buyers_drawn,
+            r.buyers,
+            d.mismatch.as_ref().map_or("holds".to_owned(), |m| format!("DOES NOT HOLD: {m}")),
+            d.seed_commitment
+        );
+        println!("  check it yourself: target/release/dropctl verify-draw {}", r.event_id);
+    }
     println!("decisions: held {}, rejected: {}", r.held, list(&r.rejected));
     println!(
         "at sell-out: Redis available {} held {} sold {}; MySQL held {}",

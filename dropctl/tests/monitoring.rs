@@ -154,6 +154,7 @@ async fn every_dashboard_query_has_data_and_alerts_fire_only_on_faults() {
         user_prefix: "watched-".into(),
         grace: dropctl::invariants::production_grace(),
         pipeline: Some(common::pipeline(&common::brokers(), &name)),
+        room: None,
     };
     let report = drill::run(&api, &keys, &db, &ledger, &plan).await.unwrap();
     assert!(report.passed() && report.sold_out_exactly(), "{report:#?}");

@@ -33,6 +33,7 @@ async fn a_drop_sells_exactly_the_capacity_and_the_books_balance() {
         user_prefix: "buyer-".into(),
         grace: dropctl::invariants::production_grace(),
         pipeline: Some(stack.pipeline()),
+        room: None,
     };
     let report = drill::run(&api, &stack.keys, &stack.db, &stack.ledger, &plan).await.unwrap();
     let verdict = report.verdict.clone().unwrap();
@@ -67,6 +68,74 @@ async fn a_drop_sells_exactly_the_capacity_and_the_books_balance() {
         (levels.sold == report.paid && levels.is_conserved()).then_some(())
     })
     .await;
+    stack.stop().await;
+}
+
+/// The demo's path: every buyer waits in the pre-queue, is placed by the
+/// draw, buys once admitted; the sale sells exactly its capacity, the books
+/// balance, and the published draw checks out, by the drill and by the
+/// README's `dropctl verify-draw` (seen failing on a tampered order: its
+/// exit status and message are asserted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drop_through_a_waiting_room_sells_exactly_the_capacity_and_its_draw_verifies() {
+    let stack = Stack::start(Options::default()).await;
+    let api = Api::new(&stack.api).unwrap();
+    let plan = DropPlan {
+        tickets: 20,
+        buyers: 80,
+        concurrency: 32,
+        hold_ttl_secs: 5,
+        per_user_limit: 1,
+        pay_share: 0.5,
+        cancel_share: 0.25,
+        late_pay_share: 0.0,
+        webhook_copies: 1,
+        user_prefix: "fan-".into(),
+        grace: dropctl::invariants::production_grace(),
+        pipeline: Some(stack.pipeline()),
+        room: Some(drill::RoomPlan { opens_in_secs: 6, outflow_per_sec: 40, time_to_act_secs: 10 }),
+    };
+    let report = drill::run(&api, &stack.keys, &stack.db, &stack.ledger, &plan).await.unwrap();
+    let verdict = report.verdict.clone().unwrap();
+    assert!(report.passed(), "{report:#?}\n{verdict}");
+    assert!(report.sold_out_exactly(), "{report:#?}");
+    let draw = report.draw.clone().unwrap();
+    assert_eq!(draw.mismatch, None);
+    assert!(draw.entrants >= 2 && draw.buyers_drawn == draw.entrants, "{draw:?}");
+    assert_eq!(report.oversold(), 0);
+
+    // The README's check, as a buyer runs it.
+    let verify = |event: u64| {
+        std::process::Command::new(common::process::bin_dir().join("dropctl"))
+            .args(["verify-draw", &event.to_string()])
+            .env("DROPLINE_INGRESS_URL", &stack.api)
+            .output()
+            .unwrap()
+    };
+    let out = verify(report.event_id);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains(&format!("the draw of {} tickets holds", draw.entrants)), "{stdout}");
+    // Swap the first two places in Redis: the check must fail.
+    let line = dropline::stock::Keys::new(&stack.name).room(report.event_id).line;
+    let mut conn = stack.ledger.pool().get().await.unwrap();
+    let first: Vec<String> =
+        deadpool_redis::redis::cmd("ZRANGE").arg(&line).arg(0).arg(1).query_async(&mut conn).await.unwrap();
+    let _: () = deadpool_redis::redis::pipe()
+        .cmd("ZADD")
+        .arg(&line)
+        .arg(2)
+        .arg(&first[0])
+        .cmd("ZADD")
+        .arg(&line)
+        .arg(1)
+        .arg(&first[1])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let out = verify(report.event_id);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("does not hold"), "{stderr}");
     stack.stop().await;
 }
 

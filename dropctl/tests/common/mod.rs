@@ -488,6 +488,7 @@ pub fn fault_drop(scenario: &str, scale: u32, brokers: &str, name: &str) -> drop
         // holds an expirer lost before the check could see them late.
         grace: dropctl::invariants::production_grace(),
         pipeline: Some(pipeline(brokers, name)),
+        room: None,
     }
 }
 
