@@ -204,9 +204,10 @@ impl WaitingRooms {
         Ok(())
     }
 
-    /// A purchase with `claims` was accepted: the turn is used.
-    pub async fn used(&self, claims: &AdmissionClaims) {
-        match self.live.used(claims.event_id, claims.ticket).await {
+    /// The purchase `intent_id`, made with `claims`, was accepted: the turn
+    /// is used.
+    pub async fn used(&self, claims: &AdmissionClaims, intent_id: uuid::Uuid) {
+        match self.live.used(claims.event_id, claims.ticket, intent_id).await {
             Ok(true) => metrics::counter!(ROOM_TURNS.name, "result" => "used").increment(1),
             Ok(false) => {}
             Err(e) => tracing::warn!(error = %e, event_id = claims.event_id, "could not end a used turn; it lapses"),

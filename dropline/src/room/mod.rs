@@ -253,9 +253,10 @@ impl Rooms {
         Ok(Advanced { admitted, lapsed, now_serving })
     }
 
-    /// Ends `ticket`'s turn as used; false when it was not open.
-    pub async fn used(&self, event_id: u64, ticket: Uuid) -> Result<bool, RoomError> {
-        let done: i64 = self.call(&USED, event_id, &[ticket.to_string()]).await?;
+    /// Ends `ticket`'s turn as used by the purchase `intent_id`; false when
+    /// it was not open.
+    pub async fn used(&self, event_id: u64, ticket: Uuid, intent_id: Uuid) -> Result<bool, RoomError> {
+        let done: i64 = self.call(&USED, event_id, &[ticket.to_string(), intent_id.to_string()]).await?;
         Ok(done == 1)
     }
 

@@ -148,8 +148,13 @@ pub struct RoomKeys {
     pub ended: String,
     /// Recent (ms, now serving) samples, newest first: the measured outflow.
     pub samples: String,
+    /// Used turns whose purchase is not decided yet: ticket -> intent id.
+    /// Until it is, the stock it will take still counts as spoken for.
+    pub pending: String,
     /// The event's stock hash, read for what remains.
     pub stock: String,
+    /// The event's decisions, read for which pending purchases are decided.
+    pub decisions: String,
 }
 
 impl RoomKeys {
@@ -163,13 +168,26 @@ impl RoomKeys {
             admitted: format!("{tag}:room:admitted"),
             ended: format!("{tag}:room:ended"),
             samples: format!("{tag}:room:samples"),
+            pending: format!("{tag}:room:pending"),
             stock: format!("{tag}:stock"),
+            decisions: format!("{tag}:decisions"),
         }
     }
 
     /// Every key, in the order each room script's header lists them.
-    pub fn all(&self) -> [&str; 8] {
-        [&self.conf, &self.pre, &self.line, &self.users, &self.admitted, &self.ended, &self.samples, &self.stock]
+    pub fn all(&self) -> [&str; 10] {
+        [
+            &self.conf,
+            &self.pre,
+            &self.line,
+            &self.users,
+            &self.admitted,
+            &self.ended,
+            &self.samples,
+            &self.pending,
+            &self.stock,
+            &self.decisions,
+        ]
     }
 }
 
@@ -184,6 +202,7 @@ mod tests {
         assert_eq!(keys.event(7).in_flight, "dl:{7}:in-flight");
         assert_eq!(keys.room(7).line, "dl:{7}:room:line");
         assert_eq!(keys.room(7).stock, keys.event(7).stock, "the room reads its event's stock");
+        assert_eq!(keys.room(7).decisions, keys.event(7).decisions, "and its decisions");
         assert_eq!(keys.intent(Uuid::nil()), "dl:intent:00000000-0000-0000-0000-000000000000");
         let record = keys.idempotency("amy", "k1");
         assert!(record.starts_with("dl:idem:") && record.len() == "dl:idem:".len() + 36, "{record}");

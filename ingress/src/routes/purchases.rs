@@ -165,7 +165,7 @@ async fn decide(
         Err(e) => tracing::warn!(error = %e, %id, "could not record an accepted purchase; answering anyway"),
     }
     if let Some(turn) = turn {
-        app.rooms.used(turn).await;
+        app.rooms.used(turn, id).await;
     }
     Ok(Ok(Outcome("admitted").mark(accepted(id, intent))))
 }

@@ -1,6 +1,7 @@
 -- Lets buyers through, in order: as many as the outflow allows since the
 -- last call (a token bucket holding at most one second's worth), and only
--- while the stock has more units than there are admitted buyers yet to act.
+-- while the stock has more units than are spoken for: by admitted buyers yet
+-- to act, and by purchases made with a turn and not decided yet.
 -- Ends the turns whose time ran out first. Every replica calls it; the bucket
 -- lives here, so together they never let more through than the outflow.
 --
@@ -22,12 +23,21 @@ if #lapsed > 0 then
   retain(ended)
 end
 
+-- Purchases decided since: their units are out of the stock's count now.
+local waiting = redis.call('HGETALL', pending)
+for i = 1, #waiting, 2 do
+  if redis.call('HEXISTS', decisions, waiting[i + 1]) == 1 then
+    redis.call('HDEL', pending, waiting[i])
+  end
+end
+
 local allowance = tonumber(c[7]) + math.max(0, now - tonumber(c[6])) * outflow / 1000
 if allowance > outflow then
   allowance = outflow
 end
 local available = tonumber(redis.call('HGET', stock, 'available') or '0')
-local n = math.min(math.floor(allowance), available - redis.call('ZCARD', admitted), next_pos - serving)
+local spoken_for = redis.call('ZCARD', admitted) + redis.call('HLEN', pending)
+local n = math.min(math.floor(allowance), available - spoken_for, next_pos - serving)
 if n > 0 then
   local turns = redis.call('ZRANGEBYSCORE', line, '(' .. serving, serving + n)
   for _, ticket in ipairs(turns) do

@@ -1,7 +1,7 @@
 -- The keys every waiting-room script is handed, in this order (see
 -- RoomKeys::all). All share the event's hash tag.
-local conf, pre, line, users, admitted, ended, samples, stock =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local conf, pre, line, users, admitted, ended, samples, pending, stock, decisions =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
 
 -- The room's keys (not the stock) live as long as the room's settings say.
 local function retain(...)
