@@ -3,6 +3,7 @@
 -- row keeps the room's terms and the draw's commitments on the record.
 CREATE TABLE IF NOT EXISTS waiting_rooms (
     event_id           BIGINT UNSIGNED NOT NULL PRIMARY KEY,
+    mode               ENUM('fcfs', 'lottery') NOT NULL DEFAULT 'fcfs',
     prequeue_opens_at  DATETIME(3)     NOT NULL,
     outflow_per_sec    INT UNSIGNED    NOT NULL,
     time_to_act_secs   INT UNSIGNED    NOT NULL,

@@ -35,12 +35,12 @@ macro_rules! named {
         }
 
         impl std::str::FromStr for $ty {
-            type Err = UnknownName;
+            type Err = $crate::messages::UnknownName;
 
-            fn from_str(name: &str) -> Result<Self, UnknownName> {
+            fn from_str(name: &str) -> Result<Self, $crate::messages::UnknownName> {
                 match name {
                     $($name => Ok($ty::$variant),)+
-                    _ => Err(UnknownName { of: stringify!($ty), name: name.to_owned() }),
+                    _ => Err($crate::messages::UnknownName { of: stringify!($ty), name: name.to_owned() }),
                 }
             }
         }
@@ -68,6 +68,8 @@ macro_rules! named {
         }
     };
 }
+
+pub(crate) use named;
 
 /// A name no variant of the enum `of` has.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -52,6 +52,7 @@ error_codes! {
     WaitingRoomExists => "waiting_room_exists",
     WaitingRoomTooLate => "waiting_room_too_late",
     QueueNotOpen => "queue_not_open",
+    LotteryClosed => "lottery_closed",
     NotInQueue => "not_in_queue",
     DrawNotDone => "draw_not_done",
     AdmissionRequired => "admission_required",
@@ -100,6 +101,7 @@ impl ErrorCode {
             | WaitingRoomExists
             | WaitingRoomTooLate
             | QueueNotOpen
+            | LotteryClosed
             | DrawNotDone => StatusCode::CONFLICT,
             RateLimited | Busy => StatusCode::TOO_MANY_REQUESTS,
             BrokerUnavailable | DependencyUnavailable | OrderNotReady | Overloaded | RequestTimeout => {
@@ -136,6 +138,7 @@ impl ErrorCode {
             WaitingRoomExists => "The event has a waiting room already, with other terms",
             WaitingRoomTooLate => "A waiting room must be set before the sale opens",
             QueueNotOpen => "The waiting room's pre-queue has not opened yet",
+            LotteryClosed => "The lottery took entries until the sale opened",
             NotInQueue => "You have not joined this event's waiting room",
             DrawNotDone => "The waiting room's draw has not been made yet",
             AdmissionRequired => "This event sells through its waiting room: a Dropline-Admission token is required",

@@ -153,6 +153,7 @@ pub async fn intent(db: &MySqlPool, intent_id: Uuid, user_id: &str) -> Result<Op
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct RoomRow {
     pub event_id: u64,
+    pub mode: dropline::room::Mode,
     pub prequeue_opens_at: DateTime<Utc>,
     pub outflow_per_sec: u32,
     pub time_to_act_secs: u32,
@@ -165,26 +166,25 @@ pub struct RoomRow {
     pub sale_closes_at: DateTime<Utc>,
 }
 
-const ROOM_COLUMNS: &str = "r.event_id, r.prequeue_opens_at, r.outflow_per_sec, r.time_to_act_secs, r.seed, \
+const ROOM_COLUMNS: &str = "r.event_id, r.mode, r.prequeue_opens_at, r.outflow_per_sec, r.time_to_act_secs, r.seed, \
                             r.seed_commitment, r.list_hash, r.entrants, r.drawn_at, e.sale_opens_at, e.sale_closes_at";
 
 /// Records a waiting room; false when the event has one already.
 pub async fn insert_room(
     db: &MySqlPool,
     event_id: u64,
-    prequeue_opens_at: DateTime<Utc>,
-    outflow_per_sec: u32,
-    time_to_act_secs: u32,
+    terms: &crate::rooms::RoomTerms,
     seed: &[u8],
 ) -> Result<bool, sqlx::Error> {
     let done = sqlx::query(
-        "INSERT INTO waiting_rooms (event_id, prequeue_opens_at, outflow_per_sec, time_to_act_secs, seed, \
-         seed_commitment) VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT INTO waiting_rooms (event_id, mode, prequeue_opens_at, outflow_per_sec, time_to_act_secs, seed, \
+         seed_commitment) VALUES (?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(event_id)
-    .bind(prequeue_opens_at)
-    .bind(outflow_per_sec)
-    .bind(time_to_act_secs)
+    .bind(terms.mode)
+    .bind(terms.prequeue_opens_at)
+    .bind(terms.outflow_per_sec)
+    .bind(terms.time_to_act_secs)
     .bind(seed)
     .bind(dropline::room::draw::commitment(seed))
     .execute(db)

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Datelike, Utc};
 use dropline::auth::{AdmissionClaims, AdmissionKeys};
-use dropline::room::{RoomError, RoomSettings, Rooms};
+use dropline::room::{Mode, RoomError, RoomSettings, Rooms};
 use moka::future::Cache;
 use serde::Deserialize;
 use sqlx::MySqlPool;
@@ -44,9 +44,13 @@ const RETENTION_MS: i64 = 7 * 24 * 3600 * 1000;
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct RoomTerms {
+    /// `fcfs` (the default) or `lottery`.
+    #[serde(default)]
+    pub mode: Mode,
     /// When buyers may start joining, at or before the sale's opening.
     pub prequeue_opens_at: DateTime<Utc>,
-    /// Buyers let through per second.
+    /// Buyers let through per second (in a lottery: after the winners, as
+    /// their turns lapse).
     pub outflow_per_sec: u32,
     /// How long an admitted buyer has to buy.
     pub time_to_act_secs: u32,
@@ -88,6 +92,7 @@ pub struct RoomChange {
 impl RoomRow {
     pub fn terms(&self) -> RoomTerms {
         RoomTerms {
+            mode: self.mode,
             prequeue_opens_at: self.prequeue_opens_at,
             outflow_per_sec: self.outflow_per_sec,
             time_to_act_secs: self.time_to_act_secs,
@@ -97,6 +102,7 @@ impl RoomRow {
     pub fn settings(&self) -> RoomSettings {
         let closes = self.sale_closes_at.timestamp_millis();
         RoomSettings {
+            mode: self.mode,
             prequeue_opens_ms: self.prequeue_opens_at.timestamp_millis(),
             sale_opens_ms: self.sale_opens_at.timestamp_millis(),
             sale_closes_ms: closes,
@@ -140,16 +146,7 @@ impl WaitingRooms {
     pub async fn create(&self, event_id: u64, terms: &RoomTerms) -> Result<(RoomRow, bool), Problem> {
         let seed = dropline::room::draw::new_seed();
         let mysql = |e: sqlx::Error| Problem::unavailable("mysql", &e);
-        let created = record::insert_room(
-            &self.db,
-            event_id,
-            terms.prequeue_opens_at,
-            terms.outflow_per_sec,
-            terms.time_to_act_secs,
-            &seed,
-        )
-        .await
-        .map_err(mysql)?;
+        let created = record::insert_room(&self.db, event_id, terms, &seed).await.map_err(mysql)?;
         let row = record::room(&self.db, event_id).await.map_err(mysql)?.ok_or(ErrorCode::Internal)?;
         if !created && row.terms() != *terms {
             return Err(Problem::new(ErrorCode::WaitingRoomExists).detail(

@@ -416,3 +416,60 @@ async fn everyone_waiting_learns_of_the_sell_out_and_admission_resumes_when_stoc
     assert_eq!(room(&stack, event).await["now_serving"], 3);
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lottery_lets_all_its_winners_through_at_once_and_losers_move_up_as_turns_lapse() {
+    const UNITS: u64 = 3;
+    let stack = Ingress::start(&[]).await;
+    let mut body = event_body(OPENS_IN);
+    body["capacity"] = json!(UNITS);
+    let event = stack.create_event(&body).await;
+    let lottery = json!({
+        "mode": "lottery",
+        "prequeue_opens_at": chrono::Utc::now(),
+        "outflow_per_sec": 1,
+        "time_to_act_secs": 2,
+    });
+    assert_eq!(set_room(&stack, event, &lottery).await.status(), StatusCode::CREATED);
+    assert_eq!(room(&stack, event).await["mode"], "lottery");
+    let users: Vec<String> = (0..8).map(|i| format!("entrant-{i}")).collect();
+    let mut by_ticket = HashMap::new();
+    for user in &users {
+        let (status, ticket) = join(&stack, event, user).await;
+        assert_eq!((status, ticket["status"].as_str()), (StatusCode::CREATED, Some("pre_queue")), "{ticket}");
+        by_ticket.insert(ticket["ticket_id"].as_str().unwrap().parse::<Uuid>().unwrap(), user.clone());
+    }
+
+    // At the draw every winner is let through in one step, though the
+    // outflow is one a second.
+    let serving = eventually("the winners let through", Duration::from_secs(20), || async {
+        let r = room(&stack, event).await;
+        (r["now_serving"].as_u64().unwrap() > 0).then(|| r["now_serving"].as_u64().unwrap())
+    })
+    .await;
+    assert_eq!(serving, UNITS);
+    let (_, published) = get_json(http().get(format!("{}/v1/events/{event}/waiting-room/draw", stack.api))).await;
+    let published: PublishedDraw = serde_json::from_value(published).unwrap();
+    assert_eq!(draw::verify(&published), Ok(()));
+    let order: Vec<&String> = published.order.iter().map(|t| &by_ticket[t]).collect();
+    for (i, user) in order.iter().enumerate() {
+        let s = standing(&stack, event, user).await;
+        // A winner's 2 s turn may have run out by the time it is read.
+        let expected: &[&str] = if (i as u64) < UNITS { &["admitted", "lapsed"] } else { &["waitlisted"] };
+        assert!(expected.contains(&s["status"].as_str().unwrap()), "{user} drawn {}: {s}", i + 1);
+    }
+
+    // Entries closed at the opening; an entrant gets their ticket back.
+    refused(
+        http().post(format!("{}/v1/events/{event}/queue", stack.api)).bearer_auth(stack.token("latecomer")),
+        StatusCode::CONFLICT,
+        "lottery_closed",
+    )
+    .await;
+    assert_eq!(join(&stack, event, order[0]).await.0, StatusCode::OK);
+
+    // The winners let their turns lapse: the first on the waiting list
+    // moves up.
+    admitted(&stack, event, order[UNITS as usize]).await;
+    stack.stop().await;
+}

@@ -37,9 +37,26 @@ static OUTFLOW: LazyLock<Script> = LazyLock::new(|| {
     )
 });
 
+/// How a room orders its buyers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// The pre-queue is drawn at the opening; later arrivals join the back,
+    /// first come first served; the line moves at the outflow.
+    #[default]
+    Fcfs,
+    /// Entries are taken until the opening only; the draw's first entrants,
+    /// as many as there are units, are all let through at once; the rest
+    /// move up in drawn order (at the outflow) as winners' turns lapse.
+    Lottery,
+}
+
+crate::messages::named!(Mode { Fcfs => "fcfs", Lottery => "lottery" });
+
 /// A room's settings, as its Redis state starts from them.
 #[derive(Debug, Clone, Copy)]
 pub struct RoomSettings {
+    pub mode: Mode,
     pub prequeue_opens_ms: i64,
     pub sale_opens_ms: i64,
     pub sale_closes_ms: i64,
@@ -83,6 +100,8 @@ pub enum Join {
         prequeue_opens_ms: i64,
     },
     Closed,
+    /// A lottery takes entries only until the opening.
+    EntriesClosed,
 }
 
 /// How a buyer's turn ended.
@@ -184,6 +203,7 @@ impl Rooms {
             s.outflow_per_sec.to_string(),
             s.time_to_act_ms.to_string(),
             s.retain_until_ms.to_string(),
+            s.mode.as_str().to_owned(),
         ];
         let created: i64 = self.call(&OPEN, event_id, &args).await?;
         Ok(created == 1)
@@ -210,6 +230,7 @@ impl Rooms {
             ["no_room"] => Ok(Join::NoRoom),
             ["not_open", at] => Ok(Join::NotOpen { prequeue_opens_ms: at.parse().unwrap_or_default() }),
             ["closed"] => Ok(Join::Closed),
+            ["entries_closed"] => Ok(Join::EntriesClosed),
             other => Err(RoomError::Corrupt(format!("join answered {other:?}"))),
         }
     }
@@ -345,6 +366,15 @@ fn measured(oldest: &str, newest: &str) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn modes_are_stored_and_sent_by_one_name() {
+        for mode in Mode::ALL {
+            assert_eq!(mode.as_str().parse::<Mode>(), Ok(*mode));
+            assert_eq!(serde_json::to_value(mode).unwrap(), mode.as_str());
+        }
+        assert!("draw".parse::<Mode>().is_err());
+    }
 
     #[test]
     fn the_outflow_is_measured_between_samples_a_second_apart() {

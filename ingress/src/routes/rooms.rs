@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
 use dropline::room::draw::PublishedDraw;
-use dropline::room::{Join, Phase, Standing, TurnEnd};
+use dropline::room::{Join, Mode, Phase, Standing, TurnEnd};
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -25,6 +25,7 @@ use crate::state::AppState;
 #[derive(Serialize)]
 struct RoomView {
     event_id: u64,
+    mode: Mode,
     prequeue_opens_at: DateTime<Utc>,
     sale_opens_at: DateTime<Utc>,
     outflow_per_sec: u32,
@@ -55,7 +56,8 @@ struct RoomView {
 struct TicketView {
     event_id: u64,
     ticket_id: Uuid,
-    /// pre_queue, drawing, waiting, sold_out, admitted, purchased, lapsed, closed.
+    /// pre_queue, drawing, waiting (in a lottery: waitlisted), sold_out,
+    /// admitted, purchased, lapsed, closed.
     status: &'static str,
     /// 1 is first; absent until the draw places a pre-queue ticket.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -147,6 +149,7 @@ async fn view(app: &AppState, row: &RoomRow) -> Result<RoomView, Problem> {
     let s = summary.as_ref();
     Ok(RoomView {
         event_id: row.event_id,
+        mode: row.mode,
         prequeue_opens_at: row.prequeue_opens_at,
         sale_opens_at: row.sale_opens_at,
         outflow_per_sec: row.outflow_per_sec,
@@ -196,6 +199,11 @@ pub async fn join(
                 .retry_after(retry_secs(row.prequeue_opens_at)));
         }
         Join::Closed => return Err(ErrorCode::SaleClosed.into()),
+        Join::EntriesClosed => {
+            return Err(
+                Problem::new(ErrorCode::LotteryClosed).detail(format!("entries closed at {}", row.sale_opens_at))
+            )
+        }
         // The record has the room and Redis not (yet): the keepers put it
         // back within a second.
         Join::NoRoom => return Err(Problem::new(ErrorCode::DependencyUnavailable).retry_after(1)),
@@ -237,9 +245,10 @@ fn ticket_view(app: &AppState, row: &RoomRow, user: &str, standing: Option<Stand
         (None, None, None) => "drawing",
         (None, None, Some(p)) if p <= s.now_serving => "lapsed",
         (None, None, Some(_)) if s.available == 0 => "sold_out",
+        (None, None, Some(_)) if row.mode == Mode::Lottery => "waitlisted",
         (None, None, Some(_)) => "waiting",
     };
-    let waiting = status == "waiting";
+    let waiting = matches!(status, "waiting" | "waitlisted");
     let rate = s.measured_per_sec.filter(|r| *r > 0.0).unwrap_or(f64::from(s.outflow_per_sec.max(1)));
     let admission_token = match (status, open_turn) {
         ("admitted", Some(end)) => Some(

@@ -2,7 +2,8 @@
 -- last call (a token bucket holding at most one second's worth), and only
 -- while the stock has more units than are spoken for: by admitted buyers yet
 -- to act, and by purchases made with a turn and not decided yet.
--- Ends the turns whose time ran out first. Every replica calls it; the bucket
+-- Ends the turns whose time ran out first. Right after a lottery's draw, the
+-- bucket is ignored once: every winner is let through at once. Every replica calls it; the bucket
 -- lives here, so together they never let more through than the outflow.
 --
 -- ARGV now_ms
@@ -37,6 +38,10 @@ if allowance > outflow then
 end
 local available = tonumber(redis.call('HGET', stock, 'available') or '0')
 local spoken_for = redis.call('ZCARD', admitted) + redis.call('HLEN', pending)
+if redis.call('HGET', conf, 'burst') == '1' then
+  allowance = math.max(allowance, available - spoken_for)
+  redis.call('HDEL', conf, 'burst')
+end
 local n = math.min(math.floor(allowance), available - spoken_for, next_pos - serving)
 if n > 0 then
   local turns = redis.call('ZRANGEBYSCORE', line, '(' .. serving, serving + n)

@@ -26,4 +26,8 @@ if n > 0 then
 end
 redis.call('HSET', conf, 'state', 'drawn', 'list_hash', ARGV[1], 'seed', ARGV[2], 'drawn_ms', ARGV[3],
   'entrants', n, 'last_ms', ARGV[3], 'carry', 0)
+-- A lottery's winners are let through all at once (see advance.lua).
+if redis.call('HGET', conf, 'mode') == 'lottery' then
+  redis.call('HSET', conf, 'burst', 1)
+end
 return 1

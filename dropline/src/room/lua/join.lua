@@ -7,11 +7,13 @@
 -- never by a replica's clock alone). A buyer whose turn ran out gets a new
 -- ticket at the back.
 --
+-- A lottery takes entries until the opening only.
+--
 -- ARGV user, fresh ticket id, now_ms
 -- Returns {'joined', ticket} | {'existing', ticket} | {'no_room'} |
---         {'not_open', prequeue_ms} | {'closed'}
+--         {'not_open', prequeue_ms} | {'closed'} | {'entries_closed'}
 local user, fresh, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local c = redis.call('HMGET', conf, 'state', 'prequeue_ms', 'opens_ms', 'closes_ms')
+local c = redis.call('HMGET', conf, 'state', 'prequeue_ms', 'opens_ms', 'closes_ms', 'mode')
 if not c[1] then
   return {'no_room'}
 end
@@ -26,6 +28,9 @@ if held and redis.call('HGET', ended, held) ~= 'lapsed' then
   return {'existing', held}
 end
 local state = c[1]
+if c[5] == 'lottery' and (state ~= 'prequeue' or now >= tonumber(c[3])) then
+  return {'entries_closed'}
+end
 if state == 'prequeue' and now >= tonumber(c[3]) then
   state = 'frozen'
   redis.call('HSET', conf, 'state', state, 'next_pos', redis.call('SCARD', pre))

@@ -1,7 +1,7 @@
 -- Sets up a waiting room, once: a second call (another replica, a retry, the
 -- keeper restoring a room) leaves the first one as it is.
 --
--- ARGV prequeue_ms, opens_ms, closes_ms, outflow, tta_ms, retain_ms
+-- ARGV prequeue_ms, opens_ms, closes_ms, outflow, tta_ms, retain_ms, mode (fcfs | lottery)
 -- Returns 1 when the room was created, 0 when it existed.
 if redis.call('EXISTS', conf) == 1 then
   return 0
@@ -17,6 +17,7 @@ redis.call('HSET', conf,
   'next_pos', 0,
   'serving', 0,
   'last_ms', 0,
-  'carry', 0)
+  'carry', 0,
+  'mode', ARGV[7])
 redis.call('PEXPIREAT', conf, ARGV[6])
 return 1
