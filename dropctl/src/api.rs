@@ -249,6 +249,7 @@ impl Api {
         event_id: u64,
         outflow_per_sec: u32,
         time_to_act_secs: u32,
+        proof_of_work_bits: u8,
     ) -> anyhow::Result<Value> {
         let r = self
             .http
@@ -258,6 +259,7 @@ impl Api {
                 "prequeue_opens_at": chrono::Utc::now(),
                 "outflow_per_sec": outflow_per_sec,
                 "time_to_act_secs": time_to_act_secs,
+                "proof_of_work_bits": proof_of_work_bits,
             }))
             .send()
             .await?;
@@ -269,10 +271,21 @@ impl Api {
         Ok(body)
     }
 
-    /// Joins an event's waiting room (or gets one's ticket back).
-    pub async fn join(&self, token: &str, event_id: u64) -> anyhow::Result<Ticket> {
-        let r = self.http.post(format!("{}/v1/events/{event_id}/queue", self.base)).bearer_auth(token).send().await?;
-        self.ticket(r, "join").await
+    /// Joins an event's waiting room (or gets one's ticket back), solving
+    /// its proof of work first when it asks for one.
+    pub async fn join(&self, token: &str, event_id: u64, proof_of_work: bool) -> anyhow::Result<Ticket> {
+        let mut request = self.http.post(format!("{}/v1/events/{event_id}/queue", self.base)).bearer_auth(token);
+        if proof_of_work {
+            let r = self.http.get(format!("{}/v1/events/{event_id}/queue/challenge", self.base)).bearer_auth(token);
+            let r = r.send().await?;
+            unavailable_if_5xx(&r, "challenge")?;
+            let body: Value = r.json().await?;
+            let challenge = body["challenge"].as_str().context("no challenge")?.to_owned();
+            let bits = body["difficulty_bits"].as_u64().context("no difficulty")? as u8;
+            let proof = tokio::task::spawn_blocking(move || dropline::room::proof::solve(&challenge, bits)).await?;
+            request = request.header("dropline-proof", proof);
+        }
+        self.ticket(request.send().await?, "join").await
     }
 
     /// Where the buyer's ticket stands.

@@ -66,6 +66,8 @@ pub struct RoomPlan {
     pub opens_in_secs: u32,
     pub outflow_per_sec: u32,
     pub time_to_act_secs: u32,
+    /// A proof of work each buyer solves to join (0: none).
+    pub proof_of_work_bits: u8,
 }
 
 /// What the drill found of a waiting room's draw.
@@ -199,7 +201,7 @@ pub async fn run(
         .await?;
     let event_id = event["id"].as_u64().context("event id")?;
     if let Some(room) = plan.room {
-        api.set_room(&admin, event_id, room.outflow_per_sec, room.time_to_act_secs).await?;
+        api.set_room(&admin, event_id, room.outflow_per_sec, room.time_to_act_secs, room.proof_of_work_bits).await?;
     }
     let mut report = DropReport { event_id, tickets: plan.tickets, buyers: plan.buyers, ..Default::default() };
 
@@ -209,12 +211,13 @@ pub async fn run(
     let gate = Arc::new(Semaphore::new(plan.concurrency.max(1)));
     let mut tasks = Vec::with_capacity(plan.buyers as usize);
     let through_room = plan.room.is_some();
+    let proof_of_work = plan.room.is_some_and(|r| r.proof_of_work_bits > 0);
     for i in 0..plan.buyers {
         let (api, gate) = (api.clone(), gate.clone());
         let token = tokens.buyer.mint(&format!("{}{i}", plan.user_prefix), 3600)?;
         tasks.push(tokio::spawn(async move {
             let (outcome, ticket) = if through_room {
-                wait_in_line(&api, &gate, &token, event_id).await?
+                wait_in_line(&api, &gate, &token, event_id, proof_of_work).await?
             } else {
                 let _permit = gate.acquire_owned().await?;
                 (buy(&api, &token, event_id, None).await?, None)
@@ -396,11 +399,12 @@ async fn wait_in_line(
     gate: &Arc<Semaphore>,
     token: &str,
     event_id: u64,
+    proof_of_work: bool,
 ) -> anyhow::Result<(Outcome, Option<Uuid>)> {
     let deadline = Instant::now() + Duration::from_secs(180);
     let ticket = {
         let _permit = gate.acquire().await?;
-        persist(deadline, || api.join(token, event_id)).await?.ticket_id
+        persist(deadline, || api.join(token, event_id, proof_of_work)).await?.ticket_id
     };
     loop {
         let standing = {

@@ -77,6 +77,10 @@ enum Command {
         /// How long an admitted buyer has to buy.
         #[arg(long, default_value_t = 30)]
         time_to_act_secs: u32,
+        /// Zero bits of the proof of work each buyer solves to join the
+        /// waiting room (0: none).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u8).range(0..=28))]
+        proof_of_work_bits: u8,
         /// Sell first come, first served at the purchase endpoint, without
         /// a waiting room.
         #[arg(long)]
@@ -257,6 +261,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             cancel_share,
             outflow_per_sec,
             time_to_act_secs,
+            proof_of_work_bits,
             no_waiting_room,
             prometheus_url,
             books,
@@ -279,6 +284,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     opens_in_secs: 8,
                     outflow_per_sec,
                     time_to_act_secs,
+                    proof_of_work_bits,
                 }),
             };
             let (db, ledger) = books.open().await?;
@@ -288,9 +294,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             );
             if let Some(room) = &plan.room {
                 eprintln!(
-                    "waiting room: every buyer joins the pre-queue; the sale opens and the draw is made in {}s; \
-                     {} buyers let through a second, {}s each to buy",
-                    room.opens_in_secs, room.outflow_per_sec, room.time_to_act_secs
+                    "waiting room: every buyer solves a {}-bit proof of work and joins the pre-queue; the sale opens \
+                     and the draw is made in {}s; {} buyers let through a second, {}s each to buy",
+                    room.proof_of_work_bits, room.opens_in_secs, room.outflow_per_sec, room.time_to_act_secs
                 );
             }
             let report = drill::run(&api, &tokens, &db, &ledger, &plan).await?;

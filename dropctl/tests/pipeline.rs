@@ -93,7 +93,12 @@ async fn a_drop_through_a_waiting_room_sells_exactly_the_capacity_and_its_draw_v
         user_prefix: "fan-".into(),
         grace: dropctl::invariants::production_grace(),
         pipeline: Some(stack.pipeline()),
-        room: Some(drill::RoomPlan { opens_in_secs: 6, outflow_per_sec: 40, time_to_act_secs: 10 }),
+        room: Some(drill::RoomPlan {
+            opens_in_secs: 6,
+            outflow_per_sec: 40,
+            time_to_act_secs: 10,
+            proof_of_work_bits: 8,
+        }),
     };
     let report = drill::run(&api, &stack.keys, &stack.db, &stack.ledger, &plan).await.unwrap();
     let verdict = report.verdict.clone().unwrap();

@@ -7,6 +7,8 @@ CREATE TABLE IF NOT EXISTS waiting_rooms (
     prequeue_opens_at  DATETIME(3)     NOT NULL,
     outflow_per_sec    INT UNSIGNED    NOT NULL,
     time_to_act_secs   INT UNSIGNED    NOT NULL,
+    -- Zero bits a join's proof of work must have; 0: no proof asked.
+    proof_of_work_bits TINYINT UNSIGNED NOT NULL DEFAULT 0,
     -- Secret until the draw; its SHA-256 is published from the start.
     seed               BINARY(32)      NOT NULL,
     seed_commitment    CHAR(64) CHARACTER SET ascii NOT NULL,

@@ -57,24 +57,40 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
 /// waiting room (checked by the handler, which knows the event).
 pub struct AdmissionToken(pub Option<String>);
 
-pub const ADMISSION: &str = "dropline-admission";
+/// The `Dropline-Proof` header, when sent: a solved join challenge
+/// (checked by the handler, which knows the room's difficulty).
+pub struct JoinProof(pub Option<String>);
 
 impl<S: Send + Sync> FromRequestParts<S> for AdmissionToken {
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Problem> {
-        let mut values = parts.headers.get_all(ADMISSION).iter();
-        let Some(value) = values.next() else { return Ok(AdmissionToken(None)) };
-        if values.next().is_some() {
-            return Err(Problem::new(ErrorCode::InvalidHeader).detail("one Dropline-Admission header at most"));
+        optional_token(&parts.headers, "dropline-admission", "Dropline-Admission").map(AdmissionToken)
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for JoinProof {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Problem> {
+        optional_token(&parts.headers, "dropline-proof", "Dropline-Proof").map(JoinProof)
+    }
+}
+
+/// A header carrying a token the ingress issued, if sent: once at most,
+/// 1 to 4096 visible ASCII characters.
+fn optional_token(headers: &HeaderMap, name: &str, shown: &str) -> Result<Option<String>, Problem> {
+    let mut values = headers.get_all(name).iter();
+    let Some(value) = values.next() else { return Ok(None) };
+    if values.next().is_some() {
+        return Err(Problem::new(ErrorCode::InvalidHeader).detail(format!("one {shown} header at most")));
+    }
+    match value.to_str() {
+        Ok(token) if !token.is_empty() && token.len() <= 4096 && token.bytes().all(|b| b.is_ascii_graphic()) => {
+            Ok(Some(token.to_owned()))
         }
-        match value.to_str() {
-            Ok(token) if !token.is_empty() && token.len() <= 4096 && token.bytes().all(|b| b.is_ascii_graphic()) => {
-                Ok(AdmissionToken(Some(token.to_owned())))
-            }
-            _ => Err(Problem::new(ErrorCode::InvalidHeader)
-                .detail("Dropline-Admission must be the token the waiting room gave, as sent")),
-        }
+        _ => Err(Problem::new(ErrorCode::InvalidHeader)
+            .detail(format!("{shown} must be 1 to 4096 visible ASCII characters, as the ingress gave it"))),
     }
 }
 

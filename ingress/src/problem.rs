@@ -56,6 +56,8 @@ error_codes! {
     NotInQueue => "not_in_queue",
     DrawNotDone => "draw_not_done",
     AdmissionRequired => "admission_required",
+    ProofRequired => "proof_required",
+    ProofInvalid => "proof_invalid",
     AdmissionInvalid => "admission_invalid",
     TurnLapsed => "turn_lapsed",
     OrderNotHeld => "order_not_held",
@@ -84,7 +86,8 @@ impl ErrorCode {
         use ErrorCode::*;
         match self {
             Unauthorized | InvalidSignature | StaleSignature => StatusCode::UNAUTHORIZED,
-            Forbidden | AdmissionRequired | AdmissionInvalid | TurnLapsed => StatusCode::FORBIDDEN,
+            Forbidden | AdmissionRequired | AdmissionInvalid | TurnLapsed | ProofInvalid => StatusCode::FORBIDDEN,
+            ProofRequired => StatusCode::PRECONDITION_REQUIRED,
             NotFound | EventNotFound | OrderNotFound | NoWaitingRoom | NotInQueue => StatusCode::NOT_FOUND,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -143,6 +146,8 @@ impl ErrorCode {
             DrawNotDone => "The waiting room's draw has not been made yet",
             AdmissionRequired => "This event sells through its waiting room: a Dropline-Admission token is required",
             AdmissionInvalid => "The admission token is not valid for this buyer and event",
+            ProofRequired => "This waiting room asks for a proof of work to join: a Dropline-Proof header",
+            ProofInvalid => "The proof of work is not valid",
             TurnLapsed => "Your turn to buy has run out; join the waiting room again",
             OrderNotHeld => "The order is no longer held",
             OrderExpired => "The order's hold has expired",

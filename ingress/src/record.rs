@@ -157,6 +157,7 @@ pub struct RoomRow {
     pub prequeue_opens_at: DateTime<Utc>,
     pub outflow_per_sec: u32,
     pub time_to_act_secs: u32,
+    pub proof_of_work_bits: u8,
     pub seed: Vec<u8>,
     pub seed_commitment: String,
     pub list_hash: Option<String>,
@@ -166,7 +167,8 @@ pub struct RoomRow {
     pub sale_closes_at: DateTime<Utc>,
 }
 
-const ROOM_COLUMNS: &str = "r.event_id, r.mode, r.prequeue_opens_at, r.outflow_per_sec, r.time_to_act_secs, r.seed, \
+const ROOM_COLUMNS: &str = "r.event_id, r.mode, r.prequeue_opens_at, r.outflow_per_sec, r.time_to_act_secs, \
+                            r.proof_of_work_bits, r.seed, \
                             r.seed_commitment, r.list_hash, r.entrants, r.drawn_at, e.sale_opens_at, e.sale_closes_at";
 
 /// Records a waiting room; false when the event has one already.
@@ -177,14 +179,15 @@ pub async fn insert_room(
     seed: &[u8],
 ) -> Result<bool, sqlx::Error> {
     let done = sqlx::query(
-        "INSERT INTO waiting_rooms (event_id, mode, prequeue_opens_at, outflow_per_sec, time_to_act_secs, seed, \
-         seed_commitment) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO waiting_rooms (event_id, mode, prequeue_opens_at, outflow_per_sec, time_to_act_secs, \
+         proof_of_work_bits, seed, seed_commitment) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(event_id)
     .bind(terms.mode)
     .bind(terms.prequeue_opens_at)
     .bind(terms.outflow_per_sec)
     .bind(terms.time_to_act_secs)
+    .bind(terms.proof_of_work_bits)
     .bind(seed)
     .bind(dropline::room::draw::commitment(seed))
     .execute(db)
@@ -216,13 +219,23 @@ pub async fn live_rooms(db: &MySqlPool) -> Result<Vec<RoomRow>, sqlx::Error> {
     .await
 }
 
-/// Sets a room's outflow; false when there is no room.
-pub async fn set_room_outflow(db: &MySqlPool, event_id: u64, per_sec: u32) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query("UPDATE waiting_rooms SET outflow_per_sec = ? WHERE event_id = ?")
-        .bind(per_sec)
-        .bind(event_id)
-        .execute(db)
-        .await?;
+/// Changes what is given of a room's outflow and join difficulty; false
+/// when there is no room.
+pub async fn change_room(
+    db: &MySqlPool,
+    event_id: u64,
+    outflow_per_sec: Option<u32>,
+    proof_of_work_bits: Option<u8>,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE waiting_rooms SET outflow_per_sec = COALESCE(?, outflow_per_sec), \
+         proof_of_work_bits = COALESCE(?, proof_of_work_bits) WHERE event_id = ?",
+    )
+    .bind(outflow_per_sec)
+    .bind(proof_of_work_bits)
+    .bind(event_id)
+    .execute(db)
+    .await?;
     Ok(done.rows_affected() == 1 || room(db, event_id).await?.is_some())
 }
 

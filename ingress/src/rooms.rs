@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Datelike, Utc};
 use dropline::auth::{AdmissionClaims, AdmissionKeys};
+use dropline::room::proof::{self, Challenges};
 use dropline::room::{Mode, RoomError, RoomSettings, Rooms};
 use moka::future::Cache;
 use serde::Deserialize;
@@ -54,6 +55,9 @@ pub struct RoomTerms {
     pub outflow_per_sec: u32,
     /// How long an admitted buyer has to buy.
     pub time_to_act_secs: u32,
+    /// Zero bits a join's proof of work must have (0, the default: none).
+    #[serde(default)]
+    pub proof_of_work_bits: u8,
 }
 
 impl RoomTerms {
@@ -72,21 +76,41 @@ impl RoomTerms {
         } else if self.prequeue_opens_at > sale_opens_at {
             p.push("prequeue_opens_at: must be at or before the sale's opening".into());
         }
-        if self.outflow_per_sec == 0 || self.outflow_per_sec > MAX_OUTFLOW_PER_SEC {
-            p.push(format!("outflow_per_sec: must be 1 to {MAX_OUTFLOW_PER_SEC}"));
-        }
+        p.extend(outflow_problem(self.outflow_per_sec));
         if self.time_to_act_secs == 0 || self.time_to_act_secs > MAX_TIME_TO_ACT_SECS {
             p.push(format!("time_to_act_secs: must be 1 to {MAX_TIME_TO_ACT_SECS}"));
         }
+        p.extend(bits_problem(self.proof_of_work_bits));
         p
     }
 }
 
-/// A change to a room during its sale.
+fn outflow_problem(outflow: u32) -> Option<String> {
+    (outflow == 0 || outflow > MAX_OUTFLOW_PER_SEC)
+        .then(|| format!("outflow_per_sec: must be 1 to {MAX_OUTFLOW_PER_SEC}"))
+}
+
+fn bits_problem(bits: u8) -> Option<String> {
+    (bits > proof::MAX_BITS).then(|| format!("proof_of_work_bits: must be 0 to {}", proof::MAX_BITS))
+}
+
+/// A change to a room, also during its sale: what is given changes.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoomChange {
-    pub outflow_per_sec: u32,
+    pub outflow_per_sec: Option<u32>,
+    pub proof_of_work_bits: Option<u8>,
+}
+
+impl RoomChange {
+    pub fn problems(&self) -> Vec<String> {
+        let mut p: Vec<String> = self.outflow_per_sec.and_then(outflow_problem).into_iter().collect();
+        p.extend(self.proof_of_work_bits.and_then(bits_problem));
+        if self.outflow_per_sec.is_none() && self.proof_of_work_bits.is_none() {
+            p.push("give outflow_per_sec, proof_of_work_bits or both".into());
+        }
+        p
+    }
 }
 
 impl RoomRow {
@@ -96,6 +120,7 @@ impl RoomRow {
             prequeue_opens_at: self.prequeue_opens_at,
             outflow_per_sec: self.outflow_per_sec,
             time_to_act_secs: self.time_to_act_secs,
+            proof_of_work_bits: self.proof_of_work_bits,
         }
     }
 
@@ -119,13 +144,20 @@ pub struct WaitingRooms {
     db: MySqlPool,
     pub live: Rooms,
     pub admissions: AdmissionKeys,
+    pub challenges: Challenges,
     cache: Cache<u64, Option<Arc<RoomRow>>>,
 }
 
 impl WaitingRooms {
-    pub fn new(db: MySqlPool, live: Rooms, admissions: AdmissionKeys) -> Self {
+    pub fn new(db: MySqlPool, live: Rooms, admin_secret: &[u8], issuer: &str) -> Self {
         let cache = Cache::builder().max_capacity(100_000).time_to_live(CACHE_TTL).build();
-        Self { db, live, admissions, cache }
+        Self {
+            db,
+            live,
+            admissions: AdmissionKeys::derived(admin_secret, issuer),
+            challenges: Challenges::derived(admin_secret),
+            cache,
+        }
     }
 
     /// An event's room, from the cache when fresh.
@@ -158,18 +190,34 @@ impl WaitingRooms {
         Ok((row, created))
     }
 
-    pub async fn set_outflow(&self, event_id: u64, per_sec: u32) -> Result<(), Problem> {
-        if !record::set_room_outflow(&self.db, event_id, per_sec)
-            .await
-            .map_err(|e| Problem::unavailable("mysql", &e))?
-        {
+    pub async fn change(&self, event_id: u64, change: &RoomChange) -> Result<(), Problem> {
+        let (outflow, bits) = (change.outflow_per_sec, change.proof_of_work_bits);
+        let changed = record::change_room(&self.db, event_id, outflow, bits).await;
+        if !changed.map_err(|e| Problem::unavailable("mysql", &e))? {
             return Err(ErrorCode::NoWaitingRoom.into());
         }
         // A room missing from Redis is put back by the keepers, from the
         // record, with the new outflow.
-        self.live.set_outflow(event_id, per_sec).await.map_err(|e| Problem::unavailable("redis", &e))?;
+        if let Some(outflow) = outflow {
+            self.live.set_outflow(event_id, outflow).await.map_err(|e| Problem::unavailable("redis", &e))?;
+        }
         self.cache.invalidate(&event_id).await;
         Ok(())
+    }
+
+    /// Checks a join's proof of work against `room`'s difficulty.
+    pub fn proof(&self, room: &RoomRow, proof: Option<&str>, user: &str) -> Result<(), Problem> {
+        if room.proof_of_work_bits == 0 {
+            return Ok(());
+        }
+        let challenge_url = format!("/v1/events/{}/queue/challenge", room.event_id);
+        let proof = proof.ok_or_else(|| {
+            Problem::new(ErrorCode::ProofRequired).detail(format!("solve a challenge from GET {challenge_url}"))
+        })?;
+        let now = Utc::now().timestamp();
+        self.challenges
+            .verify(proof, room.event_id, user, room.proof_of_work_bits, now)
+            .map_err(|e| Problem::new(ErrorCode::ProofInvalid).detail(e.to_string()))
     }
 
     /// Checks a purchase's admission to `event_id` for `user`: the token's

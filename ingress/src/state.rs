@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use dropline::auth::{AdmissionKeys, Tokens};
+use dropline::auth::Tokens;
 use dropline::kafka::{Publisher, Record};
 use dropline::messages::{OrderChange, Topics};
 use dropline::secrets::exposed;
@@ -48,7 +48,8 @@ impl AppState {
         let rooms = WaitingRooms::new(
             db.clone(),
             dropline::room::Rooms::new(redis.clone(), prefix),
-            AdmissionKeys::derived(exposed(&config.admin_jwt_secret), &config.jwt_issuer),
+            exposed(&config.admin_jwt_secret),
+            &config.jwt_issuer,
         );
         let intents = IntentStore::new(redis, prefix, config.idempotency_ttl_secs);
         Ok(AppState {

@@ -473,3 +473,67 @@ async fn a_lottery_lets_all_its_winners_through_at_once_and_losers_move_up_as_tu
     admitted(&stack, event, order[UNITS as usize]).await;
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_that_asks_a_proof_of_work_lets_in_only_the_buyer_who_solved_their_own_challenge() {
+    let stack = Ingress::start(&[]).await;
+    let api = stack.api.clone();
+    let event = stack.create_event(&event_body(60)).await;
+    let terms = json!({
+        "prequeue_opens_at": chrono::Utc::now(),
+        "outflow_per_sec": 10, "time_to_act_secs": 60, "proof_of_work_bits": 12,
+    });
+    assert_eq!(set_room(&stack, event, &terms).await.status(), StatusCode::CREATED);
+    assert_eq!(room(&stack, event).await["proof_of_work_bits"], 12);
+    let challenge_of = |user: &str| {
+        let req = http().get(format!("{api}/v1/events/{event}/queue/challenge")).bearer_auth(stack.token(user));
+        async move {
+            let (status, body) = get_json(req).await;
+            assert_eq!((status, body["difficulty_bits"].as_u64()), (StatusCode::OK, Some(12)), "{body}");
+            body["challenge"].as_str().unwrap().to_owned()
+        }
+    };
+    let join_with = |user: &str, proof: &str| {
+        http()
+            .post(format!("{api}/v1/events/{event}/queue"))
+            .bearer_auth(stack.token(user))
+            .header("dropline-proof", proof)
+    };
+
+    refused(
+        http().post(format!("{api}/v1/events/{event}/queue")).bearer_auth(stack.token("amy")),
+        StatusCode::PRECONDITION_REQUIRED,
+        "proof_required",
+    )
+    .await;
+    let challenge = challenge_of("amy").await;
+    let proof = dropline::room::proof::solve(&challenge, 12);
+    // Someone else's solution, an unsolved nonce and a forged challenge.
+    refused(join_with("bob", &proof), StatusCode::FORBIDDEN, "proof_invalid").await;
+    let unsolved =
+        (0u64..).map(|n| n.to_string()).find(|n| dropline::room::proof::zero_bits(&challenge, n) < 12).unwrap();
+    refused(join_with("amy", &format!("{challenge}:{unsolved}")), StatusCode::FORBIDDEN, "proof_invalid").await;
+    let forged = challenge.replacen(":12:", ":1:", 1);
+    refused(join_with("amy", &dropline::room::proof::solve(&forged, 1)), StatusCode::FORBIDDEN, "proof_invalid").await;
+    refused(join_with("amy", "not a proof"), StatusCode::BAD_REQUEST, "invalid_header").await;
+    assert_eq!(room(&stack, event).await["pre_queue"], 0, "no refused join made a ticket");
+
+    let r = join_with("amy", &proof).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    assert_eq!(room(&stack, event).await["pre_queue"], 1);
+
+    // Harder now: a solution at the old difficulty no longer does.
+    let patch = |change: Value| {
+        http()
+            .patch(format!("{api}/v1/admin/events/{event}/waiting-room"))
+            .bearer_auth(stack.admin_token())
+            .json(&change)
+    };
+    refused(patch(json!({"proof_of_work_bits": 40})), StatusCode::BAD_REQUEST, "invalid_body").await;
+    refused(patch(json!({})), StatusCode::BAD_REQUEST, "invalid_body").await;
+    let old = dropline::room::proof::solve(&challenge_of("cy").await, 12);
+    let (status, changed) = get_json(patch(json!({"proof_of_work_bits": 14}))).await;
+    assert_eq!((status, changed["proof_of_work_bits"].as_u64()), (StatusCode::OK, Some(14)), "{changed}");
+    refused(join_with("cy", &old), StatusCode::FORBIDDEN, "proof_invalid").await;
+    stack.stop().await;
+}

@@ -8,6 +8,7 @@
 //! change a room, and every one of them runs on the event's hash slot.
 
 pub mod draw;
+pub mod proof;
 
 use std::sync::LazyLock;
 

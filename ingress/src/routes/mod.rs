@@ -48,6 +48,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/events/{event_id}/waiting-room", get(rooms::get_one))
         .route("/v1/events/{event_id}/waiting-room/draw", get(rooms::draw))
         .route("/v1/events/{event_id}/queue", post(rooms::join).get(rooms::standing))
+        .route("/v1/events/{event_id}/queue/challenge", get(rooms::challenge))
         .route("/v1/intents/{intent_id}", get(purchases::status))
         .route("/v1/orders/{order_id}", get(orders::get_one))
         .route("/v1/orders/{order_id}/cancel", post(orders::cancel))

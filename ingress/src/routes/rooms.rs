@@ -14,11 +14,11 @@ use dropline::room::{Join, Mode, Phase, Standing, TurnEnd};
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::extract::{Admin, Buyer, EventId, JsonBody, NoBody};
+use crate::extract::{Admin, Buyer, EventId, JoinProof, JsonBody, NoBody};
 use crate::metrics::ROOM_JOINS;
 use crate::problem::{ErrorCode, Problem};
 use crate::record::RoomRow;
-use crate::rooms::{RoomChange, RoomTerms, MAX_OUTFLOW_PER_SEC, SET_BEFORE_OPENING};
+use crate::rooms::{RoomChange, RoomTerms, SET_BEFORE_OPENING};
 use crate::state::AppState;
 
 /// A room as anyone may see it.
@@ -30,6 +30,8 @@ struct RoomView {
     sale_opens_at: DateTime<Utc>,
     outflow_per_sec: u32,
     time_to_act_secs: u32,
+    /// Zero bits a join's proof of work must have; 0: none.
+    proof_of_work_bits: u8,
     /// SHA-256 of the draw's seed, published from the start.
     seed_commitment: String,
     /// scheduled, pre_queue, drawing, open, closed.
@@ -111,20 +113,21 @@ pub async fn set(
     Ok((status, [("location", location)], Json(view(&app, &row).await?)).into_response())
 }
 
-/// `PATCH /v1/admin/events/{id}/waiting-room`: the outflow, during the sale.
+/// `PATCH /v1/admin/events/{id}/waiting-room`: the outflow and the join
+/// difficulty, also during the sale.
 pub async fn change(
     State(app): State<Arc<AppState>>,
     _: Admin,
     EventId(event_id): EventId,
     JsonBody(change): JsonBody<RoomChange>,
 ) -> Result<Response, Problem> {
-    if change.outflow_per_sec == 0 || change.outflow_per_sec > MAX_OUTFLOW_PER_SEC {
-        return Err(Problem::new(ErrorCode::InvalidBody)
-            .errors(vec![format!("outflow_per_sec: must be 1 to {MAX_OUTFLOW_PER_SEC}")]));
+    let problems = change.problems();
+    if !problems.is_empty() {
+        return Err(Problem::new(ErrorCode::InvalidBody).errors(problems));
     }
     room_of(&app, event_id).await?;
-    app.rooms.set_outflow(event_id, change.outflow_per_sec).await?;
-    tracing::info!(event_id, outflow_per_sec = change.outflow_per_sec, "waiting room outflow changed");
+    app.rooms.change(event_id, &change).await?;
+    tracing::info!(event_id, outflow = ?change.outflow_per_sec, bits = ?change.proof_of_work_bits, "waiting room changed");
     let row = app.rooms.load(event_id).await?.ok_or(ErrorCode::NoWaitingRoom)?;
     Ok(Json(view(&app, &row).await?).into_response())
 }
@@ -154,6 +157,7 @@ async fn view(app: &AppState, row: &RoomRow) -> Result<RoomView, Problem> {
         sale_opens_at: row.sale_opens_at,
         outflow_per_sec: row.outflow_per_sec,
         time_to_act_secs: row.time_to_act_secs,
+        proof_of_work_bits: row.proof_of_work_bits,
         seed_commitment: row.seed_commitment.clone(),
         phase,
         pre_queue: s.map_or(0, |s| s.pre_queue),
@@ -180,14 +184,42 @@ pub async fn draw(State(app): State<Arc<AppState>>, EventId(event_id): EventId) 
     Ok(Json(published).into_response())
 }
 
+#[derive(Serialize)]
+struct Challenge {
+    /// Find a nonce such that SHA-256(challenge ":" nonce) starts with
+    /// `difficulty_bits` zero bits; join with `Dropline-Proof:
+    /// <challenge>:<nonce>`.
+    challenge: String,
+    difficulty_bits: u8,
+    algorithm: &'static str,
+    expires_at: DateTime<Utc>,
+}
+
+/// `GET /v1/events/{id}/queue/challenge`: a proof-of-work challenge to join
+/// with, for this buyer.
+pub async fn challenge(
+    State(app): State<Arc<AppState>>,
+    Buyer(claims): Buyer,
+    EventId(event_id): EventId,
+) -> Result<Response, Problem> {
+    let row = room_of(&app, event_id).await?;
+    let now = Utc::now();
+    let bits = row.proof_of_work_bits;
+    let challenge = app.rooms.challenges.issue(event_id, &claims.sub, bits, now.timestamp());
+    let expires_at = now + chrono::Duration::seconds(dropline::room::proof::CHALLENGE_TTL_SECS);
+    Ok(Json(Challenge { challenge, difficulty_bits: bits, algorithm: "SHA-256", expires_at }).into_response())
+}
+
 /// `POST /v1/events/{id}/queue`: join the line, or get back one's ticket.
 pub async fn join(
     State(app): State<Arc<AppState>>,
     Buyer(claims): Buyer,
     EventId(event_id): EventId,
+    JoinProof(proof): JoinProof,
     _: NoBody,
 ) -> Result<Response, Problem> {
     let row = room_of(&app, event_id).await?;
+    app.rooms.proof(&row, proof.as_deref(), &claims.sub)?;
     let redis = |e: dropline::room::RoomError| Problem::unavailable("redis", &e);
     let joined = app.rooms.live.join(event_id, &claims.sub, Utc::now().timestamp_millis()).await.map_err(redis)?;
     let status = match joined {
