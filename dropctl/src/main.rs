@@ -357,6 +357,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 draw.seed_commitment,
                 draw.list_hash
             );
+            if let Some(beacon) = &draw.beacon {
+                println!(
+                    "  mixed with round {} of the beacon {:?}, randomness {}: check that the beacon published it",
+                    beacon.round,
+                    beacon.name,
+                    beacon.randomness.as_deref().unwrap_or("(none)")
+                );
+            }
             if let Some(ticket) = ticket {
                 let place = draw.order.iter().position(|t| *t == ticket);
                 let place = place.with_context(|| format!("ticket {ticket} is not in the draw"))?;

@@ -12,6 +12,11 @@ CREATE TABLE IF NOT EXISTS waiting_rooms (
     -- Secret until the draw; its SHA-256 is published from the start.
     seed               BINARY(32)      NOT NULL,
     seed_commitment    CHAR(64) CHARACTER SET ascii NOT NULL,
+    -- A public randomness beacon round named in advance, mixed into the
+    -- draw; its randomness (hex) as an admin entered it.
+    beacon_name        VARCHAR(100)    NULL,
+    beacon_round       BIGINT UNSIGNED NULL,
+    beacon_randomness  VARCHAR(128) CHARACTER SET ascii NULL,
     list_hash          CHAR(64) CHARACTER SET ascii NULL,
     entrants           INT UNSIGNED    NULL,
     drawn_at           DATETIME(3)     NULL,

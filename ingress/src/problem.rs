@@ -55,6 +55,8 @@ error_codes! {
     LotteryClosed => "lottery_closed",
     NotInQueue => "not_in_queue",
     DrawNotDone => "draw_not_done",
+    NoBeacon => "no_beacon",
+    BeaconAlreadySet => "beacon_already_set",
     AdmissionRequired => "admission_required",
     ProofRequired => "proof_required",
     ProofInvalid => "proof_invalid",
@@ -105,6 +107,8 @@ impl ErrorCode {
             | WaitingRoomTooLate
             | QueueNotOpen
             | LotteryClosed
+            | NoBeacon
+            | BeaconAlreadySet
             | DrawNotDone => StatusCode::CONFLICT,
             RateLimited | Busy => StatusCode::TOO_MANY_REQUESTS,
             BrokerUnavailable | DependencyUnavailable | OrderNotReady | Overloaded | RequestTimeout => {
@@ -144,6 +148,8 @@ impl ErrorCode {
             LotteryClosed => "The lottery took entries until the sale opened",
             NotInQueue => "You have not joined this event's waiting room",
             DrawNotDone => "The waiting room's draw has not been made yet",
+            NoBeacon => "The waiting room names no beacon round",
+            BeaconAlreadySet => "The beacon round's randomness was entered already, with another value",
             AdmissionRequired => "This event sells through its waiting room: a Dropline-Admission token is required",
             AdmissionInvalid => "The admission token is not valid for this buyer and event",
             ProofRequired => "This waiting room asks for a proof of work to join: a Dropline-Proof header",

@@ -160,6 +160,9 @@ pub struct RoomRow {
     pub proof_of_work_bits: u8,
     pub seed: Vec<u8>,
     pub seed_commitment: String,
+    pub beacon_name: Option<String>,
+    pub beacon_round: Option<u64>,
+    pub beacon_randomness: Option<String>,
     pub list_hash: Option<String>,
     pub entrants: Option<u32>,
     pub drawn_at: Option<DateTime<Utc>>,
@@ -169,7 +172,7 @@ pub struct RoomRow {
 
 const ROOM_COLUMNS: &str = "r.event_id, r.mode, r.prequeue_opens_at, r.outflow_per_sec, r.time_to_act_secs, \
                             r.proof_of_work_bits, r.seed, \
-                            r.seed_commitment, r.list_hash, r.entrants, r.drawn_at, e.sale_opens_at, e.sale_closes_at";
+                            r.seed_commitment, r.beacon_name, r.beacon_round, r.beacon_randomness, r.list_hash, r.entrants, r.drawn_at, e.sale_opens_at, e.sale_closes_at";
 
 /// Records a waiting room; false when the event has one already.
 pub async fn insert_room(
@@ -180,7 +183,7 @@ pub async fn insert_room(
 ) -> Result<bool, sqlx::Error> {
     let done = sqlx::query(
         "INSERT INTO waiting_rooms (event_id, mode, prequeue_opens_at, outflow_per_sec, time_to_act_secs, \
-         proof_of_work_bits, seed, seed_commitment) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+         proof_of_work_bits, beacon_name, beacon_round, seed, seed_commitment) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(event_id)
     .bind(terms.mode)
@@ -188,6 +191,8 @@ pub async fn insert_room(
     .bind(terms.outflow_per_sec)
     .bind(terms.time_to_act_secs)
     .bind(terms.proof_of_work_bits)
+    .bind(terms.beacon.as_ref().map(|b| b.name.as_str()))
+    .bind(terms.beacon.as_ref().map(|b| b.round))
     .bind(seed)
     .bind(dropline::room::draw::commitment(seed))
     .execute(db)
@@ -237,6 +242,20 @@ pub async fn change_room(
     .execute(db)
     .await?;
     Ok(done.rows_affected() == 1 || room(db, event_id).await?.is_some())
+}
+
+/// Records the randomness of a room's beacon round, once; false when the
+/// room names no round or has its randomness already.
+pub async fn set_beacon_randomness(db: &MySqlPool, event_id: u64, randomness: &str) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE waiting_rooms SET beacon_randomness = ? \
+         WHERE event_id = ? AND beacon_round IS NOT NULL AND beacon_randomness IS NULL",
+    )
+    .bind(randomness)
+    .bind(event_id)
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected() == 1)
 }
 
 /// Puts what a draw published on the record, once.

@@ -58,6 +58,36 @@ pub struct RoomTerms {
     /// Zero bits a join's proof of work must have (0, the default: none).
     #[serde(default)]
     pub proof_of_work_bits: u8,
+    /// A public randomness beacon round, published after the opening, to
+    /// mix into the draw (none by default).
+    #[serde(default)]
+    pub beacon: Option<BeaconTerms>,
+}
+
+/// Which beacon round a draw mixes in, named before anyone joins.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BeaconTerms {
+    /// The beacon, as buyers can look it up (a drand chain's hash, say).
+    pub name: String,
+    pub round: u64,
+}
+
+/// An admin entering a beacon round's randomness, as the beacon published it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BeaconRandomness {
+    /// Hex, 16 to 64 bytes.
+    pub randomness: String,
+}
+
+impl BeaconRandomness {
+    pub fn problems(&self) -> Vec<String> {
+        match hex::decode(&self.randomness) {
+            Ok(bytes) if (16..=64).contains(&bytes.len()) => Vec::new(),
+            _ => vec!["randomness: must be 16 to 64 bytes in hex".into()],
+        }
+    }
 }
 
 impl RoomTerms {
@@ -81,6 +111,15 @@ impl RoomTerms {
             p.push(format!("time_to_act_secs: must be 1 to {MAX_TIME_TO_ACT_SECS}"));
         }
         p.extend(bits_problem(self.proof_of_work_bits));
+        if let Some(beacon) = &self.beacon {
+            let len = beacon.name.chars().count();
+            if len == 0 || len > 100 || beacon.name.chars().any(char::is_control) {
+                p.push("beacon.name: must be 1 to 100 printable characters".into());
+            }
+            if beacon.round == 0 || beacon.round > i64::MAX as u64 {
+                p.push("beacon.round: must be a positive round number".into());
+            }
+        }
         p
     }
 }
@@ -121,7 +160,17 @@ impl RoomRow {
             outflow_per_sec: self.outflow_per_sec,
             time_to_act_secs: self.time_to_act_secs,
             proof_of_work_bits: self.proof_of_work_bits,
+            beacon: match (&self.beacon_name, self.beacon_round) {
+                (Some(name), Some(round)) => Some(BeaconTerms { name: name.clone(), round }),
+                _ => None,
+            },
         }
+    }
+
+    /// The beacon round the draw mixes in, with its randomness once entered.
+    pub fn beacon(&self) -> Option<dropline::room::draw::Beacon> {
+        let (name, round) = (self.beacon_name.clone()?, self.beacon_round?);
+        Some(dropline::room::draw::Beacon { name, round, randomness: self.beacon_randomness.clone() })
     }
 
     pub fn settings(&self) -> RoomSettings {
@@ -203,6 +252,23 @@ impl WaitingRooms {
         }
         self.cache.invalidate(&event_id).await;
         Ok(())
+    }
+
+    /// Enters the randomness of `event_id`'s beacon round, once: the same
+    /// value again is fine; another is refused.
+    pub async fn set_beacon(&self, event_id: u64, entered: &BeaconRandomness) -> Result<RoomRow, Problem> {
+        let mysql = |e: sqlx::Error| Problem::unavailable("mysql", &e);
+        let randomness = entered.randomness.to_ascii_lowercase();
+        record::set_beacon_randomness(&self.db, event_id, &randomness).await.map_err(mysql)?;
+        let row = record::room(&self.db, event_id).await.map_err(mysql)?.ok_or(ErrorCode::NoWaitingRoom)?;
+        match &row.beacon_randomness {
+            _ if row.beacon_round.is_none() => Err(ErrorCode::NoBeacon.into()),
+            Some(set) if *set == randomness => {
+                self.cache.invalidate(&event_id).await;
+                Ok(row)
+            }
+            _ => Err(Problem::new(ErrorCode::BeaconAlreadySet).detail("the round's randomness was entered before")),
+        }
     }
 
     /// Checks a join's proof of work against `room`'s difficulty.
@@ -315,7 +381,9 @@ async fn keep_one(rooms: &WaitingRooms, room: &mut RoomRow) -> Result<(), KeepEr
     }
     let id = room.event_id;
     if room.drawn_at.is_none() {
-        if let Some(order) = rooms.live.draw_if_due(id, &room.seed, now.timestamp_millis()).await? {
+        let randomness = room.beacon_randomness.as_deref().and_then(|h| hex::decode(h).ok());
+        let beacon = room.beacon_round.map(|_| randomness.as_deref());
+        if let Some(order) = rooms.live.draw_if_due(id, &room.seed, beacon, now.timestamp_millis()).await? {
             metrics::counter!(ROOM_DRAWS.name).increment(1);
             tracing::info!(event_id = id, entrants = order.len(), "waiting room drawn");
         }

@@ -273,8 +273,10 @@ async fn bad_requests_to_the_room_endpoints_are_refused_and_change_nothing() {
     bad["outflow_per_sec"] = json!(0);
     bad["time_to_act_secs"] = json!(0);
     bad["prequeue_opens_at"] = json!(chrono::Utc::now() + chrono::Duration::seconds(120));
+    bad["beacon"] = json!({"name": "", "round": 0});
+    bad["proof_of_work_bits"] = json!(29);
     let answer = refused(put(bad), StatusCode::BAD_REQUEST, "invalid_body").await;
-    assert_eq!(answer["errors"].as_array().unwrap().len(), 3, "{answer}");
+    assert_eq!(answer["errors"].as_array().unwrap().len(), 6, "{answer}");
     let mut unknown = valid.clone();
     unknown["seed"] = json!("00");
     refused(put(unknown), StatusCode::UNPROCESSABLE_ENTITY, "invalid_body_shape").await;
@@ -535,5 +537,83 @@ async fn a_room_that_asks_a_proof_of_work_lets_in_only_the_buyer_who_solved_thei
     let (status, changed) = get_json(patch(json!({"proof_of_work_bits": 14}))).await;
     assert_eq!((status, changed["proof_of_work_bits"].as_u64()), (StatusCode::OK, Some(14)), "{changed}");
     refused(join_with("cy", &old), StatusCode::FORBIDDEN, "proof_invalid").await;
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draw_that_names_a_beacon_round_waits_for_its_randomness_and_mixes_it_in() {
+    let stack = Ingress::start(&[]).await;
+    let api = stack.api.clone();
+    let event = stack.create_event(&event_body(OPENS_IN)).await;
+    let terms = json!({
+        "prequeue_opens_at": chrono::Utc::now(),
+        "outflow_per_sec": 10, "time_to_act_secs": 60,
+        "beacon": {"name": "drand quicknet 52db9ba7", "round": 1234567},
+    });
+    assert_eq!(set_room(&stack, event, &terms).await.status(), StatusCode::CREATED);
+    let named = room(&stack, event).await;
+    assert_eq!(named["beacon"], json!({"name": "drand quicknet 52db9ba7", "round": 1234567}), "{named}");
+    let mut joined = Vec::new();
+    for i in 0..12 {
+        let (status, ticket) = join(&stack, event, &format!("b{i}")).await;
+        assert_eq!(status, StatusCode::CREATED);
+        joined.push(ticket["ticket_id"].as_str().unwrap().parse::<Uuid>().unwrap());
+    }
+
+    // The opening: the list is frozen and its hash published; the draw
+    // waits for the round.
+    let waiting = eventually("the list hash", Duration::from_secs(20), || async {
+        let r = room(&stack, event).await;
+        r["list_hash"].is_string().then_some(r)
+    })
+    .await;
+    assert_eq!(waiting["phase"], "drawing", "{waiting}");
+    assert_eq!(waiting["list_hash"].as_str(), Some(draw::list_hash(&joined).as_str()));
+    assert!(waiting.get("seed").is_none(), "no seed before the draw: {waiting}");
+    refused(http().get(format!("{api}/v1/events/{event}/waiting-room/draw")), StatusCode::CONFLICT, "draw_not_done")
+        .await;
+
+    let beacon = |randomness: &str| {
+        http()
+            .put(format!("{api}/v1/admin/events/{event}/waiting-room/beacon"))
+            .bearer_auth(stack.admin_token())
+            .json(&json!({ "randomness": randomness }))
+    };
+    refused(beacon("not hex"), StatusCode::BAD_REQUEST, "invalid_body").await;
+    refused(beacon("abcd"), StatusCode::BAD_REQUEST, "invalid_body").await;
+    let randomness = "a1".repeat(32);
+    assert_eq!(beacon(&randomness).send().await.unwrap().status(), StatusCode::OK);
+    assert_eq!(beacon(&randomness).send().await.unwrap().status(), StatusCode::OK, "the same value again");
+    refused(beacon(&"b2".repeat(32)), StatusCode::CONFLICT, "beacon_already_set").await;
+
+    let published: PublishedDraw = eventually("the draw", Duration::from_secs(20), || async {
+        let r = http().get(format!("{api}/v1/events/{event}/waiting-room/draw")).send().await.unwrap();
+        if r.status() == StatusCode::OK {
+            Some(r.json().await.unwrap())
+        } else {
+            None
+        }
+    })
+    .await;
+    assert_eq!(published.beacon.as_ref().and_then(|b| b.randomness.as_deref()), Some(randomness.as_str()));
+    assert_eq!(published.list_hash, waiting["list_hash"].as_str().unwrap(), "the list hash published before");
+    assert_eq!(draw::verify(&published), Ok(()));
+    let mut without = published.clone();
+    without.beacon = None;
+    assert!(draw::verify(&without).is_err(), "the order is not the seed's alone");
+
+    // A room without a beacon takes no randomness.
+    let plain = stack.create_event(&event_body(60)).await;
+    let plain_terms = json!({"prequeue_opens_at": chrono::Utc::now(), "outflow_per_sec": 1, "time_to_act_secs": 60});
+    assert_eq!(set_room(&stack, plain, &plain_terms).await.status(), StatusCode::CREATED);
+    refused(
+        http()
+            .put(format!("{api}/v1/admin/events/{plain}/waiting-room/beacon"))
+            .bearer_auth(stack.admin_token())
+            .json(&json!({ "randomness": randomness })),
+        StatusCode::CONFLICT,
+        "no_beacon",
+    )
+    .await;
     stack.stop().await;
 }

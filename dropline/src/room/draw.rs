@@ -11,6 +11,11 @@
 //! The seed is fixed before anyone joins and the list before the seed is
 //! revealed, so neither can be picked after seeing the other; and with the
 //! seed, the list and this file anyone recomputes every place ([`verify`]).
+//!
+//! A room may also name, in advance, a round of a public randomness beacon
+//! (drand, say) published after its opening. The draw then orders by
+//! [`beacon_seed`]: the committed seed mixed with that round's randomness,
+//! which nobody (the operator included) knows until the list is fixed.
 
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
@@ -45,6 +50,23 @@ pub fn list_hash(tickets: &[Uuid]) -> String {
     hex::encode(hasher.finalize())
 }
 
+/// The seed a draw orders by when it mixes in a beacon round's randomness:
+/// SHA-256 of a tag, the committed seed and the randomness.
+pub fn beacon_seed(seed: &[u8], randomness: &[u8]) -> [u8; 32] {
+    Sha256::new().chain_update(b"dropline-draw-beacon-v1").chain_update(seed).chain_update(randomness).finalize().into()
+}
+
+/// A beacon round a room mixes into its draw, and its randomness once known.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Beacon {
+    /// Which beacon (a drand chain's name or hash, say).
+    pub name: String,
+    pub round: u64,
+    /// The round's randomness, hex; absent until an admin enters it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub randomness: Option<String>,
+}
+
 /// The drawn order of `tickets`: by the SHA-256 of the domain tag, the
 /// seed, the list hash (its 32 bytes) and the ticket id (its 16 bytes).
 pub fn order(seed: &[u8], list_hash_hex: &str, tickets: &[Uuid]) -> Vec<Uuid> {
@@ -69,6 +91,9 @@ pub struct PublishedDraw {
     /// Hex.
     pub seed: String,
     pub list_hash: String,
+    /// The beacon round mixed in, if the room named one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beacon: Option<Beacon>,
     /// Every ticket of the pre-queue, first place first.
     pub order: Vec<Uuid>,
 }
@@ -82,6 +107,8 @@ pub enum DrawMismatch {
     Commitment,
     #[error("the list of tickets does not hash to the list hash published at the opening")]
     ListHash,
+    #[error("the room named a beacon round but the draw gives no randomness for it")]
+    NoBeaconRandomness,
     #[error("a ticket is listed twice")]
     Duplicate,
     #[error("the order differs from the one the seed and the list give, first at place {0}")]
@@ -107,7 +134,15 @@ pub fn verify(draw: &PublishedDraw) -> Result<(), DrawMismatch> {
     if list_hash(&draw.order) != draw.list_hash {
         return Err(DrawMismatch::ListHash);
     }
-    let expected = order(&seed, &draw.list_hash, &draw.order);
+    let draw_seed = match &draw.beacon {
+        None => seed,
+        Some(beacon) => {
+            let randomness = beacon.randomness.as_deref().ok_or(DrawMismatch::NoBeaconRandomness)?;
+            let randomness = hex::decode(randomness).map_err(|_| DrawMismatch::NoBeaconRandomness)?;
+            beacon_seed(&seed, &randomness).to_vec()
+        }
+    };
+    let expected = order(&draw_seed, &draw.list_hash, &draw.order);
     match expected.iter().zip(&draw.order).position(|(a, b)| a != b) {
         Some(i) => Err(DrawMismatch::Order(i + 1)),
         None => Ok(()),
@@ -130,6 +165,7 @@ mod tests {
             seed: hex::encode(seed),
             order: order(&seed, &list, entrants),
             list_hash: list,
+            beacon: None,
         }
     }
 
@@ -189,6 +225,34 @@ mod tests {
         let mut short = draw;
         short.seed = "abcd".into();
         assert_eq!(verify(&short), Err(DrawMismatch::BadSeed));
+    }
+
+    #[test]
+    fn a_beacon_draw_verifies_only_with_the_round_randomness_it_mixed_in() {
+        let t = tickets(100);
+        let seed = [3; SEED_LEN];
+        let randomness = [9u8; 32];
+        let list = list_hash(&t);
+        let beacon = Beacon { name: "quicknet".into(), round: 7, randomness: Some(hex::encode(randomness)) };
+        let draw = PublishedDraw {
+            event_id: 1,
+            seed_commitment: commitment(&seed),
+            seed: hex::encode(seed),
+            order: order(&beacon_seed(&seed, &randomness), &list, &t),
+            list_hash: list,
+            beacon: Some(beacon),
+        };
+        assert_eq!(verify(&draw), Ok(()));
+        // Without the beacon the seed alone gives another order.
+        let mut without = draw.clone();
+        without.beacon = None;
+        assert!(matches!(verify(&without), Err(DrawMismatch::Order(_))));
+        let mut other = draw.clone();
+        other.beacon.as_mut().unwrap().randomness = Some(hex::encode([8u8; 32]));
+        assert!(matches!(verify(&other), Err(DrawMismatch::Order(_))));
+        let mut missing = draw;
+        missing.beacon.as_mut().unwrap().randomness = None;
+        assert_eq!(verify(&missing), Err(DrawMismatch::NoBeaconRandomness));
     }
 
     #[test]

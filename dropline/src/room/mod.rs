@@ -27,6 +27,7 @@ static OPEN: LazyLock<Script> = room_script!("lua/open.lua");
 static JOIN: LazyLock<Script> = room_script!("lua/join.lua");
 static FREEZE: LazyLock<Script> = room_script!("lua/freeze.lua");
 static DRAW: LazyLock<Script> = room_script!("lua/draw.lua");
+static LISTED: LazyLock<Script> = room_script!("lua/listed.lua");
 static ADVANCE: LazyLock<Script> = room_script!("lua/advance.lua");
 static TICKET: LazyLock<Script> = room_script!("lua/ticket.lua");
 static USED: LazyLock<Script> = room_script!("lua/used.lua");
@@ -236,11 +237,20 @@ impl Rooms {
         }
     }
 
-    /// At or after the opening, freezes the pre-queue, draws its order from
-    /// `seed` and writes it. `Ok(Some(order))` when this call drew; `None`
-    /// when it is not time, the room is drawn already, or another replica
-    /// wrote the draw first.
-    pub async fn draw_if_due(&self, event_id: u64, seed: &[u8], now_ms: i64) -> Result<Option<Vec<Uuid>>, RoomError> {
+    /// At or after the opening, freezes the pre-queue and publishes its list
+    /// hash, then draws its order and writes it: from `seed`, or, for a room
+    /// that named a beacon round, from the seed mixed with the round's
+    /// `randomness` (no draw until it is given). `Ok(Some(order))` when
+    /// this call drew; `None` when it is not time, the beacon's randomness
+    /// is awaited, the room is drawn already, or another replica wrote the
+    /// draw first.
+    pub async fn draw_if_due(
+        &self,
+        event_id: u64,
+        seed: &[u8],
+        beacon: Option<Option<&[u8]>>,
+        now_ms: i64,
+    ) -> Result<Option<Vec<Uuid>>, RoomError> {
         let answer: Vec<String> = self.call(&FREEZE, event_id, &[now_ms.to_string()]).await?;
         let Some((first, tickets)) = answer.split_first() else {
             return Err(RoomError::Corrupt("freeze answered nothing".into()));
@@ -253,7 +263,13 @@ impl Rooms {
             .map(|t| Uuid::parse_str(t).map_err(|_| RoomError::Corrupt(format!("pre-queue ticket {t:?}"))))
             .collect::<Result<Vec<_>, _>>()?;
         let list_hash = draw::list_hash(&tickets);
-        let order = draw::order(seed, &list_hash, &tickets);
+        let _: i64 = self.call(&LISTED, event_id, std::slice::from_ref(&list_hash)).await?;
+        let draw_seed = match beacon {
+            None => seed.to_vec(),
+            Some(None) => return Ok(None),
+            Some(Some(randomness)) => draw::beacon_seed(seed, randomness).to_vec(),
+        };
+        let order = draw::order(&draw_seed, &list_hash, &tickets);
         let keys = self.keys.room(event_id);
         let mut invocation = DRAW.prepare_invoke();
         for key in keys.all() {

@@ -56,6 +56,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/admin/events", post(events::create))
         .route("/v1/admin/events/{event_id}/prewarm", post(events::prewarm))
         .route("/v1/admin/events/{event_id}/waiting-room", put(rooms::set).patch(rooms::change))
+        .route("/v1/admin/events/{event_id}/waiting-room/beacon", put(rooms::set_beacon))
         .route("/v1/webhooks/payments", post(webhooks::payment).route_layer(webhooks))
         .fallback(|| async { Problem::new(ErrorCode::NotFound) })
         .method_not_allowed_fallback(|| async { Problem::new(ErrorCode::MethodNotAllowed) })

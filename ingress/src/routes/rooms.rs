@@ -9,7 +9,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
-use dropline::room::draw::PublishedDraw;
+use dropline::room::draw::{Beacon, PublishedDraw};
 use dropline::room::{Join, Mode, Phase, Standing, TurnEnd};
 use serde::Serialize;
 use uuid::Uuid;
@@ -18,7 +18,7 @@ use crate::extract::{Admin, Buyer, EventId, JoinProof, JsonBody, NoBody};
 use crate::metrics::ROOM_JOINS;
 use crate::problem::{ErrorCode, Problem};
 use crate::record::RoomRow;
-use crate::rooms::{RoomChange, RoomTerms, SET_BEFORE_OPENING};
+use crate::rooms::{BeaconRandomness, RoomChange, RoomTerms, SET_BEFORE_OPENING};
 use crate::state::AppState;
 
 /// A room as anyone may see it.
@@ -34,6 +34,10 @@ struct RoomView {
     proof_of_work_bits: u8,
     /// SHA-256 of the draw's seed, published from the start.
     seed_commitment: String,
+    /// The beacon round mixed into the draw, named from the start; its
+    /// randomness once entered. The draw waits for it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    beacon: Option<Beacon>,
     /// scheduled, pre_queue, drawing, open, closed.
     phase: &'static str,
     /// Tickets waiting for the draw (before the opening).
@@ -132,6 +136,24 @@ pub async fn change(
     Ok(Json(view(&app, &row).await?).into_response())
 }
 
+/// `PUT /v1/admin/events/{id}/waiting-room/beacon`: the named beacon
+/// round's randomness, once it is published. The draw waits for it.
+pub async fn set_beacon(
+    State(app): State<Arc<AppState>>,
+    _: Admin,
+    EventId(event_id): EventId,
+    JsonBody(entered): JsonBody<BeaconRandomness>,
+) -> Result<Response, Problem> {
+    let problems = entered.problems();
+    if !problems.is_empty() {
+        return Err(Problem::new(ErrorCode::InvalidBody).errors(problems));
+    }
+    room_of(&app, event_id).await?;
+    let row = app.rooms.set_beacon(event_id, &entered).await?;
+    tracing::info!(event_id, round = ?row.beacon_round, "beacon randomness entered");
+    Ok(Json(view(&app, &row).await?).into_response())
+}
+
 /// `GET /v1/events/{id}/waiting-room`
 pub async fn get_one(State(app): State<Arc<AppState>>, EventId(event_id): EventId) -> Result<Response, Problem> {
     let row = room_of(&app, event_id).await?;
@@ -159,6 +181,7 @@ async fn view(app: &AppState, row: &RoomRow) -> Result<RoomView, Problem> {
         time_to_act_secs: row.time_to_act_secs,
         proof_of_work_bits: row.proof_of_work_bits,
         seed_commitment: row.seed_commitment.clone(),
+        beacon: row.beacon(),
         phase,
         pre_queue: s.map_or(0, |s| s.pre_queue),
         in_line: s.map_or(0, |s| s.in_line),
@@ -180,7 +203,14 @@ pub async fn draw(State(app): State<Arc<AppState>>, EventId(event_id): EventId) 
         return Err(Problem::new(ErrorCode::DrawNotDone).detail(format!("it is made at {}", row.sale_opens_at)));
     };
     let order = app.rooms.live.drawn_order(event_id, entrants).await.map_err(redis)?;
-    let published = PublishedDraw { event_id, seed_commitment: row.seed_commitment.clone(), seed, list_hash, order };
+    let published = PublishedDraw {
+        event_id,
+        seed_commitment: row.seed_commitment.clone(),
+        seed,
+        list_hash,
+        beacon: app.rooms.load(event_id).await?.and_then(|r| r.beacon()),
+        order,
+    };
     Ok(Json(published).into_response())
 }
 

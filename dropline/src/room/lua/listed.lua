@@ -1,0 +1,14 @@
+-- Publishes the frozen pre-queue's list hash, before the seed: a draw that
+-- waits for a beacon round shows it while it waits.
+--
+-- ARGV list_hash
+-- Returns 1 when published now or before, 0 when the room is not frozen.
+if redis.call('HGET', conf, 'state') ~= 'frozen' then
+  return 0
+end
+local published = redis.call('HGET', conf, 'list_hash')
+if published and published ~= ARGV[1] then
+  return redis.error_reply('DRAW list hash ' .. ARGV[1] .. ' differs from the published ' .. published)
+end
+redis.call('HSET', conf, 'list_hash', ARGV[1])
+return 1
