@@ -447,7 +447,10 @@ fn print_report(r: &DropReport) {
             d.mismatch.as_ref().map_or("holds".to_owned(), |m| format!("DOES NOT HOLD: {m}")),
             d.seed_commitment
         );
-        println!("  check it yourself: target/release/dropctl verify-draw {}", r.event_id);
+        println!(
+            "  check it yourself (with the stack up: scripts/stack.sh up): target/release/dropctl verify-draw {}",
+            r.event_id
+        );
     }
     println!("decisions: held {}, rejected: {}", r.held, list(&r.rejected));
     println!(

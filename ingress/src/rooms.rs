@@ -177,6 +177,7 @@ impl RoomRow {
         let closes = self.sale_closes_at.timestamp_millis();
         RoomSettings {
             mode: self.mode,
+            drawn: self.drawn_at.is_some(),
             prequeue_opens_ms: self.prequeue_opens_at.timestamp_millis(),
             sale_opens_ms: self.sale_opens_at.timestamp_millis(),
             sale_closes_ms: closes,

@@ -617,3 +617,43 @@ async fn a_draw_that_names_a_beacon_round_waits_for_its_randomness_and_mixes_it_
     .await;
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_redis_lost_after_its_draw_comes_back_drawn_and_buyers_join_again_at_the_back() {
+    let stack = Ingress::start(&[]).await;
+    let event = event_with_room(&stack, 2, 10, 60).await;
+    for user in ["eve", "fay"] {
+        assert_eq!(join(&stack, event, user).await.0, StatusCode::CREATED);
+    }
+    eventually("the draw", Duration::from_secs(20), || async {
+        (room(&stack, event).await["phase"] == "open").then_some(())
+    })
+    .await;
+
+    // Redis loses the room (not the ledger).
+    let keys = dropline::stock::Keys::new(&stack.name).room(event);
+    let mut conn = stack.ledger.pool().get().await.unwrap();
+    let lost =
+        [&keys.conf, &keys.pre, &keys.line, &keys.users, &keys.admitted, &keys.ended, &keys.samples, &keys.pending];
+    let _: i64 = deadpool_redis::redis::cmd("DEL").arg(&lost).query_async(&mut conn).await.unwrap();
+
+    // The keepers set it up again from the record, drawn: the line moves
+    // for whoever joins again.
+    let back = eventually("the room set up again", Duration::from_secs(20), || async {
+        let r = http().get(format!("{}/v1/events/{event}/waiting-room", stack.api)).send().await.unwrap();
+        let body: Value = r.json().await.unwrap();
+        (body["phase"] == "open").then_some(body)
+    })
+    .await;
+    assert_eq!(back["in_line"], 0, "{back}");
+    refused(
+        http().get(format!("{}/v1/events/{event}/queue", stack.api)).bearer_auth(stack.token("eve")),
+        StatusCode::NOT_FOUND,
+        "not_in_queue",
+    )
+    .await;
+    let (status, again) = join(&stack, event, "eve").await;
+    assert_eq!((status, again["place"].as_u64()), (StatusCode::CREATED, Some(1)), "{again}");
+    admitted(&stack, event, "eve").await;
+    stack.stop().await;
+}

@@ -59,6 +59,9 @@ crate::messages::named!(Mode { Fcfs => "fcfs", Lottery => "lottery" });
 #[derive(Debug, Clone, Copy)]
 pub struct RoomSettings {
     pub mode: Mode,
+    /// The record has the room's draw: a room set up again after Redis lost
+    /// it starts drawn, with an empty line.
+    pub drawn: bool,
     pub prequeue_opens_ms: i64,
     pub sale_opens_ms: i64,
     pub sale_closes_ms: i64,
@@ -206,6 +209,8 @@ impl Rooms {
             s.time_to_act_ms.to_string(),
             s.retain_until_ms.to_string(),
             s.mode.as_str().to_owned(),
+            u8::from(s.drawn).to_string(),
+            crate::messages::now_ms().to_string(),
         ];
         let created: i64 = self.call(&OPEN, event_id, &args).await?;
         Ok(created == 1)
