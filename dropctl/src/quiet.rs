@@ -23,8 +23,7 @@ use std::time::Duration;
 
 use clap::Args;
 use dropline::config::KafkaArgs;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use dropline::kafka::GroupOffsets;
 use sqlx::MySqlPool;
 
 use crate::record;
@@ -58,77 +57,30 @@ pub struct Quiet {
     pub timeout: Duration,
 }
 
-/// One consumer group's probe: its committed offsets against the ends of
-/// the topics it consumes.
-struct GroupProbe {
-    consumer: BaseConsumer,
-    topics: Vec<String>,
-}
-
-impl GroupProbe {
-    fn new(kafka: &KafkaArgs, group: &str, topics: Vec<String>) -> anyhow::Result<Self> {
-        let consumer = ClientConfig::new()
-            .set("bootstrap.servers", &kafka.brokers)
-            .set("group.id", group)
-            .set("enable.auto.commit", "false")
-            .create()?;
-        Ok(Self { consumer, topics })
-    }
-
-    /// Messages the group has not committed past yet (blocking).
-    fn lag(&self) -> anyhow::Result<i64> {
-        let wait = Duration::from_secs(5);
-        let mut ends = TopicPartitionList::new();
-        let mut lows = Vec::new();
-        for topic in &self.topics {
-            let metadata = self.consumer.fetch_metadata(Some(topic), wait)?;
-            for t in metadata.topics() {
-                for p in t.partitions() {
-                    let (low, high) = self.consumer.fetch_watermarks(topic, p.id(), wait)?;
-                    ends.add_partition_offset(topic, p.id(), Offset::Offset(high))?;
-                    lows.push(low);
-                }
-            }
-        }
-        let committed = self.consumer.committed_offsets(ends.clone(), wait)?;
-        let mut lag = 0;
-        for (end, low) in ends.elements().iter().zip(lows) {
-            let Offset::Offset(high) = end.offset() else { continue };
-            let at = match committed.find_partition(end.topic(), end.partition()).map(|c| c.offset()) {
-                Some(Offset::Offset(o)) => o,
-                // Nothing committed yet: everything still there is behind.
-                _ => low,
-            };
-            lag += (high - at.max(low)).max(0);
-        }
-        Ok(lag)
-    }
-}
-
-/// The three groups, in the order their output flows.
+/// The three groups, in the order their output flows, each with the
+/// topics it consumes.
 struct PipelineProbe {
-    groups: Vec<(&'static str, GroupProbe)>,
+    groups: Vec<(&'static str, GroupOffsets, Vec<String>)>,
 }
 
 impl PipelineProbe {
     fn new(p: &PipelineArgs) -> anyhow::Result<Self> {
         let t = p.kafka.topics();
+        let wait = Duration::from_secs(5);
+        let group = |name: &str| GroupOffsets::new(&p.kafka, name, wait);
         Ok(Self {
             groups: vec![
-                ("allocator", GroupProbe::new(&p.kafka, &p.allocator_group, vec![t.intents.clone()])?),
-                ("expirer", GroupProbe::new(&p.kafka, &p.expirer_group, vec![t.hold_expiry.clone()])?),
-                (
-                    "settler",
-                    GroupProbe::new(&p.kafka, &p.settler_group, vec![t.decisions.clone(), t.order_changes.clone()])?,
-                ),
+                ("allocator", group(&p.allocator_group)?, vec![t.intents.clone()]),
+                ("expirer", group(&p.expirer_group)?, vec![t.hold_expiry.clone()]),
+                ("settler", group(&p.settler_group)?, vec![t.decisions.clone(), t.order_changes.clone()]),
             ],
         })
     }
 
-    /// The first group still behind, if any (blocking).
-    fn behind(&self) -> anyhow::Result<Option<(&'static str, i64)>> {
-        for (stage, probe) in &self.groups {
-            let lag = probe.lag()?;
+    /// The first group still behind, if any.
+    async fn behind(&self) -> anyhow::Result<Option<(&'static str, i64)>> {
+        for (stage, group, topics) in &self.groups {
+            let lag: i64 = group.read(topics).await?.iter().map(|p| p.lag()).sum();
             if lag > 0 {
                 return Ok(Some((stage, lag)));
             }
@@ -182,7 +134,7 @@ async fn not_quiet(
         return Ok(Some(format!("{in_grace} holds past their deadline, within the grace")));
     }
     if let Some(probe) = probe {
-        if let Some((stage, lag)) = tokio::task::spawn_blocking(move || probe.behind()).await?? {
+        if let Some((stage, lag)) = probe.behind().await? {
             return Ok(Some(format!("the {stage} group is {lag} messages behind")));
         }
     }

@@ -98,6 +98,10 @@ pub struct IngressConfig {
     /// How long MySQL may run one search query before it stops it.
     #[arg(long, env = "DROPLINE_SEARCH_STATEMENT_TIMEOUT_MS", default_value_t = 2_000)]
     pub search_statement_timeout_ms: u64,
+    /// The allocators' consumer group: a queued purchase's place in their
+    /// line is read from its committed offsets.
+    #[arg(long, env = "DROPLINE_ALLOCATOR_GROUP", default_value = "dropline-allocator")]
+    pub allocator_group: String,
     #[command(flatten)]
     pub mysql: MysqlArgs,
     #[command(flatten)]

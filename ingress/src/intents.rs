@@ -35,6 +35,7 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use deadpool_redis::redis::{self, AsyncCommands, Script};
+use dropline::kafka::Written;
 use dropline::stock::Keys;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -68,6 +69,16 @@ pub struct IntentRecord {
     /// When the key was first claimed: every copy of the intent carries it.
     #[serde(rename = "at")]
     pub accepted_at_ms: i64,
+}
+
+/// An intent as the index keeps it: the intent, and once the broker
+/// acknowledged it, its partition and offset on the intents topic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexEntry {
+    #[serde(flatten)]
+    pub intent: IntentRecord,
+    #[serde(rename = "w", default, skip_serializing_if = "Option::is_none")]
+    pub written: Option<(i32, i64)>,
 }
 
 /// An Idempotency-Key's record.
@@ -287,9 +298,18 @@ impl IntentStore {
         Ok(())
     }
 
+    /// Adds where the broker wrote an indexed intent, for its place in the
+    /// allocators' line.
+    pub async fn locate(&self, id: Uuid, intent: &IntentRecord, at: Written) -> Result<(), StoreError> {
+        let entry = IndexEntry { intent: intent.clone(), written: Some((at.partition, at.offset)) };
+        let mut conn = self.pool.get().await?;
+        let _: () = conn.set_ex(self.keys.intent(id), serde_json::to_string(&entry)?, self.ttl_secs).await?;
+        Ok(())
+    }
+
     /// An intent from the index: one that was produced (or was about to
     /// be), so its id was, or may have been, handed to its buyer.
-    pub async fn get(&self, id: Uuid) -> Result<Option<IntentRecord>, StoreError> {
+    pub async fn get(&self, id: Uuid) -> Result<Option<IndexEntry>, StoreError> {
         let mut conn = self.pool.get().await?;
         let raw: Option<String> = conn.get(self.keys.intent(id)).await?;
         Ok(raw.as_deref().map(serde_json::from_str).transpose()?)

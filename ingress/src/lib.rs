@@ -5,7 +5,8 @@
 //!   the payment provider calls the webhook. [`extract`] reads requests
 //!   (tokens, keys, ids, bodies); [`layers`] wrap every route (request id,
 //!   metrics, timeouts, load shedding).
-//! - [`intents`]: idempotency records and the intent index in Redis.
+//! - [`intents`]: idempotency records and the intent index in Redis;
+//!   [`allocation`]: where a queued intent stands in the allocators' line.
 //! - [`events`]: events in MySQL behind a small cache, and the pre-warm.
 //! - [`rooms`]: waiting rooms: their record, admission tokens and the
 //!   keeper that draws each room and lets its buyers through.
@@ -19,6 +20,7 @@
 //! - [`state`]: what every handler shares; [`config`], [`metrics`]:
 //!   settings and metric names.
 
+pub mod allocation;
 pub mod config;
 pub mod events;
 mod extract;
@@ -135,6 +137,12 @@ pub async fn start_on(
     let state = Arc::new(AppState::new(config.clone(), db, redis, publisher.clone(), search_timeout)?);
     tokio::spawn(limits::prune_periodically(state.limits.clone(), Duration::from_secs(10), shutdown.clone()));
     tokio::spawn(rooms::keep(state.rooms.clone(), shutdown.clone()));
+    tokio::spawn(state.allocation.clone().follow(
+        config.shared.kafka.clone(),
+        config.allocator_group.clone(),
+        topics.intents.clone(),
+        shutdown.clone(),
+    ));
 
     let api_addr = listener.local_addr()?;
     let app = routes::router(state);

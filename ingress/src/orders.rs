@@ -95,7 +95,7 @@ impl Orders {
     /// The event an order belongs to.
     pub async fn event_of(&self, order_id: Uuid) -> Result<Option<u64>, Problem> {
         if let Some(record) = self.intents.get(order_id).await.map_err(|e| Problem::unavailable("redis", &e))? {
-            return Ok(Some(record.event_id));
+            return Ok(Some(record.intent.event_id));
         }
         record::event_of_order(&self.db, order_id).await.map_err(|e| Problem::unavailable("mysql", &e))
     }
@@ -103,10 +103,10 @@ impl Orders {
     /// The order `order_id` as it stands now, for `user`.
     pub async fn find(&self, order_id: Uuid, user: &str) -> Result<Lookup, Problem> {
         let index = self.intents.get(order_id).await.map_err(|e| Problem::unavailable("redis", &e))?;
-        if index.as_ref().is_some_and(|i| i.user_id != user) {
+        if index.as_ref().is_some_and(|i| i.intent.user_id != user) {
             return Ok(Lookup::Unknown);
         }
-        if let Some(event_id) = index.as_ref().map(|i| i.event_id) {
+        if let Some(event_id) = index.as_ref().map(|i| i.intent.event_id) {
             if let Some(view) = self.live(event_id, order_id).await? {
                 return Ok(owned_by(view, user));
             }
@@ -124,8 +124,11 @@ impl Orders {
         // No order anywhere. Its intent may still be coming, or decided in
         // a ledger that lost the hold before the settler recorded it.
         if let Some(i) = &index {
-            let verdict =
-                self.ledger.verdict(i.event_id, order_id).await.map_err(|e| Problem::unavailable("redis", &e))?;
+            let verdict = self
+                .ledger
+                .verdict(i.intent.event_id, order_id)
+                .await
+                .map_err(|e| Problem::unavailable("redis", &e))?;
             if matches!(verdict, Some(dropline::stock::Verdict::Rejected { .. })) {
                 return Ok(Lookup::Unknown);
             }

@@ -10,6 +10,7 @@ use dropline::secrets::exposed;
 use dropline::stock::Ledger;
 use sqlx::MySqlPool;
 
+use crate::allocation::AllocationLine;
 use crate::config::IngressConfig;
 use crate::events::{self, Events};
 use crate::intents::IntentStore;
@@ -26,6 +27,7 @@ pub struct AppState {
     pub intents: IntentStore,
     pub orders: Orders,
     pub rooms: WaitingRooms,
+    pub allocation: AllocationLine,
     pub ledger: Ledger,
     pub db: MySqlPool,
     pub publisher: Publisher,
@@ -58,6 +60,7 @@ impl AppState {
                 .with_search_timeout(search_timeout),
             orders: Orders::new(intents.clone(), ledger.clone(), db.clone()),
             rooms,
+            allocation: AllocationLine::default(),
             intents,
             ledger,
             db,

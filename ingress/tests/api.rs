@@ -130,7 +130,7 @@ async fn a_refusal_at_the_door_is_replayed_and_decides_its_intent() {
     let body: Value = taken_over.json().await.unwrap();
     assert_eq!(body["intent_id"], pending.to_string());
     assert!(matches!(store.key_record("alice", "k3").await.unwrap().unwrap().state, KeyState::Accepted));
-    assert_eq!(store.get(pending).await.unwrap().map(|r| r.event_id), Some(later));
+    assert_eq!(store.get(pending).await.unwrap().map(|r| r.intent.event_id), Some(later));
     stack.stop().await;
 }
 
@@ -268,5 +268,60 @@ async fn an_order_nobody_was_given_is_not_found() {
         let url = format!("{}{path}", stack.api);
         refused(http.request(method, &url).bearer_auth(&token), StatusCode::NOT_FOUND, "order_not_found").await;
     }
+    stack.stop().await;
+}
+
+/// A queued purchase shows how many undecided intents of its event are ahead
+/// of it, from its offset and the allocator group's committed offset; as the
+/// group commits (here the test commits for it: no allocator runs), the
+/// number falls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_purchase_shows_its_place_in_the_allocators_line() {
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+    let stack = Ingress::start(&[]).await;
+    let mut body = event_body(-5);
+    body["capacity"] = json!(100);
+    let event = stack.create_event(&body).await;
+    let http = dropline_testkit::http();
+    let mut intents = Vec::new();
+    for i in 0..5 {
+        let r = stack.purchase(&http, event, &format!("buyer-{i}"), "k").send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::ACCEPTED);
+        intents
+            .push((format!("buyer-{i}"), r.json::<Value>().await.unwrap()["intent_id"].as_str().unwrap().to_owned()));
+    }
+    let ahead_of = |user: String, intent: String| {
+        let req = http.get(format!("{}/v1/intents/{intent}", stack.api)).bearer_auth(stack.token(&user));
+        async move {
+            let body: Value = req.send().await.unwrap().json().await.unwrap();
+            assert_eq!(body["status"], "queued", "{body}");
+            body["ahead"].as_u64()
+        }
+    };
+    // Nothing decided: each has every earlier purchase of the event ahead.
+    for (i, (user, intent)) in intents.iter().enumerate() {
+        let ahead =
+            eventually("a place in line", Duration::from_secs(10), || ahead_of(user.clone(), intent.clone())).await;
+        assert_eq!(ahead, i as u64, "{user}");
+    }
+
+    // The allocators decide the first three.
+    let group: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", dropline_testkit::brokers())
+        .set("group.id", format!("{}-allocator", stack.name))
+        .create()
+        .unwrap();
+    let mut decided = TopicPartitionList::new();
+    for partition in 0..3 {
+        decided.add_partition_offset(&format!("{}.intents", stack.name), partition, Offset::Offset(3)).unwrap();
+    }
+    tokio::task::spawn_blocking(move || group.commit(&decided, CommitMode::Sync)).await.unwrap().unwrap();
+    let (user, intent) = intents[4].clone();
+    eventually("the place to fall", Duration::from_secs(10), || async {
+        (ahead_of(user.clone(), intent.clone()).await == Some(1)).then_some(())
+    })
+    .await;
     stack.stop().await;
 }

@@ -350,13 +350,15 @@ fn admin_routes() -> Vec<(Method, String)> {
         .lines()
         .filter_map(|l| l.trim().strip_prefix(".route(\""))
         .filter(|l| l.starts_with("/v1/admin/"))
-        .map(|l| {
+        .flat_map(|l| {
             let (path, handler) = l.split_once('"').unwrap();
-            let method = if handler.contains("get(") { Method::GET } else { Method::POST };
-            (method, path.replace("{event_id}", "1"))
+            let methods =
+                [("get(", Method::GET), ("post(", Method::POST), ("put(", Method::PUT), ("patch(", Method::PATCH)];
+            let path = path.replace("{event_id}", "1");
+            methods.into_iter().filter(|(f, _)| handler.contains(f)).map(move |(_, m)| (m, path.clone()))
         })
         .collect();
-    assert!(routes.len() >= 2, "found the admin routes: {routes:?}");
+    assert!(routes.len() >= 5, "found the admin routes: {routes:?}");
     routes
 }
 
@@ -373,7 +375,16 @@ async fn buyer_tokens_do_not_open_admin_routes_nor_admin_tokens_buyer_routes() {
     for (method, path) in admin_routes() {
         let req = || request(method.clone(), &path);
         // A body the route takes: pre-warm takes none (`{}` is allowed).
-        let event = if path.ends_with("/prewarm") { "{}".to_owned() } else { event_body(0).to_string() };
+        let event = match (&method, path.rsplit('/').next().unwrap()) {
+            (_, "prewarm") => "{}".to_owned(),
+            (&Method::PUT, "waiting-room") => {
+                json!({"prequeue_opens_at": "2030-01-01T00:00:00Z", "outflow_per_sec": 5, "time_to_act_secs": 60})
+                    .to_string()
+            }
+            (_, "waiting-room") => json!({"outflow_per_sec": 5}).to_string(),
+            (_, "beacon") => json!({"randomness": "ab".repeat(16)}).to_string(),
+            _ => event_body(0).to_string(),
+        };
         let body = api.refused(req().bearer(&buyer).json(event.clone()), StatusCode::FORBIDDEN, "forbidden").await;
         assert!(body["detail"].as_str().unwrap().contains("buyer token"), "{path}: {body}");
         for token in [&forged, &elsewhere] {
@@ -394,6 +405,9 @@ async fn buyer_tokens_do_not_open_admin_routes_nor_admin_tokens_buyer_routes() {
         (Method::GET, format!("/v1/orders/{order}")),
         (Method::POST, format!("/v1/orders/{order}/cancel")),
         (Method::POST, format!("/v1/orders/{order}/payments")),
+        (Method::POST, "/v1/events/1/queue".to_owned()),
+        (Method::GET, "/v1/events/1/queue".to_owned()),
+        (Method::GET, "/v1/events/1/queue/challenge".to_owned()),
     ] {
         let req = request(method, &path).bearer(&admin).header("idempotency-key", "k").json(r#"{"quantity": 1}"#);
         api.refused(req, StatusCode::UNAUTHORIZED, "unauthorized").await;

@@ -28,17 +28,14 @@
 //! under the rebuild's own fence, and only its owner lifts it.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use dropline::config::KafkaArgs;
 use dropline::events::Event;
-use dropline::kafka::{PublishError, Publisher, Record};
+use dropline::kafka::{GroupOffsets, PublishError, Publisher, Record};
 use dropline::messages::{OrderState, OutcomeKind, Topics};
 use dropline::stock::{Hold, Ledger, Restore, StockLevels, Verdict};
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sqlx::MySqlPool;
 use uuid::Uuid;
 
@@ -241,46 +238,21 @@ async fn wait_for_allocators(ledger: &Ledger, event_id: u64, options: &RebuildOp
 
 /// Waits until the settler group's committed offsets reach the end of
 /// every partition of the topics it consumes, as the ends stand now.
-///
-/// The probe's calls block for up to their timeout, so each runs on the
-/// blocking pool, never on a runtime worker.
 pub async fn wait_for_settlers(
     kafka: &KafkaArgs,
     topics: &Topics,
     group: &str,
     timeout: Duration,
 ) -> Result<(), RebuildError> {
-    let probe: Arc<BaseConsumer> =
-        Arc::new(ClientConfig::new().set("bootstrap.servers", &kafka.brokers).set("group.id", group).create()?);
-    let wait = Duration::from_secs(10);
+    let probe = GroupOffsets::new(kafka, group, Duration::from_secs(10))?;
     let consumed = [topics.decisions.clone(), topics.order_changes.clone()];
-    let ends = blocking(&probe, move |probe| {
-        let mut ends = TopicPartitionList::new();
-        for topic in &consumed {
-            let metadata = probe.fetch_metadata(Some(topic), wait)?;
-            for t in metadata.topics() {
-                for p in t.partitions() {
-                    let (_, high) = probe.fetch_watermarks(topic, p.id(), wait)?;
-                    ends.add_partition_offset(topic, p.id(), Offset::Offset(high))?;
-                }
-            }
-        }
-        Ok(ends)
-    })
-    .await?;
+    let ends = probe.read(&consumed).await?;
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let asked = ends.clone();
-        let committed = blocking(&probe, move |probe| probe.committed_offsets(asked, wait)).await?;
-        let behind = ends.elements().iter().any(|end| {
-            let at = committed
-                .find_partition(end.topic(), end.partition())
-                .and_then(|c| match c.offset() {
-                    Offset::Offset(o) => Some(o),
-                    _ => None,
-                })
-                .unwrap_or(0);
-            matches!(end.offset(), Offset::Offset(high) if at < high)
+        let now = probe.read(&consumed).await?;
+        let behind = ends.iter().any(|end| {
+            let at = now.iter().find(|p| p.topic == end.topic && p.partition == end.partition);
+            at.and_then(|p| p.committed).unwrap_or(0) < end.high
         });
         if !behind {
             return Ok(());
@@ -290,16 +262,6 @@ pub async fn wait_for_settlers(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-/// Runs a blocking call of `probe` on the blocking pool.
-async fn blocking<T, F>(probe: &Arc<BaseConsumer>, call: F) -> Result<T, KafkaError>
-where
-    T: Send + 'static,
-    F: FnOnce(&BaseConsumer) -> Result<T, KafkaError> + Send + 'static,
-{
-    let probe = Arc::clone(probe);
-    tokio::task::spawn_blocking(move || call(&probe)).await.expect("a kafka probe call panicked")
 }
 
 fn parse_units(raw: Option<&str>) -> Result<Vec<u32>, RebuildError> {

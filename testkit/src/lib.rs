@@ -133,6 +133,7 @@ impl Deployment {
             "--user-burst=1000".to_owned(),
             "--event-cache-ttl-ms=200".to_owned(),
             "--max-body-bytes=1024".to_owned(),
+            format!("--allocator-group={}-allocator", self.name),
         ]
         .into_iter()
         .chain(self.redis_args())

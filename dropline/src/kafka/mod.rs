@@ -13,12 +13,14 @@
 //! - `dead_letters`: the dead-letter topic.
 //! - `group`: a consumer's place in its group, readiness and the stuck
 //!   watch.
+//! - `offsets`: how far a group has come, read from outside it.
 
 mod batch;
 mod consume;
 mod dead_letters;
 mod group;
 pub mod metrics;
+mod offsets;
 mod publish;
 
 use std::time::Duration;
@@ -37,7 +39,8 @@ pub use self::batch::{run_batches, BatchOptions, BatchStage, Failure};
 pub use self::consume::{run_consumer, ConsumerStage, Polling};
 pub use self::dead_letters::DeadLetters;
 pub use self::group::{decode_assignment, watch, GroupContext, PartitionKey};
-pub use self::publish::{producer, Producer, PublishError, Publisher, Record, WhenFull};
+pub use self::offsets::{GroupOffsets, PartitionOffsets};
+pub use self::publish::{producer, Producer, PublishError, Publisher, Record, WhenFull, Written};
 use crate::config::KafkaArgs;
 
 /// How often librdkafka reports the statistics [`export_statistics`] exports.

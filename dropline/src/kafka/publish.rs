@@ -150,6 +150,13 @@ impl<'a> Record<'a> {
     }
 }
 
+/// Where the broker wrote a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    pub partition: i32,
+    pub offset: i64,
+}
+
 /// Publishes records and waits for the broker's acknowledgement. Cheap to
 /// clone: clones share one producer.
 #[derive(Clone)]
@@ -167,6 +174,11 @@ impl Publisher {
 
     /// Publishes one record; `Ok` once the broker acknowledged it.
     pub async fn publish(&self, record: Record<'_>) -> Result<(), PublishError> {
+        self.publish_at(record).await.map(|_| ())
+    }
+
+    /// [`Publisher::publish`], saying where the record was written.
+    pub async fn publish_at(&self, record: Record<'_>) -> Result<Written, PublishError> {
         let topic = record.topic;
         let started = Instant::now();
         let outgoing = FutureRecord {
@@ -180,11 +192,11 @@ impl Publisher {
         ::metrics::gauge!(metrics::PUBLISH_IN_FLIGHT.name, "client" => self.client)
             .set(f64::from(self.producer.in_flight_count()));
         let result = match self.producer.send(outgoing, self.queue_wait).await {
-            Ok(_) => Ok(()),
+            Ok(delivery) => Ok(Written { partition: delivery.partition, offset: delivery.offset }),
             Err((e, _)) => Err(PublishError::from(e)),
         };
         let outcome = match &result {
-            Ok(()) => {
+            Ok(_) => {
                 ::metrics::histogram!(metrics::PUBLISH_DURATION.name, "client" => self.client, "topic" => topic.to_owned())
                     .record(started.elapsed().as_secs_f64());
                 "acked"

@@ -8,7 +8,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use dropline::kafka::{PublishError, Record};
+use dropline::kafka::{PublishError, Record, Written};
 use dropline::messages::{now_ms, OutcomeKind, PurchaseIntent, RejectReason};
 use dropline::stock::{DoorOutcome, LedgerError, Verdict};
 use serde::{Deserialize, Serialize};
@@ -154,9 +154,14 @@ async fn decide(
     // Indexed before it is produced, so an intent on Kafka is always known
     // to the status and order endpoints (unless Redis loses the index).
     app.intents.index(id, intent).await.map_err(|e| Problem::unavailable("redis", &e))?;
-    produce(app, intent, id, request_id).await?;
+    let written = produce(app, intent, id, request_id).await?;
     let record = KeyRecord { intent_id: id, intent: intent.clone(), state: KeyState::Accepted };
-    match app.intents.settle(key, owner, &record).await {
+    let (settled, located) =
+        tokio::join!(app.intents.settle(key, owner, &record), app.intents.locate(id, intent, written));
+    if let Err(e) = located {
+        tracing::debug!(error = %e, %id, "could not record where the intent was written; no place in line shown");
+    }
+    match settled {
         Ok(Settled::Done | Settled::Gone) => {}
         Ok(Settled::Lost(current)) => return Ok(answer_from(&current)),
         // The intent is on Kafka: 202 is the truth whatever happens to the
@@ -250,7 +255,7 @@ async fn door(app: &AppState, event: &crate::events::Event, event_id: u64) -> Re
 /// Produces the intent and waits for the broker's acknowledgement. A full
 /// local queue fails at once: under a flood, waiting would only pile up
 /// connections.
-async fn produce(app: &AppState, record: &IntentRecord, id: Uuid, request_id: &str) -> Result<(), Problem> {
+async fn produce(app: &AppState, record: &IntentRecord, id: Uuid, request_id: &str) -> Result<Written, Problem> {
     let intent = PurchaseIntent {
         intent_id: id,
         event_id: record.event_id,
@@ -261,8 +266,8 @@ async fn produce(app: &AppState, record: &IntentRecord, id: Uuid, request_id: &s
     let payload = serde_json::to_vec(&intent).map_err(|_| Problem::new(ErrorCode::Internal))?;
     let key = record.event_id.to_string();
     let record = Record::new(&app.topics.intents, &key, &payload).request_id(Some(request_id));
-    match app.publisher.publish(record).await {
-        Ok(()) => Ok(()),
+    match app.publisher.publish_at(record).await {
+        Ok(written) => Ok(written),
         Err(PublishError::QueueFull(_)) => {
             Err(Problem::new(ErrorCode::BrokerUnavailable).detail("intake is saturated").retry_after(1))
         }
@@ -292,6 +297,11 @@ struct IntentStatus {
     quantity: u32,
     /// queued, rejected, or the order's state: held, paid, cancelled, expired.
     status: &'static str,
+    /// While queued: intents of the event ahead of this one that the
+    /// allocators have not decided yet (as of their last commit, at most
+    /// about a second ago).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ahead: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<RejectReason>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -310,11 +320,13 @@ pub async fn status(
     Buyer(claims): Buyer,
     IntentId(id): IntentId,
 ) -> Result<Response, Problem> {
-    let record = app.intents.get(id).await.map_err(|e| Problem::unavailable("redis", &e))?;
-    let Some(record) = record.filter(|r| r.user_id == claims.sub) else {
+    let entry = app.intents.get(id).await.map_err(|e| Problem::unavailable("redis", &e))?;
+    let Some(entry) = entry.filter(|r| r.intent.user_id == claims.sub) else {
         return settled_status(&app, id, &claims.sub).await?.ok_or_else(|| ErrorCode::NotFound.into());
     };
+    let record = &entry.intent;
     let verdict = app.ledger.verdict(record.event_id, id).await.map_err(|e| Problem::unavailable("redis", &e))?;
+    let mut ahead = None;
     let (status, reason, order) = match verdict {
         None => {
             if now_ms() - record.accepted_at_ms > QUEUED_CHECK_AFTER_MS {
@@ -322,6 +334,7 @@ pub async fn status(
                     return Ok(settled);
                 }
             }
+            ahead = entry.written.and_then(|(partition, offset)| app.allocation.ahead(partition, offset));
             ("queued", None, None)
         }
         Some(Verdict::Rejected { reason, .. }) => ("rejected", Some(reason), None),
@@ -330,8 +343,15 @@ pub async fn status(
             (order.state.as_str(), None, Some(order))
         }
     };
-    let body =
-        IntentStatus { intent_id: id, event_id: record.event_id, quantity: record.quantity, status, reason, order };
+    let body = IntentStatus {
+        intent_id: id,
+        event_id: record.event_id,
+        quantity: record.quantity,
+        status,
+        ahead,
+        reason,
+        order,
+    };
     Ok(Json(body).into_response())
 }
 
@@ -355,5 +375,6 @@ async fn settled_status(app: &AppState, id: Uuid, user: &str) -> Result<Option<R
         ("rejected", intent.reason(), None)
     };
     let (event_id, quantity) = (intent.event_id, intent.quantity);
-    Ok(Some(Json(IntentStatus { intent_id: id, event_id, quantity, status, reason, order }).into_response()))
+    let body = IntentStatus { intent_id: id, event_id, quantity, status, ahead: None, reason, order };
+    Ok(Some(Json(body).into_response()))
 }
