@@ -202,6 +202,14 @@ impl Problem {
         self
     }
 
+    /// `400 invalid_body` naming every problem of a body, if it has any.
+    pub fn unless_valid(problems: Vec<String>, detail: &str) -> Result<(), Problem> {
+        if problems.is_empty() {
+            return Ok(());
+        }
+        Err(Problem::new(ErrorCode::InvalidBody).detail(detail).errors(problems))
+    }
+
     /// For a backing service that failed: logged here, reported as 503.
     pub fn unavailable(what: &str, error: &dyn std::fmt::Display) -> Self {
         tracing::warn!(error = %error, what, "dependency failed");

@@ -77,6 +77,29 @@ fn purchase(stack: &Ingress, event: u64, user: &str, key: &str, admission: Optio
     }
 }
 
+/// Waits for the room's draw; the draw as published.
+async fn published_draw(stack: &Ingress, event: u64) -> PublishedDraw {
+    eventually("the draw", Duration::from_secs(20), || async {
+        let r = http().get(format!("{}/v1/events/{event}/waiting-room/draw", stack.api)).send().await.unwrap();
+        if r.status() == StatusCode::OK {
+            Some(r.json().await.unwrap())
+        } else {
+            None
+        }
+    })
+    .await
+}
+
+/// `users` in the order the draw placed them.
+async fn in_drawn_order<'a>(stack: &Ingress, event: u64, draw: &PublishedDraw, users: &[&'a str]) -> Vec<&'a str> {
+    let mut by_ticket = HashMap::new();
+    for user in users {
+        let ticket = standing(stack, event, user).await["ticket_id"].as_str().unwrap().parse::<Uuid>().unwrap();
+        by_ticket.insert(ticket, *user);
+    }
+    draw.order.iter().map(|t| by_ticket[t]).collect()
+}
+
 /// Waits until `user` is admitted; their admission token.
 async fn admitted(stack: &Ingress, event: u64, user: &str) -> String {
     eventually(&format!("{user} admitted"), Duration::from_secs(30), || async {
@@ -118,15 +141,7 @@ async fn a_pre_queue_is_drawn_verifiably_and_let_through_in_drawn_order_while_st
     refused(purchase(&stack, event, &users[0], "early", None), StatusCode::FORBIDDEN, "admission_required").await;
 
     // The opening: the draw is published and checks out.
-    let published: PublishedDraw = eventually("the draw", Duration::from_secs(20), || async {
-        let r = http().get(format!("{}/v1/events/{event}/waiting-room/draw", stack.api)).send().await.unwrap();
-        if r.status() == StatusCode::OK {
-            Some(r.json().await.unwrap())
-        } else {
-            None
-        }
-    })
-    .await;
+    let published = published_draw(&stack, event).await;
     assert_eq!(draw::verify(&published), Ok(()));
     assert_eq!(published.seed_commitment, commitment, "the commitment published before the pre-queue");
     let mut drawn = published.order.clone();
@@ -198,21 +213,8 @@ async fn a_turn_not_taken_in_time_lapses_and_the_next_buyer_gets_it() {
     for user in ["ann", "ben", "cat"] {
         assert_eq!(join(&stack, event, user).await.0, StatusCode::CREATED);
     }
-    let published: PublishedDraw = eventually("the draw", Duration::from_secs(20), || async {
-        let r = http().get(format!("{}/v1/events/{event}/waiting-room/draw", stack.api)).send().await.unwrap();
-        if r.status() == StatusCode::OK {
-            Some(r.json().await.unwrap())
-        } else {
-            None
-        }
-    })
-    .await;
-    let mut ticket_of = HashMap::new();
-    for user in ["ann", "ben", "cat"] {
-        ticket_of
-            .insert(standing(&stack, event, user).await["ticket_id"].as_str().unwrap().parse::<Uuid>().unwrap(), user);
-    }
-    let order: Vec<&str> = published.order.iter().map(|t| ticket_of[t]).collect();
+    let published = published_draw(&stack, event).await;
+    let order = in_drawn_order(&stack, event, &published, &["ann", "ben", "cat"]).await;
 
     // One unit: one turn at a time. The first lets it run out.
     let token = admitted(&stack, event, order[0]).await;
@@ -363,21 +365,8 @@ async fn everyone_waiting_learns_of_the_sell_out_and_admission_resumes_when_stoc
     for user in users {
         assert_eq!(join(&stack, event, user).await.0, StatusCode::CREATED);
     }
-    let published: PublishedDraw = eventually("the draw", Duration::from_secs(20), || async {
-        let r = http().get(format!("{}/v1/events/{event}/waiting-room/draw", stack.api)).send().await.unwrap();
-        if r.status() == StatusCode::OK {
-            Some(r.json().await.unwrap())
-        } else {
-            None
-        }
-    })
-    .await;
-    let mut by_ticket = HashMap::new();
-    for user in users {
-        by_ticket
-            .insert(standing(&stack, event, user).await["ticket_id"].as_str().unwrap().parse::<Uuid>().unwrap(), user);
-    }
-    let order: Vec<&str> = published.order.iter().map(|t| by_ticket[t]).collect();
+    let published = published_draw(&stack, event).await;
+    let order = in_drawn_order(&stack, event, &published, &users).await;
 
     // The two admitted buy. Until their purchases are decided, their units
     // stay spoken for: nobody else is let through. The allocator (not
@@ -586,15 +575,7 @@ async fn a_draw_that_names_a_beacon_round_waits_for_its_randomness_and_mixes_it_
     assert_eq!(beacon(&randomness).send().await.unwrap().status(), StatusCode::OK, "the same value again");
     refused(beacon(&"b2".repeat(32)), StatusCode::CONFLICT, "beacon_already_set").await;
 
-    let published: PublishedDraw = eventually("the draw", Duration::from_secs(20), || async {
-        let r = http().get(format!("{api}/v1/events/{event}/waiting-room/draw")).send().await.unwrap();
-        if r.status() == StatusCode::OK {
-            Some(r.json().await.unwrap())
-        } else {
-            None
-        }
-    })
-    .await;
+    let published = published_draw(&stack, event).await;
     assert_eq!(published.beacon.as_ref().and_then(|b| b.randomness.as_deref()), Some(randomness.as_str()));
     assert_eq!(published.list_hash, waiting["list_hash"].as_str().unwrap(), "the list hash published before");
     assert_eq!(draw::verify(&published), Ok(()));

@@ -28,10 +28,7 @@ pub async fn create(
     _: Admin,
     JsonBody(new): JsonBody<EventTerms>,
 ) -> Result<Response, Problem> {
-    let problems = new.problems();
-    if !problems.is_empty() {
-        return Err(Problem::new(ErrorCode::InvalidBody).detail("the event is not valid").errors(problems));
-    }
+    Problem::unless_valid(new.problems(), "the event is not valid")?;
     let event = app.events.create(&new).await.map_err(|e| Problem::unavailable("mysql", &e))?;
     // Pre-warm right away; if Redis fails here the event exists and the
     // admin retries with the idempotent prewarm call.

@@ -98,10 +98,7 @@ pub async fn set(
     let event = app.events.get(event_id).await.map_err(|e| Problem::unavailable("mysql", &e))?;
     let event = event.ok_or(ErrorCode::EventNotFound)?;
     let terms = terms.as_recorded();
-    let problems = terms.problems(event.terms.sale_opens_at);
-    if !problems.is_empty() {
-        return Err(Problem::new(ErrorCode::InvalidBody).detail("the waiting room is not valid").errors(problems));
-    }
+    Problem::unless_valid(terms.problems(event.terms.sale_opens_at), "the waiting room is not valid")?;
     let existing = app.rooms.load(event_id).await?;
     if existing.is_none() && Utc::now() + SET_BEFORE_OPENING > event.terms.sale_opens_at {
         return Err(Problem::new(ErrorCode::WaitingRoomTooLate).detail(format!(
@@ -125,10 +122,7 @@ pub async fn change(
     EventId(event_id): EventId,
     JsonBody(change): JsonBody<RoomChange>,
 ) -> Result<Response, Problem> {
-    let problems = change.problems();
-    if !problems.is_empty() {
-        return Err(Problem::new(ErrorCode::InvalidBody).errors(problems));
-    }
+    Problem::unless_valid(change.problems(), "the change is not valid")?;
     room_of(&app, event_id).await?;
     app.rooms.change(event_id, &change).await?;
     tracing::info!(event_id, outflow = ?change.outflow_per_sec, bits = ?change.proof_of_work_bits, "waiting room changed");
@@ -144,10 +138,7 @@ pub async fn set_beacon(
     EventId(event_id): EventId,
     JsonBody(entered): JsonBody<BeaconRandomness>,
 ) -> Result<Response, Problem> {
-    let problems = entered.problems();
-    if !problems.is_empty() {
-        return Err(Problem::new(ErrorCode::InvalidBody).errors(problems));
-    }
+    Problem::unless_valid(entered.problems(), "the randomness is not valid")?;
     room_of(&app, event_id).await?;
     let row = app.rooms.set_beacon(event_id, &entered).await?;
     tracing::info!(event_id, round = ?row.beacon_round, "beacon randomness entered");

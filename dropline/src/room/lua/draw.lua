@@ -8,9 +8,9 @@
 if redis.call('HGET', conf, 'state') ~= 'frozen' then
   return 0
 end
-local published = redis.call('HGET', conf, 'list_hash')
-if published and published ~= ARGV[1] then
-  return redis.error_reply('DRAW list hash ' .. ARGV[1] .. ' differs from the published ' .. published)
+local differs = same_list(ARGV[1])
+if differs then
+  return differs
 end
 local n = #ARGV - 3
 if n ~= redis.call('SCARD', pre) then

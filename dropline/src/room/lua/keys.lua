@@ -10,3 +10,11 @@ local function retain(...)
     redis.call('PEXPIREAT', key, at)
   end
 end
+
+-- Refuses a list hash other than the one published already, if any.
+local function same_list(list_hash)
+  local published = redis.call('HGET', conf, 'list_hash')
+  if published and published ~= list_hash then
+    return redis.error_reply('DRAW list hash ' .. list_hash .. ' differs from the published ' .. published)
+  end
+end
