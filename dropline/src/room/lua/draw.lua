@@ -5,12 +5,9 @@
 --
 -- ARGV list_hash, seed (hex), now_ms, ticket... (first place first)
 -- Returns 1 when this call drew, 0 when the room was not frozen.
-if redis.call('HGET', conf, 'state') ~= 'frozen' then
-  return 0
-end
-local differs = same_list(ARGV[1])
-if differs then
-  return differs
+local refusal = refuse_unless_frozen_with(ARGV[1])
+if refusal then
+  return refusal
 end
 local n = #ARGV - 3
 if n ~= redis.call('SCARD', pre) then

@@ -11,8 +11,13 @@ local function retain(...)
   end
 end
 
--- Refuses a list hash other than the one published already, if any.
-local function same_list(list_hash)
+-- What a script given `list_hash` for a frozen pre-queue must answer
+-- instead of going on: 0 when the room is not frozen, an error when another
+-- list hash was published; nil when it may go on.
+local function refuse_unless_frozen_with(list_hash)
+  if redis.call('HGET', conf, 'state') ~= 'frozen' then
+    return 0
+  end
   local published = redis.call('HGET', conf, 'list_hash')
   if published and published ~= list_hash then
     return redis.error_reply('DRAW list hash ' .. list_hash .. ' differs from the published ' .. published)

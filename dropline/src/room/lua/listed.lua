@@ -3,12 +3,9 @@
 --
 -- ARGV list_hash
 -- Returns 1 when published now or before, 0 when the room is not frozen.
-if redis.call('HGET', conf, 'state') ~= 'frozen' then
-  return 0
-end
-local differs = same_list(ARGV[1])
-if differs then
-  return differs
+local refusal = refuse_unless_frozen_with(ARGV[1])
+if refusal then
+  return refusal
 end
 redis.call('HSET', conf, 'list_hash', ARGV[1])
 return 1
