@@ -1,15 +1,18 @@
 //! The layers around every route, for what every request shares: its
 //! request id, metrics and logs ([`record`]), a well-formed URI, and the
 //! answers for requests a timeout or a load shedder refused ([`refused`]);
-//! and the outcome counters some routes add ([`count`]).
+//! the outcome counters some routes add ([`count`]); and the validators of
+//! public reads ([`cacheable`]).
 
 use std::time::Instant;
 
 use axum::extract::{FromRequestParts, MatchedPath, Request, State};
 use axum::http::request::Parts;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::BoxError;
+use sha2::{Digest, Sha256};
 use tracing::Instrument;
 
 use crate::metrics::{REQUESTS, REQUEST_DURATION};
@@ -152,6 +155,47 @@ pub async fn count(State(counter): State<Counter>, request: Request, next: Next)
         metrics::counter!(counter.metric, counter.label => outcome).increment(1);
     }
     response
+}
+
+/// Public reads: an answer `200` gets a strong `ETag` (a hash of its body)
+/// and `Cache-Control: public, max-age=<state>`, and a request whose
+/// `If-None-Match` names that tag gets `304` without the body. Caches in
+/// front of the ingress and pollers (`dropctl verify-draw`, a waiting-room
+/// page) then move bytes only when something changed.
+pub async fn cacheable(State(max_age_secs): State<u32>, request: Request, next: Next) -> Response {
+    let asked = request.headers().get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let response = next.run(request).await;
+    if response.status() != StatusCode::OK {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
+        return Problem::new(ErrorCode::Internal).into_response();
+    };
+    let digest = Sha256::digest(&bytes);
+    let tag = format!("\"{}\"", hex::encode(&digest[..16]));
+    let cache_control = format!("public, max-age={max_age_secs}");
+    for (name, value) in [(header::ETAG, &tag), (header::CACHE_CONTROL, &cache_control)] {
+        if let Ok(value) = HeaderValue::from_str(value) {
+            parts.headers.insert(name, value);
+        }
+    }
+    if asked.is_some_and(|asked| names_tag(&asked, &tag)) {
+        let mut not_modified = StatusCode::NOT_MODIFIED.into_response();
+        for name in [header::ETAG, header::CACHE_CONTROL] {
+            if let Some(value) = parts.headers.get(&name) {
+                not_modified.headers_mut().insert(name, value.clone());
+            }
+        }
+        return not_modified;
+    }
+    Response::from_parts(parts, axum::body::Body::from(bytes))
+}
+
+/// Whether an `If-None-Match` list names `tag` (weakly: a `W/` prefix is
+/// ignored), or is `*`.
+fn names_tag(asked: &str, tag: &str) -> bool {
+    asked.split(',').map(str::trim).any(|t| t == "*" || t.trim_start_matches("W/") == tag)
 }
 
 #[cfg(test)]

@@ -638,3 +638,41 @@ async fn a_room_redis_lost_after_its_draw_comes_back_drawn_and_buyers_join_again
     admitted(&stack, event, "eve").await;
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_reads_carry_validators_and_a_matching_if_none_match_gets_304() {
+    let stack = Ingress::start(&[]).await;
+    let event = event_with_room(&stack, 2, 10, 60).await;
+    assert_eq!(join(&stack, event, "gus").await.0, StatusCode::CREATED);
+    published_draw(&stack, event).await;
+    for (path, max_age) in [
+        (format!("/v1/events/{event}/waiting-room/draw"), 300),
+        (format!("/v1/events/{event}"), 1),
+        ("/v1/events".to_owned(), 1),
+    ] {
+        let url = format!("{}{path}", stack.api);
+        let first = http().get(&url).send().await.unwrap();
+        assert_eq!(first.status(), StatusCode::OK, "{path}");
+        let tag = first.headers()["etag"].to_str().unwrap().to_owned();
+        assert_eq!(first.headers()["cache-control"], format!("public, max-age={max_age}").as_str(), "{path}");
+        let body = first.bytes().await.unwrap();
+        let again = http().get(&url).header("if-none-match", &tag).send().await.unwrap();
+        // A live read may have changed in between: then it is a new body.
+        if again.status() == StatusCode::OK {
+            assert_ne!(again.headers()["etag"].to_str().unwrap(), tag, "{path}: same tag, sent again");
+            continue;
+        }
+        assert_eq!(again.status(), StatusCode::NOT_MODIFIED, "{path}");
+        assert_eq!(again.headers()["etag"].to_str().unwrap(), tag);
+        assert!(again.bytes().await.unwrap().is_empty());
+        let other = http().get(&url).header("if-none-match", "\"not-it\"").send().await.unwrap();
+        assert_eq!(other.status(), StatusCode::OK, "{path}");
+        assert!(!body.is_empty());
+    }
+    // The draw does not change: 304 every time.
+    let url = format!("{}/v1/events/{event}/waiting-room/draw", stack.api);
+    let tag = http().get(&url).send().await.unwrap().headers()["etag"].to_str().unwrap().to_owned();
+    let r = http().get(&url).header("if-none-match", format!("W/{tag}")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_MODIFIED);
+    stack.stop().await;
+}

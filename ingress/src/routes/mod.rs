@@ -40,13 +40,17 @@ pub fn router(state: Arc<AppState>) -> Router {
         .concurrency_limit(state.config.purchases_max_in_flight);
     let request_timeout = Duration::from_millis(state.config.http_request_timeout_ms);
     let purchases = middleware::from_fn_with_state(purchases::COUNTER, layers::count);
+    // Public reads carry validators: availability and places move within a
+    // second; a draw never changes once made.
+    let live = || middleware::from_fn_with_state(1u32, layers::cacheable);
+    let settled = middleware::from_fn_with_state(300u32, layers::cacheable);
     let webhooks = middleware::from_fn_with_state(webhooks::COUNTER, layers::count);
     Router::new()
-        .route("/v1/events", get(events::list).layer(search))
-        .route("/v1/events/{event_id}", get(events::get_one))
+        .route("/v1/events", get(events::list).layer(search).layer(live()))
+        .route("/v1/events/{event_id}", get(events::get_one).layer(live()))
         .route("/v1/events/{event_id}/purchases", post(purchases::create).layer(in_flight).route_layer(purchases))
-        .route("/v1/events/{event_id}/waiting-room", get(rooms::get_one))
-        .route("/v1/events/{event_id}/waiting-room/draw", get(rooms::draw))
+        .route("/v1/events/{event_id}/waiting-room", get(rooms::get_one).layer(live()))
+        .route("/v1/events/{event_id}/waiting-room/draw", get(rooms::draw).layer(settled))
         .route("/v1/events/{event_id}/queue", post(rooms::join).get(rooms::standing))
         .route("/v1/events/{event_id}/queue/challenge", get(rooms::challenge))
         .route("/v1/intents/{intent_id}", get(purchases::status))
