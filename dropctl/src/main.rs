@@ -1,3 +1,4 @@
+use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -38,8 +39,9 @@ enum Command {
     /// Prints a bearer token for a buyer, or with --admin for an admin
     /// (signed with the admin secret, for the admin audience).
     Token {
+        /// Whose token: the buyer's id (an admin token defaults to `admin`).
         #[arg(long)]
-        user: String,
+        user: Option<String>,
         #[arg(long)]
         admin: bool,
         #[arg(long, default_value_t = 3600)]
@@ -131,6 +133,10 @@ enum Command {
         /// in the draw).
         #[arg(long)]
         ticket: Option<uuid::Uuid>,
+        /// Check a draw saved from `GET /v1/events/{id}/waiting-room/draw`
+        /// instead of fetching it.
+        #[arg(long)]
+        file: Option<std::path::PathBuf>,
     },
     /// Checks an event's invariants against MySQL and Redis.
     Check {
@@ -248,6 +254,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Token { user, admin, ttl_secs, secrets } => {
             let audience = if admin { Audience::Admin } else { Audience::Buyer };
+            let user = match (user, admin) {
+                (Some(user), _) => user,
+                (None, true) => "admin".to_owned(),
+                (None, false) => anyhow::bail!("a buyer's token needs --user <id>"),
+            };
             println!("{}", secrets.keys(audience)?.mint(&user, ttl_secs)?);
         }
         Command::Demo {
@@ -345,11 +356,27 @@ async fn run(command: Command) -> anyhow::Result<()> {
             };
             println!("{}", serde_json::to_string(&measured)?);
         }
-        Command::VerifyDraw { event, ingress_url, ticket } => {
-            let draw = Api::new(&ingress_url)?.draw(event).await?;
+        Command::VerifyDraw { event, ingress_url, ticket, file } => {
+            let draw: dropline::room::draw::PublishedDraw = match file {
+                Some(path) => serde_json::from_slice(&std::fs::read(&path)?)
+                    .with_context(|| format!("{} is not a published draw", path.display()))?,
+                None => Api::new(&ingress_url)?.draw(event).await?,
+            };
+            // A reader that stops early (`| head`) ends the output, not the
+            // check: a closed pipe is no error here.
+            let mut out = std::io::stdout().lock();
+            macro_rules! say {
+                ($out:expr, $($arg:tt)*) => {{
+                    let _ = writeln!($out, $($arg)*);
+                }};
+            }
+            if draw.event_id != event {
+                anyhow::bail!("the draw is event {}'s, not event {event}'s", draw.event_id);
+            }
             dropline::room::draw::verify(&draw)
                 .map_err(|e| anyhow::anyhow!("event {event}'s draw does not hold: {e}"))?;
-            println!(
+            say!(
+                out,
                 "event {event}: the draw of {} tickets holds\n  seed {} matches its commitment {}\n  list hash {}\n  \
                  every place recomputed from the seed and the list",
                 draw.order.len(),
@@ -358,7 +385,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 draw.list_hash
             );
             if let Some(beacon) = &draw.beacon {
-                println!(
+                say!(
+                    out,
                     "  mixed with round {} of the beacon {:?}, randomness {}: check that the beacon published it",
                     beacon.round,
                     beacon.name,
@@ -368,7 +396,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             if let Some(ticket) = ticket {
                 let place = draw.order.iter().position(|t| *t == ticket);
                 let place = place.with_context(|| format!("ticket {ticket} is not in the draw"))?;
-                println!("  ticket {ticket}: place {} of {}", place + 1, draw.order.len());
+                say!(out, "  ticket {ticket}: place {} of {}", place + 1, draw.order.len());
             }
         }
         Command::Check { event, grace_secs, wait_secs, accepted, books } => {
@@ -407,7 +435,7 @@ async fn print_headline(url: &str, r: &DropReport) {
             return;
         }
     };
-    match dropctl::prometheus::headline(&prom, r.started_at, r.ended_at).await {
+    match dropctl::prometheus::headline(&prom, r.event_id, r.started_at, r.ended_at).await {
         Ok(h) => {
             let show = |v: Option<f64>, unit: &str, scale: f64| {
                 v.map_or("no data".to_owned(), |v| format!("{:.1}{unit}", v * scale))

@@ -118,7 +118,7 @@ pub struct Headline {
 
 /// Reads the headline numbers of the drop that ran from `start` to `end`
 /// (Unix seconds), the only one running then.
-pub async fn headline(prom: &Prometheus, start: f64, end: f64) -> anyhow::Result<Headline> {
+pub async fn headline(prom: &Prometheus, event_id: u64, start: f64, end: f64) -> anyhow::Result<Headline> {
     let window = (end - start).ceil().max(1.0);
     let first = |s: Vec<Series>| s.first().and_then(|s| s.samples.first()).map(|(_, v)| *v).filter(|v| v.is_finite());
     let peak = prom
@@ -137,22 +137,18 @@ pub async fn headline(prom: &Prometheus, start: f64, end: f64) -> anyhow::Result
             end,
         )
         .await?;
-    // Sold out: the first moment anyone was told so, at the door or by the
-    // allocator. The counters are cumulative, so look for the first rise
-    // above their level when the flood started.
-    let refusals = prom
+    // Sold out: the first moment the event's ledger had no unit available,
+    // as the allocators sample it (whether buyers were then told so at the
+    // door, by the allocator or in a waiting room).
+    let available = prom
         .range(
-            "sum(dropline_ingress_purchases_total{outcome=\"sold_out\"}) \
-             + sum(dropline_allocator_decisions_total{outcome=\"sold_out\"})",
+            &format!("min(dropline_allocator_stock_units{{event_id=\"{event_id}\", state=\"available\"}})"),
             start - 1.0,
             end,
             1.0,
         )
         .await?;
-    let sold_out_at = refusals.first().and_then(|s| {
-        let base = s.samples.first()?.1;
-        s.samples.iter().find(|(_, v)| *v > base).map(|(t, _)| *t)
-    });
+    let sold_out_at = available.first().and_then(|s| s.samples.iter().find(|(_, v)| *v == 0.0).map(|(t, _)| *t));
     Ok(Headline {
         peak_admitted_per_sec: first(peak),
         p99_decision_secs: first(p99),

@@ -74,7 +74,7 @@ async fn a_drop_sells_exactly_the_capacity_and_the_books_balance() {
 /// The demo's path: every buyer waits in the pre-queue, is placed by the
 /// draw, buys once admitted; the sale sells exactly its capacity, the books
 /// balance, and the published draw checks out, by the drill and by the
-/// README's `dropctl verify-draw` (seen failing on a tampered order: its
+/// README's `dropctl verify-draw` (and it fails on a tampered copy: its
 /// exit status and message are asserted).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drop_through_a_waiting_room_sells_exactly_the_capacity_and_its_draw_verifies() {
@@ -121,26 +121,18 @@ async fn a_drop_through_a_waiting_room_sells_exactly_the_capacity_and_its_draw_v
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains(&format!("the draw of {} tickets holds", draw.entrants)), "{stdout}");
-    // Swap the first two places in Redis: the check must fail.
-    let line = dropline::stock::Keys::new(&stack.name).room(report.event_id).line;
-    let mut conn = stack.ledger.pool().get().await.unwrap();
-    let first: Vec<String> =
-        deadpool_redis::redis::cmd("ZRANGE").arg(&line).arg(0).arg(1).query_async(&mut conn).await.unwrap();
-    let _: () = deadpool_redis::redis::pipe()
-        .cmd("ZADD")
-        .arg(&line)
-        .arg(2)
-        .arg(&first[0])
-        .cmd("ZADD")
-        .arg(&line)
-        .arg(1)
-        .arg(&first[1])
-        .query_async(&mut conn)
-        .await
+    // A tampered copy (two places swapped) fails the same check.
+    let mut tampered = dropctl::api::Api::new(&stack.api).unwrap().draw(report.event_id).await.unwrap();
+    tampered.order.swap(0, 1);
+    let saved = std::env::temp_dir().join(format!("{}-draw.json", stack.name));
+    std::fs::write(&saved, serde_json::to_vec(&tampered).unwrap()).unwrap();
+    let out = std::process::Command::new(common::process::bin_dir().join("dropctl"))
+        .args(["verify-draw", &report.event_id.to_string(), "--file", saved.to_str().unwrap()])
+        .output()
         .unwrap();
-    let out = verify(report.event_id);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("does not hold"), "{stderr}");
+    let _ = std::fs::remove_file(&saved);
     stack.stop().await;
 }
 

@@ -1,6 +1,6 @@
 -- An event's waiting room: its settings, the seed of its draw and what the
 -- draw published. The line itself lives in Redis (see dropline::room); this
--- row keeps the room's terms and the draw's commitments on the record.
+-- row keeps the room's terms and the whole published draw on the record.
 CREATE TABLE IF NOT EXISTS waiting_rooms (
     event_id           BIGINT UNSIGNED NOT NULL PRIMARY KEY,
     mode               ENUM('fcfs', 'lottery') NOT NULL DEFAULT 'fcfs',
@@ -20,6 +20,10 @@ CREATE TABLE IF NOT EXISTS waiting_rooms (
     list_hash          CHAR(64) CHARACTER SET ascii NULL,
     entrants           INT UNSIGNED    NULL,
     drawn_at           DATETIME(3)     NULL,
+    -- The drawn order, as the draw published it: each ticket id's 16 bytes,
+    -- first place first. Kept so the draw can be checked after Redis let
+    -- the room go.
+    drawn_order        LONGBLOB        NULL,
     created_at         DATETIME(3)     NOT NULL DEFAULT CURRENT_TIMESTAMP(3),
     CONSTRAINT waiting_rooms_event FOREIGN KEY (event_id) REFERENCES events (id)
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4;

@@ -57,11 +57,13 @@ error_codes! {
     DrawNotDone => "draw_not_done",
     NoBeacon => "no_beacon",
     BeaconAlreadySet => "beacon_already_set",
+    BeaconTooEarly => "beacon_too_early",
     AdmissionRequired => "admission_required",
     ProofRequired => "proof_required",
     ProofInvalid => "proof_invalid",
     AdmissionInvalid => "admission_invalid",
     TurnLapsed => "turn_lapsed",
+    TurnUsed => "turn_used",
     OrderNotHeld => "order_not_held",
     OrderExpired => "order_expired",
     OrderVoided => "order_voided",
@@ -88,7 +90,9 @@ impl ErrorCode {
         use ErrorCode::*;
         match self {
             Unauthorized | InvalidSignature | StaleSignature => StatusCode::UNAUTHORIZED,
-            Forbidden | AdmissionRequired | AdmissionInvalid | TurnLapsed | ProofInvalid => StatusCode::FORBIDDEN,
+            Forbidden | AdmissionRequired | AdmissionInvalid | TurnLapsed | TurnUsed | ProofInvalid => {
+                StatusCode::FORBIDDEN
+            }
             ProofRequired => StatusCode::PRECONDITION_REQUIRED,
             NotFound | EventNotFound | OrderNotFound | NoWaitingRoom | NotInQueue => StatusCode::NOT_FOUND,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -109,6 +113,7 @@ impl ErrorCode {
             | LotteryClosed
             | NoBeacon
             | BeaconAlreadySet
+            | BeaconTooEarly
             | DrawNotDone => StatusCode::CONFLICT,
             RateLimited | Busy => StatusCode::TOO_MANY_REQUESTS,
             BrokerUnavailable | DependencyUnavailable | OrderNotReady | Overloaded | RequestTimeout => {
@@ -150,11 +155,13 @@ impl ErrorCode {
             DrawNotDone => "The waiting room's draw has not been made yet",
             NoBeacon => "The waiting room names no beacon round",
             BeaconAlreadySet => "The beacon round's randomness was entered already, with another value",
+            BeaconTooEarly => "The beacon round's randomness is taken only once the pre-queue's list is fixed",
             AdmissionRequired => "This event sells through its waiting room: a Dropline-Admission token is required",
             AdmissionInvalid => "The admission token is not valid for this buyer and event",
             ProofRequired => "This waiting room asks for a proof of work to join: a Dropline-Proof header",
             ProofInvalid => "The proof of work is not valid",
             TurnLapsed => "Your turn to buy has run out; join the waiting room again",
+            TurnUsed => "Your turn bought already; a turn buys once",
             OrderNotHeld => "The order is no longer held",
             OrderExpired => "The order's hold has expired",
             OrderVoided => "The order was withdrawn: its ticket was already sold to an earlier buyer",

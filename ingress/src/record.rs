@@ -263,17 +263,31 @@ pub async fn record_draw(
     db: &MySqlPool,
     event_id: u64,
     list_hash: &str,
-    entrants: u64,
+    order: &[Uuid],
     drawn_at: DateTime<Utc>,
 ) -> Result<(), sqlx::Error> {
+    let packed: Vec<u8> = order.iter().flat_map(|t| *t.as_bytes()).collect();
     sqlx::query(
-        "UPDATE waiting_rooms SET list_hash = ?, entrants = ?, drawn_at = ? WHERE event_id = ? AND drawn_at IS NULL",
+        "UPDATE waiting_rooms SET list_hash = ?, entrants = ?, drawn_order = ?, drawn_at = ? \
+         WHERE event_id = ? AND drawn_at IS NULL",
     )
     .bind(list_hash)
-    .bind(entrants)
+    .bind(order.len() as u64)
+    .bind(packed)
     .bind(drawn_at)
     .bind(event_id)
     .execute(db)
     .await?;
     Ok(())
+}
+
+/// The drawn order the record keeps, once the room is drawn.
+pub async fn drawn_order(db: &MySqlPool, event_id: u64) -> Result<Option<Vec<Uuid>>, sqlx::Error> {
+    let row: Option<(Option<Vec<u8>>,)> = sqlx::query_as("SELECT drawn_order FROM waiting_rooms WHERE event_id = ?")
+        .bind(event_id)
+        .fetch_optional(db)
+        .await?;
+    Ok(row.and_then(|(packed,)| packed).map(|packed| {
+        packed.chunks_exact(16).map(|t| Uuid::from_bytes(t.try_into().expect("chunks of 16 bytes"))).collect()
+    }))
 }

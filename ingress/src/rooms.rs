@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Datelike, Utc};
 use dropline::auth::{AdmissionClaims, AdmissionKeys};
+use dropline::room::draw::PublishedDraw;
 use dropline::room::proof::{self, Challenges};
 use dropline::room::{Mode, RoomError, RoomSettings, Rooms};
 use moka::future::Cache;
@@ -84,6 +85,7 @@ pub struct BeaconRandomness {
 impl BeaconRandomness {
     pub fn problems(&self) -> Vec<String> {
         match hex::decode(&self.randomness) {
+            Ok(bytes) if bytes.iter().all(|b| *b == 0) => vec!["randomness: all zeros is no beacon's output".into()],
             Ok(bytes) if (16..=64).contains(&bytes.len()) => Vec::new(),
             _ => vec!["randomness: must be 16 to 64 bytes in hex".into()],
         }
@@ -196,6 +198,8 @@ pub struct WaitingRooms {
     pub admissions: AdmissionKeys,
     pub challenges: Challenges,
     cache: Cache<u64, Option<Arc<RoomRow>>>,
+    /// Published draws, which never change once made.
+    draws: Cache<u64, Arc<PublishedDraw>>,
 }
 
 impl WaitingRooms {
@@ -207,7 +211,33 @@ impl WaitingRooms {
             admissions: AdmissionKeys::derived(admin_secret, issuer),
             challenges: Challenges::derived(admin_secret),
             cache,
+            draws: Cache::builder().max_capacity(64).time_to_live(Duration::from_secs(600)).build(),
         }
+    }
+
+    /// `room`'s draw as the record keeps it; `None` until it is made.
+    pub async fn published(&self, room: &RoomRow) -> Result<Option<Arc<PublishedDraw>>, Problem> {
+        if let Some(draw) = self.draws.get(&room.event_id).await {
+            return Ok(Some(draw));
+        }
+        let mysql = |e: sqlx::Error| Problem::unavailable("mysql", &e);
+        // The cached row may be a second old: the record says.
+        let Some(row) = record::room(&self.db, room.event_id).await.map_err(mysql)? else { return Ok(None) };
+        let (Some(list_hash), Some(order)) =
+            (row.list_hash.clone(), record::drawn_order(&self.db, row.event_id).await.map_err(mysql)?)
+        else {
+            return Ok(None);
+        };
+        let draw = Arc::new(PublishedDraw {
+            event_id: row.event_id,
+            seed_commitment: row.seed_commitment.clone(),
+            seed: hex::encode(&row.seed),
+            list_hash,
+            beacon: row.beacon(),
+            order,
+        });
+        self.draws.insert(row.event_id, draw.clone()).await;
+        Ok(Some(draw))
     }
 
     /// An event's room, from the cache when fresh.
@@ -259,11 +289,22 @@ impl WaitingRooms {
     /// value again is fine; another is refused.
     pub async fn set_beacon(&self, event_id: u64, entered: &BeaconRandomness) -> Result<RoomRow, Problem> {
         let mysql = |e: sqlx::Error| Problem::unavailable("mysql", &e);
+        // Taken only once the list is fixed and its hash published: known
+        // before that, the randomness would let whoever enters it predict
+        // (and, by adding tickets, steer) the order.
+        let named = record::room(&self.db, event_id).await.map_err(mysql)?.ok_or(ErrorCode::NoWaitingRoom)?;
+        if named.beacon_round.is_none() {
+            return Err(ErrorCode::NoBeacon.into());
+        }
+        let summary = self.live.summary(event_id).await.map_err(|e| Problem::unavailable("redis", &e))?;
+        if summary.and_then(|s| s.list_hash).is_none() {
+            return Err(Problem::new(ErrorCode::BeaconTooEarly)
+                .detail("enter it once the sale has opened and the room shows its list_hash"));
+        }
         let randomness = entered.randomness.to_ascii_lowercase();
         record::set_beacon_randomness(&self.db, event_id, &randomness).await.map_err(mysql)?;
         let row = record::room(&self.db, event_id).await.map_err(mysql)?.ok_or(ErrorCode::NoWaitingRoom)?;
         match &row.beacon_randomness {
-            _ if row.beacon_round.is_none() => Err(ErrorCode::NoBeacon.into()),
             Some(set) if *set == randomness => {
                 self.cache.invalidate(&event_id).await;
                 Ok(row)
@@ -295,10 +336,10 @@ impl WaitingRooms {
             Problem::new(ErrorCode::AdmissionRequired)
                 .detail(format!("join with POST /v1/events/{event_id}/queue and buy once it says you are admitted"))
         })?;
-        let claims = self
-            .admissions
-            .verify(token)
-            .map_err(|e| Problem::new(ErrorCode::AdmissionInvalid).detail(e.to_string()))?;
+        let claims = self.admissions.verify(token).map_err(|e| {
+            tracing::debug!(error = %e, "admission token refused");
+            Problem::new(ErrorCode::AdmissionInvalid).detail("the token is not an admission this deployment gave")
+        })?;
         if claims.event_id != event_id {
             return Err(Problem::new(ErrorCode::AdmissionInvalid).detail("the token is for another event"));
         }
@@ -316,10 +357,22 @@ impl WaitingRooms {
         Ok(())
     }
 
-    /// The purchase `intent_id`, made with `claims`, was accepted: the turn
-    /// is used.
-    pub async fn used(&self, claims: &AdmissionClaims, intent_id: uuid::Uuid) {
-        match self.live.used(claims.event_id, claims.ticket, intent_id).await {
+    /// A fresh purchase with `claims` may go on: the turn has not ended,
+    /// and has not bought yet (a turn buys once; a buyer who wants more
+    /// units asks for them in that one purchase).
+    pub async fn turn_open(&self, claims: &AdmissionClaims) -> Result<(), Problem> {
+        Self::in_time(claims)?;
+        let used = self.live.turn_used(claims.event_id, claims.ticket).await;
+        if used.map_err(|e| Problem::unavailable("redis", &e))? {
+            return Err(Problem::new(ErrorCode::TurnUsed).detail("a purchase made with this turn was accepted"));
+        }
+        Ok(())
+    }
+
+    /// The purchase `intent_id` of `quantity` units, made with `claims`,
+    /// was accepted: the turn is used.
+    pub async fn used(&self, claims: &AdmissionClaims, intent_id: uuid::Uuid, quantity: u32) {
+        match self.live.used(claims.event_id, claims.ticket, intent_id, quantity).await {
             Ok(true) => metrics::counter!(ROOM_TURNS.name, "result" => "used").increment(1),
             Ok(false) => {}
             Err(e) => tracing::warn!(error = %e, event_id = claims.event_id, "could not end a used turn; it lapses"),
@@ -388,11 +441,14 @@ async fn keep_one(rooms: &WaitingRooms, room: &mut RoomRow) -> Result<(), KeepEr
             metrics::counter!(ROOM_DRAWS.name).increment(1);
             tracing::info!(event_id = id, entrants = order.len(), "waiting room drawn");
         }
-        // Whoever drew, the record takes what Redis published (once).
+        // Whoever drew, the record takes what Redis published (once): the
+        // list hash and the whole order, so the draw can be checked for as
+        // long as the record keeps the room.
         if let Some(summary) = rooms.live.summary(id).await? {
             if let (Some(hash), Some(n), Some(ms)) = (&summary.list_hash, summary.entrants, summary.drawn_ms) {
+                let order = rooms.live.drawn_order(id, n).await?;
                 let at = DateTime::from_timestamp_millis(ms).unwrap_or(now);
-                record::record_draw(&rooms.db, id, hash, n, at).await?;
+                record::record_draw(&rooms.db, id, hash, &order, at).await?;
                 room.drawn_at = Some(at);
             }
         }

@@ -201,6 +201,8 @@ async fn a_pre_queue_is_drawn_verifiably_and_let_through_in_drawn_order_while_st
     assert_eq!(bought.status(), StatusCode::ACCEPTED);
     let again = purchase(&stack, event, first, "mine", Some(&token)).send().await.unwrap();
     assert_eq!(again.status(), StatusCode::ACCEPTED, "a retry with the key is answered the same");
+    // A turn buys once: more units are asked for in that one purchase.
+    refused(purchase(&stack, event, first, "more", Some(&token)), StatusCode::FORBIDDEN, "turn_used").await;
     assert_eq!(standing(&stack, event, first).await["status"], "purchased");
 
     stack.stop().await;
@@ -511,7 +513,11 @@ async fn a_room_that_asks_a_proof_of_work_lets_in_only_the_buyer_who_solved_thei
 
     let r = join_with("amy", &proof).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
+    let ticket = r.json::<Value>().await.unwrap()["ticket_id"].clone();
     assert_eq!(room(&stack, event).await["pre_queue"], 1);
+    // Asking again for the ticket she holds needs no new proof.
+    let (status, again) = join(&stack, event, "amy").await;
+    assert_eq!((status, &again["ticket_id"]), (StatusCode::OK, &ticket), "{again}");
 
     // Harder now: a solution at the old difficulty no longer does.
     let patch = |change: Value| {
@@ -542,6 +548,12 @@ async fn a_draw_that_names_a_beacon_round_waits_for_its_randomness_and_mixes_it_
     assert_eq!(set_room(&stack, event, &terms).await.status(), StatusCode::CREATED);
     let named = room(&stack, event).await;
     assert_eq!(named["beacon"], json!({"name": "drand quicknet 52db9ba7", "round": 1234567}), "{named}");
+    // Known before the list is fixed, the randomness would predict the order.
+    let early = http()
+        .put(format!("{api}/v1/admin/events/{event}/waiting-room/beacon"))
+        .bearer_auth(stack.admin_token())
+        .json(&json!({ "randomness": "c3".repeat(32) }));
+    refused(early, StatusCode::CONFLICT, "beacon_too_early").await;
     let mut joined = Vec::new();
     for i in 0..12 {
         let (status, ticket) = join(&stack, event, &format!("b{i}")).await;
@@ -570,6 +582,7 @@ async fn a_draw_that_names_a_beacon_round_waits_for_its_randomness_and_mixes_it_
     };
     refused(beacon("not hex"), StatusCode::BAD_REQUEST, "invalid_body").await;
     refused(beacon("abcd"), StatusCode::BAD_REQUEST, "invalid_body").await;
+    refused(beacon(&"00".repeat(32)), StatusCode::BAD_REQUEST, "invalid_body").await;
     let randomness = "a1".repeat(32);
     assert_eq!(beacon(&randomness).send().await.unwrap().status(), StatusCode::OK);
     assert_eq!(beacon(&randomness).send().await.unwrap().status(), StatusCode::OK, "the same value again");
@@ -627,6 +640,12 @@ async fn a_room_redis_lost_after_its_draw_comes_back_drawn_and_buyers_join_again
     })
     .await;
     assert_eq!(back["in_line"], 0, "{back}");
+    // The draw stays published and checkable: the record keeps it.
+    assert_eq!(back["entrants"], 2, "{back}");
+    let kept = published_draw(&stack, event).await;
+    assert_eq!(draw::verify(&kept), Ok(()));
+    assert_eq!(kept.order.len(), 2);
+    assert_eq!(back["list_hash"].as_str(), Some(kept.list_hash.as_str()));
     refused(
         http().get(format!("{}/v1/events/{event}/queue", stack.api)).bearer_auth(stack.token("eve")),
         StatusCode::NOT_FOUND,

@@ -296,11 +296,23 @@ impl Rooms {
         Ok(Advanced { admitted, lapsed, now_serving })
     }
 
-    /// Ends `ticket`'s turn as used by the purchase `intent_id`; false when
-    /// it was not open.
-    pub async fn used(&self, event_id: u64, ticket: Uuid, intent_id: Uuid) -> Result<bool, RoomError> {
-        let done: i64 = self.call(&USED, event_id, &[ticket.to_string(), intent_id.to_string()]).await?;
+    /// Ends `ticket`'s turn as used by the purchase `intent_id` of
+    /// `quantity` units; false when the turn was not open.
+    pub async fn used(&self, event_id: u64, ticket: Uuid, intent_id: Uuid, quantity: u32) -> Result<bool, RoomError> {
+        let args = [ticket.to_string(), intent_id.to_string(), quantity.to_string()];
+        let done: i64 = self.call(&USED, event_id, &args).await?;
         Ok(done == 1)
+    }
+
+    /// Whether `ticket`'s turn was used already (a turn buys once).
+    pub async fn turn_used(&self, event_id: u64, ticket: Uuid) -> Result<bool, RoomError> {
+        let mut conn = self.pool.get().await?;
+        let ended: Option<String> = redis::cmd("HGET")
+            .arg(&self.keys.room(event_id).ended)
+            .arg(ticket.to_string())
+            .query_async(&mut conn)
+            .await?;
+        Ok(ended.as_deref() == Some("used"))
     }
 
     /// Where `user` stands; `None` when the event has no room in Redis.

@@ -148,8 +148,8 @@ pub struct RoomKeys {
     pub ended: String,
     /// Recent (ms, now serving) samples, newest first: the measured outflow.
     pub samples: String,
-    /// Used turns whose purchase is not decided yet: ticket -> intent id.
-    /// Until it is, the stock it will take still counts as spoken for.
+    /// Purchases made with a turn and not decided yet: intent id -> units
+    /// asked for. Until they are decided, those units count as spoken for.
     pub pending: String,
     /// The event's stock hash, read for what remains.
     pub stock: String,

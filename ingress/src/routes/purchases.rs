@@ -21,7 +21,6 @@ use crate::metrics::PURCHASES;
 use crate::orders::{not_ready, Lookup, OrderView};
 use crate::problem::{ErrorCode, Problem};
 use crate::record;
-use crate::rooms::WaitingRooms;
 use crate::state::AppState;
 use dropline::auth::AdmissionClaims;
 
@@ -51,7 +50,9 @@ fn refused_as(code: ErrorCode) -> &'static str {
         ErrorCode::SoldOut => "sold_out",
         ErrorCode::SaleNotOpen => "sale_not_open",
         ErrorCode::SaleClosed => "sale_closed",
-        ErrorCode::AdmissionRequired | ErrorCode::AdmissionInvalid | ErrorCode::TurnLapsed => "no_admission",
+        ErrorCode::AdmissionRequired | ErrorCode::AdmissionInvalid | ErrorCode::TurnLapsed | ErrorCode::TurnUsed => {
+            "no_admission"
+        }
         ErrorCode::BrokerUnavailable | ErrorCode::DependencyUnavailable => "unavailable",
         ErrorCode::IdempotencyInProgress => "in_progress",
         _ => "invalid",
@@ -142,7 +143,7 @@ async fn decide(
         // A turn that ran out is no final answer: the key is given back, so
         // the buyer can retry with a new turn.
         if let Some(turn) = turn {
-            WaitingRooms::in_time(turn)?;
+            app.rooms.turn_open(turn).await?;
         }
         if let Err(refused) = door(app, event, intent.event_id).await {
             if let Some(answer) = refuse(app, key, owner, id, intent, refused).await? {
@@ -170,7 +171,7 @@ async fn decide(
         Err(e) => tracing::warn!(error = %e, %id, "could not record an accepted purchase; answering anyway"),
     }
     if let Some(turn) = turn {
-        app.rooms.used(turn, id).await;
+        app.rooms.used(turn, id, intent.quantity).await;
     }
     Ok(Ok(Outcome("admitted").mark(accepted(id, intent))))
 }

@@ -9,7 +9,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
-use dropline::room::draw::{Beacon, PublishedDraw};
+use dropline::room::draw::Beacon;
 use dropline::room::{Join, Mode, Phase, Standing, TurnEnd};
 use serde::Serialize;
 use uuid::Uuid;
@@ -177,32 +177,23 @@ async fn view(app: &AppState, row: &RoomRow) -> Result<RoomView, Problem> {
         pre_queue: s.map_or(0, |s| s.pre_queue),
         in_line: s.map_or(0, |s| s.in_line),
         now_serving: s.map_or(0, |s| s.now_serving),
-        entrants: s.and_then(|s| s.entrants),
-        list_hash: s.and_then(|s| s.list_hash.clone()),
-        seed: s.and_then(|s| s.seed.clone()),
-        drawn_at: s.and_then(|s| s.drawn_ms).and_then(DateTime::from_timestamp_millis),
+        // The record's draw first: it outlives the room's Redis state.
+        entrants: row.entrants.map(u64::from).or_else(|| s.and_then(|s| s.entrants)),
+        list_hash: row.list_hash.clone().or_else(|| s.and_then(|s| s.list_hash.clone())),
+        seed: row.drawn_at.map(|_| hex::encode(&row.seed)).or_else(|| s.and_then(|s| s.seed.clone())),
+        drawn_at: row.drawn_at.or_else(|| s.and_then(|s| s.drawn_ms).and_then(DateTime::from_timestamp_millis)),
     })
 }
 
 /// `GET /v1/events/{id}/waiting-room/draw`: the seed, the list hash and the
-/// drawn order, for anyone to check (`dropctl verify-draw`).
+/// drawn order, for anyone to check (`dropctl verify-draw`), from the
+/// record.
 pub async fn draw(State(app): State<Arc<AppState>>, EventId(event_id): EventId) -> Result<Response, Problem> {
     let row = room_of(&app, event_id).await?;
-    let redis = |e: dropline::room::RoomError| Problem::unavailable("redis", &e);
-    let summary = app.rooms.live.summary(event_id).await.map_err(redis)?;
-    let Some((seed, list_hash, entrants)) = summary.and_then(|s| Some((s.seed?, s.list_hash?, s.entrants?))) else {
+    let Some(published) = app.rooms.published(&row).await? else {
         return Err(Problem::new(ErrorCode::DrawNotDone).detail(format!("it is made at {}", row.sale_opens_at)));
     };
-    let order = app.rooms.live.drawn_order(event_id, entrants).await.map_err(redis)?;
-    let published = PublishedDraw {
-        event_id,
-        seed_commitment: row.seed_commitment.clone(),
-        seed,
-        list_hash,
-        beacon: app.rooms.load(event_id).await?.and_then(|r| r.beacon()),
-        order,
-    };
-    Ok(Json(published).into_response())
+    Ok(Json(&*published).into_response())
 }
 
 #[derive(Serialize)]
@@ -240,8 +231,16 @@ pub async fn join(
     _: NoBody,
 ) -> Result<Response, Problem> {
     let row = room_of(&app, event_id).await?;
-    app.rooms.proof(&row, proof.as_deref(), &claims.sub)?;
     let redis = |e: dropline::room::RoomError| Problem::unavailable("redis", &e);
+    if row.proof_of_work_bits > 0 && proof.is_none() {
+        // A buyer asking again for the ticket they hold needs no new proof.
+        let held = app.rooms.live.standing(event_id, &claims.sub).await.map_err(redis)?;
+        if let Some(held) = held.filter(|s| s.ticket.is_some() && s.ended != Some(TurnEnd::Lapsed)) {
+            metrics::counter!(ROOM_JOINS.name, "outcome" => "existing").increment(1);
+            return Ok(Json(ticket_view(&app, &row, &claims.sub, Some(held))?).into_response());
+        }
+    }
+    app.rooms.proof(&row, proof.as_deref(), &claims.sub)?;
     let joined = app.rooms.live.join(event_id, &claims.sub, Utc::now().timestamp_millis()).await.map_err(redis)?;
     let status = match joined {
         Join::Joined(_) => StatusCode::CREATED,
@@ -319,7 +318,11 @@ fn ticket_view(app: &AppState, row: &RoomRow, user: &str, standing: Option<Stand
         place: s.place,
         ahead: ahead.filter(|_| waiting || status == "sold_out"),
         now_serving: s.now_serving,
-        estimated_wait_secs: ahead.filter(|_| waiting).map(|a| (a as f64 / rate).ceil() as u64),
+        // Until the line moves (the draw waits for a beacon round, say)
+        // there is no estimate; once it does, the buyer's own turn included.
+        estimated_wait_secs: ahead
+            .filter(|_| waiting && s.phase == Phase::Open)
+            .map(|a| ((a + 1) as f64 / rate).ceil() as u64),
         draw_at: row.sale_opens_at,
         turn_ends_at: admission_token.as_ref().and(open_turn).and_then(DateTime::from_timestamp_millis),
         admission_token,

@@ -24,11 +24,15 @@ if #lapsed > 0 then
   retain(ended)
 end
 
--- Purchases decided since: their units are out of the stock's count now.
+-- Units asked for by purchases made with a turn and not decided yet. The
+-- decided ones are out of the stock's count by now: forgotten here.
+local undecided = 0
 local waiting = redis.call('HGETALL', pending)
 for i = 1, #waiting, 2 do
-  if redis.call('HEXISTS', decisions, waiting[i + 1]) == 1 then
+  if redis.call('HEXISTS', decisions, waiting[i]) == 1 then
     redis.call('HDEL', pending, waiting[i])
+  else
+    undecided = undecided + tonumber(waiting[i + 1])
   end
 end
 
@@ -37,7 +41,7 @@ if allowance > outflow then
   allowance = outflow
 end
 local available = tonumber(redis.call('HGET', stock, 'available') or '0')
-local spoken_for = redis.call('ZCARD', admitted) + redis.call('HLEN', pending)
+local spoken_for = redis.call('ZCARD', admitted) + undecided
 if redis.call('HGET', conf, 'burst') == '1' then
   allowance = math.max(allowance, available - spoken_for)
   redis.call('HDEL', conf, 'burst')

@@ -1,14 +1,16 @@
--- A buyer acted on their turn: a purchase with their admission was
--- accepted. The turn ends; until the purchase is decided, the stock it will
--- take stays spoken for (see advance.lua), so nobody else is let through for
--- it in the meantime.
+-- A purchase made with a turn was accepted. The turn ends (a turn buys
+-- once), and until the purchase is decided the units it asked for stay
+-- spoken for (see advance.lua), so nobody else is let through for them in
+-- the meantime. A purchase that raced another with the same turn is counted
+-- too.
 --
--- ARGV ticket, intent id
+-- ARGV ticket, intent id, quantity
 -- Returns 1 when the turn was open, 0 otherwise.
+redis.call('HSET', pending, ARGV[2], ARGV[3])
+retain(pending)
 if redis.call('ZREM', admitted, ARGV[1]) == 0 then
   return 0
 end
 redis.call('HSET', ended, ARGV[1], 'used')
-redis.call('HSET', pending, ARGV[1], ARGV[2])
-retain(ended, pending)
+retain(ended)
 return 1
