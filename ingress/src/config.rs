@@ -47,6 +47,26 @@ pub struct IngressConfig {
     /// Burst above one buyer's rate.
     #[arg(long, env = "DROPLINE_USER_BURST", default_value_t = 5)]
     pub user_burst: u32,
+    /// Waiting-room requests (joins, status, challenges) one buyer may make
+    /// per second.
+    #[arg(long, env = "DROPLINE_ROOM_USER_PER_SEC", default_value_t = 5)]
+    pub room_user_per_sec: u32,
+    /// Burst above one buyer's waiting-room rate.
+    #[arg(long, env = "DROPLINE_ROOM_USER_BURST", default_value_t = 10)]
+    pub room_user_burst: u32,
+    /// Joins of one event's waiting room per second, by this process.
+    #[arg(long, env = "DROPLINE_JOINS_PER_EVENT_PER_SEC", default_value_t = 5_000)]
+    pub joins_per_event_per_sec: u32,
+    /// Burst above one event's join rate.
+    #[arg(long, env = "DROPLINE_JOINS_PER_EVENT_BURST", default_value_t = 10_000)]
+    pub joins_per_event_burst: u32,
+    /// Payments, cancels and payment webhooks per second, by this process:
+    /// a budget of their own, which no purchase flood uses up.
+    #[arg(long, env = "DROPLINE_ORDER_ACTIONS_PER_SEC", default_value_t = 5_000)]
+    pub order_actions_per_sec: u32,
+    /// Burst above the order actions' rate.
+    #[arg(long, env = "DROPLINE_ORDER_ACTIONS_BURST", default_value_t = 2_000)]
+    pub order_actions_burst: u32,
     /// How long event details are cached in the process.
     #[arg(long, env = "DROPLINE_EVENT_CACHE_TTL_MS", default_value_t = 5_000)]
     pub event_cache_ttl_ms: u64,
@@ -140,6 +160,12 @@ dropline::stage_config!(IngressConfig, "ingress", 9100, |config, p| {
         ("DROPLINE_ADMIT_BURST", config.admit_burst),
         ("DROPLINE_USER_PER_SEC", config.user_per_sec),
         ("DROPLINE_USER_BURST", config.user_burst),
+        ("DROPLINE_ROOM_USER_PER_SEC", config.room_user_per_sec),
+        ("DROPLINE_ROOM_USER_BURST", config.room_user_burst),
+        ("DROPLINE_JOINS_PER_EVENT_PER_SEC", config.joins_per_event_per_sec),
+        ("DROPLINE_JOINS_PER_EVENT_BURST", config.joins_per_event_burst),
+        ("DROPLINE_ORDER_ACTIONS_PER_SEC", config.order_actions_per_sec),
+        ("DROPLINE_ORDER_ACTIONS_BURST", config.order_actions_burst),
     ] {
         if v == 0 {
             p.add(format!("{name} must be positive"));
@@ -154,6 +180,17 @@ dropline::stage_config!(IngressConfig, "ingress", 9100, |config, p| {
 });
 
 impl IngressConfig {
+    /// Every rate limiter's rate and burst.
+    pub fn rates(&self) -> crate::limits::Rates {
+        crate::limits::Rates {
+            admit: (self.admit_per_sec, self.admit_burst),
+            user: (self.user_per_sec, self.user_burst),
+            room_user: (self.room_user_per_sec, self.room_user_burst),
+            joins_per_event: (self.joins_per_event_per_sec, self.joins_per_event_burst),
+            order_actions: (self.order_actions_per_sec, self.order_actions_burst),
+        }
+    }
+
     /// The front door's timeouts and limits. `open_files` is the process's
     /// soft RLIMIT_NOFILE, when known.
     fn check_http(&self, p: &mut Problems, open_files: Option<u64>) {

@@ -157,6 +157,19 @@ pub async fn count(State(counter): State<Counter>, request: Request, next: Next)
     response
 }
 
+/// The order actions' own budget (payments, cancels, the provider's
+/// webhooks): past it, `429` with `Retry-After`. No purchase uses it.
+pub async fn order_action_budget(
+    State(limits): State<std::sync::Arc<crate::limits::Limits>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match limits.order_action() {
+        Ok(()) => next.run(request).await,
+        Err(r) => Problem::new(ErrorCode::RateLimited).retry_after(r.retry_after_secs).into_response(),
+    }
+}
+
 /// Public reads: an answer `200` gets a strong `ETag` (a hash of its body)
 /// and `Cache-Control: public, max-age=<state>`, and a request whose
 /// `If-None-Match` names that tag gets `304` without the body. Caches in

@@ -66,12 +66,7 @@ impl AppState {
             db,
             publisher,
             topics: config.shared.kafka.topics(),
-            limits: Arc::new(Limits::new(
-                config.admit_per_sec,
-                config.admit_burst,
-                config.user_per_sec,
-                config.user_burst,
-            )),
+            limits: Arc::new(Limits::new(config.rates())),
             http: reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?,
             config,
         })

@@ -695,3 +695,40 @@ async fn public_reads_carry_validators_and_a_matching_if_none_match_gets_304() {
     assert_eq!(r.status(), StatusCode::NOT_MODIFIED);
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bot_hammering_the_room_with_one_token_and_a_join_flood_are_refused_with_retry_after() {
+    let stack = Ingress::start(&[
+        "--room-user-per-sec=1".to_owned(),
+        "--room-user-burst=3".to_owned(),
+        "--joins-per-event-per-sec=1".to_owned(),
+        "--joins-per-event-burst=5".to_owned(),
+    ])
+    .await;
+    let event = stack.create_event(&event_body(60)).await;
+    let terms = json!({"prequeue_opens_at": chrono::Utc::now(), "outflow_per_sec": 10, "time_to_act_secs": 60});
+    assert_eq!(set_room(&stack, event, &terms).await.status(), StatusCode::CREATED);
+
+    // One buyer, one token, polling as fast as it can: its burst, then 429.
+    let poll = || http().get(format!("{}/v1/events/{event}/queue", stack.api)).bearer_auth(stack.token("bot"));
+    let mut answers = Vec::new();
+    for _ in 0..6 {
+        answers.push(poll().send().await.unwrap());
+    }
+    let limited: Vec<_> = answers.iter().filter(|r| r.status() == StatusCode::TOO_MANY_REQUESTS).collect();
+    assert!(limited.len() >= 2, "{:?}", answers.iter().map(|r| r.status()).collect::<Vec<_>>());
+    assert!(limited.iter().all(|r| r.headers().contains_key("retry-after")));
+    refused(poll(), StatusCode::TOO_MANY_REQUESTS, "rate_limited").await;
+
+    // The event's joins: five at once, then 429, for any buyer.
+    let mut statuses = Vec::new();
+    for i in 0..7 {
+        statuses.push(join(&stack, event, &format!("fan-{i}")).await.0);
+    }
+    let joined = statuses.iter().filter(|s| **s == StatusCode::CREATED).count();
+    let refused_joins = statuses.iter().filter(|s| **s == StatusCode::TOO_MANY_REQUESTS).count();
+    assert_eq!(joined + refused_joins, 7, "{statuses:?}");
+    assert!((5..=6).contains(&joined) && refused_joins >= 1, "{statuses:?}");
+    assert_eq!(room(&stack, event).await["pre_queue"], joined, "a refused join made no ticket");
+    stack.stop().await;
+}

@@ -131,6 +131,8 @@ impl Deployment {
             format!("--mysql-url={}", self.mysql_url()),
             "--user-per-sec=1000".to_owned(),
             "--user-burst=1000".to_owned(),
+            "--room-user-per-sec=1000".to_owned(),
+            "--room-user-burst=1000".to_owned(),
             "--event-cache-ttl-ms=200".to_owned(),
             "--max-body-bytes=1024".to_owned(),
             format!("--allocator-group={}-allocator", self.name),

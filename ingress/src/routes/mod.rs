@@ -45,6 +45,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let live = || middleware::from_fn_with_state(1u32, layers::cacheable);
     let settled = middleware::from_fn_with_state(300u32, layers::cacheable);
     let webhooks = middleware::from_fn_with_state(webhooks::COUNTER, layers::count);
+    let order_actions = || middleware::from_fn_with_state(state.limits.clone(), layers::order_action_budget);
     Router::new()
         .route("/v1/events", get(events::list).layer(search).layer(live()))
         .route("/v1/events/{event_id}", get(events::get_one).layer(live()))
@@ -55,13 +56,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/events/{event_id}/queue/challenge", get(rooms::challenge))
         .route("/v1/intents/{intent_id}", get(purchases::status))
         .route("/v1/orders/{order_id}", get(orders::get_one))
-        .route("/v1/orders/{order_id}/cancel", post(orders::cancel))
-        .route("/v1/orders/{order_id}/payments", post(orders::start_payment))
+        .route("/v1/orders/{order_id}/cancel", post(orders::cancel).route_layer(order_actions()))
+        .route("/v1/orders/{order_id}/payments", post(orders::start_payment).route_layer(order_actions()))
         .route("/v1/admin/events", post(events::create))
         .route("/v1/admin/events/{event_id}/prewarm", post(events::prewarm))
         .route("/v1/admin/events/{event_id}/waiting-room", put(rooms::set).patch(rooms::change))
         .route("/v1/admin/events/{event_id}/waiting-room/beacon", put(rooms::set_beacon))
-        .route("/v1/webhooks/payments", post(webhooks::payment).route_layer(webhooks))
+        .route("/v1/webhooks/payments", post(webhooks::payment).route_layer(webhooks).route_layer(order_actions()))
         .fallback(|| async { Problem::new(ErrorCode::NotFound) })
         .method_not_allowed_fallback(|| async { Problem::new(ErrorCode::MethodNotAllowed) })
         .layer(middleware::from_fn(layers::well_formed_uri))

@@ -82,6 +82,12 @@ struct TicketView {
     turn_ends_at: Option<DateTime<Utc>>,
 }
 
+/// A buyer's waiting-room request within their budget (and a join within
+/// the event's).
+fn room_budget(app: &AppState, user: &str, joining: Option<u64>) -> Result<(), Problem> {
+    app.limits.room(user, joining).map_err(|r| Problem::new(ErrorCode::RateLimited).retry_after(r.retry_after_secs))
+}
+
 async fn room_of(app: &AppState, event_id: u64) -> Result<Arc<RoomRow>, Problem> {
     let event = app.events.get(event_id).await.map_err(|e| Problem::unavailable("mysql", &e))?;
     event.ok_or(ErrorCode::EventNotFound)?;
@@ -214,6 +220,7 @@ pub async fn challenge(
     Buyer(claims): Buyer,
     EventId(event_id): EventId,
 ) -> Result<Response, Problem> {
+    room_budget(&app, &claims.sub, None)?;
     let row = room_of(&app, event_id).await?;
     let now = Utc::now();
     let bits = row.proof_of_work_bits;
@@ -230,6 +237,7 @@ pub async fn join(
     JoinProof(proof): JoinProof,
     _: NoBody,
 ) -> Result<Response, Problem> {
+    room_budget(&app, &claims.sub, Some(event_id))?;
     let row = room_of(&app, event_id).await?;
     let redis = |e: dropline::room::RoomError| Problem::unavailable("redis", &e);
     if row.proof_of_work_bits > 0 && proof.is_none() {
@@ -275,6 +283,7 @@ pub async fn standing(
     Buyer(claims): Buyer,
     EventId(event_id): EventId,
 ) -> Result<Response, Problem> {
+    room_budget(&app, &claims.sub, None)?;
     let row = room_of(&app, event_id).await?;
     let standing =
         app.rooms.live.standing(event_id, &claims.sub).await.map_err(|e| Problem::unavailable("redis", &e))?;
