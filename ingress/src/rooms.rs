@@ -6,6 +6,7 @@
 //! keeper, and the scripts make their work add up to one room's, whichever
 //! replica does it.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -200,6 +201,9 @@ pub struct WaitingRooms {
     cache: Cache<u64, Option<Arc<RoomRow>>>,
     /// Published draws, which never change once made.
     draws: Cache<u64, Arc<PublishedDraw>>,
+    /// Rooms sold out with nobody waiting, as this replica's keeper last
+    /// saw them (every tick): their joins are refused from memory.
+    closed: Arc<std::sync::RwLock<HashSet<u64>>>,
 }
 
 impl WaitingRooms {
@@ -212,6 +216,22 @@ impl WaitingRooms {
             challenges: Challenges::derived(admin_secret),
             cache,
             draws: Cache::builder().max_capacity(64).time_to_live(Duration::from_secs(600)).build(),
+            closed: Arc::default(),
+        }
+    }
+
+    /// Whether `event_id`'s room is sold out with nobody waiting, as of the
+    /// keeper's last tick (at most a tenth of a second ago, while it runs).
+    pub fn sold_out_and_empty(&self, event_id: u64) -> bool {
+        self.closed.read().unwrap_or_else(|e| e.into_inner()).contains(&event_id)
+    }
+
+    fn mark(&self, event_id: u64, sold_out_and_empty: bool) {
+        let mut closed = self.closed.write().unwrap_or_else(|e| e.into_inner());
+        if sold_out_and_empty {
+            closed.insert(event_id);
+        } else {
+            closed.remove(&event_id);
         }
     }
 
@@ -454,6 +474,7 @@ async fn keep_one(rooms: &WaitingRooms, room: &mut RoomRow) -> Result<(), KeepEr
         }
     }
     let step = rooms.live.advance(id, Utc::now().timestamp_millis()).await?;
+    rooms.mark(id, step.sold_out_and_empty);
     if step.admitted > 0 {
         metrics::counter!(ROOM_TURNS.name, "result" => "admitted").increment(step.admitted);
     }

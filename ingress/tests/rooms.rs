@@ -732,3 +732,37 @@ async fn a_bot_hammering_the_room_with_one_token_and_a_join_flood_are_refused_wi
     assert_eq!(room(&stack, event).await["pre_queue"], joined, "a refused join made no ticket");
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_sell_out_with_nobody_waiting_joins_are_refused_from_memory_until_stock_comes_back() {
+    let stack = Ingress::start(&[]).await;
+    let event = event_with_room(&stack, 1, 50, 60).await;
+    assert_eq!(join(&stack, event, "una").await.0, StatusCode::CREATED);
+    published_draw(&stack, event).await;
+    let token = admitted(&stack, event, "una").await;
+    let r = purchase(&stack, event, "una", "k", Some(&token)).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let intent: Uuid = r.json::<Value>().await.unwrap()["intent_id"].as_str().unwrap().parse().unwrap();
+    let undecided = [dropline::stock::Undecided { intent_id: intent, user_id: "una", quantity: 1 }];
+    stack.ledger.allocate(event, &undecided).await.unwrap();
+
+    // Sold out, nobody waiting: the room says so, and a join is told so
+    // without a ticket made.
+    eventually("the room sold out", Duration::from_secs(10), || async {
+        (room(&stack, event).await["sold_out"] == true).then_some(())
+    })
+    .await;
+    let (status, closed) = join(&stack, event, "late").await;
+    assert_eq!((status, closed["code"].as_str()), (StatusCode::CONFLICT, Some("sold_out")), "{closed}");
+    assert_eq!(room(&stack, event).await["in_line"], 1, "no ticket was made");
+
+    // The hold comes back: joins reopen within a keeper's tick or so.
+    stack.ledger.cancel(event, intent, "una").await.unwrap();
+    let reopened = eventually("joins reopened", Duration::from_secs(10), || async {
+        let (status, body) = join(&stack, event, "late").await;
+        (status == StatusCode::CREATED).then_some(body)
+    })
+    .await;
+    assert_eq!(reopened["place"], 2, "{reopened}");
+    stack.stop().await;
+}

@@ -141,6 +141,8 @@ pub struct Advanced {
     pub admitted: u64,
     pub lapsed: u64,
     pub now_serving: u64,
+    /// Sold out with nobody left waiting: a join could only be told so.
+    pub sold_out_and_empty: bool,
 }
 
 /// A room as a whole, for its public page and the keeper.
@@ -291,9 +293,9 @@ impl Rooms {
 
     /// Ends lapsed turns and lets the next buyers through.
     pub async fn advance(&self, event_id: u64, now_ms: i64) -> Result<Advanced, RoomError> {
-        let (admitted, lapsed, now_serving): (u64, u64, u64) =
+        let (admitted, lapsed, now_serving, available, waiting): (u64, u64, u64, i64, i64) =
             self.call(&ADVANCE, event_id, &[now_ms.to_string()]).await?;
-        Ok(Advanced { admitted, lapsed, now_serving })
+        Ok(Advanced { admitted, lapsed, now_serving, sold_out_and_empty: available == 0 && waiting == 0 })
     }
 
     /// Ends `ticket`'s turn as used by the purchase `intent_id` of

@@ -44,6 +44,9 @@ struct RoomView {
     pre_queue: u64,
     /// Places handed out.
     in_line: u64,
+    /// Sold out with nobody waiting: joins are refused (`409 sold_out`)
+    /// until held units come back.
+    sold_out: bool,
     now_serving: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     entrants: Option<u64>,
@@ -182,6 +185,7 @@ async fn view(app: &AppState, row: &RoomRow) -> Result<RoomView, Problem> {
         phase,
         pre_queue: s.map_or(0, |s| s.pre_queue),
         in_line: s.map_or(0, |s| s.in_line),
+        sold_out: app.rooms.sold_out_and_empty(row.event_id),
         now_serving: s.map_or(0, |s| s.now_serving),
         // The record's draw first: it outlives the room's Redis state.
         entrants: row.entrants.map(u64::from).or_else(|| s.and_then(|s| s.entrants)),
@@ -239,6 +243,13 @@ pub async fn join(
 ) -> Result<Response, Problem> {
     room_budget(&app, &claims.sub, Some(event_id))?;
     let row = room_of(&app, event_id).await?;
+    // After the sell-out, with nobody left waiting, a join could only be
+    // told so: it is, from memory, and no store is asked.
+    if app.rooms.sold_out_and_empty(event_id) {
+        return Err(Problem::new(ErrorCode::SoldOut)
+            .detail("nobody is waiting and nothing is left; joins reopen if held units come back")
+            .retry_after(5));
+    }
     let redis = |e: dropline::room::RoomError| Problem::unavailable("redis", &e);
     if row.proof_of_work_bits > 0 && proof.is_none() {
         // A buyer asking again for the ticket they hold needs no new proof.
