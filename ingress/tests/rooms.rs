@@ -755,6 +755,13 @@ async fn after_the_sell_out_with_nobody_waiting_joins_are_refused_from_memory_un
     let (status, closed) = join(&stack, event, "late").await;
     assert_eq!((status, closed["code"].as_str()), (StatusCode::CONFLICT, Some("sold_out")), "{closed}");
     assert_eq!(room(&stack, event).await["in_line"], 1, "no ticket was made");
+    // Purchases too: a new one is told sold out and nothing is recorded; a
+    // retry of the accepted one still gets its 202.
+    refused(purchase(&stack, event, "una", "k2", Some(&token)), StatusCode::CONFLICT, "sold_out").await;
+    let key = dropline_ingress::intents::IntentStore::new(stack.ledger.pool().clone(), &stack.name, 60);
+    assert!(key.key_record("una", "k2").await.unwrap().is_none(), "nothing written for the refusal");
+    let again = purchase(&stack, event, "una", "k", Some(&token)).send().await.unwrap();
+    assert_eq!(again.status(), StatusCode::ACCEPTED);
 
     // The hold comes back: joins reopen within a keeper's tick or so.
     stack.ledger.cancel(event, intent, "una").await.unwrap();
