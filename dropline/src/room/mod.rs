@@ -258,6 +258,12 @@ impl Rooms {
         beacon: Option<Option<&[u8]>>,
         now_ms: i64,
     ) -> Result<Option<Vec<Uuid>>, RoomError> {
+        // Waiting for a beacon round whose list hash is out already: nothing
+        // to do until the randomness comes, and no need to read the whole
+        // pre-queue again every tick.
+        if beacon == Some(None) && self.summary(event_id).await?.is_some_and(|s| s.list_hash.is_some()) {
+            return Ok(None);
+        }
         let answer: Vec<String> = self.call(&FREEZE, event_id, &[now_ms.to_string()]).await?;
         let Some((first, tickets)) = answer.split_first() else {
             return Err(RoomError::Corrupt("freeze answered nothing".into()));
