@@ -294,6 +294,27 @@ impl Api {
         self.ticket(r, "queue").await
     }
 
+    /// Opens the event stream at `path` (`/v1/intents/{id}/events`,
+    /// `/v1/events/{id}/queue/events`), resuming after `last_event_id`.
+    pub async fn stream(&self, token: &str, path: &str, last_event_id: Option<&str>) -> anyhow::Result<Opened> {
+        let mut request = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .header("accept", "text/event-stream")
+            .timeout(STREAM_TIMEOUT);
+        if let Some(id) = last_event_id {
+            request = request.header("last-event-id", id);
+        }
+        let r = request.send().await?;
+        unavailable_if_5xx(&r, path)?;
+        match r.status() {
+            StatusCode::NO_CONTENT => Ok(Opened::Ended),
+            StatusCode::OK => Ok(Opened::Stream(EventStream { response: r, buffer: Vec::new(), heartbeats: 0 })),
+            status => bail!("{path} answered {status}: {}", r.text().await.unwrap_or_default()),
+        }
+    }
+
     async fn ticket(&self, r: reqwest::Response, what: &str) -> anyhow::Result<Ticket> {
         let status = r.status();
         unavailable_if_5xx(&r, what)?;
@@ -309,6 +330,74 @@ impl Api {
     }
 }
 
+/// How long a stream may stay open.
+const STREAM_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// What opening an event stream got.
+pub enum Opened {
+    Stream(EventStream),
+    /// `204`: the state is final and the buyer has it; nothing more comes.
+    Ended,
+}
+
+/// One server-sent event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamEvent {
+    pub id: Option<String>,
+    pub name: String,
+    pub data: String,
+}
+
+impl StreamEvent {
+    pub fn json(&self) -> anyhow::Result<Value> {
+        Ok(serde_json::from_str(&self.data)?)
+    }
+}
+
+/// A `text/event-stream` answer, read event by event.
+pub struct EventStream {
+    response: reqwest::Response,
+    buffer: Vec<u8>,
+    /// Comment-only blocks (the server's heartbeats) read so far.
+    pub heartbeats: u64,
+}
+
+impl EventStream {
+    /// The next event; `None` once the server ended the stream.
+    pub async fn next(&mut self) -> anyhow::Result<Option<StreamEvent>> {
+        loop {
+            if let Some(end) = self.buffer.windows(2).position(|w| w == b"\n\n") {
+                let block: Vec<u8> = self.buffer.drain(..end + 2).collect();
+                match parse_event(&String::from_utf8_lossy(&block)) {
+                    Some(event) => return Ok(Some(event)),
+                    None => self.heartbeats += 1,
+                }
+                continue;
+            }
+            match self.response.chunk().await? {
+                Some(bytes) => self.buffer.extend_from_slice(&bytes),
+                None => return Ok(None),
+            }
+        }
+    }
+}
+
+/// An event block's fields; `None` for a block with no data (a comment).
+fn parse_event(block: &str) -> Option<StreamEvent> {
+    let (mut id, mut name, mut data) = (None, "message".to_owned(), Vec::new());
+    for line in block.lines() {
+        let (field, value) = line.split_once(':').unwrap_or((line, ""));
+        let value = value.strip_prefix(' ').unwrap_or(value);
+        match field {
+            "id" => id = Some(value.to_owned()),
+            "event" => name = value.to_owned(),
+            "data" => data.push(value),
+            _ => {}
+        }
+    }
+    (!data.is_empty()).then(|| StreamEvent { id, name, data: data.join("\n") })
+}
+
 /// A waiting-room ticket as its buyer sees it.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Ticket {
@@ -320,4 +409,18 @@ pub struct Ticket {
     pub estimated_wait_secs: Option<u64>,
     #[serde(default)]
     pub admission_token: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_blocks_read_as_events_and_comments_as_none() {
+        let event = parse_event("retry: 2000\nid: held\nevent: held\ndata: {\"a\":\ndata: 1}\n\n").unwrap();
+        assert_eq!(event, StreamEvent { id: Some("held".into()), name: "held".into(), data: "{\"a\":\n1}".into() });
+        assert_eq!(event.json().unwrap()["a"], 1);
+        assert_eq!(parse_event(":\n\n"), None, "a heartbeat");
+        assert_eq!(parse_event("data: x\n\n").unwrap().name, "message");
+    }
 }

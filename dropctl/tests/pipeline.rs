@@ -136,26 +136,6 @@ async fn a_drop_through_a_waiting_room_sells_exactly_the_capacity_and_its_draw_v
     stack.stop().await;
 }
 
-async fn open_event(stack: &Stack, capacity: u32, hold_ttl_secs: u32) -> u64 {
-    let api = Api::new(&stack.api).unwrap();
-    let now = chrono::Utc::now();
-    let event = api
-        .create_event(
-            &stack.admin_token(),
-            &json!({
-                "name": "Pipeline test", "venue": "Test Hall",
-                "starts_at": now + chrono::Duration::days(1),
-                "sale_opens_at": now - chrono::Duration::seconds(5),
-                "sale_closes_at": now + chrono::Duration::hours(1),
-                "capacity": capacity, "price_cents": 1000, "currency": "EUR",
-                "per_user_limit": 2, "hold_ttl_secs": hold_ttl_secs,
-            }),
-        )
-        .await
-        .unwrap();
-    event["id"].as_u64().unwrap()
-}
-
 async fn intents_rows(stack: &Stack, intent: Uuid) -> i64 {
     let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM intents WHERE intent_id = ?")
         .bind(intent.to_string())
@@ -168,7 +148,7 @@ async fn intents_rows(stack: &Stack, intent: Uuid) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_intent_delivered_twice_is_decided_once() {
     let stack = Stack::start(Options::default()).await;
-    let event = open_event(&stack, 10, 60).await;
+    let event = stack.open_event(10, 60).await;
     let publisher = stack.publisher();
     let intent = PurchaseIntent {
         intent_id: Uuid::new_v4(),
@@ -211,7 +191,7 @@ async fn the_same_intent_delivered_twice_is_decided_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_intent_is_dead_lettered_and_the_partition_keeps_flowing() {
     let stack = Stack::start(Options::default()).await;
-    let event = open_event(&stack, 10, 60).await;
+    let event = stack.open_event(10, 60).await;
     let publisher = stack.publisher();
     let key = event.to_string();
     publisher.publish(Record::new(&stack.topics.intents, &key, b"{not json")).await.unwrap();
@@ -241,7 +221,7 @@ async fn a_malformed_intent_is_dead_lettered_and_the_partition_keeps_flowing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_decision_the_record_can_never_take_is_dead_lettered_and_the_partition_keeps_flowing() {
     let stack = Stack::start(Options::default()).await;
-    let event = open_event(&stack, 10, 60).await;
+    let event = stack.open_event(10, 60).await;
     let publisher = stack.publisher();
     let key = event.to_string();
     let decision = |user_id: String| Decision {
@@ -334,7 +314,7 @@ async fn payments_of(stack: &Stack, order: Uuid) -> Vec<(String, String)> {
 async fn two_buyers_racing_for_the_last_ticket_over_http_get_one_hold() {
     let stack = Stack::start(Options::default()).await;
     let api = Api::new(&stack.api).unwrap();
-    let event = open_event(&stack, 1, 60).await;
+    let event = stack.open_event(1, 60).await;
     let (a, b) =
         tokio::join!(buy_and_wait(&stack, &api, "racer-a", event, 1), buy_and_wait(&stack, &api, "racer-b", event, 1));
     let statuses = [a.1["status"].as_str().unwrap(), b.1["status"].as_str().unwrap()];
@@ -350,7 +330,7 @@ async fn two_buyers_racing_for_the_last_ticket_over_http_get_one_hold() {
 async fn the_per_user_limit_holds_across_purchases() {
     let stack = Stack::start(Options::default()).await;
     let api = Api::new(&stack.api).unwrap();
-    let event = open_event(&stack, 10, 60).await;
+    let event = stack.open_event(10, 60).await;
     let (_, first) = buy_and_wait(&stack, &api, "greedy", event, 2).await;
     assert_eq!(first["status"], "held");
     let (_, second) = buy_and_wait(&stack, &api, "greedy", event, 1).await;
@@ -363,7 +343,7 @@ async fn the_per_user_limit_holds_across_purchases() {
 async fn cancel_gives_the_stock_back_at_once() {
     let stack = Stack::start(Options::default()).await;
     let api = Api::new(&stack.api).unwrap();
-    let event = open_event(&stack, 1, 60).await;
+    let event = stack.open_event(1, 60).await;
     let (order, held) = buy_and_wait(&stack, &api, "canceller", event, 1).await;
     assert_eq!(held["status"], "held");
     let token = stack.token("canceller");
@@ -411,7 +391,7 @@ async fn confirm(checkout: &str, copies: u32) -> serde_json::Value {
 async fn a_payment_after_expiry_is_recorded_for_refund_and_the_stock_is_released_once() {
     let stack = Stack::start(Options::default()).await;
     let api = Api::new(&stack.api).unwrap();
-    let event = open_event(&stack, 1, 1).await;
+    let event = stack.open_event(1, 1).await;
     let (order, held) = buy_and_wait(&stack, &api, "slowpoke", event, 1).await;
     assert_eq!(held["status"], "held");
     let checkout = open_payment(&stack, "slowpoke", order).await;
@@ -440,7 +420,7 @@ async fn a_payment_after_expiry_is_recorded_for_refund_and_the_stock_is_released
 async fn a_payment_racing_the_expiry_ends_the_order_one_way_only() {
     let stack = Stack::start(Options::default()).await;
     let api = Api::new(&stack.api).unwrap();
-    let event = open_event(&stack, 5, 1).await;
+    let event = stack.open_event(5, 1).await;
     let mut orders = Vec::new();
     for i in 0..5 {
         let user = format!("racer-{i}");
@@ -482,7 +462,7 @@ async fn a_payment_racing_the_expiry_ends_the_order_one_way_only() {
 async fn duplicated_webhooks_make_one_paid_order_and_one_payment() {
     let stack = Stack::start(Options::default()).await;
     let api = Api::new(&stack.api).unwrap();
-    let event = open_event(&stack, 3, 60).await;
+    let event = stack.open_event(3, 60).await;
     let (order, _) = buy_and_wait(&stack, &api, "payer", event, 1).await;
     let checkout = open_payment(&stack, "payer", order).await;
     let answer = confirm(&checkout, 4).await;
@@ -507,7 +487,7 @@ async fn duplicated_webhooks_make_one_paid_order_and_one_payment() {
 async fn holds_are_released_after_an_expirer_restart() {
     let mut stack = Stack::start(Options::default()).await;
     let api = Api::new(&stack.api).unwrap();
-    let event = open_event(&stack, 2, 1).await;
+    let event = stack.open_event(2, 1).await;
     let (order, held) = buy_and_wait(&stack, &api, "walker", event, 1).await;
     assert_eq!(held["status"], "held");
     // The expirer goes down with the hold's expiry message read or not.
@@ -530,7 +510,7 @@ async fn holds_are_released_after_an_expirer_restart() {
 async fn a_rebalance_never_lets_the_expirer_commit_past_a_hold_still_waiting() {
     let mut stack = Stack::start(Options::default()).await;
     let api = Api::new(&stack.api).unwrap();
-    let event = open_event(&stack, 5, 1).await;
+    let event = stack.open_event(5, 1).await;
     // On the partition of the event's holds: one due at once, then one that
     // waits out the whole test.
     // A raw producer: the test needs each record's partition and offset,
@@ -617,7 +597,7 @@ async fn rebalance_expirers(stack: &Stack) {
 async fn a_drained_allocator_has_committed_what_it_decided() {
     let mut stack = Stack::start(Options::default()).await;
     let api = Api::new(&stack.api).unwrap();
-    let event = open_event(&stack, 10, 60).await;
+    let event = stack.open_event(10, 60).await;
     for i in 0..3 {
         buy_and_wait(&stack, &api, &format!("drain-{i}"), event, 1).await;
     }
@@ -671,7 +651,7 @@ async fn request_ids_on(stack: &Stack, topic: &str, needle: &str, want: usize) -
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_id_travels_with_the_purchase_through_every_stage() {
     let stack = Stack::start(Options::default()).await;
-    let event = open_event(&stack, 2, 1).await;
+    let event = stack.open_event(2, 1).await;
     let http = dropline_testkit::http();
     let r = http
         .post(format!("{}/v1/events/{event}/purchases", stack.api))
@@ -713,7 +693,7 @@ async fn a_request_id_travels_with_the_purchase_through_every_stage() {
 async fn a_lost_ledger_is_rebuilt_from_mysql_and_the_sale_goes_on() {
     let stack = Stack::start(Options::default()).await;
     let api = Api::new(&stack.api).unwrap();
-    let event = open_event(&stack, 6, 60).await;
+    let event = stack.open_event(6, 60).await;
     let (alice, held) = buy_and_wait(&stack, &api, "alice", event, 2).await;
     assert_eq!(held["status"], "held");
     let (bob, _) = buy_and_wait(&stack, &api, "bob", event, 1).await;
@@ -762,7 +742,7 @@ async fn a_lost_ledger_is_rebuilt_from_mysql_and_the_sale_goes_on() {
 async fn a_ledger_that_lost_writes_cannot_sell_a_unit_twice() {
     let stack = Stack::start(Options::default()).await;
     let api = Api::new(&stack.api).unwrap();
-    let event = open_event(&stack, 2, 60).await;
+    let event = stack.open_event(2, 60).await;
     let before = common::redis_snapshot(stack.ledger.pool(), &format!("{}:*", stack.name)).await;
 
     // Alice buys and pays for one ticket: unit 1.
@@ -825,7 +805,7 @@ async fn a_ledger_that_lost_writes_cannot_break_the_per_user_limit() {
     let api = Api::new(&stack.api).unwrap();
     // Ten tickets, two per buyer. Xavier holds units 1 and 2 when the
     // replica last heard from the primary.
-    let event = open_event(&stack, 10, 60).await;
+    let event = stack.open_event(10, 60).await;
     let (xavier, _) = buy_and_wait(&stack, &api, "xavier", event, 2).await;
     let before = common::redis_snapshot(stack.ledger.pool(), &format!("{}:*", stack.name)).await;
     // Then he cancels, and Dana gets his two units.
@@ -855,7 +835,7 @@ async fn a_ledger_that_lost_writes_cannot_break_the_per_user_limit() {
 async fn a_rebuild_keeps_a_payment_whose_order_event_was_lost() {
     let stack = Stack::start(Options::default()).await;
     let api = Api::new(&stack.api).unwrap();
-    let event = open_event(&stack, 3, 120).await;
+    let event = stack.open_event(3, 120).await;
     let (order, held) = buy_and_wait(&stack, &api, "payer", event, 1).await;
     assert_eq!(held["status"], "held");
     wait_order_state(&stack, order, "held").await;
@@ -878,7 +858,7 @@ async fn a_rebuild_keeps_a_payment_whose_order_event_was_lost() {
 async fn a_prewarm_after_the_opening_rebuilds_a_lost_ledger_instead_of_refilling_it() {
     let stack = Stack::start(Options::default()).await;
     let api = Api::new(&stack.api).unwrap();
-    let event = open_event(&stack, 4, 120).await;
+    let event = stack.open_event(4, 120).await;
     let (order, _) = buy_and_wait(&stack, &api, "early", event, 1).await;
     wait_order_state(&stack, order, "held").await;
     // Redis loses the event's keys mid-sale.
@@ -969,7 +949,7 @@ async fn copies_of_one_purchase_sent_at_once_through_the_sell_out_get_one_answer
     const COPIES: usize = 50;
     const CAPACITY: u32 = 10;
     let stack = Stack::start(Options::default()).await;
-    let event = open_event(&stack, CAPACITY, 60).await;
+    let event = stack.open_event(CAPACITY, 60).await;
     let url = format!("{}/v1/events/{event}/purchases", stack.api);
     let http = dropline_testkit::http_builder().pool_max_idle_per_host(256).build().unwrap();
     // A new buyer (and key) every 50 ms, each sending 50 copies of its
@@ -1063,7 +1043,7 @@ async fn copies_of_one_purchase_sent_at_once_through_the_sell_out_get_one_answer
 async fn an_accepted_intent_that_never_reached_the_allocator_fails_the_check_after_the_wait() {
     let stack = Stack::start(Options::default()).await;
     let api = Api::new(&stack.api).unwrap();
-    let event = open_event(&stack, 10, 2).await;
+    let event = stack.open_event(10, 2).await;
     let (held, _) = buy_and_wait(&stack, &api, "paula", event, 1).await;
     wait_order_state(&stack, held, "held").await;
     // The ingress' acceptance record of an intent it never produced (a
@@ -1099,7 +1079,7 @@ async fn an_accepted_intent_that_never_reached_the_allocator_fails_the_check_aft
 async fn an_order_handed_out_is_never_not_found_while_redis_catches_up() {
     let mut stack = Stack::start(Options::default()).await;
     let api = Api::new(&stack.api).unwrap();
-    let event = open_event(&stack, 10, 60).await;
+    let event = stack.open_event(10, 60).await;
     let before = common::redis_snapshot(stack.ledger.pool(), &format!("{}:*", stack.name)).await;
     let (alice, held) = buy_and_wait(&stack, &api, "alice", event, 1).await;
     assert_eq!(held["status"], "held");
@@ -1141,7 +1121,7 @@ async fn an_order_handed_out_is_never_not_found_while_redis_catches_up() {
     // event: stopping the settler may cut a rebuild of the first one short,
     // leaving it fenced until the fence expires.)
     stack.stop_stage("settler").await;
-    let event = open_event(&stack, 10, 60).await;
+    let event = stack.open_event(10, 60).await;
     let (bob, held) = buy_and_wait(&stack, &api, "bob", event, 1).await;
     assert_eq!(held["status"], "held");
     let keys = dropline::stock::EventKeys::new(&stack.name, event);
@@ -1182,7 +1162,7 @@ async fn an_order_handed_out_is_never_not_found_while_redis_catches_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_intent_for_an_event_the_record_does_not_have_is_dead_lettered_not_retried_forever() {
     let stack = Stack::start(Options::default()).await;
-    let event = open_event(&stack, 10, 60).await;
+    let event = stack.open_event(10, 60).await;
     let publisher = stack.publisher();
     // Only a foreign producer could write this: the ingress checks the event.
     let unknown = event + 1_000_000;

@@ -151,6 +151,14 @@ pub mod ingress {
         "Waiting-room draws written by this replica (one per room across all replicas).",
     )
     .from_zero();
+    pub const OPEN_STREAMS: Metric = Metric::gauge(
+        "dropline_ingress_open_streams",
+        "Server-sent event streams open on this replica (intents' and queue tickets').",
+    )
+    .from_zero();
+    pub const STREAM_EVENTS: Metric =
+        Metric::counter("dropline_ingress_stream_events_total", "Events sent on server-sent event streams, by stream.")
+            .from_zero_for("stream", &["intent", "ticket"]);
 
     pub const ALL: &[Metric] = &[
         REQUESTS,
@@ -162,6 +170,8 @@ pub mod ingress {
         ROOM_JOINS,
         ROOM_TURNS,
         ROOM_DRAWS,
+        OPEN_STREAMS,
+        STREAM_EVENTS,
     ];
 }
 

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use dropline::config::KafkaArgs;
 use dropline::kafka::GroupOffsets;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// How often the allocator group's offsets are read.
@@ -23,9 +24,17 @@ const REFRESH: Duration = Duration::from_millis(500);
 /// The allocator group's committed offset per partition of the intents
 /// topic, as last read (the oldest offset still there where nothing is
 /// committed yet).
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct AllocationLine {
     decided_up_to: Arc<RwLock<HashMap<i32, i64>>>,
+    /// Counts the reads, for the streams of queued purchases to wake on.
+    reads: Arc<watch::Sender<u64>>,
+}
+
+impl Default for AllocationLine {
+    fn default() -> Self {
+        Self { decided_up_to: Arc::default(), reads: Arc::new(watch::channel(0).0) }
+    }
 }
 
 impl AllocationLine {
@@ -34,6 +43,18 @@ impl AllocationLine {
     pub fn ahead(&self, partition: i32, offset: i64) -> Option<u64> {
         let read = self.decided_up_to.read().unwrap_or_else(|e| e.into_inner());
         read.get(&partition).map(|committed| (offset - committed).max(0) as u64)
+    }
+
+    /// Whether the allocators are past the intent written at `offset` of
+    /// `partition`: it is decided.
+    pub fn passed(&self, partition: i32, offset: i64) -> bool {
+        let read = self.decided_up_to.read().unwrap_or_else(|e| e.into_inner());
+        read.get(&partition).is_some_and(|committed| *committed > offset)
+    }
+
+    /// Changes once per read of the offsets.
+    pub fn updates(&self) -> watch::Receiver<u64> {
+        self.reads.subscribe()
     }
 
     /// Reads `group`'s offsets on `topic` until shutdown.
@@ -58,6 +79,8 @@ impl AllocationLine {
                     let committed = partitions.iter().map(|p| (p.partition, p.committed.unwrap_or(p.low).max(p.low)));
                     let mut write = self.decided_up_to.write().unwrap_or_else(|e| e.into_inner());
                     *write = committed.collect();
+                    drop(write);
+                    self.reads.send_modify(|n| *n += 1);
                 }
                 Err(e) => tracing::debug!(error = %e, "allocator group offsets not read"),
             }

@@ -118,6 +118,13 @@ pub struct IngressConfig {
     /// How long MySQL may run one search query before it stops it.
     #[arg(long, env = "DROPLINE_SEARCH_STATEMENT_TIMEOUT_MS", default_value_t = 2_000)]
     pub search_statement_timeout_ms: u64,
+    /// Server-sent event streams open at once on this process; more are
+    /// refused with 503 `streams_full` (their buyers poll meanwhile). Each
+    /// holds a connection, so it must be below DROPLINE_HTTP_MAX_CONNECTIONS
+    /// (streams never take every connection from purchases); unset, it is
+    /// four fifths of it.
+    #[arg(long, env = "DROPLINE_MAX_STREAMS")]
+    pub max_streams: Option<usize>,
     /// The allocators' consumer group: a queued purchase's place in their
     /// line is read from its committed offsets.
     #[arg(long, env = "DROPLINE_ALLOCATOR_GROUP", default_value = "dropline-allocator")]
@@ -180,6 +187,12 @@ dropline::stage_config!(IngressConfig, "ingress", 9100, |config, p| {
 });
 
 impl IngressConfig {
+    /// Event streams open at once at most: as set, or four fifths of the
+    /// connections.
+    pub fn stream_limit(&self) -> usize {
+        self.max_streams.unwrap_or(self.http_max_connections / 5 * 4)
+    }
+
     /// Every rate limiter's rate and burst.
     pub fn rates(&self) -> crate::limits::Rates {
         crate::limits::Rates {
@@ -206,6 +219,10 @@ impl IngressConfig {
             );
         }
         p.require(self.http_max_connections > 0, "DROPLINE_HTTP_MAX_CONNECTIONS must be positive");
+        p.require(
+            self.max_streams.is_none_or(|n| n < self.http_max_connections),
+            "DROPLINE_MAX_STREAMS must be below DROPLINE_HTTP_MAX_CONNECTIONS",
+        );
         if let Some(limit) = open_files {
             let needed = self.http_max_connections as u64 + RESERVED_FDS;
             if needed > limit {

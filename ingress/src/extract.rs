@@ -77,6 +77,18 @@ impl<S: Send + Sync> FromRequestParts<S> for JoinProof {
     }
 }
 
+/// The `Last-Event-ID` a reconnecting event stream sends: the id of the
+/// last event it had.
+pub struct LastEventId(pub Option<String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for LastEventId {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Problem> {
+        optional_token(&parts.headers, "last-event-id", "Last-Event-ID").map(LastEventId)
+    }
+}
+
 /// A header carrying a token the ingress issued, if sent: once at most,
 /// 1 to 4096 visible ASCII characters.
 fn optional_token(headers: &HeaderMap, name: &str, shown: &str) -> Result<Option<String>, Problem> {

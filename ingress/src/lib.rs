@@ -10,6 +10,8 @@
 //! - [`events`]: events in MySQL behind a small cache, and the pre-warm.
 //! - [`rooms`]: waiting rooms: their record, admission tokens and the
 //!   keeper that draws each room and lets its buyers through.
+//! - [`live`]: what the event streams are fed from: one subscription to
+//!   decisions and order changes per process, and each room's line.
 //! - [`orders`]: an order's live state (Redis) or settled state (MySQL).
 //! - [`record`]: the ingress's SQL (events, and orders and intents looked
 //!   up once Redis no longer has them).
@@ -27,6 +29,7 @@ mod extract;
 pub mod intents;
 mod layers;
 pub mod limits;
+pub mod live;
 pub mod metrics;
 pub mod orders;
 pub mod problem;
@@ -92,7 +95,7 @@ pub fn router(config: IngressConfig) -> Result<axum::Router, IngressError> {
     let db = dropline::db::connect_lazy(&config.mysql)?;
     let redis = config.shared.redis.pool()?;
     let publisher = Publisher::new(&config.shared.kafka, "ingress-producer", WhenFull::Refuse)?;
-    let state = AppState::new(config, db, redis, publisher, events::SearchTimeout::None)?;
+    let state = AppState::new(config, db, redis, publisher, events::SearchTimeout::None, CancellationToken::new())?;
     Ok(routes::router(Arc::new(state)))
 }
 
@@ -134,9 +137,11 @@ pub async fn start_on(
     let topics = config.shared.kafka.topics();
     kafka::ensure_topics(&config.shared.kafka, &topics.all()).await?;
     let publisher = Publisher::new(&config.shared.kafka, "ingress-producer", WhenFull::Refuse)?;
-    let state = Arc::new(AppState::new(config.clone(), db, redis, publisher.clone(), search_timeout)?);
+    let state =
+        Arc::new(AppState::new(config.clone(), db, redis, publisher.clone(), search_timeout, shutdown.clone())?);
     tokio::spawn(limits::prune_periodically(state.limits.clone(), Duration::from_secs(10), shutdown.clone()));
-    tokio::spawn(rooms::keep(state.rooms.clone(), shutdown.clone()));
+    tokio::spawn(rooms::keep(state.rooms.clone(), state.live.clone(), shutdown.clone()));
+    tokio::spawn(state.live.clone().follow(config.shared.kafka.clone(), topics.clone()));
     tokio::spawn(state.allocation.clone().follow(
         config.shared.kafka.clone(),
         config.allocator_group.clone(),

@@ -73,6 +73,7 @@ error_codes! {
     RateLimited => "rate_limited",
     Busy => "busy",
     Overloaded => "overloaded",
+    StreamsFull => "streams_full",
     RequestTimeout => "request_timeout",
     BrokerUnavailable => "broker_unavailable",
     DependencyUnavailable => "dependency_unavailable",
@@ -116,7 +117,7 @@ impl ErrorCode {
             | BeaconTooEarly
             | DrawNotDone => StatusCode::CONFLICT,
             RateLimited | Busy => StatusCode::TOO_MANY_REQUESTS,
-            BrokerUnavailable | DependencyUnavailable | OrderNotReady | Overloaded | RequestTimeout => {
+            BrokerUnavailable | DependencyUnavailable | OrderNotReady | Overloaded | StreamsFull | RequestTimeout => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             PaymentProviderUnavailable => StatusCode::BAD_GATEWAY,
@@ -171,6 +172,7 @@ impl ErrorCode {
             RateLimited => "Too many requests",
             Busy => "Too many purchases are being answered at once; retry shortly",
             Overloaded => "Too many requests of this kind at once; retry later",
+            StreamsFull => "Too many event streams are open; poll the resource, or retry later",
             RequestTimeout => "The request took too long; retry later",
             BrokerUnavailable => "The request could not be queued; retry later",
             DependencyUnavailable => "A backing service is unavailable; retry later",

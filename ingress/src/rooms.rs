@@ -14,12 +14,13 @@ use chrono::{DateTime, Datelike, Utc};
 use dropline::auth::{AdmissionClaims, AdmissionKeys};
 use dropline::room::draw::PublishedDraw;
 use dropline::room::proof::{self, Challenges};
-use dropline::room::{Mode, RoomError, RoomSettings, Rooms};
+use dropline::room::{Mode, Phase, RoomError, RoomSettings, Rooms};
 use moka::future::Cache;
 use serde::Deserialize;
 use sqlx::MySqlPool;
 use tokio_util::sync::CancellationToken;
 
+use crate::live::{Live, RoomPulse};
 use crate::metrics::{ROOM_DRAWS, ROOM_TURNS};
 use crate::problem::{ErrorCode, Problem};
 use crate::record::{self, RoomRow};
@@ -401,8 +402,9 @@ impl WaitingRooms {
 }
 
 /// Runs this replica's keeper until shutdown: every tick, each live room
-/// is drawn once its sale opens, and lets its next buyers through.
-pub async fn keep(rooms: WaitingRooms, shutdown: CancellationToken) {
+/// is drawn once its sale opens, and lets its next buyers through; the
+/// line as the tick left it goes to the room's streams on this replica.
+pub async fn keep(rooms: WaitingRooms, feed: Arc<Live>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut live: Vec<RoomRow> = Vec::new();
@@ -420,7 +422,7 @@ pub async fn keep(rooms: WaitingRooms, shutdown: CancellationToken) {
             refreshed = Some(tokio::time::Instant::now());
         }
         for room in &mut live {
-            if let Err(e) = keep_one(&rooms, room).await {
+            if let Err(e) = keep_one(&rooms, &feed, room).await {
                 tracing::warn!(error = %e, event_id = room.event_id, "waiting room step failed; retried next tick");
             }
         }
@@ -448,9 +450,18 @@ async fn refresh(rooms: &WaitingRooms) -> Result<Vec<RoomRow>, KeepError> {
     Ok(rows)
 }
 
-async fn keep_one(rooms: &WaitingRooms, room: &mut RoomRow) -> Result<(), KeepError> {
+async fn keep_one(rooms: &WaitingRooms, live: &Live, room: &mut RoomRow) -> Result<(), KeepError> {
     let now = Utc::now();
+    let still = |phase| RoomPulse {
+        phase,
+        now_serving: 0,
+        available: 0,
+        outflow_per_sec: room.outflow_per_sec,
+        measured_per_sec: None,
+        at: now,
+    };
     if now < room.sale_opens_at {
+        live.pulse(room.event_id, still(Phase::PreQueue));
         return Ok(());
     }
     let id = room.event_id;
@@ -475,6 +486,19 @@ async fn keep_one(rooms: &WaitingRooms, room: &mut RoomRow) -> Result<(), KeepEr
     }
     let step = rooms.live.advance(id, Utc::now().timestamp_millis()).await?;
     rooms.mark(id, step.sold_out_and_empty);
+    live.pulse(
+        id,
+        match step.available {
+            Some(available) => RoomPulse {
+                phase: Phase::Open,
+                now_serving: step.now_serving,
+                available,
+                measured_per_sec: step.measured_per_sec,
+                ..still(Phase::Open)
+            },
+            None => still(Phase::Drawing),
+        },
+    );
     if step.admitted > 0 {
         metrics::counter!(ROOM_TURNS.name, "result" => "admitted").increment(step.admitted);
     }

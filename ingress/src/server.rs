@@ -17,7 +17,8 @@
 //! The cap: every connection holds a semaphore permit, so at most
 //! `max_connections` descriptors go to clients. When it is reached, the
 //! connection that has been idle the longest (no request in flight: waiting
-//! for its first head, a slowloris, or kept alive between requests) is
+//! for its first head, a slowloris, or kept alive between requests; an
+//! answer still being sent, an event stream's say, counts as in flight) is
 //! closed to make room, as nginx reuses keep-alive connections; only when
 //! every connection has a request in flight does accepting stop until one
 //! finishes (backpressure: the kernel's listen backlog holds the newcomers).
@@ -138,8 +139,7 @@ pub async fn serve(
                 let app = app.clone();
                 async move {
                     let response = app.oneshot(request.map(axum::body::Body::new)).await;
-                    drop(busy);
-                    response
+                    response.map(|r| r.map(|body| BusyBody { body, _busy: busy }))
                 }
             }
         });
@@ -288,6 +288,33 @@ impl Busy {
 impl Drop for Busy {
     fn drop(&mut self) {
         self.0.idle.set_idle(self.0.id, &self.0.evict);
+    }
+}
+
+/// An answer's body, holding its connection busy until it is all sent: a
+/// long one (an event stream) is never taken for an idle connection.
+struct BusyBody {
+    body: axum::body::Body,
+    _busy: Busy,
+}
+
+impl hyper::body::Body for BusyBody {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 

@@ -9,12 +9,14 @@ use dropline::messages::{OrderChange, Topics};
 use dropline::secrets::exposed;
 use dropline::stock::Ledger;
 use sqlx::MySqlPool;
+use tokio_util::sync::CancellationToken;
 
 use crate::allocation::AllocationLine;
 use crate::config::IngressConfig;
 use crate::events::{self, Events};
 use crate::intents::IntentStore;
 use crate::limits::Limits;
+use crate::live::Live;
 use crate::orders::Orders;
 use crate::problem::{ErrorCode, Problem};
 use crate::rooms::WaitingRooms;
@@ -28,6 +30,7 @@ pub struct AppState {
     pub orders: Orders,
     pub rooms: WaitingRooms,
     pub allocation: AllocationLine,
+    pub live: Arc<Live>,
     pub ledger: Ledger,
     pub db: MySqlPool,
     pub publisher: Publisher,
@@ -44,6 +47,7 @@ impl AppState {
         redis: deadpool_redis::Pool,
         publisher: Publisher,
         search_timeout: events::SearchTimeout,
+        shutdown: CancellationToken,
     ) -> Result<AppState, reqwest::Error> {
         let ledger = Ledger::new(redis.clone(), &config.shared.redis.key_prefix);
         let prefix = &config.shared.redis.key_prefix;
@@ -61,6 +65,7 @@ impl AppState {
             orders: Orders::new(intents.clone(), ledger.clone(), db.clone()),
             rooms,
             allocation: AllocationLine::default(),
+            live: Arc::new(Live::new(config.stream_limit(), shutdown)),
             intents,
             ledger,
             db,

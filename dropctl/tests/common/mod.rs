@@ -187,6 +187,23 @@ impl Stack {
     }
 
     /// Stops every stage (a graceful drain) and drops the test database.
+    /// An event on sale since a few seconds ago, for an hour; two units
+    /// per buyer at most.
+    pub async fn open_event(&self, capacity: u32, hold_ttl_secs: u32) -> u64 {
+        let now = chrono::Utc::now();
+        let body = serde_json::json!({
+            "name": "Pipeline test", "venue": "Test Hall",
+            "starts_at": now + chrono::Duration::days(1),
+            "sale_opens_at": now - chrono::Duration::seconds(5),
+            "sale_closes_at": now + chrono::Duration::hours(1),
+            "capacity": capacity, "price_cents": 1000, "currency": "EUR",
+            "per_user_limit": 2, "hold_ttl_secs": hold_ttl_secs,
+        });
+        let api = dropctl::api::Api::new(&self.api).unwrap();
+        let event = api.create_event(&self.admin_token(), &body).await.unwrap();
+        event["id"].as_u64().unwrap()
+    }
+
     pub async fn stop(self) {
         self.shutdown.cancel();
         for t in self.tasks.into_iter().chain(self.stages.into_iter().map(|(_, _, t)| t)) {

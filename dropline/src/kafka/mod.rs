@@ -14,6 +14,7 @@
 //! - `group`: a consumer's place in its group, readiness and the stuck
 //!   watch.
 //! - `offsets`: how far a group has come, read from outside it.
+//! - `tail`: topics followed from their ends, outside any group.
 
 mod batch;
 mod consume;
@@ -22,6 +23,7 @@ mod group;
 pub mod metrics;
 mod offsets;
 mod publish;
+mod tail;
 
 use std::time::Duration;
 
@@ -41,6 +43,7 @@ pub use self::dead_letters::DeadLetters;
 pub use self::group::{decode_assignment, watch, GroupContext, PartitionKey};
 pub use self::offsets::{GroupOffsets, PartitionOffsets};
 pub use self::publish::{producer, Producer, PublishError, Publisher, Record, WhenFull, Written};
+pub use self::tail::tail;
 use crate::config::KafkaArgs;
 
 /// How often librdkafka reports the statistics [`export_statistics`] exports.

@@ -135,14 +135,18 @@ pub struct Standing {
     pub measured_per_sec: Option<f64>,
 }
 
-/// What one call of the admission step did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What one call of the admission step did, and the line as it left it.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Advanced {
     pub admitted: u64,
     pub lapsed: u64,
     pub now_serving: u64,
+    /// `None` until the room is drawn (the line does not move before).
+    pub available: Option<u64>,
     /// Sold out with nobody left waiting: a join could only be told so.
     pub sold_out_and_empty: bool,
+    /// Buyers let through per second over the last ten seconds or so.
+    pub measured_per_sec: Option<f64>,
 }
 
 /// A room as a whole, for its public page and the keeper.
@@ -299,9 +303,23 @@ impl Rooms {
 
     /// Ends lapsed turns and lets the next buyers through.
     pub async fn advance(&self, event_id: u64, now_ms: i64) -> Result<Advanced, RoomError> {
-        let (admitted, lapsed, now_serving, available, waiting): (u64, u64, u64, i64, i64) =
-            self.call(&ADVANCE, event_id, &[now_ms.to_string()]).await?;
-        Ok(Advanced { admitted, lapsed, now_serving, sold_out_and_empty: available == 0 && waiting == 0 })
+        let (admitted, lapsed, now_serving, available, waiting, oldest, newest): (
+            u64,
+            u64,
+            u64,
+            i64,
+            i64,
+            String,
+            String,
+        ) = self.call(&ADVANCE, event_id, &[now_ms.to_string()]).await?;
+        Ok(Advanced {
+            admitted,
+            lapsed,
+            now_serving,
+            available: u64::try_from(available).ok(),
+            sold_out_and_empty: available == 0 && waiting == 0,
+            measured_per_sec: measured(&oldest, &newest),
+        })
     }
 
     /// Ends `ticket`'s turn as used by the purchase `intent_id` of

@@ -6,6 +6,7 @@ mod events;
 mod orders;
 mod purchases;
 mod rooms;
+mod streams;
 mod webhooks;
 
 use std::sync::Arc;
@@ -54,7 +55,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/events/{event_id}/waiting-room/draw", get(rooms::draw).layer(settled))
         .route("/v1/events/{event_id}/queue", post(rooms::join).get(rooms::standing))
         .route("/v1/events/{event_id}/queue/challenge", get(rooms::challenge))
+        .route("/v1/events/{event_id}/queue/events", get(streams::ticket))
         .route("/v1/intents/{intent_id}", get(purchases::status))
+        .route("/v1/intents/{intent_id}/events", get(streams::intent))
         .route("/v1/orders/{order_id}", get(orders::get_one))
         .route("/v1/orders/{order_id}/cancel", post(orders::cancel).route_layer(order_actions()))
         .route("/v1/orders/{order_id}/payments", post(orders::start_payment).route_layer(order_actions()))

@@ -17,6 +17,7 @@ use uuid::Uuid;
 use crate::extract::{AdmissionToken, Buyer, EventId, IdempotencyKey, IntentId, JsonBody};
 use crate::intents::{intent_id, IntentRecord, KeyClaim, KeyRecord, KeyState, Settled, StoredRefusal};
 use crate::layers::{Counter, Outcome, RequestId};
+use crate::live::IntentStatus;
 use crate::metrics::PURCHASES;
 use crate::orders::{not_ready, Lookup, OrderView};
 use crate::problem::{ErrorCode, Problem};
@@ -301,24 +302,6 @@ fn accepted(id: Uuid, record: &IntentRecord) -> Response {
     (StatusCode::ACCEPTED, [("location", status_url)], Json(body)).into_response()
 }
 
-#[derive(Debug, Serialize)]
-struct IntentStatus {
-    intent_id: Uuid,
-    event_id: u64,
-    quantity: u32,
-    /// queued, rejected, or the order's state: held, paid, cancelled, expired.
-    status: &'static str,
-    /// While queued: intents of the event ahead of this one that the
-    /// allocators have not decided yet (as of their last commit, at most
-    /// about a second ago).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    ahead: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    reason: Option<RejectReason>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    order: Option<OrderView>,
-}
-
 /// How long an intent may look undecided in the ledger before MySQL is
 /// asked too: a ledger that came back behind has lost decisions the settler
 /// recorded, and would show them queued until it is rebuilt. Younger intents
@@ -331,9 +314,22 @@ pub async fn status(
     Buyer(claims): Buyer,
     IntentId(id): IntentId,
 ) -> Result<Response, Problem> {
+    let current = current(&app, id, &claims.sub).await?.ok_or(ErrorCode::NotFound)?;
+    Ok(Json(current.status).into_response())
+}
+
+/// An intent's status, and where the broker wrote it while it is queued.
+pub(super) struct Current {
+    pub status: IntentStatus,
+    pub written: Option<(i32, i64)>,
+}
+
+/// Where `user`'s intent `id` stands now; `None` if they have no such
+/// intent.
+pub(super) async fn current(app: &AppState, id: Uuid, user: &str) -> Result<Option<Current>, Problem> {
     let entry = app.intents.get(id).await.map_err(|e| Problem::unavailable("redis", &e))?;
-    let Some(entry) = entry.filter(|r| r.intent.user_id == claims.sub) else {
-        return settled_status(&app, id, &claims.sub).await?.ok_or_else(|| ErrorCode::NotFound.into());
+    let Some(entry) = entry.filter(|r| r.intent.user_id == user) else {
+        return Ok(settled_status(app, id, user).await?.map(|status| Current { status, written: None }));
     };
     let record = &entry.intent;
     let verdict = app.ledger.verdict(record.event_id, id).await.map_err(|e| Problem::unavailable("redis", &e))?;
@@ -341,8 +337,8 @@ pub async fn status(
     let (status, reason, order) = match verdict {
         None => {
             if now_ms() - record.accepted_at_ms > QUEUED_CHECK_AFTER_MS {
-                if let Some(settled) = settled_status(&app, id, &claims.sub).await? {
-                    return Ok(settled);
+                if let Some(settled) = settled_status(app, id, user).await? {
+                    return Ok(Some(Current { status: settled, written: None }));
                 }
             }
             ahead = entry.written.and_then(|(partition, offset)| app.allocation.ahead(partition, offset));
@@ -350,11 +346,11 @@ pub async fn status(
         }
         Some(Verdict::Rejected { reason, .. }) => ("rejected", Some(reason), None),
         Some(Verdict::Held { .. }) => {
-            let order = order_of(&app, id, &claims.sub).await?;
+            let order = order_of(app, id, user).await?;
             (order.state.as_str(), None, Some(order))
         }
     };
-    let body = IntentStatus {
+    let status = IntentStatus {
         intent_id: id,
         event_id: record.event_id,
         quantity: record.quantity,
@@ -363,7 +359,8 @@ pub async fn status(
         reason,
         order,
     };
-    Ok(Json(body).into_response())
+    let written = entry.written.filter(|_| status.status == "queued");
+    Ok(Some(Current { status, written }))
 }
 
 /// The order of an intent decided held. It exists, so if it cannot be
@@ -376,7 +373,7 @@ async fn order_of(app: &AppState, id: Uuid, user: &str) -> Result<OrderView, Pro
 }
 
 /// An intent's status from the settler's record, if it has the intent.
-async fn settled_status(app: &AppState, id: Uuid, user: &str) -> Result<Option<Response>, Problem> {
+async fn settled_status(app: &AppState, id: Uuid, user: &str) -> Result<Option<IntentStatus>, Problem> {
     let intent = record::intent(&app.db, id, user).await.map_err(|e| Problem::unavailable("mysql", &e))?;
     let Some(intent) = intent else { return Ok(None) };
     let (status, reason, order) = if intent.outcome == OutcomeKind::Held {
@@ -386,6 +383,5 @@ async fn settled_status(app: &AppState, id: Uuid, user: &str) -> Result<Option<R
         ("rejected", intent.reason(), None)
     };
     let (event_id, quantity) = (intent.event_id, intent.quantity);
-    let body = IntentStatus { intent_id: id, event_id, quantity, status, ahead: None, reason, order };
-    Ok(Some(Json(body).into_response()))
+    Ok(Some(IntentStatus { intent_id: id, event_id, quantity, status, ahead: None, reason, order }))
 }

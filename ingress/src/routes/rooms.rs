@@ -62,17 +62,17 @@ struct RoomView {
 
 /// A buyer's ticket and where it stands.
 #[derive(Serialize)]
-struct TicketView {
+pub(super) struct TicketView {
     event_id: u64,
     ticket_id: Uuid,
     /// pre_queue, drawing, waiting (in a lottery: waitlisted), sold_out,
     /// admitted, purchased, lapsed, closed.
-    status: &'static str,
+    pub status: &'static str,
     /// 1 is first; absent until the draw places a pre-queue ticket.
     #[serde(skip_serializing_if = "Option::is_none")]
-    place: Option<u64>,
+    pub place: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    ahead: Option<u64>,
+    pub ahead: Option<u64>,
     now_serving: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     estimated_wait_secs: Option<u64>,
@@ -85,13 +85,32 @@ struct TicketView {
     turn_ends_at: Option<DateTime<Utc>>,
 }
 
+impl TicketView {
+    /// Nothing more will happen to the ticket: its turn was used or ran
+    /// out, or the sale closed.
+    pub fn is_final(&self) -> bool {
+        matches!(self.status, "purchased" | "lapsed" | "closed")
+    }
+
+    /// The stream event's id: the same standing, the same id (the wait
+    /// estimate and the token's signature time aside).
+    pub fn event_id(&self) -> String {
+        let turn = self.turn_ends_at.map_or(0, |t| t.timestamp_millis());
+        match (self.place, self.ahead) {
+            (Some(place), Some(ahead)) => format!("{}.{place}.{ahead}.{turn}", self.status),
+            (Some(place), None) => format!("{}.{place}.{turn}", self.status),
+            _ => self.status.to_owned(),
+        }
+    }
+}
+
 /// A buyer's waiting-room request within their budget (and a join within
 /// the event's).
-fn room_budget(app: &AppState, user: &str, joining: Option<u64>) -> Result<(), Problem> {
+pub(super) fn room_budget(app: &AppState, user: &str, joining: Option<u64>) -> Result<(), Problem> {
     app.limits.room(user, joining).map_err(|r| Problem::new(ErrorCode::RateLimited).retry_after(r.retry_after_secs))
 }
 
-async fn room_of(app: &AppState, event_id: u64) -> Result<Arc<RoomRow>, Problem> {
+pub(super) async fn room_of(app: &AppState, event_id: u64) -> Result<Arc<RoomRow>, Problem> {
     let event = app.events.get(event_id).await.map_err(|e| Problem::unavailable("mysql", &e))?;
     event.ok_or(ErrorCode::EventNotFound)?;
     app.rooms.get(event_id).await?.ok_or_else(|| ErrorCode::NoWaitingRoom.into())
@@ -301,7 +320,12 @@ pub async fn standing(
     Ok(Json(ticket_view(&app, &row, &claims.sub, standing)?).into_response())
 }
 
-fn ticket_view(app: &AppState, row: &RoomRow, user: &str, standing: Option<Standing>) -> Result<TicketView, Problem> {
+pub(super) fn ticket_view(
+    app: &AppState,
+    row: &RoomRow,
+    user: &str,
+    standing: Option<Standing>,
+) -> Result<TicketView, Problem> {
     let s = standing.ok_or_else(|| Problem::new(ErrorCode::DependencyUnavailable).retry_after(1))?;
     let ticket = s.ticket.ok_or(ErrorCode::NotInQueue)?;
     let now = Utc::now();

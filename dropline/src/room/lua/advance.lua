@@ -8,11 +8,12 @@
 --
 -- ARGV now_ms
 -- Returns {admitted now, turns ended now, now serving, units available,
---          tickets still waiting}.
+--          tickets still waiting, oldest rate sample|'', newest|''}; units
+--          available is -1 until the room is drawn.
 local now = tonumber(ARGV[1])
 local c = redis.call('HMGET', conf, 'state', 'outflow', 'tta_ms', 'serving', 'next_pos', 'last_ms', 'carry')
 if c[1] ~= 'drawn' then
-  return {0, 0, 0, -1, -1}
+  return {0, 0, 0, -1, -1, '', ''}
 end
 local outflow, tta, serving, next_pos = tonumber(c[2]), tonumber(c[3]), tonumber(c[4]), tonumber(c[5])
 
@@ -68,4 +69,5 @@ if not newest or now - tonumber(string.match(newest, '^(%d+)')) >= 1000 then
   redis.call('LTRIM', samples, 0, 9)
   retain(samples)
 end
-return {n, #lapsed, serving, available, next_pos - serving}
+return {n, #lapsed, serving, available, next_pos - serving,
+  redis.call('LINDEX', samples, -1) or '', redis.call('LINDEX', samples, 0) or ''}
