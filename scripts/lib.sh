@@ -188,6 +188,14 @@ ensure_tools() {
   command -v curl >/dev/null || apt_install curl
 }
 
+# Debian's Chromium and its WebDriver, for the waiting-room page's test in
+# a real headless browser.
+ensure_chromium() {
+  command -v chromium >/dev/null && command -v chromedriver >/dev/null && return
+  log "installing chromium and chromedriver (for the waiting-room page's test)"
+  apt_install --no-install-recommends chromium chromium-driver
+}
+
 PROMETHEUS_PORT=${PROMETHEUS_PORT:-9090}
 
 ensure_promtool() {

@@ -8,7 +8,8 @@
 # rest of its arguments to cargo).
 #
 # The integration tier then brings up Redis, MariaDB and the broker if they
-# are not running (and installs Prometheus for its tools), checks the alert
+# are not running (and installs Prometheus for its tools, and Chromium with
+# chromedriver for the waiting-room page's test), checks the alert
 # rules, builds the binaries (the monitoring test runs them as processes),
 # runs a short k6 drop with its invariant check, then runs every test in the
 # workspace against the real services (the fast ones again, in seconds).
@@ -27,6 +28,7 @@ cargo test --workspace --locked --lib "${FAST_TESTS[@]}"
 
 ensure_infra
 ensure_promtool
+ensure_chromium
 promtool check rules monitoring/prometheus/rules.yml
 promtool check config monitoring/prometheus/prometheus.yml
 (cd monitoring/prometheus && promtool test rules rules_test.yml)

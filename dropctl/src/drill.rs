@@ -3,8 +3,10 @@
 //! the demo (`dropctl demo`) and by the end-to-end tests.
 //!
 //! With a waiting room ([`RoomPlan`]) the sale opens a few seconds later:
-//! every buyer first joins the pre-queue, the draw at the opening places
-//! them, and each buys once admitted; the published draw is then checked.
+//! every buyer first joins the pre-queue and follows their ticket on its
+//! event stream, the draw at the opening places them, and each buys once
+//! admitted; the published draw is then checked, and what the buyers saw
+//! of the line reported ([`LineReport`]).
 //!
 //! The crowd acts in two waves with a barrier between them: first every
 //! buyer tries to buy and learns their outcome; only then do holders pay or
@@ -23,7 +25,7 @@ use sqlx::MySqlPool;
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
-use crate::api::{Api, Purchase};
+use crate::api::{Api, Opened, Purchase, Ticket};
 use crate::invariants::{self, CheckOptions, OrderCounts, Verdict};
 use crate::quiet::{self, PipelineArgs, Quiet};
 
@@ -92,6 +94,10 @@ enum Outcome {
 struct Buyer {
     /// Their waiting-room ticket, when the drop has a room.
     ticket: Option<Uuid>,
+    /// What they saw of the line.
+    line: LineView,
+    /// When their hold was decided (Unix ms, the allocator's clock).
+    held_at_ms: Option<i64>,
     token: String,
     outcome: Outcome,
 }
@@ -124,6 +130,57 @@ pub struct DropReport {
     pub verdict: Option<Verdict>,
     /// With a waiting room: its draw, checked.
     pub draw: Option<DrawReport>,
+    /// With a waiting room: what its buyers saw of the line.
+    pub line: Option<LineReport>,
+}
+
+/// What the buyers in a waiting room saw of the line, on their tickets'
+/// event streams.
+#[derive(Debug, Clone, Default)]
+pub struct LineReport {
+    /// Buyers who followed their ticket on its stream (the rest polled:
+    /// the ingress had no stream to spare).
+    pub streamed: u64,
+    pub events: u64,
+    /// From the last hold's decision to each waiting buyer's `sold_out`
+    /// event: the 99th percentile, and how many got one.
+    pub sold_out_p99: Option<Duration>,
+    pub told_sold_out: u64,
+    /// How far off the first wait estimate each admitted buyer was shown,
+    /// against when they were let through: the 90th percentile, as a share
+    /// of the real wait (of a second, for shorter waits: estimates are in
+    /// whole seconds).
+    pub eta_error_p90: Option<f64>,
+    pub estimated: u64,
+}
+
+impl LineReport {
+    fn of(buyers: &[Buyer]) -> Self {
+        let last_hold = buyers.iter().filter_map(|b| b.held_at_ms).max();
+        let mut sold_out: Vec<Duration> = buyers
+            .iter()
+            .filter_map(|b| Some(Duration::from_millis((b.line.sold_out_at_ms? - last_hold?).max(0) as u64)))
+            .collect();
+        let mut errors: Vec<f64> = buyers
+            .iter()
+            .filter_map(|b| {
+                let ((shown_at, estimate), admitted_at) = (b.line.first_estimate?, b.line.admitted_at?);
+                let real = admitted_at.saturating_duration_since(shown_at).as_secs_f64();
+                Some((estimate as f64 - real).abs() / real.max(1.0))
+            })
+            .collect();
+        sold_out.sort();
+        errors.sort_by(f64::total_cmp);
+        let at = |len: usize, q: f64| ((len as f64 * q).ceil() as usize).clamp(1, len) - 1;
+        LineReport {
+            streamed: buyers.iter().filter(|b| b.line.streamed).count() as u64,
+            events: buyers.iter().map(|b| b.line.events).sum(),
+            sold_out_p99: (!sold_out.is_empty()).then(|| sold_out[at(sold_out.len(), 0.99)]),
+            told_sold_out: sold_out.len() as u64,
+            eta_error_p90: (!errors.is_empty()).then(|| errors[at(errors.len(), 0.90)]),
+            estimated: errors.len() as u64,
+        }
+    }
 }
 
 impl DropReport {
@@ -176,6 +233,12 @@ pub async fn run(
     ledger: &Ledger,
     plan: &DropPlan,
 ) -> anyhow::Result<DropReport> {
+    let event_id = open(api, tokens, plan).await?;
+    play(api, tokens, db, ledger, plan, event_id).await
+}
+
+/// Creates the drop's event (and its waiting room); its id.
+pub async fn open(api: &Api, tokens: &Tokens, plan: &DropPlan) -> anyhow::Result<u64> {
     if plan.buyers <= plan.tickets {
         bail!("a drop needs more buyers than tickets");
     }
@@ -203,6 +266,18 @@ pub async fn run(
     if let Some(room) = plan.room {
         api.set_room(&admin, event_id, room.outflow_per_sec, room.time_to_act_secs, room.proof_of_work_bits).await?;
     }
+    Ok(event_id)
+}
+
+/// Plays the drop out on the event [`open`] created.
+pub async fn play(
+    api: &Api,
+    tokens: &Tokens,
+    db: &MySqlPool,
+    ledger: &Ledger,
+    plan: &DropPlan,
+    event_id: u64,
+) -> anyhow::Result<DropReport> {
     let mut report = DropReport { event_id, tickets: plan.tickets, buyers: plan.buyers, ..Default::default() };
 
     // Wave one: the flood.
@@ -211,18 +286,20 @@ pub async fn run(
     let gate = Arc::new(Semaphore::new(plan.concurrency.max(1)));
     let mut tasks = Vec::with_capacity(plan.buyers as usize);
     let through_room = plan.room.is_some();
+    let ttl_ms = i64::from(plan.hold_ttl_secs) * 1000;
     let proof_of_work = plan.room.is_some_and(|r| r.proof_of_work_bits > 0);
     for i in 0..plan.buyers {
         let (api, gate) = (api.clone(), gate.clone());
         let token = tokens.buyer.mint(&format!("{}{i}", plan.user_prefix), 3600)?;
         tasks.push(tokio::spawn(async move {
-            let (outcome, ticket) = if through_room {
+            let ((outcome, expires_at_ms), ticket, line) = if through_room {
                 wait_in_line(&api, &gate, &token, event_id, proof_of_work).await?
             } else {
                 let _permit = gate.acquire_owned().await?;
-                (buy(&api, &token, event_id, None).await?, None)
+                (buy(&api, &token, event_id, None).await?, None, LineView::default())
             };
-            anyhow::Ok(Buyer { token, outcome, ticket })
+            let held_at_ms = expires_at_ms.map(|ms| ms - ttl_ms);
+            anyhow::Ok(Buyer { token, outcome, ticket, line, held_at_ms })
         }));
     }
     let mut buyers = Vec::with_capacity(tasks.len());
@@ -249,6 +326,7 @@ pub async fn run(
             buyers_drawn: buyers.iter().filter(|b| b.ticket.is_some_and(|t| drawn.contains(&t))).count() as u64,
             mismatch: dropline::room::draw::verify(&draw).err().map(|e| e.to_string()),
         });
+        report.line = Some(LineReport::of(&buyers));
     }
 
     // The barrier: the settler has recorded every decision.
@@ -390,54 +468,133 @@ where
     }
 }
 
-/// One buyer in a waiting room: joins, follows their ticket (as often as
-/// its wait estimate suggests), and buys once admitted. Holds a permit of
-/// `gate` only while a request is in flight, so the whole crowd can wait in
-/// line at once.
+/// What one buyer in a waiting room saw of the line.
+#[derive(Debug, Clone, Copy, Default)]
+struct LineView {
+    /// Followed on the ticket's event stream (not polled).
+    streamed: bool,
+    events: u64,
+    /// The first wait estimate shown while waiting, and when.
+    first_estimate: Option<(Instant, u64)>,
+    admitted_at: Option<Instant>,
+    /// When they were told it is sold out (Unix ms).
+    sold_out_at_ms: Option<i64>,
+}
+
+/// What a buyer does next about their ticket.
+enum Next {
+    Wait,
+    Buy(Option<String>),
+    Leave(String),
+}
+
+impl LineView {
+    /// Takes in the ticket as it stands now.
+    fn saw(&mut self, ticket: &Ticket) -> Next {
+        let now = Instant::now();
+        match ticket.status.as_str() {
+            "admitted" => {
+                self.admitted_at.get_or_insert(now);
+                Next::Buy(ticket.admission_token.clone())
+            }
+            "sold_out" => {
+                self.sold_out_at_ms.get_or_insert_with(|| chrono::Utc::now().timestamp_millis());
+                Next::Leave("sold_out (waiting room)".into())
+            }
+            "closed" | "lapsed" | "purchased" => Next::Leave(format!("{} (waiting room)", ticket.status)),
+            _ => {
+                if let (None, Some(estimate)) = (self.first_estimate, ticket.estimated_wait_secs) {
+                    self.first_estimate = Some((now, estimate));
+                }
+                Next::Wait
+            }
+        }
+    }
+}
+
+/// One buyer in a waiting room: joins, follows their ticket on its event
+/// stream (reconnecting with Last-Event-ID; polling while the ingress has
+/// no stream to spare), and buys once admitted. Holds a permit of `gate`
+/// only while a request is in flight, so the whole crowd can wait in line
+/// at once.
 async fn wait_in_line(
     api: &Api,
     gate: &Arc<Semaphore>,
     token: &str,
     event_id: u64,
     proof_of_work: bool,
-) -> anyhow::Result<(Outcome, Option<Uuid>)> {
+) -> anyhow::Result<((Outcome, Option<i64>), Option<Uuid>, LineView)> {
     let deadline = Instant::now() + Duration::from_secs(180);
     let ticket = {
         let _permit = gate.acquire().await?;
-        persist(deadline, || api.join(token, event_id, proof_of_work)).await?.ticket_id
+        persist(deadline, || api.join(token, event_id, proof_of_work)).await?
     };
+    let mut line = LineView::default();
+    let mut next = line.saw(&ticket);
+    let path = format!("/v1/events/{event_id}/queue/events");
+    let mut last: Option<String> = None;
     loop {
-        let standing = {
-            let _permit = gate.acquire().await?;
-            persist(deadline, || api.standing(token, event_id)).await?
-        };
-        let pause = match standing.status.as_str() {
-            "admitted" => {
+        match next {
+            Next::Buy(admission) => {
                 let _permit = gate.acquire().await?;
-                return Ok((buy(api, token, event_id, standing.admission_token.as_deref()).await?, Some(ticket)));
+                let outcome = buy(api, token, event_id, admission.as_deref()).await?;
+                return Ok((outcome, Some(ticket.ticket_id), line));
             }
-            "sold_out" | "closed" | "lapsed" | "purchased" => {
-                return Ok((Outcome::Refused(format!("{} (waiting room)", standing.status)), Some(ticket)));
-            }
-            "waiting" => standing.estimated_wait_secs.map_or(500, |s| (s * 500).clamp(250, 2_000)),
-            _ => 1_000,
-        };
-        if Instant::now() > deadline {
-            bail!("ticket {ticket} was never let through");
+            Next::Leave(why) => return Ok(((Outcome::Refused(why), None), Some(ticket.ticket_id), line)),
+            Next::Wait => {}
         }
-        tokio::time::sleep(Duration::from_millis(pause)).await;
+        if Instant::now() > deadline {
+            bail!("ticket {} was never let through", ticket.ticket_id);
+        }
+        let opened = {
+            let _permit = gate.acquire().await?;
+            api.stream(token, &path, last.as_deref()).await
+        };
+        match opened {
+            Ok(Opened::Stream(mut stream)) => {
+                line.streamed = true;
+                // Until a state to act on, or the stream drops (then it
+                // reconnects where it was).
+                while let Ok(Some(event)) = stream.next().await {
+                    line.events += 1;
+                    last = event.id.clone();
+                    next = line.saw(&serde_json::from_str(&event.data)?);
+                    if !matches!(next, Next::Wait) {
+                        break;
+                    }
+                }
+            }
+            Ok(Opened::Ended) => {
+                let _permit = gate.acquire().await?;
+                next = line.saw(&persist(deadline, || api.standing(token, event_id)).await?);
+            }
+            Err(e) if crate::api::is_retryable(&e) => {
+                // No stream now: poll once, then try the stream again.
+                let pause = crate::api::retry_after(&e).unwrap_or(Duration::from_secs(1)).min(Duration::from_secs(5));
+                let standing = {
+                    let _permit = gate.acquire().await?;
+                    persist(deadline, || api.standing(token, event_id)).await?
+                };
+                next = line.saw(&standing);
+                if matches!(next, Next::Wait) {
+                    tokio::time::sleep(pause).await;
+                }
+            }
+            Err(e) => return Err(e),
+        }
     }
 }
 
 /// One buyer: purchase (retrying politely on 429/503 with the same
-/// Idempotency-Key), then follow the intent until it is decided.
-async fn buy(api: &Api, token: &str, event_id: u64, admission: Option<&str>) -> anyhow::Result<Outcome> {
+/// Idempotency-Key), then follow the intent until it is decided. With a
+/// hold, when it expires (Unix ms).
+async fn buy(api: &Api, token: &str, event_id: u64, admission: Option<&str>) -> anyhow::Result<(Outcome, Option<i64>)> {
     let key = Uuid::new_v4().to_string();
     let deadline = Instant::now() + Duration::from_secs(120);
     let intent = loop {
         match persist(deadline, || api.purchase_in_turn(token, event_id, &key, 1, admission)).await? {
             Purchase::Accepted(id) => break id,
-            Purchase::Refused(code) => return Ok(Outcome::Refused(code)),
+            Purchase::Refused(code) => return Ok((Outcome::Refused(code), None)),
             Purchase::RetryAfter(wait) => {
                 if Instant::now() > deadline {
                     bail!("purchase kept being deferred");
@@ -451,8 +608,12 @@ async fn buy(api: &Api, token: &str, event_id: u64, admission: Option<&str>) -> 
         let status = persist(deadline, || api.intent(token, intent)).await?;
         match status.status.as_str() {
             "queued" => {}
-            "rejected" => return Ok(Outcome::Rejected(status.reason.unwrap_or_default())),
-            _ => return Ok(Outcome::Held(intent)),
+            "rejected" => return Ok((Outcome::Rejected(status.reason.unwrap_or_default()), None)),
+            _ => {
+                let expires = status.order.as_ref().and_then(|o| o["expires_at"].as_str());
+                let expires = expires.and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
+                return Ok((Outcome::Held(intent), expires.map(|t| t.timestamp_millis())));
+            }
         }
         if Instant::now() > deadline {
             bail!("intent {intent} was never decided");

@@ -310,7 +310,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     room.proof_of_work_bits, room.opens_in_secs, room.outflow_per_sec, room.time_to_act_secs
                 );
             }
-            let report = drill::run(&api, &tokens, &db, &ledger, &plan).await?;
+            let event_id = drill::open(&api, &tokens, &plan).await?;
+            if plan.room.is_some() {
+                // A spectator's seat: not one of the drill's buyers.
+                let watcher = tokens.buyer.mint(&format!("{}watcher", plan.user_prefix), 3600)?;
+                eprintln!("waiting-room page (open it now to join too): {ingress_url}/waiting-room/{event_id}#token={watcher}");
+            }
+            let report = drill::play(&api, &tokens, &db, &ledger, &plan, event_id).await?;
             print_report(&report);
             print_headline(&prometheus_url, &report).await;
             if !report.passed() {
@@ -478,6 +484,20 @@ fn print_report(r: &DropReport) {
         println!(
             "  check it yourself (with the stack up: scripts/stack.sh up): target/release/dropctl verify-draw {}",
             r.event_id
+        );
+    }
+    if let Some(l) = &r.line {
+        let secs = |d: Option<Duration>| d.map_or("-".to_owned(), |d| format!("{:.2}s", d.as_secs_f64()));
+        println!(
+            "live line: {} of {} buyers followed their ticket on its event stream ({} events); sold-out reached {} \
+             waiting buyers (p99 {} after the last hold); first wait estimates off by {} at p90 ({} buyers)",
+            l.streamed,
+            r.buyers,
+            l.events,
+            l.told_sold_out,
+            secs(l.sold_out_p99),
+            l.eta_error_p90.map_or("-".to_owned(), |e| format!("{:.0}%", e * 100.0)),
+            l.estimated
         );
     }
     println!("decisions: held {}, rejected: {}", r.held, list(&r.rejected));

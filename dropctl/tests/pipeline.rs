@@ -108,6 +108,10 @@ async fn a_drop_through_a_waiting_room_sells_exactly_the_capacity_and_its_draw_v
     assert_eq!(draw.mismatch, None);
     assert!(draw.entrants >= 2 && draw.buyers_drawn == draw.entrants, "{draw:?}");
     assert_eq!(report.oversold(), 0);
+    // Every buyer followed the line on their ticket's stream, none polled.
+    let line = report.line.clone().unwrap();
+    assert_eq!(line.streamed, 80, "{line:?}");
+    assert!(line.events >= 80, "{line:?}");
 
     // The README's check, as a buyer runs it.
     let verify = |event: u64| {

@@ -4,6 +4,7 @@
 
 mod events;
 mod orders;
+mod page;
 mod purchases;
 mod rooms;
 mod streams;
@@ -44,7 +45,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     // Public reads carry validators: availability and places move within a
     // second; a draw never changes once made.
     let live = || middleware::from_fn_with_state(1u32, layers::cacheable);
-    let settled = middleware::from_fn_with_state(300u32, layers::cacheable);
+    let settled = || middleware::from_fn_with_state(300u32, layers::cacheable);
     let webhooks = middleware::from_fn_with_state(webhooks::COUNTER, layers::count);
     let order_actions = || middleware::from_fn_with_state(state.limits.clone(), layers::order_action_budget);
     Router::new()
@@ -52,7 +53,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/events/{event_id}", get(events::get_one).layer(live()))
         .route("/v1/events/{event_id}/purchases", post(purchases::create).layer(in_flight).route_layer(purchases))
         .route("/v1/events/{event_id}/waiting-room", get(rooms::get_one).layer(live()))
-        .route("/v1/events/{event_id}/waiting-room/draw", get(rooms::draw).layer(settled))
+        .route("/v1/events/{event_id}/waiting-room/draw", get(rooms::draw).layer(settled()))
         .route("/v1/events/{event_id}/queue", post(rooms::join).get(rooms::standing))
         .route("/v1/events/{event_id}/queue/challenge", get(rooms::challenge))
         .route("/v1/events/{event_id}/queue/events", get(streams::ticket))
@@ -65,6 +66,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/admin/events/{event_id}/prewarm", post(events::prewarm))
         .route("/v1/admin/events/{event_id}/waiting-room", put(rooms::set).patch(rooms::change))
         .route("/v1/admin/events/{event_id}/waiting-room/beacon", put(rooms::set_beacon))
+        .route("/waiting-room/{event_id}", get(page::waiting_room).layer(settled()))
+        .route("/assets/waiting-room.js", get(page::script).layer(settled()))
         .route("/v1/webhooks/payments", post(webhooks::payment).route_layer(webhooks).route_layer(order_actions()))
         .fallback(|| async { Problem::new(ErrorCode::NotFound) })
         .method_not_allowed_fallback(|| async { Problem::new(ErrorCode::MethodNotAllowed) })
