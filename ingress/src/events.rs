@@ -75,12 +75,9 @@ impl Events {
     }
 
     /// Units available, as of at most a quarter second ago.
+    /// Concurrent callers share one read of the ledger.
     pub async fn recently_available(&self, id: u64) -> Option<u64> {
-        if let Some(n) = self.available.get(&id).await {
-            return Some(n);
-        }
-        let levels = self.ledger.levels(id).await.ok()??;
-        self.available.insert(id, levels.available).await;
-        Some(levels.available)
+        let read = async { self.ledger.levels(id).await.ok().flatten().map(|l| l.available).ok_or(()) };
+        self.available.try_get_with(id, read).await.ok()
     }
 }

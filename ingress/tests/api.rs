@@ -325,3 +325,54 @@ async fn a_queued_purchase_shows_its_place_in_the_allocators_line() {
     .await;
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_sell_out_purchases_are_refused_from_memory_and_reopen_when_stock_comes_back() {
+    let stack = Ingress::start(&[]).await;
+    let http = dropline_testkit::http();
+    let mut body = event_body(-5);
+    body["capacity"] = json!(1);
+    let event = stack.create_event(&body).await;
+    let r = stack.purchase(&http, event, "ann", "k").json(&json!({"quantity": 1})).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let held: Uuid = r.json::<Value>().await.unwrap()["intent_id"].as_str().unwrap().parse().unwrap();
+    let undecided = [dropline::stock::Undecided { intent_id: held, user_id: "ann", quantity: 1 }];
+    stack.ledger.allocate(event, &undecided).await.unwrap();
+    // The ingress trusts its last read of the ledger for a quarter second.
+    eventually("the ingress to see the sell-out", Duration::from_secs(5), || async {
+        let key = Uuid::new_v4().to_string();
+        let r = stack.purchase(&http, event, "probe", &key).json(&json!({"quantity": 1})).send().await.unwrap();
+        (r.status() == StatusCode::CONFLICT).then_some(())
+    })
+    .await;
+
+    // Sold out: a new purchase is told so, and nothing about it is
+    // written (no idempotency record, no decision, nothing produced).
+    let before = books(&stack, event).await;
+    let sold_out = refused(
+        stack.purchase(&http, event, "bob", "b1").json(&json!({"quantity": 1})),
+        StatusCode::CONFLICT,
+        "sold_out",
+    )
+    .await;
+    assert_eq!(sold_out["code"], "sold_out");
+    assert_eq!(books(&stack, event).await, before, "a refusal from memory changes nothing");
+    assert!(intent_store(&stack).key_record("bob", "b1").await.unwrap().is_none());
+    assert_eq!(stack.ledger.verdict(event, intent_id(event, "bob", "b1")).await.unwrap(), None);
+    // A retry of the accepted purchase still gets its 202.
+    let again = stack.purchase(&http, event, "ann", "k").json(&json!({"quantity": 1})).send().await.unwrap();
+    assert_eq!(again.status(), StatusCode::ACCEPTED);
+    assert_eq!(again.json::<Value>().await.unwrap()["intent_id"], held.to_string());
+
+    // The hold is cancelled: purchases reopen within the quarter second
+    // the ingress trusts its last read of the ledger (and a request).
+    stack.ledger.cancel(event, held, "ann").await.unwrap();
+    let cancelled_at = std::time::Instant::now();
+    eventually("purchases reopened", Duration::from_secs(5), || async {
+        let r = stack.purchase(&http, event, "bob", "b1").json(&json!({"quantity": 1})).send().await.unwrap();
+        (r.status() == StatusCode::ACCEPTED).then_some(())
+    })
+    .await;
+    assert!(cancelled_at.elapsed() < Duration::from_secs(1), "reopened in {:?}", cancelled_at.elapsed());
+    stack.stop().await;
+}

@@ -81,18 +81,24 @@ pub async fn create(
         Some(_) => Some(app.rooms.admission(admission.as_deref(), event_id, &claims.sub)?),
         None => None,
     };
-    // A room sold out with nobody waiting refuses from memory. One read
-    // only: a retry of a key already answered gets that answer again (its
-    // 202), anything else is told sold out, and nothing is written.
-    if turn.is_some() && app.rooms.sold_out_and_empty(event_id) {
+    app.limits.admit(&claims.sub).map_err(|r| Problem::new(ErrorCode::RateLimited).retry_after(r.retry_after_secs))?;
+
+    // Sold out (a room's with nobody waiting, as the keeper last saw it;
+    // an event's, as its ledger said at most a quarter second ago): refused
+    // from memory. One read only: a retry of a key already answered gets
+    // that answer again (its 202), anything else is told sold out, and
+    // nothing is written. If units come back, the next try is a new one.
+    let sold_out = match turn {
+        Some(_) => app.rooms.sold_out_and_empty(event_id),
+        None => app.events.recently_available(event_id).await == Some(0),
+    };
+    if sold_out {
         let record = app.intents.key_record(&claims.sub, &key).await.map_err(|e| Problem::unavailable("redis", &e))?;
         return match record {
             Some(record) => answer_from(&record).map(|answer| Outcome("replayed").mark(answer)),
             None => Err(Problem::new(ErrorCode::SoldOut).retry_after(5)),
         };
     }
-
-    app.limits.admit(&claims.sub).map_err(|r| Problem::new(ErrorCode::RateLimited).retry_after(r.retry_after_secs))?;
 
     let id = intent_id(event_id, &claims.sub, &key);
     let mut intent =
