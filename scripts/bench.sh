@@ -90,6 +90,9 @@ trap '"$DROPLINE_ROOT/scripts/stack.sh" wipe; rm -rf "$DROPLINE_STATE_DIR"' EXIT
 wrk_purchases ingress_memory
 
 # 2. Kafka: the raw produce rate with the stages' producer settings.
+log "front door: the per-address limiter's memory for a million addresses"
+cargo build --release --locked -p dropline-ingress --example limiter_memory >&2
+"$DROPLINE_ROOT/target/release/examples/limiter_memory" 1000000 >"$OUT/limiter.json"
 log "kafka ceiling: raw produce"
 "$BIN/dropctl" ceiling produce --topic "$RUN.produce" --messages 200000 --in-flight 1000 >"$OUT/produce.json"
 

@@ -38,6 +38,7 @@ settler = load("settler.json")
 insert = load("insert.json")
 naive = load("naive.json")
 drop = load("drop-summary.json")["metrics"]
+limiter = load("limiter.json")
 
 ceiling_rps = http_ceiling["requests"] / http_ceiling["secs"]
 # The stage rows run on the broker in memory; the durable-broker row holds
@@ -109,6 +110,15 @@ print(f"wrk: 2 threads, 64 connections, {http_ceiling['secs']:.0f} s, the same L
       f"{http_ceiling['p50_ms']:.1f} ms, p99 {http_ceiling['p99_ms']:.1f} ms); on the sqlite broker, p50 "
       f"{ingress['p50_ms']:.1f} ms, p99 {ingress['p99_ms']:.1f} ms. Allocator and settler figures are one process draining a preloaded "
       f"topic ({allocator['count']:,} intents, {settler['count']:,} decisions), timed from its first effect to its last.")
+print()
+print("## The front door")
+print()
+print(f"- Per-address limiter under {limiter['keys']:,} distinct addresses, one request each: "
+      f"{limiter['bytes_per_key']:.0f} bytes of resident memory per address "
+      f"({limiter['resident_growth_bytes'] / 1024 / 1024:.0f} MiB, filled in {limiter['fill_secs']:.2f} s); the prune "
+      f"(every 10 s in the ingress) left {limiter['held_after_prune']:,} addresses and "
+      f"{limiter['resident_after_prune_bytes'] / 1024 / 1024:.1f} MiB in {limiter['prune_secs'] * 1000:.0f} ms. "
+      "So the limiter holds at most the addresses seen within 10 s.")
 print()
 print("## End to end: 10,000 tickets, a flood far larger")
 print()

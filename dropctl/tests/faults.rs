@@ -234,6 +234,9 @@ impl Cluster {
             env.push(("DROPLINE_KAFKA_GROUP_INSTANCE_ID", format!("{name}-{stage}-0")));
         }
         if stage == "ingress" {
+            // Every buyer k6 plays comes from 127.0.0.1.
+            env.push(("DROPLINE_IP_PER_SEC", "1000000".into()));
+            env.push(("DROPLINE_IP_BURST", "1000000".into()));
             env.push(("DROPLINE_LISTEN_ADDR", format!("127.0.0.1:{}", self.api_port)));
             env.push(("DROPLINE_PAYMENT_PROVIDER_URL", format!("http://127.0.0.1:{}", self.paysim_port)));
         }

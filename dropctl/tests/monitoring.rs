@@ -96,6 +96,9 @@ async fn every_dashboard_query_has_data_and_alerts_fire_only_on_faults() {
     );
     let mut ingress_env = common_env("ingress");
     ingress_env.push(("DROPLINE_LISTEN_ADDR", format!("127.0.0.1:{api_port}")));
+    // Every buyer of the test's drop comes from 127.0.0.1.
+    ingress_env.push(("DROPLINE_IP_PER_SEC", "1000000".into()));
+    ingress_env.push(("DROPLINE_IP_BURST", "1000000".into()));
     ingress_env.push(("DROPLINE_PAYMENT_PROVIDER_URL", format!("http://127.0.0.1:{paysim_port}")));
     let ingress = spawn("ingress", bin.join("dropline-ingress"), &ingress_env, &[]);
     let allocator = spawn("allocator", bin.join("dropline-allocator"), &common_env("allocator"), &[]);

@@ -54,6 +54,19 @@ pub struct IngressConfig {
     /// Burst above one buyer's waiting-room rate.
     #[arg(long, env = "DROPLINE_ROOM_USER_BURST", default_value_t = 10)]
     pub room_user_burst: u32,
+    /// Requests one client address may make per second to the buyers' API
+    /// (payments, cancels, webhooks and the admin API aside). Generous: many
+    /// buyers can share an address behind a carrier's NAT.
+    #[arg(long, env = "DROPLINE_IP_PER_SEC", default_value_t = 200)]
+    pub ip_per_sec: u32,
+    /// Burst above one address's rate.
+    #[arg(long, env = "DROPLINE_IP_BURST", default_value_t = 400)]
+    pub ip_burst: u32,
+    /// The deployment's own proxies (load balancers), as comma-separated
+    /// addresses or CIDR networks: only a request from one of them has its
+    /// client read from `X-Forwarded-For`. Empty: every peer is the client.
+    #[arg(long, env = "DROPLINE_TRUSTED_PROXIES", default_value = "")]
+    pub trusted_proxies: String,
     /// Joins of one event's waiting room per second, by this process.
     #[arg(long, env = "DROPLINE_JOINS_PER_EVENT_PER_SEC", default_value_t = 5_000)]
     pub joins_per_event_per_sec: u32,
@@ -169,6 +182,8 @@ dropline::stage_config!(IngressConfig, "ingress", 9100, |config, p| {
         ("DROPLINE_USER_BURST", config.user_burst),
         ("DROPLINE_ROOM_USER_PER_SEC", config.room_user_per_sec),
         ("DROPLINE_ROOM_USER_BURST", config.room_user_burst),
+        ("DROPLINE_IP_PER_SEC", config.ip_per_sec),
+        ("DROPLINE_IP_BURST", config.ip_burst),
         ("DROPLINE_JOINS_PER_EVENT_PER_SEC", config.joins_per_event_per_sec),
         ("DROPLINE_JOINS_PER_EVENT_BURST", config.joins_per_event_burst),
         ("DROPLINE_ORDER_ACTIONS_PER_SEC", config.order_actions_per_sec),
@@ -177,6 +192,9 @@ dropline::stage_config!(IngressConfig, "ingress", 9100, |config, p| {
         if v == 0 {
             p.add(format!("{name} must be positive"));
         }
+    }
+    if let Err(e) = config.trusted_proxies.parse::<crate::peer::TrustedProxies>() {
+        p.add(format!("DROPLINE_TRUSTED_PROXIES: {e}"));
     }
     p.require(config.idempotency_ttl_secs > 0, "DROPLINE_IDEMPOTENCY_TTL_SECS must be positive");
     if config.idempotency_lease_ms == 0 || config.idempotency_lease_ms / 1000 >= config.idempotency_ttl_secs {
@@ -199,6 +217,7 @@ impl IngressConfig {
             admit: (self.admit_per_sec, self.admit_burst),
             user: (self.user_per_sec, self.user_burst),
             room_user: (self.room_user_per_sec, self.room_user_burst),
+            ip: (self.ip_per_sec, self.ip_burst),
             joins_per_event: (self.joins_per_event_per_sec, self.joins_per_event_burst),
             order_actions: (self.order_actions_per_sec, self.order_actions_burst),
         }

@@ -4,6 +4,7 @@
 //! the outcome counters some routes add ([`count`]); and the validators of
 //! public reads ([`cacheable`]).
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{FromRequestParts, MatchedPath, Request, State};
@@ -16,7 +17,9 @@ use sha2::{Digest, Sha256};
 use tracing::Instrument;
 
 use crate::metrics::{REQUESTS, REQUEST_DURATION};
+use crate::peer::PeerAddr;
 use crate::problem::{ErrorCode, Problem};
+use crate::state::AppState;
 
 /// The answer for a request a tower layer refused, told apart by the
 /// error's type.
@@ -168,6 +171,22 @@ pub async fn order_action_budget(
         Ok(()) => next.run(request).await,
         Err(r) => Problem::new(ErrorCode::RateLimited).retry_after(r.retry_after_secs).into_response(),
     }
+}
+
+/// The buyers' API's budget per client address: the connection's peer, or
+/// behind the deployment's own proxies, the client they forwarded for. A
+/// request driven without a socket has no address and no such budget.
+pub async fn ip_budget(State(app): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    if let Some(PeerAddr(peer)) = request.extensions().get::<PeerAddr>().copied() {
+        let client = app.proxies.client(peer.ip(), request.headers());
+        if let Err(r) = app.limits.ip(client) {
+            return Problem::new(ErrorCode::RateLimited)
+                .detail("too many requests from your network address")
+                .retry_after(r.retry_after_secs)
+                .into_response();
+        }
+    }
+    next.run(request).await
 }
 
 /// Public reads: an answer `200` gets a strong `ETag` (a hash of its body)

@@ -15,7 +15,8 @@
 //! - [`orders`]: an order's live state (Redis) or settled state (MySQL).
 //! - [`record`]: the ingress's SQL (events, and orders and intents looked
 //!   up once Redis no longer has them).
-//! - [`limits`]: governor admission control, global and per buyer.
+//! - [`limits`]: governor admission control: global, per buyer, per client
+//!   address ([`peer`]: who the client is, behind trusted proxies), per event.
 //! - [`problem`]: the error codes and their problem+json answers.
 //! - [`server`]: the listener: connection cap, header-read and idle
 //!   timeouts, the drain.
@@ -32,6 +33,7 @@ pub mod limits;
 pub mod live;
 pub mod metrics;
 pub mod orders;
+pub mod peer;
 pub mod problem;
 pub mod record;
 pub mod rooms;

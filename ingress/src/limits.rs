@@ -1,14 +1,18 @@
 //! Admission control with governor, each refusal a `429` with `Retry-After`:
 //! - purchases: one limiter for the whole process (the rate the pipeline is
 //!   sized for) and one per buyer (no single client takes the queue);
+//! - the buyers' API: one per client address (behind the deployment's own
+//!   proxies, the address they forwarded for), so one network cannot take
+//!   the intake whatever tokens it holds;
 //! - waiting rooms: one per buyer for joins, status and challenges (a bot
 //!   hammering with one token), and one per event for joins;
 //! - order actions (payments, cancels, the provider's webhooks): a budget of
 //!   their own, so a purchase flood never sheds them.
 //!
-//! The keyed maps are pruned on a timer, so a flood of distinct buyers or
-//! events cannot grow them without bound.
+//! The keyed maps are pruned on a timer, so a flood of distinct buyers,
+//! addresses or events cannot grow them without bound.
 
+use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::time::Duration;
 
@@ -20,6 +24,7 @@ pub struct Limits {
     admission: DefaultDirectRateLimiter,
     per_user: DefaultKeyedRateLimiter<String>,
     room_per_user: DefaultKeyedRateLimiter<String>,
+    per_ip: DefaultKeyedRateLimiter<IpAddr>,
     joins_per_event: DefaultKeyedRateLimiter<u64>,
     order_actions: DefaultDirectRateLimiter,
     clock: DefaultClock,
@@ -31,6 +36,7 @@ pub struct Rates {
     pub admit: (u32, u32),
     pub user: (u32, u32),
     pub room_user: (u32, u32),
+    pub ip: (u32, u32),
     pub joins_per_event: (u32, u32),
     pub order_actions: (u32, u32),
 }
@@ -39,7 +45,7 @@ impl Rates {
     /// The same generous rate everywhere but where a test sets its own.
     pub fn all(per_sec: u32, burst: u32) -> Self {
         let r = (per_sec, burst);
-        Rates { admit: r, user: r, room_user: r, joins_per_event: r, order_actions: r }
+        Rates { admit: r, user: r, room_user: r, ip: r, joins_per_event: r, order_actions: r }
     }
 }
 
@@ -61,6 +67,7 @@ impl Limits {
             admission: RateLimiter::direct(q(rates.admit)),
             per_user: RateLimiter::keyed(q(rates.user)),
             room_per_user: RateLimiter::keyed(q(rates.room_user)),
+            per_ip: RateLimiter::keyed(q(rates.ip)),
             joins_per_event: RateLimiter::keyed(q(rates.joins_per_event)),
             order_actions: RateLimiter::direct(q(rates.order_actions)),
             clock: DefaultClock::default(),
@@ -87,6 +94,11 @@ impl Limits {
         }
     }
 
+    /// A request to the buyers' API from `ip`.
+    pub fn ip(&self, ip: IpAddr) -> Result<(), Refused> {
+        self.per_ip.check_key(&ip).map_err(|nu| self.refused(nu))
+    }
+
     /// A payment, a cancel or a provider's webhook.
     pub fn order_action(&self) -> Result<(), Refused> {
         self.order_actions.check().map_err(|nu| self.refused(nu))
@@ -98,12 +110,18 @@ impl Limits {
         self.per_user.shrink_to_fit();
         self.room_per_user.retain_recent();
         self.room_per_user.shrink_to_fit();
+        self.per_ip.retain_recent();
+        self.per_ip.shrink_to_fit();
         self.joins_per_event.retain_recent();
         self.joins_per_event.shrink_to_fit();
     }
 
     pub fn tracked_users(&self) -> usize {
         self.per_user.len()
+    }
+
+    pub fn tracked_addresses(&self) -> usize {
+        self.per_ip.len()
     }
 }
 

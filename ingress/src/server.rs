@@ -90,8 +90,8 @@ pub async fn serve(
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(e) => {
                 // Out of descriptors (EMFILE) or a connection reset before
                 // it was taken: back off briefly, as a tight retry loop
@@ -134,7 +134,8 @@ pub async fn serve(
         let service = hyper::service::service_fn({
             let app = app.clone();
             let slot = slot.clone();
-            move |request: hyper::Request<Incoming>| {
+            move |mut request: hyper::Request<Incoming>| {
+                request.extensions_mut().insert(crate::peer::PeerAddr(peer));
                 let busy = Busy::new(slot.clone());
                 let app = app.clone();
                 async move {

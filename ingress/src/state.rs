@@ -18,6 +18,7 @@ use crate::intents::IntentStore;
 use crate::limits::Limits;
 use crate::live::Live;
 use crate::orders::Orders;
+use crate::peer::TrustedProxies;
 use crate::problem::{ErrorCode, Problem};
 use crate::rooms::WaitingRooms;
 
@@ -36,6 +37,8 @@ pub struct AppState {
     pub publisher: Publisher,
     pub topics: Topics,
     pub limits: Arc<Limits>,
+    /// Whose `X-Forwarded-For` is believed.
+    pub proxies: TrustedProxies,
     pub http: reqwest::Client,
 }
 
@@ -72,6 +75,7 @@ impl AppState {
             publisher,
             topics: config.shared.kafka.topics(),
             limits: Arc::new(Limits::new(config.rates())),
+            proxies: config.trusted_proxies.parse().unwrap_or_default(),
             http: reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?,
             config,
         })

@@ -376,3 +376,63 @@ async fn after_the_sell_out_purchases_are_refused_from_memory_and_reopen_when_st
     assert!(cancelled_at.elapsed() < Duration::from_secs(1), "reopened in {:?}", cancelled_at.elapsed());
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_address_has_a_budget_and_only_trusted_proxies_say_who_the_address_is() {
+    let limits = ["--ip-per-sec=1", "--ip-burst=3", "--user-per-sec=1", "--user-burst=3"].map(String::from);
+    let through_proxy = [limits.to_vec(), vec!["--trusted-proxies=127.0.0.1/32".into()]].concat();
+    let stack = Ingress::start(&through_proxy).await;
+    let http = dropline_testkit::http();
+    let event = stack.create_event(&event_body(-5)).await;
+    let read = |from: &str| {
+        http.get(format!("{}/v1/events/{event}", stack.api)).header("x-forwarded-for", format!("{from}, 127.0.0.1"))
+    };
+    // Many buyers behind one address share its budget (a burst of 3; sent
+    // at once, so it has no time to refill)...
+    let answers = futures::future::join_all((0..4).map(|_| async {
+        let r = read("203.0.113.7").send().await.unwrap();
+        let retry_after = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
+        (r.status(), retry_after, r.json::<Value>().await.unwrap())
+    }))
+    .await;
+    let limited: Vec<_> = answers.iter().filter(|(status, ..)| *status == StatusCode::TOO_MANY_REQUESTS).collect();
+    assert_eq!(limited.len(), 1, "{answers:?}");
+    let (_, retry_after, body) = limited[0];
+    assert_eq!(body["code"], "rate_limited");
+    assert!(body["detail"].as_str().unwrap().contains("network address"), "{body}");
+    assert!(retry_after.as_deref().unwrap().parse::<u64>().unwrap() >= 1);
+    // ...and another address has its own.
+    assert_eq!(read("203.0.113.8").send().await.unwrap().status(), StatusCode::OK);
+
+    // One buyer from many addresses still has one buyer's budget.
+    let buy = |i: u32| {
+        stack
+            .purchase(&http, event, "mallory", &format!("k{i}"))
+            .header("x-forwarded-for", format!("198.51.100.{i}"))
+            .json(&json!({"quantity": 1}))
+    };
+    // Sent at once, so the budget (a burst of 3) has no time to refill.
+    let answers = futures::future::join_all((0..4).map(|i| async move {
+        let r = buy(i).send().await.unwrap();
+        (r.status(), r.json::<Value>().await.unwrap())
+    }))
+    .await;
+    let limited: Vec<&Value> =
+        answers.iter().filter(|(status, _)| *status == StatusCode::TOO_MANY_REQUESTS).map(|(_, b)| b).collect();
+    assert_eq!(limited.len(), 1, "{answers:?}");
+    assert_eq!(limited[0]["code"], "rate_limited");
+    assert!(limited[0].get("detail").is_none(), "the buyer's budget, not an address's: {answers:?}");
+    stack.stop().await;
+
+    // Behind no trusted proxy, X-Forwarded-For is the client's own say:
+    // every request counts against the connection's address.
+    let direct = [limits.to_vec(), vec!["--trusted-proxies=10.0.0.0/8".into()]].concat();
+    let stack = Ingress::start(&direct).await;
+    let event = stack.create_event(&event_body(-5)).await;
+    let spoofed =
+        |i: u32| http.get(format!("{}/v1/events/{event}", stack.api)).header("x-forwarded-for", format!("192.0.2.{i}"));
+    let answers =
+        futures::future::join_all((0..4).map(|i| async move { spoofed(i).send().await.unwrap().status() })).await;
+    assert_eq!(answers.iter().filter(|s| **s == StatusCode::TOO_MANY_REQUESTS).count(), 1, "{answers:?}");
+    stack.stop().await;
+}

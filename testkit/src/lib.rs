@@ -133,6 +133,9 @@ impl Deployment {
             "--user-burst=1000".to_owned(),
             "--room-user-per-sec=1000".to_owned(),
             "--room-user-burst=1000".to_owned(),
+            // Every test buyer comes from 127.0.0.1.
+            "--ip-per-sec=1000000".to_owned(),
+            "--ip-burst=1000000".to_owned(),
             "--event-cache-ttl-ms=200".to_owned(),
             "--max-body-bytes=1024".to_owned(),
             format!("--allocator-group={}-allocator", self.name),

@@ -48,7 +48,10 @@ pub fn router(state: Arc<AppState>) -> Router {
     let settled = || middleware::from_fn_with_state(300u32, layers::cacheable);
     let webhooks = middleware::from_fn_with_state(webhooks::COUNTER, layers::count);
     let order_actions = || middleware::from_fn_with_state(state.limits.clone(), layers::order_action_budget);
-    Router::new()
+    // The buyers' API, under a budget per client address. Payments,
+    // cancels, the provider's webhooks and the admin API are not: they have
+    // budgets of their own, which no flood of buyers uses up.
+    let buyers = Router::new()
         .route("/v1/events", get(events::list).layer(search).layer(live()))
         .route("/v1/events/{event_id}", get(events::get_one).layer(live()))
         .route("/v1/events/{event_id}/purchases", post(purchases::create).layer(in_flight).route_layer(purchases))
@@ -60,14 +63,17 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/intents/{intent_id}", get(purchases::status))
         .route("/v1/intents/{intent_id}/events", get(streams::intent))
         .route("/v1/orders/{order_id}", get(orders::get_one))
+        .route("/waiting-room/{event_id}", get(page::waiting_room).layer(settled()))
+        .route("/assets/waiting-room.js", get(page::script).layer(settled()))
+        .route_layer(middleware::from_fn_with_state(state.clone(), layers::ip_budget));
+    Router::new()
+        .merge(buyers)
         .route("/v1/orders/{order_id}/cancel", post(orders::cancel).route_layer(order_actions()))
         .route("/v1/orders/{order_id}/payments", post(orders::start_payment).route_layer(order_actions()))
         .route("/v1/admin/events", post(events::create))
         .route("/v1/admin/events/{event_id}/prewarm", post(events::prewarm))
         .route("/v1/admin/events/{event_id}/waiting-room", put(rooms::set).patch(rooms::change))
         .route("/v1/admin/events/{event_id}/waiting-room/beacon", put(rooms::set_beacon))
-        .route("/waiting-room/{event_id}", get(page::waiting_room).layer(settled()))
-        .route("/assets/waiting-room.js", get(page::script).layer(settled()))
         .route("/v1/webhooks/payments", post(webhooks::payment).route_layer(webhooks).route_layer(order_actions()))
         .fallback(|| async { Problem::new(ErrorCode::NotFound) })
         .method_not_allowed_fallback(|| async { Problem::new(ErrorCode::MethodNotAllowed) })
