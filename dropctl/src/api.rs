@@ -309,6 +309,11 @@ impl Api {
         let r = request.send().await?;
         unavailable_if_5xx(&r, path)?;
         match r.status() {
+            StatusCode::TOO_MANY_REQUESTS => Err(Unavailable {
+                what: format!("{path} answered {}", r.status()),
+                retry_after: retry_after_header(&r),
+            }
+            .into()),
             StatusCode::NO_CONTENT => Ok(Opened::Ended),
             StatusCode::OK => Ok(Opened::Stream(EventStream { response: r, buffer: Vec::new(), heartbeats: 0 })),
             status => bail!("{path} answered {status}: {}", r.text().await.unwrap_or_default()),

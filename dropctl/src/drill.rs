@@ -553,15 +553,21 @@ async fn wait_in_line(
         match opened {
             Ok(Opened::Stream(mut stream)) => {
                 line.streamed = true;
-                // Until a state to act on, or the stream drops (then it
-                // reconnects where it was).
-                while let Ok(Some(event)) = stream.next().await {
+                // Until a state to act on, the deadline, or the stream
+                // drops (then it reconnects where it was, after a pause if
+                // it said nothing).
+                let mut said = false;
+                while let Ok(Ok(Some(event))) = tokio::time::timeout_at(deadline.into(), stream.next()).await {
+                    said = true;
                     line.events += 1;
                     last = event.id.clone();
                     next = line.saw(&serde_json::from_str(&event.data)?);
                     if !matches!(next, Next::Wait) {
                         break;
                     }
+                }
+                if !said {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
                 }
             }
             Ok(Opened::Ended) => {

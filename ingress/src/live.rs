@@ -62,12 +62,7 @@ impl IntentStatus {
     /// paid, then an end that gives the units back (or was never given
     /// them). A state never gives way to one with a lower rank.
     pub fn rank(&self) -> u8 {
-        match self.status {
-            "queued" => 0,
-            "held" => 1,
-            "paid" => 2,
-            _ => 3,
-        }
+        rank_of(self.status)
     }
 
     /// Nothing more will happen to it that its buyer waits for.
@@ -130,6 +125,16 @@ impl IntentStatus {
     }
 }
 
+/// How far along a purchase's life `status` is (see [`IntentStatus::rank`]).
+pub fn rank_of(status: &str) -> u8 {
+    match status {
+        "queued" => 0,
+        "held" => 1,
+        "paid" => 2,
+        _ => 3,
+    }
+}
+
 fn order_view(
     order_id: Uuid,
     event_id: u64,
@@ -183,11 +188,12 @@ impl<K: Hash + Eq + Clone, T: Default> Registry<K, T> {
         Subscription { registry: self.clone(), key, rx }
     }
 
-    /// Changes `key`'s value, if anyone subscribes to it.
-    fn send(&self, key: &K, change: impl FnOnce(&mut T)) {
+    /// Changes `key`'s value, if anyone subscribes to it; `change` says
+    /// whether it did (its subscribers wake only then).
+    fn send(&self, key: &K, change: impl FnOnce(&mut T) -> bool) {
         let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(tx) = map.get(key) {
-            tx.send_modify(change);
+            tx.send_if_modified(change);
         }
     }
 }
@@ -218,15 +224,32 @@ pub struct Live {
     rooms: Mutex<HashMap<u64, watch::Sender<Option<RoomPulse>>>>,
     permits: Arc<Semaphore>,
     max_streams: usize,
+    /// Streams open per buyer: no buyer may take every slot.
+    per_buyer: Arc<Mutex<HashMap<String, usize>>>,
     /// Streams end when the ingress stops, so the drain is not held up.
     pub shutdown: CancellationToken,
 }
 
+/// Streams one buyer may have open at once on one replica (a page's
+/// ticket and purchase streams, a reconnection overlapping its old one).
+pub const STREAMS_PER_BUYER: usize = 4;
+
 /// One stream's slot; gives it back when dropped.
-pub struct StreamPermit(#[allow(dead_code)] OwnedSemaphorePermit);
+pub struct StreamPermit {
+    _slot: OwnedSemaphorePermit,
+    buyer: String,
+    per_buyer: Arc<Mutex<HashMap<String, usize>>>,
+}
 
 impl Drop for StreamPermit {
     fn drop(&mut self) {
+        let mut open = self.per_buyer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.buyer) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.buyer);
+            }
+        }
         metrics::gauge!(OPEN_STREAMS.name).decrement(1.0);
     }
 }
@@ -239,19 +262,30 @@ impl Live {
             rooms: Mutex::default(),
             permits: Arc::new(Semaphore::new(max_streams)),
             max_streams,
+            per_buyer: Arc::default(),
             shutdown,
         }
     }
 
-    /// A slot for one more stream, or 503 while all are taken.
-    pub fn permit(&self) -> Result<StreamPermit, Problem> {
-        let permit = self.permits.clone().try_acquire_owned().map_err(|_| {
+    /// A slot for one more of `buyer`'s streams: 429 past the buyer's
+    /// share, 503 while all are taken.
+    pub fn permit(&self, buyer: &str) -> Result<StreamPermit, Problem> {
+        let mut open = self.per_buyer.lock().unwrap_or_else(|e| e.into_inner());
+        let theirs = open.entry(buyer.to_owned()).or_default();
+        if *theirs >= STREAMS_PER_BUYER {
+            return Err(Problem::new(ErrorCode::RateLimited)
+                .detail(format!("{STREAMS_PER_BUYER} streams open for you here already; close one"))
+                .retry_after(5));
+        }
+        let slot = self.permits.clone().try_acquire_owned().map_err(|_| {
             Problem::new(ErrorCode::StreamsFull)
                 .detail(format!("this replica has {} streams open; poll meanwhile", self.max_streams))
                 .retry_after(5)
         })?;
+        *theirs += 1;
+        drop(open);
         metrics::gauge!(OPEN_STREAMS.name).increment(1.0);
-        Ok(StreamPermit(permit))
+        Ok(StreamPermit { _slot: slot, buyer: buyer.to_owned(), per_buyer: self.per_buyer.clone() })
     }
 
     /// Subscribes to `id`'s changes: subscribe before reading its state, so
@@ -294,10 +328,23 @@ impl Live {
         // is only not pushed.
         let Ok(update) = update else { return };
         if topic == decisions_topic {
-            self.buyers.send(&(update.1.event_id, update.0.clone()), |n| *n += 1);
+            self.buyers.send(&(update.1.event_id, update.0.clone()), |n| {
+                *n += 1;
+                true
+            });
         }
+        // The two topics are not ordered against each other (a paid order's
+        // change can come before its hold's decision): only a state further
+        // along replaces the one kept, so none is lost before a stream
+        // reads it.
         let id = update.1.intent_id;
-        self.intents.send(&id, |latest| *latest = Some(Arc::new(update)));
+        self.intents.send(&id, |latest| {
+            let further = latest.as_ref().is_none_or(|l| update.1.rank() > l.1.rank());
+            if further {
+                *latest = Some(Arc::new(update));
+            }
+            further
+        });
     }
 
     /// Reads the decisions and order changes from their ends until shutdown.
@@ -363,11 +410,44 @@ mod tests {
     #[tokio::test]
     async fn streams_are_bounded_and_their_slots_come_back() {
         let live = Live::new(2, CancellationToken::new());
-        let (a, _b) = (live.permit().unwrap(), live.permit().unwrap());
-        let refused = live.permit().err().expect("a third stream is refused");
+        let (a, _b) = (live.permit("ann").unwrap(), live.permit("bob").unwrap());
+        let refused = live.permit("cy").err().expect("a third stream is refused");
         assert_eq!((refused.code, refused.retry_after_secs), (ErrorCode::StreamsFull, Some(5)));
         drop(a);
-        assert!(live.permit().is_ok());
+        assert!(live.permit("cy").is_ok());
+        assert!(live.per_buyer.lock().unwrap().get("ann").is_none(), "a buyer with no stream is forgotten");
+    }
+
+    #[tokio::test]
+    async fn no_buyer_takes_more_than_their_share_of_streams() {
+        let live = Live::new(100, CancellationToken::new());
+        let mine: Vec<_> = (0..STREAMS_PER_BUYER).map(|_| live.permit("greedy").unwrap()).collect();
+        assert_eq!(live.permit("greedy").err().unwrap().code, ErrorCode::RateLimited);
+        assert!(live.permit("modest").is_ok(), "others still get theirs");
+        drop(mine);
+        assert!(live.permit("greedy").is_ok());
+    }
+
+    #[test]
+    fn a_late_state_never_replaces_one_further_along() {
+        let live = Arc::new(Live::new(10, CancellationToken::new()));
+        let id = Uuid::new_v4();
+        let watch = live.watch_intent(id);
+        let change = |s: OrderState| OrderChange {
+            order_id: id,
+            event_id: 1,
+            user_id: "ann".into(),
+            quantity: 1,
+            amount_cents: 100,
+            state: s,
+            expires_at_ms: 0,
+            at_ms: 0,
+            payment: None,
+        };
+        let topic = "t.order-events";
+        live.deliver("t.decisions", topic, &serde_json::to_vec(&change(OrderState::Paid)).unwrap());
+        live.deliver("t.decisions", topic, &serde_json::to_vec(&change(OrderState::Held)).unwrap());
+        assert_eq!(watch.rx.borrow().as_ref().unwrap().1.status, "paid");
     }
 
     #[tokio::test]

@@ -116,8 +116,17 @@ async function follow(path, poll, onState, isFinal) {
   for (;;) {
     const headers = { authorization: `Bearer ${token}`, accept: 'text/event-stream' };
     if (last) headers['last-event-id'] = last;
+    // A connection that goes silent (no event, no heartbeat) for this
+    // long is taken for dead and replaced.
+    const abort = new AbortController();
+    let silence = null;
+    const quiet = () => {
+      clearTimeout(silence);
+      silence = setTimeout(() => abort.abort(), 45000);
+    };
     let response = null;
-    try { response = await fetch(path, { headers }); } catch (_) { response = null; }
+    quiet();
+    try { response = await fetch(path, { headers, signal: abort.signal }); } catch (_) { response = null; }
     if (response && response.status === 204) return;
     if (response && response.ok && response.body) {
       let state = null;
@@ -127,6 +136,7 @@ async function follow(path, poll, onState, isFinal) {
         for (;;) {
           const { value, done } = await reader.read();
           if (done) break;
+          quiet();
           buffer += value;
           let end;
           while ((end = buffer.indexOf('\n\n')) >= 0) {
@@ -140,12 +150,15 @@ async function follow(path, poll, onState, isFinal) {
           }
         }
       } catch (_) { /* dropped: reconnect below */ }
+      clearTimeout(silence);
       if (state && isFinal(state)) return;
     } else if (response && !retryable({ status: response.status, body: null })) {
+      clearTimeout(silence);
       const problem = await response.json().catch(() => null);
       showProblem(problem);
       return;
     } else {
+      clearTimeout(silence);
       // No stream now: one poll keeps the page true until it reconnects.
       const r = await api(poll);
       if (r.ok) {
@@ -240,6 +253,12 @@ async function join() {
     const r = await api(path, { method: 'POST', headers });
     if (r.ok) return r.body;
     const code = r.body && r.body.code;
+    if (code === 'proof_invalid') {
+      // Expired (the line opened long after it was solved) or made too
+      // easy by a change of difficulty: solve a fresh one.
+      headers = {};
+      continue;
+    }
     if (code === 'proof_required') {
       const challenge = await api(`${path}/challenge`);
       if (!challenge.ok) { await wait(1000 * (challenge.retryAfter || 1)); continue; }
@@ -249,7 +268,16 @@ async function join() {
     }
     if (code === 'queue_not_open') {
       $('status').textContent = 'The line has not opened yet; this page joins as soon as it does.';
+      headers = {};
       await wait(1000 * Math.min(r.retryAfter || 1, 30));
+      continue;
+    }
+    if (code === 'sold_out') {
+      // Nobody waiting and nothing left; joins reopen if held tickets
+      // come back.
+      $('status').dataset.status = 'sold_out';
+      $('status').textContent = TICKET_TEXT.sold_out;
+      await wait(1000 * Math.max(r.retryAfter || 5, 1));
       continue;
     }
     if (retryable(r)) { await wait(1000 * (r.retryAfter || 1)); continue; }
@@ -321,6 +349,8 @@ async function pay(orderId) {
 
 // --- The page -----------------------------------------------------------------
 async function start() {
+  // First: the token leaves the address bar before anything else happens.
+  token = takeToken();
   $('event-id').textContent = eventId;
   const event = await fetch(`/v1/events/${eventId}`).then((r) => r.json()).catch(() => null);
   if (event && event.name) {
@@ -331,7 +361,6 @@ async function start() {
   const room = await fetch(`/v1/events/${eventId}/waiting-room`).then((r) => r.json()).catch(() => null);
   if (room && room.seed_commitment) $('commitment').textContent = room.seed_commitment;
 
-  token = takeToken();
   if (!token) {
     $('signin').hidden = false;
     $('signin-form').onsubmit = (e) => {

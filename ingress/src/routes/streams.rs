@@ -37,7 +37,7 @@ use uuid::Uuid;
 use super::purchases::{self, Current};
 use super::rooms::{room_budget, room_of, ticket_view};
 use crate::extract::{Buyer, EventId, IntentId, LastEventId};
-use crate::live::{IntentStatus, IntentUpdate, RoomPulse, StreamPermit, Subscription};
+use crate::live::{rank_of, IntentStatus, IntentUpdate, RoomPulse, StreamPermit, Subscription};
 use crate::metrics::STREAM_EVENTS;
 use crate::problem::{ErrorCode, Problem};
 use crate::record::RoomRow;
@@ -53,6 +53,18 @@ const PLACE_EVERY: Duration = Duration::from_secs(1);
 const RECHECK: Duration = Duration::from_millis(200);
 const RECHECKS: u8 = 3;
 
+/// Reads of the record, RECHECK apart, before a lapse the line alone
+/// suggests is shown (two seconds: the keeper ends a turn within a tenth).
+const LAPSE_CONFIRMATIONS: u8 = 10;
+
+/// How long past a hold's deadline its stream reads it again, should its
+/// end not have reached the feed.
+const HOLD_END_GRACE: Duration = Duration::from_secs(5);
+
+/// A stream ends after this long (the client reconnects where it was), so
+/// none lives on forever.
+const MAX_LIFETIME: Duration = Duration::from_secs(3600);
+
 /// How long a browser waits before reconnecting a dropped stream.
 const RETRY: Duration = Duration::from_secs(2);
 
@@ -63,7 +75,7 @@ pub async fn intent(
     IntentId(id): IntentId,
     LastEventId(last): LastEventId,
 ) -> Result<Response, Problem> {
-    let permit = app.live.permit()?;
+    let permit = app.live.permit(&claims.sub)?;
     // Subscribed before the read: a change after it is not missed.
     let watch = app.live.watch_intent(id);
     let Current { status, written } = purchases::current(&app, id, &claims.sub).await?.ok_or(ErrorCode::NotFound)?;
@@ -86,7 +98,7 @@ pub async fn ticket(
 ) -> Result<Response, Problem> {
     room_budget(&app, &claims.sub, None)?;
     let row = room_of(&app, event_id).await?;
-    let permit = app.live.permit()?;
+    let permit = app.live.permit(&claims.sub)?;
     let pulses = app.live.watch_room(event_id);
     let decided = app.live.watch_buyer(event_id, &claims.sub);
     let own = app.rooms.live.standing(event_id, &claims.sub).await.map_err(|e| Problem::unavailable("redis", &e))?;
@@ -146,12 +158,21 @@ impl IntentStream {
     async fn run(mut self) {
         let mut line = self.app.allocation.updates();
         let mut shown = self.last.take();
+        // A resumed stream never shows a state behind the one its buyer had
+        // (a store that came back behind would).
+        let had = shown.as_deref().and_then(rank_of_event_id);
         let mut shown_at = Instant::now() - PLACE_EVERY;
-        let (mut sent_any, mut reread) = (false, false);
+        let mut sent_any = false;
+        // The last read of the stores, for what the feed may not say: a
+        // decision made before it caught up, an end nobody published.
+        let mut read_at = Instant::now();
+        let ends_at = Instant::now() + MAX_LIFETIME;
         loop {
             let id = self.current.event_id();
+            let behind = had.is_some_and(|had| had > self.current.rank());
             let moved_on = shown.as_ref().is_none_or(|s| s.split('.').next() != Some(self.current.status));
-            if shown.as_deref() != Some(id.as_str()) && (moved_on || shown_at.elapsed() >= PLACE_EVERY) {
+            let due = moved_on || shown_at.elapsed() >= PLACE_EVERY;
+            if !behind && shown.as_deref() != Some(id.as_str()) && due {
                 if !send(&self.tx, event(self.current.status, &id, &self.current, !sent_any), "intent").await {
                     return;
                 }
@@ -161,9 +182,17 @@ impl IntentStream {
                 return;
             }
             let queued = self.current.rank() == 0;
+            // A hold is read again once its deadline (and the expirer's
+            // grace) passed, should its end not reach the feed.
+            let check_at = self.current.order.as_ref().map(|o| {
+                let left = (o.expires_at - chrono::Utc::now()).to_std().unwrap_or_default();
+                Instant::now() + left + HOLD_END_GRACE
+            });
+            let mut read_again = false;
             tokio::select! {
                 _ = self.tx.closed() => return,
                 _ = self.app.live.shutdown.cancelled() => return,
+                _ = tokio::time::sleep_until(ends_at) => return,
                 changed = self.watch.rx.changed() => {
                     if changed.is_err() {
                         return;
@@ -173,24 +202,36 @@ impl IntentStream {
                         self.current = update.1.clone();
                     }
                 }
+                _ = sleep_until(check_at.filter(|_| !queued)) => read_again = true,
                 _ = line.changed(), if queued => {
                     let Some((partition, offset)) = self.written else { continue };
-                    if self.app.allocation.passed(partition, offset) && !reread {
-                        // Decided, and its decision not heard of (it was made
-                        // before this replica's feed caught up): read it once.
-                        reread = true;
-                        match purchases::current(&self.app, self.current.intent_id, &self.user).await {
-                            Ok(Some(now)) if now.status.rank() > 0 => self.current = now.status,
-                            Ok(_) => {}
-                            Err(e) => tracing::debug!(code = e.code.as_str(), "stream re-read failed"),
-                        }
+                    if self.app.allocation.passed(partition, offset) {
+                        // Decided, and its decision not heard of (made before
+                        // this replica's feed caught up): read it, at most
+                        // once a second while it stays so.
+                        read_again = read_at.elapsed() >= PLACE_EVERY;
                     } else {
                         self.current.ahead = self.app.allocation.ahead(partition, offset);
                     }
                 }
             }
+            if read_again {
+                read_at = Instant::now();
+                match purchases::current(&self.app, self.current.intent_id, &self.user).await {
+                    Ok(Some(now)) if now.status.rank() > self.current.rank() => self.current = now.status,
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(code = e.code.as_str(), "stream re-read failed"),
+                }
+            }
         }
     }
+}
+
+/// The rank of the state an event id stands for (its status, before any
+/// `.`), if it names one.
+fn rank_of_event_id(id: &str) -> Option<u8> {
+    let status = id.split('.').next()?;
+    ["queued", "held", "paid", "rejected", "cancelled", "expired", "voided"].contains(&status).then(|| rank_of(status))
 }
 
 struct TicketStream {
@@ -231,8 +272,18 @@ impl TicketStream {
         // times (see RECHECK).
         let mut recheck: Option<(Instant, u8)> = None;
         let mut decision = false;
+        // When to read the record again after a read failed, or to confirm
+        // a lapse the line alone suggests; and how many confirmations are
+        // left before the line's word is taken.
+        let mut retry_at: Option<Instant> = None;
+        let mut confirmations = LAPSE_CONFIRMATIONS;
         let closes = self.row.sale_closes_at;
+        let ends_at = Instant::now() + MAX_LIFETIME;
         loop {
+            if retry_at.is_some_and(|at| at <= Instant::now()) {
+                retry_at = None;
+                reread = None;
+            }
             let pulse = *self.pulses.borrow_and_update();
             let mut standing = merged(&self.own, pulse.as_ref());
             let mut due = due(&standing, Utc::now().timestamp_millis());
@@ -248,17 +299,21 @@ impl TicketStream {
                 };
             }
             if due.is_some() && due != reread {
-                reread = due;
                 match self.app.rooms.live.standing(self.row.event_id, &self.user).await {
                     Ok(Some(own)) => {
+                        reread = due;
                         self.own = own;
                         standing = merged(&self.own, pulse.as_ref());
                         if self.own.ended.is_some() || self.own.turn_ends_ms.is_none() {
                             recheck = None;
                         }
                     }
-                    Ok(None) => {}
-                    Err(e) => tracing::debug!(error = %e, "ticket stream re-read failed"),
+                    // Not read: the same reason reads again shortly.
+                    Ok(None) => retry_at = Some(Instant::now() + RECHECK),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "ticket stream re-read failed");
+                        retry_at = Some(Instant::now() + RECHECK);
+                    }
                 }
             }
             let view = match ticket_view(&self.app, &self.row, &self.user, Some(standing)) {
@@ -268,6 +323,20 @@ impl TicketStream {
                     return;
                 }
             };
+            // A lapse is final: it is shown only once the record says so
+            // (the keeper ends a turn within a tick of its deadline, and a
+            // purchase made just before it marks the turn used once the
+            // broker acknowledged it), or the record stays silent a while.
+            let unconfirmed = self.own.ended != Some(dropline::room::TurnEnd::Lapsed);
+            if view.status == "lapsed" && unconfirmed && confirmations > 0 {
+                confirmations -= 1;
+                reread = None;
+                retry_at = Some(Instant::now() + RECHECK);
+                tokio::select! {
+                    _ = self.tx.closed() => return,
+                    _ = tokio::time::sleep(RECHECK) => continue,
+                }
+            }
             let id = view.event_id();
             let pending = shown.as_deref() != Some(id.as_str());
             let moved_on = shown_status != Some(view.status);
@@ -296,7 +365,9 @@ impl TicketStream {
                 }
                 _ = sleep_until(flush_at) => {}
                 _ = sleep_until(recheck.map(|(at, _)| at)) => {}
+                _ = sleep_until(retry_at) => {}
                 _ = sleep_until(wake_at) => {}
+                _ = tokio::time::sleep_until(ends_at) => return,
             }
         }
     }
