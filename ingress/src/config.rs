@@ -25,6 +25,22 @@ pub struct IngressConfig {
     /// The `iss` every token must carry (and `dropctl token` sets).
     #[arg(long, env = "DROPLINE_JWT_ISSUER", default_value = dropline::auth::DEFAULT_ISSUER)]
     pub jwt_issuer: String,
+    /// An identity provider's signing keys, as a JWKS file path or http(s)
+    /// URL: buyers' RS256 and ES256 tokens are checked against them (beside
+    /// the HS256 tokens signed with DROPLINE_JWT_SECRET). Empty: none.
+    #[arg(long, env = "DROPLINE_JWKS_URL", default_value = "")]
+    pub jwks_url: String,
+    /// The `iss` the identity provider's tokens carry (required with
+    /// DROPLINE_JWKS_URL).
+    #[arg(long, env = "DROPLINE_JWKS_ISSUER", default_value = "")]
+    pub jwks_issuer: String,
+    /// The `aud` the identity provider puts in tokens for Dropline.
+    #[arg(long, env = "DROPLINE_JWKS_AUDIENCE", default_value = "dropline-buyer")]
+    pub jwks_audience: String,
+    /// How often the identity provider's keys are read again (a token
+    /// naming a key not yet seen reads them at once, at most every 5 s).
+    #[arg(long, env = "DROPLINE_JWKS_REFRESH_SECS", default_value_t = 300)]
+    pub jwks_refresh_secs: u64,
     /// Secret the payment provider signs its webhooks with.
     #[arg(long, env = "DROPLINE_WEBHOOK_SECRET", hide_env_values = true)]
     pub webhook_secret: Option<Secret>,
@@ -167,6 +183,11 @@ dropline::stage_config!(IngressConfig, "ingress", 9100, |config, p| {
                 p.add(format!("{a} and {b} must differ"));
             }
         }
+    }
+    if !config.jwks_url.is_empty() {
+        p.require(!config.jwks_issuer.trim().is_empty(), "DROPLINE_JWKS_ISSUER is required with DROPLINE_JWKS_URL");
+        p.require(!config.jwks_audience.trim().is_empty(), "DROPLINE_JWKS_AUDIENCE must not be empty");
+        p.within("DROPLINE_JWKS_REFRESH_SECS", config.jwks_refresh_secs, 1..=86_400);
     }
     if config.jwt_issuer.trim().is_empty() {
         p.add("DROPLINE_JWT_ISSUER is empty");

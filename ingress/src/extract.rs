@@ -27,7 +27,7 @@ impl FromRequestParts<Arc<AppState>> for Buyer {
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut Parts, app: &Arc<AppState>) -> Result<Self, Problem> {
-        bearer(&app.tokens, &parts.headers).map(Buyer)
+        bearer(app, &parts.headers).await.map(Buyer)
     }
 }
 
@@ -297,9 +297,17 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
 }
 
 /// A buyer's token: signed with the buyer secret, for the buyer audience.
-fn bearer(tokens: &Tokens, headers: &HeaderMap) -> Result<Claims, Problem> {
+/// A buyer's token: HS256 signed with the buyer secret, or, with an
+/// identity provider configured, RS256 or ES256 signed with one of its keys.
+async fn bearer(app: &AppState, headers: &HeaderMap) -> Result<Claims, Problem> {
     let token = token_of(headers)?;
-    tokens.buyer.verify(token).map_err(|e| Problem::new(ErrorCode::Unauthorized).detail(e.to_string()))
+    let unauthorized = |e: &dyn std::fmt::Display| Problem::new(ErrorCode::Unauthorized).detail(e.to_string());
+    match (&app.identity, jsonwebtoken::decode_header(token)) {
+        (Some(jwks), Ok(header)) if header.alg != jsonwebtoken::Algorithm::HS256 => {
+            jwks.verify(token, &header).await.map_err(|e| unauthorized(&e))
+        }
+        _ => app.tokens.buyer.verify(token).map_err(|e| unauthorized(&e)),
+    }
 }
 
 /// An admin's token: signed with the admin secret, for the admin audience.

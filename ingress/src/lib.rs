@@ -15,6 +15,7 @@
 //! - [`orders`]: an order's live state (Redis) or settled state (MySQL).
 //! - [`record`]: the ingress's SQL (events, and orders and intents looked
 //!   up once Redis no longer has them).
+//! - [`identity`]: buyers' tokens from an identity provider (JWKS).
 //! - [`limits`]: governor admission control: global, per buyer, per client
 //!   address ([`peer`]: who the client is, behind trusted proxies), per event.
 //! - [`problem`]: the error codes and their problem+json answers.
@@ -27,6 +28,7 @@ pub mod allocation;
 pub mod config;
 pub mod events;
 mod extract;
+pub mod identity;
 pub mod intents;
 mod layers;
 pub mod limits;
@@ -142,6 +144,14 @@ pub async fn start_on(
     let state =
         Arc::new(AppState::new(config.clone(), db, redis, publisher.clone(), search_timeout, shutdown.clone())?);
     tokio::spawn(limits::prune_periodically(state.limits.clone(), Duration::from_secs(10), shutdown.clone()));
+    if let Some(jwks) = &state.identity {
+        match jwks.refresh().await {
+            Ok(n) => tracing::info!(keys = n, "identity provider's keys read"),
+            Err(e) => tracing::warn!(error = %e, "could not read the identity provider's keys; retried"),
+        }
+        let every = Duration::from_secs(config.jwks_refresh_secs);
+        tokio::spawn(jwks.clone().keep_fresh(every, shutdown.clone()));
+    }
     tokio::spawn(rooms::keep(state.rooms.clone(), state.live.clone(), shutdown.clone()));
     tokio::spawn(state.live.clone().follow(config.shared.kafka.clone(), topics.clone()));
     tokio::spawn(state.allocation.clone().follow(

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::allocation::AllocationLine;
 use crate::config::IngressConfig;
 use crate::events::{self, Events};
+use crate::identity::Jwks;
 use crate::intents::IntentStore;
 use crate::limits::Limits;
 use crate::live::Live;
@@ -37,6 +38,8 @@ pub struct AppState {
     pub publisher: Publisher,
     pub topics: Topics,
     pub limits: Arc<Limits>,
+    /// An identity provider's keys, when one is configured.
+    pub identity: Option<Arc<Jwks>>,
     /// Whose `X-Forwarded-For` is believed.
     pub proxies: TrustedProxies,
     pub http: reqwest::Client,
@@ -76,6 +79,10 @@ impl AppState {
             topics: config.shared.kafka.topics(),
             limits: Arc::new(Limits::new(config.rates())),
             proxies: config.trusted_proxies.parse().unwrap_or_default(),
+            identity: (!config.jwks_url.is_empty()).then(|| {
+                let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap_or_default();
+                Arc::new(Jwks::new(&config.jwks_url, &config.jwks_issuer, &config.jwks_audience, http))
+            }),
             http: reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?,
             config,
         })
