@@ -154,6 +154,10 @@ pub struct IngressConfig {
     /// four fifths of it.
     #[arg(long, env = "DROPLINE_MAX_STREAMS")]
     pub max_streams: Option<usize>,
+    /// How often the in-memory snapshot of events and their availability,
+    /// which every event read is answered from, is refreshed.
+    #[arg(long, env = "DROPLINE_SNAPSHOT_REFRESH_MS", default_value_t = 500)]
+    pub snapshot_refresh_ms: u64,
     /// The allocators' consumer group: a queued purchase's place in their
     /// line is read from its committed offsets.
     #[arg(long, env = "DROPLINE_ALLOCATOR_GROUP", default_value = "dropline-allocator")]
@@ -217,6 +221,7 @@ dropline::stage_config!(IngressConfig, "ingress", 9100, |config, p| {
     if let Err(e) = config.trusted_proxies.parse::<crate::peer::TrustedProxies>() {
         p.add(format!("DROPLINE_TRUSTED_PROXIES: {e}"));
     }
+    p.within("DROPLINE_SNAPSHOT_REFRESH_MS", config.snapshot_refresh_ms, 50..=1_000);
     p.require(config.idempotency_ttl_secs > 0, "DROPLINE_IDEMPOTENCY_TTL_SECS must be positive");
     if config.idempotency_lease_ms == 0 || config.idempotency_lease_ms / 1000 >= config.idempotency_ttl_secs {
         p.add("DROPLINE_IDEMPOTENCY_LEASE_MS must be positive and shorter than DROPLINE_IDEMPOTENCY_TTL_SECS");

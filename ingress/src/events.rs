@@ -1,5 +1,6 @@
-//! Events: the admin API's records in MySQL, a short-lived in-process cache
-//! in front of them for the purchase path, and the stock ledger's pre-warm.
+//! Events: the admin API's records in MySQL, read from the in-memory
+//! snapshot ([`crate::snapshot`]) with a short-lived cache for what it does
+//! not have yet, and the stock ledger's pre-warm.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,6 +12,7 @@ use sqlx::MySqlPool;
 
 use crate::record;
 pub use crate::record::SearchTimeout;
+use crate::snapshot::Catalog;
 
 /// Events in MySQL, with a cache for the purchase path: events are read on
 /// every purchase and change never once created.
@@ -21,10 +23,13 @@ pub struct Events {
     search_timeout: SearchTimeout,
     cache: Cache<u64, Option<Arc<Event>>>,
     available: Cache<u64, u64>,
+    /// Every event and its counters, in memory.
+    pub catalog: Arc<Catalog>,
 }
 
 impl Events {
     pub fn new(db: MySqlPool, ledger: Ledger, ttl: Duration) -> Self {
+        let catalog = Arc::new(Catalog::new(db.clone(), ledger.clone()));
         Self {
             db,
             ledger,
@@ -36,6 +41,7 @@ impl Events {
             // follows a sell-out. Short-lived: cancelled and expired holds
             // bring stock back.
             available: Cache::builder().max_capacity(10_000).time_to_live(Duration::from_millis(250)).build(),
+            catalog,
         }
     }
 
@@ -55,13 +61,21 @@ impl Events {
         Event::load(&self.db, id).await
     }
 
-    /// An event, from the cache when it is fresh.
+    /// An event: from the snapshot, or (created on another replica since
+    /// its last refresh) from MySQL through a short cache.
     pub async fn get(&self, id: u64) -> Result<Option<Arc<Event>>, Arc<sqlx::Error>> {
+        if let Some((event, _)) = self.catalog.get(id) {
+            return Ok(Some(event));
+        }
         self.cache.try_get_with(id, async { Ok(self.load(id).await?.map(Arc::new)) }).await
     }
 
-    /// Events whose name or venue contains `q`, by id, after `after`.
+    /// Events whose name or venue contains `q`, by id, after `after`: from
+    /// the snapshot once it is loaded, from MySQL before.
     pub async fn search(&self, q: Option<&str>, after: u64, limit: u32) -> Result<Vec<Event>, sqlx::Error> {
+        if self.catalog.is_loaded() {
+            return Ok(self.catalog.search(q, after, limit).iter().map(|e| Event::clone(e)).collect());
+        }
         record::search_events(&self.db, self.search_timeout, q, after, limit).await
     }
 

@@ -7,7 +7,8 @@
 //!   metrics, timeouts, load shedding).
 //! - [`intents`]: idempotency records and the intent index in Redis;
 //!   [`allocation`]: where a queued intent stands in the allocators' line.
-//! - [`events`]: events in MySQL behind a small cache, and the pre-warm.
+//! - [`events`]: events in MySQL behind the in-memory [`snapshot`] every
+//!   read comes from, and the pre-warm.
 //! - [`rooms`]: waiting rooms: their record, admission tokens and the
 //!   keeper that draws each room and lets its buyers through.
 //! - [`live`]: what the event streams are fed from: one subscription to
@@ -41,6 +42,7 @@ pub mod record;
 pub mod rooms;
 mod routes;
 pub mod server;
+pub mod snapshot;
 mod state;
 
 use std::net::SocketAddr;
@@ -152,6 +154,13 @@ pub async fn start_on(
         let every = Duration::from_secs(config.jwks_refresh_secs);
         tokio::spawn(jwks.clone().keep_fresh(every, shutdown.clone()));
     }
+    // The read path answers from memory: loaded before the ingress is
+    // ready, then refreshed.
+    if let Err(e) = state.events.catalog.refresh().await {
+        tracing::warn!(error = %e, "event snapshot not loaded yet; reads go to the stores until it is");
+    }
+    let every = Duration::from_millis(config.snapshot_refresh_ms);
+    tokio::spawn(state.events.catalog.clone().keep(every, shutdown.clone()));
     tokio::spawn(rooms::keep(state.rooms.clone(), state.live.clone(), shutdown.clone()));
     tokio::spawn(state.live.clone().follow(config.shared.kafka.clone(), topics.clone()));
     tokio::spawn(state.allocation.clone().follow(

@@ -436,3 +436,59 @@ async fn each_address_has_a_budget_and_only_trusted_proxies_say_who_the_address_
     assert_eq!(answers.iter().filter(|s| **s == StatusCode::TOO_MANY_REQUESTS).count(), 1, "{answers:?}");
     stack.stop().await;
 }
+
+/// Rows MySQL has read from this test's `events` table (MariaDB's user
+/// statistics, switched on for the test).
+async fn events_rows_read(stack: &Ingress) -> i64 {
+    let database: (String,) = sqlx::query_as("SELECT DATABASE()").fetch_one(&stack.db).await.unwrap();
+    let read: Option<(i64,)> = sqlx::query_as(
+        "SELECT CAST(ROWS_READ AS SIGNED) FROM information_schema.TABLE_STATISTICS \
+         WHERE TABLE_SCHEMA = ? AND TABLE_NAME = 'events'",
+    )
+    .bind(database.0)
+    .fetch_optional(&stack.db)
+    .await
+    .unwrap();
+    read.map_or(0, |r| r.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_reads_come_from_memory_with_no_mysql_query_per_request() {
+    let stack = Ingress::start(&[]).await;
+    sqlx::query("SET GLOBAL userstat = 1").execute(&stack.db).await.unwrap();
+    let http = dropline_testkit::http();
+    let mut ids = Vec::new();
+    for (name, venue) in [("Aurora Live", "Hall A"), ("Borealis Night", "Hall B"), ("Comet Club", "Borealis Dome")] {
+        let mut body = event_body(-5);
+        body["name"] = json!(name);
+        body["venue"] = json!(venue);
+        ids.push(stack.create_event(&body).await);
+    }
+    let before = events_rows_read(&stack).await;
+    for round in 0..50 {
+        let id = ids[round % ids.len()];
+        let one: Value = http.get(format!("{}/v1/events/{id}", stack.api)).send().await.unwrap().json().await.unwrap();
+        assert_eq!((one["id"].as_u64(), one["availability"]["available"].as_u64()), (Some(id), Some(5)), "{one}");
+        let all: Value =
+            http.get(format!("{}/v1/events?limit=10", stack.api)).send().await.unwrap().json().await.unwrap();
+        assert_eq!(all["events"].as_array().unwrap().len(), 3, "{all}");
+        let found: Value =
+            http.get(format!("{}/v1/events?q=BOREALIS", stack.api)).send().await.unwrap().json().await.unwrap();
+        let names: Vec<&str> =
+            found["events"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["Borealis Night", "Comet Club"], "name or venue, case aside");
+    }
+    let read = events_rows_read(&stack).await - before;
+    assert!(read < 50, "150 reads made MySQL read {read} event rows");
+
+    // Availability follows the ledger within a refresh or two.
+    let undecided = [dropline::stock::Undecided { intent_id: Uuid::new_v4(), user_id: "ann", quantity: 2 }];
+    stack.ledger.allocate(ids[0], &undecided).await.unwrap();
+    eventually("the snapshot's counters", Duration::from_secs(5), || async {
+        let one: Value =
+            http.get(format!("{}/v1/events/{}", stack.api, ids[0])).send().await.unwrap().json().await.unwrap();
+        (one["availability"]["available"] == 3 && one["availability"]["held"] == 2).then_some(())
+    })
+    .await;
+    stack.stop().await;
+}

@@ -605,17 +605,21 @@ impl Ledger {
     pub async fn levels(&self, event_id: u64) -> Result<Option<StockLevels>, LedgerError> {
         let keys = self.keys.event(event_id);
         let mut conn = self.pool.get().await?;
-        let f: Vec<Option<u64>> = redis::cmd("HMGET")
-            .arg(&keys.stock)
-            .arg(&["capacity", "available", "held", "sold"])
-            .query_async(&mut conn)
-            .await?;
-        match f.as_slice() {
-            [Some(capacity), Some(available), Some(held), Some(sold)] => {
-                Ok(Some(StockLevels { capacity: *capacity, available: *available, held: *held, sold: *sold }))
-            }
-            _ => Ok(None),
+        let f: Vec<Option<u64>> =
+            redis::cmd("HMGET").arg(&keys.stock).arg(&LEVEL_FIELDS).query_async(&mut conn).await?;
+        Ok(levels_from(&f))
+    }
+
+    /// The counters of several events, in one pipelined round trip; `None`
+    /// for an event the ledger does not have.
+    pub async fn levels_of(&self, event_ids: &[u64]) -> Result<Vec<Option<StockLevels>>, LedgerError> {
+        let mut pipe = redis::pipe();
+        for id in event_ids {
+            pipe.cmd("HMGET").arg(&self.keys.event(*id).stock).arg(&LEVEL_FIELDS);
         }
+        let mut conn = self.pool.get().await?;
+        let all: Vec<Vec<Option<u64>>> = pipe.query_async(&mut conn).await?;
+        Ok(all.iter().map(|f| levels_from(f)).collect())
     }
 
     /// Units a user holds or bought for an event.
@@ -624,6 +628,20 @@ impl Ledger {
         let mut conn = self.pool.get().await?;
         let n: Option<u64> = conn.hget(&keys.users, user_id).await?;
         Ok(n.unwrap_or(0))
+    }
+}
+
+/// The stock hash's counters, in the order [`levels_from`] reads them.
+const LEVEL_FIELDS: [&str; 4] = ["capacity", "available", "held", "sold"];
+
+/// The counters an `HMGET` of [`LEVEL_FIELDS`] read; `None` unless all are
+/// there.
+fn levels_from(f: &[Option<u64>]) -> Option<StockLevels> {
+    match f {
+        [Some(capacity), Some(available), Some(held), Some(sold)] => {
+            Some(StockLevels { capacity: *capacity, available: *available, held: *held, sold: *sold })
+        }
+        _ => None,
     }
 }
 

@@ -34,6 +34,7 @@ pub async fn create(
     // admin retries with the idempotent prewarm call.
     app.events.prewarm(&event).await.map_err(|e| Problem::unavailable("redis", &e))?;
     let availability = app.events.levels(event.id).await.ok().flatten();
+    app.events.catalog.insert(event.clone(), availability);
     tracing::info!(event_id = event.id, capacity = event.terms.capacity, "event created");
     let location = format!("/v1/events/{}", event.id);
     Ok((StatusCode::CREATED, [("location", location)], Json(EventView { event, availability })).into_response())
@@ -63,7 +64,13 @@ pub async fn prewarm(
     Ok(Json(serde_json::json!({ "event_id": id, "created": created, "availability": availability })).into_response())
 }
 
+/// `GET /v1/events/{id}`: from the snapshot, counters at most a refresh
+/// old. An event it does not have yet (created on another replica since)
+/// is read from the record once per cache period, its counters from Redis.
 pub async fn get_one(State(app): State<Arc<AppState>>, EventId(id): EventId) -> Result<Response, Problem> {
+    if let Some((event, availability)) = app.events.catalog.get(id) {
+        return Ok(Json(EventView { event: Event::clone(&event), availability }).into_response());
+    }
     let event = app.events.get(id).await.map_err(|e| Problem::unavailable("mysql", &e))?;
     let event = Event::clone(&*event.ok_or(ErrorCode::EventNotFound)?);
     let availability = app.events.levels(id).await.map_err(|e| Problem::unavailable("redis", &e))?;
