@@ -228,16 +228,22 @@ mod tests {
 
     #[test]
     fn only_rs256_and_es256_signing_keys_with_a_kid_are_kept() {
+        // The test provider's keys (tests/fixtures/idp), and variants of them.
+        let published: serde_json::Value =
+            serde_json::from_str(include_str!("../tests/fixtures/idp/jwks.json")).unwrap();
+        let variant = |kid: &str, change: &dyn Fn(&mut serde_json::Value)| {
+            let mut key = published[kid].clone();
+            change(&mut key);
+            key
+        };
         let set: JwkSet = serde_json::from_value(serde_json::json!({ "keys": [
-            { "kty": "RSA", "kid": "r", "n": "sXch", "e": "AQAB" },
-            { "kty": "RSA", "kid": "r-enc", "use": "enc", "n": "sXch", "e": "AQAB" },
-            { "kty": "RSA", "kid": "r-ps", "alg": "PS256", "n": "sXch", "e": "AQAB" },
-            { "kty": "RSA", "n": "sXch", "e": "AQAB" },
+            variant("rsa-1", &|k| { k["kid"] = "r".into(); k.as_object_mut().unwrap().remove("alg"); }),
+            variant("rsa-1", &|k| { k["kid"] = "r-enc".into(); k["use"] = "enc".into(); }),
+            variant("rsa-1", &|k| { k["kid"] = "r-ps".into(); k["alg"] = "PS256".into(); }),
+            variant("rsa-1", &|k| { k.as_object_mut().unwrap().remove("kid"); }),
             { "kty": "oct", "kid": "secret", "k": "c2VjcmV0" },
-            { "kty": "EC", "kid": "e", "crv": "P-256",
-              "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU", "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0" },
-            { "kty": "EC", "kid": "e384", "crv": "P-384",
-              "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU", "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0" },
+            variant("ec-2", &|k| { k["kid"] = "e".into(); }),
+            variant("ec-2", &|k| { k["kid"] = "e384".into(); k["crv"] = "P-384".into(); k.as_object_mut().unwrap().remove("alg"); }),
         ]}))
         .unwrap();
         let keys = usable_keys(&set);

@@ -773,3 +773,65 @@ async fn after_the_sell_out_with_nobody_waiting_joins_are_refused_from_memory_un
     assert_eq!(reopened["place"], 2, "{reopened}");
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pre_queue_of_two_thousand_buyers_is_drawn_and_checks_against_its_published_seed() {
+    use futures::StreamExt;
+    const BUYERS: usize = 2_000;
+    let stack = Ingress::start(&[]).await;
+    // Time enough for two thousand joins before the opening.
+    let mut body = event_body(20);
+    body["capacity"] = json!(100);
+    let event = stack.create_event(&body).await;
+    let terms = json!({ "prequeue_opens_at": chrono::Utc::now(), "outflow_per_sec": 500, "time_to_act_secs": 60 });
+    assert_eq!(set_room(&stack, event, &terms).await.status(), StatusCode::CREATED);
+    let commitment = room(&stack, event).await["seed_commitment"].as_str().unwrap().to_owned();
+
+    let tickets: Vec<(String, Uuid)> = futures::stream::iter(0..BUYERS)
+        .map(|i| {
+            let stack = &stack;
+            async move {
+                let user = format!("crowd-{i}");
+                let (status, body) = join(stack, event, &user).await;
+                assert_eq!(status, StatusCode::CREATED, "{body}");
+                (user, body["ticket_id"].as_str().unwrap().parse::<Uuid>().unwrap())
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    let before_opening = room(&stack, event).await;
+    assert_eq!(
+        (before_opening["phase"].as_str(), before_opening["pre_queue"].as_u64()),
+        (Some("pre_queue"), Some(2_000))
+    );
+
+    // The draw: published, checked against the seed committed to before
+    // anyone joined, covering exactly the pre-queue.
+    let published = eventually("the draw", Duration::from_secs(60), || async {
+        let r = http().get(format!("{}/v1/events/{event}/waiting-room/draw", stack.api)).send().await.unwrap();
+        if r.status() == StatusCode::OK {
+            Some(r.json::<PublishedDraw>().await.unwrap())
+        } else {
+            None
+        }
+    })
+    .await;
+    assert_eq!(draw::verify(&published), Ok(()));
+    assert_eq!(published.seed_commitment, commitment);
+    let mut drawn = published.order.clone();
+    drawn.sort_unstable();
+    let mut joined: Vec<Uuid> = tickets.iter().map(|(_, t)| *t).collect();
+    joined.sort_unstable();
+    assert_eq!(drawn, joined, "every ticket drawn, once");
+    // A tampered order does not check out.
+    let mut tampered = published.clone();
+    tampered.order.swap(7, 1_500);
+    assert!(draw::verify(&tampered).is_err());
+    // Buyers (a sample) find themselves where the published order puts them.
+    for (user, ticket) in tickets.iter().step_by(97) {
+        let place = published.order.iter().position(|t| t == ticket).unwrap() as u64 + 1;
+        assert_eq!(standing(&stack, event, user).await["place"], place, "{user}");
+    }
+    stack.stop().await;
+}
