@@ -119,14 +119,7 @@ async fn a_buyer_joins_waits_is_admitted_and_buys_on_the_waiting_room_page_in_ch
     let room = json!({
         "prequeue_opens_at": now, "outflow_per_sec": 5, "time_to_act_secs": 120, "proof_of_work_bits": 10,
     });
-    let r = http()
-        .put(format!("{}/v1/admin/events/{event}/waiting-room", stack.api))
-        .bearer_auth(stack.admin_token())
-        .json(&room)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::CREATED);
+    assert_eq!(stack.set_room(event, &room).await, StatusCode::CREATED);
 
     let browser = Browser::start(&stack.name).await;
     let token = stack.token("page-buyer");

@@ -144,14 +144,7 @@ async fn a_ticket_stream_follows_the_line_through_a_sell_out_and_stock_coming_ba
     });
     let event = api.create_event(&stack.admin_token(), &body).await.unwrap()["id"].as_u64().unwrap();
     let room = json!({ "prequeue_opens_at": now, "outflow_per_sec": 10, "time_to_act_secs": 60 });
-    let r = http()
-        .put(format!("{}/v1/admin/events/{event}/waiting-room", stack.api))
-        .bearer_auth(stack.admin_token())
-        .json(&room)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::CREATED);
+    assert_eq!(stack.set_room(event, &room).await, StatusCode::CREATED);
     let path = format!("/v1/events/{event}/queue/events");
     // Not in the line yet: no stream.
     let r = http().get(format!("{}{path}", stack.api)).bearer_auth(stack.token("fan-a")).send().await.unwrap();

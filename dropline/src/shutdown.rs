@@ -30,3 +30,20 @@ async fn wait_for_signal() {
 async fn wait_for_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
+
+/// Runs `work` every `period` (the first at once; a late tick is not made
+/// up for) until `shutdown`: the background refreshes and prunes of a stage.
+pub async fn every<F, Fut>(period: std::time::Duration, shutdown: &CancellationToken, mut work: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => work().await,
+        }
+    }
+}

@@ -174,20 +174,15 @@ impl Jwks {
 
     /// Reads the set every `every` until shutdown.
     pub async fn keep_fresh(self: Arc<Self>, every: Duration, shutdown: CancellationToken) {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
+        dropline::shutdown::every(every, &shutdown, || async {
             match self.refresh().await {
                 Ok(n) => tracing::debug!(keys = n, "identity provider's keys read"),
                 Err(e) => {
                     tracing::warn!(error = %e, "could not read the identity provider's keys; keeping the last ones")
                 }
             }
-        }
+        })
+        .await;
     }
 }
 

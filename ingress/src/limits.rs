@@ -127,13 +127,7 @@ impl Limits {
 
 /// Prunes `limits` every `every` until shutdown.
 pub async fn prune_periodically(limits: std::sync::Arc<Limits>, every: Duration, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(every);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => limits.prune(),
-        }
-    }
+    dropline::shutdown::every(every, &shutdown, || async { limits.prune() }).await;
 }
 
 #[cfg(test)]

@@ -177,16 +177,11 @@ impl Catalog {
 
     /// Refreshes every `every` until shutdown.
     pub async fn keep(self: Arc<Self>, every: Duration, shutdown: CancellationToken) {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
+        dropline::shutdown::every(every, &shutdown, || async {
             if let Err(e) = self.refresh().await {
                 tracing::warn!(error = %e, "event snapshot not refreshed; answering from the last one");
             }
-        }
+        })
+        .await;
     }
 }

@@ -204,6 +204,19 @@ impl Stack {
         event["id"].as_u64().unwrap()
     }
 
+    /// Gives `event` a waiting room on `terms` (as the admin API takes
+    /// them); the answer's status.
+    pub async fn set_room(&self, event: u64, terms: &serde_json::Value) -> reqwest::StatusCode {
+        dropline_testkit::http()
+            .put(format!("{}/v1/admin/events/{event}/waiting-room", self.api))
+            .bearer_auth(self.admin_token())
+            .json(terms)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    }
+
     pub async fn stop(self) {
         self.shutdown.cancel();
         for t in self.tasks.into_iter().chain(self.stages.into_iter().map(|(_, _, t)| t)) {
