@@ -132,6 +132,9 @@ pub struct DropReport {
     pub draw: Option<DrawReport>,
     /// With a waiting room: what its buyers saw of the line.
     pub line: Option<LineReport>,
+    /// From the flood's start to the last unit's hold (its decision time),
+    /// when every unit was held in the flood.
+    pub sell_out_secs: Option<f64>,
 }
 
 /// What the buyers in a waiting room saw of the line, on their tickets'
@@ -309,6 +312,10 @@ pub async fn play(
     report.flood_secs = started.elapsed().as_secs_f64();
     report.accepted = buyers.iter().filter(|b| !matches!(b.outcome, Outcome::Refused(_))).count() as u64;
     report.held = buyers.iter().filter(|b| matches!(b.outcome, Outcome::Held(_))).count() as u64;
+    let last_hold_ms = buyers.iter().filter_map(|b| b.held_at_ms).max();
+    report.sell_out_secs = last_hold_ms
+        .filter(|_| report.held >= u64::from(plan.tickets))
+        .map(|ms| (ms as f64 / 1000.0 - report.started_at).max(0.0));
     report.rejected = tally(buyers.iter().filter_map(|b| match &b.outcome {
         Outcome::Rejected(r) => Some(r.clone()),
         _ => None,

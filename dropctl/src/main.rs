@@ -441,7 +441,7 @@ async fn print_headline(url: &str, r: &DropReport) {
             return;
         }
     };
-    match dropctl::prometheus::headline(&prom, r.event_id, r.started_at, r.ended_at).await {
+    match dropctl::prometheus::headline(&prom, r.started_at, r.ended_at).await {
         Ok(h) => {
             let show = |v: Option<f64>, unit: &str, scale: f64| {
                 v.map_or("no data".to_owned(), |v| format!("{:.1}{unit}", v * scale))
@@ -449,7 +449,6 @@ async fn print_headline(url: &str, r: &DropReport) {
             println!("from prometheus ({url}):");
             println!("  peak admitted purchases: {}", show(h.peak_admitted_per_sec, "/s", 1.0));
             println!("  p99 intent-to-decision latency: {}", show(h.p99_decision_secs, " ms", 1000.0));
-            println!("  time to sell out: {}", show(h.sell_out_secs, " s", 1.0));
         }
         Err(e) => println!("prometheus: {e:#}"),
     }
@@ -501,6 +500,11 @@ fn print_report(r: &DropReport) {
         );
     }
     println!("decisions: held {}, rejected: {}", r.held, list(&r.rejected));
+    if let Some(secs) = r.sell_out_secs {
+        println!(
+            "time to sell out: {secs:.1} s (from the flood's start to the last unit's hold, by the allocator's clock)"
+        );
+    }
     println!(
         "at sell-out: Redis available {} held {} sold {}; MySQL held {}",
         r.at_sellout_redis.available, r.at_sellout_redis.held, r.at_sellout_redis.sold, r.at_sellout_mysql_held

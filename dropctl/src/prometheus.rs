@@ -113,12 +113,11 @@ fn parse(v: &str) -> f64 {
 pub struct Headline {
     pub peak_admitted_per_sec: Option<f64>,
     pub p99_decision_secs: Option<f64>,
-    pub sell_out_secs: Option<f64>,
 }
 
 /// Reads the headline numbers of the drop that ran from `start` to `end`
 /// (Unix seconds), the only one running then.
-pub async fn headline(prom: &Prometheus, event_id: u64, start: f64, end: f64) -> anyhow::Result<Headline> {
+pub async fn headline(prom: &Prometheus, start: f64, end: f64) -> anyhow::Result<Headline> {
     let window = (end - start).ceil().max(1.0);
     let first = |s: Vec<Series>| s.first().and_then(|s| s.samples.first()).map(|(_, v)| *v).filter(|v| v.is_finite());
     let peak = prom
@@ -137,21 +136,5 @@ pub async fn headline(prom: &Prometheus, event_id: u64, start: f64, end: f64) ->
             end,
         )
         .await?;
-    // Sold out: the first moment the event's ledger had no unit available,
-    // as the allocators sample it (whether buyers were then told so at the
-    // door, by the allocator or in a waiting room).
-    let available = prom
-        .range(
-            &format!("min(dropline_allocator_stock_units{{event_id=\"{event_id}\", state=\"available\"}})"),
-            start - 1.0,
-            end,
-            1.0,
-        )
-        .await?;
-    let sold_out_at = available.first().and_then(|s| s.samples.iter().find(|(_, v)| *v == 0.0).map(|(t, _)| *t));
-    Ok(Headline {
-        peak_admitted_per_sec: first(peak),
-        p99_decision_secs: first(p99),
-        sell_out_secs: sold_out_at.map(|t| (t - start).max(0.0)),
-    })
+    Ok(Headline { peak_admitted_per_sec: first(peak), p99_decision_secs: first(p99) })
 }

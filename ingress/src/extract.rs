@@ -367,9 +367,13 @@ fn event_id(raw: &str) -> Result<u64, Problem> {
 
 /// A UUID in its hyphenated form only (not braced, `urn:uuid:` or simple),
 /// for the same reason.
+/// An id written the one way ids are given out: a lower-case hyphenated
+/// UUID.
 fn uuid(raw: &str, missing: ErrorCode) -> Result<Uuid, Problem> {
-    let hyphenated = raw.len() == uuid::fmt::Hyphenated::LENGTH;
-    hyphenated.then(|| Uuid::parse_str(raw).ok()).flatten().ok_or_else(|| Problem::new(missing).detail("ids are UUIDs"))
+    Uuid::parse_str(raw)
+        .ok()
+        .filter(|id| id.hyphenated().to_string() == raw)
+        .ok_or_else(|| Problem::new(missing).detail("ids are lower-case hyphenated UUIDs"))
 }
 
 /// A JSON body of the documented shape: a JSON object with each key once,

@@ -132,6 +132,12 @@ impl Jwks {
         Ok(n)
     }
 
+    /// Whether the keys are read from a file (which must be readable at
+    /// start), not a URL (which may be down for a while).
+    pub fn is_file(&self) -> bool {
+        matches!(self.source, Source::File(_))
+    }
+
     fn key(&self, kid: &str) -> Option<Arc<Key>> {
         self.keys.read().unwrap_or_else(|e| e.into_inner()).get(kid).cloned()
     }

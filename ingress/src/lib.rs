@@ -69,6 +69,8 @@ pub enum IngressError {
     Http(#[from] reqwest::Error),
     #[error("listening: {0}")]
     Listen(#[from] std::io::Error),
+    #[error("the identity provider's keys: {0}")]
+    Identity(#[from] identity::JwksError),
     #[error("stopped while waiting for {0} to be reachable")]
     StoppedWaiting(&'static str),
 }
@@ -149,6 +151,9 @@ pub async fn start_on(
     if let Some(jwks) = &state.identity {
         match jwks.refresh().await {
             Ok(n) => tracing::info!(keys = n, "identity provider's keys read"),
+            // A file is the deployment's own: one that cannot be read is a
+            // mistake to fix now. A provider's URL may be down for a while.
+            Err(e) if jwks.is_file() => return Err(e.into()),
             Err(e) => tracing::warn!(error = %e, "could not read the identity provider's keys; retried"),
         }
         let every = Duration::from_secs(config.jwks_refresh_secs);

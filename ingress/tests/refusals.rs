@@ -307,11 +307,12 @@ async fn bad_order_and_intent_requests_are_refused_before_any_store() {
     ] {
         api.refused(request(method, &path).empty(), StatusCode::UNAUTHORIZED, "unauthorized").await;
     }
-    // Only the hyphenated form names an order: one order, one URL.
+    // Only the lower-case hyphenated form names an order: one order, one URL.
     let braced = format!("{{{order}}}");
     let urn = format!("urn:uuid:{order}");
     let simple = order.simple().to_string();
-    for id in ["not-a-uuid", &braced, &urn, &simple] {
+    let upper = order.to_string().to_uppercase();
+    for id in ["not-a-uuid", &braced, &urn, &simple, &upper] {
         for path in [format!("/v1/orders/{id}"), format!("/v1/orders/{id}/cancel")] {
             let method = if path.ends_with("/cancel") { Method::POST } else { Method::GET };
             api.refused(request(method, &path).bearer(&token).empty(), StatusCode::NOT_FOUND, "order_not_found").await;
