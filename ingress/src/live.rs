@@ -221,7 +221,8 @@ pub struct Live {
     /// Decisions per buyer and event, counted: a purchase made with a turn
     /// was decided, so the turn was used.
     buyers: Arc<Registry<(u64, String), u64>>,
-    rooms: Mutex<HashMap<u64, watch::Sender<Option<RoomPulse>>>>,
+    /// Each room's line, for the rooms whose tickets have streams here.
+    rooms: Arc<Registry<u64, Option<RoomPulse>>>,
     permits: Arc<Semaphore>,
     max_streams: usize,
     /// Streams open per buyer: no buyer may take every slot.
@@ -259,7 +260,7 @@ impl Live {
         Self {
             intents: Registry::new(),
             buyers: Registry::new(),
-            rooms: Mutex::default(),
+            rooms: Registry::new(),
             permits: Arc::new(Semaphore::new(max_streams)),
             max_streams,
             per_buyer: Arc::default(),
@@ -299,18 +300,16 @@ impl Live {
         self.buyers.subscribe((event_id, user.to_owned()))
     }
 
-    /// `event_id`'s line as this replica's keeper last left it.
-    pub fn watch_room(&self, event_id: u64) -> watch::Receiver<Option<RoomPulse>> {
-        let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
-        rooms.entry(event_id).or_insert_with(|| watch::channel(None).0).subscribe()
+    /// `event_id`'s line as this replica's keeper leaves it (from its
+    /// next tick on).
+    pub fn watch_room(&self, event_id: u64) -> Subscription<u64, Option<RoomPulse>> {
+        self.rooms.subscribe(event_id)
     }
 
     /// The keeper's tick on `event_id`'s room; its streams wake only when
     /// the line changed.
     pub fn pulse(&self, event_id: u64, pulse: RoomPulse) {
-        let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
-        let tx = rooms.entry(event_id).or_insert_with(|| watch::channel(None).0);
-        tx.send_if_modified(|last| {
+        self.rooms.send(&event_id, |last| {
             let changed = last.is_none_or(|l| RoomPulse { at: pulse.at, ..l } != pulse);
             *last = Some(pulse);
             changed

@@ -240,7 +240,7 @@ struct TicketStream {
     user: String,
     /// The buyer's own standing as last read.
     own: Standing,
-    pulses: tokio::sync::watch::Receiver<Option<RoomPulse>>,
+    pulses: Subscription<u64, Option<RoomPulse>>,
     /// The buyer's purchases at the event being decided: one made with the
     /// turn used it.
     decided: Subscription<(u64, String), u64>,
@@ -284,7 +284,7 @@ impl TicketStream {
                 retry_at = None;
                 reread = None;
             }
-            let pulse = *self.pulses.borrow_and_update();
+            let pulse = *self.pulses.rx.borrow_and_update();
             let mut standing = merged(&self.own, pulse.as_ref());
             let mut due = due(&standing, Utc::now().timestamp_millis());
             let recheck_due = recheck.is_some_and(|(at, _)| at <= Instant::now());
@@ -359,7 +359,7 @@ impl TicketStream {
             tokio::select! {
                 _ = self.tx.closed() => return,
                 _ = self.app.live.shutdown.cancelled() => return,
-                changed = self.pulses.changed() => if changed.is_err() { return },
+                changed = self.pulses.rx.changed() => if changed.is_err() { return },
                 _ = self.decided.rx.changed(), if self.own.turn_ends_ms.is_some() && self.own.ended.is_none() => {
                     decision = true;
                 }
