@@ -254,9 +254,8 @@ impl Cluster {
     }
 
     fn ledger(&self) -> Ledger {
-        let pool = deadpool_redis::Config::from_url(format!("redis://127.0.0.1:{}", self.redis_port))
-            .create_pool(Some(deadpool_redis::Runtime::Tokio1))
-            .unwrap();
+        let pool =
+            dropline::config::RedisArgs::new(format!("redis://127.0.0.1:{}", self.redis_port), 16).pool().unwrap();
         Ledger::new(pool, &self.name)
     }
 

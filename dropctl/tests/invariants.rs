@@ -123,9 +123,7 @@ async fn consistent_books() -> Books {
     dropline::db::create_database(&db_url).await.unwrap();
     let db = dropline::db::connect(&dropline::config::MysqlArgs::new(db_url, 3)).await.unwrap();
     dropline::db::migrate(&db).await.unwrap();
-    let pool = deadpool_redis::Config::from_url(common::redis_url())
-        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
-        .unwrap();
+    let pool = dropline::config::RedisArgs::new(common::redis_url(), 16).pool().unwrap();
     let ledger = Ledger::new(pool, &name);
 
     let now = chrono::Utc::now();

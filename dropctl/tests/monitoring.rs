@@ -139,9 +139,7 @@ async fn every_dashboard_query_has_data_and_alerts_fire_only_on_faults() {
     // A small, healthy drop.
     let keys = secrets.tokens();
     let db = dropline::db::connect(&dropline::config::MysqlArgs::new(db_url.clone(), 3)).await.unwrap();
-    let pool = deadpool_redis::Config::from_url(common::redis_url())
-        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
-        .unwrap();
+    let pool = dropline::config::RedisArgs::new(common::redis_url(), 16).pool().unwrap();
     let ledger = Ledger::new(pool, &name);
     let api = Api::new(&format!("http://127.0.0.1:{api_port}")).unwrap();
     let plan = DropPlan {

@@ -119,9 +119,7 @@ impl LocalStack {
     }
 
     fn ledger(&self) -> Ledger {
-        let pool = deadpool_redis::Config::from_url(common::redis_url())
-            .create_pool(Some(deadpool_redis::Runtime::Tokio1))
-            .unwrap();
+        let pool = dropline::config::RedisArgs::new(common::redis_url(), 16).pool().unwrap();
         Ledger::new(pool, &self.name)
     }
 

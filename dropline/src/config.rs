@@ -155,6 +155,24 @@ pub struct RedisArgs {
 }
 
 impl RedisArgs {
+    /// Settings for `url` with a pool of `pool_size` and the default
+    /// timeouts, for tools and tests that do not parse a command line. A
+    /// pool built from `deadpool_redis::Config` instead keeps the redis
+    /// client's own 500 ms response timeout, which a test's Redis on a busy
+    /// CI machine passes (seen: a fault scenario's roll-back failed with
+    /// "timed out").
+    pub fn new(url: impl Into<String>, pool_size: usize) -> Self {
+        Self {
+            url: url.into(),
+            pool_size,
+            key_prefix: "dl".into(),
+            pool_wait_timeout_ms: 5_000,
+            connect_timeout_ms: 5_000,
+            recycle_timeout_ms: 5_000,
+            response_timeout_ms: 5_000,
+        }
+    }
+
     pub fn check(&self, problems: &mut Problems) {
         if self.key_prefix.is_empty()
             || !self.key_prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')

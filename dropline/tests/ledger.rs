@@ -15,8 +15,7 @@ fn redis_url() -> String {
 }
 
 fn ledger() -> Ledger {
-    let pool =
-        deadpool_redis::Config::from_url(redis_url()).create_pool(Some(deadpool_redis::Runtime::Tokio1)).unwrap();
+    let pool = dropline::config::RedisArgs::new(redis_url(), 16).pool().unwrap();
     Ledger::new(pool, "dltest")
 }
 

@@ -53,9 +53,8 @@ async fn rows(db: &MySqlPool, payment_id: &str) -> Vec<(String, String)> {
 async fn a_payment_delivered_twice_and_under_new_event_ids_is_one_row() {
     let (name, db) = database("pay").await;
     dropline::db::migrate(&db).await.unwrap();
-    let redis = deadpool_redis::Config::from_url(env_or("DROPLINE_REDIS_URL", "redis://127.0.0.1:6379"))
-        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
-        .unwrap();
+    let redis =
+        dropline::config::RedisArgs::new(env_or("DROPLINE_REDIS_URL", "redis://127.0.0.1:6379"), 16).pool().unwrap();
     let ledger = Ledger::new(redis, &name);
     let order = Uuid::new_v4();
     let captured = PaymentDisposition::Captured;

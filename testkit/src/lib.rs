@@ -95,8 +95,7 @@ impl Deployment {
         let db_url = format!("{}/dropline_{name}", mysql_server());
         dropline::db::create_database(&db_url).await.expect("create the test database");
         let db = dropline::db::connect(&MysqlArgs::new(db_url, 5)).await.unwrap();
-        let pool =
-            deadpool_redis::Config::from_url(redis_url()).create_pool(Some(deadpool_redis::Runtime::Tokio1)).unwrap();
+        let pool = dropline::config::RedisArgs::new(redis_url(), 16).pool().unwrap();
         let secrets = Secrets::generate();
         Deployment { ledger: Ledger::new(pool, &name), keys: secrets.tokens(), secrets, db, name }
     }
