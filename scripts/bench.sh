@@ -35,6 +35,12 @@ export DROPLINE_KAFKA_BROKERS=127.0.0.1:$KAFKA_PORT DROPLINE_KAFKA_FETCH_WAIT_MA
 N_INTENTS=${N_INTENTS:-100000}
 N_DECISIONS=${N_DECISIONS:-50000}
 WRK_SECS=${WRK_SECS:-15}
+WRK_CONNECTIONS=${WRK_CONNECTIONS:-256}
+STREAMS=${STREAMS:-10000}
+ROOM_BUYERS=${ROOM_BUYERS:-50000}
+# Ten thousand streams at once, and a crowd of fifty thousand: the ingress
+# and the load generator each need a descriptor per connection.
+ulimit -n "$(ulimit -Hn)"
 
 json_get() { python3 -c 'import json,sys; d=json.load(sys.stdin); print(eval("d"+sys.argv[1]))' "$1"; }
 wrk_json() { grep '^WRK_JSON ' | sed 's/^WRK_JSON //'; }
@@ -43,30 +49,44 @@ now_s() { python3 -c 'import time; print(time.time())'; }
 # 1. HTTP: the bare hyper ceiling, then the ingress with the broker acking.
 token=$("$BIN/dropctl" token --user bench-buyer)
 admin=$("$BIN/dropctl" token --user bench-admin --admin)
-"$BIN/dropctl" ceiling http --addr 127.0.0.1:8181 2>/dev/null &
-ceiling_pid=$!
-wait_for "ceiling server" 10 port_open 8181
-log "http ceiling: wrk against a bare hyper server"
-WRK_TOKEN=$token wrk -t2 -c64 -d"${WRK_SECS}s" -s loadtest/wrk/purchase.lua \
-  http://127.0.0.1:8181/v1/events/1/purchases | wrk_json >"$OUT/http_ceiling.json"
-kill "$ceiling_pid"; wait "$ceiling_pid" 2>/dev/null || true
+# wrk_run NAME SCRIPT URL: wrk with the bench's threads, connections and
+# duration, its summary into $OUT/NAME.json.
+wrk_run() {
+  WRK_TOKEN=$token WRK_THREADS=2 wrk -t2 -c"$WRK_CONNECTIONS" -d"${WRK_SECS}s" -s "loadtest/wrk/$2" "$3" \
+    | wrk_json >"$OUT/$1.json"
+}
+# ceiling NAME SCRIPT PATH: the same wrk run against a bare hyper server.
+ceiling() {
+  "$BIN/dropctl" ceiling http --addr 127.0.0.1:8181 2>/dev/null &
+  local pid=$!
+  wait_for "ceiling server" 10 port_open 8181
+  log "http ceiling: $2 against a bare hyper server"
+  wrk_run "$1" "$2" "http://127.0.0.1:8181$3"
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+}
+ceiling http_ceiling purchase.lua /v1/events/1/purchases
 
 log "ingress: the same wrk script against Dropline (admission limits lifted)"
 "$DROPLINE_ROOT/scripts/stack.sh" stop-services
 DROPLINE_ADMIT_PER_SEC=10000000 DROPLINE_ADMIT_BURST=1000000 DROPLINE_USER_PER_SEC=10000000 \
   DROPLINE_USER_BURST=1000000 DROPLINE_PURCHASES_MAX_IN_FLIGHT=100000 "$DROPLINE_ROOT/scripts/stack.sh" up
+# new_event CAPACITY [OPENS_IN_SECS]: creates an event on the stack on
+# :8080, on sale now (or that many seconds from now); prints its id. Its
+# holds last 30 s: a hold still waiting keeps the expirers' group offset
+# where it is, and the drops' checks wait for a quiet pipeline.
+new_event() {
+  local opens_iso later_iso
+  opens_iso=$(date -u -d "+${2:-0} seconds" +%Y-%m-%dT%H:%M:%SZ)
+  later_iso=$(date -u -d '+6 hours' +%Y-%m-%dT%H:%M:%SZ)
+  curl -fsS -X POST http://127.0.0.1:8080/v1/admin/events -H "authorization: Bearer $admin" \
+    -H 'content-type: application/json' -d "{\"name\":\"bench\",\"venue\":\"bench\",\"starts_at\":\"$later_iso\",
+    \"sale_opens_at\":\"$opens_iso\",\"sale_closes_at\":\"$later_iso\",\"capacity\":$1,\"price_cents\":100,
+    \"currency\":\"EUR\",\"per_user_limit\":100,\"hold_ttl_secs\":30}" | json_get '["id"]'
+}
 # wrk_purchases NAME: purchases as fast as the stack on :8080 takes them,
 # for an event of its own with stock for all, into $OUT/NAME.json.
 wrk_purchases() {
-  local now_iso later_iso event
-  now_iso=$(date -u +%Y-%m-%dT%H:%M:%SZ)
-  later_iso=$(date -u -d '+6 hours' +%Y-%m-%dT%H:%M:%SZ)
-  event=$(curl -fsS -X POST http://127.0.0.1:8080/v1/admin/events -H "authorization: Bearer $admin" \
-    -H 'content-type: application/json' -d "{\"name\":\"bench\",\"venue\":\"bench\",\"starts_at\":\"$later_iso\",
-    \"sale_opens_at\":\"$now_iso\",\"sale_closes_at\":\"$later_iso\",\"capacity\":10000000,\"price_cents\":100,
-    \"currency\":\"EUR\",\"per_user_limit\":100,\"hold_ttl_secs\":3600}" | json_get '["id"]')
-  WRK_TOKEN=$token wrk -t2 -c64 -d"${WRK_SECS}s" -s loadtest/wrk/purchase.lua \
-    "http://127.0.0.1:8080/v1/events/$event/purchases" | wrk_json >"$OUT/$1.json"
+  wrk_run "$1" purchase.lua "http://127.0.0.1:8080/v1/events/$(new_event 10000000)/purchases"
 }
 wrk_purchases ingress
 
@@ -83,11 +103,83 @@ export DROPLINE_STATE_DIR=$STATE_DIR/$RUN-memory-broker KAFKA_PORT=$((KAFKA_PORT
   DROPLINE_PURCHASES_MAX_IN_FLIGHT=100000
 STATE_DIR=$DROPLINE_STATE_DIR
 export DROPLINE_KAFKA_BROKERS=127.0.0.1:$KAFKA_PORT
+# The front door's own limits lifted too (per event for joins), and room
+# for the streams rows: a connection per stream, below the descriptors.
+export DROPLINE_JOINS_PER_EVENT_PER_SEC=10000000 DROPLINE_JOINS_PER_EVENT_BURST=1000000 \
+  DROPLINE_HTTP_MAX_CONNECTIONS=$(( $(ulimit -n) - 2048 ))
 mkdir -p "$STATE_DIR"
 # wipe: this stack's broker, database (dropline_bench) and Redis keys (bench:*).
 trap '"$DROPLINE_ROOT/scripts/stack.sh" wipe; rm -rf "$DROPLINE_STATE_DIR"' EXIT
 "$DROPLINE_ROOT/scripts/stack.sh" up
 wrk_purchases ingress_memory
+
+# 1c. The front door, each row against the bare hyper server running the
+#     same wrk script: purchases refused after a sell-out, an event's detail
+#     (its availability), and joins of a waiting room's line. Around each
+#     run, the Redis commands (INFO commandstats) and MySQL statements
+#     (Questions) the stack made are counted, against what the idle stack
+#     makes in as long (its background refreshes and consumers).
+redis_calls() {
+  redis-cli -p "$REDIS_PORT" INFO commandstats | tr -d '\r' \
+    | awk -F'[:=,]' '/^cmdstat_/ && $1 != "cmdstat_info" { n += $3 } END { print n + 0 }'
+}
+mysql_questions() { mysql_tcp -N -e "SHOW GLOBAL STATUS LIKE 'Questions'" | awk '{ print $2 }'; }
+# counted NAME CMD...: runs CMD; the commands and statements around it into
+# $OUT/NAME.counts.json.
+counted() {
+  local name=$1 r0 q0 t0
+  shift
+  r0=$(redis_calls); q0=$(mysql_questions); t0=$(now_s)
+  "$@"
+  python3 -c 'import json,sys,time; print(json.dumps({"redis": int(sys.argv[1]) - int(sys.argv[2]),
+    "mysql": int(sys.argv[3]) - int(sys.argv[4]), "secs": time.time() - float(sys.argv[5])}))' \
+    "$(redis_calls)" "$r0" "$(mysql_questions)" "$q0" "$t0" >"$OUT/$name.counts.json"
+}
+log "front door: what the idle stack does by itself"
+counted idle sleep "$WRK_SECS"
+
+log "front door: purchases refused after the sell-out"
+sold_out=$(new_event 1)
+curl -fsS -o /dev/null -X POST "http://127.0.0.1:8080/v1/events/$sold_out/purchases" \
+  -H "authorization: Bearer $("$BIN/dropctl" token --user bench-first)" -H "idempotency-key: $(uuidgen)" \
+  -H 'content-type: application/json' -d '{"quantity":1}'
+gone() { [ "$(curl -fsS "http://127.0.0.1:8080/v1/events/$1" | json_get '["availability"]["available"]')" = 0 ]; }
+wait_for "the sell-out" 30 gone "$sold_out"
+# Every replica learns a sell-out within a second.
+sleep 2
+ceiling refusal_ceiling purchase.lua /v1/events/1/purchases
+counted refusals wrk_run refusals purchase.lua "http://127.0.0.1:8080/v1/events/$sold_out/purchases"
+
+log "front door: an event's detail and availability"
+readable=$(new_event 10000)
+ceiling read_ceiling read.lua "/v1/events/1"
+counted reads wrk_run reads read.lua "http://127.0.0.1:8080/v1/events/$readable"
+
+log "front door: joins of an open waiting room's line"
+roomy=$(new_event 10000000 6)
+curl -fsS -o /dev/null -X PUT "http://127.0.0.1:8080/v1/admin/events/$roomy/waiting-room" \
+  -H "authorization: Bearer $admin" -H 'content-type: application/json' \
+  -d "{\"prequeue_opens_at\":\"$(date -u +%Y-%m-%dT%H:%M:%SZ)\",\"outflow_per_sec\":100,\"time_to_act_secs\":60,\"proof_of_work_bits\":0}"
+room_open() { [ "$(curl -fsS "http://127.0.0.1:8080/v1/events/$1/waiting-room" | json_get '["phase"]')" = open ]; }
+"$BIN/dropctl" token --user "$RUN-joiner" --count 400000 >"$OUT/join-tokens.txt"
+wait_for "the room's opening" 30 room_open "$roomy"
+export WRK_TOKENS_FILE=$OUT/join-tokens.txt
+ceiling join_ceiling join.lua "/v1/events/1/queue"
+counted joins wrk_run joins join.lua "http://127.0.0.1:8080/v1/events/$roomy/queue"
+rm "$OUT/join-tokens.txt"
+
+log "front door: $STREAMS buyers following their purchases on event streams"
+"$BIN/dropctl" load streams --streams "$STREAMS" --ingress-pid "$(cat "$STATE_DIR/ingress.pid")" \
+  --allocator-pid "$(cat "$STATE_DIR/allocator.pid")" >"$OUT/streams.json"
+
+half=$(json_get '["statuses"]["202"] / d["secs"] / 2' <"$OUT/ingress_memory.json")
+log "front door: purchases at half the maximum accepted rate ($half/s), open loop"
+"$BIN/dropctl" load paced --rate "$half" --secs "$WRK_SECS" >"$OUT/paced.json"
+
+log "front door: $ROOM_BUYERS buyers in a pre-queue for 10000 tickets"
+"$BIN/dropctl" demo --tickets 10000 --buyers "$ROOM_BUYERS" --concurrency 1024 --opens-in-secs 40 \
+  --outflow-per-sec 2000 --time-to-act-secs 30 --proof-of-work-bits 0 --hold-ttl-secs 60 \
+  --summary-json "$OUT/room.json" >"$OUT/room.txt" || log "the room drop did not pass: see ${OUT#"$DROPLINE_ROOT"/}/room.txt"
 
 # 2. Kafka: the raw produce rate with the stages' producer settings.
 log "front door: the per-address limiter's memory for a million addresses"
@@ -193,5 +285,5 @@ set -e
 rm -rf "$DROPLINE_STATE_DIR"
 trap - EXIT
 
-python3 "$DROPLINE_ROOT/scripts/bench_report.py" "$OUT" "$k6_status" "$check_status" >"$DROPLINE_ROOT/docs/PERFORMANCE.md"
+WRK_CONNECTIONS=$WRK_CONNECTIONS python3 "$DROPLINE_ROOT/scripts/bench_report.py" "$OUT" "$k6_status" "$check_status" >"$DROPLINE_ROOT/docs/PERFORMANCE.md"
 log "report written: docs/PERFORMANCE.md (raw results in ${OUT#"$DROPLINE_ROOT"/})"

@@ -39,6 +39,8 @@ insert = load("insert.json")
 naive = load("naive.json")
 drop = load("drop-summary.json")["metrics"]
 limiter = load("limiter.json")
+idle = load("idle.counts.json")
+WRK_CONNECTIONS = int(os.environ.get("WRK_CONNECTIONS", "256"))
 
 ceiling_rps = http_ceiling["requests"] / http_ceiling["secs"]
 # The stage rows run on the broker in memory; the durable-broker row holds
@@ -103,7 +105,7 @@ print("|---|---|---|---|")
 for stage, ours, ceiling, ratio in rows:
     print(f"| {stage} | {ours} | {ceiling} | {ratio:.2f} |")
 print()
-print(f"wrk: 2 threads, 64 connections, {http_ceiling['secs']:.0f} s, the same Lua script (a bearer token and a fresh "
+print(f"wrk: 2 threads, {WRK_CONNECTIONS} connections, {http_ceiling['secs']:.0f} s, the same Lua script (a bearer token and a fresh "
       f"Idempotency-Key per request) on both sides. The ingress answered "
       + ", ".join(f"{n} x {code}" for code, n in sorted(ingress_memory["statuses"].items()))
       + f"; p50 {ingress_memory['p50_ms']:.1f} ms, p99 {ingress_memory['p99_ms']:.1f} ms (ceiling: p50 "
@@ -113,6 +115,105 @@ print(f"wrk: 2 threads, 64 connections, {http_ceiling['secs']:.0f} s, the same L
 print()
 print("## The front door")
 print()
+print("Each wrk row runs the same script against the bare hyper server and against the ingress, one after the other. "
+      "Redis commands (`INFO commandstats`) and MySQL statements (`Questions`) are counted around each ingress run, "
+      "less what the idle stack made in as long (its snapshot refreshes, consumers and reconciler: "
+      f"{idle['redis'] / idle['secs']:.1f} Redis commands/s, {idle['mysql'] / idle['secs']:.1f} MySQL statements/s), "
+      "and divided by the requests answered.")
+print()
+
+
+def rate_of(w, *codes):
+    return sum(w["statuses"].get(c, 0) for c in codes) / w["secs"]
+
+
+def per_request(name, w):
+    c = load(f"{name}.counts.json")
+    n = max(w["requests"], 1)
+    background = c["secs"] / idle["secs"]
+    return (max(c["redis"] - idle["redis"] * background, 0) / n,
+            max(c["mysql"] - idle["mysql"] * background, 0) / n)
+
+
+def ceiling_of(name):
+    w = load(f"{name}.json")
+    return w["requests"] / w["secs"]
+
+
+def verdict(ok):
+    return "met" if ok else "**missed**"
+
+
+front = []
+accepted_ratio = ingress_rps / ceiling_rps
+front.append(("Accepted purchases (202, broker acked)", f"{ingress_rps:,.0f}/s", f"{ceiling_rps:,.0f}/s",
+              f"{accepted_ratio:.3f}", "≥ 0.25", verdict(accepted_ratio >= 0.25)))
+refusals = load("refusals.json")
+r_rps, r_ceiling = rate_of(refusals, "409"), ceiling_of("refusal_ceiling")
+r_redis, r_mysql = per_request("refusals", refusals)
+front.append(("Purchases refused after the sell-out (409 sold_out)",
+              f"{r_rps:,.0f}/s; {r_redis:.3f} Redis commands, {r_mysql:.3f} MySQL statements per refusal",
+              f"{r_ceiling:,.0f}/s", f"{r_rps / r_ceiling:.3f}", "≥ 0.5, 0 commands",
+              verdict(r_rps / r_ceiling >= 0.5 and r_redis < 0.01)))
+reads = load("reads.json")
+d_rps, d_ceiling = rate_of(reads, "200"), ceiling_of("read_ceiling")
+d_redis, d_mysql = per_request("reads", reads)
+front.append(("Event detail with its availability (200)",
+              f"{d_rps:,.0f}/s; {d_redis:.3f} Redis commands, {d_mysql:.3f} MySQL statements per read",
+              f"{d_ceiling:,.0f}/s", f"{d_rps / d_ceiling:.3f}", "≥ 0.5, 0 queries, 0 commands",
+              verdict(d_rps / d_ceiling >= 0.5 and d_redis < 0.01 and d_mysql < 0.01)))
+joins = load("joins.json")
+j_rps, j_ceiling = rate_of(joins, "201"), ceiling_of("join_ceiling")
+j_redis, _ = per_request("joins", joins)
+front.append(("Joins of an open waiting room's line (a new buyer each)",
+              f"{j_rps:,.0f}/s; {j_redis:.1f} Redis commands per join", f"{j_ceiling:,.0f}/s",
+              f"{j_rps / j_ceiling:.3f}", "≥ 0.25", verdict(j_rps / j_ceiling >= 0.25)))
+print("| What | Dropline | Bare hyper | Ratio | Target | |")
+print("|---|---|---|---|---|---|")
+for row in front:
+    print("| " + " | ".join(row) + " |")
+print()
+streams = load("streams.json")
+lat = streams["decision_to_stream"]
+p99 = lat["p99_ms"]
+print(f"- **Concurrent event streams on one ingress:** {streams['streams']:,} buyers each followed their purchase on "
+      f"its stream, all open at once (opened in {streams['open_secs']:.1f} s); the ingress' resident memory grew "
+      f"from {streams['rss_before_bytes'] / 2**20:.0f} MiB to {streams['rss_open_bytes'] / 2**20:.0f} MiB, "
+      f"{streams['bytes_per_stream'] / 1024:.1f} KiB per open stream (its connection included). Their holds were "
+      f"then decided at once (the allocator was paused while they opened): from each decision to its `held` event "
+      f"on the stream, p50 {ms(lat['p50_ms'])}, p99 {ms(p99)}, max {ms(lat['max_ms'])} over {lat['count']:,} streams "
+      f"({streams['missed']} missed). Target p99 ≤ 250 ms: {verdict(p99 is not None and p99 <= 250 and streams['missed'] == 0)}.")
+paced = load("paced.json")
+pp99 = paced["answer"]["p99_ms"]
+print(f"- **Purchase answer at half the maximum accepted rate:** {paced['rate_per_sec']:,.0f} purchases/s for "
+      f"{paced['secs']:.0f} s, open loop (each timed from when it was due): p50 {ms(paced['answer']['p50_ms'])}, "
+      f"p99 {ms(pp99)}, p99.9 {ms(paced['answer']['p999_ms'])}; answers: "
+      + ", ".join(f"{k} {v:,}" for k, v in paced["statuses"].items())
+      + f". Target p99 ≤ 50 ms: {verdict(pp99 is not None and pp99 <= 50)}.")
+try:
+    room = load("room.json")
+except FileNotFoundError:
+    room = None
+if room:
+    def secs(v):
+        return "n/a" if v is None else f"{v:.2f} s"
+    draw_s, sell_s = room.get("draw_secs_after_opening"), room.get("sell_out_secs")
+    so99, eta90 = room.get("sold_out_p99_ms"), room.get("eta_error_p90")
+    print(f"- **A drop of {room['tickets']:,} tickets with a pre-queue of {room['buyers']:,} buyers** (`dropctl demo`, "
+          f"no proof of work, an outflow of 2,000 buyers/s): {room['entrants'] or 0:,} tickets in the draw, which "
+          f"{'holds' if room.get('draw_holds') else 'DOES NOT HOLD'}; drawn {secs(draw_s)} after the opening "
+          f"(target ≤ 1 s: {verdict(draw_s is not None and draw_s <= 1)}); the last unit held {secs(sell_s)} after it "
+          f"(target ≤ 10 s: {verdict(sell_s is not None and sell_s <= 10)}). {room['streamed'] or 0:,} buyers followed "
+          f"their ticket on a stream, the rest polled. Sold-out reached {room['told_sold_out'] or 0:,} waiting buyers, "
+          f"p99 {ms(so99)} after the last hold (target ≤ 2 s: {verdict(so99 is not None and so99 <= 2000)}). The "
+          f"first wait estimate each admitted buyer saw was off by "
+          f"{'n/a' if eta90 is None else f'{eta90 * 100:.0f}%'} at p90 over {room['estimated'] or 0:,} buyers "
+          f"(target ≤ 20%: {verdict(eta90 is not None and eta90 <= 0.2)}). Invariants after the drop: "
+          f"{'hold' if room['invariants_hold'] else 'BROKEN'}; the pipeline "
+          f"{'went quiet' if room['settled'] else 'did NOT go quiet'} before the check; the drill "
+          f"{'passed' if room['passed'] else 'FAILED'}.")
+else:
+    print("- **The pre-queue drop** did not produce a result: see room.txt in the bench's result folder.")
 print(f"- Per-address limiter under {limiter['keys']:,} distinct addresses, one request each: "
       f"{limiter['bytes_per_key']:.0f} bytes of resident memory per address "
       f"({limiter['resident_growth_bytes'] / 1024 / 1024:.0f} MiB, filled in {limiter['fill_secs']:.2f} s); the prune "

@@ -242,6 +242,18 @@ impl Api {
         Ok(r.json().await?)
     }
 
+    /// A waiting room as anyone may see it (`GET /v1/events/{id}/waiting-room`).
+    pub async fn room(&self, event_id: u64) -> anyhow::Result<Value> {
+        let r = self.http.get(format!("{}/v1/events/{event_id}/waiting-room", self.base)).send().await?;
+        let status = r.status();
+        unavailable_if_5xx(&r, "waiting room")?;
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        if status != StatusCode::OK {
+            bail!("event {event_id}'s waiting room answered {status}: {body}");
+        }
+        Ok(body)
+    }
+
     /// Gives an event a waiting room whose pre-queue opens now.
     pub async fn set_room(
         &self,

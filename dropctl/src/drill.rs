@@ -27,6 +27,7 @@ use uuid::Uuid;
 
 use crate::api::{Api, Opened, Purchase, Ticket};
 use crate::invariants::{self, CheckOptions, OrderCounts, Verdict};
+use crate::load::quantile;
 use crate::quiet::{self, PipelineArgs, Quiet};
 
 #[derive(Debug, Clone)]
@@ -81,6 +82,8 @@ pub struct DrawReport {
     pub buyers_drawn: u64,
     /// Why the published draw does not hold, if it does not.
     pub mismatch: Option<String>,
+    /// From the sale's opening to the draw, by the ingress' clock.
+    pub secs_after_opening: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,8 +135,9 @@ pub struct DropReport {
     pub draw: Option<DrawReport>,
     /// With a waiting room: what its buyers saw of the line.
     pub line: Option<LineReport>,
-    /// From the flood's start to the last unit's hold (its decision time),
-    /// when every unit was held in the flood.
+    /// To the last unit's hold (its decision time), from the sale's opening
+    /// when the drop has a waiting room, else from the flood's start; when
+    /// every unit was held in the flood.
     pub sell_out_secs: Option<f64>,
 }
 
@@ -174,13 +178,12 @@ impl LineReport {
             .collect();
         sold_out.sort();
         errors.sort_by(f64::total_cmp);
-        let at = |len: usize, q: f64| ((len as f64 * q).ceil() as usize).clamp(1, len) - 1;
         LineReport {
             streamed: buyers.iter().filter(|b| b.line.streamed).count() as u64,
             events: buyers.iter().map(|b| b.line.events).sum(),
-            sold_out_p99: (!sold_out.is_empty()).then(|| sold_out[at(sold_out.len(), 0.99)]),
+            sold_out_p99: quantile(&sold_out, 0.99),
             told_sold_out: sold_out.len() as u64,
-            eta_error_p90: (!errors.is_empty()).then(|| errors[at(errors.len(), 0.90)]),
+            eta_error_p90: quantile(&errors, 0.90),
             estimated: errors.len() as u64,
         }
     }
@@ -291,6 +294,10 @@ pub async fn play(
     let through_room = plan.room.is_some();
     let ttl_ms = i64::from(plan.hold_ttl_secs) * 1000;
     let proof_of_work = plan.room.is_some_and(|r| r.proof_of_work_bits > 0);
+    let opens_at = match through_room {
+        true => Some(room_time(&api.room(event_id).await?, "sale_opens_at").context("the room's opening")?),
+        false => None,
+    };
     for i in 0..plan.buyers {
         let (api, gate) = (api.clone(), gate.clone());
         let token = tokens.buyer.mint(&format!("{}{i}", plan.user_prefix), 3600)?;
@@ -315,7 +322,7 @@ pub async fn play(
     let last_hold_ms = buyers.iter().filter_map(|b| b.held_at_ms).max();
     report.sell_out_secs = last_hold_ms
         .filter(|_| report.held >= u64::from(plan.tickets))
-        .map(|ms| (ms as f64 / 1000.0 - report.started_at).max(0.0));
+        .map(|ms| (ms as f64 / 1000.0 - opens_at.unwrap_or(report.started_at)).max(0.0));
     report.rejected = tally(buyers.iter().filter_map(|b| match &b.outcome {
         Outcome::Rejected(r) => Some(r.clone()),
         _ => None,
@@ -332,6 +339,9 @@ pub async fn play(
             seed_commitment: draw.seed_commitment.clone(),
             buyers_drawn: buyers.iter().filter(|b| b.ticket.is_some_and(|t| drawn.contains(&t))).count() as u64,
             mismatch: dropline::room::draw::verify(&draw).err().map(|e| e.to_string()),
+            secs_after_opening: room_time(&api.room(event_id).await?, "drawn_at")
+                .zip(opens_at)
+                .map(|(drawn, opened)| drawn - opened),
         });
         report.line = Some(LineReport::of(&buyers));
     }
@@ -446,6 +456,12 @@ pub async fn play(
     report.verdict = Some(invariants::verify(db, ledger, event_id, &options).await?);
     report.ended_at = unix_now();
     Ok(report)
+}
+
+/// A time field of a room's view, in Unix seconds.
+fn room_time(room: &serde_json::Value, field: &str) -> Option<f64> {
+    let at = chrono::DateTime::parse_from_rfc3339(room[field].as_str()?).ok()?;
+    Some(at.timestamp_millis() as f64 / 1000.0)
 }
 
 fn unix_now() -> f64 {

@@ -13,8 +13,8 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use anyhow::Context;
-use deadpool_redis::redis;
 use dropline::messages::OrderState;
+use dropline::redis_pool::redis;
 use dropline::stock::{Hold, Ledger, StockLevels};
 use sqlx::MySqlPool;
 use uuid::Uuid;

@@ -6,6 +6,8 @@
 //! - [`drill`]: a flash sale played out by a crowd of buyers (the demo).
 //! - [`invariants`]: the checks that the books balance, against MySQL and
 //!   Redis.
+//! - [`load`]: load wrk cannot make, for the performance report: thousands
+//!   of event streams at once, purchases at a fixed rate.
 //! - [`prometheus`]: queries of Prometheus, for the demo's headline numbers
 //!   and the monitoring test.
 //! - [`quiet`]: when to check: the pipeline caught up, by its consumer
@@ -17,6 +19,7 @@ pub mod api;
 pub mod ceiling;
 pub mod drill;
 pub mod invariants;
+pub mod load;
 pub mod prometheus;
 pub mod quiet;
 pub mod record;

@@ -46,6 +46,10 @@ enum Command {
         admin: bool,
         #[arg(long, default_value_t = 3600)]
         ttl_secs: i64,
+        /// Prints this many tokens, one per line, for the users
+        /// `<user>-0`, `<user>-1`, ... (load tests of per-buyer paths).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        count: Option<u64>,
         #[command(flatten)]
         secrets: TokenArgs,
     },
@@ -87,12 +91,30 @@ enum Command {
         /// a waiting room.
         #[arg(long)]
         no_waiting_room: bool,
+        /// How long the pre-queue gathers before the sale opens and it is
+        /// drawn (a room is set at least 5 s before its opening).
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(6..=3600))]
+        opens_in_secs: u32,
+        /// Also write the drop's figures to this file as JSON (for
+        /// scripts/bench.sh).
+        #[arg(long)]
+        summary_json: Option<std::path::PathBuf>,
         /// Prometheus scraping the services, for the headline numbers.
         #[arg(long, env = "DROPLINE_PROMETHEUS_URL", default_value = "http://127.0.0.1:9090")]
         prometheus_url: String,
         /// The books are checked once the consumer groups have caught up.
         #[command(flatten)]
         books: Books,
+    },
+    /// Load for the performance report that wrk cannot make (see
+    /// scripts/bench.sh); prints JSON.
+    Load {
+        #[arg(long, env = "DROPLINE_INGRESS_URL", default_value = "http://127.0.0.1:8080")]
+        ingress_url: String,
+        #[command(flatten)]
+        secrets: TokenArgs,
+        #[command(subcommand)]
+        what: Load,
     },
     /// Measures a ceiling for the performance report (see scripts/bench.sh).
     Ceiling {
@@ -183,6 +205,30 @@ async fn open_books(mysql: &MysqlArgs, redis: &RedisArgs) -> anyhow::Result<(MyS
 }
 
 #[derive(Subcommand)]
+enum Load {
+    /// Buyers following their purchases on event streams at once, with the
+    /// allocator paused until every stream is open: the ingress' memory per
+    /// stream, and each decision's time to reach its stream.
+    Streams {
+        #[arg(long, default_value_t = 10_000)]
+        streams: u32,
+        /// The ingress process, whose memory is read.
+        #[arg(long)]
+        ingress_pid: u32,
+        /// The (only) allocator process, paused meanwhile.
+        #[arg(long)]
+        allocator_pid: u32,
+    },
+    /// Purchases at a fixed rate, open loop, timed from when each was due.
+    Paced {
+        #[arg(long)]
+        rate: f64,
+        #[arg(long, default_value_t = 15.0)]
+        secs: f64,
+    },
+}
+
+#[derive(Subcommand)]
 enum Ceiling {
     /// A bare hyper server answering 202, until stopped.
     Http {
@@ -252,14 +298,24 @@ async fn run(command: Command) -> anyhow::Result<()> {
             dropline::kafka::ensure_topics(&kafka, &topics.all()).await?;
             eprintln!("topics ready: {}", topics.all().join(", "));
         }
-        Command::Token { user, admin, ttl_secs, secrets } => {
+        Command::Token { user, admin, ttl_secs, count, secrets } => {
             let audience = if admin { Audience::Admin } else { Audience::Buyer };
             let user = match (user, admin) {
                 (Some(user), _) => user,
                 (None, true) => "admin".to_owned(),
                 (None, false) => anyhow::bail!("a buyer's token needs --user <id>"),
             };
-            println!("{}", secrets.keys(audience)?.mint(&user, ttl_secs)?);
+            let keys = secrets.keys(audience)?;
+            match count {
+                None => println!("{}", keys.mint(&user, ttl_secs)?),
+                Some(count) => {
+                    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+                    for i in 0..count {
+                        writeln!(out, "{}", keys.mint(&format!("{user}-{i}"), ttl_secs)?)?;
+                    }
+                    out.flush()?;
+                }
+            }
         }
         Command::Demo {
             ingress_url,
@@ -274,6 +330,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             time_to_act_secs,
             proof_of_work_bits,
             no_waiting_room,
+            opens_in_secs,
+            summary_json,
             prometheus_url,
             books,
         } => {
@@ -292,7 +350,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 grace: invariants::production_grace(),
                 pipeline: Some(books.pipeline.clone()),
                 room: (!no_waiting_room).then_some(drill::RoomPlan {
-                    opens_in_secs: 8,
+                    opens_in_secs,
                     outflow_per_sec,
                     time_to_act_secs,
                     proof_of_work_bits,
@@ -318,6 +376,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             let report = drill::play(&api, &tokens, &db, &ledger, &plan, event_id).await?;
             print_report(&report);
+            if let Some(path) = summary_json {
+                std::fs::write(&path, serde_json::to_vec_pretty(&summary(&report))?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
             print_headline(&prometheus_url, &report).await;
             if !report.passed() {
                 anyhow::bail!("the drop did not balance");
@@ -348,6 +410,18 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 "event {event} rebuilt: available {} + held {} + sold {} = {}",
                 levels.available, levels.held, levels.sold, levels.capacity
             );
+        }
+        Command::Load { ingress_url, secrets, what } => {
+            let (api, tokens) = (Api::new(&ingress_url)?, secrets.tokens()?);
+            let report = match what {
+                Load::Streams { streams, ingress_pid, allocator_pid } => serde_json::to_string(
+                    &dropctl::load::streams(&api, &tokens, streams, ingress_pid, allocator_pid).await?,
+                )?,
+                Load::Paced { rate, secs } => {
+                    serde_json::to_string(&dropctl::load::paced(&api, &tokens, rate, secs).await?)?
+                }
+            };
+            println!("{report}");
         }
         Command::Ceiling { what } => {
             let measured = match what {
@@ -454,6 +528,32 @@ async fn print_headline(url: &str, r: &DropReport) {
     }
 }
 
+/// A drop's figures, as scripts/bench.sh reads them.
+fn summary(r: &DropReport) -> serde_json::Value {
+    let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
+    serde_json::json!({
+        "event_id": r.event_id,
+        "tickets": r.tickets,
+        "buyers": r.buyers,
+        "accepted": r.accepted,
+        "held": r.held,
+        "flood_secs": r.flood_secs,
+        "sell_out_secs": r.sell_out_secs,
+        "entrants": r.draw.as_ref().map(|d| d.entrants),
+        "draw_holds": r.draw.as_ref().map(|d| d.mismatch.is_none()),
+        "draw_secs_after_opening": r.draw.as_ref().and_then(|d| d.secs_after_opening),
+        "streamed": r.line.as_ref().map(|l| l.streamed),
+        "sold_out_p99_ms": r.line.as_ref().and_then(|l| ms(l.sold_out_p99)),
+        "told_sold_out": r.line.as_ref().map(|l| l.told_sold_out),
+        "eta_error_p90": r.line.as_ref().and_then(|l| l.eta_error_p90),
+        "estimated": r.line.as_ref().map(|l| l.estimated),
+        "invariants_hold": r.verdict.as_ref().is_some_and(|v| v.all_hold()),
+        "settled": r.settled,
+        "passed": r.passed(),
+        "sold_out_exactly": r.sold_out_exactly(),
+    })
+}
+
 fn print_report(r: &DropReport) {
     let list = |v: &[(String, u64)]| {
         if v.is_empty() {
@@ -474,9 +574,10 @@ fn print_report(r: &DropReport) {
     );
     if let Some(d) = &r.draw {
         println!(
-            "waiting room: {} of {} buyers drawn from the pre-queue; the draw {} (seed commitment {})",
+            "waiting room: {} of {} buyers drawn from the pre-queue{}; the draw {} (seed commitment {})",
             d.buyers_drawn,
             r.buyers,
+            d.secs_after_opening.map_or(String::new(), |s| format!(", {s:.2}s after the opening")),
             d.mismatch.as_ref().map_or("holds".to_owned(), |m| format!("DOES NOT HOLD: {m}")),
             d.seed_commitment
         );
@@ -501,9 +602,8 @@ fn print_report(r: &DropReport) {
     }
     println!("decisions: held {}, rejected: {}", r.held, list(&r.rejected));
     if let Some(secs) = r.sell_out_secs {
-        println!(
-            "time to sell out: {secs:.1} s (from the flood's start to the last unit's hold, by the allocator's clock)"
-        );
+        let from = if r.draw.is_some() { "the sale's opening" } else { "the flood's start" };
+        println!("time to sell out: {secs:.1} s (from {from} to the last unit's hold, by the allocator's clock)");
     }
     println!(
         "at sell-out: Redis available {} held {} sold {}; MySQL held {}",

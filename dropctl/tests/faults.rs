@@ -180,9 +180,9 @@ impl Cluster {
             Some(&self.dir),
         ));
         eventually("redis up", Duration::from_secs(20), || async move {
-            let client = deadpool_redis::redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+            let client = dropline::redis_pool::redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
             let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-            deadpool_redis::redis::cmd("PING").query_async::<String>(&mut conn).await.ok()
+            dropline::redis_pool::redis::cmd("PING").query_async::<String>(&mut conn).await.ok()
         })
         .await;
     }
@@ -329,7 +329,7 @@ async fn a_redis_flush_mid_drop_is_rebuilt_from_mysql() {
         .await
         .drop_with("redis-flush", |c| async move {
             let mut conn = c.ledger().pool().get().await.unwrap();
-            let _: () = deadpool_redis::redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+            let _: () = dropline::redis_pool::redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
             c
         })
         .await;

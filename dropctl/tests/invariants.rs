@@ -21,7 +21,7 @@ use dropline_settler::store::Batch;
 use sqlx::MySqlPool;
 use uuid::Uuid;
 
-use deadpool_redis::redis;
+use dropline::redis_pool::redis;
 
 struct Books {
     name: String,
@@ -51,7 +51,7 @@ impl Books {
         invariants::verify(&self.db, &self.ledger, self.event, options).await.unwrap()
     }
 
-    async fn redis(&self) -> deadpool_redis::Connection {
+    async fn redis(&self) -> dropline::redis_pool::Connection {
         self.ledger.pool().get().await.unwrap()
     }
 

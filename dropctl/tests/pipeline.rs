@@ -57,8 +57,13 @@ async fn a_drop_sells_exactly_the_capacity_and_the_books_balance() {
     assert_eq!(drift[&report.event_id], Drift { held: 0, sold: 0 });
     let stock = dropline::stock::EventKeys::new(&stack.name, report.event_id).stock;
     let mut conn = stack.ledger.pool().get().await.unwrap();
-    let _: i64 =
-        deadpool_redis::redis::cmd("HINCRBY").arg(&stock).arg("sold").arg(-1).query_async(&mut conn).await.unwrap();
+    let _: i64 = dropline::redis_pool::redis::cmd("HINCRBY")
+        .arg(&stock)
+        .arg("sold")
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     let drift = measure(&stack.db, &stack.ledger).await.unwrap().drift;
     assert_eq!(drift[&report.event_id], Drift { held: 0, sold: -1 });
     // No message in flight explains it, so the reconciler repairs it from
@@ -712,7 +717,7 @@ async fn a_lost_ledger_is_rebuilt_from_mysql_and_the_sale_goes_on() {
     // Redis loses the event's ledger.
     let keys = dropline::stock::EventKeys::new(&stack.name, event);
     let mut conn = stack.ledger.pool().get().await.unwrap();
-    let _: i64 = deadpool_redis::redis::cmd("DEL")
+    let _: i64 = dropline::redis_pool::redis::cmd("DEL")
         .arg(&[&keys.stock, &keys.users, &keys.decisions, &keys.holds])
         .query_async(&mut conn)
         .await
@@ -868,7 +873,7 @@ async fn a_prewarm_after_the_opening_rebuilds_a_lost_ledger_instead_of_refilling
     // Redis loses the event's keys mid-sale.
     let keys = dropline::stock::EventKeys::new(&stack.name, event);
     let mut conn = stack.ledger.pool().get().await.unwrap();
-    let _: i64 = deadpool_redis::redis::cmd("DEL")
+    let _: i64 = dropline::redis_pool::redis::cmd("DEL")
         .arg(&[&keys.stock, &keys.users, &keys.decisions, &keys.holds, &keys.free])
         .query_async(&mut conn)
         .await
@@ -1130,7 +1135,7 @@ async fn an_order_handed_out_is_never_not_found_while_redis_catches_up() {
     assert_eq!(held["status"], "held");
     let keys = dropline::stock::EventKeys::new(&stack.name, event);
     let mut conn = stack.ledger.pool().get().await.unwrap();
-    let _: () = deadpool_redis::redis::pipe()
+    let _: () = dropline::redis_pool::redis::pipe()
         .hdel(&keys.holds, bob.to_string())
         .hdel(&keys.decisions, bob.to_string())
         .query_async(&mut conn)

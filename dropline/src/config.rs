@@ -156,11 +156,9 @@ pub struct RedisArgs {
 
 impl RedisArgs {
     /// Settings for `url` with a pool of `pool_size` and the default
-    /// timeouts, for tools and tests that do not parse a command line. A
-    /// pool built from `deadpool_redis::Config` instead keeps the redis
-    /// client's own 500 ms response timeout, which a test's Redis on a busy
-    /// CI machine passes (seen: a fault scenario's roll-back failed with
-    /// "timed out").
+    /// timeouts, for tools and tests that do not parse a command line: a
+    /// pool with the redis client's own 500 ms response timeout fails on a
+    /// busy CI machine (seen: a fault scenario's roll-back "timed out").
     pub fn new(url: impl Into<String>, pool_size: usize) -> Self {
         Self {
             url: url.into(),
@@ -195,21 +193,21 @@ impl RedisArgs {
 
     /// A pool whose every wait is bounded: without timeouts deadpool waits
     /// for a free connection forever, and a stalled Redis piles up callers.
-    pub fn pool(&self) -> Result<deadpool_redis::Pool, deadpool_redis::CreatePoolError> {
-        use deadpool_redis::{CreatePoolError, Manager, Pool, PoolConfig, Runtime, Timeouts};
+    pub fn pool(&self) -> Result<crate::redis_pool::Pool, crate::redis_pool::CreatePoolError> {
+        use crate::redis_pool::{Manager, Pool};
+        use deadpool::managed::{PoolConfig, Timeouts};
         let connect = Duration::from_millis(self.connect_timeout_ms);
-        let connection = deadpool_redis::redis::AsyncConnectionConfig::new()
+        let connection = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(connect))
             .set_response_timeout(Some(Duration::from_millis(self.response_timeout_ms)));
-        let manager =
-            Manager::new_with_config(self.url.as_str(), connection).map_err(|e| CreatePoolError::Config(e.into()))?;
         let mut pool = PoolConfig::new(self.pool_size);
         pool.timeouts = Timeouts {
             wait: Some(Duration::from_millis(self.pool_wait_timeout_ms)),
             create: Some(connect),
             recycle: Some(Duration::from_millis(self.recycle_timeout_ms)),
         };
-        Pool::builder(manager).config(pool).runtime(Runtime::Tokio1).build().map_err(CreatePoolError::Build)
+        let manager = Manager::new(&self.url, connection)?;
+        Ok(Pool::builder(manager).config(pool).runtime(deadpool::Runtime::Tokio1).build()?)
     }
 }
 

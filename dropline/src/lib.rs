@@ -5,6 +5,7 @@
 //! - [`stock`]: the Redis stock ledger and the Lua scripts that alone change
 //!   it (allocate, pay, cancel, expire), and every Redis key's name
 //!   ([`stock::keys`]).
+//! - [`redis_pool`]: the pool of Redis connections every stage uses.
 //! - [`room`]: waiting rooms, their Lua scripts and the auditable draw
 //!   ([`room::draw`]) that orders a pre-queue.
 //! - [`db`]: the MySQL pool and the schema's migrations; [`events`]: events
@@ -29,6 +30,7 @@ pub mod kafka;
 pub mod messages;
 pub mod ops;
 pub mod payments;
+pub mod redis_pool;
 pub mod room;
 pub mod secrets;
 pub mod shutdown;

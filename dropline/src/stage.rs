@@ -68,7 +68,7 @@ pub enum StageError {
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("redis pool: {0}")]
-    RedisPool(#[from] deadpool_redis::CreatePoolError),
+    RedisPool(#[from] crate::redis_pool::CreatePoolError),
     #[error("mysql: {0}")]
     Mysql(#[from] sqlx::Error),
     #[error("migrations: {0}")]

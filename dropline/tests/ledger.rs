@@ -284,8 +284,10 @@ async fn a_payment_after_the_deadline_expires_the_hold_itself() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let h = ledger.hold(event, c.0).await.unwrap().unwrap();
-        let t: (i64, i64) =
-            deadpool_redis::redis::cmd("TIME").query_async(&mut ledger.pool().get().await.unwrap()).await.unwrap();
+        let t: (i64, i64) = dropline::redis_pool::redis::cmd("TIME")
+            .query_async(&mut ledger.pool().get().await.unwrap())
+            .await
+            .unwrap();
         if t.0 * 1000 + t.1 / 1000 > h.expires_at_ms {
             break;
         }
@@ -354,7 +356,7 @@ async fn a_fence_is_renewed_restored_under_and_lifted_only_by_its_owner() {
     // it: the first may neither renew, restore under, nor lift it.
     let mut conn = ledger.pool().get().await.unwrap();
     let key = dropline::stock::EventKeys::new("dltest", id).fence;
-    let _: () = deadpool_redis::redis::cmd("DEL").arg(&key).query_async(&mut conn).await.unwrap();
+    let _: () = dropline::redis_pool::redis::cmd("DEL").arg(&key).query_async(&mut conn).await.unwrap();
     let second = ledger.fence(id, 30).await.unwrap().expect("the expired fence is free");
     assert!(!ledger.renew_fence(&fence, 30).await.unwrap());
     let rules = SaleRules {
@@ -372,7 +374,7 @@ async fn a_fence_is_renewed_restored_under_and_lifted_only_by_its_owner() {
     assert!(matches!(lost, Err(dropline::stock::LedgerError::FenceLost(e)) if e == id), "{lost:?}");
     assert_eq!(ledger.levels(id).await.unwrap(), before, "a restore without its fence changed the ledger");
     assert!(!ledger.unfence(&fence).await.unwrap());
-    let still: Option<String> = deadpool_redis::redis::cmd("GET").arg(&key).query_async(&mut conn).await.unwrap();
+    let still: Option<String> = dropline::redis_pool::redis::cmd("GET").arg(&key).query_async(&mut conn).await.unwrap();
     assert!(still.is_some(), "the first rebuild lifted the second one's fence");
 
     // Its owner restores and lifts it.
@@ -448,6 +450,33 @@ async fn a_full_redis_pool_times_out_its_waiters() {
     let _held = pool.get().await.expect("the local Redis is up");
     let started = std::time::Instant::now();
     let waited = tokio::time::timeout(Duration::from_secs(3), pool.get()).await.expect("the wait is bounded");
-    assert!(matches!(waited, Err(deadpool_redis::PoolError::Timeout(deadpool_redis::TimeoutType::Wait))));
+    assert!(matches!(waited, Err(dropline::redis_pool::PoolError::Timeout(dropline::redis_pool::TimeoutType::Wait))));
     assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+}
+
+/// A pooled connection is trusted for a second after its last check, so a
+/// Redis call costs no extra round trip; one that broke meanwhile fails its
+/// callers until then, and the next check replaces it.
+#[tokio::test]
+async fn a_pooled_connection_that_broke_is_replaced_at_its_next_check() {
+    use dropline::redis_pool::{redis, CHECK_EVERY};
+    let pool = dropline::config::RedisArgs::new(redis_url(), 1).pool().unwrap();
+    let client_id = |mut conn: dropline::redis_pool::Connection| async move {
+        redis::cmd("CLIENT").arg("ID").query_async::<i64>(&mut conn).await
+    };
+    let first = client_id(pool.get().await.unwrap()).await.unwrap();
+    // Killed from outside, as a Redis restart or a proxy would.
+    let mut killer = redis::Client::open(redis_url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let killed: i64 = redis::cmd("CLIENT").arg("KILL").arg("ID").arg(first).query_async(&mut killer).await.unwrap();
+    assert_eq!(killed, 1);
+    let trusted_until = std::time::Instant::now() + CHECK_EVERY;
+    // Within the second it is handed out unchecked, and fails.
+    let unchecked = client_id(pool.get().await.unwrap()).await;
+    if std::time::Instant::now() < trusted_until {
+        assert!(unchecked.is_err(), "a killed connection answered: {unchecked:?}");
+    }
+    // The check after it finds the connection dead and opens another.
+    tokio::time::sleep_until(trusted_until.into()).await;
+    let second = client_id(pool.get().await.unwrap()).await.unwrap();
+    assert_ne!(second, first);
 }

@@ -34,8 +34,8 @@
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use deadpool_redis::redis::{self, AsyncCommands, Script};
 use dropline::kafka::Written;
+use dropline::redis_pool::redis::{self, AsyncCommands, Script};
 use dropline::stock::Keys;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -176,7 +176,7 @@ pub enum Settled {
 
 #[derive(Clone)]
 pub struct IntentStore {
-    pool: deadpool_redis::Pool,
+    pool: dropline::redis_pool::Pool,
     keys: Keys,
     ttl_secs: u64,
 }
@@ -184,7 +184,7 @@ pub struct IntentStore {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("redis pool: {0}")]
-    Pool(#[from] deadpool_redis::PoolError),
+    Pool(#[from] dropline::redis_pool::PoolError),
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
     #[error("unreadable intent record: {0}")]
@@ -194,7 +194,7 @@ pub enum StoreError {
 }
 
 impl IntentStore {
-    pub fn new(pool: deadpool_redis::Pool, prefix: &str, ttl_secs: u64) -> Self {
+    pub fn new(pool: dropline::redis_pool::Pool, prefix: &str, ttl_secs: u64) -> Self {
         Self { pool, keys: Keys::new(prefix), ttl_secs }
     }
 

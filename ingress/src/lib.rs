@@ -88,7 +88,7 @@ macro_rules! setup_errors {
 setup_errors!(
     sqlx::Error,
     sqlx::migrate::MigrateError,
-    deadpool_redis::CreatePoolError,
+    dropline::redis_pool::CreatePoolError,
     kafka::KafkaSetupError,
     rdkafka::error::KafkaError,
     dropline::config::ConfigError

@@ -50,7 +50,7 @@ impl AppState {
     pub(crate) fn new(
         config: IngressConfig,
         db: MySqlPool,
-        redis: deadpool_redis::Pool,
+        redis: dropline::redis_pool::Pool,
         publisher: Publisher,
         search_timeout: events::SearchTimeout,
         shutdown: CancellationToken,

@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::Ingress;
-use deadpool_redis::redis::AsyncCommands;
+use dropline::redis_pool::redis::AsyncCommands;
 use dropline_ingress::intents::{intent_id, IntentRecord, IntentStore, KeyClaim, KeyState};
 use dropline_testkit::{event_body, eventually, refused};
 use reqwest::StatusCode;
@@ -27,7 +27,7 @@ struct Books {
 async fn books(stack: &Ingress, event: u64) -> Books {
     let mut conn = stack.ledger.pool().get().await.unwrap();
     let mut redis_keys: Vec<String> =
-        deadpool_redis::redis::cmd("KEYS").arg(format!("{}:*", stack.name)).query_async(&mut conn).await.unwrap();
+        dropline::redis_pool::redis::cmd("KEYS").arg(format!("{}:*", stack.name)).query_async(&mut conn).await.unwrap();
     redis_keys.sort();
     let mut rows = Vec::new();
     for table in ["events", "intents", "orders", "payments", "order_units"] {
@@ -152,7 +152,8 @@ async fn a_key_belongs_to_one_event_and_its_intent_id_to_that_event() {
     // mistaken for it.
     let name = format!("{}:idem:*", stack.name);
     let mut conn = stack.ledger.pool().get().await.unwrap();
-    let records: Vec<String> = deadpool_redis::redis::cmd("KEYS").arg(&name).query_async(&mut conn).await.unwrap();
+    let records: Vec<String> =
+        dropline::redis_pool::redis::cmd("KEYS").arg(&name).query_async(&mut conn).await.unwrap();
     assert_eq!(records.len(), 1, "{records:?}");
     let _: () = conn.del(&records[0]).await.unwrap();
     let r = buy(second).send().await.unwrap();

@@ -629,7 +629,7 @@ async fn a_room_redis_lost_after_its_draw_comes_back_drawn_and_buyers_join_again
     let mut conn = stack.ledger.pool().get().await.unwrap();
     let lost =
         [&keys.conf, &keys.pre, &keys.line, &keys.users, &keys.admitted, &keys.ended, &keys.samples, &keys.pending];
-    let _: i64 = deadpool_redis::redis::cmd("DEL").arg(&lost).query_async(&mut conn).await.unwrap();
+    let _: i64 = dropline::redis_pool::redis::cmd("DEL").arg(&lost).query_async(&mut conn).await.unwrap();
 
     // The keepers set it up again from the record, drawn: the line moves
     // for whoever joins again.

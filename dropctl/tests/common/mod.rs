@@ -237,12 +237,12 @@ impl Deref for Stack {
 /// A copy of every Redis key matching `pattern`, as a lagging replica
 /// would have them: value and expiry (a fence's lease, say, must still run
 /// out after a roll-back).
-pub async fn redis_snapshot(pool: &deadpool_redis::Pool, pattern: &str) -> Vec<RedisKeyCopy> {
+pub async fn redis_snapshot(pool: &dropline::redis_pool::Pool, pattern: &str) -> Vec<RedisKeyCopy> {
     let mut conn = pool.get().await.unwrap();
-    let keys: Vec<String> = deadpool_redis::redis::cmd("KEYS").arg(pattern).query_async(&mut conn).await.unwrap();
+    let keys: Vec<String> = dropline::redis_pool::redis::cmd("KEYS").arg(pattern).query_async(&mut conn).await.unwrap();
     let mut out = Vec::new();
     for key in keys {
-        let (dump, expires_at_ms): (Option<Vec<u8>>, i64) = deadpool_redis::redis::pipe()
+        let (dump, expires_at_ms): (Option<Vec<u8>>, i64) = dropline::redis_pool::redis::pipe()
             .atomic()
             .cmd("DUMP")
             .arg(&key)
@@ -267,10 +267,10 @@ pub struct RedisKeyCopy {
 /// Puts a snapshot back: Redis forgets every write since, as after a
 /// failover to a replica that had not received them. Keys keep their
 /// expiry time; one already past is gone.
-pub async fn redis_roll_back(pool: &deadpool_redis::Pool, pattern: &str, snapshot: &[RedisKeyCopy]) {
+pub async fn redis_roll_back(pool: &dropline::redis_pool::Pool, pattern: &str, snapshot: &[RedisKeyCopy]) {
     let mut conn = pool.get().await.unwrap();
-    let now: Vec<String> = deadpool_redis::redis::cmd("KEYS").arg(pattern).query_async(&mut conn).await.unwrap();
-    let mut pipe = deadpool_redis::redis::pipe();
+    let now: Vec<String> = dropline::redis_pool::redis::cmd("KEYS").arg(pattern).query_async(&mut conn).await.unwrap();
+    let mut pipe = dropline::redis_pool::redis::pipe();
     pipe.atomic();
     for key in now.iter().filter(|k| !snapshot.iter().any(|c| c.key == **k)) {
         pipe.del(key).ignore();

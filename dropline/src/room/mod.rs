@@ -12,7 +12,7 @@ pub mod proof;
 
 use std::sync::LazyLock;
 
-use deadpool_redis::redis::{self, Script};
+use redis::{self, Script};
 use uuid::Uuid;
 
 use crate::stock::keys::{Keys, RoomKeys};
@@ -168,7 +168,7 @@ pub struct Summary {
 #[derive(Debug, thiserror::Error)]
 pub enum RoomError {
     #[error("redis pool: {0}")]
-    Pool(#[from] deadpool_redis::PoolError),
+    Pool(#[from] crate::redis_pool::PoolError),
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
     #[error("the waiting room's state is damaged: {0}")]
@@ -178,12 +178,12 @@ pub enum RoomError {
 /// Every event's waiting room, on a Redis pool.
 #[derive(Clone)]
 pub struct Rooms {
-    pool: deadpool_redis::Pool,
+    pool: crate::redis_pool::Pool,
     keys: Keys,
 }
 
 impl Rooms {
-    pub fn new(pool: deadpool_redis::Pool, key_prefix: &str) -> Self {
+    pub fn new(pool: crate::redis_pool::Pool, key_prefix: &str) -> Self {
         Self { pool, keys: Keys::new(key_prefix) }
     }
 

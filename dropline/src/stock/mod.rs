@@ -8,7 +8,7 @@ pub mod keys;
 
 use std::sync::LazyLock;
 
-use deadpool_redis::redis::{self, AsyncCommands, Script, ScriptInvocation};
+use redis::{self, AsyncCommands, Script, ScriptInvocation};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use uuid::Uuid;
@@ -207,7 +207,7 @@ pub enum LedgerError {
     #[error("event {0}'s ledger is damaged ({1}); it must be rebuilt")]
     Damaged(u64, String),
     #[error("redis pool: {0}")]
-    Pool(#[from] deadpool_redis::PoolError),
+    Pool(#[from] crate::redis_pool::PoolError),
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
     #[error("ledger returned an unreadable record: {0}")]
@@ -231,13 +231,13 @@ pub struct Fence {
 /// The stock ledger of every event, on a Redis pool.
 #[derive(Clone)]
 pub struct Ledger {
-    pool: deadpool_redis::Pool,
+    pool: crate::redis_pool::Pool,
     keys: Keys,
 }
 
 impl Ledger {
     /// A ledger whose keys all start with `prefix` (`DROPLINE_REDIS_KEY_PREFIX`).
-    pub fn new(pool: deadpool_redis::Pool, prefix: &str) -> Self {
+    pub fn new(pool: crate::redis_pool::Pool, prefix: &str) -> Self {
         Self { pool, keys: Keys::new(prefix) }
     }
 
@@ -251,7 +251,7 @@ impl Ledger {
         &self.keys
     }
 
-    pub fn pool(&self) -> &deadpool_redis::Pool {
+    pub fn pool(&self) -> &crate::redis_pool::Pool {
         &self.pool
     }
 
