@@ -4,6 +4,8 @@
 //! - [`streams`]: thousands of buyers following their purchase on its event
 //!   stream at once: what a stream costs the ingress in memory, and how soon
 //!   a decision reaches its stream.
+//! - [`sold_out`]: an event whose one unit is sold and paid for, for the
+//!   refusals that follow a sell-out.
 //! - [`paced`]: purchases at a fixed rate, open loop, for the purchase
 //!   answer's latency below the ingress' maximum (wrk sends as fast as it is
 //!   answered, so its latencies are those of a saturated server).
@@ -126,6 +128,29 @@ async fn purchase(api: &Api, token: &str, event_id: u64) -> anyhow::Result<Uuid>
         }
     }
     bail!("purchase still turned away after 100 tries")
+}
+
+/// Creates an event of one unit and buys it: purchased, held, paid (a
+/// hold would lapse and put the unit back on sale); its id.
+pub async fn sold_out(api: &Api, tokens: &Tokens) -> anyhow::Result<u64> {
+    let event_id = open_event(api, tokens, "sold-out bench", 1, 300).await?;
+    let token = tokens.buyer.mint(&format!("sold-out-{}", Uuid::new_v4().simple()), 3600)?;
+    let intent = purchase(api, &token, event_id).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let order = loop {
+        let status = api.intent(&token, intent).await?;
+        if let Some(order) = status.order.as_ref().and_then(|o| o["order_id"].as_str()) {
+            break order.parse()?;
+        }
+        if status.status != "queued" || Instant::now() > deadline {
+            bail!("the one unit was not held: {status:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    match api.pay(&token, order, 1).await?.as_str() {
+        "captured" => Ok(event_id),
+        other => bail!("paying for the one unit answered {other}"),
+    }
 }
 
 #[derive(Debug, Serialize)]

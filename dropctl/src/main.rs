@@ -219,6 +219,8 @@ enum Load {
         #[arg(long)]
         allocator_pid: u32,
     },
+    /// Creates an event of one unit, buys and pays for it; prints its id.
+    SoldOut,
     /// Purchases at a fixed rate, open loop, timed from when each was due.
     Paced {
         #[arg(long)]
@@ -417,6 +419,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 Load::Streams { streams, ingress_pid, allocator_pid } => serde_json::to_string(
                     &dropctl::load::streams(&api, &tokens, streams, ingress_pid, allocator_pid).await?,
                 )?,
+                Load::SoldOut => dropctl::load::sold_out(&api, &tokens).await?.to_string(),
                 Load::Paced { rate, secs } => {
                     serde_json::to_string(&dropctl::load::paced(&api, &tokens, rate, secs).await?)?
                 }
