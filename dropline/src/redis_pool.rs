@@ -6,10 +6,11 @@
 //! time it is taken from the pool: one more round trip for every Redis call
 //! Dropline makes. The bench counted it: of the three commands a refusal
 //! after a sell-out cost, two were that check. This manager checks a
-//! connection when it was last checked more than [`CHECK_EVERY`] ago, and
-//! trusts it otherwise: a connection that broke meanwhile fails its callers
-//! (who answer 503, or retry) for at most that long before the next check
-//! replaces it.
+//! connection when it was last checked more than [`CHECK_EVERY`] ago, or
+//! when a call on it failed since, and trusts it otherwise: a connection
+//! that broke fails one call (whose caller answers 503, or retries), and the
+//! next checkout checks it and replaces it. The check also drops a WATCH
+//! that a failed transaction left behind.
 
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,10 +36,12 @@ pub enum CreatePoolError {
     Build(#[from] managed::BuildError),
 }
 
-/// A multiplexed connection and when it was last known to work.
+/// A multiplexed connection, when it was last known to work, and whether a
+/// call on it failed since.
 pub struct Checked {
     conn: MultiplexedConnection,
     checked_at: Instant,
+    failed: bool,
 }
 
 /// Opens connections with the deployment's timeouts, and checks them
@@ -61,11 +64,11 @@ impl managed::Manager for Manager {
 
     async fn create(&self) -> Result<Checked, RedisError> {
         let conn = self.client.get_multiplexed_async_connection_with_config(&self.config).await?;
-        Ok(Checked { conn, checked_at: Instant::now() })
+        Ok(Checked { conn, checked_at: Instant::now(), failed: false })
     }
 
     async fn recycle(&self, c: &mut Checked, _: &Metrics) -> RecycleResult<RedisError> {
-        if c.checked_at.elapsed() < CHECK_EVERY {
+        if !c.failed && c.checked_at.elapsed() < CHECK_EVERY {
             return Ok(());
         }
         // A numbered PING, so an answer left over from an abandoned call
@@ -77,7 +80,7 @@ impl managed::Manager for Manager {
         if echo != n {
             return Err(RecycleError::message("the connection answered another PING"));
         }
-        c.checked_at = Instant::now();
+        (c.checked_at, c.failed) = (Instant::now(), false);
         Ok(())
     }
 }
@@ -107,9 +110,15 @@ impl DerefMut for Connection {
     }
 }
 
+/// Every call goes through here: one that fails marks its connection for
+/// a check at its next checkout.
 impl ConnectionLike for Connection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
-        self.object.conn.req_packed_command(cmd)
+        Box::pin(async move {
+            let answer = self.object.conn.req_packed_command(cmd).await;
+            self.object.failed |= answer.is_err();
+            answer
+        })
     }
 
     fn req_packed_commands<'a>(
@@ -118,7 +127,11 @@ impl ConnectionLike for Connection {
         offset: usize,
         count: usize,
     ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
-        self.object.conn.req_packed_commands(cmd, offset, count)
+        Box::pin(async move {
+            let answer = self.object.conn.req_packed_commands(cmd, offset, count).await;
+            self.object.failed |= answer.is_err();
+            answer
+        })
     }
 
     fn get_db(&self) -> i64 {
