@@ -131,7 +131,8 @@ async fn purchase(api: &Api, token: &str, event_id: u64) -> anyhow::Result<Uuid>
 }
 
 /// Creates an event of one unit and buys it: purchased, held, paid (a
-/// hold would lapse and put the unit back on sale); its id.
+/// hold would lapse and put the unit back on sale), and told sold out; its
+/// id.
 pub async fn sold_out(api: &Api, tokens: &Tokens) -> anyhow::Result<u64> {
     let event_id = open_event(api, tokens, "sold-out bench", 1, 300).await?;
     let token = tokens.buyer.mint(&format!("sold-out-{}", Uuid::new_v4().simple()), 3600)?;
@@ -148,9 +149,24 @@ pub async fn sold_out(api: &Api, tokens: &Tokens) -> anyhow::Result<u64> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     match api.pay(&token, order, 1).await?.as_str() {
-        "captured" => Ok(event_id),
+        "captured" => {}
         other => bail!("paying for the one unit answered {other}"),
     }
+    // Until the door has seen the sell-out (twice in a row: the second is
+    // refused before its key is claimed), which starts the hold-off after
+    // which the ingress refuses the event's purchases with nothing read.
+    let mut refused = 0;
+    for _ in 0..100 {
+        match api.purchase(&token, event_id, &Uuid::new_v4().to_string(), 1).await? {
+            Purchase::Refused(code) if code == "sold_out" => refused += 1,
+            _ => refused = 0,
+        }
+        if refused == 2 {
+            return Ok(event_id);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("the door did not see the sell-out within 10 s")
 }
 
 #[derive(Debug, Serialize)]

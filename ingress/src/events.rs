@@ -14,6 +14,9 @@ use crate::record;
 pub use crate::record::SearchTimeout;
 use crate::snapshot::Catalog;
 
+/// How long the door trusts its last read of an event's stock.
+pub const AVAILABLE_TTL: Duration = Duration::from_millis(250);
+
 /// Events in MySQL, with a cache for the purchase path: events are read on
 /// every purchase and change never once created.
 #[derive(Clone)]
@@ -40,7 +43,7 @@ impl Events {
             // A sold-out answer at the door spares the pipeline the flood that
             // follows a sell-out. Short-lived: cancelled and expired holds
             // bring stock back.
-            available: Cache::builder().max_capacity(10_000).time_to_live(Duration::from_millis(250)).build(),
+            available: Cache::builder().max_capacity(10_000).time_to_live(AVAILABLE_TTL).build(),
             catalog,
         }
     }

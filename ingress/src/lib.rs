@@ -6,7 +6,9 @@
 //!   (tokens, keys, ids, bodies); [`layers`] wrap every route (request id,
 //!   metrics, timeouts, load shedding).
 //! - [`intents`]: idempotency records and the intent index in Redis;
-//!   [`allocation`]: where a queued intent stands in the allocators' line.
+//!   [`allocation`]: where a queued intent stands in the allocators' line;
+//!   [`accepted`]: the intents accepted per event, which let a sell-out's
+//!   flood be refused from memory.
 //! - [`events`]: events in MySQL behind the in-memory [`snapshot`] every
 //!   read comes from, and the pre-warm.
 //! - [`rooms`]: waiting rooms: their record, admission tokens and the
@@ -25,6 +27,7 @@
 //! - [`state`]: what every handler shares; [`config`], [`metrics`]:
 //!   settings and metric names.
 
+pub mod accepted;
 pub mod allocation;
 pub mod config;
 pub mod events;
@@ -168,6 +171,17 @@ pub async fn start_on(
     tokio::spawn(state.events.catalog.clone().keep(every, shutdown.clone()));
     tokio::spawn(rooms::keep(state.rooms.clone(), state.live.clone(), shutdown.clone()));
     tokio::spawn(state.live.clone().follow(config.shared.kafka.clone(), topics.clone()));
+    state
+        .accepted
+        .clone()
+        .follow(
+            config.shared.kafka.clone(),
+            topics.intents.clone(),
+            state.db.clone(),
+            state.events.catalog.clone(),
+            shutdown.clone(),
+        )
+        .await;
     tokio::spawn(state.allocation.clone().follow(
         config.shared.kafka.clone(),
         config.allocator_group.clone(),

@@ -291,3 +291,17 @@ pub async fn drawn_order(db: &MySqlPool, event_id: u64) -> Result<Option<Vec<Uui
         packed.chunks_exact(16).map(|t| Uuid::from_bytes(t.try_into().expect("chunks of 16 bytes"))).collect()
     }))
 }
+
+/// The ids of the events whose sale opened by `opened_by` and did not
+/// close before `closed_after`.
+pub async fn events_on_sale_since(
+    db: &MySqlPool,
+    opened_by: DateTime<Utc>,
+    closed_after: DateTime<Utc>,
+) -> Result<Vec<u64>, sqlx::Error> {
+    sqlx::query_scalar("SELECT id FROM events WHERE sale_opens_at <= ? AND sale_closes_at > ?")
+        .bind(opened_by)
+        .bind(closed_after)
+        .fetch_all(db)
+        .await
+}

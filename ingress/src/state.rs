@@ -11,6 +11,7 @@ use dropline::stock::Ledger;
 use sqlx::MySqlPool;
 use tokio_util::sync::CancellationToken;
 
+use crate::accepted::Accepted;
 use crate::allocation::AllocationLine;
 use crate::config::IngressConfig;
 use crate::events::{self, Events};
@@ -32,6 +33,8 @@ pub struct AppState {
     pub orders: Orders,
     pub rooms: WaitingRooms,
     pub allocation: AllocationLine,
+    /// The purchases accepted per event, from the intents topic.
+    pub accepted: Arc<Accepted>,
     pub live: Arc<Live>,
     pub ledger: Ledger,
     pub db: MySqlPool,
@@ -71,6 +74,9 @@ impl AppState {
             orders: Orders::new(intents.clone(), ledger.clone(), db.clone()),
             rooms,
             allocation: AllocationLine::default(),
+            accepted: Arc::new(Accepted::new(
+                Duration::from_millis(config.http_request_timeout_ms) + events::AVAILABLE_TTL,
+            )),
             live: Arc::new(Live::new(config.stream_limit(), shutdown)),
             intents,
             ledger,

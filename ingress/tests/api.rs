@@ -493,3 +493,137 @@ async fn event_reads_come_from_memory_with_no_mysql_query_per_request() {
     .await;
     stack.stop().await;
 }
+
+/// Every command Redis runs, as `MONITOR` shows it, to see which a request
+/// caused: commands run before a marker this test sends after the answer
+/// are the ones it may have caused.
+struct Monitor {
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::TcpStream>>,
+    marker: dropline::redis_pool::Pool,
+}
+
+impl Monitor {
+    async fn start() -> Monitor {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let url = dropline_testkit::redis_url();
+        let addr = url.trim_start_matches("redis://").split('/').next().unwrap().to_owned();
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream.write_all(b"MONITOR\r\n").await.unwrap();
+        let mut lines = tokio::io::BufReader::new(stream).lines();
+        assert_eq!(lines.next_line().await.unwrap().as_deref(), Some("+OK"));
+        Monitor { lines, marker: dropline::config::RedisArgs::new(url, 1).pool().unwrap() }
+    }
+
+    /// Whether any command since the last call named `key`.
+    async fn touched(&mut self, key: &str) -> bool {
+        let marker = Uuid::new_v4().to_string();
+        let mut conn = self.marker.get().await.unwrap();
+        let _: String = dropline::redis_pool::redis::cmd("ECHO").arg(&marker).query_async(&mut *conn).await.unwrap();
+        let mut touched = false;
+        loop {
+            let line = tokio::time::timeout(Duration::from_secs(10), self.lines.next_line()).await;
+            let line = line.expect("the marker comes through").unwrap().expect("MONITOR goes on");
+            if line.contains(&marker) {
+                return touched;
+            }
+            touched |= line.contains(key);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_a_sell_out_settles_refusals_read_nothing_and_accepted_purchases_still_get_their_202() {
+    // The hold-off: the request timeout and the quarter second the door
+    // trusts its last read of the stock.
+    let stack = Ingress::start(&["--http-request-timeout-ms=2000".into()]).await;
+    let http = dropline_testkit::http();
+    let keys = dropline::stock::Keys::new(&stack.name);
+    let mut body = event_body(-5);
+    body["capacity"] = json!(1);
+    let event = stack.create_event(&body).await;
+    let r = stack.purchase(&http, event, "ann", "k").send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let held: Uuid = r.json::<Value>().await.unwrap()["intent_id"].as_str().unwrap().parse().unwrap();
+    let undecided = [dropline::stock::Undecided { intent_id: held, user_id: "ann", quantity: 1 }];
+    stack.ledger.allocate(event, &undecided).await.unwrap();
+
+    let mut monitor = Monitor::start().await;
+    // A purchase's answer, and whether its key's record was read for it.
+    let buy = |user: &'static str, key: String| {
+        let (request, record) = (stack.purchase(&http, event, user, &key), keys.idempotency(user, &key));
+        async move {
+            let r = request.send().await.unwrap();
+            let status = r.status();
+            let body: Value = r.json().await.unwrap();
+            (status, body["code"].as_str().map(str::to_owned), record)
+        }
+    };
+    // The first refusals of the sell-out read their key first: a copy of
+    // one of them may still be in flight elsewhere.
+    let (status, code, record) = eventually("the ingress to see the sell-out", Duration::from_secs(5), || async {
+        let answer = buy("bob", Uuid::new_v4().to_string()).await;
+        (answer.0 == StatusCode::CONFLICT).then_some(answer)
+    })
+    .await;
+    assert_eq!((status, code.as_deref()), (StatusCode::CONFLICT, Some("sold_out")));
+    assert!(monitor.touched(&record).await, "a refusal within the hold-off reads its key");
+
+    // Once the hold-off passed and the tail read past it, none does.
+    let started = std::time::Instant::now();
+    loop {
+        let (status, code, record) = buy("bob", Uuid::new_v4().to_string()).await;
+        assert_eq!((status, code.as_deref()), (StatusCode::CONFLICT, Some("sold_out")));
+        if !monitor.touched(&record).await {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "refusals still read their key after 20 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for i in 0..20 {
+        let (status, code, record) = buy("cy", format!("c{i}")).await;
+        assert_eq!((status, code.as_deref()), (StatusCode::CONFLICT, Some("sold_out")));
+        assert!(!monitor.touched(&record).await, "refusal {i} read its key");
+    }
+    assert_eq!(stack.ledger.verdict(event, intent_id(event, "cy", "c0")).await.unwrap(), None);
+
+    // The accepted purchase's retry reads its record, and gets its 202.
+    let again = stack.purchase(&http, event, "ann", "k").send().await.unwrap();
+    assert_eq!(again.status(), StatusCode::ACCEPTED);
+    assert_eq!(again.json::<Value>().await.unwrap()["intent_id"], held.to_string());
+
+    // Another replica, which missed the sell-out, accepts one: it records
+    // the key and produces the intent. Once the tail read it, the event's
+    // refusals read first again, for a whole hold-off, and its retry here
+    // is answered from its record: its 202.
+    let dave = intent_id(event, "dave", "d");
+    let record = IntentRecord { event_id: event, user_id: "dave".into(), quantity: 1, accepted_at_ms: 1 };
+    assert!(intent_store(&stack).record_accepted("d", dave, &record).await.unwrap());
+    let intent = dropline::messages::PurchaseIntent {
+        intent_id: dave,
+        event_id: event,
+        user_id: "dave".into(),
+        quantity: 1,
+        accepted_at_ms: 1,
+    };
+    let producer: rdkafka::producer::FutureProducer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", dropline_testkit::brokers()).create().unwrap();
+    let payload = serde_json::to_vec(&intent).unwrap();
+    let topic = format!("{}.intents", stack.name);
+    let partition_key = event.to_string();
+    let written = rdkafka::producer::FutureRecord::to(&topic).key(&partition_key).payload(&payload);
+    producer.send(written, Duration::from_secs(10)).await.unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        let (status, _, record) = buy("bob", Uuid::new_v4().to_string()).await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        if monitor.touched(&record).await {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "the tail did not read the new intent in 10 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = stack.purchase(&http, event, "dave", "d").send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    assert_eq!(r.json::<Value>().await.unwrap()["intent_id"], dave.to_string());
+    stack.stop().await;
+}

@@ -43,7 +43,7 @@ pub use self::dead_letters::DeadLetters;
 pub use self::group::{decode_assignment, watch, GroupContext, PartitionKey};
 pub use self::offsets::{GroupOffsets, PartitionOffsets};
 pub use self::publish::{producer, Producer, PublishError, Publisher, Record, WhenFull, Written};
-pub use self::tail::tail;
+pub use self::tail::{ends, tail, tail_from_ends, TailStart};
 use crate::config::KafkaArgs;
 
 /// How often librdkafka reports the statistics [`export_statistics`] exports.

@@ -85,22 +85,29 @@ pub async fn create(
 
     // Sold out (a room's with nobody waiting, as the keeper last saw it;
     // an event's, as its ledger said at most a quarter second ago): refused
-    // from memory. One read only: a retry of a key already answered gets
-    // that answer again (its 202), anything else is told sold out, and
-    // nothing is written. If units come back, the next try is a new one.
+    // from memory, and nothing is written. Once the sell-out has settled
+    // (see `accepted`), a purchase this replica knows was never accepted
+    // is refused with nothing read at all; any other first reads its key,
+    // so a retry of one already answered (or still being answered) gets
+    // that answer again, its 202. If units come back, the next try is a
+    // new one.
+    let id = intent_id(event_id, &claims.sub, &key);
     let sold_out = match turn {
         Some(_) => app.rooms.sold_out_and_empty(event_id),
         None => app.events.recently_available(event_id).await == Some(0),
     };
-    if sold_out {
+    if !sold_out {
+        app.accepted.reopened(event_id);
+    } else if app.accepted.refusable(&event, id) {
+        return Err(sold_out_refusal());
+    } else {
         let record = app.intents.key_record(&claims.sub, &key).await.map_err(|e| Problem::unavailable("redis", &e))?;
         return match record {
             Some(record) => answer_from(&record).map(|answer| Outcome("replayed").mark(answer)),
-            None => Err(Problem::new(ErrorCode::SoldOut).retry_after(5)),
+            None => Err(sold_out_refusal()),
         };
     }
 
-    let id = intent_id(event_id, &claims.sub, &key);
     let mut intent =
         IntentRecord { event_id, user_id: claims.sub.clone(), quantity: request.quantity, accepted_at_ms: now_ms() };
     // The key is checked before the sale's state, so a retry of a purchase
@@ -265,9 +272,13 @@ async fn door(app: &AppState, event: &crate::events::Event, event_id: u64) -> Re
         return Err(ErrorCode::SaleClosed.into());
     }
     if app.events.recently_available(event_id).await == Some(0) {
-        return Err(Problem::new(ErrorCode::SoldOut).retry_after(5));
+        return Err(sold_out_refusal());
     }
     Ok(())
+}
+
+fn sold_out_refusal() -> Problem {
+    Problem::new(ErrorCode::SoldOut).retry_after(5)
 }
 
 /// Produces the intent and waits for the broker's acknowledgement. A full
