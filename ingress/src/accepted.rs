@@ -297,13 +297,16 @@ impl State {
 struct Reader {
     /// The next offset to read, per partition.
     next: HashMap<i32, i64>,
+    /// The last end the broker gave, per partition.
+    ends: HashMap<i32, i64>,
     /// Ends asked for and not yet reached, oldest first.
     asked: VecDeque<(Instant, Vec<TailStart>)>,
 }
 
 impl Reader {
     fn new(starts: &[TailStart]) -> Self {
-        Self { next: starts.iter().map(|s| (s.partition, s.offset)).collect(), asked: VecDeque::new() }
+        let next: HashMap<i32, i64> = starts.iter().map(|s| (s.partition, s.offset)).collect();
+        Self { ends: next.clone(), next, asked: VecDeque::new() }
     }
 
     fn read(&mut self, partition: i32, offset: i64) {
@@ -311,15 +314,15 @@ impl Reader {
         *next = (*next).max(offset + 1);
     }
 
-    /// Notes the ends the broker gave; an error if they show the log lost
-    /// what the tail read (a broker that came back without it), or
-    /// partitions it does not follow.
+    /// Notes the ends the broker gave (asked for one after the other); an
+    /// error if a log went back (a broker that came back without what it
+    /// held), or a partition is not followed.
     fn ask(&mut self, ends: (Instant, Vec<TailStart>)) -> Result<(), FollowError> {
         for end in &ends.1 {
-            match self.next.get(&end.partition) {
+            match self.ends.get_mut(&end.partition) {
                 None => return Err(FollowError::Partitions),
-                Some(next) if *next > end.offset => return Err(FollowError::Shortened(end.partition)),
-                Some(_) => {}
+                Some(last) if *last > end.offset => return Err(FollowError::Shortened(end.partition)),
+                Some(last) => *last = end.offset,
             }
         }
         if self.asked.len() == ASKED_AT_MOST {
@@ -384,7 +387,7 @@ enum FollowError {
     Ends,
     #[error("the topic's partitions changed")]
     Partitions,
-    #[error("partition {0}'s log is shorter than what was read of it")]
+    #[error("partition {0}'s log went back")]
     Shortened(i32),
 }
 
@@ -466,7 +469,10 @@ mod tests {
         assert_eq!(reader.caught_up(), None, "partition 1 is behind");
         reader.read(1, 0);
         assert_eq!(reader.caught_up(), Some(t1));
-        // A broker that came back without its log, or a new partition.
+        // Ends asked before the tail read on are no loss; a broker that
+        // came back without its log, or a new partition, is.
+        reader.read(0, 9);
+        reader.ask((t1, vec![start(0, 8), start(1, 1)])).unwrap();
         assert!(matches!(reader.ask((t1, vec![start(0, 6), start(1, 1)])), Err(FollowError::Shortened(0))));
         assert!(matches!(reader.ask((t1, vec![start(2, 0)])), Err(FollowError::Partitions)));
     }
