@@ -364,6 +364,15 @@ async fn after_the_sell_out_purchases_are_refused_from_memory_and_reopen_when_st
     let again = stack.purchase(&http, event, "ann", "k").json(&json!({"quantity": 1})).send().await.unwrap();
     assert_eq!(again.status(), StatusCode::ACCEPTED);
     assert_eq!(again.json::<Value>().await.unwrap()["intent_id"], held.to_string());
+    // The key used again for another quantity, or first for another event
+    // and now for this one, is refused as reused, as before the sell-out.
+    let other = stack.create_event(&event_body(-5)).await;
+    let first = stack.purchase(&http, other, "ann", "elsewhere").send().await.unwrap();
+    assert_eq!(first.status(), StatusCode::ACCEPTED);
+    for (key, quantity) in [("k", 2), ("elsewhere", 1)] {
+        let request = stack.purchase(&http, event, "ann", key).json(&json!({ "quantity": quantity }));
+        refused(request, StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused").await;
+    }
 
     // The hold is cancelled: purchases reopen within the quarter second
     // the ingress trusts its last read of the ledger (and a request).

@@ -103,6 +103,11 @@ pub async fn create(
     } else {
         let record = app.intents.key_record(&claims.sub, &key).await.map_err(|e| Problem::unavailable("redis", &e))?;
         return match record {
+            // As claim.lua tells a key first used for another event or
+            // quantity. (Once the sell-out has settled, one first used for
+            // another event is told sold out above: nothing is read to
+            // see the reuse.)
+            Some(record) if record.intent_id != id || record.intent.quantity != request.quantity => Err(reused()),
             Some(record) => answer_from(&record).map(|answer| Outcome("replayed").mark(answer)),
             None => Err(sold_out_refusal()),
         };
@@ -115,10 +120,7 @@ pub async fn create(
     let lease = Duration::from_millis(app.config.idempotency_lease_ms);
     let claim = app.intents.claim(&key, id, &intent, lease).await.map_err(|e| Problem::unavailable("redis", &e))?;
     let (owner, fresh) = match claim {
-        KeyClaim::Reused => {
-            return Err(Problem::new(ErrorCode::IdempotencyKeyReused)
-                .detail("this Idempotency-Key was first used for another event or quantity"));
-        }
+        KeyClaim::Reused => return Err(reused()),
         // A replayed refusal is counted under its code, as it was.
         KeyClaim::Final(record) => return replay(&record).map(|accepted| Outcome("replayed").mark(accepted)),
         KeyClaim::Busy { .. } => return Err(in_progress()),
@@ -275,6 +277,11 @@ async fn door(app: &AppState, event: &crate::events::Event, event_id: u64) -> Re
         return Err(sold_out_refusal());
     }
     Ok(())
+}
+
+fn reused() -> Problem {
+    Problem::new(ErrorCode::IdempotencyKeyReused)
+        .detail("this Idempotency-Key was first used for another event or quantity")
 }
 
 fn sold_out_refusal() -> Problem {
