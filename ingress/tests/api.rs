@@ -373,6 +373,19 @@ async fn after_the_sell_out_purchases_are_refused_from_memory_and_reopen_when_st
         let request = stack.purchase(&http, event, "ann", key).json(&json!({ "quantity": quantity }));
         refused(request, StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused").await;
     }
+    // A key whose owner died mid-request (its intent may be on Kafka) is
+    // taken over once its lease ran out and produced again: its 202.
+    let zed = intent_id(event, "zed", "z");
+    let record = IntentRecord { event_id: event, user_id: "zed".into(), quantity: 1, accepted_at_ms: 1 };
+    let claimed = intent_store(&stack).claim("z", zed, &record, Duration::from_millis(1)).await.unwrap();
+    assert!(matches!(claimed, KeyClaim::New { .. }), "{claimed:?}");
+    let taken_over = eventually("the dead owner's lease to run out", Duration::from_secs(5), || async {
+        let r = stack.purchase(&http, event, "zed", "z").send().await.unwrap();
+        (r.status() != StatusCode::CONFLICT).then_some(r)
+    })
+    .await;
+    assert_eq!(taken_over.status(), StatusCode::ACCEPTED);
+    assert_eq!(taken_over.json::<Value>().await.unwrap()["intent_id"], zed.to_string());
 
     // The hold is cancelled: purchases reopen within the quarter second
     // the ingress trusts its last read of the ledger (and a request).

@@ -102,15 +102,21 @@ pub async fn create(
         return Err(sold_out_refusal());
     } else {
         let record = app.intents.key_record(&claims.sub, &key).await.map_err(|e| Problem::unavailable("redis", &e))?;
-        return match record {
+        match record {
             // As claim.lua tells a key first used for another event or
             // quantity. (Once the sell-out has settled, one first used for
             // another event is told sold out above: nothing is read to
             // see the reuse.)
-            Some(record) if record.intent_id != id || record.intent.quantity != request.quantity => Err(reused()),
-            Some(record) => answer_from(&record).map(|answer| Outcome("replayed").mark(answer)),
-            None => Err(sold_out_refusal()),
-        };
+            Some(record) if record.intent_id != id || record.intent.quantity != request.quantity => {
+                return Err(reused())
+            }
+            // Its owner died or gave up, and the intent may be on Kafka: the
+            // claim below takes the key over and produces it again, as
+            // before the sell-out (never refused at the door).
+            Some(KeyRecord { state: KeyState::Busy { until_ms, .. }, .. }) if until_ms <= now_ms() => {}
+            Some(record) => return answer_from(&record).map(|answer| Outcome("replayed").mark(answer)),
+            None => return Err(sold_out_refusal()),
+        }
     }
 
     let mut intent =
