@@ -591,16 +591,18 @@ async fn once_a_sell_out_settles_refusals_read_nothing_and_accepted_purchases_st
     assert!(monitor.touched(&record).await, "a refusal within the hold-off reads its key");
 
     // Once the hold-off passed and the tail read past it, none does.
-    let started = std::time::Instant::now();
-    loop {
+    let shared = tokio::sync::Mutex::new(monitor);
+    // A fresh refusal, and whether it read its key.
+    let refusal_read = || async {
         let (status, code, record) = buy("bob", Uuid::new_v4().to_string()).await;
         assert_eq!((status, code.as_deref()), (StatusCode::CONFLICT, Some("sold_out")));
-        if !monitor.touched(&record).await {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(20), "refusals still read their key after 20 s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        shared.lock().await.touched(&record).await
+    };
+    eventually("refusals that read nothing", Duration::from_secs(20), || async {
+        (!refusal_read().await).then_some(())
+    })
+    .await;
+    let mut monitor = shared.lock().await;
     for i in 0..20 {
         let (status, code, record) = buy("cy", format!("c{i}")).await;
         assert_eq!((status, code.as_deref()), (StatusCode::CONFLICT, Some("sold_out")));
@@ -634,16 +636,11 @@ async fn once_a_sell_out_settles_refusals_read_nothing_and_accepted_purchases_st
     let partition_key = event.to_string();
     let written = rdkafka::producer::FutureRecord::to(&topic).key(&partition_key).payload(&payload);
     producer.send(written, Duration::from_secs(10)).await.unwrap();
-    let started = std::time::Instant::now();
-    loop {
-        let (status, _, record) = buy("bob", Uuid::new_v4().to_string()).await;
-        assert_eq!(status, StatusCode::CONFLICT);
-        if monitor.touched(&record).await {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(10), "the tail did not read the new intent in 10 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    drop(monitor);
+    eventually("the tail to read the new intent", Duration::from_secs(10), || async {
+        refusal_read().await.then_some(())
+    })
+    .await;
     let r = stack.purchase(&http, event, "dave", "d").send().await.unwrap();
     assert_eq!(r.status(), StatusCode::ACCEPTED);
     assert_eq!(r.json::<Value>().await.unwrap()["intent_id"], dave.to_string());
