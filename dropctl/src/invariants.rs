@@ -55,6 +55,10 @@ pub enum Row {
     PerUserLimit,
     /// Every purchase the ingress accepted has its decision in the record.
     AcceptedDecided,
+    /// Every state an order reached is a change in the outbox, and every
+    /// change has exactly one notification, delivered or dead-lettered;
+    /// none announces a change that was not made.
+    ChangesNotified,
 }
 
 impl Row {
@@ -73,6 +77,7 @@ impl Row {
             Row::HoldsOnTime => "holds_on_time",
             Row::PerUserLimit => "per_user_limit",
             Row::AcceptedDecided => "accepted_decided",
+            Row::ChangesNotified => "changes_notified",
         }
     }
 
@@ -91,6 +96,7 @@ impl Row {
             Row::HoldsOnTime => "holds end by their deadline",
             Row::PerUserLimit => "per-user limit",
             Row::AcceptedDecided => "every accepted purchase has one outcome",
+            Row::ChangesNotified => "every order change notified once",
         }
     }
 }
@@ -229,6 +235,14 @@ pub struct OrderCounts {
     pub live_orders_with_wrong_units: u64,
     /// Unit rows numbered beyond the event's capacity.
     pub units_beyond_capacity: u64,
+    /// Changes of the event's orders in the outbox, orders whose state is
+    /// none of them, changes without a notification, notifications of no
+    /// change, and changes whose webhook was dead-lettered.
+    pub order_changes: u64,
+    pub states_without_change: u64,
+    pub changes_unnotified: u64,
+    pub notifications_without_change: u64,
+    pub changes_dead_lettered: u64,
 }
 
 /// MySQL's counts for an event. `grace` decides which holds count as
@@ -257,6 +271,11 @@ pub async fn mysql_counts(db: &MySqlPool, event_id: u64, grace: Duration) -> any
     c.max_units_per_user = count(Count::MaxUnitsPerUser).await?;
     c.live_orders_with_wrong_units = count(Count::LiveOrdersWithWrongUnits).await?;
     c.units_beyond_capacity = record::units_beyond(db, event_id, capacity).await?;
+    c.order_changes = count(Count::OrderChanges).await?;
+    c.states_without_change = count(Count::StatesWithoutChange).await?;
+    c.changes_unnotified = count(Count::ChangesUnnotified).await?;
+    c.notifications_without_change = count(Count::NotificationsWithoutChange).await?;
+    c.changes_dead_lettered = count(Count::ChangesDeadLettered).await?;
     c.lateness = Lateness::of(record::expiry_lateness_ms(db, event_id).await?);
     let now = chrono::Utc::now();
     let (overdue, oldest) = record::held_past(db, event_id, now - grace).await?;
@@ -507,6 +526,20 @@ pub async fn verify(db: &MySqlPool, ledger: &Ledger, event_id: u64, options: &Ch
                 options.accepted.map(|a| format!("; {a} accepted by the caller")).unwrap_or_default()
             ),
         ),
+        check(
+            Row::ChangesNotified,
+            m.states_without_change == 0 && m.changes_unnotified == 0 && m.notifications_without_change == 0,
+            format!(
+                "{} changes, {} notified ({} dead-lettered); {} unnotified, {} states without a change, {} \
+                 notifications of no change",
+                m.order_changes,
+                m.order_changes - m.changes_unnotified.min(m.order_changes),
+                m.changes_dead_lettered,
+                m.changes_unnotified,
+                m.states_without_change,
+                m.notifications_without_change
+            ),
+        ),
     ]);
     Ok(Verdict { event_id, redis, mysql: m, checks })
 }
@@ -545,6 +578,7 @@ mod tests {
             Row::HoldsOnTime,
             Row::PerUserLimit,
             Row::AcceptedDecided,
+            Row::ChangesNotified,
         ];
         let ids: HashSet<_> = rows.iter().map(|r| r.id()).collect();
         assert_eq!(ids.len(), rows.len());

@@ -12,6 +12,8 @@
 //!   and the monitoring test.
 //! - [`quiet`]: when to check: the pipeline caught up, by its consumer
 //!   groups' offsets and the holds' deadlines.
+//! - [`receiver`]: the host's end of the notifier's webhooks, for the
+//!   local stack, the demo and the tests.
 //! - [`record`]: dropctl's own queries of MySQL, for both.
 //! - [`tokens`]: the secrets dropctl mints tokens with, and their checks.
 
@@ -22,5 +24,6 @@ pub mod invariants;
 pub mod load;
 pub mod prometheus;
 pub mod quiet;
+pub mod receiver;
 pub mod record;
 pub mod tokens;

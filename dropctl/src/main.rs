@@ -160,6 +160,16 @@ enum Command {
         #[arg(long)]
         file: Option<std::path::PathBuf>,
     },
+    /// Runs a webhook receiver for the notifier (the host's end, on the
+    /// local stack): it verifies each webhook's signature, deduplicates on
+    /// its id, and shows what it received at `GET /deliveries`.
+    Receive {
+        #[arg(long, env = "DROPLINE_RECEIVER_ADDR", default_value = "127.0.0.1:9180")]
+        listen: std::net::SocketAddr,
+        /// The notifier's signing secret (DROPLINE_NOTIFY_SECRET).
+        #[arg(long, env = "DROPLINE_NOTIFY_SECRET", hide_env_values = true)]
+        notify_secret: Option<dropline::secrets::Secret>,
+    },
     /// Checks an event's invariants against MySQL and Redis.
     Check {
         #[arg(long)]
@@ -481,6 +491,16 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 let place = place.with_context(|| format!("ticket {ticket} is not in the draw"))?;
                 say!(out, "  ticket {ticket}: place {} of {}", place + 1, draw.order.len());
             }
+        }
+        Command::Receive { listen, notify_secret } => {
+            let mut p = dropline::config::Problems::default();
+            dropline::secrets::check_setting("DROPLINE_NOTIFY_SECRET", &notify_secret, &mut p);
+            p.into_result()?;
+            let listener = tokio::net::TcpListener::bind(listen).await?;
+            eprintln!("webhook receiver on {}", listener.local_addr()?);
+            let secret = dropline::secrets::exposed(&notify_secret).to_vec();
+            let inbox = std::sync::Arc::new(dropctl::receiver::Inbox::default());
+            dropctl::receiver::serve(listener, secret, inbox, dropline::shutdown::on_signals()).await;
         }
         Command::Check { event, grace_secs, wait_secs, accepted, books } => {
             let (db, ledger) = books.open().await?;

@@ -9,6 +9,9 @@
 //!   what the others produced), when it can reach the broker: then whatever
 //!   was on Kafka is in the record, and the expirer (whose offset never
 //!   passes a hold still waiting) has handled every hold it was told of;
+//! - then the outbox relay has published every change of the event, and
+//!   the notifier group has committed up to the end of the changes (its
+//!   offset never passes a change whose webhook is not settled);
 //! - optionally, every deadline of the event's orders has passed;
 //! - and no hold is held in the window between its deadline and deadline +
 //!   grace, where it could still be ended in time. A hold past that window
@@ -42,6 +45,9 @@ pub struct PipelineArgs {
     /// The expirers' consumer group (on the hold deadlines).
     #[arg(long, env = "DROPLINE_EXPIRER_GROUP", default_value = "dropline-expirer")]
     pub expirer_group: String,
+    /// The notifiers' consumer group (on the record's changes).
+    #[arg(long, env = "DROPLINE_NOTIFIER_GROUP", default_value = "dropline-notifier")]
+    pub notifier_group: String,
 }
 
 /// What [`wait_quiet`] waits for.
@@ -57,10 +63,12 @@ pub struct Quiet {
     pub timeout: Duration,
 }
 
-/// The three groups, in the order their output flows, each with the
-/// topics it consumes.
+/// The groups, in the order their output flows, each with the topics it
+/// consumes; the notifier's comes after the outbox relay, which is waited
+/// for in between.
 struct PipelineProbe {
     groups: Vec<(&'static str, GroupOffsets, Vec<String>)>,
+    notifier: (GroupOffsets, Vec<String>),
 }
 
 impl PipelineProbe {
@@ -74,6 +82,7 @@ impl PipelineProbe {
                 ("expirer", group(&p.expirer_group)?, vec![t.hold_expiry.clone()]),
                 ("settler", group(&p.settler_group)?, vec![t.decisions.clone(), t.order_changes.clone()]),
             ],
+            notifier: (group(&p.notifier_group)?, vec![t.changes.clone()]),
         })
     }
 
@@ -86,6 +95,11 @@ impl PipelineProbe {
             }
         }
         Ok(None)
+    }
+
+    async fn notifier_behind(&self) -> anyhow::Result<i64> {
+        let (group, topics) = &self.notifier;
+        Ok(group.read(topics).await?.iter().map(|p| p.lag()).sum())
     }
 }
 
@@ -136,6 +150,14 @@ async fn not_quiet(
     if let Some(probe) = probe {
         if let Some((stage, lag)) = probe.behind().await? {
             return Ok(Some(format!("the {stage} group is {lag} messages behind")));
+        }
+        let unpublished = record::unpublished_changes(db, event_id).await?;
+        if unpublished > 0 {
+            return Ok(Some(format!("{unpublished} changes not published by the outbox relay yet")));
+        }
+        let lag = probe.notifier_behind().await?;
+        if lag > 0 {
+            return Ok(Some(format!("the notifier group is {lag} messages behind")));
         }
     }
     Ok(None)

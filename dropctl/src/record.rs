@@ -35,6 +35,17 @@ pub enum Count {
     MaxUnitsPerUser,
     /// Live orders that do not own exactly their quantity of units.
     LiveOrdersWithWrongUnits,
+    /// Changes of the event's orders in the outbox.
+    OrderChanges,
+    /// Orders whose current state has no change in the outbox: a change
+    /// the outbox missed.
+    StatesWithoutChange,
+    /// Changes with no notification recorded (delivered or dead-lettered).
+    ChangesUnnotified,
+    /// Notifications of no change in the outbox (reminders aside).
+    NotificationsWithoutChange,
+    /// Changes whose webhook was dead-lettered.
+    ChangesDeadLettered,
 }
 
 impl Count {
@@ -67,8 +78,34 @@ impl Count {
                  AND o.state IN ('held', 'paid') AND o.quantity <> (SELECT COUNT(*) FROM order_units u \
                  WHERE u.event_id = o.event_id AND u.order_id = o.order_id)"
             }
+            Count::OrderChanges => "SELECT COUNT(*) FROM outbox WHERE event_id = ? AND subject = 'order'",
+            Count::StatesWithoutChange => {
+                "SELECT COUNT(*) FROM orders o WHERE o.event_id = ? AND NOT EXISTS (SELECT 1 FROM outbox c \
+                 WHERE c.order_id = o.order_id AND c.subject = 'order' AND c.kind = o.state)"
+            }
+            Count::ChangesUnnotified => {
+                "SELECT COUNT(*) FROM outbox c LEFT JOIN notifications n ON n.notification_id = c.change_id \
+                 WHERE c.event_id = ? AND c.subject = 'order' AND n.notification_id IS NULL"
+            }
+            Count::NotificationsWithoutChange => {
+                "SELECT COUNT(*) FROM notifications n LEFT JOIN outbox c ON c.change_id = n.notification_id \
+                 WHERE n.event_id = ? AND n.kind <> 'order.hold_expiring' AND c.change_id IS NULL"
+            }
+            Count::ChangesDeadLettered => {
+                "SELECT COUNT(*) FROM notifications n JOIN outbox c ON c.change_id = n.notification_id \
+                 WHERE c.event_id = ? AND n.outcome = 'dead_lettered'"
+            }
         }
     }
+}
+
+/// The event's changes not published by the outbox relay yet.
+pub async fn unpublished_changes(db: &MySqlPool, event_id: u64) -> Result<u64, sqlx::Error> {
+    let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM outbox WHERE event_id = ? AND published_at IS NULL")
+        .bind(event_id)
+        .fetch_one(db)
+        .await?;
+    Ok(n as u64)
 }
 
 pub async fn count(db: &MySqlPool, what: Count, event_id: u64) -> Result<u64, sqlx::Error> {

@@ -17,6 +17,7 @@ use dropctl::quiet::{self, Quiet};
 use dropline::messages::{Decision, OrderState, Outcome, PaymentDisposition, PaymentRecord};
 use dropline::stock::{EndOutcome, EventKeys, Ledger, PayOutcome, SaleRules, Verdict as LedgerVerdict};
 use dropline_ingress::intents::{IntentRecord, IntentStore};
+use dropline_notifier::record::Settled;
 use dropline_settler::store::Batch;
 use sqlx::MySqlPool;
 use uuid::Uuid;
@@ -47,8 +48,43 @@ impl Books {
         self.verify_with(&self.options()).await
     }
 
+    /// The check, after the notifier's part is done (see
+    /// [`Books::notify_outstanding`]).
     async fn verify_with(&self, options: &CheckOptions) -> Verdict {
+        self.notify_outstanding().await;
+        self.verify_as_is(options).await
+    }
+
+    /// The check of the books as they are.
+    async fn verify_as_is(&self, options: &CheckOptions) -> Verdict {
         invariants::verify(&self.db, &self.ledger, self.event, options).await.unwrap()
+    }
+
+    /// Does the notifier's part: every change in the outbox without an
+    /// outcome is recorded delivered, with the notifier's own writer, as
+    /// the notifier does once the host took its webhook.
+    async fn notify_outstanding(&self) {
+        let rows: Vec<(String, String, String)> = sqlx::query_as(
+            "SELECT c.change_id, c.kind, c.order_id FROM outbox c LEFT JOIN notifications n \
+             ON n.notification_id = c.change_id WHERE c.event_id = ? AND n.notification_id IS NULL",
+        )
+        .bind(self.event)
+        .fetch_all(&self.db)
+        .await
+        .unwrap();
+        let settled: Vec<Settled> = rows
+            .into_iter()
+            .map(|(id, kind, order)| Settled {
+                id: Uuid::parse_str(&id).unwrap(),
+                kind: format!("order.{kind}"),
+                event_id: self.event,
+                order_id: Some(Uuid::parse_str(&order).unwrap()),
+                delivered: true,
+                attempts: 1,
+                last_error: None,
+            })
+            .collect();
+        dropline_notifier::record::settle(&self.db, &settled, &[], &[]).await.unwrap();
     }
 
     async fn redis(&self) -> dropline::redis_pool::Connection {
@@ -237,6 +273,57 @@ async fn an_oversold_unit_written_into_mysql_fails_no_oversell() {
     // capacity (or a live order without its unit) and an order Redis never
     // gave: the three rows see the one oversell from three sides.
     assert_eq!(v.failing(), vec![Row::NoOversell, Row::UnitOwners, Row::StoresAgree], "{v}");
+    b.drop().await;
+}
+
+#[tokio::test]
+async fn a_change_without_its_notification_fails_changes_notified() {
+    let b = consistent_books().await;
+    b.sql(
+        "DELETE n FROM notifications n JOIN outbox c ON c.change_id = n.notification_id \
+         WHERE c.order_id = ? AND c.kind = 'paid'",
+        b.alice,
+    )
+    .await;
+    let v = b.verify_as_is(&b.options()).await;
+    assert_eq!(v.failing(), vec![Row::ChangesNotified], "{v}");
+    assert_eq!(v.mysql.changes_unnotified, 1, "{v}");
+    b.drop().await;
+}
+
+#[tokio::test]
+async fn a_state_the_outbox_missed_fails_changes_notified() {
+    let b = consistent_books().await;
+    // As if the payment had been written with the outbox's trigger gone:
+    // no change, and so nothing for the notifier to announce.
+    b.sql(
+        "DELETE n, c FROM outbox c JOIN notifications n ON n.notification_id = c.change_id \
+         WHERE c.order_id = ? AND c.kind = 'paid'",
+        b.alice,
+    )
+    .await;
+    let v = b.verify_as_is(&b.options()).await;
+    assert_eq!(v.failing(), vec![Row::ChangesNotified], "{v}");
+    assert_eq!((v.mysql.states_without_change, v.mysql.changes_unnotified), (1, 0), "{v}");
+    b.drop().await;
+}
+
+#[tokio::test]
+async fn a_notification_of_no_change_fails_changes_notified() {
+    let b = consistent_books().await;
+    let invented = Settled {
+        id: Uuid::new_v4(),
+        kind: "order.paid".into(),
+        event_id: b.event,
+        order_id: Some(b.bob),
+        delivered: true,
+        attempts: 1,
+        last_error: None,
+    };
+    dropline_notifier::record::settle(&b.db, &[invented], &[], &[]).await.unwrap();
+    let v = b.verify_as_is(&b.options()).await;
+    assert_eq!(v.failing(), vec![Row::ChangesNotified], "{v}");
+    assert_eq!(v.mysql.notifications_without_change, 1, "{v}");
     b.drop().await;
 }
 

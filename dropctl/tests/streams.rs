@@ -110,7 +110,7 @@ async fn a_hold_left_unpaid_reaches_its_stream_as_expired_while_heartbeats_keep_
     // timeout while nothing else is sent.
     let ingress_args =
         ["--http-idle-timeout-secs=3", "--http-request-timeout-ms=2000", "--http-header-read-timeout-ms=2000"];
-    let options = Options { ingress_args: ingress_args.map(String::from).to_vec() };
+    let options = Options { ingress_args: ingress_args.map(String::from).to_vec(), ..Default::default() };
     let stack = Stack::start(options).await;
     let api = Api::new(&stack.api).unwrap();
     let event = stack.open_event(5, 8).await;
@@ -209,7 +209,7 @@ async fn until_any(stream: &mut EventStream, names: &[&str]) -> Vec<StreamEvent>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_past_the_bound_are_refused_with_retry_after_and_bad_requests_get_problems() {
-    let options = Options { ingress_args: vec!["--max-streams=1".into()] };
+    let options = Options { ingress_args: vec!["--max-streams=1".into()], ..Default::default() };
     let stack = Stack::start(options).await;
     let api = Api::new(&stack.api).unwrap();
     let event = stack.open_event(5, 60).await;

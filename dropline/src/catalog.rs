@@ -241,7 +241,23 @@ pub mod settler {
     )
     .from_zero();
 
-    pub const ALL: &[Metric] = &[ROWS, WRITE_ERRORS, DRIFT, REBUILDS, VOIDED, OVERDUE_ENDED];
+    pub const OUTBOX_PUBLISHED: Metric = Metric::counter(
+        "dropline_settler_outbox_published_total",
+        "Changes of the record (outbox rows) published on the changes topic.",
+    )
+    .from_zero();
+    pub const OUTBOX_LAG: Metric = Metric::gauge(
+        "dropline_settler_outbox_lag_seconds",
+        "Age of the oldest change not published yet, as the relaying settler last read it; 0 when none waits.",
+    )
+    .unit(Unit::Seconds);
+    pub const OUTBOX_RELAYING: Metric = Metric::gauge(
+        "dropline_settler_outbox_relaying",
+        "1 while this settler holds the database's relay lock and publishes its outbox; one settler does.",
+    );
+
+    pub const ALL: &[Metric] =
+        &[ROWS, WRITE_ERRORS, DRIFT, REBUILDS, VOIDED, OVERDUE_ENDED, OUTBOX_PUBLISHED, OUTBOX_LAG, OUTBOX_RELAYING];
 }
 
 /// The expirer's own metrics.
@@ -262,6 +278,35 @@ pub mod expirer {
     .from_zero_for("state", &["expired", "paid", "cancelled", "unknown"]);
 
     pub const ALL: &[Metric] = &[PENDING, LATENESS, HOLDS_ENDED];
+}
+
+/// The notifier's own metrics.
+pub mod notifier {
+    use super::*;
+
+    pub const NOTIFICATIONS: Metric = Metric::counter(
+        "dropline_notifier_notifications_total",
+        "Changes whose webhook was settled, by outcome: delivered, or dead_lettered after its last attempt failed.",
+    )
+    .from_zero_for("outcome", &["delivered", "dead_lettered"]);
+    pub const ATTEMPTS: Metric = Metric::counter(
+        "dropline_notifier_attempts_total",
+        "Webhook attempts at the host's endpoint, by result: ok (a 2xx answer) or failed.",
+    )
+    .from_zero_for("result", &["ok", "failed"]);
+    pub const DELIVERY_LATENCY: Metric = Metric::histogram(
+        "dropline_notifier_delivery_seconds",
+        "Time from a change being written in the record to its webhook being delivered.",
+    );
+    pub const PENDING: Metric =
+        Metric::gauge("dropline_notifier_pending_changes", "Changes read and waiting to be delivered or recorded.");
+    pub const REMINDERS: Metric = Metric::counter(
+        "dropline_notifier_reminders_total",
+        "Reminders of holds about to expire, by outcome: sent, or failed (tried again until the deadline).",
+    )
+    .from_zero_for("outcome", &["sent", "failed"]);
+
+    pub const ALL: &[Metric] = &[NOTIFICATIONS, ATTEMPTS, DELIVERY_LATENCY, PENDING, REMINDERS];
 }
 
 #[cfg(test)]

@@ -6,7 +6,12 @@
 //! | `decisions`    | event id | allocator          | settler          |
 //! | `hold-expiry`  | event id | allocator          | expirer          |
 //! | `order-events` | order id | ingress, expirer   | settler          |
+//! | `changes`      | order id | settler (outbox)   | notifier         |
 //! | `dead-letter`  | original | every consumer     | operators        |
+//!
+//! `order-events` carries what the other stages ask of the record (a hold
+//! paid, cancelled, expired); `changes` carries what the record then did,
+//! each change once, as its outbox has it ([`Change`]).
 //!
 //! Messages are JSON, so a dead letter can be read with any Kafka tool.
 //! Every message carries the ids that make its effect idempotent downstream.
@@ -87,6 +92,8 @@ pub struct Topics {
     pub decisions: String,
     pub hold_expiry: String,
     pub order_changes: String,
+    /// The record's changes, from its outbox, for the notifier.
+    pub changes: String,
     pub dead_letter: String,
 }
 
@@ -97,12 +104,13 @@ impl Topics {
             decisions: format!("{prefix}.decisions"),
             hold_expiry: format!("{prefix}.hold-expiry"),
             order_changes: format!("{prefix}.order-events"),
+            changes: format!("{prefix}.changes"),
             dead_letter: format!("{prefix}.dead-letter"),
         }
     }
 
-    pub fn all(&self) -> [&str; 5] {
-        [&self.intents, &self.decisions, &self.hold_expiry, &self.order_changes, &self.dead_letter]
+    pub fn all(&self) -> [&str; 6] {
+        [&self.intents, &self.decisions, &self.hold_expiry, &self.order_changes, &self.changes, &self.dead_letter]
     }
 }
 
@@ -270,6 +278,49 @@ named!(PaymentDisposition {
     RefundRequired => "refund_required",
 });
 
+/// One change the record made, as its outbox wrote it (in the same
+/// transaction), published once per change on `changes`. `change_id` is
+/// what a receiver deduplicates on: a change published again (the relay
+/// crashed between the broker's ack and marking it) keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    pub change_id: Uuid,
+    /// The outbox's sequence number: the order changes were written in.
+    pub seq: u64,
+    pub event_id: u64,
+    pub changed_at_ms: i64,
+    #[serde(flatten)]
+    pub subject: ChangeSubject,
+}
+
+/// What changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "subject", rename_all = "snake_case")]
+pub enum ChangeSubject {
+    /// An order reached a state.
+    Order { order_id: Uuid, user_id: String, quantity: u32, amount_cents: u64, expires_at_ms: i64, state: OrderState },
+}
+
+impl Change {
+    /// The key it is published under: changes of one order stay in order.
+    pub fn key(&self) -> String {
+        match &self.subject {
+            ChangeSubject::Order { order_id, .. } => order_id.to_string(),
+        }
+    }
+
+    /// Its name in a webhook: `order.paid`.
+    pub fn kind(&self) -> String {
+        match &self.subject {
+            ChangeSubject::Order { state, .. } => format!("order.{}", state.as_str()),
+        }
+    }
+}
+
+/// The kind of the notifier's reminder webhook: a hold still held shortly
+/// before its deadline. Reminders are notifications of no change.
+pub const REMINDER_KIND: &str = "order.hold_expiring";
+
 /// The current time as Unix milliseconds.
 pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
@@ -310,6 +361,28 @@ mod tests {
         check(OutcomeKind::ALL, |v| v.as_str());
         check(OrderState::ALL, |v| v.as_str());
         check(PaymentDisposition::ALL, |v| v.as_str());
+    }
+
+    #[test]
+    fn changes_travel_flat_with_their_subject_named() {
+        let change = Change {
+            change_id: Uuid::nil(),
+            seq: 3,
+            event_id: 7,
+            changed_at_ms: 1,
+            subject: ChangeSubject::Order {
+                order_id: Uuid::nil(),
+                user_id: "u1".into(),
+                quantity: 1,
+                amount_cents: 1000,
+                expires_at_ms: 2,
+                state: OrderState::Paid,
+            },
+        };
+        let json = serde_json::to_value(&change).unwrap();
+        assert_eq!((json["subject"].as_str(), json["state"].as_str()), (Some("order"), Some("paid")), "{json}");
+        assert_eq!(serde_json::from_value::<Change>(json).unwrap(), change);
+        assert_eq!(change.kind(), "order.paid");
     }
 
     #[test]

@@ -145,11 +145,13 @@ fn client_name(stage: &str, role: &str) -> &'static str {
 }
 
 /// For each stage's own tests: its command line is well formed, its
-/// defaults (what the local stack runs) pass validation, and its metrics
+/// defaults (what the local stack runs) pass validation with only the
+/// `required` flags given (secrets, which have no default), and its metrics
 /// follow the naming scheme.
-pub fn assert_defaults_valid<C: StageConfig>() {
+pub fn assert_defaults_valid<C: StageConfig>(required: &[String]) {
     C::command().debug_assert();
-    if let Err(e) = C::parse_from([C::STAGE.name]).validate() {
+    let args = std::iter::once(C::STAGE.name.to_owned()).chain(required.iter().cloned());
+    if let Err(e) = C::parse_from(args).validate() {
         panic!("{}'s defaults do not validate: {e}", C::STAGE.name);
     }
     crate::telemetry::assert_naming_scheme(C::STAGE.name, C::STAGE.metrics);
@@ -187,15 +189,17 @@ macro_rules! stage_config {
 }
 
 /// A stage's config test, in its own crate: `config_tests!(AllocatorConfig)`
-/// checks [`assert_defaults_valid`] for it.
+/// checks [`assert_defaults_valid`] for it; the flags that have no default
+/// follow (`config_tests!(NotifierConfig, format!("--notify-secret={}",
+/// dropline::secrets::random()))`).
 #[macro_export]
 macro_rules! config_tests {
-    ($config:ty) => {
+    ($config:ty $(, $required:expr)* $(,)?) => {
         #[cfg(test)]
         mod config_tests {
             #[test]
             fn the_command_line_is_well_formed_and_the_defaults_validate() {
-                $crate::stage::assert_defaults_valid::<$config>();
+                $crate::stage::assert_defaults_valid::<$config>(&[$($required),*]);
             }
         }
     };

@@ -17,12 +17,13 @@
 //! holds wait in memory, so the group never drops it for missing
 //! `max.poll.interval.ms`.
 //!
-//! - [`schedule`]: the per-partition delay queue and its offset rule.
+//! The delay queue and its offset rule are the shared
+//! `dropline::kafka::Schedule`.
+//!
 //! - [`config`]: settings; [`metrics`]: metric names.
 
 pub mod config;
 pub mod metrics;
-pub mod schedule;
 
 use std::time::Duration;
 
@@ -36,7 +37,17 @@ use tokio_util::sync::CancellationToken;
 pub use config::ExpirerConfig;
 
 use crate::metrics::{HOLDS_ENDED, LATENESS, PENDING};
-use crate::schedule::{Due, Schedule, Waiting};
+
+/// A hold waiting for its deadline, with the request id of the purchase
+/// that created it (for the logs and the order change it ends in).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Waiting {
+    pub hold: HoldExpiry,
+    pub request_id: Option<String>,
+}
+
+type Schedule = kafka::Schedule<Waiting>;
+type Due = kafka::Due<Waiting>;
 
 /// How long a hold whose release failed waits before it is tried again.
 const FAILED_RETRY_MS: i64 = 1000;
@@ -98,7 +109,8 @@ impl kafka::ConsumerStage for Expirer {
 
     async fn accept(&mut self, batch: Vec<(Option<Waiting>, &OwnedMessage)>) -> Option<()> {
         for (waiting, m) in batch {
-            self.schedule.add((m.topic().to_owned(), m.partition()), m.offset(), waiting);
+            let at = waiting.map(|w| (w.hold.expires_at_ms, w));
+            self.schedule.add((m.topic().to_owned(), m.partition()), m.offset(), at);
         }
         Some(())
     }
@@ -141,7 +153,7 @@ impl Expirer {
     }
 
     async fn release(&self, due: &Due) -> Released {
-        let HoldExpiry { order_id, event_id, .. } = due.hold;
+        let HoldExpiry { order_id, event_id, .. } = due.item.hold;
         let hold = match self.ledger.expire(event_id, order_id).await {
             Ok(EndOutcome::Ended(hold)) => hold,
             Ok(EndOutcome::NotDue { remaining_ms }) => return Released::NotDue(now_ms() + remaining_ms as i64),
@@ -161,14 +173,15 @@ impl Expirer {
         let event = hold.order_event(order_id, event_id, None);
         let payload = serde_json::to_vec(&event).expect("messages serialize");
         let key = order_id.to_string();
-        let record = Record::new(&self.topics.order_changes, &key, &payload).request_id(due.request_id.as_deref());
+        let request_id = due.item.request_id.as_deref();
+        let record = Record::new(&self.topics.order_changes, &key, &payload).request_id(request_id);
         let sent = self.publisher.publish(record).await;
         if let Err(e) = sent {
             tracing::warn!(error = %e, %order_id, "publishing an ended hold failed; retrying next tick");
             return Released::Failed;
         }
         ::metrics::counter!(HOLDS_ENDED.name, "state" => hold.state.as_str()).increment(1);
-        tracing::debug!(request_id = due.request_id.as_deref(), %order_id, state = hold.state.as_str(), "hold ended");
+        tracing::debug!(request_id, %order_id, state = hold.state.as_str(), "hold ended");
         if let Some(ended) = hold.ended_at_ms.filter(|_| hold.state == dropline::messages::OrderState::Expired) {
             ::metrics::histogram!(LATENESS.name).record((ended - hold.expires_at_ms).max(0) as f64 / 1000.0);
         }
@@ -180,11 +193,11 @@ impl Expirer {
 fn record(schedule: &mut Schedule, due: &Due, released: Released, now_ms: i64) {
     match released {
         Released::Done => schedule.done(&due.partition, due.offset),
-        Released::NotDue(at) => schedule.retry_at(&due.partition, due.offset, at),
+        Released::NotDue(at) => schedule.retry_at(&due.partition, due.offset, at, due.item.clone()),
         // Back off, behind the holds of other events: a ledger that stays
         // fenced or unreachable for one event must not keep the earliest
         // slots of every tick and starve the rest.
-        Released::Failed => schedule.retry_at(&due.partition, due.offset, now_ms + FAILED_RETRY_MS),
+        Released::Failed => schedule.retry_at(&due.partition, due.offset, now_ms + FAILED_RETRY_MS, due.item.clone()),
     }
 }
 
@@ -193,9 +206,9 @@ mod tests {
     use super::*;
     use uuid::Uuid;
 
-    fn hold(event_id: u64, deadline: i64) -> Option<Waiting> {
+    fn hold(event_id: u64, deadline: i64) -> Option<(i64, Waiting)> {
         let hold = HoldExpiry { order_id: Uuid::new_v4(), event_id, expires_at_ms: deadline };
-        Some(Waiting { hold, request_id: None })
+        Some((deadline, Waiting { hold, request_id: None }))
     }
 
     #[test]
@@ -211,13 +224,13 @@ mod tests {
         schedule.add(partition.clone(), stuck, hold(2, 5_000));
         let now = 10_000;
         let first = schedule.due(now, RELEASES_PER_TICK);
-        assert!(first.iter().all(|d| d.hold.event_id == 1));
+        assert!(first.iter().all(|d| d.item.hold.event_id == 1));
         for d in &first {
             record(&mut schedule, d, Released::Failed, now);
         }
         let next = schedule.due(now, RELEASES_PER_TICK);
         assert_eq!(next.len(), 1, "the failed holds wait out their backoff");
-        assert_eq!(next[0].hold.event_id, 2);
+        assert_eq!(next[0].item.hold.event_id, 2);
         assert_eq!(schedule.due(now + FAILED_RETRY_MS, RELEASES_PER_TICK * 2).len(), RELEASES_PER_TICK + 1);
     }
 }

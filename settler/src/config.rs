@@ -33,6 +33,10 @@ pub struct SettlerConfig {
     /// How long a rebuild waits for the settlers to record everything on Kafka.
     #[arg(long, env = "DROPLINE_SETTLER_REBUILD_TIMEOUT_SECS", default_value_t = 120)]
     pub rebuild_timeout_secs: u64,
+    /// How often the outbox is read for changes when no batch of this
+    /// settler wrote any (changes another process made).
+    #[arg(long, env = "DROPLINE_SETTLER_OUTBOX_POLL_MS", default_value_t = 250)]
+    pub outbox_poll_ms: u64,
     #[command(flatten)]
     pub mysql: MysqlArgs,
     #[command(flatten)]
@@ -71,6 +75,7 @@ dropline::stage_config!(SettlerConfig, "settler", 9102, |config, p| {
     p.require(config.rebuild_timeout_secs > 0, "DROPLINE_SETTLER_REBUILD_TIMEOUT_SECS must be positive");
     p.require(!config.group_id.is_empty(), "DROPLINE_SETTLER_GROUP must not be empty");
     p.within("DROPLINE_SETTLER_BATCH_MAX", config.batch_max, 1..=5_000);
+    p.within("DROPLINE_SETTLER_OUTBOX_POLL_MS", config.outbox_poll_ms, 10..=60_000);
     p.require(config.batch_linger_ms <= 5_000, "DROPLINE_SETTLER_BATCH_LINGER_MS must be at most 5000");
 });
 

@@ -15,11 +15,14 @@
 //!   and the repairs: a ledger missing, damaged or behind is rebuilt; a hold
 //!   left held past its deadline is ended.
 //! - [`rebuild`]: rebuilding an event's ledger from MySQL, fenced.
+//! - [`outbox`]: the relay that publishes the record's changes (written by
+//!   the database in each change's own transaction) on `changes`.
 //! - [`config`]: settings; [`metrics`]: metric names.
 
 pub mod claims;
 pub mod config;
 pub mod metrics;
+pub mod outbox;
 pub mod rebuild;
 pub mod reconcile;
 pub mod record;
@@ -52,19 +55,29 @@ pub async fn run(config: SettlerConfig, shutdown: CancellationToken) -> Result<(
         db: db.clone(),
         ledger: ledger.clone(),
         kafka: config.shared.kafka.clone(),
-        publisher,
+        publisher: publisher.clone(),
         topics: topics.clone(),
         options: config.reconcile_options(),
         voided: voided.clone(),
     };
     tokio::spawn(reconciler.run(shutdown.clone()));
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let relay = outbox::Relay {
+        db: db.clone(),
+        publisher,
+        topic: topics.changes.clone(),
+        wake: wake.clone(),
+        poll: std::time::Duration::from_millis(config.outbox_poll_ms),
+    };
+    let relaying = tokio::spawn(relay.run(shutdown.clone()));
     ready.set(true);
     tracing::info!("settler consuming");
 
-    let settler = Settler { db, ledger, decisions_topic: topics.decisions.clone(), voided };
+    let settler = Settler { db, ledger, decisions_topic: topics.decisions.clone(), voided, wake };
     let options = config.shared.kafka.batch_options("settler", config.batch_max, config.batch_linger_ms);
     let ended = kafka::run_batches(&consumer, &settler, &dead_letters, &options, &shutdown).await;
     ready.set(false);
+    let _ = relaying.await;
     tracing::info!("settler stopped");
     ended?;
     Ok(())
@@ -75,6 +88,8 @@ struct Settler {
     ledger: dropline::stock::Ledger,
     decisions_topic: String,
     voided: Arc<Voided>,
+    /// The outbox relay's: the batch wrote changes.
+    wake: Arc<tokio::sync::Notify>,
 }
 
 /// A message the settler writes.
@@ -146,6 +161,7 @@ impl kafka::BatchStage for Settler {
         for void in &written.voided {
             self.voided.add(void.event_id);
         }
+        self.wake.notify_one();
         Ok(())
     }
 }

@@ -58,6 +58,12 @@ impl Secrets {
     }
 }
 
+/// `defaults`, less those `more` gives again (by flag name), then `more`.
+pub fn with_overrides(defaults: impl IntoIterator<Item = String>, more: &[String]) -> Vec<String> {
+    let name = |arg: &str| arg.split('=').next().unwrap_or_default().to_owned();
+    defaults.into_iter().filter(|d| !more.iter().any(|m| name(m) == name(d))).chain(more.iter().cloned()).collect()
+}
+
 fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_owned())
 }
@@ -125,7 +131,6 @@ impl Deployment {
     /// a short event cache and a 1 KiB body limit. A flag in `more`
     /// replaces the default of the same name.
     pub fn ingress_args(&self, more: &[String]) -> Vec<String> {
-        let name = |arg: &str| arg.split('=').next().unwrap_or_default().to_owned();
         let defaults = [
             format!("--mysql-url={}", self.mysql_url()),
             "--user-per-sec=1000".to_owned(),
@@ -143,8 +148,7 @@ impl Deployment {
         .chain(self.redis_args())
         .chain(self.secrets.ingress_args())
         .chain(self.stage_args());
-        let defaults = defaults.filter(|d| !more.iter().any(|m| name(m) == name(d)));
-        ["ingress".to_owned()].into_iter().chain(defaults).chain(more.iter().cloned()).collect()
+        ["ingress".to_owned()].into_iter().chain(with_overrides(defaults, more)).collect()
     }
 
     pub fn token(&self, user: &str) -> String {

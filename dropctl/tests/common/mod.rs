@@ -1,7 +1,8 @@
-//! A whole Dropline deployment inside the test process: the four stages and
-//! the payment simulator, on the real local Redis, MariaDB and broker, with
-//! a database, topic prefix and consumer groups of its own; and the stages
-//! as processes, for the scenarios that kill them.
+//! A whole Dropline deployment inside the test process: the five stages,
+//! the payment simulator and the host's webhook receiver, on the real local
+//! Redis, MariaDB and broker, with a database, topic prefix and consumer
+//! groups of its own; and the stages as processes, for the scenarios that
+//! kill them.
 
 #![allow(dead_code)]
 
@@ -43,17 +44,20 @@ pub fn pipeline(brokers: &str, name: &str) -> dropctl::quiet::PipelineArgs {
         format!("--allocator-group={name}-allocator"),
         format!("--settler-group={name}-settler"),
         format!("--expirer-group={name}-expirer"),
+        format!("--notifier-group={name}-notifier"),
     ])
     .pipeline
 }
 
-/// The four stages and the payment simulator on a [`Deployment`] of their
-/// own (its database, prefixes and secrets are the stack's, through
-/// `Deref`).
+/// The five stages, the payment simulator and the webhook receiver on a
+/// [`Deployment`] of their own (its database, prefixes and secrets are the
+/// stack's, through `Deref`).
 pub struct Stack {
     deployment: Deployment,
     pub api: String,
     pub paysim: String,
+    /// What the host's endpoint received from the notifier.
+    pub inbox: std::sync::Arc<dropctl::receiver::Inbox>,
     pub topics: Topics,
     pub kafka: KafkaArgs,
     shutdown: CancellationToken,
@@ -66,6 +70,8 @@ pub struct Stack {
 pub struct Options {
     /// More ingress flags; one replaces the default of the same name.
     pub ingress_args: Vec<String>,
+    /// More notifier flags, likewise.
+    pub notifier_args: Vec<String>,
 }
 
 impl Stack {
@@ -127,7 +133,41 @@ impl Stack {
                 .into_iter()
                 .chain(common.iter().cloned()),
         );
+        let receiver = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let receiver_addr = receiver.local_addr().unwrap();
+        let notify_secret = dropline::secrets::random();
+        let inbox = std::sync::Arc::new(dropctl::receiver::Inbox::default());
+        tasks.push(tokio::spawn(dropctl::receiver::serve(
+            receiver,
+            notify_secret.clone().into_bytes(),
+            inbox.clone(),
+            shutdown.clone(),
+        )));
+        let notifier_defaults = [
+            group("notifier"),
+            format!("--mysql-url={}", deployment.mysql_url()),
+            format!("--notify-url=http://{receiver_addr}/webhooks"),
+            format!("--notify-secret={notify_secret}"),
+            "--tick-ms=20".to_owned(),
+            "--backoff-base-ms=50".to_owned(),
+            "--backoff-max-ms=500".to_owned(),
+            "--max-attempts=100".to_owned(),
+            "--attempt-timeout-ms=2000".to_owned(),
+        ]
+        .into_iter()
+        .chain(common.iter().cloned());
+        let notifier = dropline_notifier::NotifierConfig::parse_from(
+            ["notifier".to_owned()]
+                .into_iter()
+                .chain(dropline_testkit::with_overrides(notifier_defaults, &options.notifier_args)),
+        );
         let mut stages = Vec::new();
+        let s = shutdown.child_token();
+        let t = tokio::spawn({
+            let s = s.clone();
+            async move { dropline_notifier::run(notifier, s).await.unwrap() }
+        });
+        stages.push(("notifier", s, t));
         let s = shutdown.child_token();
         let t = tokio::spawn({
             let s = s.clone();
@@ -144,6 +184,7 @@ impl Stack {
         let mut stack = Stack {
             api: format!("http://{api_addr}"),
             paysim: format!("http://{}", paysim.addr),
+            inbox,
             topics: kafka.topics(),
             kafka,
             deployment,

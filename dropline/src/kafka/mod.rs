@@ -14,6 +14,8 @@
 //! - `group`: a consumer's place in its group, readiness and the stuck
 //!   watch.
 //! - `offsets`: how far a group has come, read from outside it.
+//! - `schedule`: the delay queue of the delayed stages, and its offset
+//!   rule.
 //! - `tail`: topics followed from their ends, outside any group.
 
 mod batch;
@@ -23,6 +25,7 @@ mod group;
 pub mod metrics;
 mod offsets;
 mod publish;
+mod schedule;
 mod tail;
 
 use std::time::Duration;
@@ -43,6 +46,7 @@ pub use self::dead_letters::DeadLetters;
 pub use self::group::{decode_assignment, watch, GroupContext, PartitionKey};
 pub use self::offsets::{GroupOffsets, PartitionOffsets};
 pub use self::publish::{producer, Producer, PublishError, Publisher, Record, WhenFull, Written};
+pub use self::schedule::{Due, Schedule};
 pub use self::tail::{ends, tail, tail_from_ends, TailStart};
 use crate::config::KafkaArgs;
 

@@ -1,12 +1,14 @@
 //! The settler's SQL: what it reads and writes in the record (MySQL), by
 //! table: [`intents`], [`orders`], [`payments`], [`units`] (who owns each
-//! unit of an event) and the [`events`] it reads. Writes take the batch's
-//! transaction; what they mean (forward-only orders, one payment row per
-//! provider payment) is said at each statement.
+//! unit of an event), the [`outbox`] it relays and the [`events`] it
+//! reads. Writes take the batch's transaction; what they mean
+//! (forward-only orders, one payment row per provider payment) is said at
+//! each statement.
 
 pub mod events;
 pub mod intents;
 pub mod orders;
+pub mod outbox;
 pub mod payments;
 pub mod units;
 

@@ -1,31 +1,23 @@
-//! The expirer's delay queue: holds read from Kafka wait here, per
-//! partition, until their deadline.
+//! The delay queue of the delayed stages (the expirer's holds, the
+//! notifier's deliveries): what a partition gave them waits here, per
+//! partition, until it falls due, and is finished in any order.
 //!
 //! Nothing here is the source of truth. The committed offset of a partition
-//! never passes its oldest hold that is still waiting, so after a restart or
-//! a rebalance every unreleased hold is read again from Kafka. Holds are
-//! indexed by deadline as well as offset: a partition may mix events with
-//! different TTLs, and a short-TTL hold must not wait behind a long one.
+//! never passes its oldest item still waiting, so after a restart or a
+//! rebalance everything unfinished is read again from Kafka. Items are
+//! indexed by due time as well as offset: a partition may mix items with
+//! different delays, and a short one must not wait behind a long one.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-pub use dropline::kafka::PartitionKey;
-use dropline::messages::HoldExpiry;
+use super::PartitionKey;
 
-/// A hold waiting for its deadline, with the request id of the purchase
-/// that created it (for the logs and the order change it ends in).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Waiting {
-    pub hold: HoldExpiry,
-    pub request_id: Option<String>,
-}
-
-#[derive(Debug, Default)]
-struct Partition {
-    /// Offset -> hold still waiting (or being released).
-    waiting: BTreeMap<i64, Waiting>,
-    /// (deadline, offset) of everything in `waiting`.
-    by_deadline: BTreeSet<(i64, i64)>,
+#[derive(Debug)]
+struct Partition<T> {
+    /// Offset -> (due time, item) still waiting (or being worked on).
+    waiting: BTreeMap<i64, (i64, T)>,
+    /// (due time, offset) of everything in `waiting`.
+    by_due: BTreeSet<(i64, i64)>,
     /// One past the highest offset read.
     next_offset: i64,
     /// The offset last handed out for storing.
@@ -33,85 +25,93 @@ struct Partition {
     paused: bool,
 }
 
-impl Partition {
+impl<T> Partition<T> {
     /// Everything before this offset is done.
     fn committable(&self) -> i64 {
         self.waiting.keys().next().copied().unwrap_or(self.next_offset)
     }
 }
 
-/// A hold whose deadline has come.
+/// An item whose time has come.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Due {
+pub struct Due<T> {
     pub partition: PartitionKey,
     pub offset: i64,
-    pub hold: HoldExpiry,
-    pub request_id: Option<String>,
+    /// When it fell due (Unix milliseconds).
+    pub at_ms: i64,
+    pub item: T,
 }
 
 #[derive(Debug)]
-pub struct Schedule {
-    partitions: HashMap<PartitionKey, Partition>,
+pub struct Schedule<T> {
+    partitions: HashMap<PartitionKey, Partition<T>>,
     max_per_partition: usize,
 }
 
-impl Schedule {
+impl<T: Clone> Schedule<T> {
+    /// A partition is paused while it has `max_per_partition` items waiting.
     pub fn new(max_per_partition: usize) -> Self {
         Self { partitions: HashMap::new(), max_per_partition }
     }
 
-    /// Records a message read at `offset`: a hold to wait for, or `None`
-    /// for one with nothing to wait for (it was dead-lettered).
-    pub fn add(&mut self, partition: PartitionKey, offset: i64, waiting: Option<Waiting>) {
-        let p = self.partitions.entry(partition).or_insert_with(|| Partition { stored: offset, ..Default::default() });
+    /// Records a message read at `offset`: an item due at a time (Unix
+    /// milliseconds), or `None` for one with nothing to wait for (it was
+    /// dead-lettered, or needed nothing).
+    pub fn add(&mut self, partition: PartitionKey, offset: i64, item: Option<(i64, T)>) {
+        let p = self.partitions.entry(partition).or_insert_with(|| Partition {
+            waiting: BTreeMap::new(),
+            by_due: BTreeSet::new(),
+            next_offset: offset,
+            stored: offset,
+            paused: false,
+        });
         p.next_offset = p.next_offset.max(offset + 1);
-        if let Some(w) = waiting {
-            p.by_deadline.insert((w.hold.expires_at_ms, offset));
-            p.waiting.insert(offset, w);
+        if let Some((due, item)) = item {
+            p.by_due.insert((due, offset));
+            p.waiting.insert(offset, (due, item));
         }
     }
 
-    /// Holds due at `now_ms`, earliest deadline first, at most `limit`.
-    pub fn due(&self, now_ms: i64, limit: usize) -> Vec<Due> {
+    /// Items due at `now_ms`, earliest first, at most `limit`.
+    pub fn due(&self, now_ms: i64, limit: usize) -> Vec<Due<T>> {
         let mut out = Vec::new();
         for (key, p) in &self.partitions {
-            for &(deadline, offset) in &p.by_deadline {
-                if deadline > now_ms || out.len() >= limit {
+            for &(at_ms, offset) in &p.by_due {
+                if at_ms > now_ms || out.len() >= limit {
                     break;
                 }
-                let w = &p.waiting[&offset];
-                out.push(Due {
-                    partition: key.clone(),
-                    offset,
-                    hold: w.hold.clone(),
-                    request_id: w.request_id.clone(),
-                });
+                let item = p.waiting[&offset].1.clone();
+                out.push(Due { partition: key.clone(), offset, at_ms, item });
             }
         }
-        out.sort_by_key(|d| d.hold.expires_at_ms);
+        out.sort_by_key(|d| d.at_ms);
         out.truncate(limit);
         out
     }
 
-    /// The hold at `offset` needs nothing more.
+    /// The item at `offset` needs nothing more.
     pub fn done(&mut self, partition: &PartitionKey, offset: i64) {
         if let Some(p) = self.partitions.get_mut(partition) {
-            if let Some(w) = p.waiting.remove(&offset) {
-                p.by_deadline.remove(&(w.hold.expires_at_ms, offset));
+            if let Some((due, _)) = p.waiting.remove(&offset) {
+                p.by_due.remove(&(due, offset));
             }
         }
     }
 
-    /// Looks at the hold again at `deadline_ms` (the ledger's clock said it
-    /// was not due yet).
-    pub fn retry_at(&mut self, partition: &PartitionKey, offset: i64, deadline_ms: i64) {
+    /// Looks at the item again at `at_ms`, as it now is (`item`).
+    pub fn retry_at(&mut self, partition: &PartitionKey, offset: i64, at_ms: i64, item: T) {
         if let Some(p) = self.partitions.get_mut(partition) {
-            if let Some(w) = p.waiting.get_mut(&offset) {
-                p.by_deadline.remove(&(w.hold.expires_at_ms, offset));
-                w.hold.expires_at_ms = deadline_ms;
-                p.by_deadline.insert((deadline_ms, offset));
+            if let Some(slot) = p.waiting.get_mut(&offset) {
+                p.by_due.remove(&(slot.0, offset));
+                *slot = (at_ms, item);
+                p.by_due.insert((at_ms, offset));
             }
         }
+    }
+
+    /// The items still waiting in `partition`, in offset order.
+    pub fn waiting_in(&self, partition: &PartitionKey) -> impl Iterator<Item = (i64, &T)> {
+        self.partitions.get(partition).into_iter().flat_map(|p| p.waiting.iter().map(|(o, (_, item))| (*o, item)))
     }
 
     /// Offsets to store: for each partition whose done prefix grew, the
@@ -148,8 +148,8 @@ impl Schedule {
     /// back is read again from its committed offset and must start from a
     /// clean slate there, so the consumer loop calls this before it hands
     /// over any message read after the revocation: forgetting after would
-    /// drop holds just read again, and the next commit would pass them
-    /// unreleased.
+    /// drop items just read again, and the next commit would pass them
+    /// unfinished.
     pub fn forget(&mut self, partition: &PartitionKey) {
         self.partitions.remove(partition);
     }
@@ -166,33 +166,31 @@ impl Schedule {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use uuid::Uuid;
-
-    fn hold(deadline: i64) -> Option<Waiting> {
-        let hold = HoldExpiry { order_id: Uuid::new_v4(), event_id: 1, expires_at_ms: deadline };
-        Some(Waiting { hold, request_id: None })
-    }
 
     fn p0() -> PartitionKey {
         ("t".to_owned(), 0)
     }
 
+    fn at(due: i64) -> Option<(i64, u32)> {
+        Some((due, 7))
+    }
+
     #[test]
-    fn a_partition_given_back_never_commits_past_holds_read_again() {
+    fn a_partition_given_back_never_commits_past_items_read_again() {
         let mut s = Schedule::new(100);
-        // Holds at 10 and 11 wait; 12..=49 were read and needed nothing.
-        s.add(p0(), 10, hold(5_000));
-        s.add(p0(), 11, hold(5_000));
+        // Items at 10 and 11 wait; 12..=49 were read and needed nothing.
+        s.add(p0(), 10, at(5_000));
+        s.add(p0(), 11, at(5_000));
         for offset in 12..50 {
             s.add(p0(), offset, None);
         }
-        assert_eq!(s.take_committable(), vec![], "nothing passes the hold at 10");
+        assert_eq!(s.take_committable(), vec![], "nothing passes the item at 10");
         // A rebalance takes the partition and gives it back: the consumer
         // loop hands the revocation over, then what it reads again from the
         // committed offset, 10.
         s.forget(&p0());
-        s.add(p0(), 10, hold(5_000));
-        s.add(p0(), 11, hold(5_000));
+        s.add(p0(), 10, at(5_000));
+        s.add(p0(), 11, at(5_000));
         s.add(p0(), 12, None);
         assert_eq!(s.take_committable(), vec![]);
         s.done(&p0(), 10);
@@ -201,20 +199,20 @@ mod tests {
     }
 
     #[test]
-    fn short_deadlines_do_not_wait_behind_long_ones() {
+    fn short_delays_do_not_wait_behind_long_ones() {
         let mut s = Schedule::new(100);
-        s.add(p0(), 10, hold(5_000));
-        s.add(p0(), 11, hold(1_000));
+        s.add(p0(), 10, at(5_000));
+        s.add(p0(), 11, at(1_000));
         let due = s.due(2_000, 10);
         assert_eq!(due.len(), 1);
         assert_eq!(due[0].offset, 11);
     }
 
     #[test]
-    fn the_committed_offset_never_passes_a_waiting_hold() {
+    fn the_committed_offset_never_passes_a_waiting_item() {
         let mut s = Schedule::new(100);
-        s.add(p0(), 10, hold(5_000));
-        s.add(p0(), 11, hold(1_000));
+        s.add(p0(), 10, at(5_000));
+        s.add(p0(), 11, at(1_000));
         s.add(p0(), 12, None);
         s.done(&p0(), 11);
         assert!(s.take_committable().is_empty(), "offset 10 still waits");
@@ -224,19 +222,21 @@ mod tests {
     }
 
     #[test]
-    fn a_hold_not_yet_due_by_the_ledger_clock_is_retried_later() {
+    fn an_item_retried_later_waits_for_its_new_time_as_it_now_is() {
         let mut s = Schedule::new(100);
-        s.add(p0(), 1, hold(1_000));
-        s.retry_at(&p0(), 1, 3_000);
+        s.add(p0(), 1, at(1_000));
+        s.retry_at(&p0(), 1, 3_000, 8);
         assert!(s.due(2_000, 10).is_empty());
-        assert_eq!(s.due(3_000, 10).len(), 1);
+        let due = s.due(3_000, 10);
+        assert_eq!((due.len(), due[0].item, due[0].at_ms), (1, 8, 3_000));
+        assert_eq!(s.waiting_in(&p0()).collect::<Vec<_>>(), vec![(1, &8)]);
     }
 
     #[test]
     fn full_partitions_pause_and_resume_at_half() {
         let mut s = Schedule::new(4);
         for o in 0..4 {
-            s.add(p0(), o, hold(1_000 + o));
+            s.add(p0(), o, at(1_000 + o));
         }
         assert_eq!(s.flow_changes(), (vec![p0()], vec![]));
         assert_eq!(s.paused(), 1);
@@ -247,9 +247,9 @@ mod tests {
     }
 
     #[test]
-    fn forgetting_a_partition_drops_its_holds() {
+    fn forgetting_a_partition_drops_its_items() {
         let mut s = Schedule::new(10);
-        s.add(p0(), 1, hold(1));
+        s.add(p0(), 1, at(1));
         s.forget(&p0());
         assert_eq!(s.waiting(), 0);
         assert!(s.due(10, 10).is_empty());

@@ -1,0 +1,198 @@
+//! A webhook receiver: the host's end of the notifier, for the local stack,
+//! the demo and the tests (`dropctl receive`).
+//!
+//! It does what a host's endpoint should: it checks each webhook's
+//! signature (the `dropline-signature` header, with the notifier's secret,
+//! within 5 minutes), refuses what does not verify, and deduplicates on the
+//! webhook's id, answering 200 to a copy without counting it twice. It
+//! keeps what it received in memory and shows it at `GET /deliveries`.
+//!
+//! It can also play an outage ([`Inbox::set_down`]): every webhook is
+//! answered 503 and counted as refused, as a host's endpoint that is down
+//! behind its load balancer would answer.
+
+use std::collections::{BTreeMap, HashSet};
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+
+use dropline::payments;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Largest webhook body taken.
+const MAX_BODY: usize = 64 * 1024;
+
+/// How far a signature's timestamp may be from the receiver's clock.
+const TOLERANCE_SECS: i64 = 300;
+
+/// One webhook received, the first time its id came.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Delivered {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub event_id: u64,
+    pub buyer: Option<String>,
+    pub order_id: Option<String>,
+    /// The change's place in the record's outbox (none for reminders).
+    pub seq: Option<u64>,
+    pub received_at_ms: i64,
+}
+
+/// What the receiver has seen.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Summary {
+    /// Webhooks received, each id once.
+    pub delivered: u64,
+    /// Copies of a webhook received before (same id).
+    pub duplicates: u64,
+    /// Webhooks refused: their signature did not verify.
+    pub bad_signatures: u64,
+    /// Webhooks answered 503 while the receiver played an outage.
+    pub refused: u64,
+    /// Deliveries by type (`order.paid`, ...).
+    pub by_type: BTreeMap<String, u64>,
+}
+
+#[derive(Default)]
+struct State {
+    delivered: Vec<Delivered>,
+    seen: HashSet<String>,
+    summary: Summary,
+    down: bool,
+}
+
+/// What the receiver received; shared with whoever started it.
+#[derive(Default)]
+pub struct Inbox {
+    state: Mutex<State>,
+}
+
+impl Inbox {
+    pub fn summary(&self) -> Summary {
+        self.state.lock().expect("not poisoned").summary.clone()
+    }
+
+    /// Every webhook received once, in arrival order.
+    pub fn deliveries(&self) -> Vec<Delivered> {
+        self.state.lock().expect("not poisoned").delivered.clone()
+    }
+
+    /// Plays an outage (every webhook answered 503) or ends it.
+    pub fn set_down(&self, down: bool) {
+        self.state.lock().expect("not poisoned").down = down;
+    }
+
+    fn take(&self, body: &[u8], signature: Option<&str>, secret: &[u8]) -> (StatusCode, &'static str) {
+        let mut state = self.state.lock().expect("not poisoned");
+        if state.down {
+            state.summary.refused += 1;
+            return (StatusCode::SERVICE_UNAVAILABLE, "down");
+        }
+        if payments::verify(secret, signature, body, chrono::Utc::now().timestamp(), TOLERANCE_SECS).is_err() {
+            state.summary.bad_signatures += 1;
+            return (StatusCode::UNAUTHORIZED, "bad signature");
+        }
+        #[derive(Deserialize)]
+        struct Webhook {
+            id: String,
+            #[serde(rename = "type")]
+            kind: String,
+            event_id: u64,
+            buyer: Option<String>,
+            seq: Option<u64>,
+            data: Option<serde_json::Value>,
+        }
+        let Ok(webhook) = serde_json::from_slice::<Webhook>(body) else {
+            return (StatusCode::BAD_REQUEST, "not a webhook");
+        };
+        if !state.seen.insert(webhook.id.clone()) {
+            state.summary.duplicates += 1;
+            return (StatusCode::OK, "duplicate");
+        }
+        state.summary.delivered += 1;
+        *state.summary.by_type.entry(webhook.kind.clone()).or_default() += 1;
+        let order_id = webhook.data.as_ref().and_then(|d| d["order_id"].as_str()).map(str::to_owned);
+        state.delivered.push(Delivered {
+            id: webhook.id,
+            kind: webhook.kind,
+            event_id: webhook.event_id,
+            buyer: webhook.buyer,
+            order_id,
+            seq: webhook.seq,
+            received_at_ms: chrono::Utc::now().timestamp_millis(),
+        });
+        (StatusCode::OK, "ok")
+    }
+}
+
+/// What `GET /deliveries` answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    pub summary: Summary,
+    pub deliveries: Vec<Delivered>,
+}
+
+/// Serves `POST /webhooks` and `GET /deliveries` on `listener` until
+/// `shutdown`, verifying with `secret`.
+pub async fn serve(listener: TcpListener, secret: Vec<u8>, inbox: Arc<Inbox>, shutdown: CancellationToken) {
+    let secret: Arc<[u8]> = secret.into();
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    continue;
+                }
+            },
+        };
+        let (inbox, secret, shutdown) = (inbox.clone(), secret.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let service = service_fn(move |req| handle(req, inbox.clone(), secret.clone()));
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                _ = conn => {}
+                _ = shutdown.cancelled() => {}
+            }
+        });
+    }
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    inbox: Arc<Inbox>,
+    secret: Arc<[u8]>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let answer = |status: StatusCode, body: Vec<u8>| {
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = status;
+        r.headers_mut().insert("content-type", "application/json".parse().expect("static"));
+        Ok(r)
+    };
+    match (req.method(), req.uri().path()) {
+        (&Method::POST, "/webhooks") => {
+            let signature =
+                req.headers().get(payments::SIGNATURE_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
+            let Ok(body) = Limited::new(req.into_body(), MAX_BODY).collect().await else {
+                return answer(StatusCode::PAYLOAD_TOO_LARGE, br#"{"error":"body too large"}"#.to_vec());
+            };
+            let (status, what) = inbox.take(&body.to_bytes(), signature.as_deref(), &secret);
+            answer(status, serde_json::to_vec(&serde_json::json!({ "result": what })).expect("json"))
+        }
+        (&Method::GET, "/deliveries") => {
+            let report = Report { summary: inbox.summary(), deliveries: inbox.deliveries() };
+            answer(StatusCode::OK, serde_json::to_vec(&report).expect("json"))
+        }
+        (&Method::GET, "/healthz") => answer(StatusCode::OK, b"{}".to_vec()),
+        _ => answer(StatusCode::NOT_FOUND, br#"{"error":"not found"}"#.to_vec()),
+    }
+}

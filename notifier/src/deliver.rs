@@ -1,0 +1,226 @@
+//! One webhook: what it carries, how it is signed and sent, and how long to
+//! wait before the next attempt.
+//!
+//! Every webhook is a JSON body POSTed to the host's endpoint with
+//! - `dropline-webhook-id`: the id the receiver deduplicates on (the
+//!   change's id, or a reminder's), also the body's `id`;
+//! - `dropline-signature`: `t=<unix seconds>,v1=<hex HMAC-SHA256 of
+//!   "<t>.<body>">`, the same scheme as the payment webhooks Dropline itself
+//!   checks (`dropline::payments::verify` checks these too).
+//!
+//! Any 2xx answer delivers it. Anything else (another status, a refused
+//! connection, a timeout) is a failed attempt; redirects are not followed.
+
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use dropline::messages::{Change, ChangeSubject};
+use dropline::payments;
+use dropline::secrets::Secret;
+use rand::Rng;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+/// The header carrying the webhook's id.
+pub const ID_HEADER: &str = "dropline-webhook-id";
+
+/// The body of a change's webhook.
+pub fn change_body(change: &Change) -> Value {
+    let ChangeSubject::Order { order_id, user_id, quantity, amount_cents, expires_at_ms, state } = &change.subject;
+    json!({
+        "id": change.change_id,
+        "type": change.kind(),
+        "created_at": rfc3339(change.changed_at_ms),
+        "seq": change.seq,
+        "event_id": change.event_id,
+        "buyer": user_id,
+        "data": {
+            "order_id": order_id,
+            "state": state,
+            "quantity": quantity,
+            "amount_cents": amount_cents,
+            "expires_at": rfc3339(*expires_at_ms),
+        },
+    })
+}
+
+/// What a reminder is about: a hold still held shortly before its deadline.
+#[derive(Debug, Clone)]
+pub struct Reminder {
+    pub id: Uuid,
+    pub event_id: u64,
+    pub order_id: Uuid,
+    pub user_id: String,
+    pub quantity: u32,
+    pub amount_cents: u64,
+    pub expires_at: DateTime<Utc>,
+}
+
+pub use dropline::messages::REMINDER_KIND;
+
+/// The body of a reminder's webhook.
+pub fn reminder_body(r: &Reminder) -> Value {
+    json!({
+        "id": r.id,
+        "type": REMINDER_KIND,
+        "created_at": rfc3339(Utc::now().timestamp_millis()),
+        "event_id": r.event_id,
+        "buyer": r.user_id,
+        "data": {
+            "order_id": r.order_id,
+            "state": "held",
+            "quantity": r.quantity,
+            "amount_cents": r.amount_cents,
+            "expires_at": rfc3339(r.expires_at.timestamp_millis()),
+        },
+    })
+}
+
+fn rfc3339(ms: i64) -> String {
+    DateTime::<Utc>::from_timestamp_millis(ms).unwrap_or_default().to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// Why an attempt failed: short, for the logs and the record.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Failed {
+    #[error("the endpoint answered {0}")]
+    Status(u16),
+    #[error("{0}")]
+    Transport(String),
+}
+
+/// The host's endpoint and the client that sends to it. Cheap to clone.
+#[derive(Clone)]
+pub struct Webhooks {
+    client: reqwest::Client,
+    url: reqwest::Url,
+    secret: Secret,
+}
+
+impl Webhooks {
+    pub fn new(url: &str, secret: Secret, attempt_timeout: Duration) -> Result<Self, WebhooksError> {
+        let client = reqwest::Client::builder()
+            .timeout(attempt_timeout)
+            .connect_timeout(attempt_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("dropline-notifier/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        let url = reqwest::Url::parse(url).map_err(|e| WebhooksError::Url(e.to_string()))?;
+        Ok(Self { client, url, secret })
+    }
+
+    /// One attempt at delivering `body` under `id`.
+    pub async fn send(&self, id: Uuid, body: &Value) -> Result<(), Failed> {
+        let body = serde_json::to_vec(body).expect("webhook bodies serialize");
+        let signature = payments::sign(self.secret.expose(), Utc::now().timestamp(), &body);
+        let sent = self
+            .client
+            .post(self.url.clone())
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(ID_HEADER, id.to_string())
+            .header(payments::SIGNATURE_HEADER, signature)
+            .body(body)
+            .send()
+            .await;
+        match sent {
+            Ok(response) if response.status().is_success() => Ok(()),
+            Ok(response) => Err(Failed::Status(response.status().as_u16())),
+            // Without the URL, which may carry a token.
+            Err(e) => Err(Failed::Transport(transport_problem(e))),
+        }
+    }
+}
+
+fn transport_problem(e: reqwest::Error) -> String {
+    if e.is_timeout() {
+        "timed out".into()
+    } else if e.is_connect() {
+        "could not connect".into()
+    } else {
+        let mut text = e.without_url().to_string();
+        text.truncate(200);
+        text
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WebhooksError {
+    #[error("http client: {0}")]
+    Client(#[from] reqwest::Error),
+    #[error("notify url: {0}")]
+    Url(String),
+}
+
+/// How attempts at one webhook are spaced, and how many there are.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    pub base: Duration,
+    pub max: Duration,
+    /// Attempts before the webhook is dead-lettered.
+    pub attempts: u32,
+}
+
+impl Backoff {
+    /// The wait after the `failed`-th failed attempt (from 1): the base
+    /// doubled each time, capped, then a random time in its upper half, so
+    /// webhooks failed together do not come back together.
+    pub fn after(&self, failed: u32) -> Duration {
+        let doubled = self.base.saturating_mul(1u32 << failed.saturating_sub(1).min(20));
+        let full = doubled.min(self.max).as_millis() as u64;
+        Duration::from_millis(rand::rng().random_range(full / 2..=full))
+    }
+
+    /// Whether another attempt follows the `failed`-th failure.
+    pub fn retries_after(&self, failed: u32) -> bool {
+        failed < self.attempts
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dropline::messages::OrderState;
+
+    #[test]
+    fn backoff_doubles_to_its_cap_with_jitter_in_the_upper_half() {
+        let b = Backoff { base: Duration::from_millis(100), max: Duration::from_secs(1), attempts: 5 };
+        for _ in 0..50 {
+            let first = b.after(1);
+            assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100), "{first:?}");
+            let third = b.after(3);
+            assert!(third >= Duration::from_millis(200) && third <= Duration::from_millis(400), "{third:?}");
+            let late = b.after(40);
+            assert!(late >= Duration::from_millis(500) && late <= Duration::from_secs(1), "{late:?}");
+        }
+        assert!(b.retries_after(4));
+        assert!(!b.retries_after(5));
+    }
+
+    #[test]
+    fn a_change_names_its_id_kind_and_buyer_and_verifies_with_the_payment_scheme() {
+        let change = Change {
+            change_id: Uuid::new_v4(),
+            seq: 9,
+            event_id: 4,
+            changed_at_ms: 1_700_000_000_123,
+            subject: ChangeSubject::Order {
+                order_id: Uuid::new_v4(),
+                user_id: "buyer-1".into(),
+                quantity: 2,
+                amount_cents: 2000,
+                expires_at_ms: 1_700_000_600_000,
+                state: OrderState::Held,
+            },
+        };
+        let body = change_body(&change);
+        assert_eq!(body["id"], change.change_id.to_string());
+        assert_eq!(body["type"], "order.held");
+        assert_eq!(body["buyer"], "buyer-1");
+        assert_eq!(body["created_at"], "2023-11-14T22:13:20.123Z");
+        let secret = dropline::secrets::random();
+        let bytes = serde_json::to_vec(&body).unwrap();
+        let header = payments::sign(secret.as_bytes(), 1_000, &bytes);
+        assert!(payments::verify(secret.as_bytes(), Some(&header), &bytes, 1_010, 300).is_ok());
+        assert!(payments::verify(b"another-secret-of-thirty-two-bytes!", Some(&header), &bytes, 1_010, 300).is_err());
+    }
+}

@@ -1,0 +1,94 @@
+//! `outbox`: the record's changes, written by triggers in the transaction
+//! that made each one (see the migration), and what the relay reads and
+//! marks there.
+
+use chrono::{DateTime, Utc};
+use dropline::messages::{Change, ChangeSubject, OrderState};
+use sqlx::{MySql, MySqlConnection, QueryBuilder};
+use uuid::Uuid;
+
+/// One outbox row, as written.
+#[derive(Debug, sqlx::FromRow)]
+pub struct Row {
+    pub seq: u64,
+    pub change_id: String,
+    pub subject: String,
+    pub kind: String,
+    pub event_id: u64,
+    pub order_id: Option<String>,
+    pub user_id: Option<String>,
+    pub quantity: Option<u32>,
+    pub amount_cents: Option<u64>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub changed_at: DateTime<Utc>,
+}
+
+/// A row this version cannot publish.
+#[derive(Debug, thiserror::Error)]
+#[error("outbox row {seq}: {problem}")]
+pub struct Unreadable {
+    pub seq: u64,
+    pub problem: String,
+}
+
+impl Row {
+    /// The change as it travels on `changes`.
+    pub fn change(self) -> Result<Change, Unreadable> {
+        let seq = self.seq;
+        let bad = |problem: String| Unreadable { seq, problem };
+        let change_id = Uuid::parse_str(&self.change_id).map_err(|e| bad(format!("change id: {e}")))?;
+        let subject = match self.subject.as_str() {
+            "order" => {
+                let missing = |column: &str| bad(format!("an order change without {column}"));
+                ChangeSubject::Order {
+                    order_id: Uuid::parse_str(self.order_id.as_deref().ok_or_else(|| missing("order_id"))?)
+                        .map_err(|e| bad(format!("order id: {e}")))?,
+                    user_id: self.user_id.ok_or_else(|| missing("user_id"))?,
+                    quantity: self.quantity.ok_or_else(|| missing("quantity"))?,
+                    amount_cents: self.amount_cents.ok_or_else(|| missing("amount_cents"))?,
+                    expires_at_ms: self.expires_at.ok_or_else(|| missing("expires_at"))?.timestamp_millis(),
+                    state: self.kind.parse::<OrderState>().map_err(|e| bad(e.to_string()))?,
+                }
+            }
+            other => return Err(bad(format!("no change of a {other:?} is known to this version"))),
+        };
+        Ok(Change {
+            change_id,
+            seq,
+            event_id: self.event_id,
+            changed_at_ms: self.changed_at.timestamp_millis(),
+            subject,
+        })
+    }
+}
+
+/// The oldest `limit` rows not published yet, in the order they were
+/// written.
+pub async fn unpublished(conn: &mut MySqlConnection, limit: u32) -> Result<Vec<Row>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT seq, change_id, CAST(subject AS CHAR) AS subject, kind, event_id, order_id, user_id, quantity, \
+         amount_cents, expires_at, changed_at FROM outbox WHERE published_at IS NULL ORDER BY seq LIMIT ?",
+    )
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+}
+
+/// Marks rows published.
+pub async fn mark_published(conn: &mut MySqlConnection, seqs: &[u64]) -> Result<(), sqlx::Error> {
+    for chunk in seqs.chunks(super::CHUNK) {
+        let mut q = QueryBuilder::<MySql>::new("UPDATE outbox SET published_at = UTC_TIMESTAMP(3) WHERE seq IN ");
+        super::push_list(&mut q, chunk);
+        q.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Takes the database's one relay lock on this connection; false if
+/// another connection (another settler) has it. It is the connection's
+/// until the connection closes.
+pub async fn lead(conn: &mut MySqlConnection) -> Result<bool, sqlx::Error> {
+    let got: Option<i64> =
+        sqlx::query_scalar("SELECT GET_LOCK(CONCAT('dropline.outbox.', DATABASE()), 0)").fetch_one(conn).await?;
+    Ok(got == Some(1))
+}
