@@ -7,7 +7,8 @@ RUN apt-get update && apt-get install -y --no-install-recommends cmake libssl-de
 COPY . .
 RUN cargo build --release --locked --bins \
  && install -D -t /out target/release/dropline-ingress target/release/dropline-allocator \
-      target/release/dropline-settler target/release/dropline-expirer target/release/dropline-paysim \
+      target/release/dropline-settler target/release/dropline-expirer target/release/dropline-notifier \
+      target/release/dropline-paysim \
       target/release/dropctl
 
 FROM debian:bookworm-slim

@@ -256,7 +256,7 @@ mysql_tcp -e "DROP DATABASE IF EXISTS dropline_ceiling"
 # 5. End to end: 10,000 tickets, a k6 flood far larger, resources sampled.
 log "end to end: k6 drop of 10000 tickets"
 pids=""
-for s in ingress allocator settler expirer; do pids="$pids $s:$(cat "$STATE_DIR/$s.pid")"; done
+for s in ingress allocator settler expirer notifier; do pids="$pids $s:$(cat "$STATE_DIR/$s.pid")"; done
 (
   while :; do
     for entry in $pids; do

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The fault-injection harness, full version: for each scenario (kill -9 of
-# each service mid-drop, a Redis flush, a Redis restart on its append-only
+# each stage mid-drop, a Redis flush, a Redis restart on its append-only
 # file, a Redis failover that loses its recent writes, a broker restart on
 # durable storage, a MariaDB crash and restart) it
 # runs a drop with its own Redis and broker (and, for the MariaDB crash, its

@@ -19,6 +19,8 @@ export PATH="$HOME/.cargo/bin:$PATH"
 stack_addresses() {
   INGRESS_ADDR=${INGRESS_ADDR:-127.0.0.1:8080}
   PAYSIM_ADDR=${PAYSIM_ADDR:-127.0.0.1:8090}
+  # The host's webhook receiver (dropctl receive), where the notifier sends.
+  RECEIVER_ADDR=${RECEIVER_ADDR:-127.0.0.1:9180}
   export DROPLINE_MYSQL_URL=${DROPLINE_MYSQL_URL:-mysql://root@127.0.0.1:$MYSQL_PORT/dropline}
   export DROPLINE_REDIS_URL=${DROPLINE_REDIS_URL:-redis://127.0.0.1:$REDIS_PORT}
   export DROPLINE_KAFKA_BROKERS=${DROPLINE_KAFKA_BROKERS:-127.0.0.1:$KAFKA_PORT}
@@ -226,7 +228,7 @@ ensure_prometheus() {
 # them (then restart the services). Nothing here is a published default;
 # the services refuse those.
 SECRETS_FILE=$STATE_DIR/secrets.env
-SECRET_NAMES="DROPLINE_JWT_SECRET DROPLINE_ADMIN_JWT_SECRET DROPLINE_WEBHOOK_SECRET"
+SECRET_NAMES="DROPLINE_JWT_SECRET DROPLINE_ADMIN_JWT_SECRET DROPLINE_WEBHOOK_SECRET DROPLINE_NOTIFY_SECRET"
 
 random_hex32() { od -An -N32 -tx1 /dev/urandom | tr -d ' \n'; }
 
@@ -248,13 +250,19 @@ ensure_secrets() {
 }
 
 # Exports each secret from the file, unless the environment already sets it.
+# A secret the file lacks (it was generated before that secret existed) is
+# generated and added; the others are never touched.
 load_secrets() {
   ensure_secrets
   local name value
   for name in $SECRET_NAMES; do
     if [ -n "${!name:-}" ]; then export "${name?}"; continue; fi
     value=$(sed -n "s/^$name=//p" "$SECRETS_FILE" | tail -n 1)
-    [ -n "$value" ] || die "$name is missing from $SECRETS_FILE (delete the file to generate new secrets)"
+    if [ -z "$value" ]; then
+      value=$(random_hex32)
+      echo "$name=$value" >>"$SECRETS_FILE"
+      log "added $name to $SECRETS_FILE"
+    fi
     export "$name=$value"
   done
 }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Dropline's local stack: Redis, MariaDB, the tansu broker, and the five
-# processes (ingress, allocator, settler, expirer, paysim).
+# Dropline's local stack: Redis, MariaDB, the tansu broker, Dropline's five
+# stages (ingress, allocator, settler, expirer, notifier), the payment
+# simulator (paysim) and the host's webhook receiver (dropctl receive).
 #
 #   scripts/stack.sh up        stores + broker + Prometheus + schema + topics + services
 #   scripts/stack.sh infra     stores + broker only (what the tests need)
@@ -30,7 +31,7 @@ BIN=$DROPLINE_ROOT/target/$PROFILE
 
 # name, ops port: every service's /healthz, /readyz and /metrics.
 OPS_PORT_BASE=${DROPLINE_OPS_PORT_BASE:-9100}
-SERVICES="ingress:$OPS_PORT_BASE allocator:$((OPS_PORT_BASE + 1)) settler:$((OPS_PORT_BASE + 2)) expirer:$((OPS_PORT_BASE + 3))"
+SERVICES="ingress:$OPS_PORT_BASE allocator:$((OPS_PORT_BASE + 1)) settler:$((OPS_PORT_BASE + 2)) expirer:$((OPS_PORT_BASE + 3)) notifier:$((OPS_PORT_BASE + 4))"
 ops_port() { local s; for s in $SERVICES; do [ "${s%%:*}" = "$1" ] && echo "${s##*:}"; done; }
 
 build() {
@@ -53,12 +54,14 @@ start_one() {
     log "$name already running (pid $(cat "$STATE_DIR/$name.pid"))"
     return
   fi
-  env "$@" nohup "$BIN/$(binary "$name")" >>"$STATE_DIR/$name.log" 2>&1 &
+  # shellcheck disable=SC2046 # the subcommand is one word or none
+  env "$@" nohup "$BIN/$(binary "$name")" $(subcommand "$name") >>"$STATE_DIR/$name.log" 2>&1 &
   echo $! >"$STATE_DIR/$name.pid"
   log "$name started (pid $!, log .dropline/$name.log)"
 }
 
-binary() { case $1 in paysim) echo dropline-paysim ;; *) echo "dropline-$1" ;; esac; }
+binary() { case $1 in paysim) echo dropline-paysim ;; receiver) echo dropctl ;; *) echo "dropline-$1" ;; esac; }
+subcommand() { [ "$1" != receiver ] || echo receive; }
 
 ready() { curl -fsS "http://127.0.0.1:$1/readyz" >/dev/null 2>&1; }
 
@@ -82,6 +85,9 @@ services_up() {
   "$BIN/dropctl" topics
   # paysim keeps its record of captured payments in .dropline/ too: after
   # a restart it still knows what it charged, for an audit against MySQL.
+  # The host's end of the notifier's webhooks: it checks their signatures
+  # and shows what arrived at http://$RECEIVER_ADDR/deliveries.
+  start_one receiver DROPLINE_RECEIVER_ADDR="$RECEIVER_ADDR"
   start_one paysim DROPLINE_PAYSIM_LISTEN_ADDR="$PAYSIM_ADDR" \
     DROPLINE_PAYSIM_CAPTURES_PATH="${DROPLINE_PAYSIM_CAPTURES_PATH:-$STATE_DIR/paysim-captures.jsonl}" \
     DROPLINE_PAYSIM_WEBHOOK_URL="http://$INGRESS_ADDR/v1/webhooks/payments"
@@ -103,20 +109,21 @@ services_up() {
   # coming back (it would keep its partitions). Each consumer reports ready
   # only once it holds partitions, which is what the wait below waits for.
   local stage
-  for stage in allocator settler expirer; do
+  for stage in allocator settler expirer notifier; do
     start_one "$stage" DROPLINE_OPS_ADDR="127.0.0.1:$(ops_port "$stage")" \
-      DROPLINE_KAFKA_GROUP_INSTANCE_ID="local-$stage-0"
+      DROPLINE_KAFKA_GROUP_INSTANCE_ID="local-$stage-0" DROPLINE_NOTIFY_URL="http://$RECEIVER_ADDR/webhooks"
   done
   for s in $SERVICES; do
     local name=${s%%:*} port=${s##*:}
     wait_for "$name (see .dropline/$name.log)" 60 ready "$port"
   done
   wait_for "paysim" 30 curl -fsS "http://$PAYSIM_ADDR/healthz"
+  wait_for "the webhook receiver" 30 curl -fsS "http://$RECEIVER_ADDR/healthz"
   # What answered must be this stack's own processes, still running.
-  for name in paysim ingress allocator settler expirer; do
+  for name in receiver paysim ingress allocator settler expirer notifier; do
     running "$name" || die "$name exited after it started; see .dropline/$name.log"
   done
-  log "services ready: API http://$INGRESS_ADDR, metrics on :$OPS_PORT_BASE-$((OPS_PORT_BASE + 3)), Prometheus http://127.0.0.1:$PROMETHEUS_PORT"
+  log "services ready: API http://$INGRESS_ADDR, metrics on :$OPS_PORT_BASE-$((OPS_PORT_BASE + 4)), Prometheus http://127.0.0.1:$PROMETHEUS_PORT, webhooks received http://$RECEIVER_ADDR/deliveries"
 }
 
 # Every port a service of this stack that is not running yet will listen
@@ -125,10 +132,10 @@ services_up() {
 # place.
 ports_free() {
   local name port
-  for entry in "paysim:${PAYSIM_ADDR##*:}" "ingress:${INGRESS_ADDR##*:}" $SERVICES; do
+  for entry in "paysim:${PAYSIM_ADDR##*:}" "ingress:${INGRESS_ADDR##*:}" "receiver:${RECEIVER_ADDR##*:}" $SERVICES; do
     name=${entry%%:*} port=${entry##*:}
     if ! running "$name" && port_open "$port"; then
-      die "port $port, for $name, is taken by another process (another local stack?); stop it, or move this stack with INGRESS_ADDR, PAYSIM_ADDR and DROPLINE_OPS_PORT_BASE"
+      die "port $port, for $name, is taken by another process (another local stack?); stop it, or move this stack with INGRESS_ADDR, PAYSIM_ADDR, RECEIVER_ADDR and DROPLINE_OPS_PORT_BASE"
     fi
   done
 }
@@ -149,11 +156,11 @@ stop_one() {
 }
 
 services_down() {
-  for name in ingress paysim allocator settler expirer; do stop_one "$name"; done
+  for name in ingress paysim allocator settler expirer notifier receiver; do stop_one "$name"; done
 }
 
 status() {
-  for name in ingress allocator settler expirer paysim prometheus tansu; do
+  for name in ingress allocator settler expirer notifier paysim receiver prometheus tansu; do
     if running "$name"; then echo "$name: running (pid $(cat "$STATE_DIR/$name.pid"))"; else echo "$name: not started here"; fi
   done
   port_open "$REDIS_PORT" && echo "redis: listening on :$REDIS_PORT" || echo "redis: down"
@@ -186,8 +193,8 @@ case "${1:-up}" in
       services_down
     fi
     groups=("${DROPLINE_ALLOCATOR_GROUP:-dropline-allocator}" "${DROPLINE_SETTLER_GROUP:-dropline-settler}"
-      "${DROPLINE_EXPIRER_GROUP:-dropline-expirer}")
-    if ! running allocator && ! running settler && ! running expirer \
+      "${DROPLINE_EXPIRER_GROUP:-dropline-expirer}" "${DROPLINE_NOTIFIER_GROUP:-dropline-notifier}")
+    if ! running allocator && ! running settler && ! running expirer && ! running notifier \
       && [ "${DROPLINE_BROKER_STORAGE:-sqlite}" = sqlite ] && [ "$(group_members count "${groups[@]}")" != 0 ]; then
       # Mending restarts the broker, and a producer that outlives a broker
       # restart can panic it (the ingress's, after the consumers' kill -9,

@@ -102,6 +102,10 @@ enum Command {
         /// Prometheus scraping the services, for the headline numbers.
         #[arg(long, env = "DROPLINE_PROMETHEUS_URL", default_value = "http://127.0.0.1:9090")]
         prometheus_url: String,
+        /// The host's webhook receiver (`dropctl receive`), for what the
+        /// notifier delivered.
+        #[arg(long, env = "DROPLINE_RECEIVER_URL", default_value = "http://127.0.0.1:9180")]
+        receiver_url: String,
         /// The books are checked once the consumer groups have caught up.
         #[command(flatten)]
         books: Books,
@@ -345,6 +349,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             opens_in_secs,
             summary_json,
             prometheus_url,
+            receiver_url,
             books,
         } => {
             let tokens = secrets.tokens()?;
@@ -393,6 +398,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     .with_context(|| format!("writing {}", path.display()))?;
             }
             print_headline(&prometheus_url, &report).await;
+            print_notifications(&receiver_url, report.event_id).await;
             if !report.passed() {
                 anyhow::bail!("the drop did not balance");
             }
@@ -549,6 +555,34 @@ async fn print_headline(url: &str, r: &DropReport) {
         }
         Err(e) => println!("prometheus: {e:#}"),
     }
+}
+
+/// What the host's receiver got for the event: by then the notifier had
+/// settled every change (the check waited for it).
+async fn print_notifications(url: &str, event_id: u64) {
+    let report = async {
+        let r = reqwest::get(format!("{url}/deliveries")).await?.error_for_status()?;
+        r.json::<dropctl::receiver::Report>().await
+    };
+    let report = match report.await {
+        Ok(r) => r,
+        Err(e) => {
+            println!("webhook receiver: not reachable at {url} ({e}); no delivery summary");
+            return;
+        }
+    };
+    let mut by_type = std::collections::BTreeMap::<String, u64>::new();
+    for d in report.deliveries.iter().filter(|d| d.event_id == event_id) {
+        *by_type.entry(d.kind.clone()).or_default() += 1;
+    }
+    let total: u64 = by_type.values().sum();
+    let kinds: Vec<String> = by_type.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    println!("notifications (the host's receiver, {url}):");
+    println!("  {total} webhooks for this event, each id once: {}", kinds.join(", "));
+    println!(
+        "  since the receiver started: {} copies deduplicated, {} refused for a bad signature",
+        report.summary.duplicates, report.summary.bad_signatures
+    );
 }
 
 /// A drop's figures, as scripts/bench.sh reads them.

@@ -24,7 +24,7 @@ use dropctl::api::Api;
 use dropctl::drill::{self, DropReport};
 use dropline::stock::Ledger;
 
-const STAGES: [&str; 4] = ["ingress", "allocator", "settler", "expirer"];
+const STAGES: [&str; 5] = ["ingress", "allocator", "settler", "expirer", "notifier"];
 
 /// The stages' drain timeout here: shorter than the default, so the
 /// scenario that outlasts it stays short.
@@ -58,6 +58,11 @@ struct Cluster {
     mariadb: Option<Mariadb>,
     stages: BTreeMap<&'static str, Process>,
     _paysim: Process,
+    /// The host's endpoint, in the test process: what the notifier
+    /// delivered, each webhook id once.
+    inbox: std::sync::Arc<dropctl::receiver::Inbox>,
+    receiver_port: u16,
+    stop_receiver: tokio_util::sync::CancellationToken,
 }
 
 impl Cluster {
@@ -87,6 +92,16 @@ impl Cluster {
             ],
             &[],
         );
+        let receiver = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let receiver_port = receiver.local_addr().unwrap().port();
+        let inbox = std::sync::Arc::new(dropctl::receiver::Inbox::default());
+        let stop_receiver = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(dropctl::receiver::serve(
+            receiver,
+            secrets.notify.clone().into_bytes(),
+            inbox.clone(),
+            stop_receiver.clone(),
+        ));
         let mut cluster = Cluster {
             name,
             secrets,
@@ -102,6 +117,9 @@ impl Cluster {
             mariadb,
             stages: BTreeMap::new(),
             _paysim: paysim,
+            inbox,
+            receiver_port,
+            stop_receiver,
         };
         cluster.start_redis().await;
         cluster.start_broker().await;
@@ -225,8 +243,13 @@ impl Cluster {
             ("DROPLINE_ALLOCATOR_GROUP", format!("{name}-allocator")),
             ("DROPLINE_SETTLER_GROUP", format!("{name}-settler")),
             ("DROPLINE_EXPIRER_GROUP", format!("{name}-expirer")),
+            ("DROPLINE_NOTIFIER_GROUP", format!("{name}-notifier")),
             ("DROPLINE_SETTLER_DRIFT_INTERVAL_SECS", "1".into()),
             ("DROPLINE_EXPIRER_TICK_MS", "50".into()),
+            ("DROPLINE_NOTIFY_URL", format!("http://127.0.0.1:{}/webhooks", self.receiver_port)),
+            ("DROPLINE_NOTIFIER_TICK_MS", "20".into()),
+            ("DROPLINE_NOTIFIER_BACKOFF_BASE_MS", "50".into()),
+            ("DROPLINE_NOTIFIER_BACKOFF_MAX_MS", "1000".into()),
             ("DROPLINE_DRAIN_TIMEOUT_SECS", DRAIN_TIMEOUT_SECS.to_string()),
         ];
         env.extend(self.secrets.env());
@@ -282,6 +305,20 @@ impl Cluster {
         let verdict = report.verdict.clone().expect("a verdict");
         println!("{scenario}: invariants\n{verdict}");
         assert!(report.passed(), "{scenario}: {report:#?}\n{verdict}");
+        // The host got every change of the sale once, whatever was
+        // repeated (a notifier killed after a send and before its record
+        // sends it again, under the same id, which the receiver drops).
+        let changes = self
+            .inbox
+            .deliveries()
+            .iter()
+            .filter(|d| d.event_id == report.event_id && d.kind != dropline::messages::REMINDER_KIND)
+            .count() as u64;
+        let m = &verdict.mysql;
+        assert_eq!(changes, m.order_changes - m.changes_dead_lettered, "{scenario}: {:?}\n{verdict}", self.inbox.summary());
+        assert_eq!(self.inbox.summary().bad_signatures, 0);
+        println!("{scenario}: the host received {changes} changes; {:?}", self.inbox.summary());
+        self.stop_receiver.cancel();
         for stage in STAGES {
             if let Some(p) = self.stages.remove(stage) {
                 p.terminate().await;
@@ -321,6 +358,7 @@ kill_9_mid_drop!(
     kill_9_of_the_settler_mid_drop_loses_and_doubles_nothing: "settler",
     kill_9_of_the_expirer_mid_drop_loses_and_doubles_nothing: "expirer",
     kill_9_of_the_ingress_mid_drop_loses_and_doubles_nothing: "ingress",
+    kill_9_of_the_notifier_mid_drop_loses_and_doubles_nothing: "notifier",
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

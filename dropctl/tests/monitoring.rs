@@ -59,9 +59,9 @@ async fn every_dashboard_query_has_data_and_alerts_fire_only_on_faults() {
     let dir = std::env::temp_dir().join(format!("dropline-{name}"));
     std::fs::create_dir_all(&dir).unwrap();
 
-    let (api_port, paysim_port, prom_port) = (free_port(), free_port(), free_port());
+    let (api_port, paysim_port, prom_port, receiver_port) = (free_port(), free_port(), free_port(), free_port());
     let ops: BTreeMap<&str, u16> =
-        ["ingress", "allocator", "settler", "expirer"].into_iter().map(|s| (s, free_port())).collect();
+        ["ingress", "allocator", "settler", "expirer", "notifier"].into_iter().map(|s| (s, free_port())).collect();
     let secrets = Secrets::generate();
     let common_env = |stage: &str| -> Vec<(&str, String)> {
         let mut env = vec![
@@ -76,8 +76,10 @@ async fn every_dashboard_query_has_data_and_alerts_fire_only_on_faults() {
             ("DROPLINE_ALLOCATOR_GROUP", format!("{name}-allocator")),
             ("DROPLINE_SETTLER_GROUP", format!("{name}-settler")),
             ("DROPLINE_EXPIRER_GROUP", format!("{name}-expirer")),
+            ("DROPLINE_NOTIFIER_GROUP", format!("{name}-notifier")),
             ("DROPLINE_SETTLER_DRIFT_INTERVAL_SECS", "1".into()),
             ("DROPLINE_EXPIRER_TICK_MS", "50".into()),
+            ("DROPLINE_NOTIFY_URL", format!("http://127.0.0.1:{receiver_port}/webhooks")),
         ];
         env.extend(secrets.env());
         env
@@ -104,6 +106,17 @@ async fn every_dashboard_query_has_data_and_alerts_fire_only_on_faults() {
     let allocator = spawn("allocator", bin.join("dropline-allocator"), &common_env("allocator"), &[]);
     let settler = spawn("settler", bin.join("dropline-settler"), &common_env("settler"), &[]);
     let expirer = spawn("expirer", bin.join("dropline-expirer"), &common_env("expirer"), &[]);
+    let notifier = spawn("notifier", bin.join("dropline-notifier"), &common_env("notifier"), &[]);
+    // The host's end, as the local stack runs it.
+    let _receiver = spawn(
+        "receiver",
+        bin.join("dropctl"),
+        &[
+            ("DROPLINE_RECEIVER_ADDR", format!("127.0.0.1:{receiver_port}")),
+            ("DROPLINE_NOTIFY_SECRET", secrets.notify.clone()),
+        ],
+        &["receive".into()],
+    );
 
     std::fs::write(dir.join("rules.yml"), rules_for_test()).unwrap();
     let scrape: String = ops
@@ -132,7 +145,7 @@ async fn every_dashboard_query_has_data_and_alerts_fire_only_on_faults() {
     let now = || chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
     eventually("every stage scraped and up", Duration::from_secs(60), || async {
         let up = prom.instant("sum(up{job=~\"dropline-.*\"})", now()).await.ok()?;
-        (up.first()?.samples.first()?.1 == 4.0).then_some(())
+        (up.first()?.samples.first()?.1 == 5.0).then_some(())
     })
     .await;
 
@@ -229,7 +242,7 @@ async fn every_dashboard_query_has_data_and_alerts_fire_only_on_faults() {
     })
     .await;
 
-    for p in [ingress, allocator, expirer, paysim] {
+    for p in [ingress, allocator, expirer, notifier, paysim] {
         p.terminate().await;
     }
     let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS dropline_{name}")).execute(&db).await;

@@ -14,7 +14,6 @@ use dropctl::api::{Api, Purchase};
 use dropctl::invariants::{self, CheckOptions, Row};
 use dropctl::quiet::{self, Quiet};
 use dropctl::receiver::Delivered;
-use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use uuid::Uuid;
 
@@ -207,23 +206,11 @@ async fn a_webhook_that_keeps_failing_is_dead_lettered_once_and_the_next_flows()
     let doomed_kinds = by_order(&stack.inbox.deliveries()).remove(&doomed.to_string()).unwrap_or_default();
     assert!(!doomed_kinds.contains(&"order.held".to_owned()), "a dead letter is not sent again: {doomed_kinds:?}");
 
-    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", common::brokers())
-        .set("group.id", format!("{}-dlq-reader", stack.name))
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[&stack.topics.dead_letter]).unwrap();
     let mut kinds = Vec::new();
-    while kinds.len() < 2 {
-        let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await.expect("a dead letter").unwrap();
+    for m in stack.dead_letters(2).await {
         let headers = m.headers().unwrap();
         let header = |name: &str| {
-            headers
-                .iter()
-                .find(|h| h.key == name)
-                .and_then(|h| h.value)
-                .map(|v| String::from_utf8_lossy(v).into_owned())
+            headers.iter().find(|h| h.key == name).and_then(|h| h.value).map(|v| String::from_utf8_lossy(v).into_owned())
         };
         assert_eq!(header("dropline-dlq-stage").as_deref(), Some("notifier"));
         kinds.push((header("dropline-dlq-kind").unwrap(), m.key().map(|k| String::from_utf8_lossy(k).into_owned())));

@@ -217,7 +217,7 @@ async fn a_malformed_intent_is_dead_lettered_and_the_partition_keeps_flowing() {
     })
     .await;
 
-    let m = first_dead_letter(&stack).await;
+    let m = stack.dead_letters(1).await.remove(0);
     assert_eq!(m.payload(), Some(&b"{not json"[..]));
     let headers = m.headers().expect("dead letters carry headers");
     let reason = headers.iter().find(|h| h.key == "dropline-dlq-reason").and_then(|h| h.value).unwrap();
@@ -254,7 +254,7 @@ async fn a_decision_the_record_can_never_take_is_dead_lettered_and_the_partition
     .await;
     assert_eq!(intents_rows(&stack, poison.intent_id).await, 0);
 
-    let m = first_dead_letter(&stack).await;
+    let m = stack.dead_letters(1).await.remove(0);
     let parked: Decision = serde_json::from_slice(m.payload().unwrap()).unwrap();
     assert_eq!(parked.intent_id, poison.intent_id);
     let header = |name: &str| {
@@ -264,19 +264,6 @@ async fn a_decision_the_record_can_never_take_is_dead_lettered_and_the_partition
     assert_eq!(header("dropline-dlq-stage").as_deref(), Some("settler"));
     assert_eq!(header("dropline-dlq-kind").as_deref(), Some("unappliable"));
     stack.stop().await;
-}
-
-/// The first message on the stack's dead-letter topic.
-async fn first_dead_letter(stack: &Stack) -> rdkafka::message::OwnedMessage {
-    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", common::brokers())
-        .set("group.id", format!("{}-dlq-reader", stack.name))
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[&stack.topics.dead_letter]).unwrap();
-    let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await.expect("a dead letter").unwrap();
-    m.detach()
 }
 
 /// Purchases and follows the intent until it is decided.
@@ -1192,7 +1179,7 @@ async fn an_intent_for_an_event_the_record_does_not_have_is_dead_lettered_not_re
         (intents_rows(&stack, good.intent_id).await == 1).then_some(())
     })
     .await;
-    let m = first_dead_letter(&stack).await;
+    let m = stack.dead_letters(1).await.remove(0);
     let parked: PurchaseIntent = serde_json::from_slice(m.payload().unwrap()).unwrap();
     assert_eq!(parked.intent_id, poison.intent_id);
     let kind = m.headers().unwrap().iter().find(|h| h.key == "dropline-dlq-kind").and_then(|h| h.value);

@@ -321,6 +321,7 @@ mod tests {
             ("allocator", super::allocator::ALL),
             ("settler", super::settler::ALL),
             ("expirer", super::expirer::ALL),
+            ("notifier", super::notifier::ALL),
         ];
         let mut names = HashSet::new();
         for (stage, table) in tables {

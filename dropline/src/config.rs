@@ -253,7 +253,7 @@ impl MysqlArgs {
 pub struct OpsArgs {
     /// Where /healthz, /readyz and /metrics listen [default: 127.0.0.1 and
     /// the stage's own port: ingress 9100, allocator 9101, settler 9102,
-    /// expirer 9103].
+    /// expirer 9103, notifier 9104].
     #[arg(long = "ops-addr", env = "DROPLINE_OPS_ADDR")]
     pub addr: Option<SocketAddr>,
     /// How long a SIGTERM drain may take before in-flight work is abandoned

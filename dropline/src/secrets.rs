@@ -74,6 +74,7 @@ pub const PUBLISHED: &[&str] = &[
     "REPLACE-with-openssl-rand-hex-32-buyer-jwt",
     "REPLACE-with-openssl-rand-hex-32-admin-jwt",
     "REPLACE-with-the-payment-providers-webhook-secret",
+    "REPLACE-with-openssl-rand-hex-32-notify",
     // Random-looking constants that tests once took for valid secrets.
     "9f2c4e7a1b3d5f60817a2c4e6b8d0f1325a7c9e1b3d5f7092a4c6e8b0d2f4a6c",
     "q8J3xZ0vTb6LwYp2Rk9NcHf5Ud1Ae7Gs",

@@ -181,6 +181,59 @@ mod tests {
     use super::*;
     use dropline::messages::OrderState;
 
+    /// The bodies have exactly the fields `docs/openapi.json` gives the
+    /// host's webhook (`Notification`), its required ones included.
+    #[test]
+    fn the_bodies_are_what_the_api_document_promises() {
+        let doc: Value = serde_json::from_str(include_str!("../../docs/openapi.json")).unwrap();
+        let schema = &doc["components"]["schemas"]["Notification"];
+        let check = |body: &Value, schema: &Value, at: &str| {
+            let fields: Vec<&String> = body.as_object().unwrap().keys().collect();
+            for f in &fields {
+                assert!(schema["properties"].get(f.as_str()).is_some(), "{at}.{f} is not in the document");
+            }
+            for r in schema["required"].as_array().unwrap() {
+                assert!(body.get(r.as_str().unwrap()).is_some(), "{at}.{r} is required by the document");
+            }
+        };
+        let held = change(OrderState::Held);
+        let kinds = &schema["properties"]["type"]["enum"];
+        for body in [change_body(&held), change_body(&change(OrderState::Voided)), reminder_body(&reminder())] {
+            check(&body, schema, "body");
+            check(&body["data"], &schema["properties"]["data"], "data");
+            assert!(kinds.as_array().unwrap().contains(&body["type"]), "{} is in the document's enum", body["type"]);
+        }
+    }
+
+    fn change(state: OrderState) -> Change {
+        Change {
+            change_id: Uuid::new_v4(),
+            seq: 9,
+            event_id: 4,
+            changed_at_ms: 1_700_000_000_123,
+            subject: ChangeSubject::Order {
+                order_id: Uuid::new_v4(),
+                user_id: "buyer-1".into(),
+                quantity: 2,
+                amount_cents: 2000,
+                expires_at_ms: 1_700_000_600_000,
+                state,
+            },
+        }
+    }
+
+    fn reminder() -> Reminder {
+        Reminder {
+            id: Uuid::new_v4(),
+            event_id: 4,
+            order_id: Uuid::new_v4(),
+            user_id: "buyer-1".into(),
+            quantity: 1,
+            amount_cents: 1000,
+            expires_at: Utc::now(),
+        }
+    }
+
     #[test]
     fn backoff_doubles_to_its_cap_with_jitter_in_the_upper_half() {
         let b = Backoff { base: Duration::from_millis(100), max: Duration::from_secs(1), attempts: 5 };
@@ -198,20 +251,7 @@ mod tests {
 
     #[test]
     fn a_change_names_its_id_kind_and_buyer_and_verifies_with_the_payment_scheme() {
-        let change = Change {
-            change_id: Uuid::new_v4(),
-            seq: 9,
-            event_id: 4,
-            changed_at_ms: 1_700_000_000_123,
-            subject: ChangeSubject::Order {
-                order_id: Uuid::new_v4(),
-                user_id: "buyer-1".into(),
-                quantity: 2,
-                amount_cents: 2000,
-                expires_at_ms: 1_700_000_600_000,
-                state: OrderState::Held,
-            },
-        };
+        let change = change(OrderState::Held);
         let body = change_body(&change);
         assert_eq!(body["id"], change.change_id.to_string());
         assert_eq!(body["type"], "order.held");

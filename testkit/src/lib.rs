@@ -27,24 +27,27 @@ pub struct Secrets {
     pub jwt: String,
     pub admin_jwt: String,
     pub webhook: String,
+    /// The notifier's webhook signing secret.
+    pub notify: String,
 }
 
 impl Secrets {
     pub fn generate() -> Secrets {
         use dropline::secrets::random;
-        Secrets { jwt: random(), admin_jwt: random(), webhook: random() }
+        Secrets { jwt: random(), admin_jwt: random(), webhook: random(), notify: random() }
     }
 
     pub fn tokens(&self) -> Tokens {
         Tokens::new(self.jwt.as_bytes(), self.admin_jwt.as_bytes(), dropline::auth::DEFAULT_ISSUER)
     }
 
-    /// The variables the ingress and paysim read them from.
-    pub fn env(&self) -> [(&'static str, String); 3] {
+    /// The variables the ingress, paysim and the notifier read them from.
+    pub fn env(&self) -> [(&'static str, String); 4] {
         [
             ("DROPLINE_JWT_SECRET", self.jwt.clone()),
             ("DROPLINE_ADMIN_JWT_SECRET", self.admin_jwt.clone()),
             ("DROPLINE_WEBHOOK_SECRET", self.webhook.clone()),
+            ("DROPLINE_NOTIFY_SECRET", self.notify.clone()),
         ]
     }
 

@@ -135,7 +135,7 @@ impl Stack {
         );
         let receiver = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let receiver_addr = receiver.local_addr().unwrap();
-        let notify_secret = dropline::secrets::random();
+        let notify_secret = deployment.secrets.notify.clone();
         let inbox = std::sync::Arc::new(dropctl::receiver::Inbox::default());
         tasks.push(tokio::spawn(dropctl::receiver::serve(
             receiver,
@@ -225,6 +225,25 @@ impl Stack {
     /// straight to a topic (duplicates, poison).
     pub fn publisher(&self) -> Publisher {
         Publisher::new(&self.kafka, "test-producer", WhenFull::Wait).unwrap()
+    }
+
+    /// The first `count` messages on the stack's dead-letter topic (each
+    /// within 30 s).
+    pub async fn dead_letters(&self, count: usize) -> Vec<rdkafka::message::OwnedMessage> {
+        use rdkafka::consumer::{Consumer, StreamConsumer};
+        let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &self.kafka.brokers)
+            .set("group.id", format!("{}-dlq-reader", self.name))
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .unwrap();
+        consumer.subscribe(&[&self.topics.dead_letter]).unwrap();
+        let mut out = Vec::new();
+        while out.len() < count {
+            let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await.expect("a dead letter");
+            out.push(m.unwrap().detach());
+        }
+        out
     }
 
     /// Stops every stage (a graceful drain) and drops the test database.
