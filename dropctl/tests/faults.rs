@@ -315,7 +315,12 @@ impl Cluster {
             .filter(|d| d.event_id == report.event_id && d.kind != dropline::messages::REMINDER_KIND)
             .count() as u64;
         let m = &verdict.mysql;
-        assert_eq!(changes, m.order_changes - m.changes_dead_lettered, "{scenario}: {:?}\n{verdict}", self.inbox.summary());
+        assert_eq!(
+            changes,
+            m.order_changes - m.changes_dead_lettered,
+            "{scenario}: {:?}\n{verdict}",
+            self.inbox.summary()
+        );
         assert_eq!(self.inbox.summary().bad_signatures, 0);
         println!("{scenario}: the host received {changes} changes; {:?}", self.inbox.summary());
         self.stop_receiver.cancel();

@@ -210,7 +210,11 @@ async fn a_webhook_that_keeps_failing_is_dead_lettered_once_and_the_next_flows()
     for m in stack.dead_letters(2).await {
         let headers = m.headers().unwrap();
         let header = |name: &str| {
-            headers.iter().find(|h| h.key == name).and_then(|h| h.value).map(|v| String::from_utf8_lossy(v).into_owned())
+            headers
+                .iter()
+                .find(|h| h.key == name)
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
         };
         assert_eq!(header("dropline-dlq-stage").as_deref(), Some("notifier"));
         kinds.push((header("dropline-dlq-kind").unwrap(), m.key().map(|k| String::from_utf8_lossy(k).into_owned())));
