@@ -14,7 +14,9 @@
 # Ceilings: a bare hyper server (wrk, same script), the raw rdkafka produce
 # rate (same producer settings), redis-benchmark EVALSHA of the same
 # allocation script (one intent per call), multi-row INSERTs into the same
-# MariaDB, and the naive one-transaction-per-purchase design.
+# MariaDB, the naive one-transaction-per-purchase design, and the settler's
+# own batch writer without the record's outbox (its cost). The notifier is
+# compared with the decisions of the same end-to-end drop.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -251,6 +253,8 @@ log "mysql ceiling: multi-row INSERT"
 "$BIN/dropctl" ceiling insert --rows "$N_DECISIONS" --batch 500 --mysql-url "$MYSQL_SERVER/dropline_ceiling" >"$OUT/insert.json"
 log "naive design: one transaction per purchase on a hot row"
 "$BIN/dropctl" ceiling naive --purchases 3000 --concurrency 32 --mysql-url "$MYSQL_SERVER/dropline_ceiling" >"$OUT/naive.json"
+log "the outbox's cost to the settler: its batch writer with the outbox and without"
+"$BIN/dropctl" ceiling outbox --orders 20000 --mysql-url "$MYSQL_SERVER/dropline_ceiling" >"$OUT/outbox.json"
 mysql_tcp -e "DROP DATABASE IF EXISTS dropline_ceiling"
 
 # 5. End to end: 10,000 tickets, a k6 flood far larger, resources sampled.
@@ -279,6 +283,17 @@ drop_accepted=$(json_get '["metrics"]["dropline_undecided"]["values"]["passes"] 
 "$BIN/dropctl" check --event "$drop_event" --wait-secs 90 --accepted "${drop_accepted%.*}" >"$OUT/check.txt"
 check_status=$?
 set -e
+# The notifier against the decisions of the same drop: the busiest second
+# of each, by the record's own clocks (a decision's, a notification's).
+mysql_tcp -N -e "SELECT
+    (SELECT COALESCE(MAX(n), 0) FROM (SELECT COUNT(*) AS n FROM dropline_bench.intents WHERE event_id = $drop_event
+       GROUP BY FLOOR(UNIX_TIMESTAMP(decided_at))) d),
+    (SELECT COALESCE(MAX(n), 0) FROM (SELECT COUNT(*) AS n FROM dropline_bench.notifications WHERE event_id = $drop_event
+       AND kind <> 'order.hold_expiring' GROUP BY FLOOR(UNIX_TIMESTAMP(recorded_at))) x),
+    (SELECT COUNT(*) FROM dropline_bench.intents WHERE event_id = $drop_event),
+    (SELECT COUNT(*) FROM dropline_bench.notifications WHERE event_id = $drop_event AND kind <> 'order.hold_expiring')" \
+  | python3 -c 'import json,sys; d,n,dt,nt=map(int,sys.stdin.read().split()); print(json.dumps({"decisions_peak": d, "notifications_peak": n, "decisions": dt, "notifications": nt}))' \
+  >"$OUT/notify.json"
 "$DROPLINE_ROOT/scripts/stack.sh" wipe
 rm -rf "$DROPLINE_STATE_DIR"
 trap - EXIT

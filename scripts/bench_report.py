@@ -37,6 +37,8 @@ redis = load("redis_ceiling.json")
 settler = load("settler.json")
 insert = load("insert.json")
 naive = load("naive.json")
+outbox = load("outbox.json")
+notify = load("notify.json")
 drop = load("drop-summary.json")["metrics"]
 limiter = load("limiter.json")
 idle = load("idle.counts.json")
@@ -67,6 +69,13 @@ rows = [
     ("The naive design", f"{allocator['per_sec']:,.0f} decisions/s (Dropline's allocator)",
      f"{naive['per_sec']:,.0f} purchases/s, one MySQL transaction per purchase on a hot row (32 clients)",
      allocator["per_sec"] / naive["per_sec"]),
+    ("Outbox (target: lose at most 20%)",
+     f"{outbox['with_outbox']['per_sec']:,.0f} orders/s, the settler's batch writer with the record's outbox (a change row per order, by trigger)",
+     f"{outbox['without_outbox']['per_sec']:,.0f} orders/s, the same writer with the outbox's triggers dropped (500 a transaction, best of 3 rounds each)",
+     outbox["ratio"]),
+    ("Notifier", f"{notify['notifications_peak']:,} webhooks delivered in the busiest second of the end-to-end drop ({notify['notifications']:,} in all)",
+     f"{notify['decisions_peak']:,} decisions in the busiest second of the same drop ({notify['decisions']:,} in all)",
+     notify["notifications_peak"] / max(notify["decisions_peak"], 1)),
 ]
 
 

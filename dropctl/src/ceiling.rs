@@ -10,6 +10,9 @@
 //!   its upsert logic.
 //! - [`naive`]: the design Dropline replaces: one MySQL transaction per
 //!   purchase decrementing a hot stock row.
+//! - [`outbox`]: the settler's own batch writer with the record's outbox
+//!   (its triggers) and without it, on databases of their own: what the
+//!   outbox costs the settler.
 //!
 //! The SQL of the last two is what they measure, on scratch tables of
 //! their own, so it stays here.
@@ -180,6 +183,95 @@ pub async fn insert(mysql: &MysqlArgs, rows: u64, batch: usize) -> anyhow::Resul
     let r = rate(rows, started);
     sqlx::query("DROP TABLE ceiling_rows").execute(&db).await?;
     Ok(r)
+}
+
+/// What [`outbox`] measured: held orders written per second by the
+/// settler's batch writer with the outbox's triggers and without them,
+/// rounds interleaved, each side's best round.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OutboxCost {
+    pub with_outbox: Rate,
+    pub without_outbox: Rate,
+    /// with / without.
+    pub ratio: f64,
+}
+
+/// The settler's write of `orders` new holds (one event, a unit and a buyer
+/// each, `batch` decisions a transaction), `rounds` times on a database
+/// with the outbox and as many on one whose triggers are dropped.
+pub async fn outbox(mysql: &MysqlArgs, orders: u32, batch: usize, rounds: u32) -> anyhow::Result<OutboxCost> {
+    use dropline::messages::{Decision, Outcome};
+    // Every hold has a unit and a buyer of its own: the writer never asks
+    // the ledger about a competing hold, so no Redis is needed.
+    let ledger = dropline::stock::Ledger::new(
+        dropline::config::RedisArgs::new("redis://127.0.0.1:1", 1).pool()?,
+        "ceiling-outbox",
+    );
+    let mut best: [Option<Rate>; 2] = [None, None];
+    for round in 0..rounds * 2 {
+        let with_outbox = round % 2 == 0;
+        let url = format!("{}_{}", mysql.url, if with_outbox { "with" } else { "without" });
+        let args = MysqlArgs { url: url.clone(), ..mysql.clone() };
+        let server = dropline::db::connect(&MysqlArgs { url: mysql.url.clone(), ..mysql.clone() }).await?;
+        let name = url.rsplit('/').next().unwrap_or_default().to_owned();
+        sqlx::query(&format!("DROP DATABASE IF EXISTS `{name}`")).execute(&server).await?;
+        dropline::db::create_database(&url).await?;
+        let db = dropline::db::connect(&args).await?;
+        dropline::db::migrate(&db).await?;
+        if !with_outbox {
+            for trigger in ["orders_to_outbox_on_insert", "orders_to_outbox_on_update"] {
+                sqlx::query(&format!("DROP TRIGGER {trigger}")).execute(&db).await?;
+            }
+        }
+        let now = chrono::Utc::now();
+        let event = sqlx::query(
+            "INSERT INTO events (name, venue, starts_at, sale_opens_at, sale_closes_at, capacity, price_cents, \
+             currency, per_user_limit, hold_ttl_secs) VALUES ('outbox ceiling', 'nowhere', ?, ?, ?, ?, 1000, 'EUR', 1, 600)",
+        )
+        .bind(now + chrono::Duration::days(1))
+        .bind(now)
+        .bind(now + chrono::Duration::hours(1))
+        .bind(orders)
+        .execute(&db)
+        .await?
+        .last_insert_id();
+        let decisions: Vec<Decision> = (1..=orders)
+            .map(|unit| Decision {
+                intent_id: uuid::Uuid::new_v4(),
+                event_id: event,
+                user_id: format!("ceiling-buyer-{unit}"),
+                quantity: 1,
+                decided_at_ms: now.timestamp_millis(),
+                outcome: Outcome::Held {
+                    expires_at_ms: (now + chrono::Duration::minutes(10)).timestamp_millis(),
+                    amount_cents: 1000,
+                    units: vec![unit],
+                },
+            })
+            .collect();
+        let started = Instant::now();
+        for chunk in decisions.chunks(batch) {
+            let mut b = dropline_settler::store::Batch::default();
+            for d in chunk {
+                b.add_decision(d.clone());
+            }
+            b.write(&db, &ledger).await?;
+        }
+        let measured = rate(u64::from(orders), started);
+        let (changes,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM outbox").fetch_one(&db).await?;
+        anyhow::ensure!(
+            changes == if with_outbox { i64::from(orders) } else { 0 },
+            "{changes} outbox rows for {orders} orders"
+        );
+        db.close().await;
+        sqlx::query(&format!("DROP DATABASE `{name}`")).execute(&server).await?;
+        let slot = &mut best[usize::from(!with_outbox)];
+        if slot.is_none_or(|b| measured.per_sec > b.per_sec) {
+            *slot = Some(measured);
+        }
+    }
+    let [Some(with_outbox), Some(without_outbox)] = best else { anyhow::bail!("no round ran") };
+    Ok(OutboxCost { with_outbox, without_outbox, ratio: with_outbox.per_sec / without_outbox.per_sec })
 }
 
 /// One transaction per purchase on a hot row, `concurrency` at a time.

@@ -55,9 +55,9 @@ pub enum Row {
     PerUserLimit,
     /// Every purchase the ingress accepted has its decision in the record.
     AcceptedDecided,
-    /// Every state an order reached is a change in the outbox, and every
-    /// change has exactly one notification, delivered or dead-lettered;
-    /// none announces a change that was not made.
+    /// Every state an order reached is a change in the outbox, once, and
+    /// every change has exactly one notification, delivered or
+    /// dead-lettered; none announces a change that was not made.
     ChangesNotified,
 }
 
@@ -243,6 +243,7 @@ pub struct OrderCounts {
     pub changes_unnotified: u64,
     pub notifications_without_change: u64,
     pub changes_dead_lettered: u64,
+    pub changes_repeated: u64,
 }
 
 /// MySQL's counts for an event. `grace` decides which holds count as
@@ -276,6 +277,7 @@ pub async fn mysql_counts(db: &MySqlPool, event_id: u64, grace: Duration) -> any
     c.changes_unnotified = count(Count::ChangesUnnotified).await?;
     c.notifications_without_change = count(Count::NotificationsWithoutChange).await?;
     c.changes_dead_lettered = count(Count::ChangesDeadLettered).await?;
+    c.changes_repeated = count(Count::ChangesRepeated).await?;
     c.lateness = Lateness::of(record::expiry_lateness_ms(db, event_id).await?);
     let now = chrono::Utc::now();
     let (overdue, oldest) = record::held_past(db, event_id, now - grace).await?;
@@ -528,16 +530,20 @@ pub async fn verify(db: &MySqlPool, ledger: &Ledger, event_id: u64, options: &Ch
         ),
         check(
             Row::ChangesNotified,
-            m.states_without_change == 0 && m.changes_unnotified == 0 && m.notifications_without_change == 0,
+            m.states_without_change == 0
+                && m.changes_unnotified == 0
+                && m.notifications_without_change == 0
+                && m.changes_repeated == 0,
             format!(
                 "{} changes, {} notified ({} dead-lettered); {} unnotified, {} states without a change, {} \
-                 notifications of no change",
+                 notifications of no change, {} repeated",
                 m.order_changes,
                 m.order_changes - m.changes_unnotified.min(m.order_changes),
                 m.changes_dead_lettered,
                 m.changes_unnotified,
                 m.states_without_change,
-                m.notifications_without_change
+                m.notifications_without_change,
+                m.changes_repeated
             ),
         ),
     ]);

@@ -276,6 +276,20 @@ enum Ceiling {
         #[command(flatten)]
         mysql: MysqlArgs,
     },
+    /// The settler's batch writer with the record's outbox and without it,
+    /// on scratch databases named after --mysql-url's (`_with`,
+    /// `_without`); prints JSON.
+    Outbox {
+        #[arg(long, default_value_t = 20_000)]
+        orders: u32,
+        #[arg(long, default_value_t = 500)]
+        batch: usize,
+        /// Rounds on each side, interleaved; each side's best counts.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        #[command(flatten)]
+        mysql: MysqlArgs,
+    },
     /// One transaction per purchase on a hot stock row; prints JSON.
     Naive {
         #[arg(long, default_value_t = 5_000)]
@@ -445,12 +459,17 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Ceiling { what } => {
             let measured = match what {
                 Ceiling::Http { addr } => return dropctl::ceiling::http(addr).await,
-                Ceiling::Produce { payload, event, messages, in_flight, topic, kafka } => {
-                    dropctl::ceiling::produce(&kafka, &topic, payload, event, messages, in_flight).await?
+                Ceiling::Produce { payload, event, messages, in_flight, topic, kafka } => serde_json::to_value(
+                    dropctl::ceiling::produce(&kafka, &topic, payload, event, messages, in_flight).await?,
+                )?,
+                Ceiling::Insert { rows, batch, mysql } => {
+                    serde_json::to_value(dropctl::ceiling::insert(&mysql, rows, batch).await?)?
                 }
-                Ceiling::Insert { rows, batch, mysql } => dropctl::ceiling::insert(&mysql, rows, batch).await?,
                 Ceiling::Naive { purchases, concurrency, mysql } => {
-                    dropctl::ceiling::naive(&mysql, purchases, concurrency).await?
+                    serde_json::to_value(dropctl::ceiling::naive(&mysql, purchases, concurrency).await?)?
+                }
+                Ceiling::Outbox { orders, batch, rounds, mysql } => {
+                    serde_json::to_value(dropctl::ceiling::outbox(&mysql, orders, batch, rounds).await?)?
                 }
             };
             println!("{}", serde_json::to_string(&measured)?);

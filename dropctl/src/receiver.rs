@@ -66,6 +66,8 @@ struct State {
     seen: HashSet<String>,
     summary: Summary,
     down: bool,
+    /// Webhooks answered 503 during an outage, by the order they name.
+    refused_by_order: BTreeMap<String, u64>,
 }
 
 /// What the receiver received; shared with whoever started it.
@@ -84,6 +86,11 @@ impl Inbox {
         self.state.lock().expect("not poisoned").delivered.clone()
     }
 
+    /// Webhooks about `order_id` answered 503 during an outage.
+    pub fn refused_for(&self, order_id: &str) -> u64 {
+        self.state.lock().expect("not poisoned").refused_by_order.get(order_id).copied().unwrap_or(0)
+    }
+
     /// Plays an outage (every webhook answered 503) or ends it.
     pub fn set_down(&self, down: bool) {
         self.state.lock().expect("not poisoned").down = down;
@@ -93,6 +100,12 @@ impl Inbox {
         let mut state = self.state.lock().expect("not poisoned");
         if state.down {
             state.summary.refused += 1;
+            let order = serde_json::from_slice::<serde_json::Value>(body)
+                .ok()
+                .and_then(|b| b["data"]["order_id"].as_str().map(str::to_owned));
+            if let Some(order) = order {
+                *state.refused_by_order.entry(order).or_default() += 1;
+            }
             return (StatusCode::SERVICE_UNAVAILABLE, "down");
         }
         if payments::verify(secret, signature, body, chrono::Utc::now().timestamp(), TOLERANCE_SECS).is_err() {

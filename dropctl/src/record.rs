@@ -46,6 +46,8 @@ pub enum Count {
     NotificationsWithoutChange,
     /// Changes whose webhook was dead-lettered.
     ChangesDeadLettered,
+    /// Changes announced more than once: an order reaches each state once.
+    ChangesRepeated,
 }
 
 impl Count {
@@ -79,9 +81,16 @@ impl Count {
                  WHERE u.event_id = o.event_id AND u.order_id = o.order_id)"
             }
             Count::OrderChanges => "SELECT COUNT(*) FROM outbox WHERE event_id = ? AND subject = 'order'",
+            // Orders whose state has not moved since the outbox came (its
+            // migration) are the only ones expected to have its change. The
+            // two names are compared as ASCII: the columns' collations are
+            // the tables', which a database created on an older server may
+            // have set differently.
             Count::StatesWithoutChange => {
-                "SELECT COUNT(*) FROM orders o WHERE o.event_id = ? AND NOT EXISTS (SELECT 1 FROM outbox c \
-                 WHERE c.order_id = o.order_id AND c.subject = 'order' AND c.kind = o.state)"
+                "SELECT COUNT(*) FROM orders o WHERE o.event_id = ? \
+                 AND o.updated_at >= (SELECT MIN(installed_on) FROM _sqlx_migrations WHERE version = 20261206000001) \
+                 AND NOT EXISTS (SELECT 1 FROM outbox c WHERE c.order_id = o.order_id AND c.subject = 'order' \
+                 AND CONVERT(c.kind USING ascii) = CONVERT(o.state USING ascii))"
             }
             Count::ChangesUnnotified => {
                 "SELECT COUNT(*) FROM outbox c LEFT JOIN notifications n ON n.notification_id = c.change_id \
@@ -90,6 +99,9 @@ impl Count {
             Count::NotificationsWithoutChange => {
                 "SELECT COUNT(*) FROM notifications n LEFT JOIN outbox c ON c.change_id = n.notification_id \
                  WHERE n.event_id = ? AND n.kind <> 'order.hold_expiring' AND c.change_id IS NULL"
+            }
+            Count::ChangesRepeated => {
+                "SELECT COUNT(*) - COUNT(DISTINCT order_id, kind) FROM outbox WHERE event_id = ? AND subject = 'order'"
             }
             Count::ChangesDeadLettered => {
                 "SELECT COUNT(*) FROM notifications n JOIN outbox c ON c.change_id = n.notification_id \

@@ -341,6 +341,13 @@ async fn kill_and_restart(stage: &'static str) {
     Cluster::start()
         .await
         .drop_with(&format!("kill-9-{stage}"), |mut c| async move {
+            if stage == "notifier" {
+                // Strike while it delivers, not before it started.
+                eventually("the notifier to deliver", Duration::from_secs(60), || async {
+                    (c.inbox.summary().delivered >= 5).then_some(())
+                })
+                .await;
+            }
             c.kill9(stage).await;
             tokio::time::sleep(Duration::from_millis(500)).await;
             c.start_stage(stage);

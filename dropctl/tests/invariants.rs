@@ -309,6 +309,23 @@ async fn a_state_the_outbox_missed_fails_changes_notified() {
 }
 
 #[tokio::test]
+async fn a_change_announced_twice_fails_changes_notified() {
+    let b = consistent_books().await;
+    // Alice's payment once more, under an id of its own, and notified.
+    b.sql(
+        "INSERT INTO outbox (change_id, subject, kind, event_id, order_id, user_id, quantity, amount_cents, \
+         expires_at, changed_at, published_at) SELECT UUID(), subject, kind, event_id, order_id, user_id, quantity, \
+         amount_cents, expires_at, changed_at, published_at FROM outbox WHERE order_id = ? AND kind = 'paid'",
+        b.alice,
+    )
+    .await;
+    let v = b.verify().await;
+    assert_eq!(v.failing(), vec![Row::ChangesNotified], "{v}");
+    assert_eq!((v.mysql.changes_repeated, v.mysql.changes_unnotified), (1, 0), "{v}");
+    b.drop().await;
+}
+
+#[tokio::test]
 async fn a_notification_of_no_change_fails_changes_notified() {
     let b = consistent_books().await;
     let invented = Settled {

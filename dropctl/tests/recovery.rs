@@ -39,11 +39,11 @@ fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
 }
 
-/// Four consecutive free ports for the stages' ops endpoints.
+/// Five consecutive free ports for the stages' ops endpoints.
 fn free_port_run() -> u16 {
     loop {
         let base = free_port();
-        if base < 60_000 && (1..4).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
+        if base < 60_000 && (1..5).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
             return base;
         }
     }
@@ -69,6 +69,7 @@ impl LocalStack {
             ("DROPLINE_OPS_PORT_BASE", free_port_run().to_string()),
             ("INGRESS_ADDR", format!("127.0.0.1:{api_port}")),
             ("PAYSIM_ADDR", format!("127.0.0.1:{}", free_port())),
+            ("RECEIVER_ADDR", format!("127.0.0.1:{}", free_port())),
             ("DROPLINE_MYSQL_URL", db_url.clone()),
             ("DROPLINE_REDIS_KEY_PREFIX", name.clone()),
             ("DROPLINE_TOPIC_PREFIX", name.clone()),
@@ -76,6 +77,7 @@ impl LocalStack {
             ("DROPLINE_ALLOCATOR_GROUP", format!("{name}-allocator")),
             ("DROPLINE_SETTLER_GROUP", format!("{name}-settler")),
             ("DROPLINE_EXPIRER_GROUP", format!("{name}-expirer")),
+            ("DROPLINE_NOTIFIER_GROUP", format!("{name}-notifier")),
             ("DROPLINE_ADMIT_PER_SEC", "100000".into()),
             ("DROPLINE_ADMIT_BURST", "100000".into()),
             ("DROPLINE_LOG", "warn".into()),

@@ -25,16 +25,26 @@ CREATE TABLE IF NOT EXISTS outbox (
     published_at  DATETIME(3)     NULL,
     UNIQUE KEY outbox_by_change (change_id),
     KEY outbox_unpublished (published_at, seq),
-    KEY outbox_by_event (event_id, subject)
+    KEY outbox_by_event (event_id, subject),
+    KEY outbox_by_order (order_id, kind)
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4;
 
--- A new order: the state it starts in (held, or a final state when its end
--- reached the record before its decision).
+-- A new order: every order starts as a hold, so its hold is a change even
+-- when the order reaches the record already ended (its payment or cancel
+-- was written before its decision): then both, the hold first.
 CREATE TRIGGER orders_to_outbox_on_insert AFTER INSERT ON orders FOR EACH ROW
+BEGIN
     INSERT INTO outbox (change_id, subject, kind, event_id, order_id, user_id, quantity, amount_cents, expires_at,
                         changed_at)
-    VALUES (UUID(), 'order', NEW.state, NEW.event_id, NEW.order_id, NEW.user_id, NEW.quantity, NEW.amount_cents,
-            NEW.expires_at, NEW.updated_at);
+    VALUES (UUID(), 'order', 'held', NEW.event_id, NEW.order_id, NEW.user_id, NEW.quantity, NEW.amount_cents,
+            NEW.expires_at, NEW.created_at);
+    IF NEW.state <> 'held' THEN
+        INSERT INTO outbox (change_id, subject, kind, event_id, order_id, user_id, quantity, amount_cents,
+                            expires_at, changed_at)
+        VALUES (UUID(), 'order', NEW.state, NEW.event_id, NEW.order_id, NEW.user_id, NEW.quantity,
+                NEW.amount_cents, NEW.expires_at, NEW.updated_at);
+    END IF;
+END;
 
 -- A state that moved; an update that leaves the state as it was writes
 -- nothing.

@@ -248,13 +248,16 @@ pub mod settler {
     .from_zero();
     pub const OUTBOX_LAG: Metric = Metric::gauge(
         "dropline_settler_outbox_lag_seconds",
-        "Age of the oldest change not published yet, as the relaying settler last read it; 0 when none waits.",
+        "Age of the oldest change not published yet, as this settler last read it (the relay at each read, the \
+         others every second); 0 when none waits.",
     )
-    .unit(Unit::Seconds);
+    .unit(Unit::Seconds)
+    .from_zero();
     pub const OUTBOX_RELAYING: Metric = Metric::gauge(
         "dropline_settler_outbox_relaying",
         "1 while this settler holds the database's relay lock and publishes its outbox; one settler does.",
-    );
+    )
+    .from_zero();
 
     pub const ALL: &[Metric] =
         &[ROWS, WRITE_ERRORS, DRIFT, REBUILDS, VOIDED, OVERDUE_ENDED, OUTBOX_PUBLISHED, OUTBOX_LAG, OUTBOX_RELAYING];

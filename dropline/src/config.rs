@@ -350,6 +350,23 @@ pub fn redacted_url<T: AsRef<str>, S: Serializer>(url: &T, s: S) -> Result<S::Ok
     s.serialize_str(&redact_url(url.as_ref()))
 }
 
+/// Serializes a URL for the effective-config log as its scheme, host and
+/// port only: for a URL whose path or query may carry a token (a host's
+/// webhook endpoint).
+pub fn url_origin<T: AsRef<str>, S: Serializer>(url: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&origin(url.as_ref()))
+}
+
+/// A URL's scheme, host and port, `/...` for whatever followed; the
+/// credentials dropped. Not a URL at all: `(unparsable)`.
+pub fn origin(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return "(unparsable)".into() };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    let tail = if rest.len() > authority.len() { "/..." } else { "" };
+    format!("{scheme}://{host}{tail}")
+}
+
 /// Masks the password of a URL before it is logged.
 pub fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -367,6 +384,14 @@ pub fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_origin_keeps_the_scheme_host_and_port_only() {
+        assert_eq!(origin("https://hooks.example.com/t/abc?key=secret"), "https://hooks.example.com/...");
+        assert_eq!(origin("http://user:pw@127.0.0.1:9180/webhooks"), "http://127.0.0.1:9180/...");
+        assert_eq!(origin("http://127.0.0.1:9180"), "http://127.0.0.1:9180");
+        assert_eq!(origin("not a url"), "(unparsable)");
+    }
 
     #[test]
     fn passwords_are_masked() {

@@ -15,7 +15,7 @@ pub struct NotifierConfig {
     /// The host's notification endpoint (HTTP or HTTPS). The local stack's
     /// default is its webhook receiver (`dropctl receive`).
     #[arg(long, env = "DROPLINE_NOTIFY_URL", default_value = "http://127.0.0.1:9180/webhooks")]
-    #[serde(serialize_with = "dropline::config::redacted_url")]
+    #[serde(serialize_with = "dropline::config::url_origin")]
     pub notify_url: String,
     /// The secret webhooks are signed with (HMAC-SHA256 over the timestamp
     /// and the body); the host checks it. The local stack generates it in
@@ -77,8 +77,8 @@ dropline::stage_config!(NotifierConfig, "notifier", 9104, |config, p| {
     match reqwest::Url::parse(&config.notify_url) {
         Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => {}
         _ => p.add(format!(
-            "DROPLINE_NOTIFY_URL must be an http or https URL, not {:?}",
-            dropline::config::redact_url(&config.notify_url)
+            "DROPLINE_NOTIFY_URL must be an http or https URL with a host, not {:?}",
+            dropline::config::origin(&config.notify_url)
         )),
     }
     dropline::secrets::check_setting("DROPLINE_NOTIFY_SECRET", &config.notify_secret, p);

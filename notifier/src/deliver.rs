@@ -2,8 +2,9 @@
 //! wait before the next attempt.
 //!
 //! Every webhook is a JSON body POSTed to the host's endpoint with
-//! - `dropline-webhook-id`: the id the receiver deduplicates on (the
-//!   change's id, or a reminder's), also the body's `id`;
+//! - `dropline-webhook-id`: the body's `id` (the change's id, or a
+//!   reminder's), for the host's logs. The host deduplicates on the body's
+//!   `id`, which the signature covers; the header is not signed;
 //! - `dropline-signature`: `t=<unix seconds>,v1=<hex HMAC-SHA256 of
 //!   "<t>.<body>">`, the same scheme as the payment webhooks Dropline itself
 //!   checks (`dropline::payments::verify` checks these too).
@@ -137,9 +138,7 @@ fn transport_problem(e: reqwest::Error) -> String {
     } else if e.is_connect() {
         "could not connect".into()
     } else {
-        let mut text = e.without_url().to_string();
-        text.truncate(200);
-        text
+        e.without_url().to_string().chars().take(200).collect()
     }
 }
 

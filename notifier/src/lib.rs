@@ -84,12 +84,12 @@ pub async fn run(config: NotifierConfig, shutdown: CancellationToken) -> Result<
     let secret = config.notify_secret.clone().expect("validated: the secret is set");
     let webhooks = Webhooks::new(&config.notify_url, secret, config.attempt_timeout())?;
     let tick = Duration::from_millis(config.tick_ms);
-    let reminding = tokio::spawn(reminders::run(
-        db.clone(),
-        webhooks.clone(),
-        tick.max(Duration::from_millis(250)),
-        shutdown.clone(),
-    ));
+    let pace = reminders::Pace {
+        every: tick.max(Duration::from_millis(250)),
+        concurrency: config.concurrency,
+        attempt_timeout: config.attempt_timeout(),
+    };
+    let reminding = tokio::spawn(reminders::run(db.clone(), webhooks.clone(), pace, shutdown.clone()));
     let mut notifier = Notifier {
         db,
         webhooks,

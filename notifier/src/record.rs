@@ -113,13 +113,11 @@ struct DueRow {
     held: bool,
 }
 
-/// How long a claimed reminder is this notifier's alone.
-const CLAIM_SECS: u32 = 30;
-
 /// Up to `limit` reminders due now that no notifier is sending, claimed
-/// for this one. Those whose hold ended, or whose deadline passed, are
+/// for this one for `claim_secs` (longer than it takes to send and record
+/// them). Those whose hold ended, or whose deadline passed, are
 /// marked done instead: there is nothing left to remind of.
-pub async fn claim_due(db: &MySqlPool, limit: u32) -> Result<Vec<Reminder>, sqlx::Error> {
+pub async fn claim_due(db: &MySqlPool, limit: u32, claim_secs: u64) -> Result<Vec<Reminder>, sqlx::Error> {
     let mut tx = db.begin().await?;
     let rows: Vec<DueRow> = sqlx::query_as(
         "SELECT r.order_id, r.notification_id, r.event_id, o.user_id, o.quantity, o.amount_cents, o.expires_at, \
@@ -141,7 +139,7 @@ pub async fn claim_due(db: &MySqlPool, limit: u32) -> Result<Vec<Reminder>, sqlx
     }
     if !live.is_empty() {
         let mut q = QueryBuilder::<MySql>::new("UPDATE reminders SET claimed_until = UTC_TIMESTAMP(3) + INTERVAL ");
-        q.push_bind(CLAIM_SECS).push(" SECOND WHERE order_id IN ");
+        q.push_bind(claim_secs).push(" SECOND WHERE order_id IN ");
         push_ids(&mut q, &ids(&live));
         q.build().execute(&mut *tx).await?;
     }

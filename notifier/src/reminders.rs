@@ -3,16 +3,17 @@
 //!
 //! The notifier writes a reminder row for each hold it delivers (with its
 //! due time, the deadline minus the lead), in the transaction that records
-//! the hold's webhook. This loop claims the due ones (for 30 s, so two
-//! notifiers do not both send one), sends those whose order is still held,
-//! and marks them done; a hold that ended, or whose deadline passed, is
-//! marked done unsent. A failed send is tried again when its claim runs
-//! out, until the deadline. The reminder's id is derived from the hold's
-//! change id, so a reminder sent twice (a crash after the send) carries the
-//! same id.
+//! the hold's webhook. This loop claims the due ones (for longer than a
+//! round of sends takes, so two notifiers do not both send one), sends
+//! those whose order is still held, and marks them done; a hold that
+//! ended, or whose deadline passed, is marked done unsent. A failed send is
+//! tried again when its claim runs out, until the deadline. The reminder's
+//! id is derived from the hold's change id, so a reminder sent twice (a
+//! notifier killed after the send, before the record) carries the same id.
 
 use std::time::Duration;
 
+use futures::StreamExt;
 use sqlx::MySqlPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -29,7 +30,29 @@ pub fn id_of(held_change: Uuid) -> Uuid {
     Uuid::new_v5(&held_change, deliver::REMINDER_KIND.as_bytes())
 }
 
-pub async fn run(db: MySqlPool, webhooks: Webhooks, every: Duration, shutdown: CancellationToken) {
+/// How reminders are sent.
+#[derive(Debug, Clone, Copy)]
+pub struct Pace {
+    /// How often due reminders are looked for.
+    pub every: Duration,
+    /// Reminders sent at once.
+    pub concurrency: usize,
+    /// The longest one send may take.
+    pub attempt_timeout: Duration,
+}
+
+impl Pace {
+    /// How long a claim lasts: a whole round of sends (each at most the
+    /// attempt timeout, `concurrency` at once), then half a minute to
+    /// record them.
+    fn claim_secs(&self) -> u64 {
+        let rounds = (CLAIM_MAX as usize).div_ceil(self.concurrency) as u64;
+        rounds * self.attempt_timeout.as_secs().max(1) + 30
+    }
+}
+
+pub async fn run(db: MySqlPool, webhooks: Webhooks, pace: Pace, shutdown: CancellationToken) {
+    let every = pace.every;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -37,19 +60,25 @@ pub async fn run(db: MySqlPool, webhooks: Webhooks, every: Duration, shutdown: C
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if let Err(e) = remind_due(&db, &webhooks).await {
+        if let Err(e) = remind_due(&db, &webhooks, &pace).await {
             tracing::warn!(error = %e, "sending reminders failed; trying again");
         }
     }
 }
 
-async fn remind_due(db: &MySqlPool, webhooks: &Webhooks) -> Result<(), sqlx::Error> {
-    let due = record::claim_due(db, CLAIM_MAX).await?;
+async fn remind_due(db: &MySqlPool, webhooks: &Webhooks, pace: &Pace) -> Result<(), sqlx::Error> {
+    let due = record::claim_due(db, CLAIM_MAX, pace.claim_secs()).await?;
     if due.is_empty() {
         return Ok(());
     }
-    let sends = due.iter().map(|r| async move { webhooks.send(r.id, &deliver::reminder_body(r)).await });
-    let results = futures::future::join_all(sends).await;
+    let sends: Vec<_> = due
+        .iter()
+        .map(|r| {
+            let (webhooks, id, body) = (webhooks.clone(), r.id, deliver::reminder_body(r));
+            async move { webhooks.send(id, &body).await }
+        })
+        .collect();
+    let results: Vec<_> = futures::stream::iter(sends).buffered(pace.concurrency).collect().await;
     let mut sent = Vec::new();
     for (r, result) in due.iter().zip(results) {
         match result {

@@ -65,6 +65,7 @@ pub async fn run(config: SettlerConfig, shutdown: CancellationToken) -> Result<(
     let relay = outbox::Relay {
         db: db.clone(),
         publisher,
+        dead_letters: dead_letters.clone(),
         topic: topics.changes.clone(),
         wake: wake.clone(),
         poll: std::time::Duration::from_millis(config.outbox_poll_ms),

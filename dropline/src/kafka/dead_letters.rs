@@ -49,4 +49,26 @@ impl DeadLetters {
         ::metrics::counter!(metrics::DEAD_LETTERS.name, "stage" => self.stage, "kind" => kind).increment(1);
         Ok(())
     }
+
+    /// Parks what never was a message (a row the outbox relay cannot
+    /// publish): `payload` under `key`, with where it came from (`origin`,
+    /// say `outbox seq 12`) in place of a topic and offset.
+    pub async fn park_record(
+        &self,
+        key: &str,
+        payload: &[u8],
+        origin: &str,
+        kind: &'static str,
+        reason: &str,
+    ) -> Result<(), PublishError> {
+        let record = Record::new(&self.topic, key, payload)
+            .header("dropline-dlq-kind", kind)
+            .header("dropline-dlq-reason", reason)
+            .header("dropline-dlq-stage", self.stage)
+            .header("dropline-dlq-origin", origin);
+        tracing::warn!(stage = self.stage, origin, kind, reason, "record dead-lettered");
+        self.publisher.publish(record).await?;
+        ::metrics::counter!(metrics::DEAD_LETTERS.name, "stage" => self.stage, "kind" => kind).increment(1);
+        Ok(())
+    }
 }

@@ -72,12 +72,14 @@ impl<T: Clone> Schedule<T> {
         }
     }
 
-    /// Items due at `now_ms`, earliest first, at most `limit`.
+    /// Items due at `now_ms`, earliest first, at most `limit`: up to
+    /// `limit` from each partition, then the earliest of those, so one
+    /// partition full of due items never hides another's.
     pub fn due(&self, now_ms: i64, limit: usize) -> Vec<Due<T>> {
         let mut out = Vec::new();
         for (key, p) in &self.partitions {
-            for &(at_ms, offset) in &p.by_due {
-                if at_ms > now_ms || out.len() >= limit {
+            for &(at_ms, offset) in p.by_due.iter().take(limit) {
+                if at_ms > now_ms {
                     break;
                 }
                 let item = p.waiting[&offset].1.clone();
@@ -206,6 +208,24 @@ mod tests {
         let due = s.due(2_000, 10);
         assert_eq!(due.len(), 1);
         assert_eq!(due[0].offset, 11);
+    }
+
+    #[test]
+    fn a_partition_full_of_due_items_does_not_hide_an_earlier_one_elsewhere() {
+        let mut s = Schedule::new(1_000);
+        let p1: PartitionKey = ("t".to_owned(), 1);
+        // Whichever partition the map visits first, the earliest item of
+        // all comes out.
+        for o in 0..10 {
+            s.add(p0(), o, at(500 + o));
+            s.add(p1.clone(), o, at(600 + o));
+        }
+        s.add(p1.clone(), 10, at(100));
+        let due = s.due(10_000, 3);
+        assert_eq!(
+            due.iter().map(|d| (d.partition.1, d.at_ms)).collect::<Vec<_>>(),
+            vec![(1, 100), (0, 500), (0, 501)]
+        );
     }
 
     #[test]

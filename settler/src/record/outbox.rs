@@ -8,7 +8,7 @@ use sqlx::{MySql, MySqlConnection, QueryBuilder};
 use uuid::Uuid;
 
 /// One outbox row, as written.
-#[derive(Debug, sqlx::FromRow)]
+#[derive(Debug, sqlx::FromRow, serde::Serialize)]
 pub struct Row {
     pub seq: u64,
     pub change_id: String,
@@ -33,7 +33,7 @@ pub struct Unreadable {
 
 impl Row {
     /// The change as it travels on `changes`.
-    pub fn change(self) -> Result<Change, Unreadable> {
+    pub fn change(&self) -> Result<Change, Unreadable> {
         let seq = self.seq;
         let bad = |problem: String| Unreadable { seq, problem };
         let change_id = Uuid::parse_str(&self.change_id).map_err(|e| bad(format!("change id: {e}")))?;
@@ -43,7 +43,7 @@ impl Row {
                 ChangeSubject::Order {
                     order_id: Uuid::parse_str(self.order_id.as_deref().ok_or_else(|| missing("order_id"))?)
                         .map_err(|e| bad(format!("order id: {e}")))?,
-                    user_id: self.user_id.ok_or_else(|| missing("user_id"))?,
+                    user_id: self.user_id.clone().ok_or_else(|| missing("user_id"))?,
                     quantity: self.quantity.ok_or_else(|| missing("quantity"))?,
                     amount_cents: self.amount_cents.ok_or_else(|| missing("amount_cents"))?,
                     expires_at_ms: self.expires_at.ok_or_else(|| missing("expires_at"))?.timestamp_millis(),
@@ -84,11 +84,24 @@ pub async fn mark_published(conn: &mut MySqlConnection, seqs: &[u64]) -> Result<
     Ok(())
 }
 
+/// How long ago the oldest change not published yet was written, if one
+/// waits.
+pub async fn oldest_unpublished(conn: &mut MySqlConnection) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+    sqlx::query_scalar("SELECT changed_at FROM outbox WHERE published_at IS NULL ORDER BY seq LIMIT 1")
+        .fetch_optional(conn)
+        .await
+}
+
 /// Takes the database's one relay lock on this connection; false if
 /// another connection (another settler) has it. It is the connection's
-/// until the connection closes.
-pub async fn lead(conn: &mut MySqlConnection) -> Result<bool, sqlx::Error> {
+/// until the connection closes, so the session is first told to close
+/// after `idle_secs` without a statement: a relay whose host vanished
+/// without closing its connection lets the lock go then, not after the
+/// server's default eight hours. (The name is the database's, hashed: a
+/// lock name may have at most 64 characters.)
+pub async fn lead(conn: &mut MySqlConnection, idle_secs: u64) -> Result<bool, sqlx::Error> {
+    sqlx::query(&format!("SET SESSION wait_timeout = {idle_secs}")).execute(&mut *conn).await?;
     let got: Option<i64> =
-        sqlx::query_scalar("SELECT GET_LOCK(CONCAT('dropline.outbox.', DATABASE()), 0)").fetch_one(conn).await?;
+        sqlx::query_scalar("SELECT GET_LOCK(CONCAT('dropline.outbox.', MD5(DATABASE())), 0)").fetch_one(conn).await?;
     Ok(got == Some(1))
 }
