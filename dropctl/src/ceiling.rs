@@ -207,6 +207,7 @@ pub async fn outbox(mysql: &MysqlArgs, orders: u32, batch: usize, rounds: u32) -
         dropline::config::RedisArgs::new("redis://127.0.0.1:1", 1).pool()?,
         "ceiling-outbox",
     );
+    dropline::db::create_database(&mysql.url).await?;
     let mut best: [Option<Rate>; 2] = [None, None];
     for round in 0..rounds * 2 {
         let with_outbox = round % 2 == 0;
