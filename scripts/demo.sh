@@ -9,10 +9,6 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
-# The demo's holds last 10 s: its buyers who walk away are reminded 5 s
-# before their deadline (the notifier's default lead is 60 s). A notifier
-# already running keeps its own setting.
-export DROPLINE_NOTIFIER_REMINDER_LEAD_SECS=${DROPLINE_NOTIFIER_REMINDER_LEAD_SECS:-5}
 "$DROPLINE_ROOT/scripts/stack.sh" up
 if [ "${DROPLINE_KEEP:-0}" != 1 ]; then
   trap '"$DROPLINE_ROOT/scripts/stack.sh" stop-services' EXIT

@@ -86,8 +86,10 @@ services_up() {
   # paysim keeps its record of captured payments in .dropline/ too: after
   # a restart it still knows what it charged, for an audit against MySQL.
   # The host's end of the notifier's webhooks: it checks their signatures
-  # and shows what arrived at http://$RECEIVER_ADDR/deliveries.
-  start_one receiver DROPLINE_RECEIVER_ADDR="$RECEIVER_ADDR"
+  # and shows what arrived at http://$RECEIVER_ADDR/deliveries, kept in
+  # .dropline/ across restarts.
+  start_one receiver DROPLINE_RECEIVER_ADDR="$RECEIVER_ADDR" \
+    DROPLINE_RECEIVER_RECORD="${DROPLINE_RECEIVER_RECORD:-$STATE_DIR/receiver-deliveries.jsonl}"
   start_one paysim DROPLINE_PAYSIM_LISTEN_ADDR="$PAYSIM_ADDR" \
     DROPLINE_PAYSIM_CAPTURES_PATH="${DROPLINE_PAYSIM_CAPTURES_PATH:-$STATE_DIR/paysim-captures.jsonl}" \
     DROPLINE_PAYSIM_WEBHOOK_URL="http://$INGRESS_ADDR/v1/webhooks/payments"
@@ -109,6 +111,9 @@ services_up() {
   # coming back (it would keep its partitions). Each consumer reports ready
   # only once it holds partitions, which is what the wait below waits for.
   local stage
+  # The demo's holds last 10 s: the local notifier reminds a buyer 5 s
+  # before a hold's deadline (60 s by default).
+  export DROPLINE_NOTIFIER_REMINDER_LEAD_SECS=${DROPLINE_NOTIFIER_REMINDER_LEAD_SECS:-5}
   for stage in allocator settler expirer notifier; do
     start_one "$stage" DROPLINE_OPS_ADDR="127.0.0.1:$(ops_port "$stage")" \
       DROPLINE_KAFKA_GROUP_INSTANCE_ID="local-$stage-0" DROPLINE_NOTIFY_URL="http://$RECEIVER_ADDR/webhooks"
@@ -169,9 +174,10 @@ status() {
 }
 
 wipe() {
-  log "wiping the local stack: the broker's log ($STATE_DIR/tansu.db), paysim's captures, the database in $DROPLINE_MYSQL_URL and the Redis keys ${DROPLINE_REDIS_KEY_PREFIX:-dl}:* are deleted; acknowledged purchases and payments in them are lost"
+  log "wiping the local stack: the broker's log ($STATE_DIR/tansu.db), paysim's captures, the webhooks the receiver got, the database in $DROPLINE_MYSQL_URL and the Redis keys ${DROPLINE_REDIS_KEY_PREFIX:-dl}:* are deleted; acknowledged purchases and payments in them are lost"
   services_down; stop_one prometheus; stop_one tansu
-  rm -f "$STATE_DIR"/tansu.db "$STATE_DIR"/tansu.db-* "$STATE_DIR"/paysim-captures.jsonl "$STATE_DIR"/paysim-captures.jsonl.acked
+  rm -f "$STATE_DIR"/tansu.db "$STATE_DIR"/tansu.db-* "$STATE_DIR"/paysim-captures.jsonl "$STATE_DIR"/paysim-captures.jsonl.acked \
+    "$STATE_DIR"/receiver-deliveries.jsonl
   local db=${DROPLINE_MYSQL_URL##*/}
   db=${db%%\?*}
   if port_open "$MYSQL_PORT"; then

@@ -173,6 +173,11 @@ enum Command {
         /// The notifier's signing secret (DROPLINE_NOTIFY_SECRET).
         #[arg(long, env = "DROPLINE_NOTIFY_SECRET", hide_env_values = true)]
         notify_secret: Option<dropline::secrets::Secret>,
+        /// A file every webhook received is appended to (JSON lines) and
+        /// read back from at start, so a restart forgets nothing; none:
+        /// memory only.
+        #[arg(long, env = "DROPLINE_RECEIVER_RECORD")]
+        record: Option<std::path::PathBuf>,
     },
     /// Checks an event's invariants against MySQL and Redis.
     Check {
@@ -517,14 +522,19 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 say!(out, "  ticket {ticket}: place {} of {}", place + 1, draw.order.len());
             }
         }
-        Command::Receive { listen, notify_secret } => {
+        Command::Receive { listen, notify_secret, record } => {
             let mut p = dropline::config::Problems::default();
             dropline::secrets::check_setting("DROPLINE_NOTIFY_SECRET", &notify_secret, &mut p);
             p.into_result()?;
             let listener = tokio::net::TcpListener::bind(listen).await?;
             eprintln!("webhook receiver on {}", listener.local_addr()?);
             let secret = dropline::secrets::exposed(&notify_secret).to_vec();
-            let inbox = std::sync::Arc::new(dropctl::receiver::Inbox::default());
+            let inbox = match &record {
+                Some(path) => dropctl::receiver::Inbox::recorded(path)
+                    .with_context(|| format!("opening the record {}", path.display()))?,
+                None => dropctl::receiver::Inbox::default(),
+            };
+            let inbox = std::sync::Arc::new(inbox);
             dropctl::receiver::serve(listener, secret, inbox, dropline::shutdown::on_signals()).await;
         }
         Command::Check { event, grace_secs, wait_secs, accepted, books } => {

@@ -5,7 +5,10 @@
 //! signature (the `dropline-signature` header, with the notifier's secret,
 //! within 5 minutes), refuses what does not verify, and deduplicates on the
 //! webhook's id, answering 200 to a copy without counting it twice. It
-//! keeps what it received in memory and shows it at `GET /deliveries`.
+//! shows what it received at `GET /deliveries`; with a record file
+//! (`dropctl receive --record`, as the local stack runs it) every webhook
+//! received is appended there and read back at start, so a restarted
+//! receiver still knows what it got and still drops a copy.
 //!
 //! It can also play an outage ([`Inbox::set_down`]): every webhook is
 //! answered 503 and counted as refused, as a host's endpoint that is down
@@ -68,6 +71,8 @@ struct State {
     down: bool,
     /// Webhooks answered 503 during an outage, by the order they name.
     refused_by_order: BTreeMap<String, u64>,
+    /// Where each webhook received is appended, if anywhere.
+    record: Option<std::fs::File>,
 }
 
 /// What the receiver received; shared with whoever started it.
@@ -77,6 +82,20 @@ pub struct Inbox {
 }
 
 impl Inbox {
+    /// An inbox that appends what it receives to `path` (JSON lines), and
+    /// starts from what the file already holds.
+    pub fn recorded(path: &std::path::Path) -> std::io::Result<Inbox> {
+        let mut state = State::default();
+        if let Ok(text) = std::fs::read_to_string(path) {
+            // A line cut short by a crash mid-write is the last one: skip it.
+            for d in text.lines().filter_map(|l| serde_json::from_str::<Delivered>(l).ok()) {
+                state.add(d);
+            }
+        }
+        state.record = Some(std::fs::OpenOptions::new().create(true).append(true).open(path)?);
+        Ok(Inbox { state: Mutex::new(state) })
+    }
+
     pub fn summary(&self) -> Summary {
         self.state.lock().expect("not poisoned").summary.clone()
     }
@@ -129,10 +148,8 @@ impl Inbox {
             state.summary.duplicates += 1;
             return (StatusCode::OK, "duplicate");
         }
-        state.summary.delivered += 1;
-        *state.summary.by_type.entry(webhook.kind.clone()).or_default() += 1;
         let order_id = webhook.data.as_ref().and_then(|d| d["order_id"].as_str()).map(str::to_owned);
-        state.delivered.push(Delivered {
+        let delivered = Delivered {
             id: webhook.id,
             kind: webhook.kind,
             event_id: webhook.event_id,
@@ -140,8 +157,29 @@ impl Inbox {
             order_id,
             seq: webhook.seq,
             received_at_ms: chrono::Utc::now().timestamp_millis(),
-        });
+        };
+        if let Some(file) = state.record.as_mut() {
+            use std::io::Write;
+            let mut line = serde_json::to_vec(&delivered).expect("json");
+            line.push(b'\n');
+            if let Err(e) = file.write_all(&line) {
+                // Not taken: the notifier sends it again.
+                state.seen.remove(&delivered.id);
+                tracing::warn!(error = %e, "recording a webhook failed");
+                return (StatusCode::INTERNAL_SERVER_ERROR, "not recorded");
+            }
+        }
+        state.add(delivered);
         (StatusCode::OK, "ok")
+    }
+}
+
+impl State {
+    fn add(&mut self, d: Delivered) {
+        self.seen.insert(d.id.clone());
+        self.summary.delivered += 1;
+        *self.summary.by_type.entry(d.kind.clone()).or_default() += 1;
+        self.delivered.push(d);
     }
 }
 
@@ -207,5 +245,32 @@ async fn handle(
         }
         (&Method::GET, "/healthz") => answer(StatusCode::OK, b"{}".to_vec()),
         _ => answer(StatusCode::NOT_FOUND, br#"{"error":"not found"}"#.to_vec()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_recorded_inbox_remembers_across_a_restart_and_still_drops_a_copy() {
+        let secret = dropline::secrets::random();
+        let path = std::env::temp_dir().join(format!("dropline-inbox-{}.jsonl", uuid::Uuid::new_v4()));
+        let body = serde_json::to_vec(&serde_json::json!({
+            "id": "c-1", "type": "order.held", "event_id": 7, "buyer": "ann", "seq": 1,
+            "data": { "order_id": "o-1" },
+        }))
+        .unwrap();
+        let signed = || payments::sign(secret.as_bytes(), chrono::Utc::now().timestamp(), &body);
+        let first = Inbox::recorded(&path).unwrap();
+        assert_eq!(first.take(&body, Some(&signed()), secret.as_bytes()), (StatusCode::OK, "ok"));
+        assert_eq!(first.take(b"{}", Some("t=1,v1=00"), secret.as_bytes()).0, StatusCode::UNAUTHORIZED);
+        drop(first);
+        let again = Inbox::recorded(&path).unwrap();
+        assert_eq!(again.summary().delivered, 1);
+        assert_eq!(again.deliveries()[0].order_id.as_deref(), Some("o-1"));
+        assert_eq!(again.take(&body, Some(&signed()), secret.as_bytes()), (StatusCode::OK, "duplicate"));
+        assert_eq!((again.summary().delivered, again.summary().duplicates), (1, 1));
+        std::fs::remove_file(&path).unwrap();
     }
 }

@@ -361,9 +361,12 @@ pub fn url_origin<T: AsRef<str>, S: Serializer>(url: &T, s: S) -> Result<S::Ok, 
 /// credentials dropped. Not a URL at all: `(unparsable)`.
 pub fn origin(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else { return "(unparsable)".into() };
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    let host = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
-    let tail = if rest.len() > authority.len() { "/..." } else { "" };
+    // Credentials end at the last `@` before any query or fragment, even
+    // when someone put a `/` in a password.
+    let before_query = rest.split(['?', '#']).next().unwrap_or_default();
+    let rest = before_query.rsplit_once('@').map_or(rest, |(creds, _)| &rest[creds.len() + 1..]);
+    let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let tail = if rest.len() > host.len() { "/..." } else { "" };
     format!("{scheme}://{host}{tail}")
 }
 
@@ -391,6 +394,8 @@ mod tests {
         assert_eq!(origin("http://user:pw@127.0.0.1:9180/webhooks"), "http://127.0.0.1:9180/...");
         assert_eq!(origin("http://127.0.0.1:9180"), "http://127.0.0.1:9180");
         assert_eq!(origin("not a url"), "(unparsable)");
+        assert_eq!(origin("http://user:PASS/WORD@example.com/"), "http://example.com/...");
+        assert_eq!(origin("https://h.example/in?mail=a@b.example"), "https://h.example/...");
     }
 
     #[test]
