@@ -144,7 +144,7 @@ impl Inbox {
         let Ok(webhook) = serde_json::from_slice::<Webhook>(body) else {
             return (StatusCode::BAD_REQUEST, "not a webhook");
         };
-        if !state.seen.insert(webhook.id.clone()) {
+        if state.seen.contains(&webhook.id) {
             state.summary.duplicates += 1;
             return (StatusCode::OK, "duplicate");
         }
@@ -164,7 +164,6 @@ impl Inbox {
             line.push(b'\n');
             if let Err(e) = file.write_all(&line) {
                 // Not taken: the notifier sends it again.
-                state.seen.remove(&delivered.id);
                 tracing::warn!(error = %e, "recording a webhook failed");
                 return (StatusCode::INTERNAL_SERVER_ERROR, "not recorded");
             }
