@@ -116,7 +116,8 @@ services_up() {
   export DROPLINE_NOTIFIER_REMINDER_LEAD_SECS=${DROPLINE_NOTIFIER_REMINDER_LEAD_SECS:-5}
   for stage in allocator settler expirer notifier; do
     start_one "$stage" DROPLINE_OPS_ADDR="127.0.0.1:$(ops_port "$stage")" \
-      DROPLINE_KAFKA_GROUP_INSTANCE_ID="local-$stage-0" DROPLINE_NOTIFY_URL="http://$RECEIVER_ADDR/webhooks"
+      DROPLINE_KAFKA_GROUP_INSTANCE_ID="local-$stage-0" DROPLINE_NOTIFY_URL="http://$RECEIVER_ADDR/webhooks" \
+      DROPLINE_PAYMENT_PROVIDER_URL="http://$PAYSIM_ADDR"
   done
   for s in $SERVICES; do
     local name=${s%%:*} port=${s##*:}

@@ -56,6 +56,9 @@ pub struct DropPlan {
     /// caught up. Without it, it checks once the deadlines and their grace
     /// windows have passed.
     pub pipeline: Option<PipelineArgs>,
+    /// The payment provider's API: the check compares its refunds with the
+    /// record's.
+    pub provider: Option<String>,
     /// Sell through a waiting room.
     pub room: Option<RoomPlan>,
 }
@@ -118,7 +121,10 @@ pub struct DropReport {
     /// When the flood started and the drop ended, Unix seconds.
     pub started_at: f64,
     pub ended_at: f64,
+    /// Redis's stock the moment the flood's last buyer was answered.
     pub at_sellout_redis: StockLevels,
+    /// Units the record holds as held (or as a hold that has since ended)
+    /// once it has every decision of the flood.
     pub at_sellout_mysql_held: u64,
     pub paid: u64,
     pub refunds: u64,
@@ -319,6 +325,8 @@ pub async fn play(
     report.flood_secs = started.elapsed().as_secs_f64();
     report.accepted = buyers.iter().filter(|b| !matches!(b.outcome, Outcome::Refused(_))).count() as u64;
     report.held = buyers.iter().filter(|b| matches!(b.outcome, Outcome::Held(_))).count() as u64;
+    // Sampled before anything else can take time: holds lapse from here on.
+    report.at_sellout_redis = ledger.levels(event_id).await?.unwrap_or_default();
     let last_hold_ms = buyers.iter().filter_map(|b| b.held_at_ms).max();
     report.sell_out_secs = last_hold_ms
         .filter(|_| report.held >= u64::from(plan.tickets))
@@ -349,11 +357,12 @@ pub async fn play(
     // The barrier: the settler has recorded every decision.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        report.at_sellout_redis = ledger.levels(event_id).await?.unwrap_or_default();
         // A MySQL restart only delays the barrier.
         match invariants::mysql_counts(db, event_id, Duration::ZERO).await {
             Ok(m) => {
-                report.at_sellout_mysql_held = m.held;
+                // A hold that lapsed while the barrier waited was still one
+                // of the flood's.
+                report.at_sellout_mysql_held = m.held + m.expired + m.paid + m.cancelled;
                 if m.intents == report.accepted {
                     break;
                 }
@@ -451,8 +460,12 @@ pub async fn play(
             report.voided += 1;
         }
     }
-    let options =
-        CheckOptions { accepted: Some(report.accepted), acknowledged_payments: Some(payments), grace: plan.grace };
+    let options = CheckOptions {
+        accepted: Some(report.accepted),
+        acknowledged_payments: Some(payments),
+        grace: plan.grace,
+        provider: plan.provider.clone(),
+    };
     report.verdict = Some(invariants::verify(db, ledger, event_id, &options).await?);
     report.ended_at = unix_now();
     Ok(report)

@@ -59,6 +59,11 @@ pub enum Row {
     /// every change has exactly one notification, delivered or
     /// dead-lettered; none announces a change that was not made.
     ChangesNotified,
+    /// Every payment recorded for refund has one refund, made by the
+    /// provider under its own refund id; asked of the provider (when the
+    /// caller names it), each is its one refund there, and no other refund
+    /// of those payments is.
+    RefundsMade,
 }
 
 impl Row {
@@ -78,6 +83,7 @@ impl Row {
             Row::PerUserLimit => "per_user_limit",
             Row::AcceptedDecided => "accepted_decided",
             Row::ChangesNotified => "changes_notified",
+            Row::RefundsMade => "refunds_made",
         }
     }
 
@@ -97,6 +103,7 @@ impl Row {
             Row::PerUserLimit => "per-user limit",
             Row::AcceptedDecided => "every accepted purchase has one outcome",
             Row::ChangesNotified => "every order change notified once",
+            Row::RefundsMade => "each refund made once, by the provider",
         }
     }
 }
@@ -155,11 +162,14 @@ pub struct CheckOptions {
     pub acknowledged_payments: Option<u64>,
     /// How long past its deadline a hold may end (or still be held).
     pub grace: Duration,
+    /// The payment provider's API, whose refunds are compared with the
+    /// record's; none: the record's side only.
+    pub provider: Option<String>,
 }
 
 impl Default for CheckOptions {
     fn default() -> Self {
-        Self { accepted: None, acknowledged_payments: None, grace: production_grace() }
+        Self { accepted: None, acknowledged_payments: None, grace: production_grace(), provider: None }
     }
 }
 
@@ -244,6 +254,13 @@ pub struct OrderCounts {
     pub notifications_without_change: u64,
     pub changes_dead_lettered: u64,
     pub changes_repeated: u64,
+    /// The event's refunds, those the provider has not confirmed, payments
+    /// recorded for refund without one, and refunds recorded as made
+    /// without the provider's id.
+    pub refund_rows: u64,
+    pub refunds_waiting: u64,
+    pub payments_without_refund: u64,
+    pub refunded_without_provider_id: u64,
 }
 
 /// MySQL's counts for an event. `grace` decides which holds count as
@@ -278,6 +295,10 @@ pub async fn mysql_counts(db: &MySqlPool, event_id: u64, grace: Duration) -> any
     c.notifications_without_change = count(Count::NotificationsWithoutChange).await?;
     c.changes_dead_lettered = count(Count::ChangesDeadLettered).await?;
     c.changes_repeated = count(Count::ChangesRepeated).await?;
+    c.refund_rows = count(Count::RefundRows).await?;
+    c.refunds_waiting = count(Count::RefundsWaiting).await?;
+    c.payments_without_refund = count(Count::PaymentsWithoutRefund).await?;
+    c.refunded_without_provider_id = count(Count::RefundedWithoutProviderId).await?;
     c.lateness = Lateness::of(record::expiry_lateness_ms(db, event_id).await?);
     let now = chrono::Utc::now();
     let (overdue, oldest) = record::held_past(db, event_id, now - grace).await?;
@@ -547,7 +568,90 @@ pub async fn verify(db: &MySqlPool, ledger: &Ledger, event_id: u64, options: &Ch
             ),
         ),
     ]);
+    checks.push(refunds_made(db, event_id, &m, options.provider.as_deref()).await?);
     Ok(Verdict { event_id, redis, mysql: m, checks })
+}
+
+/// How the record's refunds compare with the provider's, when it is asked.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct ProviderSide {
+    /// Refunds made that the provider has under the same id, for the same
+    /// payment and amount, made under our refund id as its key.
+    matched: u64,
+    /// Refunds made that the provider does not have that way.
+    unmatched: u64,
+    /// The provider's refunds of these payments that are none of ours.
+    extra: u64,
+}
+
+async fn refunds_made(db: &MySqlPool, event_id: u64, m: &OrderCounts, provider: Option<&str>) -> anyhow::Result<Check> {
+    let side = match provider {
+        Some(url) => Some(compare_with_provider(db, event_id, url).await?),
+        None => None,
+    };
+    let ok = m.refunds_waiting == 0
+        && m.payments_without_refund == 0
+        && m.refunded_without_provider_id == 0
+        && side.as_ref().is_none_or(|s| s.unmatched == 0 && s.extra == 0);
+    let provider = match side {
+        Some(s) => {
+            format!("; the provider has {} of them, {} unmatched, {} refunds of none", s.matched, s.unmatched, s.extra)
+        }
+        None => "; the provider not asked".to_owned(),
+    };
+    Ok(check(
+        Row::RefundsMade,
+        ok,
+        format!(
+            "{} refunds, {} made, {} waiting; {} payments for refund without one, {} made without the provider's id{provider}",
+            m.refund_rows,
+            m.refund_rows - m.refunds_waiting.min(m.refund_rows),
+            m.refunds_waiting,
+            m.payments_without_refund,
+            m.refunded_without_provider_id,
+        ),
+    ))
+}
+
+async fn compare_with_provider(db: &MySqlPool, event_id: u64, url: &str) -> anyhow::Result<ProviderSide> {
+    #[derive(serde::Deserialize)]
+    struct Listing {
+        refunds: Vec<dropline::payments::ProviderRefund>,
+    }
+    let url = format!("{}/v1/refunds", url.trim_end_matches('/'));
+    let listing: Listing = reqwest::Client::new()
+        .get(&url)
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .with_context(|| format!("reading the provider's refunds at {url}"))?
+        .json()
+        .await
+        .context("reading the provider's refunds")?;
+    let payments: HashSet<String> = record::refund_payments(db, event_id).await?.into_iter().collect();
+    let theirs: HashMap<&str, &dropline::payments::ProviderRefund> = listing
+        .refunds
+        .iter()
+        .filter(|r| payments.contains(&r.payment_id))
+        .map(|r| (r.refund_id.as_str(), r))
+        .collect();
+    let mut side = ProviderSide::default();
+    let mut ours = HashSet::new();
+    for made in record::refunds_made(db, event_id).await? {
+        let same = theirs.get(made.provider_refund_id.as_str()).is_some_and(|r| {
+            r.payment_id == made.payment_id
+                && r.amount_cents == made.amount_cents
+                && r.idempotency_key == made.refund_id
+        });
+        match same {
+            true => side.matched += 1,
+            false => side.unmatched += 1,
+        }
+        ours.insert(made.provider_refund_id);
+    }
+    side.extra = theirs.keys().filter(|id| !ours.contains(**id)).count() as u64;
+    Ok(side)
 }
 
 #[cfg(test)]

@@ -207,6 +207,10 @@ enum Command {
 struct Books {
     #[command(flatten)]
     pipeline: PipelineArgs,
+    /// The payment provider's API: its refunds are compared with the
+    /// record's. Unset: the record's side only.
+    #[arg(long, env = "DROPLINE_PAYMENT_PROVIDER_URL")]
+    payment_provider_url: Option<String>,
     #[command(flatten)]
     mysql: MysqlArgs,
     #[command(flatten)]
@@ -385,6 +389,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 user_prefix: format!("demo-{}-", chrono::Utc::now().timestamp()),
                 grace: invariants::production_grace(),
                 pipeline: Some(books.pipeline.clone()),
+                provider: books.payment_provider_url.clone(),
                 room: (!no_waiting_room).then_some(drill::RoomPlan {
                     opens_in_secs,
                     outflow_per_sec,
@@ -549,7 +554,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             if wait_secs > 0 && !quiet::wait_quiet(&db, event, &settle).await? {
                 eprintln!("the pipeline did not go quiet within {wait_secs}s; checking anyway");
             }
-            let options = CheckOptions { accepted, acknowledged_payments: None, grace };
+            let options =
+                CheckOptions { accepted, acknowledged_payments: None, grace, provider: books.payment_provider_url };
             let verdict = invariants::verify(&db, &ledger, event, &options).await?;
             println!("event {event}:\n{verdict}");
             if !verdict.all_hold() {
@@ -696,8 +702,14 @@ fn print_report(r: &DropReport) {
         r.at_sellout_redis.available, r.at_sellout_redis.held, r.at_sellout_redis.sold, r.at_sellout_mysql_held
     );
     println!(
-        "holders then: {} paid, {} cancelled, {} walked away, {} too late, {} voided ({} payments refunded)",
+        "holders then: {} paid, {} cancelled, {} walked away, {} too late, {} voided ({} payments to refund)",
         r.paid, r.cancelled, r.walked_away, r.too_late, r.voided, r.refunds
+    );
+    println!(
+        "refunds through the provider: {} requested, {} made, {} waiting",
+        m.refund_rows,
+        m.refund_rows - m.refunds_waiting.min(m.refund_rows),
+        m.refunds_waiting
     );
     println!(
         "final (MySQL): sold {}, cancelled {}, expired {}, voided {}, still held {}",

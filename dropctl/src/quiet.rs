@@ -9,6 +9,8 @@
 //!   what the others produced), when it can reach the broker: then whatever
 //!   was on Kafka is in the record, and the expirer (whose offset never
 //!   passes a hold still waiting) has handled every hold it was told of;
+//! - then the provider has confirmed every refund of the event (the
+//!   settlers' refund worker retries until it does);
 //! - then the outbox relay has published every change of the event, and
 //!   the notifier group has committed up to the end of the changes (its
 //!   offset never passes a change whose webhook is not settled);
@@ -150,6 +152,10 @@ async fn not_quiet(
     if let Some(probe) = probe {
         if let Some((stage, lag)) = probe.behind().await? {
             return Ok(Some(format!("the {stage} group is {lag} messages behind")));
+        }
+        let refunds = record::count(db, record::Count::RefundsWaiting, event_id).await?;
+        if refunds > 0 {
+            return Ok(Some(format!("{refunds} refunds not confirmed by the provider yet")));
         }
         let unpublished = record::unpublished_changes(db, event_id).await?;
         if unpublished > 0 {

@@ -46,8 +46,17 @@ pub enum Count {
     NotificationsWithoutChange,
     /// Changes whose webhook was dead-lettered.
     ChangesDeadLettered,
-    /// Changes announced more than once: an order reaches each state once.
+    /// Changes announced more than once: an order reaches each state once,
+    /// and each of its refunds each of its states.
     ChangesRepeated,
+    /// The event's refunds (one per payment recorded for refund).
+    RefundRows,
+    /// Refunds the provider has not confirmed yet (requested or failed).
+    RefundsWaiting,
+    /// Payments recorded for refund that have no refund.
+    PaymentsWithoutRefund,
+    /// Refunds recorded as made without the provider's refund id.
+    RefundedWithoutProviderId,
 }
 
 impl Count {
@@ -80,7 +89,7 @@ impl Count {
                  AND o.state IN ('held', 'paid') AND o.quantity <> (SELECT COUNT(*) FROM order_units u \
                  WHERE u.event_id = o.event_id AND u.order_id = o.order_id)"
             }
-            Count::OrderChanges => "SELECT COUNT(*) FROM outbox WHERE event_id = ? AND subject = 'order'",
+            Count::OrderChanges => "SELECT COUNT(*) FROM outbox WHERE event_id = ? AND subject IN ('order', 'refund')",
             // Orders whose state has not moved since the outbox came (its
             // migration) are the only ones expected to have its change. The
             // two names are compared as ASCII: the columns' collations are
@@ -94,14 +103,31 @@ impl Count {
             }
             Count::ChangesUnnotified => {
                 "SELECT COUNT(*) FROM outbox c LEFT JOIN notifications n ON n.notification_id = c.change_id \
-                 WHERE c.event_id = ? AND c.subject = 'order' AND n.notification_id IS NULL"
+                 WHERE c.event_id = ? AND c.subject IN ('order', 'refund') AND n.notification_id IS NULL"
             }
             Count::NotificationsWithoutChange => {
                 "SELECT COUNT(*) FROM notifications n LEFT JOIN outbox c ON c.change_id = n.notification_id \
                  WHERE n.event_id = ? AND n.kind <> 'order.hold_expiring' AND c.change_id IS NULL"
             }
             Count::ChangesRepeated => {
-                "SELECT COUNT(*) - COUNT(DISTINCT order_id, kind) FROM outbox WHERE event_id = ? AND subject = 'order'"
+                "SELECT COUNT(*) - COUNT(DISTINCT order_id, kind, COALESCE(refund_id, '')) FROM outbox \
+                 WHERE event_id = ? AND subject IN ('order', 'refund')"
+            }
+            Count::RefundRows => {
+                "SELECT COUNT(*) FROM refunds r JOIN orders o ON o.order_id = r.order_id WHERE o.event_id = ?"
+            }
+            Count::RefundsWaiting => {
+                "SELECT COUNT(*) FROM refunds r JOIN orders o ON o.order_id = r.order_id \
+                 WHERE o.event_id = ? AND r.state <> 'refunded'"
+            }
+            Count::PaymentsWithoutRefund => {
+                "SELECT COUNT(*) FROM payments p JOIN orders o ON o.order_id = p.order_id \
+                 WHERE o.event_id = ? AND p.disposition = 'refund_required' \
+                 AND NOT EXISTS (SELECT 1 FROM refunds r WHERE r.payment_id = p.payment_id)"
+            }
+            Count::RefundedWithoutProviderId => {
+                "SELECT COUNT(*) FROM refunds r JOIN orders o ON o.order_id = r.order_id \
+                 WHERE o.event_id = ? AND r.state = 'refunded' AND r.provider_refund_id IS NULL"
             }
             Count::ChangesDeadLettered => {
                 "SELECT COUNT(*) FROM notifications n JOIN outbox c ON c.change_id = n.notification_id \
@@ -118,6 +144,38 @@ pub async fn unpublished_changes(db: &MySqlPool, event_id: u64) -> Result<u64, s
         .fetch_one(db)
         .await?;
     Ok(n as u64)
+}
+
+/// A refund the record has as made: ours, the payment's, and the
+/// provider's id for it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct MadeRefund {
+    pub refund_id: String,
+    pub payment_id: String,
+    pub amount_cents: u64,
+    pub provider_refund_id: String,
+}
+
+/// The event's refunds the record has as made.
+pub async fn refunds_made(db: &MySqlPool, event_id: u64) -> Result<Vec<MadeRefund>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT r.refund_id, r.payment_id, r.amount_cents, r.provider_refund_id FROM refunds r \
+         JOIN orders o ON o.order_id = r.order_id \
+         WHERE o.event_id = ? AND r.state = 'refunded' AND r.provider_refund_id IS NOT NULL",
+    )
+    .bind(event_id)
+    .fetch_all(db)
+    .await
+}
+
+/// The payments of the event's refunds, made or not.
+pub async fn refund_payments(db: &MySqlPool, event_id: u64) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT r.payment_id FROM refunds r JOIN orders o ON o.order_id = r.order_id WHERE o.event_id = ?",
+    )
+    .bind(event_id)
+    .fetch_all(db)
+    .await
 }
 
 pub async fn count(db: &MySqlPool, what: Count, event_id: u64) -> Result<u64, sqlx::Error> {

@@ -261,6 +261,8 @@ impl Cluster {
             env.push(("DROPLINE_IP_PER_SEC", "1000000".into()));
             env.push(("DROPLINE_IP_BURST", "1000000".into()));
             env.push(("DROPLINE_LISTEN_ADDR", format!("127.0.0.1:{}", self.api_port)));
+        }
+        if stage == "ingress" || stage == "settler" {
             env.push(("DROPLINE_PAYMENT_PROVIDER_URL", format!("http://127.0.0.1:{}", self.paysim_port)));
         }
         env
@@ -295,7 +297,13 @@ impl Cluster {
         let api = Api::new(&format!("http://127.0.0.1:{}", self.api_port)).unwrap();
         // CI runs the short version; scripts/faults.sh the full one.
         let scale: u32 = std::env::var("DROPLINE_FAULTS_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
-        let plan = common::fault_drop(scenario, scale, &format!("127.0.0.1:{}", self.kafka_port), &self.name);
+        let plan = common::fault_drop(
+            scenario,
+            scale,
+            &format!("127.0.0.1:{}", self.kafka_port),
+            &self.name,
+            &format!("http://127.0.0.1:{}", self.paysim_port),
+        );
         let probe = db.clone();
         let drop = tokio::spawn(async move { drill::run(&api, &keys, &db, &ledger, &plan).await });
         // Strike mid-flood.

@@ -5,8 +5,8 @@
 //! breaks fail, by row id.
 //!
 //! The sale: 3 tickets, 1 per buyer. Carol's hold expired (she paid too
-//! late: a refund is due) and Dave cancelled; then Alice paid, Bob and Erin
-//! hold. Sold out: available 0, held 2, sold 1.
+//! late: her refund was made) and Dave cancelled; then Alice paid, Bob and
+//! Erin hold. Sold out: available 0, held 2, sold 1.
 
 mod common;
 
@@ -20,6 +20,7 @@ use dropline_ingress::intents::{IntentRecord, IntentStore};
 use dropline_notifier::record::Settled;
 use dropline_settler::store::Batch;
 use sqlx::MySqlPool;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use dropline::redis_pool::redis;
@@ -231,6 +232,15 @@ async fn consistent_books() -> Books {
     };
     second.add_order_event(paid.order_event(alice, event, Some(payment(alice, PaymentDisposition::Captured))));
     second.write(&db, &ledger).await.unwrap();
+
+    // Carol's refund, recorded as made as the refund worker records it once
+    // the provider made it.
+    let refund: String = sqlx::query_scalar("SELECT refund_id FROM refunds WHERE order_id = ?")
+        .bind(carol.to_string())
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    dropline_settler::record::refunds::refunded(&db, &refund, &format!("re-{carol}")).await.unwrap();
 
     let books = Books { name, db, ledger, event, alice, bob, carol, erin };
     for (id, user) in [(alice, "alice"), (bob, "bob"), (carol, "carol"), (dave, "dave"), (erin, "erin")] {
@@ -459,6 +469,101 @@ async fn a_due_refund_lost_fails_payments_recorded() {
     b.sql("DELETE FROM payments WHERE order_id = ?", b.carol).await;
     let v = b.verify().await;
     assert_eq!(v.failing(), vec![Row::PaymentsRecorded], "{v}");
+    b.drop().await;
+}
+
+#[tokio::test]
+async fn a_refund_the_provider_did_not_make_fails_refunds_made() {
+    let b = consistent_books().await;
+    b.sql("UPDATE refunds SET state = 'failed' WHERE order_id = ?", b.carol).await;
+    let v = b.verify().await;
+    assert_eq!(v.failing(), vec![Row::RefundsMade], "{v}");
+    b.drop().await;
+}
+
+#[tokio::test]
+async fn a_payment_for_refund_without_its_refund_fails_refunds_made() {
+    let b = consistent_books().await;
+    b.sql("DELETE FROM refunds WHERE order_id = ?", b.carol).await;
+    let v = b.verify().await;
+    assert_eq!(v.failing(), vec![Row::RefundsMade], "{v}");
+    b.drop().await;
+}
+
+/// The provider's side: a paysim whose record holds Carol's payment and
+/// the refunds given. Its address.
+async fn provider_with(b: &Books, refunds: &[dropline::payments::ProviderRefund]) -> (String, CancellationToken) {
+    let dir = std::env::temp_dir().join(format!("dropline-{}-paysim-{}", b.name, Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let captures = dir.join("captures.jsonl");
+    let capture = dropline_paysim::Capture {
+        payment_id: format!("pay-{}", b.carol),
+        order_id: b.carol,
+        amount_cents: PRICE,
+        currency: "EUR".into(),
+        webhook_id: format!("evt-{}", b.carol),
+        captured_at: 0,
+    };
+    let lines = |items: Vec<String>| items.into_iter().map(|l| l + "\n").collect::<String>();
+    std::fs::write(&captures, lines(vec![serde_json::to_string(&capture).unwrap()])).unwrap();
+    std::fs::write(
+        dir.join("captures.jsonl.refunds"),
+        lines(refunds.iter().map(|r| serde_json::to_string(r).unwrap()).collect()),
+    )
+    .unwrap();
+    let shutdown = CancellationToken::new();
+    let paysim = dropline_paysim::start(
+        <dropline_paysim::PaysimConfig as clap::Parser>::parse_from([
+            "paysim".to_owned(),
+            "--listen-addr=127.0.0.1:0".to_owned(),
+            format!("--webhook-secret={}", dropline::secrets::random()),
+            format!("--captures-path={}", captures.display()),
+        ]),
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    (format!("http://{}", paysim.addr), shutdown)
+}
+
+#[tokio::test]
+async fn a_refund_the_provider_does_not_have_once_fails_refunds_made() {
+    let b = consistent_books().await;
+    let refund_id: String = sqlx::query_scalar("SELECT refund_id FROM refunds WHERE order_id = ?")
+        .bind(b.carol.to_string())
+        .fetch_one(&b.db)
+        .await
+        .unwrap();
+    let made = dropline::payments::ProviderRefund {
+        refund_id: format!("re-{}", b.carol),
+        payment_id: format!("pay-{}", b.carol),
+        amount_cents: PRICE,
+        idempotency_key: refund_id,
+        created_at: 0,
+    };
+    // The provider made exactly the recorded refund: the row holds.
+    let (provider, stop) = provider_with(&b, std::slice::from_ref(&made)).await;
+    let v = b.verify_with(&CheckOptions { provider: Some(provider), ..b.options() }).await;
+    assert_eq!(v.failing(), vec![], "{v}");
+    assert!(v.check(Row::RefundsMade).unwrap().detail.contains("the provider has 1 of them"), "{v}");
+    stop.cancel();
+    // The provider never made it.
+    let (provider, stop) = provider_with(&b, &[]).await;
+    let v = b.verify_with(&CheckOptions { provider: Some(provider), ..b.options() }).await;
+    assert_eq!(v.failing(), vec![Row::RefundsMade], "{v}");
+    stop.cancel();
+    // The provider made it, and another refund of the same payment.
+    let twice = dropline::payments::ProviderRefund {
+        refund_id: "re-again".into(),
+        idempotency_key: Uuid::new_v4().to_string(),
+        amount_cents: 1,
+        ..made.clone()
+    };
+    let (provider, stop) = provider_with(&b, &[made, twice]).await;
+    let v = b.verify_with(&CheckOptions { provider: Some(provider), ..b.options() }).await;
+    assert_eq!(v.failing(), vec![Row::RefundsMade], "{v}");
+    assert!(v.check(Row::RefundsMade).unwrap().detail.contains("1 refunds of none"), "{v}");
+    stop.cancel();
     b.drop().await;
 }
 

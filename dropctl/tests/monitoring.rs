@@ -104,7 +104,9 @@ async fn every_dashboard_query_has_data_and_alerts_fire_only_on_faults() {
     ingress_env.push(("DROPLINE_PAYMENT_PROVIDER_URL", format!("http://127.0.0.1:{paysim_port}")));
     let ingress = spawn("ingress", bin.join("dropline-ingress"), &ingress_env, &[]);
     let allocator = spawn("allocator", bin.join("dropline-allocator"), &common_env("allocator"), &[]);
-    let settler = spawn("settler", bin.join("dropline-settler"), &common_env("settler"), &[]);
+    let mut settler_env = common_env("settler");
+    settler_env.push(("DROPLINE_PAYMENT_PROVIDER_URL", format!("http://127.0.0.1:{paysim_port}")));
+    let settler = spawn("settler", bin.join("dropline-settler"), &settler_env, &[]);
     let expirer = spawn("expirer", bin.join("dropline-expirer"), &common_env("expirer"), &[]);
     let notifier = spawn("notifier", bin.join("dropline-notifier"), &common_env("notifier"), &[]);
     // The host's end, as the local stack runs it.
@@ -168,6 +170,7 @@ async fn every_dashboard_query_has_data_and_alerts_fire_only_on_faults() {
         user_prefix: "watched-".into(),
         grace: dropctl::invariants::production_grace(),
         pipeline: Some(common::pipeline(&common::brokers(), &name)),
+        provider: Some(format!("http://127.0.0.1:{paysim_port}")),
         room: None,
     };
     let report = drill::run(&api, &keys, &db, &ledger, &plan).await.unwrap();

@@ -88,7 +88,8 @@ async fn check(stack: &Stack, event: u64) -> invariants::Verdict {
         timeout: Duration::from_secs(60),
     };
     assert!(quiet::wait_quiet(&stack.db, event, &q).await.unwrap(), "the pipeline went quiet");
-    let options = CheckOptions { grace: Duration::from_secs(30), ..Default::default() };
+    let options =
+        CheckOptions { grace: Duration::from_secs(30), provider: Some(stack.paysim.clone()), ..Default::default() };
     invariants::verify(&stack.db, &stack.ledger, event, &options).await.unwrap()
 }
 

@@ -33,6 +33,7 @@ async fn a_drop_sells_exactly_the_capacity_and_the_books_balance() {
         user_prefix: "buyer-".into(),
         grace: dropctl::invariants::production_grace(),
         pipeline: Some(stack.pipeline()),
+        provider: Some(stack.paysim.clone()),
         room: None,
     };
     let report = drill::run(&api, &stack.keys, &stack.db, &stack.ledger, &plan).await.unwrap();
@@ -89,7 +90,7 @@ async fn a_drop_through_a_waiting_room_sells_exactly_the_capacity_and_its_draw_v
         tickets: 20,
         buyers: 80,
         concurrency: 32,
-        hold_ttl_secs: 5,
+        hold_ttl_secs: 8,
         per_user_limit: 1,
         pay_share: 0.5,
         cancel_share: 0.25,
@@ -98,6 +99,7 @@ async fn a_drop_through_a_waiting_room_sells_exactly_the_capacity_and_its_draw_v
         user_prefix: "fan-".into(),
         grace: dropctl::invariants::production_grace(),
         pipeline: Some(stack.pipeline()),
+        provider: Some(stack.paysim.clone()),
         room: Some(drill::RoomPlan {
             opens_in_secs: 6,
             outflow_per_sec: 40,
@@ -384,7 +386,7 @@ async fn confirm(checkout: &str, copies: u32) -> serde_json::Value {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_payment_after_expiry_is_recorded_for_refund_and_the_stock_is_released_once() {
+async fn a_payment_after_expiry_is_refunded_through_the_provider_once_and_the_stock_is_released_once() {
     let stack = Stack::start(Options::default()).await;
     let api = Api::new(&stack.api).unwrap();
     let event = stack.open_event(1, 1).await;
@@ -395,6 +397,12 @@ async fn a_payment_after_expiry_is_recorded_for_refund_and_the_stock_is_released
     wait_order_state(&stack, order, "expired").await;
     let levels = stack.ledger.levels(event).await.unwrap().unwrap();
     assert_eq!((levels.available, levels.held, levels.sold), (1, 0, 0));
+    // The provider's next refund calls fail: two refused, then one made
+    // whose answer is lost.
+    let http = dropline_testkit::http();
+    let faults = json!({ "refund_failures": 2, "refund_lost_answers": 1 });
+    let r = http.post(format!("{}/v1/faults", stack.paysim)).json(&faults).send().await.unwrap();
+    assert!(r.status().is_success());
     // The buyer pays anyway: the money is recorded for refund, never lost.
     let answer = confirm(&checkout, 1).await;
     assert_eq!(answer["status"], "refund_required");
@@ -406,9 +414,56 @@ async fn a_payment_after_expiry_is_recorded_for_refund_and_the_stock_is_released
     .await;
     assert_eq!(payments.len(), 1);
     assert_eq!(payments[0].1, "refund_required");
+    // The settler's refund worker retries until the provider has made it,
+    // under one idempotency key: one refund at the provider.
+    let (refund_id, provider_refund_id, attempts) = eventually("the refund made", Duration::from_secs(60), || async {
+        let row: Option<(String, Option<String>, u32, String)> = sqlx::query_as(
+            "SELECT refund_id, provider_refund_id, attempts, CAST(state AS CHAR) FROM refunds WHERE order_id = ?",
+        )
+        .bind(order.to_string())
+        .fetch_optional(&stack.db)
+        .await
+        .unwrap();
+        row.filter(|r| r.3 == "refunded").map(|r| (r.0, r.1.unwrap(), r.2))
+    })
+    .await;
+    assert_eq!(attempts, 4, "two refused calls, one whose answer was lost, then the one that read it");
+    let listing: serde_json::Value =
+        http.get(format!("{}/v1/refunds", stack.paysim)).send().await.unwrap().json().await.unwrap();
+    let refunds = listing["refunds"].as_array().unwrap();
+    assert_eq!(refunds.len(), 1, "{listing}");
+    assert_eq!(refunds[0]["refund_id"], provider_refund_id.as_str());
+    assert_eq!(refunds[0]["idempotency_key"], refund_id.as_str());
+    assert_eq!(refunds[0]["payment_id"], payments[0].0.as_str());
     assert_eq!(order_state_in_mysql(&stack, order).await.as_deref(), Some("expired"));
     let levels = stack.ledger.levels(event).await.unwrap().unwrap();
     assert_eq!((levels.available, levels.held, levels.sold), (1, 0, 0), "released exactly once");
+    // The buyer is told: the refund requested, then made, once each.
+    let told = eventually("the refund's webhooks", Duration::from_secs(60), || async {
+        let kinds: Vec<String> = stack
+            .inbox
+            .deliveries()
+            .into_iter()
+            .filter(|d| d.order_id.as_deref() == Some(order.to_string().as_str()) && d.kind.contains("refund"))
+            .map(|d| d.kind)
+            .collect();
+        (kinds.len() >= 2).then_some(kinds)
+    })
+    .await;
+    assert_eq!(told, ["order.refund_requested", "order.refunded"]);
+    // And the books, the provider's refunds included, balance.
+    let quiet = dropctl::quiet::Quiet {
+        pipeline: Some(stack.pipeline()),
+        past_deadlines: true,
+        grace: dropctl::invariants::production_grace(),
+        timeout: Duration::from_secs(60),
+    };
+    assert!(dropctl::quiet::wait_quiet(&stack.db, event, &quiet).await.unwrap());
+    let options = dropctl::invariants::CheckOptions { provider: Some(stack.paysim.clone()), ..Default::default() };
+    let verdict = dropctl::invariants::verify(&stack.db, &stack.ledger, event, &options).await.unwrap();
+    assert!(verdict.all_hold(), "{verdict}");
+    let made = verdict.check(dropctl::invariants::Row::RefundsMade).unwrap();
+    assert!(made.detail.contains("1 refunds, 1 made") && made.detail.contains("the provider has 1"), "{verdict}");
     stack.stop().await;
 }
 

@@ -33,6 +33,8 @@ struct LocalStack {
     env: Vec<(&'static str, String)>,
     api: String,
     db_url: String,
+    /// Its paysim's API.
+    provider: String,
 }
 
 fn repo_root() -> PathBuf {
@@ -58,6 +60,7 @@ impl LocalStack {
         let db_url = format!("{}/dropline_{name}", common::mysql_server());
         let secrets = Secrets::generate();
         let kafka_port = free_port();
+        let paysim = format!("127.0.0.1:{}", free_port());
         let mut env = vec![
             ("DROPLINE_STATE_DIR", state.display().to_string()),
             // The test build's binaries, unless told (DROPLINE_PROFILE=release
@@ -68,7 +71,7 @@ impl LocalStack {
             ("PROMETHEUS_PORT", free_port().to_string()),
             ("DROPLINE_OPS_PORT_BASE", free_port_run().to_string()),
             ("INGRESS_ADDR", format!("127.0.0.1:{api_port}")),
-            ("PAYSIM_ADDR", format!("127.0.0.1:{}", free_port())),
+            ("PAYSIM_ADDR", paysim.clone()),
             ("RECEIVER_ADDR", format!("127.0.0.1:{}", free_port())),
             ("DROPLINE_MYSQL_URL", db_url.clone()),
             ("DROPLINE_REDIS_KEY_PREFIX", name.clone()),
@@ -83,7 +86,8 @@ impl LocalStack {
             ("DROPLINE_LOG", "warn".into()),
         ];
         env.extend(secrets.env());
-        LocalStack { name, secrets, kafka_port, state, env, api: format!("http://127.0.0.1:{api_port}"), db_url }
+        let api = format!("http://127.0.0.1:{api_port}");
+        LocalStack { name, secrets, kafka_port, state, env, api, db_url, provider: format!("http://{paysim}") }
     }
 
     /// Runs `scripts/stack.sh <args>` as a user would, and insists it
@@ -134,7 +138,8 @@ impl LocalStack {
         let keys = self.secrets.tokens();
         let db = dropline::db::connect(&dropline::config::MysqlArgs::new(self.db_url.clone(), 3)).await.unwrap();
         let api = Api::new(&self.api).unwrap();
-        let plan = common::fault_drop(scenario, 2, &format!("127.0.0.1:{}", self.kafka_port), &self.name);
+        let brokers = format!("127.0.0.1:{}", self.kafka_port);
+        let plan = common::fault_drop(scenario, 2, &brokers, &self.name, &self.provider);
         let probe = db.clone();
         let ledger = self.ledger();
         let drop = tokio::spawn(async move { drill::run(&api, &keys, &db, &ledger, &plan).await });

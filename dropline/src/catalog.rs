@@ -259,8 +259,38 @@ pub mod settler {
     )
     .from_zero();
 
-    pub const ALL: &[Metric] =
-        &[ROWS, WRITE_ERRORS, DRIFT, REBUILDS, VOIDED, OVERDUE_ENDED, OUTBOX_PUBLISHED, OUTBOX_LAG, OUTBOX_RELAYING];
+    pub const REFUND_CALLS: Metric = Metric::counter(
+        "dropline_settler_refund_calls_total",
+        "Refund calls to the payment provider, by result: refunded (the provider made or had made it), failed \
+         (retried with backoff).",
+    )
+    .from_zero_for("result", &["refunded", "failed"]);
+    pub const REFUNDS_WAITING: Metric = Metric::gauge(
+        "dropline_settler_refunds_waiting",
+        "Refunds not confirmed by the provider yet (requested or failed), as this settler last counted them.",
+    )
+    .from_zero();
+    pub const OLDEST_REFUND: Metric = Metric::gauge(
+        "dropline_settler_oldest_refund_waiting_seconds",
+        "Age of the oldest refund the provider has not confirmed; 0 when none waits.",
+    )
+    .unit(Unit::Seconds)
+    .from_zero();
+
+    pub const ALL: &[Metric] = &[
+        ROWS,
+        WRITE_ERRORS,
+        DRIFT,
+        REBUILDS,
+        VOIDED,
+        OVERDUE_ENDED,
+        OUTBOX_PUBLISHED,
+        OUTBOX_LAG,
+        OUTBOX_RELAYING,
+        REFUND_CALLS,
+        REFUNDS_WAITING,
+        OLDEST_REFUND,
+    ];
 }
 
 /// The expirer's own metrics.

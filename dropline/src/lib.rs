@@ -31,6 +31,7 @@ pub mod messages;
 pub mod ops;
 pub mod payments;
 pub mod redis_pool;
+pub mod retry;
 pub mod room;
 pub mod secrets;
 pub mod shutdown;

@@ -278,6 +278,22 @@ named!(PaymentDisposition {
     RefundRequired => "refund_required",
 });
 
+/// Where a refund stands. Its changes are `requested` and `refunded`; a
+/// provider call that failed leaves it `failed` until the retry that works.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefundState {
+    Requested,
+    Refunded,
+    Failed,
+}
+
+named!(RefundState {
+    Requested => "requested",
+    Refunded => "refunded",
+    Failed => "failed",
+});
+
 /// One change the record made, as its outbox wrote it (in the same
 /// transaction), published once per change on `changes`. `change_id` is
 /// what a receiver deduplicates on: a change published again (the relay
@@ -299,20 +315,45 @@ pub struct Change {
 pub enum ChangeSubject {
     /// An order reached a state.
     Order { order_id: Uuid, user_id: String, quantity: u32, amount_cents: u64, expires_at_ms: i64, state: OrderState },
+    /// A payment of an order is being refunded (`requested`), or its money
+    /// is back with the buyer (`refunded`).
+    Refund {
+        order_id: Uuid,
+        user_id: String,
+        refund_id: Uuid,
+        payment_id: String,
+        amount_cents: u64,
+        #[serde(rename = "refund_state")]
+        state: RefundState,
+    },
 }
 
 impl Change {
     /// The key it is published under: changes of one order stay in order.
     pub fn key(&self) -> String {
+        self.order_id().to_string()
+    }
+
+    /// The order it concerns.
+    pub fn order_id(&self) -> Uuid {
         match &self.subject {
-            ChangeSubject::Order { order_id, .. } => order_id.to_string(),
+            ChangeSubject::Order { order_id, .. } | ChangeSubject::Refund { order_id, .. } => *order_id,
         }
     }
 
-    /// Its name in a webhook: `order.paid`.
+    /// The buyer it concerns.
+    pub fn user_id(&self) -> &str {
+        match &self.subject {
+            ChangeSubject::Order { user_id, .. } | ChangeSubject::Refund { user_id, .. } => user_id,
+        }
+    }
+
+    /// Its name in a webhook: `order.paid`, `order.refunded`.
     pub fn kind(&self) -> String {
         match &self.subject {
             ChangeSubject::Order { state, .. } => format!("order.{}", state.as_str()),
+            ChangeSubject::Refund { state: RefundState::Refunded, .. } => "order.refunded".to_owned(),
+            ChangeSubject::Refund { state, .. } => format!("order.refund_{}", state.as_str()),
         }
     }
 }
@@ -361,6 +402,7 @@ mod tests {
         check(OutcomeKind::ALL, |v| v.as_str());
         check(OrderState::ALL, |v| v.as_str());
         check(PaymentDisposition::ALL, |v| v.as_str());
+        check(RefundState::ALL, |v| v.as_str());
     }
 
     #[test]
@@ -383,6 +425,23 @@ mod tests {
         assert_eq!((json["subject"].as_str(), json["state"].as_str()), (Some("order"), Some("paid")), "{json}");
         assert_eq!(serde_json::from_value::<Change>(json).unwrap(), change);
         assert_eq!(change.kind(), "order.paid");
+
+        let refund = Change {
+            subject: ChangeSubject::Refund {
+                order_id: Uuid::nil(),
+                user_id: "u1".into(),
+                refund_id: Uuid::max(),
+                payment_id: "pay_1".into(),
+                amount_cents: 1000,
+                state: RefundState::Requested,
+            },
+            ..change
+        };
+        let json = serde_json::to_value(&refund).unwrap();
+        assert_eq!((json["subject"].as_str(), json["refund_state"].as_str()), (Some("refund"), Some("requested")));
+        assert_eq!(serde_json::from_value::<Change>(json).unwrap(), refund);
+        assert_eq!(refund.kind(), "order.refund_requested");
+        assert_eq!(refund.key(), Uuid::nil().to_string());
     }
 
     #[test]

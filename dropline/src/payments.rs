@@ -77,6 +77,27 @@ pub struct PaymentSession {
     pub currency: String,
 }
 
+/// Dropline asks the provider to give a payment's money back, with its own
+/// refund id as the `Idempotency-Key`: a call retried after a timeout or a
+/// crash names the same refund, and the provider makes it once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateRefund {
+    pub payment_id: String,
+    pub amount_cents: u64,
+}
+
+/// The provider's refund: its id is unique per refund made, and the same
+/// for every call under one idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProviderRefund {
+    pub refund_id: String,
+    pub payment_id: String,
+    pub amount_cents: u64,
+    /// The key it was made under: Dropline's refund id.
+    pub idempotency_key: String,
+    pub created_at: i64,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum SignatureError {
     #[error("the signature header is missing")]

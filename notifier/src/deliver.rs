@@ -18,7 +18,6 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use dropline::messages::{Change, ChangeSubject};
 use dropline::payments;
 use dropline::secrets::Secret;
-use rand::Rng;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -27,21 +26,30 @@ pub const ID_HEADER: &str = "dropline-webhook-id";
 
 /// The body of a change's webhook.
 pub fn change_body(change: &Change) -> Value {
-    let ChangeSubject::Order { order_id, user_id, quantity, amount_cents, expires_at_ms, state } = &change.subject;
+    let data = match &change.subject {
+        ChangeSubject::Order { order_id, quantity, amount_cents, expires_at_ms, state, .. } => json!({
+            "order_id": order_id,
+            "state": state,
+            "quantity": quantity,
+            "amount_cents": amount_cents,
+            "expires_at": rfc3339(*expires_at_ms),
+        }),
+        ChangeSubject::Refund { order_id, refund_id, payment_id, amount_cents, state, .. } => json!({
+            "order_id": order_id,
+            "refund_id": refund_id,
+            "payment_id": payment_id,
+            "refund_state": state,
+            "amount_cents": amount_cents,
+        }),
+    };
     json!({
         "id": change.change_id,
         "type": change.kind(),
         "created_at": rfc3339(change.changed_at_ms),
         "seq": change.seq,
         "event_id": change.event_id,
-        "buyer": user_id,
-        "data": {
-            "order_id": order_id,
-            "state": state,
-            "quantity": quantity,
-            "amount_cents": amount_cents,
-            "expires_at": rfc3339(*expires_at_ms),
-        },
+        "buyer": change.user_id(),
+        "data": data,
     })
 }
 
@@ -150,30 +158,7 @@ pub enum WebhooksError {
     Url(String),
 }
 
-/// How attempts at one webhook are spaced, and how many there are.
-#[derive(Debug, Clone, Copy)]
-pub struct Backoff {
-    pub base: Duration,
-    pub max: Duration,
-    /// Attempts before the webhook is dead-lettered.
-    pub attempts: u32,
-}
-
-impl Backoff {
-    /// The wait after the `failed`-th failed attempt (from 1): the base
-    /// doubled each time, capped, then a random time in its upper half, so
-    /// webhooks failed together do not come back together.
-    pub fn after(&self, failed: u32) -> Duration {
-        let doubled = self.base.saturating_mul(1u32 << failed.saturating_sub(1).min(20));
-        let full = doubled.min(self.max).as_millis() as u64;
-        Duration::from_millis(rand::rng().random_range(full / 2..=full))
-    }
-
-    /// Whether another attempt follows the `failed`-th failure.
-    pub fn retries_after(&self, failed: u32) -> bool {
-        failed < self.attempts
-    }
-}
+pub use dropline::retry::Backoff;
 
 #[cfg(test)]
 mod tests {
@@ -231,21 +216,6 @@ mod tests {
             amount_cents: 1000,
             expires_at: Utc::now(),
         }
-    }
-
-    #[test]
-    fn backoff_doubles_to_its_cap_with_jitter_in_the_upper_half() {
-        let b = Backoff { base: Duration::from_millis(100), max: Duration::from_secs(1), attempts: 5 };
-        for _ in 0..50 {
-            let first = b.after(1);
-            assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100), "{first:?}");
-            let third = b.after(3);
-            assert!(third >= Duration::from_millis(200) && third <= Duration::from_millis(400), "{third:?}");
-            let late = b.after(40);
-            assert!(late >= Duration::from_millis(500) && late <= Duration::from_secs(1), "{late:?}");
-        }
-        assert!(b.retries_after(4));
-        assert!(!b.retries_after(5));
     }
 
     #[test]

@@ -325,12 +325,11 @@ impl Notifier {
 
 /// The row recording what became of a change's webhook.
 fn outcome(p: &Pending) -> Settled {
-    let ChangeSubject::Order { order_id, .. } = p.change.subject;
     Settled {
         id: p.change.change_id,
         kind: p.change.kind(),
         event_id: p.change.event_id,
-        order_id: Some(order_id),
+        order_id: Some(p.change.order_id()),
         delivered: p.settled == Some(true),
         attempts: p.failed + u32::from(p.settled == Some(true)),
         last_error: p.last_error.clone(),

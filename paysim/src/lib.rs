@@ -19,6 +19,15 @@
 //! whose webhook was never acknowledged is delivered again, as a real
 //! provider keeps retrying across its own deploys.
 //! - `GET /v1/payments/{payment_id}` shows a payment and its deliveries.
+//! - `POST /v1/refunds` gives (part of) a captured payment's money back,
+//!   once per `Idempotency-Key` (Dropline's refund id): the same key always
+//!   answers the same refund, another key may not take more than is left.
+//!   Refunds are appended (and synced) to `<captures>.refunds` before they
+//!   are answered. `GET /v1/refunds` lists them.
+//! - `POST /v1/faults` makes the next refund calls fail, so the tests and the
+//!   demo see Dropline retry: `refund_failures` answer 503 and make no
+//!   refund; `refund_lost_answers` make the refund and answer 502, as a
+//!   provider whose answer was lost on the way.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -32,7 +41,10 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use clap::Parser;
 use dropline::config::{ConfigError, Problems};
-use dropline::payments::{self, CreatePayment, PaymentSession, PaymentWebhook, PAYMENT_SUCCEEDED, SIGNATURE_HEADER};
+use dropline::payments::{
+    self, CreatePayment, CreateRefund, PaymentSession, PaymentWebhook, ProviderRefund, PAYMENT_SUCCEEDED,
+    SIGNATURE_HEADER,
+};
 use dropline::secrets::{exposed, Secret};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
@@ -103,6 +115,29 @@ pub struct Delivery {
 struct Book {
     payments: HashMap<String, Payment>,
     by_order: HashMap<uuid::Uuid, String>,
+    /// By idempotency key.
+    refunds: HashMap<String, ProviderRefund>,
+    /// What each payment has had back so far.
+    refunded_cents: HashMap<String, u64>,
+    faults: Faults,
+}
+
+/// Refund calls to fail on purpose, counted down as they happen.
+#[derive(Debug, Default, Clone, Copy, Serialize, Deserialize)]
+pub struct Faults {
+    /// The next calls answer 503 without refunding.
+    #[serde(default)]
+    pub refund_failures: u32,
+    /// The next calls refund, then answer 502: the answer was lost.
+    #[serde(default)]
+    pub refund_lost_answers: u32,
+}
+
+impl Book {
+    fn add_refund(&mut self, refund: ProviderRefund) {
+        *self.refunded_cents.entry(refund.payment_id.clone()).or_default() += refund.amount_cents;
+        self.refunds.insert(refund.idempotency_key.clone(), refund);
+    }
 }
 
 /// One captured payment as the provider's record keeps it.
@@ -122,6 +157,7 @@ struct Sim {
     /// webhooks beside it, when configured.
     captures: Option<Mutex<std::fs::File>>,
     acked: Option<Mutex<std::fs::File>>,
+    refunds: Option<Mutex<std::fs::File>>,
     public_url: String,
     book: Mutex<Book>,
     http: reqwest::Client,
@@ -137,14 +173,14 @@ pub async fn start(config: PaysimConfig, shutdown: CancellationToken) -> anyhow:
     let listener = TcpListener::bind(config.listen_addr).await?;
     let addr = listener.local_addr()?;
     let mut book = Book::default();
-    let (captures, acked) = match &config.captures_path {
+    let (captures, acked, refunds) = match &config.captures_path {
         Some(path) => {
             let file = open_captures(path)?;
-            let acked_path = acked_path(path);
+            let acked_path = beside(path, ".acked");
             let acked_file = open_captures(&acked_path)?;
             let acked: std::collections::HashSet<String> =
                 std::fs::read_to_string(&acked_path)?.lines().map(str::to_owned).collect();
-            for c in read_captures(path)? {
+            for c in read_lines::<Capture>(path)? {
                 let acknowledged = acked.contains(&c.payment_id);
                 book.by_order.insert(c.order_id, c.payment_id.clone());
                 book.payments.insert(
@@ -161,10 +197,16 @@ pub async fn start(config: PaysimConfig, shutdown: CancellationToken) -> anyhow:
                     },
                 );
             }
-            tracing::info!(path = %path.display(), captured = book.payments.len(), "captures read back");
-            (Some(Mutex::new(file)), Some(Mutex::new(acked_file)))
+            let refunds_path = beside(path, ".refunds");
+            let refunds_file = open_captures(&refunds_path)?;
+            for r in read_lines::<ProviderRefund>(&refunds_path)? {
+                book.add_refund(r);
+            }
+            tracing::info!(path = %path.display(), captured = book.payments.len(), refunds = book.refunds.len(),
+                "captures and refunds read back");
+            (Some(Mutex::new(file)), Some(Mutex::new(acked_file)), Some(Mutex::new(refunds_file)))
         }
-        None => (None, None),
+        None => (None, None, None),
     };
     let unacknowledged: Vec<PaymentWebhook> =
         book.payments.values().filter(|p| !p.acknowledged).map(succeeded).collect();
@@ -173,6 +215,7 @@ pub async fn start(config: PaysimConfig, shutdown: CancellationToken) -> anyhow:
         config,
         captures,
         acked,
+        refunds,
         book: Mutex::new(book),
         http: reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?,
     });
@@ -182,6 +225,8 @@ pub async fn start(config: PaysimConfig, shutdown: CancellationToken) -> anyhow:
         .route("/v1/captures", get(list_captures))
         .route("/v1/payments/{payment_id}/redeliver", post(redeliver))
         .route("/checkout/{payment_id}/confirm", post(confirm))
+        .route("/v1/refunds", post(refund).get(list_refunds))
+        .route("/v1/faults", post(set_faults))
         .route("/healthz", get(|| async { "ok" }));
     if !unacknowledged.is_empty() {
         tracing::info!(count = unacknowledged.len(), "delivering again the webhooks never acknowledged");
@@ -305,7 +350,7 @@ async fn redeliver(State(sim): State<Arc<Sim>>, Path(id): Path<String>) -> Respo
     deliver_copies(sim, webhook, 1, true).await
 }
 
-fn read_captures(path: &std::path::Path) -> anyhow::Result<Vec<Capture>> {
+fn read_lines<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> anyhow::Result<Vec<T>> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -315,8 +360,13 @@ fn read_captures(path: &std::path::Path) -> anyhow::Result<Vec<Capture>> {
 }
 
 fn append_capture(sim: &Sim, capture: &Capture) -> std::io::Result<()> {
-    let Some(file) = &sim.captures else { return Ok(()) };
-    let mut line = serde_json::to_vec(capture).expect("captures serialize");
+    append_line(&sim.captures, capture)
+}
+
+/// Appends one JSON line to a record, synced, if there is a record.
+fn append_line(file: &Option<Mutex<std::fs::File>>, item: &impl Serialize) -> std::io::Result<()> {
+    let Some(file) = file else { return Ok(()) };
+    let mut line = serde_json::to_vec(item).expect("records serialize");
     line.push(b'\n');
     append_synced(file, &line)
 }
@@ -328,9 +378,10 @@ fn append_synced(file: &Mutex<std::fs::File>, line: &[u8]) -> std::io::Result<()
     file.sync_data()
 }
 
-fn acked_path(captures: &std::path::Path) -> std::path::PathBuf {
+/// The record kept beside the captures file: `<captures><suffix>`.
+fn beside(captures: &std::path::Path, suffix: &str) -> std::path::PathBuf {
     let mut name = captures.as_os_str().to_owned();
-    name.push(".acked");
+    name.push(suffix);
     name.into()
 }
 
@@ -373,6 +424,83 @@ async fn list_captures(State(sim): State<Arc<Sim>>) -> Response {
     let mut captured: Vec<&Payment> = book.payments.values().filter(|p| p.status == "succeeded").collect();
     captured.sort_by(|a, b| a.payment_id.cmp(&b.payment_id));
     Json(serde_json::json!({ "captures": captured })).into_response()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    Fail,
+    LoseAnswer,
+}
+
+/// `POST /v1/refunds`: one refund per idempotency key.
+async fn refund(State(sim): State<Arc<Sim>>, headers: HeaderMap, Json(req): Json<CreateRefund>) -> Response {
+    let key = match headers.get("idempotency-key").and_then(|v| v.to_str().ok()) {
+        Some(k) if !k.is_empty() && k.len() <= payments::MAX_PROVIDER_ID_BYTES => k.to_owned(),
+        _ => return error(StatusCode::BAD_REQUEST, "a refund needs an Idempotency-Key of 1 to 128 bytes"),
+    };
+    let mut book = sim.book.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(existing) = book.refunds.get(&key) {
+        if existing.payment_id != req.payment_id || existing.amount_cents != req.amount_cents {
+            return error(StatusCode::CONFLICT, "this Idempotency-Key was used for another refund");
+        }
+        return Json(existing.clone()).into_response();
+    }
+    let fault = if book.faults.refund_failures > 0 {
+        book.faults.refund_failures -= 1;
+        Some(Fault::Fail)
+    } else if book.faults.refund_lost_answers > 0 {
+        book.faults.refund_lost_answers -= 1;
+        Some(Fault::LoseAnswer)
+    } else {
+        None
+    };
+    if fault == Some(Fault::Fail) {
+        tracing::warn!(payment_id = %req.payment_id, key, "refund failed on purpose");
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the refund failed; retry it");
+    }
+    let Some(payment) = book.payments.get(&req.payment_id).filter(|p| p.status == "succeeded") else {
+        return error(StatusCode::NOT_FOUND, "no captured payment with this id");
+    };
+    let left = payment.amount_cents - book.refunded_cents.get(&req.payment_id).copied().unwrap_or(0);
+    if req.amount_cents == 0 || req.amount_cents > left {
+        return error(StatusCode::UNPROCESSABLE_ENTITY, &format!("a refund of 1 to {left} cents is possible"));
+    }
+    let refund = ProviderRefund {
+        refund_id: format!("re_{}", uuid::Uuid::new_v4().simple()),
+        payment_id: req.payment_id,
+        amount_cents: req.amount_cents,
+        idempotency_key: key,
+        created_at: chrono::Utc::now().timestamp(),
+    };
+    // On record before it is answered, under the book's lock: a crash
+    // after it keeps the refund, and the caller's retry gets it back.
+    if let Err(e) = append_line(&sim.refunds, &refund) {
+        tracing::error!(error = %e, "recording the refund failed");
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the refund could not be recorded");
+    }
+    tracing::info!(refund_id = %refund.refund_id, payment_id = %refund.payment_id, amount_cents = refund.amount_cents,
+        "refunded");
+    book.add_refund(refund.clone());
+    if fault == Some(Fault::LoseAnswer) {
+        return error(StatusCode::BAD_GATEWAY, "the refund was made but its answer was lost");
+    }
+    (StatusCode::CREATED, Json(refund)).into_response()
+}
+
+/// `GET /v1/refunds`: every refund made, the provider's side of an audit.
+async fn list_refunds(State(sim): State<Arc<Sim>>) -> Response {
+    let book = sim.book.lock().unwrap_or_else(|p| p.into_inner());
+    let mut refunds: Vec<&ProviderRefund> = book.refunds.values().collect();
+    refunds.sort_by(|a, b| a.refund_id.cmp(&b.refund_id));
+    Json(serde_json::json!({ "refunds": refunds })).into_response()
+}
+
+/// `POST /v1/faults`: adds to the faults to come; answers what is pending.
+async fn set_faults(State(sim): State<Arc<Sim>>, Json(add): Json<Faults>) -> Response {
+    let mut book = sim.book.lock().unwrap_or_else(|p| p.into_inner());
+    book.faults.refund_failures = book.faults.refund_failures.saturating_add(add.refund_failures);
+    book.faults.refund_lost_answers = book.faults.refund_lost_answers.saturating_add(add.refund_lost_answers);
+    Json(book.faults).into_response()
 }
 
 /// The `payment.succeeded` webhook of a confirmed payment.

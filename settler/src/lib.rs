@@ -17,6 +17,8 @@
 //! - [`rebuild`]: rebuilding an event's ledger from MySQL, fenced.
 //! - [`outbox`]: the relay that publishes the record's changes (written by
 //!   the database in each change's own transaction) on `changes`.
+//! - [`refunds`]: the worker that gives back, through the payment
+//!   provider, the money of every payment the record keeps for refund.
 //! - [`config`]: settings; [`metrics`]: metric names.
 
 pub mod claims;
@@ -26,6 +28,7 @@ pub mod outbox;
 pub mod rebuild;
 pub mod reconcile;
 pub mod record;
+pub mod refunds;
 pub mod store;
 
 use std::sync::Arc;
@@ -43,13 +46,30 @@ use crate::metrics::{ROWS, WRITE_ERRORS};
 use crate::reconcile::{Reconciler, Voided};
 use crate::store::Batch;
 
-pub async fn run(config: SettlerConfig, shutdown: CancellationToken) -> Result<(), StageError> {
+#[derive(Debug, thiserror::Error)]
+pub enum SettlerError {
+    #[error(transparent)]
+    Stage(#[from] StageError),
+    #[error("the refund worker's HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+}
+
+impl From<sqlx::migrate::MigrateError> for SettlerError {
+    fn from(e: sqlx::migrate::MigrateError) -> Self {
+        SettlerError::Stage(e.into())
+    }
+}
+
+pub async fn run(config: SettlerConfig, shutdown: CancellationToken) -> Result<(), SettlerError> {
     let stage::Consumer { ready, topics, publisher, dead_letters, consumer } =
         Stage::start_consumer(&config, &config.group_id, |t| vec![&t.decisions, &t.order_changes], &shutdown).await?;
     let Some(db) = dropline::db::connect_and_migrate(&config.mysql, &shutdown).await? else {
         return Ok(());
     };
-    let ledger = dropline::stock::Ledger::new(config.shared.redis.pool()?, &config.shared.redis.key_prefix);
+    let ledger = dropline::stock::Ledger::new(
+        config.shared.redis.pool().map_err(StageError::from)?,
+        &config.shared.redis.key_prefix,
+    );
     let voided = Arc::new(Voided::default());
     let reconciler = Reconciler {
         db: db.clone(),
@@ -71,6 +91,8 @@ pub async fn run(config: SettlerConfig, shutdown: CancellationToken) -> Result<(
         poll: std::time::Duration::from_millis(config.outbox_poll_ms),
     };
     let relaying = tokio::spawn(relay.run(shutdown.clone()));
+    let refunder = refunds::Refunder::new(db.clone(), config.refund_options())?;
+    let refunding = tokio::spawn(refunder.run(shutdown.clone()));
     ready.set(true);
     tracing::info!("settler consuming");
 
@@ -79,8 +101,9 @@ pub async fn run(config: SettlerConfig, shutdown: CancellationToken) -> Result<(
     let ended = kafka::run_batches(&consumer, &settler, &dead_letters, &options, &shutdown).await;
     ready.set(false);
     let _ = relaying.await;
+    let _ = refunding.await;
     tracing::info!("settler stopped");
-    ended?;
+    ended.map_err(StageError::from)?;
     Ok(())
 }
 

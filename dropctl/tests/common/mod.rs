@@ -124,6 +124,9 @@ impl Stack {
                 "--batch-linger-ms=5".to_owned(),
                 "--drift-interval-secs=1".to_owned(),
                 "--rebuild-grace-ms=3000".to_owned(),
+                format!("--payment-provider-url=http://{}", paysim.addr),
+                "--refund-poll-ms=100".to_owned(),
+                "--refund-retry-base-ms=200".to_owned(),
             ]
             .into_iter()
             .chain(common.iter().cloned()),
@@ -561,8 +564,9 @@ pub mod process {
 /// payers, late payers (whose money must be recorded for refund),
 /// cancellers and walk-aways, with every payment webhook sent three times.
 /// Checked with the production grace, once the pipeline at `brokers` under
-/// topic prefix and group names `name` has caught up.
-pub fn fault_drop(scenario: &str, scale: u32, brokers: &str, name: &str) -> dropctl::drill::DropPlan {
+/// topic prefix and group names `name` has caught up, its refunds compared
+/// with those of the provider at `provider`.
+pub fn fault_drop(scenario: &str, scale: u32, brokers: &str, name: &str, provider: &str) -> dropctl::drill::DropPlan {
     dropctl::drill::DropPlan {
         tickets: 25 * scale,
         buyers: 75 * scale,
@@ -578,6 +582,7 @@ pub fn fault_drop(scenario: &str, scale: u32, brokers: &str, name: &str) -> drop
         // holds an expirer lost before the check could see them late.
         grace: dropctl::invariants::production_grace(),
         pipeline: Some(pipeline(brokers, name)),
+        provider: Some(provider.to_owned()),
         room: None,
     }
 }

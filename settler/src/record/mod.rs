@@ -10,6 +10,7 @@ pub mod intents;
 pub mod orders;
 pub mod outbox;
 pub mod payments;
+pub mod refunds;
 pub mod units;
 
 use sqlx::{MySql, QueryBuilder};

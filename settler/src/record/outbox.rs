@@ -3,7 +3,7 @@
 //! marks there.
 
 use chrono::{DateTime, Utc};
-use dropline::messages::{Change, ChangeSubject, OrderState};
+use dropline::messages::{Change, ChangeSubject, OrderState, RefundState};
 use sqlx::{MySql, MySqlConnection, QueryBuilder};
 use uuid::Uuid;
 
@@ -21,6 +21,8 @@ pub struct Row {
     pub amount_cents: Option<u64>,
     pub expires_at: Option<DateTime<Utc>>,
     pub changed_at: DateTime<Utc>,
+    pub refund_id: Option<String>,
+    pub payment_id: Option<String>,
 }
 
 /// A row this version cannot publish.
@@ -37,19 +39,31 @@ impl Row {
         let seq = self.seq;
         let bad = |problem: String| Unreadable { seq, problem };
         let change_id = Uuid::parse_str(&self.change_id).map_err(|e| bad(format!("change id: {e}")))?;
+        let missing = |column: &str| bad(format!("a {} change without {column}", self.subject));
+        let id = |column: &str, value: &Option<String>| {
+            Uuid::parse_str(value.as_deref().ok_or_else(|| missing(column))?).map_err(|e| bad(format!("{column}: {e}")))
+        };
         let subject = match self.subject.as_str() {
-            "order" => {
-                let missing = |column: &str| bad(format!("an order change without {column}"));
-                ChangeSubject::Order {
-                    order_id: Uuid::parse_str(self.order_id.as_deref().ok_or_else(|| missing("order_id"))?)
-                        .map_err(|e| bad(format!("order id: {e}")))?,
-                    user_id: self.user_id.clone().ok_or_else(|| missing("user_id"))?,
-                    quantity: self.quantity.ok_or_else(|| missing("quantity"))?,
-                    amount_cents: self.amount_cents.ok_or_else(|| missing("amount_cents"))?,
-                    expires_at_ms: self.expires_at.ok_or_else(|| missing("expires_at"))?.timestamp_millis(),
-                    state: self.kind.parse::<OrderState>().map_err(|e| bad(e.to_string()))?,
-                }
-            }
+            "refund" => ChangeSubject::Refund {
+                order_id: id("order_id", &self.order_id)?,
+                user_id: self.user_id.clone().ok_or_else(|| missing("user_id"))?,
+                refund_id: id("refund_id", &self.refund_id)?,
+                payment_id: self.payment_id.clone().ok_or_else(|| missing("payment_id"))?,
+                amount_cents: self.amount_cents.ok_or_else(|| missing("amount_cents"))?,
+                state: match self.kind.as_str() {
+                    "refund_requested" => RefundState::Requested,
+                    "refunded" => RefundState::Refunded,
+                    other => return Err(bad(format!("no refund change {other:?} is known to this version"))),
+                },
+            },
+            "order" => ChangeSubject::Order {
+                order_id: id("order_id", &self.order_id)?,
+                user_id: self.user_id.clone().ok_or_else(|| missing("user_id"))?,
+                quantity: self.quantity.ok_or_else(|| missing("quantity"))?,
+                amount_cents: self.amount_cents.ok_or_else(|| missing("amount_cents"))?,
+                expires_at_ms: self.expires_at.ok_or_else(|| missing("expires_at"))?.timestamp_millis(),
+                state: self.kind.parse::<OrderState>().map_err(|e| bad(e.to_string()))?,
+            },
             other => return Err(bad(format!("no change of a {other:?} is known to this version"))),
         };
         Ok(Change {
@@ -67,7 +81,7 @@ impl Row {
 pub async fn unpublished(conn: &mut MySqlConnection, limit: u32) -> Result<Vec<Row>, sqlx::Error> {
     sqlx::query_as(
         "SELECT seq, change_id, CAST(subject AS CHAR) AS subject, kind, event_id, order_id, user_id, quantity, \
-         amount_cents, expires_at, changed_at FROM outbox WHERE published_at IS NULL ORDER BY seq LIMIT ?",
+         amount_cents, expires_at, changed_at, refund_id, payment_id FROM outbox WHERE published_at IS NULL ORDER BY seq LIMIT ?",
     )
     .bind(limit)
     .fetch_all(conn)
