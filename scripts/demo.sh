@@ -14,4 +14,5 @@ if [ "${DROPLINE_KEEP:-0}" != 1 ]; then
   trap '"$DROPLINE_ROOT/scripts/stack.sh" stop-services' EXIT
 fi
 load_secrets
-"$DROPLINE_ROOT/target/release/dropctl" demo "$@"
+# The check compares the refunds made with the provider's own.
+DROPLINE_PAYMENT_PROVIDER_URL="http://$PAYSIM_ADDR" "$DROPLINE_ROOT/target/release/dropctl" demo "$@"

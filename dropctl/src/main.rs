@@ -77,6 +77,11 @@ enum Command {
         /// Share of holders who cancel; the rest walk away.
         #[arg(long, default_value_t = 0.15)]
         cancel_share: f64,
+        /// Share of holders who open their payment in time and complete it
+        /// after their hold expired: their money goes back through the
+        /// provider.
+        #[arg(long, default_value_t = 0.05)]
+        late_pay_share: f64,
         /// Buyers the waiting room lets through per second.
         #[arg(long, default_value_t = 250)]
         outflow_per_sec: u32,
@@ -365,6 +370,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             hold_ttl_secs,
             pay_share,
             cancel_share,
+            late_pay_share,
             outflow_per_sec,
             time_to_act_secs,
             proof_of_work_bits,
@@ -384,7 +390,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 per_user_limit: 2,
                 pay_share,
                 cancel_share,
-                late_pay_share: 0.0,
+                late_pay_share,
                 webhook_copies: 1,
                 user_prefix: format!("demo-{}-", chrono::Utc::now().timestamp()),
                 grace: invariants::production_grace(),

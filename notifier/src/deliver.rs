@@ -182,7 +182,23 @@ mod tests {
         };
         let held = change(OrderState::Held);
         let kinds = &schema["properties"]["type"]["enum"];
-        for body in [change_body(&held), change_body(&change(OrderState::Voided)), reminder_body(&reminder())] {
+        let refund = Change {
+            subject: ChangeSubject::Refund {
+                order_id: Uuid::new_v4(),
+                user_id: "buyer-1".into(),
+                refund_id: Uuid::new_v4(),
+                payment_id: "pay_1".into(),
+                amount_cents: 2000,
+                state: dropline::messages::RefundState::Refunded,
+            },
+            ..held.clone()
+        };
+        for body in [
+            change_body(&held),
+            change_body(&change(OrderState::Voided)),
+            reminder_body(&reminder()),
+            change_body(&refund),
+        ] {
             check(&body, schema, "body");
             check(&body["data"], &schema["properties"]["data"], "data");
             assert!(kinds.as_array().unwrap().contains(&body["type"]), "{} is in the document's enum", body["type"]);
