@@ -15,4 +15,4 @@ if [ "${DROPLINE_KEEP:-0}" != 1 ]; then
 fi
 load_secrets
 # The check compares the refunds made with the provider's own.
-DROPLINE_PAYMENT_PROVIDER_URL="http://$PAYSIM_ADDR" "$DROPLINE_ROOT/target/release/dropctl" demo "$@"
+"$DROPLINE_ROOT/target/release/dropctl" demo --payment-provider-url "http://$PAYSIM_ADDR" "$@"

@@ -60,9 +60,9 @@ pub enum Row {
     /// dead-lettered; none announces a change that was not made.
     ChangesNotified,
     /// Every payment recorded for refund has one refund, made by the
-    /// provider under its own refund id; asked of the provider (when the
-    /// caller names it), each is its one refund there, and no other refund
-    /// of those payments is.
+    /// provider under its own refund id, and no other payment has one;
+    /// asked of the provider (when the caller names it), each is its one
+    /// refund there, and no other refund of the event's payments is.
     RefundsMade,
 }
 
@@ -261,6 +261,10 @@ pub struct OrderCounts {
     pub refunds_waiting: u64,
     pub payments_without_refund: u64,
     pub refunded_without_provider_id: u64,
+    /// Refunds of payments not recorded for refund, and refunds missing
+    /// their changes in the outbox.
+    pub refunds_without_due: u64,
+    pub refunds_without_change: u64,
 }
 
 /// MySQL's counts for an event. `grace` decides which holds count as
@@ -299,6 +303,8 @@ pub async fn mysql_counts(db: &MySqlPool, event_id: u64, grace: Duration) -> any
     c.refunds_waiting = count(Count::RefundsWaiting).await?;
     c.payments_without_refund = count(Count::PaymentsWithoutRefund).await?;
     c.refunded_without_provider_id = count(Count::RefundedWithoutProviderId).await?;
+    c.refunds_without_due = count(Count::RefundsWithoutDue).await?;
+    c.refunds_without_change = count(Count::RefundsWithoutChange).await?;
     c.lateness = Lateness::of(record::expiry_lateness_ms(db, event_id).await?);
     let now = chrono::Utc::now();
     let (overdue, oldest) = record::held_past(db, event_id, now - grace).await?;
@@ -552,17 +558,19 @@ pub async fn verify(db: &MySqlPool, ledger: &Ledger, event_id: u64, options: &Ch
         check(
             Row::ChangesNotified,
             m.states_without_change == 0
+                && m.refunds_without_change == 0
                 && m.changes_unnotified == 0
                 && m.notifications_without_change == 0
                 && m.changes_repeated == 0,
             format!(
-                "{} changes, {} notified ({} dead-lettered); {} unnotified, {} states without a change, {} \
-                 notifications of no change, {} repeated",
+                "{} changes, {} notified ({} dead-lettered); {} unnotified, {} states and {} refunds without a \
+                 change, {} notifications of no change, {} repeated",
                 m.order_changes,
                 m.order_changes - m.changes_unnotified.min(m.order_changes),
                 m.changes_dead_lettered,
                 m.changes_unnotified,
                 m.states_without_change,
+                m.refunds_without_change,
                 m.notifications_without_change,
                 m.changes_repeated
             ),
@@ -580,7 +588,8 @@ struct ProviderSide {
     matched: u64,
     /// Refunds made that the provider does not have that way.
     unmatched: u64,
-    /// The provider's refunds of these payments that are none of ours.
+    /// The provider's refunds of the event's payments that are none of
+    /// ours (a captured payment refunded, a payment refunded twice).
     extra: u64,
 }
 
@@ -591,6 +600,7 @@ async fn refunds_made(db: &MySqlPool, event_id: u64, m: &OrderCounts, provider: 
     };
     let ok = m.refunds_waiting == 0
         && m.payments_without_refund == 0
+        && m.refunds_without_due == 0
         && m.refunded_without_provider_id == 0
         && side.as_ref().is_none_or(|s| s.unmatched == 0 && s.extra == 0);
     let provider = match side {
@@ -603,11 +613,13 @@ async fn refunds_made(db: &MySqlPool, event_id: u64, m: &OrderCounts, provider: 
         Row::RefundsMade,
         ok,
         format!(
-            "{} refunds, {} made, {} waiting; {} payments for refund without one, {} made without the provider's id{provider}",
+            "{} refunds, {} made, {} not made; {} payments for refund without one, {} refunds of no payment \
+             for refund, {} made without the provider's id{provider}",
             m.refund_rows,
             m.refund_rows - m.refunds_waiting.min(m.refund_rows),
             m.refunds_waiting,
             m.payments_without_refund,
+            m.refunds_without_due,
             m.refunded_without_provider_id,
         ),
     ))
@@ -629,7 +641,7 @@ async fn compare_with_provider(db: &MySqlPool, event_id: u64, url: &str) -> anyh
         .json()
         .await
         .context("reading the provider's refunds")?;
-    let payments: HashSet<String> = record::refund_payments(db, event_id).await?.into_iter().collect();
+    let payments: HashSet<String> = record::payment_ids(db, event_id).await?.into_iter().collect();
     let theirs: HashMap<&str, &dropline::payments::ProviderRefund> = listing
         .refunds
         .iter()

@@ -212,9 +212,11 @@ enum Command {
 struct Books {
     #[command(flatten)]
     pipeline: PipelineArgs,
-    /// The payment provider's API: its refunds are compared with the
-    /// record's. Unset: the record's side only.
-    #[arg(long, env = "DROPLINE_PAYMENT_PROVIDER_URL")]
+    /// The payment provider's API (paysim's shape: `GET /v1/refunds`): its
+    /// refunds are compared with the record's. Unset: the record's side
+    /// only. A flag, not the stages' DROPLINE_PAYMENT_PROVIDER_URL: a check
+    /// run beside a stage must not call the real provider.
+    #[arg(long)]
     payment_provider_url: Option<String>,
     #[command(flatten)]
     mysql: MysqlArgs,

@@ -9,8 +9,9 @@
 //!   what the others produced), when it can reach the broker: then whatever
 //!   was on Kafka is in the record, and the expirer (whose offset never
 //!   passes a hold still waiting) has handled every hold it was told of;
-//! - then the provider has confirmed every refund of the event (the
-//!   settlers' refund worker retries until it does);
+//! - then the settlers' refund worker has no refund of the event left to
+//!   try (it retries a failed call until the provider makes the refund or
+//!   refuses it for good; a refusal fails "each refund made once");
 //! - then the outbox relay has published every change of the event, and
 //!   the notifier group has committed up to the end of the changes (its
 //!   offset never passes a change whose webhook is not settled);
@@ -153,7 +154,7 @@ async fn not_quiet(
         if let Some((stage, lag)) = probe.behind().await? {
             return Ok(Some(format!("the {stage} group is {lag} messages behind")));
         }
-        let refunds = record::count(db, record::Count::RefundsWaiting, event_id).await?;
+        let refunds = record::count(db, record::Count::RefundsInFlight, event_id).await?;
         if refunds > 0 {
             return Ok(Some(format!("{refunds} refunds not confirmed by the provider yet")));
         }

@@ -51,8 +51,17 @@ pub enum Count {
     ChangesRepeated,
     /// The event's refunds (one per payment recorded for refund).
     RefundRows,
-    /// Refunds the provider has not confirmed yet (requested or failed).
+    /// Refunds the provider has not made (requested, failed or rejected).
     RefundsWaiting,
+    /// Refunds the refund worker is still trying (requested or failed):
+    /// what the wait for quiet waits for; a rejected one waits for no one.
+    RefundsInFlight,
+    /// Refunds of a payment that is not recorded for refund (captured, or
+    /// not in the record at all): money that should not go back.
+    RefundsWithoutDue,
+    /// Refunds without their `refund_requested` change, or made without
+    /// their `refunded` one.
+    RefundsWithoutChange,
     /// Payments recorded for refund that have no refund.
     PaymentsWithoutRefund,
     /// Refunds recorded as made without the provider's refund id.
@@ -120,10 +129,28 @@ impl Count {
                 "SELECT COUNT(*) FROM refunds r JOIN orders o ON o.order_id = r.order_id \
                  WHERE o.event_id = ? AND r.state <> 'refunded'"
             }
+            // A payment of nothing has nothing to give back. Payments
+            // recorded before the refunds' migration got no refund (see
+            // it): they are counted, for an operator to settle.
             Count::PaymentsWithoutRefund => {
                 "SELECT COUNT(*) FROM payments p JOIN orders o ON o.order_id = p.order_id \
-                 WHERE o.event_id = ? AND p.disposition = 'refund_required' \
+                 WHERE o.event_id = ? AND p.disposition = 'refund_required' AND p.amount_cents > 0 \
                  AND NOT EXISTS (SELECT 1 FROM refunds r WHERE r.payment_id = p.payment_id)"
+            }
+            Count::RefundsInFlight => {
+                "SELECT COUNT(*) FROM refunds r JOIN orders o ON o.order_id = r.order_id \
+                 WHERE o.event_id = ? AND r.state IN ('requested', 'failed')"
+            }
+            Count::RefundsWithoutDue => {
+                "SELECT COUNT(*) FROM refunds r JOIN orders o ON o.order_id = r.order_id \
+                 WHERE o.event_id = ? AND NOT EXISTS (SELECT 1 FROM payments p \
+                 WHERE p.payment_id = r.payment_id AND p.disposition = 'refund_required')"
+            }
+            Count::RefundsWithoutChange => {
+                "SELECT COUNT(*) FROM refunds r JOIN orders o ON o.order_id = r.order_id WHERE o.event_id = ? \
+                 AND (NOT EXISTS (SELECT 1 FROM outbox c WHERE c.refund_id = r.refund_id \
+                 AND c.kind = 'refund_requested') OR (r.state = 'refunded' AND NOT EXISTS \
+                 (SELECT 1 FROM outbox c WHERE c.refund_id = r.refund_id AND c.kind = 'refunded')))"
             }
             Count::RefundedWithoutProviderId => {
                 "SELECT COUNT(*) FROM refunds r JOIN orders o ON o.order_id = r.order_id \
@@ -168,10 +195,10 @@ pub async fn refunds_made(db: &MySqlPool, event_id: u64) -> Result<Vec<MadeRefun
     .await
 }
 
-/// The payments of the event's refunds, made or not.
-pub async fn refund_payments(db: &MySqlPool, event_id: u64) -> Result<Vec<String>, sqlx::Error> {
+/// The ids of the event's payments, whatever became of them.
+pub async fn payment_ids(db: &MySqlPool, event_id: u64) -> Result<Vec<String>, sqlx::Error> {
     sqlx::query_scalar(
-        "SELECT r.payment_id FROM refunds r JOIN orders o ON o.order_id = r.order_id WHERE o.event_id = ?",
+        "SELECT p.payment_id FROM payments p JOIN orders o ON o.order_id = p.order_id WHERE o.event_id = ?",
     )
     .bind(event_id)
     .fetch_all(db)

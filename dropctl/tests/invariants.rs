@@ -439,7 +439,8 @@ async fn a_late_payment_recorded_as_captured_fails_refunds_due() {
     let b = consistent_books().await;
     b.sql("UPDATE payments SET disposition = 'captured' WHERE order_id = ?", b.carol).await;
     let v = b.verify().await;
-    assert_eq!(v.failing(), vec![Row::RefundsDue], "{v}");
+    // And her refund gives back money the record now says it kept.
+    assert_eq!(v.failing(), vec![Row::RefundsDue, Row::RefundsMade], "{v}");
     b.drop().await;
 }
 
@@ -468,7 +469,8 @@ async fn a_due_refund_lost_fails_payments_recorded() {
     let b = consistent_books().await;
     b.sql("DELETE FROM payments WHERE order_id = ?", b.carol).await;
     let v = b.verify().await;
-    assert_eq!(v.failing(), vec![Row::PaymentsRecorded], "{v}");
+    // And her refund is of no payment the record keeps for refund.
+    assert_eq!(v.failing(), vec![Row::PaymentsRecorded, Row::RefundsMade], "{v}");
     b.drop().await;
 }
 
@@ -478,6 +480,25 @@ async fn a_refund_the_provider_did_not_make_fails_refunds_made() {
     b.sql("UPDATE refunds SET state = 'failed' WHERE order_id = ?", b.carol).await;
     let v = b.verify().await;
     assert_eq!(v.failing(), vec![Row::RefundsMade], "{v}");
+    b.drop().await;
+}
+
+#[tokio::test]
+async fn a_refund_made_without_the_providers_id_fails_refunds_made() {
+    let b = consistent_books().await;
+    b.sql("UPDATE refunds SET provider_refund_id = NULL WHERE order_id = ?", b.carol).await;
+    let v = b.verify().await;
+    assert_eq!(v.failing(), vec![Row::RefundsMade], "{v}");
+    b.drop().await;
+}
+
+#[tokio::test]
+async fn a_refund_the_outbox_missed_fails_changes_notified() {
+    let b = consistent_books().await;
+    b.sql("DELETE FROM outbox WHERE order_id = ? AND kind = 'refunded'", b.carol).await;
+    let v = b.verify_as_is(&b.options()).await;
+    assert_eq!(v.failing(), vec![Row::ChangesNotified], "{v}");
+    assert!(v.check(Row::ChangesNotified).unwrap().detail.contains("1 refunds without a change"), "{v}");
     b.drop().await;
 }
 
@@ -539,6 +560,7 @@ async fn a_refund_the_provider_does_not_have_once_fails_refunds_made() {
         payment_id: format!("pay-{}", b.carol),
         amount_cents: PRICE,
         idempotency_key: refund_id,
+        status: "succeeded".into(),
         created_at: 0,
     };
     // The provider made exactly the recorded refund: the row holds.

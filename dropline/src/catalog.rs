@@ -262,12 +262,12 @@ pub mod settler {
     pub const REFUND_CALLS: Metric = Metric::counter(
         "dropline_settler_refund_calls_total",
         "Refund calls to the payment provider, by result: refunded (the provider made or had made it), failed \
-         (retried with backoff).",
+         (retried with backoff), rejected (refused for good: an operator's case).",
     )
-    .from_zero_for("result", &["refunded", "failed"]);
+    .from_zero_for("result", &["refunded", "failed", "rejected"]);
     pub const REFUNDS_WAITING: Metric = Metric::gauge(
         "dropline_settler_refunds_waiting",
-        "Refunds not confirmed by the provider yet (requested or failed), as this settler last counted them.",
+        "Refunds not made by the provider yet (requested, failed or rejected), as this settler last counted them.",
     )
     .from_zero();
     pub const OLDEST_REFUND: Metric = Metric::gauge(

@@ -279,19 +279,22 @@ named!(PaymentDisposition {
 });
 
 /// Where a refund stands. Its changes are `requested` and `refunded`; a
-/// provider call that failed leaves it `failed` until the retry that works.
+/// provider call that failed leaves it `failed` until the retry that works,
+/// and a refusal for good leaves it `rejected`, for an operator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RefundState {
     Requested,
     Refunded,
     Failed,
+    Rejected,
 }
 
 named!(RefundState {
     Requested => "requested",
     Refunded => "refunded",
     Failed => "failed",
+    Rejected => "rejected",
 });
 
 /// One change the record made, as its outbox wrote it (in the same

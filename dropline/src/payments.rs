@@ -95,8 +95,14 @@ pub struct ProviderRefund {
     pub amount_cents: u64,
     /// The key it was made under: Dropline's refund id.
     pub idempotency_key: String,
+    /// `succeeded` once the money is on its way back; a provider may answer
+    /// `pending` first (asked again, the key answers its state then).
+    pub status: String,
     pub created_at: i64,
 }
+
+/// The status of a refund the provider has made.
+pub const REFUND_SUCCEEDED: &str = "succeeded";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum SignatureError {

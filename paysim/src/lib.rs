@@ -461,7 +461,7 @@ async fn refund(State(sim): State<Arc<Sim>>, headers: HeaderMap, Json(req): Json
     let Some(payment) = book.payments.get(&req.payment_id).filter(|p| p.status == "succeeded") else {
         return error(StatusCode::NOT_FOUND, "no captured payment with this id");
     };
-    let left = payment.amount_cents - book.refunded_cents.get(&req.payment_id).copied().unwrap_or(0);
+    let left = payment.amount_cents.saturating_sub(book.refunded_cents.get(&req.payment_id).copied().unwrap_or(0));
     if req.amount_cents == 0 || req.amount_cents > left {
         return error(StatusCode::UNPROCESSABLE_ENTITY, &format!("a refund of 1 to {left} cents is possible"));
     }
@@ -470,6 +470,7 @@ async fn refund(State(sim): State<Arc<Sim>>, headers: HeaderMap, Json(req): Json
         payment_id: req.payment_id,
         amount_cents: req.amount_cents,
         idempotency_key: key,
+        status: payments::REFUND_SUCCEEDED.to_owned(),
         created_at: chrono::Utc::now().timestamp(),
     };
     // On record before it is answered, under the book's lock: a crash

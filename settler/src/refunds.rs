@@ -9,24 +9,28 @@
 //! idempotency key. So a call retried after a timeout, a lost answer or a
 //! crash of this process names the same refund, and the provider makes it
 //! once: the row records the provider's refund id, unique in the table.
-//! A failed call leaves the row `failed`, tried again after a backoff that
-//! doubles up to a cap, for as long as it takes: the money is owed.
+//! A failed call (no answer, a 5xx, 408, 425 or 429, a refund still
+//! pending) leaves the row `failed`, tried again after a backoff that
+//! doubles up to a cap, for as long as it takes: the money is owed. Any
+//! other refusal (the provider does not know the payment, it was refunded
+//! already, the key names another refund) or an answer that is not the
+//! refund asked for will be the same next time: the row is `rejected`,
+//! for an operator, and the stuck-refund alert pages until one acts.
 
 use std::time::Duration;
 
 use chrono::Utc;
-use dropline::payments::{CreateRefund, ProviderRefund};
+use dropline::payments::{CreateRefund, ProviderRefund, REFUND_SUCCEEDED};
 use dropline::retry::Backoff;
-use futures::StreamExt;
 use sqlx::MySqlPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{OLDEST_REFUND, REFUNDS_WAITING, REFUND_CALLS};
 use crate::record::refunds::{self, Due};
 
-/// Refunds claimed per pass, and called at once.
-const PER_PASS: u32 = 64;
-const AT_ONCE: usize = 8;
+/// Refunds claimed per pass, all called at once: a pass lasts one call's
+/// timeout at most, so its claims stay short and a shutdown waits little.
+const PER_PASS: u32 = 8;
 
 #[derive(Debug, Clone)]
 pub struct RefundOptions {
@@ -74,14 +78,13 @@ impl Refunder {
 
     /// Claims the refunds due and calls the provider for each; how many.
     async fn pass(&self) -> Result<usize, sqlx::Error> {
-        // A claim outlasts the slowest round of calls, so no other settler
-        // calls for the same refund meanwhile (the key would make it
-        // harmless, but not free).
-        let rounds = (PER_PASS as u64).div_ceil(AT_ONCE as u64);
-        let claim_secs = self.options.timeout.as_secs().saturating_add(1).saturating_mul(rounds) + 30;
+        // A claim outlasts the slowest call, so no other settler calls for
+        // the same refund meanwhile (the key would make it harmless, but
+        // not free).
+        let claim_secs = self.options.timeout.as_secs() + 30;
         let due = refunds::claim(&self.db, PER_PASS, claim_secs).await?;
         let n = due.len();
-        futures::stream::iter(due).for_each_concurrent(AT_ONCE, |d| self.attempt(d)).await;
+        futures::future::join_all(due.into_iter().map(|d| self.attempt(d))).await;
         let (waiting, oldest) = refunds::waiting(&self.db).await?;
         ::metrics::gauge!(REFUNDS_WAITING.name).set(waiting as f64);
         ::metrics::gauge!(OLDEST_REFUND.name).set(oldest);
@@ -95,6 +98,12 @@ impl Refunder {
                 tracing::info!(refund_id = %due.refund_id, payment_id = %due.payment_id,
                     provider_refund_id = %made.refund_id, amount_cents = due.amount_cents, "refunded");
                 refunds::refunded(&self.db, &due.refund_id, &made.refund_id).await
+            }
+            Err(e) if e.is_final() => {
+                ::metrics::counter!(REFUND_CALLS.name, "result" => "rejected").increment(1);
+                tracing::error!(refund_id = %due.refund_id, payment_id = %due.payment_id, error = %e,
+                    "the provider refused the refund for good; it waits for an operator");
+                refunds::rejected(&self.db, &due.refund_id, &e.to_string()).await
             }
             Err(e) => {
                 ::metrics::counter!(REFUND_CALLS.name, "result" => "failed").increment(1);
@@ -127,8 +136,14 @@ impl Refunder {
             return Err(CallError::Refused(status.as_u16(), text.chars().take(200).collect()));
         }
         let made: ProviderRefund = answer.json().await?;
-        if made.payment_id != due.payment_id || made.amount_cents != due.amount_cents {
+        if made.payment_id != due.payment_id
+            || made.amount_cents != due.amount_cents
+            || made.idempotency_key != due.refund_id
+        {
             return Err(CallError::Mismatch(made.refund_id));
+        }
+        if made.status != REFUND_SUCCEEDED {
+            return Err(CallError::Pending(made.refund_id, made.status));
         }
         Ok(made)
     }
@@ -140,6 +155,37 @@ enum CallError {
     Transport(#[from] reqwest::Error),
     #[error("the provider answered {0}: {1}")]
     Refused(u16, String),
-    #[error("the provider's refund {0} is of another payment or amount")]
+    #[error("the provider's refund {0} is of another payment, amount or key")]
     Mismatch(String),
+    #[error("the provider's refund {0} is {1}, not succeeded yet")]
+    Pending(String, String),
+}
+
+impl CallError {
+    /// Whether asking again can only get the same answer.
+    fn is_final(&self) -> bool {
+        match self {
+            CallError::Refused(status, _) => (400..500).contains(status) && !matches!(status, 408 | 425 | 429),
+            CallError::Mismatch(_) => true,
+            CallError::Transport(_) | CallError::Pending(..) => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_refusals_that_cannot_change_are_final() {
+        let refused = |status| CallError::Refused(status, String::new()).is_final();
+        for status in [400, 404, 409, 422] {
+            assert!(refused(status), "{status}");
+        }
+        for status in [408, 425, 429, 500, 502, 503] {
+            assert!(!refused(status), "{status}");
+        }
+        assert!(CallError::Mismatch("re_1".into()).is_final());
+        assert!(!CallError::Pending("re_1".into(), "pending".into()).is_final());
+    }
 }

@@ -76,6 +76,22 @@ pub async fn failed(
     Ok(())
 }
 
+/// The provider refused the refund for good: `rejected`, never called
+/// again on its own (an operator's case; setting it back to `requested`
+/// has it tried again).
+pub async fn rejected(db: &MySqlPool, refund_id: &str, error: &str) -> Result<(), sqlx::Error> {
+    let error: String = error.chars().take(255).collect();
+    sqlx::query(
+        "UPDATE refunds SET state = 'rejected', attempts = attempts + 1, last_error = ?, claimed_until = NULL \
+         WHERE refund_id = ? AND state <> 'refunded'",
+    )
+    .bind(error)
+    .bind(refund_id)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
 /// Refunds the provider has not confirmed, and how long the oldest has
 /// waited (seconds).
 pub async fn waiting(db: &MySqlPool) -> Result<(u64, f64), sqlx::Error> {
