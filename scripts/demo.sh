@@ -14,5 +14,6 @@ if [ "${DROPLINE_KEEP:-0}" != 1 ]; then
   trap '"$DROPLINE_ROOT/scripts/stack.sh" stop-services' EXIT
 fi
 load_secrets
+stack_addresses
 # The check compares the refunds made with the provider's own.
 "$DROPLINE_ROOT/target/release/dropctl" demo --payment-provider-url "http://$PAYSIM_ADDR" "$@"
