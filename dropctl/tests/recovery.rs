@@ -133,8 +133,9 @@ impl LocalStack {
     /// by SIGKILL and `recover` brings the stack back.
     async fn drop_with_recovery(self, scenario: &str, recover: &'static [&'static [&'static str]]) {
         dropline::telemetry::init_logs();
-        self.stack(&["up"]);
+        // Armed first: a stack that fails to come up is still taken down.
         let _down = Down(&self);
+        self.stack(&["up"]);
         let keys = self.secrets.tokens();
         let db = dropline::db::connect(&dropline::config::MysqlArgs::new(self.db_url.clone(), 3)).await.unwrap();
         let api = Api::new(&self.api).unwrap();
@@ -234,8 +235,8 @@ async fn k6_drop_through_a_kill(stage: &str) -> String {
     dropline::telemetry::init_logs();
     let scale: u32 = std::env::var("DROPLINE_FAULTS_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
     let stack = LocalStack::new();
-    stack.stack(&["up"]);
     let _down = Down(&stack);
+    stack.stack(&["up"]);
     let reports = stack.state.join("reports");
     let k6 = tokio::process::Command::new("bash")
         .arg(repo_root().join("scripts/loadtest.sh"))
