@@ -605,7 +605,11 @@ async fn refunds_made(db: &MySqlPool, event_id: u64, m: &OrderCounts, provider: 
         && side.as_ref().is_none_or(|s| s.unmatched == 0 && s.extra == 0);
     let provider = match side {
         Some(s) => {
-            format!("; the provider has {} of them, {} unmatched, {} refunds of none", s.matched, s.unmatched, s.extra)
+            format!(
+                "; the provider has {} of them, {} not as recorded (another id, payment, amount or key, or none), \
+                 {} refunds of none",
+                s.matched, s.unmatched, s.extra
+            )
         }
         None => "; the provider not asked".to_owned(),
     };

@@ -122,8 +122,11 @@ struct Book {
     faults: Faults,
 }
 
-/// Refund calls to fail on purpose, counted down as they happen.
+/// Refund calls to fail on purpose, counted down as they happen. A field
+/// it does not know is refused, not ignored: a misspelled fault would
+/// otherwise set nothing, silently.
 #[derive(Debug, Default, Clone, Copy, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Faults {
     /// The next calls answer 503 without refunding.
     #[serde(default)]
