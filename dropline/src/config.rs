@@ -211,6 +211,29 @@ impl RedisArgs {
     }
 }
 
+/// The payment provider's API: where the ingress opens payments and the
+/// settlers' refund worker makes refunds.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct ProviderArgs {
+    #[arg(long, env = "DROPLINE_PAYMENT_PROVIDER_URL", default_value = "http://127.0.0.1:8090")]
+    #[serde(serialize_with = "redacted_url")]
+    pub payment_provider_url: String,
+}
+
+impl ProviderArgs {
+    pub fn check(&self, problems: &mut Problems) {
+        let url = &self.payment_provider_url;
+        if !url.starts_with("http://") && !url.starts_with("https://") {
+            problems.add("DROPLINE_PAYMENT_PROVIDER_URL must be an http(s) URL");
+        }
+    }
+
+    /// The API's root, without a trailing slash.
+    pub fn base(&self) -> &str {
+        self.payment_provider_url.trim_end_matches('/')
+    }
+}
+
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct MysqlArgs {
     /// MySQL (or MariaDB) holding events, orders and payments.

@@ -1,7 +1,7 @@
 use std::net::SocketAddr;
 
 use clap::Parser;
-use dropline::config::{redacted_url, MysqlArgs, Problems, SharedArgs};
+use dropline::config::{MysqlArgs, Problems, SharedArgs};
 use dropline::secrets::{self, Secret};
 use serde::Serialize;
 
@@ -47,10 +47,9 @@ pub struct IngressConfig {
     /// How far a webhook's signed timestamp may be from now.
     #[arg(long, env = "DROPLINE_WEBHOOK_TOLERANCE_SECS", default_value_t = 300)]
     pub webhook_tolerance_secs: i64,
-    /// The payment provider's API.
-    #[arg(long, env = "DROPLINE_PAYMENT_PROVIDER_URL", default_value = "http://127.0.0.1:8090")]
-    #[serde(serialize_with = "redacted_url")]
-    pub payment_provider_url: String,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub provider: dropline::config::ProviderArgs,
     /// Purchases admitted per second by this process, all buyers together.
     #[arg(long, env = "DROPLINE_ADMIT_PER_SEC", default_value_t = 20_000)]
     pub admit_per_sec: u32,
@@ -197,9 +196,7 @@ dropline::stage_config!(IngressConfig, "ingress", 9100, |config, p| {
         p.add("DROPLINE_JWT_ISSUER is empty");
     }
     p.require(config.webhook_tolerance_secs > 0, "DROPLINE_WEBHOOK_TOLERANCE_SECS must be positive");
-    if !config.payment_provider_url.starts_with("http://") && !config.payment_provider_url.starts_with("https://") {
-        p.add("DROPLINE_PAYMENT_PROVIDER_URL must be an http(s) URL");
-    }
+    config.provider.check(p);
     for (name, v) in [
         ("DROPLINE_ADMIT_PER_SEC", config.admit_per_sec),
         ("DROPLINE_ADMIT_BURST", config.admit_burst),
@@ -338,7 +335,7 @@ mod tests {
         let mut config = with(&BUYER, &ADMIN, &WEBHOOK);
         config.mysql.url = "mysql://dropline:hunter2-mysql@db:3306/dropline".into();
         config.shared.redis.url = "redis://:hunter2-redis@cache:6379".into();
-        config.payment_provider_url = "https://shop:hunter2-psp@psp.example".into();
+        config.provider.payment_provider_url = "https://shop:hunter2-psp@psp.example".into();
         let logged = dropline::stage::effective(&config);
         for secret in [BUYER.as_str(), &ADMIN, &WEBHOOK, "hunter2-mysql", "hunter2-redis", "hunter2-psp"] {
             assert!(!logged.contains(secret), "{secret} is in the log line: {logged}");

@@ -37,10 +37,9 @@ pub struct SettlerConfig {
     /// settler wrote any (changes another process made).
     #[arg(long, env = "DROPLINE_SETTLER_OUTBOX_POLL_MS", default_value_t = 250)]
     pub outbox_poll_ms: u64,
-    /// The payment provider's API, where refunds are made.
-    #[arg(long, env = "DROPLINE_PAYMENT_PROVIDER_URL", default_value = "http://127.0.0.1:8090")]
-    #[serde(serialize_with = "dropline::config::redacted_url")]
-    pub payment_provider_url: String,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub provider: dropline::config::ProviderArgs,
     /// How often refunds due are looked for.
     #[arg(long, env = "DROPLINE_SETTLER_REFUND_POLL_MS", default_value_t = 500)]
     pub refund_poll_ms: u64,
@@ -74,7 +73,7 @@ impl SettlerConfig {
     pub fn refund_options(&self) -> crate::refunds::RefundOptions {
         use std::time::Duration;
         crate::refunds::RefundOptions {
-            provider_url: self.payment_provider_url.trim_end_matches('/').to_owned(),
+            provider_url: self.provider.base().to_owned(),
             poll: Duration::from_millis(self.refund_poll_ms),
             timeout: Duration::from_millis(self.refund_timeout_ms),
             backoff: dropline::retry::Backoff {
@@ -108,9 +107,7 @@ dropline::stage_config!(SettlerConfig, "settler", 9102, |config, p| {
     p.within("DROPLINE_SETTLER_BATCH_MAX", config.batch_max, 1..=5_000);
     p.within("DROPLINE_SETTLER_OUTBOX_POLL_MS", config.outbox_poll_ms, 10..=60_000);
     p.require(config.batch_linger_ms <= 5_000, "DROPLINE_SETTLER_BATCH_LINGER_MS must be at most 5000");
-    if !config.payment_provider_url.starts_with("http://") && !config.payment_provider_url.starts_with("https://") {
-        p.add("DROPLINE_PAYMENT_PROVIDER_URL must be an http(s) URL");
-    }
+    config.provider.check(p);
     p.within("DROPLINE_SETTLER_REFUND_POLL_MS", config.refund_poll_ms, 10..=60_000);
     p.within("DROPLINE_SETTLER_REFUND_TIMEOUT_MS", config.refund_timeout_ms, 100..=120_000);
     p.within("DROPLINE_SETTLER_REFUND_RETRY_BASE_MS", config.refund_retry_base_ms, 10..=600_000);

@@ -103,7 +103,7 @@ impl Refunder {
                 ::metrics::counter!(REFUND_CALLS.name, "result" => "rejected").increment(1);
                 tracing::error!(refund_id = %due.refund_id, payment_id = %due.payment_id, error = %e,
                     "the provider refused the refund for good; it waits for an operator");
-                refunds::rejected(&self.db, &due.refund_id, &e.to_string()).await
+                refunds::not_made(&self.db, &due.refund_id, &e.to_string(), None).await
             }
             Err(e) => {
                 ::metrics::counter!(REFUND_CALLS.name, "result" => "failed").increment(1);
@@ -111,7 +111,7 @@ impl Refunder {
                 tracing::warn!(refund_id = %due.refund_id, payment_id = %due.payment_id, attempts = due.attempts + 1,
                     retry_in_ms = wait.as_millis() as u64, error = %e, "refund call failed; retrying later");
                 let next = Utc::now() + chrono::Duration::from_std(wait).unwrap_or_else(|_| chrono::Duration::days(1));
-                refunds::failed(&self.db, &due.refund_id, &e.to_string(), next).await
+                refunds::not_made(&self.db, &due.refund_id, &e.to_string(), Some(next)).await
             }
         };
         // The claim runs out and the next pass calls again, with the same

@@ -136,7 +136,7 @@ async fn open_payment(app: &AppState, order: &OrderView) -> Result<PaymentSessio
     let event = app.events.get(order.event_id).await.map_err(|e| Problem::unavailable("mysql", &e))?;
     let currency = event.map(|e| e.terms.currency.clone()).ok_or(ErrorCode::Internal)?;
     let request = CreatePayment { order_id: order.order_id, amount_cents: order.amount_cents, currency };
-    let url = format!("{}/v1/payments", app.config.payment_provider_url.trim_end_matches('/'));
+    let url = format!("{}/v1/payments", app.config.provider.base());
     let answer = app
         .http
         .post(&url)

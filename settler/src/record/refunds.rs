@@ -4,6 +4,7 @@
 //! records what the provider answered.
 
 use chrono::{DateTime, Utc};
+use dropline::messages::RefundState;
 use sqlx::{MySql, MySqlPool, QueryBuilder};
 
 use super::push_list;
@@ -56,36 +57,26 @@ pub async fn refunded(db: &MySqlPool, refund_id: &str, provider_refund_id: &str)
     Ok(())
 }
 
-/// A call failed: `failed`, tried again at `next_attempt_at`.
-pub async fn failed(
+/// A call did not make the refund. `Some(next_attempt_at)`: `failed`,
+/// tried again then. `None`: the provider refused it for good, `rejected`,
+/// never called again on its own (an operator's case; setting it back to
+/// `requested` has it tried again).
+pub async fn not_made(
     db: &MySqlPool,
     refund_id: &str,
     error: &str,
-    next_attempt_at: DateTime<Utc>,
+    next_attempt_at: Option<DateTime<Utc>>,
 ) -> Result<(), sqlx::Error> {
     let error: String = error.chars().take(255).collect();
+    let state = if next_attempt_at.is_some() { RefundState::Failed } else { RefundState::Rejected };
     sqlx::query(
-        "UPDATE refunds SET state = 'failed', attempts = attempts + 1, last_error = ?, next_attempt_at = ?, \
-         claimed_until = NULL WHERE refund_id = ? AND state <> 'refunded'",
-    )
-    .bind(error)
-    .bind(next_attempt_at)
-    .bind(refund_id)
-    .execute(db)
-    .await?;
-    Ok(())
-}
-
-/// The provider refused the refund for good: `rejected`, never called
-/// again on its own (an operator's case; setting it back to `requested`
-/// has it tried again).
-pub async fn rejected(db: &MySqlPool, refund_id: &str, error: &str) -> Result<(), sqlx::Error> {
-    let error: String = error.chars().take(255).collect();
-    sqlx::query(
-        "UPDATE refunds SET state = 'rejected', attempts = attempts + 1, last_error = ?, claimed_until = NULL \
+        "UPDATE refunds SET state = ?, attempts = attempts + 1, last_error = ?, \
+         next_attempt_at = COALESCE(?, next_attempt_at), claimed_until = NULL \
          WHERE refund_id = ? AND state <> 'refunded'",
     )
+    .bind(state)
     .bind(error)
+    .bind(next_attempt_at)
     .bind(refund_id)
     .execute(db)
     .await?;
