@@ -99,8 +99,11 @@ services_up() {
   # flight are capped too: 64 is about 0.4 s of waiting at 160 a second.
   # Past either, buyers get 429 with Retry-After. Every local buyer (the
   # demo's, k6's) comes from 127.0.0.1: the per-address budget is lifted.
+  # The demo's holds last 10 s: a buyer who starts paying gets 5 s more
+  # (120 s by default, against holds of minutes).
   start_one ingress DROPLINE_LISTEN_ADDR="$INGRESS_ADDR" DROPLINE_OPS_ADDR="127.0.0.1:$(ops_port ingress)" \
     DROPLINE_PAYMENT_PROVIDER_URL="http://$PAYSIM_ADDR" \
+    DROPLINE_PAYMENT_HOLD_EXTENSION_SECS="${DROPLINE_PAYMENT_HOLD_EXTENSION_SECS:-5}" \
     DROPLINE_ADMIT_PER_SEC="${DROPLINE_ADMIT_PER_SEC:-1000}" DROPLINE_ADMIT_BURST="${DROPLINE_ADMIT_BURST:-200}" \
     DROPLINE_IP_PER_SEC="${DROPLINE_IP_PER_SEC:-1000000}" DROPLINE_IP_BURST="${DROPLINE_IP_BURST:-1000000}" \
     DROPLINE_PURCHASES_MAX_IN_FLIGHT="${DROPLINE_PURCHASES_MAX_IN_FLIGHT:-64}"

@@ -55,6 +55,14 @@ fn unavailable_if_5xx(r: &reqwest::Response, what: &str) -> anyhow::Result<()> {
 /// meets a reset instead of an answer.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// A payment opened with the provider: where the buyer pays, and until
+/// when (the hold's deadline, extended once when the payment started).
+#[derive(Debug, Clone)]
+pub struct Checkout {
+    pub url: String,
+    pub pay_before: chrono::DateTime<chrono::Utc>,
+}
+
 #[derive(Clone)]
 pub struct Api {
     base: String,
@@ -172,14 +180,14 @@ impl Api {
     /// `order_expired` when the hold lapsed before the payment could start.
     pub async fn pay(&self, token: &str, order_id: Uuid, webhook_copies: u32) -> anyhow::Result<String> {
         match self.start_payment(token, order_id).await? {
-            Ok(checkout) => self.confirm(&checkout, webhook_copies).await,
+            Ok(checkout) => self.confirm(&checkout.url, webhook_copies).await,
             Err(code) => Ok(code),
         }
     }
 
-    /// Opens a payment with the provider; returns the checkout URL, or the
+    /// Opens a payment with the provider; returns its checkout, or the
     /// problem code when the order can no longer be paid (it expired).
-    pub async fn start_payment(&self, token: &str, order_id: Uuid) -> anyhow::Result<Result<String, String>> {
+    pub async fn start_payment(&self, token: &str, order_id: Uuid) -> anyhow::Result<Result<Checkout, String>> {
         let r =
             self.http.post(format!("{}/v1/orders/{order_id}/payments", self.base)).bearer_auth(token).send().await?;
         let status = r.status();
@@ -191,14 +199,29 @@ impl Api {
         if status != StatusCode::CREATED {
             bail!("starting the payment answered {status}: {body}");
         }
-        Ok(Ok(body["checkout_url"].as_str().context("no checkout_url")?.to_owned()))
+        let pay_before = body["pay_before"].as_str().context("no pay_before")?;
+        Ok(Ok(Checkout {
+            url: body["checkout_url"].as_str().context("no checkout_url")?.to_owned(),
+            pay_before: chrono::DateTime::parse_from_rfc3339(pay_before)?.with_timezone(&chrono::Utc),
+        }))
     }
 
     /// The buyer pays at the provider's checkout; the provider sends its
     /// webhook `copies` times (as providers sometimes do) and answers once
     /// Dropline acknowledged it. Returns Dropline's answer to the webhook.
     pub async fn confirm(&self, checkout: &str, copies: u32) -> anyhow::Result<String> {
-        let r = self.http.post(format!("{checkout}/confirm?wait=true&copies={copies}")).send().await?;
+        self.confirm_as(checkout, &format!("copies={copies}")).await
+    }
+
+    /// A confirmation the provider turns into a capture announced twice,
+    /// under two event ids (paysim's `outcome=double`). Returns Dropline's
+    /// answer to the first webhook.
+    pub async fn confirm_twice(&self, checkout: &str) -> anyhow::Result<String> {
+        self.confirm_as(checkout, "outcome=double").await
+    }
+
+    async fn confirm_as(&self, checkout: &str, how: &str) -> anyhow::Result<String> {
+        let r = self.http.post(format!("{checkout}/confirm?wait=true&{how}")).send().await?;
         let status = r.status();
         unavailable_if_5xx(&r, "checkout")?;
         let body: Value = r.json().await?;
@@ -207,6 +230,22 @@ impl Api {
         }
         let webhook: Value = serde_json::from_str(body["webhook_body"].as_str().unwrap_or("{}"))?;
         Ok(webhook["status"].as_str().unwrap_or("unknown").to_owned())
+    }
+
+    /// A card the provider declines: true once the provider said so (402)
+    /// and Dropline acknowledged the `payment.failed` webhook.
+    pub async fn confirm_declined(&self, checkout: &str) -> anyhow::Result<bool> {
+        let r = self.http.post(format!("{checkout}/confirm?wait=true&outcome=decline")).send().await?;
+        unavailable_if_5xx(&r, "checkout")?;
+        Ok(r.status() == StatusCode::PAYMENT_REQUIRED)
+    }
+
+    /// A confirmation the provider captures but does not answer in time
+    /// (paysim's `outcome=timeout`; its webhook follows `delay_ms` later).
+    /// True when it timed out as asked.
+    pub async fn confirm_timing_out(&self, checkout: &str, delay_ms: u64) -> anyhow::Result<bool> {
+        let r = self.http.post(format!("{checkout}/confirm?outcome=timeout&delay_ms={delay_ms}")).send().await?;
+        Ok(r.status() == StatusCode::GATEWAY_TIMEOUT)
     }
 
     /// The order's state as its buyer sees it (held, paid, cancelled,

@@ -45,6 +45,12 @@ pub struct DropPlan {
     /// Share of holders who open a payment in time but complete it only
     /// after their hold expired: their money must be recorded for refund.
     pub late_pay_share: f64,
+    /// Share of the payers the provider gives trouble, in three equal
+    /// parts: a card declined first (the buyer tries again and pays), a
+    /// confirmation that times out (the buyer confirms again), a payment
+    /// confirmed twice (two webhooks of two event ids). Each must end as one
+    /// paid order.
+    pub payment_trouble_share: f64,
     /// How many times the provider sends each payment webhook.
     pub webhook_copies: u32,
     /// Prefix of buyer ids, so several drills can share a deployment.
@@ -61,6 +67,26 @@ pub struct DropPlan {
     pub provider: Option<String>,
     /// Sell through a waiting room.
     pub room: Option<RoomPlan>,
+}
+
+/// What the provider did to a payer, and how many paid all the same.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PaymentTroubles {
+    pub declined_then_paid: u64,
+    pub timed_out_then_paid: u64,
+    pub confirmed_twice: u64,
+}
+
+/// The trouble a payer meets at the provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trouble {
+    Declined,
+    TimedOut,
+    Doubled,
+}
+
+impl Trouble {
+    const ALL: [Trouble; 3] = [Trouble::Declined, Trouble::TimedOut, Trouble::Doubled];
 }
 
 /// A drop through a waiting room.
@@ -135,6 +161,9 @@ pub struct DropReport {
     /// Holds the record refused (only a Redis that lost writes causes
     /// these); their buyers were told so, and any payment is refunded.
     pub voided: u64,
+    /// Payers the provider gave trouble who paid all the same: after a
+    /// declined card, after a timeout, confirmed twice.
+    pub troubles: PaymentTroubles,
     pub settled: bool,
     pub verdict: Option<Verdict>,
     /// With a waiting room: its draw, checked.
@@ -390,10 +419,10 @@ pub async fn play(
     let n = holders.len();
     let share = |s: f64| (n as f64 * s).round() as usize;
     let paying = share(plan.pay_share).min(n);
+    let troubled = (paying as f64 * plan.payment_trouble_share).round() as usize;
     let late = share(plan.late_pay_share).min(n - paying);
     let cancelling = share(plan.cancel_share).min(n - paying - late);
     report.walked_away = (n - paying - late - cancelling) as u64;
-    let ttl = Duration::from_secs(plan.hold_ttl_secs.into());
     let copies = plan.webhook_copies.max(1);
     let mut tasks = Vec::new();
     let acting: Vec<(String, Uuid)> = holders.iter().take(paying + late + cancelling).cloned().collect();
@@ -401,11 +430,15 @@ pub async fn play(
         let (api, gate) = (api.clone(), gate.clone());
         tasks.push(tokio::spawn(async move {
             let deadline = Instant::now() + Duration::from_secs(120);
-            if i < paying {
+            if i < troubled {
+                let _permit = gate.acquire_owned().await?;
+                pay_through(&api, deadline, &token, order, Trouble::ALL[i % 3]).await
+            } else if i < paying {
                 let _permit = gate.acquire_owned().await?;
                 persist(deadline, || api.pay(&token, order, copies)).await
             } else if i < paying + late {
-                // Opens the payment now, completes it after the deadline.
+                // Opens the payment now, completes it after the deadline
+                // (the one starting the payment extended).
                 let checkout = {
                     let _permit = gate.clone().acquire_owned().await?;
                     match persist(deadline, || api.start_payment(&token, order)).await? {
@@ -413,9 +446,10 @@ pub async fn play(
                         Err(code) => return Ok(code),
                     }
                 };
-                tokio::time::sleep(ttl + Duration::from_millis(1500)).await;
+                let late_by = (checkout.pay_before - chrono::Utc::now()).to_std().unwrap_or_default();
+                tokio::time::sleep(late_by + Duration::from_millis(1500)).await;
                 let _permit = gate.acquire_owned().await?;
-                persist(deadline, || api.confirm(&checkout, copies)).await
+                persist(deadline, || api.confirm(&checkout.url, copies)).await
             } else {
                 let _permit = gate.acquire_owned().await?;
                 persist(deadline, || api.cancel(&token, order)).await
@@ -423,12 +457,20 @@ pub async fn play(
         }));
     }
     let mut captured = Vec::new();
-    for (t, (token, order)) in tasks.into_iter().zip(&holders) {
+    for (i, (t, (token, order))) in tasks.into_iter().zip(&holders).enumerate() {
         let answer: anyhow::Result<String> = t.await?;
         match answer?.as_str() {
             "captured" => {
                 report.paid += 1;
                 captured.push((token.clone(), *order));
+                if i < troubled {
+                    let t = &mut report.troubles;
+                    *match Trouble::ALL[i % 3] {
+                        Trouble::Declined => &mut t.declined_then_paid,
+                        Trouble::TimedOut => &mut t.timed_out_then_paid,
+                        Trouble::Doubled => &mut t.confirmed_twice,
+                    } += 1;
+                }
             }
             "order_voided" | "voided" => report.voided += 1,
             "refund_required" => report.refunds += 1,
@@ -447,7 +489,9 @@ pub async fn play(
         pipeline: plan.pipeline.clone(),
         past_deadlines: true,
         grace: plan.grace,
-        timeout: ttl + plan.grace + Duration::from_secs(60),
+        // A hold lasts its TTL, and a payer's extension (at most 15 min) on
+        // top: the wait is bounded by the pipeline catching up, not this.
+        timeout: Duration::from_secs(plan.hold_ttl_secs.into()) + plan.grace + Duration::from_secs(120),
     };
     report.settled = quiet::wait_quiet(db, event_id, &settle).await?;
     // A payment captured for a hold the record later voided is refunded:
@@ -469,6 +513,42 @@ pub async fn play(
     report.verdict = Some(invariants::verify(db, ledger, event_id, &options).await?);
     report.ended_at = unix_now();
     Ok(report)
+}
+
+/// A payer the provider gives `trouble`, paying all the same as a buyer's
+/// app would: after a declined card, they open the payment again (the same
+/// payment; the hold is not extended twice) and pay; after a timeout, they
+/// confirm again (the same capture). Returns Dropline's answer to the
+/// payment's webhook, as [`Api::pay`] does.
+async fn pay_through(
+    api: &Api,
+    deadline: Instant,
+    token: &str,
+    order: Uuid,
+    trouble: Trouble,
+) -> anyhow::Result<String> {
+    let checkout = match persist(deadline, || api.start_payment(token, order)).await? {
+        Ok(checkout) => checkout,
+        Err(code) => return Ok(code),
+    };
+    match trouble {
+        Trouble::Declined => {
+            if !persist(deadline, || api.confirm_declined(&checkout.url)).await? {
+                bail!("the provider did not decline order {order}'s card as asked");
+            }
+            match persist(deadline, || api.start_payment(token, order)).await? {
+                Ok(again) => persist(deadline, || api.confirm(&again.url, 1)).await,
+                Err(code) => Ok(code),
+            }
+        }
+        Trouble::TimedOut => {
+            if !api.confirm_timing_out(&checkout.url, 1_000).await? {
+                bail!("the provider did not time out on order {order} as asked");
+            }
+            persist(deadline, || api.confirm(&checkout.url, 1)).await
+        }
+        Trouble::Doubled => persist(deadline, || api.confirm_twice(&checkout.url)).await,
+    }
 }
 
 /// A time field of a room's view, in Unix seconds.

@@ -265,6 +265,8 @@ pub struct OrderCounts {
     /// their changes in the outbox.
     pub refunds_without_due: u64,
     pub refunds_without_change: u64,
+    /// Payment steps (started, declined) without their change.
+    pub payment_steps_without_change: u64,
 }
 
 /// MySQL's counts for an event. `grace` decides which holds count as
@@ -305,6 +307,7 @@ pub async fn mysql_counts(db: &MySqlPool, event_id: u64, grace: Duration) -> any
     c.refunded_without_provider_id = count(Count::RefundedWithoutProviderId).await?;
     c.refunds_without_due = count(Count::RefundsWithoutDue).await?;
     c.refunds_without_change = count(Count::RefundsWithoutChange).await?;
+    c.payment_steps_without_change = count(Count::PaymentStepsWithoutChange).await?;
     c.lateness = Lateness::of(record::expiry_lateness_ms(db, event_id).await?);
     let now = chrono::Utc::now();
     let (overdue, oldest) = record::held_past(db, event_id, now - grace).await?;
@@ -559,18 +562,20 @@ pub async fn verify(db: &MySqlPool, ledger: &Ledger, event_id: u64, options: &Ch
             Row::ChangesNotified,
             m.states_without_change == 0
                 && m.refunds_without_change == 0
+                && m.payment_steps_without_change == 0
                 && m.changes_unnotified == 0
                 && m.notifications_without_change == 0
                 && m.changes_repeated == 0,
             format!(
-                "{} changes, {} notified ({} dead-lettered); {} unnotified, {} states and {} refunds without a \
-                 change, {} notifications of no change, {} repeated",
+                "{} changes, {} notified ({} dead-lettered); {} unnotified, {} states, {} refunds and {} payment \
+                 steps without a change, {} notifications of no change, {} repeated",
                 m.order_changes,
                 m.order_changes - m.changes_unnotified.min(m.order_changes),
                 m.changes_dead_lettered,
                 m.changes_unnotified,
                 m.states_without_change,
                 m.refunds_without_change,
+                m.payment_steps_without_change,
                 m.notifications_without_change,
                 m.changes_repeated
             ),

@@ -82,6 +82,12 @@ enum Command {
         /// provider.
         #[arg(long, default_value_t = 0.05)]
         late_pay_share: f64,
+        /// Share of the payers the payment provider gives trouble, in three
+        /// equal parts: a declined card (they try again and pay), a
+        /// confirmation that times out (they confirm again), a payment
+        /// confirmed twice. Each still makes one paid order.
+        #[arg(long, default_value_t = 0.15)]
+        payment_trouble_share: f64,
         /// Buyers the waiting room lets through per second.
         #[arg(long, default_value_t = 250)]
         outflow_per_sec: u32,
@@ -373,6 +379,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             pay_share,
             cancel_share,
             late_pay_share,
+            payment_trouble_share,
             outflow_per_sec,
             time_to_act_secs,
             proof_of_work_bits,
@@ -393,6 +400,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 pay_share,
                 cancel_share,
                 late_pay_share,
+                payment_trouble_share,
                 webhook_copies: 1,
                 user_prefix: format!("demo-{}-", chrono::Utc::now().timestamp()),
                 grace: invariants::production_grace(),
@@ -712,6 +720,11 @@ fn print_report(r: &DropReport) {
     println!(
         "holders then: {} paid, {} cancelled, {} walked away, {} too late, {} voided ({} payments to refund)",
         r.paid, r.cancelled, r.walked_away, r.too_late, r.voided, r.refunds
+    );
+    let t = &r.troubles;
+    println!(
+        "provider trouble, paid all the same: {} after a declined card, {} after a timeout, {} confirmed twice",
+        t.declined_then_paid, t.timed_out_then_paid, t.confirmed_twice
     );
     println!(
         "refunds through the provider: {} requested, {} made, {} waiting",

@@ -62,6 +62,10 @@ pub enum Count {
     /// Refunds without their `refund_requested` change, or made without
     /// their `refunded` one.
     RefundsWithoutChange,
+    /// Payments started (orders with `payment_started_at`) without their
+    /// `payment_started` change, and declined attempts without their
+    /// `payment_failed` one.
+    PaymentStepsWithoutChange,
     /// Payments recorded for refund that have no refund.
     PaymentsWithoutRefund,
     /// Refunds recorded as made without the provider's refund id.
@@ -98,7 +102,9 @@ impl Count {
                  AND o.state IN ('held', 'paid') AND o.quantity <> (SELECT COUNT(*) FROM order_units u \
                  WHERE u.event_id = o.event_id AND u.order_id = o.order_id)"
             }
-            Count::OrderChanges => "SELECT COUNT(*) FROM outbox WHERE event_id = ? AND subject IN ('order', 'refund')",
+            Count::OrderChanges => {
+                "SELECT COUNT(*) FROM outbox WHERE event_id = ? AND subject IN ('order', 'refund', 'payment')"
+            }
             // Orders whose state has not moved since the outbox came (its
             // migration) are the only ones expected to have its change. The
             // two names are compared as ASCII: the columns' collations are
@@ -112,15 +118,15 @@ impl Count {
             }
             Count::ChangesUnnotified => {
                 "SELECT COUNT(*) FROM outbox c LEFT JOIN notifications n ON n.notification_id = c.change_id \
-                 WHERE c.event_id = ? AND c.subject IN ('order', 'refund') AND n.notification_id IS NULL"
+                 WHERE c.event_id = ? AND c.subject IN ('order', 'refund', 'payment') AND n.notification_id IS NULL"
             }
             Count::NotificationsWithoutChange => {
                 "SELECT COUNT(*) FROM notifications n LEFT JOIN outbox c ON c.change_id = n.notification_id \
                  WHERE n.event_id = ? AND n.kind <> 'order.hold_expiring' AND c.change_id IS NULL"
             }
             Count::ChangesRepeated => {
-                "SELECT COUNT(*) - COUNT(DISTINCT order_id, kind, COALESCE(refund_id, '')) FROM outbox \
-                 WHERE event_id = ? AND subject IN ('order', 'refund')"
+                "SELECT COUNT(*) - COUNT(DISTINCT order_id, kind, COALESCE(refund_id, step_id, '')) FROM outbox \
+                 WHERE event_id = ? AND subject IN ('order', 'refund', 'payment')"
             }
             Count::RefundRows => {
                 "SELECT COUNT(*) FROM refunds r JOIN orders o ON o.order_id = r.order_id WHERE o.event_id = ?"
@@ -151,6 +157,13 @@ impl Count {
                  AND (NOT EXISTS (SELECT 1 FROM outbox c WHERE c.refund_id = r.refund_id \
                  AND c.kind = 'refund_requested') OR (r.state = 'refunded' AND NOT EXISTS \
                  (SELECT 1 FROM outbox c WHERE c.refund_id = r.refund_id AND c.kind = 'refunded')))"
+            }
+            Count::PaymentStepsWithoutChange => {
+                "SELECT (SELECT COUNT(*) FROM orders o WHERE o.event_id = e.id AND o.payment_started_at IS NOT NULL \
+                 AND NOT EXISTS (SELECT 1 FROM outbox c WHERE c.order_id = o.order_id \
+                 AND c.kind = 'payment_started')) + (SELECT COUNT(*) FROM payment_failures f \
+                 WHERE f.event_id = e.id AND NOT EXISTS (SELECT 1 FROM outbox c \
+                 WHERE c.step_id = f.provider_event_id AND c.kind = 'payment_failed')) FROM (SELECT ? AS id) e"
             }
             Count::RefundedWithoutProviderId => {
                 "SELECT COUNT(*) FROM refunds r JOIN orders o ON o.order_id = r.order_id \

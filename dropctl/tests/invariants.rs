@@ -227,6 +227,18 @@ async fn consistent_books() -> Books {
     second.add_decision(d);
     let (erin, d) = hold(&ledger, event, "erin").await;
     second.add_decision(d);
+    // Alice starts paying (her hold is extended once), her card is
+    // declined, and she pays.
+    let started = ledger.start_payment(event, alice, 2_000).await.unwrap().expect("alice's hold");
+    assert!(started.payment_started_at_ms.is_some());
+    let mut declined = started.order_event(alice, event, None);
+    declined.payment_failure = Some(dropline::messages::PaymentFailure {
+        provider_event_id: format!("evt-declined-{alice}"),
+        payment_id: format!("pay-{alice}"),
+        reason: "card_declined".into(),
+    });
+    second.add_order_event(started.order_event(alice, event, None));
+    second.add_order_event(declined);
     let PayOutcome::Paid(paid) = ledger.pay(event, alice, &format!("pay-{alice}")).await.unwrap() else {
         panic!("alice's payment did not pay")
     };
@@ -332,6 +344,36 @@ async fn a_change_announced_twice_fails_changes_notified() {
     let v = b.verify().await;
     assert_eq!(v.failing(), vec![Row::ChangesNotified], "{v}");
     assert_eq!((v.mysql.changes_repeated, v.mysql.changes_unnotified), (1, 0), "{v}");
+    b.drop().await;
+}
+
+#[tokio::test]
+async fn a_payment_start_the_outbox_missed_fails_changes_notified() {
+    let b = consistent_books().await;
+    b.sql(
+        "DELETE n, c FROM outbox c JOIN notifications n ON n.notification_id = c.change_id \
+         WHERE c.order_id = ? AND c.kind = 'payment_started'",
+        b.alice,
+    )
+    .await;
+    let v = b.verify_as_is(&b.options()).await;
+    assert_eq!(v.failing(), vec![Row::ChangesNotified], "{v}");
+    assert_eq!(v.mysql.payment_steps_without_change, 1, "{v}");
+    b.drop().await;
+}
+
+#[tokio::test]
+async fn a_declined_payment_the_outbox_missed_fails_changes_notified() {
+    let b = consistent_books().await;
+    b.sql(
+        "DELETE n, c FROM outbox c JOIN notifications n ON n.notification_id = c.change_id \
+         WHERE c.order_id = ? AND c.kind = 'payment_failed'",
+        b.alice,
+    )
+    .await;
+    let v = b.verify_as_is(&b.options()).await;
+    assert_eq!(v.failing(), vec![Row::ChangesNotified], "{v}");
+    assert!(v.check(Row::ChangesNotified).unwrap().detail.contains("0 refunds and 1 payment steps"), "{v}");
     b.drop().await;
 }
 
@@ -498,7 +540,10 @@ async fn a_refund_the_outbox_missed_fails_changes_notified() {
     b.sql("DELETE FROM outbox WHERE order_id = ? AND kind = 'refunded'", b.carol).await;
     let v = b.verify_as_is(&b.options()).await;
     assert_eq!(v.failing(), vec![Row::ChangesNotified], "{v}");
-    assert!(v.check(Row::ChangesNotified).unwrap().detail.contains("1 refunds without a change"), "{v}");
+    assert!(
+        v.check(Row::ChangesNotified).unwrap().detail.contains("1 refunds and 0 payment steps without a change"),
+        "{v}"
+    );
     b.drop().await;
 }
 

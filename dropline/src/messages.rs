@@ -251,7 +251,41 @@ pub struct OrderChange {
     /// or one that must be refunded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payment: Option<PaymentRecord>,
+    /// When the buyer started paying, once they have: the hold's deadline
+    /// was extended then, once (`expires_at_ms` is the extended one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payment_started_at_ms: Option<i64>,
+    /// Set when the provider declined an attempt to pay: the hold runs on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payment_failure: Option<PaymentFailure>,
 }
+
+/// An attempt to pay that the provider declined.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentFailure {
+    /// The provider's webhook event id: one per declined attempt, the same
+    /// on every redelivery of it.
+    pub provider_event_id: String,
+    pub payment_id: String,
+    /// The provider's reason, as it gave it (`card_declined`).
+    pub reason: String,
+}
+
+/// A step of paying that is not the payment itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PaymentStep {
+    /// The buyer started paying; the hold was extended once.
+    Started,
+    /// The provider declined an attempt; the hold runs on until its
+    /// deadline, for the buyer to try again.
+    Failed,
+}
+
+named!(PaymentStep {
+    Started => "started",
+    Failed => "failed",
+});
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PaymentRecord {
@@ -329,6 +363,22 @@ pub enum ChangeSubject {
         #[serde(rename = "refund_state")]
         state: RefundState,
     },
+    /// The buyer started paying for an order, or an attempt was declined.
+    Payment {
+        order_id: Uuid,
+        user_id: String,
+        amount_cents: u64,
+        /// The hold's deadline as the step left it.
+        expires_at_ms: i64,
+        #[serde(rename = "payment_step")]
+        step: PaymentStep,
+        /// The provider's payment (known for a failure).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        payment_id: Option<String>,
+        /// Why the provider declined it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
 }
 
 impl Change {
@@ -340,14 +390,18 @@ impl Change {
     /// The order it concerns.
     pub fn order_id(&self) -> Uuid {
         match &self.subject {
-            ChangeSubject::Order { order_id, .. } | ChangeSubject::Refund { order_id, .. } => *order_id,
+            ChangeSubject::Order { order_id, .. }
+            | ChangeSubject::Refund { order_id, .. }
+            | ChangeSubject::Payment { order_id, .. } => *order_id,
         }
     }
 
     /// The buyer it concerns.
     pub fn user_id(&self) -> &str {
         match &self.subject {
-            ChangeSubject::Order { user_id, .. } | ChangeSubject::Refund { user_id, .. } => user_id,
+            ChangeSubject::Order { user_id, .. }
+            | ChangeSubject::Refund { user_id, .. }
+            | ChangeSubject::Payment { user_id, .. } => user_id,
         }
     }
 
@@ -357,6 +411,7 @@ impl Change {
             ChangeSubject::Order { state, .. } => format!("order.{}", state.as_str()),
             ChangeSubject::Refund { state: RefundState::Refunded, .. } => "order.refunded".to_owned(),
             ChangeSubject::Refund { state, .. } => format!("order.refund_{}", state.as_str()),
+            ChangeSubject::Payment { step, .. } => format!("order.payment_{}", step.as_str()),
         }
     }
 }
@@ -406,6 +461,7 @@ mod tests {
         check(OrderState::ALL, |v| v.as_str());
         check(PaymentDisposition::ALL, |v| v.as_str());
         check(RefundState::ALL, |v| v.as_str());
+        check(PaymentStep::ALL, |v| v.as_str());
     }
 
     #[test]

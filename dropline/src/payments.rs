@@ -17,6 +17,9 @@ use uuid::Uuid;
 pub const SIGNATURE_HEADER: &str = "dropline-signature";
 /// The webhook type that confirms a payment.
 pub const PAYMENT_SUCCEEDED: &str = "payment.succeeded";
+/// The webhook type of an attempt to pay that the provider declined. The
+/// payment stays open: the buyer may try again.
+pub const PAYMENT_FAILED: &str = "payment.failed";
 /// Most `v1` entries a signature header may carry: two cover a secret
 /// rollover (old and new); a few more leave the provider room.
 pub const MAX_SIGNATURES: usize = 4;
@@ -41,6 +44,10 @@ pub struct PaymentWebhook {
     /// ISO 4217, in whatever case the provider writes it (some send "eur").
     pub currency: String,
     pub created_at: i64,
+    /// Why an attempt failed (`payment.failed` only), in the provider's
+    /// words: `card_declined`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_reason: Option<String>,
 }
 
 /// The longest provider id the record keeps (`payments.payment_id` and

@@ -50,6 +50,12 @@ pub struct IngressConfig {
     #[command(flatten)]
     #[serde(flatten)]
     pub provider: dropline::config::ProviderArgs,
+    /// How much longer a hold lasts once its buyer starts paying, so a buyer
+    /// in the middle of paying does not race the deadline. Granted once per
+    /// hold, however many attempts follow. At most 900 (15 minutes); 0
+    /// grants none.
+    #[arg(long, env = "DROPLINE_PAYMENT_HOLD_EXTENSION_SECS", default_value_t = 120)]
+    pub payment_hold_extension_secs: u64,
     /// Purchases admitted per second by this process, all buyers together.
     #[arg(long, env = "DROPLINE_ADMIT_PER_SEC", default_value_t = 20_000)]
     pub admit_per_sec: u32,
@@ -197,6 +203,7 @@ dropline::stage_config!(IngressConfig, "ingress", 9100, |config, p| {
     }
     p.require(config.webhook_tolerance_secs > 0, "DROPLINE_WEBHOOK_TOLERANCE_SECS must be positive");
     config.provider.check(p);
+    p.within("DROPLINE_PAYMENT_HOLD_EXTENSION_SECS", config.payment_hold_extension_secs, 0..=900);
     for (name, v) in [
         ("DROPLINE_ADMIT_PER_SEC", config.admit_per_sec),
         ("DROPLINE_ADMIT_BURST", config.admit_burst),

@@ -442,6 +442,8 @@ mod tests {
             expires_at_ms: 0,
             at_ms: 0,
             payment: None,
+            payment_started_at_ms: None,
+            payment_failure: None,
         };
         let topic = "t.order-events";
         live.deliver("t.decisions", topic, &serde_json::to_vec(&change(OrderState::Paid)).unwrap());

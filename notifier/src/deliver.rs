@@ -41,6 +41,21 @@ pub fn change_body(change: &Change) -> Value {
             "refund_state": state,
             "amount_cents": amount_cents,
         }),
+        ChangeSubject::Payment { order_id, amount_cents, expires_at_ms, step, payment_id, reason, .. } => {
+            let mut data = json!({
+                "order_id": order_id,
+                "payment_step": step,
+                "amount_cents": amount_cents,
+                "expires_at": rfc3339(*expires_at_ms),
+            });
+            // A start names no payment and no reason: absent, not null.
+            for (field, value) in [("payment_id", payment_id), ("reason", reason)] {
+                if let Some(v) = value {
+                    data[field] = json!(v);
+                }
+            }
+            data
+        }
     };
     json!({
         "id": change.change_id,
@@ -193,7 +208,20 @@ mod tests {
             },
             ..held.clone()
         };
+        let declined = Change {
+            subject: ChangeSubject::Payment {
+                order_id: Uuid::new_v4(),
+                user_id: "buyer-1".into(),
+                amount_cents: 2000,
+                expires_at_ms: 1_700_000_700_000,
+                step: dropline::messages::PaymentStep::Failed,
+                payment_id: Some("pay_1".into()),
+                reason: Some("card_declined".into()),
+            },
+            ..held.clone()
+        };
         for body in [
+            change_body(&declined),
             change_body(&held),
             change_body(&change(OrderState::Voided)),
             reminder_body(&reminder()),

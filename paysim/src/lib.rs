@@ -8,7 +8,16 @@
 //!   posts a signed `payment.succeeded` webhook to Dropline and retries it
 //!   with backoff until it is acknowledged. `?wait=true` answers only once
 //!   the webhook was acknowledged (or given up); `?copies=N` sends the same
-//!   webhook N times, as real providers sometimes do.
+//!   webhook N times, as real providers sometimes do. `?outcome=` plays
+//!   what can go wrong at a provider:
+//!   - `decline`: the card is declined. Nothing is captured, the payment
+//!     stays open for another attempt, and a `payment.failed` webhook (its
+//!     own event id per attempt) tells Dropline; the buyer gets 402.
+//!   - `timeout`: the payment is captured but the buyer's call times out
+//!     (504), and the webhook follows only after `delay_ms` (default 2000).
+//!     Confirming again is safe: it answers the same capture.
+//!   - `double`: the payment is confirmed twice: one capture, announced by
+//!     two webhooks under two different event ids, at the same time.
 //! - `POST /v1/payments/{payment_id}/redeliver` sends the webhook again.
 //! - `GET /v1/captures` lists every captured payment, and whether Dropline
 //!   acknowledged its webhook.
@@ -42,8 +51,8 @@ use axum::{Json, Router};
 use clap::Parser;
 use dropline::config::{ConfigError, Problems};
 use dropline::payments::{
-    self, CreatePayment, CreateRefund, PaymentSession, PaymentWebhook, ProviderRefund, PAYMENT_SUCCEEDED,
-    SIGNATURE_HEADER,
+    self, CreatePayment, CreateRefund, PaymentSession, PaymentWebhook, ProviderRefund, PAYMENT_FAILED,
+    PAYMENT_SUCCEEDED, SIGNATURE_HEADER,
 };
 use dropline::secrets::{exposed, Secret};
 use serde::{Deserialize, Serialize};
@@ -102,6 +111,8 @@ pub struct Payment {
     pub webhook_id: Option<String>,
     /// Whether Dropline acknowledged the webhook (2xx).
     pub acknowledged: bool,
+    /// Attempts declined so far (each announced by its own webhook).
+    pub declines: u32,
     pub deliveries: Vec<Delivery>,
 }
 
@@ -196,6 +207,7 @@ pub async fn start(config: PaysimConfig, shutdown: CancellationToken) -> anyhow:
                         status: "succeeded",
                         webhook_id: Some(c.webhook_id),
                         acknowledged,
+                        declines: 0,
                         deliveries: Vec::new(),
                     },
                 );
@@ -272,6 +284,7 @@ async fn create(State(sim): State<Arc<Sim>>, headers: HeaderMap, Json(req): Json
         status: "pending",
         webhook_id: None,
         acknowledged: false,
+        declines: 0,
         deliveries: Vec::new(),
     };
     let body = session(&sim, &payment);
@@ -303,14 +316,36 @@ struct ConfirmOptions {
     wait: bool,
     #[serde(default)]
     copies: Option<u32>,
+    #[serde(default)]
+    outcome: ConfirmOutcome,
+    /// `timeout` only: how long the webhook is held back.
+    #[serde(default)]
+    delay_ms: Option<u64>,
 }
 
-/// The buyer completed the payment at the provider.
+/// What a confirmation does at the provider.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum ConfirmOutcome {
+    #[default]
+    Succeed,
+    Decline,
+    Timeout,
+    Double,
+}
+
+/// The reason a declined attempt gives.
+pub const DECLINE_REASON: &str = "card_declined";
+
+/// The buyer completed the payment at the provider (or tried to).
 async fn confirm(
     State(sim): State<Arc<Sim>>,
     Path(id): Path<String>,
     Query(options): Query<ConfirmOptions>,
 ) -> Response {
+    if options.outcome == ConfirmOutcome::Decline {
+        return decline(sim, &id, options.wait).await;
+    }
     let webhook = {
         let mut book = sim.book.lock().unwrap_or_else(|p| p.into_inner());
         let Some(p) = book.payments.get_mut(&id) else { return error(StatusCode::NOT_FOUND, "no such payment") };
@@ -337,8 +372,60 @@ async fn confirm(
         }
         succeeded(p)
     };
-    let copies = options.copies.unwrap_or(1).clamp(1, 10);
-    deliver_copies(sim, webhook, copies, options.wait).await
+    match options.outcome {
+        ConfirmOutcome::Timeout => {
+            let delay = Duration::from_millis(options.delay_ms.unwrap_or(2_000).min(60_000));
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                deliver(&sim, &webhook).await
+            });
+            error(StatusCode::GATEWAY_TIMEOUT, "the provider did not answer in time")
+        }
+        ConfirmOutcome::Double => {
+            // The second confirmation's announcement: the same payment,
+            // another event id.
+            let again = PaymentWebhook { id: format!("evt_{}", uuid::Uuid::new_v4().simple()), ..webhook.clone() };
+            let (sim2, again) = (sim.clone(), again);
+            let second = tokio::spawn(async move { deliver(&sim2, &again).await });
+            let first = deliver_copies(sim, webhook, 1, options.wait).await;
+            if options.wait && second.await.ok().flatten().is_none() {
+                return error(StatusCode::BAD_GATEWAY, "the second webhook was never acknowledged");
+            }
+            first
+        }
+        ConfirmOutcome::Succeed | ConfirmOutcome::Decline => {
+            let copies = options.copies.unwrap_or(1).clamp(1, 10);
+            deliver_copies(sim, webhook, copies, options.wait).await
+        }
+    }
+}
+
+/// A declined attempt: nothing captured, the payment stays open, and
+/// Dropline hears of it by a `payment.failed` webhook of its own event id.
+async fn decline(sim: Arc<Sim>, id: &str, wait: bool) -> Response {
+    let webhook = {
+        let mut book = sim.book.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(p) = book.payments.get_mut(id) else { return error(StatusCode::NOT_FOUND, "no such payment") };
+        if p.status == "succeeded" {
+            return error(StatusCode::CONFLICT, "the payment was captured already");
+        }
+        p.declines += 1;
+        PaymentWebhook {
+            id: format!("evt_{}", uuid::Uuid::new_v4().simple()),
+            kind: PAYMENT_FAILED.to_owned(),
+            failure_reason: Some(DECLINE_REASON.to_owned()),
+            ..succeeded(p)
+        }
+    };
+    let answer = serde_json::json!({ "status": "declined", "reason": DECLINE_REASON, "webhook_id": webhook.id });
+    if wait {
+        if deliver(&sim, &webhook).await.is_none() {
+            return error(StatusCode::BAD_GATEWAY, "the webhook was never acknowledged");
+        }
+    } else {
+        tokio::spawn(async move { deliver(&sim, &webhook).await });
+    }
+    (StatusCode::PAYMENT_REQUIRED, Json(answer)).into_response()
 }
 
 async fn redeliver(State(sim): State<Arc<Sim>>, Path(id): Path<String>) -> Response {
@@ -517,6 +604,7 @@ fn succeeded(p: &Payment) -> PaymentWebhook {
         amount_cents: p.amount_cents,
         currency: p.currency.clone(),
         created_at: chrono::Utc::now().timestamp(),
+        failure_reason: None,
     }
 }
 
@@ -568,7 +656,9 @@ async fn deliver(sim: &Sim, webhook: &PaymentWebhook) -> Option<Delivery> {
         let acknowledged = delivery.status.is_some_and(|s| (200..300).contains(&s));
         record(sim, &webhook.payment_id, delivery.clone());
         if acknowledged {
-            acknowledge(sim, &webhook.payment_id);
+            if webhook.kind == PAYMENT_SUCCEEDED {
+                acknowledge(sim, &webhook.payment_id);
+            }
             return Some(delivery);
         }
         tracing::warn!(payment_id = %webhook.payment_id, attempt, status = ?delivery.status, "webhook not acknowledged");

@@ -301,6 +301,7 @@ async fn load(db: &MySqlPool, event: &Event) -> Result<Restore, RebuildError> {
                 payment_id: o.payment_id.filter(|_| state == OrderState::Paid),
                 // A live order's units; an ended one's went back.
                 units: if state.is_live() { units } else { Vec::new() },
+                payment_started_at_ms: o.payment_started_at.map(|t| t.timestamp_millis()),
             },
         ));
     }

@@ -9,11 +9,12 @@
 //! Redis said. A payment for an order that is not paid in the record is
 //! recorded for refund.
 
-use dropline::messages::{Decision, OrderChange, OrderState, Outcome, PaymentRecord};
+use dropline::messages::{Decision, OrderChange, OrderState, Outcome, PaymentFailure, PaymentRecord};
 use dropline::stock::Ledger;
 use sqlx::MySqlPool;
 
 use crate::claims::{Claim, Void, WriteError};
+use crate::record::payments::Failed;
 use crate::record::{intents, orders, payments};
 
 /// What one batch writes.
@@ -23,6 +24,10 @@ pub struct Batch {
     /// Without their payments, which are in `payments`.
     orders: Vec<OrderChange>,
     payments: Vec<(String, PaymentRecord)>,
+    /// Declined attempts to pay, each after the order change it came with
+    /// (its index in `orders`): a failure's change is written in its place
+    /// among the order's changes.
+    failures: Vec<(usize, Failed)>,
     claims: Vec<Claim>,
 }
 
@@ -60,6 +65,8 @@ impl Batch {
                 expires_at_ms,
                 at_ms: d.decided_at_ms,
                 payment: None,
+                payment_started_at_ms: None,
+                payment_failure: None,
             });
         }
         self.intents.push(d);
@@ -69,6 +76,19 @@ impl Batch {
         if let Some(p) = e.payment.take() {
             self.payments.push((e.order_id.to_string(), p));
         }
+        if let Some(PaymentFailure { provider_event_id, payment_id, reason }) = e.payment_failure.take() {
+            self.failures.push((
+                self.orders.len(),
+                Failed {
+                    provider_event_id,
+                    payment_id,
+                    order_id: e.order_id.to_string(),
+                    event_id: e.event_id,
+                    reason,
+                    at_ms: e.at_ms,
+                },
+            ));
+        }
         self.orders.push(e);
     }
 
@@ -76,7 +96,16 @@ impl Batch {
     pub async fn write(&self, db: &MySqlPool, ledger: &Ledger) -> Result<Written, WriteError> {
         let mut tx = db.begin().await?;
         intents::insert(&mut tx, &self.intents).await?;
-        orders::upsert(&mut tx, &self.orders).await?;
+        // The orders in their order, each declined attempt right after the
+        // change it came with (which wrote the order if it was new: the
+        // failure's change reads it).
+        let mut from = 0;
+        for (at, failed) in &self.failures {
+            orders::upsert(&mut tx, &self.orders[from..=*at]).await?;
+            payments::insert_failures(&mut tx, std::slice::from_ref(failed)).await?;
+            from = at + 1;
+        }
+        orders::upsert(&mut tx, &self.orders[from..]).await?;
         payments::insert(&mut tx, &self.payments).await?;
         let (units, voided) = crate::claims::settle(&mut tx, ledger, &self.claims).await?;
         // Money for an order the record does not have as paid (it ended

@@ -38,6 +38,8 @@ fn paid(order_id: Uuid, event_id: &str, payment_id: &str, disposition: PaymentDi
             amount_cents: 1200,
             disposition,
         }),
+        payment_started_at_ms: None,
+        payment_failure: None,
     }
 }
 

@@ -145,6 +145,8 @@ impl Deployment {
             "--ip-burst=1000000".to_owned(),
             "--event-cache-ttl-ms=200".to_owned(),
             "--max-body-bytes=1024".to_owned(),
+            // Tests' holds last seconds: starting to pay adds 2 s.
+            "--payment-hold-extension-secs=2".to_owned(),
             format!("--allocator-group={}-allocator", self.name),
         ]
         .into_iter()

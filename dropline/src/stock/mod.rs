@@ -107,6 +107,10 @@ pub struct Hold {
     /// ended: its units went back).
     #[serde(rename = "n", default, skip_serializing_if = "Vec::is_empty")]
     pub units: Vec<u32>,
+    /// When the buyer started paying: the deadline was extended then, and
+    /// is never extended again.
+    #[serde(rename = "ps", default, skip_serializing_if = "Option::is_none")]
+    pub payment_started_at_ms: Option<i64>,
 }
 
 impl Hold {
@@ -122,6 +126,8 @@ impl Hold {
             expires_at_ms: self.expires_at_ms,
             at_ms: self.ended_at_ms.unwrap_or_else(now_ms),
             payment,
+            payment_started_at_ms: self.payment_started_at_ms,
+            payment_failure: None,
         }
     }
 }
@@ -333,6 +339,23 @@ impl Ledger {
             ("unknown", _) => PayOutcome::UnknownOrder,
             (other, _) => return Err(LedgerError::Corrupt(format!("pay answered {other}"))),
         })
+    }
+
+    /// Notes that the buyer started paying for a held order, extending its
+    /// deadline by `extension_ms` the first time (never again, whatever the
+    /// retries). Answers the hold as it is then: still held, or ended (a
+    /// deadline already past expires it here).
+    pub async fn start_payment(
+        &self,
+        event_id: u64,
+        order_id: Uuid,
+        extension_ms: u64,
+    ) -> Result<Option<Hold>, LedgerError> {
+        match self.end_hold(event_id, "start", order_id, &extension_ms.to_string()).await? {
+            HoldAnswer::Done(outcome, hold) if outcome == "unknown" || hold.is_some() => Ok(hold),
+            HoldAnswer::Done(outcome, _) => Err(LedgerError::Corrupt(format!("start answered {outcome}"))),
+            HoldAnswer::NotDue(_) => Err(LedgerError::Corrupt("start answered not_due".into())),
+        }
     }
 
     /// Cancels a hold on behalf of its buyer.

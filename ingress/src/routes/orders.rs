@@ -84,20 +84,22 @@ pub async fn cancel(
 fn cancelled(view: OrderView) -> Result<Response, Problem> {
     match view.state {
         OrderState::Cancelled => Ok(Json(view).into_response()),
-        OrderState::Expired => Err(Problem::new(ErrorCode::OrderExpired).detail("the hold had already expired")),
-        OrderState::Voided => Err(voided()),
-        OrderState::Paid | OrderState::Held => {
-            Err(Problem::new(ErrorCode::OrderNotHeld).detail(format!("the order is {}", view.state.as_str())))
-        }
+        other => Err(not_payable(other)),
     }
 }
 
 /// `POST /v1/orders/{id}/payments`: opens a payment with the provider. The
 /// provider confirms it later through the signed webhook.
+///
+/// The first start extends the hold once (DROPLINE_PAYMENT_HOLD_EXTENSION_SECS)
+/// and is published as the order's `payment_started` change; `pay_before`
+/// is the extended deadline. A start after a declined attempt opens the
+/// same payment again (one per order) and extends nothing.
 pub async fn start_payment(
     State(app): State<Arc<AppState>>,
     Buyer(claims): Buyer,
     OrderId(id): OrderId,
+    request_id: RequestId,
     _: NoBody,
 ) -> Result<Response, Problem> {
     let order = owned(&app, id, &claims.sub).await?;
@@ -106,16 +108,32 @@ pub async fn start_payment(
     if order.source == Source::Record && order.state == OrderState::Held {
         return Err(ledger_behind(&app, &order).await);
     }
-    if order.state == OrderState::Voided {
-        return Err(voided());
-    }
     if order.state != OrderState::Held {
-        return Err(Problem::new(ErrorCode::OrderNotHeld).detail(format!("the order is {}", order.state.as_str())));
+        return Err(not_payable(order.state));
     }
     if order.expires_at <= chrono::Utc::now() {
         return Err(ErrorCode::OrderExpired.into());
     }
     let session = open_payment(&app, &order).await?;
+    // The extension comes once the provider has the payment: a provider
+    // that failed spends none of it.
+    let extension_ms = app.config.payment_hold_extension_secs * 1000;
+    let hold = app
+        .ledger
+        .start_payment(order.event_id, id, extension_ms)
+        .await
+        .map_err(|e| Problem::unavailable("redis", &e))?;
+    let Some(hold) = hold else { return Err(ledger_behind(&app, &order).await) };
+    if hold.state != OrderState::Held {
+        // It ended while the payment was being opened (its deadline passed,
+        // or the buyer cancelled it elsewhere).
+        return Err(not_payable(hold.state));
+    }
+    // Published on every start, not only the one that extended: the settler
+    // records the start once, and a start whose publication failed is
+    // published by the buyer's retry.
+    app.publish_order_event(&hold.order_event(id, order.event_id, None), &request_id.0).await?;
+    let pay_before = dropline::db::from_ms(hold.expires_at_ms);
     Ok((
         StatusCode::CREATED,
         Json(serde_json::json!({
@@ -124,7 +142,7 @@ pub async fn start_payment(
             "checkout_url": session.checkout_url,
             "amount_cents": session.amount_cents,
             "currency": session.currency,
-            "pay_before": order.expires_at,
+            "pay_before": pay_before,
         })),
     )
         .into_response())
@@ -148,6 +166,15 @@ async fn open_payment(app: &AppState, order: &OrderView) -> Result<PaymentSessio
     match answer {
         Ok(r) => r.json().await.map_err(|e| provider_failed(&e)),
         Err(e) => Err(provider_failed(&e)),
+    }
+}
+
+/// Why an order that is not held cannot be paid (or cancelled).
+fn not_payable(state: OrderState) -> Problem {
+    match state {
+        OrderState::Expired => Problem::new(ErrorCode::OrderExpired).detail("the hold had already expired"),
+        OrderState::Voided => voided(),
+        other => Problem::new(ErrorCode::OrderNotHeld).detail(format!("the order is {}", other.as_str())),
     }
 }
 

@@ -1,14 +1,15 @@
 //! The payment provider's webhook. It is answered 2xx only once the
-//! payment's effect is on Kafka: paid, or recorded for refund. Anything less
-//! is an error, and the provider retries.
+//! payment's effect is on Kafka: paid, recorded for refund, or (an attempt
+//! the provider declined) the failure recorded. Anything less is an error,
+//! and the provider retries.
 
 use std::sync::Arc;
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use dropline::messages::{PaymentDisposition, PaymentRecord};
-use dropline::payments::{PaymentWebhook, PAYMENT_SUCCEEDED};
+use dropline::messages::{PaymentDisposition, PaymentFailure, PaymentRecord};
+use dropline::payments::{PaymentWebhook, PAYMENT_FAILED, PAYMENT_SUCCEEDED};
 use dropline::stock::{Hold, PayOutcome};
 
 use crate::events::Event;
@@ -30,7 +31,7 @@ pub async fn payment(
     RequestId(ref request_id): RequestId,
     SignedWebhook(hook): SignedWebhook,
 ) -> Result<Response, Problem> {
-    if hook.kind != PAYMENT_SUCCEEDED {
+    if hook.kind != PAYMENT_SUCCEEDED && hook.kind != PAYMENT_FAILED {
         // Acknowledged so the provider stops sending it; nothing to do.
         return Ok(Outcome("ignored").mark(Json(serde_json::json!({ "status": "ignored" })).into_response()));
     }
@@ -40,6 +41,9 @@ pub async fn payment(
     let event_id = app.orders.event_of(order_id).await?.ok_or(ErrorCode::OrderNotFound)?;
     let hold = app.ledger.hold(event_id, order_id).await.map_err(|e| Problem::unavailable("redis", &e))?;
     let hold = hold.ok_or(ErrorCode::OrderNotFound)?;
+    if hook.kind == PAYMENT_FAILED {
+        return declined(&app, &hook, event_id, hold, request_id).await;
+    }
     let event = app.events.get(event_id).await.map_err(|e| Problem::unavailable("mysql", &e))?;
     let event = event.ok_or(ErrorCode::OrderNotFound)?;
     let (hold, disposition) = apply(&app, &hook, &event, hold).await?;
@@ -53,6 +57,27 @@ pub async fn payment(
     tracing::info!(%order_id, payment_id = %hook.payment_id, disposition = disposition.as_str(), "payment recorded");
     let body = Json(serde_json::json!({ "status": disposition.as_str(), "order_state": hold.state }));
     Ok(Outcome(disposition.as_str()).mark(body.into_response()))
+}
+
+/// An attempt the provider declined. The hold is left as it is (held
+/// until its deadline, for the buyer to try again); the failure is recorded
+/// and announced once per provider event id, whatever the redeliveries.
+async fn declined(
+    app: &AppState,
+    hook: &PaymentWebhook,
+    event_id: u64,
+    hold: Hold,
+    request_id: &str,
+) -> Result<Response, Problem> {
+    let order_id = hook.order_id;
+    let reason = hook.failure_reason.clone().filter(|r| !r.trim().is_empty()).unwrap_or_else(|| "declined".into());
+    let mut change = hold.order_event(order_id, event_id, None);
+    change.payment_failure =
+        Some(PaymentFailure { provider_event_id: hook.id.clone(), payment_id: hook.payment_id.clone(), reason });
+    app.publish_order_event(&change, request_id).await?;
+    tracing::info!(%order_id, payment_id = %hook.payment_id, "payment attempt declined");
+    let body = Json(serde_json::json!({ "status": "declined", "order_state": hold.state }));
+    Ok(Outcome("declined").mark(body.into_response()))
 }
 
 /// What the payment does to its hold, and what becomes of the money.

@@ -15,7 +15,7 @@ pub async fn upsert(tx: &mut Tx<'_>, orders: &[OrderChange]) -> Result<(), sqlx:
     for chunk in orders.chunks(CHUNK) {
         let mut q = QueryBuilder::<MySql>::new(
             "INSERT INTO orders (order_id, event_id, user_id, quantity, amount_cents, state, expires_at, \
-             created_at, updated_at) ",
+             created_at, updated_at, payment_started_at) ",
         );
         q.push_values(chunk, |mut row, o| {
             row.push_bind(o.order_id.to_string())
@@ -26,12 +26,18 @@ pub async fn upsert(tx: &mut Tx<'_>, orders: &[OrderChange]) -> Result<(), sqlx:
                 .push_bind(o.state)
                 .push_bind(from_ms(o.expires_at_ms))
                 .push_bind(from_ms(o.at_ms))
-                .push_bind(from_ms(o.at_ms));
+                .push_bind(from_ms(o.at_ms))
+                .push_bind(o.payment_started_at_ms.map(from_ms));
         });
-        // updated_at is assigned first, while `state` still holds the
-        // stored value.
+        // Assigned in order, each reading the stored `state` until the
+        // last: a held order takes the start of payment (once) and its
+        // extended deadline (which only ever grows), then its new state. An
+        // ended order changes no more.
         q.push(
             " ON DUPLICATE KEY UPDATE \
+             payment_started_at = IF(state = 'held', COALESCE(payment_started_at, VALUES(payment_started_at)), \
+             payment_started_at), \
+             expires_at = IF(state = 'held', GREATEST(expires_at, VALUES(expires_at)), expires_at), \
              updated_at = IF(state = 'held' AND VALUES(state) <> 'held', VALUES(updated_at), updated_at), \
              state = IF(state = 'held', VALUES(state), state)",
         );
@@ -150,6 +156,7 @@ pub struct RecordedOrder {
     pub payment_id: Option<String>,
     /// Comma-separated unit numbers.
     pub units: Option<String>,
+    pub payment_started_at: Option<DateTime<Utc>>,
 }
 
 /// Every order of an event.
@@ -158,7 +165,7 @@ pub async fn of_event(db: &MySqlPool, event_id: u64) -> Result<Vec<RecordedOrder
         "SELECT o.order_id, o.user_id, o.quantity, o.amount_cents, CAST(o.state AS CHAR) AS state, o.expires_at, \
          o.updated_at, (SELECT MIN(p.payment_id) FROM payments p WHERE p.order_id = o.order_id \
          AND p.disposition = 'captured') AS payment_id, (SELECT GROUP_CONCAT(u.unit_no) FROM order_units u \
-         WHERE u.order_id = o.order_id) AS units FROM orders o WHERE o.event_id = ?",
+         WHERE u.order_id = o.order_id) AS units, o.payment_started_at FROM orders o WHERE o.event_id = ?",
     )
     .bind(event_id)
     .fetch_all(db)

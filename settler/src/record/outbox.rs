@@ -3,7 +3,7 @@
 //! marks there.
 
 use chrono::{DateTime, Utc};
-use dropline::messages::{Change, ChangeSubject, OrderState, RefundState};
+use dropline::messages::{Change, ChangeSubject, OrderState, PaymentStep, RefundState};
 use sqlx::{MySql, MySqlConnection, QueryBuilder};
 use uuid::Uuid;
 
@@ -23,6 +23,7 @@ pub struct Row {
     pub changed_at: DateTime<Utc>,
     pub refund_id: Option<String>,
     pub payment_id: Option<String>,
+    pub reason: Option<String>,
 }
 
 /// A row this version cannot publish.
@@ -56,6 +57,19 @@ impl Row {
                     other => return Err(bad(format!("no refund change {other:?} is known to this version"))),
                 },
             },
+            "payment" => ChangeSubject::Payment {
+                order_id: id("order_id", &self.order_id)?,
+                user_id: self.user_id.clone().ok_or_else(|| missing("user_id"))?,
+                amount_cents: self.amount_cents.ok_or_else(|| missing("amount_cents"))?,
+                expires_at_ms: self.expires_at.ok_or_else(|| missing("expires_at"))?.timestamp_millis(),
+                step: match self.kind.as_str() {
+                    "payment_started" => PaymentStep::Started,
+                    "payment_failed" => PaymentStep::Failed,
+                    other => return Err(bad(format!("no payment change {other:?} is known to this version"))),
+                },
+                payment_id: self.payment_id.clone(),
+                reason: self.reason.clone(),
+            },
             "order" => ChangeSubject::Order {
                 order_id: id("order_id", &self.order_id)?,
                 user_id: self.user_id.clone().ok_or_else(|| missing("user_id"))?,
@@ -81,7 +95,8 @@ impl Row {
 pub async fn unpublished(conn: &mut MySqlConnection, limit: u32) -> Result<Vec<Row>, sqlx::Error> {
     sqlx::query_as(
         "SELECT seq, change_id, CAST(subject AS CHAR) AS subject, kind, event_id, order_id, user_id, quantity, \
-         amount_cents, expires_at, changed_at, refund_id, payment_id FROM outbox WHERE published_at IS NULL ORDER BY seq LIMIT ?",
+         amount_cents, expires_at, changed_at, refund_id, payment_id, reason FROM outbox WHERE published_at IS NULL \
+         ORDER BY seq LIMIT ?",
     )
     .bind(limit)
     .fetch_all(conn)

@@ -29,6 +29,39 @@ pub async fn insert(tx: &mut Tx<'_>, payments: &[(String, PaymentRecord)]) -> Re
     Ok(())
 }
 
+/// A declined attempt to pay, as `payment_failures` keeps it.
+#[derive(Debug, Clone)]
+pub struct Failed {
+    pub provider_event_id: String,
+    pub payment_id: String,
+    pub order_id: String,
+    pub event_id: u64,
+    pub reason: String,
+    pub at_ms: i64,
+}
+
+/// Records declined attempts, one row per provider event id: a failure
+/// recorded before is left as it is (and its change is not written again).
+/// The reason is cut to the column's 255 characters.
+pub async fn insert_failures(tx: &mut Tx<'_>, failures: &[Failed]) -> Result<(), sqlx::Error> {
+    for chunk in failures.chunks(CHUNK) {
+        let mut q = QueryBuilder::<MySql>::new(
+            "INSERT INTO payment_failures (provider_event_id, payment_id, order_id, event_id, reason, failed_at) ",
+        );
+        q.push_values(chunk, |mut row, f| {
+            row.push_bind(&f.provider_event_id)
+                .push_bind(&f.payment_id)
+                .push_bind(&f.order_id)
+                .push_bind(f.event_id)
+                .push_bind(f.reason.chars().take(255).collect::<String>())
+                .push_bind(dropline::db::from_ms(f.at_ms));
+        });
+        q.push(" ON DUPLICATE KEY UPDATE provider_event_id = provider_event_id");
+        q.build().execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
 /// Marks for refund the captured payments of those of `order_ids` the
 /// record does not have as paid.
 pub async fn refund_unpaid(tx: &mut Tx<'_>, order_ids: &[&str]) -> Result<(), sqlx::Error> {

@@ -1,11 +1,14 @@
 -- Moves one hold out of 'held': pay, cancel or expire. The single place where
 -- a hold ends, so a hold ends exactly once and stock comes back exactly once.
+-- Also the one place a held hold changes: 'start' (the buyer started paying)
+-- extends its deadline, once.
 --
 -- KEYS[1] stock hash, KEYS[2] users hash, KEYS[3] holds hash, KEYS[4] fence,
 -- KEYS[5] free units list
--- ARGV[1] 'pay' | 'cancel' | 'expire'
+-- ARGV[1] 'pay' | 'cancel' | 'expire' | 'start'
 -- ARGV[2] order id
--- ARGV[3] pay: the payment id; cancel: the user asking; expire: unused
+-- ARGV[3] pay: the payment id; cancel: the user asking; start: the extension
+--         in milliseconds; expire: unused
 --
 -- Returns {outcome, hold JSON}:
 --   pay     'paid'      the hold is paid by this payment (also on redelivery)
@@ -14,6 +17,8 @@
 --   cancel  'cancelled' | 'expired' | 'paid' | 'voided'
 --   expire  'expired' | 'cancelled' | 'paid' | 'voided' (the state it ended in), or
 --           'not_due' while the deadline is still ahead
+--   start   the state the hold is in: 'held' (extended now, or on an earlier
+--           start: the field 'ps' says when) or the state it ended in
 --   any     'unknown'   no such hold (or, for cancel, not the user's)
 -- A hold whose deadline passed is expired by whichever call sees it first, so
 -- a payment racing the expirer can never leave a hold both paid and expired.
@@ -75,6 +80,14 @@ if op == 'pay' then
 elseif op == 'cancel' then
   if h.s == 'held' then
     finish('cancelled')
+  end
+  outcome = h.s
+elseif op == 'start' then
+  -- Once per hold: a retried start, or a second payment attempt after a
+  -- decline, finds 'ps' set and leaves the deadline as it is.
+  if h.s == 'held' and not h.ps then
+    h.ps = now
+    h.exp = h.exp + math.max(0, math.floor(tonumber(arg) or 0))
   end
   outcome = h.s
 elseif op == 'expire' then
