@@ -261,6 +261,8 @@ impl Cluster {
             env.push(("DROPLINE_IP_PER_SEC", "1000000".into()));
             env.push(("DROPLINE_IP_BURST", "1000000".into()));
             env.push(("DROPLINE_LISTEN_ADDR", format!("127.0.0.1:{}", self.api_port)));
+            // The drop's holds last 8 s: starting to pay adds 3 s.
+            env.push(("DROPLINE_PAYMENT_HOLD_EXTENSION_SECS", "3".into()));
         }
         if stage == "ingress" || stage == "settler" {
             env.push(("DROPLINE_PAYMENT_PROVIDER_URL", format!("http://127.0.0.1:{}", self.paysim_port)));

@@ -124,9 +124,9 @@ pub mod ingress {
     );
     pub const WEBHOOKS: Metric = Metric::counter(
         "dropline_ingress_webhooks_total",
-        "Payment webhooks by result: captured, refund_required, ignored, rejected.",
+        "Payment webhooks by result: captured, refund_required, declined (a card the provider declined), ignored, rejected.",
     )
-    .from_zero_for("result", &["captured", "refund_required", "ignored", "rejected"]);
+    .from_zero_for("result", &["captured", "refund_required", "declined", "ignored", "rejected"]);
     pub const OPEN_CONNECTIONS: Metric =
         Metric::gauge("dropline_ingress_open_connections", "Client connections open on the API listener.").from_zero();
     pub const EVICTED_CONNECTIONS: Metric = Metric::counter(
