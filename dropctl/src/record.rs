@@ -102,9 +102,7 @@ impl Count {
                  AND o.state IN ('held', 'paid') AND o.quantity <> (SELECT COUNT(*) FROM order_units u \
                  WHERE u.event_id = o.event_id AND u.order_id = o.order_id)"
             }
-            Count::OrderChanges => {
-                "SELECT COUNT(*) FROM outbox WHERE event_id = ? AND subject IN ('order', 'refund', 'payment')"
-            }
+            Count::OrderChanges => "SELECT COUNT(*) FROM outbox WHERE event_id = ?",
             // Orders whose state has not moved since the outbox came (its
             // migration) are the only ones expected to have its change. The
             // two names are compared as ASCII: the columns' collations are
@@ -118,15 +116,15 @@ impl Count {
             }
             Count::ChangesUnnotified => {
                 "SELECT COUNT(*) FROM outbox c LEFT JOIN notifications n ON n.notification_id = c.change_id \
-                 WHERE c.event_id = ? AND c.subject IN ('order', 'refund', 'payment') AND n.notification_id IS NULL"
+                 WHERE c.event_id = ? AND n.notification_id IS NULL"
             }
             Count::NotificationsWithoutChange => {
                 "SELECT COUNT(*) FROM notifications n LEFT JOIN outbox c ON c.change_id = n.notification_id \
                  WHERE n.event_id = ? AND n.kind <> 'order.hold_expiring' AND c.change_id IS NULL"
             }
             Count::ChangesRepeated => {
-                "SELECT COUNT(*) - COUNT(DISTINCT order_id, kind, COALESCE(refund_id, step_id, '')) FROM outbox \
-                 WHERE event_id = ? AND subject IN ('order', 'refund', 'payment')"
+                "SELECT COUNT(*) - COUNT(DISTINCT COALESCE(order_id, change_id), kind, COALESCE(refund_id, step_id, '')) \
+                 FROM outbox WHERE event_id = ?"
             }
             Count::RefundRows => {
                 "SELECT COUNT(*) FROM refunds r JOIN orders o ON o.order_id = r.order_id WHERE o.event_id = ?"

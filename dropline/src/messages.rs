@@ -282,6 +282,21 @@ pub enum PaymentStep {
     Failed,
 }
 
+/// What a host changed about an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventChange {
+    /// Stock added mid-sale, or never-sold stock taken back.
+    CapacityChanged,
+    /// The event moved to another date.
+    Rescheduled,
+}
+
+named!(EventChange {
+    CapacityChanged => "capacity_changed",
+    Rescheduled => "rescheduled",
+});
+
 named!(PaymentStep {
     Started => "started",
     Failed => "failed",
@@ -363,6 +378,15 @@ pub enum ChangeSubject {
         #[serde(rename = "refund_state")]
         state: RefundState,
     },
+    /// A host changed the event; it concerns every buyer of it, and no
+    /// order in particular.
+    Event {
+        #[serde(rename = "event_change")]
+        change: EventChange,
+        /// The event as the change left it.
+        capacity: u32,
+        starts_at_ms: i64,
+    },
     /// The buyer started paying for an order, or an attempt was declined.
     Payment {
         order_id: Uuid,
@@ -382,26 +406,32 @@ pub enum ChangeSubject {
 }
 
 impl Change {
-    /// The key it is published under: changes of one order stay in order.
+    /// The key it is published under: changes of one order stay in order,
+    /// and so do those of one event.
     pub fn key(&self) -> String {
-        self.order_id().to_string()
-    }
-
-    /// The order it concerns.
-    pub fn order_id(&self) -> Uuid {
-        match &self.subject {
-            ChangeSubject::Order { order_id, .. }
-            | ChangeSubject::Refund { order_id, .. }
-            | ChangeSubject::Payment { order_id, .. } => *order_id,
+        match self.order_id() {
+            Some(order_id) => order_id.to_string(),
+            None => format!("event-{}", self.event_id),
         }
     }
 
-    /// The buyer it concerns.
-    pub fn user_id(&self) -> &str {
+    /// The order it concerns; none for a change of the event.
+    pub fn order_id(&self) -> Option<Uuid> {
+        match &self.subject {
+            ChangeSubject::Order { order_id, .. }
+            | ChangeSubject::Refund { order_id, .. }
+            | ChangeSubject::Payment { order_id, .. } => Some(*order_id),
+            ChangeSubject::Event { .. } => None,
+        }
+    }
+
+    /// The buyer it concerns; none for a change of the event.
+    pub fn user_id(&self) -> Option<&str> {
         match &self.subject {
             ChangeSubject::Order { user_id, .. }
             | ChangeSubject::Refund { user_id, .. }
-            | ChangeSubject::Payment { user_id, .. } => user_id,
+            | ChangeSubject::Payment { user_id, .. } => Some(user_id),
+            ChangeSubject::Event { .. } => None,
         }
     }
 
@@ -412,6 +442,7 @@ impl Change {
             ChangeSubject::Refund { state: RefundState::Refunded, .. } => "order.refunded".to_owned(),
             ChangeSubject::Refund { state, .. } => format!("order.refund_{}", state.as_str()),
             ChangeSubject::Payment { step, .. } => format!("order.payment_{}", step.as_str()),
+            ChangeSubject::Event { change, .. } => format!("event.{}", change.as_str()),
         }
     }
 }
@@ -462,6 +493,7 @@ mod tests {
         check(PaymentDisposition::ALL, |v| v.as_str());
         check(RefundState::ALL, |v| v.as_str());
         check(PaymentStep::ALL, |v| v.as_str());
+        check(EventChange::ALL, |v| v.as_str());
     }
 
     #[test]

@@ -1,14 +1,19 @@
 //! Events: the admin API's records in MySQL, read from the in-memory
 //! snapshot ([`crate::snapshot`]) with a short-lived cache for what it does
-//! not have yet, and the stock ledger's pre-warm.
+//! not have yet, the stock ledger's pre-warm, and a host's changes of a
+//! live sale.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 pub use dropline::events::{Event, EventTerms};
-use dropline::stock::{Ledger, StockLevels};
+use dropline::stock::{Ledger, LedgerError, Resized, StockLevels};
 use moka::future::Cache;
+use serde::Deserialize;
 use sqlx::MySqlPool;
+
+use crate::problem::{ErrorCode, Problem};
 
 use crate::record;
 pub use crate::record::SearchTimeout;
@@ -17,8 +22,18 @@ use crate::snapshot::Catalog;
 /// How long the door trusts its last read of an event's stock.
 pub const AVAILABLE_TTL: Duration = Duration::from_millis(250);
 
+/// What a host may change about an event, on sale or not: its capacity
+/// (stock added, or stock never handed out taken back) and its date. A
+/// field it does not know is refused.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventChanges {
+    pub capacity: Option<u32>,
+    pub starts_at: Option<DateTime<Utc>>,
+}
+
 /// Events in MySQL, with a cache for the purchase path: events are read on
-/// every purchase and change never once created.
+/// every purchase and change rarely (a host's [`Events::change`]).
 #[derive(Clone)]
 pub struct Events {
     db: MySqlPool,
@@ -80,6 +95,62 @@ impl Events {
             return Ok(self.catalog.search(q, after, limit).iter().map(|e| Event::clone(e)).collect());
         }
         record::search_events(&self.db, self.search_timeout, q, after, limit).await
+    }
+
+    /// Applies a host's changes to the record and to the live ledger, one
+    /// change of an event at a time (the event's row is locked throughout).
+    ///
+    /// The order of the two writes keeps the ledger from ever selling a
+    /// unit the record would refuse: more stock goes into MySQL first (the
+    /// settler voids a unit beyond the record's capacity), less comes out
+    /// of Redis first (where it is refused if units beyond it were ever
+    /// handed out). If the second write fails, the first stands and the
+    /// answer is an error: the same call again sets the same capacity, and
+    /// changes nothing twice.
+    pub async fn change(&self, id: u64, changes: &EventChanges) -> Result<Event, Problem> {
+        let mysql = |e: sqlx::Error| Problem::unavailable("mysql", &e);
+        let mut tx = self.db.begin().await.map_err(mysql)?;
+        let event = record::lock_event(&mut tx, id).await.map_err(mysql)?.ok_or(ErrorCode::EventNotFound)?;
+        let mut terms = event.terms.clone();
+        terms.capacity = changes.capacity.unwrap_or(terms.capacity);
+        terms.starts_at = changes.starts_at.unwrap_or(terms.starts_at);
+        Problem::unless_valid(terms.problems(), "the change is not valid")?;
+        let (before, after) = (event.terms.capacity, terms.capacity);
+        if after < before {
+            self.resize(&event, after).await?;
+        }
+        record::change_event(&mut tx, id, terms.capacity, terms.starts_at).await.map_err(mysql)?;
+        tx.commit().await.map_err(mysql)?;
+        if after > before {
+            self.resize(&event, after).await?;
+        }
+        let changed = self.load(id).await.map_err(mysql)?.ok_or(ErrorCode::EventNotFound)?;
+        self.cache.invalidate(&id).await;
+        let levels = self.levels(id).await.ok().flatten();
+        self.catalog.insert(changed.clone(), levels);
+        Ok(changed)
+    }
+
+    /// Gives the live ledger `capacity`. Before the pre-warm there is no
+    /// ledger: the pre-warm reads the record. After the opening, a missing
+    /// ledger is one Redis lost: nothing is known of the units handed out
+    /// until it is rebuilt from the record, so the change waits for that.
+    async fn resize(&self, event: &Event, capacity: u32) -> Result<(), Problem> {
+        match self.ledger.resize(event.id, capacity).await {
+            Ok(Resized::To { .. }) => Ok(()),
+            Ok(Resized::InUse { handed_out }) => Err(Problem::new(ErrorCode::CapacityInUse).detail(format!(
+                "units 1 to {handed_out} have been handed out; the capacity can be {handed_out} or more"
+            ))),
+            Err(LedgerError::NoLedger(_)) if Utc::now() < event.terms.sale_opens_at => Ok(()),
+            Err(LedgerError::NoLedger(_)) => {
+                let why = "a capacity change found no ledger after the opening";
+                self.ledger.request_rebuild(event.id, why).await.map_err(|e| Problem::unavailable("redis", &e))?;
+                Err(Problem::new(ErrorCode::DependencyUnavailable)
+                    .detail("the sale's ledger is being rebuilt; retry the change shortly")
+                    .retry_after(2))
+            }
+            Err(e) => Err(Problem::unavailable("redis", &e)),
+        }
     }
 
     /// Loads the event's stock into Redis unless it is there already.

@@ -51,6 +51,7 @@ error_codes! {
     NoWaitingRoom => "no_waiting_room",
     WaitingRoomExists => "waiting_room_exists",
     WaitingRoomTooLate => "waiting_room_too_late",
+    CapacityInUse => "capacity_in_use",
     QueueNotOpen => "queue_not_open",
     LotteryClosed => "lottery_closed",
     NotInQueue => "not_in_queue",
@@ -110,6 +111,7 @@ impl ErrorCode {
             | OrderVoided
             | WaitingRoomExists
             | WaitingRoomTooLate
+            | CapacityInUse
             | QueueNotOpen
             | LotteryClosed
             | NoBeacon
@@ -163,6 +165,7 @@ impl ErrorCode {
             ProofInvalid => "The proof of work is not valid",
             TurnLapsed => "Your turn to buy has run out; join the waiting room again",
             TurnUsed => "Your turn bought already; a turn buys once",
+            CapacityInUse => "The capacity cannot drop below the units already handed out",
             OrderNotHeld => "The order is no longer held",
             OrderExpired => "The order's hold has expired",
             OrderVoided => "The order was withdrawn: its ticket was already sold to an earlier buyer",

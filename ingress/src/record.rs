@@ -68,6 +68,32 @@ pub async fn insert_event(db: &MySqlPool, new: &EventTerms) -> Result<u64, sqlx:
     Ok(done.last_insert_id())
 }
 
+/// The event, locked until the transaction ends: one change of an event
+/// at a time.
+pub async fn lock_event(tx: &mut sqlx::MySqlConnection, id: u64) -> Result<Option<Event>, sqlx::Error> {
+    sqlx::query_as::<_, Event>(&format!("SELECT {COLUMNS} FROM events WHERE id = ? FOR UPDATE"))
+        .bind(id)
+        .fetch_optional(tx)
+        .await
+}
+
+/// Writes an event's changed capacity and date (its outbox changes are the
+/// triggers').
+pub async fn change_event(
+    tx: &mut sqlx::MySqlConnection,
+    id: u64,
+    capacity: u32,
+    starts_at: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE events SET capacity = ?, starts_at = ?, changed_at = UTC_TIMESTAMP(3) WHERE id = ?")
+        .bind(capacity)
+        .bind(starts_at)
+        .bind(id)
+        .execute(tx)
+        .await?;
+    Ok(())
+}
+
 /// Events whose name or venue contains `q`, by id, after `after`.
 pub async fn search_events(
     db: &MySqlPool,

@@ -29,7 +29,13 @@ const WHOLE_EVERY: u32 = 120;
 /// How long after its sale closed an event's counters are still read.
 const COUNTERS_AFTER_CLOSE: chrono::Duration = chrono::Duration::hours(1);
 
-/// An event as listed: it never changes once created.
+/// How far back each refresh re-reads the events a host changed: far more
+/// than a refresh period, so a refresh that failed now and then misses
+/// none (the whole table is read again every [`WHOLE_EVERY`] refreshes
+/// anyway).
+const CHANGES_WINDOW_SECS: u32 = 10;
+
+/// An event as listed; a host's change replaces it.
 struct Listed {
     event: Arc<Event>,
     /// Name and venue, lower-cased, for search.
@@ -114,8 +120,8 @@ impl Catalog {
         *current = Arc::new(next);
     }
 
-    /// Reads the events created since the last refresh and the counters
-    /// of those on sale (or recently).
+    /// Reads the events created since the last refresh, those a host
+    /// changed lately, and the counters of those on sale (or recently).
     pub async fn refresh(&self) -> Result<(), CatalogError> {
         let before = self.now();
         let mut added = Vec::new();
@@ -142,6 +148,13 @@ impl Catalog {
                 break;
             }
         }
+        // The events a host changed lately, by the database's clock.
+        let changed: Vec<Event> = sqlx::query_as(&format!(
+            "SELECT {COLUMNS} FROM events WHERE changed_at >= UTC_TIMESTAMP(3) - INTERVAL {CHANGES_WINDOW_SECS} SECOND"
+        ))
+        .fetch_all(&self.db)
+        .await?;
+        added.extend(changed);
         {
             let mut read_up_to = self.read_up_to.lock().unwrap_or_else(|e| e.into_inner());
             read_up_to.0 = read_up_to.0.max(after);

@@ -41,6 +41,11 @@ pub fn change_body(change: &Change) -> Value {
             "refund_state": state,
             "amount_cents": amount_cents,
         }),
+        ChangeSubject::Event { change, capacity, starts_at_ms } => json!({
+            "event_change": change,
+            "capacity": capacity,
+            "starts_at": rfc3339(*starts_at_ms),
+        }),
         ChangeSubject::Payment { order_id, amount_cents, expires_at_ms, step, payment_id, reason, .. } => {
             let mut data = json!({
                 "order_id": order_id,
@@ -57,15 +62,19 @@ pub fn change_body(change: &Change) -> Value {
             data
         }
     };
-    json!({
+    let mut body = json!({
         "id": change.change_id,
         "type": change.kind(),
         "created_at": rfc3339(change.changed_at_ms),
         "seq": change.seq,
         "event_id": change.event_id,
-        "buyer": change.user_id(),
         "data": data,
-    })
+    });
+    // A change of the event concerns all its buyers, none in particular.
+    if let Some(buyer) = change.user_id() {
+        body["buyer"] = json!(buyer);
+    }
+    body
 }
 
 /// What a reminder is about: a hold still held shortly before its deadline.
@@ -220,7 +229,16 @@ mod tests {
             },
             ..held.clone()
         };
+        let rescheduled = Change {
+            subject: ChangeSubject::Event {
+                change: dropline::messages::EventChange::Rescheduled,
+                capacity: 500,
+                starts_at_ms: 1_800_000_000_000,
+            },
+            ..held.clone()
+        };
         for body in [
+            change_body(&rescheduled),
             change_body(&declined),
             change_body(&held),
             change_body(&change(OrderState::Voided)),

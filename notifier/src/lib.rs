@@ -329,7 +329,7 @@ fn outcome(p: &Pending) -> Settled {
         id: p.change.change_id,
         kind: p.change.kind(),
         event_id: p.change.event_id,
-        order_id: Some(p.change.order_id()),
+        order_id: p.change.order_id(),
         delivered: p.settled == Some(true),
         attempts: p.failed + u32::from(p.settled == Some(true)),
         last_error: p.last_error.clone(),

@@ -124,6 +124,11 @@ impl EventKeys {
         [&self.stock, &self.users, &self.holds, &self.fence, &self.free]
     }
 
+    /// resize.lua's keys.
+    pub fn resize(&self) -> [&str; 2] {
+        [&self.stock, &self.fence]
+    }
+
     /// What a rebuild replaces from the record.
     pub fn rebuilt(&self) -> [&str; 5] {
         [&self.stock, &self.users, &self.decisions, &self.holds, &self.free]

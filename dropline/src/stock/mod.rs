@@ -28,6 +28,8 @@ static FENCE_OWNED: LazyLock<Script> = LazyLock::new(|| {
           return 1",
     )
 });
+static RESIZE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(concat!(include_str!("lua/guard.lua"), include_str!("lua/resize.lua"))));
 static DOOR: LazyLock<Script> =
     LazyLock::new(|| Script::new(concat!(include_str!("lua/guard.lua"), include_str!("lua/door.lua"))));
 /// Stamps an allocator's in-flight mark with Redis' own time (ms).
@@ -172,6 +174,15 @@ pub enum PayOutcome {
     /// The money must be returned; the hold ended some other way.
     Refund(Hold),
     UnknownOrder,
+}
+
+/// What asking for a new capacity did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resized {
+    /// The ledger has the capacity asked for, and this many units to sell.
+    To { capacity: u32, available: u64 },
+    /// Refused: unit numbers up to this one have been handed out.
+    InUse { handed_out: u32 },
 }
 
 /// What asking to end a hold (cancel or expire) found or did.
@@ -339,6 +350,24 @@ impl Ledger {
             ("unknown", _) => PayOutcome::UnknownOrder,
             (other, _) => return Err(LedgerError::Corrupt(format!("pay answered {other}"))),
         })
+    }
+
+    /// Gives a live sale the capacity `capacity`: more stock to sell, or
+    /// less of the stock nobody was ever given (see resize.lua).
+    pub async fn resize(&self, event_id: u64, capacity: u32) -> Result<Resized, LedgerError> {
+        let keys = self.keys.event(event_id);
+        let mut conn = self.pool.get().await?;
+        let (outcome, first, second): (String, u64, u64) = invoke(&RESIZE, &keys.resize())
+            .arg(capacity)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| no_ledger(e, event_id))?;
+        let units = |n: u64| u32::try_from(n).map_err(|_| LedgerError::Corrupt(format!("resize answered {n} units")));
+        match outcome.as_str() {
+            "resized" => Ok(Resized::To { capacity: units(first)?, available: second }),
+            "in_use" => Ok(Resized::InUse { handed_out: units(first)? }),
+            other => Err(LedgerError::Corrupt(format!("resize answered {other}"))),
+        }
     }
 
     /// Notes that the buyer started paying for a held order, extending its

@@ -9,7 +9,7 @@ use axum::Json;
 use dropline::stock::StockLevels;
 use serde::Serialize;
 
-use crate::events::{Event, EventTerms};
+use crate::events::{Event, EventChanges, EventTerms};
 use crate::extract::{Admin, EventId, JsonBody, NoBody, SearchQuery};
 use crate::problem::{ErrorCode, Problem};
 use crate::state::AppState;
@@ -38,6 +38,25 @@ pub async fn create(
     tracing::info!(event_id = event.id, capacity = event.terms.capacity, "event created");
     let location = format!("/v1/events/{}", event.id);
     Ok((StatusCode::CREATED, [("location", location)], Json(EventView { event, availability })).into_response())
+}
+
+/// `PATCH /v1/admin/events/{id}`: a host changes the event's capacity
+/// (mid-sale too) or its date; see [`crate::events::Events::change`]. Each
+/// change is published as the event's change (`event.capacity_changed`,
+/// `event.rescheduled`).
+pub async fn change(
+    State(app): State<Arc<AppState>>,
+    _: Admin,
+    EventId(id): EventId,
+    JsonBody(changes): JsonBody<EventChanges>,
+) -> Result<Response, Problem> {
+    if changes.capacity.is_none() && changes.starts_at.is_none() {
+        return Err(Problem::new(ErrorCode::InvalidBody).detail("nothing to change: give capacity or starts_at"));
+    }
+    let event = app.events.change(id, &changes).await?;
+    tracing::info!(event_id = id, capacity = event.terms.capacity, starts_at = %event.terms.starts_at, "event changed");
+    let availability = app.events.levels(id).await.map_err(|e| Problem::unavailable("redis", &e))?;
+    Ok(Json(EventView { event, availability }).into_response())
 }
 
 pub async fn prewarm(

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use axum::error_handling::HandleErrorLayer;
 use axum::middleware;
-use axum::routing::{get, post, put};
+use axum::routing::{get, patch, post, put};
 use axum::Router;
 use tower::ServiceBuilder;
 
@@ -71,6 +71,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/orders/{order_id}/cancel", post(orders::cancel).route_layer(order_actions()))
         .route("/v1/orders/{order_id}/payments", post(orders::start_payment).route_layer(order_actions()))
         .route("/v1/admin/events", post(events::create))
+        .route("/v1/admin/events/{event_id}", patch(events::change))
         .route("/v1/admin/events/{event_id}/prewarm", post(events::prewarm))
         .route("/v1/admin/events/{event_id}/waiting-room", put(rooms::set).patch(rooms::change))
         .route("/v1/admin/events/{event_id}/waiting-room/beacon", put(rooms::set_beacon))

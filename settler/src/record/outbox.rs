@@ -3,7 +3,7 @@
 //! marks there.
 
 use chrono::{DateTime, Utc};
-use dropline::messages::{Change, ChangeSubject, OrderState, PaymentStep, RefundState};
+use dropline::messages::{Change, ChangeSubject, EventChange, OrderState, PaymentStep, RefundState};
 use sqlx::{MySql, MySqlConnection, QueryBuilder};
 use uuid::Uuid;
 
@@ -24,6 +24,8 @@ pub struct Row {
     pub refund_id: Option<String>,
     pub payment_id: Option<String>,
     pub reason: Option<String>,
+    pub capacity: Option<u32>,
+    pub starts_at: Option<DateTime<Utc>>,
 }
 
 /// A row this version cannot publish.
@@ -56,6 +58,11 @@ impl Row {
                     "refunded" => RefundState::Refunded,
                     other => return Err(bad(format!("no refund change {other:?} is known to this version"))),
                 },
+            },
+            "event" => ChangeSubject::Event {
+                change: self.kind.parse::<EventChange>().map_err(|e| bad(e.to_string()))?,
+                capacity: self.capacity.ok_or_else(|| missing("capacity"))?,
+                starts_at_ms: self.starts_at.ok_or_else(|| missing("starts_at"))?.timestamp_millis(),
             },
             "payment" => ChangeSubject::Payment {
                 order_id: id("order_id", &self.order_id)?,
@@ -95,7 +102,8 @@ impl Row {
 pub async fn unpublished(conn: &mut MySqlConnection, limit: u32) -> Result<Vec<Row>, sqlx::Error> {
     sqlx::query_as(
         "SELECT seq, change_id, CAST(subject AS CHAR) AS subject, kind, event_id, order_id, user_id, quantity, \
-         amount_cents, expires_at, changed_at, refund_id, payment_id, reason FROM outbox WHERE published_at IS NULL \
+         amount_cents, expires_at, changed_at, refund_id, payment_id, reason, capacity, starts_at FROM outbox \
+         WHERE published_at IS NULL \
          ORDER BY seq LIMIT ?",
     )
     .bind(limit)

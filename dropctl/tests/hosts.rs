@@ -1,0 +1,151 @@
+//! A host's controls over a live sale, end to end: the change applies to
+//! the record and to the live ledger together, buyers see it at once, it is
+//! announced as the event's change, and the books still balance.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{eventually, Options, Stack};
+use dropctl::api::{Api, Purchase};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+/// One purchase of one ticket, followed until decided: `held`, or why not.
+async fn try_buy(stack: &Stack, api: &Api, user: &str, event: u64) -> String {
+    let token = stack.token(user);
+    let intent = match api.purchase(&token, event, &Uuid::new_v4().to_string(), 1).await.unwrap() {
+        Purchase::Accepted(id) => id,
+        Purchase::Refused(code) => return code,
+        Purchase::RetryAfter(_) => return "retry".into(),
+    };
+    eventually("the decision", Duration::from_secs(30), || async {
+        let s = api.intent(&token, intent).await.unwrap();
+        match s.status.as_str() {
+            "queued" => None,
+            "rejected" => Some(s.reason.unwrap_or_default()),
+            other => Some(other.to_owned()),
+        }
+    })
+    .await
+}
+
+/// A buyer who keeps trying (a new purchase each time) until held.
+async fn buy_until_held(stack: &Stack, api: &Api, user: &str, event: u64) {
+    eventually(&format!("{user}'s hold"), Duration::from_secs(30), || async {
+        (try_buy(stack, api, user, event).await == "held").then_some(())
+    })
+    .await;
+}
+
+async fn change(stack: &Stack, event: u64, body: Value) -> (StatusCode, Value) {
+    let r = dropline_testkit::http()
+        .patch(format!("{}/v1/admin/events/{event}", stack.api))
+        .bearer_auth(stack.admin_token())
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    (r.status(), r.json().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capacity_added_mid_sale_is_sold_at_once_announced_and_the_books_balance() {
+    let stack = Stack::start(Options::default()).await;
+    let api = Api::new(&stack.api).unwrap();
+    // Holds last 20 s: long enough for the changes below, short enough to
+    // wait for them to lapse before the check.
+    let event = stack.open_event(2, 20).await;
+    for user in ["ann", "ben"] {
+        assert_eq!(try_buy(&stack, &api, user, event).await, "held");
+    }
+    assert_eq!(try_buy(&stack, &api, "cat", event).await, "sold_out");
+
+    // The host adds two tickets: the ledger has them at once.
+    let (status, view) = change(&stack, event, json!({ "capacity": 4 })).await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    assert_eq!(view["capacity"], 4);
+    assert_eq!(
+        (view["availability"]["capacity"].as_u64(), view["availability"]["available"].as_u64()),
+        (Some(4), Some(2))
+    );
+    // Buyers who were turned away buy them.
+    buy_until_held(&stack, &api, "cat", event).await;
+    buy_until_held(&stack, &api, "dan", event).await;
+    assert_eq!(try_buy(&stack, &api, "eve", event).await, "sold_out");
+
+    // Stock already handed out cannot be taken back; stock never handed
+    // out can.
+    let (status, problem) = change(&stack, event, json!({ "capacity": 3 })).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{problem}");
+    assert_eq!(problem["code"], "capacity_in_use");
+    let (status, view) = change(&stack, event, json!({ "capacity": 5 })).await;
+    assert_eq!((status, view["availability"]["available"].as_u64()), (StatusCode::OK, Some(1)), "{view}");
+    let (status, view) = change(&stack, event, json!({ "capacity": 4 })).await;
+    assert_eq!((status, view["availability"]["available"].as_u64()), (StatusCode::OK, Some(0)), "{view}");
+    // The same change again changes nothing, and announces nothing.
+    let (status, _) = change(&stack, event, json!({ "capacity": 4 })).await;
+    assert_eq!(status, StatusCode::OK);
+
+    // Rescheduled.
+    let later = (chrono::Utc::now() + chrono::Duration::days(30)).to_rfc3339();
+    let (status, view) = change(&stack, event, json!({ "starts_at": later })).await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+
+    // Bad changes are refused, and change nothing.
+    for (body, code) in [
+        (json!({}), "invalid_body"),
+        (json!({ "capacity": 0 }), "invalid_body"),
+        (json!({ "capacity": 4, "price_cents": 1 }), "invalid_body_shape"),
+        (json!({ "capacity": "four" }), "invalid_body_shape"),
+    ] {
+        let (status, problem) = change(&stack, event, body.clone()).await;
+        assert!(status.is_client_error(), "{body}: {status} {problem}");
+        assert_eq!(problem["code"], code, "{body}: {problem}");
+    }
+    let r = dropline_testkit::http()
+        .patch(format!("{}/v1/admin/events/{event}", stack.api))
+        .bearer_auth(stack.token("ann"))
+        .json(&json!({ "capacity": 9 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN, "a buyer is no host");
+
+    // Every change announced once, in order: 4, 5, 4, then the new date.
+    let told = eventually("the event's changes", Duration::from_secs(60), || async {
+        let kinds: Vec<String> = stack
+            .inbox
+            .deliveries()
+            .into_iter()
+            .filter(|d| d.event_id == event && d.kind.starts_with("event."))
+            .map(|d| d.kind)
+            .collect();
+        (kinds.len() >= 4).then_some(kinds)
+    })
+    .await;
+    assert_eq!(
+        told,
+        ["event.capacity_changed", "event.capacity_changed", "event.capacity_changed", "event.rescheduled"]
+    );
+    let capacities: Vec<u32> =
+        sqlx::query_scalar("SELECT capacity FROM outbox WHERE event_id = ? AND kind = 'capacity_changed' ORDER BY seq")
+            .bind(event)
+            .fetch_all(&stack.db)
+            .await
+            .unwrap();
+    assert_eq!(capacities, [4, 5, 4]);
+
+    let quiet = dropctl::quiet::Quiet {
+        pipeline: Some(stack.pipeline()),
+        past_deadlines: true,
+        grace: dropctl::invariants::production_grace(),
+        timeout: Duration::from_secs(60),
+    };
+    assert!(dropctl::quiet::wait_quiet(&stack.db, event, &quiet).await.unwrap());
+    let verdict = dropctl::invariants::verify(&stack.db, &stack.ledger, event, &Default::default()).await.unwrap();
+    assert!(verdict.all_hold(), "{verdict}");
+    assert_eq!((verdict.redis.capacity, verdict.mysql.capacity, verdict.mysql.expired), (4, 4, 4), "{verdict}");
+    stack.stop().await;
+}

@@ -1,0 +1,27 @@
+-- An event's changes travel on the outbox like an order's: the host's
+-- change of capacity (stock added mid-sale, or never-sold stock taken
+-- back) and of the date (a reschedule), written by the database itself in
+-- the transaction that makes them, whoever makes them (the admin API, an
+-- operator's UPDATE). An update that moves neither writes nothing.
+ALTER TABLE outbox
+    ADD COLUMN capacity INT UNSIGNED NULL,
+    ADD COLUMN starts_at DATETIME(3) NULL;
+
+-- When the admin API last changed the event: each ingress re-reads the
+-- events changed lately into its snapshot, which otherwise reads only new
+-- ones.
+ALTER TABLE events
+    ADD COLUMN changed_at DATETIME(3) NULL,
+    ADD KEY events_by_change (changed_at);
+
+CREATE TRIGGER events_to_outbox_on_update AFTER UPDATE ON events FOR EACH ROW
+BEGIN
+    IF NEW.capacity <> OLD.capacity THEN
+        INSERT INTO outbox (change_id, subject, kind, event_id, capacity, starts_at, changed_at)
+        VALUES (UUID(), 'event', 'capacity_changed', NEW.id, NEW.capacity, NEW.starts_at, UTC_TIMESTAMP(3));
+    END IF;
+    IF NEW.starts_at <> OLD.starts_at THEN
+        INSERT INTO outbox (change_id, subject, kind, event_id, capacity, starts_at, changed_at)
+        VALUES (UUID(), 'event', 'rescheduled', NEW.id, NEW.capacity, NEW.starts_at, UTC_TIMESTAMP(3));
+    END IF;
+END;
