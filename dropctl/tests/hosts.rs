@@ -149,3 +149,104 @@ async fn capacity_added_mid_sale_is_sold_at_once_announced_and_the_books_balance
     assert_eq!((verdict.redis.capacity, verdict.mysql.capacity, verdict.mysql.expired), (4, 4, 4), "{verdict}");
     stack.stop().await;
 }
+
+async fn admin_post(stack: &Stack, event: u64, action: &str) -> (StatusCode, Value) {
+    let r = dropline_testkit::http()
+        .post(format!("{}/v1/admin/events/{event}/{action}", stack.api))
+        .bearer_auth(stack.admin_token())
+        .send()
+        .await
+        .unwrap();
+    (r.status(), r.json().await.unwrap())
+}
+
+/// What the ledger itself decides for a new intent, door aside.
+async fn ledger_decides(stack: &Stack, event: u64, user: &str) -> dropline::stock::Verdict {
+    let intent = dropline::stock::Undecided { intent_id: Uuid::new_v4(), user_id: user, quantity: 1 };
+    stack.ledger.allocate(event, &[intent]).await.unwrap().remove(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_sale_refuses_purchases_keeps_its_holds_payable_and_resumes() {
+    let stack = Stack::start(Options::default()).await;
+    let api = Api::new(&stack.api).unwrap();
+    let event = stack.open_event(3, 20).await;
+    let ann = match api.purchase(&stack.token("ann"), event, "ann-1", 1).await.unwrap() {
+        Purchase::Accepted(id) => id,
+        other => panic!("{other:?}"),
+    };
+    eventually("ann's hold", Duration::from_secs(30), || async { stack.ledger.hold(event, ann).await.unwrap() }).await;
+
+    let (status, view) = admin_post(&stack, event, "pause").await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    assert!(view["paused_at"].is_string(), "{view}");
+    // Refused at the door, and by the ledger itself (a purchase that got
+    // past a door that had not heard yet).
+    assert_eq!(try_buy(&stack, &api, "ben", event).await, "sale_paused");
+    let refused = ledger_decides(&stack, event, "ben").await;
+    assert!(
+        matches!(
+            refused,
+            dropline::stock::Verdict::Rejected { reason: dropline::messages::RejectReason::SalePaused, .. }
+        ),
+        "{refused:?}"
+    );
+    // Pausing again changes nothing.
+    assert_eq!(admin_post(&stack, event, "pause").await.0, StatusCode::OK);
+
+    // A ledger lost and rebuilt while paused stays paused.
+    let keys = dropline::stock::EventKeys::new(&stack.name, event);
+    let mut conn = stack.ledger.pool().get().await.unwrap();
+    let _: i64 = dropline::redis_pool::redis::cmd("DEL")
+        .arg(&[&keys.stock, &keys.users, &keys.decisions, &keys.holds])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    stack.ledger.request_rebuild(event, "the test lost the ledger").await.unwrap();
+    eventually("the rebuilt ledger", Duration::from_secs(30), || async {
+        stack.ledger.levels(event).await.unwrap().filter(|l| l.held == 1)
+    })
+    .await;
+    let refused = ledger_decides(&stack, event, "ben").await;
+    assert!(matches!(refused, dropline::stock::Verdict::Rejected { .. }), "{refused:?}");
+
+    // Ann's hold runs on, and she can pay it.
+    let start = dropline_testkit::http()
+        .post(format!("{}/v1/orders/{ann}/payments", stack.api))
+        .bearer_auth(stack.token("ann"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(start.status(), StatusCode::CREATED);
+    let checkout: Value = start.json().await.unwrap();
+    assert_eq!(api.confirm(checkout["checkout_url"].as_str().unwrap(), 1).await.unwrap(), "captured");
+
+    let (status, view) = admin_post(&stack, event, "resume").await;
+    assert_eq!((status, view["paused_at"].is_null()), (StatusCode::OK, true), "{view}");
+    buy_until_held(&stack, &api, "ben", event).await;
+
+    let told = eventually("the pause and the resume", Duration::from_secs(60), || async {
+        let kinds: Vec<String> = stack
+            .inbox
+            .deliveries()
+            .into_iter()
+            .filter(|d| d.event_id == event && d.kind.starts_with("event."))
+            .map(|d| d.kind)
+            .collect();
+        (kinds.len() >= 2).then_some(kinds)
+    })
+    .await;
+    assert_eq!(told, ["event.paused", "event.resumed"]);
+
+    let quiet = dropctl::quiet::Quiet {
+        pipeline: Some(stack.pipeline()),
+        past_deadlines: true,
+        grace: dropctl::invariants::production_grace(),
+        timeout: Duration::from_secs(60),
+    };
+    assert!(dropctl::quiet::wait_quiet(&stack.db, event, &quiet).await.unwrap());
+    let verdict = dropctl::invariants::verify(&stack.db, &stack.ledger, event, &Default::default()).await.unwrap();
+    assert!(verdict.all_hold(), "{verdict}");
+    assert_eq!((verdict.mysql.paid, verdict.mysql.expired), (1, 1), "{verdict}");
+    stack.stop().await;
+}

@@ -184,6 +184,7 @@ async fn consistent_books() -> Books {
         closes_at_ms: (now + chrono::Duration::hours(1)).timestamp_millis(),
         price_cents: PRICE,
         retain_until_ms: (now + chrono::Duration::hours(2)).timestamp_millis(),
+        paused: false,
     };
     assert!(ledger.prewarm(event, &rules).await.unwrap());
 

@@ -104,7 +104,7 @@ pub mod ingress {
     pub const PURCHASES: Metric = Metric::counter(
         "dropline_ingress_purchases_total",
         "Purchase requests by outcome: admitted (queued for allocation), replayed, rate_limited, sold_out, \
-         shed (the in-flight cap was reached), sale_not_open, sale_closed, no_admission (a waiting room's event, without a valid turn), unavailable, invalid, and in_progress (a copy of a request still being answered).",
+         shed (the in-flight cap was reached), sale_not_open, sale_closed, sale_paused, no_admission (a waiting room's event, without a valid turn), unavailable, invalid, and in_progress (a copy of a request still being answered).",
     )
     .from_zero_for(
         "outcome",
@@ -117,6 +117,7 @@ pub mod ingress {
             "sold_out",
             "sale_not_open",
             "sale_closed",
+            "sale_paused",
             "no_admission",
             "unavailable",
             "invalid",
@@ -181,9 +182,9 @@ pub mod allocator {
 
     pub const DECISIONS: Metric = Metric::counter(
         "dropline_allocator_decisions_total",
-        "Intents decided, by outcome: held, sold_out, limit_reached, sale_not_open, sale_closed.",
+        "Intents decided, by outcome: held, sold_out, limit_reached, sale_not_open, sale_closed, sale_paused.",
     )
-    .from_zero_for("outcome", &["held", "sold_out", "limit_reached", "sale_not_open", "sale_closed"]);
+    .from_zero_for("outcome", &["held", "sold_out", "limit_reached", "sale_not_open", "sale_closed", "sale_paused"]);
     pub const LUA_DURATION: Metric = Metric::histogram(
         "dropline_allocator_lua_duration_seconds",
         "Time of one allocation script call (one event, many intents).",

@@ -14,7 +14,7 @@ use crate::stock::SaleRules;
 const LEDGER_RETENTION_MS: i64 = 7 * 24 * 3600 * 1000;
 
 pub const COLUMNS: &str = "id, name, venue, starts_at, sale_opens_at, sale_closes_at, capacity, price_cents, \
-                           currency, per_user_limit, hold_ttl_secs, created_at";
+                           currency, per_user_limit, hold_ttl_secs, created_at, paused_at";
 
 /// A sale event as the record keeps it: the terms an admin set, with the
 /// id and creation time the record gave it. Its JSON is flat, as the API
@@ -26,11 +26,31 @@ pub struct Event {
     #[sqlx(flatten)]
     pub terms: EventTerms,
     pub created_at: DateTime<Utc>,
+    /// Since when its host has paused the sale; none while it runs.
+    pub paused_at: Option<DateTime<Utc>>,
 }
 
 impl Event {
+    /// The rules the stock ledger enforces for this event, its pause
+    /// included.
+    pub fn rules(&self) -> SaleRules {
+        SaleRules { paused: self.paused_at.is_some(), ..self.terms.rules() }
+    }
+
     pub async fn load(db: &MySqlPool, id: u64) -> Result<Option<Event>, sqlx::Error> {
         sqlx::query_as::<_, Event>(&format!("SELECT {COLUMNS} FROM events WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(db)
+            .await
+    }
+
+    /// The event once any host's change of it under way has committed or
+    /// rolled back (a shared lock waits for its row lock). A ledger rebuild
+    /// reads the event this way after fencing the ledger: a change that
+    /// wrote the ledger before the fence has its record committed by then,
+    /// and one that comes after it is refused by the fence.
+    pub async fn load_settled(db: &MySqlPool, id: u64) -> Result<Option<Event>, sqlx::Error> {
+        sqlx::query_as::<_, Event>(&format!("SELECT {COLUMNS} FROM events WHERE id = ? LOCK IN SHARE MODE"))
             .bind(id)
             .fetch_optional(db)
             .await
@@ -72,6 +92,7 @@ impl EventTerms {
             closes_at_ms: closes,
             price_cents: self.price_cents,
             retain_until_ms: closes + i64::from(self.hold_ttl_secs) * 1000 + LEDGER_RETENTION_MS,
+            paused: false,
         }
     }
 

@@ -134,6 +134,8 @@ pub enum RejectReason {
     LimitReached,
     SaleNotOpen,
     SaleClosed,
+    /// The host paused the sale.
+    SalePaused,
 }
 
 named!(RejectReason {
@@ -141,6 +143,7 @@ named!(RejectReason {
     LimitReached => "limit_reached",
     SaleNotOpen => "sale_not_open",
     SaleClosed => "sale_closed",
+    SalePaused => "sale_paused",
 });
 
 /// The allocator's decision on one intent.
@@ -290,11 +293,16 @@ pub enum EventChange {
     CapacityChanged,
     /// The event moved to another date.
     Rescheduled,
+    /// The host paused the sale, or resumed it.
+    Paused,
+    Resumed,
 }
 
 named!(EventChange {
     CapacityChanged => "capacity_changed",
     Rescheduled => "rescheduled",
+    Paused => "paused",
+    Resumed => "resumed",
 });
 
 named!(PaymentStep {

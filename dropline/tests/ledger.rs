@@ -34,6 +34,7 @@ async fn event(ledger: &Ledger, capacity: u32, per_user_limit: u32, hold_ttl_ms:
         closes_at_ms: now_ms() + 600_000,
         price_cents: 2_500,
         retain_until_ms: now_ms() + 600_000,
+        paused: false,
     };
     assert!(ledger.prewarm(id, &rules).await.unwrap());
     id
@@ -154,6 +155,7 @@ async fn a_sale_not_yet_open_or_closed_rejects_and_takes_nothing() {
         closes_at_ms: now_ms() + 120_000,
         price_cents: 100,
         retain_until_ms: now_ms() + 600_000,
+        paused: false,
     };
     ledger.prewarm(id, &future).await.unwrap();
     let v = decide(&ledger, id, &[intent("fay", 1)]).await;
@@ -180,6 +182,7 @@ async fn prewarming_twice_never_resets_a_live_ledger() {
         closes_at_ms: now_ms() + 1,
         price_cents: 1,
         retain_until_ms: now_ms() + 600_000,
+        paused: false,
     };
     assert!(!ledger.prewarm(event, &rules).await.unwrap());
     assert_eq!(levels(&ledger, event).await.available, 1);
@@ -367,6 +370,7 @@ async fn a_fence_is_renewed_restored_under_and_lifted_only_by_its_owner() {
         closes_at_ms: now_ms() + 600_000,
         price_cents: 2_500,
         retain_until_ms: now_ms() + 600_000,
+        paused: false,
     };
     let restore = dropline::stock::Restore { rules, holds: Vec::new(), decisions: Vec::new() };
     let before = ledger.levels(id).await.unwrap();

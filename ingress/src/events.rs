@@ -124,7 +124,45 @@ impl Events {
         if after > before {
             self.resize(&event, after).await?;
         }
-        let changed = self.load(id).await.map_err(mysql)?.ok_or(ErrorCode::EventNotFound)?;
+        self.reloaded(id).await
+    }
+
+    /// Pauses or resumes the sale, in the record and in the live ledger.
+    /// A pause stops the ledger first (no sale after this returns), then
+    /// records it; a resume records it first, then lets the ledger sell: if
+    /// the second write fails, the sale stays stopped and the same call
+    /// again completes it. Pausing a paused sale (or resuming a running
+    /// one) changes nothing and announces nothing.
+    pub async fn set_paused(&self, id: u64, paused: bool) -> Result<Event, Problem> {
+        let mysql = |e: sqlx::Error| Problem::unavailable("mysql", &e);
+        let mut tx = self.db.begin().await.map_err(mysql)?;
+        let event = record::lock_event(&mut tx, id).await.map_err(mysql)?.ok_or(ErrorCode::EventNotFound)?;
+        if paused {
+            self.pause_ledger(&event, true).await?;
+        }
+        record::set_paused(&mut tx, id, paused).await.map_err(mysql)?;
+        tx.commit().await.map_err(mysql)?;
+        if !paused {
+            self.pause_ledger(&event, false).await?;
+        }
+        self.reloaded(id).await
+    }
+
+    /// Pauses or resumes the live ledger. Without one (before the pre-warm,
+    /// or lost by Redis) there is nothing to stop: the pre-warm or the
+    /// rebuild reads the pause from the record.
+    async fn pause_ledger(&self, event: &Event, paused: bool) -> Result<(), Problem> {
+        match self.ledger.set_paused(event.id, paused).await {
+            Ok(()) | Err(LedgerError::NoLedger(_)) => Ok(()),
+            Err(e) => Err(Problem::unavailable("redis", &e)),
+        }
+    }
+
+    /// The event as the record has it now, put in this ingress' snapshot
+    /// and cache at once (the others re-read it within a refresh).
+    async fn reloaded(&self, id: u64) -> Result<Event, Problem> {
+        let changed = self.load(id).await.map_err(|e| Problem::unavailable("mysql", &e))?;
+        let changed = changed.ok_or(ErrorCode::EventNotFound)?;
         self.cache.invalidate(&id).await;
         let levels = self.levels(id).await.ok().flatten();
         self.catalog.insert(changed.clone(), levels);
@@ -155,7 +193,7 @@ impl Events {
 
     /// Loads the event's stock into Redis unless it is there already.
     pub async fn prewarm(&self, event: &Event) -> Result<bool, dropline::stock::LedgerError> {
-        self.ledger.prewarm(event.id, &event.terms.rules()).await
+        self.ledger.prewarm(event.id, &event.rules()).await
     }
 
     pub async fn levels(&self, id: u64) -> Result<Option<StockLevels>, dropline::stock::LedgerError> {

@@ -47,6 +47,7 @@ error_codes! {
     OrderNotFound => "order_not_found",
     SaleNotOpen => "sale_not_open",
     SaleClosed => "sale_closed",
+    SalePaused => "sale_paused",
     SoldOut => "sold_out",
     NoWaitingRoom => "no_waiting_room",
     WaitingRoomExists => "waiting_room_exists",
@@ -105,6 +106,7 @@ impl ErrorCode {
             IdempotencyInProgress
             | SaleNotOpen
             | SaleClosed
+            | SalePaused
             | SoldOut
             | OrderNotHeld
             | OrderExpired
@@ -148,6 +150,7 @@ impl ErrorCode {
             OrderNotFound => "No such order",
             SaleNotOpen => "The sale has not opened yet",
             SaleClosed => "The sale has closed",
+            SalePaused => "The sale is paused by its host; try again once it resumes",
             SoldOut => "The event is sold out",
             NoWaitingRoom => "The event has no waiting room",
             WaitingRoomExists => "The event has a waiting room already, with other terms",

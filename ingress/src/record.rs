@@ -94,6 +94,17 @@ pub async fn change_event(
     Ok(())
 }
 
+/// Pauses (from now, unless paused already) or resumes an event's sale.
+pub async fn set_paused(tx: &mut sqlx::MySqlConnection, id: u64, paused: bool) -> Result<(), sqlx::Error> {
+    let sql = if paused {
+        "UPDATE events SET paused_at = COALESCE(paused_at, UTC_TIMESTAMP(3)), changed_at = UTC_TIMESTAMP(3) WHERE id = ?"
+    } else {
+        "UPDATE events SET paused_at = NULL, changed_at = UTC_TIMESTAMP(3) WHERE id = ?"
+    };
+    sqlx::query(sql).bind(id).execute(tx).await?;
+    Ok(())
+}
+
 /// Events whose name or venue contains `q`, by id, after `after`.
 pub async fn search_events(
     db: &MySqlPool,

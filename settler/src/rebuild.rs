@@ -98,7 +98,8 @@ pub async fn rebuild(
     why: &str,
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> Result<StockLevels, RebuildError> {
-    let event = Event::load(db, event_id).await?.ok_or(RebuildError::UnknownEvent(event_id))?;
+    // An event the record lacks is not fenced at all.
+    Event::load(db, event_id).await?.ok_or(RebuildError::UnknownEvent(event_id))?;
     let before = ledger.levels(event_id).await?;
     tracing::warn!(event_id, ?before, why, "rebuilding the event's ledger from MySQL; sales of the event are fenced");
     let Some(fence) = ledger.fence(event_id, options.fence_ttl_secs).await? else {
@@ -108,6 +109,10 @@ pub async fn rebuild(
         wait_for_allocators(ledger, event_id, options).await?;
         carry_forward(db, ledger, broker, event_id).await?;
         wait_for_settlers(broker.kafka, broker.topics, &options.settler_group, options.catch_up_timeout).await?;
+        // Read again now that the ledger is fenced: a host's change of
+        // capacity or pause that wrote the ledger first is committed by
+        // then (see `Event::load_settled`).
+        let event = Event::load_settled(db, event_id).await?.ok_or(RebuildError::UnknownEvent(event_id))?;
         let restore = load(db, &event).await?;
         let old = ledger.holds(event_id).await?;
         let levels = ledger.restore(&fence, &restore).await?;
@@ -326,7 +331,7 @@ async fn load(db: &MySqlPool, event: &Event) -> Result<Restore, RebuildError> {
         };
         decisions.push((id, verdict));
     }
-    Ok(Restore { rules: event.terms.rules(), holds, decisions })
+    Ok(Restore { rules: event.rules(), holds, decisions })
 }
 
 #[cfg(test)]

@@ -124,7 +124,7 @@ impl EventKeys {
         [&self.stock, &self.users, &self.holds, &self.fence, &self.free]
     }
 
-    /// resize.lua's keys.
+    /// resize.lua's keys (and the pause's): the stock hash and its fence.
     pub fn resize(&self) -> [&str; 2] {
         [&self.stock, &self.fence]
     }

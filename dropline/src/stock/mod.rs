@@ -30,6 +30,19 @@ static FENCE_OWNED: LazyLock<Script> = LazyLock::new(|| {
 });
 static RESIZE: LazyLock<Script> =
     LazyLock::new(|| Script::new(concat!(include_str!("lua/guard.lua"), include_str!("lua/resize.lua"))));
+/// Sets or clears an existing ledger's `paused` field.
+static PAUSE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("lua/guard.lua"),
+        r"
+local refused = refuse_unless_ledger(KEYS[1], KEYS[2])
+if refused then
+  return refused
+end
+return redis.call('HSET', KEYS[1], 'paused', ARGV[1])
+"
+    ))
+});
 static DOOR: LazyLock<Script> =
     LazyLock::new(|| Script::new(concat!(include_str!("lua/guard.lua"), include_str!("lua/door.lua"))));
 /// Stamps an allocator's in-flight mark with Redis' own time (ms).
@@ -55,6 +68,8 @@ pub struct SaleRules {
     pub price_cents: u64,
     /// When Redis may forget the ledger; MySQL stays the record after that.
     pub retain_until_ms: i64,
+    /// The host paused the sale: every intent is refused `sale_paused`.
+    pub paused: bool,
 }
 
 /// An intent still to decide, as the allocation script takes it.
@@ -286,6 +301,7 @@ impl Ledger {
             .arg(rules.closes_at_ms)
             .arg(rules.price_cents)
             .arg(rules.retain_until_ms)
+            .arg(u8::from(rules.paused))
             .invoke_async(&mut conn)
             .await?;
         Ok(created == 1)
@@ -350,6 +366,20 @@ impl Ledger {
             ("unknown", _) => PayOutcome::UnknownOrder,
             (other, _) => return Err(LedgerError::Corrupt(format!("pay answered {other}"))),
         })
+    }
+
+    /// Pauses or resumes a live sale: while paused, every intent is
+    /// refused `sale_paused`. Only a ledger that is there: without one,
+    /// the pre-warm or the rebuild reads the pause from the record.
+    pub async fn set_paused(&self, event_id: u64, paused: bool) -> Result<(), LedgerError> {
+        let keys = self.keys.event(event_id);
+        let mut conn = self.pool.get().await?;
+        let _: i64 = invoke(&PAUSE, &keys.resize())
+            .arg(u8::from(paused))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| no_ledger(e, event_id))?;
+        Ok(())
     }
 
     /// Gives a live sale the capacity `capacity`: more stock to sell, or
@@ -562,6 +592,7 @@ impl Ledger {
                 ("closes_ms", rules.closes_at_ms.to_string()),
                 ("price", rules.price_cents.to_string()),
                 ("retain_ms", rules.retain_until_ms.to_string()),
+                ("paused", u8::from(rules.paused).to_string()),
             ],
         )
         .ignore();

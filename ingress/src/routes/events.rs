@@ -59,6 +59,34 @@ pub async fn change(
     Ok(Json(EventView { event, availability }).into_response())
 }
 
+/// `POST /v1/admin/events/{id}/pause`: the sale stops taking purchases
+/// (`sale_paused`) until resumed; holds already made run on and can be paid.
+pub async fn pause(
+    State(app): State<Arc<AppState>>,
+    _: Admin,
+    EventId(id): EventId,
+    _: NoBody,
+) -> Result<Response, Problem> {
+    paused(&app, id, true).await
+}
+
+/// `POST /v1/admin/events/{id}/resume`: the sale takes purchases again.
+pub async fn resume(
+    State(app): State<Arc<AppState>>,
+    _: Admin,
+    EventId(id): EventId,
+    _: NoBody,
+) -> Result<Response, Problem> {
+    paused(&app, id, false).await
+}
+
+async fn paused(app: &AppState, id: u64, paused: bool) -> Result<Response, Problem> {
+    let event = app.events.set_paused(id, paused).await?;
+    tracing::info!(event_id = id, paused, "sale paused or resumed");
+    let availability = app.events.levels(id).await.map_err(|e| Problem::unavailable("redis", &e))?;
+    Ok(Json(EventView { event, availability }).into_response())
+}
+
 pub async fn prewarm(
     State(app): State<Arc<AppState>>,
     _: Admin,

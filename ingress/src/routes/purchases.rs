@@ -51,6 +51,7 @@ fn refused_as(code: ErrorCode) -> &'static str {
         ErrorCode::SoldOut => "sold_out",
         ErrorCode::SaleNotOpen => "sale_not_open",
         ErrorCode::SaleClosed => "sale_closed",
+        ErrorCode::SalePaused => "sale_paused",
         ErrorCode::AdmissionRequired | ErrorCode::AdmissionInvalid | ErrorCode::TurnLapsed | ErrorCode::TurnUsed => {
             "no_admission"
         }
@@ -226,6 +227,7 @@ async fn refuse(
         ErrorCode::SoldOut => RejectReason::SoldOut,
         ErrorCode::SaleNotOpen => RejectReason::SaleNotOpen,
         ErrorCode::SaleClosed => RejectReason::SaleClosed,
+        ErrorCode::SalePaused => RejectReason::SalePaused,
         _ => return Err(refused),
     };
     match app.ledger.refuse_at_door(intent.event_id, id, reason).await {
@@ -267,8 +269,8 @@ fn in_progress() -> Problem {
         .retry_after(1)
 }
 
-/// Refusals that need no decision: the sale's window, and a sell-out seen
-/// within the last quarter second.
+/// Refusals that need no decision: the sale's window, a pause its host
+/// made, and a sell-out seen within the last quarter second.
 async fn door(app: &AppState, event: &crate::events::Event, event_id: u64) -> Result<(), Problem> {
     let now = chrono::Utc::now();
     if now < event.terms.sale_opens_at {
@@ -278,6 +280,9 @@ async fn door(app: &AppState, event: &crate::events::Event, event_id: u64) -> Re
     }
     if now >= event.terms.sale_closes_at {
         return Err(ErrorCode::SaleClosed.into());
+    }
+    if event.paused_at.is_some() {
+        return Err(ErrorCode::SalePaused.into());
     }
     if app.events.recently_available(event_id).await == Some(0) {
         return Err(sold_out_refusal());

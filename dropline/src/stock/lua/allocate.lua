@@ -33,7 +33,7 @@ if refused then
 end
 
 local f = redis.call('HMGET', stock, 'available', 'limit', 'ttl_ms', 'opens_ms', 'closes_ms', 'price', 'retain_ms',
-  'next_unit', 'capacity')
+  'next_unit', 'capacity', 'paused')
 local available = tonumber(f[1])
 local limit = tonumber(f[2])
 local ttl_ms = tonumber(f[3])
@@ -43,6 +43,8 @@ local price = tonumber(f[6])
 local retain_ms = f[7]
 local next_unit = tonumber(f[8])
 local capacity = tonumber(f[9])
+-- Paused by its host (absent in a ledger from before pauses: running).
+local paused = f[10] == '1'
 local unused = redis.call('LLEN', free)
 
 -- Takes n unit numbers; the checks above guarantee there are n to take.
@@ -88,6 +90,8 @@ for i = 1, #ARGV, 3 do
       reason = 'sale_not_open'
     elseif now >= closes_ms then
       reason = 'sale_closed'
+    elseif paused then
+      reason = 'sale_paused'
     else
       local owned = tonumber(redis.call('HGET', users, user) or '0')
       if owned + qty > limit then

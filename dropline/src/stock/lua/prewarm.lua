@@ -2,7 +2,7 @@
 --
 -- KEYS[1] stock hash
 -- ARGV    capacity, per_user_limit, hold_ttl_ms, opens_at_ms, closes_at_ms,
---         price_cents, retain_until_ms
+--         price_cents, retain_until_ms, paused (1 or 0)
 --
 -- Never overwrites a ledger that already exists: pre-warming twice, or after
 -- the sale started, must not hand out the same stock again. Returns 1 when the
@@ -21,6 +21,7 @@ redis.call('HSET', KEYS[1],
   'opens_ms', ARGV[4],
   'closes_ms', ARGV[5],
   'price', ARGV[6],
-  'retain_ms', ARGV[7])
+  'retain_ms', ARGV[7],
+  'paused', ARGV[8])
 redis.call('PEXPIREAT', KEYS[1], ARGV[7])
 return 1
