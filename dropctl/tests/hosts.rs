@@ -114,17 +114,7 @@ async fn capacity_added_mid_sale_is_sold_at_once_announced_and_the_books_balance
     assert_eq!(r.status(), StatusCode::FORBIDDEN, "a buyer is no host");
 
     // Every change announced once, in order: 4, 5, 4, then the new date.
-    let told = eventually("the event's changes", Duration::from_secs(60), || async {
-        let kinds: Vec<String> = stack
-            .inbox
-            .deliveries()
-            .into_iter()
-            .filter(|d| d.event_id == event && d.kind.starts_with("event."))
-            .map(|d| d.kind)
-            .collect();
-        (kinds.len() >= 4).then_some(kinds)
-    })
-    .await;
+    let told = stack.told(4, |d| d.event_id == event && d.kind.starts_with("event.")).await;
     assert_eq!(
         told,
         ["event.capacity_changed", "event.capacity_changed", "event.capacity_changed", "event.rescheduled"]
@@ -137,15 +127,7 @@ async fn capacity_added_mid_sale_is_sold_at_once_announced_and_the_books_balance
             .unwrap();
     assert_eq!(capacities, [4, 5, 4]);
 
-    let quiet = dropctl::quiet::Quiet {
-        pipeline: Some(stack.pipeline()),
-        past_deadlines: true,
-        grace: dropctl::invariants::production_grace(),
-        timeout: Duration::from_secs(60),
-    };
-    assert!(dropctl::quiet::wait_quiet(&stack.db, event, &quiet).await.unwrap());
-    let verdict = dropctl::invariants::verify(&stack.db, &stack.ledger, event, &Default::default()).await.unwrap();
-    assert!(verdict.all_hold(), "{verdict}");
+    let verdict = stack.books_balance(event).await;
     assert_eq!((verdict.redis.capacity, verdict.mysql.capacity, verdict.mysql.expired), (4, 4, 4), "{verdict}");
     stack.stop().await;
 }
@@ -225,28 +207,9 @@ async fn a_paused_sale_refuses_purchases_keeps_its_holds_payable_and_resumes() {
     assert_eq!((status, view["paused_at"].is_null()), (StatusCode::OK, true), "{view}");
     buy_until_held(&stack, &api, "ben", event).await;
 
-    let told = eventually("the pause and the resume", Duration::from_secs(60), || async {
-        let kinds: Vec<String> = stack
-            .inbox
-            .deliveries()
-            .into_iter()
-            .filter(|d| d.event_id == event && d.kind.starts_with("event."))
-            .map(|d| d.kind)
-            .collect();
-        (kinds.len() >= 2).then_some(kinds)
-    })
-    .await;
+    let told = stack.told(2, |d| d.event_id == event && d.kind.starts_with("event.")).await;
     assert_eq!(told, ["event.paused", "event.resumed"]);
-
-    let quiet = dropctl::quiet::Quiet {
-        pipeline: Some(stack.pipeline()),
-        past_deadlines: true,
-        grace: dropctl::invariants::production_grace(),
-        timeout: Duration::from_secs(60),
-    };
-    assert!(dropctl::quiet::wait_quiet(&stack.db, event, &quiet).await.unwrap());
-    let verdict = dropctl::invariants::verify(&stack.db, &stack.ledger, event, &Default::default()).await.unwrap();
-    assert!(verdict.all_hold(), "{verdict}");
+    let verdict = stack.books_balance(event).await;
     assert_eq!((verdict.mysql.paid, verdict.mysql.expired), (1, 1), "{verdict}");
     stack.stop().await;
 }

@@ -72,20 +72,11 @@ async fn a_webhook_pays_only_its_order_in_its_currency() {
     stack.stop().await;
 }
 
-/// The changes the host was told of about `order`, in the order delivered,
-/// once there are `count` of them.
+/// The changes the host was told of about `order` (reminders aside), in
+/// the order delivered, once there are `count` of them.
 async fn told(stack: &Stack, order: Uuid, count: usize) -> Vec<String> {
-    eventually(&format!("{count} webhooks about {order}"), Duration::from_secs(60), || async {
-        let kinds: Vec<String> = stack
-            .inbox
-            .deliveries()
-            .into_iter()
-            .filter(|d| d.order_id.as_deref() == Some(order.to_string().as_str()) && d.kind != "order.hold_expiring")
-            .map(|d| d.kind)
-            .collect();
-        (kinds.len() >= count).then_some(kinds)
-    })
-    .await
+    let order = order.to_string();
+    stack.told(count, |d| d.order_id.as_deref() == Some(order.as_str()) && d.kind != "order.hold_expiring").await
 }
 
 /// A hold for `user`, decided.
@@ -113,20 +104,6 @@ async fn checkout(stack: &Stack, user: &str, order: Uuid) -> Value {
 
 fn at(v: &Value) -> chrono::DateTime<chrono::Utc> {
     chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap()).unwrap().with_timezone(&chrono::Utc)
-}
-
-/// The books of `event` once the pipeline is quiet, provider compared.
-async fn books_balance(stack: &Stack, event: u64) {
-    let quiet = dropctl::quiet::Quiet {
-        pipeline: Some(stack.pipeline()),
-        past_deadlines: true,
-        grace: dropctl::invariants::production_grace(),
-        timeout: Duration::from_secs(90),
-    };
-    assert!(dropctl::quiet::wait_quiet(&stack.db, event, &quiet).await.unwrap());
-    let options = dropctl::invariants::CheckOptions { provider: Some(stack.paysim.clone()), ..Default::default() };
-    let verdict = dropctl::invariants::verify(&stack.db, &stack.ledger, event, &options).await.unwrap();
-    assert!(verdict.all_hold(), "{verdict}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -176,7 +153,7 @@ async fn a_declined_card_leaves_the_hold_held_and_the_retry_pays_it_once_extende
             .unwrap();
     assert_eq!(expires_at.timestamp_millis(), deadline + 2_000, "the record has the extended deadline");
     assert!(started.is_some());
-    books_balance(&stack, event).await;
+    stack.books_balance(event).await;
     assert_eq!(told(&stack, order, 4).await.len(), 4, "nothing announced twice");
     stack.stop().await;
 }
@@ -198,7 +175,7 @@ async fn a_hold_whose_payment_started_expires_at_its_extended_deadline() {
     assert!(ended_at >= pay_before.timestamp_millis(), "expired at {ended_at}, before {pay_before}");
     let levels = stack.ledger.levels(event).await.unwrap().unwrap();
     assert_eq!((levels.available, levels.held, levels.sold), (1, 0, 0));
-    books_balance(&stack, event).await;
+    stack.books_balance(event).await;
     stack.stop().await;
 }
 
@@ -247,6 +224,6 @@ async fn a_confirmation_that_timed_out_and_one_confirmed_twice_each_make_one_pai
     assert_eq!((levels.available, levels.held, levels.sold), (0, 0, 2));
     let captures: Value = http.get(format!("{}/v1/captures", stack.paysim)).send().await.unwrap().json().await.unwrap();
     assert_eq!(captures["captures"].as_array().unwrap().len(), 2, "one capture each");
-    books_balance(&stack, event).await;
+    stack.books_balance(event).await;
     stack.stop().await;
 }

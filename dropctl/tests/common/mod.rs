@@ -224,6 +224,33 @@ impl Stack {
         pipeline(&self.kafka.brokers, &self.name)
     }
 
+    /// The checked books of `event` once its deadlines have passed and the
+    /// pipeline is quiet, the provider's refunds compared: every row must
+    /// hold.
+    pub async fn books_balance(&self, event: u64) -> dropctl::invariants::Verdict {
+        let quiet = dropctl::quiet::Quiet {
+            pipeline: Some(self.pipeline()),
+            past_deadlines: true,
+            grace: dropctl::invariants::production_grace(),
+            timeout: Duration::from_secs(90),
+        };
+        assert!(dropctl::quiet::wait_quiet(&self.db, event, &quiet).await.unwrap(), "event {event} never went quiet");
+        let options = dropctl::invariants::CheckOptions { provider: Some(self.paysim.clone()), ..Default::default() };
+        let verdict = dropctl::invariants::verify(&self.db, &self.ledger, event, &options).await.unwrap();
+        assert!(verdict.all_hold(), "{verdict}");
+        verdict
+    }
+
+    /// The types of the webhooks the host received that `keep` selects, in
+    /// the order they arrived, once there are `count` of them (within 60 s).
+    pub async fn told(&self, count: usize, keep: impl Fn(&dropctl::receiver::Delivered) -> bool) -> Vec<String> {
+        eventually(&format!("{count} webhooks"), Duration::from_secs(60), || async {
+            let kinds: Vec<String> = self.inbox.deliveries().into_iter().filter(|d| keep(d)).map(|d| d.kind).collect();
+            (kinds.len() >= count).then_some(kinds)
+        })
+        .await
+    }
+
     /// A publisher on the stack's broker, for records a test writes
     /// straight to a topic (duplicates, poison).
     pub fn publisher(&self) -> Publisher {
