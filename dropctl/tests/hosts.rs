@@ -177,13 +177,7 @@ async fn a_paused_sale_refuses_purchases_keeps_its_holds_payable_and_resumes() {
     assert_eq!(admin_post(&stack, event, "pause").await.0, StatusCode::OK);
 
     // A ledger lost and rebuilt while paused stays paused.
-    let keys = dropline::stock::EventKeys::new(&stack.name, event);
-    let mut conn = stack.ledger.pool().get().await.unwrap();
-    let _: i64 = dropline::redis_pool::redis::cmd("DEL")
-        .arg(&[&keys.stock, &keys.users, &keys.decisions, &keys.holds])
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    stack.lose_ledger(event).await;
     stack.ledger.request_rebuild(event, "the test lost the ledger").await.unwrap();
     eventually("the rebuilt ledger", Duration::from_secs(30), || async {
         stack.ledger.levels(event).await.unwrap().filter(|l| l.held == 1)
@@ -193,14 +187,7 @@ async fn a_paused_sale_refuses_purchases_keeps_its_holds_payable_and_resumes() {
     assert!(matches!(refused, dropline::stock::Verdict::Rejected { .. }), "{refused:?}");
 
     // Ann's hold runs on, and she can pay it.
-    let start = dropline_testkit::http()
-        .post(format!("{}/v1/orders/{ann}/payments", stack.api))
-        .bearer_auth(stack.token("ann"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(start.status(), StatusCode::CREATED);
-    let checkout: Value = start.json().await.unwrap();
+    let checkout = stack.start_payment("ann", ann).await;
     assert_eq!(api.confirm(checkout["checkout_url"].as_str().unwrap(), 1).await.unwrap(), "captured");
 
     let (status, view) = admin_post(&stack, event, "resume").await;
@@ -211,5 +198,41 @@ async fn a_paused_sale_refuses_purchases_keeps_its_holds_payable_and_resumes() {
     assert_eq!(told, ["event.paused", "event.resumed"]);
     let verdict = stack.books_balance(event).await;
     assert_eq!((verdict.mysql.paid, verdict.mysql.expired), (1, 1), "{verdict}");
+    stack.stop().await;
+}
+
+/// The ledger's capacity and the record's.
+async fn capacities(stack: &Stack, event: u64) -> (u64, u32) {
+    let ledger = stack.ledger.levels(event).await.unwrap().unwrap().capacity;
+    let record: u32 =
+        sqlx::query_scalar("SELECT capacity FROM events WHERE id = ?").bind(event).fetch_one(&stack.db).await.unwrap();
+    (ledger, record)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_and_retried_capacity_changes_leave_the_ledger_at_the_records_capacity() {
+    let stack = Stack::start(Options::default()).await;
+    let event = stack.open_event(10, 20).await;
+    // Two hosts change it at once, again and again: whichever wins, the
+    // ledger ends at the record's capacity.
+    for round in 0..15u32 {
+        let (a, b) = (11 + 2 * round, 12 + 2 * round);
+        let (ra, rb) = tokio::join!(
+            change(&stack, event, json!({ "capacity": a })),
+            change(&stack, event, json!({ "capacity": b }))
+        );
+        assert_eq!((ra.0, rb.0), (StatusCode::OK, StatusCode::OK), "{ra:?} {rb:?}");
+        let (ledger, record) = capacities(&stack, event).await;
+        assert_eq!(ledger, u64::from(record), "round {round}: asked {a} and {b}");
+    }
+    // A grow whose write to the ledger fails (a rebuild holds it fenced)
+    // is an error; the same call again completes it.
+    let fence = stack.ledger.fence(event, 30).await.unwrap().expect("the fence");
+    let (status, problem) = change(&stack, event, json!({ "capacity": 60 })).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{problem}");
+    assert!(stack.ledger.unfence(&fence).await.unwrap());
+    let (status, _) = change(&stack, event, json!({ "capacity": 60 })).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(capacities(&stack, event).await, (60, 60));
     stack.stop().await;
 }

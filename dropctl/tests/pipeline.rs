@@ -369,14 +369,7 @@ async fn cancel_gives_the_stock_back_at_once() {
 
 /// Opens a payment at the provider for a held order; returns its checkout.
 async fn open_payment(stack: &Stack, user: &str, order: Uuid) -> String {
-    let r = dropline_testkit::http()
-        .post(format!("{}/v1/orders/{order}/payments", stack.api))
-        .bearer_auth(stack.token(user))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), reqwest::StatusCode::CREATED);
-    r.json::<serde_json::Value>().await.unwrap()["checkout_url"].as_str().unwrap().to_owned()
+    stack.start_payment(user, order).await["checkout_url"].as_str().unwrap().to_owned()
 }
 
 async fn confirm(checkout: &str, copies: u32) -> serde_json::Value {
@@ -741,14 +734,7 @@ async fn a_lost_ledger_is_rebuilt_from_mysql_and_the_sale_goes_on() {
     wait_order_state(&stack, carol, "cancelled").await;
 
     // Redis loses the event's ledger.
-    let keys = dropline::stock::EventKeys::new(&stack.name, event);
-    let mut conn = stack.ledger.pool().get().await.unwrap();
-    let _: i64 = dropline::redis_pool::redis::cmd("DEL")
-        .arg(&[&keys.stock, &keys.users, &keys.decisions, &keys.holds])
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(stack.ledger.levels(event).await.unwrap(), None);
+    stack.lose_ledger(event).await;
 
     // A buyer arriving now waits (the allocator will not guess) and is
     // decided once the settler has rebuilt the ledger from MySQL.
@@ -897,13 +883,7 @@ async fn a_prewarm_after_the_opening_rebuilds_a_lost_ledger_instead_of_refilling
     let (order, _) = buy_and_wait(&stack, &api, "early", event, 1).await;
     wait_order_state(&stack, order, "held").await;
     // Redis loses the event's keys mid-sale.
-    let keys = dropline::stock::EventKeys::new(&stack.name, event);
-    let mut conn = stack.ledger.pool().get().await.unwrap();
-    let _: i64 = dropline::redis_pool::redis::cmd("DEL")
-        .arg(&[&keys.stock, &keys.users, &keys.decisions, &keys.holds, &keys.free])
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    stack.lose_ledger(event).await;
     let answer = dropline_testkit::http()
         .post(format!("{}/v1/admin/events/{event}/prewarm", stack.api))
         .bearer_auth(stack.admin_token())

@@ -91,17 +91,6 @@ async fn held(stack: &Stack, api: &dropctl::api::Api, user: &str, event: u64) ->
     order
 }
 
-async fn checkout(stack: &Stack, user: &str, order: Uuid) -> Value {
-    let r = dropline_testkit::http()
-        .post(format!("{}/v1/orders/{order}/payments", stack.api))
-        .bearer_auth(stack.token(user))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::CREATED);
-    r.json().await.unwrap()
-}
-
 fn at(v: &Value) -> chrono::DateTime<chrono::Utc> {
     chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap()).unwrap().with_timezone(&chrono::Utc)
 }
@@ -115,7 +104,7 @@ async fn a_declined_card_leaves_the_hold_held_and_the_retry_pays_it_once_extende
     let deadline = stack.ledger.hold(event, order).await.unwrap().unwrap().expires_at_ms;
 
     // Starting to pay extends the hold once, by the ingress' 2 s.
-    let first = checkout(&stack, "dora", order).await;
+    let first = stack.start_payment("dora", order).await;
     assert_eq!(at(&first["pay_before"]).timestamp_millis(), deadline + 2_000, "{first}");
     let url = first["checkout_url"].as_str().unwrap().to_owned();
     let http = dropline_testkit::http();
@@ -126,7 +115,7 @@ async fn a_declined_card_leaves_the_hold_held_and_the_retry_pays_it_once_extende
     assert_eq!(hold.expires_at_ms, deadline + 2_000);
 
     // She tries again: the same payment, and no second extension.
-    let again = checkout(&stack, "dora", order).await;
+    let again = stack.start_payment("dora", order).await;
     assert_eq!(again["payment_id"], first["payment_id"]);
     assert_eq!(again["pay_before"], first["pay_before"]);
     let r = http.post(format!("{url}/confirm?wait=true")).send().await.unwrap();
@@ -134,6 +123,25 @@ async fn a_declined_card_leaves_the_hold_held_and_the_retry_pays_it_once_extende
     let body: Value = r.json().await.unwrap();
     let answer: Value = serde_json::from_str(body["webhook_body"].as_str().unwrap()).unwrap();
     assert_eq!(answer["status"], "captured");
+
+    // A decline the provider delivers late, once the order is paid, is
+    // acknowledged and ignored: the buyer is not told their card failed.
+    let late = json!({
+        "id": "evt_late_decline", "type": "payment.failed", "payment_id": first["payment_id"], "order_id": order,
+        "amount_cents": 1200, "currency": "EUR", "created_at": 0, "failure_reason": "card_declined"
+    });
+    let body = serde_json::to_vec(&late).unwrap();
+    let signature = sign(stack.secrets.webhook.as_bytes(), chrono::Utc::now().timestamp(), &body);
+    let r = http
+        .post(format!("{}/v1/webhooks/payments", stack.api))
+        .header("content-type", "application/json")
+        .header(SIGNATURE_HEADER, signature)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.json::<Value>().await.unwrap()["status"], "ignored");
 
     // Told in order: held, started, declined, paid; each once.
     let kinds = told(&stack, order, 4).await;
@@ -165,7 +173,7 @@ async fn a_hold_whose_payment_started_expires_at_its_extended_deadline() {
     let event = stack.open_event(1, 2).await;
     let order = held(&stack, &api, "ezra", event).await;
     let deadline = stack.ledger.hold(event, order).await.unwrap().unwrap().expires_at_ms;
-    let started = checkout(&stack, "ezra", order).await;
+    let started = stack.start_payment("ezra", order).await;
     let pay_before = at(&started["pay_before"]);
     assert_eq!(pay_before.timestamp_millis(), deadline + 2_000);
     // He never pays. The expirer, told of the first deadline, finds the
@@ -189,7 +197,7 @@ async fn a_confirmation_that_timed_out_and_one_confirmed_twice_each_make_one_pai
     // Finn's confirmation times out at the provider, which captured the
     // payment all the same; he confirms again.
     let finn = held(&stack, &api, "finn", event).await;
-    let finn_pay = checkout(&stack, "finn", finn).await;
+    let finn_pay = stack.start_payment("finn", finn).await;
     let url = finn_pay["checkout_url"].as_str().unwrap();
     let r = http.post(format!("{url}/confirm?outcome=timeout&delay_ms=500")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
@@ -197,7 +205,7 @@ async fn a_confirmation_that_timed_out_and_one_confirmed_twice_each_make_one_pai
 
     // Gil's payment is confirmed twice: two webhooks, two event ids.
     let gil = held(&stack, &api, "gil", event).await;
-    let gil_pay = checkout(&stack, "gil", gil).await;
+    let gil_pay = stack.start_payment("gil", gil).await;
     assert_eq!(api.confirm_twice(gil_pay["checkout_url"].as_str().unwrap()).await.unwrap(), "captured");
 
     for (order, pay) in [(finn, &finn_pay), (gil, &gil_pay)] {

@@ -97,16 +97,16 @@ impl Events {
         record::search_events(&self.db, self.search_timeout, q, after, limit).await
     }
 
-    /// Applies a host's changes to the record and to the live ledger, one
-    /// change of an event at a time (the event's row is locked throughout).
+    /// Applies a host's changes to the record and to the live ledger.
     ///
     /// The order of the two writes keeps the ledger from ever selling a
-    /// unit the record would refuse: more stock goes into MySQL first (the
-    /// settler voids a unit beyond the record's capacity), less comes out
-    /// of Redis first (where it is refused if units beyond it were ever
-    /// handed out). If the second write fails, the first stands and the
-    /// answer is an error: the same call again sets the same capacity, and
-    /// changes nothing twice.
+    /// unit the record would refuse: less stock comes out of Redis first
+    /// (refused there if units beyond it were ever handed out), under the
+    /// event's row lock; then the record changes; then
+    /// [`Events::sync_ledger`] gives the ledger the record's capacity (more
+    /// stock goes in only once the record has it: the settler voids a unit
+    /// beyond the record's capacity). If a step fails the answer is an
+    /// error and the same call again completes it.
     pub async fn change(&self, id: u64, changes: &EventChanges) -> Result<Event, Problem> {
         let mysql = |e: sqlx::Error| Problem::unavailable("mysql", &e);
         let mut tx = self.db.begin().await.map_err(mysql)?;
@@ -115,24 +115,20 @@ impl Events {
         terms.capacity = changes.capacity.unwrap_or(terms.capacity);
         terms.starts_at = changes.starts_at.unwrap_or(terms.starts_at);
         Problem::unless_valid(terms.problems(), "the change is not valid")?;
-        let (before, after) = (event.terms.capacity, terms.capacity);
-        if after < before {
-            self.resize(&event, after).await?;
+        if terms.capacity < event.terms.capacity {
+            self.resize(&event, terms.capacity).await?;
         }
         record::change_event(&mut tx, id, terms.capacity, terms.starts_at).await.map_err(mysql)?;
         tx.commit().await.map_err(mysql)?;
-        if after > before {
-            self.resize(&event, after).await?;
-        }
-        self.reloaded(id).await
+        self.sync_ledger(id).await
     }
 
     /// Pauses or resumes the sale, in the record and in the live ledger.
-    /// A pause stops the ledger first (no sale after this returns), then
-    /// records it; a resume records it first, then lets the ledger sell: if
-    /// the second write fails, the sale stays stopped and the same call
-    /// again completes it. Pausing a paused sale (or resuming a running
-    /// one) changes nothing and announces nothing.
+    /// A pause stops the ledger first (no sale after this returns), under
+    /// the event's row lock, then records it; a resume records it, and
+    /// [`Events::sync_ledger`] then lets the ledger sell. If a step fails the
+    /// sale stays stopped and the same call again completes it. Pausing a
+    /// paused sale (or resuming a running one) announces nothing.
     pub async fn set_paused(&self, id: u64, paused: bool) -> Result<Event, Problem> {
         let mysql = |e: sqlx::Error| Problem::unavailable("mysql", &e);
         let mut tx = self.db.begin().await.map_err(mysql)?;
@@ -142,10 +138,26 @@ impl Events {
         }
         record::set_paused(&mut tx, id, paused).await.map_err(mysql)?;
         tx.commit().await.map_err(mysql)?;
-        if !paused {
-            self.pause_ledger(&event, false).await?;
-        }
-        self.reloaded(id).await
+        self.sync_ledger(id).await
+    }
+
+    /// Gives the live ledger what the record has now (its capacity, paused
+    /// or not), under the event's row lock like every host change, so the
+    /// ledger ends at the record's latest change whatever ran in between:
+    /// another host's change, or a retry after a write to Redis failed. The
+    /// event is then put in this ingress' snapshot and cache at once (the
+    /// others re-read it within a refresh).
+    async fn sync_ledger(&self, id: u64) -> Result<Event, Problem> {
+        let mysql = |e: sqlx::Error| Problem::unavailable("mysql", &e);
+        let mut tx = self.db.begin().await.map_err(mysql)?;
+        let event = record::lock_event(&mut tx, id).await.map_err(mysql)?.ok_or(ErrorCode::EventNotFound)?;
+        self.resize(&event, event.terms.capacity).await?;
+        self.pause_ledger(&event, event.paused_at.is_some()).await?;
+        tx.commit().await.map_err(mysql)?;
+        self.cache.invalidate(&id).await;
+        let levels = self.levels(id).await.ok().flatten();
+        self.catalog.insert(event.clone(), levels);
+        Ok(event)
     }
 
     /// Pauses or resumes the live ledger. Without one (before the pre-warm,
@@ -158,15 +170,9 @@ impl Events {
         }
     }
 
-    /// The event as the record has it now, put in this ingress' snapshot
-    /// and cache at once (the others re-read it within a refresh).
-    async fn reloaded(&self, id: u64) -> Result<Event, Problem> {
-        let changed = self.load(id).await.map_err(|e| Problem::unavailable("mysql", &e))?;
-        let changed = changed.ok_or(ErrorCode::EventNotFound)?;
-        self.cache.invalidate(&id).await;
-        let levels = self.levels(id).await.ok().flatten();
-        self.catalog.insert(changed.clone(), levels);
-        Ok(changed)
+    /// The event as the record has it now, not as a snapshot had it.
+    pub async fn fresh(&self, id: u64) -> Result<Option<Event>, sqlx::Error> {
+        self.load(id).await
     }
 
     /// Gives the live ledger `capacity`. Before the pre-warm there is no

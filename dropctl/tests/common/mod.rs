@@ -251,6 +251,32 @@ impl Stack {
         .await
     }
 
+    /// Redis loses the event's ledger: its stock, buyers, decisions, holds
+    /// and free units.
+    pub async fn lose_ledger(&self, event: u64) {
+        let keys = dropline::stock::EventKeys::new(&self.name, event);
+        let mut conn = self.ledger.pool().get().await.unwrap();
+        let _: i64 = dropline::redis_pool::redis::cmd("DEL")
+            .arg(&[&keys.stock, &keys.users, &keys.decisions, &keys.holds, &keys.free])
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(self.ledger.levels(event).await.unwrap(), None);
+    }
+
+    /// `user` opens a payment for their held order: the answer (checkout
+    /// URL, payment id, pay_before).
+    pub async fn start_payment(&self, user: &str, order: uuid::Uuid) -> serde_json::Value {
+        let r = dropline_testkit::http()
+            .post(format!("{}/v1/orders/{order}/payments", self.api))
+            .bearer_auth(self.token(user))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), reqwest::StatusCode::CREATED);
+        r.json().await.unwrap()
+    }
+
     /// A publisher on the stack's broker, for records a test writes
     /// straight to a topic (duplicates, poison).
     pub fn publisher(&self) -> Publisher {

@@ -93,7 +93,9 @@ pub async fn prewarm(
     EventId(id): EventId,
     _: NoBody,
 ) -> Result<Response, Problem> {
-    let event = app.events.get(id).await.map_err(|e| Problem::unavailable("mysql", &e))?;
+    // The record's event, not a snapshot's: a host may have changed its
+    // capacity or paused it since.
+    let event = app.events.fresh(id).await.map_err(|e| Problem::unavailable("mysql", &e))?;
     let event = event.ok_or(ErrorCode::EventNotFound)?;
     // Once the sale has opened, a missing ledger is one Redis lost: a
     // fresh one would sell again what MySQL has sold. Only a rebuild from

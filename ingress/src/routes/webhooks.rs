@@ -70,6 +70,13 @@ async fn declined(
     request_id: &str,
 ) -> Result<Response, Problem> {
     let order_id = hook.order_id;
+    if hold.state != dropline::messages::OrderState::Held {
+        // A decline delivered late, once the order was paid or had ended:
+        // nothing to tell the buyer, nothing to record.
+        tracing::info!(%order_id, state = hold.state.as_str(), "a declined attempt of an order no longer held; ignored");
+        let body = Json(serde_json::json!({ "status": "ignored", "order_state": hold.state }));
+        return Ok(Outcome("ignored").mark(body.into_response()));
+    }
     let reason = hook.failure_reason.clone().filter(|r| !r.trim().is_empty()).unwrap_or_else(|| "declined".into());
     let mut change = hold.order_event(order_id, event_id, None);
     change.payment_failure =
