@@ -98,6 +98,23 @@ impl Api {
         Ok(Self { base: base.trim_end_matches('/').to_owned(), http })
     }
 
+    /// A host's change of an event (`PATCH /v1/admin/events/{id}`).
+    pub async fn change_event(&self, admin_token: &str, event_id: u64, changes: &Value) -> anyhow::Result<Value> {
+        let r = self
+            .http
+            .patch(format!("{}/v1/admin/events/{event_id}", self.base))
+            .bearer_auth(admin_token)
+            .json(changes)
+            .send()
+            .await?;
+        let status = r.status();
+        let body: Value = r.json().await?;
+        if status != StatusCode::OK {
+            bail!("changing event {event_id} failed: {status} {body}");
+        }
+        Ok(body)
+    }
+
     pub async fn create_event(&self, admin_token: &str, event: &Value) -> anyhow::Result<Value> {
         let r = self
             .http

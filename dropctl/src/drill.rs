@@ -51,6 +51,10 @@ pub struct DropPlan {
     /// confirmed twice (two webhooks of two event ids). Each must end as one
     /// paid order.
     pub payment_trouble_share: f64,
+    /// Share of the payers who then cancel their paid order, within the
+    /// event's cancellation policy (the drill sets one: until the sale
+    /// closes, [`POLICY_REFUND_PERCENT`] refunded).
+    pub paid_cancel_share: f64,
     /// How many times the provider sends each payment webhook.
     pub webhook_copies: u32,
     /// Prefix of buyer ids, so several drills can share a deployment.
@@ -68,6 +72,10 @@ pub struct DropPlan {
     /// Sell through a waiting room.
     pub room: Option<RoomPlan>,
 }
+
+/// The share of a paid order's price the drill's cancellation policy
+/// refunds.
+pub const POLICY_REFUND_PERCENT: u8 = 80;
 
 /// What the provider did to a payer, and how many paid all the same.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -164,6 +172,9 @@ pub struct DropReport {
     /// Payers the provider gave trouble who paid all the same: after a
     /// declined card, after a timeout, confirmed twice.
     pub troubles: PaymentTroubles,
+    /// Payers who then cancelled within the policy (their units back on
+    /// sale, the policy's share refunded; counted in `refunds`, not `paid`).
+    pub cancelled_after_paying: u64,
     pub settled: bool,
     pub verdict: Option<Verdict>,
     /// With a waiting room: its draw, checked.
@@ -304,6 +315,8 @@ pub async fn open(api: &Api, tokens: &Tokens, plan: &DropPlan) -> anyhow::Result
         )
         .await?;
     let event_id = event["id"].as_u64().context("event id")?;
+    let policy = json!({ "until": now + chrono::Duration::hours(1), "refund_percent": POLICY_REFUND_PERCENT });
+    api.change_event(&admin, event_id, &json!({ "cancellation": policy })).await?;
     if let Some(room) = plan.room {
         api.set_room(&admin, event_id, room.outflow_per_sec, room.time_to_act_secs, room.proof_of_work_bits).await?;
     }
@@ -420,6 +433,8 @@ pub async fn play(
     let share = |s: f64| (n as f64 * s).round() as usize;
     let paying = share(plan.pay_share).min(n);
     let troubled = (paying as f64 * plan.payment_trouble_share).round() as usize;
+    // The last of the payers (not the troubled ones) cancel once paid.
+    let cancelling_paid = ((paying as f64 * plan.paid_cancel_share).round() as usize).min(paying - troubled);
     let late = share(plan.late_pay_share).min(n - paying);
     let cancelling = share(plan.cancel_share).min(n - paying - late);
     report.walked_away = (n - paying - late - cancelling) as u64;
@@ -435,7 +450,16 @@ pub async fn play(
                 pay_through(&api, deadline, &token, order, Trouble::ALL[i % 3]).await
             } else if i < paying {
                 let _permit = gate.acquire_owned().await?;
-                persist(deadline, || api.pay(&token, order, copies)).await
+                let paid = persist(deadline, || api.pay(&token, order, copies)).await?;
+                if i < paying - cancelling_paid || paid != "captured" {
+                    return Ok(paid);
+                }
+                // Changes their mind: within the policy, so the order is
+                // cancelled and the policy's share refunded.
+                match persist(deadline, || api.cancel(&token, order)).await?.as_str() {
+                    "cancelled" => Ok("cancelled_after_paying".to_owned()),
+                    other => bail!("a paid order's cancel within the policy answered {other}"),
+                }
             } else if i < paying + late {
                 // Opens the payment now, completes it after the deadline
                 // (the one starting the payment extended).
@@ -471,6 +495,10 @@ pub async fn play(
                         Trouble::Doubled => &mut t.confirmed_twice,
                     } += 1;
                 }
+            }
+            "cancelled_after_paying" => {
+                report.cancelled_after_paying += 1;
+                report.refunds += 1;
             }
             "order_voided" | "voided" => report.voided += 1,
             "refund_required" => report.refunds += 1,

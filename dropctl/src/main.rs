@@ -88,6 +88,11 @@ enum Command {
         /// confirmed twice. Each still makes one paid order.
         #[arg(long, default_value_t = 0.15)]
         payment_trouble_share: f64,
+        /// Share of the payers who then cancel their paid order, within the
+        /// event's cancellation policy: their tickets go back on sale and
+        /// 80% of the price is refunded through the provider.
+        #[arg(long, default_value_t = 0.05)]
+        paid_cancel_share: f64,
         /// Buyers the waiting room lets through per second.
         #[arg(long, default_value_t = 250)]
         outflow_per_sec: u32,
@@ -380,6 +385,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             cancel_share,
             late_pay_share,
             payment_trouble_share,
+            paid_cancel_share,
             outflow_per_sec,
             time_to_act_secs,
             proof_of_work_bits,
@@ -401,6 +407,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 cancel_share,
                 late_pay_share,
                 payment_trouble_share,
+                paid_cancel_share,
                 webhook_copies: 1,
                 user_prefix: format!("demo-{}-", chrono::Utc::now().timestamp()),
                 grace: invariants::production_grace(),
@@ -725,6 +732,11 @@ fn print_report(r: &DropReport) {
     println!(
         "provider trouble, paid all the same: {} after a declined card, {} after a timeout, {} confirmed twice",
         t.declined_then_paid, t.timed_out_then_paid, t.confirmed_twice
+    );
+    println!(
+        "cancelled after paying, within the policy: {} ({}% of the price refunded)",
+        r.cancelled_after_paying,
+        drill::POLICY_REFUND_PERCENT
     );
     println!(
         "refunds through the provider: {} requested, {} made, {} waiting",

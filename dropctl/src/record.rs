@@ -138,7 +138,8 @@ impl Count {
             // it): they are counted, for an operator to settle.
             Count::PaymentsWithoutRefund => {
                 "SELECT COUNT(*) FROM payments p JOIN orders o ON o.order_id = p.order_id \
-                 WHERE o.event_id = ? AND p.disposition = 'refund_required' AND p.amount_cents > 0 \
+                 WHERE o.event_id = ? AND p.disposition = 'refund_required' \
+                 AND COALESCE(p.refund_cents, p.amount_cents) > 0 \
                  AND NOT EXISTS (SELECT 1 FROM refunds r WHERE r.payment_id = p.payment_id)"
             }
             Count::RefundsInFlight => {

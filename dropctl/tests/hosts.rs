@@ -236,3 +236,104 @@ async fn concurrent_and_retried_capacity_changes_leave_the_ledger_at_the_records
     assert_eq!(capacities(&stack, event).await, (60, 60));
     stack.stop().await;
 }
+
+/// `user` buys one ticket and pays for it; the order id.
+async fn paid_order(stack: &Stack, api: &Api, user: &str, event: u64) -> Uuid {
+    let token = stack.token(user);
+    let Purchase::Accepted(order) = api.purchase(&token, event, &Uuid::new_v4().to_string(), 1).await.unwrap() else {
+        panic!("{user}'s purchase was not accepted")
+    };
+    eventually("the hold", Duration::from_secs(30), || async { stack.ledger.hold(event, order).await.unwrap() }).await;
+    assert_eq!(api.pay(&token, order, 1).await.unwrap(), "captured");
+    order
+}
+
+async fn cancel(stack: &Stack, user: &str, order: Uuid) -> (StatusCode, Value) {
+    let r = dropline_testkit::http()
+        .post(format!("{}/v1/orders/{order}/cancel", stack.api))
+        .bearer_auth(stack.token(user))
+        .send()
+        .await
+        .unwrap();
+    (r.status(), r.json().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paid_order_cancelled_within_the_policy_goes_back_on_sale_and_its_share_is_refunded_once() {
+    let stack = Stack::start(Options::default()).await;
+    let api = Api::new(&stack.api).unwrap();
+    let event = stack.open_event(2, 20).await;
+    let ann = paid_order(&stack, &api, "ann", event).await;
+
+    // No policy yet: a paid order cannot be cancelled.
+    let (status, problem) = cancel(&stack, "ann", ann).await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (StatusCode::CONFLICT, Some("cancellation_not_allowed")),
+        "{problem}"
+    );
+
+    // The host allows it for an hour, 80% back.
+    let until = chrono::Utc::now() + chrono::Duration::hours(1);
+    let (status, view) =
+        change(&stack, event, json!({ "cancellation": { "until": until.to_rfc3339(), "refund_percent": 80 } })).await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    assert_eq!(view["cancel_refund_percent"], 80);
+    let (status, problem) =
+        change(&stack, event, json!({ "cancellation": { "until": null, "refund_percent": 101 } })).await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_body")), "{problem}");
+
+    let (status, cancelled) = cancel(&stack, "ann", ann).await;
+    assert_eq!((status, cancelled["state"].as_str()), (StatusCode::OK, Some("cancelled")), "{cancelled}");
+    // Her ticket is on sale again at once, and sold again.
+    let levels = stack.ledger.levels(event).await.unwrap().unwrap();
+    assert_eq!((levels.available, levels.held, levels.sold), (2, 0, 0));
+    // Cancelling again answers the same, and refunds nothing more.
+    assert_eq!(cancel(&stack, "ann", ann).await.1["state"], "cancelled");
+    let ben = paid_order(&stack, &api, "ben", event).await;
+
+    // The provider refunds 80% of her payment, once.
+    let refund: (u64, String) = eventually("ann's refund made", Duration::from_secs(60), || async {
+        sqlx::query_as::<_, (u64, String)>(
+            "SELECT amount_cents, CAST(state AS CHAR) FROM refunds WHERE order_id = ? AND state = 'refunded'",
+        )
+        .bind(ann.to_string())
+        .fetch_optional(&stack.db)
+        .await
+        .unwrap()
+    })
+    .await;
+    let price: u64 = sqlx::query_scalar("SELECT amount_cents FROM orders WHERE order_id = ?")
+        .bind(ann.to_string())
+        .fetch_one(&stack.db)
+        .await
+        .unwrap();
+    assert_eq!(refund.0, price * 80 / 100);
+    let ann_id = ann.to_string();
+    let told =
+        stack.told(6, |d| d.order_id.as_deref() == Some(ann_id.as_str()) && d.kind != "order.hold_expiring").await;
+    let expected = [
+        "order.held",
+        "order.payment_started",
+        "order.paid",
+        "order.cancelled",
+        "order.refund_requested",
+        "order.refunded",
+    ];
+    assert_eq!(told, expected);
+
+    // Once the policy's time is past, a paid order stays paid.
+    let past = chrono::Utc::now() - chrono::Duration::seconds(1);
+    change(&stack, event, json!({ "cancellation": { "until": past.to_rfc3339(), "refund_percent": 80 } })).await;
+    let (status, problem) = cancel(&stack, "ben", ben).await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (StatusCode::CONFLICT, Some("cancellation_not_allowed")),
+        "{problem}"
+    );
+    assert!(problem["detail"].as_str().unwrap().contains("could be cancelled until"), "{problem}");
+
+    let verdict = stack.books_balance(event).await;
+    assert_eq!((verdict.mysql.paid, verdict.mysql.cancelled), (1, 1), "{verdict}");
+    stack.stop().await;
+}

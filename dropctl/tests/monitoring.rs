@@ -167,6 +167,7 @@ async fn every_dashboard_query_has_data_and_alerts_fire_only_on_faults() {
         cancel_share: 0.25,
         late_pay_share: 0.0,
         payment_trouble_share: 0.0,
+        paid_cancel_share: 0.0,
         webhook_copies: 1,
         user_prefix: "watched-".into(),
         grace: dropctl::invariants::production_grace(),

@@ -14,7 +14,8 @@ use crate::stock::SaleRules;
 const LEDGER_RETENTION_MS: i64 = 7 * 24 * 3600 * 1000;
 
 pub const COLUMNS: &str = "id, name, venue, starts_at, sale_opens_at, sale_closes_at, capacity, price_cents, \
-                           currency, per_user_limit, hold_ttl_secs, created_at, paused_at";
+                           currency, per_user_limit, hold_ttl_secs, created_at, paused_at, cancel_paid_until, \
+                           cancel_refund_percent";
 
 /// A sale event as the record keeps it: the terms an admin set, with the
 /// id and creation time the record gave it. Its JSON is flat, as the API
@@ -28,9 +29,20 @@ pub struct Event {
     pub created_at: DateTime<Utc>,
     /// Since when its host has paused the sale; none while it runs.
     pub paused_at: Option<DateTime<Utc>>,
+    /// Until when a buyer may cancel a paid order (none: never)...
+    pub cancel_paid_until: Option<DateTime<Utc>>,
+    /// ...and the share of its price refunded then, in percent.
+    pub cancel_refund_percent: u8,
 }
 
 impl Event {
+    /// The cents refunded of a paid order of `amount_cents` its buyer
+    /// cancels at `now`, or `None` when the policy does not allow it then.
+    pub fn refund_on_cancel(&self, amount_cents: u64, now: DateTime<Utc>) -> Option<u64> {
+        let until = self.cancel_paid_until?;
+        (now < until).then(|| amount_cents * u64::from(self.cancel_refund_percent.min(100)) / 100)
+    }
+
     /// The rules the stock ledger enforces for this event, its pause
     /// included.
     pub fn rules(&self) -> SaleRules {

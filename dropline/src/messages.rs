@@ -261,6 +261,10 @@ pub struct OrderChange {
     /// Set when the provider declined an attempt to pay: the hold runs on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payment_failure: Option<PaymentFailure>,
+    /// A paid order cancelled within the event's policy: the cents of its
+    /// payment to refund.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refund_cents: Option<u64>,
 }
 
 /// An attempt to pay that the provider declined.
@@ -296,6 +300,8 @@ pub enum EventChange {
     /// The host paused the sale, or resumed it.
     Paused,
     Resumed,
+    /// The cancellation and refund policy changed.
+    PolicyChanged,
 }
 
 named!(EventChange {
@@ -303,6 +309,7 @@ named!(EventChange {
     Rescheduled => "rescheduled",
     Paused => "paused",
     Resumed => "resumed",
+    PolicyChanged => "policy_changed",
 });
 
 named!(PaymentStep {

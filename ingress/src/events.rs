@@ -30,6 +30,16 @@ pub const AVAILABLE_TTL: Duration = Duration::from_millis(250);
 pub struct EventChanges {
     pub capacity: Option<u32>,
     pub starts_at: Option<DateTime<Utc>>,
+    pub cancellation: Option<CancellationPolicy>,
+}
+
+/// Until when a buyer may cancel a paid order (`null`: never), and the
+/// share of its price refunded then.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CancellationPolicy {
+    pub until: Option<DateTime<Utc>>,
+    pub refund_percent: u8,
 }
 
 /// Events in MySQL, with a cache for the purchase path: events are read on
@@ -114,11 +124,19 @@ impl Events {
         let mut terms = event.terms.clone();
         terms.capacity = changes.capacity.unwrap_or(terms.capacity);
         terms.starts_at = changes.starts_at.unwrap_or(terms.starts_at);
-        Problem::unless_valid(terms.problems(), "the change is not valid")?;
+        let mut problems = terms.problems();
+        let policy = changes.cancellation.unwrap_or(CancellationPolicy {
+            until: event.cancel_paid_until,
+            refund_percent: event.cancel_refund_percent,
+        });
+        if policy.refund_percent > 100 {
+            problems.push("cancellation.refund_percent: must be 0 to 100".into());
+        }
+        Problem::unless_valid(problems, "the change is not valid")?;
         if terms.capacity < event.terms.capacity {
             self.resize(&event, terms.capacity).await?;
         }
-        record::change_event(&mut tx, id, terms.capacity, terms.starts_at).await.map_err(mysql)?;
+        record::change_event(&mut tx, id, terms.capacity, terms.starts_at, &policy).await.map_err(mysql)?;
         tx.commit().await.map_err(mysql)?;
         self.sync_ledger(id).await
     }

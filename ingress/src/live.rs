@@ -444,6 +444,7 @@ mod tests {
             payment: None,
             payment_started_at_ms: None,
             payment_failure: None,
+            refund_cents: None,
         };
         let topic = "t.order-events";
         live.deliver("t.decisions", topic, &serde_json::to_vec(&change(OrderState::Paid)).unwrap());

@@ -53,6 +53,7 @@ error_codes! {
     WaitingRoomExists => "waiting_room_exists",
     WaitingRoomTooLate => "waiting_room_too_late",
     CapacityInUse => "capacity_in_use",
+    CancellationNotAllowed => "cancellation_not_allowed",
     QueueNotOpen => "queue_not_open",
     LotteryClosed => "lottery_closed",
     NotInQueue => "not_in_queue",
@@ -114,6 +115,7 @@ impl ErrorCode {
             | WaitingRoomExists
             | WaitingRoomTooLate
             | CapacityInUse
+            | CancellationNotAllowed
             | QueueNotOpen
             | LotteryClosed
             | NoBeacon
@@ -169,6 +171,7 @@ impl ErrorCode {
             TurnLapsed => "Your turn to buy has run out; join the waiting room again",
             TurnUsed => "Your turn bought already; a turn buys once",
             CapacityInUse => "The capacity cannot drop below the units already handed out",
+            CancellationNotAllowed => "The event's policy does not allow cancelling a paid order now",
             OrderNotHeld => "The order is no longer held",
             OrderExpired => "The order's hold has expired",
             OrderVoided => "The order was withdrawn: its ticket was already sold to an earlier buyer",

@@ -77,20 +77,26 @@ pub async fn lock_event(tx: &mut sqlx::MySqlConnection, id: u64) -> Result<Optio
         .await
 }
 
-/// Writes an event's changed capacity and date (its outbox changes are the
-/// triggers').
+/// Writes an event's changed capacity, date and cancellation policy (its
+/// outbox changes are the triggers').
 pub async fn change_event(
     tx: &mut sqlx::MySqlConnection,
     id: u64,
     capacity: u32,
     starts_at: DateTime<Utc>,
+    policy: &crate::events::CancellationPolicy,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE events SET capacity = ?, starts_at = ?, changed_at = UTC_TIMESTAMP(3) WHERE id = ?")
-        .bind(capacity)
-        .bind(starts_at)
-        .bind(id)
-        .execute(tx)
-        .await?;
+    sqlx::query(
+        "UPDATE events SET capacity = ?, starts_at = ?, cancel_paid_until = ?, cancel_refund_percent = ?, \
+         changed_at = UTC_TIMESTAMP(3) WHERE id = ?",
+    )
+    .bind(capacity)
+    .bind(starts_at)
+    .bind(policy.until)
+    .bind(policy.refund_percent)
+    .bind(id)
+    .execute(tx)
+    .await?;
     Ok(())
 }
 

@@ -307,6 +307,8 @@ async fn load(db: &MySqlPool, event: &Event) -> Result<Restore, RebuildError> {
                 // A live order's units; an ended one's went back.
                 units: if state.is_live() { units } else { Vec::new() },
                 payment_started_at_ms: o.payment_started_at.map(|t| t.timestamp_millis()),
+                // Its refund, if it had one, is in the record already.
+                refund_cents: None,
             },
         ));
     }

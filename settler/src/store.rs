@@ -24,6 +24,9 @@ pub struct Batch {
     /// Without their payments, which are in `payments`.
     orders: Vec<OrderChange>,
     payments: Vec<(String, PaymentRecord)>,
+    /// Paid orders cancelled within the event's policy: the cents of each
+    /// one's payment to refund.
+    cancelled_paid: Vec<(String, u64)>,
     /// Declined attempts to pay, each after the order change it came with
     /// (its index in `orders`): a failure's change is written in its place
     /// among the order's changes.
@@ -67,6 +70,7 @@ impl Batch {
                 payment: None,
                 payment_started_at_ms: None,
                 payment_failure: None,
+                refund_cents: None,
             });
         }
         self.intents.push(d);
@@ -89,6 +93,9 @@ impl Batch {
                 },
             ));
         }
+        if let (OrderState::Cancelled, Some(cents)) = (e.state, e.refund_cents) {
+            self.cancelled_paid.push((e.order_id.to_string(), cents));
+        }
         self.orders.push(e);
     }
 
@@ -107,6 +114,9 @@ impl Batch {
         }
         orders::upsert(&mut tx, &self.orders[from..]).await?;
         payments::insert(&mut tx, &self.payments).await?;
+        // Before the refunds of unpaid orders below, which would refund all
+        // of a payment the policy refunds only a share of.
+        payments::refund_cancelled(&mut tx, &self.cancelled_paid).await?;
         let (units, voided) = crate::claims::settle(&mut tx, ledger, &self.claims).await?;
         // Money for an order the record does not have as paid (it ended
         // first, or was voided) goes back, whatever the ledger answered.

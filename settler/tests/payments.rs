@@ -40,6 +40,7 @@ fn paid(order_id: Uuid, event_id: &str, payment_id: &str, disposition: PaymentDi
         }),
         payment_started_at_ms: None,
         payment_failure: None,
+        refund_cents: None,
     }
 }
 

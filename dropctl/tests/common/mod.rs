@@ -630,6 +630,7 @@ pub fn fault_drop(scenario: &str, scale: u32, brokers: &str, name: &str, provide
         cancel_share: 0.25,
         late_pay_share: 0.1,
         payment_trouble_share: 0.1,
+        paid_cancel_share: 0.1,
         webhook_copies: 3,
         user_prefix: format!("{scenario}-"),
         // The production grace: a shorter one in the settler would end

@@ -128,6 +128,10 @@ pub struct Hold {
     /// is never extended again.
     #[serde(rename = "ps", default, skip_serializing_if = "Option::is_none")]
     pub payment_started_at_ms: Option<i64>,
+    /// A paid order its buyer cancelled within the event's policy: the
+    /// cents refunded of its payment.
+    #[serde(rename = "rf", default, skip_serializing_if = "Option::is_none")]
+    pub refund_cents: Option<u64>,
 }
 
 impl Hold {
@@ -145,6 +149,7 @@ impl Hold {
             payment,
             payment_started_at_ms: self.payment_started_at_ms,
             payment_failure: None,
+            refund_cents: self.refund_cents,
         }
     }
 }
@@ -420,6 +425,30 @@ impl Ledger {
     /// Cancels a hold on behalf of its buyer.
     pub async fn cancel(&self, event_id: u64, order_id: Uuid, user_id: &str) -> Result<EndOutcome, LedgerError> {
         ended(self.end_hold(event_id, "cancel", order_id, user_id).await?)
+    }
+
+    /// Cancels a paid order on behalf of its buyer, within the event's
+    /// policy (the caller's check): its units go back on sale, and
+    /// `refund_cents` of its payment is noted for refund.
+    pub async fn cancel_paid(
+        &self,
+        event_id: u64,
+        order_id: Uuid,
+        user_id: &str,
+        refund_cents: u64,
+    ) -> Result<EndOutcome, LedgerError> {
+        let keys = self.keys.event(event_id);
+        let mut conn = self.pool.get().await?;
+        let (outcome, body): (String, String) = invoke(&HOLD, &keys.hold())
+            .arg("cancel_paid")
+            .arg(order_id.to_string())
+            .arg(user_id)
+            .arg(refund_cents)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| no_ledger(e, event_id))?;
+        let hold = if body.is_empty() { None } else { Some(decode(&body)?) };
+        ended(HoldAnswer::Done(outcome, hold))
     }
 
     /// Expires a hold whose deadline has passed.

@@ -41,17 +41,20 @@ pub async fn create(
 }
 
 /// `PATCH /v1/admin/events/{id}`: a host changes the event's capacity
-/// (mid-sale too) or its date; see [`crate::events::Events::change`]. Each
-/// change is published as the event's change (`event.capacity_changed`,
-/// `event.rescheduled`).
+/// (mid-sale too), its date or its cancellation policy; see
+/// [`crate::events::Events::change`]. Each change is published as the
+/// event's change (`event.capacity_changed`, `event.rescheduled`,
+/// `event.policy_changed`).
 pub async fn change(
     State(app): State<Arc<AppState>>,
     _: Admin,
     EventId(id): EventId,
     JsonBody(changes): JsonBody<EventChanges>,
 ) -> Result<Response, Problem> {
-    if changes.capacity.is_none() && changes.starts_at.is_none() {
-        return Err(Problem::new(ErrorCode::InvalidBody).detail("nothing to change: give capacity or starts_at"));
+    if changes.capacity.is_none() && changes.starts_at.is_none() && changes.cancellation.is_none() {
+        return Err(
+            Problem::new(ErrorCode::InvalidBody).detail("nothing to change: give capacity, starts_at or cancellation")
+        );
     }
     let event = app.events.change(id, &changes).await?;
     tracing::info!(event_id = id, capacity = event.terms.capacity, starts_at = %event.terms.starts_at, "event changed");

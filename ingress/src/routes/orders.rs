@@ -48,8 +48,10 @@ pub async fn get_one(
     Ok(Json(owned(&app, id, &claims.sub).await?).into_response())
 }
 
-/// `POST /v1/orders/{id}/cancel`: the buyer gives an unpaid hold back; its
-/// stock is available again as soon as this returns.
+/// `POST /v1/orders/{id}/cancel`: the buyer gives an unpaid hold back, or a
+/// paid order within the event's cancellation policy (the policy's share of
+/// the payment is then refunded through the provider); the stock is on sale
+/// again as soon as this returns.
 pub async fn cancel(
     State(app): State<Arc<AppState>>,
     Buyer(claims): Buyer,
@@ -61,6 +63,7 @@ pub async fn cancel(
     let event_id = order.event_id;
     let outcome = app.ledger.cancel(event_id, id, &claims.sub).await.map_err(|e| Problem::unavailable("redis", &e))?;
     let hold = match outcome {
+        EndOutcome::Ended(hold) if hold.state == OrderState::Paid => cancel_paid(&app, &order, &claims.sub).await?,
         EndOutcome::Ended(hold) => hold,
         // The order exists (found above) but the ledger has no hold for it.
         // An ended order's state in the record is its answer; a held one
@@ -78,6 +81,30 @@ pub async fn cancel(
     // retry and the expirer's pass at the deadline both publish it again.
     app.publish_order_event(&hold.order_event(id, event_id, None), &request_id.0).await?;
     cancelled(OrderView::from_hold(id, event_id, &hold))
+}
+
+/// Cancels a paid order if the event's policy allows it now, noting the
+/// share of its payment to refund. The event is read from the record: a
+/// host may have just changed the policy.
+async fn cancel_paid(app: &AppState, order: &OrderView, user: &str) -> Result<dropline::stock::Hold, Problem> {
+    let event = app.events.fresh(order.event_id).await.map_err(|e| Problem::unavailable("mysql", &e))?;
+    let event = event.ok_or(ErrorCode::Internal)?;
+    let Some(refund_cents) = event.refund_on_cancel(order.amount_cents, chrono::Utc::now()) else {
+        let detail = match event.cancel_paid_until {
+            Some(until) => format!("paid orders of this event could be cancelled until {until}"),
+            None => "paid orders of this event cannot be cancelled".to_owned(),
+        };
+        return Err(Problem::new(ErrorCode::CancellationNotAllowed).detail(detail));
+    };
+    let outcome = app
+        .ledger
+        .cancel_paid(order.event_id, order.order_id, user, refund_cents)
+        .await
+        .map_err(|e| Problem::unavailable("redis", &e))?;
+    match outcome {
+        EndOutcome::Ended(hold) => Ok(hold),
+        EndOutcome::UnknownOrder | EndOutcome::NotDue { .. } => Err(ErrorCode::Internal.into()),
+    }
 }
 
 /// The answer to a cancel, by the state the order ended in.

@@ -1,5 +1,6 @@
 //! `orders`: one row per hold, whose state only moves forward: 'held' may
-//! become a final state; a final state never changes.
+//! become a final state, 'paid' may become 'cancelled' (within the event's
+//! policy); no other final state ever changes.
 
 use chrono::{DateTime, Utc};
 use dropline::db::from_ms;
@@ -31,15 +32,18 @@ pub async fn upsert(tx: &mut Tx<'_>, orders: &[OrderChange]) -> Result<(), sqlx:
         });
         // Assigned in order, each reading the stored `state` until the
         // last: a held order takes the start of payment (once) and its
-        // extended deadline (which only ever grows), then its new state. An
-        // ended order changes no more.
+        // extended deadline (which only ever grows), then its new state; a
+        // paid order may still be cancelled (its buyer, within the event's
+        // policy: a hold ends once, so a cancel of a paid order can mean
+        // nothing else). Any other ended order changes no more.
         q.push(
             " ON DUPLICATE KEY UPDATE \
              payment_started_at = IF(state = 'held', COALESCE(payment_started_at, VALUES(payment_started_at)), \
              payment_started_at), \
              expires_at = IF(state = 'held', GREATEST(expires_at, VALUES(expires_at)), expires_at), \
-             updated_at = IF(state = 'held' AND VALUES(state) <> 'held', VALUES(updated_at), updated_at), \
-             state = IF(state = 'held', VALUES(state), state)",
+             updated_at = IF((state = 'held' AND VALUES(state) <> 'held') \
+             OR (state = 'paid' AND VALUES(state) = 'cancelled'), VALUES(updated_at), updated_at), \
+             state = IF(state = 'held' OR (state = 'paid' AND VALUES(state) = 'cancelled'), VALUES(state), state)",
         );
         q.build().execute(&mut **tx).await?;
     }

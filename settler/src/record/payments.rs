@@ -62,6 +62,25 @@ pub async fn insert_failures(tx: &mut Tx<'_>, failures: &[Failed]) -> Result<(),
     Ok(())
 }
 
+/// Marks for refund the captured payment of each paid order cancelled
+/// within its event's policy, of the policy's share (`refund_cents`): the
+/// refund triggers write its refund of that much. A payment marked before is
+/// left as it is.
+pub async fn refund_cancelled(tx: &mut Tx<'_>, orders: &[(String, u64)]) -> Result<(), sqlx::Error> {
+    for (order_id, cents) in orders {
+        sqlx::query(
+            "UPDATE payments p JOIN orders o ON o.order_id = p.order_id \
+             SET p.refund_cents = ?, p.disposition = 'refund_required' \
+             WHERE p.order_id = ? AND p.disposition = 'captured' AND o.state = 'cancelled'",
+        )
+        .bind(cents)
+        .bind(order_id)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
 /// Marks for refund the captured payments of those of `order_ids` the
 /// record does not have as paid.
 pub async fn refund_unpaid(tx: &mut Tx<'_>, order_ids: &[&str]) -> Result<(), sqlx::Error> {

@@ -5,10 +5,11 @@
 --
 -- KEYS[1] stock hash, KEYS[2] users hash, KEYS[3] holds hash, KEYS[4] fence,
 -- KEYS[5] free units list
--- ARGV[1] 'pay' | 'cancel' | 'expire' | 'start'
+-- ARGV[1] 'pay' | 'cancel' | 'expire' | 'start' | 'cancel_paid'
 -- ARGV[2] order id
--- ARGV[3] pay: the payment id; cancel: the user asking; start: the extension
---         in milliseconds; expire: unused
+-- ARGV[3] pay: the payment id; cancel, cancel_paid: the user asking; start:
+--         the extension in milliseconds; expire: unused
+-- ARGV[4] cancel_paid: the cents refunded (the event's policy's share)
 --
 -- Returns {outcome, hold JSON}:
 --   pay     'paid'      the hold is paid by this payment (also on redelivery)
@@ -17,6 +18,8 @@
 --   cancel  'cancelled' | 'expired' | 'paid' | 'voided'
 --   expire  'expired' | 'cancelled' | 'paid' | 'voided' (the state it ended in), or
 --           'not_due' while the deadline is still ahead
+--   cancel_paid 'cancelled' (now, or earlier: a retry) or the state it is in:
+--           a paid order goes back on sale, its refund noted ('rf')
 --   start   the state the hold is in: 'held' (extended now, or on an earlier
 --           start: the field 'ps' says when) or the state it ended in
 --   any     'unknown'   no such hold (or, for cancel, not the user's)
@@ -37,12 +40,24 @@ if not raw then
   return {'unknown', ''}
 end
 local h = cjson.decode(raw)
-if op == 'cancel' and h.u ~= arg then
+if (op == 'cancel' or op == 'cancel_paid') and h.u ~= arg then
   return {'unknown', ''}
 end
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+-- The hold's units go back on sale, from the count they were in.
+local function put_back(from)
+  redis.call('HINCRBY', stock, from, -h.q)
+  redis.call('HINCRBY', stock, 'available', h.q)
+  redis.call('HINCRBY', users, h.u, -h.q)
+  -- The units go back for the next buyer.
+  if h.n and #h.n > 0 then
+    redis.call('RPUSH', free, unpack(h.n))
+    redis.call('PEXPIREAT', free, redis.call('HGET', stock, 'retain_ms'), 'NX')
+  end
+end
 
 local function finish(state)
   h.s = state
@@ -51,14 +66,7 @@ local function finish(state)
     redis.call('HINCRBY', stock, 'held', -h.q)
     redis.call('HINCRBY', stock, 'sold', h.q)
   else
-    redis.call('HINCRBY', stock, 'held', -h.q)
-    redis.call('HINCRBY', stock, 'available', h.q)
-    redis.call('HINCRBY', users, h.u, -h.q)
-    -- The units go back for the next buyer.
-    if h.n and #h.n > 0 then
-      redis.call('RPUSH', free, unpack(h.n))
-      redis.call('PEXPIREAT', free, redis.call('HGET', stock, 'retain_ms'), 'NX')
-    end
+    put_back('held')
   end
 end
 
@@ -80,6 +88,16 @@ if op == 'pay' then
 elseif op == 'cancel' then
   if h.s == 'held' then
     finish('cancelled')
+  end
+  outcome = h.s
+elseif op == 'cancel_paid' then
+  -- Within the event's policy (the caller checked it): the paid order ends
+  -- cancelled, its units are on sale again, and its refund is noted.
+  if h.s == 'paid' then
+    h.s = 'cancelled'
+    h['end'] = now
+    h.rf = math.max(0, math.floor(tonumber(ARGV[4]) or 0))
+    put_back('sold')
   end
   outcome = h.s
 elseif op == 'start' then
