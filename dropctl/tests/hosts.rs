@@ -337,3 +337,55 @@ async fn a_paid_order_cancelled_within_the_policy_goes_back_on_sale_and_its_shar
     assert_eq!((verdict.mysql.paid, verdict.mysql.cancelled), (1, 1), "{verdict}");
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_cancelled_releases_its_holds_refunds_its_paid_orders_in_full_and_tells_every_buyer() {
+    let stack = Stack::start(Options::default()).await;
+    let api = Api::new(&stack.api).unwrap();
+    let event = stack.open_event(4, 20).await;
+    let ann = paid_order(&stack, &api, "ann", event).await;
+    let ben = paid_order(&stack, &api, "ben", event).await;
+    assert_eq!(try_buy(&stack, &api, "cat", event).await, "held");
+
+    let (status, body) = admin_post(&stack, event, "cancel").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!((body["holds_released"].as_u64(), body["paid_orders_refunded"].as_u64()), (Some(1), Some(2)), "{body}");
+    assert!(body["event"]["cancelled_at"].is_string(), "{body}");
+    let levels = stack.ledger.levels(event).await.unwrap().unwrap();
+    assert_eq!((levels.available, levels.held, levels.sold), (4, 0, 0), "every unit back, none for sale");
+    // Nothing sells any more, and the event changes no more.
+    assert_eq!(try_buy(&stack, &api, "dan", event).await, "sale_closed");
+    assert!(matches!(ledger_decides(&stack, event, "dan").await, dropline::stock::Verdict::Rejected { .. }));
+    assert_eq!(admin_post(&stack, event, "resume").await.1["code"], "event_cancelled");
+    assert_eq!(change(&stack, event, json!({ "capacity": 9 })).await.1["code"], "event_cancelled");
+    // Cancelling again ends nothing more.
+    let (status, again) = admin_post(&stack, event, "cancel").await;
+    assert_eq!(
+        (status, again["holds_released"].as_u64(), again["paid_orders_refunded"].as_u64()),
+        (StatusCode::OK, Some(0), Some(0))
+    );
+
+    // Every paid order is refunded in full through the provider, once.
+    for order in [ann, ben] {
+        let (refunded, price): (u64, u64) = eventually("the refund made", Duration::from_secs(60), || async {
+            sqlx::query_as::<_, (u64, u64)>(
+                "SELECT r.amount_cents, o.amount_cents FROM refunds r JOIN orders o USING (order_id) \
+                 WHERE r.order_id = ? AND r.state = 'refunded'",
+            )
+            .bind(order.to_string())
+            .fetch_optional(&stack.db)
+            .await
+            .unwrap()
+        })
+        .await;
+        assert_eq!(refunded, price);
+        let id = order.to_string();
+        let told =
+            stack.told(6, |d| d.order_id.as_deref() == Some(id.as_str()) && d.kind != "order.hold_expiring").await;
+        assert_eq!(&told[2..], ["order.paid", "order.cancelled", "order.refund_requested", "order.refunded"]);
+    }
+    assert_eq!(stack.told(1, |d| d.event_id == event && d.kind.starts_with("event.")).await, ["event.cancelled"]);
+    let verdict = stack.books_balance(event).await;
+    assert_eq!((verdict.mysql.paid, verdict.mysql.held, verdict.mysql.cancelled), (0, 0, 3), "{verdict}");
+    stack.stop().await;
+}

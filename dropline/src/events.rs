@@ -15,7 +15,7 @@ const LEDGER_RETENTION_MS: i64 = 7 * 24 * 3600 * 1000;
 
 pub const COLUMNS: &str = "id, name, venue, starts_at, sale_opens_at, sale_closes_at, capacity, price_cents, \
                            currency, per_user_limit, hold_ttl_secs, created_at, paused_at, cancel_paid_until, \
-                           cancel_refund_percent";
+                           cancel_refund_percent, cancelled_at";
 
 /// A sale event as the record keeps it: the terms an admin set, with the
 /// id and creation time the record gave it. Its JSON is flat, as the API
@@ -33,6 +33,8 @@ pub struct Event {
     pub cancel_paid_until: Option<DateTime<Utc>>,
     /// ...and the share of its price refunded then, in percent.
     pub cancel_refund_percent: u8,
+    /// When its host cancelled the event: its sale stopped for good.
+    pub cancelled_at: Option<DateTime<Utc>>,
 }
 
 impl Event {
@@ -43,10 +45,10 @@ impl Event {
         (now < until).then(|| amount_cents * u64::from(self.cancel_refund_percent.min(100)) / 100)
     }
 
-    /// The rules the stock ledger enforces for this event, its pause
-    /// included.
+    /// The rules the stock ledger enforces for this event: a cancelled
+    /// event's sale is paused for good.
     pub fn rules(&self) -> SaleRules {
-        SaleRules { paused: self.paused_at.is_some(), ..self.terms.rules() }
+        SaleRules { paused: self.paused_at.is_some() || self.cancelled_at.is_some(), ..self.terms.rules() }
     }
 
     pub async fn load(db: &MySqlPool, id: u64) -> Result<Option<Event>, sqlx::Error> {

@@ -302,6 +302,9 @@ pub enum EventChange {
     Resumed,
     /// The cancellation and refund policy changed.
     PolicyChanged,
+    /// The host cancelled the event: its holds are released and its paid
+    /// orders refunded (each order's own changes say so).
+    Cancelled,
 }
 
 named!(EventChange {
@@ -310,6 +313,7 @@ named!(EventChange {
     Paused => "paused",
     Resumed => "resumed",
     PolicyChanged => "policy_changed",
+    Cancelled => "cancelled",
 });
 
 named!(PaymentStep {

@@ -42,6 +42,14 @@ pub struct CancellationPolicy {
     pub refund_percent: u8,
 }
 
+/// A cancelled event changes no more.
+fn refuse_if_cancelled(event: &Event) -> Result<(), Problem> {
+    match event.cancelled_at {
+        Some(at) => Err(Problem::new(ErrorCode::EventCancelled).detail(format!("the event was cancelled at {at}"))),
+        None => Ok(()),
+    }
+}
+
 /// Events in MySQL, with a cache for the purchase path: events are read on
 /// every purchase and change rarely (a host's [`Events::change`]).
 #[derive(Clone)]
@@ -121,6 +129,7 @@ impl Events {
         let mysql = |e: sqlx::Error| Problem::unavailable("mysql", &e);
         let mut tx = self.db.begin().await.map_err(mysql)?;
         let event = record::lock_event(&mut tx, id).await.map_err(mysql)?.ok_or(ErrorCode::EventNotFound)?;
+        refuse_if_cancelled(&event)?;
         let mut terms = event.terms.clone();
         terms.capacity = changes.capacity.unwrap_or(terms.capacity);
         terms.starts_at = changes.starts_at.unwrap_or(terms.starts_at);
@@ -151,10 +160,26 @@ impl Events {
         let mysql = |e: sqlx::Error| Problem::unavailable("mysql", &e);
         let mut tx = self.db.begin().await.map_err(mysql)?;
         let event = record::lock_event(&mut tx, id).await.map_err(mysql)?.ok_or(ErrorCode::EventNotFound)?;
+        refuse_if_cancelled(&event)?;
         if paused {
             self.pause_ledger(&event, true).await?;
         }
         record::set_paused(&mut tx, id, paused).await.map_err(mysql)?;
+        tx.commit().await.map_err(mysql)?;
+        self.sync_ledger(id).await
+    }
+
+    /// Cancels the event: its sale stops for good (the live ledger first,
+    /// then the record, which announces `event.cancelled` once). Ending its
+    /// orders is the caller's next step (see `routes::events::cancel`).
+    pub async fn cancel(&self, id: u64) -> Result<Event, Problem> {
+        let mysql = |e: sqlx::Error| Problem::unavailable("mysql", &e);
+        let mut tx = self.db.begin().await.map_err(mysql)?;
+        let event = record::lock_event(&mut tx, id).await.map_err(mysql)?.ok_or(ErrorCode::EventNotFound)?;
+        if event.cancelled_at.is_none() {
+            self.pause_ledger(&event, true).await?;
+            record::cancel_event(&mut tx, id).await.map_err(mysql)?;
+        }
         tx.commit().await.map_err(mysql)?;
         self.sync_ledger(id).await
     }
@@ -170,7 +195,7 @@ impl Events {
         let mut tx = self.db.begin().await.map_err(mysql)?;
         let event = record::lock_event(&mut tx, id).await.map_err(mysql)?.ok_or(ErrorCode::EventNotFound)?;
         self.resize(&event, event.terms.capacity).await?;
-        self.pause_ledger(&event, event.paused_at.is_some()).await?;
+        self.pause_ledger(&event, event.rules().paused).await?;
         tx.commit().await.map_err(mysql)?;
         self.cache.invalidate(&id).await;
         let levels = self.levels(id).await.ok().flatten();

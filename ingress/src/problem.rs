@@ -54,6 +54,7 @@ error_codes! {
     WaitingRoomTooLate => "waiting_room_too_late",
     CapacityInUse => "capacity_in_use",
     CancellationNotAllowed => "cancellation_not_allowed",
+    EventCancelled => "event_cancelled",
     QueueNotOpen => "queue_not_open",
     LotteryClosed => "lottery_closed",
     NotInQueue => "not_in_queue",
@@ -116,6 +117,7 @@ impl ErrorCode {
             | WaitingRoomTooLate
             | CapacityInUse
             | CancellationNotAllowed
+            | EventCancelled
             | QueueNotOpen
             | LotteryClosed
             | NoBeacon
@@ -172,6 +174,7 @@ impl ErrorCode {
             TurnUsed => "Your turn bought already; a turn buys once",
             CapacityInUse => "The capacity cannot drop below the units already handed out",
             CancellationNotAllowed => "The event's policy does not allow cancelling a paid order now",
+            EventCancelled => "The event was cancelled; it can no longer change",
             OrderNotHeld => "The order is no longer held",
             OrderExpired => "The order's hold has expired",
             OrderVoided => "The order was withdrawn: its ticket was already sold to an earlier buyer",

@@ -111,6 +111,19 @@ pub async fn set_paused(tx: &mut sqlx::MySqlConnection, id: u64, paused: bool) -
     Ok(())
 }
 
+/// Cancels an event: its sale closes now (a ledger rebuilt from the record
+/// sells nothing more).
+pub async fn cancel_event(tx: &mut sqlx::MySqlConnection, id: u64) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE events SET cancelled_at = UTC_TIMESTAMP(3), sale_closes_at = LEAST(sale_closes_at, UTC_TIMESTAMP(3)), \
+         changed_at = UTC_TIMESTAMP(3) WHERE id = ? AND cancelled_at IS NULL",
+    )
+    .bind(id)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
 /// Events whose name or venue contains `q`, by id, after `after`.
 pub async fn search_events(
     db: &MySqlPool,

@@ -375,9 +375,11 @@ async fn buyer_tokens_do_not_open_admin_routes_nor_admin_tokens_buyer_routes() {
         TokenKeys::new(api.secrets.admin_jwt.as_bytes(), "elsewhere", Audience::Admin).mint("ops", 60).unwrap();
     for (method, path) in admin_routes() {
         let req = || request(method.clone(), &path);
-        // A body the route takes: pre-warm takes none (`{}` is allowed).
+        // A body the route takes: pre-warm, pause, resume and cancel take
+        // none (`{}` is allowed).
         let event = match (&method, path.rsplit('/').next().unwrap()) {
-            (_, "prewarm") => "{}".to_owned(),
+            (_, "prewarm" | "pause" | "resume" | "cancel") => "{}".to_owned(),
+            (&Method::PATCH, _) if path.matches('/').count() == 4 => json!({"capacity": 9}).to_string(),
             (&Method::PUT, "waiting-room") => {
                 json!({"prequeue_opens_at": "2030-01-01T00:00:00Z", "outflow_per_sec": 5, "time_to_act_secs": 60})
                     .to_string()

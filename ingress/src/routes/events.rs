@@ -6,11 +6,14 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use dropline::stock::StockLevels;
+use dropline::messages::OrderState;
+use dropline::stock::{EndOutcome, StockLevels};
+use futures::StreamExt;
 use serde::Serialize;
 
 use crate::events::{Event, EventChanges, EventTerms};
 use crate::extract::{Admin, EventId, JsonBody, NoBody, SearchQuery};
+use crate::layers::RequestId;
 use crate::problem::{ErrorCode, Problem};
 use crate::state::AppState;
 
@@ -88,6 +91,90 @@ async fn paused(app: &AppState, id: u64, paused: bool) -> Result<Response, Probl
     tracing::info!(event_id = id, paused, "sale paused or resumed");
     let availability = app.events.levels(id).await.map_err(|e| Problem::unavailable("redis", &e))?;
     Ok(Json(EventView { event, availability }).into_response())
+}
+
+/// `POST /v1/admin/events/{id}/cancel`: the host cancels the event. Its
+/// sale stops for good (`event.cancelled`); then every hold is released and
+/// every paid order cancelled with all of its price refunded through the
+/// provider, each order announced to its buyer by its own changes
+/// (`order.cancelled`, `order.refund_requested`, `order.refunded`). Calling
+/// it again finishes what a failed call left and changes nothing else.
+pub async fn cancel(
+    State(app): State<Arc<AppState>>,
+    _: Admin,
+    EventId(id): EventId,
+    RequestId(request_id): RequestId,
+    _: NoBody,
+) -> Result<Response, Problem> {
+    let event = app.events.cancel(id).await?;
+    let redis = |e: dropline::stock::LedgerError| Problem::unavailable("redis", &e);
+    if app.events.levels(id).await.map_err(redis)?.is_none() && chrono::Utc::now() >= event.terms.sale_opens_at {
+        // Redis lost the ledger: its orders are unknown until it is rebuilt
+        // from the record (paused, as the record now says).
+        app.ledger.request_rebuild(id, "an event cancelled without its ledger").await.map_err(redis)?;
+        return Err(Problem::new(ErrorCode::DependencyUnavailable)
+            .detail("the event is cancelled; its ledger is being rebuilt before its orders can be ended: retry shortly")
+            .retry_after(2));
+    }
+    let holds = app.ledger.holds(id).await.map_err(redis)?;
+    let ended = futures::stream::iter(holds)
+        .map(|(order_id, hold)| {
+            let (app, request_id) = (&app, &request_id);
+            async move { end_order(app, id, order_id, hold, request_id).await }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await;
+    let (mut released, mut refunded) = (0u64, 0u64);
+    for e in ended {
+        match e? {
+            Ended::Released => released += 1,
+            Ended::Refunded => refunded += 1,
+            Ended::Before => {}
+        }
+    }
+    tracing::info!(event_id = id, released, refunded, "event cancelled");
+    let availability = app.events.levels(id).await.map_err(redis)?;
+    Ok(Json(serde_json::json!({
+        "event": EventView { event, availability },
+        "holds_released": released,
+        "paid_orders_refunded": refunded,
+    }))
+    .into_response())
+}
+
+/// What cancelling an event did to one of its orders.
+enum Ended {
+    /// A hold, released now.
+    Released,
+    /// A paid order, cancelled now with all of its price to refund.
+    Refunded,
+    /// It had ended before (its change is published again all the same: a
+    /// call that failed before publishing it is finished this way).
+    Before,
+}
+
+async fn end_order(
+    app: &AppState,
+    event_id: u64,
+    order_id: uuid::Uuid,
+    hold: dropline::stock::Hold,
+    request_id: &str,
+) -> Result<Ended, Problem> {
+    let redis = |e: dropline::stock::LedgerError| Problem::unavailable("redis", &e);
+    let (outcome, ended) = match hold.state {
+        OrderState::Held => {
+            (app.ledger.cancel(event_id, order_id, &hold.user_id).await.map_err(redis)?, Ended::Released)
+        }
+        OrderState::Paid => (
+            app.ledger.cancel_paid(event_id, order_id, &hold.user_id, hold.amount_cents).await.map_err(redis)?,
+            Ended::Refunded,
+        ),
+        _ => (EndOutcome::Ended(hold), Ended::Before),
+    };
+    let EndOutcome::Ended(now) = outcome else { return Ok(Ended::Before) };
+    app.publish_order_event(&now.order_event(order_id, event_id, None), request_id).await?;
+    Ok(if now.state == OrderState::Cancelled { ended } else { Ended::Before })
 }
 
 pub async fn prewarm(

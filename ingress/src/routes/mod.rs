@@ -75,6 +75,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/admin/events/{event_id}/prewarm", post(events::prewarm))
         .route("/v1/admin/events/{event_id}/pause", post(events::pause))
         .route("/v1/admin/events/{event_id}/resume", post(events::resume))
+        .route("/v1/admin/events/{event_id}/cancel", post(events::cancel))
         .route("/v1/admin/events/{event_id}/waiting-room", put(rooms::set).patch(rooms::change))
         .route("/v1/admin/events/{event_id}/waiting-room/beacon", put(rooms::set_beacon))
         .route("/v1/webhooks/payments", post(webhooks::payment).route_layer(webhooks).route_layer(order_actions()))
