@@ -102,6 +102,10 @@ async fn every_dashboard_query_has_data_and_alerts_fire_only_on_faults() {
     ingress_env.push(("DROPLINE_IP_PER_SEC", "1000000".into()));
     ingress_env.push(("DROPLINE_IP_BURST", "1000000".into()));
     ingress_env.push(("DROPLINE_PAYMENT_PROVIDER_URL", format!("http://127.0.0.1:{paysim_port}")));
+    // The drop's holds last 2 s: starting to pay adds 2 s, not the 120 s
+    // meant for holds of minutes (the drill waits for every deadline, and
+    // a gauge nobody sets for 60 s leaves the scrape).
+    ingress_env.push(("DROPLINE_PAYMENT_HOLD_EXTENSION_SECS", "2".into()));
     let ingress = spawn("ingress", bin.join("dropline-ingress"), &ingress_env, &[]);
     let allocator = spawn("allocator", bin.join("dropline-allocator"), &common_env("allocator"), &[]);
     let mut settler_env = common_env("settler");

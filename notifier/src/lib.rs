@@ -37,7 +37,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dropline::kafka::{self, DeadLetters, PartitionKey};
-use dropline::messages::{now_ms, Change, ChangeSubject, OrderState};
+use dropline::messages::{now_ms, Change, ChangeSubject, OrderState, PaymentStep};
 use dropline::stage::{self, Stage, StageError};
 use rdkafka::message::{Message, OwnedMessage};
 use sqlx::MySqlPool;
@@ -337,10 +337,15 @@ fn outcome(p: &Pending) -> Settled {
 }
 
 /// The reminder of a hold just delivered, if its deadline is far enough
-/// ahead to remind of it.
+/// ahead to remind of it; a start of payment (which extended the deadline)
+/// moves the hold's reminder to the new one.
 fn reminder_of(p: &Pending, lead_ms: i64, now_ms: i64) -> Option<Remind> {
-    let ChangeSubject::Order { order_id, state: OrderState::Held, expires_at_ms, .. } = p.change.subject else {
-        return None;
+    let (order_id, expires_at_ms) = match p.change.subject {
+        ChangeSubject::Order { order_id, state: OrderState::Held, expires_at_ms, .. }
+        | ChangeSubject::Payment { order_id, step: PaymentStep::Started, expires_at_ms, .. } => {
+            (order_id, expires_at_ms)
+        }
+        _ => return None,
     };
     let due = expires_at_ms - lead_ms;
     (p.settled == Some(true) && due > now_ms).then(|| Remind {

@@ -76,11 +76,13 @@ pub async fn settle(
         q.build().execute(&mut *tx).await?;
     }
     for chunk in reminders.chunks(CHUNK) {
-        let mut q =
-            QueryBuilder::<MySql>::new("INSERT IGNORE INTO reminders (order_id, notification_id, event_id, due_at) ");
+        let mut q = QueryBuilder::<MySql>::new("INSERT INTO reminders (order_id, notification_id, event_id, due_at) ");
         q.push_values(chunk, |mut row, r| {
             row.push_bind(r.order_id.to_string()).push_bind(r.id.to_string()).push_bind(r.event_id).push_bind(r.due_at);
         });
+        // A hold's one reminder keeps its id; a deadline extended since
+        // (the buyer started paying) moves it later, until it is sent.
+        q.push(" ON DUPLICATE KEY UPDATE due_at = IF(done_at IS NULL, GREATEST(due_at, VALUES(due_at)), due_at)");
         q.build().execute(&mut *tx).await?;
     }
     for chunk in reminded.chunks(CHUNK) {
