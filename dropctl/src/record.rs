@@ -57,7 +57,9 @@ pub enum Count {
     /// what the wait for quiet waits for; a rejected one waits for no one.
     RefundsInFlight,
     /// Refunds of a payment that is not recorded for refund (captured, or
-    /// not in the record at all): money that should not go back.
+    /// not in the record at all), or of another amount than is due (all of
+    /// it, or the share a cancellation within the policy refunds): money
+    /// that should not go back.
     RefundsWithoutDue,
     /// Refunds without their `refund_requested` change, or made without
     /// their `refunded` one.
@@ -149,7 +151,8 @@ impl Count {
             Count::RefundsWithoutDue => {
                 "SELECT COUNT(*) FROM refunds r JOIN orders o ON o.order_id = r.order_id \
                  WHERE o.event_id = ? AND NOT EXISTS (SELECT 1 FROM payments p \
-                 WHERE p.payment_id = r.payment_id AND p.disposition = 'refund_required')"
+                 WHERE p.payment_id = r.payment_id AND p.disposition = 'refund_required' \
+                 AND r.amount_cents = COALESCE(p.refund_cents, p.amount_cents))"
             }
             Count::RefundsWithoutChange => {
                 "SELECT COUNT(*) FROM refunds r JOIN orders o ON o.order_id = r.order_id WHERE o.event_id = ? \

@@ -527,6 +527,16 @@ async fn a_refund_the_provider_did_not_make_fails_refunds_made() {
 }
 
 #[tokio::test]
+async fn a_refund_of_another_amount_than_is_due_fails_refunds_made() {
+    let b = consistent_books().await;
+    b.sql("UPDATE refunds SET amount_cents = amount_cents - 1 WHERE order_id = ?", b.carol).await;
+    let v = b.verify().await;
+    assert_eq!(v.failing(), vec![Row::RefundsMade], "{v}");
+    assert_eq!(v.mysql.refunds_without_due, 1, "{v}");
+    b.drop().await;
+}
+
+#[tokio::test]
 async fn a_refund_made_without_the_providers_id_fails_refunds_made() {
     let b = consistent_books().await;
     b.sql("UPDATE refunds SET provider_refund_id = NULL WHERE order_id = ?", b.carol).await;

@@ -102,7 +102,8 @@ async fn every_change_of_an_order_reaches_the_host_once_signed_and_in_order() {
     let api = Api::new(&stack.api).unwrap();
     let event = stack.open_event(10, 12).await;
 
-    // Ann pays, Ben walks away (reminded, then expired), Cat cancels.
+    // Ann pays (her start of payment is a change too), Ben walks away
+    // (reminded, then expired), Cat cancels.
     let (ann, ben, cat) = tokio::join!(
         hold(&stack, &api, "ann", event),
         hold(&stack, &api, "ben", event),
@@ -110,12 +111,12 @@ async fn every_change_of_an_order_reaches_the_host_once_signed_and_in_order() {
     );
     api.pay(&stack.token("ann"), ann, 1).await.unwrap();
     api.cancel(&stack.token("cat"), cat).await.unwrap();
-    delivered(&stack, ann, &["order.held", "order.paid"]).await;
+    delivered(&stack, ann, &["order.held", "order.payment_started", "order.paid"]).await;
     delivered(&stack, cat, &["order.held", "order.cancelled"]).await;
     delivered(&stack, ben, &["order.held", "order.hold_expiring", "order.expired"]).await;
 
     let inbox = stack.inbox.summary();
-    assert_eq!((inbox.delivered, inbox.duplicates, inbox.bad_signatures, inbox.refused), (7, 0, 0, 0), "{inbox:?}");
+    assert_eq!((inbox.delivered, inbox.duplicates, inbox.bad_signatures, inbox.refused), (8, 0, 0, 0), "{inbox:?}");
     let deliveries = stack.inbox.deliveries();
     for d in &deliveries {
         assert_eq!(d.event_id, event, "{d:?}");
@@ -142,12 +143,12 @@ async fn every_change_of_an_order_reaches_the_host_once_signed_and_in_order() {
         .await
         .unwrap()
         .rows_affected();
-    assert_eq!(again, 6);
+    assert_eq!(again, 7);
     let verdict = check(&stack, event).await;
     assert!(verdict.all_hold(), "{verdict}");
-    assert_eq!(verdict.mysql.order_changes, 6, "{verdict}");
+    assert_eq!(verdict.mysql.order_changes, 7, "{verdict}");
     let inbox = stack.inbox.summary();
-    assert_eq!((inbox.delivered, inbox.duplicates), (7, 0), "{inbox:?}");
+    assert_eq!((inbox.delivered, inbox.duplicates), (8, 0), "{inbox:?}");
     stack.stop().await;
 }
 

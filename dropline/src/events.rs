@@ -40,7 +40,11 @@ pub struct Event {
 impl Event {
     /// The cents refunded of a paid order of `amount_cents` its buyer
     /// cancels at `now`, or `None` when the policy does not allow it then.
+    /// A cancelled event refunds all of it, whatever the policy.
     pub fn refund_on_cancel(&self, amount_cents: u64, now: DateTime<Utc>) -> Option<u64> {
+        if self.cancelled_at.is_some() {
+            return Some(amount_cents);
+        }
         let until = self.cancel_paid_until?;
         (now < until).then(|| amount_cents * u64::from(self.cancel_refund_percent.min(100)) / 100)
     }

@@ -219,6 +219,10 @@ impl<'a> EventClaims<'a> {
     async fn still_live(&mut self, tx: &mut Tx<'_>, order: &str) -> Result<bool, WriteError> {
         match self.states.get(order) {
             Some(OrderState::Held) => {}
+            // A paid order may have been cancelled within the policy (or
+            // with its event) and its units sold again before that change
+            // reached the record: the ledger says.
+            Some(OrderState::Paid) => return self.still_paid(tx, order).await,
             Some(state) => return Ok(state.is_live()),
             // Not in the record at all: its decision is not written yet, so
             // it cannot have taken the unit before this claim.
@@ -238,6 +242,26 @@ impl<'a> EventClaims<'a> {
             "the ledger ended this hold before its event reached the record; ended it here too"
         );
         self.states.insert(order.to_owned(), hold.state);
+        Ok(false)
+    }
+
+    /// Whether a paid order in the record still is; one the ledger has
+    /// cancelled with its refund is cancelled here too, its payment marked
+    /// for refund of that share, in this transaction.
+    async fn still_paid(&mut self, tx: &mut Tx<'_>, order: &str) -> Result<bool, WriteError> {
+        let Ok(id) = Uuid::parse_str(order) else { return Ok(true) };
+        let Some(hold) = self.ledger.hold(self.event_id, id).await? else { return Ok(true) };
+        let (OrderState::Cancelled, Some(refund_cents)) = (hold.state, hold.refund_cents) else { return Ok(true) };
+        let at = hold.ended_at_ms.map(dropline::db::from_ms).unwrap_or_else(Utc::now);
+        orders::cancel_paid(tx, order, refund_cents, at).await?;
+        crate::record::payments::refund_unpaid(tx, &[order]).await?;
+        tracing::info!(
+            event_id = self.event_id,
+            order_id = order,
+            refund_cents,
+            "the ledger cancelled this paid order before its change reached the record; cancelled it here too"
+        );
+        self.states.insert(order.to_owned(), OrderState::Cancelled);
         Ok(false)
     }
 

@@ -201,15 +201,21 @@ async fn carry_forward(
     broker: &Broker<'_>,
     event_id: u64,
 ) -> Result<(), RebuildError> {
-    let held = orders::held(db, event_id).await?;
-    if held.is_empty() {
+    let live = orders::live(db, event_id).await?;
+    if live.is_empty() {
         return Ok(());
     }
-    let held: std::collections::HashSet<String> = held.into_iter().collect();
     let mut carried = 0;
     for (order_id, hold) in ledger.holds(event_id).await? {
         let id = order_id.to_string();
-        if !hold.state.is_final() || !held.contains(&id) {
+        // Held in the record and ended in the ledger; or paid in the record
+        // and cancelled with its refund in the ledger.
+        let carry = match live.get(&id) {
+            Some(OrderState::Held) => hold.state.is_final(),
+            Some(OrderState::Paid) => hold.state == OrderState::Cancelled && hold.refund_cents.is_some(),
+            _ => false,
+        };
+        if !carry {
             continue;
         }
         let event = hold.order_event(order_id, event_id, None);

@@ -24,9 +24,9 @@ pub struct Batch {
     /// Without their payments, which are in `payments`.
     orders: Vec<OrderChange>,
     payments: Vec<(String, PaymentRecord)>,
-    /// Paid orders cancelled within the event's policy: the cents of each
-    /// one's payment to refund.
-    cancelled_paid: Vec<(String, u64)>,
+    /// Orders cancelled with a refund (a paid order within the policy, or
+    /// with its event): their payments go back, of the share they keep.
+    cancelled_paid: Vec<String>,
     /// Declined attempts to pay, each after the order change it came with
     /// (its index in `orders`): a failure's change is written in its place
     /// among the order's changes.
@@ -93,8 +93,8 @@ impl Batch {
                 },
             ));
         }
-        if let (OrderState::Cancelled, Some(cents)) = (e.state, e.refund_cents) {
-            self.cancelled_paid.push((e.order_id.to_string(), cents));
+        if e.state == OrderState::Cancelled && e.refund_cents.is_some() {
+            self.cancelled_paid.push(e.order_id.to_string());
         }
         self.orders.push(e);
     }
@@ -114,9 +114,6 @@ impl Batch {
         }
         orders::upsert(&mut tx, &self.orders[from..]).await?;
         payments::insert(&mut tx, &self.payments).await?;
-        // Before the refunds of unpaid orders below, which would refund all
-        // of a payment the policy refunds only a share of.
-        payments::refund_cancelled(&mut tx, &self.cancelled_paid).await?;
         let (units, voided) = crate::claims::settle(&mut tx, ledger, &self.claims).await?;
         // Money for an order the record does not have as paid (it ended
         // first, or was voided) goes back, whatever the ledger answered.
@@ -125,6 +122,7 @@ impl Batch {
             .iter()
             .map(|(order_id, _)| order_id.as_str())
             .chain(voided.iter().map(|v| v.order_id.as_str()))
+            .chain(self.cancelled_paid.iter().map(String::as_str))
             .collect();
         payments::refund_unpaid(&mut tx, &touched).await?;
         tx.commit().await?;

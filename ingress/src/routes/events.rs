@@ -162,14 +162,17 @@ async fn end_order(
     request_id: &str,
 ) -> Result<Ended, Problem> {
     let redis = |e: dropline::stock::LedgerError| Problem::unavailable("redis", &e);
+    let (user, amount) = (hold.user_id.clone(), hold.amount_cents);
+    let cancel_paid = || app.ledger.cancel_paid(event_id, order_id, &user, amount);
     let (outcome, ended) = match hold.state {
-        OrderState::Held => {
-            (app.ledger.cancel(event_id, order_id, &hold.user_id).await.map_err(redis)?, Ended::Released)
-        }
-        OrderState::Paid => (
-            app.ledger.cancel_paid(event_id, order_id, &hold.user_id, hold.amount_cents).await.map_err(redis)?,
-            Ended::Refunded,
-        ),
+        OrderState::Held => match app.ledger.cancel(event_id, order_id, &user).await.map_err(redis)? {
+            // Paid since the holds were read: refunded like the others.
+            EndOutcome::Ended(h) if h.state == OrderState::Paid => {
+                (cancel_paid().await.map_err(redis)?, Ended::Refunded)
+            }
+            outcome => (outcome, Ended::Released),
+        },
+        OrderState::Paid => (cancel_paid().await.map_err(redis)?, Ended::Refunded),
         _ => (EndOutcome::Ended(hold), Ended::Before),
     };
     let EndOutcome::Ended(now) = outcome else { return Ok(Ended::Before) };

@@ -273,13 +273,13 @@ fn in_progress() -> Problem {
 /// made, and a sell-out seen within the last quarter second.
 async fn door(app: &AppState, event: &crate::events::Event, event_id: u64) -> Result<(), Problem> {
     let now = chrono::Utc::now();
+    if event.cancelled_at.is_some() {
+        return Err(Problem::new(ErrorCode::SaleClosed).detail("the event was cancelled"));
+    }
     if now < event.terms.sale_opens_at {
         return Err(
             Problem::new(ErrorCode::SaleNotOpen).detail(format!("the sale opens at {}", event.terms.sale_opens_at))
         );
-    }
-    if event.cancelled_at.is_some() {
-        return Err(Problem::new(ErrorCode::SaleClosed).detail("the event was cancelled"));
     }
     if now >= event.terms.sale_closes_at {
         return Err(ErrorCode::SaleClosed.into());

@@ -16,7 +16,7 @@ pub async fn upsert(tx: &mut Tx<'_>, orders: &[OrderChange]) -> Result<(), sqlx:
     for chunk in orders.chunks(CHUNK) {
         let mut q = QueryBuilder::<MySql>::new(
             "INSERT INTO orders (order_id, event_id, user_id, quantity, amount_cents, state, expires_at, \
-             created_at, updated_at, payment_started_at) ",
+             created_at, updated_at, payment_started_at, refund_cents) ",
         );
         q.push_values(chunk, |mut row, o| {
             row.push_bind(o.order_id.to_string())
@@ -28,22 +28,28 @@ pub async fn upsert(tx: &mut Tx<'_>, orders: &[OrderChange]) -> Result<(), sqlx:
                 .push_bind(from_ms(o.expires_at_ms))
                 .push_bind(from_ms(o.at_ms))
                 .push_bind(from_ms(o.at_ms))
-                .push_bind(o.payment_started_at_ms.map(from_ms));
+                .push_bind(o.payment_started_at_ms.map(from_ms))
+                .push_bind(o.refund_cents);
         });
         // Assigned in order, each reading the stored `state` until the
         // last: a held order takes the start of payment (once) and its
-        // extended deadline (which only ever grows), then its new state; a
-        // paid order may still be cancelled (its buyer, within the event's
-        // policy: a hold ends once, so a cancel of a paid order can mean
-        // nothing else). Any other ended order changes no more.
+        // extended deadline (which only ever grows), then its new state. A
+        // paid order moves once more, to cancelled, and only by a cancel
+        // that carries its refund (its buyer's within the policy, or the
+        // host's of the event), which the order keeps; a cancel reaching a
+        // held order first keeps it too. Any other ended order changes no
+        // more.
         q.push(
             " ON DUPLICATE KEY UPDATE \
              payment_started_at = IF(state = 'held', COALESCE(payment_started_at, VALUES(payment_started_at)), \
              payment_started_at), \
              expires_at = IF(state = 'held', GREATEST(expires_at, VALUES(expires_at)), expires_at), \
-             updated_at = IF((state = 'held' AND VALUES(state) <> 'held') \
-             OR (state = 'paid' AND VALUES(state) = 'cancelled'), VALUES(updated_at), updated_at), \
-             state = IF(state = 'held' OR (state = 'paid' AND VALUES(state) = 'cancelled'), VALUES(state), state)",
+             refund_cents = IF(state IN ('held', 'paid') AND VALUES(state) = 'cancelled', \
+             COALESCE(VALUES(refund_cents), refund_cents), refund_cents), \
+             updated_at = IF((state = 'held' AND VALUES(state) <> 'held') OR (state = 'paid' \
+             AND VALUES(state) = 'cancelled' AND VALUES(refund_cents) IS NOT NULL), VALUES(updated_at), updated_at), \
+             state = IF(state = 'held' OR (state = 'paid' AND VALUES(state) = 'cancelled' \
+             AND VALUES(refund_cents) IS NOT NULL), VALUES(state), state)",
         );
         q.build().execute(&mut **tx).await?;
     }
@@ -103,6 +109,25 @@ pub async fn end_held(
     Ok(())
 }
 
+/// Cancels a paid order the ledger cancelled (within the policy, or with
+/// its event) before the change reached the record, keeping its refund.
+pub async fn cancel_paid(
+    tx: &mut Tx<'_>,
+    order_id: &str,
+    refund_cents: u64,
+    at: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE orders SET state = 'cancelled', refund_cents = ?, updated_at = ? WHERE order_id = ? AND state = 'paid'",
+    )
+    .bind(refund_cents)
+    .bind(at)
+    .bind(order_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
 /// Voids an order the record refused, whatever its state.
 pub async fn void(tx: &mut Tx<'_>, order_id: &str, at: DateTime<Utc>) -> Result<(), sqlx::Error> {
     sqlx::query("UPDATE orders SET state = 'voided', updated_at = ? WHERE order_id = ?")
@@ -113,13 +138,13 @@ pub async fn void(tx: &mut Tx<'_>, order_id: &str, at: DateTime<Utc>) -> Result<
     Ok(())
 }
 
-/// The ids of an event's held orders.
-pub async fn held(db: &MySqlPool, event_id: u64) -> Result<Vec<String>, sqlx::Error> {
-    let held: Vec<(String,)> = sqlx::query_as("SELECT order_id FROM orders WHERE event_id = ? AND state = 'held'")
+/// An event's live orders (held or paid), by id.
+pub async fn live(db: &MySqlPool, event_id: u64) -> Result<std::collections::HashMap<String, OrderState>, sqlx::Error> {
+    sqlx::query_as("SELECT order_id, CAST(state AS CHAR) FROM orders WHERE event_id = ? AND state IN ('held', 'paid')")
         .bind(event_id)
         .fetch_all(db)
-        .await?;
-    Ok(held.into_iter().map(|(id,)| id).collect())
+        .await
+        .map(|rows: Vec<(String, OrderState)>| rows.into_iter().collect())
 }
 
 /// Up to 500 of an event's orders still held with a deadline before

@@ -12,7 +12,7 @@ pub async fn insert(tx: &mut Tx<'_>, payments: &[(String, PaymentRecord)]) -> Re
     for chunk in payments.chunks(CHUNK) {
         let mut q = QueryBuilder::<MySql>::new(
             "INSERT INTO payments (payment_id, provider_event_id, order_id, amount_cents, disposition, \
-             recorded_at) ",
+             recorded_at, refund_cents) ",
         );
         let now = chrono::Utc::now();
         q.push_values(chunk, |mut row, (order_id, p)| {
@@ -21,7 +21,12 @@ pub async fn insert(tx: &mut Tx<'_>, payments: &[(String, PaymentRecord)]) -> Re
                 .push_bind(order_id)
                 .push_bind(p.amount_cents)
                 .push_bind(p.disposition)
-                .push_bind(now);
+                .push_bind(now)
+                // A payment for refund of an order its buyer cancelled
+                // within the policy is refunded the share the order keeps.
+                .push("(SELECT o.refund_cents FROM orders o WHERE o.order_id = ")
+                .push_bind_unseparated(order_id)
+                .push_unseparated(")");
         });
         q.push(" ON DUPLICATE KEY UPDATE payment_id = payment_id");
         q.build().execute(&mut **tx).await?;
@@ -62,32 +67,14 @@ pub async fn insert_failures(tx: &mut Tx<'_>, failures: &[Failed]) -> Result<(),
     Ok(())
 }
 
-/// Marks for refund the captured payment of each paid order cancelled
-/// within its event's policy, of the policy's share (`refund_cents`): the
-/// refund triggers write its refund of that much. A payment marked before is
-/// left as it is.
-pub async fn refund_cancelled(tx: &mut Tx<'_>, orders: &[(String, u64)]) -> Result<(), sqlx::Error> {
-    for (order_id, cents) in orders {
-        sqlx::query(
-            "UPDATE payments p JOIN orders o ON o.order_id = p.order_id \
-             SET p.refund_cents = ?, p.disposition = 'refund_required' \
-             WHERE p.order_id = ? AND p.disposition = 'captured' AND o.state = 'cancelled'",
-        )
-        .bind(cents)
-        .bind(order_id)
-        .execute(&mut **tx)
-        .await?;
-    }
-    Ok(())
-}
-
 /// Marks for refund the captured payments of those of `order_ids` the
-/// record does not have as paid.
+/// record does not have as paid: all of each, or the share its order keeps
+/// (a paid order cancelled within the policy).
 pub async fn refund_unpaid(tx: &mut Tx<'_>, order_ids: &[&str]) -> Result<(), sqlx::Error> {
     for chunk in order_ids.chunks(CHUNK) {
         let mut q = QueryBuilder::<MySql>::new(
             "UPDATE payments p JOIN orders o ON o.order_id = p.order_id \
-             SET p.disposition = 'refund_required' \
+             SET p.disposition = 'refund_required', p.refund_cents = o.refund_cents \
              WHERE p.disposition = 'captured' AND o.state <> 'paid' AND p.order_id IN ",
         );
         push_list(&mut q, chunk);
