@@ -303,6 +303,19 @@ async fn a_paid_order_cancelled_within_the_policy_goes_back_on_sale_and_its_shar
         .unwrap()
     })
     .await;
+    // The provider delivers her payment's webhook again: the money is
+    // still to go back as the policy said, once.
+    let payment: String = sqlx::query_scalar("SELECT payment_id FROM payments WHERE order_id = ?")
+        .bind(ann.to_string())
+        .fetch_one(&stack.db)
+        .await
+        .unwrap();
+    let r = dropline_testkit::http()
+        .post(format!("{}/v1/payments/{payment}/redeliver", stack.paysim))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
     let price: u64 = sqlx::query_scalar("SELECT amount_cents FROM orders WHERE order_id = ?")
         .bind(ann.to_string())
         .fetch_one(&stack.db)
