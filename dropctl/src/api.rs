@@ -100,35 +100,31 @@ impl Api {
 
     /// A host's change of an event (`PATCH /v1/admin/events/{id}`).
     pub async fn change_event(&self, admin_token: &str, event_id: u64, changes: &Value) -> anyhow::Result<Value> {
-        let r = self
-            .http
-            .patch(format!("{}/v1/admin/events/{event_id}", self.base))
-            .bearer_auth(admin_token)
-            .json(changes)
-            .send()
-            .await?;
-        let status = r.status();
-        let body: Value = r.json().await?;
-        if status != StatusCode::OK {
-            bail!("changing event {event_id} failed: {status} {body}");
-        }
-        Ok(body)
+        let url = format!("{}/v1/admin/events/{event_id}", self.base);
+        self.admin(self.http.patch(url), admin_token, changes, StatusCode::OK, "changing the event").await
     }
 
     pub async fn create_event(&self, admin_token: &str, event: &Value) -> anyhow::Result<Value> {
-        let r = self
-            .http
-            .post(format!("{}/v1/admin/events", self.base))
-            .bearer_auth(admin_token)
-            .json(event)
-            .send()
-            .await?;
+        let url = format!("{}/v1/admin/events", self.base);
+        self.admin(self.http.post(url), admin_token, event, StatusCode::CREATED, "creating the event").await
+    }
+
+    /// An admin call with a JSON body; its answer if it is `expected`.
+    async fn admin(
+        &self,
+        request: reqwest::RequestBuilder,
+        admin_token: &str,
+        body: &Value,
+        expected: StatusCode,
+        what: &str,
+    ) -> anyhow::Result<Value> {
+        let r = request.bearer_auth(admin_token).json(body).send().await?;
         let status = r.status();
-        let body: Value = r.json().await?;
-        if status != StatusCode::CREATED {
-            bail!("creating the event failed: {status} {body}");
+        let answer: Value = r.json().await?;
+        if status != expected {
+            bail!("{what} failed: {status} {answer}");
         }
-        Ok(body)
+        Ok(answer)
     }
 
     pub async fn purchase(&self, token: &str, event_id: u64, key: &str, quantity: u32) -> anyhow::Result<Purchase> {
