@@ -396,8 +396,13 @@ pub async fn play(
         report.line = Some(LineReport::of(&buyers));
     }
 
-    // The barrier: the settler has recorded every decision.
+    // The barrier: the settler has recorded every decision. The counts are
+    // read one query after another, the orders' units before the intents:
+    // units read before the last batch committed would be short, so once
+    // every intent is in they are read again (a decision's order is written
+    // in its transaction).
     let deadline = Instant::now() + Duration::from_secs(60);
+    let mut all_decided = false;
     loop {
         // A MySQL restart only delays the barrier.
         match invariants::mysql_counts(db, event_id, Duration::ZERO).await {
@@ -405,8 +410,12 @@ pub async fn play(
                 // A hold that lapsed while the barrier waited was still one
                 // of the flood's.
                 report.at_sellout_mysql_held = m.held + m.expired + m.paid + m.cancelled;
-                if m.intents == report.accepted {
+                if all_decided {
                     break;
+                }
+                all_decided = m.intents == report.accepted;
+                if all_decided {
+                    continue;
                 }
             }
             Err(e) if e.downcast_ref().is_some_and(dropline::db::is_transient) => {
