@@ -361,7 +361,7 @@ impl Ledger {
 
     /// Applies a confirmed payment to a hold.
     pub async fn pay(&self, event_id: u64, order_id: Uuid, payment_id: &str) -> Result<PayOutcome, LedgerError> {
-        let (outcome, hold) = match self.end_hold(event_id, "pay", order_id, payment_id).await? {
+        let (outcome, hold) = match self.end_hold(event_id, "pay", order_id, &[payment_id]).await? {
             HoldAnswer::Done(outcome, hold) => (outcome, hold),
             HoldAnswer::NotDue(_) => return Err(LedgerError::Corrupt("pay answered not_due".into())),
         };
@@ -415,7 +415,7 @@ impl Ledger {
         order_id: Uuid,
         extension_ms: u64,
     ) -> Result<Option<Hold>, LedgerError> {
-        match self.end_hold(event_id, "start", order_id, &extension_ms.to_string()).await? {
+        match self.end_hold(event_id, "start", order_id, &[&extension_ms.to_string()]).await? {
             HoldAnswer::Done(outcome, hold) if outcome == "unknown" || hold.is_some() => Ok(hold),
             HoldAnswer::Done(outcome, _) => Err(LedgerError::Corrupt(format!("start answered {outcome}"))),
             HoldAnswer::NotDue(_) => Err(LedgerError::Corrupt("start answered not_due".into())),
@@ -424,7 +424,7 @@ impl Ledger {
 
     /// Cancels a hold on behalf of its buyer.
     pub async fn cancel(&self, event_id: u64, order_id: Uuid, user_id: &str) -> Result<EndOutcome, LedgerError> {
-        ended(self.end_hold(event_id, "cancel", order_id, user_id).await?)
+        ended(self.end_hold(event_id, "cancel", order_id, &[user_id]).await?)
     }
 
     /// Cancels a paid order on behalf of its buyer, within the event's
@@ -437,32 +437,29 @@ impl Ledger {
         user_id: &str,
         refund_cents: u64,
     ) -> Result<EndOutcome, LedgerError> {
-        let keys = self.keys.event(event_id);
-        let mut conn = self.pool.get().await?;
-        let (outcome, body): (String, String) = invoke(&HOLD, &keys.hold())
-            .arg("cancel_paid")
-            .arg(order_id.to_string())
-            .arg(user_id)
-            .arg(refund_cents)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(|e| no_ledger(e, event_id))?;
-        let hold = if body.is_empty() { None } else { Some(decode(&body)?) };
-        ended(HoldAnswer::Done(outcome, hold))
+        ended(self.end_hold(event_id, "cancel_paid", order_id, &[user_id, &refund_cents.to_string()]).await?)
     }
 
     /// Expires a hold whose deadline has passed.
     pub async fn expire(&self, event_id: u64, order_id: Uuid) -> Result<EndOutcome, LedgerError> {
-        ended(self.end_hold(event_id, "expire", order_id, "").await?)
+        ended(self.end_hold(event_id, "expire", order_id, &[""]).await?)
     }
 
-    async fn end_hold(&self, event_id: u64, op: &str, order_id: Uuid, arg: &str) -> Result<HoldAnswer, LedgerError> {
+    /// Runs hold.lua's `op` on one hold, with the op's arguments (ARGV[3]
+    /// on).
+    async fn end_hold(
+        &self,
+        event_id: u64,
+        op: &str,
+        order_id: Uuid,
+        args: &[&str],
+    ) -> Result<HoldAnswer, LedgerError> {
         let keys = self.keys.event(event_id);
         let mut conn = self.pool.get().await?;
         let (outcome, body): (String, String) = invoke(&HOLD, &keys.hold())
             .arg(op)
             .arg(order_id.to_string())
-            .arg(arg)
+            .arg(args)
             .invoke_async(&mut conn)
             .await
             .map_err(|e| no_ledger(e, event_id))?;
