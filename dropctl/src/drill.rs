@@ -33,6 +33,9 @@ use crate::quiet::{self, PipelineArgs, Quiet};
 #[derive(Debug, Clone)]
 pub struct DropPlan {
     pub tickets: u32,
+    /// Tickets the host accepts to sell beyond them (the event's oversell
+    /// allowance): the drop sells out at tickets + allowance.
+    pub oversell_allowance: u32,
     pub buyers: u32,
     /// Buyers in flight at once.
     pub concurrency: usize,
@@ -146,6 +149,7 @@ struct Buyer {
 pub struct DropReport {
     pub event_id: u64,
     pub tickets: u32,
+    pub oversell_allowance: u32,
     pub buyers: u32,
     pub accepted: u64,
     pub held: u64,
@@ -236,8 +240,15 @@ impl LineReport {
 }
 
 impl DropReport {
+    /// Units held or sold beyond the capacity at the end (inside the
+    /// allowance, if the invariants hold).
     pub fn oversold(&self) -> u64 {
-        self.verdict.as_ref().map_or(0, |v| (v.mysql.held + v.mysql.paid).saturating_sub(v.mysql.capacity))
+        self.verdict.as_ref().map_or(0, |v| v.mysql.oversold())
+    }
+
+    /// Every unit the drop may sell: its tickets and the allowance.
+    pub fn units(&self) -> u64 {
+        u64::from(self.tickets) + u64::from(self.oversell_allowance)
     }
 
     pub fn final_counts(&self) -> OrderCounts {
@@ -249,7 +260,7 @@ impl DropReport {
     /// as the paid order's one capture, or for refund.
     pub fn passed(&self) -> bool {
         let m = self.final_counts();
-        self.held >= u64::from(self.tickets)
+        self.held >= self.units()
             && m.captured_payments == self.paid
             && m.refunds == self.refunds
             && self.settled
@@ -257,12 +268,13 @@ impl DropReport {
             && self.draw.as_ref().is_none_or(|d| d.mismatch.is_none())
     }
 
-    /// The flood ended with exactly N units held, in Redis and in MySQL, and
+    /// The flood ended with exactly N units held (tickets and allowance), in
+    /// Redis and in MySQL, and
     /// none left. Holds that lapse before every buyer was answered (a slow
     /// or faulty pipeline) go back on sale and are sold again, so this is
     /// asked of healthy runs only.
     pub fn sold_out_exactly(&self) -> bool {
-        let n = u64::from(self.tickets);
+        let n = self.units();
         self.held == n
             && self.at_sellout_redis.available == 0
             && self.at_sellout_redis.held == n
@@ -291,7 +303,7 @@ pub async fn run(
 
 /// Creates the drop's event (and its waiting room); its id.
 pub async fn open(api: &Api, tokens: &Tokens, plan: &DropPlan) -> anyhow::Result<u64> {
-    if plan.buyers <= plan.tickets {
+    if plan.buyers <= plan.tickets + plan.oversell_allowance {
         bail!("a drop needs more buyers than tickets");
     }
     let admin = tokens.admin.mint("dropctl", 3600)?;
@@ -307,6 +319,7 @@ pub async fn open(api: &Api, tokens: &Tokens, plan: &DropPlan) -> anyhow::Result
                 "sale_opens_at": now + chrono::Duration::seconds(opens_in),
                 "sale_closes_at": now + chrono::Duration::hours(1),
                 "capacity": plan.tickets,
+                "oversell_allowance": plan.oversell_allowance,
                 "price_cents": 4_500,
                 "currency": "EUR",
                 "per_user_limit": plan.per_user_limit,
@@ -332,7 +345,13 @@ pub async fn play(
     plan: &DropPlan,
     event_id: u64,
 ) -> anyhow::Result<DropReport> {
-    let mut report = DropReport { event_id, tickets: plan.tickets, buyers: plan.buyers, ..Default::default() };
+    let mut report = DropReport {
+        event_id,
+        tickets: plan.tickets,
+        oversell_allowance: plan.oversell_allowance,
+        buyers: plan.buyers,
+        ..Default::default()
+    };
 
     // Wave one: the flood.
     let started = Instant::now();
@@ -371,7 +390,7 @@ pub async fn play(
     report.at_sellout_redis = ledger.levels(event_id).await?.unwrap_or_default();
     let last_hold_ms = buyers.iter().filter_map(|b| b.held_at_ms).max();
     report.sell_out_secs = last_hold_ms
-        .filter(|_| report.held >= u64::from(plan.tickets))
+        .filter(|_| report.held >= report.units())
         .map(|ms| (ms as f64 / 1000.0 - opens_at.unwrap_or(report.started_at)).max(0.0));
     report.rejected = tally(buyers.iter().filter_map(|b| match &b.outcome {
         Outcome::Rejected(r) => Some(r.clone()),

@@ -25,13 +25,15 @@ use crate::record::{self, Count};
 /// on it, whatever the printed title says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Row {
-    /// MySQL's live units (held + paid) fit in the capacity.
+    /// MySQL's live units (held + paid) fit in the capacity plus the
+    /// oversell allowance; what went beyond the capacity is shown as such.
     NoOversell,
     /// Every live order owns exactly its quantity of units, all numbered
-    /// within the capacity.
+    /// within the capacity and allowance.
     UnitOwners,
-    /// Redis: available + held + sold = capacity, and the available count
-    /// matches the units it has left to hand out.
+    /// Redis: available + held + sold = capacity + allowance, both as the
+    /// record has them, and the available count matches the units it has
+    /// left to hand out.
     RedisConserved,
     /// Redis' counters are what its holds add up to, and no unit it has
     /// free again belongs to a live hold or is free twice: a hold released
@@ -90,7 +92,7 @@ impl Row {
     /// What the printed table calls it.
     pub fn title(self) -> &'static str {
         match self {
-            Row::NoOversell => "no oversell (MySQL held + paid <= capacity)",
+            Row::NoOversell => "capacity plus the oversell allowance bounds what was sold (MySQL held + paid)",
             Row::UnitOwners => "no unit sold twice (one live order per unit)",
             Row::RedisConserved => "conservation in Redis",
             Row::ReleasedOnce => "each hold released once (Redis)",
@@ -220,6 +222,8 @@ impl Lateness {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OrderCounts {
     pub capacity: u64,
+    /// Units the host accepts to sell beyond the capacity.
+    pub oversell_allowance: u64,
     pub per_user_limit: u64,
     pub held: u64,
     pub paid: u64,
@@ -243,7 +247,7 @@ pub struct OrderCounts {
     pub lateness: Lateness,
     /// Live orders that do not own exactly their quantity of units.
     pub live_orders_with_wrong_units: u64,
-    /// Unit rows numbered beyond the event's capacity.
+    /// Unit rows numbered beyond the event's capacity and allowance.
     pub units_beyond_capacity: u64,
     /// Changes of the event's orders in the outbox, orders whose state is
     /// none of them, changes without a notification, notifications of no
@@ -269,11 +273,30 @@ pub struct OrderCounts {
     pub payment_steps_without_change: u64,
 }
 
+impl OrderCounts {
+    /// Every unit the event may sell: its capacity and allowance.
+    pub fn sellable(&self) -> u64 {
+        self.capacity + self.oversell_allowance
+    }
+
+    /// Live units beyond the capacity (inside the allowance, if the row
+    /// holds).
+    pub fn oversold(&self) -> u64 {
+        (self.held + self.paid).saturating_sub(self.capacity)
+    }
+}
+
 /// MySQL's counts for an event. `grace` decides which holds count as
 /// overdue.
 pub async fn mysql_counts(db: &MySqlPool, event_id: u64, grace: Duration) -> anyhow::Result<OrderCounts> {
-    let (capacity, per_user_limit) = record::event_limits(db, event_id).await?.context("event not in MySQL")?;
-    let mut c = OrderCounts { capacity: capacity.into(), per_user_limit: per_user_limit.into(), ..Default::default() };
+    let (capacity, allowance, per_user_limit) =
+        record::event_limits(db, event_id).await?.context("event not in MySQL")?;
+    let mut c = OrderCounts {
+        capacity: capacity.into(),
+        oversell_allowance: allowance.into(),
+        per_user_limit: per_user_limit.into(),
+        ..Default::default()
+    };
     for (state, units) in record::units_by_state(db, event_id).await? {
         let units = units as u64;
         match state {
@@ -294,7 +317,7 @@ pub async fn mysql_counts(db: &MySqlPool, event_id: u64, grace: Duration) -> any
     c.payments_without_order = record::payments_without_order(db).await?;
     c.max_units_per_user = count(Count::MaxUnitsPerUser).await?;
     c.live_orders_with_wrong_units = count(Count::LiveOrdersWithWrongUnits).await?;
-    c.units_beyond_capacity = record::units_beyond(db, event_id, capacity).await?;
+    c.units_beyond_capacity = record::units_beyond(db, event_id, c.sellable()).await?;
     c.order_changes = count(Count::OrderChanges).await?;
     c.states_without_change = count(Count::StatesWithoutChange).await?;
     c.changes_unnotified = count(Count::ChangesUnnotified).await?;
@@ -456,24 +479,38 @@ pub async fn verify(db: &MySqlPool, ledger: &Ledger, event_id: u64, options: &Ch
     let (accepted, undecided, example) = accepted_without_decision(db, ledger, event_id).await?;
     let late = &m.lateness;
     let mut checks = vec![
-        check(Row::NoOversell, m.held + m.paid <= m.capacity, format!("{} + {} <= {}", m.held, m.paid, m.capacity)),
+        check(
+            Row::NoOversell,
+            m.held + m.paid <= m.sellable(),
+            format!(
+                "{} + {} <= {} + allowance {}; {} oversold",
+                m.held,
+                m.paid,
+                m.capacity,
+                m.oversell_allowance,
+                m.oversold()
+            ),
+        ),
         check(
             Row::UnitOwners,
             m.live_orders_with_wrong_units == 0 && m.units_beyond_capacity == 0,
             format!(
-                "{} live orders without exactly their units, {} units beyond capacity",
+                "{} live orders without exactly their units, {} units beyond capacity and allowance",
                 m.live_orders_with_wrong_units, m.units_beyond_capacity
             ),
         ),
         check(
             Row::RedisConserved,
-            redis.is_conserved() && redis.capacity == m.capacity && damage.is_none(),
+            redis.is_conserved()
+                && (redis.capacity, redis.allowance) == (m.capacity, m.oversell_allowance)
+                && damage.is_none(),
             format!(
-                "available {} + held {} + sold {} = {}{}",
+                "available {} + held {} + sold {} = {} + allowance {}{}",
                 redis.available,
                 redis.held,
                 redis.sold,
                 redis.capacity,
+                redis.allowance,
                 damage.map(|d| format!("; {d}")).unwrap_or_default()
             ),
         ),

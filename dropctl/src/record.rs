@@ -7,9 +7,13 @@ use chrono::{DateTime, Utc};
 use dropline::messages::OrderState;
 use sqlx::MySqlPool;
 
-/// An event's capacity and per-buyer limit, if the record has the event.
-pub async fn event_limits(db: &MySqlPool, event_id: u64) -> Result<Option<(u32, u32)>, sqlx::Error> {
-    sqlx::query_as("SELECT capacity, per_user_limit FROM events WHERE id = ?").bind(event_id).fetch_optional(db).await
+/// An event's capacity, oversell allowance and per-buyer limit, if the
+/// record has the event.
+pub async fn event_limits(db: &MySqlPool, event_id: u64) -> Result<Option<(u32, u32, u32)>, sqlx::Error> {
+    sqlx::query_as("SELECT capacity, oversell_allowance, per_user_limit FROM events WHERE id = ?")
+        .bind(event_id)
+        .fetch_optional(db)
+        .await
 }
 
 /// Units of an event's orders, by state.
@@ -236,11 +240,12 @@ pub async fn payments_without_order(db: &MySqlPool) -> Result<u64, sqlx::Error> 
     Ok(orphans as u64)
 }
 
-/// Unit rows of an event numbered beyond `capacity`.
-pub async fn units_beyond(db: &MySqlPool, event_id: u64, capacity: u32) -> Result<u64, sqlx::Error> {
+/// Unit rows of an event numbered beyond `sellable` (its capacity and
+/// oversell allowance).
+pub async fn units_beyond(db: &MySqlPool, event_id: u64, sellable: u64) -> Result<u64, sqlx::Error> {
     let (beyond,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM order_units WHERE event_id = ? AND unit_no > ?")
         .bind(event_id)
-        .bind(capacity)
+        .bind(sellable)
         .fetch_one(db)
         .await?;
     Ok(beyond as u64)

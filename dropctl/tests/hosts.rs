@@ -113,11 +113,18 @@ async fn capacity_added_mid_sale_is_sold_at_once_announced_and_the_books_balance
         .unwrap();
     assert_eq!(r.status(), StatusCode::FORBIDDEN, "a buyer is no host");
 
-    // Every change announced once, in order: 4, 5, 4, then the new date.
-    let told = stack.told(4, |d| d.event_id == event && d.kind.starts_with("event.")).await;
+    // Every change announced once, in order: the opening, 4, 5, 4, then
+    // the new date.
+    let told = stack.told(5, |d| d.event_id == event && d.kind.starts_with("event.")).await;
     assert_eq!(
         told,
-        ["event.capacity_changed", "event.capacity_changed", "event.capacity_changed", "event.rescheduled"]
+        [
+            "event.opened",
+            "event.capacity_changed",
+            "event.capacity_changed",
+            "event.capacity_changed",
+            "event.rescheduled"
+        ]
     );
     let capacities: Vec<u32> =
         sqlx::query_scalar("SELECT capacity FROM outbox WHERE event_id = ? AND kind = 'capacity_changed' ORDER BY seq")
@@ -194,8 +201,8 @@ async fn a_paused_sale_refuses_purchases_keeps_its_holds_payable_and_resumes() {
     assert_eq!((status, view["paused_at"].is_null()), (StatusCode::OK, true), "{view}");
     buy_until_held(&stack, &api, "ben", event).await;
 
-    let told = stack.told(2, |d| d.event_id == event && d.kind.starts_with("event.")).await;
-    assert_eq!(told, ["event.paused", "event.resumed"]);
+    let told = stack.told(3, |d| d.event_id == event && d.kind.starts_with("event.")).await;
+    assert_eq!(told, ["event.opened", "event.paused", "event.resumed"]);
     let verdict = stack.books_balance(event).await;
     assert_eq!((verdict.mysql.paid, verdict.mysql.expired), (1, 1), "{verdict}");
     stack.stop().await;
@@ -397,8 +404,101 @@ async fn an_event_cancelled_releases_its_holds_refunds_its_paid_orders_in_full_a
             stack.told(6, |d| d.order_id.as_deref() == Some(id.as_str()) && d.kind != "order.hold_expiring").await;
         assert_eq!(&told[2..], ["order.paid", "order.cancelled", "order.refund_requested", "order.refunded"]);
     }
-    assert_eq!(stack.told(1, |d| d.event_id == event && d.kind.starts_with("event.")).await, ["event.cancelled"]);
+    let told = stack.told(2, |d| d.event_id == event && d.kind.starts_with("event.")).await;
+    assert_eq!(told, ["event.opened", "event.cancelled"]);
     let verdict = stack.books_balance(event).await;
     assert_eq!((verdict.mysql.paid, verdict.mysql.held, verdict.mysql.cancelled), (0, 0, 3), "{verdict}");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversell_allowance_sells_beyond_the_capacity_as_such_and_sold_out_is_announced_once_each_time() {
+    let stack = Stack::start(Options::default()).await;
+    let api = Api::new(&stack.api).unwrap();
+    let event = stack.open_event(2, 20).await;
+
+    // The host accepts to oversell one ticket of two: three on sale.
+    let (status, view) = change(&stack, event, json!({ "oversell_allowance": 1 })).await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    assert_eq!((view["capacity"].as_u64(), view["oversell_allowance"].as_u64()), (Some(2), Some(1)), "{view}");
+    let availability = &view["availability"];
+    assert_eq!(
+        (availability["capacity"].as_u64(), availability["allowance"].as_u64(), availability["available"].as_u64()),
+        (Some(2), Some(1), Some(3)),
+        "{view}"
+    );
+    // More allowance than capacity is refused, and changes nothing.
+    let (status, problem) = change(&stack, event, json!({ "oversell_allowance": 3 })).await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_body")), "{problem}");
+
+    let paid: Vec<Uuid> = {
+        let mut paid = Vec::new();
+        for user in ["ann", "ben", "cat"] {
+            paid.push(paid_order(&stack, &api, user, event).await);
+        }
+        paid
+    };
+    assert_eq!(try_buy(&stack, &api, "dan", event).await, "sold_out");
+    // The third ticket was handed out: the allowance cannot be taken back.
+    let (status, problem) = change(&stack, event, json!({ "oversell_allowance": 0 })).await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::CONFLICT, Some("capacity_in_use")), "{problem}");
+    let levels = stack.ledger.levels(event).await.unwrap().unwrap();
+    assert_eq!((levels.sellable(), levels.sold, levels.oversold()), (3, 3, 1));
+
+    // Every ticket it may sell is paid for: sold out, announced once.
+    let told = stack.told(3, |d| d.event_id == event && d.kind.starts_with("event.")).await;
+    assert_eq!(told, ["event.opened", "event.capacity_changed", "event.sold_out"]);
+    let allowances: Vec<u32> = sqlx::query_scalar(
+        "SELECT oversell_allowance FROM outbox WHERE event_id = ? AND subject = 'event' ORDER BY seq",
+    )
+    .bind(event)
+    .fetch_all(&stack.db)
+    .await
+    .unwrap();
+    assert_eq!(allowances, [0, 1, 1]);
+
+    // Cat cancels within the policy: back on sale; Dan buys it: sold out
+    // again.
+    let until = chrono::Utc::now() + chrono::Duration::hours(1);
+    let policy = json!({ "cancellation": { "until": until.to_rfc3339(), "refund_percent": 100 } });
+    assert_eq!(change(&stack, event, policy).await.0, StatusCode::OK);
+    let (status, cancelled) = cancel(&stack, "cat", paid[2]).await;
+    assert_eq!((status, cancelled["state"].as_str()), (StatusCode::OK, Some("cancelled")), "{cancelled}");
+    stack.told(5, |d| d.event_id == event && d.kind.starts_with("event.")).await;
+    paid_order(&stack, &api, "dan", event).await;
+    let told = stack.told(6, |d| d.event_id == event && d.kind.starts_with("event.")).await;
+    assert_eq!(
+        told,
+        [
+            "event.opened",
+            "event.capacity_changed",
+            "event.sold_out",
+            "event.policy_changed",
+            "event.back_on_sale",
+            "event.sold_out"
+        ]
+    );
+
+    // The books: three sold of two, one of them inside the allowance, and
+    // every count says so.
+    let verdict = stack.books_balance(event).await;
+    let m = &verdict.mysql;
+    assert_eq!((m.capacity, m.oversell_allowance, m.paid, m.oversold()), (2, 1, 3, 1), "{verdict}");
+    assert_eq!((verdict.redis.capacity, verdict.redis.allowance, verdict.redis.sold), (2, 1, 3), "{verdict}");
+    let no_oversell = verdict.check(dropctl::invariants::Row::NoOversell).unwrap();
+    assert_eq!(no_oversell.detail, "0 + 3 <= 2 + allowance 1; 1 oversold", "{verdict}");
+    // Each announcement was made once, whatever the settlers' passes.
+    let counted: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT kind, COUNT(*) FROM outbox WHERE event_id = ? AND subject = 'event' GROUP BY kind ORDER BY kind",
+    )
+    .bind(event)
+    .fetch_all(&stack.db)
+    .await
+    .unwrap();
+    let counted: Vec<(&str, i64)> = counted.iter().map(|(k, n)| (k.as_str(), *n)).collect();
+    assert_eq!(
+        counted,
+        [("back_on_sale", 1), ("capacity_changed", 1), ("opened", 1), ("policy_changed", 1), ("sold_out", 2)]
+    );
     stack.stop().await;
 }

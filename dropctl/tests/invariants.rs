@@ -178,6 +178,7 @@ async fn consistent_books() -> Books {
     .last_insert_id();
     let rules = SaleRules {
         capacity: 3,
+        oversell_allowance: 0,
         per_user_limit: 1,
         hold_ttl_ms: 1_000,
         opens_at_ms: (now - chrono::Duration::seconds(1)).timestamp_millis(),

@@ -163,6 +163,7 @@ async fn every_dashboard_query_has_data_and_alerts_fire_only_on_faults() {
     let api = Api::new(&format!("http://127.0.0.1:{api_port}")).unwrap();
     let plan = DropPlan {
         tickets: 20,
+        oversell_allowance: 0,
         buyers: 60,
         concurrency: 30,
         hold_ttl_secs: 2,

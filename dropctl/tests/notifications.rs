@@ -57,6 +57,15 @@ async fn delivered(stack: &Stack, order: Uuid, want: &[&str]) {
     .await
 }
 
+/// Opens an event (capacity, hold TTL) and waits until its opening, its
+/// first change, reached the host: each test's count starts after it.
+async fn open(stack: &Stack, capacity: u32, hold_ttl_secs: u32) -> u64 {
+    let event = stack.open_event(capacity, hold_ttl_secs).await;
+    let told = stack.told(1, |d| d.event_id == event && d.kind.starts_with("event.")).await;
+    assert_eq!(told, ["event.opened"]);
+    event
+}
+
 /// The outcome rows of the event's changes: (kind, outcome, attempts).
 async fn outcomes(stack: &Stack, event: u64) -> Vec<(String, String, u32)> {
     sqlx::query_as(
@@ -100,7 +109,7 @@ async fn every_change_of_an_order_reaches_the_host_once_signed_and_in_order() {
     let options = Options { notifier_args: vec!["--reminder-lead-secs=6".into()], ..Default::default() };
     let stack = Stack::start(options).await;
     let api = Api::new(&stack.api).unwrap();
-    let event = stack.open_event(10, 12).await;
+    let event = open(&stack, 10, 12).await;
 
     // Ann pays (her start of payment is a change too), Ben walks away
     // (reminded, then expired), Cat cancels.
@@ -116,8 +125,8 @@ async fn every_change_of_an_order_reaches_the_host_once_signed_and_in_order() {
     delivered(&stack, ben, &["order.held", "order.hold_expiring", "order.expired"]).await;
 
     let inbox = stack.inbox.summary();
-    assert_eq!((inbox.delivered, inbox.duplicates, inbox.bad_signatures, inbox.refused), (8, 0, 0, 0), "{inbox:?}");
-    let deliveries = stack.inbox.deliveries();
+    assert_eq!((inbox.delivered, inbox.duplicates, inbox.bad_signatures, inbox.refused), (9, 0, 0, 0), "{inbox:?}");
+    let deliveries: Vec<Delivered> = stack.inbox.deliveries().into_iter().filter(|d| d.kind != "event.opened").collect();
     for d in &deliveries {
         assert_eq!(d.event_id, event, "{d:?}");
         let order: Uuid = d.order_id.as_deref().unwrap().parse().unwrap();
@@ -148,12 +157,12 @@ async fn every_change_of_an_order_reaches_the_host_once_signed_and_in_order() {
         .await
         .unwrap()
         .rows_affected();
-    assert_eq!(again, 7);
+    assert_eq!(again, 8, "7 changes of its orders and the sale's opening");
     let verdict = check(&stack, event).await;
     assert!(verdict.all_hold(), "{verdict}");
-    assert_eq!(verdict.mysql.order_changes, 7, "{verdict}");
+    assert_eq!(verdict.mysql.order_changes, 8, "{verdict}");
     let inbox = stack.inbox.summary();
-    assert_eq!((inbox.delivered, inbox.duplicates), (8, 0), "{inbox:?}");
+    assert_eq!((inbox.delivered, inbox.duplicates), (9, 0), "{inbox:?}");
     stack.stop().await;
 }
 
@@ -161,7 +170,7 @@ async fn every_change_of_an_order_reaches_the_host_once_signed_and_in_order() {
 async fn an_outage_of_the_host_loses_nothing_and_delivers_nothing_twice() {
     let stack = Stack::start(Options::default()).await;
     let api = Api::new(&stack.api).unwrap();
-    let event = stack.open_event(10, 10).await;
+    let event = open(&stack, 10, 10).await;
     stack.inbox.set_down(true);
     let mut orders = Vec::new();
     for buyer in ["dan", "eve", "fay", "gus", "hal"] {
@@ -172,7 +181,7 @@ async fn an_outage_of_the_host_loses_nothing_and_delivers_nothing_twice() {
         orders.iter().all(|o| stack.inbox.refused_for(&o.to_string()) >= 2).then_some(())
     })
     .await;
-    assert_eq!(stack.inbox.summary().delivered, 0);
+    assert_eq!(stack.inbox.summary().delivered, 1, "only the opening, before the outage");
     stack.inbox.set_down(false);
     for order in &orders {
         delivered(&stack, *order, &["order.held"]).await;
@@ -181,9 +190,9 @@ async fn an_outage_of_the_host_loses_nothing_and_delivers_nothing_twice() {
     assert!(verdict.all_hold(), "{verdict}");
     // The holds expired meanwhile: five changes more, delivered too.
     let inbox = stack.inbox.summary();
-    assert_eq!((inbox.delivered, inbox.duplicates, inbox.bad_signatures), (10, 0, 0), "{inbox:?}");
+    assert_eq!((inbox.delivered, inbox.duplicates, inbox.bad_signatures), (11, 0, 0), "{inbox:?}");
     let rows = outcomes(&stack, event).await;
-    assert_eq!(rows.len(), 10, "{rows:?}");
+    assert_eq!(rows.len(), 11, "{rows:?}");
     assert!(rows.iter().all(|(_, outcome, _)| outcome == "delivered"), "{rows:?}");
     let retried = rows.iter().filter(|(kind, _, attempts)| kind == "order.held" && *attempts > 1).count();
     assert_eq!(retried, 5, "every hold's webhook was retried through the outage: {rows:?}");
@@ -195,7 +204,7 @@ async fn a_webhook_that_keeps_failing_is_dead_lettered_once_and_the_next_flows()
     let options = Options { notifier_args: vec!["--max-attempts=3".into()], ..Default::default() };
     let stack = Stack::start(options).await;
     let api = Api::new(&stack.api).unwrap();
-    let event = stack.open_event(10, 10).await;
+    let event = open(&stack, 10, 10).await;
     // A message no notifier can read goes to the dead-letter topic too.
     let publisher = stack.publisher();
     publisher.publish(dropline::kafka::Record::new(&stack.topics.changes, "poison", b"{not json")).await.unwrap();
@@ -204,10 +213,16 @@ async fn a_webhook_that_keeps_failing_is_dead_lettered_once_and_the_next_flows()
     let doomed = hold(&stack, &api, "ivy", event).await;
     let dead = eventually("the webhook to be dead-lettered", Duration::from_secs(60), || async {
         let rows = outcomes(&stack, event).await;
-        (!rows.is_empty()).then_some(rows)
+        (rows.len() == 2).then_some(rows)
     })
     .await;
-    assert_eq!(dead, vec![("order.held".to_owned(), "dead_lettered".to_owned(), 3)]);
+    assert_eq!(
+        dead,
+        vec![
+            ("event.opened".to_owned(), "delivered".to_owned(), 1),
+            ("order.held".to_owned(), "dead_lettered".to_owned(), 3)
+        ]
+    );
     assert_eq!(stack.inbox.summary().refused, 3);
     stack.inbox.set_down(false);
     let next = hold(&stack, &api, "jon", event).await;

@@ -20,8 +20,11 @@ use uuid::Uuid;
 async fn a_drop_sells_exactly_the_capacity_and_the_books_balance() {
     let stack = Stack::start(Options::default()).await;
     let api = Api::new(&stack.api).unwrap();
+    // The host accepts to oversell 5: the drop sells 45, 5 of them beyond
+    // the capacity, and every count shows them as such.
     let plan = DropPlan {
         tickets: 40,
+        oversell_allowance: 5,
         buyers: 150,
         concurrency: 64,
         hold_ttl_secs: 3,
@@ -42,10 +45,13 @@ async fn a_drop_sells_exactly_the_capacity_and_the_books_balance() {
     let verdict = report.verdict.clone().unwrap();
     assert!(report.passed(), "{report:#?}\n{verdict}");
     assert!(report.sold_out_exactly(), "{report:#?}");
-    assert_eq!(report.held, 40, "exactly the capacity was held at sell-out");
+    assert_eq!(report.held, 45, "exactly the capacity and the allowance were held at sell-out");
     assert_eq!(report.at_sellout_redis.available, 0);
-    assert_eq!(report.oversold(), 0);
+    assert_eq!((report.at_sellout_redis.allowance, report.at_sellout_redis.oversold()), (5, 5));
     let m = report.final_counts();
+    assert_eq!((m.capacity, m.oversell_allowance), (40, 5));
+    assert_eq!(report.oversold(), m.paid.saturating_sub(40), "what was sold beyond the capacity shows as oversold");
+    assert!(verdict.check(dropctl::invariants::Row::NoOversell).unwrap().detail.contains("<= 40 + allowance 5"));
     assert_eq!(m.paid, report.paid, "every captured payment is a paid order");
     // Holders who cancelled, and payers who cancelled within the policy.
     assert!(report.cancelled_after_paying > 0, "{report:#?}");
@@ -54,7 +60,7 @@ async fn a_drop_sells_exactly_the_capacity_and_the_books_balance() {
     assert_eq!(m.expired, report.walked_away + report.too_late, "every walk-away expired");
     assert_eq!(m.held, 0);
     assert_eq!(verdict.redis.sold, report.paid);
-    assert_eq!(verdict.redis.available, 40 - report.paid);
+    assert_eq!(verdict.redis.available, 45 - report.paid);
     assert_eq!(m.captured_payments, report.paid);
 
     // The drift gauge's measurement: none now, and it sees a lost write.
@@ -93,6 +99,7 @@ async fn a_drop_through_a_waiting_room_sells_exactly_the_capacity_and_its_draw_v
     let api = Api::new(&stack.api).unwrap();
     let plan = DropPlan {
         tickets: 20,
+        oversell_allowance: 0,
         buyers: 80,
         concurrency: 32,
         hold_ttl_secs: 8,

@@ -242,6 +242,13 @@ pub mod settler {
     )
     .from_zero();
 
+    pub const MILESTONES: Metric = Metric::counter(
+        "dropline_settler_milestones_total",
+        "Milestones of a sale the settlers recorded (each announced as the event's change), by milestone: opened, \
+         sold_out (every unit it may sell paid for), back_on_sale.",
+    )
+    .from_zero_for("milestone", &["opened", "sold_out", "back_on_sale"]);
+
     pub const OUTBOX_PUBLISHED: Metric = Metric::counter(
         "dropline_settler_outbox_published_total",
         "Changes of the record (outbox rows) published on the changes topic.",
@@ -285,6 +292,7 @@ pub mod settler {
         REBUILDS,
         VOIDED,
         OVERDUE_ENDED,
+        MILESTONES,
         OUTBOX_PUBLISHED,
         OUTBOX_LAG,
         OUTBOX_RELAYING,

@@ -13,9 +13,9 @@ use crate::stock::SaleRules;
 /// ended; MySQL is the record afterwards.
 const LEDGER_RETENTION_MS: i64 = 7 * 24 * 3600 * 1000;
 
-pub const COLUMNS: &str = "id, name, venue, starts_at, sale_opens_at, sale_closes_at, capacity, price_cents, \
-                           currency, per_user_limit, hold_ttl_secs, created_at, paused_at, cancel_paid_until, \
-                           cancel_refund_percent, cancelled_at";
+pub const COLUMNS: &str = "id, name, venue, starts_at, sale_opens_at, sale_closes_at, capacity, \
+                           oversell_allowance, price_cents, currency, per_user_limit, hold_ttl_secs, created_at, \
+                           paused_at, cancel_paid_until, cancel_refund_percent, cancelled_at, opened_at, sold_out_at";
 
 /// A sale event as the record keeps it: the terms an admin set, with the
 /// id and creation time the record gave it. Its JSON is flat, as the API
@@ -35,6 +35,11 @@ pub struct Event {
     pub cancel_refund_percent: u8,
     /// When its host cancelled the event: its sale stopped for good.
     pub cancelled_at: Option<DateTime<Utc>>,
+    /// When its sale opened, once a settler saw it open.
+    pub opened_at: Option<DateTime<Utc>>,
+    /// Since when every unit it may sell (capacity plus allowance) is paid
+    /// for; none while some are not.
+    pub sold_out_at: Option<DateTime<Utc>>,
 }
 
 impl Event {
@@ -88,6 +93,10 @@ pub struct EventTerms {
     pub sale_opens_at: DateTime<Utc>,
     pub sale_closes_at: DateTime<Utc>,
     pub capacity: u32,
+    /// Units the host accepts to sell beyond the capacity (design note 002:
+    /// overbooking against no-shows); none unless given.
+    #[serde(default)]
+    pub oversell_allowance: u32,
     pub price_cents: u64,
     pub currency: String,
     pub per_user_limit: u32,
@@ -104,6 +113,7 @@ impl EventTerms {
         let closes = self.sale_closes_at.timestamp_millis();
         SaleRules {
             capacity: self.capacity,
+            oversell_allowance: self.oversell_allowance,
             per_user_limit: self.per_user_limit,
             hold_ttl_ms: u64::from(self.hold_ttl_secs) * 1000,
             opens_at_ms: self.sale_opens_at.timestamp_millis(),
@@ -141,6 +151,11 @@ impl EventTerms {
         if self.capacity == 0 || self.capacity > MAX_CAPACITY {
             p.push(format!("capacity: must be 1 to {MAX_CAPACITY}"));
         }
+        if self.oversell_allowance > self.capacity
+            || u64::from(self.capacity) + u64::from(self.oversell_allowance) > u64::from(MAX_CAPACITY)
+        {
+            p.push(format!("oversell_allowance: must be at most the capacity, and with it at most {MAX_CAPACITY}"));
+        }
         if self.currency.len() != 3 || !self.currency.bytes().all(|b| b.is_ascii_uppercase()) {
             p.push("currency: must be a three-letter ISO 4217 code such as EUR".into());
         }
@@ -169,6 +184,7 @@ mod tests {
             sale_opens_at: "2026-01-01T00:00:00Z".parse().unwrap(),
             sale_closes_at: "2026-01-02T00:00:00Z".parse().unwrap(),
             capacity: 1,
+            oversell_allowance: 0,
             price_cents: 1,
             currency: "EUR".into(),
             per_user_limit: 1,

@@ -289,11 +289,15 @@ pub enum PaymentStep {
     Failed,
 }
 
-/// What a host changed about an event.
+/// What happened to an event: its host's changes, and its sale's
+/// milestones as the record sees them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EventChange {
-    /// Stock added mid-sale, or never-sold stock taken back.
+    /// Its sale opened.
+    Opened,
+    /// Stock added mid-sale, or never-sold stock taken back (the capacity
+    /// or the oversell allowance).
     CapacityChanged,
     /// The event moved to another date.
     Rescheduled,
@@ -305,15 +309,22 @@ pub enum EventChange {
     /// The host cancelled the event: its holds are released and its paid
     /// orders refunded (each order's own changes say so).
     Cancelled,
+    /// Every unit it may sell (capacity and allowance) is paid for...
+    SoldOut,
+    /// ...and then no longer: a paid order cancelled, or more stock.
+    BackOnSale,
 }
 
 named!(EventChange {
+    Opened => "opened",
     CapacityChanged => "capacity_changed",
     Rescheduled => "rescheduled",
     Paused => "paused",
     Resumed => "resumed",
     PolicyChanged => "policy_changed",
     Cancelled => "cancelled",
+    SoldOut => "sold_out",
+    BackOnSale => "back_on_sale",
 });
 
 named!(PaymentStep {
@@ -404,6 +415,9 @@ pub enum ChangeSubject {
         change: EventChange,
         /// The event as the change left it.
         capacity: u32,
+        /// (None in a change written before allowances.)
+        #[serde(default)]
+        oversell_allowance: u32,
         starts_at_ms: i64,
     },
     /// The buyer started paying for an order, or an attempt was declined.

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use dropline::messages::{OrderState, RejectReason};
 use dropline::stock::{
-    DoorOutcome, EndOutcome, Ledger, LedgerError, PayOutcome, SaleRules, StockLevels, Undecided, Verdict,
+    DoorOutcome, EndOutcome, Ledger, LedgerError, PayOutcome, Resized, SaleRules, StockLevels, Undecided, Verdict,
 };
 use uuid::Uuid;
 
@@ -28,6 +28,7 @@ async fn event(ledger: &Ledger, capacity: u32, per_user_limit: u32, hold_ttl_ms:
     let id = rand_id();
     let rules = SaleRules {
         capacity,
+        oversell_allowance: 0,
         per_user_limit,
         hold_ttl_ms,
         opens_at_ms: now_ms() - 1_000,
@@ -91,7 +92,7 @@ async fn two_buyers_racing_for_the_last_ticket_get_one_hold() {
     assert_eq!(held, 1, "{va:?} {vb:?}");
     let loser = if is_held(&va[0]) { &vb[0] } else { &va[0] };
     assert!(matches!(loser, Verdict::Rejected { reason: RejectReason::SoldOut, .. }));
-    assert_eq!(levels(&ledger, event).await, StockLevels { capacity: 1, available: 0, held: 1, sold: 0 });
+    assert_eq!(levels(&ledger, event).await, StockLevels { capacity: 1, allowance: 0, available: 0, held: 1, sold: 0 });
 }
 
 #[tokio::test]
@@ -127,7 +128,7 @@ async fn a_redelivered_intent_gets_its_first_decision_and_takes_stock_once() {
     assert!(is_held(&first[0]));
     assert_eq!(first, again);
     assert_eq!(twice, vec![first[0].clone(), first[0].clone()]);
-    assert_eq!(levels(&ledger, event).await, StockLevels { capacity: 5, available: 3, held: 2, sold: 0 });
+    assert_eq!(levels(&ledger, event).await, StockLevels { capacity: 5, allowance: 0, available: 3, held: 2, sold: 0 });
     assert_eq!(ledger.user_units(event, "carol").await.unwrap(), 2);
 }
 
@@ -149,6 +150,7 @@ async fn a_sale_not_yet_open_or_closed_rejects_and_takes_nothing() {
     let id = rand_id();
     let future = SaleRules {
         capacity: 10,
+        oversell_allowance: 0,
         per_user_limit: 2,
         hold_ttl_ms: 60_000,
         opens_at_ms: now_ms() + 60_000,
@@ -176,6 +178,7 @@ async fn prewarming_twice_never_resets_a_live_ledger() {
     decide(&ledger, event, &[intent("gus", 2)]).await;
     let rules = SaleRules {
         capacity: 3,
+        oversell_allowance: 0,
         per_user_limit: 3,
         hold_ttl_ms: 60_000,
         opens_at_ms: 0,
@@ -208,7 +211,7 @@ async fn cancel_returns_the_stock_at_once_and_only_once() {
     assert_eq!(h.state, OrderState::Cancelled);
     let EndOutcome::Ended(h) = ledger.cancel(event, c.0, "ivy").await.unwrap() else { panic!() };
     assert_eq!(h.state, OrderState::Cancelled);
-    assert_eq!(levels(&ledger, event).await, StockLevels { capacity: 2, available: 2, held: 0, sold: 0 });
+    assert_eq!(levels(&ledger, event).await, StockLevels { capacity: 2, allowance: 0, available: 2, held: 0, sold: 0 });
     assert_eq!(ledger.user_units(event, "ivy").await.unwrap(), 0);
     // The stock can be bought again, and a payment for the cancelled hold
     // is a refund.
@@ -229,7 +232,7 @@ async fn a_payment_in_time_sells_and_a_redelivered_one_is_the_same_payment() {
     assert!(matches!(ledger.pay(event, c.0, "pay-1").await.unwrap(), PayOutcome::Paid(_)));
     // A second, different payment for the same order must be refunded.
     assert!(matches!(ledger.pay(event, c.0, "pay-2").await.unwrap(), PayOutcome::Refund(_)));
-    assert_eq!(levels(&ledger, event).await, StockLevels { capacity: 2, available: 1, held: 0, sold: 1 });
+    assert_eq!(levels(&ledger, event).await, StockLevels { capacity: 2, allowance: 0, available: 1, held: 0, sold: 1 });
     // Paid holds are not expired or cancelled.
     let EndOutcome::Ended(h) = expire_when_due(&ledger, event, c.0).await else { panic!() };
     assert_eq!(h.state, OrderState::Paid);
@@ -248,7 +251,7 @@ async fn a_payment_after_expiry_is_a_refund_and_the_stock_comes_back_once() {
     assert_eq!(h.state, OrderState::Expired);
     // Expiring again changes nothing.
     expire_when_due(&ledger, event, c.0).await;
-    assert_eq!(levels(&ledger, event).await, StockLevels { capacity: 1, available: 1, held: 0, sold: 0 });
+    assert_eq!(levels(&ledger, event).await, StockLevels { capacity: 1, allowance: 0, available: 1, held: 0, sold: 0 });
 }
 
 #[tokio::test]
@@ -266,11 +269,11 @@ async fn a_payment_racing_the_expiry_ends_the_hold_exactly_once() {
         match paid {
             PayOutcome::Paid(_) => {
                 assert_eq!(final_hold.state, OrderState::Paid);
-                assert_eq!(l, StockLevels { capacity: 1, available: 0, held: 0, sold: 1 });
+                assert_eq!(l, StockLevels { capacity: 1, allowance: 0, available: 0, held: 0, sold: 1 });
             }
             PayOutcome::Refund(_) => {
                 assert_eq!(final_hold.state, OrderState::Expired);
-                assert_eq!(l, StockLevels { capacity: 1, available: 1, held: 0, sold: 0 });
+                assert_eq!(l, StockLevels { capacity: 1, allowance: 0, available: 1, held: 0, sold: 0 });
             }
             PayOutcome::UnknownOrder => panic!("the hold exists"),
         }
@@ -328,6 +331,45 @@ async fn every_held_unit_has_its_own_number_within_capacity() {
 }
 
 #[tokio::test]
+async fn an_oversell_allowance_sells_that_many_units_more_and_no_more() {
+    let ledger = ledger();
+    let event = event(&ledger, 4, 2, 60_000).await;
+    // The host accepts to oversell 2 of 4: six units, numbered 1 to 6.
+    let rules = |capacity, oversell_allowance| SaleRules {
+        capacity,
+        oversell_allowance,
+        per_user_limit: 2,
+        hold_ttl_ms: 60_000,
+        opens_at_ms: now_ms() - 1_000,
+        closes_at_ms: now_ms() + 600_000,
+        price_cents: 2_500,
+        retain_until_ms: now_ms() + 600_000,
+        paused: false,
+    };
+    assert_eq!(ledger.resize(event, &rules(4, 2)).await.unwrap(), Resized::To { sellable: 6, available: 6 });
+    let intents: Vec<_> = (0..4).map(|i| intent(&format!("u{i}"), 2)).collect();
+    let verdicts = decide(&ledger, event, &intents).await;
+    let mut units: Vec<u32> = verdicts.iter().flat_map(units_of).collect();
+    units.sort_unstable();
+    assert_eq!(units, vec![1, 2, 3, 4, 5, 6]);
+    assert!(matches!(verdicts[3], Verdict::Rejected { reason: RejectReason::SoldOut, .. }), "{verdicts:?}");
+    let l = levels(&ledger, event).await;
+    assert_eq!(l, StockLevels { capacity: 4, allowance: 2, available: 0, held: 6, sold: 0 });
+    assert_eq!((l.sellable(), l.oversold()), (6, 2));
+    // Taking the allowance back would drop units handed out: refused, and
+    // nothing changed. Moving it into the capacity keeps the six.
+    assert_eq!(ledger.resize(event, &rules(4, 0)).await.unwrap(), Resized::InUse { handed_out: 6 });
+    assert_eq!(ledger.resize(event, &rules(5, 1)).await.unwrap(), Resized::To { sellable: 6, available: 0 });
+    let l = levels(&ledger, event).await;
+    assert_eq!((l.capacity, l.allowance, l.oversold()), (5, 1, 1));
+    // More allowance is more to sell, at once.
+    assert_eq!(ledger.resize(event, &rules(5, 2)).await.unwrap(), Resized::To { sellable: 7, available: 1 });
+    let v = decide(&ledger, event, &[intent("u9", 1)]).await;
+    assert_eq!(units_of(&v[0]), vec![7]);
+    assert_eq!(ledger.damage(event).await.unwrap(), None);
+}
+
+#[tokio::test]
 async fn released_units_are_handed_out_again_and_paid_ones_never() {
     let ledger = ledger();
     let event = event(&ledger, 3, 3, 60_000).await;
@@ -364,6 +406,7 @@ async fn a_fence_is_renewed_restored_under_and_lifted_only_by_its_owner() {
     assert!(!ledger.renew_fence(&fence, 30).await.unwrap());
     let rules = SaleRules {
         capacity: 10,
+        oversell_allowance: 0,
         per_user_limit: 2,
         hold_ttl_ms: 60_000,
         opens_at_ms: now_ms() - 1_000,

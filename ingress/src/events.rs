@@ -22,13 +22,15 @@ use crate::snapshot::Catalog;
 /// How long the door trusts its last read of an event's stock.
 pub const AVAILABLE_TTL: Duration = Duration::from_millis(250);
 
-/// What a host may change about an event, on sale or not: its capacity
-/// (stock added, or stock never handed out taken back) and its date. A
-/// field it does not know is refused.
+/// What a host may change about an event, on sale or not: its capacity and
+/// oversell allowance (stock added, or stock never handed out taken back),
+/// its date and its cancellation policy. A field it does not know is
+/// refused.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EventChanges {
     pub capacity: Option<u32>,
+    pub oversell_allowance: Option<u32>,
     pub starts_at: Option<DateTime<Utc>>,
     pub cancellation: Option<CancellationPolicy>,
 }
@@ -121,9 +123,9 @@ impl Events {
     /// unit the record would refuse: less stock comes out of Redis first
     /// (refused there if units beyond it were ever handed out), under the
     /// event's row lock; then the record changes; then
-    /// [`Events::sync_ledger`] gives the ledger the record's capacity (more
-    /// stock goes in only once the record has it: the settler voids a unit
-    /// beyond the record's capacity). If a step fails the answer is an
+    /// [`Events::sync_ledger`] gives the ledger the record's capacity and
+    /// allowance (more stock goes in only once the record has it: the
+    /// settler voids a unit beyond the record's capacity and allowance). If a step fails the answer is an
     /// error and the same call again completes it.
     pub async fn change(&self, id: u64, changes: &EventChanges) -> Result<Event, Problem> {
         let mysql = |e: sqlx::Error| Problem::unavailable("mysql", &e);
@@ -132,6 +134,7 @@ impl Events {
         refuse_if_cancelled(&event)?;
         let mut terms = event.terms.clone();
         terms.capacity = changes.capacity.unwrap_or(terms.capacity);
+        terms.oversell_allowance = changes.oversell_allowance.unwrap_or(terms.oversell_allowance);
         terms.starts_at = changes.starts_at.unwrap_or(terms.starts_at);
         let mut problems = terms.problems();
         let policy = changes.cancellation.unwrap_or(CancellationPolicy {
@@ -142,10 +145,10 @@ impl Events {
             problems.push("cancellation.refund_percent: must be 0 to 100".into());
         }
         Problem::unless_valid(problems, "the change is not valid")?;
-        if terms.capacity < event.terms.capacity {
-            self.resize(&event, terms.capacity).await?;
+        if terms.rules().sellable() < event.terms.rules().sellable() {
+            self.resize(&event, &terms).await?;
         }
-        record::change_event(&mut tx, id, terms.capacity, terms.starts_at, &policy).await.map_err(mysql)?;
+        record::change_event(&mut tx, id, &terms, &policy).await.map_err(mysql)?;
         tx.commit().await.map_err(mysql)?;
         self.sync_ledger(id).await
     }
@@ -184,8 +187,8 @@ impl Events {
         self.sync_ledger(id).await
     }
 
-    /// Gives the live ledger what the record has now (its capacity, paused
-    /// or not), under the event's row lock like every host change, so the
+    /// Gives the live ledger what the record has now (its capacity and
+    /// allowance, paused or not), under the event's row lock like every host change, so the
     /// ledger ends at the record's latest change whatever ran in between:
     /// another host's change, or a retry after a write to Redis failed. The
     /// event is then put in this ingress' snapshot and cache at once (the
@@ -194,7 +197,7 @@ impl Events {
         let mysql = |e: sqlx::Error| Problem::unavailable("mysql", &e);
         let mut tx = self.db.begin().await.map_err(mysql)?;
         let event = record::lock_event(&mut tx, id).await.map_err(mysql)?.ok_or(ErrorCode::EventNotFound)?;
-        self.resize(&event, event.terms.capacity).await?;
+        self.resize(&event, &event.terms).await?;
         self.pause_ledger(&event, event.rules().paused).await?;
         tx.commit().await.map_err(mysql)?;
         self.cache.invalidate(&id).await;
@@ -218,15 +221,17 @@ impl Events {
         self.load(id).await
     }
 
-    /// Gives the live ledger `capacity`. Before the pre-warm there is no
+    /// Gives the live ledger the capacity and allowance of `terms`. Before
+    /// the pre-warm there is no
     /// ledger: the pre-warm reads the record. After the opening, a missing
     /// ledger is one Redis lost: nothing is known of the units handed out
     /// until it is rebuilt from the record, so the change waits for that.
-    async fn resize(&self, event: &Event, capacity: u32) -> Result<(), Problem> {
-        match self.ledger.resize(event.id, capacity).await {
+    async fn resize(&self, event: &Event, terms: &EventTerms) -> Result<(), Problem> {
+        match self.ledger.resize(event.id, &terms.rules()).await {
             Ok(Resized::To { .. }) => Ok(()),
             Ok(Resized::InUse { handed_out }) => Err(Problem::new(ErrorCode::CapacityInUse).detail(format!(
-                "units 1 to {handed_out} have been handed out; the capacity can be {handed_out} or more"
+                "units 1 to {handed_out} have been handed out; the capacity and the oversell allowance together \
+                 can be {handed_out} or more"
             ))),
             Err(LedgerError::NoLedger(_)) if Utc::now() < event.terms.sale_opens_at => Ok(()),
             Err(LedgerError::NoLedger(_)) => {

@@ -50,8 +50,9 @@ impl SearchTimeout {
 /// Creates an event; returns its id.
 pub async fn insert_event(db: &MySqlPool, new: &EventTerms) -> Result<u64, sqlx::Error> {
     let done = sqlx::query(
-        "INSERT INTO events (name, venue, starts_at, sale_opens_at, sale_closes_at, capacity, price_cents, \
-         currency, per_user_limit, hold_ttl_secs) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO events (name, venue, starts_at, sale_opens_at, sale_closes_at, capacity, \
+         oversell_allowance, price_cents, currency, per_user_limit, hold_ttl_secs) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(new.name.trim())
     .bind(new.venue.trim())
@@ -59,6 +60,7 @@ pub async fn insert_event(db: &MySqlPool, new: &EventTerms) -> Result<u64, sqlx:
     .bind(new.sale_opens_at)
     .bind(new.sale_closes_at)
     .bind(new.capacity)
+    .bind(new.oversell_allowance)
     .bind(new.price_cents)
     .bind(&new.currency)
     .bind(new.per_user_limit)
@@ -77,21 +79,21 @@ pub async fn lock_event(tx: &mut sqlx::MySqlConnection, id: u64) -> Result<Optio
         .await
 }
 
-/// Writes an event's changed capacity, date and cancellation policy (its
-/// outbox changes are the triggers').
+/// Writes an event's changed capacity, oversell allowance, date and
+/// cancellation policy (its outbox changes are the triggers').
 pub async fn change_event(
     tx: &mut sqlx::MySqlConnection,
     id: u64,
-    capacity: u32,
-    starts_at: DateTime<Utc>,
+    terms: &EventTerms,
     policy: &crate::events::CancellationPolicy,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "UPDATE events SET capacity = ?, starts_at = ?, cancel_paid_until = ?, cancel_refund_percent = ?, \
-         changed_at = UTC_TIMESTAMP(3) WHERE id = ?",
+        "UPDATE events SET capacity = ?, oversell_allowance = ?, starts_at = ?, cancel_paid_until = ?, \
+         cancel_refund_percent = ?, changed_at = UTC_TIMESTAMP(3) WHERE id = ?",
     )
-    .bind(capacity)
-    .bind(starts_at)
+    .bind(terms.capacity)
+    .bind(terms.oversell_allowance)
+    .bind(terms.starts_at)
     .bind(policy.until)
     .bind(policy.refund_percent)
     .bind(id)

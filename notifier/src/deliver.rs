@@ -41,9 +41,10 @@ pub fn change_body(change: &Change) -> Value {
             "refund_state": state,
             "amount_cents": amount_cents,
         }),
-        ChangeSubject::Event { change, capacity, starts_at_ms } => json!({
+        ChangeSubject::Event { change, capacity, oversell_allowance, starts_at_ms } => json!({
             "event_change": change,
             "capacity": capacity,
+            "oversell_allowance": oversell_allowance,
             "starts_at": rfc3339(*starts_at_ms),
         }),
         ChangeSubject::Payment { order_id, amount_cents, expires_at_ms, step, payment_id, reason, .. } => {
@@ -233,6 +234,7 @@ mod tests {
             subject: ChangeSubject::Event {
                 change: dropline::messages::EventChange::Rescheduled,
                 capacity: 500,
+                oversell_allowance: 10,
                 starts_at_ms: 1_800_000_000_000,
             },
             ..held.clone()

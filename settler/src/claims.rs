@@ -72,7 +72,9 @@ impl std::fmt::Display for VoidReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             VoidReason::UnitTaken { unit, by } => write!(f, "unit {unit} belongs to live order {by}"),
-            VoidReason::NoSuchUnit { unit } => write!(f, "unit {unit} is beyond the event's capacity"),
+            VoidReason::NoSuchUnit { unit } => {
+                write!(f, "unit {unit} is beyond the event's capacity and oversell allowance")
+            }
             VoidReason::OverLimit { units, limit } => write!(f, "the buyer would own {units} units, limit {limit}"),
         }
     }
@@ -104,7 +106,8 @@ pub async fn settle(tx: &mut Tx<'_>, ledger: &Ledger, claims: &[Claim]) -> Resul
 struct EventClaims<'a> {
     ledger: &'a Ledger,
     event_id: u64,
-    capacity: u32,
+    /// The units it may sell: its capacity and oversell allowance.
+    sellable: u32,
     limit: u32,
     /// unit -> the order that has it.
     owners: HashMap<u32, String>,
@@ -129,7 +132,7 @@ impl<'a> EventClaims<'a> {
         let rules = events::limits(tx, event_id).await?;
         // Only a hand-made message names an event the record lacks: its
         // units are still kept unique, with no bounds to check.
-        let (capacity, limit) = rules.unwrap_or_else(|| {
+        let (sellable, limit) = rules.unwrap_or_else(|| {
             tracing::warn!(event_id, "a hold for an event MySQL does not have");
             (u32::MAX, u32::MAX)
         });
@@ -157,7 +160,7 @@ impl<'a> EventClaims<'a> {
         unknown.dedup();
         states.extend(orders::states(tx, &unknown).await?);
         let pending = claims.iter().map(|c| c.order_id.clone()).collect();
-        Ok(EventClaims { ledger, event_id, capacity, limit, owners, states, live, pending, granted: Vec::new() })
+        Ok(EventClaims { ledger, event_id, sellable, limit, owners, states, live, pending, granted: Vec::new() })
     }
 
     /// Why the record refuses `claim`, if it does. A claim it accepts owns
@@ -170,7 +173,7 @@ impl<'a> EventClaims<'a> {
             return Ok(None);
         }
         for &unit in &claim.units {
-            if unit == 0 || unit > self.capacity {
+            if unit == 0 || unit > self.sellable {
                 return Ok(Some(VoidReason::NoSuchUnit { unit }));
             }
             let Some(owner) = self.owners.get(&unit).cloned() else { continue };

@@ -37,6 +37,10 @@ pub struct SettlerConfig {
     /// settler wrote any (changes another process made).
     #[arg(long, env = "DROPLINE_SETTLER_OUTBOX_POLL_MS", default_value_t = 250)]
     pub outbox_poll_ms: u64,
+    /// How often the settler looks for sales that opened, sold out or came
+    /// back on sale (each announced as the event's change).
+    #[arg(long, env = "DROPLINE_SETTLER_MILESTONE_POLL_MS", default_value_t = 1_000)]
+    pub milestone_poll_ms: u64,
     #[command(flatten)]
     #[serde(flatten)]
     pub provider: dropline::config::ProviderArgs,
@@ -106,6 +110,7 @@ dropline::stage_config!(SettlerConfig, "settler", 9102, |config, p| {
     p.require(!config.group_id.is_empty(), "DROPLINE_SETTLER_GROUP must not be empty");
     p.within("DROPLINE_SETTLER_BATCH_MAX", config.batch_max, 1..=5_000);
     p.within("DROPLINE_SETTLER_OUTBOX_POLL_MS", config.outbox_poll_ms, 10..=60_000);
+    p.within("DROPLINE_SETTLER_MILESTONE_POLL_MS", config.milestone_poll_ms, 10..=60_000);
     p.require(config.batch_linger_ms <= 5_000, "DROPLINE_SETTLER_BATCH_LINGER_MS must be at most 5000");
     config.provider.check(p);
     p.within("DROPLINE_SETTLER_REFUND_POLL_MS", config.refund_poll_ms, 10..=60_000);

@@ -19,11 +19,14 @@
 //!   the database in each change's own transaction) on `changes`.
 //! - [`refunds`]: the worker that gives back, through the payment
 //!   provider, the money of every payment the record keeps for refund.
+//! - [`milestones`]: a sale opened, sold out, back on sale, recorded on
+//!   the event (and so announced) once.
 //! - [`config`]: settings; [`metrics`]: metric names.
 
 pub mod claims;
 pub mod config;
 pub mod metrics;
+pub mod milestones;
 pub mod outbox;
 pub mod rebuild;
 pub mod reconcile;
@@ -93,6 +96,12 @@ pub async fn run(config: SettlerConfig, shutdown: CancellationToken) -> Result<(
     let relaying = tokio::spawn(relay.run(shutdown.clone()));
     let refunder = refunds::Refunder::new(db.clone(), config.refund_options())?;
     let refunding = tokio::spawn(refunder.run(shutdown.clone()));
+    let milestones = milestones::Milestones {
+        db: db.clone(),
+        ledger: ledger.clone(),
+        every: std::time::Duration::from_millis(config.milestone_poll_ms),
+    };
+    let watching = tokio::spawn(milestones.run(shutdown.clone()));
     ready.set(true);
     tracing::info!("settler consuming");
 
@@ -102,6 +111,7 @@ pub async fn run(config: SettlerConfig, shutdown: CancellationToken) -> Result<(
     ready.set(false);
     let _ = relaying.await;
     let _ = refunding.await;
+    let _ = watching.await;
     tracing::info!("settler stopped");
     ended.map_err(StageError::from)?;
     Ok(())

@@ -127,6 +127,7 @@ impl Stack {
                 format!("--payment-provider-url=http://{}", paysim.addr),
                 "--refund-poll-ms=100".to_owned(),
                 "--refund-retry-base-ms=200".to_owned(),
+                "--milestone-poll-ms=100".to_owned(),
             ]
             .into_iter()
             .chain(common.iter().cloned()),
@@ -317,7 +318,25 @@ impl Stack {
         });
         let api = dropctl::api::Api::new(&self.api).unwrap();
         let event = api.create_event(&self.admin_token(), &body).await.unwrap();
-        event["id"].as_u64().unwrap()
+        let event = event["id"].as_u64().unwrap();
+        // Its opening is the event's first change: a test's own changes
+        // come after it.
+        self.wait_opened(event).await;
+        event
+    }
+
+    /// Waits until the settlers recorded the event's sale as opened.
+    pub async fn wait_opened(&self, event: u64) {
+        eventually("the sale's opening recorded", Duration::from_secs(30), || async {
+            let opened: Option<chrono::DateTime<chrono::Utc>> =
+                sqlx::query_scalar("SELECT opened_at FROM events WHERE id = ?")
+                    .bind(event)
+                    .fetch_one(&self.db)
+                    .await
+                    .unwrap();
+            opened.map(|_| ())
+        })
+        .await
     }
 
     /// Gives `event` a waiting room on `terms` (as the admin API takes
@@ -622,6 +641,7 @@ pub mod process {
 pub fn fault_drop(scenario: &str, scale: u32, brokers: &str, name: &str, provider: &str) -> dropctl::drill::DropPlan {
     dropctl::drill::DropPlan {
         tickets: 25 * scale,
+        oversell_allowance: 0,
         buyers: 75 * scale,
         concurrency: 6 * scale as usize,
         hold_ttl_secs: 8,

@@ -61,6 +61,9 @@ static HOLD: LazyLock<Script> =
 #[derive(Debug, Clone)]
 pub struct SaleRules {
     pub capacity: u32,
+    /// Units it may sell beyond the capacity: unit numbers run from 1 to
+    /// capacity + oversell_allowance.
+    pub oversell_allowance: u32,
     pub per_user_limit: u32,
     pub hold_ttl_ms: u64,
     pub opens_at_ms: i64,
@@ -70,6 +73,13 @@ pub struct SaleRules {
     pub retain_until_ms: i64,
     /// The host paused the sale: every intent is refused `sale_paused`.
     pub paused: bool,
+}
+
+impl SaleRules {
+    /// Every unit the sale may hand out: the capacity and the allowance.
+    pub fn sellable(&self) -> u32 {
+        self.capacity + self.oversell_allowance
+    }
 }
 
 /// An intent still to decide, as the allocation script takes it.
@@ -171,8 +181,13 @@ impl Restore {
         let units =
             |state| self.holds.iter().filter(|(_, h)| h.state == state).map(|(_, h)| u64::from(h.quantity)).sum();
         let (held, sold): (u64, u64) = (units(OrderState::Held), units(OrderState::Paid));
-        let capacity = u64::from(self.rules.capacity);
-        StockLevels { capacity, available: capacity.saturating_sub(held + sold), held, sold }
+        StockLevels {
+            capacity: self.rules.capacity.into(),
+            allowance: self.rules.oversell_allowance.into(),
+            available: u64::from(self.rules.sellable()).saturating_sub(held + sold),
+            held,
+            sold,
+        }
     }
 }
 
@@ -196,11 +211,12 @@ pub enum PayOutcome {
     UnknownOrder,
 }
 
-/// What asking for a new capacity did.
+/// What asking for a new capacity or allowance did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Resized {
-    /// The ledger has the capacity asked for, and this many units to sell.
-    To { capacity: u32, available: u64 },
+    /// The ledger has what was asked for: this many units it may sell
+    /// (capacity and allowance), this many of them available.
+    To { sellable: u32, available: u64 },
     /// Refused: unit numbers up to this one have been handed out.
     InUse { handed_out: u32 },
 }
@@ -217,19 +233,32 @@ pub enum EndOutcome {
     UnknownOrder,
 }
 
-/// The four counters of an event's ledger.
+/// The counters of an event's ledger.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 pub struct StockLevels {
     pub capacity: u64,
+    /// The units the host accepts to sell beyond the capacity.
+    pub allowance: u64,
     pub available: u64,
     pub held: u64,
     pub sold: u64,
 }
 
 impl StockLevels {
-    /// available + held + sold = capacity, the conservation invariant.
+    /// Every unit the sale may hand out.
+    pub fn sellable(&self) -> u64 {
+        self.capacity + self.allowance
+    }
+
+    /// available + held + sold = capacity + allowance, the conservation
+    /// invariant (with no allowance, = capacity).
     pub fn is_conserved(&self) -> bool {
-        self.available + self.held + self.sold == self.capacity
+        self.available + self.held + self.sold == self.sellable()
+    }
+
+    /// The units held or sold beyond the capacity, inside the allowance.
+    pub fn oversold(&self) -> u64 {
+        (self.held + self.sold).saturating_sub(self.capacity)
     }
 }
 
@@ -307,6 +336,7 @@ impl Ledger {
             .arg(rules.price_cents)
             .arg(rules.retain_until_ms)
             .arg(u8::from(rules.paused))
+            .arg(rules.oversell_allowance)
             .invoke_async(&mut conn)
             .await?;
         Ok(created == 1)
@@ -387,19 +417,21 @@ impl Ledger {
         Ok(())
     }
 
-    /// Gives a live sale the capacity `capacity`: more stock to sell, or
-    /// less of the stock nobody was ever given (see resize.lua).
-    pub async fn resize(&self, event_id: u64, capacity: u32) -> Result<Resized, LedgerError> {
+    /// Gives a live sale the capacity and oversell allowance of `rules`:
+    /// more stock to sell, or less of the stock nobody was ever given (see
+    /// resize.lua).
+    pub async fn resize(&self, event_id: u64, rules: &SaleRules) -> Result<Resized, LedgerError> {
         let keys = self.keys.event(event_id);
         let mut conn = self.pool.get().await?;
         let (outcome, first, second): (String, u64, u64) = invoke(&RESIZE, &keys.resize())
-            .arg(capacity)
+            .arg(rules.capacity)
+            .arg(rules.oversell_allowance)
             .invoke_async(&mut conn)
             .await
             .map_err(|e| no_ledger(e, event_id))?;
         let units = |n: u64| u32::try_from(n).map_err(|_| LedgerError::Corrupt(format!("resize answered {n} units")));
         match outcome.as_str() {
-            "resized" => Ok(Resized::To { capacity: units(first)?, available: second }),
+            "resized" => Ok(Resized::To { sellable: units(first)?, available: second }),
             "in_use" => Ok(Resized::InUse { handed_out: units(first)? }),
             other => Err(LedgerError::Corrupt(format!("resize answered {other}"))),
         }
@@ -588,7 +620,7 @@ impl Ledger {
             .flat_map(|(_, h)| h.units.iter().copied())
             .collect();
         let free: Vec<u32> =
-            (1..=rules.capacity).filter(|u| !taken.contains(u)).take(levels.available as usize).collect();
+            (1..=rules.sellable()).filter(|u| !taken.contains(u)).take(levels.available as usize).collect();
         for chunk in free.chunks(1000) {
             pipe.rpush(&keys.free, chunk).ignore();
         }
@@ -608,10 +640,11 @@ impl Ledger {
             &keys.stock,
             &[
                 ("capacity", levels.capacity.to_string()),
+                ("allowance", levels.allowance.to_string()),
                 ("available", levels.available.to_string()),
                 ("held", levels.held.to_string()),
                 ("sold", levels.sold.to_string()),
-                ("next_unit", (u64::from(rules.capacity) + 1).to_string()),
+                ("next_unit", (u64::from(rules.sellable()) + 1).to_string()),
                 ("limit", rules.per_user_limit.to_string()),
                 ("ttl_ms", rules.hold_ttl_ms.to_string()),
                 ("opens_ms", rules.opens_at_ms.to_string()),
@@ -667,20 +700,20 @@ impl Ledger {
         let (fields, free): (Vec<Option<u64>>, u64) = redis::pipe()
             .cmd("HMGET")
             .arg(&keys.stock)
-            .arg(&["capacity", "available", "next_unit"])
+            .arg(&["capacity", "available", "next_unit", "allowance"])
             .llen(&keys.free)
             .query_async(&mut conn)
             .await?;
         Ok(match fields.as_slice() {
-            [Some(capacity), Some(available), Some(next_unit)]
-                if *available != free + (capacity + 1).saturating_sub(*next_unit) =>
+            [Some(capacity), Some(available), Some(next_unit), allowance]
+                if *available != free + (capacity + allowance.unwrap_or(0) + 1).saturating_sub(*next_unit) =>
             {
                 Some(format!(
                     "{available} available but {free} released and {} never used units",
-                    (capacity + 1).saturating_sub(*next_unit)
+                    (capacity + allowance.unwrap_or(0) + 1).saturating_sub(*next_unit)
                 ))
             }
-            [Some(_), Some(_), None] => Some("no unit numbers (a ledger from before them)".to_owned()),
+            [Some(_), Some(_), None, _] => Some("no unit numbers (a ledger from before them)".to_owned()),
             _ => None,
         })
     }
@@ -741,15 +774,19 @@ impl Ledger {
 }
 
 /// The stock hash's counters, in the order [`levels_from`] reads them.
-const LEVEL_FIELDS: [&str; 4] = ["capacity", "available", "held", "sold"];
+const LEVEL_FIELDS: [&str; 5] = ["capacity", "available", "held", "sold", "allowance"];
 
 /// The counters an `HMGET` of [`LEVEL_FIELDS`] read; `None` unless all are
-/// there.
+/// there (a ledger from before allowances has none: 0).
 fn levels_from(f: &[Option<u64>]) -> Option<StockLevels> {
     match f {
-        [Some(capacity), Some(available), Some(held), Some(sold)] => {
-            Some(StockLevels { capacity: *capacity, available: *available, held: *held, sold: *sold })
-        }
+        [Some(capacity), Some(available), Some(held), Some(sold), allowance] => Some(StockLevels {
+            capacity: *capacity,
+            allowance: allowance.unwrap_or(0),
+            available: *available,
+            held: *held,
+            sold: *sold,
+        }),
         _ => None,
     }
 }

@@ -43,8 +43,9 @@ pub async fn create(
     Ok((StatusCode::CREATED, [("location", location)], Json(EventView { event, availability })).into_response())
 }
 
-/// `PATCH /v1/admin/events/{id}`: a host changes the event's capacity
-/// (mid-sale too), its date or its cancellation policy; see
+/// `PATCH /v1/admin/events/{id}`: a host changes the event's capacity or
+/// oversell allowance (mid-sale too), its date or its cancellation policy;
+/// see
 /// [`crate::events::Events::change`]. Each change is published as the
 /// event's change (`event.capacity_changed`, `event.rescheduled`,
 /// `event.policy_changed`).
@@ -54,13 +55,17 @@ pub async fn change(
     EventId(id): EventId,
     JsonBody(changes): JsonBody<EventChanges>,
 ) -> Result<Response, Problem> {
-    if changes.capacity.is_none() && changes.starts_at.is_none() && changes.cancellation.is_none() {
-        return Err(
-            Problem::new(ErrorCode::InvalidBody).detail("nothing to change: give capacity, starts_at or cancellation")
-        );
+    if changes.capacity.is_none()
+        && changes.oversell_allowance.is_none()
+        && changes.starts_at.is_none()
+        && changes.cancellation.is_none()
+    {
+        return Err(Problem::new(ErrorCode::InvalidBody)
+            .detail("nothing to change: give capacity, oversell_allowance, starts_at or cancellation"));
     }
     let event = app.events.change(id, &changes).await?;
-    tracing::info!(event_id = id, capacity = event.terms.capacity, starts_at = %event.terms.starts_at, "event changed");
+    tracing::info!(event_id = id, capacity = event.terms.capacity, oversell_allowance = event.terms.oversell_allowance,
+        starts_at = %event.terms.starts_at, "event changed");
     let availability = app.events.levels(id).await.map_err(|e| Problem::unavailable("redis", &e))?;
     Ok(Json(EventView { event, availability }).into_response())
 }

@@ -171,6 +171,21 @@ pub async fn live_units(db: &MySqlPool, event_id: u64) -> Result<Vec<(OrderState
     .await
 }
 
+/// The units paid for, of each of `events` that has any.
+pub async fn paid_units(db: &MySqlPool, events: &[u64]) -> Result<std::collections::HashMap<u64, u64>, sqlx::Error> {
+    let mut paid = std::collections::HashMap::new();
+    for chunk in events.chunks(LOOKUP) {
+        let mut q = QueryBuilder::<MySql>::new(
+            "SELECT event_id, CAST(SUM(quantity) AS UNSIGNED) FROM orders WHERE state = 'paid' AND event_id IN ",
+        );
+        push_list(&mut q, chunk);
+        q.push(" GROUP BY event_id");
+        let rows: Vec<(u64, u64)> = q.build_query_as().fetch_all(db).await?;
+        paid.extend(rows);
+    }
+    Ok(paid)
+}
+
 /// An order as the record has it, with its captured payment and its units:
 /// what a rebuild restores.
 #[derive(sqlx::FromRow)]

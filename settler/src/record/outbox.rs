@@ -25,6 +25,7 @@ pub struct Row {
     pub payment_id: Option<String>,
     pub reason: Option<String>,
     pub capacity: Option<u32>,
+    pub oversell_allowance: Option<u32>,
     pub starts_at: Option<DateTime<Utc>>,
 }
 
@@ -62,6 +63,7 @@ impl Row {
             "event" => ChangeSubject::Event {
                 change: self.kind.parse::<EventChange>().map_err(|e| bad(e.to_string()))?,
                 capacity: self.capacity.ok_or_else(|| missing("capacity"))?,
+                oversell_allowance: self.oversell_allowance.unwrap_or(0),
                 starts_at_ms: self.starts_at.ok_or_else(|| missing("starts_at"))?.timestamp_millis(),
             },
             "payment" => ChangeSubject::Payment {
@@ -102,7 +104,8 @@ impl Row {
 pub async fn unpublished(conn: &mut MySqlConnection, limit: u32) -> Result<Vec<Row>, sqlx::Error> {
     sqlx::query_as(
         "SELECT seq, change_id, CAST(subject AS CHAR) AS subject, kind, event_id, order_id, user_id, quantity, \
-         amount_cents, expires_at, changed_at, refund_id, payment_id, reason, capacity, starts_at FROM outbox \
+         amount_cents, expires_at, changed_at, refund_id, payment_id, reason, capacity, oversell_allowance, \
+         starts_at FROM outbox \
          WHERE published_at IS NULL \
          ORDER BY seq LIMIT ?",
     )

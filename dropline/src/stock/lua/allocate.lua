@@ -20,7 +20,8 @@
 -- An intent the ingress refused at the door (a retry whose idempotency record
 -- Redis had lost, while its first copy was still on Kafka) gets the door's
 -- answer: the buyer was told no, so it must not take stock.
--- Each hold gets unit numbers from 1 to capacity: released ones first, then
+-- Each hold gets unit numbers from 1 to capacity + allowance (the units the
+-- host accepts to oversell, absent: none): released ones first, then
 -- never-used ones. MySQL keeps a unit to one live order, so a ledger that
 -- lost writes and hands a unit out again is caught there.
 -- Time is Redis' own clock, the one clock that pay, cancel and expire use too.
@@ -33,7 +34,7 @@ if refused then
 end
 
 local f = redis.call('HMGET', stock, 'available', 'limit', 'ttl_ms', 'opens_ms', 'closes_ms', 'price', 'retain_ms',
-  'next_unit', 'capacity', 'paused')
+  'next_unit', 'capacity', 'paused', 'allowance')
 local available = tonumber(f[1])
 local limit = tonumber(f[2])
 local ttl_ms = tonumber(f[3])
@@ -42,7 +43,8 @@ local closes_ms = tonumber(f[5])
 local price = tonumber(f[6])
 local retain_ms = f[7]
 local next_unit = tonumber(f[8])
-local capacity = tonumber(f[9])
+-- Every unit it may sell: the capacity and the oversell allowance.
+local sellable = tonumber(f[9]) + tonumber(f[11] or '0')
 -- Paused by its host (absent in a ledger from before pauses: running).
 local paused = f[10] == '1'
 local unused = redis.call('LLEN', free)
@@ -70,7 +72,7 @@ end
 if not next_unit then
   return redis.error_reply('CORRUPT the ledger has no unit numbers')
 end
-if available ~= unused + capacity - next_unit + 1 then
+if available ~= unused + sellable - next_unit + 1 then
   return redis.error_reply('CORRUPT available ' .. available .. ' does not match the free units')
 end
 
