@@ -479,6 +479,16 @@ async fn an_oversell_allowance_sells_beyond_the_capacity_as_such_and_sold_out_is
         ]
     );
 
+    // A ledger Redis lost is rebuilt with the allowance, from the record.
+    stack.lose_ledger(event).await;
+    stack.ledger.request_rebuild(event, "the test lost the ledger").await.unwrap();
+    let rebuilt = eventually("the rebuilt ledger", Duration::from_secs(30), || async {
+        stack.ledger.levels(event).await.unwrap()
+    })
+    .await;
+    assert_eq!((rebuilt.capacity, rebuilt.allowance, rebuilt.sold, rebuilt.available), (2, 1, 3, 0));
+    assert_eq!(try_buy(&stack, &api, "eve", event).await, "sold_out");
+
     // The books: three sold of two, one of them inside the allowance, and
     // every count says so.
     let verdict = stack.books_balance(event).await;

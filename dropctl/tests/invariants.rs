@@ -65,7 +65,7 @@ impl Books {
     /// outcome is recorded delivered, with the notifier's own writer, as
     /// the notifier does once the host took its webhook.
     async fn notify_outstanding(&self) {
-        let rows: Vec<(String, String, String)> = sqlx::query_as(
+        let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
             "SELECT c.change_id, c.kind, c.order_id FROM outbox c LEFT JOIN notifications n \
              ON n.notification_id = c.change_id WHERE c.event_id = ? AND n.notification_id IS NULL",
         )
@@ -77,9 +77,10 @@ impl Books {
             .into_iter()
             .map(|(id, kind, order)| Settled {
                 id: Uuid::parse_str(&id).unwrap(),
-                kind: format!("order.{kind}"),
+                // A change of the event names no order.
+                kind: format!("{}.{kind}", if order.is_some() { "order" } else { "event" }),
                 event_id: self.event,
-                order_id: Some(Uuid::parse_str(&order).unwrap()),
+                order_id: order.map(|o| Uuid::parse_str(&o).unwrap()),
                 delivered: true,
                 attempts: 1,
                 last_error: None,
@@ -152,6 +153,22 @@ fn payment(order: Uuid, disposition: PaymentDisposition) -> PaymentRecord {
     }
 }
 
+/// The sale rules of [`consistent_books`]' event, on sale now.
+fn consistent_rules() -> SaleRules {
+    let now = chrono::Utc::now();
+    SaleRules {
+        capacity: 3,
+        oversell_allowance: 0,
+        per_user_limit: 1,
+        hold_ttl_ms: 1_000,
+        opens_at_ms: (now - chrono::Duration::seconds(1)).timestamp_millis(),
+        closes_at_ms: (now + chrono::Duration::hours(1)).timestamp_millis(),
+        price_cents: PRICE,
+        retain_until_ms: (now + chrono::Duration::hours(2)).timestamp_millis(),
+        paused: false,
+    }
+}
+
 /// A consistent sale, written the way the pipeline writes it.
 async fn consistent_books() -> Books {
     dropline::telemetry::init_logs();
@@ -176,18 +193,7 @@ async fn consistent_books() -> Books {
     .await
     .unwrap()
     .last_insert_id();
-    let rules = SaleRules {
-        capacity: 3,
-        oversell_allowance: 0,
-        per_user_limit: 1,
-        hold_ttl_ms: 1_000,
-        opens_at_ms: (now - chrono::Duration::seconds(1)).timestamp_millis(),
-        closes_at_ms: (now + chrono::Duration::hours(1)).timestamp_millis(),
-        price_cents: PRICE,
-        retain_until_ms: (now + chrono::Duration::hours(2)).timestamp_millis(),
-        paused: false,
-    };
-    assert!(ledger.prewarm(event, &rules).await.unwrap());
+    assert!(ledger.prewarm(event, &consistent_rules()).await.unwrap());
 
     // Carol and Dave hold for a second; Dave cancels, Carol's hold expires
     // at its deadline and her payment arrives too late.
@@ -297,6 +303,39 @@ async fn an_oversold_unit_written_into_mysql_fails_no_oversell() {
     // capacity (or a live order without its unit) and an order Redis never
     // gave: the three rows see the one oversell from three sides.
     assert_eq!(v.failing(), vec![Row::NoOversell, Row::UnitOwners, Row::StoresAgree], "{v}");
+    b.drop().await;
+}
+
+#[tokio::test]
+async fn an_allowance_the_record_took_back_alone_fails_no_oversell() {
+    let b = consistent_books().await;
+    // The host turns one of the three units into the oversell allowance,
+    // in both stores: three live units of two is one oversold, and allowed.
+    let set = |capacity: u32, allowance: u32| {
+        let (db, event) = (b.db.clone(), b.event);
+        async move {
+            sqlx::query("UPDATE events SET capacity = ?, oversell_allowance = ? WHERE id = ?")
+                .bind(capacity)
+                .bind(allowance)
+                .bind(event)
+                .execute(&db)
+                .await
+                .unwrap();
+        }
+    };
+    set(2, 1).await;
+    let rules = SaleRules { capacity: 2, oversell_allowance: 1, ..consistent_rules() };
+    let resized = b.ledger.resize(b.event, &rules).await.unwrap();
+    assert_eq!(resized, dropline::stock::Resized::To { sellable: 3, available: 0 });
+    let v = b.verify().await;
+    assert_eq!(v.failing(), vec![], "{v}");
+    assert_eq!(v.check(Row::NoOversell).unwrap().detail, "2 + 1 <= 2 + allowance 1; 1 oversold", "{v}");
+
+    // The record alone loses the allowance: a unit sold beyond what it
+    // allows, numbered beyond it, and a ledger that disagrees with it.
+    set(2, 0).await;
+    let v = b.verify().await;
+    assert_eq!(v.failing(), vec![Row::NoOversell, Row::UnitOwners, Row::RedisConserved], "{v}");
     b.drop().await;
 }
 

@@ -126,7 +126,8 @@ async fn every_change_of_an_order_reaches_the_host_once_signed_and_in_order() {
 
     let inbox = stack.inbox.summary();
     assert_eq!((inbox.delivered, inbox.duplicates, inbox.bad_signatures, inbox.refused), (9, 0, 0, 0), "{inbox:?}");
-    let deliveries: Vec<Delivered> = stack.inbox.deliveries().into_iter().filter(|d| d.kind != "event.opened").collect();
+    let deliveries: Vec<Delivered> =
+        stack.inbox.deliveries().into_iter().filter(|d| d.kind != "event.opened").collect();
     for d in &deliveries {
         assert_eq!(d.event_id, event, "{d:?}");
         let order: Uuid = d.order_id.as_deref().unwrap().parse().unwrap();
