@@ -129,8 +129,11 @@ impl Count {
                  WHERE n.event_id = ? AND n.kind <> 'order.hold_expiring' AND c.change_id IS NULL"
             }
             Count::ChangesRepeated => {
-                "SELECT COUNT(*) - COUNT(DISTINCT COALESCE(order_id, change_id), kind, COALESCE(refund_id, step_id, '')) \
-                 FROM outbox WHERE event_id = ?"
+                // An order's change is one per order, state, refund and
+                // step; a change of the event (told to a holder or not) is
+                // its own.
+                "SELECT COUNT(*) - COUNT(DISTINCT subject, IF(subject = 'event', change_id, COALESCE(order_id, change_id)), \
+                 kind, COALESCE(refund_id, step_id, '')) FROM outbox WHERE event_id = ?"
             }
             Count::RefundRows => {
                 "SELECT COUNT(*) FROM refunds r JOIN orders o ON o.order_id = r.order_id WHERE o.event_id = ?"

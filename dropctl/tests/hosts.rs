@@ -39,6 +39,14 @@ async fn buy_until_held(stack: &Stack, api: &Api, user: &str, event: u64) {
     .await;
 }
 
+/// Opens an event (capacity, hold TTL) once its opening is recorded: the
+/// event's changes each test makes come after it.
+async fn open(stack: &Stack, capacity: u32, hold_ttl_secs: u32) -> u64 {
+    let event = stack.open_event(capacity, hold_ttl_secs).await;
+    stack.wait_opened(event).await;
+    event
+}
+
 async fn change(stack: &Stack, event: u64, body: Value) -> (StatusCode, Value) {
     let r = dropline_testkit::http()
         .patch(format!("{}/v1/admin/events/{event}", stack.api))
@@ -56,7 +64,7 @@ async fn capacity_added_mid_sale_is_sold_at_once_announced_and_the_books_balance
     let api = Api::new(&stack.api).unwrap();
     // Holds last 20 s: long enough for the changes below, short enough to
     // wait for them to lapse before the check.
-    let event = stack.open_event(2, 20).await;
+    let event = open(&stack, 2, 20).await;
     for user in ["ann", "ben"] {
         assert_eq!(try_buy(&stack, &api, user, event).await, "held");
     }
@@ -115,7 +123,7 @@ async fn capacity_added_mid_sale_is_sold_at_once_announced_and_the_books_balance
 
     // Every change announced once, in order: the opening, 4, 5, 4, then
     // the new date.
-    let told = stack.told(5, |d| d.event_id == event && d.kind.starts_with("event.")).await;
+    let told = stack.told(5, |d| d.event_id == event && d.kind.starts_with("event.") && d.buyer.is_none()).await;
     assert_eq!(
         told,
         [
@@ -126,6 +134,20 @@ async fn capacity_added_mid_sale_is_sold_at_once_announced_and_the_books_balance
             "event.rescheduled"
         ]
     );
+    // The reschedule is also told to each ticket holder, naming them.
+    let mut holders =
+        stack.told(4, |d| d.event_id == event && d.kind == "event.rescheduled" && d.buyer.is_some()).await;
+    holders.dedup();
+    assert_eq!(holders, ["event.rescheduled"]);
+    let mut buyers: Vec<String> = stack
+        .inbox
+        .deliveries()
+        .into_iter()
+        .filter(|d| d.event_id == event && d.kind == "event.rescheduled")
+        .filter_map(|d| d.buyer)
+        .collect();
+    buyers.sort();
+    assert_eq!(buyers, ["ann", "ben", "cat", "dan"]);
     let capacities: Vec<u32> =
         sqlx::query_scalar("SELECT capacity FROM outbox WHERE event_id = ? AND kind = 'capacity_changed' ORDER BY seq")
             .bind(event)
@@ -159,7 +181,7 @@ async fn ledger_decides(stack: &Stack, event: u64, user: &str) -> dropline::stoc
 async fn a_paused_sale_refuses_purchases_keeps_its_holds_payable_and_resumes() {
     let stack = Stack::start(Options::default()).await;
     let api = Api::new(&stack.api).unwrap();
-    let event = stack.open_event(3, 20).await;
+    let event = open(&stack, 3, 20).await;
     let ann = match api.purchase(&stack.token("ann"), event, "ann-1", 1).await.unwrap() {
         Purchase::Accepted(id) => id,
         other => panic!("{other:?}"),
@@ -201,7 +223,7 @@ async fn a_paused_sale_refuses_purchases_keeps_its_holds_payable_and_resumes() {
     assert_eq!((status, view["paused_at"].is_null()), (StatusCode::OK, true), "{view}");
     buy_until_held(&stack, &api, "ben", event).await;
 
-    let told = stack.told(3, |d| d.event_id == event && d.kind.starts_with("event.")).await;
+    let told = stack.told(3, |d| d.event_id == event && d.kind.starts_with("event.") && d.buyer.is_none()).await;
     assert_eq!(told, ["event.opened", "event.paused", "event.resumed"]);
     let verdict = stack.books_balance(event).await;
     assert_eq!((verdict.mysql.paid, verdict.mysql.expired), (1, 1), "{verdict}");
@@ -219,7 +241,7 @@ async fn capacities(stack: &Stack, event: u64) -> (u64, u32) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_and_retried_capacity_changes_leave_the_ledger_at_the_records_capacity() {
     let stack = Stack::start(Options::default()).await;
-    let event = stack.open_event(10, 20).await;
+    let event = open(&stack, 10, 20).await;
     // Two hosts change it at once, again and again: whichever wins, the
     // ledger ends at the record's capacity.
     for round in 0..15u32 {
@@ -269,7 +291,7 @@ async fn cancel(stack: &Stack, user: &str, order: Uuid) -> (StatusCode, Value) {
 async fn a_paid_order_cancelled_within_the_policy_goes_back_on_sale_and_its_share_is_refunded_once() {
     let stack = Stack::start(Options::default()).await;
     let api = Api::new(&stack.api).unwrap();
-    let event = stack.open_event(2, 20).await;
+    let event = open(&stack, 2, 20).await;
     let ann = paid_order(&stack, &api, "ann", event).await;
 
     // No policy yet: a paid order cannot be cancelled.
@@ -362,7 +384,7 @@ async fn a_paid_order_cancelled_within_the_policy_goes_back_on_sale_and_its_shar
 async fn an_event_cancelled_releases_its_holds_refunds_its_paid_orders_in_full_and_tells_every_buyer() {
     let stack = Stack::start(Options::default()).await;
     let api = Api::new(&stack.api).unwrap();
-    let event = stack.open_event(4, 20).await;
+    let event = open(&stack, 4, 20).await;
     let ann = paid_order(&stack, &api, "ann", event).await;
     let ben = paid_order(&stack, &api, "ben", event).await;
     assert_eq!(try_buy(&stack, &api, "cat", event).await, "held");
@@ -400,11 +422,15 @@ async fn an_event_cancelled_releases_its_holds_refunds_its_paid_orders_in_full_a
         .await;
         assert_eq!(refunded, price);
         let id = order.to_string();
+        // Told of the cancel first, then of what it did to their order.
         let told =
-            stack.told(6, |d| d.order_id.as_deref() == Some(id.as_str()) && d.kind != "order.hold_expiring").await;
-        assert_eq!(&told[2..], ["order.paid", "order.cancelled", "order.refund_requested", "order.refunded"]);
+            stack.told(7, |d| d.order_id.as_deref() == Some(id.as_str()) && d.kind != "order.hold_expiring").await;
+        assert_eq!(
+            &told[2..],
+            ["order.paid", "event.cancelled", "order.cancelled", "order.refund_requested", "order.refunded"]
+        );
     }
-    let told = stack.told(2, |d| d.event_id == event && d.kind.starts_with("event.")).await;
+    let told = stack.told(2, |d| d.event_id == event && d.kind.starts_with("event.") && d.buyer.is_none()).await;
     assert_eq!(told, ["event.opened", "event.cancelled"]);
     let verdict = stack.books_balance(event).await;
     assert_eq!((verdict.mysql.paid, verdict.mysql.held, verdict.mysql.cancelled), (0, 0, 3), "{verdict}");
@@ -415,7 +441,7 @@ async fn an_event_cancelled_releases_its_holds_refunds_its_paid_orders_in_full_a
 async fn an_oversell_allowance_sells_beyond_the_capacity_as_such_and_sold_out_is_announced_once_each_time() {
     let stack = Stack::start(Options::default()).await;
     let api = Api::new(&stack.api).unwrap();
-    let event = stack.open_event(2, 20).await;
+    let event = open(&stack, 2, 20).await;
 
     // The host accepts to oversell one ticket of two: three on sale.
     let (status, view) = change(&stack, event, json!({ "oversell_allowance": 1 })).await;
@@ -446,7 +472,7 @@ async fn an_oversell_allowance_sells_beyond_the_capacity_as_such_and_sold_out_is
     assert_eq!((levels.sellable(), levels.sold, levels.oversold()), (3, 3, 1));
 
     // Every ticket it may sell is paid for: sold out, announced once.
-    let told = stack.told(3, |d| d.event_id == event && d.kind.starts_with("event.")).await;
+    let told = stack.told(3, |d| d.event_id == event && d.kind.starts_with("event.") && d.buyer.is_none()).await;
     assert_eq!(told, ["event.opened", "event.capacity_changed", "event.sold_out"]);
     let allowances: Vec<u32> = sqlx::query_scalar(
         "SELECT oversell_allowance FROM outbox WHERE event_id = ? AND subject = 'event' ORDER BY seq",
@@ -464,9 +490,9 @@ async fn an_oversell_allowance_sells_beyond_the_capacity_as_such_and_sold_out_is
     assert_eq!(change(&stack, event, policy).await.0, StatusCode::OK);
     let (status, cancelled) = cancel(&stack, "cat", paid[2]).await;
     assert_eq!((status, cancelled["state"].as_str()), (StatusCode::OK, Some("cancelled")), "{cancelled}");
-    stack.told(5, |d| d.event_id == event && d.kind.starts_with("event.")).await;
+    stack.told(5, |d| d.event_id == event && d.kind.starts_with("event.") && d.buyer.is_none()).await;
     paid_order(&stack, &api, "dan", event).await;
-    let told = stack.told(6, |d| d.event_id == event && d.kind.starts_with("event.")).await;
+    let told = stack.told(6, |d| d.event_id == event && d.kind.starts_with("event.") && d.buyer.is_none()).await;
     assert_eq!(
         told,
         [

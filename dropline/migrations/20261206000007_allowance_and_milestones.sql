@@ -24,9 +24,13 @@ ALTER TABLE outbox ADD COLUMN oversell_allowance INT UNSIGNED NULL;
 UPDATE events SET opened_at = sale_opens_at WHERE sale_opens_at <= UTC_TIMESTAMP(3);
 
 -- One row per change the update made, in a fixed order, each with the
--- event as the update left it.
+-- event as the update left it. A reschedule and a cancel are also told to
+-- every ticket holder (each live order's buyer), as one row per order: the
+-- relay publishes it under the order's key, in order with the order's own
+-- changes, and the notifier sends it to the host naming the buyer.
 DROP TRIGGER IF EXISTS events_to_outbox_on_update;
 CREATE TRIGGER events_to_outbox_on_update AFTER UPDATE ON events FOR EACH ROW
+BEGIN
     INSERT INTO outbox (change_id, subject, kind, event_id, capacity, oversell_allowance, starts_at, changed_at)
     SELECT UUID(), 'event', moved.kind, NEW.id, NEW.capacity, NEW.oversell_allowance, NEW.starts_at,
            UTC_TIMESTAMP(3)
@@ -46,3 +50,15 @@ CREATE TRIGGER events_to_outbox_on_update AFTER UPDATE ON events FOR EACH ROW
     ) AS moved
     WHERE moved.happened
     ORDER BY moved.n;
+    INSERT INTO outbox (change_id, subject, kind, event_id, order_id, user_id, quantity, amount_cents, expires_at,
+                        capacity, oversell_allowance, starts_at, changed_at)
+    SELECT UUID(), 'event', moved.kind, NEW.id, o.order_id, o.user_id, o.quantity, o.amount_cents, o.expires_at,
+           NEW.capacity, NEW.oversell_allowance, NEW.starts_at, UTC_TIMESTAMP(3)
+    FROM (
+        SELECT 1 AS n, 'rescheduled' AS kind, NEW.starts_at <> OLD.starts_at AS happened
+        UNION ALL SELECT 2, 'cancelled', OLD.cancelled_at IS NULL AND NEW.cancelled_at IS NOT NULL
+    ) AS moved
+    JOIN orders o ON o.event_id = NEW.id AND o.state IN ('held', 'paid')
+    WHERE moved.happened
+    ORDER BY moved.n, o.order_id;
+END;

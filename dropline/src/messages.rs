@@ -408,8 +408,9 @@ pub enum ChangeSubject {
         #[serde(rename = "refund_state")]
         state: RefundState,
     },
-    /// A host changed the event; it concerns every buyer of it, and no
-    /// order in particular.
+    /// Something happened to the event. The change itself concerns no
+    /// order in particular; a reschedule and a cancel are also told to each
+    /// ticket holder, as a change of the event with their order (`holder`).
     Event {
         #[serde(rename = "event_change")]
         change: EventChange,
@@ -419,6 +420,9 @@ pub enum ChangeSubject {
         #[serde(default)]
         oversell_allowance: u32,
         starts_at_ms: i64,
+        /// The ticket holder it is told to, if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        holder: Option<Holder>,
     },
     /// The buyer started paying for an order, or an attempt was declined.
     Payment {
@@ -438,9 +442,17 @@ pub enum ChangeSubject {
     },
 }
 
+/// A ticket holder told of a change of their event: their live order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holder {
+    pub order_id: Uuid,
+    pub user_id: String,
+}
+
 impl Change {
-    /// The key it is published under: changes of one order stay in order,
-    /// and so do those of one event.
+    /// The key it is published under: changes of one order (a holder's
+    /// changes of the event included) stay in order, and so do those of one
+    /// event.
     pub fn key(&self) -> String {
         match self.order_id() {
             Some(order_id) => order_id.to_string(),
@@ -454,17 +466,18 @@ impl Change {
             ChangeSubject::Order { order_id, .. }
             | ChangeSubject::Refund { order_id, .. }
             | ChangeSubject::Payment { order_id, .. } => Some(*order_id),
-            ChangeSubject::Event { .. } => None,
+            ChangeSubject::Event { holder, .. } => holder.as_ref().map(|h| h.order_id),
         }
     }
 
-    /// The buyer it concerns; none for a change of the event.
+    /// The buyer it concerns; none for a change of the event that is not
+    /// told to a holder.
     pub fn user_id(&self) -> Option<&str> {
         match &self.subject {
             ChangeSubject::Order { user_id, .. }
             | ChangeSubject::Refund { user_id, .. }
             | ChangeSubject::Payment { user_id, .. } => Some(user_id),
-            ChangeSubject::Event { .. } => None,
+            ChangeSubject::Event { holder, .. } => holder.as_ref().map(|h| h.user_id.as_str()),
         }
     }
 

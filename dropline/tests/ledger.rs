@@ -23,10 +23,9 @@ fn now_ms() -> i64 {
     dropline::messages::now_ms()
 }
 
-/// A fresh event, on sale now.
-async fn event(ledger: &Ledger, capacity: u32, per_user_limit: u32, hold_ttl_ms: u64) -> u64 {
-    let id = rand_id();
-    let rules = SaleRules {
+/// The rules of a sale on now, without an oversell allowance.
+fn on_sale(capacity: u32, per_user_limit: u32, hold_ttl_ms: u64) -> SaleRules {
+    SaleRules {
         capacity,
         oversell_allowance: 0,
         per_user_limit,
@@ -36,8 +35,13 @@ async fn event(ledger: &Ledger, capacity: u32, per_user_limit: u32, hold_ttl_ms:
         price_cents: 2_500,
         retain_until_ms: now_ms() + 600_000,
         paused: false,
-    };
-    assert!(ledger.prewarm(id, &rules).await.unwrap());
+    }
+}
+
+/// A fresh event, on sale now.
+async fn event(ledger: &Ledger, capacity: u32, per_user_limit: u32, hold_ttl_ms: u64) -> u64 {
+    let id = rand_id();
+    assert!(ledger.prewarm(id, &on_sale(capacity, per_user_limit, hold_ttl_ms)).await.unwrap());
     id
 }
 
@@ -335,17 +339,7 @@ async fn an_oversell_allowance_sells_that_many_units_more_and_no_more() {
     let ledger = ledger();
     let event = event(&ledger, 4, 2, 60_000).await;
     // The host accepts to oversell 2 of 4: six units, numbered 1 to 6.
-    let rules = |capacity, oversell_allowance| SaleRules {
-        capacity,
-        oversell_allowance,
-        per_user_limit: 2,
-        hold_ttl_ms: 60_000,
-        opens_at_ms: now_ms() - 1_000,
-        closes_at_ms: now_ms() + 600_000,
-        price_cents: 2_500,
-        retain_until_ms: now_ms() + 600_000,
-        paused: false,
-    };
+    let rules = |capacity, oversell_allowance| SaleRules { oversell_allowance, ..on_sale(capacity, 2, 60_000) };
     assert_eq!(ledger.resize(event, &rules(4, 2)).await.unwrap(), Resized::To { sellable: 6, available: 6 });
     let intents: Vec<_> = (0..4).map(|i| intent(&format!("u{i}"), 2)).collect();
     let verdicts = decide(&ledger, event, &intents).await;
@@ -404,18 +398,7 @@ async fn a_fence_is_renewed_restored_under_and_lifted_only_by_its_owner() {
     let _: () = dropline::redis_pool::redis::cmd("DEL").arg(&key).query_async(&mut conn).await.unwrap();
     let second = ledger.fence(id, 30).await.unwrap().expect("the expired fence is free");
     assert!(!ledger.renew_fence(&fence, 30).await.unwrap());
-    let rules = SaleRules {
-        capacity: 10,
-        oversell_allowance: 0,
-        per_user_limit: 2,
-        hold_ttl_ms: 60_000,
-        opens_at_ms: now_ms() - 1_000,
-        closes_at_ms: now_ms() + 600_000,
-        price_cents: 2_500,
-        retain_until_ms: now_ms() + 600_000,
-        paused: false,
-    };
-    let restore = dropline::stock::Restore { rules, holds: Vec::new(), decisions: Vec::new() };
+    let restore = dropline::stock::Restore { rules: on_sale(10, 2, 60_000), holds: Vec::new(), decisions: Vec::new() };
     let before = ledger.levels(id).await.unwrap();
     let lost = ledger.restore(&fence, &restore).await;
     assert!(matches!(lost, Err(dropline::stock::LedgerError::FenceLost(e)) if e == id), "{lost:?}");

@@ -41,12 +41,19 @@ pub fn change_body(change: &Change) -> Value {
             "refund_state": state,
             "amount_cents": amount_cents,
         }),
-        ChangeSubject::Event { change, capacity, oversell_allowance, starts_at_ms } => json!({
-            "event_change": change,
-            "capacity": capacity,
-            "oversell_allowance": oversell_allowance,
-            "starts_at": rfc3339(*starts_at_ms),
-        }),
+        ChangeSubject::Event { change, capacity, oversell_allowance, starts_at_ms, holder } => {
+            let mut data = json!({
+                "event_change": change,
+                "capacity": capacity,
+                "oversell_allowance": oversell_allowance,
+                "starts_at": rfc3339(*starts_at_ms),
+            });
+            // Told to a ticket holder: about their order.
+            if let Some(h) = holder {
+                data["order_id"] = json!(h.order_id);
+            }
+            data
+        }
         ChangeSubject::Payment { order_id, amount_cents, expires_at_ms, step, payment_id, reason, .. } => {
             let mut data = json!({
                 "order_id": order_id,
@@ -71,7 +78,8 @@ pub fn change_body(change: &Change) -> Value {
         "event_id": change.event_id,
         "data": data,
     });
-    // A change of the event concerns all its buyers, none in particular.
+    // A change of the event not told to a holder concerns all its buyers,
+    // none in particular.
     if let Some(buyer) = change.user_id() {
         body["buyer"] = json!(buyer);
     }
@@ -236,11 +244,25 @@ mod tests {
                 capacity: 500,
                 oversell_allowance: 10,
                 starts_at_ms: 1_800_000_000_000,
+                holder: None,
             },
             ..held.clone()
         };
+        let told_to_ann = Change {
+            subject: ChangeSubject::Event {
+                change: dropline::messages::EventChange::Rescheduled,
+                capacity: 500,
+                oversell_allowance: 10,
+                starts_at_ms: 1_800_000_000_000,
+                holder: Some(dropline::messages::Holder { order_id: Uuid::nil(), user_id: "ann".into() }),
+            },
+            ..held.clone()
+        };
+        assert_eq!(change_body(&told_to_ann)["buyer"], "ann");
+        assert!(change_body(&rescheduled).get("buyer").is_none());
         for body in [
             change_body(&rescheduled),
+            change_body(&told_to_ann),
             change_body(&declined),
             change_body(&held),
             change_body(&change(OrderState::Voided)),

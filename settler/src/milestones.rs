@@ -53,6 +53,9 @@ impl Milestones {
             tracing::info!(events = opened, "sales opened");
         }
         let selling = events::selling(&self.db, MAX_EVENTS).await?;
+        if selling.is_empty() {
+            return Ok(());
+        }
         let ids: Vec<u64> = selling.iter().map(|e| e.id).collect();
         let levels = self.ledger.levels_of(&ids).await?;
         let may_move: Vec<events::Selling> = selling

@@ -318,14 +318,11 @@ impl Stack {
         });
         let api = dropctl::api::Api::new(&self.api).unwrap();
         let event = api.create_event(&self.admin_token(), &body).await.unwrap();
-        let event = event["id"].as_u64().unwrap();
-        // Its opening is the event's first change: a test's own changes
-        // come after it.
-        self.wait_opened(event).await;
-        event
+        event["id"].as_u64().unwrap()
     }
 
-    /// Waits until the settlers recorded the event's sale as opened.
+    /// Waits until the settlers recorded the event's sale as opened: its
+    /// first change, which a test's own changes then come after.
     pub async fn wait_opened(&self, event: u64) {
         eventually("the sale's opening recorded", Duration::from_secs(30), || async {
             let opened: Option<chrono::DateTime<chrono::Utc>> =

@@ -755,6 +755,9 @@ impl Ledger {
     /// The counters of several events, in one pipelined round trip; `None`
     /// for an event the ledger does not have.
     pub async fn levels_of(&self, event_ids: &[u64]) -> Result<Vec<Option<StockLevels>>, LedgerError> {
+        if event_ids.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut pipe = redis::pipe();
         for id in event_ids {
             pipe.cmd("HMGET").arg(&self.keys.event(*id).stock).arg(&LEVEL_FIELDS);

@@ -3,7 +3,7 @@
 //! marks there.
 
 use chrono::{DateTime, Utc};
-use dropline::messages::{Change, ChangeSubject, EventChange, OrderState, PaymentStep, RefundState};
+use dropline::messages::{Change, ChangeSubject, EventChange, Holder, OrderState, PaymentStep, RefundState};
 use sqlx::{MySql, MySqlConnection, QueryBuilder};
 use uuid::Uuid;
 
@@ -65,6 +65,13 @@ impl Row {
                 capacity: self.capacity.ok_or_else(|| missing("capacity"))?,
                 oversell_allowance: self.oversell_allowance.unwrap_or(0),
                 starts_at_ms: self.starts_at.ok_or_else(|| missing("starts_at"))?.timestamp_millis(),
+                holder: match &self.order_id {
+                    Some(_) => Some(Holder {
+                        order_id: id("order_id", &self.order_id)?,
+                        user_id: self.user_id.clone().ok_or_else(|| missing("user_id"))?,
+                    }),
+                    None => None,
+                },
             },
             "payment" => ChangeSubject::Payment {
                 order_id: id("order_id", &self.order_id)?,
