@@ -177,7 +177,7 @@ log "front door: purchases at half the maximum accepted rate ($half/s), open loo
 "$BIN/dropctl" load paced --rate "$half" --secs "$WRK_SECS" >"$OUT/paced.json"
 
 log "front door: $ROOM_BUYERS buyers in a pre-queue for 10000 tickets"
-"$BIN/dropctl" demo --tickets 10000 --buyers "$ROOM_BUYERS" --concurrency 1024 --opens-in-secs 40 \
+"$BIN/dropctl" demo --tickets 10000 --oversell-allowance 0 --buyers "$ROOM_BUYERS" --concurrency 1024 --opens-in-secs 40 \
   --outflow-per-sec 2000 --time-to-act-secs 30 --proof-of-work-bits 0 --hold-ttl-secs 60 \
   --summary-json "$OUT/room.json" >"$OUT/room.txt" || log "the room drop did not pass: see ${OUT#"$DROPLINE_ROOT"/}/room.txt"
 

@@ -303,7 +303,7 @@ pub async fn run(
 
 /// Creates the drop's event (and its waiting room); its id.
 pub async fn open(api: &Api, tokens: &Tokens, plan: &DropPlan) -> anyhow::Result<u64> {
-    if plan.buyers <= plan.tickets + plan.oversell_allowance {
+    if u64::from(plan.buyers) <= u64::from(plan.tickets) + u64::from(plan.oversell_allowance) {
         bail!("a drop needs more buyers than tickets");
     }
     let admin = tokens.admin.mint("dropctl", 3600)?;

@@ -481,8 +481,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             )
             .await?;
             println!(
-                "event {event} rebuilt: available {} + held {} + sold {} = {}",
-                levels.available, levels.held, levels.sold, levels.capacity
+                "event {event} rebuilt: available {} + held {} + sold {} = capacity {} + allowance {}",
+                levels.available, levels.held, levels.sold, levels.capacity, levels.allowance
             );
         }
         Command::Load { ingress_url, secrets, what } => {

@@ -21,8 +21,9 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::MILESTONES;
 use crate::record::{events, orders};
 
-/// The most events watched for selling out: the newest.
-const MAX_EVENTS: u32 = 200;
+/// The most events watched for selling out at once: the newest (sales open
+/// or closed less than a day ago).
+const MAX_EVENTS: u32 = 5_000;
 
 pub struct Milestones {
     pub db: MySqlPool,
@@ -56,12 +57,19 @@ impl Milestones {
         if selling.is_empty() {
             return Ok(());
         }
+        if selling.len() == MAX_EVENTS as usize {
+            tracing::warn!(
+                watched = MAX_EVENTS,
+                "more sales than the sold-out watch looks at; the oldest are not watched"
+            );
+        }
         let ids: Vec<u64> = selling.iter().map(|e| e.id).collect();
         let levels = self.ledger.levels_of(&ids).await?;
         let may_move: Vec<events::Selling> = selling
             .into_iter()
             .zip(levels)
             .filter(|(event, levels)| match levels {
+                _ if event.sold_out && event.closed => false,
                 Some(l) => (l.sold >= event.sellable) != event.sold_out,
                 None => true,
             })

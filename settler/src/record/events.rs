@@ -27,11 +27,12 @@ pub async fn current(db: &MySqlPool, max: u32) -> Result<Vec<u64>, sqlx::Error> 
 }
 
 /// Records the opening of every sale whose time came (the outbox trigger
-/// announces each); the number opened now. An event is opened once:
-/// another settler's same update finds it opened.
+/// announces each; each ingress re-reads a changed event); the number
+/// opened now. An event is opened once: another settler's same update finds
+/// it opened.
 pub async fn open_due(db: &MySqlPool) -> Result<u64, sqlx::Error> {
     let done = sqlx::query(
-        "UPDATE events SET opened_at = sale_opens_at \
+        "UPDATE events SET opened_at = sale_opens_at, changed_at = UTC_TIMESTAMP(3) \
          WHERE opened_at IS NULL AND sale_opens_at <= UTC_TIMESTAMP(3) AND cancelled_at IS NULL",
     )
     .execute(db)
@@ -47,13 +48,17 @@ pub struct Selling {
     /// Its capacity and oversell allowance.
     pub sellable: u64,
     pub sold_out: bool,
+    /// Its sale closed: sold out stays so.
+    pub closed: bool,
 }
 
 /// Events whose sale opened and closed less than a day ago (payments for
-/// their holds still arrive), not cancelled, newest first, at most `max`.
+/// their holds still arrive), not cancelled, newest first, at most `max`
+/// (past it the oldest are not watched: warned of by the caller).
 pub async fn selling(db: &MySqlPool, max: u32) -> Result<Vec<Selling>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT id, CAST(capacity + oversell_allowance AS UNSIGNED) AS sellable, sold_out_at IS NOT NULL AS sold_out \
+        "SELECT id, CAST(capacity + oversell_allowance AS UNSIGNED) AS sellable, sold_out_at IS NOT NULL AS sold_out, \
+         sale_closes_at <= UTC_TIMESTAMP(3) AS closed \
          FROM events WHERE opened_at IS NOT NULL AND cancelled_at IS NULL \
          AND sale_closes_at >= UTC_TIMESTAMP(3) - INTERVAL 1 DAY ORDER BY id DESC LIMIT ?",
     )
@@ -63,15 +68,24 @@ pub async fn selling(db: &MySqlPool, max: u32) -> Result<Vec<Selling>, sqlx::Err
 }
 
 /// Records the event sold out (every unit it may sell paid for) or back on
-/// sale, if it was not already (the outbox trigger announces the move);
-/// whether it moved now. Of settlers that saw the same move, one makes it.
+/// sale, if it was not already and the record's paid units say so as the
+/// update runs (the outbox trigger announces the move); whether it moved
+/// now. Of settlers that saw the same move, one makes it, and a cancel or a
+/// payment recorded since the caller counted is seen: the count is the
+/// update's own. A sale is back on sale only until it closes: a paid order
+/// cancelled afterwards leaves it sold out.
 pub async fn set_sold_out(db: &MySqlPool, event_id: u64, sold_out: bool) -> Result<bool, sqlx::Error> {
     let done = sqlx::query(
-        "UPDATE events SET sold_out_at = IF(?, UTC_TIMESTAMP(3), NULL) \
-         WHERE id = ? AND (sold_out_at IS NULL) = ? AND cancelled_at IS NULL",
+        "UPDATE events e SET e.sold_out_at = IF(?, UTC_TIMESTAMP(3), NULL), e.changed_at = UTC_TIMESTAMP(3) \
+         WHERE e.id = ? AND (e.sold_out_at IS NULL) = ? AND e.cancelled_at IS NULL \
+         AND (? OR e.sale_closes_at > UTC_TIMESTAMP(3)) \
+         AND ((SELECT COALESCE(SUM(o.quantity), 0) FROM orders o WHERE o.event_id = e.id AND o.state = 'paid') \
+              >= e.capacity + e.oversell_allowance) = ?",
     )
     .bind(sold_out)
     .bind(event_id)
+    .bind(sold_out)
+    .bind(sold_out)
     .bind(sold_out)
     .execute(db)
     .await?;
