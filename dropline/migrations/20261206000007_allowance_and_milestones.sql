@@ -62,3 +62,24 @@ BEGIN
     WHERE moved.happened
     ORDER BY moved.n, o.order_id;
 END;
+
+-- A holder the record learns of only after a reschedule or a cancel of the
+-- event (a hold decided before it, still on its way from the ledger when the
+-- change committed) is told of its latest one too, once, right after its
+-- hold. The read of the event's changes feeds an insert, so it is a locking
+-- read and sees a change committed after this transaction began; a change
+-- that runs meanwhile reads the orders the same way and waits for this one
+-- instead: of the two, exactly one writes the holder's copy.
+CREATE TRIGGER orders_told_of_event_changes AFTER INSERT ON orders FOR EACH ROW FOLLOWS orders_to_outbox_on_insert
+    INSERT INTO outbox (change_id, subject, kind, event_id, order_id, user_id, quantity, amount_cents, expires_at,
+                        capacity, oversell_allowance, starts_at, changed_at)
+    SELECT UUID(), 'event', c.kind, NEW.event_id, NEW.order_id, NEW.user_id, NEW.quantity, NEW.amount_cents,
+           NEW.expires_at, c.capacity, c.oversell_allowance, c.starts_at, UTC_TIMESTAMP(3)
+    FROM outbox c
+    WHERE c.event_id = NEW.event_id AND c.subject = 'event' AND c.order_id IS NULL
+      AND c.kind IN ('rescheduled', 'cancelled')
+      AND c.changed_at > NEW.created_at
+      AND (NEW.state IN ('held', 'paid') OR NEW.updated_at >= c.changed_at)
+      AND c.seq = (SELECT MAX(l.seq) FROM outbox l
+                   WHERE l.event_id = NEW.event_id AND l.subject = 'event' AND l.order_id IS NULL AND l.kind = c.kind)
+    ORDER BY c.seq;
