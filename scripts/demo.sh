@@ -16,4 +16,4 @@ fi
 load_secrets
 stack_addresses
 # The check compares the refunds made with the provider's own.
-"$DROPLINE_ROOT/target/release/dropctl" demo --payment-provider-url "http://$PAYSIM_ADDR" "$@"
+"$TARGET_DIR/release/dropctl" demo --payment-provider-url "http://$PAYSIM_ADDR" "$@"

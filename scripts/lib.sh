@@ -4,6 +4,9 @@
 # shellcheck shell=bash
 
 DROPLINE_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# Where cargo puts the binaries: the checkout's target/ unless CARGO_TARGET_DIR
+# says otherwise (the scripts build with cargo and run what it built).
+TARGET_DIR=${CARGO_TARGET_DIR:-$DROPLINE_ROOT/target}
 STATE_DIR=${DROPLINE_STATE_DIR:-$DROPLINE_ROOT/.dropline}
 mkdir -p "$STATE_DIR"
 

@@ -52,7 +52,7 @@ print(d["setup_data"]["eventId"], "" if u is None else int(u["passes"] + u["fail
 ' "$reports/$scenario-summary.json")
 log "checking the books of event $event"
 set +e
-"$DROPLINE_ROOT/target/$PROFILE/dropctl" check --event "$event" --wait-secs 90 ${accepted:+--accepted "$accepted"} \
+"$TARGET_DIR/$PROFILE/dropctl" check --event "$event" --wait-secs 90 ${accepted:+--accepted "$accepted"} \
   --payment-provider-url "http://$PAYSIM_ADDR"
 check_status=$?
 set -e

@@ -27,7 +27,7 @@ export DROPLINE_KAFKA_FETCH_WAIT_MAX_MS=${DROPLINE_KAFKA_FETCH_WAIT_MAX_MS:-10}
 # DROPLINE_PROFILE=debug runs the debug binaries (CI's smoke load test
 # reuses the test build instead of compiling again).
 PROFILE=${DROPLINE_PROFILE:-release}
-BIN=$DROPLINE_ROOT/target/$PROFILE
+BIN=$TARGET_DIR/$PROFILE
 
 # name, ops port: every service's /healthz, /readyz and /metrics.
 OPS_PORT_BASE=${DROPLINE_OPS_PORT_BASE:-9100}

@@ -92,7 +92,7 @@ impl Row {
     /// What the printed table calls it.
     pub fn title(self) -> &'static str {
         match self {
-            Row::NoOversell => "capacity plus the oversell allowance bounds what was sold (MySQL held + paid)",
+            Row::NoOversell => "capacity + oversell allowance bound what sold",
             Row::UnitOwners => "no unit sold twice (one live order per unit)",
             Row::RedisConserved => "conservation in Redis",
             Row::ReleasedOnce => "each hold released once (Redis)",

@@ -47,6 +47,20 @@ async fn open(stack: &Stack, capacity: u32, hold_ttl_secs: u32) -> u64 {
     event
 }
 
+/// The buyers the host was told a change of the event (`kind`) for, one
+/// entry per webhook, sorted.
+fn holders_told(stack: &Stack, event: u64, kind: &str) -> Vec<String> {
+    let mut buyers: Vec<String> = stack
+        .inbox
+        .deliveries()
+        .into_iter()
+        .filter(|d| d.event_id == event && d.kind == kind)
+        .filter_map(|d| d.buyer)
+        .collect();
+    buyers.sort();
+    buyers
+}
+
 async fn change(stack: &Stack, event: u64, body: Value) -> (StatusCode, Value) {
     let r = dropline_testkit::http()
         .patch(format!("{}/v1/admin/events/{event}", stack.api))
@@ -105,6 +119,7 @@ async fn capacity_added_mid_sale_is_sold_at_once_announced_and_the_books_balance
     for (body, code) in [
         (json!({}), "invalid_body"),
         (json!({ "capacity": 0 }), "invalid_body"),
+        (json!({ "starts_at": "2001-01-01T00:00:00Z" }), "invalid_body"),
         (json!({ "capacity": 4, "price_cents": 1 }), "invalid_body_shape"),
         (json!({ "capacity": "four" }), "invalid_body_shape"),
     ] {
@@ -149,14 +164,7 @@ async fn capacity_added_mid_sale_is_sold_at_once_announced_and_the_books_balance
     assert_eq!((verdict.redis.capacity, verdict.mysql.capacity, verdict.mysql.expired), (4, 4, 3), "{verdict}");
     // Each holder's copy was delivered once: one per order the record had
     // live at the reschedule.
-    let mut buyers: Vec<String> = stack
-        .inbox
-        .deliveries()
-        .into_iter()
-        .filter(|d| d.event_id == event && d.kind == "event.rescheduled")
-        .filter_map(|d| d.buyer)
-        .collect();
-    buyers.sort();
+    let buyers = holders_told(&stack, event, "event.rescheduled");
     let mut written: Vec<String> = sqlx::query_scalar(
         "SELECT user_id FROM outbox WHERE event_id = ? AND kind = 'rescheduled' AND order_id IS NOT NULL",
     )
@@ -445,15 +453,7 @@ async fn an_event_cancelled_releases_its_holds_refunds_its_paid_orders_in_full_a
     assert_eq!(told, ["event.opened", "event.cancelled"]);
     // Every holder was told once, Cat (held) too, whether the record had her
     // hold when the cancel committed or got it just after.
-    let mut holders: Vec<String> = stack
-        .inbox
-        .deliveries()
-        .into_iter()
-        .filter(|d| d.event_id == event && d.kind == "event.cancelled")
-        .filter_map(|d| d.buyer)
-        .collect();
-    holders.sort();
-    assert_eq!(holders, ["ann", "ben", "cat"]);
+    assert_eq!(holders_told(&stack, event, "event.cancelled"), ["ann", "ben", "cat"]);
     let verdict = stack.books_balance(event).await;
     assert_eq!((verdict.mysql.paid, verdict.mysql.held, verdict.mysql.cancelled), (0, 0, 3), "{verdict}");
     stack.stop().await;

@@ -144,6 +144,11 @@ impl Events {
         if policy.refund_percent > 100 {
             problems.push("cancellation.refund_percent: must be 0 to 100".into());
         }
+        // A reschedule moves the event to a date still ahead (every holder
+        // is told of it).
+        if changes.starts_at.is_some_and(|at| at != event.terms.starts_at && at <= Utc::now()) {
+            problems.push("starts_at: a new date must be in the future".into());
+        }
         Problem::unless_valid(problems, "the change is not valid")?;
         if terms.rules().sellable() < event.terms.rules().sellable() {
             self.resize(&event, &terms).await?;
