@@ -120,6 +120,7 @@ async fn capacity_added_mid_sale_is_sold_at_once_announced_and_the_books_balance
         (json!({}), "invalid_body"),
         (json!({ "capacity": 0 }), "invalid_body"),
         (json!({ "starts_at": "2001-01-01T00:00:00Z" }), "invalid_body"),
+        (json!({ "capacity": 4, "oversell_allowance": null }), "invalid_body_shape"),
         (json!({ "capacity": 4, "price_cents": 1 }), "invalid_body_shape"),
         (json!({ "capacity": "four" }), "invalid_body_shape"),
     ] {
@@ -451,11 +452,12 @@ async fn an_event_cancelled_releases_its_holds_refunds_its_paid_orders_in_full_a
     }
     let told = stack.told(2, |d| d.event_id == event && d.kind.starts_with("event.") && d.buyer.is_none()).await;
     assert_eq!(told, ["event.opened", "event.cancelled"]);
-    // Every holder was told once, Cat (held) too, whether the record had her
-    // hold when the cancel committed or got it just after.
-    assert_eq!(holders_told(&stack, event, "event.cancelled"), ["ann", "ben", "cat"]);
     let verdict = stack.books_balance(event).await;
     assert_eq!((verdict.mysql.paid, verdict.mysql.held, verdict.mysql.cancelled), (0, 0, 3), "{verdict}");
+    // Every holder was told once (every change is notified by now), Cat
+    // (held) too, whether the record had her hold when the cancel committed
+    // or got it just after.
+    assert_eq!(holders_told(&stack, event, "event.cancelled"), ["ann", "ben", "cat"]);
     stack.stop().await;
 }
 

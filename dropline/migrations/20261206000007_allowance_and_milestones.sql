@@ -66,7 +66,9 @@ END;
 -- A holder the record learns of only after a reschedule or a cancel of the
 -- event (a hold decided before it, still on its way from the ledger when the
 -- change committed) is told of its latest one too, once, right after its
--- hold. The read of the event's changes feeds an insert, so it is a locking
+-- hold. Every hold of a cancelled event was decided before the cancel (the
+-- ledger stops selling first), even one whose end reached the record before
+-- its decision (its created_at is then its end's time). The read of the event's changes feeds an insert, so it is a locking
 -- read and sees a change committed after this transaction began; a change
 -- that runs meanwhile reads the orders the same way and waits for this one
 -- instead: of the two, exactly one writes the holder's copy.
@@ -78,7 +80,7 @@ CREATE TRIGGER orders_told_of_event_changes AFTER INSERT ON orders FOR EACH ROW 
     FROM outbox c
     WHERE c.event_id = NEW.event_id AND c.subject = 'event' AND c.order_id IS NULL
       AND c.kind IN ('rescheduled', 'cancelled')
-      AND c.changed_at > NEW.created_at
+      AND (c.kind = 'cancelled' OR c.changed_at > NEW.created_at)
       AND (NEW.state IN ('held', 'paid') OR NEW.updated_at >= c.changed_at)
       AND c.seq = (SELECT MAX(l.seq) FROM outbox l
                    WHERE l.event_id = NEW.event_id AND l.subject = 'event' AND l.order_id IS NULL AND l.kind = c.kind)

@@ -25,14 +25,31 @@ pub const AVAILABLE_TTL: Duration = Duration::from_millis(250);
 /// What a host may change about an event, on sale or not: its capacity and
 /// oversell allowance (stock added, or stock never handed out taken back),
 /// its date and its cancellation policy. A field it does not know is
-/// refused.
+/// refused, and so is a `null` (it would read as "leave it", which a host
+/// sending `"oversell_allowance": null` to clear one does not mean).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EventChanges {
+    #[serde(default, deserialize_with = "not_null")]
     pub capacity: Option<u32>,
+    #[serde(default, deserialize_with = "not_null")]
     pub oversell_allowance: Option<u32>,
+    #[serde(default, deserialize_with = "not_null")]
     pub starts_at: Option<DateTime<Utc>>,
+    #[serde(default, deserialize_with = "not_null")]
     pub cancellation: Option<CancellationPolicy>,
+}
+
+/// A field given a value; absent is `None` (the field's default), `null`
+/// an error.
+fn not_null<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d)?
+        .map(Some)
+        .ok_or_else(|| serde::de::Error::custom("null is not a value here; leave the field out to keep it"))
 }
 
 /// Until when a buyer may cancel a paid order (`null`: never), and the
