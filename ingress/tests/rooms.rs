@@ -632,11 +632,12 @@ async fn a_room_redis_lost_after_its_draw_comes_back_drawn_and_buyers_join_again
     let _: i64 = dropline::redis_pool::redis::cmd("DEL").arg(&lost).query_async(&mut conn).await.unwrap();
 
     // The keepers set it up again from the record, drawn: the line moves
-    // for whoever joins again.
+    // for whoever joins again. (Until they have, the room reads as a plain
+    // open line with no draw: wait for the draw, not just the phase.)
     let back = eventually("the room set up again", Duration::from_secs(20), || async {
         let r = http().get(format!("{}/v1/events/{event}/waiting-room", stack.api)).send().await.unwrap();
         let body: Value = r.json().await.unwrap();
-        (body["phase"] == "open").then_some(body)
+        (body["phase"] == "open" && body["entrants"] != 0).then_some(body)
     })
     .await;
     assert_eq!(back["in_line"], 0, "{back}");
