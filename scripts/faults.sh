@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The fault-injection harness, full version: for each scenario (kill -9 of
 # each stage mid-drop, a Redis flush, a Redis restart on its append-only
-# file, a Redis failover that loses its recent writes, a broker restart on
-# durable storage, a MariaDB crash and restart) it
+# file, a Redis failover that loses its recent writes, a Redis Cluster
+# primary killed and its replica promoted, a broker restart on durable
+# storage, a MariaDB crash and restart, and three drops at once through 2
+# ingresses, 3 allocators, 2 settlers and 2 expirers while instances leave
+# and join) it
 # runs a drop with its own Redis and broker (and, for the MariaDB crash, its
 # own MariaDB server), injects the fault, waits for quiescence and prints the
 # table of invariants. Then the README's recovery steps, each on a local

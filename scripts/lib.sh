@@ -25,7 +25,12 @@ stack_addresses() {
   # The host's webhook receiver (dropctl receive), where the notifier sends.
   RECEIVER_ADDR=${RECEIVER_ADDR:-127.0.0.1:9180}
   export DROPLINE_MYSQL_URL=${DROPLINE_MYSQL_URL:-mysql://root@127.0.0.1:$MYSQL_PORT/dropline}
-  export DROPLINE_REDIS_URL=${DROPLINE_REDIS_URL:-redis://127.0.0.1:$REDIS_PORT}
+  if [ "${DROPLINE_REDIS_CLUSTER:-false}" = true ]; then
+    local p=$REDIS_CLUSTER_PORT
+    export DROPLINE_REDIS_URL=${DROPLINE_REDIS_URL:-redis://127.0.0.1:$p,redis://127.0.0.1:$((p + 1)),redis://127.0.0.1:$((p + 2))}
+  else
+    export DROPLINE_REDIS_URL=${DROPLINE_REDIS_URL:-redis://127.0.0.1:$REDIS_PORT}
+  fi
   export DROPLINE_KAFKA_BROKERS=${DROPLINE_KAFKA_BROKERS:-127.0.0.1:$KAFKA_PORT}
 }
 
@@ -71,6 +76,56 @@ ensure_redis() {
   redis-server --daemonize yes --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no \
     --dir "$STATE_DIR" --logfile "$STATE_DIR/redis.log"
   wait_for "redis" 30 redis-cli -p "$REDIS_PORT" ping
+}
+
+# A Redis Cluster on one machine: three primaries and three replicas, each
+# a redis-server on its own port from REDIS_CLUSTER_PORT (7000 to 7005) with
+# its folder under $STATE_DIR/redis-cluster, made a cluster by
+# `redis-cli --cluster create`. Each keeps an append-only file (fsync every
+# second, as a managed Redis Cluster with AOF does) and declares a primary
+# failed after 2 s without an answer, so a fault scenario's failover is
+# quick. `DROPLINE_REDIS_CLUSTER=true scripts/stack.sh up` runs the local
+# stack on it.
+REDIS_CLUSTER_PORT=${REDIS_CLUSTER_PORT:-7000}
+REDIS_CLUSTER_DIR=$STATE_DIR/redis-cluster
+
+redis_cluster_ok() { redis-cli -p "$REDIS_CLUSTER_PORT" cluster info 2>/dev/null | grep -q '^cluster_state:ok'; }
+
+ensure_redis_cluster() {
+  redis_cluster_ok && return
+  command -v redis-server >/dev/null || { log "installing redis"; apt_install redis-server; }
+  local i port dir nodes=()
+  for i in 0 1 2 3 4 5; do
+    port=$((REDIS_CLUSTER_PORT + i))
+    nodes+=("127.0.0.1:$port")
+    port_open "$port" && continue
+    dir=$REDIS_CLUSTER_DIR/$port
+    mkdir -p "$dir"
+    redis-server --daemonize yes --bind 127.0.0.1 --port "$port" --dir "$dir" --logfile "$dir/redis.log" \
+      --pidfile "$dir/redis.pid" --cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 2000 \
+      --appendonly yes --appendfsync everysec --save ""
+  done
+  for port in "${nodes[@]##*:}"; do wait_for "redis cluster node :$port" 30 redis-cli -p "$port" ping; done
+  # Nodes that were a cluster before (their nodes.conf) form it again.
+  if ! redis-cli -p "$REDIS_CLUSTER_PORT" cluster info | grep -q '^cluster_known_nodes:6'; then
+    log "creating a Redis Cluster of ${nodes[*]}"
+    redis-cli --cluster create "${nodes[@]}" --cluster-replicas 1 --cluster-yes >&2
+  fi
+  wait_for "the Redis Cluster" 60 redis_cluster_ok
+}
+
+# Stops the cluster's nodes this checkout started, and deletes their data.
+wipe_redis_cluster() {
+  local pidfile
+  for pidfile in "$REDIS_CLUSTER_DIR"/*/redis.pid; do
+    [ -f "$pidfile" ] || continue
+    kill -TERM "$(cat "$pidfile")" 2>/dev/null || true
+  done
+  for pidfile in "$REDIS_CLUSTER_DIR"/*/redis.pid; do
+    [ -f "$pidfile" ] || continue
+    wait_for "redis cluster node $(dirname "$pidfile") to stop" 30 bash -c "! kill -0 $(cat "$pidfile") 2>/dev/null"
+  done
+  rm -rf "$REDIS_CLUSTER_DIR"
 }
 
 mysql_tcp() { mariadb -h127.0.0.1 -P"$MYSQL_PORT" -uroot --protocol=TCP "$@"; }
@@ -274,6 +329,7 @@ load_secrets() {
 ensure_infra() {
   ensure_tools
   ensure_redis
+  [ "${DROPLINE_REDIS_CLUSTER:-false}" != true ] || ensure_redis_cluster
   ensure_mariadb
   ensure_tansu
 }

@@ -4,6 +4,8 @@
 # simulator (paysim) and the host's webhook receiver (dropctl receive).
 #
 #   scripts/stack.sh up        stores + broker + Prometheus + schema + topics + services
+#                              (DROPLINE_REDIS_CLUSTER=true: on a local Redis Cluster of
+#                              six nodes, ports 7000-7005, instead of the one Redis)
 #   scripts/stack.sh infra     stores + broker only (what the tests need)
 #   scripts/stack.sh status    what is running
 #   scripts/stack.sh down      stop the services, Prometheus and the broker started here;
@@ -173,6 +175,7 @@ status() {
     if running "$name"; then echo "$name: running (pid $(cat "$STATE_DIR/$name.pid"))"; else echo "$name: not started here"; fi
   done
   port_open "$REDIS_PORT" && echo "redis: listening on :$REDIS_PORT" || echo "redis: down"
+  redis_cluster_ok && echo "redis cluster: ok on :$REDIS_CLUSTER_PORT and the five ports after it" || echo "redis cluster: not running"
   port_open "$MYSQL_PORT" && echo "mariadb: listening on :$MYSQL_PORT" || echo "mariadb: down"
   port_open "$KAFKA_PORT" && echo "broker: listening on :$KAFKA_PORT" || echo "broker: down"
 }
@@ -190,6 +193,7 @@ wipe() {
   if port_open "$REDIS_PORT"; then
     redis-cli -p "$REDIS_PORT" --scan --pattern "${DROPLINE_REDIS_KEY_PREFIX:-dl}:*" | xargs -r -n 500 redis-cli -p "$REDIS_PORT" del >/dev/null
   fi
+  wipe_redis_cluster
   log "wiped"
 }
 

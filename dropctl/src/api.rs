@@ -65,7 +65,9 @@ pub struct Checkout {
 
 #[derive(Clone)]
 pub struct Api {
-    base: String,
+    /// The ingresses' base URLs, each request sent to the next in turn.
+    bases: std::sync::Arc<[String]>,
+    turn: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     http: reqwest::Client,
 }
 
@@ -90,22 +92,40 @@ pub struct IntentStatus {
 
 impl Api {
     pub fn new(base: &str) -> anyhow::Result<Self> {
+        Self::spread(&[base])
+    }
+
+    /// A client of several ingresses behind no balancer: each request goes
+    /// to the next one in turn, as a round-robin balancer would send it, so
+    /// one buyer's requests land on different ingresses, and a retry after
+    /// a transport failure (an ingress gone) goes to another.
+    pub fn spread(bases: &[impl AsRef<str>]) -> anyhow::Result<Self> {
+        if bases.is_empty() {
+            bail!("no ingress URL");
+        }
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_max_idle_per_host(512)
             .build()?;
-        Ok(Self { base: base.trim_end_matches('/').to_owned(), http })
+        let bases = bases.iter().map(|b| b.as_ref().trim_end_matches('/').to_owned()).collect();
+        Ok(Self { bases, turn: Default::default(), http })
+    }
+
+    /// The base URL of the next request.
+    fn base(&self) -> &str {
+        let turn = self.turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        &self.bases[turn % self.bases.len()]
     }
 
     /// A host's change of an event (`PATCH /v1/admin/events/{id}`).
     pub async fn change_event(&self, admin_token: &str, event_id: u64, changes: &Value) -> anyhow::Result<Value> {
-        let url = format!("{}/v1/admin/events/{event_id}", self.base);
+        let url = format!("{}/v1/admin/events/{event_id}", self.base());
         self.admin(self.http.patch(url), admin_token, changes, StatusCode::OK, "changing the event").await
     }
 
     pub async fn create_event(&self, admin_token: &str, event: &Value) -> anyhow::Result<Value> {
-        let url = format!("{}/v1/admin/events", self.base);
+        let url = format!("{}/v1/admin/events", self.base());
         self.admin(self.http.post(url), admin_token, event, StatusCode::CREATED, "creating the event").await
     }
 
@@ -120,6 +140,7 @@ impl Api {
     ) -> anyhow::Result<Value> {
         let r = request.bearer_auth(admin_token).json(body).send().await?;
         let status = r.status();
+        unavailable_if_5xx(&r, what)?;
         let answer: Value = r.json().await?;
         if status != expected {
             bail!("{what} failed: {status} {answer}");
@@ -143,7 +164,7 @@ impl Api {
     ) -> anyhow::Result<Purchase> {
         let mut request = self
             .http
-            .post(format!("{}/v1/events/{event_id}/purchases", self.base))
+            .post(format!("{}/v1/events/{event_id}/purchases", self.base()))
             .bearer_auth(token)
             .header("idempotency-key", key)
             .json(&json!({ "quantity": quantity }));
@@ -153,6 +174,9 @@ impl Api {
         let r = request.send().await?;
         let status = r.status();
         let retry_after = retry_after_header(&r);
+        if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
+            unavailable_if_5xx(&r, "the purchase")?;
+        }
         let body: Value = r.json().await.context("purchase answer is not JSON")?;
         match status {
             StatusCode::ACCEPTED => Ok(Purchase::Accepted(body["intent_id"].as_str().unwrap_or_default().parse()?)),
@@ -172,7 +196,7 @@ impl Api {
     }
 
     pub async fn intent(&self, token: &str, intent_id: Uuid) -> anyhow::Result<IntentStatus> {
-        let r = self.http.get(format!("{}/v1/intents/{intent_id}", self.base)).bearer_auth(token).send().await?;
+        let r = self.http.get(format!("{}/v1/intents/{intent_id}", self.base())).bearer_auth(token).send().await?;
         let status = r.status();
         unavailable_if_5xx(&r, "intent status")?;
         // The buyer was told 202, so the intent exists: a 404 means its
@@ -202,7 +226,7 @@ impl Api {
     /// problem code when the order can no longer be paid (it expired).
     pub async fn start_payment(&self, token: &str, order_id: Uuid) -> anyhow::Result<Result<Checkout, String>> {
         let r =
-            self.http.post(format!("{}/v1/orders/{order_id}/payments", self.base)).bearer_auth(token).send().await?;
+            self.http.post(format!("{}/v1/orders/{order_id}/payments", self.base())).bearer_auth(token).send().await?;
         let status = r.status();
         unavailable_if_5xx(&r, "starting the payment")?;
         let body: Value = r.json().await?;
@@ -264,7 +288,7 @@ impl Api {
     /// The order's state as its buyer sees it (held, paid, cancelled,
     /// expired, or voided when the record refused the hold).
     pub async fn order_state(&self, token: &str, order_id: Uuid) -> anyhow::Result<String> {
-        let r = self.http.get(format!("{}/v1/orders/{order_id}", self.base)).bearer_auth(token).send().await?;
+        let r = self.http.get(format!("{}/v1/orders/{order_id}", self.base())).bearer_auth(token).send().await?;
         let status = r.status();
         unavailable_if_5xx(&r, "order")?;
         let body: Value = r.json().await?;
@@ -276,7 +300,8 @@ impl Api {
 
     /// Cancels a hold; returns the order's state afterwards.
     pub async fn cancel(&self, token: &str, order_id: Uuid) -> anyhow::Result<String> {
-        let r = self.http.post(format!("{}/v1/orders/{order_id}/cancel", self.base)).bearer_auth(token).send().await?;
+        let r =
+            self.http.post(format!("{}/v1/orders/{order_id}/cancel", self.base())).bearer_auth(token).send().await?;
         unavailable_if_5xx(&r, "cancel")?;
         let body: Value = r.json().await?;
         Ok(body["state"].as_str().or_else(|| body["code"].as_str()).unwrap_or("unknown").to_owned())
@@ -284,7 +309,7 @@ impl Api {
 
     /// A waiting room's published draw.
     pub async fn draw(&self, event_id: u64) -> anyhow::Result<dropline::room::draw::PublishedDraw> {
-        let r = self.http.get(format!("{}/v1/events/{event_id}/waiting-room/draw", self.base)).send().await?;
+        let r = self.http.get(format!("{}/v1/events/{event_id}/waiting-room/draw", self.base())).send().await?;
         let status = r.status();
         unavailable_if_5xx(&r, "draw")?;
         if status != StatusCode::OK {
@@ -296,7 +321,7 @@ impl Api {
 
     /// A waiting room as anyone may see it (`GET /v1/events/{id}/waiting-room`).
     pub async fn room(&self, event_id: u64) -> anyhow::Result<Value> {
-        let r = self.http.get(format!("{}/v1/events/{event_id}/waiting-room", self.base)).send().await?;
+        let r = self.http.get(format!("{}/v1/events/{event_id}/waiting-room", self.base())).send().await?;
         let status = r.status();
         unavailable_if_5xx(&r, "waiting room")?;
         let body: Value = r.json().await.unwrap_or(Value::Null);
@@ -317,7 +342,7 @@ impl Api {
     ) -> anyhow::Result<Value> {
         let r = self
             .http
-            .put(format!("{}/v1/admin/events/{event_id}/waiting-room", self.base))
+            .put(format!("{}/v1/admin/events/{event_id}/waiting-room", self.base()))
             .bearer_auth(admin_token)
             .json(&json!({
                 "prequeue_opens_at": chrono::Utc::now(),
@@ -338,9 +363,9 @@ impl Api {
     /// Joins an event's waiting room (or gets one's ticket back), solving
     /// its proof of work first when it asks for one.
     pub async fn join(&self, token: &str, event_id: u64, proof_of_work: bool) -> anyhow::Result<Ticket> {
-        let mut request = self.http.post(format!("{}/v1/events/{event_id}/queue", self.base)).bearer_auth(token);
+        let mut request = self.http.post(format!("{}/v1/events/{event_id}/queue", self.base())).bearer_auth(token);
         if proof_of_work {
-            let r = self.http.get(format!("{}/v1/events/{event_id}/queue/challenge", self.base)).bearer_auth(token);
+            let r = self.http.get(format!("{}/v1/events/{event_id}/queue/challenge", self.base())).bearer_auth(token);
             let r = r.send().await?;
             unavailable_if_5xx(&r, "challenge")?;
             let body: Value = r.json().await?;
@@ -354,7 +379,7 @@ impl Api {
 
     /// Where the buyer's ticket stands.
     pub async fn standing(&self, token: &str, event_id: u64) -> anyhow::Result<Ticket> {
-        let r = self.http.get(format!("{}/v1/events/{event_id}/queue", self.base)).bearer_auth(token).send().await?;
+        let r = self.http.get(format!("{}/v1/events/{event_id}/queue", self.base())).bearer_auth(token).send().await?;
         self.ticket(r, "queue").await
     }
 
@@ -363,7 +388,7 @@ impl Api {
     pub async fn stream(&self, token: &str, path: &str, last_event_id: Option<&str>) -> anyhow::Result<Opened> {
         let mut request = self
             .http
-            .get(format!("{}{path}", self.base))
+            .get(format!("{}{path}", self.base()))
             .bearer_auth(token)
             .header("accept", "text/event-stream")
             .timeout(STREAM_TIMEOUT);

@@ -109,27 +109,29 @@ fn payload(kind: Payload, event_id: u64, i: u64) -> Vec<u8> {
     .expect("messages serialize")
 }
 
-/// Produces `messages` fresh messages to `topic`, keyed by `event_id` as the
-/// stages key them, with `in_flight` sends outstanding, and waits for every
-/// acknowledgement.
+/// Produces `messages` fresh messages to `topic`, for `events` events from
+/// `event_id` in turn, each keyed by its event as the stages key them (so
+/// several events spread over the partitions), with `in_flight` sends
+/// outstanding, and waits for every acknowledgement.
 pub async fn produce(
     kafka: &KafkaArgs,
     topic: &str,
     kind: Payload,
     event_id: u64,
+    events: u64,
     messages: u64,
     in_flight: usize,
 ) -> anyhow::Result<Rate> {
+    anyhow::ensure!(events > 0, "at least one event");
     dropline::kafka::ensure_topics(kafka, &[topic]).await?;
     // The raw producer, not the stages' Publisher: this measures the
     // broker's own rate, without the publisher's metrics and error mapping.
     // The settings are the stages' (`dropline::kafka::producer`).
     let producer = dropline::kafka::producer(kafka, "ceiling-producer")?;
     let next = Arc::new(AtomicU64::new(0));
-    let key = event_id.to_string();
     let started = Instant::now();
     let workers = (0..in_flight).map(|_| {
-        let (producer, next, key) = (producer.clone(), next.clone(), key.clone());
+        let (producer, next) = (producer.clone(), next.clone());
         let topic = topic.to_owned();
         async move {
             loop {
@@ -137,7 +139,9 @@ pub async fn produce(
                 if i >= messages {
                     return anyhow::Ok(());
                 }
-                let body = payload(kind, event_id, i);
+                let event = event_id + i % events;
+                let key = event.to_string();
+                let body = payload(kind, event, i);
                 producer
                     .send(FutureRecord::to(&topic).key(&key).payload(&body), Duration::from_secs(5))
                     .await

@@ -329,9 +329,17 @@ pub async fn open(api: &Api, tokens: &Tokens, plan: &DropPlan) -> anyhow::Result
         .await?;
     let event_id = event["id"].as_u64().context("event id")?;
     let policy = json!({ "until": now + chrono::Duration::hours(1), "refund_percent": POLICY_REFUND_PERCENT });
-    api.change_event(&admin, event_id, &json!({ "cancellation": policy })).await?;
+    // Both calls set what they say, so a retry after a 503 (a deadlock the
+    // record broke, say, with other hosts' changes at the same moment) or a
+    // lost answer is safe.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let policy = json!({ "cancellation": policy });
+    persist(deadline, || api.change_event(&admin, event_id, &policy)).await?;
     if let Some(room) = plan.room {
-        api.set_room(&admin, event_id, room.outflow_per_sec, room.time_to_act_secs, room.proof_of_work_bits).await?;
+        persist(deadline, || {
+            api.set_room(&admin, event_id, room.outflow_per_sec, room.time_to_act_secs, room.proof_of_work_bits)
+        })
+        .await?;
     }
     Ok(event_id)
 }

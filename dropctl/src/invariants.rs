@@ -397,23 +397,7 @@ async fn accepted_without_decision(
     }
     let mut conn = ledger.pool().get().await?;
     let pattern = ledger.keys().idempotency_pattern();
-    let mut keys: Vec<String> = Vec::new();
-    let mut cursor = 0u64;
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await?;
-        keys.extend(batch);
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
+    let keys = conn.keys_matching(&pattern).await?;
     let mut accepted = Vec::new();
     for chunk in keys.chunks(500) {
         let bodies: Vec<Option<String>> = redis::cmd("MGET").arg(chunk).query_async(&mut conn).await?;

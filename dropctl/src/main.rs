@@ -291,6 +291,9 @@ enum Ceiling {
         payload: dropctl::ceiling::Payload,
         #[arg(long, default_value_t = 1)]
         event: u64,
+        /// Spread the messages over this many events from --event, in turn.
+        #[arg(long, default_value_t = 1)]
+        events: u64,
         #[arg(long, default_value_t = 100_000)]
         messages: u64,
         #[arg(long, default_value_t = 1_000)]
@@ -501,8 +504,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Ceiling { what } => {
             let measured = match what {
                 Ceiling::Http { addr } => return dropctl::ceiling::http(addr).await,
-                Ceiling::Produce { payload, event, messages, in_flight, topic, kafka } => serde_json::to_value(
-                    dropctl::ceiling::produce(&kafka, &topic, payload, event, messages, in_flight).await?,
+                Ceiling::Produce { payload, event, events, messages, in_flight, topic, kafka } => serde_json::to_value(
+                    dropctl::ceiling::produce(&kafka, &topic, payload, event, events, messages, in_flight).await?,
                 )?,
                 Ceiling::Insert { rows, batch, mysql } => {
                     serde_json::to_value(dropctl::ceiling::insert(&mysql, rows, batch).await?)?

@@ -177,7 +177,7 @@ async fn consistent_books() -> Books {
     dropline::db::create_database(&db_url).await.unwrap();
     let db = dropline::db::connect(&dropline::config::MysqlArgs::new(db_url, 3)).await.unwrap();
     dropline::db::migrate(&db).await.unwrap();
-    let pool = dropline::config::RedisArgs::new(common::redis_url(), 16).pool().unwrap();
+    let pool = common::redis(16).pool().unwrap();
     let ledger = Ledger::new(pool, &name);
 
     let now = chrono::Utc::now();

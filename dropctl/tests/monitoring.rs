@@ -158,7 +158,7 @@ async fn every_dashboard_query_has_data_and_alerts_fire_only_on_faults() {
     // A small, healthy drop.
     let keys = secrets.tokens();
     let db = dropline::db::connect(&dropline::config::MysqlArgs::new(db_url.clone(), 3)).await.unwrap();
-    let pool = dropline::config::RedisArgs::new(common::redis_url(), 16).pool().unwrap();
+    let pool = common::redis(16).pool().unwrap();
     let ledger = Ledger::new(pool, &name);
     let api = Api::new(&format!("http://127.0.0.1:{api_port}")).unwrap();
     let plan = DropPlan {

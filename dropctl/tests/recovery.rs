@@ -125,7 +125,7 @@ impl LocalStack {
     }
 
     fn ledger(&self) -> Ledger {
-        let pool = dropline::config::RedisArgs::new(common::redis_url(), 16).pool().unwrap();
+        let pool = common::redis(16).pool().unwrap();
         Ledger::new(pool, &self.name)
     }
 

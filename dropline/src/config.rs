@@ -72,6 +72,12 @@ pub struct KafkaArgs {
     /// they are.
     #[arg(long = "topic-partitions", env = "DROPLINE_TOPIC_PARTITIONS", default_value_t = 6)]
     pub partitions: i32,
+    /// Replicas of each partition of topics created at start: 1 on the local
+    /// single broker; 3 on a production cluster (k8s/ sets it), so a topic
+    /// a stage creates before the cluster's operator does is as durable as
+    /// the operator's would be. -1 takes the broker's default.
+    #[arg(long = "topic-replication-factor", env = "DROPLINE_TOPIC_REPLICATION_FACTOR", default_value_t = 1)]
+    pub replication_factor: i32,
 }
 
 impl KafkaArgs {
@@ -106,6 +112,10 @@ impl KafkaArgs {
         problems.within("DROPLINE_KAFKA_SESSION_TIMEOUT_MS", self.session_timeout_ms, 6_000..=1_800_000);
         problems.within("DROPLINE_KAFKA_PERMANENT_FAILURE_ATTEMPTS", self.permanent_failure_attempts, 1..=100);
         problems.within("DROPLINE_TOPIC_PARTITIONS", self.partitions, 1..=1024);
+        problems.require(
+            self.replication_factor == -1 || (1..=16).contains(&self.replication_factor),
+            "DROPLINE_TOPIC_REPLICATION_FACTOR must be -1 (the broker's default) or 1 to 16",
+        );
         problems.within("DROPLINE_KAFKA_PRODUCER_QUEUE_MAX_MESSAGES", self.producer_queue_max_messages, 1..=10_000_000);
     }
 }
@@ -124,10 +134,23 @@ pub(crate) fn kafka_args(flags: &[&str]) -> KafkaArgs {
 
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct RedisArgs {
-    /// Redis holding the stock ledger.
+    /// Redis holding the stock ledger. With DROPLINE_REDIS_CLUSTER, one or
+    /// more of the cluster's nodes, comma-separated: the client learns the
+    /// rest from them.
     #[arg(id = "redis_url", long = "redis-url", env = "DROPLINE_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
-    #[serde(serialize_with = "redacted_url")]
+    #[serde(serialize_with = "redacted_urls")]
     pub url: String,
+    /// The URL names nodes of a Redis Cluster: commands go to the node that
+    /// serves their keys' hash slot, and the client follows the cluster
+    /// through resharding and failover.
+    #[arg(
+        id = "redis_cluster",
+        long = "redis-cluster",
+        env = "DROPLINE_REDIS_CLUSTER",
+        default_value_t = false,
+        action = clap::ArgAction::Set
+    )]
+    pub cluster: bool,
     /// Connections in the pool.
     #[arg(id = "redis_pool_size", long = "redis-pool-size", env = "DROPLINE_REDIS_POOL_SIZE", default_value_t = 32)]
     pub pool_size: usize,
@@ -162,6 +185,7 @@ impl RedisArgs {
     pub fn new(url: impl Into<String>, pool_size: usize) -> Self {
         Self {
             url: url.into(),
+            cluster: false,
             pool_size,
             key_prefix: "dl".into(),
             pool_wait_timeout_ms: 5_000,
@@ -177,8 +201,12 @@ impl RedisArgs {
         {
             problems.add("DROPLINE_REDIS_KEY_PREFIX must be non-empty ASCII letters, digits, '-' or '_'");
         }
-        if !self.url.starts_with("redis://") && !self.url.starts_with("rediss://") {
+        let urls: Vec<&str> = self.url.split(',').map(str::trim).collect();
+        if urls.iter().any(|u| !u.starts_with("redis://") && !u.starts_with("rediss://")) {
             problems.add("DROPLINE_REDIS_URL must start with redis:// or rediss://");
+        }
+        if urls.len() > 1 && !self.cluster {
+            problems.add("DROPLINE_REDIS_URL lists several nodes: set DROPLINE_REDIS_CLUSTER=true for a Redis Cluster");
         }
         problems.require(self.pool_size > 0, "DROPLINE_REDIS_POOL_SIZE must be positive");
         for (name, ms) in [
@@ -206,7 +234,12 @@ impl RedisArgs {
             create: Some(connect),
             recycle: Some(Duration::from_millis(self.recycle_timeout_ms)),
         };
-        let manager = Manager::new(&self.url, connection)?;
+        let manager = if self.cluster {
+            let seeds: Vec<&str> = self.url.split(',').map(str::trim).collect();
+            Manager::cluster(&seeds, connect, Duration::from_millis(self.response_timeout_ms))?
+        } else {
+            Manager::new(&self.url, connection)?
+        };
         Ok(Pool::builder(manager).config(pool).runtime(deadpool::Runtime::Tokio1).build()?)
     }
 }
@@ -371,6 +404,12 @@ impl fmt::Display for ConfigError {
 /// Serializes a URL for the effective-config log, password masked.
 pub fn redacted_url<T: AsRef<str>, S: Serializer>(url: &T, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&redact_url(url.as_ref()))
+}
+
+/// [`redacted_url`] of each URL in a comma-separated list (a cluster's
+/// nodes).
+pub fn redacted_urls<T: AsRef<str>, S: Serializer>(urls: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&urls.as_ref().split(',').map(redact_url).collect::<Vec<_>>().join(","))
 }
 
 /// Serializes a URL for the effective-config log as its scheme, host and

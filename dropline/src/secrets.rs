@@ -301,10 +301,14 @@ the secrets live in .dropline/secrets.env
         let Ok(entries) = std::fs::read_dir(dir) else { return };
         for entry in entries.flatten() {
             let path = entry.path();
-            // k6's reports and builds are generated, not published; hidden
-            // folders are git's and the local stack's state.
+            // k6's reports and builds are generated, not published; the
+            // manifest validator's npm packages are installed, not ours;
+            // hidden folders are git's and the local stack's state.
             let name = entry.file_name();
-            let skipped = name == "reports" || name == "target" || name.to_string_lossy().starts_with('.');
+            let skipped = name == "reports"
+                || name == "target"
+                || name == "node_modules"
+                || name.to_string_lossy().starts_with('.');
             if path.is_dir() && !skipped {
                 collect(&path, files);
             } else if path.is_file() {

@@ -1,6 +1,7 @@
 //! The stock ledger's scripts, and the pool they run over, against a real
-//! Redis (DROPLINE_REDIS_URL, default 127.0.0.1:6379). Each test uses its
-//! own random event id.
+//! Redis (DROPLINE_REDIS_URL, default 127.0.0.1:6379), or a Redis Cluster
+//! with DROPLINE_REDIS_CLUSTER=true (scripts/test.sh runs them on both).
+//! Each test uses its own random event id.
 
 use std::time::Duration;
 
@@ -14,8 +15,14 @@ fn redis_url() -> String {
     std::env::var("DROPLINE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
+fn redis(pool_size: usize) -> dropline::config::RedisArgs {
+    let mut args = dropline::config::RedisArgs::new(redis_url(), pool_size);
+    args.cluster = std::env::var("DROPLINE_REDIS_CLUSTER").is_ok_and(|v| v == "true");
+    args
+}
+
 fn ledger() -> Ledger {
-    let pool = dropline::config::RedisArgs::new(redis_url(), 16).pool().unwrap();
+    let pool = redis(16).pool().unwrap();
     Ledger::new(pool, "dltest")
 }
 
@@ -490,6 +497,7 @@ async fn a_full_redis_pool_times_out_its_waiters() {
 #[tokio::test]
 async fn a_pooled_connection_that_broke_is_replaced_at_its_next_checkout() {
     use dropline::redis_pool::{redis, CHECK_EVERY};
+    // One connection to one node, cluster or not: the test kills it by id.
     let pool = dropline::config::RedisArgs::new(redis_url(), 1).pool().unwrap();
     let client_id = |mut conn: dropline::redis_pool::Connection| async move {
         redis::cmd("CLIENT").arg("ID").query_async::<i64>(&mut conn).await

@@ -518,8 +518,13 @@ async fn event_reads_come_from_memory_with_no_mysql_query_per_request() {
 
 /// Every command Redis runs, as `MONITOR` shows it, to see which a request
 /// caused: commands run before a marker this test sends after the answer
-/// are the ones it may have caused.
+/// are the ones it may have caused. On a Redis Cluster, every primary's.
 struct Monitor {
+    nodes: Vec<MonitoredNode>,
+}
+
+/// One node's MONITOR stream, and a connection to it for the markers.
+struct MonitoredNode {
     lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::TcpStream>>,
     marker: dropline::redis_pool::Pool,
 }
@@ -528,28 +533,42 @@ impl Monitor {
     async fn start() -> Monitor {
         use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
         let url = dropline_testkit::redis_url();
-        let addr = url.trim_start_matches("redis://").split('/').next().unwrap().to_owned();
-        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        stream.write_all(b"MONITOR\r\n").await.unwrap();
-        let mut lines = tokio::io::BufReader::new(stream).lines();
-        assert_eq!(lines.next_line().await.unwrap().as_deref(), Some("+OK"));
-        Monitor { lines, marker: dropline::config::RedisArgs::new(url, 1).pool().unwrap() }
+        let mut conn = dropline_testkit::redis(1).pool().unwrap().get().await.unwrap();
+        let mut addrs: Vec<String> =
+            conn.primaries().await.unwrap().into_iter().map(|(h, p)| format!("{h}:{p}")).collect();
+        if addrs.is_empty() {
+            addrs.push(url.trim_start_matches("redis://").split('/').next().unwrap().to_owned());
+        }
+        let mut nodes = Vec::new();
+        for addr in addrs {
+            let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            stream.write_all(b"MONITOR\r\n").await.unwrap();
+            let mut lines = tokio::io::BufReader::new(stream).lines();
+            assert_eq!(lines.next_line().await.unwrap().as_deref(), Some("+OK"));
+            let marker = dropline::config::RedisArgs::new(format!("redis://{addr}"), 1).pool().unwrap();
+            nodes.push(MonitoredNode { lines, marker });
+        }
+        Monitor { nodes }
     }
 
     /// Whether any command since the last call named `key`.
     async fn touched(&mut self, key: &str) -> bool {
-        let marker = Uuid::new_v4().to_string();
-        let mut conn = self.marker.get().await.unwrap();
-        let _: String = dropline::redis_pool::redis::cmd("ECHO").arg(&marker).query_async(&mut *conn).await.unwrap();
         let mut touched = false;
-        loop {
-            let line = tokio::time::timeout(Duration::from_secs(10), self.lines.next_line()).await;
-            let line = line.expect("the marker comes through").unwrap().expect("MONITOR goes on");
-            if line.contains(&marker) {
-                return touched;
+        for node in &mut self.nodes {
+            let marker = Uuid::new_v4().to_string();
+            let mut conn = node.marker.get().await.unwrap();
+            let _: String =
+                dropline::redis_pool::redis::cmd("ECHO").arg(&marker).query_async(&mut *conn).await.unwrap();
+            loop {
+                let line = tokio::time::timeout(Duration::from_secs(10), node.lines.next_line()).await;
+                let line = line.expect("the marker comes through").unwrap().expect("MONITOR goes on");
+                if line.contains(&marker) {
+                    break;
+                }
+                touched |= line.contains(key);
             }
-            touched |= line.contains(key);
         }
+        touched
     }
 }
 

@@ -79,6 +79,15 @@ pub fn redis_url() -> String {
     env_or("DROPLINE_REDIS_URL", "redis://127.0.0.1:6379")
 }
 
+/// The tests' Redis settings: `DROPLINE_REDIS_URL`, a Redis Cluster if
+/// `DROPLINE_REDIS_CLUSTER=true` (scripts/test.sh runs the Redis suites
+/// again on the local cluster so).
+pub fn redis(pool_size: usize) -> dropline::config::RedisArgs {
+    let mut args = dropline::config::RedisArgs::new(redis_url(), pool_size);
+    args.cluster = std::env::var("DROPLINE_REDIS_CLUSTER").is_ok_and(|v| v == "true");
+    args
+}
+
 /// The server part of the MySQL URL, without a database.
 pub fn mysql_server() -> String {
     env_or("DROPLINE_TEST_MYSQL_SERVER", "mysql://root@127.0.0.1:3306")
@@ -104,7 +113,7 @@ impl Deployment {
         let db_url = format!("{}/dropline_{name}", mysql_server());
         dropline::db::create_database(&db_url).await.expect("create the test database");
         let db = dropline::db::connect(&MysqlArgs::new(db_url, 5)).await.unwrap();
-        let pool = dropline::config::RedisArgs::new(redis_url(), 16).pool().unwrap();
+        let pool = redis(16).pool().unwrap();
         let secrets = Secrets::generate();
         Deployment { ledger: Ledger::new(pool, &name), keys: secrets.tokens(), secrets, db, name }
     }

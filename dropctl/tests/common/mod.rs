@@ -16,7 +16,7 @@ use dropline::messages::Topics;
 use dropline_testkit::Deployment;
 // Shared with the other crates' tests; each test here uses some.
 #[allow(unused_imports)]
-pub use dropline_testkit::{brokers, eventually, eventually_or, mysql_server, redis_url, Secrets};
+pub use dropline_testkit::{brokers, eventually, eventually_or, mysql_server, redis, redis_url, Secrets};
 use sqlx::MySqlPool;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -368,10 +368,10 @@ impl Deref for Stack {
 
 /// A copy of every Redis key matching `pattern`, as a lagging replica
 /// would have them: value and expiry (a fence's lease, say, must still run
-/// out after a roll-back).
+/// out after a roll-back). On a Redis Cluster, of every primary.
 pub async fn redis_snapshot(pool: &dropline::redis_pool::Pool, pattern: &str) -> Vec<RedisKeyCopy> {
     let mut conn = pool.get().await.unwrap();
-    let keys: Vec<String> = dropline::redis_pool::redis::cmd("KEYS").arg(pattern).query_async(&mut conn).await.unwrap();
+    let keys = conn.keys_matching(pattern).await.unwrap();
     let mut out = Vec::new();
     for key in keys {
         let (dump, expires_at_ms): (Option<Vec<u8>>, i64) = dropline::redis_pool::redis::pipe()
@@ -380,7 +380,7 @@ pub async fn redis_snapshot(pool: &dropline::redis_pool::Pool, pattern: &str) ->
             .arg(&key)
             .cmd("PEXPIRETIME")
             .arg(&key)
-            .query_async(&mut conn)
+            .query_async(&mut *conn)
             .await
             .unwrap();
         out.extend(dump.map(|dump| RedisKeyCopy { key, dump, expires_at_ms }));
@@ -396,23 +396,42 @@ pub struct RedisKeyCopy {
     expires_at_ms: i64,
 }
 
+/// A key's hash tag (what Redis Cluster hashes), or the whole key.
+fn hash_tag(key: &str) -> &str {
+    match key.split_once('{').and_then(|(_, rest)| rest.split_once('}')) {
+        Some((tag, _)) if !tag.is_empty() => tag,
+        _ => key,
+    }
+}
+
 /// Puts a snapshot back: Redis forgets every write since, as after a
 /// failover to a replica that had not received them. Keys keep their
-/// expiry time; one already past is gone.
+/// expiry time; one already past is gone. On one Redis every key changes at
+/// once, in one transaction; on a cluster, each hash tag's keys (an event's
+/// ledger) do, as a node that failed over loses its own writes.
 pub async fn redis_roll_back(pool: &dropline::redis_pool::Pool, pattern: &str, snapshot: &[RedisKeyCopy]) {
     let mut conn = pool.get().await.unwrap();
-    let now: Vec<String> = dropline::redis_pool::redis::cmd("KEYS").arg(pattern).query_async(&mut conn).await.unwrap();
-    let mut pipe = dropline::redis_pool::redis::pipe();
-    pipe.atomic();
+    let now = conn.keys_matching(pattern).await.unwrap();
+    let one_node = matches!(*conn, dropline::redis_pool::Link::Single(_));
+    let group = |key: &str| if one_node { String::new() } else { hash_tag(key).to_owned() };
+    let transaction = || {
+        let mut pipe = dropline::redis_pool::redis::pipe();
+        pipe.atomic();
+        pipe
+    };
+    let mut pipes: std::collections::BTreeMap<String, dropline::redis_pool::redis::Pipeline> = Default::default();
     for key in now.iter().filter(|k| !snapshot.iter().any(|c| c.key == **k)) {
-        pipe.del(key).ignore();
+        pipes.entry(group(key)).or_insert_with(transaction).del(key).ignore();
     }
     for copy in snapshot {
         // With ABSTTL, 0 means no expiry.
         let at = copy.expires_at_ms.max(0);
+        let pipe = pipes.entry(group(&copy.key)).or_insert_with(transaction);
         pipe.cmd("RESTORE").arg(&copy.key).arg(at).arg(&copy.dump).arg("REPLACE").arg("ABSTTL").ignore();
     }
-    let _: () = pipe.query_async(&mut conn).await.unwrap();
+    for pipe in pipes.values() {
+        let _: () = pipe.query_async(&mut *conn).await.unwrap();
+    }
 }
 
 /// Dropline's binaries (and other servers) as real processes, for the tests

@@ -14,6 +14,7 @@ use thiserror::Error;
 use uuid::Uuid;
 
 use crate::messages::{now_ms, OrderChange, OrderState, PaymentRecord, RejectReason};
+use crate::redis_pool::Link;
 pub use keys::{EventKeys, Keys};
 
 static PREWARM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/prewarm.lua")));
@@ -54,6 +55,24 @@ static MARK: LazyLock<Script> = LazyLock::new(|| {
           return 1",
     )
 });
+/// Counts the in-flight marks renewed within ARGV[1] ms, by the clock of
+/// the node that keeps them.
+static LIVE_MARKS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"local t = redis.call('TIME')
+          local now = t[1] * 1000 + math.floor(t[2] / 1000)
+          local marks = redis.call('HVALS', KEYS[1])
+          local live = 0
+          for _, at in ipairs(marks) do
+            if now - tonumber(at) < tonumber(ARGV[1]) then live = live + 1 end
+          end
+          return live",
+    )
+});
+/// How long a rebuild's staged keys outlive a process that died before it
+/// committed them.
+const STAGED_RESTORE_TTL_SECS: u64 = 3600;
+static COMMIT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/commit.lua")));
 static HOLD: LazyLock<Script> =
     LazyLock::new(|| Script::new(concat!(include_str!("lua/guard.lua"), include_str!("lua/hold.lua"))));
 
@@ -571,10 +590,10 @@ impl Ledger {
     pub async fn in_flight(&self, event_id: u64, stale_after_ms: i64) -> Result<usize, LedgerError> {
         let keys = self.keys.event(event_id);
         let mut conn = self.pool.get().await?;
-        let entries: std::collections::HashMap<String, i64> = conn.hgetall(&keys.in_flight).await?;
-        let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut conn).await?;
-        let now = secs * 1000 + micros / 1000;
-        Ok(entries.values().filter(|at| now - **at < stale_after_ms).count())
+        // Counted by the node that keeps the marks, with its own clock (the
+        // one MARK stamped them with), also on a cluster.
+        let live: usize = LIVE_MARKS.key(&keys.in_flight).arg(stale_after_ms).invoke_async(&mut conn).await?;
+        Ok(live)
     }
 
     /// Records that the record has no such event: intents for it can never
@@ -593,9 +612,12 @@ impl Ledger {
         Ok(conn.sismember(&key, event_id).await?)
     }
 
-    /// Replaces an event's ledger with `restore`, in one MULTI/EXEC, so no
-    /// reader sees half of it, and only while `fence` is still the event's:
-    /// a rebuild that lost its fence (it expired) changes nothing.
+    /// Replaces an event's ledger with `restore`, all at once, so no reader
+    /// sees half of it, and only while `fence` is still the event's: a
+    /// rebuild that lost its fence (it expired) changes nothing. The new
+    /// ledger is first written to staged copies of its keys (they expire
+    /// within the hour if this process dies before it commits), then
+    /// `commit.lua` checks the fence and swaps them in, in one step.
     pub async fn restore(&self, fence: &Fence, restore: &Restore) -> Result<StockLevels, LedgerError> {
         let event_id = fence.event_id;
         let keys = self.keys.event(event_id);
@@ -607,9 +629,12 @@ impl Ledger {
                 *users.entry(h.user_id.as_str()).or_default() += u64::from(h.quantity);
             }
         }
+        let staged: Vec<String> = keys.rebuilt().iter().map(|k| format!("{k}:restore:{}", fence.token)).collect();
+        let [stock, users_key, decisions, holds, free_key] =
+            [&staged[0], &staged[1], &staged[2], &staged[3], &staged[4]];
         let mut pipe = redis::pipe();
         pipe.atomic();
-        pipe.del(&keys.rebuilt()).ignore();
+        pipe.del(&staged).ignore();
         // Every unit no live hold has is free again: the lowest numbers, as
         // many as are available (a live order from before unit numbers
         // existed owns some unnamed ones).
@@ -622,22 +647,23 @@ impl Ledger {
         let free: Vec<u32> =
             (1..=rules.sellable()).filter(|u| !taken.contains(u)).take(levels.available as usize).collect();
         for chunk in free.chunks(1000) {
-            pipe.rpush(&keys.free, chunk).ignore();
+            pipe.rpush(free_key, chunk).ignore();
         }
         for chunk in users.iter().collect::<Vec<_>>().chunks(1000) {
-            pipe.hset_multiple(&keys.users, &chunk.iter().map(|(u, n)| (**u, **n)).collect::<Vec<_>>()).ignore();
+            pipe.hset_multiple(users_key, &chunk.iter().map(|(u, n)| (**u, **n)).collect::<Vec<_>>()).ignore();
         }
         for chunk in restore.decisions.chunks(1000) {
             let fields: Vec<(String, String)> = chunk.iter().map(|(id, v)| (id.to_string(), encode(v))).collect();
-            pipe.hset_multiple(&keys.decisions, &fields).ignore();
+            pipe.hset_multiple(decisions, &fields).ignore();
         }
         for chunk in restore.holds.chunks(1000) {
             let fields: Vec<(String, String)> = chunk.iter().map(|(id, h)| (id.to_string(), encode(h))).collect();
-            pipe.hset_multiple(&keys.holds, &fields).ignore();
+            pipe.hset_multiple(holds, &fields).ignore();
         }
-        // The stock hash last: it is what marks the ledger present.
+        // The stock hash is what marks the ledger present (and, staged, the
+        // rebuild not yet committed).
         pipe.hset_multiple(
-            &keys.stock,
+            stock,
             &[
                 ("capacity", levels.capacity.to_string()),
                 ("allowance", levels.allowance.to_string()),
@@ -655,19 +681,17 @@ impl Ledger {
             ],
         )
         .ignore();
-        for key in keys.rebuilt() {
-            pipe.cmd("PEXPIREAT").arg(key).arg(rules.retain_until_ms).ignore();
+        for key in &staged {
+            pipe.cmd("EXPIRE").arg(key).arg(STAGED_RESTORE_TTL_SECS).ignore();
         }
         let mut conn = self.pool.get().await?;
-        // Optimistic: EXEC does nothing if the fence changed since WATCH.
-        let _: () = redis::cmd("WATCH").arg(&keys.fence).query_async(&mut conn).await?;
-        let current: Option<String> = conn.get(&keys.fence).await?;
-        if current.as_deref() != Some(fence.token.as_str()) {
-            let _: () = redis::cmd("UNWATCH").query_async(&mut conn).await?;
+        let _: () = pipe.query_async(&mut conn).await?;
+        let mut commit = COMMIT.key(&keys.fence);
+        commit.key(&keys.rebuilt()).key(&staged).arg(&fence.token).arg(rules.retain_until_ms);
+        let applied: i64 = commit.invoke_async(&mut conn).await?;
+        if applied != 1 {
             return Err(LedgerError::FenceLost(event_id));
         }
-        let applied: Option<()> = pipe.query_async(&mut conn).await?;
-        applied.ok_or(LedgerError::FenceLost(event_id))?;
         Ok(levels)
     }
 
@@ -753,17 +777,36 @@ impl Ledger {
     }
 
     /// The counters of several events, in one pipelined round trip; `None`
-    /// for an event the ledger does not have.
+    /// for an event the ledger does not have. On a Redis Cluster a pipeline
+    /// must stay in one hash slot, and each event has its own: there the
+    /// reads go one per event, all at once over the cluster's multiplexed
+    /// connections.
     pub async fn levels_of(&self, event_ids: &[u64]) -> Result<Vec<Option<StockLevels>>, LedgerError> {
         if event_ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        for id in event_ids {
-            pipe.cmd("HMGET").arg(&self.keys.event(*id).stock).arg(&LEVEL_FIELDS);
-        }
+        let read = |id: &u64| {
+            let mut cmd = redis::cmd("HMGET");
+            cmd.arg(&self.keys.event(*id).stock).arg(&LEVEL_FIELDS);
+            cmd
+        };
         let mut conn = self.pool.get().await?;
-        let all: Vec<Vec<Option<u64>>> = pipe.query_async(&mut conn).await?;
+        let all: Vec<Vec<Option<u64>>> = match &*conn {
+            Link::Single(_) => {
+                let mut pipe = redis::pipe();
+                for id in event_ids {
+                    pipe.add_command(read(id));
+                }
+                pipe.query_async(&mut conn).await?
+            }
+            Link::Cluster(cluster) => {
+                let reads = event_ids.iter().map(|id| {
+                    let (cmd, mut cluster) = (read(id), cluster.clone());
+                    async move { cmd.query_async::<Vec<Option<u64>>>(&mut cluster).await }
+                });
+                futures::future::try_join_all(reads).await?
+            }
+        };
         Ok(all.iter().map(|f| levels_from(f)).collect())
     }
 
