@@ -2,7 +2,7 @@
 # Regenerates docs/PERFORMANCE.md: Dropline's stages and the ceilings they
 # are compared with, all measured in this one run on this machine.
 #
-#   scripts/bench.sh            (about 5 minutes after the release build)
+#   scripts/bench.sh            (about 10 minutes after the release build)
 #
 # The durable-broker row runs the ingress on the local stack as it is by
 # default (tansu on sqlite). Everything else runs on a stack of the bench's
@@ -257,7 +257,10 @@ log "the outbox's cost to the settler: its batch writer with the outbox and with
 "$BIN/dropctl" ceiling outbox --orders 20000 --mysql-url "$MYSQL_SERVER/dropline_ceiling" >"$OUT/outbox.json"
 mysql_tcp -e "DROP DATABASE IF EXISTS dropline_ceiling"
 
-# 5. End to end: 10,000 tickets, a k6 flood far larger, resources sampled.
+# 5. Scale-out: the allocator and the settler, 1 instance and then 3.
+SCALE_OPS_PORT_BASE=9190 "$DROPLINE_ROOT/scripts/bench_scale.sh" "$OUT"
+
+# 6. End to end: 10,000 tickets, a k6 flood far larger, resources sampled.
 log "end to end: k6 drop of 10000 tickets"
 pids=""
 for s in ingress allocator settler expirer notifier; do pids="$pids $s:$(cat "$STATE_DIR/$s.pid")"; done

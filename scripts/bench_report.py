@@ -42,6 +42,7 @@ notify = load("notify.json")
 drop = load("drop-summary.json")["metrics"]
 limiter = load("limiter.json")
 idle = load("idle.counts.json")
+scale = load("scale.json")
 WRK_CONNECTIONS = int(os.environ.get("WRK_CONNECTIONS", "256"))
 
 ceiling_rps = http_ceiling["requests"] / http_ceiling["secs"]
@@ -231,6 +232,23 @@ print(f"- Per-address limiter under {limiter['keys']:,} distinct addresses, one 
       f"(every 10 s in the ingress) left {limiter['held_after_prune']:,} addresses and "
       f"{limiter['resident_after_prune_bytes'] / 1024 / 1024:.1f} MiB in {limiter['prune_secs'] * 1000:.0f} ms. "
       "So the limiter holds at most the addresses seen within 10 s.")
+print()
+print("## Scale-out: one instance and three")
+print()
+print("The allocator and the settler, 1 and then 3 instances of each in one consumer group, on fresh topics of 6 "
+      "partitions. The instances first join and each takes its partitions; they are then stopped (SIGSTOP), a backlog "
+      "spread over 60 events is loaded, and they are resumed together; the rate is the backlog over the time from the "
+      "resume to its last effect (`scripts/bench_scale.sh`). All the instances, the broker, Redis and MariaDB share "
+      "this machine's 2 cores: the ratio shows how far one machine's cores, not Dropline, let the rate grow.")
+print()
+print("| Stage | 1 instance | 3 instances | Ratio (3 / 1) |")
+print("|---|---|---|---|")
+by = {(r["stage"], r["instances"]): r for r in scale}
+for stage, unit in [("allocator", "decisions/s"), ("settler", "orders/s")]:
+    one, three = by.get((stage, 1)), by.get((stage, 3))
+    if one and three:
+        print(f"| {stage.capitalize()} ({one['count']:,} over 60 events) | {one['per_sec']:,.0f} {unit} | "
+              f"{three['per_sec']:,.0f} {unit} | {three['per_sec'] / one['per_sec']:.2f} |")
 print()
 print("## End to end: 10,000 tickets, a flood far larger")
 print()

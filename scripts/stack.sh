@@ -5,7 +5,9 @@
 #
 #   scripts/stack.sh up        stores + broker + Prometheus + schema + topics + services
 #                              (DROPLINE_REDIS_CLUSTER=true: on a local Redis Cluster of
-#                              six nodes, ports 7000-7005, instead of the one Redis)
+#                              six nodes, ports 7000-7005, instead of the one Redis;
+#                              DROPLINE_STACK_SCALE="ingress=2 allocator=3 settler=2
+#                              expirer=2": that many instances of those stages)
 #   scripts/stack.sh infra     stores + broker only (what the tests need)
 #   scripts/stack.sh status    what is running
 #   scripts/stack.sh down      stop the services, Prometheus and the broker started here;
@@ -34,7 +36,47 @@ BIN=$TARGET_DIR/$PROFILE
 # name, ops port: every service's /healthz, /readyz and /metrics.
 OPS_PORT_BASE=${DROPLINE_OPS_PORT_BASE:-9100}
 SERVICES="ingress:$OPS_PORT_BASE allocator:$((OPS_PORT_BASE + 1)) settler:$((OPS_PORT_BASE + 2)) expirer:$((OPS_PORT_BASE + 3)) notifier:$((OPS_PORT_BASE + 4))"
-ops_port() { local s; for s in $SERVICES; do [ "${s%%:*}" = "$1" ] && echo "${s##*:}"; done; }
+
+# Instances: DROPLINE_STACK_SCALE="ingress=2 allocator=3 settler=2 expirer=2
+# notifier=1" runs that many of a stage (1 to 9 each; 1 when unnamed). The
+# first is named after its stage (.dropline/allocator.pid, ops port as
+# above); instance k after it is <stage>-k, with ops port base + 10 k + the
+# stage's place (allocator-2: 9121), and an ingress-k listens on the
+# ingress's port + k. The consumers of a stage share its group (as dynamic
+# members, see below); the topics have 6 partitions
+# (DROPLINE_TOPIC_PARTITIONS), enough for up to 6 consumers of a stage.
+STAGES="ingress allocator settler expirer notifier"
+scale_of() {
+  local entry n=1
+  for entry in ${DROPLINE_STACK_SCALE:-}; do [ "${entry%%=*}" != "$1" ] || n=${entry#*=}; done
+  echo "$n"
+}
+check_scale() {
+  local entry
+  for entry in ${DROPLINE_STACK_SCALE:-}; do
+    case " $STAGES " in *" ${entry%%=*} "*) ;; *) die "DROPLINE_STACK_SCALE: '$entry': no stage '${entry%%=*}' (stages: $STAGES)" ;; esac
+    [[ ${entry#*=} =~ ^[1-9]$ ]] || die "DROPLINE_STACK_SCALE: '$entry': a stage runs 1 to 9 instances"
+  done
+}
+# The instance names of a stage: the configured ones, and any still running
+# from an earlier `up` with a larger scale (so `down` stops them too).
+instances() {
+  local k n; n=$(scale_of "$1")
+  echo "$1"
+  for k in 1 2 3 4 5 6 7 8; do
+    if [ "$k" -lt "$n" ] || [ -f "$STATE_DIR/$1-$k.pid" ]; then echo "$1-$k"; fi
+  done
+}
+instance_index() { case $1 in *-[1-9]) echo "${1##*-}" ;; *) echo 0 ;; esac; }
+stage_of() { echo "${1%-[1-9]}"; }
+ops_port() {
+  local s stage; stage=$(stage_of "$1")
+  for s in $SERVICES; do
+    if [ "${s%%:*}" = "$stage" ]; then echo $((${s##*:} + 10 * $(instance_index "$1"))); fi
+  done
+}
+ingress_addr() { echo "${INGRESS_ADDR%:*}:$((${INGRESS_ADDR##*:} + $(instance_index "$1")))"; }
+all_instances() { local stage; for stage in $STAGES; do instances "$stage"; done; }
 
 build() {
   # Tests that drive this script build first and set DROPLINE_SKIP_BUILD=1
@@ -62,7 +104,7 @@ start_one() {
   log "$name started (pid $!, log .dropline/$name.log)"
 }
 
-binary() { case $1 in paysim) echo dropline-paysim ;; receiver) echo dropctl ;; *) echo "dropline-$1" ;; esac; }
+binary() { case $1 in paysim) echo dropline-paysim ;; receiver) echo dropctl ;; *) echo "dropline-$(stage_of "$1")" ;; esac; }
 subcommand() { [ "$1" != receiver ] || echo receive; }
 
 ready() { curl -fsS "http://127.0.0.1:$1/readyz" >/dev/null 2>&1; }
@@ -79,6 +121,7 @@ services_up() {
     export DROPLINE_HTTP_MAX_CONNECTIONS=$((fds - 1024))
     log "file-descriptor limit $fds: the ingress takes at most $DROPLINE_HTTP_MAX_CONNECTIONS connections"
   fi
+  check_scale
   ports_free
   # Generated on the first `up` and kept in .dropline/secrets.env; the
   # ingress and paysim read them from the environment, dropctl from the file.
@@ -103,12 +146,15 @@ services_up() {
   # demo's, k6's) comes from 127.0.0.1: the per-address budget is lifted.
   # The demo's holds last 10 s: a buyer who starts paying gets 5 s more
   # (120 s by default, against holds of minutes).
-  start_one ingress DROPLINE_LISTEN_ADDR="$INGRESS_ADDR" DROPLINE_OPS_ADDR="127.0.0.1:$(ops_port ingress)" \
-    DROPLINE_PAYMENT_PROVIDER_URL="http://$PAYSIM_ADDR" \
-    DROPLINE_PAYMENT_HOLD_EXTENSION_SECS="${DROPLINE_PAYMENT_HOLD_EXTENSION_SECS:-5}" \
-    DROPLINE_ADMIT_PER_SEC="${DROPLINE_ADMIT_PER_SEC:-1000}" DROPLINE_ADMIT_BURST="${DROPLINE_ADMIT_BURST:-200}" \
-    DROPLINE_IP_PER_SEC="${DROPLINE_IP_PER_SEC:-1000000}" DROPLINE_IP_BURST="${DROPLINE_IP_BURST:-1000000}" \
-    DROPLINE_PURCHASES_MAX_IN_FLIGHT="${DROPLINE_PURCHASES_MAX_IN_FLIGHT:-64}"
+  local name
+  for name in $(instances ingress); do
+    start_one "$name" DROPLINE_LISTEN_ADDR="$(ingress_addr "$name")" DROPLINE_OPS_ADDR="127.0.0.1:$(ops_port "$name")" \
+      DROPLINE_PAYMENT_PROVIDER_URL="http://$PAYSIM_ADDR" \
+      DROPLINE_PAYMENT_HOLD_EXTENSION_SECS="${DROPLINE_PAYMENT_HOLD_EXTENSION_SECS:-5}" \
+      DROPLINE_ADMIT_PER_SEC="${DROPLINE_ADMIT_PER_SEC:-1000}" DROPLINE_ADMIT_BURST="${DROPLINE_ADMIT_BURST:-200}" \
+      DROPLINE_IP_PER_SEC="${DROPLINE_IP_PER_SEC:-1000000}" DROPLINE_IP_BURST="${DROPLINE_IP_BURST:-1000000}" \
+      DROPLINE_PURCHASES_MAX_IN_FLIGHT="${DROPLINE_PURCHASES_MAX_IN_FLIGHT:-64}"
+  done
   # Consumers join their groups as static members, so one restarted after
   # kill -9 takes its partitions straight back. The ids are fixed, not the
   # default <stage>-consumer@<host>: the broker's log outlives a change of
@@ -116,25 +162,56 @@ services_up() {
   # coming back (it would keep its partitions). Each consumer reports ready
   # only once it holds partitions, which is what the wait below waits for.
   local stage
+  settle_crashed_members
   # The demo's holds last 10 s: the local notifier reminds a buyer 5 s
   # before a hold's deadline (60 s by default).
   export DROPLINE_NOTIFIER_REMINDER_LEAD_SECS=${DROPLINE_NOTIFIER_REMINDER_LEAD_SECS:-5}
   for stage in allocator settler expirer notifier; do
-    start_one "$stage" DROPLINE_OPS_ADDR="127.0.0.1:$(ops_port "$stage")" \
-      DROPLINE_KAFKA_GROUP_INSTANCE_ID="local-$stage-0" DROPLINE_NOTIFY_URL="http://$RECEIVER_ADDR/webhooks" \
-      DROPLINE_PAYMENT_PROVIDER_URL="http://$PAYSIM_ADDR"
+    # A stage of several instances joins with dynamic membership (an empty
+    # id): tansu never forgets a static id, and a group that has seen two
+    # never settles again (README, known limits of the local broker). A
+    # dead dynamic member's partitions move to the others once its session
+    # times out (DROPLINE_KAFKA_SESSION_TIMEOUT_MS, 10 s).
+    local member="local-$stage-0"
+    [ "$(scale_of "$stage")" = 1 ] || member=
+    for name in $(instances "$stage"); do
+      start_one "$name" DROPLINE_OPS_ADDR="127.0.0.1:$(ops_port "$name")" DROPLINE_KAFKA_GROUP_INSTANCE_ID="$member" \
+        DROPLINE_NOTIFY_URL="http://$RECEIVER_ADDR/webhooks" DROPLINE_PAYMENT_PROVIDER_URL="http://$PAYSIM_ADDR"
+    done
   done
-  for s in $SERVICES; do
-    local name=${s%%:*} port=${s##*:}
-    wait_for "$name (see .dropline/$name.log)" 60 ready "$port"
+  scrape_targets
+  for name in $(all_instances); do
+    wait_for "$name (see .dropline/$name.log)" 60 ready "$(ops_port "$name")"
   done
   wait_for "paysim" 30 curl -fsS "http://$PAYSIM_ADDR/healthz"
   wait_for "the webhook receiver" 30 curl -fsS "http://$RECEIVER_ADDR/healthz"
   # What answered must be this stack's own processes, still running.
-  for name in receiver paysim ingress allocator settler expirer notifier; do
+  for name in receiver paysim $(all_instances); do
     running "$name" || die "$name exited after it started; see .dropline/$name.log"
   done
-  log "services ready: API http://$INGRESS_ADDR, metrics on :$OPS_PORT_BASE-$((OPS_PORT_BASE + 4)), Prometheus http://127.0.0.1:$PROMETHEUS_PORT, webhooks received http://$RECEIVER_ADDR/deliveries"
+  local apis=""
+  for name in $(instances ingress); do apis="$apis http://$(ingress_addr "$name")"; done
+  log "services ready: API$apis, metrics on :$OPS_PORT_BASE-$((OPS_PORT_BASE + 4)), Prometheus http://127.0.0.1:$PROMETHEUS_PORT, webhooks received http://$RECEIVER_ADDR/deliveries"
+}
+
+# A consumer of a stage of several instances that died without leaving its
+# group (kill -9, a crash) stays a member until its session times out. If
+# its replacement joins before that, tansu forms the group with nothing
+# assigned to anyone, and it stays so (measured: every allocator of three
+# held no partition after one was killed and started again at once). So
+# the replacement starts only after the broker has dropped the dead member.
+settle_crashed_members() {
+  local stage name crashed=""
+  for stage in allocator settler expirer notifier; do
+    [ "$(scale_of "$stage")" != 1 ] || continue
+    for name in $(instances "$stage"); do
+      if [ -f "$STATE_DIR/$name.pid" ] && ! running "$name"; then crashed="$crashed $name"; fi
+    done
+  done
+  [ -n "$crashed" ] || return 0
+  local secs=$((${DROPLINE_KAFKA_SESSION_TIMEOUT_MS:-10000} / 1000 + 2))
+  log "waiting ${secs}s, until the broker has dropped$crashed from their groups (they died without leaving them)"
+  sleep "$secs"
 }
 
 # Every port a service of this stack that is not running yet will listen
@@ -143,7 +220,9 @@ services_up() {
 # place.
 ports_free() {
   local name port
-  for entry in "paysim:${PAYSIM_ADDR##*:}" "ingress:${INGRESS_ADDR##*:}" "receiver:${RECEIVER_ADDR##*:}" $SERVICES; do
+  for entry in "paysim:${PAYSIM_ADDR##*:}" "receiver:${RECEIVER_ADDR##*:}" \
+    $(for name in $(instances ingress); do ingress_addr "$name" | sed "s/.*:/$name:/"; done) \
+    $(for name in $(all_instances); do echo "$name:$(ops_port "$name")"; done); do
     name=${entry%%:*} port=${entry##*:}
     if ! running "$name" && port_open "$port"; then
       die "port $port, for $name, is taken by another process (another local stack?); stop it, or move this stack with INGRESS_ADDR, PAYSIM_ADDR, RECEIVER_ADDR and DROPLINE_OPS_PORT_BASE"
@@ -167,11 +246,29 @@ stop_one() {
 }
 
 services_down() {
-  for name in ingress paysim allocator settler expirer notifier receiver; do stop_one "$name"; done
+  for name in $(instances ingress) paysim; do stop_one "$name"; done
+  for stage in allocator settler expirer notifier; do
+    for name in $(instances "$stage"); do stop_one "$name"; done
+  done
+  stop_one receiver
+}
+
+# The instances past the first of each stage, for Prometheus: one file per
+# job (monitoring/prometheus/prometheus.yml reads .dropline/scrape/*.json).
+scrape_targets() {
+  local stage name targets
+  mkdir -p "$STATE_DIR/scrape"
+  for stage in $STAGES; do
+    targets=""
+    for name in $(instances "$stage"); do
+      [ "$name" = "$stage" ] || targets="$targets\"127.0.0.1:$(ops_port "$name")\","
+    done
+    printf '[{"targets": [%s]}]\n' "${targets%,}" >"$STATE_DIR/scrape/$stage.json"
+  done
 }
 
 status() {
-  for name in ingress allocator settler expirer notifier paysim receiver prometheus tansu; do
+  for name in $(all_instances) paysim receiver prometheus tansu; do
     if running "$name"; then echo "$name: running (pid $(cat "$STATE_DIR/$name.pid"))"; else echo "$name: not started here"; fi
   done
   port_open "$REDIS_PORT" && echo "redis: listening on :$REDIS_PORT" || echo "redis: down"
@@ -208,7 +305,11 @@ case "${1:-up}" in
     fi
     groups=("${DROPLINE_ALLOCATOR_GROUP:-dropline-allocator}" "${DROPLINE_SETTLER_GROUP:-dropline-settler}"
       "${DROPLINE_EXPIRER_GROUP:-dropline-expirer}" "${DROPLINE_NOTIFIER_GROUP:-dropline-notifier}")
-    if ! running allocator && ! running settler && ! running expirer && ! running notifier \
+    consumers_running=false
+    for stage in allocator settler expirer notifier; do
+      for name in $(instances "$stage"); do ! running "$name" || consumers_running=true; done
+    done
+    if [ "$consumers_running" = false ] \
       && [ "${DROPLINE_BROKER_STORAGE:-sqlite}" = sqlite ] && [ "$(group_members count "${groups[@]}")" != 0 ]; then
       # Mending restarts the broker, and a producer that outlives a broker
       # restart can panic it (the ingress's, after the consumers' kill -9,

@@ -5,7 +5,9 @@
 //! `scripts/stack.sh down` followed by `up`; and a k6 drop
 //! (`scripts/loadtest.sh drop`) runs through a settler's kill -9 and `up`. Afterwards every invariant must hold: every accepted
 //! purchase decided once, every acknowledged payment one paid order or one
-//! refund record, nothing sold twice.
+//! refund record, nothing sold twice. The same recovery holds on a stack
+//! of several instances per stage (`DROPLINE_STACK_SCALE`), one instance of
+//! each consumer killed.
 //!
 //! Each scenario has its own state folder (so its own broker, on sqlite, as
 //! the local stack runs it by default), ports, database, key prefix and
@@ -31,7 +33,8 @@ struct LocalStack {
     kafka_port: u16,
     state: PathBuf,
     env: Vec<(&'static str, String)>,
-    api: String,
+    /// Its ingresses' APIs (one per ingress instance).
+    apis: Vec<String>,
     db_url: String,
     /// Its paysim's API.
     provider: String,
@@ -41,22 +44,35 @@ fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
 }
 
-/// Five consecutive free ports for the stages' ops endpoints.
-fn free_port_run() -> u16 {
+/// `n` consecutive free ports.
+fn free_port_run(n: u16) -> u16 {
     loop {
         let base = free_port();
-        if base < 60_000 && (1..5).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
+        if base < 60_000 && (1..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
             return base;
         }
     }
 }
 
 impl LocalStack {
+    /// One instance of each stage, as `scripts/stack.sh up` runs by default.
     fn new() -> LocalStack {
+        Self::scaled("")
+    }
+
+    /// The instances `scale` (DROPLINE_STACK_SCALE) asks for: its
+    /// ingresses listen on consecutive ports, its ops endpoints on ten per
+    /// instance, and its topics have six partitions, enough for every
+    /// consumer to hold some (each is ready only then).
+    fn scaled(scale: &str) -> LocalStack {
         let name = format!("r{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let state = std::env::temp_dir().join(format!("dropline-{name}"));
         std::fs::create_dir_all(&state).unwrap();
-        let api_port = free_port();
+        let ingresses = scale
+            .split_whitespace()
+            .find_map(|entry| entry.strip_prefix("ingress="))
+            .map_or(1, |n| n.parse::<u16>().expect("an ingress count"));
+        let api_port = free_port_run(ingresses);
         let db_url = format!("{}/dropline_{name}", common::mysql_server());
         let secrets = Secrets::generate();
         let kafka_port = free_port();
@@ -69,14 +85,15 @@ impl LocalStack {
             ("DROPLINE_SKIP_BUILD", "1".into()),
             ("KAFKA_PORT", kafka_port.to_string()),
             ("PROMETHEUS_PORT", free_port().to_string()),
-            ("DROPLINE_OPS_PORT_BASE", free_port_run().to_string()),
+            ("DROPLINE_OPS_PORT_BASE", free_port_run(100).to_string()),
+            ("DROPLINE_STACK_SCALE", scale.to_owned()),
             ("INGRESS_ADDR", format!("127.0.0.1:{api_port}")),
             ("PAYSIM_ADDR", paysim.clone()),
             ("RECEIVER_ADDR", format!("127.0.0.1:{}", free_port())),
             ("DROPLINE_MYSQL_URL", db_url.clone()),
             ("DROPLINE_REDIS_KEY_PREFIX", name.clone()),
             ("DROPLINE_TOPIC_PREFIX", name.clone()),
-            ("DROPLINE_TOPIC_PARTITIONS", "2".into()),
+            ("DROPLINE_TOPIC_PARTITIONS", if scale.is_empty() { "2" } else { "6" }.into()),
             ("DROPLINE_ALLOCATOR_GROUP", format!("{name}-allocator")),
             ("DROPLINE_SETTLER_GROUP", format!("{name}-settler")),
             ("DROPLINE_EXPIRER_GROUP", format!("{name}-expirer")),
@@ -86,8 +103,8 @@ impl LocalStack {
             ("DROPLINE_LOG", "warn".into()),
         ];
         env.extend(secrets.env());
-        let api = format!("http://127.0.0.1:{api_port}");
-        LocalStack { name, secrets, kafka_port, state, env, api, db_url, provider: format!("http://{paysim}") }
+        let apis = (0..ingresses).map(|k| format!("http://127.0.0.1:{}", api_port + k)).collect();
+        LocalStack { name, secrets, kafka_port, state, env, apis, db_url, provider: format!("http://{paysim}") }
     }
 
     /// Runs `scripts/stack.sh <args>` as a user would, and insists it
@@ -129,16 +146,17 @@ impl LocalStack {
         Ledger::new(pool, &self.name)
     }
 
-    /// A drop during which the allocator, the settler and the expirer die
-    /// by SIGKILL and `recover` brings the stack back.
-    async fn drop_with_recovery(self, scenario: &str, recover: &'static [&'static [&'static str]]) {
+    /// A drop during which the instances `kill` (the allocator, the settler
+    /// and the expirer, say) die by SIGKILL and `recover` brings the stack
+    /// back.
+    async fn drop_with_recovery(self, scenario: &str, kill: &[&str], recover: &'static [&'static [&'static str]]) {
         dropline::telemetry::init_logs();
         // Armed first: a stack that fails to come up is still taken down.
         let _down = Down(&self);
         self.stack(&["up"]);
         let keys = self.secrets.tokens();
         let db = dropline::db::connect(&dropline::config::MysqlArgs::new(self.db_url.clone(), 3)).await.unwrap();
-        let api = Api::new(&self.api).unwrap();
+        let api = Api::spread(&self.apis).unwrap();
         let brokers = format!("127.0.0.1:{}", self.kafka_port);
         let plan = common::fault_drop(scenario, 2, &brokers, &self.name, &self.provider);
         let probe = db.clone();
@@ -146,9 +164,9 @@ impl LocalStack {
         let drop = tokio::spawn(async move { drill::run(&api, &keys, &db, &ledger, &plan).await });
         common::flood_under_way(&probe).await;
         // Every consumer dies, one after the other, as in a cascade.
-        for stage in ["allocator", "settler", "expirer"] {
-            self.kill9(stage);
-            self.wait_dead(stage).await;
+        for instance in kill {
+            self.kill9(instance);
+            self.wait_dead(instance).await;
         }
         for step in recover {
             self.stack(step);
@@ -191,8 +209,22 @@ static ONE_STACK_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_n
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_then_either_recovery_the_readme_gives_loses_nothing() {
     let _turn = ONE_STACK_AT_A_TIME.lock().await;
-    LocalStack::new().drop_with_recovery("recover-up", &[&["up"]]).await;
-    LocalStack::new().drop_with_recovery("recover-down-up", &[&["down"], &["up"]]).await;
+    let consumers = ["allocator", "settler", "expirer"];
+    LocalStack::new().drop_with_recovery("recover-up", &consumers, &[&["up"]]).await;
+    LocalStack::new().drop_with_recovery("recover-down-up", &consumers, &[&["down"], &["up"]]).await;
+}
+
+/// The README's scaled stack (`DROPLINE_STACK_SCALE="ingress=2
+/// allocator=3 settler=2 expirer=2" scripts/stack.sh up`): buyers spread
+/// over both ingresses, one instance of each consumer dies by SIGKILL
+/// mid-flood (its partitions move to the others of its group), and
+/// `scripts/stack.sh up` starts it again (they move back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_one_instance_of_each_consumer_in_a_scaled_stack_then_up_loses_nothing() {
+    let _turn = ONE_STACK_AT_A_TIME.lock().await;
+    LocalStack::scaled("ingress=2 allocator=3 settler=2 expirer=2")
+        .drop_with_recovery("recover-scaled", &["allocator-1", "settler-1", "expirer-1"], &[&["up"]])
+        .await;
 }
 
 /// The settler's kill -9 at the scale of a load test, where a helper's

@@ -414,9 +414,29 @@ async fn a_fence_is_renewed_restored_under_and_lifted_only_by_its_owner() {
     let still: Option<String> = dropline::redis_pool::redis::cmd("GET").arg(&key).query_async(&mut conn).await.unwrap();
     assert!(still.is_some(), "the first rebuild lifted the second one's fence");
 
-    // Its owner restores and lifts it.
+    // Its owner restores. A cluster client resends a call whose answer it
+    // lost (to a newly promoted primary, say): the commit sent again after
+    // it applied changes nothing and still reports the rebuild in place.
     ledger.restore(&second, &restore).await.unwrap();
+    let restored = ledger.levels(id).await.unwrap();
+    let token: String = dropline::redis_pool::redis::cmd("GET").arg(&key).query_async(&mut conn).await.unwrap();
+    let keys = dropline::stock::EventKeys::new("dltest", id);
+    let staged: Vec<String> = keys.rebuilt().iter().map(|k| format!("{k}:restore:{token}")).collect();
+    let resent: i64 = dropline::redis_pool::redis::Script::new(include_str!("../src/stock/lua/commit.lua"))
+        .key(&keys.fence)
+        .key(&keys.rebuilt())
+        .key(&staged)
+        .arg(&token)
+        .arg(now_ms() + 600_000)
+        .invoke_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(resent, 1, "a resent commit reports the rebuild in place");
+    assert_eq!(ledger.levels(id).await.unwrap(), restored, "a resent commit changed the ledger");
+    assert_eq!(restored.map(|l| l.available), Some(10));
     assert!(ledger.unfence(&second).await.unwrap());
+    let held = decide(&ledger, id, &[intent("erin", 2)]).await;
+    assert!(is_held(&held[0]), "the restored ledger decides: {held:?}");
     assert!(ledger.fence(id, 30).await.unwrap().is_some());
 }
 

@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# How the allocator's and the settler's rates grow from one instance to
+# three on this machine: part of scripts/bench.sh, which runs it on its own
+# stack (broker in memory, memory-lossy) and puts the result in
+# docs/PERFORMANCE.md and the sizing guide's inputs. It runs on whichever
+# broker DROPLINE_KAFKA_BROKERS names, with the Redis on REDIS_PORT and the
+# MariaDB on MYSQL_PORT, so it can also be run alone:
+#
+#   scripts/bench_scale.sh OUT_DIR [COUNTS]     (COUNTS default "1 3")
+#
+# Each run: N instances of the stage join one consumer group on fresh topics
+# of DROPLINE_TOPIC_PARTITIONS partitions (6 by default) and wait until each
+# holds partitions; then they are stopped (SIGSTOP), a backlog spread over
+# 60 events (so over every partition) is loaded, and they are resumed
+# (SIGCONT) together. The rate is the backlog over the time from the resume
+# to its last effect: the instances' own rate, not the loader's, nor a
+# rebalance's. Writes OUT_DIR/scale.json.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+cd "$DROPLINE_ROOT"
+
+OUT=${1:?usage: scripts/bench_scale.sh OUT_DIR [COUNTS]}
+COUNTS=${2:-1 3}
+BIN=$TARGET_DIR/release
+EVENTS=60
+INTENTS=${SCALE_INTENTS:-150000}
+DECISIONS=${SCALE_DECISIONS:-60000}
+MYSQL_SERVER=mysql://root@127.0.0.1:$MYSQL_PORT
+OPS_BASE=${SCALE_OPS_PORT_BASE:-9190}
+RUN=scale-$(date +%s)
+mkdir -p "$OUT"
+
+now_s() { python3 -c 'import time; print(time.time())'; }
+ready() { curl -fsS "http://127.0.0.1:$1/readyz" >/dev/null 2>&1; }
+decisions() { # the decisions recorded under prefix $1, over every event
+  for e in $(seq 1 "$EVENTS"); do echo "HLEN $1:{$e}:decisions"; done | redis-cli -p "$REDIS_PORT" \
+    | awk '{ n += $1 } END { print n + 0 }'
+}
+orders() { mysql_tcp -N -e "SELECT COUNT(*) FROM \`$1\`.orders"; }
+
+PIDS=()
+stop_instances() {
+  [ "${#PIDS[@]}" -gt 0 ] || return 0
+  kill -CONT "${PIDS[@]}" 2>/dev/null || true
+  kill -TERM "${PIDS[@]}" 2>/dev/null || true
+  wait "${PIDS[@]}" 2>/dev/null || true
+  PIDS=()
+}
+trap stop_instances EXIT
+
+# timed NAME N TARGET COUNT-COMMAND LOAD-COMMAND BINARY [ENV...]: starts N
+# instances of BINARY with ENV, each with its own ops port, as dynamic
+# members of their group (tansu cannot keep several static ones apart) whose
+# session outlasts the stop, waits until each is ready, stops them, loads,
+# resumes them and times the drain to TARGET effects; prints {"instances", "count", "secs", "per_sec"}.
+timed() {
+  local name=$1 n=$2 target=$3 count=$4 load=$5 binary=$6 i t0 done_at=
+  shift 6
+  for i in $(seq 1 "$n"); do
+    env "$@" DROPLINE_OPS_ADDR="127.0.0.1:$((OPS_BASE + i))" DROPLINE_KAFKA_GROUP_INSTANCE_ID= \
+      DROPLINE_KAFKA_SESSION_TIMEOUT_MS=60000 DROPLINE_LOG=warn "$BIN/$binary" >>"$OUT/$name.log" 2>&1 &
+    PIDS+=($!)
+  done
+  for i in $(seq 1 "$n"); do wait_for "$name instance $i holding partitions" 120 ready "$((OPS_BASE + i))"; done
+  kill -STOP "${PIDS[@]}"
+  eval "$load" >/dev/null
+  [ "$(eval "$count")" = 0 ] || die "$name: effects before the instances resumed"
+  kill -CONT "${PIDS[@]}"
+  t0=$(now_s)
+  local deadline=$((SECONDS + 300))
+  while [ "$(eval "$count")" -lt "$target" ]; do
+    [ "$SECONDS" -lt "$deadline" ] || die "$name did not drain its backlog in 300 s (see ${OUT#"$DROPLINE_ROOT"/}/$name.log)"
+    sleep 0.1
+  done
+  done_at=$(now_s)
+  stop_instances
+  python3 -c 'import json,sys; n,c,t0,t1=int(sys.argv[1]),int(sys.argv[2]),float(sys.argv[3]),float(sys.argv[4]);
+print(json.dumps({"instances": n, "count": c, "secs": t1 - t0, "per_sec": c / (t1 - t0)}))' \
+    "$n" "$target" "$t0" "$done_at"
+}
+
+rows=()
+for n in $COUNTS; do
+  # The allocator: intents for 60 pre-warmed events.
+  p=$RUN-alloc-$n
+  for e in $(seq 1 "$EVENTS"); do
+    redis-cli -p "$REDIS_PORT" HSET "$p:{$e}:stock" capacity 1000000000 available 1000000000 held 0 sold 0 \
+      next_unit 1 limit 1000 ttl_ms 3600000 opens_ms 0 closes_ms 9999999999999 price 4500 retain_ms 9999999999999 >/dev/null
+  done
+  DROPLINE_TOPIC_PREFIX=$p "$BIN/dropctl" topics 2>/dev/null
+  log "scale-out: $n allocator(s), $INTENTS intents over $EVENTS events"
+  rows+=("$(timed "$p" "$n" "$INTENTS" "decisions $p" \
+    "'$BIN/dropctl' ceiling produce --payload intent --event 1 --events $EVENTS --topic $p.intents --messages $INTENTS" \
+    dropline-allocator DROPLINE_TOPIC_PREFIX="$p" DROPLINE_REDIS_KEY_PREFIX="$p" DROPLINE_ALLOCATOR_GROUP="$p" \
+    | sed 's/^{/{"stage": "allocator", /')")
+  redis-cli -p "$REDIS_PORT" --scan --pattern "$p:*" | xargs -r -n 500 redis-cli -p "$REDIS_PORT" DEL >/dev/null
+
+  # The settler: held decisions for 60 events on record.
+  p=$RUN-settle-$n
+  db=dropline_${p//-/_}
+  "$BIN/dropctl" migrate --mysql-url "$MYSQL_SERVER/$db" 2>/dev/null
+  mysql_tcp "$db" -e "INSERT INTO events (id, name, venue, starts_at, sale_opens_at, sale_closes_at, capacity,
+    price_cents, currency, per_user_limit, hold_ttl_secs) SELECT seq, 'bench', 'bench', UTC_TIMESTAMP() + INTERVAL 1 DAY,
+    UTC_TIMESTAMP(), UTC_TIMESTAMP() + INTERVAL 1 DAY, 100000000, 4500, 'EUR', 1000, 600 FROM seq_1_to_$EVENTS"
+  DROPLINE_TOPIC_PREFIX=$p "$BIN/dropctl" topics 2>/dev/null
+  log "scale-out: $n settler(s), $DECISIONS decisions over $EVENTS events"
+  rows+=("$(timed "$p" "$n" "$DECISIONS" "orders $db" \
+    "'$BIN/dropctl' ceiling produce --payload decision --event 1 --events $EVENTS --topic $p.decisions --messages $DECISIONS" \
+    dropline-settler DROPLINE_TOPIC_PREFIX="$p" DROPLINE_REDIS_KEY_PREFIX="$p" DROPLINE_SETTLER_GROUP="$p" \
+    DROPLINE_MYSQL_URL="$MYSQL_SERVER/$db" | sed 's/^{/{"stage": "settler", /')")
+  mysql_tcp -e "DROP DATABASE \`$db\`"
+  redis-cli -p "$REDIS_PORT" --scan --pattern "$p:*" | xargs -r -n 500 redis-cli -p "$REDIS_PORT" DEL >/dev/null
+done
+printf '%s\n' "${rows[@]}" | python3 -c 'import json,sys; print(json.dumps([json.loads(l) for l in sys.stdin], indent=1))' \
+  >"$OUT/scale.json"
+log "scale-out: ${OUT#"$DROPLINE_ROOT"/}/scale.json"
