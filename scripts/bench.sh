@@ -258,7 +258,7 @@ log "the outbox's cost to the settler: its batch writer with the outbox and with
 mysql_tcp -e "DROP DATABASE IF EXISTS dropline_ceiling"
 
 # 5. Scale-out: the allocator and the settler, 1 instance and then 3.
-SCALE_OPS_PORT_BASE=9190 "$DROPLINE_ROOT/scripts/bench_scale.sh" "$OUT"
+SCALE_OPS_PORT_BASE=9250 "$DROPLINE_ROOT/scripts/bench_scale.sh" "$OUT"
 
 # 6. End to end: 10,000 tickets, a k6 flood far larger, resources sampled.
 log "end to end: k6 drop of 10000 tickets"

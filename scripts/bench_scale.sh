@@ -26,12 +26,12 @@ EVENTS=60
 INTENTS=${SCALE_INTENTS:-150000}
 DECISIONS=${SCALE_DECISIONS:-60000}
 MYSQL_SERVER=mysql://root@127.0.0.1:$MYSQL_PORT
-OPS_BASE=${SCALE_OPS_PORT_BASE:-9190}
+OPS_BASE=${SCALE_OPS_PORT_BASE:-9250}
 RUN=scale-$(date +%s)
 mkdir -p "$OUT"
 
 now_s() { python3 -c 'import time; print(time.time())'; }
-ready() { curl -fsS "http://127.0.0.1:$1/readyz" >/dev/null 2>&1; }
+ready() { curl -fsS --max-time 2 "http://127.0.0.1:$1/readyz" >/dev/null 2>&1; }
 decisions() { # the decisions recorded under prefix $1, over every event
   for e in $(seq 1 "$EVENTS"); do echo "HLEN $1:{$e}:decisions"; done | redis-cli -p "$REDIS_PORT" \
     | awk '{ n += $1 } END { print n + 0 }'
@@ -48,14 +48,16 @@ stop_instances() {
 }
 trap stop_instances EXIT
 
-# timed NAME N TARGET COUNT-COMMAND LOAD-COMMAND BINARY [ENV...]: starts N
+# timed STAGE NAME N TARGET COUNT-COMMAND LOAD-COMMAND BINARY [ENV...]: starts N
 # instances of BINARY with ENV, each with its own ops port, as dynamic
 # members of their group (tansu cannot keep several static ones apart) whose
 # session outlasts the stop, waits until each is ready, stops them, loads,
-# resumes them and times the drain to TARGET effects; prints {"instances", "count", "secs", "per_sec"}.
+# resumes them and times the drain to TARGET effects; appends {"stage",
+# "instances", "count", "secs", "per_sec"} to $OUT/scale.jsonl. Not run in a
+# subshell: the trap must see the instances it started.
 timed() {
-  local name=$1 n=$2 target=$3 count=$4 load=$5 binary=$6 i t0 done_at=
-  shift 6
+  local stage=$1 name=$2 n=$3 target=$4 count=$5 load=$6 binary=$7 i t0 done_at=
+  shift 7
   for i in $(seq 1 "$n"); do
     env "$@" DROPLINE_OPS_ADDR="127.0.0.1:$((OPS_BASE + i))" DROPLINE_KAFKA_GROUP_INSTANCE_ID= \
       DROPLINE_KAFKA_SESSION_TIMEOUT_MS=60000 DROPLINE_LOG=warn "$BIN/$binary" >>"$OUT/$name.log" 2>&1 &
@@ -74,12 +76,12 @@ timed() {
   done
   done_at=$(now_s)
   stop_instances
-  python3 -c 'import json,sys; n,c,t0,t1=int(sys.argv[1]),int(sys.argv[2]),float(sys.argv[3]),float(sys.argv[4]);
-print(json.dumps({"instances": n, "count": c, "secs": t1 - t0, "per_sec": c / (t1 - t0)}))' \
-    "$n" "$target" "$t0" "$done_at"
+  python3 -c 'import json,sys; s,n,c,t0,t1=sys.argv[1],int(sys.argv[2]),int(sys.argv[3]),float(sys.argv[4]),float(sys.argv[5]);
+print(json.dumps({"stage": s, "instances": n, "count": c, "secs": t1 - t0, "per_sec": c / (t1 - t0)}))' \
+    "$stage" "$n" "$target" "$t0" "$done_at" >>"$OUT/scale.jsonl"
 }
 
-rows=()
+rm -f "$OUT/scale.jsonl"
 for n in $COUNTS; do
   # The allocator: intents for 60 pre-warmed events.
   p=$RUN-alloc-$n
@@ -89,10 +91,9 @@ for n in $COUNTS; do
   done
   DROPLINE_TOPIC_PREFIX=$p "$BIN/dropctl" topics 2>/dev/null
   log "scale-out: $n allocator(s), $INTENTS intents over $EVENTS events"
-  rows+=("$(timed "$p" "$n" "$INTENTS" "decisions $p" \
+  timed allocator "$p" "$n" "$INTENTS" "decisions $p" \
     "'$BIN/dropctl' ceiling produce --payload intent --event 1 --events $EVENTS --topic $p.intents --messages $INTENTS" \
-    dropline-allocator DROPLINE_TOPIC_PREFIX="$p" DROPLINE_REDIS_KEY_PREFIX="$p" DROPLINE_ALLOCATOR_GROUP="$p" \
-    | sed 's/^{/{"stage": "allocator", /')")
+    dropline-allocator DROPLINE_TOPIC_PREFIX="$p" DROPLINE_REDIS_KEY_PREFIX="$p" DROPLINE_ALLOCATOR_GROUP="$p"
   redis-cli -p "$REDIS_PORT" --scan --pattern "$p:*" | xargs -r -n 500 redis-cli -p "$REDIS_PORT" DEL >/dev/null
 
   # The settler: held decisions for 60 events on record.
@@ -104,13 +105,13 @@ for n in $COUNTS; do
     UTC_TIMESTAMP(), UTC_TIMESTAMP() + INTERVAL 1 DAY, 100000000, 4500, 'EUR', 1000, 600 FROM seq_1_to_$EVENTS"
   DROPLINE_TOPIC_PREFIX=$p "$BIN/dropctl" topics 2>/dev/null
   log "scale-out: $n settler(s), $DECISIONS decisions over $EVENTS events"
-  rows+=("$(timed "$p" "$n" "$DECISIONS" "orders $db" \
+  timed settler "$p" "$n" "$DECISIONS" "orders $db" \
     "'$BIN/dropctl' ceiling produce --payload decision --event 1 --events $EVENTS --topic $p.decisions --messages $DECISIONS" \
     dropline-settler DROPLINE_TOPIC_PREFIX="$p" DROPLINE_REDIS_KEY_PREFIX="$p" DROPLINE_SETTLER_GROUP="$p" \
-    DROPLINE_MYSQL_URL="$MYSQL_SERVER/$db" | sed 's/^{/{"stage": "settler", /')")
+    DROPLINE_MYSQL_URL="$MYSQL_SERVER/$db"
   mysql_tcp -e "DROP DATABASE \`$db\`"
   redis-cli -p "$REDIS_PORT" --scan --pattern "$p:*" | xargs -r -n 500 redis-cli -p "$REDIS_PORT" DEL >/dev/null
 done
-printf '%s\n' "${rows[@]}" | python3 -c 'import json,sys; print(json.dumps([json.loads(l) for l in sys.stdin], indent=1))' \
-  >"$OUT/scale.json"
+python3 -c 'import json,sys; print(json.dumps([json.loads(l) for l in open(sys.argv[1])], indent=1))' \
+  "$OUT/scale.jsonl" >"$OUT/scale.json"
 log "scale-out: ${OUT#"$DROPLINE_ROOT"/}/scale.json"

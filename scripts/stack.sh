@@ -107,7 +107,7 @@ start_one() {
 binary() { case $1 in paysim) echo dropline-paysim ;; receiver) echo dropctl ;; *) echo "dropline-$(stage_of "$1")" ;; esac; }
 subcommand() { [ "$1" != receiver ] || echo receive; }
 
-ready() { curl -fsS "http://127.0.0.1:$1/readyz" >/dev/null 2>&1; }
+ready() { curl -fsS --max-time 2 "http://127.0.0.1:$1/readyz" >/dev/null 2>&1; }
 
 services_up() {
   build
