@@ -266,13 +266,21 @@ ensure_promtool() {
 ensure_prometheus() {
   ensure_promtool
   if port_open "$PROMETHEUS_PORT"; then
-    if ! curl -fsS "http://127.0.0.1:$PROMETHEUS_PORT/api/v1/targets" 2>/dev/null | grep -q dropline-ingress; then
+    if ! curl -fsS --max-time 5 "http://127.0.0.1:$PROMETHEUS_PORT/api/v1/status/config" 2>/dev/null | grep -q dropline-ingress; then
       log "warning: the Prometheus on :$PROMETHEUS_PORT does not scrape Dropline; load monitoring/prometheus/prometheus.yml into it"
     fi
     return
   fi
+  # monitoring/prometheus/prometheus.yml names the default ports; this
+  # stack's Prometheus reads its targets from the files stack.sh writes in
+  # its own state folder instead (every instance, on whatever ports this
+  # stack was moved to), and the rules from the checkout.
+  mkdir -p "$STATE_DIR/scrape"
+  sed -e "s#\.\./\.\./\.dropline/scrape/#$STATE_DIR/scrape/#" \
+    -e "s#^  - rules.yml\$#  - $DROPLINE_ROOT/monitoring/prometheus/rules.yml#" -e '/static_configs:/d' \
+    "$DROPLINE_ROOT/monitoring/prometheus/prometheus.yml" >"$STATE_DIR/prometheus.yml"
   log "starting prometheus on :$PROMETHEUS_PORT"
-  nohup prometheus --config.file="$DROPLINE_ROOT/monitoring/prometheus/prometheus.yml" \
+  nohup prometheus --config.file="$STATE_DIR/prometheus.yml" \
     --storage.tsdb.path="$STATE_DIR/prometheus" --storage.tsdb.retention.time=2d \
     --web.listen-address="127.0.0.1:$PROMETHEUS_PORT" --web.enable-lifecycle \
     >"$STATE_DIR/prometheus.log" 2>&1 &

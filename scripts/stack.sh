@@ -38,7 +38,7 @@ OPS_PORT_BASE=${DROPLINE_OPS_PORT_BASE:-9100}
 SERVICES="ingress:$OPS_PORT_BASE allocator:$((OPS_PORT_BASE + 1)) settler:$((OPS_PORT_BASE + 2)) expirer:$((OPS_PORT_BASE + 3)) notifier:$((OPS_PORT_BASE + 4))"
 
 # Instances: DROPLINE_STACK_SCALE="ingress=2 allocator=3 settler=2 expirer=2
-# notifier=1" runs that many of a stage (1 to 9 each; 1 when unnamed). The
+# notifier=1" runs that many of a stage (1 to 6 each; 1 when unnamed). The
 # first is named after its stage (.dropline/allocator.pid, ops port as
 # above); instance k after it is <stage>-k, with ops port base + 10 k + the
 # stage's place (allocator-2: 9121), and an ingress-k listens on the
@@ -51,24 +51,34 @@ scale_of() {
   for entry in ${DROPLINE_STACK_SCALE:-}; do [ "${entry%%=*}" != "$1" ] || n=${entry#*=}; done
   echo "$n"
 }
+# Checked before anything starts. A consumer beyond its topics' partitions
+# would hold none and never be ready; six instances keep every ops port
+# below the webhook receiver's (base + 80).
 check_scale() {
-  local entry
+  local entry most=6 partitions=${DROPLINE_TOPIC_PARTITIONS:-6}
   for entry in ${DROPLINE_STACK_SCALE:-}; do
     case " $STAGES " in *" ${entry%%=*} "*) ;; *) die "DROPLINE_STACK_SCALE: '$entry': no stage '${entry%%=*}' (stages: $STAGES)" ;; esac
-    [[ ${entry#*=} =~ ^[1-9]$ ]] || die "DROPLINE_STACK_SCALE: '$entry': a stage runs 1 to 9 instances"
+    [[ ${entry#*=} =~ ^[1-6]$ ]] || die "DROPLINE_STACK_SCALE: '$entry': a stage runs 1 to $most instances"
+    if [ "${entry%%=*}" != ingress ] && [ "${entry#*=}" -gt "$partitions" ]; then
+      die "DROPLINE_STACK_SCALE: '$entry': more consumers than the topics' $partitions partitions (DROPLINE_TOPIC_PARTITIONS); the extra ones would hold none"
+    fi
   done
 }
+# Whether a stage runs as several instances: by its scale, or by the
+# instances of an earlier, larger `up` still on record (so a recovery from a
+# shell without DROPLINE_STACK_SCALE keeps the group's membership as it is).
+several() { [ "$(instances "$1" | wc -l)" -gt 1 ]; }
 # The instance names of a stage: the configured ones, and any still running
 # from an earlier `up` with a larger scale (so `down` stops them too).
 instances() {
   local k n; n=$(scale_of "$1")
   echo "$1"
-  for k in 1 2 3 4 5 6 7 8; do
+  for k in 1 2 3 4 5; do
     if [ "$k" -lt "$n" ] || [ -f "$STATE_DIR/$1-$k.pid" ]; then echo "$1-$k"; fi
   done
 }
-instance_index() { case $1 in *-[1-9]) echo "${1##*-}" ;; *) echo 0 ;; esac; }
-stage_of() { echo "${1%-[1-9]}"; }
+instance_index() { case $1 in *-[1-5]) echo "${1##*-}" ;; *) echo 0 ;; esac; }
+stage_of() { echo "${1%-[1-5]}"; }
 ops_port() {
   local s stage; stage=$(stage_of "$1")
   for s in $SERVICES; do
@@ -173,7 +183,7 @@ services_up() {
     # dead dynamic member's partitions move to the others once its session
     # times out (DROPLINE_KAFKA_SESSION_TIMEOUT_MS, 10 s).
     local member="local-$stage-0"
-    [ "$(scale_of "$stage")" = 1 ] || member=
+    ! several "$stage" || member=
     for name in $(instances "$stage"); do
       start_one "$name" DROPLINE_OPS_ADDR="127.0.0.1:$(ops_port "$name")" DROPLINE_KAFKA_GROUP_INSTANCE_ID="$member" \
         DROPLINE_NOTIFY_URL="http://$RECEIVER_ADDR/webhooks" DROPLINE_PAYMENT_PROVIDER_URL="http://$PAYSIM_ADDR"
@@ -203,7 +213,7 @@ services_up() {
 settle_crashed_members() {
   local stage name crashed=""
   for stage in allocator settler expirer notifier; do
-    [ "$(scale_of "$stage")" != 1 ] || continue
+    several "$stage" || continue
     for name in $(instances "$stage"); do
       if [ -f "$STATE_DIR/$name.pid" ] && ! running "$name"; then crashed="$crashed $name"; fi
     done
@@ -253,15 +263,15 @@ services_down() {
   stop_one receiver
 }
 
-# The instances past the first of each stage, for Prometheus: one file per
-# job (monitoring/prometheus/prometheus.yml reads .dropline/scrape/*.json).
+# Every instance of each stage, for Prometheus: one file per job, in the
+# state folder (the stack's Prometheus reads them; see ensure_prometheus).
 scrape_targets() {
   local stage name targets
   mkdir -p "$STATE_DIR/scrape"
   for stage in $STAGES; do
     targets=""
     for name in $(instances "$stage"); do
-      [ "$name" = "$stage" ] || targets="$targets\"127.0.0.1:$(ops_port "$name")\","
+      targets="$targets\"127.0.0.1:$(ops_port "$name")\","
     done
     printf '[{"targets": [%s]}]\n' "${targets%,}" >"$STATE_DIR/scrape/$stage.json"
   done
@@ -269,7 +279,13 @@ scrape_targets() {
 
 status() {
   for name in $(all_instances) paysim receiver prometheus tansu; do
-    if running "$name"; then echo "$name: running (pid $(cat "$STATE_DIR/$name.pid"))"; else echo "$name: not started here"; fi
+    if running "$name"; then
+      echo "$name: running (pid $(cat "$STATE_DIR/$name.pid"))"
+    elif [ -f "$STATE_DIR/$name.pid" ]; then
+      echo "$name: died (pid $(cat "$STATE_DIR/$name.pid")); \`scripts/stack.sh up\` starts it again"
+    else
+      echo "$name: not started here"
+    fi
   done
   port_open "$REDIS_PORT" && echo "redis: listening on :$REDIS_PORT" || echo "redis: down"
   redis_cluster_ok && echo "redis cluster: ok on :$REDIS_CLUSTER_PORT and the five ports after it" || echo "redis cluster: not running"
@@ -297,6 +313,7 @@ wipe() {
 case "${1:-up}" in
   infra) ensure_infra ;;
   up)
+    check_scale
     # Producers that outlive a broker restart send with ids the new broker
     # does not know, which panics tansu again: the services restart too.
     if broker_panicked; then

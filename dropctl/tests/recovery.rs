@@ -44,12 +44,24 @@ fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
 }
 
-/// `n` consecutive free ports.
-fn free_port_run(n: u16) -> u16 {
-    loop {
-        let base = free_port();
-        if base < 60_000 && (1..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
-            return base;
+/// The ports a scenario's stack listens on: each pick is `n` consecutive
+/// ports free now and apart from every earlier pick (which nothing listens
+/// on yet, so "free" alone would not keep them apart).
+#[derive(Default)]
+struct Ports(Vec<u16>);
+
+impl Ports {
+    fn pick(&mut self, n: u16) -> u16 {
+        loop {
+            let base = free_port();
+            let run = base..base.saturating_add(n);
+            if base < 60_000
+                && !self.0.iter().any(|p| run.contains(p))
+                && (1..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok())
+            {
+                self.0.extend(run);
+                return base;
+            }
         }
     }
 }
@@ -68,15 +80,22 @@ impl LocalStack {
         let name = format!("r{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let state = std::env::temp_dir().join(format!("dropline-{name}"));
         std::fs::create_dir_all(&state).unwrap();
-        let ingresses = scale
-            .split_whitespace()
-            .find_map(|entry| entry.strip_prefix("ingress="))
-            .map_or(1, |n| n.parse::<u16>().expect("an ingress count"));
-        let api_port = free_port_run(ingresses);
+        let count = |stage: &str| {
+            scale
+                .split_whitespace()
+                .find_map(|entry| entry.strip_prefix(stage)?.strip_prefix('='))
+                .map_or(1, |n| n.parse::<u16>().expect("an instance count"))
+        };
+        let ingresses = count("ingress");
+        // Instance k of a stage has its ops port at the base + 10 k + the
+        // stage's place (scripts/stack.sh).
+        let most = ["ingress", "allocator", "settler", "expirer", "notifier"].map(count).into_iter().max().unwrap();
+        let mut ports = Ports::default();
+        let api_port = ports.pick(ingresses);
         let db_url = format!("{}/dropline_{name}", common::mysql_server());
         let secrets = Secrets::generate();
-        let kafka_port = free_port();
-        let paysim = format!("127.0.0.1:{}", free_port());
+        let kafka_port = ports.pick(1);
+        let paysim = format!("127.0.0.1:{}", ports.pick(1));
         let mut env = vec![
             ("DROPLINE_STATE_DIR", state.display().to_string()),
             // The test build's binaries, unless told (DROPLINE_PROFILE=release
@@ -84,12 +103,12 @@ impl LocalStack {
             ("DROPLINE_PROFILE", std::env::var("DROPLINE_PROFILE").unwrap_or_else(|_| "debug".into())),
             ("DROPLINE_SKIP_BUILD", "1".into()),
             ("KAFKA_PORT", kafka_port.to_string()),
-            ("PROMETHEUS_PORT", free_port().to_string()),
-            ("DROPLINE_OPS_PORT_BASE", free_port_run(100).to_string()),
+            ("PROMETHEUS_PORT", ports.pick(1).to_string()),
+            ("DROPLINE_OPS_PORT_BASE", ports.pick(10 * most).to_string()),
             ("DROPLINE_STACK_SCALE", scale.to_owned()),
             ("INGRESS_ADDR", format!("127.0.0.1:{api_port}")),
             ("PAYSIM_ADDR", paysim.clone()),
-            ("RECEIVER_ADDR", format!("127.0.0.1:{}", free_port())),
+            ("RECEIVER_ADDR", format!("127.0.0.1:{}", ports.pick(1))),
             ("DROPLINE_MYSQL_URL", db_url.clone()),
             ("DROPLINE_REDIS_KEY_PREFIX", name.clone()),
             ("DROPLINE_TOPIC_PREFIX", name.clone()),

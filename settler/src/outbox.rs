@@ -89,6 +89,9 @@ impl Relay {
         let idle_secs = (self.poll.as_secs() * 4).max(30);
         ::metrics::gauge!(OUTBOX_RELAYING.name).set(0.0);
         while !outbox::lead(&mut conn, idle_secs).await? {
+            // Set again every round: the exporter drops a gauge nobody set
+            // for a minute, and DroplineOutboxStalled reads this one.
+            ::metrics::gauge!(OUTBOX_RELAYING.name).set(0.0);
             // Someone else relays: say how far behind it is.
             report_lag(outbox::oldest_unpublished(&mut conn).await?);
             tokio::select! {
@@ -105,6 +108,7 @@ impl Relay {
 
     async fn relay(&self, conn: &mut MySqlConnection, shutdown: &CancellationToken) -> Result<(), RelayError> {
         loop {
+            ::metrics::gauge!(OUTBOX_RELAYING.name).set(1.0);
             let rows = outbox::unpublished(conn, BATCH).await?;
             report_lag(rows.first().map(|r| r.changed_at));
             if rows.is_empty() {

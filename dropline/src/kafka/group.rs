@@ -87,15 +87,13 @@ impl ConsumerContext for GroupContext {
         if let Rebalance::Revoke(tpl) = rebalance {
             let parts = keys(tpl);
             tracing::info!(client = self.client, partitions = ?parts, "partitions revoked");
-            let held = {
-                let mut a = self.lock();
-                for p in &parts {
-                    a.held.remove(p);
-                }
-                a.revoked.extend(parts);
-                a.held.len()
-            };
-            self.publish(held);
+            let mut a = self.lock();
+            for p in &parts {
+                a.held.remove(p);
+            }
+            a.revoked.extend(parts);
+            // Under the lock: the watch sets the gauge again from it.
+            self.publish(a.held.len());
         }
     }
 
@@ -104,12 +102,9 @@ impl ConsumerContext for GroupContext {
             Rebalance::Assign(tpl) => {
                 let parts = keys(tpl);
                 tracing::info!(client = self.client, partitions = ?parts, "partitions assigned");
-                let held = {
-                    let mut a = self.lock();
-                    a.held.extend(parts);
-                    a.held.len()
-                };
-                self.publish(held);
+                let mut a = self.lock();
+                a.held.extend(parts);
+                self.publish(a.held.len());
             }
             Rebalance::Revoke(_) => {}
             Rebalance::Error(e) => tracing::warn!(client = self.client, error = %e, "rebalance error"),
@@ -148,9 +143,20 @@ pub fn watch(
             let mut stuck_since: Option<std::time::Instant> = None;
             let mut described_once = false;
             let mut undescribed = 0;
+            let mut describe = true;
             while !shutdown.is_cancelled() {
-                let held = assignment.lock().unwrap_or_else(|p| p.into_inner()).held.len();
-                match unowned_partitions(&probe, &group, &topics) {
+                let held = {
+                    let a = assignment.lock().unwrap_or_else(|p| p.into_inner());
+                    // Set again every round, under the lock the rebalances
+                    // hold: the exporter drops a gauge nobody set for a
+                    // minute, and DroplineConsumerStuck needs this one
+                    // however long the assignment stays as it is.
+                    ::metrics::gauge!(ASSIGNED_PARTITIONS.name, "client" => client).set(a.held.len() as f64);
+                    a.held.len()
+                };
+                let described = if describe { unowned_partitions(&probe, &group, &topics) } else { Ok(None) };
+                match described {
+                    Ok(None) if !describe => {}
                     // The broker cannot say what its members hold (tansu
                     // answers DescribeGroups with an error or without
                     // assignments): nothing to judge by, and asking again
@@ -164,7 +170,7 @@ pub fn watch(
                     {
                         tracing::info!(client, group = %group,
                             "the broker does not describe its groups' assignments; the stuck-consumer watch is off");
-                        return;
+                        describe = false;
                     }
                     Ok(None) => {}
                     Ok(Some(unowned)) => {
