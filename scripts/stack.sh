@@ -171,7 +171,7 @@ services_up() {
   # host name, and tansu never expires a static member whose id stops
   # coming back (it would keep its partitions). Each consumer reports ready
   # only once it holds partitions, which is what the wait below waits for.
-  local stage
+  local stage previous
   settle_crashed_members
   # The demo's holds last 10 s: the local notifier reminds a buyer 5 s
   # before a hold's deadline (60 s by default).
@@ -184,9 +184,16 @@ services_up() {
     # times out (DROPLINE_KAFKA_SESSION_TIMEOUT_MS, 10 s).
     local member="local-$stage-0"
     ! several "$stage" || member=
+    # And they join one at a time, each once the one before holds
+    # partitions: two dynamic members joining tansu's group at once left one
+    # of them without partitions for good (seen in CI, the scaled recovery
+    # scenario's first `up`).
     for name in $(instances "$stage"); do
+      running "$name" || ! several "$stage" || [ "$name" = "$stage" ] \
+        || wait_for "$previous to hold partitions before $name joins" 60 ready "$(ops_port "$previous")"
       start_one "$name" DROPLINE_OPS_ADDR="127.0.0.1:$(ops_port "$name")" DROPLINE_KAFKA_GROUP_INSTANCE_ID="$member" \
         DROPLINE_NOTIFY_URL="http://$RECEIVER_ADDR/webhooks" DROPLINE_PAYMENT_PROVIDER_URL="http://$PAYSIM_ADDR"
+      previous=$name
     done
   done
   scrape_targets
