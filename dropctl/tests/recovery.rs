@@ -21,7 +21,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::process::free_port;
 use common::{eventually, Secrets};
 use dropctl::api::Api;
 use dropctl::drill;
@@ -45,19 +44,22 @@ fn repo_root() -> PathBuf {
 }
 
 /// The ports a scenario's stack listens on: each pick is `n` consecutive
-/// ports free now and apart from every earlier pick (which nothing listens
-/// on yet, so "free" alone would not keep them apart).
+/// ports, free now, apart from every earlier pick (which nothing listens on
+/// yet, so "free" alone would not keep them apart), and below the kernel's
+/// ephemeral range (32768 and up here): a port the kernel may hand to any
+/// outgoing connection meanwhile can be taken by the time the stage binds
+/// it (CI saw an ingress refused its port so).
 #[derive(Default)]
 struct Ports(Vec<u16>);
 
 impl Ports {
     fn pick(&mut self, n: u16) -> u16 {
+        use rand::Rng;
         loop {
-            let base = free_port();
-            let run = base..base.saturating_add(n);
-            if base < 60_000
-                && !self.0.iter().any(|p| run.contains(p))
-                && (1..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok())
+            let base = rand::rng().random_range(20_000..32_000 - n);
+            let run = base..base + n;
+            if !self.0.iter().any(|p| run.contains(p))
+                && run.clone().all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
             {
                 self.0.extend(run);
                 return base;
