@@ -8,19 +8,24 @@
 #
 #   scripts/bench_scale.sh OUT_DIR [COUNTS]     (COUNTS default "1 3")
 #
+# SCALE_STAGES="settler" (or "allocator") measures one stage alone.
+#
 # Each run: N instances of the stage join one consumer group on fresh topics
 # of DROPLINE_TOPIC_PARTITIONS partitions (6 by default) and wait until each
 # holds partitions; then they are stopped (SIGSTOP), a backlog spread over
 # 60 events (so over every partition) is loaded, and they are resumed
 # (SIGCONT) together. The rate is the backlog over the time from the resume
 # to its last effect: the instances' own rate, not the loader's, nor a
-# rebalance's. Writes OUT_DIR/scale.json.
+# rebalance's. Next to it, the batches the instances had to apply again
+# (a deadlock, a lock wait timeout: from their logs). Writes
+# OUT_DIR/scale.json.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$DROPLINE_ROOT"
 
 OUT=${1:?usage: scripts/bench_scale.sh OUT_DIR [COUNTS]}
 COUNTS=${2:-1 3}
+STAGES=${SCALE_STAGES:-allocator settler}
 BIN=$TARGET_DIR/release
 EVENTS=60
 INTENTS=${SCALE_INTENTS:-150000}
@@ -37,6 +42,16 @@ decisions() { # the decisions recorded under prefix $1, over every event
     | awk '{ n += $1 } END { print n + 0 }'
 }
 orders() { mysql_tcp -N -e "SELECT COUNT(*) FROM \`$1\`.orders"; }
+# warm_ledgers PREFIX: a ledger in Redis for each event, as a drop's
+# pre-warm leaves it (without one, the settlers' reconcilers would rebuild
+# every ledger from MySQL in the middle of the drain).
+warm_ledgers() {
+  for e in $(seq 1 "$EVENTS"); do
+    redis-cli -p "$REDIS_PORT" HSET "$1:{$e}:stock" capacity 1000000000 available 1000000000 held 0 sold 0 \
+      next_unit 1 limit 1000 ttl_ms 3600000 opens_ms 0 closes_ms 9999999999999 price 4500 retain_ms 9999999999999 >/dev/null
+  done
+}
+measures() { case " $STAGES " in *" $1 "*) return 0 ;; esac; return 1; }
 
 PIDS=()
 stop_instances() {
@@ -76,41 +91,46 @@ timed() {
   done
   done_at=$(now_s)
   stop_instances
+  local retries
+  retries=$(grep -c 'applying a batch failed' "$OUT/$name.log" || true)
   python3 -c 'import json,sys; s,n,c,t0,t1=sys.argv[1],int(sys.argv[2]),int(sys.argv[3]),float(sys.argv[4]),float(sys.argv[5]);
-print(json.dumps({"stage": s, "instances": n, "count": c, "secs": t1 - t0, "per_sec": c / (t1 - t0)}))' \
-    "$stage" "$n" "$target" "$t0" "$done_at" >>"$OUT/scale.jsonl"
+r=int(sys.argv[6]);
+print(json.dumps({"stage": s, "instances": n, "count": c, "secs": t1 - t0, "per_sec": c / (t1 - t0),
+  "retried_batches": r}))' "$stage" "$n" "$target" "$t0" "$done_at" "$retries" >>"$OUT/scale.jsonl"
 }
 
 rm -f "$OUT/scale.jsonl"
 for n in $COUNTS; do
   # The allocator: intents for 60 pre-warmed events.
-  p=$RUN-alloc-$n
-  for e in $(seq 1 "$EVENTS"); do
-    redis-cli -p "$REDIS_PORT" HSET "$p:{$e}:stock" capacity 1000000000 available 1000000000 held 0 sold 0 \
-      next_unit 1 limit 1000 ttl_ms 3600000 opens_ms 0 closes_ms 9999999999999 price 4500 retain_ms 9999999999999 >/dev/null
-  done
-  DROPLINE_TOPIC_PREFIX=$p "$BIN/dropctl" topics 2>/dev/null
-  log "scale-out: $n allocator(s), $INTENTS intents over $EVENTS events"
-  timed allocator "$p" "$n" "$INTENTS" "decisions $p" \
-    "'$BIN/dropctl' ceiling produce --payload intent --event 1 --events $EVENTS --topic $p.intents --messages $INTENTS" \
-    dropline-allocator DROPLINE_TOPIC_PREFIX="$p" DROPLINE_REDIS_KEY_PREFIX="$p" DROPLINE_ALLOCATOR_GROUP="$p"
-  redis-cli -p "$REDIS_PORT" --scan --pattern "$p:*" | xargs -r -n 500 redis-cli -p "$REDIS_PORT" DEL >/dev/null
+  if measures allocator; then
+    p=$RUN-alloc-$n
+    warm_ledgers "$p"
+    DROPLINE_TOPIC_PREFIX=$p "$BIN/dropctl" topics 2>/dev/null
+    log "scale-out: $n allocator(s), $INTENTS intents over $EVENTS events"
+    timed allocator "$p" "$n" "$INTENTS" "decisions $p" \
+      "'$BIN/dropctl' ceiling produce --payload intent --event 1 --events $EVENTS --topic $p.intents --messages $INTENTS" \
+      dropline-allocator DROPLINE_TOPIC_PREFIX="$p" DROPLINE_REDIS_KEY_PREFIX="$p" DROPLINE_ALLOCATOR_GROUP="$p"
+    redis-cli -p "$REDIS_PORT" --scan --pattern "$p:*" | xargs -r -n 500 redis-cli -p "$REDIS_PORT" DEL >/dev/null
+  fi
 
   # The settler: held decisions for 60 events on record.
-  p=$RUN-settle-$n
-  db=dropline_${p//-/_}
-  "$BIN/dropctl" migrate --mysql-url "$MYSQL_SERVER/$db" 2>/dev/null
-  mysql_tcp "$db" -e "INSERT INTO events (id, name, venue, starts_at, sale_opens_at, sale_closes_at, capacity,
-    price_cents, currency, per_user_limit, hold_ttl_secs) SELECT seq, 'bench', 'bench', UTC_TIMESTAMP() + INTERVAL 1 DAY,
-    UTC_TIMESTAMP(), UTC_TIMESTAMP() + INTERVAL 1 DAY, 100000000, 4500, 'EUR', 1000, 600 FROM seq_1_to_$EVENTS"
-  DROPLINE_TOPIC_PREFIX=$p "$BIN/dropctl" topics 2>/dev/null
-  log "scale-out: $n settler(s), $DECISIONS decisions over $EVENTS events"
-  timed settler "$p" "$n" "$DECISIONS" "orders $db" \
-    "'$BIN/dropctl' ceiling produce --payload decision --event 1 --events $EVENTS --topic $p.decisions --messages $DECISIONS" \
-    dropline-settler DROPLINE_TOPIC_PREFIX="$p" DROPLINE_REDIS_KEY_PREFIX="$p" DROPLINE_SETTLER_GROUP="$p" \
-    DROPLINE_MYSQL_URL="$MYSQL_SERVER/$db"
-  mysql_tcp -e "DROP DATABASE \`$db\`"
-  redis-cli -p "$REDIS_PORT" --scan --pattern "$p:*" | xargs -r -n 500 redis-cli -p "$REDIS_PORT" DEL >/dev/null
+  if measures settler; then
+    p=$RUN-settle-$n
+    db=dropline_${p//-/_}
+    "$BIN/dropctl" migrate --mysql-url "$MYSQL_SERVER/$db" 2>/dev/null
+    mysql_tcp "$db" -e "INSERT INTO events (id, name, venue, starts_at, sale_opens_at, sale_closes_at, capacity,
+      price_cents, currency, per_user_limit, hold_ttl_secs) SELECT seq, 'bench', 'bench', UTC_TIMESTAMP() + INTERVAL 1 DAY,
+      UTC_TIMESTAMP(), UTC_TIMESTAMP() + INTERVAL 1 DAY, 100000000, 4500, 'EUR', 1000, 600 FROM seq_1_to_$EVENTS"
+    warm_ledgers "$p"
+    DROPLINE_TOPIC_PREFIX=$p "$BIN/dropctl" topics 2>/dev/null
+    log "scale-out: $n settler(s), $DECISIONS decisions over $EVENTS events"
+    timed settler "$p" "$n" "$DECISIONS" "orders $db" \
+      "'$BIN/dropctl' ceiling produce --payload decision --event 1 --events $EVENTS --topic $p.decisions --messages $DECISIONS" \
+      dropline-settler DROPLINE_TOPIC_PREFIX="$p" DROPLINE_REDIS_KEY_PREFIX="$p" DROPLINE_SETTLER_GROUP="$p" \
+      DROPLINE_MYSQL_URL="$MYSQL_SERVER/$db"
+    mysql_tcp -e "DROP DATABASE \`$db\`"
+    redis-cli -p "$REDIS_PORT" --scan --pattern "$p:*" | xargs -r -n 500 redis-cli -p "$REDIS_PORT" DEL >/dev/null
+  fi
 done
 python3 -c 'import json,sys; print(json.dumps([json.loads(l) for l in open(sys.argv[1])], indent=1))' \
   "$OUT/scale.jsonl" >"$OUT/scale.json"

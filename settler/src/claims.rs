@@ -80,16 +80,46 @@ impl std::fmt::Display for VoidReason {
     }
 }
 
+/// The events of a batch's claims, locked for its transaction: one
+/// transaction at a time checks an event's claims.
+///
+/// Two settlers meet on an event only while its partition changes hands
+/// (the one that lost it may still be writing its last batch), but then
+/// both could find a unit free and both grant it. The event's row, locked
+/// before the batch writes anything, makes the second wait and then see
+/// the first one's units. The batch's transaction is read committed (see
+/// [`crate::store`]), so this lock is the only one that guards the check:
+/// no lock is taken on rows the record does not have yet.
+pub struct Locked {
+    /// event -> (sellable units, per-buyer limit), for the events the
+    /// record has.
+    limits: HashMap<u64, (u32, u32)>,
+}
+
+impl Locked {
+    pub async fn lock(tx: &mut Tx<'_>, claims: &[Claim]) -> Result<Locked, WriteError> {
+        let events: Vec<u64> = claims.iter().map(|c| c.event_id).collect();
+        Ok(Locked { limits: events::lock_limits(tx, &events).await? })
+    }
+}
+
 /// Checks and records the claims of one batch, in batch order (the order
-/// the ledger decided them). Returns the unit rows written and the voids.
-pub async fn settle(tx: &mut Tx<'_>, ledger: &Ledger, claims: &[Claim]) -> Result<(usize, Vec<Void>), WriteError> {
+/// the ledger decided them), their events locked first. Returns the unit
+/// rows written and the voids.
+pub async fn settle(
+    tx: &mut Tx<'_>,
+    ledger: &Ledger,
+    locked: &Locked,
+    claims: &[Claim],
+) -> Result<(usize, Vec<Void>), WriteError> {
     let mut events: Vec<u64> = claims.iter().map(|c| c.event_id).collect();
     events.sort_unstable();
     events.dedup();
     let (mut written, mut voided) = (0, Vec::new());
     for event_id in events {
         let claims: Vec<&Claim> = claims.iter().filter(|c| c.event_id == event_id).collect();
-        let mut event = EventClaims::load(tx, ledger, event_id, &claims).await?;
+        let rules = locked.limits.get(&event_id).copied();
+        let mut event = EventClaims::load(tx, ledger, event_id, rules, &claims).await?;
         for claim in &claims {
             if let Some(reason) = event.check(tx, claim).await? {
                 event.void(tx, claim, reason.clone()).await?;
@@ -127,9 +157,9 @@ impl<'a> EventClaims<'a> {
         tx: &mut Tx<'_>,
         ledger: &'a Ledger,
         event_id: u64,
+        rules: Option<(u32, u32)>,
         claims: &[&Claim],
     ) -> Result<EventClaims<'a>, WriteError> {
-        let rules = events::limits(tx, event_id).await?;
         // Only a hand-made message names an event the record lacks: its
         // units are still kept unique, with no bounds to check.
         let (sellable, limit) = rules.unwrap_or_else(|| {

@@ -11,9 +11,9 @@
 
 use dropline::messages::{Decision, OrderChange, OrderState, Outcome, PaymentFailure, PaymentRecord};
 use dropline::stock::Ledger;
-use sqlx::MySqlPool;
+use sqlx::{Connection, MySqlPool};
 
-use crate::claims::{Claim, Void, WriteError};
+use crate::claims::{Claim, Locked, Void, WriteError};
 use crate::record::payments::Failed;
 use crate::record::{intents, orders, payments};
 
@@ -100,8 +100,20 @@ impl Batch {
     }
 
     /// Writes the batch in one transaction.
+    ///
+    /// Read committed, not MySQL's default repeatable read: there, the
+    /// claims' locking reads of units and live orders the record does not
+    /// have yet lock the gaps around them, and the gap after one event's
+    /// last unit is the gap before the next event's first. Settlers writing
+    /// neighbouring events (other partitions) then waited on each other and
+    /// deadlocked (three settlers in `scripts/bench_scale.sh`, see
+    /// docs/performance-analysis.md). What the check needs is the claims'
+    /// events locked, taken first (see [`crate::claims::Locked`]).
     pub async fn write(&self, db: &MySqlPool, ledger: &Ledger) -> Result<Written, WriteError> {
-        let mut tx = db.begin().await?;
+        let mut conn = db.acquire().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL READ COMMITTED").execute(&mut *conn).await?;
+        let mut tx = conn.begin().await?;
+        let locked = Locked::lock(&mut tx, &self.claims).await?;
         intents::insert(&mut tx, &self.intents).await?;
         // The orders in their order, each declined attempt right after the
         // change it came with (which wrote the order if it was new: the
@@ -114,7 +126,7 @@ impl Batch {
         }
         orders::upsert(&mut tx, &self.orders[from..]).await?;
         payments::insert(&mut tx, &self.payments).await?;
-        let (units, voided) = crate::claims::settle(&mut tx, ledger, &self.claims).await?;
+        let (units, voided) = crate::claims::settle(&mut tx, ledger, &locked, &self.claims).await?;
         // Money for an order the record does not have as paid (it ended
         // first, or was voided) goes back, whatever the ledger answered.
         let touched: Vec<&str> = self

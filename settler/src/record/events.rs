@@ -1,16 +1,32 @@
 //! `events`, as the settler reads them (the ingress creates them).
 
-use sqlx::MySqlPool;
+use std::collections::HashMap;
 
-use super::Tx;
+use sqlx::{MySql, MySqlPool, QueryBuilder};
 
-/// The units an event may sell (its capacity and oversell allowance) and
-/// its per-buyer limit, if the record has the event.
-pub async fn limits(tx: &mut Tx<'_>, event_id: u64) -> Result<Option<(u32, u32)>, sqlx::Error> {
-    sqlx::query_as("SELECT capacity + oversell_allowance, per_user_limit FROM events WHERE id = ?")
-        .bind(event_id)
-        .fetch_optional(&mut **tx)
-        .await
+use super::{push_list, Tx, LOOKUP};
+
+/// Locks the events' rows until the transaction ends, in id order (so two
+/// transactions that lock some of the same events never wait on each
+/// other), and returns each one's sellable units (its capacity and
+/// oversell allowance) and per-buyer limit. An event the record lacks is
+/// not in the map.
+pub async fn lock_limits(tx: &mut Tx<'_>, event_ids: &[u64]) -> Result<HashMap<u64, (u32, u32)>, sqlx::Error> {
+    let mut ids = event_ids.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut limits = HashMap::new();
+    for chunk in ids.chunks(LOOKUP) {
+        let mut q = QueryBuilder::<MySql>::new(
+            "SELECT id, capacity + oversell_allowance, per_user_limit FROM events WHERE id IN ",
+        );
+        push_list(&mut q, chunk);
+        q.push(" ORDER BY id FOR UPDATE");
+        for (id, sellable, limit) in q.build_query_as::<(u64, u32, u32)>().fetch_all(&mut **tx).await? {
+            limits.insert(id, (sellable, limit));
+        }
+    }
+    Ok(limits)
 }
 
 /// Events whose sale is open or closed less than a day ago, newest first,
