@@ -86,10 +86,16 @@ impl std::fmt::Display for VoidReason {
 /// Two settlers meet on an event only while its partition changes hands
 /// (the one that lost it may still be writing its last batch), but then
 /// both could find a unit free and both grant it. The event's row, locked
-/// before the batch writes anything, makes the second wait and then see
-/// the first one's units. The batch's transaction is read committed (see
-/// [`crate::store`]), so this lock is the only one that guards the check:
-/// no lock is taken on rows the record does not have yet.
+/// before the batch writes or reads anything, makes the second wait and
+/// then see the first one's units. Every write of `order_units` is made
+/// under this lock, so the check reads units and live orders without
+/// locking them: locking reads of rows the record does not have yet lock
+/// the gaps around them, and the gap after one event's last unit is the
+/// gap before the next event's first, so settlers writing neighbouring
+/// events (other partitions) waited on each other and deadlocked
+/// (docs/performance-analysis.md, "Scale-out on one machine"). An event
+/// the record lacks has no row to lock: its units are read locked, as
+/// before.
 pub struct Locked {
     /// event -> (sellable units, per-buyer limit), for the events the
     /// record has.
@@ -167,7 +173,9 @@ impl<'a> EventClaims<'a> {
             (u32::MAX, u32::MAX)
         });
         let claimed: Vec<u32> = claims.iter().flat_map(|c| c.units.iter().copied()).collect();
-        let owners: HashMap<u32, String> = units::owners(tx, event_id, &claimed).await?.into_iter().collect();
+        let lock_units = rules.is_none();
+        let owners: HashMap<u32, String> =
+            units::owners(tx, event_id, &claimed, lock_units).await?.into_iter().collect();
         let buyers: Vec<&str> = {
             let mut b: Vec<&str> = claims.iter().map(|c| c.user_id.as_str()).collect();
             b.sort_unstable();
@@ -267,7 +275,12 @@ impl<'a> EventClaims<'a> {
             return Ok(true);
         }
         let at = hold.ended_at_ms.map(dropline::db::from_ms).unwrap_or_else(Utc::now);
-        orders::end_held(tx, order, hold.state, at).await?;
+        if !orders::end_held(tx, order, hold.state, at).await? {
+            // Its state moved since it was read (paid, say, by a batch of
+            // order changes, which does not lock the event): that state
+            // decides.
+            return self.moved(tx, order).await;
+        }
         tracing::info!(
             event_id = self.event_id,
             order_id = order,
@@ -286,7 +299,9 @@ impl<'a> EventClaims<'a> {
         let Some(hold) = self.ledger.hold(self.event_id, id).await? else { return Ok(true) };
         let (OrderState::Cancelled, Some(refund_cents)) = (hold.state, hold.refund_cents) else { return Ok(true) };
         let at = hold.ended_at_ms.map(dropline::db::from_ms).unwrap_or_else(Utc::now);
-        orders::cancel_paid(tx, order, refund_cents, at).await?;
+        if !orders::cancel_paid(tx, order, refund_cents, at).await? {
+            return self.moved(tx, order).await;
+        }
         crate::record::payments::refund_unpaid(tx, &[order]).await?;
         tracing::info!(
             event_id = self.event_id,
@@ -296,6 +311,14 @@ impl<'a> EventClaims<'a> {
         );
         self.states.insert(order.to_owned(), OrderState::Cancelled);
         Ok(false)
+    }
+
+    /// Whether `order`, whose state moved since this batch read it, is live
+    /// in its latest committed state (read locked, so it stays so).
+    async fn moved(&mut self, tx: &mut Tx<'_>, order: &str) -> Result<bool, WriteError> {
+        let Some(state) = orders::state_locked(tx, order).await? else { return Ok(false) };
+        self.states.insert(order.to_owned(), state);
+        Ok(state.is_live())
     }
 
     async fn void(&mut self, tx: &mut Tx<'_>, claim: &Claim, reason: VoidReason) -> Result<(), WriteError> {

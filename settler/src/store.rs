@@ -11,7 +11,7 @@
 
 use dropline::messages::{Decision, OrderChange, OrderState, Outcome, PaymentFailure, PaymentRecord};
 use dropline::stock::Ledger;
-use sqlx::{Connection, MySqlPool};
+use sqlx::MySqlPool;
 
 use crate::claims::{Claim, Locked, Void, WriteError};
 use crate::record::payments::Failed;
@@ -99,20 +99,10 @@ impl Batch {
         self.orders.push(e);
     }
 
-    /// Writes the batch in one transaction.
-    ///
-    /// Read committed, not MySQL's default repeatable read: there, the
-    /// claims' locking reads of units and live orders the record does not
-    /// have yet lock the gaps around them, and the gap after one event's
-    /// last unit is the gap before the next event's first. Settlers writing
-    /// neighbouring events (other partitions) then waited on each other and
-    /// deadlocked (three settlers in `scripts/bench_scale.sh`, see
-    /// docs/performance-analysis.md). What the check needs is the claims'
-    /// events locked, taken first (see [`crate::claims::Locked`]).
+    /// Writes the batch in one transaction. Its first statement locks the
+    /// events its new holds belong to (see [`crate::claims::Locked`]).
     pub async fn write(&self, db: &MySqlPool, ledger: &Ledger) -> Result<Written, WriteError> {
-        let mut conn = db.acquire().await?;
-        sqlx::query("SET TRANSACTION ISOLATION LEVEL READ COMMITTED").execute(&mut *conn).await?;
-        let mut tx = conn.begin().await?;
+        let mut tx = db.begin().await?;
         let locked = Locked::lock(&mut tx, &self.claims).await?;
         intents::insert(&mut tx, &self.intents).await?;
         // The orders in their order, each declined attempt right after the

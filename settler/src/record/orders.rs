@@ -65,7 +65,8 @@ pub struct LiveOrder {
     pub state: OrderState,
 }
 
-/// The live orders of `buyers` for an event, locked for the transaction.
+/// The live orders of `buyers` for an event (read under the event's lock:
+/// see [`crate::claims::Locked`]).
 pub async fn live_of_buyers(tx: &mut Tx<'_>, event_id: u64, buyers: &[&str]) -> Result<Vec<LiveOrder>, sqlx::Error> {
     let mut live = Vec::new();
     for chunk in buyers.chunks(LOOKUP) {
@@ -75,7 +76,6 @@ pub async fn live_of_buyers(tx: &mut Tx<'_>, event_id: u64, buyers: &[&str]) -> 
         );
         q.push_bind(event_id).push(" AND state IN ('held', 'paid') AND user_id IN ");
         push_list(&mut q, chunk);
-        q.push(" FOR UPDATE");
         live.extend(q.build_query_as::<LiveOrder>().fetch_all(&mut **tx).await?);
     }
     Ok(live)
@@ -93,31 +93,40 @@ pub async fn states(tx: &mut Tx<'_>, order_ids: &[&str]) -> Result<Vec<(String, 
 }
 
 /// Ends a held order in `state` at `at`; an order no longer held is left
-/// as it is.
+/// as it is. Whether it was held.
 pub async fn end_held(
     tx: &mut Tx<'_>,
     order_id: &str,
     state: OrderState,
     at: DateTime<Utc>,
-) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE orders SET state = ?, updated_at = ? WHERE order_id = ? AND state = 'held'")
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query("UPDATE orders SET state = ?, updated_at = ? WHERE order_id = ? AND state = 'held'")
         .bind(state)
         .bind(at)
         .bind(order_id)
         .execute(&mut **tx)
         .await?;
-    Ok(())
+    Ok(done.rows_affected() == 1)
+}
+
+/// An order's latest committed state, locked for the transaction.
+pub async fn state_locked(tx: &mut Tx<'_>, order_id: &str) -> Result<Option<OrderState>, sqlx::Error> {
+    sqlx::query_scalar("SELECT CAST(state AS CHAR) FROM orders WHERE order_id = ? LOCK IN SHARE MODE")
+        .bind(order_id)
+        .fetch_optional(&mut **tx)
+        .await
 }
 
 /// Cancels a paid order the ledger cancelled (within the policy, or with
 /// its event) before the change reached the record, keeping its refund.
+/// Whether it was paid.
 pub async fn cancel_paid(
     tx: &mut Tx<'_>,
     order_id: &str,
     refund_cents: u64,
     at: DateTime<Utc>,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
         "UPDATE orders SET state = 'cancelled', refund_cents = ?, updated_at = ? WHERE order_id = ? AND state = 'paid'",
     )
     .bind(refund_cents)
@@ -125,7 +134,7 @@ pub async fn cancel_paid(
     .bind(order_id)
     .execute(&mut **tx)
     .await?;
-    Ok(())
+    Ok(done.rows_affected() == 1)
 }
 
 /// Voids an order the record refused, whatever its state.

@@ -5,14 +5,22 @@ use sqlx::{MySql, QueryBuilder};
 
 use super::{push_list, Tx, CHUNK, LOOKUP};
 
-/// The owners of `units` of an event, locked for the transaction.
-pub async fn owners(tx: &mut Tx<'_>, event_id: u64, units: &[u32]) -> Result<Vec<(u32, String)>, sqlx::Error> {
+/// The owners of `units` of an event; with `lock`, locked for the
+/// transaction (gaps included, where a unit has no owner yet).
+pub async fn owners(
+    tx: &mut Tx<'_>,
+    event_id: u64,
+    units: &[u32],
+    lock: bool,
+) -> Result<Vec<(u32, String)>, sqlx::Error> {
     let mut owners = Vec::new();
     for chunk in units.chunks(LOOKUP) {
         let mut q = QueryBuilder::<MySql>::new("SELECT unit_no, order_id FROM order_units WHERE event_id = ");
         q.push_bind(event_id).push(" AND unit_no IN ");
         push_list(&mut q, chunk);
-        q.push(" FOR UPDATE");
+        if lock {
+            q.push(" FOR UPDATE");
+        }
         owners.extend(q.build_query_as::<(u32, String)>().fetch_all(&mut **tx).await?);
     }
     Ok(owners)
