@@ -46,9 +46,10 @@ pub async fn current(db: &MySqlPool, max: u32) -> Result<Vec<u64>, sqlx::Error> 
 /// announces each; each ingress re-reads a changed event); the number
 /// opened now. An event is opened once: another settler's same update finds
 /// it opened. The due events are found first and then updated by id, so
-/// their rows are locked in id order, as a settler's batch locks them (an
-/// update through the opening-time index locked them in that order, and
-/// could deadlock with a batch holding two events that open together).
+/// their rows are locked in id order, as a settler's batch locks them
+/// (through the opening-time index, which the optimizer picks when few
+/// events are unopened, they were locked in that index's order, and could
+/// deadlock with a batch holding two events that open together).
 pub async fn open_due(db: &MySqlPool) -> Result<u64, sqlx::Error> {
     let due: Vec<u64> = sqlx::query_scalar(
         "SELECT id FROM events WHERE opened_at IS NULL AND sale_opens_at <= UTC_TIMESTAMP(3) \
@@ -59,7 +60,7 @@ pub async fn open_due(db: &MySqlPool) -> Result<u64, sqlx::Error> {
     let mut opened = 0;
     for chunk in due.chunks(LOOKUP) {
         let mut q = QueryBuilder::<MySql>::new(
-            "UPDATE events SET opened_at = sale_opens_at, changed_at = UTC_TIMESTAMP(3) \
+            "UPDATE events FORCE INDEX (PRIMARY) SET opened_at = sale_opens_at, changed_at = UTC_TIMESTAMP(3) \
              WHERE opened_at IS NULL AND cancelled_at IS NULL AND id IN ",
         );
         push_list(&mut q, chunk);
