@@ -6,15 +6,10 @@
 use std::time::Duration;
 
 use dropline::messages::{Decision, OrderState, Outcome};
-use dropline::stock::Ledger;
 use dropline_settler::store::Batch;
-use dropline_testkit::eventually;
+use dropline_testkit::{eventually, Deployment};
 use sqlx::{Connection, MySqlPool, Row};
 use uuid::Uuid;
-
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.to_owned())
-}
 
 fn held(order: Uuid, user: &str, unit: u32) -> Decision {
     let now = chrono::Utc::now().timestamp_millis();
@@ -64,14 +59,10 @@ async fn waiting(db: &MySqlPool, name: &str) -> usize {
 /// and the other is voided; never both held with one unit between them.
 #[tokio::test]
 async fn two_batches_claiming_one_unit_at_once_give_it_to_one_order() {
-    let name = format!("dropline_claims{}", &Uuid::new_v4().simple().to_string()[..12]);
-    let url = format!("{}/{name}", env_or("DROPLINE_TEST_MYSQL_SERVER", "mysql://root@127.0.0.1:3306"));
-    dropline::db::create_database(&url).await.unwrap();
-    let db = dropline::db::connect(&dropline::config::MysqlArgs::new(url.clone(), 8)).await.unwrap();
+    let deployment = Deployment::create().await;
+    let (db, ledger, url) = (deployment.db.clone(), deployment.ledger.clone(), deployment.mysql_url());
+    let name = format!("dropline_{}", deployment.name);
     dropline::db::migrate(&db).await.unwrap();
-    let redis =
-        dropline::config::RedisArgs::new(env_or("DROPLINE_REDIS_URL", "redis://127.0.0.1:6379"), 4).pool().unwrap();
-    let ledger = Ledger::new(redis, &name);
     sqlx::query(
         "INSERT INTO events (id, name, venue, starts_at, sale_opens_at, sale_closes_at, capacity, price_cents, \
          currency, per_user_limit, hold_ttl_secs) VALUES (1, 'claims', 'test', UTC_TIMESTAMP() + INTERVAL 1 DAY, \
@@ -117,5 +108,5 @@ async fn two_batches_claiming_one_unit_at_once_give_it_to_one_order() {
     assert!(states.contains(&OrderState::Voided), "{states:?}");
     assert_eq!(owner, [(live[0].to_string(),)], "unit 2 belongs to the live order");
 
-    sqlx::query(&format!("DROP DATABASE {name}")).execute(&db).await.unwrap();
+    deployment.drop_database().await;
 }
